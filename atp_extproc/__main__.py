@@ -1,0 +1,5 @@
+import sys
+
+from atp_extproc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""atp-extproc: serve | check | demo-upstream | stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+from atp_extproc import config as config_mod
+from atp_extproc import logs
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from atp_extproc import server
+
+    try:
+        snapshot = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"atp-extproc: invalid config, not starting:\n{exc}", file=sys.stderr)
+        return 2
+    logs.setup(args.log_level or snapshot.server.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(server.serve(Path(args.config), args.listen))
+    return uvloop.run(server.serve(Path(args.config), args.listen))
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        snapshot = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} models, "
+          f"{len(snapshot.routes)} routes)")
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from atp_extproc.stack import Stack
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = Stack.on_default_ports(Path(args.config), workdir)
+    stop = False
+
+    def _on_signal(signum, frame) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        stack.start_all()
+        print("ATP stack is up (logs in %s):" % workdir)
+        for what, where in stack.urls():
+            print(f"  {what:32} {where}")
+        print("Try:\n  curl -s http://127.0.0.1:10000/v1/models "
+              "-H 'Authorization: Bearer sk-demo-alice'\nCtrl-C stops everything.")
+        sys.stdout.flush()
+        while not stop and all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop_all()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atp-extproc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    serve.add_argument("--config", required=True, help="path to atp.yaml")
+    serve.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("config")
+    check.set_defaults(func=_check)
+
+    # demo-upstream parses its own options (see atp_extproc.demo_upstream).
+    sub.add_parser("demo-upstream", help="run a fake OpenAI-compatible upstream",
+                   add_help=False)
+
+    stack = sub.add_parser("stack", help="run Envoy + ATP + demo upstreams (make run)")
+    stack.add_argument("--config", default="examples/atp.yaml")
+    stack.add_argument("--workdir", default=".run")
+    stack.set_defaults(func=_stack)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo-upstream"]:
+        from atp_extproc import demo_upstream
+
+        return demo_upstream.main(argv[1:])
+    args = parser.parse_args(argv)
+    return int(args.func(args))

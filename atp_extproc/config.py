@@ -1,0 +1,243 @@
+"""atp.yaml → a validated, immutable snapshot.
+
+Every error names the file, the path inside it and the reason, so a bad reload can be
+fixed from the log line alone. Validation is split in two: pydantic checks shapes and
+ranges; `_check_references` checks what pydantic cannot see (names that must exist).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from atp_extproc.llm_api import OPERATIONS
+
+# Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file, each with file, path and reason."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]):
+        self.file = file
+        self.problems = problems
+        lines = [f"{file}: {path or '<root>'}: {reason}" for path, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Token = Annotated[str, Field(pattern=_TOKEN.pattern)]
+
+
+class Price(_Frozen):
+    input_per_1k: float = Field(ge=0)
+    output_per_1k: float = Field(ge=0)
+
+
+class Model(_Frozen):
+    name: Token
+    cluster: Token
+    upstream_model: Token
+    price: Price
+    region: str = "unspecified"
+    egress: Literal["internal", "external"] = "external"
+
+
+class RouteMatch(_Frozen):
+    # Empty means "any": a route with no match block serves every operation and tenant.
+    paths: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+
+    @field_validator("paths")
+    @classmethod
+    def _known_paths(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            if path not in OPERATIONS:
+                raise ValueError(f"unknown API path {path!r}; known: {sorted(OPERATIONS)}")
+        return paths
+
+
+class Route(_Frozen):
+    name: Token
+    match: RouteMatch = RouteMatch()
+    aliases: dict[Token, tuple[Token, ...]] = Field(min_length=1)
+    default: Token | None = None
+
+    @field_validator("aliases")
+    @classmethod
+    def _non_empty_candidates(
+        cls, aliases: dict[str, tuple[str, ...]]
+    ) -> dict[str, tuple[str, ...]]:
+        for alias, candidates in aliases.items():
+            if not candidates:
+                raise ValueError(f"alias {alias!r} has no candidate models")
+        return aliases
+
+
+class ApiKey(_Frozen):
+    key_id: Token
+    tenant: Token
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.lower()
+        if not _SHA256.match(value):
+            raise ValueError("must be the lowercase hex SHA-256 of the key (64 hex digits)")
+        return value
+
+
+class Jwt(_Frozen):
+    metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    payload_key: str = "jwt_payload"
+    tenant_claim: str = "tenant"
+
+
+class Auth(_Frozen):
+    api_keys: tuple[ApiKey, ...] = ()
+    jwt: Jwt | None = None
+    # Only set this when the hop in front of Envoy authenticates callers and sets the
+    # header itself; otherwise any client could claim any tenant.
+    trusted_tenant_header: str | None = None
+    anonymous_tenant: Token | None = None
+
+
+class Server(_Frozen):
+    listen: str = "127.0.0.1:50051"
+    grace_period_s: float = Field(default=10.0, ge=0, le=600)
+    # Must stay below Envoy's buffer limit (envoy/front-proxy.yaml) so ATP, not Envoy,
+    # answers oversize bodies; tests check the two files agree.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_json_depth: int = Field(default=64, ge=2, le=512)
+    reload_poll_s: float = Field(default=1.0, gt=0, le=3600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class _Document(_Frozen):
+    server: Server = Server()
+    auth: Auth = Auth()
+    models: tuple[Model, ...] = Field(min_length=1)
+    routes: tuple[Route, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The config in force; replaced whole on reload, never mutated."""
+
+    source: str
+    version: str
+    server: Server
+    auth: Auth
+    models: Mapping[str, Model]
+    routes: tuple[Route, ...]
+    api_keys: Mapping[str, ApiKey] = field(repr=False)
+
+    def routes_for(self, path: str, tenant: str) -> list[Route]:
+        return [
+            r
+            for r in self.routes
+            if (not r.match.paths or path in r.match.paths)
+            and (not r.match.tenants or tenant in r.match.tenants)
+        ]
+
+    def aliases_for(self, tenant: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for route in self.routes_for_tenant(tenant):
+            seen.update(dict.fromkeys(route.aliases))
+        return list(seen)
+
+    def routes_for_tenant(self, tenant: str) -> list[Route]:
+        return [r for r in self.routes if not r.match.tenants or tenant in r.match.tenants]
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_references(doc: _Document) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    names = [m.name for m in doc.models]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            problems.append((f"models[{i}].name", f"duplicate model name {name!r}"))
+    route_names = [r.name for r in doc.routes]
+    for i, route in enumerate(doc.routes):
+        if route_names.index(route.name) != i:
+            problems.append((f"routes[{i}].name", f"duplicate route name {route.name!r}"))
+        for alias, candidates in route.aliases.items():
+            for j, candidate in enumerate(candidates):
+                if candidate not in names:
+                    problems.append(
+                        (f"routes[{i}].aliases.{alias}[{j}]", f"unknown model {candidate!r}")
+                    )
+        if route.default is not None and route.default not in route.aliases:
+            problems.append(
+                (f"routes[{i}].default", f"{route.default!r} is not an alias of this route")
+            )
+    hashes = [k.sha256 for k in doc.auth.api_keys]
+    for i, digest in enumerate(hashes):
+        if hashes.index(digest) != i:
+            problems.append((f"auth.api_keys[{i}].sha256", "the same key is listed twice"))
+    if not (doc.auth.api_keys or doc.auth.jwt or doc.auth.trusted_tenant_header
+            or doc.auth.anonymous_tenant):
+        problems.append(("auth", "no identity source: set api_keys, jwt, "
+                                 "trusted_tenant_header or anonymous_tenant"))
+    return problems
+
+
+def parse(text: str, source: str) -> Snapshot:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [(where, f"invalid YAML: {reason}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [("", "the file must hold a mapping (models:, routes:, ...)")])
+    try:
+        doc = _Document.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(_format_loc(e["loc"]), e["msg"]) for e in exc.errors()]
+        raise ConfigError(source, problems) from None
+    problems = _check_references(doc)
+    if problems:
+        raise ConfigError(source, problems)
+    return Snapshot(
+        source=source,
+        version=hashlib.sha256(text.encode()).hexdigest()[:12],
+        server=doc.server,
+        auth=doc.auth,
+        models={m.name: m for m in doc.models},
+        routes=doc.routes,
+        api_keys={k.sha256: k for k in doc.auth.api_keys},
+    )
+
+
+def load(path: str | Path) -> Snapshot:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [("", f"cannot read: {exc}")]) from None
+    return parse(text, str(path))
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

