@@ -83,7 +83,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         try:
             async for message in request_iterator:
                 response = exchange.handle(message)
-                if response is not None:
+                # Envoy never reads answers to observability-mode messages.
+                if response is not None and not message.observability_mode:
                     yield response
                     if response.HasField("immediate_response"):
                         return
