@@ -124,7 +124,7 @@ def _parse_object(text: str) -> ParsedBody:
         # Tell "valid JSON but not an object" apart from "not JSON": the fixes differ.
         try:
             json.loads(text)
-        except (ValueError, RecursionError):
+        except ValueError:
             raise ValueError("expected a JSON object") from None
         raise RequestError(400, "The request body must be a JSON object", "invalid_body")
     open_brace = i

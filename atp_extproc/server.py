@@ -74,12 +74,20 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     def __init__(self, holder: ConfigHolder):
         self.holder = holder
         self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def Process(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[ProcessingRequest], context
     ) -> AsyncIterator[ProcessingResponse]:
+        if self.draining:
+            # Envoy fails the request closed (no upstream sees it) and, with several
+            # ATP endpoints, its health checks move traffic to the others.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "ATP is draining")
         exchange = Exchange(self.holder.current)
         self.in_flight += 1
+        self._idle.clear()
         try:
             async for message in request_iterator:
                 response = exchange.handle(message)
@@ -90,7 +98,18 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         return
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
             exchange.finish()
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new exchanges; wait up to `grace` for in-flight ones. True if all ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except TimeoutError:
+            return False
+        return True
 
 
 def parse_listen(listen: str) -> str:
@@ -135,8 +154,12 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     grace = holder.current.server.grace_period_s
     log.info("draining: NOT_SERVING, %d exchanges in flight, grace %.1fs",
              processor.in_flight, grace)
+    # Health first, so checks see NOT_SERVING while in-flight exchanges finish.
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
-    await server.stop(grace)
+    drained = await processor.drain(grace)
+    if not drained:
+        log.warning("grace period over: cancelling %d exchanges", processor.in_flight)
+    await server.stop(0)
     log.info("stopped")
     return 0

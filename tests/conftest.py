@@ -1,0 +1,90 @@
+"""Fixtures for integration tests: a real Envoy, ATP and fake upstreams on free ports."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from atp_extproc.stack import Stack
+
+ALICE = "sk-demo-alice"
+BOB = "sk-demo-bob"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 10) -> Reply:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Reply(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                         resp.read())
+    except urllib.error.HTTPError as err:
+        return Reply(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())
+
+
+class Upstreams:
+    def __init__(self, stack: Stack):
+        self.stack = stack
+
+    def requests(self, name: str) -> list[dict]:
+        port = self.stack.ports[name]
+        return http(f"http://127.0.0.1:{port}/debug/requests").json()["requests"]
+
+    def clear(self) -> None:
+        for name in ("demo_a", "demo_b"):
+            http(f"http://127.0.0.1:{self.stack.ports[name]}/debug/requests", "DELETE")
+
+    def total(self) -> int:
+        return sum(len(self.requests(n)) for n in ("demo_a", "demo_b"))
+
+
+def post(stack: Stack, path: str, body: bytes | dict, key: str | None = ALICE,
+         headers: dict[str, str] | None = None) -> Reply:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    all_headers = {"content-type": "application/json", **(headers or {})}
+    if key is not None:
+        all_headers["authorization"] = f"Bearer {key}"
+    return http(stack.base_url + path, "POST", raw, all_headers)
+
+
+def start_stack(tmp_path: Path | None = None, config: Path | None = None) -> Stack:
+    kwargs = {}
+    if config is not None:
+        kwargs["config_path"] = config
+    stack = Stack.on_free_ports(workdir=tmp_path, **kwargs)
+    try:
+        stack.start_all()
+    except Exception:
+        stack.stop_all()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def upstreams(stack: Stack) -> Upstreams:
+    u = Upstreams(stack)
+    u.clear()
+    return u

@@ -1,0 +1,255 @@
+"""A real Envoy + ATP + fake upstreams, driven by the openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from atp_extproc.stack import Stack
+from tests.conftest import ALICE, BOB, Upstreams, http, post
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+
+
+def client(stack: Stack, key: str = ALICE) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url + "/v1", api_key=key, max_retries=0)
+
+
+def only_request(upstreams: Upstreams, name: str) -> dict:
+    reqs = upstreams.requests(name)
+    assert len(reqs) == 1, reqs
+    return reqs[0]
+
+
+def exchange_records(stack: Stack) -> list[dict]:
+    out = []
+    for line in stack.log("atp").splitlines():
+        if line.startswith("{") and '"msg":"exchange"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+def record_for(stack: Stack, request_id: str) -> dict:
+    for rec in exchange_records(stack):
+        if rec["request_id"] == request_id:
+            return rec
+    raise AssertionError(f"no exchange record for {request_id}")
+
+
+# -- routing ---------------------------------------------------------------------------
+
+def test_models_lists_the_tenants_aliases(stack: Stack) -> None:
+    alice = {m.id for m in client(stack).models.list()}
+    bob = {m.id for m in client(stack, BOB).models.list()}
+    assert alice == {"gpt-4o", "gpt-4o-mini", "fast", "text-embedding-3-small"}
+    assert bob == {"gpt-4o-mini", "fast", "text-embedding-3-small"}
+    assert client(stack).models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError):
+        client(stack, BOB).models.retrieve("gpt-4o")
+
+
+def test_chat_routes_by_alias_and_rewrites_model(stack: Stack, upstreams: Upstreams) -> None:
+    reply = client(stack).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "héllo wörld"}])
+    completion = reply.parse()
+    assert reply.headers["x-upstream-name"] == "demo_a"
+    assert completion.choices[0].message.content == "[demo_a] you said: héllo wörld"
+    seen = only_request(upstreams, "demo_a")
+    assert upstreams.requests("demo_b") == []
+    body = json.loads(seen["body"])
+    assert body["model"] == "demo-small-2026"
+    assert body["messages"] == [{"role": "user", "content": "héllo wörld"}]
+    assert int(seen["content_length_header"]) == seen["body_bytes"] == len(
+        seen["body"].encode())
+    # The client's ATP key never reaches a provider; routing headers from ATP do.
+    assert "authorization" not in seen["headers"]
+    assert seen["headers"]["x-atp-cluster"] == "demo_a"
+
+
+def test_premium_alias_goes_to_the_other_cluster(stack: Stack, upstreams: Upstreams) -> None:
+    completion = client(stack).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}])
+    assert completion.choices[0].message.content == "[demo_b] you said: part one\npart two"
+    assert json.loads(only_request(upstreams, "demo_b")["body"])["model"] == "demo-large-2026"
+    # bob's routes do not include gpt-4o: same alias, no access.
+    with pytest.raises(openai.NotFoundError) as err:
+        client(stack, BOB).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert err.value.code == "model_not_found"
+    assert upstreams.requests("demo_b") == [only_request(upstreams, "demo_b")]
+
+
+def test_completions_embeddings_and_responses(stack: Stack, upstreams: Upstreams) -> None:
+    c = client(stack)
+    text = c.completions.create(model="fast", prompt="say this").choices[0].text
+    assert text == "[demo_a] you said: say this"
+    emb = c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(emb.data) == 2 and emb.usage.prompt_tokens > 0
+    resp = c.responses.create(model="gpt-4o-mini", input="respond please")
+    assert resp.output_text == "[demo_a] you said: respond please"
+    models = [json.loads(r["body"])["model"] for r in upstreams.requests("demo_a")]
+    assert models == ["demo-small-2026", "demo-embed-2026", "demo-small-2026"]
+
+
+def test_usage_is_read_and_priced(stack: Stack) -> None:
+    reply = client(stack).chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "price me"}])
+    usage = reply.parse().usage
+    request_id = _request_id_of(stack, reply.headers["x-upstream-name"], "price me")
+    rec = _wait_record(stack, request_id)
+    assert (rec["input_tokens"], rec["output_tokens"]) == (usage.prompt_tokens,
+                                                           usage.completion_tokens)
+    expected = (usage.prompt_tokens * 0.0025 + usage.completion_tokens * 0.01) / 1000
+    assert rec["cost_usd"] == pytest.approx(expected)
+    assert rec["usage_estimated"] is False
+    assert rec["tenant"] == "alice" and rec["auth_method"] == "api_key"
+    assert rec["ttfb_ms"] > 0 and rec["duration_ms"] >= rec["ttfb_ms"]
+    assert "price me" not in stack.log("atp")
+
+
+def _request_id_of(stack: Stack, upstream: str, text: str) -> str:
+    port = stack.ports[upstream]
+    reqs = http(f"http://127.0.0.1:{port}/debug/requests").json()["requests"]
+    for r in reversed(reqs):
+        if text in r["body"]:
+            return str(r["headers"]["x-request-id"])
+    raise AssertionError("request not seen upstream")
+
+
+def _wait_record(stack: Stack, request_id: str) -> dict:
+    from atp_extproc.stack import wait_until
+
+    found: dict = {}
+
+    def check() -> bool:
+        found.update(record_for(stack, request_id))
+        return True
+
+    wait_until(check, "exchange record", timeout=10)
+    return found
+
+
+def test_stream_without_usage_request_gets_usage_injected_and_hidden(
+        stack: Stack, upstreams: Upstreams) -> None:
+    chunks = list(client(stack).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "stream this please"}],
+        stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "[demo_a] you said: stream this please"
+    assert all(c.choices for c in chunks), "the usage-only chunk leaked to the client"
+    assert all(c.usage is None for c in chunks)
+    seen = json.loads(only_request(upstreams, "demo_a")["body"])
+    assert seen["stream_options"] == {"include_usage": True}
+    request_id = _request_id_of(stack, "demo_a", "stream this please")
+    rec = _wait_record(stack, request_id)
+    assert rec["usage_injected"] is True and rec["usage_estimated"] is False
+    assert rec["output_tokens"] == 10 and rec["input_tokens"] > 0
+
+
+def test_stream_with_usage_request_keeps_the_usage_chunk(
+        stack: Stack, upstreams: Upstreams) -> None:
+    chunks = list(client(stack).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "count me"}],
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    seen = json.loads(only_request(upstreams, "demo_a")["body"])
+    assert seen["stream_options"] == {"include_usage": True}
+
+
+# -- bad input: a clear OpenAI-shaped error, nothing sent upstream ---------------------
+
+DEEP = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"x":' + \
+    b"[" * 100 + b"]" * 100 + b"}"
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    (b'{"model": "gpt-4o-mini", "messages": [', 400, "invalid_json"),
+    (b'["model", "gpt-4o-mini"]', 400, "invalid_body"),
+    (b'"just a string"', 400, "invalid_body"),
+    (b"\xff\xfe{}", 400, "invalid_json"),
+    (DEEP, 400, "json_too_deep"),
+    (b"[" * 200000, 400, "json_too_deep"),
+    (b'{"model":"gpt-4o-mini","model":"gpt-4o","messages":[{"role":"user","content":"x"}]}',
+     400, "duplicate_key"),
+    (b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a","content":"b"}]}',
+     400, "duplicate_key"),
+    (b'{"model":"no-such-model","messages":[{"role":"user","content":"x"}]}', 404,
+     "model_not_found"),
+    (b'{"model":"gpt-4o-mini\\r\\nx-atp-cluster: demo_b","messages":[]}', 400,
+     "invalid_model"),
+    (b'{"model":"' + b"m" * 300 + b'","messages":[{"role":"user","content":"x"}]}', 400,
+     "invalid_model"),
+    (b'{"model":"gpt-4o-mini"}', 400, "missing_required_parameter"),
+    (b'{"model":"gpt-4o-mini","messages":[],"stream":"yes"}', 400, "invalid_type"),
+])
+def test_bad_input_is_refused_before_any_upstream(
+        stack: Stack, upstreams: Upstreams, body: bytes, status: int, code: str) -> None:
+    reply = post(stack, CHAT, body)
+    assert reply.status == status, reply.body
+    assert reply.headers["content-type"].startswith("application/json")
+    error = reply.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert upstreams.total() == 0
+
+
+def test_oversize_body_gets_413_from_atp(stack: Stack, upstreams: Upstreams) -> None:
+    content = "a" * (4 * 1024 * 1024)
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": content}]})
+    assert reply.status == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+    assert upstreams.total() == 0
+
+
+def test_body_over_envoy_buffer_gets_openai_shaped_413(
+        stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, CHAT, b'{"x":"' + b"a" * (9 * 1024 * 1024) + b'"}')
+    assert reply.status == 413
+    assert reply.json()["error"]["type"] == "gateway_error"
+    assert upstreams.total() == 0
+
+
+def test_body_just_under_the_limit_goes_through(stack: Stack, upstreams: Upstreams) -> None:
+    content = "b" * (4 * 1024 * 1024 - 200)
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": content}]})
+    assert reply.status == 200, reply.body[:300]
+    seen = only_request(upstreams, "demo_a")
+    assert int(seen["content_length_header"]) == seen["body_bytes"]
+    assert json.loads(seen["body"])["messages"][0]["content"] == content
+
+
+@pytest.mark.parametrize(("key", "status"), [(None, 401), ("sk-wrong", 401)])
+def test_missing_or_wrong_key_is_401(stack: Stack, upstreams: Upstreams, key, status) -> None:
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "x"}]}, key=key)
+    assert reply.status == status
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert upstreams.total() == 0
+
+
+def test_unknown_path_and_wrong_method(stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, "/v1/images/generations", {"model": "gpt-4o-mini"},
+                 headers={"x-atp-cluster": "demo_a"})
+    assert reply.status == 404 and reply.json()["error"]["code"] == "unknown_url"
+    reply = http(stack.base_url + CHAT, headers={"authorization": f"Bearer {ALICE}"})
+    assert reply.status == 405
+    assert upstreams.total() == 0
+
+
+def test_spoofed_routing_headers_never_route(stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "spoof"}]},
+                 headers={"x-atp-cluster": "demo_b", "x-atp-shadow-cluster": "demo_b",
+                          "X-ATP-Cluster": "demo_b"})
+    assert reply.status == 200
+    assert reply.headers["x-upstream-name"] == "demo_a"
+    assert upstreams.requests("demo_b") == []
+    seen = only_request(upstreams, "demo_a")
+    assert seen["headers"]["x-atp-cluster"] == "demo_a"
+    assert "x-atp-shadow-cluster" not in seen["headers"]
