@@ -55,7 +55,7 @@ def _stack(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     try:
         stack.start_all()
-        print("ATP stack is up (logs in %s):" % workdir)
+        print(f"ATP stack is up (logs in {workdir}):")
         for what, where in stack.urls():
             print(f"  {what:32} {where}")
         print("Try:\n  curl -s http://127.0.0.1:10000/v1/models "

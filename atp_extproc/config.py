@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from atp_extproc.llm_api import OPERATIONS
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
-_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -38,7 +38,7 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-Token = Annotated[str, Field(pattern=_TOKEN.pattern)]
+Token = Annotated[str, Field(pattern=TOKEN.pattern)]
 
 
 class Price(_Frozen):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from google.protobuf import struct_pb2
 
-from atp_extproc.config import Snapshot
+from atp_extproc.config import TOKEN, Snapshot
 from atp_extproc.llm_api import RequestError
 
 
@@ -53,6 +53,8 @@ def identify(
     """
     tenant = _jwt_tenant(snapshot, jwt_metadata)
     if tenant is not None:
+        if not TOKEN.fullmatch(tenant):
+            raise _unauthorized("The token's tenant claim is not a valid tenant id.")
         return Identity(tenant, "jwt")
     token = _bearer(headers)
     if token is not None and snapshot.api_keys:
@@ -66,6 +68,8 @@ def identify(
             raise _unauthorized("Incorrect API key provided.")
     header = snapshot.auth.trusted_tenant_header
     if header is not None and headers.get(header):
+        if not TOKEN.fullmatch(headers[header]):
+            raise _unauthorized(f"The {header} header is not a valid tenant id.")
         return Identity(headers[header], "trusted_header")
     if snapshot.auth.anonymous_tenant is not None:
         return Identity(snapshot.auth.anonymous_tenant, "anonymous")

@@ -28,7 +28,7 @@ _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input",
 _STREAM_OPTIONS_OPS = frozenset({"chat", "completions"})
 
 MAX_MODEL_LENGTH = 256
-_MODEL_OK = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_MODEL_LENGTH)
+_MODEL_OK = re.compile(rf"[\x21-\x7e]{{1,{MAX_MODEL_LENGTH}}}")
 _WS = re.compile(r"[ \t\n\r]*")
 
 

@@ -78,7 +78,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[ProcessingRequest], context
     ) -> AsyncIterator[ProcessingResponse]:
         if self.draining:

@@ -133,7 +133,7 @@ class Stack:
         return cls(workdir, dict(DEFAULT_PORTS), config_path, workdir)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True)
         self.procs[name] = proc
