@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Literal
 
 import yaml
@@ -21,7 +22,7 @@ from atp_extproc.llm_api import OPERATIONS
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
 TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ConfigError(Exception):
@@ -42,8 +43,8 @@ Token = Annotated[str, Field(pattern=TOKEN.pattern)]
 
 
 class Price(_Frozen):
-    input_per_1k: float = Field(ge=0)
-    output_per_1k: float = Field(ge=0)
+    input_per_1k: float = Field(ge=0, allow_inf_nan=False)
+    output_per_1k: float = Field(ge=0, allow_inf_nan=False)
 
 
 class Model(_Frozen):
@@ -79,11 +80,11 @@ class Route(_Frozen):
     @classmethod
     def _non_empty_candidates(
         cls, aliases: dict[str, tuple[str, ...]]
-    ) -> dict[str, tuple[str, ...]]:
+    ) -> Mapping[str, tuple[str, ...]]:
         for alias, candidates in aliases.items():
             if not candidates:
                 raise ValueError(f"alias {alias!r} has no candidate models")
-        return aliases
+        return MappingProxyType(aliases)
 
 
 class ApiKey(_Frozen):
@@ -95,7 +96,7 @@ class ApiKey(_Frozen):
     @classmethod
     def _hex_digest(cls, value: str) -> str:
         value = value.lower()
-        if not _SHA256.match(value):
+        if not _SHA256.fullmatch(value):
             raise ValueError("must be the lowercase hex SHA-256 of the key (64 hex digits)")
         return value
 
@@ -113,6 +114,12 @@ class Auth(_Frozen):
     # header itself; otherwise any client could claim any tenant.
     trusted_tenant_header: str | None = None
     anonymous_tenant: Token | None = None
+
+    @field_validator("trusted_tenant_header")
+    @classmethod
+    def _lowercase_header(cls, name: str | None) -> str | None:
+        # Envoy hands header names to ATP in lower case.
+        return name.lower() if name is not None else None
 
 
 class Server(_Frozen):
@@ -201,9 +208,23 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
     return problems
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Refuses a key given twice: YAML would silently keep the last one."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse(text: str, source: str) -> Snapshot:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -224,9 +245,9 @@ def parse(text: str, source: str) -> Snapshot:
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
         server=doc.server,
         auth=doc.auth,
-        models={m.name: m for m in doc.models},
+        models=MappingProxyType({m.name: m for m in doc.models}),
         routes=doc.routes,
-        api_keys={k.sha256: k for k in doc.auth.api_keys},
+        api_keys=MappingProxyType({k.sha256: k for k in doc.auth.api_keys}),
     )
 
 

@@ -68,7 +68,16 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    # 1e400 would parse as inf and be written back as the bare token Infinity.
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_float=_finite_float)
 _scan_once = _DECODER.scan_once
 
 
@@ -192,8 +201,10 @@ def read_request(operation: str, doc: dict[str, Any]) -> LlmRequest:
             raise RequestError(
                 400, f"'model' must be 1 to {MAX_MODEL_LENGTH} printable ASCII characters "
                 "without spaces or control characters", "invalid_model", param="model")
-    stream = doc.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = doc.get("stream")
+    if stream is None:
+        stream = False
+    elif not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "invalid_type", param="stream")
     required = _REQUIRED[operation]
     if required not in doc:
@@ -255,7 +266,8 @@ def rewrite(parsed: ParsedBody, set_fields: dict[str, Any]) -> bytes:
     edits: list[tuple[int, int, str]] = []
     inserts: list[str] = []
     for key, value in set_fields.items():
-        encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        # ASCII escapes keep a client's lone surrogate (valid as a JSON escape) encodable.
+        encoded = json.dumps(value, separators=(",", ":"))
         span = parsed.spans.get(key)
         if span is None:
             inserts.append(f"{json.dumps(key)}:{encoded}")
@@ -289,7 +301,8 @@ def _usage_of(obj: Any) -> Usage | None:
         return None
     inp = usage.get("prompt_tokens", usage.get("input_tokens"))
     out = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(inp, int) or not isinstance(out, int) or inp < 0 or out < 0:
+    # `type() is int`: JSON true/false would pass isinstance(…, int).
+    if type(inp) is not int or type(out) is not int or inp < 0 or out < 0:
         return None
     return Usage(inp, out)
 
@@ -363,6 +376,8 @@ class SseStream:
                 continue
             if obj.get("type") == "response.completed":
                 obj = obj.get("response")
+                if not isinstance(obj, dict):
+                    continue
             usage = _usage_of(obj)
             if usage is not None:
                 self.usage = usage

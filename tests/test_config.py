@@ -1,0 +1,464 @@
+"""Unit tests for atp_extproc.config: loading, every kind of error, the snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from atp_extproc import config
+from atp_extproc.config import ConfigError, Snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "atp.yaml"
+SRC = "atp-test.yaml"
+ALICE_SHA = hashlib.sha256(b"sk-demo-alice").hexdigest()
+
+BASE = {
+    "auth": {"api_keys": [{"key_id": "k1", "tenant": "alice", "sha256": ALICE_SHA}]},
+    "models": [
+        {"name": "small", "cluster": "demo_a", "upstream_model": "up-small",
+         "price": {"input_per_1k": 0.001, "output_per_1k": 0.002}},
+        {"name": "large", "cluster": "demo_b", "upstream_model": "up-large",
+         "price": {"input_per_1k": 0.01, "output_per_1k": 0.03}},
+    ],
+    "routes": [
+        {"name": "chat", "match": {"paths": ["/v1/chat/completions"]},
+         "aliases": {"fast": ["small"], "best": ["large", "small"]}, "default": "fast"},
+    ],
+}
+
+
+def base() -> dict:
+    return yaml.safe_load(yaml.safe_dump(BASE, sort_keys=False))
+
+
+def parse_dict(doc: dict) -> Snapshot:
+    return config.parse(yaml.safe_dump(doc, sort_keys=False), SRC)
+
+
+def error_of(doc_or_text: dict | str) -> ConfigError:
+    text = doc_or_text if isinstance(doc_or_text, str) else yaml.safe_dump(doc_or_text)
+    with pytest.raises(ConfigError) as info:
+        config.parse(text, SRC)
+    return info.value
+
+
+def assert_names(err: ConfigError, path: str, *reason_parts: str) -> None:
+    message = str(err)
+    assert err.file == SRC
+    line = next((ln for ln in message.splitlines() if f"{SRC}: {path}: " in ln), None)
+    assert line is not None, f"no line for {path!r} in:\n{message}"
+    for part in reason_parts:
+        assert part in line, f"{part!r} not in {line!r}"
+    assert any(p == path for p, _ in err.problems)
+
+
+# -- the example -------------------------------------------------------------------
+
+
+def test_example_loads() -> None:
+    snap = config.load(EXAMPLE)
+    assert snap.source == str(EXAMPLE)
+    assert set(snap.models) == {"small", "large", "embed"}
+    assert [r.name for r in snap.routes] == ["embeddings", "chat-premium", "chat"]
+    assert snap.models["large"].cluster == "demo_b"
+    assert snap.models["large"].upstream_model == "demo-large-2026"
+    assert snap.models["large"].price.input_per_1k == 0.0025
+    assert snap.models["large"].price.output_per_1k == 0.01
+    assert snap.server.max_body_bytes == 4 * 1024 * 1024
+    assert snap.server.max_json_depth == 64
+    assert snap.auth.jwt is not None and snap.auth.jwt.payload_key == "jwt_payload"
+    assert {k.tenant for k in snap.api_keys.values()} == {"alice", "bob"}
+    assert snap.api_keys[config.hash_api_key("sk-demo-alice")].key_id == "alice-demo"
+    assert snap.api_keys[config.hash_api_key("sk-demo-bob")].key_id == "bob-demo"
+
+
+def test_load_accepts_str_path() -> None:
+    assert config.load(str(EXAMPLE)).version == config.load(EXAMPLE).version
+
+
+def test_version_follows_text() -> None:
+    text = EXAMPLE.read_text()
+    a = config.parse(text, SRC)
+    assert a.version == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert config.parse(text, "other-name").version == a.version
+    assert config.parse(text + "\n# comment\n", SRC).version != a.version
+
+
+def test_defaults() -> None:
+    snap = parse_dict(base())
+    assert snap.server.listen == "127.0.0.1:50051"
+    assert snap.server.max_json_depth == 64
+    assert snap.models["small"].egress == "external"
+    assert snap.models["small"].region == "unspecified"
+    assert snap.auth.jwt is None
+    assert snap.auth.anonymous_tenant is None
+
+
+def test_sha256_uppercase_is_normalised() -> None:
+    doc = base()
+    doc["auth"]["api_keys"][0]["sha256"] = ALICE_SHA.upper()
+    snap = parse_dict(doc)
+    assert ALICE_SHA in snap.api_keys
+
+
+def test_hash_api_key() -> None:
+    assert config.hash_api_key("sk-demo-alice") == ALICE_SHA
+    assert len(config.hash_api_key("")) == 64
+
+
+# -- errors: shapes ----------------------------------------------------------------
+
+
+def test_error_negative_price_names_path() -> None:
+    doc = base()
+    doc["models"][1]["price"]["input_per_1k"] = -1
+    assert_names(error_of(doc), "models[1].price.input_per_1k", "greater than or equal to 0")
+
+
+def test_error_price_not_a_number() -> None:
+    doc = base()
+    doc["models"][0]["price"]["output_per_1k"] = "cheap"
+    assert_names(error_of(doc), "models[0].price.output_per_1k")
+
+
+def test_error_missing_price() -> None:
+    doc = base()
+    del doc["models"][1]["price"]
+    assert_names(error_of(doc), "models[1].price", "required")
+
+
+def test_error_infinite_price() -> None:
+    text = yaml.safe_dump(base()).replace("input_per_1k: 0.01", "input_per_1k: .inf")
+    assert ".inf" in text
+    assert_names(error_of(text), "models[1].price.input_per_1k")
+
+
+def test_error_bad_sha256() -> None:
+    doc = base()
+    doc["auth"]["api_keys"][0]["sha256"] = "not-a-digest"
+    assert_names(error_of(doc), "auth.api_keys[0].sha256", "64 hex digits")
+
+
+def test_error_sha256_too_short() -> None:
+    doc = base()
+    doc["auth"]["api_keys"][0]["sha256"] = ALICE_SHA[:-1]
+    assert_names(error_of(doc), "auth.api_keys[0].sha256")
+
+
+def test_error_sha256_with_trailing_newline() -> None:
+    doc = base()
+    doc["auth"]["api_keys"][0]["sha256"] = ALICE_SHA + "\n"
+    assert_names(error_of(doc), "auth.api_keys[0].sha256")
+
+
+def test_error_unknown_api_path() -> None:
+    doc = base()
+    doc["routes"][0]["match"]["paths"] = ["/v1/chat/completions", "/v1/embed"]
+    assert_names(error_of(doc), "routes[0].match.paths", "unknown API path '/v1/embed'")
+
+
+@pytest.mark.parametrize("field", ["name", "cluster", "upstream_model"])
+@pytest.mark.parametrize("value", ["has space", "new\nline", "", "-leading", "x" * 129, "ü"])
+def test_error_model_tokens(field: str, value: str) -> None:
+    doc = base()
+    doc["models"][0][field] = value
+    err = error_of(doc)
+    assert_names(err, f"models[0].{field}")
+
+
+def test_error_cluster_with_trailing_newline() -> None:
+    doc = base()
+    doc["models"][1]["cluster"] = "demo_b\n"
+    assert_names(error_of(doc), "models[1].cluster")
+
+
+def test_error_bad_egress() -> None:
+    doc = base()
+    doc["models"][0]["egress"] = "sideways"
+    assert_names(error_of(doc), "models[0].egress")
+
+
+def test_error_extra_key_top_level_and_nested() -> None:
+    doc = base()
+    doc["modles"] = []
+    doc["models"][0]["prise"] = 1
+    err = error_of(doc)
+    assert_names(err, "modles", "Extra inputs")
+    assert_names(err, "models[0].prise", "Extra inputs")
+
+
+def test_error_empty_models_and_routes() -> None:
+    doc = base()
+    doc["models"] = []
+    doc["routes"] = []
+    err = error_of(doc)
+    assert_names(err, "models")
+    assert_names(err, "routes")
+
+
+def test_error_missing_models() -> None:
+    doc = base()
+    del doc["models"]
+    assert_names(error_of(doc), "models", "required")
+
+
+def test_error_alias_without_candidates() -> None:
+    doc = base()
+    doc["routes"][0]["aliases"]["empty"] = []
+    assert_names(error_of(doc), "routes[0].aliases", "'empty' has no candidate models")
+
+
+def test_error_route_without_aliases() -> None:
+    doc = base()
+    doc["routes"][0]["aliases"] = {}
+    del doc["routes"][0]["default"]
+    assert_names(error_of(doc), "routes[0].aliases")
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("server", "max_body_bytes", 100), ("server", "max_body_bytes", 10**12),
+     ("server", "max_json_depth", 1), ("server", "max_json_depth", 10_000),
+     ("server", "grace_period_s", -1), ("server", "reload_poll_s", 0),
+     ("server", "log_level", "TRACE")],
+)
+def test_error_server_ranges(section: str, key: str, value) -> None:
+    doc = base()
+    doc[section] = {key: value}
+    assert_names(error_of(doc), f"{section}.{key}")
+
+
+# -- errors: references ------------------------------------------------------------
+
+
+def test_error_alias_unknown_model() -> None:
+    doc = base()
+    doc["routes"][0]["aliases"]["fast"] = ["nope"]
+    assert_names(error_of(doc), "routes[0].aliases.fast[0]", "unknown model 'nope'")
+
+
+def test_error_alias_unknown_second_candidate_in_second_route() -> None:
+    doc = base()
+    doc["routes"].append({"name": "two", "aliases": {"x": ["small", "ghost"]}})
+    assert_names(error_of(doc), "routes[1].aliases.x[1]", "unknown model 'ghost'")
+
+
+def test_error_duplicate_model_names() -> None:
+    doc = base()
+    doc["models"][1]["name"] = "small"
+    assert_names(error_of(doc), "models[1].name", "duplicate model name 'small'")
+
+
+def test_error_duplicate_route_names() -> None:
+    doc = base()
+    doc["routes"].append({"name": "chat", "aliases": {"x": ["small"]}})
+    assert_names(error_of(doc), "routes[1].name", "duplicate route name 'chat'")
+
+
+def test_error_duplicate_api_key() -> None:
+    doc = base()
+    doc["auth"]["api_keys"].append({"key_id": "k2", "tenant": "bob", "sha256": ALICE_SHA})
+    assert_names(error_of(doc), "auth.api_keys[1].sha256", "listed twice")
+
+
+def test_error_duplicate_api_key_differing_only_in_case() -> None:
+    doc = base()
+    doc["auth"]["api_keys"].append({"key_id": "k2", "tenant": "bob",
+                                    "sha256": ALICE_SHA.upper()})
+    assert_names(error_of(doc), "auth.api_keys[1].sha256", "listed twice")
+
+
+def test_error_default_not_an_alias() -> None:
+    doc = base()
+    doc["routes"][0]["default"] = "small"  # a model name, not an alias
+    assert_names(error_of(doc), "routes[0].default", "'small' is not an alias")
+
+
+def test_error_no_identity_source() -> None:
+    doc = base()
+    doc["auth"] = {}
+    assert_names(error_of(doc), "auth", "no identity source")
+    del doc["auth"]
+    assert_names(error_of(doc), "auth", "no identity source")
+
+
+def test_error_lists_every_reference_problem() -> None:
+    doc = base()
+    doc["models"][1]["name"] = "small"
+    doc["routes"][0]["default"] = "nope"
+    doc["routes"][0]["aliases"]["best"] = ["large", "small"]
+    err = error_of(doc)
+    paths = [p for p, _ in err.problems]
+    assert "models[1].name" in paths
+    assert "routes[0].default" in paths
+    assert "routes[0].aliases.best[0]" in paths
+    assert len(str(err).splitlines()) == len(err.problems)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [
+        {"jwt": {}},
+        {"trusted_tenant_header": "x-tenant"},
+        {"anonymous_tenant": "public"},
+    ],
+)
+def test_each_identity_source_is_enough(auth: dict) -> None:
+    doc = base()
+    doc["auth"] = auth
+    assert parse_dict(doc)
+
+
+# -- errors: the file itself -------------------------------------------------------
+
+
+def test_error_invalid_yaml_has_line_number() -> None:
+    text = "server:\n  listen: x\nmodels: [1, 2\nroutes: []\n"
+    err = error_of(text)
+    message = str(err)
+    assert message.startswith(f"{SRC}: line ")
+    assert "invalid YAML" in message
+    line_no = int(message.split("line ")[1].split(",")[0])
+    assert line_no in (3, 4)
+
+
+def test_error_invalid_yaml_bad_indent() -> None:
+    err = error_of("models:\n  - name: a\n cluster: b\n")
+    assert "line 3" in str(err)
+    assert "invalid YAML" in str(err)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n", "just a string\n",
+                                  "42\n", "null\n"])
+def test_error_non_mapping_file(text: str) -> None:
+    err = error_of(text)
+    assert str(err) == f"{SRC}: <root>: the file must hold a mapping (models:, routes:, ...)"
+
+
+def test_error_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "atp.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(missing)
+    assert info.value.file == str(missing)
+    assert str(info.value).startswith(f"{missing}: <root>: cannot read")
+
+
+def test_error_not_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "atp.yaml"
+    path.write_bytes(b"models: \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(path) in str(info.value)
+    assert "cannot read" in str(info.value)
+
+
+def test_error_in_loaded_file_names_that_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    doc = base()
+    doc["models"][1]["price"]["input_per_1k"] = -5
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert f"{path}: models[1].price.input_per_1k: " in str(info.value)
+
+
+# -- the snapshot ------------------------------------------------------------------
+
+
+def test_snapshot_attributes_cannot_be_assigned() -> None:
+    snap = config.load(EXAMPLE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.version = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.routes = ()  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        snap.server.max_body_bytes = 1  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        snap.models["small"].cluster = "evil"  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        snap.models["small"].price.input_per_1k = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snap.routes[0].match.paths[0] = "/x"  # type: ignore[index]
+    assert snap.models["small"].cluster == "demo_a"
+
+
+def test_snapshot_mappings_are_read_only() -> None:
+    snap = config.load(EXAMPLE)
+    with pytest.raises(TypeError):
+        snap.models["evil"] = snap.models["small"]  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        snap.api_keys.clear()  # type: ignore[attr-defined]
+
+
+def test_route_aliases_are_read_only() -> None:
+    snap = config.load(EXAMPLE)
+    with pytest.raises(TypeError):
+        snap.routes[0].aliases["evil"] = ("large",)  # type: ignore[index]
+
+
+def test_routes_for_respects_path_and_tenant() -> None:
+    snap = config.load(EXAMPLE)
+    names = lambda path, tenant: [r.name for r in snap.routes_for(path, tenant)]  # noqa: E731
+    assert names("/v1/chat/completions", "alice") == ["chat-premium", "chat"]
+    assert names("/v1/chat/completions", "bob") == ["chat"]
+    assert names("/v1/responses", "alice") == ["chat-premium", "chat"]
+    assert names("/v1/completions", "bob") == ["chat"]
+    assert names("/v1/embeddings", "alice") == ["embeddings"]
+    assert names("/v1/embeddings", "bob") == ["embeddings"]
+    assert names("/v1/models", "alice") == []
+    assert names("/v1/nope", "alice") == []
+
+
+def test_route_without_match_serves_everything() -> None:
+    doc = base()
+    doc["routes"].append({"name": "any", "aliases": {"anything": ["small"]}})
+    snap = parse_dict(doc)
+    assert [r.name for r in snap.routes_for("/v1/embeddings", "zed")] == ["any"]
+    assert [r.name for r in snap.routes_for("/v1/chat/completions", "zed")] == ["chat", "any"]
+
+
+def test_route_matching_tenants_only() -> None:
+    doc = base()
+    doc["routes"].append({"name": "vip", "match": {"tenants": ["alice"]},
+                          "aliases": {"vip": ["large"]}})
+    snap = parse_dict(doc)
+    assert [r.name for r in snap.routes_for("/v1/embeddings", "alice")] == ["vip"]
+    assert [r.name for r in snap.routes_for("/v1/embeddings", "bob")] == []
+    assert snap.aliases_for("alice") == ["fast", "best", "vip"]
+    assert snap.aliases_for("bob") == ["fast", "best"]
+
+
+def test_aliases_for_tenant() -> None:
+    snap = config.load(EXAMPLE)
+    assert snap.aliases_for("alice") == ["text-embedding-3-small", "gpt-4o", "gpt-4o-mini",
+                                         "fast"]
+    assert snap.aliases_for("bob") == ["text-embedding-3-small", "gpt-4o-mini", "fast"]
+    assert "gpt-4o" not in snap.aliases_for("anyone-else")
+
+
+def test_aliases_for_deduplicates_keeping_first_order() -> None:
+    doc = base()
+    doc["routes"].append({"name": "again", "aliases": {"best": ["small"], "new": ["small"]}})
+    assert parse_dict(doc).aliases_for("t") == ["fast", "best", "new"]
+
+
+def test_routes_for_tenant() -> None:
+    snap = config.load(EXAMPLE)
+    assert [r.name for r in snap.routes_for_tenant("bob")] == ["embeddings", "chat"]
+    assert [r.name for r in snap.routes_for_tenant("alice")] == [
+        "embeddings", "chat-premium", "chat"]
+
+
+def test_yaml_key_given_twice_is_refused_with_its_line() -> None:
+    text = EXAMPLE.read_text() + "\nroutes:\n  - name: x\n    aliases: {a: [small]}\n"
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(text, "dup.yaml")
+    message = str(err.value)
+    assert "dup.yaml" in message and "duplicate key 'routes'" in message
+    assert f"line {text.count(chr(10)) - 2}" in message

@@ -1,0 +1,743 @@
+"""Unit tests for atp_extproc.exchange: the pipeline driven with real ext_proc protos."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
+
+from atp_extproc import config
+from atp_extproc.envoy_api import ProcessingMode
+from atp_extproc.exchange import CLUSTER_HEADER, Exchange, price
+from atp_extproc.llm_api import Usage
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "atp.yaml"
+ALICE = "sk-demo-alice"
+BOB = "sk-demo-bob"
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def snap() -> config.Snapshot:
+    return config.load(EXAMPLE)
+
+
+# -- building requests -------------------------------------------------------------
+
+
+def header_map(headers: dict[str, str]) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
+
+
+def req_headers(method: str, path: str, key: str | None = ALICE,
+                extra: dict[str, str] | None = None, end: bool = False,
+                jwt_claims: dict | None = None) -> ep.ProcessingRequest:
+    headers = {":method": method, ":path": path, ":authority": "atp.local",
+               ":scheme": "http", "content-type": "application/json",
+               "x-request-id": "req-123"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    headers.update(extra or {})
+    msg = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(headers=header_map(headers), end_of_stream=end))
+    if jwt_claims is not None:
+        meta = struct_pb2.Struct()
+        meta.update({"jwt_payload": jwt_claims})
+        msg.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(meta)
+    return msg
+
+
+def req_body(body: bytes | dict, end: bool = True) -> ep.ProcessingRequest:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=end))
+
+
+def resp_headers(status: int = 200, content_type: str = "application/json",
+                 end: bool = False) -> ep.ProcessingRequest:
+    headers = {":status": str(status), "content-type": content_type}
+    return ep.ProcessingRequest(
+        response_headers=ep.HttpHeaders(headers=header_map(headers), end_of_stream=end))
+
+
+def resp_body(body: bytes, end: bool = True) -> ep.ProcessingRequest:
+    return ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=end))
+
+
+# -- reading responses -------------------------------------------------------------
+
+
+def set_headers(mutation: ep.HeaderMutation) -> dict[str, bytes]:
+    out = {}
+    for option in mutation.set_headers:
+        assert option.header.value == "", "header values must travel in raw_value"
+        out[option.header.key] = option.header.raw_value
+    return out
+
+
+def immediate(resp: ep.ProcessingResponse) -> tuple[int, dict, dict[str, bytes]]:
+    assert resp.WhichOneof("response") == "immediate_response", resp
+    imm = resp.immediate_response
+    return imm.status.code, json.loads(imm.body), set_headers(imm.headers)
+
+
+def assert_error(resp: ep.ProcessingResponse, status: int, code: str) -> dict:
+    got_status, body, headers = immediate(resp)
+    assert (got_status, body["error"]["code"]) == (status, code)
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert headers["content-type"] == b"application/json"
+    assert resp.immediate_response.details == f"atp_{code}"
+    return body["error"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def start(snap: config.Snapshot, path: str = CHAT, key: str | None = ALICE,
+          **kwargs) -> tuple[Exchange, ep.ProcessingResponse]:
+    ex = Exchange(snap)
+    return ex, ex.handle(req_headers("POST", path, key, **kwargs))
+
+
+def send_body(snap: config.Snapshot, body: bytes | dict, path: str = CHAT,
+              key: str | None = ALICE, **kwargs) -> tuple[Exchange, ep.ProcessingResponse]:
+    ex, first = start(snap, path, key, **kwargs)
+    assert first.WhichOneof("response") == "request_headers", first
+    return ex, ex.handle(req_body(body))
+
+
+def chat(model: str | None = "gpt-4o", **extra) -> dict:
+    doc = {"messages": [{"role": "user", "content": "Say hi"}], **extra}
+    if model is not None:
+        doc = {"model": model, **doc}
+    return doc
+
+
+def forwarded(resp: ep.ProcessingResponse) -> tuple[dict[str, bytes], bytes | None,
+                                                     ep.CommonResponse]:
+    assert resp.WhichOneof("response") == "request_body", resp
+    common = resp.request_body.response
+    body = common.body_mutation.body if common.HasField("body_mutation") else None
+    return set_headers(common.header_mutation), body, common
+
+
+# -- request phase -----------------------------------------------------------------
+
+
+def test_chat_routed_to_cluster_with_model_rewritten(snap) -> None:
+    raw = (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "h\xc3\xa9llo"}],'
+           b' "temperature": 0.2}')
+    ex, first = start(snap)
+    assert first.WhichOneof("response") == "request_headers"
+    assert "authorization" in first.request_headers.response.header_mutation.remove_headers
+    resp = ex.handle(req_body(raw))
+    headers, body, common = forwarded(resp)
+    assert headers[CLUSTER_HEADER] == b"demo_b"
+    assert body == raw.replace(b'"gpt-4o"', b'"demo-large-2026"')
+    assert headers["content-length"] == str(len(body)).encode()
+    assert common.clear_route_cache is True
+    assert json.loads(body)["model"] == "demo-large-2026"
+    rec = ex.record
+    assert (rec.tenant, rec.auth_method, rec.key_id) == ("alice", "api_key", "alice-demo")
+    assert (rec.route, rec.alias, rec.model) == ("chat-premium", "gpt-4o", "large")
+    assert (rec.cluster, rec.upstream_model) == ("demo_b", "demo-large-2026")
+    assert rec.operation == "chat"
+    assert rec.request_bytes == len(raw)
+    assert rec.request_id == "req-123"
+    assert rec.config_version == snap.version
+    assert rec.usage_injected is False
+
+
+def test_cluster_header_is_overwrite(snap) -> None:
+    _, resp = send_body(snap, chat("gpt-4o-mini"))
+    option = resp.request_body.response.header_mutation.set_headers[0]
+    assert option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@pytest.mark.parametrize(
+    "key, model, cluster, upstream, route",
+    [
+        (ALICE, "gpt-4o-mini", "demo_a", "demo-small-2026", "chat"),
+        (ALICE, "fast", "demo_a", "demo-small-2026", "chat"),
+        (BOB, "gpt-4o-mini", "demo_a", "demo-small-2026", "chat"),
+        (BOB, "fast", "demo_a", "demo-small-2026", "chat"),
+    ],
+)
+def test_aliases_route(snap, key, model, cluster, upstream, route) -> None:
+    ex, resp = send_body(snap, chat(model), key=key)
+    headers, body, _ = forwarded(resp)
+    assert headers[CLUSTER_HEADER] == cluster.encode()
+    assert json.loads(body)["model"] == upstream
+    assert ex.record.route == route
+
+
+def test_default_alias_when_model_absent(snap) -> None:
+    ex, resp = send_body(snap, chat(model=None))
+    headers, body, _ = forwarded(resp)
+    assert headers[CLUSTER_HEADER] == b"demo_a"
+    assert json.loads(body) == {"model": "demo-small-2026",
+                                "messages": [{"role": "user", "content": "Say hi"}]}
+    assert headers["content-length"] == str(len(body)).encode()
+    assert (ex.record.alias, ex.record.model) == ("gpt-4o-mini", "small")
+
+
+def test_embeddings_default_and_no_stream_options(snap) -> None:
+    ex, resp = send_body(snap, {"input": "hello", "stream": True}, path="/v1/embeddings",
+                         key=BOB)
+    headers, body, _ = forwarded(resp)
+    assert headers[CLUSTER_HEADER] == b"demo_a"
+    assert json.loads(body) == {"model": "demo-embed-2026", "input": "hello", "stream": True}
+    assert ex.record.usage_injected is False
+
+
+def test_spoofed_atp_headers_removed_and_never_used(snap) -> None:
+    ex = Exchange(snap)
+    first = ex.handle(req_headers("POST", CHAT, BOB, extra={
+        "x-atp-cluster": "demo_b", "x-atp-anything": "1", "api-key": BOB}))
+    removed = list(first.request_headers.response.header_mutation.remove_headers)
+    assert {"x-atp-cluster", "x-atp-anything", "authorization", "api-key"} <= set(removed)
+    assert "content-type" not in removed
+    headers, _, _ = forwarded(ex.handle(req_body(chat("gpt-4o-mini"))))
+    assert headers[CLUSTER_HEADER] == b"demo_a"
+    assert ex.record.cluster == "demo_a"
+
+
+def test_credentials_removed_even_without_authorization_header(snap) -> None:
+    ex = Exchange(snap)
+    first = ex.handle(req_headers("POST", CHAT, None, extra={"api-key": ALICE}))
+    removed = first.request_headers.response.header_mutation.remove_headers
+    assert "api-key" in removed and "authorization" in removed
+    assert ex.record.tenant == "alice"
+
+
+def test_request_headers_response_has_no_set_headers_or_mode(snap) -> None:
+    _, first = start(snap)
+    assert len(first.request_headers.response.header_mutation.set_headers) == 0
+    assert not first.HasField("mode_override")
+
+
+def test_query_string_is_ignored_for_routing(snap) -> None:
+    ex, resp = send_body(snap, chat("gpt-4o-mini"), path=CHAT + "?api-version=1")
+    assert forwarded(resp)[0][CLUSTER_HEADER] == b"demo_a"
+    assert ex.record.path == CHAT
+
+
+@pytest.mark.parametrize("request_id, recorded",
+                         [("abc-1.2:3_4", "abc-1.2:3_4"), ("bad id", ""), ("x\ny", ""),
+                          ("x" * 129, "")])
+def test_request_id_recorded_only_when_safe(snap, request_id, recorded) -> None:
+    ex, _ = start(snap, extra={"x-request-id": request_id})
+    assert ex.record.request_id == recorded
+
+
+def test_jwt_tenant_from_metadata(snap) -> None:
+    ex, resp = send_body(snap, chat("gpt-4o"), key=None, jwt_claims={"tenant": "alice"})
+    assert forwarded(resp)[0][CLUSTER_HEADER] == b"demo_b"
+    assert (ex.record.tenant, ex.record.auth_method) == ("alice", "jwt")
+
+
+def test_jwt_tenant_wins_over_api_key(snap) -> None:
+    ex, resp = send_body(snap, chat("gpt-4o"), key=ALICE, jwt_claims={"tenant": "bob"})
+    assert_error(resp, 404, "model_not_found")
+    assert ex.record.tenant == "bob"
+
+
+# -- /v1/models --------------------------------------------------------------------
+
+
+def models_list(snap, key: str) -> list[str]:
+    ex = Exchange(snap)
+    resp = ex.handle(req_headers("GET", "/v1/models", key, end=True))
+    status, body, headers = immediate(resp)
+    assert status == 200
+    assert headers["content-type"] == b"application/json"
+    assert body["object"] == "list"
+    assert all(e["object"] == "model" and e["owned_by"] == "atp" for e in body["data"])
+    assert ex.record.status == 200
+    return [e["id"] for e in body["data"]]
+
+
+def test_models_list_per_tenant(snap) -> None:
+    alice = models_list(snap, ALICE)
+    bob = models_list(snap, BOB)
+    assert "gpt-4o" in alice
+    assert "gpt-4o" not in bob
+    assert alice == ["text-embedding-3-small", "gpt-4o", "gpt-4o-mini", "fast"]
+    assert bob == ["text-embedding-3-small", "gpt-4o-mini", "fast"]
+    assert not {"small", "large", "embed"} & set(alice)  # model names stay hidden
+
+
+def test_models_list_with_query(snap) -> None:
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models?limit=5", ALICE, end=True))
+    assert immediate(resp)[0] == 200
+
+
+def test_model_retrieve(snap) -> None:
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models/gpt-4o", ALICE, end=True))
+    status, body, _ = immediate(resp)
+    assert status == 200
+    assert body == {"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "atp"}
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models/gpt-4o", BOB, end=True))
+    assert_error(resp, 404, "model_not_found")
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models/large", ALICE, end=True))
+    assert_error(resp, 404, "model_not_found")
+
+
+def test_models_needs_auth(snap) -> None:
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models", None, end=True))
+    assert_error(resp, 401, "invalid_api_key")
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "PUT"])
+def test_models_wrong_method(snap, method) -> None:
+    ex = Exchange(snap)
+    resp = ex.handle(req_headers(method, "/v1/models", ALICE))
+    assert_error(resp, 405, "method_not_allowed")
+    assert ex.record.status == 405
+
+
+# -- refusals ----------------------------------------------------------------------
+
+
+def test_unknown_model_is_404_with_openai_error(snap) -> None:
+    ex, resp = send_body(snap, chat("gpt-5-ultra"))
+    err = assert_error(resp, 404, "model_not_found")
+    assert err["param"] == "model"
+    assert err["type"] == "invalid_request_error"
+    assert "gpt-5-ultra" in err["message"]
+    assert ex.record.status == 404 and ex.record.error_code == "model_not_found"
+
+
+def test_premium_alias_refused_for_bob(snap) -> None:
+    _, resp = send_body(snap, chat("gpt-4o"), key=BOB)
+    assert_error(resp, 404, "model_not_found")
+
+
+def test_model_name_is_not_an_alias(snap) -> None:
+    _, resp = send_body(snap, chat("large"))
+    assert_error(resp, 404, "model_not_found")
+
+
+def test_alias_of_another_path_is_404(snap) -> None:
+    _, resp = send_body(snap, {"model": "gpt-4o-mini", "input": "x"}, path="/v1/embeddings")
+    assert_error(resp, 404, "model_not_found")
+
+
+def test_body_over_limit_is_413(snap) -> None:
+    limit = snap.server.max_body_bytes
+    filler = "x" * (limit + 1)
+    ex, resp = send_body(snap, json.dumps(chat(content=filler)).encode())
+    assert_error(resp, 413, "request_too_large")
+    assert ex.record.status == 413
+    assert ex.record.request_bytes > limit
+
+
+SMALL_LIMIT_YAML = """
+server: {max_body_bytes: 1024, max_json_depth: 4}
+auth: {anonymous_tenant: anon}
+models:
+  - {name: m, cluster: c1, upstream_model: up, price: {input_per_1k: 1, output_per_1k: 2}}
+routes:
+  - name: r
+    aliases: {a: [m]}
+"""
+
+
+def test_body_at_limit_passes_and_one_over_is_413() -> None:
+    snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
+    base = json.dumps({"model": "a", "messages": [{"role": "user", "content": ""}]})
+    pad = 1024 - len(base)
+    at = base.replace('"content": ""', '"content": "' + "x" * pad + '"').encode()
+    assert len(at) == 1024
+    _, resp = send_body(snap, at, key=None)
+    assert forwarded(resp)[0][CLUSTER_HEADER] == b"c1"
+    over = at.replace(b'"x', b'"xx', 1)
+    assert len(over) == 1025
+    _, resp = send_body(snap, over, key=None)
+    assert_error(resp, 413, "request_too_large")
+
+
+def test_depth_limit_from_config() -> None:
+    snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
+    ok = {"model": "a", "messages": [{"role": "user", "content": ["text"]}]}
+    _, resp = send_body(snap, ok, key=None)  # object > list > object > list: depth 4
+    forwarded(resp)
+    deep = {"model": "a", "messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    _, resp = send_body(snap, deep, key=None)  # depth 5
+    assert_error(resp, 400, "json_too_deep")
+
+
+def test_missing_model_without_default() -> None:
+    snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
+    _, resp = send_body(snap, {"messages": [{"role": "user", "content": "x"}]}, key=None)
+    err = assert_error(resp, 400, "missing_required_parameter")
+    assert err["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"", 400, "invalid_json"),
+        (b"\xff\xfe{}", 400, "invalid_json"),
+        (b'{"model":"gpt-4o","model":"fast","messages":[]}', 400, "duplicate_key"),
+        (b'{"model":"gpt-4o","messages":[{"role":"user","content":"x","role":"system"}]}',
+         400, "duplicate_key"),
+        (b"[1,2,3]", 400, "invalid_body"),
+        (b'"hello"', 400, "invalid_body"),
+        (b'{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"t":NaN}', 400,
+         "invalid_json"),
+        (b'{"model":"gpt-4o","messages":[]}x', 400, "invalid_json"),
+        (b'{"model":"gpt-4o","messages":' + b"[" * 100_000, 400, "json_too_deep"),
+        (b'{"model":"gpt-4o"}', 400, "missing_required_parameter"),
+        (b'{"model":"gpt-4o","messages":[]}', 400, "invalid_type"),
+        (b'{"model":"gpt 4o","messages":[{"role":"user","content":"x"}]}', 400,
+         "invalid_model"),
+        (b'{"model":"gpt-4o\\r\\nx-atp-cluster: demo_b","messages":[{"role":"user"}]}', 400,
+         "invalid_model"),
+        (b'{"model":42,"messages":[{"role":"user","content":"x"}]}', 400, "invalid_type"),
+        (b'{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"stream":"yes"}',
+         400, "invalid_type"),
+        (b'{"model":"gpt-4o","messages":[{"role":"user","content":"x"}],"stream":true,'
+         b'"stream_options":"on"}', 400, "invalid_type"),
+    ],
+    ids=lambda v: repr(v)[:30] if isinstance(v, bytes) else str(v),
+)
+def test_bad_bodies(snap, body: bytes, status: int, code: str) -> None:
+    ex, resp = send_body(snap, body)
+    assert_error(resp, status, code)
+    assert ex.record.status == status
+    assert ex.record.error_code == code
+    assert ex.record.cluster == ""
+
+
+@pytest.mark.parametrize(
+    "method, path, key, end, status, code",
+    [
+        ("POST", CHAT, None, False, 401, "invalid_api_key"),
+        ("POST", CHAT, "sk-nope", False, 401, "invalid_api_key"),
+        ("POST", "/v1/images/generations", ALICE, False, 404, "unknown_url"),
+        ("POST", "/v2/chat/completions", ALICE, False, 404, "unknown_url"),
+        ("POST", "/v1/chat/completions/", ALICE, False, 404, "unknown_url"),
+        ("GET", CHAT, ALICE, True, 405, "method_not_allowed"),
+        ("PUT", "/v1/embeddings", ALICE, False, 405, "method_not_allowed"),
+        ("POST", CHAT, ALICE, True, 400, "missing_body"),
+    ],
+)
+def test_bad_request_headers(snap, method, path, key, end, status, code) -> None:
+    ex = Exchange(snap)
+    resp = ex.handle(req_headers(method, path, key, end=end))
+    assert_error(resp, status, code)
+    assert ex.record.status == status
+
+
+def test_auth_checked_before_path(snap) -> None:
+    resp = Exchange(snap).handle(req_headers("POST", "/nowhere", None))
+    assert_error(resp, 401, "invalid_api_key")
+
+
+def test_partial_request_body_is_500(snap) -> None:
+    ex, _ = start(snap)
+    resp = ex.handle(req_body(chat("gpt-4o"), end=False))
+    err = assert_error(resp, 500, "atp_partial_body")
+    assert err["type"] == "server_error"
+
+
+def test_empty_processing_request_fails_closed(snap) -> None:
+    ex = Exchange(snap)
+    err = assert_error(ex.handle(ep.ProcessingRequest()), 500, "atp_unexpected_phase")
+    assert err["type"] == "server_error"
+
+
+def test_trailers_are_acknowledged(snap) -> None:
+    ex = Exchange(snap)
+    resp = ex.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))
+    assert resp.WhichOneof("response") == "request_trailers"
+    resp = ex.handle(ep.ProcessingRequest(response_trailers=ep.HttpTrailers()))
+    assert resp.WhichOneof("response") == "response_trailers"
+
+
+def test_refused_request_has_no_usage(snap) -> None:
+    ex, _ = send_body(snap, chat("nope"))
+    rec = ex.finish()
+    assert rec.status == 404
+    assert rec.cost_usd is None and rec.input_tokens is None
+
+
+# -- response phase: streaming -----------------------------------------------------
+
+
+def sse_chunk(choices, usage=None) -> bytes:
+    obj = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
+           "model": "demo-small-2026", "choices": choices, "usage": usage}
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def chat_sse(prompt_tokens: int, completion_tokens: int,
+             with_usage: bool = True) -> tuple[bytes, bytes]:
+    content = (sse_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+               + sse_chunk([{"index": 0, "delta": {"content": "Hello"}}])
+               + sse_chunk([{"index": 0, "delta": {"content": " there!"}}])
+               + sse_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    usage_event = sse_chunk([], {"prompt_tokens": prompt_tokens,
+                                 "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens})
+    body = content + (usage_event if with_usage else b"") + b"data: [DONE]\n\n"
+    return body, usage_event
+
+
+def stream_response(ex: Exchange, body: bytes, pieces: int = 3) -> bytes:
+    resp = ex.handle(resp_headers(200, "text/event-stream; charset=utf-8"))
+    assert resp.WhichOneof("response") == "response_headers"
+    mode = resp.mode_override
+    assert mode.response_body_mode == ProcessingMode.STREAMED
+    assert mode.request_body_mode == ProcessingMode.BUFFERED
+    step = math.ceil(len(body) / pieces)
+    chunks = [body[i:i + step] for i in range(0, len(body), step)]
+    out = []
+    for i, chunk in enumerate(chunks):
+        r = ex.handle(resp_body(chunk, end=i == len(chunks) - 1))
+        assert r.WhichOneof("response") == "response_body"
+        common = r.response_body.response
+        out.append(common.body_mutation.body if common.HasField("body_mutation") else chunk)
+    return b"".join(out)
+
+
+def test_stream_with_injected_usage(snap) -> None:
+    clock = FakeClock()
+    ex = Exchange(snap, clock=clock)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    request = json.dumps(chat("gpt-4o", stream=True)).encode()
+    headers, body, _ = forwarded(ex.handle(req_body(request)))
+    sent = json.loads(body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "demo-large-2026"
+    assert headers["content-length"] == str(len(body)).encode()
+    assert ex.record.usage_injected is True and ex.record.stream is True
+
+    clock.now += 0.25
+    stream, usage_event = chat_sse(1234, 567)
+    out = stream_response(ex, stream, pieces=5)
+    assert out == stream.replace(usage_event, b"")
+    assert b'"usage": {' not in out
+    clock.now += 0.75
+    rec = ex.finish()
+    assert rec.status == 200
+    assert rec.ttfb_ms == pytest.approx(250.0)
+    assert rec.duration_ms == pytest.approx(1000.0)
+    assert (rec.input_tokens, rec.output_tokens) == (1234, 567)
+    assert rec.usage_estimated is False
+    large = snap.models["large"]
+    expected = (1234 * large.price.input_per_1k + 567 * large.price.output_per_1k) / 1000
+    assert rec.cost_usd == expected
+    assert rec.cost_usd == pytest.approx(1234 * 0.0025 / 1000 + 567 * 0.01 / 1000, rel=1e-12)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 50, 200, 333])
+def test_stream_usage_event_split_across_messages(snap, cut) -> None:
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    assert ex.record.usage_injected
+    stream, usage_event = chat_sse(10, 20)
+    start_at = stream.index(usage_event)
+    at = min(start_at + cut, len(stream) - 1)
+    ex.handle(resp_headers(200, "text/event-stream"))
+    out = b""
+    for chunk, end in ((stream[:at], False), (stream[at:], True)):
+        r = ex.handle(resp_body(chunk, end))
+        common = r.response_body.response
+        out += common.body_mutation.body if common.HasField("body_mutation") else chunk
+    assert out == stream.replace(usage_event, b"")
+    assert (ex.finish().input_tokens, ex.record.output_tokens) == (10, 20)
+
+
+def test_stream_client_asked_for_usage_keeps_chunk(snap) -> None:
+    ex, resp = send_body(snap, chat("fast", stream=True,
+                                    stream_options={"include_usage": True}))
+    _, body, _ = forwarded(resp)
+    assert json.loads(body)["stream_options"] == {"include_usage": True}
+    assert body.count(b"stream_options") == 1
+    assert ex.record.usage_injected is False
+    stream, _ = chat_sse(100, 50)
+    assert stream_response(ex, stream) == stream
+    rec = ex.finish()
+    small = snap.models["small"]
+    assert (rec.input_tokens, rec.output_tokens) == (100, 50)
+    assert rec.cost_usd == (100 * small.price.input_per_1k
+                            + 50 * small.price.output_per_1k) / 1000
+
+
+def test_stream_merges_client_stream_options(snap) -> None:
+    ex, resp = send_body(snap, chat("fast", stream=True, stream_options={
+        "include_usage": False, "continuous_usage_stats": True}))
+    _, body, _ = forwarded(resp)
+    assert json.loads(body)["stream_options"] == {"include_usage": True,
+                                                  "continuous_usage_stats": True}
+    assert ex.record.usage_injected is True
+
+
+def test_stream_without_usage_is_estimated(snap) -> None:
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    stream, _ = chat_sse(0, 0, with_usage=False)
+    assert stream_response(ex, stream) == stream
+    rec = ex.finish()
+    assert rec.usage_estimated is True
+    assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
+    assert rec.output_tokens == math.ceil(len("Hello there!") / 4)
+    small = snap.models["small"]
+    assert rec.cost_usd == price(small, Usage(rec.input_tokens, rec.output_tokens, True))
+
+
+def test_responses_api_stream_usage(snap) -> None:
+    ex, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "stream": True},
+                         path="/v1/responses")
+    _, body, _ = forwarded(resp)
+    assert "stream_options" not in json.loads(body)
+    assert ex.record.usage_injected is False
+    stream = (b'event: response.output_text.delta\n'
+              b'data: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+              b'event: response.completed\n'
+              b'data: {"type":"response.completed","response":{"usage":'
+              b'{"input_tokens":40,"output_tokens":9}}}\n\n')
+    assert stream_response(ex, stream, pieces=4) == stream
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (40, 9, False)
+    assert rec.cost_usd == price(snap.models["large"], Usage(40, 9))
+
+
+# -- response phase: JSON ----------------------------------------------------------
+
+
+def test_json_response_usage_priced_exactly(snap) -> None:
+    ex, _ = send_body(snap, chat("gpt-4o"))
+    resp = ex.handle(resp_headers(200, "application/json"))
+    assert resp.mode_override.response_body_mode == ProcessingMode.BUFFERED
+    body = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 2000, "completion_tokens": 300}}).encode()
+    r = ex.handle(resp_body(body, end=True))
+    assert r.WhichOneof("response") == "response_body"
+    assert not r.response_body.response.HasField("body_mutation")
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (2000, 300, False)
+    assert rec.cost_usd == (2000 * 0.0025 + 300 * 0.01) / 1000
+    assert rec.cost_usd == pytest.approx(0.008, rel=1e-12)
+
+
+def test_json_response_in_several_messages(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    ex.handle(resp_headers(200, "application/json; charset=utf-8"))
+    body = b'{"usage": {"prompt_tokens": 1000, "completion_tokens": 1000}}'
+    ex.handle(resp_body(body[:10], end=False))
+    ex.handle(resp_body(body[10:], end=True))
+    rec = ex.finish()
+    assert rec.cost_usd == pytest.approx(0.00015 + 0.0006, rel=1e-12)
+
+
+def test_embeddings_response_usage(snap) -> None:
+    ex, _ = send_body(snap, {"model": "text-embedding-3-small", "input": "x"},
+                      path="/v1/embeddings")
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"data":[],"usage":{"prompt_tokens":500,"total_tokens":500}}'))
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens) == (500, 0)
+    assert rec.cost_usd == pytest.approx(500 * 0.00002 / 1000, rel=1e-12)
+
+
+def test_json_response_without_usage_is_estimated(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"choices":[]}'))
+    rec = ex.finish()
+    assert rec.usage_estimated is True
+    assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
+    assert rec.output_tokens == 0
+    assert rec.cost_usd == price(snap.models["small"], Usage(rec.input_tokens, 0, True))
+
+
+def test_other_content_type_no_body_mode_and_estimated(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    resp = ex.handle(resp_headers(200, "text/plain"))
+    assert not resp.HasField("mode_override")
+    rec = ex.finish()
+    assert rec.usage_estimated is True
+
+
+@pytest.mark.parametrize("status", [400, 429, 500, 503])
+def test_error_response_not_priced(snap, status: int) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    resp = ex.handle(resp_headers(status, "application/json"))
+    assert not resp.HasField("mode_override")
+    rec = ex.finish()
+    assert rec.status == status
+    assert rec.cost_usd is None and rec.input_tokens is None
+
+
+def test_response_headers_end_of_stream_no_body_mode(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    resp = ex.handle(resp_headers(200, "application/json", end=True))
+    assert not resp.HasField("mode_override")
+
+
+def test_bad_status_header(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    msg = ep.ProcessingRequest(response_headers=ep.HttpHeaders(
+        headers=header_map({":status": "abc"})))
+    ex.handle(msg)
+    assert ex.record.status == 0
+    assert ex.finish().cost_usd is None
+
+
+def test_finish_is_written_once(snap) -> None:
+    clock = FakeClock()
+    ex = Exchange(snap, clock=clock)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("fast")))
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}'))
+    clock.now += 1
+    first = ex.finish()
+    clock.now += 5
+    second = ex.finish()
+    assert second is first
+    assert second.duration_ms == pytest.approx(1000.0)
+
+
+def test_price_function() -> None:
+    snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
+    assert price(snap.models["m"], Usage(1000, 500)) == 1.0 + 1.0
+    assert price(snap.models["m"], Usage(0, 0)) == 0.0
+
+
+# -- known bugs, surfaced through the pipeline -------------------------------------
+
+
+def test_lone_surrogate_in_stream_options_does_not_escape_handle(snap) -> None:
+    raw = (b'{"model":"fast","messages":[{"role":"user","content":"x"}],"stream":true,'
+           b'"stream_options":{"tag":"\\udc00"}}')
+    ex, _ = start(snap)
+    resp = ex.handle(req_body(raw))
+    kind = resp.WhichOneof("response")
+    if kind == "immediate_response":
+        assert resp.immediate_response.status.code == 400
+    else:
+        _, body, _ = forwarded(resp)
+        json.loads(body)
+
+
+def test_malformed_response_completed_does_not_escape_handle(snap) -> None:
+    ex, _ = send_body(snap, {"model": "gpt-4o", "input": "hi", "stream": True},
+                      path="/v1/responses")
+    stream = b'data: {"type":"response.completed","response":null}\n\n'
+    assert stream_response(ex, stream, pieces=1) == stream
+    assert ex.finish().usage_estimated is True

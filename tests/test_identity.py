@@ -1,0 +1,244 @@
+"""Unit tests for atp_extproc.identity: who is calling, and from which source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import struct_pb2
+
+from atp_extproc import config
+from atp_extproc.identity import Identity, identify
+from atp_extproc.llm_api import RequestError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "atp.yaml"
+ALICE = "sk-demo-alice"
+BOB = "sk-demo-bob"
+
+MODELS_AND_ROUTES = """
+models:
+  - name: small
+    cluster: demo_a
+    upstream_model: up-small
+    price: {input_per_1k: 0.001, output_per_1k: 0.002}
+routes:
+  - name: chat
+    aliases: {fast: [small]}
+"""
+
+
+def snapshot(auth_yaml: str) -> config.Snapshot:
+    return config.parse(auth_yaml + MODELS_AND_ROUTES, "identity-test.yaml")
+
+
+def key_entry(key: str, key_id: str, tenant: str) -> str:
+    return (f"    - key_id: {key_id}\n      tenant: {tenant}\n"
+            f"      sha256: {config.hash_api_key(key)}\n")
+
+
+@pytest.fixture(scope="module")
+def example() -> config.Snapshot:
+    return config.load(EXAMPLE)
+
+
+def jwt_metadata(claims: dict, payload_key: str = "jwt_payload") -> struct_pb2.Struct:
+    """Shaped like the filter metadata Envoy's jwt_authn writes: {payload_key: claims}."""
+    meta = struct_pb2.Struct()
+    meta.update({payload_key: claims})
+    return meta
+
+
+def refused(snap: config.Snapshot, headers: dict[str, str],
+            meta: struct_pb2.Struct | None = None) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        identify(snap, headers, meta)
+    return info.value
+
+
+# -- API keys ----------------------------------------------------------------------
+
+
+def test_api_key_gives_tenant_and_key_id(example) -> None:
+    who = identify(example, {"authorization": f"Bearer {ALICE}"}, None)
+    assert who == Identity("alice", "api_key", "alice-demo")
+    who = identify(example, {"authorization": f"Bearer {BOB}"}, None)
+    assert who == Identity("bob", "api_key", "bob-demo")
+
+
+@pytest.mark.parametrize("value", [f"bearer {ALICE}", f"BEARER {ALICE}",
+                                   f"Bearer   {ALICE}  ", f"Bearer {ALICE}\t"])
+def test_bearer_scheme_case_and_spaces(example, value: str) -> None:
+    assert identify(example, {"authorization": value}, None).tenant == "alice"
+
+
+def test_api_key_header(example) -> None:
+    who = identify(example, {"api-key": BOB}, None)
+    assert who == Identity("bob", "api_key", "bob-demo")
+
+
+def test_authorization_wins_over_api_key_header(example) -> None:
+    who = identify(example, {"authorization": f"Bearer {ALICE}", "api-key": BOB}, None)
+    assert who.tenant == "alice"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"authorization": "Bearer sk-wrong"},
+        {"authorization": f"Bearer {ALICE}x"},
+        {"authorization": f"Bearer {ALICE[:-1]}"},
+        {"authorization": f"Bearer {ALICE.upper()}"},
+        {"api-key": "sk-wrong"},
+        {"authorization": f"Bearer {config.hash_api_key(ALICE)}"},  # the digest is no key
+    ],
+)
+def test_wrong_key_is_401(example, headers: dict[str, str]) -> None:
+    err = refused(example, headers)
+    assert (err.status, err.code, err.type) == (401, "invalid_api_key", "authentication_error")
+    assert "Incorrect API key" in err.message
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": ""},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer   "},
+        {"authorization": f"Basic {ALICE}"},
+        {"authorization": ALICE},
+        {"api-key": ""},
+        {"x-api-key": ALICE},
+    ],
+)
+def test_missing_key_is_401(example, headers: dict[str, str]) -> None:
+    err = refused(example, headers)
+    assert (err.status, err.code, err.type) == (401, "invalid_api_key", "authentication_error")
+    assert "didn't provide an API key" in err.message
+
+
+def test_token_without_configured_keys_is_not_accepted() -> None:
+    snap = snapshot("auth:\n  jwt: {}\n")
+    err = refused(snap, {"authorization": f"Bearer {ALICE}"})
+    assert err.status == 401
+
+
+# -- JWT ---------------------------------------------------------------------------
+
+
+def test_jwt_claims_win_over_api_key(example) -> None:
+    meta = jwt_metadata({"sub": "u1", "tenant": "carol", "iss": "https://idp"})
+    who = identify(example, {"authorization": f"Bearer {ALICE}"}, meta)
+    assert who == Identity("carol", "jwt", None)
+
+
+def test_jwt_claims_win_over_wrong_api_key(example) -> None:
+    meta = jwt_metadata({"tenant": "carol"})
+    assert identify(example, {"authorization": "Bearer sk-wrong"}, meta).tenant == "carol"
+
+
+def test_jwt_alone(example) -> None:
+    assert identify(example, {}, jwt_metadata({"tenant": "dave"})) == Identity("dave", "jwt")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "u1"},                 # no tenant claim
+        {"tenant": ""},                # empty
+        {"tenant": 7},                 # not a string
+        {"tenant": True},
+        {"tenant": ["alice"]},
+        {"tenant": {"id": "alice"}},
+        {"tenant": None},
+    ],
+)
+def test_jwt_without_usable_tenant_falls_back_to_api_key(example, claims: dict) -> None:
+    who = identify(example, {"authorization": f"Bearer {BOB}"}, jwt_metadata(claims))
+    assert who == Identity("bob", "api_key", "bob-demo")
+
+
+def test_jwt_payload_not_a_struct_is_ignored(example) -> None:
+    meta = struct_pb2.Struct()
+    meta.update({"jwt_payload": "tenant=evil"})
+    assert identify(example, {"authorization": f"Bearer {BOB}"}, meta).tenant == "bob"
+
+
+def test_jwt_under_other_payload_key_is_ignored(example) -> None:
+    meta = jwt_metadata({"tenant": "evil"}, payload_key="other")
+    assert identify(example, {"authorization": f"Bearer {BOB}"}, meta).tenant == "bob"
+
+
+def test_jwt_metadata_ignored_when_jwt_not_configured() -> None:
+    snap = snapshot("auth:\n  api_keys:\n" + key_entry(ALICE, "a", "alice"))
+    meta = jwt_metadata({"tenant": "evil"})
+    assert identify(snap, {"authorization": f"Bearer {ALICE}"}, meta).tenant == "alice"
+    assert refused(snap, {}, meta).status == 401
+
+
+def test_jwt_custom_payload_key_and_claim() -> None:
+    snap = snapshot("auth:\n  jwt: {payload_key: claims, tenant_claim: org}\n")
+    meta = jwt_metadata({"org": "acme", "tenant": "wrong"}, payload_key="claims")
+    assert identify(snap, {}, meta) == Identity("acme", "jwt")
+    assert refused(snap, {}, jwt_metadata({"tenant": "x"}, payload_key="claims")).status == 401
+
+
+def test_empty_metadata_struct(example) -> None:
+    assert identify(example, {"api-key": ALICE}, struct_pb2.Struct()).tenant == "alice"
+
+
+# -- trusted header and anonymous --------------------------------------------------
+
+
+def test_trusted_header_only_when_configured(example) -> None:
+    # Not configured: the header is just a header.
+    assert refused(example, {"x-tenant": "mallory"}).status == 401
+    snap = snapshot("auth:\n  trusted_tenant_header: x-tenant\n")
+    assert identify(snap, {"x-tenant": "acme"}, None) == Identity("acme", "trusted_header")
+    assert refused(snap, {"x-other": "acme"}).status == 401
+    assert refused(snap, {"x-tenant": ""}).status == 401
+
+
+def test_api_key_wins_over_trusted_header() -> None:
+    snap = snapshot("auth:\n  trusted_tenant_header: x-tenant\n  api_keys:\n"
+                    + key_entry(ALICE, "a", "alice"))
+    who = identify(snap, {"x-tenant": "acme", "authorization": f"Bearer {ALICE}"}, None)
+    assert who == Identity("alice", "api_key", "a")
+    assert identify(snap, {"x-tenant": "acme"}, None).tenant == "acme"
+
+
+def test_wrong_key_with_trusted_header_but_no_anonymous_is_401() -> None:
+    snap = snapshot("auth:\n  trusted_tenant_header: x-tenant\n  api_keys:\n"
+                    + key_entry(ALICE, "a", "alice"))
+    assert refused(snap, {"x-tenant": "acme", "authorization": "Bearer nope"}).status == 401
+
+
+def test_trusted_header_name_is_case_insensitive() -> None:
+    snap = snapshot("auth:\n  trusted_tenant_header: X-Tenant-Id\n")
+    assert identify(snap, {"x-tenant-id": "acme"}, None).tenant == "acme"
+
+
+def test_anonymous_fallback() -> None:
+    snap = snapshot("auth:\n  anonymous_tenant: public\n")
+    assert identify(snap, {}, None) == Identity("public", "anonymous")
+
+
+def test_anonymous_after_jwt_and_keys_miss() -> None:
+    snap = snapshot("auth:\n  anonymous_tenant: public\n  jwt: {}\n  api_keys:\n"
+                    + key_entry(ALICE, "a", "alice"))
+    assert identify(snap, {}, jwt_metadata({"sub": "x"})) == Identity("public", "anonymous")
+    assert identify(snap, {"api-key": ALICE}, None) == Identity("alice", "api_key", "a")
+    assert identify(snap, {}, jwt_metadata({"tenant": "t"})) == Identity("t", "jwt")
+
+
+def test_wrong_key_with_anonymous_configured_is_anonymous() -> None:
+    # Current, deliberate behaviour: a key that matches nothing falls through.
+    snap = snapshot("auth:\n  anonymous_tenant: public\n  api_keys:\n"
+                    + key_entry(ALICE, "a", "alice"))
+    assert identify(snap, {"api-key": "wrong"}, None) == Identity("public", "anonymous")
+
+
+def test_trusted_header_before_anonymous() -> None:
+    snap = snapshot("auth:\n  anonymous_tenant: public\n  trusted_tenant_header: x-t\n")
+    assert identify(snap, {"x-t": "acme"}, None).method == "trusted_header"
+    assert identify(snap, {}, None).method == "anonymous"
