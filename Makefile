@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench lint proto clean
+.PHONY: install run test bench lint proto clean up down
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ proto: install
 ifneq ($(PROTOS),)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. $(PROTOS)
 endif
+
+# The compose stack (docs/deployment.md); needs a Docker engine.
+up:
+	docker compose up --build
+
+down:
+	docker compose down
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info
