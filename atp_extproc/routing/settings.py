@@ -1,0 +1,258 @@
+"""Config blocks for learned routing and the savings ledger.
+
+`RouteObjective` is a route's `objective:` block; `LedgerSettings` is the document's
+top-level `ledger:` block. Both are frozen pydantic models that refuse unknown keys.
+Names that must exist elsewhere in the document (champion, challengers, baselines) are
+checked by `check_references`, which `config.parse` calls after shape validation.
+
+This module must not import `atp_extproc.config` (config imports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Same alphabet as config.TOKEN (model and route names travel in headers).
+_TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
+Name = Annotated[str, Field(pattern=_TOKEN_PATTERN)]
+
+DEFAULT_FINISH_REASON_SCORES: dict[str, float] = {
+    "stop": 1.0,
+    "tool_calls": 1.0,
+    "function_call": 1.0,
+    "length": 0.5,
+    "content_filter": 0.0,
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Weights(_Frozen):
+    """How much each term weighs in the route's objective (higher objective is better).
+
+    objective = quality·q - cost·(c / cost_scale) - latency·(L / latency_scale) - error·e
+    with q the mean quality score in [0, 1], c the mean cost per request, L the mean
+    latency and e the error rate.
+    """
+
+    cost: float = Field(default=1.0, ge=0, le=1000)
+    latency: float = Field(default=1.0, ge=0, le=1000)
+    quality: float = Field(default=1.0, ge=0, le=1000)
+    error: float = Field(default=1.0, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Weights:
+        if self.cost + self.latency + self.quality + self.error <= 0:
+            raise ValueError("at least one weight must be positive")
+        return self
+
+
+class Limits(_Frozen):
+    """Hard limits: a candidate outside any of them is not chosen (see router docs)."""
+
+    p95_latency_ms: float | None = Field(default=None, gt=0)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    min_quality: float | None = Field(default=None, ge=0, le=1)
+    # Compared with the candidate's blended price per 1K tokens:
+    # input_per_1k·input_share + output_per_1k·(1 - input_share).
+    max_price_per_1k: float | None = Field(default=None, ge=0)
+    input_share: float = Field(default=0.75, ge=0, le=1)
+    # Learned limits (latency, errors, quality) apply once a candidate has this many
+    # (decayed) observations; before that nothing is known, so nothing is excluded.
+    min_samples: float = Field(default=20, ge=0, le=100_000)
+
+
+class Scale(_Frozen):
+    """Reference values that turn cost and latency into objective units.
+
+    Unset means automatic: the largest posterior mean among the decision's candidates,
+    so each term lies in [0, weight]. Fixed values make objective units (and regret)
+    comparable across time and candidate sets.
+    """
+
+    cost_usd: float | None = Field(default=None, gt=0)
+    latency_ms: float | None = Field(default=None, gt=0)
+
+
+class Shadow(_Frozen):
+    # off: no shadow. decision: serve the champion, record what ATP would have chosen and
+    # the savings it predicts. mirror: serve normally and have Envoy mirror `share` of
+    # requests to `challenger` through the shadow listener; the challenger is then
+    # measured on the copies only and never serves a client.
+    mode: Literal["off", "decision", "mirror"] = "off"
+    challenger: Name | None = None
+    share: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Shadow:
+        if self.mode == "mirror":
+            if self.challenger is None:
+                raise ValueError("mode mirror needs a challenger")
+            if self.share <= 0:
+                raise ValueError("mode mirror needs a share above 0")
+        elif self.challenger is not None or self.share:
+            raise ValueError(f"challenger and share only apply to mode mirror, "
+                             f"not {self.mode!r}")
+        return self
+
+
+class Breaker(_Frozen):
+    """Per-candidate circuit breaker."""
+
+    # Opens when the error rate over the rolling window passes this ...
+    error_rate: float = Field(default=0.05, gt=0, le=1)
+    window_s: float = Field(default=30.0, gt=0, le=3600)
+    # ... with at least this many results in the window.
+    min_requests: int = Field(default=20, ge=1, le=1_000_000)
+    # Optional one-sided confidence: 0 compares the raw rate; 0.9 opens only when the
+    # Wilson lower bound of the rate passes the threshold (fewer trips on low traffic).
+    confidence: float = Field(default=0.9, ge=0, lt=1)
+    open_s: float = Field(default=30.0, gt=0, le=3600)
+    # Each failed half-open probe doubles the open time, up to this.
+    max_open_s: float = Field(default=300.0, gt=0, le=86_400)
+    # Consecutive successful probes (one in flight at a time) that close it again.
+    half_open_probes: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _open_times(self) -> Breaker:
+        if self.max_open_s < self.open_s:
+            raise ValueError("max_open_s must be at least open_s")
+        return self
+
+
+class Learning(_Frozen):
+    # Estimates remember about 1.44·half_life observations of a candidate while nothing
+    # changes ...
+    half_life: float = Field(default=3000.0, ge=1, le=1_000_000)
+    # ... and restart from the last ~change_half_life observations when those differ from
+    # the long memory by more than change_z standard errors (a degradation or recovery).
+    change_half_life: float = Field(default=25.0, ge=2, le=100_000)
+    change_z: float = Field(default=5.0, ge=2, le=50)
+    # An estimate not refreshed for this long counts half as many observations, so a
+    # candidate that is never chosen regains uncertainty and is tried again.
+    stale_half_life_s: float = Field(default=600.0, gt=0, le=10_000_000)
+
+
+class Quality(_Frozen):
+    # Prior mean quality for a candidate nobody has scored yet.
+    prior: float = Field(default=0.7, ge=0, le=1)
+    # When no feedback arrives within feedback_window_s, use this proxy (or nothing).
+    proxy: Literal["finish_reason", "none"] = "finish_reason"
+    finish_reason_scores: Mapping[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FINISH_REASON_SCORES))
+    feedback_window_s: float = Field(default=300.0, gt=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _scores_in_range(self) -> Quality:
+        for reason, score in self.finish_reason_scores.items():
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(f"finish_reason_scores[{reason!r}] must be in [0, 1]")
+        return self
+
+
+class Restrict(_Frozen):
+    """Static candidate filter by model attributes (a policy may restrict further)."""
+
+    egress: Literal["any", "internal"] = "any"
+    regions: tuple[str, ...] = ()
+
+
+class RouteObjective(_Frozen):
+    # The production baseline: served in shadow mode "decision", preferred when no
+    # candidate meets the hard limits. Unset: the alias's first candidate.
+    champion: Name | None = None
+    # Non-empty: the learner chooses among champion + challengers only.
+    challengers: tuple[Name, ...] = ()
+    weights: Weights = Weights()
+    limits: Limits = Limits()
+    scale: Scale = Scale()
+    sticky: Literal["none", "tenant", "user"] = "none"
+    # Largest share of decisions that may differ from the current best estimate.
+    exploration: float = Field(default=0.1, ge=0, le=1)
+    shadow: Shadow = Shadow()
+    breaker: Breaker = Breaker()
+    learning: Learning = Learning()
+    quality: Quality = Quality()
+    restrict: Restrict = Restrict()
+    # Savings baseline for this route; unset: the ledger's baseline.
+    baseline: Name | None = None
+
+    @model_validator(mode="after")
+    def _roles(self) -> RouteObjective:
+        if len(set(self.challengers)) != len(self.challengers):
+            raise ValueError("challengers lists a model twice")
+        if self.champion is not None and self.champion in self.challengers:
+            raise ValueError(f"the champion {self.champion!r} is also a challenger")
+        if self.shadow.challenger is not None and self.shadow.challenger == self.champion:
+            raise ValueError("the shadow challenger is the champion")
+        if self.shadow.mode == "decision" and self.sticky != "none":
+            # Decision shadow always serves the champion; stickiness would be ignored.
+            raise ValueError("sticky has no effect with shadow mode decision")
+        return self
+
+
+class LedgerSettings(_Frozen):
+    enabled: bool = True
+    path: str = Field(default=".run/atp-ledger.sqlite3", min_length=1)
+    # Model whose prices define "what it would have cost"; unset: no savings are claimed
+    # (baseline cost = actual cost) unless a route sets objective.baseline.
+    baseline: Name | None = None
+    # Rows are aggregated in memory and written by a background thread this often; a
+    # crash loses at most this much.
+    flush_interval_s: float = Field(default=1.0, gt=0, le=300)
+
+
+DEFAULT_OBJECTIVE = RouteObjective()
+
+
+def route_candidates(route: Any) -> list[str]:
+    """Every model any alias of `route` can resolve to, first-seen order."""
+    seen: dict[str, None] = {}
+    for names in route.aliases.values():
+        seen.update(dict.fromkeys(names))
+    return list(seen)
+
+
+def baseline_for(route: Any, ledger: LedgerSettings | None) -> str | None:
+    objective: RouteObjective | None = getattr(route, "objective", None)
+    if objective is not None and objective.baseline is not None:
+        return objective.baseline
+    return ledger.baseline if ledger is not None else None
+
+
+def check_references(models: Iterable[str], routes: Iterable[Any],
+                     ledger: LedgerSettings | None = None) -> list[tuple[str, str]]:
+    """Problems (path, reason) with names the objective and ledger blocks refer to.
+
+    `routes` are config.Route-like objects: `.aliases` (alias → model names) and an
+    optional `.objective`. Paths are in config's format (`routes[2].objective.champion`).
+    """
+    known = set(models)
+    problems: list[tuple[str, str]] = []
+    for i, route in enumerate(routes):
+        objective: RouteObjective | None = getattr(route, "objective", None)
+        if objective is None:
+            continue
+        candidates = set(route_candidates(route))
+        base = f"routes[{i}].objective"
+        if objective.champion is not None and objective.champion not in candidates:
+            problems.append((f"{base}.champion",
+                             f"{objective.champion!r} is not a candidate of this route"))
+        for j, name in enumerate(objective.challengers):
+            if name not in candidates:
+                problems.append((f"{base}.challengers[{j}]",
+                                 f"{name!r} is not a candidate of this route"))
+        shadow = objective.shadow.challenger
+        if shadow is not None and shadow not in candidates:
+            problems.append((f"{base}.shadow.challenger",
+                             f"{shadow!r} is not a candidate of this route"))
+        if objective.baseline is not None and objective.baseline not in known:
+            problems.append((f"{base}.baseline", f"unknown model {objective.baseline!r}"))
+    if ledger is not None and ledger.baseline is not None and ledger.baseline not in known:
+        problems.append(("ledger.baseline", f"unknown model {ledger.baseline!r}"))
+    return problems

@@ -1,0 +1,217 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+Tables
+- ledger: one row per (hour, tenant, route, model, shadow, price_version,
+  baseline_model, baseline_version) with summed requests, tokens and picodollars. Writes
+  add to the row (UPSERT), so several processes can share the file and counters merge.
+- price_snapshots: the prices behind each version id; rows never change, so a later
+  price edit gets a new version and cannot rewrite history.
+- shadow_pairs: a mirrored request's primary and shadow halves joined by request id.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from atp_extproc.store.money import PriceSnapshot
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS price_snapshots (
+    version TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    input_per_1k TEXT NOT NULL,
+    output_per_1k TEXT NOT NULL,
+    input_pico_per_token INTEGER NOT NULL,
+    output_pico_per_token INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    hour INTEGER NOT NULL,            -- unix time of the hour's start (UTC)
+    tenant TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT NOT NULL,
+    shadow INTEGER NOT NULL,          -- 1: mirrored copy, never tenant spend or savings
+    price_version TEXT NOT NULL,
+    baseline_model TEXT NOT NULL,     -- '' when no baseline (savings 0) or shadow
+    baseline_version TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,       -- requests whose usage was estimated, not reported
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_pico INTEGER NOT NULL,
+    baseline_pico INTEGER NOT NULL,
+    savings_pico INTEGER NOT NULL,
+    PRIMARY KEY (hour, tenant, route, model, shadow, price_version,
+                 baseline_model, baseline_version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shadow_pairs (
+    request_id TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    primary_model TEXT, primary_status INTEGER, primary_latency_ms REAL,
+    primary_cost_pico INTEGER,
+    shadow_model TEXT, shadow_status INTEGER, shadow_latency_ms REAL,
+    shadow_cost_pico INTEGER
+);
+"""
+
+_UPSERT_LEDGER = """
+INSERT INTO ledger (hour, tenant, route, model, shadow, price_version, baseline_model,
+    baseline_version, requests, failed, estimated, input_tokens, output_tokens, cost_pico,
+    baseline_pico, savings_pico)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT DO UPDATE SET
+    requests = requests + excluded.requests,
+    failed = failed + excluded.failed,
+    estimated = estimated + excluded.estimated,
+    input_tokens = input_tokens + excluded.input_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    cost_pico = cost_pico + excluded.cost_pico,
+    baseline_pico = baseline_pico + excluded.baseline_pico,
+    savings_pico = savings_pico + excluded.savings_pico
+"""
+
+_INSERT_PRICE = """
+INSERT OR IGNORE INTO price_snapshots (version, model, input_per_1k, output_per_1k,
+    input_pico_per_token, output_pico_per_token, first_seen) VALUES (?, ?, ?, ?, ?, ?, ?)
+"""
+
+_SIDES = {"primary", "shadow"}
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowHalf:
+    """One side of a mirrored request, joined with the other by request id."""
+
+    request_id: str
+    side: str          # "primary" | "shadow"
+    route: str
+    model: str
+    status: int
+    latency_ms: float | None
+    cost_pico: int | None
+    ts: int
+
+    def __post_init__(self) -> None:
+        if self.side not in _SIDES:
+            raise ValueError(f"side must be one of {sorted(_SIDES)}")
+
+
+# (hour, tenant, route, model, shadow, price_version, baseline_model, baseline_version)
+LedgerKey = tuple[int, str, str, str, int, str, str, str]
+# requests, failed, estimated, input_tokens, output_tokens, cost_pico, baseline_pico
+LedgerSums = list[int]
+
+
+def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    path = Path(path)
+    if readonly:
+        if not path.exists():
+            raise FileNotFoundError(f"no ledger at {path}")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def write_batch(conn: sqlite3.Connection, rows: dict[LedgerKey, LedgerSums],
+                prices: Iterable[PriceSnapshot], halves: Sequence[ShadowHalf],
+                now: int) -> None:
+    """Add one batch in a single transaction (all of it or nothing)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_INSERT_PRICE, [
+            (p.version, p.model, p.input_text, p.output_text, p.input_pico, p.output_pico,
+             now) for p in prices])
+        conn.executemany(_UPSERT_LEDGER, [
+            (*key, *sums, sums[6] - sums[5]) for key, sums in rows.items()])
+        for half in halves:
+            _upsert_half(conn, half)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _upsert_half(conn: sqlite3.Connection, h: ShadowHalf) -> None:
+    side = h.side  # validated against _SIDES: safe to splice into the column names
+    conn.execute(
+        f"INSERT INTO shadow_pairs (request_id, route, first_seen, {side}_model, "
+        f"{side}_status, {side}_latency_ms, {side}_cost_pico) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        f"ON CONFLICT (request_id) DO UPDATE SET {side}_model = excluded.{side}_model, "
+        f"{side}_status = excluded.{side}_status, "
+        f"{side}_latency_ms = excluded.{side}_latency_ms, "
+        f"{side}_cost_pico = excluded.{side}_cost_pico",
+        (h.request_id, h.route, h.ts, h.model, h.status, h.latency_ms, h.cost_pico))
+
+
+# -- reads -------------------------------------------------------------------------
+
+GROUP_COLUMNS = ("tenant", "route", "model")
+
+
+@dataclass(frozen=True, slots=True)
+class SavingsRow:
+    bucket: int                      # unix time of the bucket start; 0 for "total"
+    group: tuple[str, ...]           # values of the `by` columns
+    requests: int
+    failed: int
+    cost_pico: int                   # tenant spend (shadow excluded)
+    baseline_pico: int
+    savings_pico: int
+    shadow_requests: int
+    shadow_cost_pico: int
+
+
+def savings(conn: sqlite3.Connection, by: Sequence[str], bucket_s: int | None,
+            since: int | None = None, until: int | None = None) -> list[SavingsRow]:
+    """Savings grouped by time bucket (None: one total bucket) and `by` columns."""
+    for column in by:
+        if column not in GROUP_COLUMNS:
+            raise ValueError(f"cannot group by {column!r}; choose from {GROUP_COLUMNS}")
+    bucket_sql = f"(hour / {int(bucket_s)}) * {int(bucket_s)}" if bucket_s else "0"
+    cols = "".join(f", {c}" for c in by)
+    where, params = [], []
+    if since is not None:
+        where.append("hour >= ?")
+        params.append(int(since) - int(since) % 3600)
+    if until is not None:
+        where.append("hour < ?")
+        params.append(int(until))
+    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
+    sql = f"""
+        SELECT {bucket_sql} AS bucket{cols},
+            TOTAL(CASE WHEN shadow = 0 THEN requests END),
+            TOTAL(CASE WHEN shadow = 0 THEN failed END),
+            SUM(CASE WHEN shadow = 0 THEN cost_pico ELSE 0 END),
+            SUM(CASE WHEN shadow = 0 THEN baseline_pico ELSE 0 END),
+            SUM(CASE WHEN shadow = 0 THEN savings_pico ELSE 0 END),
+            TOTAL(CASE WHEN shadow = 1 THEN requests END),
+            SUM(CASE WHEN shadow = 1 THEN cost_pico ELSE 0 END)
+        FROM ledger {where_sql}
+        GROUP BY bucket{cols} ORDER BY bucket{cols}"""
+    n = len(by)
+    return [
+        SavingsRow(bucket=r[0], group=tuple(r[1:1 + n]), requests=int(r[1 + n]),
+                   failed=int(r[2 + n]), cost_pico=r[3 + n], baseline_pico=r[4 + n],
+                   savings_pico=r[5 + n], shadow_requests=int(r[6 + n]),
+                   shadow_cost_pico=r[7 + n])
+        for r in conn.execute(sql, params)
+    ]

@@ -1,0 +1,111 @@
+"""Quality feedback keyed by request id, with the finish_reason proxy as fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from atp_extproc.routing.feedback import FeedbackBook, finish_reason_score
+from atp_extproc.routing.router import Router
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(capacity: int = 100, window_s: float = 60.0):
+    got: list[tuple[str, str, float]] = []
+    clock = Clock()
+    book = FeedbackBook(lambda r, m, s: got.append((r, m, s)), capacity, window_s, clock)
+    return book, got, clock
+
+
+def test_explicit_feedback_counts_once_and_beats_the_proxy():
+    book, got, _ = make()
+    book.record_decision("req-1", "chat", "small")
+    book.set_proxy("req-1", finish_reason_score("length"))
+    assert book.feedback("req-1", 0.9)
+    assert got == [("chat", "small", 0.9)]
+    assert not book.feedback("req-1", 0.1)      # already scored
+    assert book.expire() == 0 and got == [("chat", "small", 0.9)]
+
+
+def test_proxy_is_used_when_no_feedback_arrives():
+    book, got, clock = make()
+    book.record_decision("a", "chat", "small")
+    book.set_proxy("a", finish_reason_score("stop"))
+    book.record_decision("b", "chat", "large")           # no proxy: nothing to learn
+    clock.t = 61.0
+    assert book.expire() == 2
+    assert got == [("chat", "small", 1.0)]
+    assert (book.proxied, book.unscored) == (1, 1)
+    assert not book.feedback("a", 1.0)                    # too late
+
+
+def test_late_feedback_is_refused_even_before_cleanup():
+    book, got, clock = make()
+    book.record_decision("a", "chat", "small")
+    book.set_proxy("a", 0.5)
+    clock.t = 100.0
+    assert not book.feedback("a", 1.0)
+    assert got == [("chat", "small", 0.5)]
+
+
+def test_bounded_memory_evicts_oldest_with_their_proxy():
+    book, got, _ = make(capacity=3)
+    for i in range(5):
+        book.record_decision(f"r{i}", "chat", "m")
+        book.set_proxy(f"r{i}", 0.25)
+    assert len(book) == 3
+    assert got == [("chat", "m", 0.25), ("chat", "m", 0.25)]
+    assert not book.feedback("r0", 1.0) and book.feedback("r4", 1.0)
+
+
+def test_cleanup_is_amortised_on_record_decision():
+    book, _, clock = make(capacity=10_000, window_s=1.0)
+    for i in range(100):
+        book.record_decision(f"r{i}", "chat", "m")
+    clock.t = 5.0
+    book.record_decision("new", "chat", "m")
+    assert len(book) == 101 - 4
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_scores_must_be_in_unit_interval(bad):
+    book, _, _ = make()
+    book.record_decision("a", "chat", "m")
+    with pytest.raises(ValueError):
+        book.feedback("a", bad)
+
+
+def test_finish_reason_proxy_mapping():
+    assert finish_reason_score("stop") == 1.0
+    assert finish_reason_score("length") == 0.5
+    assert finish_reason_score("content_filter") == 0.0
+    assert finish_reason_score("something_new") is None
+    assert finish_reason_score(None) is None
+    assert finish_reason_score("stop", {"stop": 0.7}) == 0.7
+
+
+def test_feedback_reaches_the_router_estimate():
+    router = Router(seed=1)
+    router.observe("chat", "small", ok=True, latency_ms=100.0)
+    book = FeedbackBook(router.observe_quality)
+    for i in range(200):
+        book.record_decision(f"r{i}", "chat", "small")
+        book.feedback(f"r{i}", 0.1)
+    assert router.snapshot()["chat"]["small"]["quality"] < 0.2
+    book.record_decision("", "chat", "small")             # no request id: ignored
+    assert len(book) == 0
+
+
+def test_only_the_requesting_tenant_may_score():
+    book, got, _ = make()
+    book.record_decision("req-9", "chat", "small", tenant="alice")
+    assert not book.feedback("req-9", 0.0, tenant="mallory")
+    assert not book.feedback("req-9", 0.0)
+    assert book.feedback("req-9", 0.8, tenant="alice")
+    assert got == [("chat", "small", 0.8)]

@@ -1,0 +1,285 @@
+"""The learned router: choice, hard limits, regret, sticky, breakers, shadow, restrict."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from atp_extproc.routing.router import NoCandidateError, Router, classify_status
+from atp_extproc.routing.selection import CandidateModel
+from atp_extproc.routing.settings import (
+    Breaker,
+    Limits,
+    Restrict,
+    RouteObjective,
+    Scale,
+    Shadow,
+    Weights,
+)
+from atp_extproc.routing.sticky import StickyHasher
+
+CHEAP = CandidateModel("cheap", 0.0001, 0.0004)
+MID = CandidateModel("mid", 0.001, 0.004)
+DEAR = CandidateModel("dear", 0.01, 0.04)
+CANDIDATES = [MID, CHEAP, DEAR]          # mid first: the default champion
+FIXED = RouteObjective(scale=Scale(cost_usd=0.01, latency_ms=1000))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def teach(router: Router, model: str, n: int, *, latency: float = 300.0,
+          errors_every: int = 0, quality: float | None = 0.8, cost: float = 0.001,
+          route: str = "chat") -> None:
+    for i in range(n):
+        ok = not (errors_every and i % errors_every == 0)
+        router.observe(route, model, ok=ok, latency_ms=latency, cost=cost if ok else None,
+                       quality=quality if ok else None, input_tokens=1000, output_tokens=200)
+
+
+def test_learns_the_best_candidate_and_reports_the_decision():
+    router = Router(clock=Clock(), seed=1)
+    router.choose("chat", FIXED, CANDIDATES)
+    teach(router, "cheap", 300, latency=200, quality=0.8, cost=0.0002)
+    teach(router, "mid", 300, latency=400, quality=0.8, cost=0.002)
+    teach(router, "dear", 300, latency=900, quality=0.85, cost=0.02)
+    decisions = [router.choose("chat", FIXED, CANDIDATES) for _ in range(200)]
+    counts = Counter(d.chosen for d in decisions)
+    assert counts["cheap"] >= 180
+    d = decisions[-1]
+    assert d.route == "chat"
+    assert set(d.candidate_set) == {"cheap", "mid", "dear"}
+    assert d.decision_us > 0
+    assert d.alternates[0] == "mid" and d.chosen not in d.alternates
+    assert d.mirror_to is None and d.shadow_mode == "off"
+
+
+def test_regret_estimate_is_the_posterior_mean_gap():
+    router = Router(clock=Clock(), seed=2)
+    objective = FIXED.model_copy(update={"shadow": Shadow(mode="decision"),
+                                         "champion": "mid"})
+    router.choose("chat", objective, CANDIDATES)
+    teach(router, "cheap", 500, latency=200, quality=0.8, cost=0.0002)
+    teach(router, "mid", 500, latency=400, quality=0.8, cost=0.002)
+    teach(router, "dear", 500, latency=900, quality=0.8, cost=0.02)
+    d = router.choose("chat", objective, CANDIDATES)
+    assert d.chosen == "mid" and d.proposed == "cheap"
+    # By hand, from the posterior means (weights 1, fixed scales $0.01 and 1 s):
+    arms = router._routes["chat"].arms
+
+    def utility(name: str) -> float:
+        e = arms[name].est
+        return (e.quality_mean - e.cost_mean / 0.01 - e.latency_mean_ms / 1000
+                - e.err_mean)
+
+    assert d.regret_estimate == pytest.approx(utility("cheap") - utility("mid"), rel=1e-9)
+    assert d.regret_estimate == pytest.approx(0.18 + 0.2, abs=0.02)
+    assert d.predicted_savings_usd == pytest.approx(0.0018, rel=0.02)
+    greedy = router.choose("chat", FIXED, CANDIDATES)
+    if not greedy.explored:
+        assert greedy.regret_estimate == 0.0
+
+
+def test_hard_limits_exclude_candidates_once_known():
+    router = Router(clock=Clock(), seed=3)
+    objective = FIXED.model_copy(update={"limits": Limits(p95_latency_ms=1000,
+                                                          max_error_rate=0.1,
+                                                          min_quality=0.5),
+                                         "breaker": Breaker(error_rate=0.5)})
+    router.choose("chat", objective, CANDIDATES)
+    teach(router, "cheap", 10, latency=5000)          # below min_samples: not yet judged
+    d = router.choose("chat", objective, CANDIDATES)
+    assert ("cheap", "p95_latency") not in d.excluded
+    teach(router, "cheap", 40, latency=5000)
+    teach(router, "mid", 50, errors_every=3)
+    teach(router, "dear", 50, quality=0.1)
+    reasons = dict(router.choose("chat", objective, CANDIDATES).excluded)
+    assert reasons == {"cheap": "p95_latency", "mid": "error_rate", "dear": "quality"}
+
+
+def test_when_no_candidate_meets_the_limits_the_champion_serves_flagged():
+    router = Router(clock=Clock(), seed=4)
+    objective = FIXED.model_copy(update={"limits": Limits(p95_latency_ms=100),
+                                         "exploration": 0.0})
+    router.choose("chat", objective, CANDIDATES)
+    for name in ("cheap", "mid", "dear"):
+        teach(router, name, 50, latency=800)
+    d = router.choose("chat", objective, CANDIDATES)
+    assert d.chosen == "mid"                           # the first candidate: champion
+    assert d.fallback_reason == "no_feasible_candidate"
+    named = objective.model_copy(update={"champion": "dear"})
+    assert router.choose("chat", named, CANDIDATES).chosen == "dear"
+
+
+def test_price_limit_applies_before_anything_is_learned():
+    router = Router(clock=Clock(), seed=5)
+    objective = FIXED.model_copy(update={"limits": Limits(max_price_per_1k=0.005)})
+    for _ in range(50):
+        d = router.choose("chat", objective, CANDIDATES)
+        assert d.chosen != "dear"
+    assert ("dear", "price") in d.excluded
+
+
+def test_exploration_is_bounded_per_route():
+    router = Router(clock=Clock(), seed=6)
+    objective = RouteObjective(exploration=0.05)
+    explored = sum(router.choose("chat", objective, CANDIDATES).explored
+                   for _ in range(2000))
+    assert explored <= 0.05 * 2000 + 20               # nothing learned: TS wants ~2/3
+    assert explored > 0
+
+
+def test_sticky_assignment_is_stable_and_spread():
+    router = Router(clock=Clock(), seed=7)
+    objective = RouteObjective(sticky="tenant", exploration=0.5)
+    for _ in range(2000):                  # the policy settles: shares stop drifting
+        router.choose("chat", objective, CANDIDATES)
+    first = {f"t{i}": router.choose("chat", objective, CANDIDATES, f"t{i}").chosen
+             for i in range(300)}
+    again = {k: router.choose("chat", objective, CANDIDATES, k).chosen for k in first}
+    assert sum(first[k] == again[k] for k in first) >= 270
+    assert len(set(first.values())) == 3
+    d = router.choose("chat", objective, CANDIDATES, "t1")
+    assert d.sticky
+
+
+def test_sticky_hash_is_stable_across_processes_and_moves_few_keys():
+    names = ["a", "b", "c", "d"]
+    one, two = StickyHasher(), StickyHasher()
+    keys = [f"user-{i}" for i in range(2000)]
+    picks = [one.pick(k, names, [1, 1, 1, 1]) for k in keys]
+    assert picks == [two.pick(k, names, [1, 1, 1, 1]) for k in keys]
+    assert min(Counter(picks).values()) > 400
+    # Weights: shares follow them.
+    heavy = Counter(one.pick(k, names, [3, 1, 0, 0]) for k in keys)
+    assert heavy[0] / len(keys) == pytest.approx(0.75, abs=0.04)
+    assert heavy[2] == heavy[3] == 0
+    # Dropping "d": only d's keys move.
+    after = [one.pick(k, names[:3], [1, 1, 1]) for k in keys]
+    assert all(p == q for p, q in zip(picks, after, strict=True) if p != 3)
+
+
+def test_policy_restrict_and_static_restrict():
+    router = Router(clock=Clock(), seed=8)
+    for _ in range(30):
+        d = router.choose("chat", None, CANDIDATES, restrict={"cheap", "dear"})
+        assert d.chosen in {"cheap", "dear"}
+    assert ("mid", "policy") in d.excluded
+    with pytest.raises(NoCandidateError, match="policy"):
+        router.choose("chat", None, CANDIDATES, restrict=set())
+    internal = [CandidateModel("in", 0.001, 0.001, egress="internal"),
+                CandidateModel("out", 0.0001, 0.0001, egress="external")]
+    objective = RouteObjective(restrict=Restrict(egress="internal"))
+    assert router.choose("r2", objective, internal).chosen == "in"
+
+
+def test_challengers_limit_the_candidate_set():
+    router = Router(clock=Clock(), seed=9)
+    objective = RouteObjective(champion="mid", challengers=("cheap",))
+    chosen = {router.choose("chat", objective, CANDIDATES).chosen for _ in range(100)}
+    assert chosen <= {"mid", "cheap"}
+
+
+def test_breaker_takes_a_failing_candidate_out_and_probes_it_back():
+    clock = Clock()
+    router = Router(clock=clock, seed=10)
+    objective = FIXED.model_copy(update={"breaker": Breaker(confidence=0.0),
+                                         "exploration": 0.0})
+    router.choose("chat", objective, CANDIDATES)
+    teach(router, "cheap", 200, latency=200, cost=0.0002)
+    teach(router, "mid", 200, latency=400, cost=0.002)
+    assert router.choose("chat", objective, CANDIDATES).chosen == "cheap"
+    teach(router, "cheap", 20, errors_every=1)           # hard down
+    assert router.breaker_state("chat", "cheap") == "open"
+    d = router.choose("chat", objective, CANDIDATES)
+    assert d.chosen != "cheap" and ("cheap", "breaker_open") in d.excluded
+    clock.t += objective.breaker.open_s
+    probe = router.choose("chat", objective, CANDIDATES)
+    assert probe.chosen == "cheap" and probe.probe
+    # While the probe is out, nobody else is sent there.
+    assert router.choose("chat", objective, CANDIDATES).chosen != "cheap"
+    for _ in range(objective.breaker.half_open_probes):
+        router.observe("chat", "cheap", ok=True, latency_ms=200, cost=0.0002)
+        router.choose("chat", objective, CANDIDATES)
+    assert router.breaker_state("chat", "cheap") == "closed"
+
+
+def test_all_breakers_open_falls_back_to_the_longest_open():
+    clock = Clock()
+    router = Router(clock=clock, seed=11)
+    objective = RouteObjective(breaker=Breaker(confidence=0.0))
+    router.choose("chat", objective, CANDIDATES)
+    for name in ("dear", "mid", "cheap"):
+        teach(router, name, 20, errors_every=1)
+        clock.t += 1
+    d = router.choose("chat", objective, CANDIDATES)
+    assert d.chosen == "dear" and d.fallback_reason == "all_breakers_open"
+
+
+def test_shadow_decision_serves_the_champion():
+    router = Router(clock=Clock(), seed=12)
+    objective = FIXED.model_copy(update={"shadow": Shadow(mode="decision"),
+                                         "champion": "dear"})
+    decisions = [router.choose("chat", objective, CANDIDATES) for _ in range(100)]
+    assert {d.chosen for d in decisions} == {"dear"}
+    assert {d.proposed for d in decisions} != {"dear"}
+    cheaper = [d for d in decisions if d.proposed != "dear"]
+    assert all(d.predicted_savings_usd > 0 for d in cheaper)
+
+
+def test_mirror_mode_mirrors_a_share_and_never_serves_the_challenger():
+    router = Router(clock=Clock(), seed=13)
+    objective = RouteObjective(
+        champion="mid", shadow=Shadow(mode="mirror", challenger="cheap", share=0.25))
+    decisions = [router.choose("chat", objective, CANDIDATES, request_id=f"req-{i}")
+                 for i in range(2000)]
+    assert all(d.chosen != "cheap" for d in decisions)
+    mirrored = [d for d in decisions if d.mirror_to == "cheap"]
+    assert len(mirrored) / len(decisions) == pytest.approx(0.25, abs=0.03)
+    # Stable per request id (Envoy may retry the same request).
+    again = router.choose("chat", objective, CANDIDATES, request_id="req-7")
+    assert again.mirror_to == decisions[7].mirror_to
+    # A challenger that policy forbids is not mirrored to either.
+    restricted = [router.choose("chat", objective, CANDIDATES, restrict={"mid", "dear"},
+                                request_id=f"x-{i}") for i in range(200)]
+    assert all(d.mirror_to is None for d in restricted)
+
+
+def test_state_survives_a_config_reload():
+    router = Router(clock=Clock(), seed=14)
+    router.choose("chat", FIXED, CANDIDATES)
+    teach(router, "cheap", 100, latency=200)
+    reloaded = FIXED.model_copy(update={"weights": Weights(cost=2.0)})
+    router.choose("chat", reloaded, list(CANDIDATES))
+    assert router.snapshot()["chat"]["cheap"]["observations"] == 100
+
+
+def test_observe_before_choose_and_quality_later():
+    router = Router(clock=Clock(), seed=15)
+    router.observe("chat", "new", ok=True, latency_ms=100.0)
+    for _ in range(50):
+        router.observe_quality("chat", "new", 0.2)
+    router.observe_quality("nowhere", "nothing", 1.0)      # ignored
+    assert router.snapshot()["chat"]["new"]["quality"] < 0.4
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (200, True), (204, True), (500, False), (503, False), (429, False), (408, False),
+    (0, False), (400, None), (401, None), (404, None), (413, None)])
+def test_classify_status(status, outcome):
+    assert classify_status(status) is outcome
+
+
+def test_sticky_key_follows_the_setting():
+    from atp_extproc.routing.sticky import sticky_key
+
+    assert sticky_key("none", "acme", "u1") is None
+    assert sticky_key("tenant", "acme", "u1") == "t:acme"
+    assert sticky_key("user", "acme", "u1") == "u:acme:u1"
+    assert sticky_key("user", "acme", None) is None
