@@ -70,6 +70,20 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_savings(args: argparse.Namespace) -> int:
+    from atp_extproc.routing.report import savings_report
+
+    db_path = args.db
+    if db_path is None:
+        db_path = config_mod.load(args.config).ledger.path
+    if not Path(db_path).exists():
+        print(f"atp-extproc: no ledger at {db_path}", file=sys.stderr)
+        return 1
+    print(savings_report(db_path, by=tuple(args.by.split(",")), bucket=args.bucket,
+                         since=args.since))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atp-extproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,5 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         from atp_extproc import demo_upstream
 
         return demo_upstream.main(argv[1:])
+    report = sub.add_parser("report", help="reports from the durable ledger")
+    report_sub = report.add_subparsers(dest="report", required=True)
+    savings = report_sub.add_parser("savings", help="spend and savings against the baseline")
+    savings.add_argument("--config", default="examples/atp.yaml",
+                         help="atp.yaml whose ledger.path to read")
+    savings.add_argument("--db", help="ledger file (overrides --config)")
+    savings.add_argument("--by", default="tenant,route",
+                         help="comma-separated: tenant, route, model")
+    savings.add_argument("--bucket", choices=["hour", "day", "total"], default="hour")
+    savings.add_argument("--since", help="24h, 7d, 90m or an ISO date")
+    savings.set_defaults(func=_report_savings)
+
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from atp_extproc.llm_api import OPERATIONS
+from atp_extproc.routing.selection import CandidateModel
+from atp_extproc.routing.settings import LedgerSettings, RouteObjective, check_references
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
 TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -75,6 +77,8 @@ class Route(_Frozen):
     match: RouteMatch = RouteMatch()
     aliases: dict[Token, tuple[Token, ...]] = Field(min_length=1)
     default: Token | None = None
+    # Learned choice among an alias's candidates; without it the first candidate serves.
+    objective: RouteObjective | None = None
 
     @field_validator("aliases")
     @classmethod
@@ -138,6 +142,7 @@ class _Document(_Frozen):
     auth: Auth = Auth()
     models: tuple[Model, ...] = Field(min_length=1)
     routes: tuple[Route, ...] = Field(min_length=1)
+    ledger: LedgerSettings = LedgerSettings()
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,10 @@ class Snapshot:
     models: Mapping[str, Model]
     routes: tuple[Route, ...]
     api_keys: Mapping[str, ApiKey] = field(repr=False)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    # (route, alias) → candidates, built once: the router prepares per candidates object.
+    candidates: Mapping[tuple[str, str], tuple[CandidateModel, ...]] = field(
+        default_factory=dict, repr=False)
 
     def routes_for(self, path: str, tenant: str) -> list[Route]:
         return [
@@ -201,6 +210,7 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
     for i, digest in enumerate(hashes):
         if hashes.index(digest) != i:
             problems.append((f"auth.api_keys[{i}].sha256", "the same key is listed twice"))
+    problems += check_references(names, doc.routes, doc.ledger)
     if not (doc.auth.api_keys or doc.auth.jwt or doc.auth.trusted_tenant_header
             or doc.auth.anonymous_tenant):
         problems.append(("auth", "no identity source: set api_keys, jwt, "
@@ -224,7 +234,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def parse(text: str, source: str) -> Snapshot:
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -240,14 +250,24 @@ def parse(text: str, source: str) -> Snapshot:
     problems = _check_references(doc)
     if problems:
         raise ConfigError(source, problems)
+    models = {m.name: m for m in doc.models}
+    ledger = doc.ledger
+    if ledger.enabled and not Path(ledger.path).is_absolute():
+        # Relative to the config file, so the ledger does not move with the working dir.
+        path = Path(source).resolve().parent / ledger.path
+        ledger = ledger.model_copy(update={"path": str(path)})
     return Snapshot(
         source=source,
         version=hashlib.sha256(text.encode()).hexdigest()[:12],
         server=doc.server,
         auth=doc.auth,
-        models=MappingProxyType({m.name: m for m in doc.models}),
+        models=MappingProxyType(models),
         routes=doc.routes,
         api_keys=MappingProxyType({k.sha256: k for k in doc.auth.api_keys}),
+        ledger=ledger,
+        candidates=MappingProxyType({
+            (route.name, alias): tuple(CandidateModel.from_model(models[n]) for n in names)
+            for route in doc.routes for alias, names in route.aliases.items()}),
     )
 
 

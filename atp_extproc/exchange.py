@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from google.protobuf import struct_pb2
 
 from atp_extproc import envoy_api
-from atp_extproc.config import Model, Snapshot
+from atp_extproc.config import TOKEN, Model, Route, Snapshot
 from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingResponse
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
@@ -34,11 +34,25 @@ from atp_extproc.llm_api import (
     rewrite,
     usage_from_json,
 )
+from atp_extproc.routing.router import NoCandidateError, classify_status
+from atp_extproc.routing.settings import baseline_for
+from atp_extproc.routing.sticky import sticky_key
+from atp_extproc.services import Services
+from atp_extproc.store.ledger import LedgerEntry
+from atp_extproc.store.sqlite import ShadowHalf
 
 log = logging.getLogger("atp.exchange")
 
 CLUSTER_HEADER = "x-atp-cluster"
 ATP_HEADER_PREFIX = "x-atp-"
+# Set on the primary request for Envoy's mirror policy and read back, on the mirrored
+# copy, by ATP behind the shadow listener (which only Envoy's mirror can reach).
+SHADOW_CLUSTER_HEADER = "x-atp-shadow-cluster"
+SHADOW_CLUSTER = "atp_shadow"
+SHADOW_MODEL_HEADER = "x-atp-shadow-model"
+ROUTE_HEADER = "x-atp-route"
+TENANT_HEADER = "x-atp-tenant"
+FEEDBACK_PATH = "/v1/feedback"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The client's credential for ATP must never travel on to a model provider.
@@ -73,6 +87,16 @@ class ExchangeRecord:
     output_tokens: int | None = None
     usage_estimated: bool = False
     cost_usd: float | None = None
+    # Learned routing (routes with an objective)
+    shadow: bool = False
+    candidate_set: tuple[str, ...] = ()
+    routing_decision_us: float | None = None
+    regret_estimate: float | None = None
+    routing_explored: bool = False
+    routing_fallback: str = ""
+    proposed_model: str = ""
+    predicted_savings_usd: float | None = None
+    mirror_to: str = ""
 
 
 def price(model: Model, usage: Usage) -> float:
@@ -81,13 +105,17 @@ def price(model: Model, usage: Usage) -> float:
 
 
 class Exchange:
-    def __init__(self, snapshot: Snapshot, clock=time.perf_counter):
+    def __init__(self, snapshot: Snapshot, clock=time.perf_counter,
+                 services: Services | None = None, shadow: bool = False):
         self.snapshot = snapshot
         self.clock = clock
+        self.services = services
         self.started = clock()
-        self.record = ExchangeRecord(config_version=snapshot.version)
+        self.record = ExchangeRecord(config_version=snapshot.version, shadow=shadow)
         self.identity: Identity | None = None
+        self.route: Route | None = None
         self.model: Model | None = None
+        self._shadow_model = ""
         self.request: LlmRequest | None = None
         self.sse: SseStream | None = None
         self._response_body = bytearray()
@@ -126,6 +154,8 @@ class Exchange:
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
         rec.method = headers.get(":method", "")
         rec.path = headers.get(":path", "").partition("?")[0]
+        if rec.shadow:
+            return self._on_shadow_headers(headers)
         jwt = self.snapshot.auth.jwt
         jwt_metadata: struct_pb2.Struct | None = None
         if jwt is not None:
@@ -137,6 +167,9 @@ class Exchange:
 
         if rec.path == "/v1/models" or rec.path.startswith("/v1/models/"):
             return self._answer_models(rec.method, rec.path)
+        if rec.path == FEEDBACK_PATH and rec.method == "POST":
+            rec.operation = "feedback"
+            return envoy_api.request_headers()
         operation = OPERATIONS.get(rec.path)
         if operation is None:
             raise RequestError(404, f"Invalid URL ({rec.method} {rec.path})", "unknown_url")
@@ -148,6 +181,23 @@ class Exchange:
         rec.operation = operation
         spoofed = [h for h in headers if h.startswith(ATP_HEADER_PREFIX)]
         return envoy_api.request_headers(remove_headers=[*_CREDENTIAL_HEADERS, *spoofed])
+
+    def _on_shadow_headers(self, headers: dict[str, str]) -> ProcessingResponse:
+        """A mirrored copy: the primary exchange already authenticated, checked and
+        redacted it; these headers say whose it is and which challenger measures it."""
+        rec = self.record
+        route_name = headers.get(ROUTE_HEADER, "")
+        self._shadow_model = headers.get(SHADOW_MODEL_HEADER, "")
+        tenant = headers.get(TENANT_HEADER, "")
+        route = next((r for r in self.snapshot.routes if r.name == route_name), None)
+        operation = OPERATIONS.get(rec.path)
+        if (route is None or operation is None or self._shadow_model not in
+                self.snapshot.models or not TOKEN.fullmatch(tenant)):
+            raise RequestError(400, "Not a mirrored request ATP sent", "atp_bad_shadow")
+        self.route = route
+        self.identity = Identity(tenant, "shadow")
+        rec.tenant, rec.auth_method, rec.operation = tenant, "shadow", operation
+        return envoy_api.request_headers()
 
     def _answer_models(self, method: str, path: str) -> ProcessingResponse:
         if method != "GET":
@@ -182,15 +232,24 @@ class Exchange:
             raise RequestError(500, "ATP received a partial request body",
                                "atp_partial_body", type_="server_error")
         parsed = parse_body(body, server.max_json_depth)
+        if rec.operation == "feedback":
+            return self._answer_feedback(parsed.doc)
         request = read_request(rec.operation, parsed.doc)
         self.request = request
         rec.stream = request.stream
         assert self.identity is not None
-        route, alias = self._resolve(request)
-        model = self.snapshot.models[route.aliases[alias][0]]
-        self.model = model
+        headers: dict[str, str] = {}
+        if rec.shadow:
+            assert self.route is not None
+            route, alias = self.route, ""
+            model = self.snapshot.models[self._shadow_model]
+        else:
+            route, alias = self._resolve(request)
+            model = self._choose(route, alias, headers)
+        self.route, self.model = route, model
         rec.route, rec.alias, rec.model = route.name, alias, model.name
         rec.cluster, rec.upstream_model = model.cluster, model.upstream_model
+        headers[CLUSTER_HEADER] = model.cluster
 
         changes: dict[str, object] = {}
         if request.model != model.upstream_model:
@@ -200,7 +259,57 @@ class Exchange:
             changes["stream_options"] = {**options, "include_usage": True}
             rec.usage_injected = True
         new_body = rewrite(parsed, changes) if changes else None
-        return envoy_api.request_body({CLUSTER_HEADER: model.cluster}, new_body)
+        return envoy_api.request_body(headers, new_body)
+
+    def _choose(self, route: Route, alias: str, headers: dict[str, str]) -> Model:
+        """The alias's first candidate, or the learned router's pick on routes with an
+        objective; asks Envoy to mirror the request when the route shadows a challenger."""
+        objective = route.objective
+        if objective is None or self.services is None:
+            return self.snapshot.models[route.aliases[alias][0]]
+        assert self.identity is not None
+        rec = self.record
+        try:
+            decision = self.services.router.choose(
+                route.name, objective, self.snapshot.candidates[(route.name, alias)],
+                sticky_key(objective.sticky, self.identity.tenant, None),
+                request_id=rec.request_id or None)
+        except NoCandidateError as exc:
+            raise RequestError(403, str(exc), "no_eligible_model",
+                               type_="permission_error") from None
+        rec.candidate_set = decision.candidate_set
+        rec.routing_decision_us = decision.decision_us
+        rec.regret_estimate = decision.regret_estimate
+        rec.routing_explored = decision.explored
+        rec.routing_fallback = decision.fallback_reason
+        rec.proposed_model = decision.proposed
+        rec.predicted_savings_usd = decision.predicted_savings_usd
+        if decision.mirror_to is not None:
+            rec.mirror_to = decision.mirror_to
+            headers[SHADOW_CLUSTER_HEADER] = SHADOW_CLUSTER
+            headers[SHADOW_MODEL_HEADER] = decision.mirror_to
+            headers[ROUTE_HEADER] = route.name
+            headers[TENANT_HEADER] = self.identity.tenant
+        return self.snapshot.models[decision.chosen]
+
+    def _answer_feedback(self, doc: dict) -> ProcessingResponse:
+        request_id, score = doc.get("request_id"), doc.get("score")
+        if not isinstance(request_id, str) or not _REQUEST_ID_OK.fullmatch(request_id):
+            raise RequestError(400, "'request_id' must be the x-request-id of a response",
+                               "invalid_type", param="request_id")
+        if self.services is None:
+            raise _feedback_unknown()
+        assert self.identity is not None
+        try:
+            accepted = self.services.feedback.feedback(request_id, score,
+                                                       self.identity.tenant)
+        except ValueError:
+            raise RequestError(400, "'score' must be a number from 0 to 1", "invalid_value",
+                               param="score") from None
+        if not accepted:
+            raise _feedback_unknown()
+        self.record.status = 204
+        return envoy_api.immediate(204, b"", details="atp_feedback")
 
     def _resolve(self, request: LlmRequest):
         assert self.identity is not None
@@ -257,11 +366,46 @@ class Exchange:
             rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
             rec.usage_estimated = usage.estimated
             rec.cost_usd = price(self.model, usage)
+        if self.services is not None and self.model is not None and rec.ttfb_ms is not None:
+            self._learn(usage)
         if log.isEnabledFor(logging.INFO):
             # vars(), not asdict(): asdict deep-copies every field and costs more than the
             # rest of the exchange's own work.
             log.info("exchange", extra={"record": vars(rec)})
         return rec
+
+    def _learn(self, usage: Usage | None) -> None:
+        """Feed what this forwarded request showed to the router, feedback and ledger."""
+        assert self.services is not None and self.model is not None
+        assert self.route is not None
+        rec, route, services = self.record, self.route, self.services
+        ok = classify_status(rec.status)
+        if route.objective is not None and ok is not None:
+            latency = rec.ttfb_ms if rec.stream else rec.duration_ms
+            services.router.observe(route.name, self.model.name, ok=ok, latency_ms=latency,
+                                    cost=rec.cost_usd)
+            if ok and not rec.shadow and rec.request_id:
+                services.feedback.record_decision(
+                    rec.request_id, route.name, self.model.name,
+                    route.objective.quality.feedback_window_s, rec.tenant)
+        if services.ledger is None:
+            return
+        baseline = baseline_for(route, self.snapshot.ledger)
+        base_model = self.snapshot.models.get(baseline) if baseline else None
+        prices = services.prices
+        entry = LedgerEntry(
+            time.time(), rec.tenant, route.name, self.model.name,
+            prices.snapshot(self.model),
+            prices.snapshot(base_model) if base_model is not None else None,
+            usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,
+            ok=bool(ok), estimated=rec.usage_estimated, shadow=rec.shadow)
+        services.ledger.record(entry)
+        if (rec.shadow or rec.mirror_to) and rec.request_id:
+            # Both halves of a mirrored request, joined later by request id.
+            services.ledger.record_shadow_half(ShadowHalf(
+                rec.request_id, "shadow" if rec.shadow else "primary", route.name,
+                self.model.name, rec.status, rec.duration_ms, entry.cost_pico(),
+                int(time.time())))
 
     def _usage(self) -> Usage | None:
         if self.request is None or not 200 <= self.record.status < 300:
@@ -276,6 +420,11 @@ class Exchange:
             if usage is not None:
                 return usage
         return Usage(estimate_tokens(self.record.request_bytes), 0, estimated=True)
+
+
+def _feedback_unknown() -> RequestError:
+    return RequestError(404, "No recent request with that id is waiting for feedback",
+                        "feedback_not_found")
 
 
 def _model_not_found(model: str) -> RequestError:

@@ -17,10 +17,14 @@ from atp_extproc import config as config_mod
 from atp_extproc.config import ConfigError, Snapshot
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import Exchange
+from atp_extproc.services import Services
 
 log = logging.getLogger("atp.server")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+# gRPC metadata the shadow listener's ext_proc filter sends (grpc_service.initial_metadata):
+# a client cannot set it, so it is what tells a mirrored copy from a client request.
+ROLE_METADATA = ("x-atp-role", "shadow")
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
 
@@ -71,8 +75,9 @@ class ConfigHolder:
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, holder: ConfigHolder):
+    def __init__(self, holder: ConfigHolder, services: Services | None = None):
         self.holder = holder
+        self.services = services
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -85,7 +90,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             # Envoy fails the request closed (no upstream sees it) and, with several
             # ATP endpoints, its health checks move traffic to the others.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "ATP is draining")
-        exchange = Exchange(self.holder.current)
+        shadow = ROLE_METADATA in (context.invocation_metadata() or ())
+        exchange = Exchange(self.holder.current, services=self.services, shadow=shadow)
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -131,7 +137,8 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
     ])
-    processor = ExternalProcessor(holder)
+    services = Services.start(snapshot)
+    processor = ExternalProcessor(holder, services)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -149,6 +156,7 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
     watcher = asyncio.create_task(holder.watch())
+    expiry = asyncio.create_task(services.run_expiry())
 
     await stop.wait()
     grace = holder.current.server.grace_period_s
@@ -161,5 +169,7 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     if not drained:
         log.warning("grace period over: cancelling %d exchanges", processor.in_flight)
     await server.stop(0)
+    expiry.cancel()
+    await services.close()
     log.info("stopped")
     return 0

@@ -31,8 +31,8 @@ FRONT_PROXY = ROOT / "envoy" / "front-proxy.yaml"
 EXAMPLE_CONFIG = ROOT / "examples" / "atp.yaml"
 
 # The ports written in envoy/front-proxy.yaml.
-DEFAULT_PORTS = {"envoy": 10000, "admin": 9901, "atp": 50051, "demo_a": 18001,
-                 "demo_b": 18002}
+DEFAULT_PORTS = {"envoy": 10000, "shadow": 10001, "admin": 9901, "atp": 50051,
+                 "demo_a": 18001, "demo_b": 18002}
 
 
 def free_port() -> int:

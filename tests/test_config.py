@@ -65,7 +65,7 @@ def test_example_loads() -> None:
     snap = config.load(EXAMPLE)
     assert snap.source == str(EXAMPLE)
     assert set(snap.models) == {"small", "large", "embed"}
-    assert [r.name for r in snap.routes] == ["embeddings", "chat-premium", "chat"]
+    assert [r.name for r in snap.routes] == ["embeddings", "chat-premium", "chat-auto", "chat"]
     assert snap.models["large"].cluster == "demo_b"
     assert snap.models["large"].upstream_model == "demo-large-2026"
     assert snap.models["large"].price.input_per_1k == 0.0025
@@ -405,8 +405,8 @@ def test_route_aliases_are_read_only() -> None:
 def test_routes_for_respects_path_and_tenant() -> None:
     snap = config.load(EXAMPLE)
     names = lambda path, tenant: [r.name for r in snap.routes_for(path, tenant)]  # noqa: E731
-    assert names("/v1/chat/completions", "alice") == ["chat-premium", "chat"]
-    assert names("/v1/chat/completions", "bob") == ["chat"]
+    assert names("/v1/chat/completions", "alice") == ["chat-premium", "chat-auto", "chat"]
+    assert names("/v1/chat/completions", "bob") == ["chat-auto", "chat"]
     assert names("/v1/responses", "alice") == ["chat-premium", "chat"]
     assert names("/v1/completions", "bob") == ["chat"]
     assert names("/v1/embeddings", "alice") == ["embeddings"]
@@ -436,9 +436,9 @@ def test_route_matching_tenants_only() -> None:
 
 def test_aliases_for_tenant() -> None:
     snap = config.load(EXAMPLE)
-    assert snap.aliases_for("alice") == ["text-embedding-3-small", "gpt-4o", "gpt-4o-mini",
-                                         "fast"]
-    assert snap.aliases_for("bob") == ["text-embedding-3-small", "gpt-4o-mini", "fast"]
+    assert snap.aliases_for("alice") == ["text-embedding-3-small", "gpt-4o", "auto",
+                                         "gpt-4o-mini", "fast"]
+    assert snap.aliases_for("bob") == ["text-embedding-3-small", "auto", "gpt-4o-mini", "fast"]
     assert "gpt-4o" not in snap.aliases_for("anyone-else")
 
 
@@ -450,9 +450,10 @@ def test_aliases_for_deduplicates_keeping_first_order() -> None:
 
 def test_routes_for_tenant() -> None:
     snap = config.load(EXAMPLE)
-    assert [r.name for r in snap.routes_for_tenant("bob")] == ["embeddings", "chat"]
+    assert [r.name for r in snap.routes_for_tenant("bob")] == ["embeddings", "chat-auto",
+                                                               "chat"]
     assert [r.name for r in snap.routes_for_tenant("alice")] == [
-        "embeddings", "chat-premium", "chat"]
+        "embeddings", "chat-premium", "chat-auto", "chat"]
 
 
 def test_yaml_key_given_twice_is_refused_with_its_line() -> None:

@@ -273,8 +273,8 @@ def test_models_list_per_tenant(snap) -> None:
     bob = models_list(snap, BOB)
     assert "gpt-4o" in alice
     assert "gpt-4o" not in bob
-    assert alice == ["text-embedding-3-small", "gpt-4o", "gpt-4o-mini", "fast"]
-    assert bob == ["text-embedding-3-small", "gpt-4o-mini", "fast"]
+    assert alice == ["text-embedding-3-small", "gpt-4o", "auto", "gpt-4o-mini", "fast"]
+    assert bob == ["text-embedding-3-small", "auto", "gpt-4o-mini", "fast"]
     assert not {"small", "large", "embed"} & set(alice)  # model names stay hidden
 
 

@@ -45,8 +45,8 @@ def record_for(stack: Stack, request_id: str) -> dict:
 def test_models_lists_the_tenants_aliases(stack: Stack) -> None:
     alice = {m.id for m in client(stack).models.list()}
     bob = {m.id for m in client(stack, BOB).models.list()}
-    assert alice == {"gpt-4o", "gpt-4o-mini", "fast", "text-embedding-3-small"}
-    assert bob == {"gpt-4o-mini", "fast", "text-embedding-3-small"}
+    assert alice == {"gpt-4o", "gpt-4o-mini", "fast", "auto", "text-embedding-3-small"}
+    assert bob == {"gpt-4o-mini", "fast", "auto", "text-embedding-3-small"}
     assert client(stack).models.retrieve("gpt-4o").id == "gpt-4o"
     with pytest.raises(openai.NotFoundError):
         client(stack, BOB).models.retrieve("gpt-4o")
