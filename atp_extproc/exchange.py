@@ -90,6 +90,8 @@ class ExchangeRecord:
     # Learned routing (routes with an objective)
     shadow: bool = False
     candidate_set: tuple[str, ...] = ()
+    # "model:reason" for candidates left out (policy, breaker_open, p95_latency, ...)
+    routing_excluded: tuple[str, ...] = ()
     routing_decision_us: float | None = None
     regret_estimate: float | None = None
     routing_explored: bool = False
@@ -278,6 +280,7 @@ class Exchange:
             raise RequestError(403, str(exc), "no_eligible_model",
                                type_="permission_error") from None
         rec.candidate_set = decision.candidate_set
+        rec.routing_excluded = tuple(f"{m}:{why}" for m, why in decision.excluded)
         rec.routing_decision_us = decision.decision_us
         rec.regret_estimate = decision.regret_estimate
         rec.routing_explored = decision.explored

@@ -141,7 +141,8 @@ def write_batch(conn: sqlite3.Connection, rows: dict[LedgerKey, LedgerSums],
             (p.version, p.model, p.input_text, p.output_text, p.input_pico, p.output_pico,
              now) for p in prices])
         conn.executemany(_UPSERT_LEDGER, [
-            (*key, *sums, sums[6] - sums[5]) for key, sums in rows.items()])
+            # key[4] is the shadow flag: a mirrored copy saves nothing and costs no tenant.
+            (*key, *sums, 0 if key[4] else sums[6] - sums[5]) for key, sums in rows.items()])
         for half in halves:
             _upsert_half(conn, half)
         conn.execute("COMMIT")

@@ -1,0 +1,183 @@
+"""Learned routing through a real Envoy: mirrored and decision-only shadow, breakers,
+and the savings ledger checked to the cent against what the fake upstreams reported."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
+from tests.conftest import Upstreams, post
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+PRICES = {"small": (Decimal("0.00015"), Decimal("0.0006")),
+          "large": (Decimal("0.0025"), Decimal("0.01"))}
+EXTRA_ROUTES = [
+    {"name": "mirrored", "match": {"paths": [CHAT]},
+     "aliases": {"mirrored": ["small", "large"]},
+     "objective": {"champion": "small",
+                   "shadow": {"mode": "mirror", "challenger": "large", "share": 1.0}}},
+    {"name": "decided", "match": {"paths": [CHAT]},
+     "aliases": {"decided": ["large", "small"]},
+     "objective": {"champion": "large", "shadow": {"mode": "decision"}}},
+    {"name": "learned", "match": {"paths": [CHAT]},
+     "aliases": {"learned": ["small", "large"]},
+     # Errors weigh nothing in the objective, so only the breaker moves traffic off small.
+     "objective": {"champion": "small", "challengers": ["large"],
+                   "weights": {"cost": 1.0, "latency": 0.0, "quality": 0.0, "error": 0.0},
+                   "breaker": {"min_requests": 10, "confidence": 0.0, "open_s": 300}}},
+]
+
+
+def write_config(tmp_path: Path) -> Path:
+    doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    doc["routes"] = EXTRA_ROUTES + doc["routes"]
+    doc["ledger"] = {"path": "ledger.sqlite3", "baseline": "large", "flush_interval_s": 0.2}
+    path = tmp_path / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def start(tmp_path: Path, demo_a_args: tuple[str, ...] = ()) -> Stack:
+    stack = Stack.on_free_ports(config_path=write_config(tmp_path), workdir=tmp_path)
+    try:
+        stack.start_upstream("demo_a", *demo_a_args)
+        stack.start_upstream("demo_b")
+        stack.start_atp()
+        stack.start_envoy()
+    except Exception:
+        stack.stop_all()
+        raise
+    return stack
+
+
+@pytest.fixture
+def stack(tmp_path: Path):
+    s = start(tmp_path)
+    yield s
+    s.stop_all()
+
+
+def chat(stack: Stack, alias: str, text: str):
+    return post(stack, CHAT, {"model": alias, "messages": [{"role": "user", "content": text}]})
+
+
+def ledger_rows(stack: Stack) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(stack.config_path.parent / "ledger.sqlite3")
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM ledger").fetchall()
+    finally:
+        conn.close()
+
+
+def ledger_requests(stack: Stack) -> int:
+    try:
+        return sum(r["requests"] for r in ledger_rows(stack))
+    except sqlite3.OperationalError:
+        return 0
+
+
+def route_records(stack: Stack, route: str, count: int) -> list[dict]:
+    """The exchange records of `route`, once `count` are written (each at its stream's end,
+    which can come just after the client has its answer)."""
+    def records() -> list[dict]:
+        return [json.loads(line) for line in stack.log("atp").splitlines()
+                if f'"route":"{route}"' in line]
+    wait_until(lambda: len(records()) >= count, f"{count} records of {route}", timeout=10)
+    return records()
+
+
+def usage_of(request: dict, model_name: str) -> tuple[int, int]:
+    """The demo upstream's deterministic usage for a request it recorded."""
+    body = json.loads(request["body"])
+    text = body["messages"][-1]["content"]
+    prompt = sum(-(-len(m["content"].encode()) // 4) + 3 for m in body["messages"])
+    reply = f"[{model_name}] you said: {text}"
+    return prompt, -(-len(reply.encode()) // 4)
+
+
+def cost(model: str, tokens: tuple[int, int]) -> Decimal:
+    pin, pout = PRICES[model]
+    return (tokens[0] * pin + tokens[1] * pout) / 1000
+
+
+def test_mirror_shadow_ledger_and_report(stack: Stack) -> None:
+    upstreams = Upstreams(stack)
+    texts = [f"mirror me {i} " + "x" * i for i in range(12)]
+    for text in texts:
+        reply = chat(stack, "mirrored", text)
+        # The client only ever sees the champion's answer.
+        assert reply.status == 200 and reply.headers["x-upstream-name"] == "demo_a"
+        assert reply.json()["choices"][0]["message"]["content"] == f"[demo_a] you said: {text}"
+    wait_until(lambda: len(upstreams.requests("demo_b")) == len(texts), "mirrored copies")
+    primary, shadow = upstreams.requests("demo_a"), upstreams.requests("demo_b")
+    for copy in shadow:
+        body = json.loads(copy["body"])
+        assert body["model"] == "demo-large-2026"       # rewritten to the challenger
+        assert "-shadow" in copy["headers"]["host"]
+        assert "authorization" not in copy["headers"]
+    assert {json.loads(c["body"])["messages"][0]["content"] for c in shadow} == set(texts)
+
+    wait_until(lambda: ledger_requests(stack) == 2 * len(texts), "ledger rows", timeout=15)
+    rows = ledger_rows(stack)
+    tenant = [r for r in rows if not r["shadow"]]
+    mirrored = [r for r in rows if r["shadow"]]
+    assert {r["model"] for r in tenant} == {"small"} and {r["model"] for r in mirrored} == {
+        "large"}
+    # To the cent (exactly, in fact): actual, baseline (large) and savings.
+    actual = sum(cost("small", usage_of(r, "demo_a")) for r in primary)
+    baseline = sum(cost("large", usage_of(r, "demo_a")) for r in primary)
+    shadow_cost = sum(cost("large", usage_of(r, "demo_b")) for r in shadow)
+    pico = Decimal(10) ** 12
+    assert sum(r["cost_pico"] for r in tenant) == actual * pico
+    assert sum(r["baseline_pico"] for r in tenant) == baseline * pico
+    assert sum(r["savings_pico"] for r in tenant) == (baseline - actual) * pico
+    assert sum(r["cost_pico"] for r in mirrored) == shadow_cost * pico
+    assert sum(r["savings_pico"] for r in mirrored) == 0
+
+    report = subprocess.run(
+        [sys.executable, "-m", "atp_extproc", "report", "savings", "--config",
+         str(stack.config_path), "--bucket", "total", "--by", "tenant,route"],
+        capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "mirrored" in report.stdout and "alice" in report.stdout
+    assert f"{baseline - actual:.4f}" in report.stdout.replace(",", "")
+
+
+def test_decision_shadow_serves_the_champion_and_records_the_proposal(stack: Stack) -> None:
+    for i in range(15):
+        reply = chat(stack, "decided", f"decide {i}")
+        assert reply.status == 200 and reply.headers["x-upstream-name"] == "demo_b"
+    records = route_records(stack, "decided", 15)
+    assert len(records) == 15
+    assert all(r["model"] == "large" for r in records)
+    # The learner proposes the cheaper model and predicts what that would save.
+    assert any(r["proposed_model"] == "small" for r in records)
+    assert all(r["candidate_set"] for r in records)
+    assert any((r["predicted_savings_usd"] or 0) > 0 for r in records)
+
+
+def test_breaker_moves_traffic_off_a_failing_candidate(tmp_path: Path) -> None:
+    stack = start(tmp_path, ("--error-rate", "1.0"))
+    try:
+        statuses = [chat(stack, "learned", f"try {i}").status for i in range(60)]
+        served = route_records(stack, "learned", 60)
+        opened = next(i for i, r in enumerate(served)
+                      if "small:breaker_open" in r["routing_excluded"])
+        assert 10 <= opened <= 25
+        assert statuses[:opened].count(503) >= 10
+        # Once the breaker is open the healthy candidate serves everything.
+        assert statuses[opened:] == [200] * (60 - opened)
+        assert {r["model"] for r in served[opened:]} == {"large"}
+    finally:
+        stack.stop_all()
