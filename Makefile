@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench lint proto clean up down
+.PHONY: install run test bench lint proto clean up down k8s-configmap
 
 install: $(STAMP)
 
@@ -31,12 +31,12 @@ endif
 lint: install
 	$(BIN)/ruff check atp_extproc tests bench
 
-# ATP's own .proto contracts (proto/) compiled with grpcio-tools.
+# ATP's own .proto contracts (proto/) compiled with grpcio-tools; a test checks the
+# committed output is what this produces.
 PROTOS := $(wildcard proto/atp/*.proto)
 proto: install
-ifneq ($(PROTOS),)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. $(PROTOS)
-endif
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=atp_extproc/policy/gen \
+		--pyi_out=atp_extproc/policy/gen $(PROTOS)
 
 # The compose stack (docs/deployment.md); needs a Docker engine.
 up:
@@ -44,6 +44,10 @@ up:
 
 down:
 	docker compose down
+
+# deploy/k8s/configmap.yaml carries copies of the shipped configs; a test checks them.
+k8s-configmap: install
+	$(BIN)/python deploy/k8s/render_configmap.py
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info

@@ -13,12 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from atp_extproc.llm_api import OPERATIONS
+from atp_extproc.policy.attributes import CandidateInfo
+from atp_extproc.policy.engine import PolicySet
+from atp_extproc.policy.runtime import policy_set_from_config
+from atp_extproc.policy.settings import PolicyError
 from atp_extproc.routing.selection import CandidateModel
 from atp_extproc.routing.settings import LedgerSettings, RouteObjective, check_references
 
@@ -143,6 +147,9 @@ class _Document(_Frozen):
     models: tuple[Model, ...] = Field(min_length=1)
     routes: tuple[Route, ...] = Field(min_length=1)
     ledger: LedgerSettings = LedgerSettings()
+    # Checked, with file and line numbers, by atp_extproc.policy (see _policies).
+    policy: dict[str, Any] | None = None
+    policies: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,12 @@ class Snapshot:
     # (route, alias) → candidates, built once: the router prepares per candidates object.
     candidates: Mapping[tuple[str, str], tuple[CandidateModel, ...]] = field(
         default_factory=dict, repr=False)
+    policies: PolicySet | None = field(default=None, repr=False)
+    # (route, alias) → the same candidates as the policy engine's resources.
+    policy_candidates: Mapping[tuple[str, str], tuple[CandidateInfo, ...]] = field(
+        default_factory=dict, repr=False)
+    # Files whose change means a reload: atp.yaml and the policy files it includes.
+    files: tuple[str, ...] = ()
 
     def routes_for(self, path: str, tenant: str) -> list[Route]:
         return [
@@ -250,6 +263,12 @@ def parse(text: str, source: str) -> Snapshot:
     problems = _check_references(doc)
     if problems:
         raise ConfigError(source, problems)
+    try:
+        policies, loaded = policy_set_from_config(text, source)
+    except PolicyError as exc:
+        raise ConfigError(source, [(f"{p.file}:{p.line}: {p.path}" if p.file != source
+                                    else f"line {p.line}: {p.path}", p.reason)
+                                   for p in exc.details]) from None
     models = {m.name: m for m in doc.models}
     ledger = doc.ledger
     if ledger.enabled and not Path(ledger.path).is_absolute():
@@ -258,7 +277,7 @@ def parse(text: str, source: str) -> Snapshot:
         ledger = ledger.model_copy(update={"path": str(path)})
     return Snapshot(
         source=source,
-        version=hashlib.sha256(text.encode()).hexdigest()[:12],
+        version=hashlib.sha256((text + loaded.digest).encode()).hexdigest()[:12],
         server=doc.server,
         auth=doc.auth,
         models=MappingProxyType(models),
@@ -268,6 +287,11 @@ def parse(text: str, source: str) -> Snapshot:
         candidates=MappingProxyType({
             (route.name, alias): tuple(CandidateModel.from_model(models[n]) for n in names)
             for route in doc.routes for alias, names in route.aliases.items()}),
+        policies=policies if policies.policies else None,
+        policy_candidates=MappingProxyType({
+            (route.name, alias): tuple(CandidateInfo.from_model(models[n]) for n in names)
+            for route in doc.routes for alias, names in route.aliases.items()}),
+        files=tuple(loaded.files),
     )
 
 

@@ -34,6 +34,8 @@ from atp_extproc.llm_api import (
     rewrite,
     usage_from_json,
 )
+from atp_extproc.policy.engine import Outcome
+from atp_extproc.policy.runtime import attributes_for_request, strip_tools
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
 from atp_extproc.routing.sticky import sticky_key
@@ -99,6 +101,11 @@ class ExchangeRecord:
     proposed_model: str = ""
     predicted_savings_usd: float | None = None
     mirror_to: str = ""
+    # Policy
+    policy_denied: str | None = None
+    policy_would_deny: str | None = None
+    policy_eval_us: float | None = None
+    tools_stripped: tuple[str, ...] = ()
 
 
 def price(model: Model, usage: Usage) -> float:
@@ -117,6 +124,8 @@ class Exchange:
         self.identity: Identity | None = None
         self.route: Route | None = None
         self.model: Model | None = None
+        self.policy: Outcome | None = None
+        self._jwt_payload: struct_pb2.Struct | None = None
         self._shadow_model = ""
         self.request: LlmRequest | None = None
         self.sse: SseStream | None = None
@@ -162,6 +171,9 @@ class Exchange:
         jwt_metadata: struct_pb2.Struct | None = None
         if jwt is not None:
             jwt_metadata = message.metadata_context.filter_metadata.get(jwt.metadata_namespace)
+            payload = jwt_metadata.fields.get(jwt.payload_key) if jwt_metadata else None
+            if payload is not None and payload.HasField("struct_value"):
+                self._jwt_payload = payload.struct_value
         self.identity = identify(self.snapshot, headers, jwt_metadata)
         rec.tenant = self.identity.tenant
         rec.auth_method = self.identity.method
@@ -241,19 +253,32 @@ class Exchange:
         rec.stream = request.stream
         assert self.identity is not None
         headers: dict[str, str] = {}
+        changes: dict[str, object] = {}
         if rec.shadow:
             assert self.route is not None
             route, alias = self.route, ""
             model = self.snapshot.models[self._shadow_model]
         else:
             route, alias = self._resolve(request)
-            model = self._choose(route, alias, headers)
+            allowed = None
+            if self.snapshot.policies is not None:
+                outcome = self._check_policies(route, alias, parsed.doc, len(body))
+                if outcome.denied is not None:
+                    rec.status, rec.error_code = 403, outcome.denied.code
+                    return envoy_api.immediate(403, outcome.denied.error_body(),
+                                               details="atp_policy_denied")
+                allowed = [c.model for c in outcome.allowed_candidates]
+                if outcome.tools_to_strip:
+                    kept = strip_tools(parsed.doc, outcome.tools_to_strip)
+                    if kept is not None:
+                        changes["tools"] = kept
+                        rec.tools_stripped = outcome.tools_to_strip
+            model = self._choose(route, alias, headers, allowed)
         self.route, self.model = route, model
         rec.route, rec.alias, rec.model = route.name, alias, model.name
         rec.cluster, rec.upstream_model = model.cluster, model.upstream_model
         headers[CLUSTER_HEADER] = model.cluster
 
-        changes: dict[str, object] = {}
         if request.model != model.upstream_model:
             changes["model"] = model.upstream_model
         if needs_usage_injection(request):
@@ -263,19 +288,42 @@ class Exchange:
         new_body = rewrite(parsed, changes) if changes else None
         return envoy_api.request_body(headers, new_body)
 
-    def _choose(self, route: Route, alias: str, headers: dict[str, str]) -> Model:
-        """The alias's first candidate, or the learned router's pick on routes with an
-        objective; asks Envoy to mirror the request when the route shadows a challenger."""
+    def _check_policies(self, route: Route, alias: str, doc: dict, body_bytes: int) -> Outcome:
+        policies = self.snapshot.policies
+        assert policies is not None and self.identity is not None
+        rec = self.record
+        attrs = attributes_for_request(
+            tenant=self.identity.tenant, auth_method=self.identity.method,
+            key_id=self.identity.key_id, jwt_payload=self._jwt_payload, path=rec.path,
+            operation=rec.operation, alias=alias, body_bytes=body_bytes, doc=doc,
+            route=route.name, environment=policies.settings.environment,
+            request_id=rec.request_id, config_version=rec.config_version)
+        outcome = policies.evaluate(attrs, self.snapshot.policy_candidates[(route.name, alias)])
+        self.policy = outcome
+        rec.policy_denied = outcome.denied.policy_id if outcome.denied else None
+        rec.policy_would_deny = outcome.would_deny.policy_id if outcome.would_deny else None
+        rec.policy_eval_us = outcome.eval_us
+        return outcome
+
+    def _choose(self, route: Route, alias: str, headers: dict[str, str],
+                allowed: list[str] | None = None) -> Model:
+        """The alias's first candidate policy allows, or the learned router's pick on
+        routes with an objective; asks Envoy to mirror the request when the route
+        shadows a challenger."""
         objective = route.objective
         if objective is None or self.services is None:
-            return self.snapshot.models[route.aliases[alias][0]]
+            names = [n for n in route.aliases[alias] if allowed is None or n in allowed]
+            if not names:
+                raise RequestError(403, "No model of this alias may serve the request",
+                                   "no_eligible_model", type_="permission_error")
+            return self.snapshot.models[names[0]]
         assert self.identity is not None
         rec = self.record
         try:
             decision = self.services.router.choose(
                 route.name, objective, self.snapshot.candidates[(route.name, alias)],
                 sticky_key(objective.sticky, self.identity.tenant, None),
-                request_id=rec.request_id or None)
+                restrict=allowed, request_id=rec.request_id or None)
         except NoCandidateError as exc:
             raise RequestError(403, str(exc), "no_eligible_model",
                                type_="permission_error") from None
@@ -374,7 +422,11 @@ class Exchange:
         if log.isEnabledFor(logging.INFO):
             # vars(), not asdict(): asdict deep-copies every field and costs more than the
             # rest of the exchange's own work.
-            log.info("exchange", extra={"record": vars(rec)})
+            fields = vars(rec)
+            if self.policy is not None:
+                fields = {**fields, "policy_decisions": [
+                    r.as_dict() for r in self.policy.records]}
+            log.info("exchange", extra={"record": fields})
         return rec
 
     def _learn(self, usage: Usage | None) -> None:

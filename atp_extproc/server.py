@@ -44,12 +44,17 @@ class ConfigHolder:
         self.current = snapshot
         self._stamp = self._file_stamp()
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _file_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        # atp.yaml and every policy file it includes: an edit to either is a reload.
+        stamps = []
+        for name in (str(self.path), *self.current.files[1:]):
+            try:
+                st = os.stat(name)
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
 
     def reload(self, reason: str) -> bool:
         self._stamp = self._file_stamp()
@@ -63,6 +68,7 @@ class ConfigHolder:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
         self.current = snapshot
+        self._stamp = self._file_stamp()
         return True
 
     async def watch(self) -> None:

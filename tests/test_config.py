@@ -82,12 +82,13 @@ def test_load_accepts_str_path() -> None:
     assert config.load(str(EXAMPLE)).version == config.load(EXAMPLE).version
 
 
-def test_version_follows_text() -> None:
+def test_version_follows_text_and_included_policies() -> None:
     text = EXAMPLE.read_text()
-    a = config.parse(text, SRC)
-    assert a.version == hashlib.sha256(text.encode()).hexdigest()[:12]
-    assert config.parse(text, "other-name").version == a.version
-    assert config.parse(text + "\n# comment\n", SRC).version != a.version
+    src = str(EXAMPLE)
+    a = config.parse(text, src)
+    assert config.parse(text, src).version == a.version
+    assert config.parse(text + "\n# comment\n", src).version != a.version
+    assert a.files[0] == src and len(a.files) > 1  # atp.yaml, then its policy files
 
 
 def test_defaults() -> None:

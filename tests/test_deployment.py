@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import signal
@@ -42,6 +43,7 @@ from atp_extproc.stack import (
     http_ok,
     wait_until,
 )
+from tests.conftest import copy_example
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
@@ -389,6 +391,18 @@ def test_k8s_configmap_carries_the_shipped_files() -> None:
         ENVOY_DIR / "sidecar-uds.yaml"), "regenerate deploy/k8s/configmap.yaml"
     assert configmap["data"]["atp.yaml"] == EXAMPLE_CONFIG.read_text(), \
         "regenerate deploy/k8s/configmap.yaml"
+    render = runpy.run_path(str(K8S / "render_configmap.py"))
+    assert (K8S / "configmap.yaml").read_text() == render["render"](), \
+        "regenerate deploy/k8s/configmap.yaml: make k8s-configmap"
+    # Every key reaches the pod, policy files under policies/ beside atp.yaml.
+    (deployment,) = k8s_docs(K8S / "deployment.yaml")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                  if v.get("configMap", {}).get("name") == configmap["metadata"]["name"])
+    paths = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert set(paths) == set(configmap["data"])
+    for key, path in paths.items():
+        if key.startswith("policies-"):
+            assert path == "policies/" + key.removeprefix("policies-")
 
 
 def test_k8s_pod_shares_the_socket_between_envoy_and_atp() -> None:
@@ -977,8 +991,7 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
     config = load_yaml(EXAMPLE_CONFIG)
     for model in config["models"]:
         model["cluster"] = {"demo_a": "openai", "demo_b": "gemini"}[model["cluster"]]
-    atp_yaml = tmp_path / "atp.yaml"
-    atp_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
+    atp_yaml = copy_example(tmp_path, yaml.safe_dump(config, sort_keys=False))
 
     procs: list[subprocess.Popen] = []
     logs = []

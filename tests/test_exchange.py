@@ -193,12 +193,23 @@ def test_default_alias_when_model_absent(snap) -> None:
 
 
 def test_embeddings_default_and_no_stream_options(snap) -> None:
-    ex, resp = send_body(snap, {"input": "hello", "stream": True}, path="/v1/embeddings",
+    ex, resp = send_body(snap, {"input": "hello", "stream": False}, path="/v1/embeddings",
                          key=BOB)
     headers, body, _ = forwarded(resp)
     assert headers[CLUSTER_HEADER] == b"demo_a"
-    assert json.loads(body) == {"model": "demo-embed-2026", "input": "hello", "stream": True}
+    assert json.loads(body) == {"model": "demo-embed-2026", "input": "hello", "stream": False}
     assert ex.record.usage_injected is False
+
+
+def test_policy_deny_is_a_403_naming_the_policy(snap) -> None:
+    # examples/policies/limits.yaml: limits.embeddings_no_stream
+    ex, resp = send_body(snap, {"input": "hello", "stream": True}, path="/v1/embeddings",
+                         key=BOB)
+    assert resp.immediate_response.status.code == 403
+    error = json.loads(resp.immediate_response.body)["error"]
+    assert error["policy_id"] == "limits.embeddings_no_stream"
+    assert error["code"] == "policy_denied" and error["type"] == "permission_error"
+    assert ex.record.policy_denied == "limits.embeddings_no_stream"
 
 
 def test_spoofed_atp_headers_removed_and_never_used(snap) -> None:

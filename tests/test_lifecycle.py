@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from atp_extproc.stack import (
     render_envoy,
     wait_until,
 )
-from tests.conftest import Reply, Upstreams, post, start_stack
+from tests.conftest import Reply, Upstreams, copy_example, post, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +32,7 @@ HELLO = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def own_stack(tmp_path: Path):
-    config = tmp_path / "atp.yaml"
-    shutil.copy(EXAMPLE_CONFIG, config)
+    config = copy_example(tmp_path)
     stack = start_stack(tmp_path, config)
     yield stack
     stack.stop_all()
@@ -174,9 +172,8 @@ def test_front_proxy_is_valid_for_envoy() -> None:
 
 
 def test_drain_gives_up_after_grace(tmp_path: Path) -> None:
-    config = tmp_path / "atp.yaml"
-    config.write_text(EXAMPLE_CONFIG.read_text().replace("grace_period_s: 10",
-                                                         "grace_period_s: 0.5"))
+    config = copy_example(tmp_path, EXAMPLE_CONFIG.read_text().replace(
+        "grace_period_s: 10", "grace_period_s: 0.5"))
     stack = Stack.on_free_ports(config_path=config, workdir=tmp_path)
     try:
         stack.start_upstream("demo_a", "--latency-ms", "5000")

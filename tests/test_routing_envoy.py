@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import Upstreams, post
+from tests.conftest import Upstreams, copy_example, post
 
 pytestmark = pytest.mark.integration
 
@@ -42,9 +42,7 @@ def write_config(tmp_path: Path) -> Path:
     doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     doc["routes"] = EXTRA_ROUTES + doc["routes"]
     doc["ledger"] = {"path": "ledger.sqlite3", "baseline": "large", "flush_interval_s": 0.2}
-    path = tmp_path / "atp.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return copy_example(tmp_path, yaml.safe_dump(doc, sort_keys=False))
 
 
 def start(tmp_path: Path, demo_a_args: tuple[str, ...] = ()) -> Stack:

@@ -134,15 +134,17 @@ class Context(_message.Message):
     def __init__(self, route: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., environment: _Optional[str] = ..., request_id: _Optional[str] = ..., config_version: _Optional[str] = ..., truncated: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Attributes(_message.Message):
-    __slots__ = ("subject", "request", "resource", "context", "tool")
+    __slots__ = ("subject", "request", "resource", "context", "tool", "candidates")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     subject: Subject
     request: Request
     resource: Resource
     context: Context
     tool: Tool
-    def __init__(self, subject: _Optional[_Union[Subject, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., tool: _Optional[_Union[Tool, _Mapping]] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[Resource]
+    def __init__(self, subject: _Optional[_Union[Subject, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., resource: _Optional[_Union[Resource, _Mapping]] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., tool: _Optional[_Union[Tool, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,404 @@
+"""What a checked CEL expression reads and how it is shaped, from its AST, once at load.
+
+cel-expr-python serialises a compiled expression as a `cel.expr.CheckedExpr` (inside an
+Any): the parsed AST with every node's type and every identifier resolved. From it:
+
+- attributes_used: the attribute paths the expression reads (`request.data_classes`,
+  `request.tool_details[].name`, `subject.claims.groups` ...);
+- constant: whether the expression folds to always true / always false;
+- costly shapes: a comprehension over a list nested inside another one;
+- warnings: has() on a proto3 scalar, regexes built at run time, literals that name no
+  known model, alias, route ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cel.expr import checked_pb2, syntax_pb2
+from google.protobuf import any_pb2, descriptor_pool
+
+ROOTS = frozenset({"subject", "request", "resource", "context", "tool"})
+_UNKNOWN = object()
+_COMPARE = {"_<_", "_<=_", "_>_", "_>=_"}
+
+
+@dataclass
+class Finding:
+    offset: int  # code point offset in the expression
+    reason: str
+    severity: str = "error"
+
+
+@dataclass
+class Analysis:
+    attributes_used: tuple[str, ...]
+    roots: frozenset[str]
+    constant: bool | None  # None: depends on the attributes
+    findings: list[Finding] = field(default_factory=list)
+    node_count: int = 0
+    # Literal regex patterns (offset, pattern), checked against the engine's RE2 at load.
+    patterns: list[tuple[int, str]] = field(default_factory=list)
+
+
+def checked_expr(serialized: bytes) -> checked_pb2.CheckedExpr:
+    wrapped = any_pb2.Any()
+    wrapped.ParseFromString(serialized)
+    checked = checked_pb2.CheckedExpr()
+    if not wrapped.Unpack(checked):
+        raise ValueError(f"unexpected serialised expression type {wrapped.type_url}")
+    return checked
+
+
+def offset_to_line_col(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    line = before.count("\n") + 1
+    col = offset - (before.rfind("\n") + 1) + 1
+    return line, col
+
+
+class _Walker:
+    def __init__(self, checked: checked_pb2.CheckedExpr,
+                 known_values: Mapping[str, Iterable[str]]):
+        self.checked = checked
+        self.types = checked.type_map
+        self.positions = checked.source_info.positions
+        self.known = {k: frozenset(v) for k, v in known_values.items()}
+        self.used: dict[str, None] = {}
+        self.findings: list[Finding] = []
+        self.patterns: list[tuple[int, str]] = []
+        self.nodes = 0
+        self.pool = descriptor_pool.Default()
+
+    # -- paths ----------------------------------------------------------------------
+
+    def path_of(self, e: syntax_pb2.Expr, scope: Mapping[str, str | None]) -> str | None:
+        kind = e.WhichOneof("expr_kind")
+        if kind == "ident_expr":
+            name = e.ident_expr.name
+            if name in scope:
+                return scope[name]
+            return name if name in ROOTS else None
+        if kind == "select_expr":
+            base = self.path_of(e.select_expr.operand, scope)
+            return f"{base}.{e.select_expr.field}" if base else None
+        if kind == "call_expr" and e.call_expr.function == "_[_]" and \
+                len(e.call_expr.args) == 2:
+            base = self.path_of(e.call_expr.args[0], scope)
+            key = e.call_expr.args[1]
+            if base and key.WhichOneof("expr_kind") == "const_expr" and \
+                    key.const_expr.WhichOneof("constant_kind") == "string_value":
+                return f"{base}.{key.const_expr.string_value}"
+            return base
+        return None
+
+    def use(self, path: str | None) -> None:
+        if path and not path.endswith("[]"):
+            self.used.setdefault(path, None)
+
+    # -- walk -----------------------------------------------------------------------
+
+    def walk(self, e: syntax_pb2.Expr, scope: dict[str, str | None], loop_depth: int) -> None:
+        self.nodes += 1
+        kind = e.WhichOneof("expr_kind")
+        if kind == "ident_expr":
+            self.use(self.path_of(e, scope))
+        elif kind == "select_expr":
+            sel = e.select_expr
+            path = self.path_of(e, scope)
+            if path is not None:
+                self.use(path)
+                if sel.test_only:
+                    self._check_has(e)
+                # The operand chain is the path's own prefix: nothing else to read there.
+                return
+            self.walk(sel.operand, scope, loop_depth)
+        elif kind == "call_expr":
+            self._call(e, scope, loop_depth)
+        elif kind == "list_expr":
+            for item in e.list_expr.elements:
+                self.walk(item, scope, loop_depth)
+        elif kind == "struct_expr":
+            for entry in e.struct_expr.entries:
+                if entry.HasField("map_key"):
+                    self.walk(entry.map_key, scope, loop_depth)
+                self.walk(entry.value, scope, loop_depth)
+        elif kind == "comprehension_expr":
+            self._comprehension(e, scope, loop_depth)
+
+    def _call(self, e: syntax_pb2.Expr, scope: dict[str, str | None], loop_depth: int) -> None:
+        call = e.call_expr
+        if call.function == "_[_]":
+            path = self.path_of(e, scope)
+            if path is not None:
+                self.use(path)
+                self._check_known_key(call.args[0], call.args[1], scope, e.id)
+                # A computed key may itself read attributes.
+                self.walk(call.args[1], scope, loop_depth)
+                return
+        if call.function in ("_==_", "_!=_") and len(call.args) == 2:
+            self._check_literal(call.args[0], call.args[1], scope, e.id)
+            self._check_literal(call.args[1], call.args[0], scope, e.id)
+        if call.function == "@in" and len(call.args) == 2:
+            self._check_in(call.args[0], call.args[1], scope, e.id)
+        if call.function == "matches":
+            pattern = call.args[-1] if call.args else None
+            literal = self._literal_string(pattern) if pattern is not None else None
+            if literal is not None:
+                self.patterns.append((self.positions.get(e.id, 0), literal))
+            elif pattern is not None:
+                self.findings.append(Finding(
+                    self.positions.get(e.id, 0),
+                    "matches() with a pattern built at run time compiles a regex per "
+                    "evaluation; use a literal pattern", "warning"))
+        if call.HasField("target"):
+            self.walk(call.target, scope, loop_depth)
+        for arg in call.args:
+            self.walk(arg, scope, loop_depth)
+
+    def _comprehension(self, e: syntax_pb2.Expr, scope: dict[str, str | None],
+                       loop_depth: int) -> None:
+        comp = e.comprehension_expr
+        rng = comp.iter_range
+        self.walk(rng, scope, loop_depth)
+        rng_type = self.types.get(rng.id)
+        is_list = rng_type is not None and rng_type.HasField("list_type")
+        literal = rng.WhichOneof("expr_kind") == "list_expr"
+        base = self.path_of(rng, scope)
+        inner = dict(scope)
+        inner[comp.iter_var] = f"{base}[]" if base and is_list else base
+        if comp.iter_var2:
+            inner[comp.iter_var2] = f"{base}[]" if base else None
+        inner[comp.accu_var] = None
+        self.walk(comp.accu_init, scope, loop_depth)
+        counted = is_list and not literal
+        if counted and loop_depth > 0:
+            self.findings.append(Finding(
+                self.positions.get(e.id, self.positions.get(rng.id, 0)),
+                "costly shape: a comprehension over a list nested inside another one "
+                "(cost grows with the product of the list sizes); restructure it, e.g. "
+                "with `in` on one side"))
+        depth = loop_depth + (1 if counted else 0)
+        self.walk(comp.loop_condition, inner, depth)
+        self.walk(comp.loop_step, inner, depth)
+        self.walk(comp.result, inner, loop_depth)
+
+    # -- warnings -------------------------------------------------------------------
+
+    def _check_has(self, e: syntax_pb2.Expr) -> None:
+        operand_type = self.types.get(e.select_expr.operand.id)
+        if operand_type is None or not operand_type.message_type:
+            return
+        try:
+            desc = self.pool.FindMessageTypeByName(operand_type.message_type)
+        except KeyError:
+            return
+        f = desc.fields_by_name.get(e.select_expr.field)
+        if f is None or f.message_type is not None or _is_repeated(f):
+            return
+        self.findings.append(Finding(
+            self.positions.get(e.id, 0),
+            f"has(…{e.select_expr.field}) on a scalar attribute is true only when it is not "
+            "its zero value; compare the value instead", "warning"))
+
+    def _literal_string(self, e: syntax_pb2.Expr) -> str | None:
+        if e.WhichOneof("expr_kind") == "const_expr" and \
+                e.const_expr.WhichOneof("constant_kind") == "string_value":
+            return e.const_expr.string_value
+        return None
+
+    def _unknown_value(self, path: str, value: str, expr_id: int) -> None:
+        known = self.known.get(path)
+        if known is not None and value not in known:
+            self.findings.append(Finding(
+                self.positions.get(expr_id, 0),
+                f"{path} is never {value!r} with this config (known: "
+                f"{', '.join(sorted(known)) or 'none'})", "warning"))
+
+    def _check_literal(self, attr: syntax_pb2.Expr, lit: syntax_pb2.Expr,
+                       scope: Mapping[str, str | None], expr_id: int) -> None:
+        value = self._literal_string(lit)
+        path = self.path_of(attr, scope)
+        if value is not None and path is not None:
+            self._unknown_value(path.replace("[]", ""), value, expr_id)
+
+    def _check_in(self, needle: syntax_pb2.Expr, hay: syntax_pb2.Expr,
+                  scope: Mapping[str, str | None], expr_id: int) -> None:
+        path = self.path_of(needle, scope)
+        if path is not None and hay.WhichOneof("expr_kind") == "list_expr":
+            for item in hay.list_expr.elements:
+                value = self._literal_string(item)
+                if value is not None:
+                    self._unknown_value(path.replace("[]", ""), value, item.id)
+        value = self._literal_string(needle)
+        hay_path = self.path_of(hay, scope)
+        if value is not None and hay_path is not None:
+            self._unknown_value(hay_path + "{}", value, expr_id)
+
+    def _check_known_key(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
+                         scope: Mapping[str, str | None], expr_id: int) -> None:
+        value = self._literal_string(key)
+        path = self.path_of(base, scope)
+        if value is not None and path is not None:
+            self._unknown_value(path + "{}", value, expr_id)
+
+
+def _is_repeated(f: Any) -> bool:
+    if hasattr(f, "is_repeated"):
+        return bool(f.is_repeated)
+    return f.label == f.LABEL_REPEATED
+
+
+# -- constant folding ---------------------------------------------------------------
+
+
+def _const(e: syntax_pb2.Expr) -> Any:
+    c = e.const_expr
+    kind = c.WhichOneof("constant_kind")
+    if kind == "bool_value":
+        return ("bool", c.bool_value)
+    if kind in ("int64_value", "uint64_value", "double_value"):
+        return ("num", getattr(c, kind))
+    if kind == "string_value":
+        return ("str", c.string_value)
+    if kind == "null_value":
+        return ("null", None)
+    if kind == "bytes_value":
+        return ("bytes", c.bytes_value)
+    return _UNKNOWN
+
+
+def _same(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
+    """Structural equality, ignoring node ids."""
+    ka, kb = a.WhichOneof("expr_kind"), b.WhichOneof("expr_kind")
+    if ka != kb:
+        return False
+    if ka == "const_expr":
+        return a.const_expr == b.const_expr
+    if ka == "ident_expr":
+        return a.ident_expr.name == b.ident_expr.name
+    if ka == "select_expr":
+        return (a.select_expr.field == b.select_expr.field
+                and a.select_expr.test_only == b.select_expr.test_only
+                and _same(a.select_expr.operand, b.select_expr.operand))
+    if ka == "call_expr":
+        ca, cb = a.call_expr, b.call_expr
+        return (ca.function == cb.function and ca.HasField("target") == cb.HasField("target")
+                and (not ca.HasField("target") or _same(ca.target, cb.target))
+                and len(ca.args) == len(cb.args)
+                and all(_same(x, y) for x, y in zip(ca.args, cb.args, strict=True)))
+    if ka == "list_expr":
+        xs, ys = a.list_expr.elements, b.list_expr.elements
+        return len(xs) == len(ys) and all(_same(x, y) for x, y in zip(xs, ys, strict=True))
+    return False
+
+
+def fold(e: syntax_pb2.Expr) -> Any:
+    """('bool', value) etc. when `e` has the same value for every attribute document."""
+    kind = e.WhichOneof("expr_kind")
+    if kind == "const_expr":
+        return _const(e)
+    if kind == "list_expr":
+        items = [fold(x) for x in e.list_expr.elements]
+        return _UNKNOWN if any(i is _UNKNOWN for i in items) else ("list", tuple(items))
+    if kind == "comprehension_expr":
+        comp = e.comprehension_expr
+        rng = fold(comp.iter_range)
+        if rng == ("list", ()):
+            return fold(comp.result) if comp.result.WhichOneof("expr_kind") == "const_expr" \
+                else _fold_empty_loop(comp)
+        return _UNKNOWN
+    if kind != "call_expr":
+        return _UNKNOWN
+    call = e.call_expr
+    fn, args = call.function, list(call.args)
+    if fn == "!_" and len(args) == 1:
+        v = fold(args[0])
+        return ("bool", not v[1]) if _is_bool(v) else _UNKNOWN
+    if fn in ("_&&_", "_||_") and len(args) == 2:
+        left, right = fold(args[0]), fold(args[1])
+        absorbing = fn == "_||_"  # true absorbs ||, false absorbs &&
+        if ("bool", absorbing) in (left, right):
+            return ("bool", absorbing)
+        if _is_bool(left) and _is_bool(right):
+            return ("bool", not absorbing)
+        if _same(args[0], args[1]):
+            return left if left is not _UNKNOWN else _UNKNOWN
+        return _UNKNOWN
+    if fn == "_?_:_" and len(args) == 3:
+        cond = fold(args[0])
+        if _is_bool(cond):
+            return fold(args[1] if cond[1] else args[2])
+        a, b = fold(args[1]), fold(args[2])
+        return a if a is not _UNKNOWN and a == b else _UNKNOWN
+    if fn in ("_==_", "_!=_") and len(args) == 2:
+        a, b = fold(args[0]), fold(args[1])
+        if a is not _UNKNOWN and b is not _UNKNOWN and a[0] == b[0]:
+            return ("bool", (a == b) == (fn == "_==_"))
+        if _same(args[0], args[1]) and _pure(args[0]):
+            return ("bool", fn == "_==_")
+        return _UNKNOWN
+    if fn in _COMPARE and len(args) == 2:
+        a, b = fold(args[0]), fold(args[1])
+        if a is not _UNKNOWN and b is not _UNKNOWN and a[0] == b[0] and \
+                a[0] in ("num", "str"):
+            x, y = a[1], b[1]
+            return ("bool", {"_<_": x < y, "_<=_": x <= y, "_>_": x > y, "_>=_": x >= y}[fn])
+        # size(x) >= 0 is always true; size(x) < 0 never.
+        if _is_size(args[0]) and b == ("num", 0) and fn in ("_>=_", "_<_"):
+            return ("bool", fn == "_>=_")
+        return _UNKNOWN
+    if fn == "@in" and len(args) == 2:
+        hay = fold(args[1])
+        if hay == ("list", ()):
+            return ("bool", False)
+        needle = fold(args[0])
+        if needle is not _UNKNOWN and hay is not _UNKNOWN and hay[0] == "list":
+            return ("bool", needle in hay[1])
+        return _UNKNOWN
+    return _UNKNOWN
+
+
+def _fold_empty_loop(comp: syntax_pb2.Expr.Comprehension) -> Any:
+    init = fold(comp.accu_init)
+    # exists/all over an empty list: the result is the accumulator's initial value.
+    if comp.result.WhichOneof("expr_kind") == "ident_expr" and \
+            comp.result.ident_expr.name == comp.accu_var:
+        return init
+    return _UNKNOWN
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, tuple) and v[0] == "bool"
+
+
+def _is_size(e: syntax_pb2.Expr) -> bool:
+    return e.WhichOneof("expr_kind") == "call_expr" and e.call_expr.function == "size"
+
+
+def _pure(e: syntax_pb2.Expr) -> bool:
+    # Every CEL standard function is deterministic; now() does not exist in CEL.
+    return True
+
+
+# -- entry point --------------------------------------------------------------------
+
+
+def analyze(serialized: bytes, known_values: Mapping[str, Iterable[str]] | None = None
+            ) -> Analysis:
+    checked = checked_expr(serialized)
+    walker = _Walker(checked, known_values or {})
+    walker.walk(checked.expr, {}, 0)
+    used = tuple(sorted(walker.used))
+    roots = frozenset(p.split(".", 1)[0] for p in used)
+    folded = fold(checked.expr)
+    constant = folded[1] if _is_bool(folded) else None
+    if constant is None and not roots:
+        constant = _UNKNOWN  # no attribute at all: the caller evaluates it once
+    return Analysis(used, roots, constant, walker.findings,  # type: ignore[arg-type]
+                    walker.nodes, walker.patterns)
+
+
+NO_ATTRIBUTES = _UNKNOWN

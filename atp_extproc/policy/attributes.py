@@ -1,0 +1,576 @@
+"""The attribute document a policy reads, built once per request and bounded.
+
+`build_attributes` takes plain Python values (the exchange maps them from Identity,
+LlmRequest and ExchangeRecord) and returns protobuf messages from proto/atp/policy.proto,
+the form cel-expr-python evaluates fastest with full type checking. Every list, map and
+string is capped here, whatever the client sent: no policy is ever handed a 10,000-element
+list, and each cut is named in `context.truncated` so a policy can refuse it.
+
+Caps are applied while copying (itertools.islice), so building costs the cap, not the
+size of the input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from atp_extproc.policy.gen.atp import policy_pb2 as pb
+
+MAX_STRING = 256          # characters of any string attribute
+MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
+MAX_MAP = 64              # entries of any map attribute (metadata, data classes ...)
+MAX_TOOL_ARGUMENTS = 16   # scalar arguments kept per tool call
+MAX_CLAIMS_DEPTH = 3      # nesting kept in JWT claims
+MAX_HISTORY_SCAN = 2048   # messages scanned (newest first) for tool calls; more is "cut"
+MAX_ARGUMENTS_JSON = 8192  # characters of one call's arguments that are parsed
+
+Subject = pb.Subject
+Request = pb.Request
+Context = pb.Context
+Resource = pb.Resource
+Tool = pb.Tool
+
+
+
+class AttributeError_(ValueError):
+    """A value that cannot go into the attribute document (unknown field, wrong type)."""
+
+
+class Attributes:
+    """One request's attribute document: a single pb.Attributes message.
+
+    One message, not four, because cel-expr-python copies each message it is handed
+    (serialise, parse): one copy per request is the cheapest. `evaluate` fills
+    `doc.candidates` with the candidates it is given.
+    """
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc: pb.Attributes):
+        self.doc = doc
+
+    @property
+    def subject(self) -> pb.Subject:
+        return self.doc.subject
+
+    @property
+    def request(self) -> pb.Request:
+        return self.doc.request
+
+    @property
+    def context(self) -> pb.Context:
+        return self.doc.context
+
+    def to_proto(self, resource: pb.Resource | None = None,
+                 tool: pb.Tool | None = None) -> pb.Attributes:
+        """A copy of the document with `resource` / `tool` set (for tests and the oracle)."""
+        doc = pb.Attributes()
+        doc.CopyFrom(self.doc)
+        del doc.candidates[:]
+        if resource is not None:
+            doc.resource.CopyFrom(resource)
+        if tool is not None:
+            doc.tool.CopyFrom(tool)
+        return doc
+
+    @property
+    def truncated(self) -> tuple[str, ...]:
+        return tuple(self.doc.context.truncated)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateInfo:
+    """A model routing may choose; becomes `resource` for policies that read it."""
+
+    model: str
+    provider: str = ""
+    region: str = ""
+    egress: str = ""
+    input_per_1k: float = 0.0
+    output_per_1k: float = 0.0
+    cluster: str = ""
+
+    @classmethod
+    def from_model(cls, model: Any) -> CandidateInfo:
+        """From a config.Model (provider defaults to the cluster until config has one)."""
+        return cls(model=model.name,
+                   provider=getattr(model, "provider", None) or model.cluster,
+                   region=model.region, egress=model.egress,
+                   input_per_1k=float(model.price.input_per_1k),
+                   output_per_1k=float(model.price.output_per_1k),
+                   cluster=model.cluster)
+
+    def estimated_cost(self, request: pb.Request) -> float:
+        cost = (request.token_estimate * self.input_per_1k
+                + request.max_tokens * self.output_per_1k) / 1000.0
+        return cost if math.isfinite(cost) else 0.0
+
+    def resource(self, request: pb.Request) -> pb.Resource:
+        return pb.Resource(model=self.model, provider=self.provider, region=self.region,
+                           egress=self.egress, input_per_1k=self.input_per_1k,
+                           output_per_1k=self.output_per_1k,
+                           estimated_cost_usd=self.estimated_cost(request),
+                           cluster=self.cluster)
+
+    def add_to(self, candidates: Any, request: pb.Request) -> None:
+        """Append this candidate as a Resource to a repeated field (no extra copy)."""
+        candidates.add(model=self.model, provider=self.provider, region=self.region,
+                       egress=self.egress, input_per_1k=self.input_per_1k,
+                       output_per_1k=self.output_per_1k,
+                       estimated_cost_usd=self.estimated_cost(request), cluster=self.cluster)
+
+
+class _Cut:
+    """Collects the paths that caps shortened."""
+
+    __slots__ = ("paths",)
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def note(self, path: str) -> None:
+        if path not in self.paths:
+            self.paths.append(path)
+
+
+def _s(value: Any, path: str, cut: _Cut) -> str:
+    if value.__class__ is str:
+        if len(value) <= MAX_STRING:
+            return value
+        cut.note(path)
+        return value[:MAX_STRING]
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return _s(str(value), path, cut)
+    raise AttributeError_(f"{path} must be a string, not {type(value).__name__}")
+
+
+def _i(value: Any, path: str, cut: _Cut) -> int:
+    if value.__class__ is int:
+        if -(2**63) <= value < 2**63:
+            return value
+        # int64 range: clamp instead of failing on an absurd client value.
+        return max(-(2**63), min(2**63 - 1, value))
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AttributeError_(f"{path} must be a number, not {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AttributeError_(f"{path} must be finite")
+    return _i(int(value), path, cut)
+
+
+def _b(value: Any, path: str, cut: _Cut) -> bool:
+    if value is True or value is False:
+        return value
+    if value is None:
+        return False
+    raise AttributeError_(f"{path} must be a boolean")
+
+
+def _strings(values: Any, path: str, cut: _Cut, limit: int = MAX_LIST) -> list[str]:
+    cls = values.__class__
+    if cls is not list and cls is not tuple:
+        if values is None:
+            return []
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+            raise AttributeError_(f"{path} must be a list of strings")
+    out = [v if v.__class__ is str and len(v) <= MAX_STRING else _s(v, path, cut)
+           for v in islice(values, limit)]
+    if _longer_than(values, limit):
+        cut.note(path)
+    return out
+
+
+def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[str, str]:
+    if values.__class__ is not dict:
+        if values is None:
+            return {}
+        if not isinstance(values, Mapping):
+            raise AttributeError_(f"{path} must be a mapping")
+    out = {_s(str(k), path, cut): _s(_scalar_text(v), path, cut)
+           for k, v in islice(values.items(), limit)}
+    if len(values) > limit:
+        cut.note(path)
+    return out
+
+
+def _int_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[str, int]:
+    if values.__class__ is not dict:
+        if values is None:
+            return {}
+        if not isinstance(values, Mapping):
+            raise AttributeError_(f"{path} must be a mapping of counts")
+    out = {_s(k if k.__class__ is str else str(k), path, cut): _i(v, path, cut)
+           for k, v in islice(values.items(), limit)}
+    if len(values) > limit:
+        cut.note(path)
+    return out
+
+
+def _longer_than(values: Any, limit: int) -> bool:
+    try:
+        return len(values) > limit
+    except TypeError:
+        return False
+
+
+def _scalar_text(value: Any) -> str:
+    if value.__class__ is str or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return ""  # objects and lists are not scalars: kept as an empty value
+
+
+def _check_keys(fields: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
+    if not fields.keys() <= known.keys():
+        extra = set(fields) - set(known)
+        raise AttributeError_(f"unknown {where} attribute(s): {', '.join(sorted(extra))}; "
+                              f"known: {', '.join(sorted(known))}")
+
+
+def _claims(value: Any, cut: _Cut, path: str, depth: int = 0) -> Any:
+    """JSON-like claims, bounded in size and depth (deeper parts are dropped)."""
+    if isinstance(value, Mapping):
+        if depth >= MAX_CLAIMS_DEPTH:
+            cut.note(path)
+            return {}
+        if len(value) > MAX_MAP:
+            cut.note(path)
+        return {_s(str(k), path, cut): _claims(v, cut, path, depth + 1)
+                for k, v in islice(value.items(), MAX_MAP)}
+    if isinstance(value, (list, tuple)):
+        if depth >= MAX_CLAIMS_DEPTH:
+            cut.note(path)
+            return []
+        if len(value) > MAX_LIST:
+            cut.note(path)
+        return [_claims(v, cut, path, depth + 1) for v in islice(value, MAX_LIST)]
+    if isinstance(value, str):
+        return _s(value, path, cut)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    return None
+
+
+def _from_value(value: struct_pb2.Value, depth: int) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _from_struct(value.struct_value, depth + 1)
+    if kind == "list_value":
+        if depth >= MAX_CLAIMS_DEPTH:
+            return [None] * min(len(value.list_value.values), MAX_LIST + 1)
+        return [_from_value(v, depth + 1)
+                for v in islice(value.list_value.values, MAX_LIST + 1)]
+    return None
+
+
+def _from_struct(struct: struct_pb2.Struct, depth: int) -> dict[str, Any]:
+    """A Struct (JWT claims from Envoy metadata) as plain values, read only up to the caps
+    (one entry past them, so _claims still sees that something was cut). A protobuf map
+    has no order, so keys are taken sorted: the same claims always keep the same keys."""
+    if depth >= MAX_CLAIMS_DEPTH:
+        return {"": None} if struct.fields else {}
+    fields = struct.fields
+    keys = sorted(fields) if len(fields) > MAX_MAP else fields
+    return {k: _from_value(fields[k], depth) for k in islice(keys, MAX_MAP + 1)}
+
+
+def _tool(entry: Any, cut: _Cut) -> dict[str, Any]:
+    if entry.__class__ is dict:
+        kwargs = _fields(entry, _TOOL_KINDS, "request.tool_details", cut, "tool")
+        if "declared" not in kwargs:
+            kwargs["declared"] = True
+        return kwargs
+    if isinstance(entry, str):
+        return {"name": _s(entry, "request.tool_details.name", cut), "declared": True}
+    if isinstance(entry, pb.Tool):
+        entry = {"name": entry.name, "type": entry.type, "declared": entry.declared,
+                 "called": entry.called, "parameters": list(entry.parameters),
+                 "arguments": dict(entry.arguments)}
+    if not isinstance(entry, Mapping):
+        raise AttributeError_("each of request.tool_details must be a mapping or a name")
+    kwargs = _fields(entry, _TOOL_KINDS, "request.tool_details", cut, "tool")
+    kwargs.setdefault("declared", True)
+    return kwargs
+
+
+def _tools(values: Any, path: str, cut: _Cut) -> list[dict[str, Any]]:
+    cls = values.__class__
+    if cls is not list and cls is not tuple:
+        if values is None:
+            return []
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+            raise AttributeError_("request.tool_details must be a list of tools")
+    out = [_tool(entry, cut) for entry in islice(values, MAX_LIST)]
+    if _longer_than(values, MAX_LIST):
+        cut.note(path)
+    return out
+
+
+def _arguments_map(values: Any, path: str, cut: _Cut) -> dict[str, str]:
+    return _str_map(values, path, cut, MAX_TOOL_ARGUMENTS)
+
+
+# Field name → converter, for each message; a converter takes (value, path, cut).
+_TOOL_KINDS = {"name": _s, "type": _s, "declared": _b, "called": _b,
+               "parameters": _strings, "arguments": _arguments_map}
+_SUBJECT_KINDS = {"tenant": _s, "user": _s, "groups": _strings, "roles": _strings,
+                  "auth_method": _s, "key_id": _s, "claims": None}
+_REQUEST_KINDS = {"path": _s, "operation": _s, "alias": _s, "stream": _b,
+                  "token_estimate": _i, "message_count": _i, "tools": _strings,
+                  "tool_count": _i, "tool_details": _tools, "tool_choice": _s,
+                  "max_tokens": _i, "data_classes": _int_map, "metadata": _str_map,
+                  "body_bytes": _i}
+_CONTEXT_KINDS = {"route": _s, "environment": _s, "request_id": _s, "config_version": _s,
+                  "time": None, "truncated": None}
+_PATHS = {kinds_id: {name: f"{prefix}.{name}" for name in kinds}
+          for kinds_id, prefix, kinds in (
+              (id(_TOOL_KINDS), "request.tool_details", _TOOL_KINDS),
+              (id(_SUBJECT_KINDS), "subject", _SUBJECT_KINDS),
+              (id(_REQUEST_KINDS), "request", _REQUEST_KINDS),
+              (id(_CONTEXT_KINDS), "context", _CONTEXT_KINDS))}
+assert set(_TOOL_KINDS) == {f.name for f in pb.Tool.DESCRIPTOR.fields}
+assert set(_SUBJECT_KINDS) == {f.name for f in pb.Subject.DESCRIPTOR.fields}
+assert set(_REQUEST_KINDS) == {f.name for f in pb.Request.DESCRIPTOR.fields}
+assert set(_CONTEXT_KINDS) == {f.name for f in pb.Context.DESCRIPTOR.fields}
+
+
+def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], prefix: str, cut: _Cut,
+            where: str) -> dict[str, Any]:
+    _check_keys(values, kinds, where)
+    paths = _PATHS[id(kinds)]
+    out = {}
+    for name, value in values.items():
+        convert = kinds[name]
+        if convert is not None and value is not None:
+            out[name] = convert(value, paths[name], cut)
+    return out
+
+
+def _subject(subject: Mapping[str, Any], cut: _Cut) -> tuple[dict[str, Any], Any]:
+    kwargs = _fields(subject, _SUBJECT_KINDS, "subject", cut, "subject")
+    claims = subject.get("claims")
+    if claims is not None:
+        if isinstance(claims, struct_pb2.Struct):
+            claims = _from_struct(claims, 0)
+        if not isinstance(claims, Mapping):
+            raise AttributeError_("subject.claims must be a mapping")
+        claims = _claims(claims, cut, "subject.claims")
+    return kwargs, claims
+
+
+def _request(request: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
+    kwargs = _fields(request, _REQUEST_KINDS, "request", cut, "request")
+    details = kwargs.get("tool_details")
+    if details and "tools" not in kwargs:
+        kwargs["tools"] = [t.get("name", "") for t in details]
+    if "tool_count" not in kwargs and ("tools" in request or details):
+        names = request.get("tools")
+        given = len(names) if isinstance(names, (list, tuple)) else 0
+        raw_details = request.get("tool_details")
+        given_details = len(raw_details) if isinstance(raw_details, (list, tuple)) else 0
+        kwargs["tool_count"] = max(given, given_details)
+    return kwargs
+
+
+def _context(context: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
+    kwargs = _fields(context, _CONTEXT_KINDS, "context", cut, "context")
+    when = context.get("time")
+    if when is None:
+        seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+        kwargs["time"] = {"seconds": seconds, "nanos": nanos}
+    else:
+        ts = timestamp_pb2.Timestamp()
+        if isinstance(when, datetime):
+            ts.FromDatetime(when if when.tzinfo else when.replace(tzinfo=UTC))
+        elif isinstance(when, str):
+            try:
+                ts.FromJsonString(when)
+            except ValueError as exc:
+                raise AttributeError_(f"context.time: {exc}") from None
+        elif isinstance(when, (int, float)) and not isinstance(when, bool):
+            ts.FromNanoseconds(int(when * 1e9))
+        else:
+            raise AttributeError_("context.time must be a datetime, RFC 3339 text or epoch "
+                                  "seconds")
+        kwargs["time"] = ts
+    if context.get("truncated"):
+        for path in _strings(context["truncated"], "context.truncated", cut):
+            cut.note(path)
+    return kwargs
+
+
+def build_attributes(subject: Mapping[str, Any] | None = None,
+                     request: Mapping[str, Any] | None = None,
+                     context: Mapping[str, Any] | None = None) -> Attributes:
+    """The attribute document from plain values keyed by the proto's field names.
+
+    subject: tenant, user, groups, roles, auth_method, key_id, claims (JSON-like mapping
+             or a Struct). request: path, operation, alias, stream, token_estimate,
+             message_count, tools (names), tool_details (mappings or names), tool_choice,
+             max_tokens, data_classes ({class: count}), metadata, body_bytes.
+             context: route, time (datetime / RFC 3339 / epoch; default now), environment,
+             request_id, config_version, truncated (paths the caller already cut). Unknown
+             keys raise, so a typo cannot silently leave an attribute empty.
+    """
+    cut = _Cut()
+    subj, claims = _subject(subject or {}, cut)
+    req = _request(request or {}, cut)
+    ctx = _context(context or {}, cut)
+    if cut.paths:
+        ctx["truncated"] = cut.paths[:MAX_LIST]
+    doc = pb.Attributes(subject=subj, request=req, context=ctx)
+    if claims is not None:
+        doc.subject.claims.update(claims)
+    return Attributes(doc)
+
+
+# -- from an OpenAI-compatible body ---------------------------------------------------
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def request_from_body(operation: str,
+                      doc: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The request attributes a parsed body gives (tools, tool_choice, max_tokens, metadata).
+
+    Bounded: tools and history are read through islice and MAX_HISTORY_SCAN, arguments are
+    parsed only up to MAX_ARGUMENTS_JSON characters. Returns (keys for build_attributes's
+    `request`, paths cut while reading, for `context.truncated`); the caller adds path,
+    alias, token_estimate, data_classes ...
+    """
+    out: dict[str, Any] = {"operation": operation}
+    details: dict[str, dict[str, Any]] = {}
+    truncated: list[str] = []
+    tools = doc.get("tools")
+    declared_count = 0
+    if isinstance(tools, list):
+        declared_count = len(tools)
+        for tool in islice(tools, MAX_LIST):
+            if not isinstance(tool, dict):
+                continue
+            fn = tool.get("function")
+            spec = fn if isinstance(fn, dict) else tool
+            kind = tool.get("type") if isinstance(tool.get("type"), str) else "function"
+            name = spec.get("name")
+            if not isinstance(name, str):
+                name = kind  # built-in tools (web_search, file_search ...) have no name
+            params = spec.get("parameters")
+            props = params.get("properties") if isinstance(params, dict) else None
+            entry = details.setdefault(name, {"name": name, "type": kind, "declared": True})
+            entry["declared"] = True
+            if isinstance(props, dict):
+                entry["parameters"] = list(islice(props, MAX_LIST))
+        if len(tools) > MAX_LIST:
+            truncated.append("request.tools")
+    _history_calls(operation, doc, details, truncated)
+    if details:
+        out["tool_details"] = list(details.values())
+        out["tools"] = list(details)
+        out["tool_count"] = max(declared_count, len(details))
+    choice = doc.get("tool_choice")
+    if isinstance(choice, str):
+        out["tool_choice"] = choice
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        out["tool_choice"] = name if isinstance(name, str) else str(choice.get("type", ""))
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = doc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out["max_tokens"] = value
+            break
+    metadata = doc.get("metadata")
+    if isinstance(metadata, dict):
+        out["metadata"] = metadata
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        out["message_count"] = len(messages)
+    elif isinstance(doc.get("input"), list):
+        out["message_count"] = len(doc["input"])
+    stream = doc.get("stream")
+    if isinstance(stream, bool):
+        out["stream"] = stream
+    return out, truncated
+
+
+def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
+                   truncated: list[str]) -> None:
+    items = doc.get("messages") if operation == "chat" else doc.get("input")
+    if not isinstance(items, list):
+        return
+    start = max(0, len(items) - MAX_HISTORY_SCAN)
+    if start:
+        truncated.append("request.tool_details")
+    seen_args: set[str] = set()
+    # Newest first: the latest call of each tool gives its arguments.
+    for i in range(len(items) - 1, start - 1, -1):
+        item = items[i]
+        if not isinstance(item, dict):
+            continue
+        calls: list[tuple[Any, Any]] = []
+        if isinstance(item.get("tool_calls"), list):
+            for call in islice(item["tool_calls"], MAX_LIST):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    calls.append((fn.get("name"), fn.get("arguments")))
+        elif item.get("type") == "function_call":
+            calls.append((item.get("name"), item.get("arguments")))
+        for name, arguments in calls:
+            if not isinstance(name, str):
+                continue
+            if name not in details:
+                if len(details) >= MAX_LIST:
+                    if "request.tool_details" not in truncated:
+                        truncated.append("request.tool_details")
+                    continue
+                details[name] = {"name": name, "type": "function", "declared": False}
+            entry = details[name]
+            entry["called"] = True
+            if name not in seen_args:
+                seen_args.add(name)
+                entry["arguments"] = _arguments(arguments)
+
+
+def _arguments(arguments: Any) -> dict[str, Any]:
+    if isinstance(arguments, str):
+        if len(arguments) > MAX_ARGUMENTS_JSON:
+            return {}
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return {}
+    if not isinstance(arguments, dict):
+        return {}
+    return {k: v for k, v in islice(arguments.items(), MAX_TOOL_ARGUMENTS)
+            if isinstance(v, (str, int, float, bool))}
+
+
+def safe_name(name: str, index: int) -> str:
+    """A tool or model name fit for a log: identifiers pass, anything else is replaced."""
+    return name if _TOOL_NAME.fullmatch(name) else f"<tool#{index}>"

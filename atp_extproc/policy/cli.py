@@ -1,0 +1,95 @@
+"""The functions behind `atp-extproc check` (policy part) and `atp-extproc policy test`.
+
+Both print to stdout and return the process exit code; cli.py wires the subcommands.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from atp_extproc.policy import envoy_lint, testing
+from atp_extproc.policy.engine import PolicySet
+from atp_extproc.policy.runtime import known_values
+from atp_extproc.policy.settings import Problem, load_file
+
+ENFORCING = ("deny", "restrict", "redact", "tools")
+
+
+def redaction_configured(raw: dict[str, Any]) -> bool:
+    """Whether atp.yaml turns redaction on (a `redaction:`/`redact:` section not disabled)."""
+    for key in ("redaction", "redact"):
+        section = raw.get(key)
+        if section is None or section is False:
+            continue
+        if isinstance(section, dict) and section.get("enabled") is False:
+            continue
+        return True
+    return False
+
+
+def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
+          redaction_enabled: bool | None = None, out: TextIO | None = None,
+          known_data_classes: Sequence[str] | None = None) -> int:
+    """Lint atp.yaml files (or policy files): print `file:line: reason`; 1 on any error.
+
+    Also refuses each Envoy config in `envoy_configs` whose ext_proc fails open while the
+    policies hold deny/restrict/redact/tools effects, default deny, or redaction is on
+    (`redaction_enabled`, or detected from atp.yaml when None).
+    """
+    out = out or sys.stdout
+    problems: list[Problem] = []
+    why: list[str] = []
+    summaries: list[str] = []
+    for path in paths:
+        loaded = load_file(path)
+        problems += loaded.problems
+        # Entries that failed validation are already reported; lint the others too.
+        policy_set, found = PolicySet.lint(
+            loaded.policies, loaded.settings, path, known_values=known_values(loaded.raw),
+            known_data_classes=known_data_classes)
+        problems += found
+        effects = sorted({p.spec.effect for p in loaded.policies})
+        enforcing = [e for e in effects if e in ENFORCING]
+        if enforcing:
+            why.append(f"{path} has {'/'.join(enforcing)} policies")
+        if loaded.settings.default == "deny":
+            why.append(f"{path} sets policy.default: deny")
+        redaction = redaction_enabled if redaction_enabled is not None else \
+            redaction_configured(loaded.raw)
+        if redaction:
+            why.append("redaction is enabled")
+        if policy_set is not None and not loaded.problems:
+            counts = {e: sum(1 for p in policy_set.policies if p.effect == e) for e in effects}
+            summaries.append(f"{path}: {len(policy_set.policies)} policies ("
+                             + ", ".join(f"{n} {e}" for e, n in counts.items()) + ")"
+                             + f", mode {loaded.settings.mode}, default "
+                             f"{loaded.settings.default}, {len(loaded.files)} file(s)")
+    if not paths and redaction_enabled:
+        why.append("redaction is enabled")
+    for envoy in envoy_configs:
+        problems += envoy_lint.check_file(envoy, sorted(set(why)))
+    problems.sort(key=lambda p: (p.file, p.line, p.severity != "error"))
+    for problem in problems:
+        print(problem, file=out)
+    errors = sum(1 for p in problems if p.severity == "error")
+    warnings = len(problems) - errors
+    if not errors:
+        for line in summaries:
+            print(f"{line}: OK", file=out)
+    print(f"{errors} error(s), {warnings} warning(s)", file=out)
+    return 1 if errors else 0
+
+
+def test(directory: str, *, out: TextIO | None = None) -> int:
+    """Run the YAML policy cases under `directory`; 0 only if every case passed."""
+    out = out or sys.stdout
+    report = testing.run(directory)
+    testing.print_report(report, out)
+    if report.load_errors:
+        return 2
+    if not report.passed and not report.failed:
+        print(f"no policy cases found under {directory}", file=out)
+        return 2
+    return 0 if report.ok else 1

@@ -1,0 +1,955 @@
+"""Compile and type-check policies with cel-expr-python; evaluate them per request.
+
+Compile (at load and reload): every expression is parsed and type-checked against the
+attribute messages of proto/atp/policy.proto; its checked AST gives the attribute paths
+it reads, whether it is constant, and whether it has a costly shape. Then all policies are
+joined into ONE CEL program over ONE message variable `a` (pb.Attributes):
+
+    cel.bind(subject, a.subject, cel.bind(request, a.request, cel.bind(context, a.context,
+      [ [request-level policies...],
+        a.candidates.map(resource, [candidate-level policies...]),
+        request.tool_details.map(tool, [tool policies...]) ])))
+
+so a request costs one activation, one copy of the document into C++ and one evaluation,
+whatever the number of policies (cel-expr-python has ~1.5 µs of fixed cost per eval call
+and ~1.5 µs per message variable it copies; twenty separate evaluations would cost more
+than the policies themselves). Any error in the batch falls back to evaluating each
+policy on its own, so an error is pinned to its policy and target exactly.
+
+Combining (see examples/policies/README.md):
+  1. an enforced deny that matched wins (deny overrides allow);
+  2. a tool outside scope under `tool_action: deny` denies;
+  3. with `policy.default: deny`, a request no enforced allow matched is denied;
+  4. restrict removes candidates; none left is a 403 listing every reason;
+  5. redact adds data classes (over the candidates left); tools/strip lists tools to strip.
+Dry-run policies only record what they would have done (`would_deny` ...) and feed the
+hypothetical `Outcome.would_deny`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cel_expr_python import cel
+from cel_expr_python.ext import ext_bindings
+from pydantic import ValidationError
+
+from atp_extproc.policy import analysis
+from atp_extproc.policy.attributes import Attributes, CandidateInfo, safe_name
+from atp_extproc.policy.gen.atp import policy_pb2 as pb
+from atp_extproc.policy.settings import (
+    POLICY_ID,
+    RESERVED_NAMESPACE,
+    PolicyError,
+    PolicySettings,
+    PolicySpec,
+    Problem,
+    SourcedPolicy,
+)
+
+PACKAGE = "atp.policy.v1"
+REQUEST, CANDIDATE, TOOL = "request", "candidate", "tool"
+DEFAULT_DENY_ID = f"{RESERVED_NAMESPACE}.default_deny"
+NO_CANDIDATE_ID = f"{RESERVED_NAMESPACE}.no_candidate"
+MAX_AST_NODES = 2000
+
+_MESSAGES = {"subject": "Subject", "request": "Request", "resource": "Resource",
+             "context": "Context", "tool": "Tool"}
+_ENV_LOCK = threading.Lock()
+_ENVS: dict[str, Any] = {}
+
+
+def _type(message: str) -> cel.Type:
+    return cel.Type(f"{PACKAGE}.{message}")
+
+
+def policy_env() -> Any:
+    """The environment a single policy is checked in: the five attribute variables."""
+    with _ENV_LOCK:
+        if "policy" not in _ENVS:
+            _ENVS["policy"] = cel.NewEnv(
+                variables={name: _type(msg) for name, msg in _MESSAGES.items()})
+        return _ENVS["policy"]
+
+
+def batch_env() -> Any:
+    """The environment of the joined program: one variable, the whole document."""
+    with _ENV_LOCK:
+        if "batch" not in _ENVS:
+            _ENVS["batch"] = cel.NewEnv(variables={"a": _type("Attributes")},
+                                        extensions=[ext_bindings.ExtBindings()])
+        return _ENVS["batch"]
+
+
+def _regex_checker() -> Any:
+    with _ENV_LOCK:
+        if "regex" not in _ENVS:
+            env = cel.NewEnv(variables={"p": cel.Type.STRING})
+            _ENVS["regex"] = (env, env.compile("''.matches(p)"))
+        return _ENVS["regex"]
+
+
+# -- results --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    """What one policy decided for one request. Never prompt text or attribute values."""
+
+    policy_id: str
+    effect: str
+    mode: str            # enforce | dry_run (after the global switch)
+    # allow | deny | would_deny | no_match | would_allow | restrict | would_restrict |
+    # redact | would_redact | strip | would_strip | not_applicable | error
+    decision: str
+    reason: str
+    attributes_used: tuple[str, ...]
+    eval_us: float       # this policy's share of the request's one CEL evaluation
+    targets: tuple[str, ...] = ()  # models removed, data classes required, tools hit
+
+    def as_dict(self) -> dict[str, Any]:
+        """Like dataclasses.asdict (same keys), without its deep copies."""
+        return {"policy_id": self.policy_id, "effect": self.effect, "mode": self.mode,
+                "decision": self.decision, "reason": self.reason,
+                "attributes_used": list(self.attributes_used), "eval_us": self.eval_us,
+                "targets": list(self.targets)}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Why a request is refused (403)."""
+
+    policy_id: str
+    message: str
+    reasons: tuple[str, ...] = ()
+    status: int = 403
+    code: str = "policy_denied"
+
+    def client_message(self) -> str:
+        return f"{self.message} (policy {self.policy_id})"
+
+    def error_body(self) -> bytes:
+        """OpenAI-shaped error JSON for the 403."""
+        return json.dumps({"error": {
+            "message": self.client_message(), "type": "permission_error", "param": None,
+            "code": self.code, "policy_id": self.policy_id,
+            "reasons": list(self.reasons)}}).encode()
+
+
+class Outcome:
+    """What the policies decided for one request.
+
+    `records` (one DecisionRecord per policy, in policy order) is built on first use from
+    the compact result of the evaluation, so a request pays for the records only when
+    something reads them (the exchange's log does, after the request has gone on).
+    """
+
+    __slots__ = ("_applied", "_decisions", "_plan", "_records", "_share",
+                 "allowed_candidates", "denied", "empty_candidate_reasons", "eval_us",
+                 "required_redactions", "tools_denied", "tools_to_strip", "would_deny")
+
+    def __init__(self, denied: Decision | None, allowed_candidates: tuple[CandidateInfo, ...],
+                 required_redactions: frozenset[str], tools_denied: tuple[str, ...],
+                 tools_to_strip: tuple[str, ...], empty_candidate_reasons: tuple[str, ...],
+                 would_deny: Decision | None, eval_us: float, *, plan: tuple = (),
+                 decisions: list[str] | None = None,
+                 applied: dict[int, DecisionRecord] | None = None, share: float = 0.0):
+        # The enforced deny that won (deny overrides allow), or None: the request may go.
+        self.denied = denied
+        # Candidates left after restrict, in the order given.
+        self.allowed_candidates = allowed_candidates
+        # Data classes that must be redacted before the request leaves.
+        self.required_redactions = required_redactions
+        self.tools_denied = tools_denied
+        # Declared tools to remove from the body's `tools` before it leaves.
+        self.tools_to_strip = tools_to_strip
+        self.empty_candidate_reasons = empty_candidate_reasons
+        # What full enforcement (every dry-run policy enforced) would have done.
+        self.would_deny = would_deny
+        self.eval_us = eval_us
+        self._plan = plan
+        self._decisions = decisions or []
+        self._applied = applied or {}
+        self._share = share
+        self._records: list[DecisionRecord] | None = None
+
+    @property
+    def decisions(self) -> dict[str, str]:
+        """policy id → decision, without building the records."""
+        return {entry[4]: d for entry, d in zip(self._plan, self._decisions, strict=True)}
+
+    @property
+    def records(self) -> list[DecisionRecord]:
+        if self._records is None:
+            out = []
+            applied, share = self._applied, self._share
+            for i, (entry, decision) in enumerate(zip(self._plan, self._decisions,
+                                                      strict=True)):
+                record = applied.get(i)
+                if record is None:
+                    _, _, level, _, pid, effect, mode, used = entry
+                    reason = "" if decision != "not_applicable" else \
+                        ("no candidates" if level == 1 else "no tools")
+                    record = DecisionRecord(pid, effect, mode, decision, reason, used, share)
+                out.append(record)
+            self._records = out
+        return self._records
+
+    def log_fields(self) -> dict[str, Any]:
+        """For the exchange's structured log record (JSON-ready)."""
+        return {
+            "policy_denied": self.denied.policy_id if self.denied else None,
+            "policy_would_deny": self.would_deny.policy_id if self.would_deny else None,
+            "policy_eval_us": round(self.eval_us, 1),
+            "policy_decisions": [r.as_dict() for r in self.records],
+        }
+
+    def __repr__(self) -> str:
+        return (f"Outcome(denied={self.denied!r}, allowed_candidates="
+                f"{[c.model for c in self.allowed_candidates]}, required_redactions="
+                f"{sorted(self.required_redactions)}, tools_denied={self.tools_denied}, "
+                f"tools_to_strip={self.tools_to_strip}, would_deny={self.would_deny!r})")
+
+
+class DecisionStats:
+    """Counters by policy, mode and decision; dry-run decisions are counted apart.
+
+    The hot path counts whole decision vectors (one dict update per request); they are
+    folded into per-policy counts when read, or when too many distinct vectors pile up.
+    """
+
+    MAX_VECTORS = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_policy: dict[tuple[str, str, str], int] = {}
+        self._vectors: dict[tuple[Any, ...], int] = {}
+        # id(keys) → keys, kept alive so an id is never reused while it is counted.
+        self._keys: dict[int, tuple[tuple[str, str], ...]] = {}
+        self.requests = 0
+        self.denied = 0
+        self.would_deny = 0
+
+    def observe(self, outcome: Outcome) -> None:
+        keys = tuple((r.policy_id, r.mode) for r in outcome.records)
+        decisions = tuple(r.decision for r in outcome.records)
+        self.count(keys, decisions, outcome.denied is not None,
+                   outcome.would_deny is not None)
+
+    def count(self, keys: tuple[tuple[str, str], ...], decisions: tuple[str, ...],
+              denied: bool, would_deny: bool) -> None:
+        """Count one request; `keys` ((policy id, mode) per decision) is a constant of
+        the policy set, so it is keyed by identity, not hashed per request."""
+        key = (id(keys), decisions, denied, would_deny)
+        with self._lock:
+            vectors = self._vectors
+            n = vectors.get(key)
+            if n is None:
+                if len(vectors) >= self.MAX_VECTORS:
+                    self._fold()
+                    vectors = self._vectors
+                self._keys[id(keys)] = keys
+                vectors[key] = 1
+            else:
+                vectors[key] = n + 1
+
+    def _fold(self) -> None:
+        counts = self._by_policy
+        for (keys_id, decisions, denied, would), n in self._vectors.items():
+            keys = self._keys[keys_id]
+            self.requests += n
+            self.denied += n if denied else 0
+            self.would_deny += n if would else 0
+            for (pid, mode), decision in zip(keys, decisions, strict=True):
+                k = (pid, mode, decision)
+                counts[k] = counts.get(k, 0) + n
+        self._vectors = {}
+        self._keys = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """{requests, denied, would_deny, policies: {id: {mode: {decision: n}}}}."""
+        with self._lock:
+            self._fold()
+            policies: dict[str, dict[str, dict[str, int]]] = {}
+            for (pid, mode, decision), n in sorted(self._by_policy.items()):
+                policies.setdefault(pid, {}).setdefault(mode, {})[decision] = n
+            return {"requests": self.requests, "denied": self.denied,
+                    "would_deny": self.would_deny, "policies": policies}
+
+
+# -- compiled policies ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    id: str
+    effect: str
+    mode: str
+    on_error: str
+    action: str
+    message: str
+    data_classes: frozenset[str]
+    level: str
+    attributes_used: tuple[str, ...]
+    program: Any
+    source: SourcedPolicy
+    # The decision recorded when the effect applies (deny / would_deny, strip ...).
+    applied_decision: str = ""
+    classes_sorted: tuple[str, ...] = ()
+
+    @property
+    def expression(self) -> str:
+        return self.source.spec.expression
+
+
+_CEL_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): ([^\n]*)")
+_UNDEFINED_FIELD = re.compile(r"undefined field '([^']*)' not found in struct '([^']*)'")
+_UNDECLARED = re.compile(r"undeclared reference to '([^']*)'")
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
+
+
+def _struct_fields(full_name: str) -> tuple[str, list[str]]:
+    msg = full_name.rsplit(".", 1)[-1]
+    roots = [r for r, m in _MESSAGES.items() if m == msg]
+    desc = getattr(pb, msg, None)
+    names = [f.name for f in desc.DESCRIPTOR.fields] if desc is not None else []
+    return (roots[0] if roots else msg), names
+
+
+def _reword(reason: str) -> str:
+    m = _UNDEFINED_FIELD.search(reason)
+    if m:
+        root, names = _struct_fields(m.group(2))
+        hint = difflib.get_close_matches(m.group(1), names, n=1)
+        tail = f"; did you mean {root}.{hint[0]}?" if hint else \
+            f"; {root} has: {', '.join(names)}"
+        return f"unknown attribute {root}.{m.group(1)}{tail}"
+    m = _UNDECLARED.search(reason)
+    if m:
+        name = m.group(1)
+        first = name.split(".", 1)[0]
+        hint = difflib.get_close_matches(first, list(_MESSAGES), n=1)
+        tail = f"; did you mean {hint[0]}{name[len(first):]}?" if hint else ""
+        return (f"unknown attribute or function {name!r} (attributes are "
+                f"{', '.join(_MESSAGES)}){tail}")
+    if reason.startswith("Syntax error:"):
+        return "syntax error: " + reason.removeprefix("Syntax error: ").split(" expecting ")[0]
+    return reason
+
+
+def sanitize_error(message: str) -> str:
+    """An evaluation error fit for a record: no quoted values, bounded."""
+    return _QUOTED.sub("…", str(message))[:200]
+
+
+def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
+    found = list(_CEL_ERROR.finditer(text))
+    if not found:
+        return [Problem(sp.file, sp.expr_line, sp.spec.id, f"expression: {text.strip()}")]
+    out = []
+    for m in found:
+        line, col = int(m.group(1)), int(m.group(2))
+        out.append(Problem(sp.file, _file_line(sp, line), sp.spec.id,
+                           f"{_reword(m.group(3).strip())} (expression line {line}, "
+                           f"column {col})"))
+    return out
+
+
+def _file_line(sp: SourcedPolicy, cel_line: int) -> int:
+    if sp.expr_literal_lines:
+        return sp.expr_line + cel_line - 1
+    return sp.expr_line or sp.line
+
+
+def _finding_problem(sp: SourcedPolicy, offset: int, reason: str, severity: str) -> Problem:
+    line, col = analysis.offset_to_line_col(sp.spec.expression, offset)
+    return Problem(sp.file, _file_line(sp, line), sp.spec.id,
+                   f"{reason} (expression line {line}, column {col})",
+                   "warning" if severity == "warning" else "error")
+
+
+def _level(spec: PolicySpec, roots: frozenset[str]) -> str:
+    if spec.effect == "tools":
+        return TOOL
+    if spec.effect in ("restrict", "redact") and "resource" in roots:
+        return CANDIDATE
+    return REQUEST
+
+
+def _root_rules(sp: SourcedPolicy, roots: frozenset[str]) -> list[Problem]:
+    spec, out = sp.spec, []
+    line = sp.expr_line or sp.line
+
+    def add(reason: str, severity: str = "error") -> None:
+        out.append(Problem(sp.file, line, spec.id, reason, severity))  # type: ignore[arg-type]
+
+    if "tool" in roots and spec.effect != "tools":
+        add(f"tool.* is only set while a tools policy runs; this policy's effect is "
+            f"{spec.effect}")
+    if "resource" in roots and spec.effect in ("deny", "allow"):
+        add(f"{spec.effect} policies are decided once per request and cannot read "
+            "resource.*; use effect: restrict to keep a request off some models")
+    if "resource" in roots and spec.effect == "tools":
+        add("tools policies cannot read resource.*: tools are decided before routing")
+    if spec.effect == "restrict" and "resource" not in roots:
+        add("reads no resource.*: when true it removes every candidate (that is a deny)",
+            "warning")
+    if spec.effect == "tools" and "tool" not in roots:
+        add("reads no tool.*: when true every tool of the request is out of scope",
+            "warning")
+    return out
+
+
+class PolicySet:
+    """A compiled, immutable set of policies; swap it whole on reload."""
+
+    def __init__(self, policies: tuple[CompiledPolicy, ...], settings: PolicySettings,
+                 warnings: tuple[Problem, ...], digest: str,
+                 stats: DecisionStats | None = None):
+        self.policies = policies
+        self.settings = settings
+        self.warnings = warnings
+        self.digest = digest
+        self.stats = stats if stats is not None else DecisionStats()
+        self.by_id = {p.id: p for p in policies}
+        self._request = tuple(p for p in policies if p.level == REQUEST)
+        self._candidate = tuple(p for p in policies if p.level == CANDIDATE)
+        self._tool = tuple(p for p in policies if p.level == TOOL)
+        slot: dict[str, int] = {}
+        for group in (self._request, self._candidate, self._tool):
+            for i, p in enumerate(group):
+                slot[p.id] = i
+        level_code = {REQUEST: 0, CANDIDATE: 1, TOOL: 2}
+        # Per policy: (policy, slot in its group, level, decision when nothing matched).
+        self._plan = tuple((p, slot[p.id], level_code[p.level],
+                            "no_match" if p.effect == "allow" else "allow",
+                            p.id, p.effect, p.mode, p.attributes_used) for p in policies)
+        self._stat_keys = tuple((p.id, p.mode) for p in policies)
+        self._req_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 0)
+        self._cand_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 1)
+        self._tool_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 2)
+        # Decisions when nothing matched, by (any candidates, any tools).
+        self._no_match = {
+            has_cand: {has_tools: tuple(
+                e[3] if e[2] == 0 or (e[2] == 1 and has_cand) or (e[2] == 2 and has_tools)
+                else "not_applicable" for e in self._plan)
+                for has_tools in (False, True)}
+            for has_cand in (False, True)}
+        self._default_deny_mode = ("dry_run" if settings.mode == "dry_run" else "enforce") \
+            if settings.default == "deny" else None
+        self._env = batch_env()
+        self._batch = self._compile_batch() if policies else None
+
+    # -- compile ----------------------------------------------------------------------
+
+    @classmethod
+    def compile(cls, policies: Iterable[SourcedPolicy | PolicySpec | Mapping[str, Any]],
+                settings: PolicySettings | None = None, source: str = "<policies>", *,
+                known_values: Mapping[str, Iterable[str]] | None = None,
+                known_data_classes: Iterable[str] | None = None,
+                stats: DecisionStats | None = None) -> PolicySet:
+        """Type-check every policy; raise PolicyError listing every error (with lines)."""
+        policy_set, problems = cls.lint(policies, settings, source, known_values=known_values,
+                                        known_data_classes=known_data_classes, stats=stats)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors or policy_set is None:
+            raise PolicyError(errors)
+        return policy_set
+
+    @classmethod
+    def lint(cls, policies: Iterable[SourcedPolicy | PolicySpec | Mapping[str, Any]],
+             settings: PolicySettings | None = None, source: str = "<policies>", *,
+             known_values: Mapping[str, Iterable[str]] | None = None,
+             known_data_classes: Iterable[str] | None = None,
+             stats: DecisionStats | None = None) -> tuple[PolicySet | None, list[Problem]]:
+        """Like compile, but returns (set or None, errors and warnings) for `check`."""
+        settings = settings or PolicySettings()
+        known = dict(known_values or {})
+        classes = frozenset(known_data_classes) if known_data_classes is not None else None
+        if classes is not None:
+            known.setdefault("request.data_classes{}", classes)
+        env = policy_env()
+        problems: list[Problem] = []
+        compiled: list[CompiledPolicy] = []
+        first_seen: dict[str, SourcedPolicy] = {}
+        hasher = hashlib.sha256(settings.model_dump_json().encode())
+        for n, item in enumerate(policies):
+            try:
+                sp = _sourced(item, source)
+            except ValidationError as exc:
+                problems += [Problem(source, 0, f"policies[{n}]." + ".".join(
+                    str(x) for x in e["loc"]), e["msg"]) for e in exc.errors()]
+                continue
+            spec = sp.spec
+            hasher.update(spec.model_dump_json().encode())
+            id_line = sp.field_lines.get("id", sp.line)
+            ok = True
+            if not POLICY_ID.fullmatch(spec.id):
+                problems.append(Problem(sp.file, id_line, spec.id,
+                                        "policy id must be namespaced like team.rule "
+                                        "(lowercase letters, digits, _ or -, dot-separated)"))
+                ok = False
+            elif spec.id.split(".", 1)[0] == RESERVED_NAMESPACE:
+                problems.append(Problem(sp.file, id_line, spec.id,
+                                        f"the {RESERVED_NAMESPACE}.* namespace is ATP's own"))
+                ok = False
+            if spec.id in first_seen:
+                prev = first_seen[spec.id]
+                problems.append(Problem(sp.file, id_line, spec.id,
+                                        f"duplicate policy id (first at {prev.file}:"
+                                        f"{prev.field_lines.get('id', prev.line)})"))
+                ok = False
+            else:
+                first_seen[spec.id] = sp
+            if classes is not None:
+                for dc in spec.data_classes:
+                    if dc not in classes:
+                        problems.append(Problem(
+                            sp.file, sp.field_lines.get("data_classes", sp.line), spec.id,
+                            f"unknown data class {dc!r} (known: {', '.join(sorted(classes))})"))
+                        ok = False
+            try:
+                program = env.compile(spec.expression)
+            except RuntimeError as exc:
+                problems += _expr_problems(sp, str(exc))
+                continue
+            rtype = program.return_type()
+            if rtype != cel.Type.BOOL:
+                problems.append(Problem(sp.file, sp.expr_line or sp.line, spec.id,
+                                        f"expression must be a bool, not {rtype.name().lower()}"
+                                        " (compare it explicitly, e.g. `== true`)"))
+                continue
+            an = analysis.analyze(program.serialize(), known)
+            before = len(problems)
+            problems += _root_rules(sp, an.roots)
+            problems += _constant_problems(sp, an, program)
+            for finding in an.findings:
+                problems.append(_finding_problem(sp, finding.offset, finding.reason,
+                                                 finding.severity))
+            for offset, pattern in an.patterns:
+                bad = _bad_regex(pattern)
+                if bad:
+                    problems.append(_finding_problem(sp, offset, f"invalid regex: {bad}",
+                                                     "error"))
+            if an.node_count > MAX_AST_NODES:
+                problems.append(Problem(sp.file, sp.expr_line or sp.line, spec.id,
+                                        f"expression too large ({an.node_count} nodes; limit "
+                                        f"{MAX_AST_NODES}): split it into several policies"))
+            if any(p.severity == "error" for p in problems[before:]) or not ok:
+                continue
+            compiled.append(CompiledPolicy(
+                id=spec.id, effect=spec.effect, mode=settings.effective_mode(spec),
+                on_error=spec.on_error, action=spec.action,
+                message=spec.message or _default_message(spec),
+                data_classes=frozenset(spec.data_classes), level=_level(spec, an.roots),
+                attributes_used=an.attributes_used, program=program, source=sp,
+                applied_decision=_applied_decision(spec, settings.effective_mode(spec)),
+                classes_sorted=tuple(sorted(spec.data_classes))))
+        if any(p.severity == "error" for p in problems):
+            return None, problems
+        warnings = tuple(p for p in problems if p.severity == "warning")
+        return cls(tuple(compiled), settings, warnings, hasher.hexdigest()[:12],
+                   stats), problems
+
+    def _batch_source(self) -> str:
+        def join(group: Sequence[CompiledPolicy]) -> str:
+            # Newline before ')' so a trailing // comment cannot swallow it.
+            return "[" + ", ".join(f"(\n{p.expression}\n)" for p in group) + "]"
+
+        # One message variable `a` (one copy into C++ per request); cel.bind gives the
+        # policies their own names for its parts.
+        return ("cel.bind(subject, a.subject, cel.bind(request, a.request, "
+                "cel.bind(context, a.context, "
+                f"[{join(self._request)}, a.candidates.map(resource, {join(self._candidate)}), "
+                f"request.tool_details.map(tool, {join(self._tool)})])))")
+
+    def _compile_batch(self) -> Any:
+        try:
+            return self._env.compile(self._batch_source())
+        except RuntimeError as exc:  # pragma: no cover - every part checked on its own
+            raise PolicyError([Problem("<batch>", 0, "", f"internal: batch program does not "
+                                       f"compile: {exc}")]) from None
+
+    # -- evaluate ---------------------------------------------------------------------
+
+    def evaluate(self, attrs: Attributes | pb.Attributes,
+                 candidates: Sequence[CandidateInfo] = ()) -> Outcome:
+        """Decide one request. `candidates`: the models routing may choose, in order.
+
+        Sets the document's `candidates` to these (each with its estimated cost).
+        """
+        t0 = time.perf_counter_ns()
+        doc = self._prepare(attrs, candidates)
+        results: Any = None
+        if self._batch is not None:
+            try:
+                value = self._batch.eval(self._env.Activation({"a": doc})).plain_value()
+            except Exception:  # the slow path pins any failure on its policy
+                value = None
+            if isinstance(value, list):
+                results = value
+        if results is None:
+            results = self._evaluate_each(doc)
+        elapsed = (time.perf_counter_ns() - t0) / 1000.0
+        outcome = self._combine(results, candidates, doc.request.tool_details, elapsed)
+        outcome.eval_us = (time.perf_counter_ns() - t0) / 1000.0
+        return outcome
+
+    def _prepare(self, attrs: Attributes | pb.Attributes,
+                 candidates: Sequence[CandidateInfo]) -> pb.Attributes:
+        doc = attrs.doc if isinstance(attrs, Attributes) else attrs
+        cands = doc.candidates
+        if cands:
+            del cands[:]
+        if candidates and self._candidate:
+            request = doc.request
+            for c in candidates:
+                c.add_to(cands, request)
+        return doc
+
+    def raw_results(self, attrs: Attributes | pb.Attributes,
+                    candidates: Sequence[CandidateInfo] = (), *, batch: bool = True) -> Any:
+        """[request results, per-candidate rows, per-tool rows] as evaluate sees them:
+        bools, or the error text. batch=False evaluates each policy on its own."""
+        doc = self._prepare(attrs, candidates)
+        if batch and self._batch is not None:
+            return self._batch.eval(self._env.Activation({"a": doc})).plain_value()
+        return self._evaluate_each(doc)
+
+    def _evaluate_each(self, doc: pb.Attributes) -> list[Any]:
+        """The slow path: each policy on its own, so an error names its policy."""
+        env = policy_env()
+        request = doc.request
+        resources = list(doc.candidates)
+        base = {"subject": doc.subject, "request": request, "context": doc.context}
+        act = env.Activation(base)
+
+        def run(p: CompiledPolicy, activation: Any) -> Any:
+            try:
+                value = p.program.eval(activation).plain_value()
+            except Exception as exc:
+                return sanitize_error(f"{type(exc).__name__}: {exc}")
+            return value if isinstance(value, bool) else sanitize_error(str(value))
+
+        req = [run(p, act) for p in self._request]
+        cand = []
+        for res in resources:
+            cact = env.Activation({**base, "resource": res})
+            cand.append([run(p, cact) for p in self._candidate])
+        tools = []
+        for tool in request.tool_details:
+            tact = env.Activation({**base, "tool": tool})
+            tools.append([run(p, tact) for p in self._tool])
+        return [req, cand, tools]
+
+    def _combine(self, results: list[Any], candidates: Sequence[CandidateInfo],
+                 tools: Sequence[pb.Tool], elapsed_us: float) -> Outcome:
+        req_res, cand_res, tool_res = results
+        share = round(elapsed_us / len(self.policies), 2) if self.policies else 0.0
+        n_cand = len(candidates)
+        n_tools = len(tool_res)
+        # Only policies that matched or failed somewhere need any work: find them at C
+        # speed (list.count), in policy order.
+        todo: list[tuple[int, list[Any]]] = []
+        if req_res.count(False) != len(req_res):
+            for idx, slot in self._req_index:
+                r = req_res[slot]
+                if r is not False:
+                    todo.append((idx, [r]))
+        if n_cand and self._cand_index:
+            columns = list(zip(*cand_res, strict=True))  # per policy: one per candidate
+            for idx, slot in self._cand_index:
+                column = columns[slot]
+                if column.count(False) != n_cand:
+                    todo.append((idx, list(column)))
+        if n_tools and self._tool_index:
+            columns = list(zip(*tool_res, strict=True))
+            for idx, slot in self._tool_index:
+                column = columns[slot]
+                if column.count(False) != n_tools:
+                    todo.append((idx, list(column)))
+        decisions = list(self._no_match[bool(n_cand)][bool(n_tools)])
+        hits = _Hits()
+        applied: dict[int, DecisionRecord] = {}
+        if todo:
+            todo.sort(key=_first)
+            plan = self._plan
+            for idx, outcomes in todo:
+                p = plan[idx][0]
+                record = self._applied(p, plan[idx][2], outcomes, hits, candidates, tools,
+                                       share)
+                decisions[idx] = record.decision
+                applied[idx] = record
+        denied, allowed, empty_reasons, redactions, tools_denied, tools_strip = self._decide(
+            True, hits, candidates, tools)
+        if hits.any_dry or self._default_deny_mode == "dry_run":
+            would = self._would_deny(hits, candidates, tools)
+        else:
+            would = denied
+        self.stats.count(self._stat_keys, tuple(decisions), denied is not None,
+                         would is not None)
+        return Outcome(denied, allowed, redactions, tools_denied, tools_strip, empty_reasons,
+                       would, elapsed_us, plan=self._plan, decisions=decisions,
+                       applied=applied, share=share)
+
+    def _applied(self, p: CompiledPolicy, level: int, outcomes: list[Any], hits: _Hits,
+                 candidates: Sequence[CandidateInfo], tools: Sequence[pb.Tool],
+                 share: float) -> DecisionRecord:
+        """The record of a policy that matched or failed somewhere; notes its hits."""
+        enforced = p.mode == "enforce"
+        if not enforced:
+            hits.any_dry = True
+        applies: list[int] = []
+        error: str | None = None
+        for i, r in enumerate(outcomes):
+            if r is True:
+                applies.append(i)
+            elif r is not False:
+                error = r if isinstance(r, str) else "non-bool result"
+                if p.on_error == "apply":
+                    applies.append(i)
+        if error is not None and p.on_error == "deny":
+            hits.denies.append((p, enforced, f"policy {p.id} could not be evaluated"))
+        effect = p.effect
+        targets: tuple[str, ...] = ()
+        if applies:
+            decision, reason = p.applied_decision, p.message
+        else:
+            decision, reason = ("no_match" if effect == "allow" else "allow"), ""
+        if effect == "deny":
+            if applies:
+                hits.denies.append((p, enforced, p.message))
+        elif effect == "allow":
+            if applies:
+                hits.allows.append(enforced)
+            reason = ""
+        elif effect == "restrict":
+            hit = (range(len(candidates)) if applies else ()) if level == 0 else applies
+            removed = hits.removed
+            for i in hit:
+                if i in removed:
+                    removed[i].append((p, enforced))
+                else:
+                    removed[i] = [(p, enforced)]
+            targets = tuple([candidates[i].model for i in hit])
+        elif effect == "redact":
+            if applies:
+                if level == 0:
+                    hits.redact_all.append((p, enforced))
+                else:
+                    for i in applies:
+                        hits.redact_cand.setdefault(i, []).append((p, enforced))
+                targets = p.classes_sorted
+        else:  # tools
+            for i in applies:
+                hits.tools.append((p, enforced, i))
+            targets = tuple([safe_name(tools[i].name, i) for i in applies])
+        if error is not None:
+            decision = "error"
+            consequence = {"deny": "request denied" if enforced else
+                           "request would be denied (dry run)",
+                           "skip": "policy skipped", "apply": "effect applied"}[p.on_error]
+            reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
+        return DecisionRecord(p.id, effect, p.mode, decision, reason, p.attributes_used,
+                              share, targets)
+
+    def _decide(self, respect_modes: bool, hits: _Hits, candidates: Sequence[CandidateInfo],
+                tools: Sequence[pb.Tool]):
+        if not (hits.denies or hits.tools or hits.removed or hits.redact_all
+                or hits.redact_cand):
+            denied = None
+            if self._default_deny_mode is not None and not (
+                    hits.allows and (not respect_modes or any(hits.allows))) and \
+                    (self._default_deny_mode == "enforce" or not respect_modes):
+                denied = _DEFAULT_DENY
+            return denied, tuple(candidates), (), _NO_CLASSES, (), ()
+
+        def on(enforced: bool) -> bool:
+            return enforced or not respect_modes
+
+        denied: Decision | None = None
+        deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if on(enforced)]
+        if deny_msgs:
+            p, msg = deny_msgs[0]
+            denied = Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in deny_msgs))
+        tools_denied: list[str] = []
+        tools_strip: list[str] = []
+        deny_tool_policy: CompiledPolicy | None = None
+        for p, enforced, i in hits.tools:
+            if not on(enforced):
+                continue
+            name = tools[i].name
+            if p.action == "deny":
+                if name not in tools_denied:
+                    tools_denied.append(name)
+                deny_tool_policy = deny_tool_policy or p
+            elif tools[i].declared and name not in tools_strip:
+                tools_strip.append(name)
+        if denied is None and deny_tool_policy is not None:
+            shown = ", ".join(safe_name(t, i) for i, t in enumerate(tools_denied))
+            denied = Decision(deny_tool_policy.id,
+                              f"{deny_tool_policy.message} (tools: {shown})")
+        if denied is None and self._default_deny_mode is not None and \
+                on(self._default_deny_mode == "enforce") and \
+                not any(on(enforced) for enforced in hits.allows):
+            denied = _DEFAULT_DENY
+        if not hits.removed:
+            allowed = tuple(candidates)
+            allowed_idx: Iterable[int] = range(len(candidates))
+            empty_reasons: tuple[str, ...] = ()
+        else:
+            kept: list[CandidateInfo] = []
+            kept_idx: list[int] = []
+            reasons: dict[str, None] = {}
+            for i, cand in enumerate(candidates):
+                removers = [p for p, enforced in hits.removed.get(i, ()) if on(enforced)]
+                if removers:
+                    for p in removers:
+                        reasons.setdefault(f"{p.id}: {p.message}", None)
+                else:
+                    kept.append(cand)
+                    kept_idx.append(i)
+            allowed, allowed_idx = tuple(kept), kept_idx
+            empty_reasons = ()
+            if candidates and not kept:
+                empty_reasons = tuple(reasons)
+                if denied is None:
+                    ids = {r.split(":", 1)[0] for r in empty_reasons}
+                    pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
+                    denied = Decision(pid, "No model may serve this request: "
+                                      + "; ".join(empty_reasons), empty_reasons)
+        redactions: frozenset[str] = _NO_CLASSES
+        if hits.redact_all or hits.redact_cand:
+            found: set[str] = set()
+            for p, enforced in hits.redact_all:
+                if on(enforced):
+                    found |= p.data_classes
+            for i in allowed_idx:
+                for p, enforced in hits.redact_cand.get(i, ()):
+                    if on(enforced):
+                        found |= p.data_classes
+            redactions = frozenset(found)
+        return (denied, allowed, empty_reasons, redactions, tuple(tools_denied),
+                tuple(tools_strip))
+
+
+    def _would_deny(self, hits: _Hits, candidates: Sequence[CandidateInfo],
+                    tools: Sequence[pb.Tool]) -> Decision | None:
+        """The refusal if every dry-run policy were enforced (the same rules as
+        _decide, every hit counted)."""
+        if hits.denies:
+            p, _, msg = hits.denies[0]
+            return Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, _, m in hits.denies))
+        deny_tool = [(p, i) for p, _, i in hits.tools if p.action == "deny"]
+        if deny_tool:
+            names = list(dict.fromkeys(tools[i].name for _, i in deny_tool))
+            shown = ", ".join(safe_name(t, i) for i, t in enumerate(names))
+            p = deny_tool[0][0]
+            return Decision(p.id, f"{p.message} (tools: {shown})")
+        if self._default_deny_mode is not None and not hits.allows:
+            return _DEFAULT_DENY
+        if candidates and len(hits.removed) == len(candidates):
+            reasons = tuple(dict.fromkeys(
+                f"{p.id}: {p.message}" for i in range(len(candidates))
+                for p, _ in hits.removed[i]))
+            ids = {r.split(":", 1)[0] for r in reasons}
+            pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
+            return Decision(pid, "No model may serve this request: " + "; ".join(reasons),
+                            reasons)
+        return None
+
+
+_NO_CLASSES: frozenset[str] = frozenset()
+
+
+def _first(item: tuple[int, Any]) -> int:
+    return item[0]
+
+
+_DEFAULT_DENY = Decision(DEFAULT_DENY_ID, "No policy allows this request")
+
+
+class _Hits:
+    """What matched in one evaluation, with whether each hit is enforced."""
+
+    __slots__ = ("allows", "any_dry", "denies", "redact_all", "redact_cand", "removed",
+                 "tools")
+
+    def __init__(self) -> None:
+        self.denies: list[tuple[CompiledPolicy, bool, str]] = []
+        self.allows: list[bool] = []
+        self.removed: dict[int, list[tuple[CompiledPolicy, bool]]] = {}
+        self.redact_all: list[tuple[CompiledPolicy, bool]] = []
+        self.redact_cand: dict[int, list[tuple[CompiledPolicy, bool]]] = {}
+        self.tools: list[tuple[CompiledPolicy, bool, int]] = []
+        self.any_dry = False
+
+
+def _applied_decision(spec: PolicySpec, mode: str) -> str:
+    word = {"deny": "deny", "allow": "allow", "restrict": "restrict", "redact": "redact",
+            "tools": spec.action}[spec.effect]
+    return word if mode == "enforce" else f"would_{word}"
+
+
+def _default_message(spec: PolicySpec) -> str:
+    return {
+        "deny": f"Request denied by policy {spec.id}",
+        "allow": f"Allowed by policy {spec.id}",
+        "restrict": f"Model excluded by policy {spec.id}",
+        "redact": f"Redaction of {', '.join(spec.data_classes)} required by policy {spec.id}",
+        "tools": f"Tool not allowed by policy {spec.id}",
+    }[spec.effect]
+
+
+def _sourced(item: SourcedPolicy | PolicySpec | Mapping[str, Any], source: str
+             ) -> SourcedPolicy:
+    if isinstance(item, SourcedPolicy):
+        return item
+    if isinstance(item, PolicySpec):
+        return SourcedPolicy(item, source)
+    return SourcedPolicy(PolicySpec.model_validate(dict(item)), source)
+
+
+def _constant_problems(sp: SourcedPolicy, an: analysis.Analysis, program: Any
+                       ) -> list[Problem]:
+    value = an.constant
+    if value is analysis.NO_ATTRIBUTES:
+        result = program.eval(policy_env().Activation({})).plain_value()
+        if not isinstance(result, bool):
+            return [Problem(sp.file, sp.expr_line or sp.line, sp.spec.id,
+                            f"reads no attribute and always fails: {sanitize_error(result)}")]
+        value = result
+    if value is None:
+        return []
+    meaning = {("deny", True): "denies every request", ("deny", False): "never denies",
+               ("allow", True): "allows every request", ("allow", False): "never allows"}
+    what = meaning.get((sp.spec.effect, value),
+                       "applies to everything" if value else "never applies")
+    return [Problem(sp.file, sp.expr_line or sp.line, sp.spec.id,
+                    f"expression is constant: always {str(value).lower()} ({what})")]
+
+
+def _bad_regex(pattern: str) -> str | None:
+    env, program = _regex_checker()
+    value = program.eval(env.Activation({"p": pattern})).plain_value()
+    return None if isinstance(value, bool) else sanitize_error(value)
+
+
+__all__ = [
+    "DEFAULT_DENY_ID",
+    "NO_CANDIDATE_ID",
+    "CompiledPolicy",
+    "Decision",
+    "DecisionRecord",
+    "DecisionStats",
+    "Outcome",
+    "PolicySet",
+]

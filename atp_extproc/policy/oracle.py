@@ -1,0 +1,227 @@
+"""cel-python (pure Python CEL) as an independent oracle for the engine's results.
+
+Used by the tests (tests/test_policy_oracle.py), never on the request path: cel-python
+is a dev dependency. The attribute document is handed over as CEL values with the same
+semantics the C++ runtime gives protobuf messages: unset scalars read as their zero value,
+and has() on a message field follows proto3 presence (scalars: not zero; lists and maps:
+not empty; messages: set). cel-python leaves message has() to the caller, so this module
+supplies it. Equality follows the CEL spec's heterogeneous equality, as the C++ runtime
+does: `1 == 1.0` is true and values of unrelated types are simply not equal (`1.0 !=
+'eu'` is true), where cel-python would raise "no such overload".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import celpy
+import lark
+from celpy import celtypes
+from celpy.evaluation import CELEvalError, Evaluator
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
+
+from atp_extproc.policy.gen.atp import policy_pb2 as pb
+
+ERROR = "error"
+
+
+class ProtoMessage(celtypes.MessageType):
+    """A message as a CEL map of every field, remembering proto3 presence."""
+
+    present: frozenset[str] = frozenset()
+
+
+def _is_repeated(f: FieldDescriptor) -> bool:
+    if hasattr(f, "is_repeated"):
+        return bool(f.is_repeated)
+    return f.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _scalar(f: FieldDescriptor, value: Any) -> Any:
+    t = f.type
+    if t == FieldDescriptor.TYPE_BOOL:
+        return celtypes.BoolType(value)
+    if t in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_INT32,
+             FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SINT32,
+             FieldDescriptor.TYPE_SFIXED64, FieldDescriptor.TYPE_SFIXED32):
+        return celtypes.IntType(value)
+    if t in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_UINT32,
+             FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_FIXED32):
+        return celtypes.UintType(value)
+    if t in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return celtypes.DoubleType(value)
+    if t == FieldDescriptor.TYPE_STRING:
+        return celtypes.StringType(value)
+    if t == FieldDescriptor.TYPE_BYTES:
+        return celtypes.BytesType(value)
+    if t == FieldDescriptor.TYPE_ENUM:
+        return celtypes.IntType(value)
+    raise TypeError(f"unsupported field type {t}")
+
+
+def _json_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _struct(value.struct_value)
+    if kind == "list_value":
+        return celtypes.ListType([_json_value(v) for v in value.list_value.values])
+    if kind == "string_value":
+        return celtypes.StringType(value.string_value)
+    if kind == "number_value":
+        return celtypes.DoubleType(value.number_value)
+    if kind == "bool_value":
+        return celtypes.BoolType(value.bool_value)
+    return None
+
+
+def _struct(s: struct_pb2.Struct) -> celtypes.MapType:
+    return celtypes.MapType({celtypes.StringType(k): _json_value(v)
+                             for k, v in s.fields.items()})
+
+
+def _message_value(msg: Any) -> Any:
+    if isinstance(msg, struct_pb2.Struct):
+        return _struct(msg)
+    if isinstance(msg, timestamp_pb2.Timestamp):
+        return celtypes.TimestampType(msg.ToJsonString())
+    return to_cel(msg)
+
+
+def to_cel(msg: Any) -> ProtoMessage:
+    """A protobuf message as cel-python values, every declared field present."""
+    fields: dict[Any, Any] = {}
+    present: set[str] = set()
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        key = celtypes.StringType(f.name)
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value_field = f.message_type.fields_by_name["value"]
+            key_field = f.message_type.fields_by_name["key"]
+            fields[key] = celtypes.MapType({
+                _scalar(key_field, k): (_message_value(v) if value_field.message_type
+                                        else _scalar(value_field, v))
+                for k, v in value.items()})
+            if len(value):
+                present.add(f.name)
+        elif _is_repeated(f):
+            fields[key] = celtypes.ListType([
+                _message_value(v) if f.message_type else _scalar(f, v) for v in value])
+            if len(value):
+                present.add(f.name)
+        elif f.message_type is not None:
+            fields[key] = _message_value(value)
+            if msg.HasField(f.name):
+                present.add(f.name)
+        else:
+            fields[key] = _scalar(f, value)
+            if value != f.default_value:
+                present.add(f.name)
+    out = ProtoMessage(fields)
+    out.present = frozenset(present)
+    return out
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, celtypes.BoolType):
+        return "bool"
+    if isinstance(value, (celtypes.IntType, celtypes.UintType, celtypes.DoubleType)):
+        return "number"
+    if isinstance(value, celtypes.ListType):
+        return "list"
+    if isinstance(value, celtypes.MapType):
+        return "map"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _equal(a: Any, b: Any) -> bool:
+    ka, kb = _kind(a), _kind(b)
+    if ka != kb:
+        return False
+    if ka == "number":
+        return float(a) == float(b) if isinstance(a, celtypes.DoubleType) or \
+            isinstance(b, celtypes.DoubleType) else int(a) == int(b)
+    if ka == "list":
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if ka == "map":
+        return len(a) == len(b) and all(
+            any(_equal(k, k2) and _equal(v, b[k2]) for k2 in b) for k, v in a.items())
+    return bool(a == b)
+
+
+def _spec_eq(a: Any, b: Any) -> Any:
+    if isinstance(a, CELEvalError):
+        return a
+    if isinstance(b, CELEvalError):
+        return b
+    return celtypes.BoolType(_equal(a, b))
+
+
+def _spec_ne(a: Any, b: Any) -> Any:
+    result = _spec_eq(a, b)
+    return result if isinstance(result, CELEvalError) else celtypes.BoolType(not result)
+
+
+SPEC_FUNCTIONS = {"_==_": _spec_eq, "_!=_": _spec_ne}
+
+
+class _ProtoEvaluator(Evaluator):
+    """cel-python's evaluator with proto3 has() for ProtoMessage values."""
+
+    def macro_has_eval(self, exprlist: lark.Tree) -> celtypes.BoolType:
+        node: Any = exprlist
+        while isinstance(node, lark.Tree) and node.data != "member_dot" and \
+                len(node.children) == 1:
+            node = node.children[0]
+        if isinstance(node, lark.Tree) and node.data == "member_dot":
+            member_tree, name_token = node.children
+            member = self.visit(member_tree)
+            if isinstance(member, ProtoMessage):
+                name = str(name_token)
+                if celtypes.StringType(name) not in member:
+                    return CELEvalError(f"no_such_field {name}", KeyError, None)  # type: ignore[return-value]
+                return celtypes.BoolType(name in member.present)
+        return super().macro_has_eval(exprlist)
+
+
+class _Runner(celpy.InterpretedRunner):
+    def evaluate(self, context: Any) -> Any:
+        e = _ProtoEvaluator(ast=self.ast, activation=self.new_activation())
+        return e.evaluate(context)
+
+
+class Oracle:
+    """Evaluates single policy expressions with cel-python; results True/False/'error'."""
+
+    def __init__(self) -> None:
+        self.env = celpy.Environment(runner_class=_Runner)
+        self._programs: dict[str, Any] = {}
+
+    def program(self, expression: str) -> Any:
+        prog = self._programs.get(expression)
+        if prog is None:
+            prog = self.env.program(self.env.compile(expression), functions=SPEC_FUNCTIONS)
+            self._programs[expression] = prog
+        return prog
+
+    def evaluate(self, expression: str, doc: pb.Attributes,
+                 resource: pb.Resource | None = None, tool: pb.Tool | None = None) -> Any:
+        activation = {"subject": to_cel(doc.subject), "request": to_cel(doc.request),
+                      "context": to_cel(doc.context)}
+        if resource is not None:
+            activation["resource"] = to_cel(resource)
+        if tool is not None:
+            activation["tool"] = to_cel(tool)
+        try:
+            value = self.program(expression).evaluate(activation)
+        except CELEvalError:
+            return ERROR
+        except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError):
+            return ERROR
+        if isinstance(value, CELEvalError):
+            return ERROR
+        if isinstance(value, celtypes.BoolType):
+            return bool(value)
+        return ERROR

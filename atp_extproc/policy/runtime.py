@@ -1,0 +1,200 @@
+"""Policies in the running server: built from atp.yaml, swapped whole on reload.
+
+Two ways in, same rules:
+
+- `policy_set_from_config(text, source)`: call it from config.parse so the PolicySet is
+  part of the Snapshot; a snapshot that fails (a policy that does not type-check) is
+  refused by the existing reload logic, which keeps the old snapshot, hence the old
+  policies, and logs why.
+- `PolicyStore`: holds the current PolicySet and reloads it from a file on its own
+  (for a caller that reloads policies apart from the snapshot).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from atp_extproc.llm_api import OPERATIONS
+from atp_extproc.policy.engine import DecisionStats, PolicySet
+from atp_extproc.policy.settings import (
+    LoadedPolicies,
+    PolicyError,
+    Problem,
+    load_file,
+    load_text,
+)
+
+log = logging.getLogger("atp.policy")
+
+AUTH_METHODS = ("api_key", "jwt", "trusted_header", "anonymous")
+
+
+def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """Values literals in policies are checked against (warnings, not errors)."""
+    models = [m for m in raw.get("models") or () if isinstance(m, dict)]
+    routes = [r for r in raw.get("routes") or () if isinstance(r, dict)]
+    known: dict[str, frozenset[str]] = {
+        "request.operation": frozenset(OPERATIONS.values()),
+        "request.path": frozenset(OPERATIONS),
+        "subject.auth_method": frozenset(AUTH_METHODS),
+        "resource.egress": frozenset({"internal", "external"}),
+    }
+    if models:
+        known["resource.model"] = frozenset(str(m.get("name")) for m in models)
+        known["resource.cluster"] = frozenset(str(m.get("cluster")) for m in models)
+        known["resource.provider"] = frozenset(
+            str(m.get("provider") or m.get("cluster")) for m in models)
+        known["resource.region"] = frozenset(str(m.get("region", "unspecified"))
+                                             for m in models)
+    if routes:
+        known["context.route"] = frozenset(str(r.get("name")) for r in routes)
+        aliases: set[str] = set()
+        for r in routes:
+            if isinstance(r.get("aliases"), dict):
+                aliases |= {str(a) for a in r["aliases"]}
+        known["request.alias"] = frozenset(aliases)
+    return known
+
+
+def compile_loaded(loaded: LoadedPolicies, *, stats: DecisionStats | None = None,
+                   known_data_classes: Iterable[str] | None = None) -> PolicySet:
+    errors = [p for p in loaded.problems if p.severity == "error"]
+    if errors:
+        raise PolicyError(errors)
+    source = loaded.files[0] if loaded.files else "<policies>"
+    return PolicySet.compile(loaded.policies, loaded.settings, source,
+                             known_values=known_values(loaded.raw),
+                             known_data_classes=known_data_classes, stats=stats)
+
+
+def policy_set_from_config(text: str, source: str, *, base_dir: Path | None = None,
+                           stats: DecisionStats | None = None,
+                           known_data_classes: Iterable[str] | None = None
+                           ) -> tuple[PolicySet, LoadedPolicies]:
+    """Policies of an atp.yaml text; raises PolicyError (file:line problems)."""
+    loaded = load_text(text, source, base_dir=base_dir)
+    return compile_loaded(loaded, stats=stats, known_data_classes=known_data_classes), loaded
+
+
+class PolicyStore:
+    """The PolicySet in force. `reload()` swaps it atomically or keeps the old one."""
+
+    def __init__(self, path: str | Path, *, known_data_classes: Iterable[str] | None = None):
+        self.path = Path(path)
+        self.known_data_classes = known_data_classes
+        self.stats = DecisionStats()
+        self._lock = threading.Lock()
+        loaded = load_file(self.path)
+        self._current = compile_loaded(loaded, stats=self.stats,
+                                       known_data_classes=known_data_classes)
+        self.files = loaded.files
+        self.version = loaded.digest
+        self.last_problems: tuple[Problem, ...] = ()
+
+    @property
+    def current(self) -> PolicySet:
+        return self._current
+
+    def reload(self) -> bool:
+        """True if a new set is in force; False keeps the old one (see last_problems)."""
+        loaded = load_file(self.path)
+        if loaded.digest and loaded.digest == self.version:
+            return False
+        try:
+            new = compile_loaded(loaded, stats=self.stats,
+                                 known_data_classes=self.known_data_classes)
+        except PolicyError as exc:
+            self.last_problems = exc.details
+            log.error("policy reload refused; keeping version %s", self.version,
+                      extra={"record": {"policy_problems": [str(p) for p in exc.details]}})
+            return False
+        with self._lock:
+            self._current = new
+            self.files = loaded.files
+            self.version = loaded.digest
+            self.last_problems = ()
+        log.info("policies reloaded", extra={"record": {"policy_version": self.version,
+                                                         "policies": len(new.policies)}})
+        return True
+
+
+# -- glue for the exchange ------------------------------------------------------------
+
+
+def _claim_strings(payload: Mapping[str, Any], key: str) -> list[str]:
+    value = payload.get(key)
+    if isinstance(value, str):
+        return value.split()  # OAuth-style space-separated scopes/roles
+    if isinstance(value, list):
+        return [v for v in value[:64] if isinstance(v, str)]
+    return []
+
+
+def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
+                           jwt_payload: Any, path: str, operation: str, alias: str,
+                           body_bytes: int, doc: Mapping[str, Any],
+                           data_classes: Mapping[str, int] | None = None, route: str = "",
+                           environment: str = "", request_id: str = "",
+                           config_version: str = "") -> Any:
+    """The attribute document for one exchange, from what the exchange already has.
+
+    jwt_payload: the jwt_authn payload (a google.protobuf.Struct, or a dict) or None;
+    `sub` becomes subject.user, `groups`/`roles` become subject.groups/roles.
+    doc: the parsed body; data_classes: {class: findings} from redaction's detection.
+    """
+    from google.protobuf import struct_pb2
+
+    from atp_extproc.llm_api import estimate_tokens
+    from atp_extproc.policy.attributes import build_attributes, request_from_body
+
+    claims: Any = None
+    plain: Mapping[str, Any] = {}
+    if jwt_payload is not None:
+        claims = jwt_payload
+        if isinstance(jwt_payload, struct_pb2.Struct):
+            plain = {k: (v.string_value if v.HasField("string_value") else
+                         [x.string_value for x in v.list_value.values[:64]]
+                         if v.HasField("list_value") else None)
+                     for k, v in jwt_payload.fields.items() if k in ("sub", "groups", "roles")}
+        elif isinstance(jwt_payload, Mapping):
+            plain = jwt_payload
+    subject: dict[str, Any] = {"tenant": tenant, "auth_method": auth_method,
+                               "key_id": key_id or ""}
+    if claims is not None:
+        subject["claims"] = claims
+        if isinstance(plain.get("sub"), str):
+            subject["user"] = plain["sub"]
+        subject["groups"] = _claim_strings(plain, "groups")
+        subject["roles"] = _claim_strings(plain, "roles")
+    request, cut = request_from_body(operation, doc)
+    request.update(path=path, alias=alias, body_bytes=body_bytes,
+                   token_estimate=estimate_tokens(body_bytes))
+    if data_classes:
+        request["data_classes"] = data_classes
+    context = {"route": route, "environment": environment, "request_id": request_id,
+               "config_version": config_version}
+    if cut:
+        context["truncated"] = cut
+    return build_attributes(subject, request, context)
+
+
+def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | None:
+    """The body's `tools` without `names` (for llm_api.rewrite), or None if unchanged."""
+    tools = doc.get("tools")
+    drop = set(names)
+    if not isinstance(tools, list) or not drop:
+        return None
+    kept = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        spec = fn if isinstance(fn, dict) else tool
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) and isinstance(tool, dict):
+            name = tool.get("type")
+        if name not in drop:
+            kept.append(tool)
+    return kept if len(kept) != len(tools) else None

@@ -1,0 +1,374 @@
+"""The `policy:` section and `policies:` entries of atp.yaml, and loading them with lines.
+
+Policies live in atp.yaml (`policies:`) or in files it includes (`policy.include`, globs
+relative to atp.yaml, each holding `policies:`). Every problem found while loading names
+the file and the line, so `atp-extproc check` can print `file:line: reason`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# `team.rule`: a namespace, a dot, a name; lowercase so ids compare and grep cleanly.
+POLICY_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}(\.[a-z][a-z0-9_-]{0,63}){1,3}$")
+# Ids the engine itself uses in decisions (default deny, empty candidate set).
+RESERVED_NAMESPACE = "atp"
+DATA_CLASS = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+Effect = Literal["deny", "allow", "restrict", "redact", "tools"]
+Mode = Literal["dry_run", "enforce"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PolicySpec(_Frozen):
+    """One policy: a CEL condition and what happens when it is true."""
+
+    # Checked by the compiler (namespace, duplicates) so `check` reports it with a line.
+    id: Annotated[str, Field(min_length=1, max_length=200)]
+    description: str = ""
+    owner: str = ""
+    # CEL; true means "the effect applies" (deny: deny; allow: allow; restrict: remove this
+    # candidate; redact: require the data classes; tools: this tool is out of scope).
+    expression: Annotated[str, Field(min_length=1, max_length=4096)]
+    effect: Effect
+    mode: Mode = "enforce"
+    # What an evaluation error does: deny the request (fail closed), skip the policy, or
+    # apply the effect as if the condition were true.
+    on_error: Literal["deny", "skip", "apply"] = "deny"
+    # Shown to the client on deny (403) and in decision records: write it for a human.
+    message: Annotated[str, Field(max_length=500)] = ""
+    # redact: the data classes that must be redacted before the request leaves.
+    data_classes: tuple[Annotated[str, Field(pattern=DATA_CLASS.pattern)], ...] = ()
+    # tools: what happens to a tool outside the scope: the request is denied, or the tool
+    # is removed from the request's `tools` before it leaves.
+    tool_action: Literal["deny", "strip"] | None = None
+
+    @model_validator(mode="after")
+    def _effect_fields(self) -> PolicySpec:
+        if self.effect == "redact" and not self.data_classes:
+            raise ValueError("a redact policy must list data_classes")
+        if self.effect != "redact" and self.data_classes:
+            raise ValueError("data_classes only applies to effect: redact")
+        if self.effect != "tools" and self.tool_action is not None:
+            raise ValueError("tool_action only applies to effect: tools")
+        if self.effect == "allow" and self.on_error == "apply":
+            raise ValueError("on_error: apply would let an allow policy grant access on an "
+                             "error; use deny or skip")
+        return self
+
+    @property
+    def action(self) -> str:
+        return self.tool_action or "deny"
+
+
+class PolicySettings(_Frozen):
+    """The `policy:` section of atp.yaml."""
+
+    # per_policy: each policy's own mode; dry_run / enforce: the switch for all of them.
+    # Rollout: dry_run → per_policy with the critical denies on enforce → enforce.
+    mode: Literal["per_policy", "dry_run", "enforce"] = "per_policy"
+    # What a request gets when no allow policy matched and nothing denied it.
+    default: Literal["allow", "deny"] = "allow"
+    # Files (globs) with more `policies:`, relative to atp.yaml.
+    include: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    # context.environment: dev | staging | prod ...
+    environment: str = ""
+
+    def effective_mode(self, spec: PolicySpec) -> Mode:
+        return spec.mode if self.mode == "per_policy" else self.mode
+
+
+# -- YAML with line numbers -----------------------------------------------------------
+
+
+class LineDict(dict):
+    """A mapping that remembers where it and each of its keys came from."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+    value_nodes: dict[Any, yaml.Node]
+
+
+class LineList(list):
+    line: int = 0
+    item_lines: list[int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_map(loader: _LineLoader, node: yaml.MappingNode):
+    data = LineDict()
+    data.line = node.start_mark.line + 1
+    data.key_lines = {}
+    data.value_nodes = {}
+    yield data
+    loader.flatten_mapping(node)
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                "found an unhashable key", key_node.start_mark) from None
+        if key in data:
+            loader.duplicates.append((key_node.start_mark.line + 1, key))
+        data[key] = loader.construct_object(value_node, deep=True)
+        data.key_lines[key] = key_node.start_mark.line + 1
+        data.value_nodes[key] = value_node
+
+
+def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode):
+    data = LineList()
+    data.line = node.start_mark.line + 1
+    data.item_lines = [child.start_mark.line + 1 for child in node.value]
+    yield data
+    data.extend(loader.construct_object(child, deep=True) for child in node.value)
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
+_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    path: str
+    reason: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        tag = "" if self.severity == "error" else "warning: "
+        path = f"{self.path}: " if self.path else ""
+        return f"{where}: {tag}{path}{self.reason}"
+
+
+class PolicyError(Exception):
+    """Policies that cannot be loaded; `problems` is [(file, line, path, reason)]."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.details = tuple(problems)
+        self.problems = [(p.file, p.line, p.path, p.reason) for p in self.details]
+        super().__init__("\n".join(str(p) for p in self.details))
+
+    def config_problems(self) -> list[tuple[str, str]]:
+        """The same problems in ConfigError's (path, reason) shape."""
+        return [(f"{p.file}:{p.line}: {p.path}".rstrip(": "), p.reason) for p in self.details]
+
+
+def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
+    """Parse YAML keeping lines; duplicate keys are problems, not silent overwrites."""
+    loader = _LineLoader(text)
+    loader.duplicates = []  # type: ignore[attr-defined]
+    try:
+        doc = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        return None, [Problem(file, mark.line + 1 if mark else 0, "", f"invalid YAML: {reason}")]
+    finally:
+        loader.dispose()
+    problems = [Problem(file, line, str(key), "the key appears twice in this mapping")
+                for line, key in loader.duplicates]  # type: ignore[attr-defined]
+    return doc, problems
+
+
+def line_of(doc: Any, loc: Iterable[Any]) -> int:
+    """The line of the deepest node along `loc` (a pydantic error location)."""
+    line = getattr(doc, "line", 0)
+    node = doc
+    for part in loc:
+        if isinstance(node, LineDict) and part in node:
+            line = node.key_lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, LineList) and isinstance(part, int) and 0 <= part < len(node):
+            line = node.item_lines[part]
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _format_loc(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# -- loaded policies ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourcedPolicy:
+    """A validated policy and where it was written."""
+
+    spec: PolicySpec
+    file: str = "<policies>"
+    line: int = 0
+    # The file line of the expression's first CEL line, and whether CEL lines map 1:1 to
+    # file lines (a `|` block scalar) so errors inside can name their own line.
+    expr_line: int = 0
+    expr_literal_lines: bool = False
+    field_lines: dict[str, int] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class LoadedPolicies:
+    settings: PolicySettings
+    policies: tuple[SourcedPolicy, ...]
+    # Every file read (atp.yaml and includes), so a reload poller can watch them all.
+    files: tuple[str, ...]
+    digest: str
+    problems: tuple[Problem, ...]
+    # Raw atp.yaml sections other checks use (models for candidates, redaction switch).
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def _policies_from(doc: Any, file: str, key_path: str) -> tuple[list[SourcedPolicy],
+                                                                   list[Problem]]:
+    problems: list[Problem] = []
+    out: list[SourcedPolicy] = []
+    if doc is None:
+        return out, problems
+    if not isinstance(doc, list):
+        return out, [Problem(file, getattr(doc, "line", 0), key_path,
+                             "must be a list of policies")]
+    for i, entry in enumerate(doc):
+        where = f"{key_path}[{i}]"
+        line = doc.item_lines[i] if isinstance(doc, LineList) else 0
+        if not isinstance(entry, dict):
+            problems.append(Problem(file, line, where, "a policy must be a mapping"))
+            continue
+        try:
+            spec = PolicySpec.model_validate(dict(entry))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                sub = _format_loc(loc)
+                problems.append(Problem(
+                    file, line_of(entry, loc) or line, f"{where}.{sub}" if sub else where,
+                    err["msg"].removeprefix("Value error, ")))
+            continue
+        expr_line, literal = line, False
+        if isinstance(entry, LineDict):
+            node = entry.value_nodes.get("expression")
+            if node is not None:
+                literal = getattr(node, "style", None) == "|"
+                expr_line = node.start_mark.line + (2 if node.style in ("|", ">") else 1)
+            fields = dict(entry.key_lines)
+        else:
+            fields = {}
+        out.append(SourcedPolicy(spec, file, line, expr_line, literal, fields))
+    return out, problems
+
+
+def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
+    raw = doc.get("policy") if isinstance(doc, dict) else None
+    if raw is None:
+        return PolicySettings(), []
+    if not isinstance(raw, dict):
+        return PolicySettings(), [Problem(file, line_of(doc, ["policy"]), "policy",
+                                          "must be a mapping")]
+    try:
+        return PolicySettings.model_validate(dict(raw)), []
+    except ValidationError as exc:
+        return PolicySettings(), [
+            Problem(file, line_of(doc, ["policy", *e["loc"]]),
+                    _format_loc(["policy", *e["loc"]]), e["msg"]) for e in exc.errors()]
+
+
+def load_text(text: str, file: str, *, base_dir: Path | None = None,
+              settings: PolicySettings | None = None) -> LoadedPolicies:
+    """Policies from atp.yaml text (or a file holding only `policies:`), with includes.
+
+    Never raises: problems are returned so `check` can list them all; `require_ok`
+    turns them into a PolicyError.
+    """
+    base_dir = base_dir if base_dir is not None else Path(file).resolve().parent
+    hasher = hashlib.sha256(text.encode())
+    doc, problems = load_yaml(text, file)
+    files = [file]
+    policies: list[SourcedPolicy] = []
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        problems.append(Problem(file, 1, "", "the file must hold a mapping "
+                                "(policy:, policies:, ...)"))
+        doc = {}
+    loaded_settings, more = _settings_from(doc, file)
+    problems += more
+    settings = settings or loaded_settings
+    found, more = _policies_from(doc.get("policies"), file, "policies")
+    policies += found
+    problems += more
+    for i, pattern in enumerate(settings.include):
+        line = line_of(doc, ["policy", "include", i])
+        matches = sorted(glob.glob(str(base_dir / pattern), recursive=True))
+        if not matches:
+            problems.append(Problem(file, line, f"policy.include[{i}]",
+                                    f"{pattern!r} matches no file"))
+        for match in matches:
+            path = Path(match)
+            shown = _shown(path)
+            try:
+                inc_text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(Problem(shown, 0, "", f"cannot read: {exc}"))
+                continue
+            files.append(shown)
+            hasher.update(b"\0" + shown.encode() + b"\0" + inc_text.encode())
+            inc_doc, more = load_yaml(inc_text, shown)
+            problems += more
+            if inc_doc is None:
+                continue
+            if not isinstance(inc_doc, dict) or set(inc_doc) - {"policies"}:
+                problems.append(Problem(shown, getattr(inc_doc, "line", 1), "",
+                                        "an included policy file holds only `policies:`"))
+                if not isinstance(inc_doc, dict):
+                    continue
+            found, more = _policies_from(inc_doc.get("policies"), shown, "policies")
+            policies += found
+            problems += more
+    return LoadedPolicies(settings, tuple(policies), tuple(files), hasher.hexdigest()[:12],
+                          tuple(problems), raw=dict(doc))
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def load_file(path: str | Path, settings: PolicySettings | None = None) -> LoadedPolicies:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return LoadedPolicies(settings or PolicySettings(), (), (str(path),), "",
+                              (Problem(str(path), 0, "", f"cannot read: {exc}"),))
+    return load_text(text, str(path), base_dir=path.resolve().parent, settings=settings)
+
+
+def require_ok(loaded: LoadedPolicies) -> LoadedPolicies:
+    errors = [p for p in loaded.problems if p.severity == "error"]
+    if errors:
+        raise PolicyError(errors)
+    return loaded

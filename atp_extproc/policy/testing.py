@@ -1,0 +1,306 @@
+"""`atp-extproc policy test DIR`: a team's own policy cases, like `opa test`.
+
+A case file (any *.yaml under DIR):
+
+    policies: [../*.yaml]          # files or globs, relative to this file (an atp.yaml
+                                   # with policy.include works too)
+    models: ../../atp.yaml         # optional: where `candidates: [name]` are looked up
+    settings: {default: deny}      # optional: overrides the policy: section
+    cases:
+      - name: bob may not use gpt-4o
+        subject: {tenant: bob, auth_method: api_key}
+        request: {alias: gpt-4o, operation: chat}
+        context: {environment: prod}
+        candidates: [large]        # model names, or mappings of CandidateInfo fields
+        expect:
+          denied: models.premium_alias       # policy id, or false
+          would_deny: false
+          allowed_candidates: [large]
+          required_redactions: []
+          tools_denied: []
+          tools_stripped: []
+          decisions: {models.premium_alias: deny}
+
+Every key of `expect` is optional; each one given is compared exactly. context.time is
+2026-01-01T12:00:00Z unless a case sets it, so results never depend on the clock. The report ends
+with exact coverage counts: for each policy how many cases it was evaluated in, how many
+times its condition matched, did not match, failed, or did not apply, and how many cases
+asserted its decision; then per effect.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
+from atp_extproc.policy.engine import PolicySet
+from atp_extproc.policy.runtime import known_values
+from atp_extproc.policy.settings import (
+    PolicyError,
+    PolicySettings,
+    Problem,
+    SourcedPolicy,
+    load_file,
+    load_yaml,
+)
+
+MATCHED = frozenset({"deny", "would_deny", "allow", "would_allow", "restrict",
+                     "would_restrict", "redact", "would_redact", "strip", "would_strip"})
+EXPECT_KEYS = frozenset({"denied", "would_deny", "allowed_candidates", "required_redactions",
+                         "tools_denied", "tools_stripped", "decisions"})
+CASE_KEYS = frozenset({"name", "subject", "request", "context", "candidates", "expect"})
+FILE_KEYS = frozenset({"policies", "models", "settings", "cases"})
+# Cases must not depend on the clock: context.time is this unless a case sets it.
+CASE_TIME = "2026-01-01T12:00:00Z"
+
+
+@dataclass
+class PolicyCoverage:
+    effect: str
+    evaluated: int = 0
+    matched: int = 0
+    not_matched: int = 0
+    errors: int = 0
+    not_applicable: int = 0
+    asserted: int = 0
+
+
+@dataclass
+class Report:
+    passed: int = 0
+    failed: int = 0
+    load_errors: list[Problem] = field(default_factory=list)
+    coverage: dict[str, PolicyCoverage] = field(default_factory=dict)
+    failures: list[tuple[str, str, list[str]]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.load_errors and self.passed > 0
+
+
+def _models(path: Path) -> dict[str, CandidateInfo]:
+    doc, _ = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    out: dict[str, CandidateInfo] = {}
+    for m in (doc or {}).get("models") or ():
+        if isinstance(m, dict) and "name" in m:
+            price = m.get("price") or {}
+            out[str(m["name"])] = CandidateInfo(
+                model=str(m["name"]), provider=str(m.get("provider") or m.get("cluster", "")),
+                region=str(m.get("region", "unspecified")),
+                egress=str(m.get("egress", "external")),
+                input_per_1k=float(price.get("input_per_1k", 0.0)),
+                output_per_1k=float(price.get("output_per_1k", 0.0)),
+                cluster=str(m.get("cluster", "")))
+    return out
+
+
+def _load_suite(file: Path, doc: Mapping[str, Any]) -> tuple[PolicySet, dict, list[Problem]]:
+    base = file.parent
+    problems: list[Problem] = []
+    sources = doc.get("policies")
+    if isinstance(sources, str):
+        sources = [sources]
+    if not isinstance(sources, list) or not sources:
+        raise PolicyError([Problem(str(file), getattr(doc, "line", 1), "policies",
+                                   "list the policy files (or atp.yaml) to test")])
+    settings_raw = doc.get("settings")
+    override = PolicySettings.model_validate(dict(settings_raw)) if settings_raw else None
+    policies: list[SourcedPolicy] = []
+    settings = override
+    raw: dict[str, Any] = {}
+    for pattern in sources:
+        matches = sorted(glob.glob(str(base / str(pattern)), recursive=True))
+        matches = [m for m in matches if Path(m).resolve() != file.resolve()]
+        if not matches:
+            problems.append(Problem(str(file), 0, "policies", f"{pattern!r} matches no file"))
+        for match in matches:
+            loaded = load_file(match, settings=override)
+            problems += [p for p in loaded.problems if p.severity == "error"]
+            policies += loaded.policies
+            settings = settings or loaded.settings
+            raw = raw or loaded.raw
+    models: dict[str, CandidateInfo] = {}
+    if doc.get("models"):
+        models_path = base / str(doc["models"])
+        models = _models(models_path)
+        if not raw:
+            raw, _ = load_yaml(models_path.read_text(encoding="utf-8"), str(models_path))
+    if problems:
+        raise PolicyError(problems)
+    policy_set = PolicySet.compile(policies, settings or PolicySettings(), str(file),
+                                   known_values=known_values(raw or {}))
+    return policy_set, models, problems
+
+
+def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateInfo]:
+    out = []
+    for item in value or ():
+        if isinstance(item, str):
+            if item not in models:
+                raise AttributeError_(f"unknown model {item!r} in candidates (give `models:`"
+                                      " an atp.yaml, or write the candidate as a mapping)")
+            out.append(models[item])
+        elif isinstance(item, Mapping):
+            out.append(CandidateInfo(**dict(item)))
+        else:
+            raise AttributeError_("a candidate is a model name or a mapping")
+    return out
+
+
+def _id_or_false(value: Any) -> str | None:
+    return None if value in (None, False, "none", "") else str(value)
+
+
+def _compare(expect: Mapping[str, Any], outcome: Any, seen_ids: set[str]) -> list[str]:
+    errs: list[str] = []
+    unknown = set(expect) - EXPECT_KEYS
+    if unknown:
+        errs.append(f"unknown expect keys: {', '.join(sorted(unknown))}")
+    if "denied" in expect:
+        want = _id_or_false(expect["denied"])
+        got = outcome.denied.policy_id if outcome.denied else None
+        if want != got:
+            errs.append(f"denied: expected {want or 'not denied'}, got {got or 'not denied'}")
+    if "would_deny" in expect:
+        want = _id_or_false(expect["would_deny"])
+        got = outcome.would_deny.policy_id if outcome.would_deny else None
+        if want != got:
+            errs.append(f"would_deny: expected {want or 'no'}, got {got or 'no'}")
+    lists = {"allowed_candidates": [c.model for c in outcome.allowed_candidates],
+             "required_redactions": sorted(outcome.required_redactions),
+             "tools_denied": list(outcome.tools_denied),
+             "tools_stripped": list(outcome.tools_to_strip)}
+    for key, got_list in lists.items():
+        if key in expect:
+            want_list = list(expect[key] or [])
+            if key == "required_redactions":
+                want_list = sorted(want_list)
+            if want_list != got_list:
+                errs.append(f"{key}: expected {want_list}, got {got_list}")
+    decisions = expect.get("decisions") or {}
+    by_id = {r.policy_id: r for r in outcome.records}
+    for pid, want in decisions.items():
+        record = by_id.get(pid)
+        if record is None:
+            errs.append(f"decisions.{pid}: no such policy")
+            continue
+        seen_ids.add(pid)
+        if record.decision != want:
+            errs.append(f"decisions.{pid}: expected {want}, got {record.decision}"
+                        + (f" ({record.reason})" if record.reason else ""))
+    return errs
+
+
+def run(directory: str | Path) -> Report:
+    report = Report()
+    root = Path(directory)
+    files = sorted({*root.rglob("*.yaml"), *root.rglob("*.yml")}) if root.is_dir() else \
+        [root]
+    for file in files:
+        doc, problems = load_yaml(file.read_text(encoding="utf-8"), str(file))
+        if problems:
+            report.load_errors += problems
+            continue
+        if not isinstance(doc, dict) or "cases" not in doc:
+            continue  # not a case file (e.g. a policy file beside the cases)
+        extra = set(doc) - FILE_KEYS
+        if extra:
+            report.load_errors.append(Problem(str(file), 1, "",
+                                              f"unknown keys: {', '.join(sorted(extra))}"))
+            continue
+        try:
+            policy_set, models, _ = _load_suite(file, doc)
+        except PolicyError as exc:
+            report.load_errors += exc.details
+            continue
+        except (OSError, ValueError) as exc:
+            report.load_errors.append(Problem(str(file), 0, "", str(exc)))
+            continue
+        for p in policy_set.policies:
+            report.coverage.setdefault(p.id, PolicyCoverage(p.effect))
+        cases = doc.get("cases") or []
+        for i, case in enumerate(cases):
+            line = cases.item_lines[i] if hasattr(cases, "item_lines") else 0
+            name = str(case.get("name", f"case {i + 1}")) if isinstance(case, dict) \
+                else f"case {i + 1}"
+            where = f"{file}:{line}"
+            if not isinstance(case, dict):
+                report.failed += 1
+                report.failures.append((where, name, ["a case must be a mapping"]))
+                continue
+            errs: list[str] = []
+            unknown = set(case) - CASE_KEYS
+            if unknown:
+                errs.append(f"unknown case keys: {', '.join(sorted(unknown))}")
+            try:
+                context = {"time": CASE_TIME, **(case.get("context") or {})}
+                attrs = build_attributes(case.get("subject"), case.get("request"), context)
+                candidates = _candidates(case.get("candidates"), models)
+            except (AttributeError_, TypeError, ValueError) as exc:
+                report.failed += 1
+                report.failures.append((where, name, [f"bad attributes: {exc}"]))
+                continue
+            outcome = policy_set.evaluate(attrs, candidates)
+            asserted: set[str] = set()
+            errs += _compare(case.get("expect") or {}, outcome, asserted)
+            for record in outcome.records:
+                cov = report.coverage[record.policy_id]
+                cov.evaluated += 1
+                if record.decision == "error":
+                    cov.errors += 1
+                elif record.decision == "not_applicable":
+                    cov.not_applicable += 1
+                elif record.decision in MATCHED and not (
+                        record.effect != "allow" and record.decision == "allow"):
+                    cov.matched += 1
+                else:
+                    cov.not_matched += 1
+                if record.policy_id in asserted:
+                    cov.asserted += 1
+            if errs:
+                report.failed += 1
+                report.failures.append((where, name, errs))
+            else:
+                report.passed += 1
+    return report
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    for problem in report.load_errors:
+        print(f"ERROR {problem}", file=out)
+    for where, name, errs in report.failures:
+        print(f"FAIL  {where}: {name}", file=out)
+        for err in errs:
+            print(f"        {err}", file=out)
+    cov = report.coverage
+    if cov:
+        width = max(len(pid) for pid in cov)
+        print(f"\nCoverage ({len(cov)} policies):", file=out)
+        print(f"  {'policy':<{width}}  {'effect':<8} {'evaluated':>9} {'matched':>7} "
+              f"{'not-matched':>11} {'errors':>6} {'n/a':>4} {'asserted':>8}", file=out)
+        for pid in sorted(cov):
+            c = cov[pid]
+            print(f"  {pid:<{width}}  {c.effect:<8} {c.evaluated:>9} {c.matched:>7} "
+                  f"{c.not_matched:>11} {c.errors:>6} {c.not_applicable:>4} "
+                  f"{c.asserted:>8}", file=out)
+        effects: dict[str, list[PolicyCoverage]] = {}
+        for c in cov.values():
+            effects.setdefault(c.effect, []).append(c)
+        parts = []
+        for effect in sorted(effects):
+            group = effects[effect]
+            parts.append(f"{effect} {sum(1 for c in group if c.matched)}/{len(group)} "
+                         f"({sum(c.matched for c in group)} matches)")
+        print("  effects matched by a case: " + ", ".join(parts), file=out)
+        total = len(cov)
+        print(f"  policies matched: {sum(1 for c in cov.values() if c.matched)}/{total}; "
+              f"both outcomes: "
+              f"{sum(1 for c in cov.values() if c.matched and c.not_matched)}/{total}; "
+              f"asserted: {sum(1 for c in cov.values() if c.asserted)}/{total}", file=out)
+    print(f"policy tests: {report.passed} passed, {report.failed} failed"
+          + (f", {len(report.load_errors)} load errors" if report.load_errors else ""),
+          file=out)

@@ -1,0 +1,1091 @@
+"""Detectors: RE2 candidate patterns (linear time, no backtracking) and their validators.
+
+All built-in patterns run on an ASCII byte copy of the normalised text, where every
+remaining non-ASCII character is one `?` byte, so byte offsets are character offsets of the
+normalised text. Custom detectors run on the normalised text itself (UTF-8), so they may
+use any Unicode. A single RE2 Set pass says which families can match at all; the common
+"no personal data" case ends there.
+
+Every Python-side loop is bounded per candidate (a window of at most a few groups or a
+fixed number of characters), so the total work grows linearly with the text, and all of it
+is charged to a per-request work budget (`Budget`): pathological input stops the scan early
+and is reported incomplete instead of holding the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+import phonenumbers
+import re2
+from phonenumbers import PhoneMetadata, PhoneNumber
+
+from atp_extproc.redact.normalize import Normalized, latin_letters
+from atp_extproc.redact.re2util import search, spans
+from atp_extproc.redact.settings import RedactionSettings, compile_custom
+
+LABELS: dict[str, str] = {
+    "email": "EMAIL", "phone": "PHONE", "ssn": "SSN", "card": "CARD", "iban": "IBAN",
+    "ipv4": "IPV4", "ipv6": "IPV6", "cloud_key": "CLOUD_KEY", "api_key": "API_KEY",
+    "github_token": "GITHUB_TOKEN", "slack_token": "SLACK_TOKEN", "jwt": "JWT",
+    "private_key": "PRIVATE_KEY",
+}
+# When two findings overlap, the earlier class in this list wins.
+_PRIORITY = ("private_key", "*custom*", "jwt", "cloud_key", "api_key", "github_token",
+             "slack_token", "email", "iban", "card", "ssn", "ipv6", "ipv4", "phone")
+
+
+@dataclass(slots=True)
+class Found:
+    cls: str
+    start: int  # normalised offsets
+    end: int
+    value: str  # canonical form: same value → same placeholder
+
+
+@dataclass(slots=True)
+class ScanResult:
+    found: list[Found] = field(default_factory=list)
+    data_uris: int = 0
+    reserved: set[str] = field(default_factory=set)
+    incomplete: bool = False
+
+
+class Budget:
+    """Work units one request may use, so no input can make a scan arbitrarily slow.
+
+    Realistic bodies use a few thousand units per MiB; adversarial ones (megabytes of digit
+    groups, invisible characters or near-miss candidates) exhaust it, and the scan stops
+    with `exhausted` set: the caller reports it incomplete and, by default, refuses.
+    One unit is about two microseconds of work: a candidate match (an IBAN or a secret
+    two or three), a separator in a digit run, half a run of characters to normalise; a
+    phone validation is four.
+    """
+
+    __slots__ = ("exhausted", "left", "memo")
+
+    def __init__(self, left: int):
+        self.left = left
+        self.exhausted = False
+        # Phone verdicts for this request only: digits never outlive the exchange.
+        self.memo: dict[tuple[str, bool, tuple[int, ...]], str | None] = {}
+
+    @classmethod
+    def for_text(cls, n_chars: int) -> Budget:
+        return cls(20_000 + n_chars // 16)
+
+    def spend(self, units: int = 1) -> bool:
+        if self.left < units:
+            self.left = 0
+            self.exhausted = True
+            return False
+        self.left -= units
+        return True
+
+
+def _opts(case_sensitive: bool = True) -> re2.Options:
+    o = re2.Options()
+    o.log_errors = False
+    o.case_sensitive = case_sensitive
+    o.max_mem = 64 << 20
+    return o
+
+
+def _rx(pattern: str, case_sensitive: bool = True):
+    options = _opts(case_sensitive)
+    # Without capture groups RE2 finds both ends of a match with its DFAs alone; groups
+    # would make it walk long matches with the slower NFA.
+    options.never_capture = "(?P<" not in pattern
+    return re2.compile(pattern, options)
+
+
+_ALNUM = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_DIGITS = frozenset(b"0123456789")
+_SECRET_LITERALS: dict[str, tuple[bytes, ...]] = {
+    "cloud_key": (b"AKIA", b"ASIA", b"ABIA", b"ACCA", b"AGPA", b"AIDA", b"AIPA", b"ANPA",
+                  b"ANVA", b"AROA", b"APKA", b"ASCA", b"AIza", b"AccountKey=", b"aws", b"AWS",
+                  b"Aws"),
+    "api_key": (b"sk-", b"rk-", b"sk_live_", b"sk_test_", b"rk_live_", b"rk_test_", b"hf_"),
+    "github_token": (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_"),
+    "slack_token": (b"xox", b"xapp-", b"hooks.slack.com"),
+    "jwt": (b"eyJ",),
+    "private_key": (b"-----BEGIN",),
+}
+
+# -- RE2 patterns (on ASCII bytes) ----------------------------------------------------------
+
+_SET_PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9_%+\-?]@[A-Za-z0-9?][A-Za-z0-9\-?]*\.[A-Za-z?]",
+    "digits": r"[0-9](?:[ \-./()]{0,3}[0-9]){6}",
+    "ipv4": r"[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",
+    "ipv6": r"(?i)[0-9a-f]{1,4}:[0-9a-f]{0,4}:|::[0-9a-f]",
+    "iban": r"(?i)\b[a-z]{2}[0-9]{2}[ \-]?[a-z0-9]{4}",
+    "secret": "|".join(re.escape(lit.decode()) for lits in _SECRET_LITERALS.values()
+                       for lit in lits),
+    "placeholder": r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]",
+    "data_uri": r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,",
+}
+_EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
+             r"[A-Za-z0-9\-?]*)*\.[A-Za-z?]{2,63}")
+# Seven digits at least: shorter runs are no card, SSN or phone number.
+_RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"
+           r"(?:[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6})?")
+_EXT_TAIL = re.compile(rb"[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6}\Z")
+_IPV4 = _rx(r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b")
+_IPV6 = _rx(r"(?i)[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*")
+_IBAN = _rx(r"(?i)\b[a-z]{2}[0-9]{2}(?:[ \-]?[a-z0-9]){11,30}")
+_DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
+_PLACEHOLDER = _rx(r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
+_SECRETS: dict[str, tuple] = {
+    "cloud_key": (
+        _rx(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[A-Z0-9]{16,}"),
+        _rx(r"AIza[0-9A-Za-z_\-]{35,}"),
+        _rx(r"(?i)aws[A-Za-z_ \-]{0,30}(?:secret|private)[A-Za-z_ \-]{0,30}[\"']?\s*[=:]\s*"
+            r"[\"']?(?P<v>[A-Za-z0-9/+]{40,})"),
+        _rx(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)"),
+    ),
+    "api_key": (
+        _rx(r"(?:sk|rk)-(?:proj-|ant-(?:api|admin)[0-9]{2}-|svcacct-|admin-)?"
+            r"[A-Za-z0-9_\-]{20,}"),
+        _rx(r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"),
+        _rx(r"hf_[A-Za-z0-9]{30,}"),
+    ),
+    "github_token": (_rx(r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}"),
+                     _rx(r"github_pat_[A-Za-z0-9_]{40,}")),
+    "slack_token": (_rx(r"xox[abposre]-[A-Za-z0-9\-]{10,}"),
+                    _rx(r"xapp-[0-9]-[A-Za-z0-9\-]{10,}"),
+                    _rx(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/"
+                        r"[A-Za-z0-9_/\-]{20,}")),
+    "jwt": (_rx(r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),),
+    "private_key": (_rx(
+        r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[^\-\x00]|-[^\-\x00])*?"
+        r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        # Truncated (no END line): the BEGIN line and the key lines that follow it.
+        r"|-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\]*))*"),),
+}
+
+# -- small Python patterns on bounded slices ---------------------------------------------
+
+_DATE = re.compile(rb"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+_DOTTED4 = re.compile(rb"\d{1,3}(?:\.\d{1,3}){3}")
+_GROUP = re.compile(rb"[0-9]+")
+_SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
+_VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
+_POS_CTX = re.compile(r"(?i)phone|\btel\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
+                        r"contact|reach|dial|telefon|t[ée]l[ée]phone|handy|portable|"
+                        r"celular|cellulare|numero|n[úu]mero")
+# Words after which a bare number is an identifier ("Order No. 0612...", "tracking number
+# 0546...", "#0612..."), unless a word like "phone" or "card" is also near.
+_NEG_WORDS = (
+    "order|invoice|inv|ref|reference|id|no|nr|num|tracking|account|"
+    "acct|ticket|case|po|sku|serial|transaction|txn|confirmation|conf|booking|reservation|"
+    "customer|member|policy|claim|isbn|ean|upc|gtin|build|version|ver|pin|zip|postcode|"
+    "code|item|article|batch|lot|rechnung|bestellung|auftrag|facture|commande|pedido|"
+    "factura|ordine|fattura|contract|vertrag|page|release|rev")
+_CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
+                       r"credit|debit|\bcc\b|\bpan\b|\bpay")
+_SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
+
+# -- payment cards ------------------------------------------------------------------------
+
+# (prefix low, prefix high, lengths) — prefixes compared on the same number of digits.
+_R = range
+_CARD_RANGES: tuple[tuple[str, str, frozenset[int]], ...] = tuple(
+    (lo, hi, frozenset(lengths)) for lo, hi, lengths in (
+        ("4", "4", (13, 16, 19)),                         # Visa (incl. Electron)
+        ("51", "55", (16,)), ("2221", "2720", (16,)),     # Mastercard, 2-series
+        ("34", "34", (15,)), ("37", "37", (15,)),         # American Express
+        ("6011", "6011", _R(16, 20)), ("644", "649", _R(16, 20)), ("65", "65", _R(16, 20)),
+        ("622126", "622925", _R(16, 20)),                 # Discover
+        ("300", "305", _R(14, 20)), ("3095", "3095", _R(14, 20)),
+        ("36", "36", _R(14, 20)), ("38", "39", _R(14, 20)),  # Diners Club
+        ("3528", "3589", _R(15, 20)), ("35", "35", _R(16, 20)), ("2131", "2131", (15,)),
+        ("1800", "1800", (15,)),                          # JCB (incl. legacy 15-digit)
+        ("62", "62", _R(16, 20)), ("81", "81", _R(16, 20)),  # UnionPay
+        ("50", "50", _R(12, 20)), ("56", "69", _R(12, 20)),  # Maestro
+        ("2200", "2204", _R(16, 20)),                     # Mir
+        ("2205", "2205", (16,)),                          # BORICA
+        ("60", "60", (16,)), ("82", "82", (16,)), ("508", "508", (16,)),
+        ("353", "353", (16,)), ("356", "356", (16,)),     # RuPay
+        ("506099", "506198", (16, 18, 19)), ("650002", "650027", (16, 18, 19)),  # Verve
+        ("9792", "9792", (16,)),                          # Troy
+        ("5019", "5019", (16,)),                          # Dankort
+        ("636", "636", _R(16, 20)), ("637", "639", (16,)),  # InterPayment, InstaPayment
+        ("357111", "357111", (16,)),                      # LankaPay
+        ("1", "1", (15,)),                                # UATP
+    ))
+
+
+def _brand_table() -> dict[int, tuple[list[int], list[int]]]:
+    """Per card length: merged ranges of 6-digit prefixes that some brand issues."""
+    spans_by_len: dict[int, list[tuple[int, int]]] = {}
+    for lo, hi, lengths in _CARD_RANGES:
+        lo6, hi6 = int(lo.ljust(6, "0")), int(hi.ljust(6, "9"))
+        for n in lengths:
+            spans_by_len.setdefault(n, []).append((lo6, hi6))
+    table = {}
+    for n, ranges in spans_by_len.items():
+        merged: list[list[int]] = []
+        for lo6, hi6 in sorted(ranges):
+            if merged and lo6 <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi6)
+            else:
+                merged.append([lo6, hi6])
+        table[n] = ([m[0] for m in merged], [m[1] for m in merged])
+    return table
+
+
+_BRANDS = _brand_table()
+
+
+def card_brand_ok(digits: str) -> bool:
+    table = _BRANDS.get(len(digits))
+    if table is None:
+        return False
+    prefix = int(digits[:6])
+    i = bisect_right(table[0], prefix) - 1
+    return i >= 0 and prefix <= table[1][i]
+
+
+_LUHN_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+
+
+def luhn_ok(digits: str) -> bool:
+    b = digits.encode()
+    return (sum(b[-1::-2]) + sum(b[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(b)) % 10 == 0
+
+
+def card_ok(digits: str) -> bool:
+    return 12 <= len(digits) <= 19 and card_brand_ok(digits) and luhn_ok(digits)
+
+
+# -- SSN ----------------------------------------------------------------------------------
+
+def ssn_ok(area: str, group: str, serial: str) -> bool:
+    if len(area) != 3 or len(group) != 2 or len(serial) != 4:
+        return False
+    a = int(area)
+    if a == 0 or a == 666 or a >= 900:
+        return False
+    if group == "00" or serial == "0000":
+        return False
+    # Numbers published in advertising and never issued.
+    return f"{area}{group}{serial}" not in ("078051120", "219099999")
+
+
+# -- IBAN ---------------------------------------------------------------------------------
+
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20,
+    "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24,
+    "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25,
+    "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}
+
+
+def iban_ok(iban: str) -> bool:
+    if IBAN_LENGTHS.get(iban[:2]) != len(iban) or not iban[2:4].isdigit():
+        return False
+    if not "02" <= iban[2:4] <= "98":
+        return False
+    rearranged = iban[4:] + iban[:4]
+    try:
+        number = int("".join(str(int(c, 36)) for c in rearranged))
+    except ValueError:
+        return False
+    return number % 97 == 1
+
+
+def _iban_at(asc: bytes, s: int) -> tuple[int, str] | None:
+    """The IBAN starting at `s`: its end and value, or None.
+
+    Written bare or in groups of four (the print format) with one kind of separator; all
+    letters in one case. The country fixes the length, so nothing after it is swallowed.
+    """
+    length = IBAN_LENGTHS.get(asc[s:s + 2].upper().decode())
+    if length is None:
+        return None
+    sep = asc[s + 4:s + 5]
+    if sep in (b" ", b"-"):
+        nsep = (length - 1) // 4
+        span = length + nsep
+        chunk = asc[s:s + span]
+        if len(chunk) != span or chunk[4::5] != sep * nsep:
+            return None
+        raw = chunk.replace(sep, b"")
+    else:
+        span = length
+        raw = asc[s:s + span]
+    end = s + span
+    if len(raw) != length or not raw.isalnum() or (end < len(asc) and asc[end] in _ALNUM):
+        return None
+    value = raw.decode()
+    if not (value.isupper() or value.islower()) and not value[4:].isdigit():
+        return None
+    value = value.upper()
+    return (end, value) if iban_ok(value) else None
+
+
+# -- phone numbers ------------------------------------------------------------------------
+
+_NANP_CC = 1
+# Regions where numbers are commonly written nationally without the trunk prefix.
+_TRUNK_OPTIONAL = frozenset({"BR", "IN", "CN"})
+_MOBILE = (phonenumbers.PhoneNumberType.MOBILE,
+           phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE)
+
+
+class PhoneValidator:
+    """Confirms phone candidates with libphonenumber metadata, without its slow parser.
+
+    Candidates arrive as digit strings; the national prefix is stripped per region and the
+    number is checked with `is_valid_number[_for_region]` (the same validity rules as
+    `phonenumbers.parse` + `is_valid_number`, at a fraction of the cost).
+    """
+
+    def __init__(self, regions: tuple[str, ...]):
+        self.regions: list[tuple[str, int, str | None, frozenset[int], bool]] = []
+        for region in regions:
+            meta = PhoneMetadata.metadata_for_region(region)
+            if meta is None:
+                continue
+            prefix = meta.national_prefix or None
+            lengths = frozenset(meta.general_desc.possible_length or ())
+            optional = (prefix is None or meta.country_code == _NANP_CC
+                        or region in _TRUNK_OPTIONAL)
+            self.regions.append((region, meta.country_code, prefix, lengths, optional))
+        self._mobile_only = _TRUNK_OPTIONAL
+
+    def check(self, digits: str, intl: bool, bounds: tuple[int, ...],
+              budget: Budget) -> str | None:
+        """E.164 form of a valid number, or None. `bounds`: digit offsets where the
+        written groups end (empty for a bare digit string)."""
+        key = (digits, intl, bounds)
+        memo = budget.memo
+        if key in memo:
+            return memo[key]
+        result = self._check(digits, intl, bounds, budget)
+        memo[key] = result
+        return result
+
+    def _check(self, digits: str, intl: bool, bounds: tuple[int, ...],
+               budget: Budget) -> str | None:
+        if intl:
+            d = digits[2:] if digits.startswith("00") else digits
+            for k in (1, 2, 3):
+                cc = int(d[:k]) if len(d) > k else -1
+                if cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+                    break
+            else:
+                return None
+            nsn = d[k:]
+            candidates = [nsn]
+            main = phonenumbers.COUNTRY_CODE_TO_REGION_CODE[cc][0]
+            meta = PhoneMetadata.metadata_for_region(main)
+            prefix = meta.national_prefix if meta is not None else None
+            if prefix and nsn.startswith(prefix):
+                candidates.append(nsn[len(prefix):])
+            for c in candidates:
+                if not 4 <= len(c) <= 17 or not budget.spend(4):
+                    continue
+                if phonenumbers.is_valid_number(_number(cc, c)):
+                    return f"+{cc}{c}"
+            return None
+        nanp_done = False
+        for region, cc, prefix, lengths, optional in self.regions:
+            nsns = []
+            if prefix and digits.startswith(prefix):
+                nsns.append((digits[len(prefix):], False))
+            if optional:
+                # Without the trunk prefix, in regions where that is only customary for
+                # some numbers, the written form must fit: a bare digit string must be a
+                # mobile number (landline-shaped ones are too often timestamps or ids),
+                # and groups must fall where the region groups ("(123) 456-7890" is not
+                # the Brazilian "(12) 3456-7890").
+                nsns.append((digits, region in self._mobile_only))
+            for nsn, strict in nsns:
+                if len(nsn) not in lengths:
+                    continue
+                if cc == _NANP_CC:
+                    if nanp_done:
+                        continue
+                    nanp_done = True
+                    if not budget.spend(4):
+                        return None
+                    if phonenumbers.is_valid_number(_number(cc, nsn)):
+                        return f"+1{nsn}"
+                    continue
+                if not budget.spend(4):
+                    return None
+                number = _number(cc, nsn)
+                if not phonenumbers.is_valid_number_for_region(number, region):
+                    continue
+                if strict and not (_grouping_ok(number, bounds) if bounds else
+                                   phonenumbers.number_type(number) in _MOBILE):
+                    continue
+                return f"+{cc}{nsn}"
+        return None
+
+
+def _grouping_ok(number: PhoneNumber, bounds: tuple[int, ...]) -> bool:
+    """Do the written group boundaries fall where the region's own format puts them?"""
+    formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    ends: set[int] = set()
+    count = 0
+    in_digits = False
+    for ch in formatted:
+        if ch.isdigit():
+            count += 1
+            in_digits = True
+        else:
+            if in_digits:
+                ends.add(count)
+            in_digits = False
+    extra = count - len(phonenumbers.national_significant_number(number))  # trunk digits
+    return all(b + extra in ends for b in bounds)
+
+
+def _number(cc: int, nsn: str) -> PhoneNumber:
+    zeros = len(nsn) - len(nsn.lstrip("0"))
+    if zeros:
+        return PhoneNumber(country_code=cc, national_number=int(nsn or "0"),
+                           italian_leading_zero=True, number_of_leading_zeros=zeros)
+    return PhoneNumber(country_code=cc, national_number=int(nsn))
+
+
+# -- the scanner --------------------------------------------------------------------------
+
+
+class Scanner:
+    """All enabled detectors, compiled once per config snapshot."""
+
+    def __init__(self, settings: RedactionSettings):
+        classes = set(settings.classes)
+        self.classes = classes
+        self.phone = PhoneValidator(settings.phone_regions) if "phone" in classes else None
+        self.customs: list[tuple[str, object]] = [
+            (d.name, compile_custom(d.pattern, d.case_insensitive))
+            for d in settings.custom_detectors if d.name in classes]
+        families = {
+            "email": "email" in classes,
+            "digits": bool(classes & {"card", "ssn", "phone"}),
+            "ipv4": "ipv4" in classes,
+            "ipv6": "ipv6" in classes,
+            "iban": "iban" in classes,
+            "secret": bool(classes & set(_SECRETS)),
+            "placeholder": True,
+            "data_uri": True,
+        }
+        self._set = re2.Set.SearchSet(_opts())
+        self._set_names: list[str] = []
+        for name, on in families.items():
+            if on:
+                self._set.Add(_SET_PATTERNS[name])
+                self._set_names.append(name)
+        self._set.Compile()
+        self._custom_set = None
+        if self.customs:
+            cset = re2.Set.SearchSet(_opts())
+            for d in settings.custom_detectors:
+                if d.name in classes:
+                    cset.Add(f"(?i:{d.pattern})" if d.case_insensitive else d.pattern)
+            try:
+                cset.Compile()
+                self._custom_set = cset
+            except re2.error:  # pragma: no cover - too big for one DFA: run each always
+                self._custom_set = None
+        self._priority = {c: i for i, c in enumerate(_PRIORITY)}
+        custom_rank = self._priority["*custom*"]
+        for name, _ in self.customs:
+            self._priority[name] = custom_rank
+        self.latin = latin_letters()
+
+    # ---------------------------------------------------------------------------------
+
+    def scan(self, norm: Normalized, budget: Budget) -> ScanResult:
+        text = norm.text
+        asc = text.encode() if text.isascii() else text.encode("ascii", "replace")
+        res = ScanResult()
+        if budget.exhausted:  # normalisation already spent it all
+            res.incomplete = True
+            return res
+        hits = self._set.Match(asc)
+        custom_hits: list[int] | None = None
+        if self.customs:
+            if self._custom_set is None:
+                custom_hits = list(range(len(self.customs)))
+            else:
+                custom_hits = self._custom_set.Match(text)
+        if not hits and not custom_hits:
+            return res
+        names = {self._set_names[i] for i in hits or ()}
+        found = res.found
+        skips: list[tuple[int, int]] = []
+        if "data_uri" in names:
+            for m in spans(_DATA_URI, asc):
+                res.data_uris += 1
+                skips.append(m[0])
+        if "placeholder" in names:
+            for m in spans(_PLACEHOLDER, asc):
+                res.reserved.add(text[m[0][0]:m[0][1]])
+        if "secret" in names:
+            self._secrets(asc, text, found, budget)
+        if "email" in names:
+            self._emails(asc, text, found, budget)
+        if "iban" in names:
+            self._ibans(asc, found, budget)
+        if "ipv4" in names:
+            self._ipv4(asc, text, found, budget)
+        if "ipv6" in names:
+            self._ipv6(asc, found, budget)
+        if "digits" in names:
+            self._digit_runs(asc, text, found, budget)
+        for i in custom_hits or ():
+            name, rx = self.customs[i]
+            for m in rx.finditer(text):
+                if not budget.spend():
+                    break
+                s, e = m.span()
+                cut = text.find("\x00", s, e)
+                if cut != -1:
+                    e = cut
+                if e > s:
+                    found.append(Found(name, s, e, text[s:e]))
+        res.incomplete = budget.exhausted
+        res.found = self._resolve(found, skips, len(asc), self._priority)
+        return res
+
+    @staticmethod
+    def _resolve(found: list[Found], skips: list[tuple[int, int]], size: int,
+                 rank: dict[str, int]) -> list[Found]:
+        """Keep the higher-priority finding where two overlap; drop those in skip spans.
+        Linear in the text: each kept finding marks its characters once."""
+        if len(found) <= 1 and not skips:
+            return found
+        found.sort(key=lambda f: (rank[f.cls], f.start, f.start - f.end))
+        taken = bytearray(size)
+        for s, e in skips:
+            taken[s:e] = b"\x01" * (e - s)
+        out: list[Found] = []
+        for f in found:
+            if taken.find(1, f.start, f.end) != -1:
+                continue
+            taken[f.start:f.end] = b"\x01" * (f.end - f.start)
+            out.append(f)
+        out.sort(key=lambda f: f.start)
+        return out
+
+    # -- families ------------------------------------------------------------------------
+
+    def _secrets(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+        for cls, regexes in _SECRETS.items():
+            if cls not in self.classes:
+                continue
+            if not any(lit in asc for lit in _SECRET_LITERALS[cls]):
+                continue
+            for rx in regexes:
+                has_v = rx.groups > 0
+                for m in spans(rx, asc):
+                    if not budget.spend(4):
+                        return
+                    s, e = m[1] if has_v else m[0]
+                    if s > 0 and asc[s - 1] in _ALNUM and not has_v:
+                        continue
+                    if has_v and e < len(asc) and asc[e] in _ALNUM:
+                        continue
+                    value = text[s:e]
+                    if not _secret_ok(cls, value):
+                        continue
+                    found.append(Found(cls, s, e, value))
+
+    def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+        latin = self.latin
+        for m in spans(_EMAIL, asc):
+            if not budget.spend():
+                return
+            s, e = m[0]
+            at = asc.index(b"@", s, e)
+            # Local part: walk left from '@' while the characters belong to an address.
+            i = at
+            while i > s:
+                c = asc[i - 1]
+                if c == 63 and text[i - 1] not in latin:  # '?' standing for a non-Latin char
+                    break
+                i -= 1
+            while i < at and asc[i] in b".-+%":
+                i += 1
+            if i == at or not any(ch in _ALNUM for ch in asc[i:at]):
+                continue
+            if i > 0 and asc[i - 1] in _ALNUM:
+                continue
+            # Domain: stop at a non-Latin character, then drop a trailing partial label.
+            j = at + 1
+            while j < e and not (asc[j] == 63 and text[j] not in latin):
+                j += 1
+            domain = text[at + 1:j].rstrip(".-")
+            labels = domain.split(".")
+            if len(labels) < 2 or any(not lb or lb[0] == "-" or lb[-1] == "-"
+                                      for lb in labels):
+                continue
+            tld = labels[-1]
+            if len(tld) < 2 or not tld.isalpha():
+                continue
+            end = at + 1 + len(domain)
+            if end < len(asc) and (asc[end] in _ALNUM or (asc[end] == 63
+                                                         and text[end] in latin)):
+                continue
+            found.append(Found("email", i, end, text[i:end].lower()))
+
+    def _ibans(self, asc: bytes, found: list[Found], budget: Budget) -> None:
+        pos = 0
+        while True:
+            m = search(_IBAN, asc, pos)
+            if m is None or not budget.spend(3):
+                return
+            s = m[0][0]
+            end = _iban_at(asc, s)
+            if end is None:
+                pos = s + 1
+                continue
+            found.append(Found("iban", s, end[0], end[1]))
+            pos = end[0]
+
+    def _ipv4(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+        n = len(asc)
+        for m in spans(_IPV4, asc):
+            if not budget.spend(2):
+                return
+            s, e = m[0]
+            if s > 0 and asc[s - 1] == 46:  # '.': part of a longer dotted sequence
+                continue
+            if e + 1 < n and asc[e] == 46 and asc[e + 1] in _DIGITS:
+                continue
+            if _VERSION_CTX.search(text, max(0, s - 12), s):
+                continue
+            found.append(Found("ipv4", s, e, text[s:e]))
+
+    def _ipv6(self, asc: bytes, found: list[Found], budget: Budget) -> None:
+        n = len(asc)
+        for m in spans(_IPV6, asc):
+            if not budget.spend():
+                return
+            s, e = m[0]
+            while e > s and asc[e - 1] == 46:  # trailing '.'
+                e -= 1
+            while s < e and asc[s] == 46:
+                s += 1
+            if e - s > 45 or e - s < 3:
+                continue
+            if s > 0 and asc[s - 1] in _ALNUM:
+                continue
+            if e < n and asc[e] in _ALNUM:
+                continue
+            cand = asc[s:e].decode()
+            if cand.endswith(":") and not cand.endswith("::"):
+                cand = cand[:-1]
+                e -= 1
+            try:
+                addr = ipaddress.IPv6Address(cand)
+            except ValueError:
+                continue
+            hexdigits = sum(c in "0123456789abcdefABCDEF" for c in cand)
+            groups = [g for g in cand.split(":") if g]
+            if hexdigits < 4 or not any(c.isdigit() for c in cand) or len(groups) < 2:
+                continue
+            found.append(Found("ipv6", s, e, addr.compressed))
+
+    # -- cards, SSNs and phones share digit runs -----------------------------------------
+    #
+    # A run is digits joined by separators (space, - . / ( )), with an optional "+" in
+    # front and an extension at the end. Groups are its digit strings; chunks are groups
+    # joined without a space. Windows of consecutive chunks are tried left to right,
+    # longest first: card, then SSN, then phone. A window spans at most a few chunks and
+    # the run is paid for from the budget up front, so no run can cost more than its size.
+
+    def _digit_runs(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+        want_card = "card" in self.classes
+        want_ssn = "ssn" in self.classes
+        want_phone = self.phone is not None
+        for m in spans(_RUN, asc):
+            s, e = m[0]
+            # Paid by its separators: each one may start a group, a chunk and a window.
+            if not budget.spend(1 + len(asc[s:e].translate(None, b"0123456789"))):
+                return
+            glue = _glued(asc, s, e)
+            if glue == 2 or (glue == 1 and 32 not in asc[s:e]):
+                continue  # part of a word, or one identifier-bound chunk: nothing to find
+            ext = _EXT_TAIL.search(asc, max(s, e - 12), e)
+            ext_s = ext.start() if ext is not None else -1
+            run = _Run(asc, text, s, ext_s if ext_s != -1 else e,
+                       (ext_s, e) if ext_s != -1 else None, glue == 1)
+            nch = len(run.ndig)
+            ndig, ngroups, first = run.ndig, run.ngroups, run.first_size
+            phone_ok = want_phone and not run.soft_glued
+            a = 0
+            free = 0  # first chunk not taken by a finding
+            while a < nch:
+                hit = None
+                nd, ng = ndig[a], ngroups[a]
+                # A card starts where a group of four does not run on into this one
+                # ("1234 5678 9012 3456" holds no card starting at "5678").
+                continued = (a > free and ngroups[a - 1] == 1 and ndig[a - 1] == 4
+                             and run.lead(a) == b" ")
+                if want_card and not continued and (
+                        (ng == 1 and (12 <= nd <= 19 or nd == 4))
+                        or (ng > 1 and 12 <= nd <= 19 and first[a] == 4)):
+                    hit = self._card_at(run, a)
+                if hit is None and want_ssn and ((ng == 3 and nd == 9)
+                                                 or (ng == 1 and nd in (3, 9))):
+                    hit = self._ssn_at(run, a)
+                if hit is None and phone_ok:
+                    hit = self._phone_at(run, a, budget)
+                    if budget.exhausted:
+                        return
+                if hit is None:
+                    a += 1
+                    continue
+                found.append(hit[0])
+                a = free = hit[1] + 1
+
+    def _card_at(self, run: _Run, a: int):
+        ndig, ngroups = run.ndig, run.ngroups
+        if run.lead(a) == b"+":
+            return None  # "+4915123455730" is a phone number
+        if ngroups[a] > 1:
+            # One chunk: groups joined by a single kind of separator ("4111-1111-...").
+            if run.card_layout(a):
+                digits = run.chunk_digits(a)
+                if card_ok(digits):
+                    return Found("card", run.chunk_start(a), run.chunk_end(a), digits), a
+            return None
+        # One bare group, or 4-digit groups separated by single spaces ("4111 1111 ...").
+        ends = []
+        if 12 <= ndig[a] <= 19:
+            ends.append(a)
+        elif ndig[a] == 4:
+            total = 4
+            b = a + 1
+            while b < len(ndig) and ngroups[b] == 1 and run.lead(b) == b" ":
+                total += ndig[b]
+                if total > 19:
+                    break
+                if total >= 12:
+                    ends.append(b)
+                if ndig[b] not in (4, 6):
+                    break  # only the last group may have another size
+                b += 1
+        for end in reversed(ends):
+            digits = "".join(run.chunk_digits(c) for c in range(a, end + 1))
+            if not card_ok(digits):
+                continue
+            if end == a and (run.soft_glued or (len(digits) <= 13 and a == 0
+                                                and run.negative_context(_CARD_CTX))):
+                continue
+            return Found("card", run.chunk_start(a), run.chunk_end(end), digits), end
+        return None
+
+    def _ssn_at(self, run: _Run, a: int):
+        ndig, ngroups = run.ndig, run.ngroups
+        if ngroups[a] == 1 and ndig[a] == 9:
+            gs = run.chunk_start(a)
+            if not _SSN_CTX.search(run.text, max(0, gs - 40), gs):
+                return None
+            d = run.chunk_digits(a)
+            if ssn_ok(d[:3], d[3:5], d[5:]):
+                return Found("ssn", gs, run.chunk_end(a), d), a
+            return None
+        if ngroups[a] == 3:
+            idx, end = list(range(run.cfirst[a], run.cfirst[a] + 3)), a
+        elif (ngroups[a] == 1 and a + 2 < len(ndig) and ngroups[a + 1] == 1
+              and ngroups[a + 2] == 1):
+            idx, end = [run.cfirst[a], run.cfirst[a + 1], run.cfirst[a + 2]], a + 2
+        else:
+            return None
+        if run.sizes(idx) != [3, 2, 4]:
+            return None
+        seps = run.seps(idx)
+        if seps[0] != seps[1] or len(seps[0]) != 1 or seps[0] not in b" -./":
+            return None
+        parts = [run.group(k) for k in idx]
+        if not ssn_ok(*parts):
+            return None
+        return Found("ssn", run.groups[idx[0]][0], run.groups[idx[-1]][1], "".join(parts)), end
+
+    def _phone_at(self, run: _Run, a: int, budget: Budget):
+        ndig, nsingle = run.ndig, run.nsingle
+        nch = len(ndig)
+        total = singles = 0
+        b = a
+        while b < nch and b - a < 8 and total + ndig[b] <= 15:
+            if run.not_phone(b) or (b == a and run.decimal(b)):
+                break
+            total += ndig[b]
+            singles += nsingle[b]
+            b += 1
+        asc = run.asc
+        for end in range(b - 1, a - 1, -1):
+            if total < 7:
+                return None
+            count, window_singles = total, singles
+            total -= ndig[end]
+            singles -= nsingle[end]
+            if window_singles > 2:
+                continue
+            start = run.chunk_start(a)
+            # A leading '+' or '(' belongs to the number.
+            while start > run.start and asc[start - 1] in b"+(":
+                start -= 1
+            digits = "".join(run.chunk_digits(c) for c in range(a, end + 1))
+            intl = asc[start] == 43 or (digits.startswith("00") and not
+                                         digits.startswith("000"))
+            bare = a == end and run.ngroups[a] == 1
+            if not intl:
+                if a == 0 and run.negative_context():
+                    return None
+                # Bare 10 or 13 digits starting with 1 are Unix times (s, ms) unless the
+                # text says it is a phone number.
+                if (bare and digits[0] == "1" and count in (10, 13)
+                        and not run.positive_context(_POS_CTX)):
+                    continue
+            assert self.phone is not None
+            value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
+                                     budget)
+            if value is None:
+                if budget.exhausted:
+                    return None
+                continue
+            stop = run.chunk_end(end)
+            if run.ext is not None and end == nch - 1:
+                stop = run.ext[1]
+            return Found("phone", start, stop, value), end
+        return None
+
+
+class _Run:
+    """One digit run, split into groups and chunks, with the per-chunk facts the card,
+    SSN and phone checks need (digit strings and exclusions are computed on first use)."""
+
+    __slots__ = ("_digits", "_neg", "_not_phone", "_pos", "asc", "cfirst", "ext",
+                 "first_size", "groups", "ndig", "ngroups", "nsingle", "soft_glued",
+                 "start", "text")
+
+    def __init__(self, asc: bytes, text: str, start: int, main_end: int,
+                 ext: tuple[int, int] | None, soft_glued: bool):
+        self.asc = asc
+        self.text = text
+        self.start = start
+        self.ext = ext
+        self.soft_glued = soft_glued
+        groups = [g.span() for g in _GROUP.finditer(asc, start, main_end)]
+        self.groups = groups
+        cfirst = [0]
+        for k in range(1, len(groups)):
+            if 32 in asc[groups[k - 1][1]:groups[k][0]]:  # a space: a new chunk
+                cfirst.append(k)
+        self.cfirst = cfirst
+        bounds = [*cfirst, len(groups)]
+        sizes = [ge - gs for gs, ge in groups]
+        self.ngroups = [bounds[c + 1] - bounds[c] for c in range(len(cfirst))]
+        self.ndig = [sum(sizes[bounds[c]:bounds[c + 1]]) for c in range(len(cfirst))]
+        self.nsingle = [sizes[bounds[c]:bounds[c + 1]].count(1) for c in range(len(cfirst))]
+        self.first_size = [sizes[k] for k in cfirst]
+        self._digits: dict[int, str] = {}
+        self._not_phone: dict[int, bool] = {}
+        self._neg: bool | None = None
+        self._pos: bool | None = None
+
+    def bounds(self, a: int, end: int) -> tuple[int, ...]:
+        """Digit offsets where the groups of chunks a..end end, the last one excepted."""
+        g = self.groups
+        out = []
+        total = 0
+        for k in range(self.cfirst[a], self.cfirst[end] + self.ngroups[end] - 1):
+            total += g[k][1] - g[k][0]
+            out.append(total)
+        return tuple(out)
+
+    def _idx(self, c: int) -> range:
+        return range(self.cfirst[c], self.cfirst[c] + self.ngroups[c])
+
+    def group(self, k: int) -> str:
+        gs, ge = self.groups[k]
+        return self.asc[gs:ge].decode()
+
+    def chunk_start(self, c: int) -> int:
+        return self.groups[self.cfirst[c]][0]
+
+    def chunk_end(self, c: int) -> int:
+        return self.groups[self.cfirst[c] + self.ngroups[c] - 1][1]
+
+    def chunk_digits(self, c: int) -> str:
+        d = self._digits.get(c)
+        if d is None:
+            asc, groups = self.asc, self.groups
+            d = self._digits[c] = b"".join(asc[groups[k][0]:groups[k][1]]
+                                           for k in self._idx(c)).decode()
+        return d
+
+    def sizes(self, idx) -> list[int]:
+        return [self.groups[k][1] - self.groups[k][0] for k in idx]
+
+    def seps(self, idx) -> list[bytes]:
+        g = self.groups
+        idx = list(idx)
+        return [self.asc[g[idx[k - 1]][1]:g[idx[k]][0]] for k in range(1, len(idx))]
+
+    def lead(self, c: int) -> bytes:
+        """The separator in front of chunk `c` (for the first, a leading '+' or '(')."""
+        k = self.cfirst[c]
+        gs = self.groups[k][0]
+        return self.asc[self.start:gs] if k == 0 else self.asc[self.groups[k - 1][1]:gs]
+
+    def card_layout(self, c: int) -> bool:
+        """Groups of one chunk as a card is written: 4-4-4-4(-3), 4-6-5, 4-6-4 ..."""
+        idx = self._idx(c)
+        seps = self.seps(idx)
+        if len(set(seps)) != 1 or len(seps[0]) != 1 or seps[0] not in (b"-", b".", b"/"):
+            return False
+        sizes = self.sizes(idx)
+        return (sizes[0] == 4 and all(z in (4, 6) for z in sizes[1:-1])
+                and 1 <= sizes[-1] <= 6)
+
+    def negative_context(self, positive: re.Pattern[str] | None = None) -> bool:
+        """The run follows an identifier word ("Order No.", "tracking", "#") and no word
+        saying it is this data class ("phone", "card" ...)."""
+        if positive is None:
+            if self._neg is None:
+                self._neg = (_identifier_before(self.text, self.start)
+                             and not self.positive_context(_POS_CTX))
+            return self._neg
+        return _identifier_before(self.text, self.start) and not positive.search(
+            self.text, max(0, self.start - 40), self.start)
+
+    def positive_context(self, positive: re.Pattern[str]) -> bool:
+        if positive is not _POS_CTX:
+            return bool(positive.search(self.text, max(0, self.start - 40), self.start))
+        if self._pos is None:
+            self._pos = bool(positive.search(self.text, max(0, self.start - 40), self.start))
+        return self._pos
+
+    def not_phone(self, c: int) -> bool:
+        """Decimals, dates, IPv4 addresses and SSN-shaped chunks are never part of a phone
+        number."""
+        v = self._not_phone.get(c)
+        if v is None:
+            v = self._not_phone[c] = self._not_phone_chunk(c)
+        return v
+
+    def decimal(self, c: int) -> bool:
+        """"40.099115", "0.75", "1299.99": a decimal number, which a phone number does not
+        start with (unlike "030.1234567" or "96123.9263", groups joined by a dot)."""
+        if self.ngroups[c] != 2 or self.seps(self._idx(c))[0] != b".":
+            return False
+        k = self.cfirst[c]
+        whole, frac = self.sizes((k, k + 1))
+        lead_zero = self.asc[self.groups[k][0]] == 48 and whole > 1
+        return not lead_zero and (whole <= 3 or frac <= 2)
+
+    def _not_phone_chunk(self, c: int) -> bool:
+        ng = self.ngroups[c]
+        if ng not in (3, 4):
+            return False
+        chunk = self.asc[self.chunk_start(c):self.chunk_end(c)]
+        if _DATE.fullmatch(chunk):
+            return True
+        if ng == 4 and _DOTTED4.fullmatch(chunk):
+            return all(int(p) <= 255 for p in chunk.split(b"."))
+        return ng == 3 and bool(_SSN_SHAPE.fullmatch(chunk))
+
+
+_NEG_SET = frozenset(_NEG_WORDS.split("|"))
+_NEG_FOLLOWERS = frozenset(("number", "no", "nr", "num", "id", "nummer", "numero", "n"))
+
+
+def _identifier_before(text: str, start: int) -> bool:
+    """Is `start` preceded by "#", or by an identifier word ("order", "invoice no.")?"""
+    k = start
+    lo = max(0, start - 28)
+    while k > lo and not text[k - 1].isalnum():
+        k -= 1
+    if start - k > 6:
+        return False
+    if "#" in text[k:start]:
+        return True
+    e = k
+    while k > lo and text[k - 1].isalpha():
+        k -= 1
+    word = text[k:e].lower()
+    if word in _NEG_SET:
+        return True
+    if word not in _NEG_FOLLOWERS:
+        return False
+    e = k
+    while e > lo and k - e < 3 and not text[e - 1].isalnum():
+        e -= 1
+    k = e
+    while k > lo and text[k - 1].isalpha():
+        k -= 1
+    return text[k:e].lower() in _NEG_SET
+
+
+def _glued(asc: bytes, s: int, e: int) -> int:
+    """2: the digit run is part of a word ("a1b2", "x@1"); 1: part of an identifier or of a
+    larger number ("INV-2024-0042", "16:09:03.4999", "1,234,567"), which rules out a phone
+    number and a bare card number; 0: free-standing."""
+    n = len(asc)
+    soft = 0
+    if asc[s] in _DIGITS and s > 0:
+        prev = asc[s - 1]
+        if prev in _ALNUM or prev == 64:
+            return 2
+        if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM)
+                      or (prev in b":," and asc[s - 2] in _DIGITS)):
+            soft = 1
+    if e < n:
+        nxt = asc[e]
+        if nxt in _ALNUM or nxt == 64:
+            return 2
+        if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM)
+                          or (nxt in b":," and asc[e + 1] in _DIGITS)):
+            soft = 1
+    return soft
+
+
+_AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA", "ANVA",
+                 "AROA", "APKA", "ASCA")
+
+
+def _secret_ok(cls: str, value: str) -> bool:
+    if cls == "jwt":
+        head = value.split(".", 1)[0]
+        try:
+            raw = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))
+            obj = json.loads(raw)
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(obj, dict) and ("alg" in obj or "typ" in obj or "enc" in obj)
+    if cls == "api_key" and value[:3] in ("sk-", "rk-"):
+        body = value[3:]
+        has_digit = any(c.isdigit() for c in body)
+        has_alpha = any(c.isalpha() for c in body)
+        mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
+        return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
+    if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
+        return len(value) == 20
+    return True

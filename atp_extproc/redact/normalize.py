@@ -1,0 +1,270 @@
+"""Normalise text for detection, keeping a map back to the original offsets.
+
+Detectors run on a normalised copy so that look-alike spellings match:
+  - compatibility forms (NFKC, per character) that turn into ASCII letters, digits or the
+    punctuation detectors use (`@ . - + ( ) / _ % [ ] # =`): fullwidth digits and at sign,
+    circled and mathematical digits, ligatures;
+  - any decimal digit (Arabic-Indic, Devanagari, ...) becomes its ASCII digit;
+  - format characters (zero-width space/joiner, soft hyphen, bidi marks, BOM) are dropped;
+    Unicode "tag" characters (U+E0020-E007E, invisible ASCII look-alikes) become ASCII;
+  - every space separator (NBSP, narrow NBSP, ideographic space ...) becomes ' ', every
+    dash (hyphens, minus sign) becomes '-';
+  - combining marks right after an ASCII character are dropped ("4̲1̲1̲1̲");
+  - literal escapes are decoded: JSON `\\uXXXX`, HTML `&#64;` / `&#x40;`, and `%40`.
+Replacement spans are then mapped back, so the original text is replaced exactly where
+the normalised match was, and nothing around it changes.
+
+Cost: pure-ASCII text without escapes is returned as is (one `isascii` check). Otherwise a
+single linear pass of a one-character-class regex finds the characters that may change
+(prose in any script hits almost none of them), and only those are looked at. Same-length
+replacements need no offset bookkeeping; only deletions and escapes record a change.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from bisect import bisect_left, bisect_right
+from functools import lru_cache
+
+import re2
+
+from atp_extproc.redact.re2util import spans
+
+_RELEVANT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                      "@.-+()/_%[]#= ")
+# Combining marks used to decorate or obfuscate ASCII (not the vowel signs of Indic or
+# Thai scripts, which are everywhere in those languages and never sit on ASCII).
+_MARK_RANGES = ((0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF),
+                (0xFE00, 0xFE0F), (0xFE20, 0xFE2F))
+_ESC_U = re.compile(r"\\u([0-9a-fA-F]{4})")
+_ESC_HTML = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
+
+
+@lru_cache(maxsize=1)
+def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozenset[str]]:
+    trans: dict[str, str] = {}
+    latin: set[str] = set()
+    for block in (range(0x80, 0x20000), range(0xE0000, 0xE1000)):
+        for cp in block:
+            ch = chr(cp)
+            cat = unicodedata.category(ch)
+            if cat in ("Cn", "Co", "Cs"):
+                continue
+            if cat in ("Lu", "Ll", "Lt") and unicodedata.name(ch, "").startswith("LATIN "):
+                latin.add(ch)
+            if 0xE0020 <= cp <= 0xE007E:
+                trans[ch] = chr(cp - 0xE0000)
+            elif cat == "Cf":
+                trans[ch] = ""
+            elif cat == "Zs":
+                trans[ch] = " "
+            elif cat == "Pd" or ch in "\u2212\u02d7":
+                trans[ch] = "-"
+            elif cat == "Nd":
+                trans[ch] = str(unicodedata.digit(ch))
+            elif cat not in ("Mn", "Me"):
+                n = unicodedata.normalize("NFKC", ch)
+                if n != ch and n and len(n) <= 4 and all(c in _RELEVANT for c in n):
+                    trans[ch] = n
+    # Invisible fillers that are letters by category but render as nothing.
+    for ch in "\u115f\u1160\u3164\uffa0":
+        trans[ch] = ""
+    trans["\uff61"] = "."  # halfwidth ideographic full stop
+    marks = frozenset(chr(cp) for lo, hi in _MARK_RANGES for cp in range(lo, hi + 1)
+                      if unicodedata.category(chr(cp)) in ("Mn", "Me"))
+    # One RE2 character class (a DFA: ~1 ns a byte whatever the class size) finds every
+    # character that may change; everything else is copied untouched.
+    hot_chars = [*trans, *marks, "\\", "&", "%"]
+    options = re2.Options()
+    options.max_mem = 64 << 20
+    options.log_errors = False
+    hot = re2.compile(f"[{_char_class(hot_chars)}]+", options)
+    return trans, hot, frozenset(latin), marks
+
+
+def _char_class(chars) -> str:
+    """A compact regex character class body for a set of characters."""
+    cps = sorted(set(ord(c) for c in chars))
+    parts: list[str] = []
+    i = 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        lo, hi = cps[i], cps[j]
+        parts.append(_esc(lo) if lo == hi else f"{_esc(lo)}-{_esc(hi)}")
+        i = j + 1
+    return "".join(parts)
+
+
+def _esc(cp: int) -> str:
+    return f"\\x{{{cp:x}}}"  # RE2 syntax
+
+
+def latin_letters() -> frozenset[str]:
+    return _tables()[2]
+
+
+def warm() -> None:
+    """Build the tables now (≈0.2 s, once per process) rather than on the first request."""
+    _tables()
+
+
+_NONE: list[int] = []
+
+
+class Normalized:
+    """The normalised text and the map from its offsets to the original's."""
+
+    __slots__ = ("_n_ends", "_n_starts", "_o_ends", "_o_starts", "text")
+
+    def __init__(self, text: str, changes: list[tuple[int, int, int, int]] | None = None):
+        self.text = text
+        if changes:
+            self._o_starts = [c[0] for c in changes]
+            self._o_ends = [c[1] for c in changes]
+            self._n_starts = [c[2] for c in changes]
+            self._n_ends = [c[3] for c in changes]
+        else:
+            self._o_starts = self._o_ends = self._n_starts = self._n_ends = _NONE
+
+    @property
+    def identity(self) -> bool:
+        return not self._n_starts
+
+    def orig_start(self, p: int) -> int:
+        """Original offset where a span starting at normalised offset `p` starts."""
+        i = bisect_right(self._n_starts, p) - 1
+        if i < 0:
+            return p
+        if p < self._n_ends[i]:
+            return self._o_starts[i]
+        return p + self._o_ends[i] - self._n_ends[i]
+
+    def orig_end(self, p: int) -> int:
+        """Original offset where a span ending (exclusive) at `p` ends."""
+        i = bisect_left(self._n_starts, p) - 1
+        if i < 0:
+            return p
+        if p <= self._n_ends[i]:
+            return self._o_ends[i]
+        return p + self._o_ends[i] - self._n_ends[i]
+
+
+def normalize(text: str, budget=None) -> Normalized:
+    """Normalise `text`. `budget` (detectors.Budget) is charged one unit per run of
+    characters that may change; when it runs out the rest is left as it is and the budget
+    says so (the caller then reports the scan as incomplete)."""
+    if text.isascii() and "\\u" not in text and "&#" not in text and "%40" not in text:
+        return Normalized(text)
+    trans, hot, _, marks = _tables()
+    table = _translate_table()
+    out = _Out(text)
+    data = text.encode("utf-8", "surrogatepass")
+    byte_at = 0  # byte offset ...
+    char_at = 0  # ... and the character offset it corresponds to
+    for m in spans(hot, data):
+        b0, b1 = m[0]
+        char_at += len(data[byte_at:b0].decode("utf-8", "surrogatepass"))
+        i = char_at
+        char_at += len(data[b0:b1].decode("utf-8", "surrogatepass"))
+        byte_at = b1
+        j = char_at
+        if j <= out.pos:
+            continue  # inside an escape already decoded
+        if budget is not None and not budget.spend(2):
+            break
+        i = max(i, out.pos)
+        run = text[i:j]
+        if "\\" not in run and "&" not in run and "%" not in run:
+            new = run.translate(table)
+            if len(new) == len(run) and (j >= len(text) or text[j] not in marks):
+                if marks.isdisjoint(run):
+                    out.put(i, j, new)  # same length: offsets unchanged
+                    continue
+            elif not new and (j >= len(text) or text[j] not in marks):
+                out.put(i, j, "")  # a run of invisible characters
+                continue
+        _slow(text, i, j, out, trans, marks)
+    return out.result()
+
+
+class _Out:
+    """The normalised text being built and its offset changes."""
+
+    __slots__ = ("changes", "pieces", "pos", "shift", "text")
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pieces: list[str] = []
+        self.changes: list[tuple[int, int, int, int]] = []
+        self.pos = 0  # original offset copied up to
+        self.shift = 0  # normalised offset minus original offset, at `pos`
+
+    def put(self, i: int, end: int, new: str) -> None:
+        self.pieces.append(self.text[self.pos:i])
+        self.pieces.append(new)
+        if end - i != len(new):
+            self.changes.append((i, end, i + self.shift, i + self.shift + len(new)))
+            self.shift += len(new) - (end - i)
+        self.pos = end
+
+    def result(self) -> Normalized:
+        if not self.pieces:
+            return Normalized(self.text)
+        self.pieces.append(self.text[self.pos:])
+        return Normalized("".join(self.pieces), self.changes)
+
+
+def _slow(text: str, i: int, j: int, out: _Out, trans: dict[str, str],
+          marks: frozenset[str]) -> None:
+    """Character by character: escapes, marks, and runs that mix lengths."""
+    n = len(text)
+    while i < j:
+        if i < out.pos:
+            i = out.pos
+            continue
+        ch = text[i]
+        end = i + 1
+        new: str | None = None
+        if ch == "\\":
+            esc = _ESC_U.match(text, i)
+            if esc is not None:
+                new = _decode(int(esc.group(1), 16))
+                end = esc.end()
+        elif ch == "&":
+            esc = _ESC_HTML.match(text, i)
+            if esc is not None:
+                hexa, dec = esc.groups()
+                new = _decode(int(hexa, 16) if hexa else int(dec))
+                end = esc.end()
+        elif ch == "%":
+            if text.startswith("%40", i):
+                new, end = "@", i + 3
+        elif ch in marks:
+            if i > 0 and "\x21" <= text[i - 1] <= "\x7e":
+                new = ""
+        else:
+            new = trans.get(ch)
+        if new is None:
+            i += 1
+            continue
+        if new and new in trans:  # an escape for a character that itself normalises
+            new = trans[new]
+        while end < n and text[end] in marks:
+            end += 1  # marks on a replaced character go with it
+        out.put(i, end, new)
+        i = end
+
+
+@lru_cache(maxsize=1)
+def _translate_table() -> dict[int, str]:
+    return {ord(k): v for k, v in _tables()[0].items()}
+
+
+def _decode(cp: int) -> str | None:
+    if cp > sys.maxunicode or 0xD800 <= cp <= 0xDFFF or cp == 0:
+        return None
+    return chr(cp)

@@ -1,0 +1,42 @@
+"""Thin, fast iteration over RE2 matches on bytes.
+
+The `re2` module's own `finditer` builds a match object and maps offsets for every match;
+on bytes input the offsets need no mapping, so calling the compiled RE2 object directly
+halves the per-match cost. Falls back to the public API if the internals ever move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+try:
+    from re2 import _re2
+
+    _UNANCHORED = _re2.RE2.Anchor.UNANCHORED
+except (ImportError, AttributeError):  # pragma: no cover
+    _UNANCHORED = None
+
+Spans = list[tuple[int, int]]
+
+
+def spans(rx, data: bytes, pos: int = 0) -> Iterator[Spans]:
+    """Non-overlapping matches of `rx` in `data` from `pos`: each a list of (start, end)
+    per group, group 0 first, (-1, -1) for a group that did not take part."""
+    inner = getattr(rx, "_regexp", None)
+    if _UNANCHORED is None or inner is None:  # pragma: no cover
+        for m in rx.finditer(data, pos):
+            yield [m.span(g) for g in range(rx.groups + 1)]
+        return
+    end = len(data)
+    match = inner.Match
+    while pos <= end:
+        found = match(_UNANCHORED, data, pos, end)
+        s, e = found[0]
+        if s == -1:
+            return
+        yield found
+        pos = e if e > s else e + 1
+
+
+def search(rx, data: bytes, pos: int = 0) -> Spans | None:
+    return next(spans(rx, data, pos), None)

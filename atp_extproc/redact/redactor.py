@@ -1,0 +1,308 @@
+"""Redactor: one per config snapshot; `redact()` per request body.
+
+Flow for one request: collect the strings the provider would see (scope.py) → join them
+into one text, units separated by NUL → normalise (normalize.py) → one RE2 Set pass says
+which detector families can match; with none, return at once → run those families and
+validate candidates (detectors.py) → map each finding back to the original text → replace
+it by its placeholder, numbered per request and per data class, the same value always
+getting the same placeholder → splice the changed strings back into copies of the
+top-level fields that hold them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from atp_extproc.redact import scope
+from atp_extproc.redact.detectors import LABELS, Budget, Scanner
+from atp_extproc.redact.normalize import normalize, warm
+from atp_extproc.redact.settings import RedactionSettings, compile_custom, parse_path
+
+OPERATIONS = ("chat", "completions", "embeddings", "responses")
+# In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
+# say to refuse rather than let a partly scanned body go.
+INCOMPLETE = "scan_incomplete"
+_MIN_KEY_BYTES = 16
+_TENANT_KEYS_MAX = 4096
+
+
+class PlaceholderMap:
+    """Placeholder → original text, for one exchange only.
+
+    It holds personal data: it never shows its values in repr/str, and it refuses to be
+    pickled or copied, so it cannot end up in a log record, a store or a cache by accident.
+    Drop it (or call `clear()`) when the exchange ends.
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self, data: Mapping[str, str] | None = None):
+        self._d: dict[str, str] = dict(data or {})
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __bool__(self) -> bool:
+        return bool(self._d)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._d.get(key, default)
+
+    def keys(self):
+        return self._d.keys()
+
+    def items(self):
+        return self._d.items()
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __repr__(self) -> str:
+        return f"<PlaceholderMap: {len(self._d)} placeholder(s), values hidden>"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("PlaceholderMap holds personal data for one exchange only; it cannot "
+                        "be pickled, copied or persisted")
+
+
+_EMPTY_MAP = PlaceholderMap()
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Redaction:
+    # Top-level body keys whose value changed → the new value (splice only these).
+    fields: dict[str, Any] = field(default_factory=dict)
+    # Occurrences per data class found (never values).
+    counts: dict[str, int] = field(default_factory=dict)
+    # Data classes found whose action is `deny`: the request must not go.
+    denied: tuple[str, ...] = ()
+    # Images, audio, files, token arrays, data: URIs: not scanned, counted for policy.
+    non_text_parts: int = 0
+    mapping: PlaceholderMap = field(default=_EMPTY_MAP)
+    # True when the work budget ran out (adversarial bodies: megabytes of digit groups,
+    # invisible characters or near-miss candidates) and part of the body was not scanned.
+    # With `on_incomplete: deny` (the default), `denied` then holds "scan_incomplete".
+    incomplete: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.fields)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __repr__(self) -> str:
+        return (f"Redaction(fields={sorted(self.fields)}, counts={self.counts}, "
+                f"denied={self.denied}, non_text_parts={self.non_text_parts}, "
+                f"mapping={self.mapping!r}, incomplete={self.incomplete})")
+
+
+_NOTHING = Redaction()
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A finding in original text offsets (for tools and tests)."""
+
+    cls: str
+    start: int
+    end: int
+    value: str
+
+
+class Redactor:
+    """Compiled detectors and actions for one config snapshot; safe to share."""
+
+    def __init__(self, settings: RedactionSettings, *, hmac_key: bytes | str | None = None,
+                 environ: Mapping[str, str] | None = None):
+        self.settings = settings
+        for d in settings.custom_detectors:  # settings validated them; recheck if built raw
+            compile_custom(d.pattern, d.case_insensitive)
+        warm()
+        self.scanner = Scanner(settings)
+        self._actions = {c: settings.action_for(c) for c in settings.classes}
+        self._labels = {c: LABELS.get(c, c.upper()) for c in settings.classes}
+        self._extra = [parse_path(p) for p in settings.extra_paths]
+        self._refuse_incomplete = settings.on_incomplete == "deny"
+        self._master: bytes | None = None
+        hashed = sorted(c for c, a in self._actions.items() if a == "hash")
+        if hashed:
+            env = os.environ if environ is None else environ
+            key = hmac_key if hmac_key is not None else env.get(settings.hmac_key_env)
+            if isinstance(key, str):
+                key = key.encode()
+            if not key or len(key) < _MIN_KEY_BYTES:
+                raise ValueError(
+                    f"redaction: action 'hash' for {', '.join(hashed)} needs a key of at least "
+                    f"{_MIN_KEY_BYTES} bytes in the environment variable "
+                    f"{settings.hmac_key_env}")
+            self._master = key
+        self._tenant_keys: dict[str, bytes] = {}
+
+    # -- public --------------------------------------------------------------------------
+
+    def redact(self, operation: str, doc: dict[str, Any], tenant: str) -> Redaction:
+        if not self.settings.enabled:
+            return _NOTHING
+        walker = scope.WALKERS.get(operation)
+        if walker is None:
+            raise ValueError(f"unknown operation {operation!r}; expected one of {OPERATIONS}")
+        c = scope.Collector()
+        walker(c, doc)
+        if self._extra:
+            c.dedupe()
+            for path in self._extra:
+                for p, node in scope.resolve(doc, path):
+                    c.anything(p, node)
+        if not c.units:
+            return Redaction(non_text_parts=c.non_text) if c.non_text else _NOTHING
+
+        segs: list[scope.Segment] = []
+        starts: list[int] = []
+        pieces: list[str] = []
+        pos = 0
+        for u, unit in enumerate(c.units):
+            if u:
+                pieces.append("\x00")
+                pos += 1
+            for seg in unit:
+                segs.append(seg)
+                starts.append(pos)
+                pieces.append(seg.text)
+                pos += len(seg.text)
+        joined = "".join(pieces)
+        budget = Budget.for_text(len(joined))
+        norm = normalize(joined, budget)
+        res = self.scanner.scan(norm, budget)
+        non_text = c.non_text + res.data_uris
+        refuse = (INCOMPLETE,) if res.incomplete and self._refuse_incomplete else ()
+        if not res.found:
+            if non_text or res.incomplete:
+                return Redaction(non_text_parts=non_text, incomplete=res.incomplete,
+                                 denied=refuse)
+            return _NOTHING
+        if refuse:
+            # The request will be refused: count what was found, build nothing.
+            counts: dict[str, int] = {}
+            for f in res.found:
+                counts[f.cls] = counts.get(f.cls, 0) + 1
+            denied = {c for c in counts if self._actions[c] == "deny"}
+            return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
+                             non_text_parts=non_text, incomplete=True)
+
+        mapping: dict[str, str] = {}
+        counts = {}
+        denied = set()
+        tokens: dict[tuple[str, str], str] = {}
+        numbers: dict[str, int] = {}
+        per_seg: dict[int, list[tuple[int, int, str]]] = {}
+        for f in res.found:
+            s, e = norm.orig_start(f.start), norm.orig_end(f.end)
+            if e <= s:
+                continue
+            action = self._actions[f.cls]
+            key = (f.cls, f.value)
+            token = tokens.get(key)
+            if token is None:
+                token = self._token(f.cls, f.value, action, tenant, numbers, res.reserved)
+                tokens[key] = token
+                mapping.setdefault(token, joined[s:e])
+            counts[f.cls] = counts.get(f.cls, 0) + 1
+            if action == "deny":
+                denied.add(f.cls)
+            # Spread the replacement over the segments it covers (joined content parts):
+            # the placeholder goes where the value starts, the rest of it is removed.
+            i = bisect_right(starts, s) - 1
+            first = True
+            while i < len(segs) and starts[i] < e:
+                seg_s = starts[i]
+                seg_e = seg_s + len(segs[i].text)
+                ls, le = max(s, seg_s) - seg_s, min(e, seg_e) - seg_s
+                if le > ls or (first and le >= ls):
+                    per_seg.setdefault(i, []).append((ls, le, token if first else ""))
+                    first = False
+                i += 1
+
+        edits: dict[scope.Path, str] = {}
+        args_values: dict[int, tuple[scope.JsonArgs, dict[int, str]]] = {}
+        for i, changes in per_seg.items():
+            seg = segs[i]
+            new = _splice(seg.text, changes)
+            if seg.args is None:
+                assert seg.path is not None
+                edits[seg.path] = new
+            else:
+                entry = args_values.setdefault(id(seg.args), (seg.args, {}))
+                entry[1][seg.token] = new
+        for args, values in args_values.values():
+            edits[args.path] = scope.splice_args(args, values)
+        fields = scope.apply(doc, edits)
+        return Redaction(fields=fields, counts=counts,
+                         denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
+                         mapping=PlaceholderMap(mapping), incomplete=res.incomplete)
+
+    def scan_text(self, text: str) -> list[Span]:
+        """Findings in one string, in its own offsets (for tools and tests)."""
+        budget = Budget.for_text(len(text))
+        norm = normalize(text, budget)
+        res = self.scanner.scan(norm, budget)
+        return [Span(f.cls, norm.orig_start(f.start), norm.orig_end(f.end), f.value)
+                for f in res.found]
+
+    # -- placeholders --------------------------------------------------------------------
+
+    def _token(self, cls: str, value: str, action: str, tenant: str,
+               numbers: dict[str, int], reserved: set[str]) -> str:
+        label = self._labels[cls]
+        if action == "hash":
+            digest = hmac.new(self._tenant_key(tenant), f"{cls}\x00{value}".encode(),
+                              hashlib.sha256).hexdigest()[:16]
+            return f"[{label}:{digest}]"
+        n = numbers.get(cls, 0)
+        while True:
+            n += 1
+            token = f"[{label}_{n}]"
+            if token not in reserved:
+                numbers[cls] = n
+                return token
+
+    def _tenant_key(self, tenant: str) -> bytes:
+        key = self._tenant_keys.get(tenant)
+        if key is None:
+            assert self._master is not None
+            key = hmac.new(self._master, b"atp-redact-tenant\x00" + tenant.encode(),
+                           hashlib.sha256).digest()
+            if len(self._tenant_keys) >= _TENANT_KEYS_MAX:
+                self._tenant_keys.clear()
+            self._tenant_keys[tenant] = key
+        return key
+
+
+def _splice(text: str, changes: list[tuple[int, int, str]]) -> str:
+    changes.sort()
+    pieces: list[str] = []
+    pos = 0
+    for s, e, new in changes:
+        pieces.append(text[pos:s])
+        pieces.append(new)
+        pos = e
+    pieces.append(text[pos:])
+    return "".join(pieces)

@@ -1,0 +1,311 @@
+"""Put the originals back into a response: JSON bodies and SSE streams.
+
+Placeholders are plain ASCII (`[EMAIL_1]`, `[EMAIL:3f9a…]`), so finding them in bytes is
+safe. Substituting is where care is needed:
+  - an original that needs no JSON escaping (no quote, backslash or control character) can
+    be put back byte for byte at any nesting depth, even inside tool-call arguments that
+    are JSON inside a JSON string: the fast path;
+  - otherwise (a PEM key with newlines, a custom pattern) the JSON is parsed and strings are
+    restored where they are, JSON-in-a-string included, then serialised again.
+
+Streams: SSE events are processed whole; a partial event waits for the rest of it, so a
+placeholder split between network chunks at any byte is restored. Models also split a
+placeholder across *events* ("[EMA" in one delta, "IL_1]" in the next): for incremental
+fields (`delta` content, tool-call argument deltas, completion `text`) a trailing prefix of a
+known placeholder is held back and prepended to the next delta of the same stream position;
+whatever is still held when that position finishes is sent as one extra event before the
+finishing one, so no text is ever lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+from atp_extproc.redact.redactor import PlaceholderMap
+
+_TOKEN = re.compile(r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
+_TOKEN_B = re.compile(rb"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_MAYBE = re.compile(rb'\[[A-Z"]')
+_UNSAFE = re.compile(r'["\\\x00-\x1f]')
+# A stream with no event boundary for this long is not SSE: pass it on as raw text.
+_MAX_PENDING_EVENT = 4 << 20
+_TERMINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
+
+
+def _json_escape(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)[1:-1]
+
+
+class Restorer:
+    def __init__(self, mapping: PlaceholderMap):
+        self._map: dict[str, str] = dict(mapping.items())
+        self._bytes = {k.encode(): v.encode() for k, v in self._map.items()}
+        self._escaped = {k.encode(): _json_escape(v).encode() for k, v in self._map.items()}
+        self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
+        self._prefixes: set[str] = {k[:i] for k in self._map for i in range(1, len(k))}
+        self._max = max((len(k) for k in self._map), default=0)
+        self._tail = b""
+        self._raw = False
+        # stream key → (held text, template event, physical path of the field)
+        self._carry: dict[tuple, tuple[str, Any, tuple]] = {}
+
+    def clear(self) -> None:
+        """Forget the originals (end of the exchange)."""
+        for d in (self._map, self._bytes, self._escaped, self._safe, self._carry):
+            d.clear()
+        self._prefixes.clear()
+        self._tail = b""
+
+    # -- text ----------------------------------------------------------------------------
+
+    def restore_text(self, text: str, escape: bool = False) -> str:
+        if "[" not in text or not self._map:
+            return text
+        table = self._map
+        if escape:
+            return _TOKEN.sub(lambda m: _json_escape(table[m.group()])
+                              if m.group() in table else m.group(), text)
+        return _TOKEN.sub(lambda m: table.get(m.group(), m.group()), text)
+
+    # -- whole JSON bodies ----------------------------------------------------------------
+
+    def restore_json(self, body: bytes) -> bytes | None:
+        """The body with originals put back, or None if it holds none of our placeholders."""
+        if not self._map or b"[" not in body:
+            return None
+        found = {t for t in _TOKEN_B.findall(body) if t in self._bytes}
+        if not found:
+            return None
+        if all(self._safe[t] for t in found):
+            table = self._bytes
+            return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            table = self._escaped
+            return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+        return json.dumps(self._node(doc), ensure_ascii=False,
+                          separators=(",", ":")).encode()
+
+    def _node(self, node: Any) -> Any:
+        if isinstance(node, str):
+            return self._string(node)
+        if isinstance(node, dict):
+            return {k: self._node(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._node(v) for v in node]
+        return node
+
+    def _string(self, s: str) -> str:
+        if "[" not in s:
+            return s
+        head = s.lstrip()[:1]
+        if head in ("{", "["):
+            try:
+                inner = json.loads(s)
+            except (ValueError, RecursionError):
+                pass
+            else:
+                if isinstance(inner, (dict, list)):
+                    return json.dumps(self._node(inner), ensure_ascii=False)
+        return self.restore_text(s)
+
+    # -- streams -------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes, end: bool) -> bytes:
+        """Restore one chunk of a streamed (SSE) body; holds back what may be incomplete."""
+        if not self._map and not self._tail:
+            return chunk
+        data = self._tail + chunk if self._tail else chunk
+        if self._raw:
+            return self._raw_feed(data, end)
+        out: list[bytes] = []
+        pos = 0
+        for m in _EVENT_END.finditer(data):
+            out.append(self._event(data[pos:m.start()]))
+            out.append(m.group())
+            pos = m.end()
+        rest = data[pos:]
+        if end:
+            if rest:
+                out.append(self._event(rest))
+            out.append(self._flush())
+            self._tail = b""
+        elif len(rest) > _MAX_PENDING_EVENT:
+            self._raw = True
+            out.append(self._raw_feed(rest, False))
+        else:
+            self._tail = rest
+        return b"".join(out)
+
+    def _raw_feed(self, data: bytes, end: bool) -> bytes:
+        hold = b"" if end else self._held_bytes(data)
+        body = data[:len(data) - len(hold)]
+        self._tail = hold
+        table = self._bytes
+        return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+
+    def _held_bytes(self, data: bytes) -> bytes:
+        i = data.rfind(b"[", max(0, len(data) - self._max))
+        if i == -1:
+            return b""
+        suffix = data[i:]
+        try:
+            return suffix if suffix.decode() in self._prefixes else b""
+        except UnicodeDecodeError:
+            return b""
+
+    def _event(self, event: bytes) -> bytes:
+        # Only "[" followed by a capital (a placeholder) or by a closing quote (a delta
+        # ending in "[", which may be one) needs a look; JSON's own arrays do not.
+        if not self._carry and not _MAYBE.search(event):
+            return event
+        lines = event.split(b"\n")
+        out_lines: list[bytes] = []
+        before: list[bytes] = []
+        for line in lines:
+            cr = line.endswith(b"\r")
+            body = line[:-1] if cr else line
+            if not body.startswith(b"data:"):
+                out_lines.append(line)
+                continue
+            payload = body[5:]
+            lead = b" " if payload.startswith(b" ") else b""
+            payload = payload[len(lead):]
+            if payload.strip() == b"[DONE]":
+                before.append(self._flush())
+                out_lines.append(line)
+                continue
+            try:
+                obj = json.loads(payload)
+            except (ValueError, RecursionError):
+                text = payload.decode("utf-8", "replace")
+                new = self.restore_text(text).encode()
+                out_lines.append(b"data:" + lead + new + (b"\r" if cr else b""))
+                continue
+            flush, new_obj, changed = self._event_obj(obj)
+            before.append(flush)
+            if changed:
+                payload = json.dumps(new_obj, ensure_ascii=False,
+                                     separators=(",", ":")).encode()
+            out_lines.append(b"data:" + lead + payload + (b"\r" if cr else b""))
+        return b"".join(before) + b"\n".join(out_lines)
+
+    def _event_obj(self, obj: Any) -> tuple[bytes, Any, bool]:
+        if not isinstance(obj, (dict, list)):
+            return b"", obj, False
+        terminal = _is_terminal(obj)
+        ctx: tuple = ()
+        if isinstance(obj, dict):
+            ctx = (obj.get("type"), obj.get("item_id"), obj.get("output_index"),
+                   obj.get("content_index"))
+        changed = False
+        new_holds: list[tuple] = []
+
+        def walk(node: Any, phys: tuple, logical: tuple, incremental: bool,
+                 fragment: bool) -> Any:
+            nonlocal changed
+            if isinstance(node, str):
+                if incremental:
+                    key = (ctx, logical)
+                    held = self._carry.pop(key, None)
+                    text = held[0] + node if held else node
+                    hold = "" if terminal else self._held(text)
+                    emit = text[:len(text) - len(hold)]
+                    new = self.restore_text(emit, escape=fragment)
+                    if hold:
+                        self._carry[key] = (hold, None, phys)
+                        new_holds.append(key)
+                elif "[" in node:
+                    new = self._string(node)
+                else:
+                    return node
+                if new != node:
+                    changed = True
+                return new
+            if isinstance(node, dict):
+                out = {}
+                for k, v in node.items():
+                    inc = incremental or k == "delta" or (k == "text" and "choices" in logical)
+                    frag = fragment or k in ("arguments", "partial_json")
+                    out[k] = walk(v, (*phys, k), (*logical, k), inc, frag)
+                return out
+            if isinstance(node, list):
+                items = []
+                for i, v in enumerate(node):
+                    lid = v.get("index", i) if isinstance(v, dict) else i
+                    items.append(walk(v, (*phys, i), (*logical, ("#", lid)), incremental,
+                                      fragment))
+                return items
+            return node
+
+        new_obj = walk(obj, (), (), False, _is_fragment_event(obj))
+        for key in new_holds:  # the event a held text came from shapes its flush event
+            hold, _, phys = self._carry[key]
+            self._carry[key] = (hold, new_obj, phys)
+        flush = self._flush() if terminal and self._carry else b""
+        return flush, new_obj, changed
+
+    def _held(self, text: str) -> str:
+        i = text.rfind("[", max(0, len(text) - self._max))
+        if i == -1:
+            return ""
+        suffix = text[i:]
+        return suffix if suffix in self._prefixes else ""
+
+    def _flush(self) -> bytes:
+        """Emit held text as events of their own, shaped like the event it came from."""
+        if not self._carry:
+            return b""
+        out: list[bytes] = []
+        for hold, template, phys in self._carry.values():
+            if template is None:
+                continue
+            event = copy.deepcopy(template)
+            _clear_texts(event, phys)
+            _set_path(event, phys, hold)
+            out.append(b"data: " + json.dumps(event, ensure_ascii=False,
+                                              separators=(",", ":")).encode() + b"\n\n")
+        self._carry.clear()
+        return b"".join(out)
+
+
+def _is_terminal(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        kind = obj.get("type")
+        if isinstance(kind, str) and (kind.endswith(".done") or kind in _TERMINAL_TYPES):
+            return True
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            return any(isinstance(c, dict) and c.get("finish_reason") is not None
+                       for c in choices)
+    return False
+
+
+def _is_fragment_event(obj: Any) -> bool:
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return isinstance(kind, str) and "arguments" in kind
+
+
+def _clear_texts(node: Any, keep: tuple) -> None:
+    """Empty every incremental text in a template except the one at `keep`."""
+    stack: list[tuple[Any, tuple]] = [(node, ())]
+    while stack:
+        cur, path = stack.pop()
+        items = cur.items() if isinstance(cur, dict) else enumerate(cur)
+        for k, v in list(items):
+            p = (*path, k)
+            if isinstance(v, str) and p != keep and ("delta" in p or k == "text"):
+                cur[k] = ""
+            elif isinstance(v, (dict, list)):
+                stack.append((v, p))
+
+
+def _set_path(node: Any, path: tuple, value: str) -> None:
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value

@@ -1,0 +1,108 @@
+"""A do-nothing ext_proc server: the floor that ATP is measured against.
+
+It runs on the same stack as ATP (grpc.aio, uvloop, the same server options) and answers
+every message with the smallest valid response for its phase. The only thing it does is
+tag the request for routing in the request_body answer, so the shipped front-proxy config
+(which routes by x-atp-cluster) works unchanged.
+
+    python -m bench.noop_extproc --listen 127.0.0.1:50051 --cluster demo_a
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import uvloop
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from atp_extproc.server import EXT_PROC_SERVICE, grpc_receive_limit
+
+# The same receive/send limit ATP computes from its default max_body_bytes (4 MiB), so
+# both servers run with identical gRPC options.
+_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def routing_body_response(cluster: str) -> ep.ProcessingResponse:
+    """request_body answer: set x-atp-cluster and clear the route cache.
+
+    Envoy ignores clear_route_cache unless the same response mutates a header, and a
+    header set through `value` instead of `raw_value` arrives empty (then 503).
+    """
+    header = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="x-atp-cluster", raw_value=cluster.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    common = ep.CommonResponse(clear_route_cache=True)
+    common.header_mutation.set_headers.append(header)
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+
+
+def answers(cluster: str) -> dict[str, ep.ProcessingResponse]:
+    """One prebuilt response per phase, so the per-message cost is gRPC's alone."""
+    return {
+        "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
+        "request_body": routing_body_response(cluster),
+        "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
+        "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+        "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+        "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
+    }
+
+
+class NoopProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, cluster: str) -> None:
+        self._answers = answers(cluster)
+
+    async def Process(  # gRPC method name
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        async for message in request_iterator:
+            # Envoy never reads answers to observability-mode messages (same as ATP).
+            if message.observability_mode:
+                continue
+            yield self._answers[message.WhichOneof("request")]
+
+
+async def serve(listen: str, cluster: str) -> int:
+    limit = grpc_receive_limit(_MAX_BODY_BYTES)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ])
+    ep_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(cluster), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    # Envoy's active health check asks for the ext_proc service by name.
+    for service in ("", EXT_PROC_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, help="host:port")
+    parser.add_argument("--cluster", default="demo_a", help="value for x-atp-cluster")
+    args = parser.parse_args(argv)
+    return uvloop.run(serve(args.listen, args.cluster))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The attribute document: caps, truncation, typos, reading an OpenAI body."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from atp_extproc.policy import (
+    MAX_LIST,
+    MAX_MAP,
+    MAX_STRING,
+    CandidateInfo,
+    PolicySet,
+    build_attributes,
+    request_from_body,
+)
+from atp_extproc.policy.attributes import MAX_HISTORY_SCAN, AttributeError_
+
+
+def test_lists_maps_and_strings_are_capped_and_named():
+    huge = [f"tool_{i}" for i in range(10_000)]
+    attrs = build_attributes(
+        subject={"tenant": "t" * 5000, "groups": [f"g{i}" for i in range(500)],
+                 "claims": {"k": list(range(1000)), "deep": {"a": {"b": {"c": {"d": 1}}}}}},
+        request={"tools": huge, "tool_details": [{"name": n} for n in huge],
+                 "metadata": {f"k{i}": "v" for i in range(1000)},
+                 "data_classes": {f"c{i}": i for i in range(1000)}})
+    r, s = attrs.request, attrs.subject
+    assert len(r.tools) == MAX_LIST and len(r.tool_details) == MAX_LIST
+    assert r.tool_count == 10_000  # the true count stays visible
+    assert len(r.metadata) == MAX_MAP and len(r.data_classes) == MAX_MAP
+    assert len(s.tenant) == MAX_STRING and len(s.groups) == MAX_LIST
+    assert len(s.claims["k"]) == MAX_LIST
+    assert set(attrs.truncated) >= {"request.tools", "request.tool_details",
+                                    "request.metadata", "request.data_classes",
+                                    "subject.tenant", "subject.groups", "subject.claims"}
+
+
+def test_building_costs_the_cap_not_the_input():
+    def timed(n: int) -> float:
+        tools = [{"name": f"t{i}"} for i in range(n)]
+        names = [t["name"] for t in tools]
+        gc.collect()  # the input's own allocation is not the builder's cost
+        start = time.perf_counter()
+        for _ in range(20):
+            build_attributes(request={"tool_details": tools, "tools": names})
+        return time.perf_counter() - start
+    small, big = timed(MAX_LIST), timed(200_000)
+    assert big < small * 5, (small, big)
+
+
+def test_a_policy_can_refuse_a_truncated_document():
+    ps = PolicySet.compile([{"id": "l.cut", "effect": "deny",
+                             "expression": "size(context.truncated) > 0"}])
+    attrs = build_attributes(request={"tools": ["x"] * 10_000})
+    out = ps.evaluate(attrs, [])
+    assert out.denied is not None and out.denied.policy_id == "l.cut"
+    assert ps.evaluate(build_attributes(request={"tools": ["x"]}), []).denied is None
+
+
+def test_claims_from_envoy_struct_are_bounded():
+    from google.protobuf import struct_pb2
+    claims = struct_pb2.Struct()
+    claims.update({"sub": "a@example.com", "groups": ["g"] * 500, "level": 3,
+                   "nested": {"a": {"b": {"c": {"d": 1}}}},
+                   **{f"x{i:03d}": i for i in range(200)}})
+    attrs = build_attributes(subject={"claims": claims})
+    got = attrs.subject.claims
+    assert got["sub"] == "a@example.com" and got["level"] == 3
+    assert len(got["groups"]) == MAX_LIST and len(got) == MAX_MAP
+    assert "subject.claims" in attrs.truncated
+    ps = PolicySet.compile([{"id": "c.sub", "effect": "deny",
+                             "expression": "subject.claims.sub == 'a@example.com'"}])
+    assert ps.evaluate(attrs, []).denied is not None
+
+
+def test_unknown_keys_and_wrong_types_raise():
+    with pytest.raises(AttributeError_, match="unknown request attribute"):
+        build_attributes(request={"max_token": 5})
+    with pytest.raises(AttributeError_, match="must be a string"):
+        build_attributes(subject={"tenant": 5})
+    with pytest.raises(AttributeError_, match="must be a number"):
+        build_attributes(request={"max_tokens": "5"})
+    with pytest.raises(AttributeError_, match="must be a list"):
+        build_attributes(request={"tools": "shell"})
+
+
+def test_numbers_are_clamped_to_int64_and_time_forms():
+    attrs = build_attributes(request={"max_tokens": 10**30, "token_estimate": 3.9},
+                             context={"time": datetime(2026, 1, 2, 3, 4, 5,
+                                                       tzinfo=UTC)})
+    assert attrs.request.max_tokens == 2**63 - 1
+    assert attrs.request.token_estimate == 3
+    assert attrs.context.time.ToJsonString() == "2026-01-02T03:04:05Z"
+    assert build_attributes(context={"time": "2026-01-02T03:04:05Z"}).context.time.seconds \
+        == attrs.context.time.seconds
+    now = build_attributes().context.time.seconds
+    assert abs(now - time.time()) < 5
+
+
+def test_candidate_resource_and_cost():
+    cand = CandidateInfo("large", "openai", "us", "external", 0.0025, 0.01, "demo_b")
+    attrs = build_attributes(request={"token_estimate": 1000, "max_tokens": 500})
+    res = cand.resource(attrs.request)
+    assert res.model == "large" and res.egress == "external"
+    assert res.estimated_cost_usd == pytest.approx(0.0025 + 0.005)
+
+
+def test_candidate_from_config_model():
+    from atp_extproc import config
+    snap = config.load("examples/atp.yaml")
+    cand = CandidateInfo.from_model(snap.models["large"])
+    assert (cand.model, cand.provider, cand.egress, cand.region) == (
+        "large", "demo_b", "external", "local")
+
+
+def test_request_from_chat_body():
+    doc = {
+        "model": "gpt-4o", "max_completion_tokens": 300, "metadata": {"app": "crm"},
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {}, "unit": {}}}}},
+            {"type": "function", "function": {"name": "search"}}],
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {
+                    "name": "search", "arguments": json.dumps({"q": "a", "limit": 5})}}]},
+            {"role": "assistant", "tool_calls": [
+                {"id": "2", "type": "function", "function": {
+                    "name": "search", "arguments": json.dumps({"q": "b", "limit": 99})}},
+                {"id": "3", "type": "function", "function": {
+                    "name": "undeclared", "arguments": "not json"}}]},
+        ],
+    }
+    fields, cut = request_from_body("chat", doc)
+    assert cut == []
+    assert fields["max_tokens"] == 300
+    assert fields["tool_choice"] == "get_weather"
+    assert fields["message_count"] == 3
+    attrs = build_attributes(request=fields)
+    tools = {t.name: t for t in attrs.request.tool_details}
+    assert list(attrs.request.tools) == ["get_weather", "search", "undeclared"]
+    assert list(tools["get_weather"].parameters) == ["city", "unit"]
+    assert tools["search"].declared and tools["search"].called
+    assert dict(tools["search"].arguments) == {"q": "b", "limit": "99"}  # the latest call
+    assert tools["undeclared"].called and not tools["undeclared"].declared
+
+
+def test_request_from_responses_body_and_builtin_tools():
+    doc = {"model": "x", "input": [{"type": "function_call", "name": "lookup",
+                                    "arguments": "{\"id\": 7}"}],
+           "tools": [{"type": "web_search"}, {"type": "function", "name": "lookup"}],
+           "max_output_tokens": 64}
+    fields, _ = request_from_body("responses", doc)
+    attrs = build_attributes(request=fields)
+    assert list(attrs.request.tools) == ["web_search", "lookup"]
+    assert attrs.request.max_tokens == 64
+    lookup = next(t for t in attrs.request.tool_details if t.name == "lookup")
+    assert dict(lookup.arguments) == {"id": "7"} and lookup.called
+
+
+def test_request_from_body_is_bounded():
+    messages = [{"role": "assistant", "tool_calls": [
+        {"function": {"name": f"f{i}", "arguments": "{}"}}]} for i in range(5000)]
+    fields, cut = request_from_body("chat", {"messages": messages,
+                                             "tools": [{"type": "function", "function": {
+                                                 "name": f"d{i}"}} for i in range(1000)]})
+    assert "request.tools" in cut and "request.tool_details" in cut
+    assert len(fields["tool_details"]) <= MAX_LIST
+    assert fields["message_count"] == 5000
+    assert MAX_HISTORY_SCAN < 5000
+    attrs = build_attributes(request=fields, context={"truncated": cut})
+    assert "request.tools" in attrs.truncated

@@ -1,0 +1,429 @@
+"""The policy engine: combining rules, modes, errors, records, stats and reload."""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from dataclasses import asdict
+
+import pytest
+
+from atp_extproc.policy import (
+    DEFAULT_DENY_ID,
+    NO_CANDIDATE_ID,
+    CandidateInfo,
+    PolicyError,
+    PolicySet,
+    PolicySettings,
+    build_attributes,
+)
+from atp_extproc.policy.runtime import PolicyStore, policy_set_from_config
+
+SMALL = CandidateInfo("small", "demo_a", "eu", "internal", 0.0001, 0.0002, "demo_a")
+LARGE = CandidateInfo("large", "demo_b", "us", "external", 0.003, 0.01, "demo_b")
+
+
+def P(id_, effect, expression, **kw):
+    return {"id": id_, "effect": effect, "expression": expression, **kw}
+
+
+def compile_(*policies, **settings):
+    return PolicySet.compile(list(policies), PolicySettings(**settings))
+
+
+def attrs(tenant="alice", **request):
+    context = request.pop("context", {})
+    subject = request.pop("subject", {})
+    return build_attributes({"tenant": tenant, "auth_method": "api_key", **subject},
+                            request, context)
+
+
+def rec(outcome, policy_id):
+    return next(r for r in outcome.records if r.policy_id == policy_id)
+
+
+# -- combining ------------------------------------------------------------------------
+
+
+def test_deny_overrides_allow():
+    ps = compile_(P("a.allow_alice", "allow", "subject.tenant == 'alice'"),
+                  P("a.no_gpt4o", "deny", "request.alias == 'gpt-4o'",
+                    message="not for you"), default="deny")
+    out = ps.evaluate(attrs(alias="gpt-4o"), [SMALL])
+    assert out.denied is not None
+    assert out.denied.policy_id == "a.no_gpt4o"
+    assert out.denied.message == "not for you"
+    assert rec(out, "a.allow_alice").decision == "allow"
+    assert rec(out, "a.no_gpt4o").decision == "deny"
+    body = json.loads(out.denied.error_body())
+    assert body["error"]["code"] == "policy_denied"
+    assert body["error"]["policy_id"] == "a.no_gpt4o"
+    assert "not for you (policy a.no_gpt4o)" == body["error"]["message"]
+
+
+def test_default_deny_needs_an_allow_and_default_allow_does_not():
+    allow = P("a.alice", "allow", "subject.tenant == 'alice'")
+    deny_ps = compile_(allow, default="deny")
+    assert deny_ps.evaluate(attrs("alice"), [SMALL]).denied is None
+    out = deny_ps.evaluate(attrs("bob"), [SMALL])
+    assert out.denied.policy_id == DEFAULT_DENY_ID
+    assert rec(out, "a.alice").decision == "no_match"
+    allow_ps = compile_(allow, default="allow")
+    assert allow_ps.evaluate(attrs("bob"), [SMALL]).denied is None
+
+
+def test_restrict_narrows_candidates_per_candidate():
+    ps = compile_(P("pii.internal", "restrict",
+                    "size(request.data_classes) > 0 && resource.egress == 'external'",
+                    message="PII stays inside"))
+    out = ps.evaluate(attrs(data_classes={"email": 1}), [LARGE, SMALL])
+    assert [c.model for c in out.allowed_candidates] == ["small"]
+    assert out.denied is None
+    r = rec(out, "pii.internal")
+    assert r.decision == "restrict" and r.targets == ("large",)
+    clean = ps.evaluate(attrs(), [LARGE, SMALL])
+    assert [c.model for c in clean.allowed_candidates] == ["large", "small"]
+    assert rec(clean, "pii.internal").decision == "allow"
+
+
+def test_empty_candidate_set_is_403_with_every_reason():
+    ps = compile_(P("pii.internal", "restrict", "resource.egress == 'external'",
+                    message="external egress is off"),
+                  P("res.eu", "restrict", "resource.region != 'eu'", message="EU only"))
+    out = ps.evaluate(attrs(), [LARGE])
+    assert out.allowed_candidates == ()
+    assert out.denied is not None and out.denied.status == 403
+    assert out.denied.policy_id == NO_CANDIDATE_ID  # two policies removed it
+    assert set(out.empty_candidate_reasons) == {"pii.internal: external egress is off",
+                                                "res.eu: EU only"}
+    assert "external egress is off" in out.denied.message and "EU only" in out.denied.message
+    single = ps.evaluate(attrs(), [SMALL, CandidateInfo("x", region="us", egress="internal")])
+    assert [c.model for c in single.allowed_candidates] == ["small"]
+
+
+def test_empty_set_by_one_policy_names_it():
+    ps = compile_(P("pii.internal", "restrict", "resource.egress == 'external'",
+                    message="external egress is off"))
+    out = ps.evaluate(attrs(), [LARGE])
+    assert out.denied.policy_id == "pii.internal"
+
+
+def test_restrict_without_resource_removes_every_candidate():
+    ps = compile_(P("r.stream", "restrict", "request.stream", message="no streams"))
+    out = ps.evaluate(attrs(stream=True), [SMALL, LARGE])
+    assert out.allowed_candidates == ()
+    assert out.denied.policy_id == "r.stream"
+
+
+def test_no_candidates_given_means_candidate_policies_do_not_apply():
+    ps = compile_(P("r.ext", "restrict", "resource.egress == 'external'"))
+    out = ps.evaluate(attrs(), [])
+    assert out.denied is None
+    assert rec(out, "r.ext").decision == "not_applicable"
+
+
+def test_redact_union_over_allowed_candidates_only():
+    ps = compile_(
+        P("r.eu", "restrict", "resource.region != 'eu'"),
+        P("d.contact", "redact", "resource.egress == 'external' && 'email' in "
+          "request.data_classes", data_classes=["email", "phone"]),
+        P("d.pay", "redact", "'iban' in request.data_classes", data_classes=["iban"]))
+    out = ps.evaluate(attrs(data_classes={"email": 2, "iban": 1}), [LARGE, SMALL])
+    # LARGE (external) was removed by r.eu, so its redaction requirement does not apply.
+    assert [c.model for c in out.allowed_candidates] == ["small"]
+    assert out.required_redactions == {"iban"}
+    assert rec(out, "d.contact").decision == "redact"
+    wide = compile_(P("d.contact", "redact", "resource.egress == 'external'",
+                      data_classes=["email"]))
+    assert wide.evaluate(attrs(), [LARGE, SMALL]).required_redactions == {"email"}
+
+
+def test_tools_strip_and_deny():
+    ps = compile_(
+        P("t.scope", "tools", "subject.tenant == 'bob' && !(tool.name in ['get_weather'])",
+          tool_action="strip", message="bob: weather only"),
+        P("t.shell", "tools", "tool.name == 'shell'", tool_action="deny",
+          message="no shell"))
+    tools = [{"name": "get_weather"}, {"name": "calendar"},
+             {"name": "history_only", "declared": False, "called": True}]
+    out = ps.evaluate(attrs("bob", tool_details=tools), [SMALL])
+    assert out.denied is None
+    # A tool only in the history cannot be stripped: it is recorded, not removed.
+    assert out.tools_to_strip == ("calendar",)
+    assert rec(out, "t.scope").decision == "strip"
+    assert rec(out, "t.scope").targets == ("calendar", "history_only")
+    assert rec(out, "t.shell").decision == "allow"
+    out = ps.evaluate(attrs("alice", tool_details=[{"name": "shell"}]), [SMALL])
+    assert out.tools_denied == ("shell",)
+    assert out.denied.policy_id == "t.shell"
+    assert "no shell" in out.denied.message and "shell" in out.denied.message
+    none = ps.evaluate(attrs("alice"), [SMALL])
+    assert rec(none, "t.scope").decision == "not_applicable"
+
+
+def test_tool_arguments_from_history():
+    ps = compile_(P("t.args", "tools", "tool.name == 'search' && 'limit' in tool.arguments"
+                    " && int(tool.arguments['limit']) > 50", tool_action="deny"))
+    ok = ps.evaluate(attrs(tool_details=[{"name": "search", "called": True,
+                                         "arguments": {"limit": 10}}]), [SMALL])
+    assert ok.denied is None
+    bad = ps.evaluate(attrs(tool_details=[{"name": "search", "called": True,
+                                          "arguments": {"limit": 99}}]), [SMALL])
+    assert bad.denied.policy_id == "t.args"
+
+
+# -- modes ----------------------------------------------------------------------------
+
+
+def test_dry_run_deny_is_recorded_counted_apart_and_does_not_block():
+    ps = compile_(P("l.max", "deny", "request.max_tokens > 4096", mode="dry_run"),
+                  P("l.ctx", "deny", "request.token_estimate > 100000"))
+    out = ps.evaluate(attrs(max_tokens=8000), [SMALL])
+    assert out.denied is None
+    assert out.would_deny is not None and out.would_deny.policy_id == "l.max"
+    r = rec(out, "l.max")
+    assert (r.decision, r.mode) == ("would_deny", "dry_run")
+    ps.evaluate(attrs(max_tokens=10), [SMALL])
+    ps.evaluate(attrs(token_estimate=200000), [SMALL])
+    snap = ps.stats.snapshot()
+    assert snap["requests"] == 3
+    assert snap["denied"] == 1 and snap["would_deny"] == 2
+    assert snap["policies"]["l.max"] == {"dry_run": {"would_deny": 1, "allow": 2}}
+    assert snap["policies"]["l.ctx"] == {"enforce": {"allow": 2, "deny": 1}}
+
+
+def test_dry_run_restrict_redact_tools_change_nothing():
+    ps = compile_(
+        P("r.ext", "restrict", "resource.egress == 'external'", mode="dry_run"),
+        P("d.all", "redact", "resource.egress == 'external'", data_classes=["email"],
+          mode="dry_run"),
+        P("t.all", "tools", "tool.name != ''", tool_action="strip", mode="dry_run"))
+    out = ps.evaluate(attrs(tool_details=[{"name": "x"}]), [LARGE])
+    assert out.denied is None
+    assert [c.model for c in out.allowed_candidates] == ["large"]
+    assert out.required_redactions == frozenset() and out.tools_to_strip == ()
+    assert [rec(out, i).decision for i in ("r.ext", "d.all", "t.all")] == [
+        "would_restrict", "would_redact", "would_strip"]
+    assert out.would_deny is not None  # enforcing r.ext would empty the candidate set
+
+
+@pytest.mark.parametrize(("switch", "expect_denied", "modes"), [
+    ("per_policy", "c.critical", {"c.critical": "enforce", "c.other": "dry_run"}),
+    ("dry_run", None, {"c.critical": "dry_run", "c.other": "dry_run"}),
+    ("enforce", "c.critical", {"c.critical": "enforce", "c.other": "enforce"}),
+])
+def test_global_switch(switch, expect_denied, modes):
+    ps = compile_(P("c.critical", "deny", "request.alias == 'x'", mode="enforce"),
+                  P("c.other", "deny", "request.alias == 'x'", mode="dry_run"), mode=switch)
+    out = ps.evaluate(attrs(alias="x"), [SMALL])
+    assert (out.denied.policy_id if out.denied else None) == expect_denied
+    assert {r.policy_id: r.mode for r in out.records} == modes
+    assert out.would_deny.policy_id == "c.critical"
+
+
+def test_global_dry_run_also_softens_default_deny():
+    ps = compile_(P("a.none", "allow", "subject.tenant == 'nobody'"), default="deny",
+                  mode="dry_run")
+    out = ps.evaluate(attrs(), [SMALL])
+    assert out.denied is None
+    assert out.would_deny.policy_id == DEFAULT_DENY_ID
+
+
+# -- evaluation errors ----------------------------------------------------------------
+
+
+def test_evaluation_error_denies_by_default():
+    ps = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'"))
+    out = ps.evaluate(attrs(), [SMALL])  # no claims: key not found
+    assert out.denied is not None and out.denied.policy_id == "e.claim"
+    r = rec(out, "e.claim")
+    assert r.decision == "error"
+    assert "on_error=deny" in r.reason
+
+
+def test_evaluation_error_configurable():
+    skip = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'", on_error="skip"))
+    out = skip.evaluate(attrs(), [SMALL])
+    assert out.denied is None and rec(out, "e.claim").decision == "error"
+    apply = compile_(P("e.ext", "restrict",
+                       "resource.egress == 'external' && subject.claims.x == 'y'",
+                       on_error="apply"))
+    out = apply.evaluate(attrs(), [LARGE, SMALL])
+    assert [c.model for c in out.allowed_candidates] == ["small"]  # errored on LARGE only
+    dry = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'", mode="dry_run"))
+    out = dry.evaluate(attrs(), [SMALL])
+    assert out.denied is None and out.would_deny.policy_id == "e.claim"
+
+
+def test_error_in_one_policy_does_not_disturb_the_others():
+    ps = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'", on_error="skip"),
+                  P("e.ok", "deny", "request.alias == 'x'"),
+                  P("e.cand", "restrict", "resource.model == 'large'"))
+    out = ps.evaluate(attrs(alias="x"), [LARGE, SMALL])
+    assert out.denied.policy_id == "e.ok"
+    assert [c.model for c in out.allowed_candidates] == ["small"]
+
+
+def test_error_text_never_carries_values():
+    ps = compile_(P("e.int", "deny", "int(request.alias) > 3"),
+                  P("e.key", "deny", "request.metadata[subject.user] == 'x'"))
+    out = ps.evaluate(attrs(alias="jane.doe@example.com",
+                            subject={"user": "jane.doe@example.com"}), [SMALL])
+    text = json.dumps([asdict(r) for r in out.records])
+    assert "jane" not in text
+
+
+# -- records --------------------------------------------------------------------------
+
+
+def test_records_json_attributes_used_and_no_prompt_or_pii():
+    ps = compile_(
+        P("a.t", "deny", "subject.tenant == 'bob' && request.alias.startsWith('gpt')"),
+        P("a.c", "deny", "has(subject.claims.admin) && subject.claims['admin'] == true"),
+        P("a.tools", "deny", "request.tool_details.exists(t, t.name == 'x' && t.called)"),
+        P("a.r", "restrict", "resource.egress == 'external' && 'email' in "
+          "request.data_classes"))
+    by_id = {p.id: p.attributes_used for p in ps.policies}
+    assert by_id["a.t"] == ("request.alias", "subject.tenant")
+    assert by_id["a.c"] == ("subject.claims.admin",)
+    assert by_id["a.tools"] == ("request.tool_details", "request.tool_details[].called",
+                                "request.tool_details[].name")
+    assert by_id["a.r"] == ("request.data_classes", "resource.egress")
+    secret = "4111 1111 1111 1111 my email is jane@example.com"
+    out = ps.evaluate(attrs(alias=secret, data_classes={"email": 1},
+                            metadata={"note": secret}), [LARGE])
+    dumped = json.dumps(out.log_fields())
+    assert "jane" not in dumped and "4111" not in dumped
+    for r in out.records:
+        assert r.eval_us >= 0 and r.mode == "enforce"
+        assert set(asdict(r)) == {"policy_id", "effect", "mode", "decision", "reason",
+                                  "attributes_used", "eval_us", "targets"}
+
+
+def test_tool_names_in_records_are_sanitised():
+    ps = compile_(P("t.all", "tools", "tool.name != 'ok'", tool_action="strip"))
+    out = ps.evaluate(attrs(tool_details=[{"name": "call me at +1 555 0100"}]), [SMALL])
+    assert rec(out, "t.all").targets == ("<tool#0>",)
+    assert out.tools_to_strip == ("call me at +1 555 0100",)  # the body edit needs it
+
+
+def test_batch_and_single_evaluation_agree_on_examples():
+    # The fast path (one program) and the slow path (one per policy) give the same bools.
+    from atp_extproc.policy.bench import SHAPES, example_policy_set
+    ps = example_policy_set()
+    for subject, request, candidates in SHAPES:
+        a = build_attributes(subject, request, {"time": "2026-01-01T03:00:00Z"})
+        batch = ps.raw_results(a, candidates)
+        single = ps.raw_results(a, candidates, batch=False)
+        assert batch == single
+
+
+def test_policy_variable_names_cannot_clash_with_the_joined_program():
+    # The joined program binds `a`, `subject`, `request`, `context`, `resource`, `tool`;
+    # a policy may reuse any of them as a comprehension variable.
+    ps = compile_(
+        P("s.a", "deny", "request.tools.exists(a, a == 'x')"),
+        P("s.subject", "deny", "request.tools.exists(subject, subject == 'y')"),
+        P("s.res", "restrict", "request.tools.exists(resource, resource == 'z') && "
+          "resource.model == 'large'"))
+    a = attrs(tools=["y", "z"])
+    assert ps.raw_results(a, [LARGE, SMALL]) == ps.raw_results(a, [LARGE, SMALL],
+                                                                batch=False)
+    out = ps.evaluate(a, [LARGE, SMALL])
+    assert out.denied.policy_id == "s.subject"
+
+
+# -- compile / reload -----------------------------------------------------------------
+
+
+def test_policy_set_from_config_and_store_reload(tmp_path, caplog):
+    atp = tmp_path / "atp.yaml"
+    (tmp_path / "p").mkdir()
+    good = tmp_path / "p" / "team.yaml"
+    good.write_text(textwrap.dedent("""\
+        policies:
+          - id: team.one
+            effect: deny
+            expression: request.alias == 'x'
+        """))
+    atp.write_text("policy:\n  include: [p/*.yaml]\n")
+    ps, loaded = policy_set_from_config(atp.read_text(), str(atp), base_dir=tmp_path)
+    assert [p.id for p in ps.policies] == ["team.one"]
+    assert str(good) in " ".join(loaded.files) or "team.yaml" in " ".join(loaded.files)
+
+    store = PolicyStore(atp)
+    first = store.current
+    assert store.reload() is False  # nothing changed
+    good.write_text(good.read_text() + "  - id: team.two\n    effect: deny\n"
+                    "    expression: request.alias == 'y'\n")
+    assert store.reload() is True
+    assert [p.id for p in store.current.policies] == ["team.one", "team.two"]
+    assert store.current is not first
+    kept = store.current
+    good.write_text(good.read_text() + "  - id: team.bad\n    effect: deny\n"
+                    "    expression: request.aliass == 'z'\n")
+    with caplog.at_level(logging.ERROR, logger="atp.policy"):
+        assert store.reload() is False
+    assert store.current is kept
+    assert any("unknown attribute request.aliass" in str(p) for p in store.last_problems)
+    assert "policy reload refused" in caplog.text
+    # Counters survive reloads: one DecisionStats per store.
+    store.current.evaluate(attrs(alias="x"), [SMALL])
+    assert store.stats.snapshot()["denied"] == 1
+
+
+def test_compile_accepts_specs_and_rejects_bad_ones_all_at_once():
+    with pytest.raises(PolicyError) as info:
+        PolicySet.compile([P("a.b", "deny", "request.x"), P("a.b", "deny", "true")])
+    reasons = " ".join(r for *_, r in info.value.problems)
+    assert "unknown attribute request.x" in reasons
+    assert "duplicate policy id" in reasons
+    assert "constant" in reasons
+
+
+def test_invalid_spec_mapping_is_a_policy_error():
+    with pytest.raises(PolicyError, match=r"policies\[0\]\.effect"):
+        PolicySet.compile([{"id": "a.b", "effect": "maybe", "expression": "true"}])
+
+
+def test_outcome_decisions_without_records():
+    ps = compile_(P("a.x", "deny", "request.alias == 'x'"),
+                  P("a.y", "allow", "request.alias == 'y'"))
+    out = ps.evaluate(attrs(alias="x"), [SMALL])
+    assert out.decisions == {"a.x": "deny", "a.y": "no_match"}
+    assert [r.decision for r in out.records] == ["deny", "no_match"]
+
+
+def test_empty_policy_set_allows_everything():
+    ps = PolicySet.compile([])
+    out = ps.evaluate(attrs(), [SMALL])
+    assert out.denied is None and out.records == []
+    assert out.allowed_candidates == (SMALL,)
+
+
+def test_exchange_glue_builds_attributes_and_strips_tools():
+    from google.protobuf import struct_pb2
+
+    from atp_extproc.policy.runtime import attributes_for_request, strip_tools
+    payload = struct_pb2.Struct()
+    payload.update({"sub": "u1", "tenant": "alice", "groups": ["llm-users"],
+                    "roles": "reader writer"})
+    body = {"model": "gpt-4o-mini", "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}},
+                      {"type": "function", "function": {"name": "shell"}}]}
+    a = attributes_for_request(tenant="alice", auth_method="jwt", key_id=None,
+                               jwt_payload=payload, path="/v1/chat/completions",
+                               operation="chat", alias="gpt-4o-mini", body_bytes=400,
+                               doc=body, data_classes={"email": 1}, route="chat",
+                               environment="prod", request_id="r1", config_version="v")
+    assert (a.subject.user, list(a.subject.groups), list(a.subject.roles)) == (
+        "u1", ["llm-users"], ["reader", "writer"])
+    assert a.subject.claims["tenant"] == "alice"
+    assert a.request.token_estimate == 100 and a.request.max_tokens == 50
+    assert list(a.request.tools) == ["get_weather", "shell"]
+    assert dict(a.request.data_classes) == {"email": 1}
+    kept = strip_tools(body, ["shell"])
+    assert kept == [{"type": "function", "function": {"name": "get_weather"}}]
+    assert strip_tools(body, ["nothing"]) is None

@@ -1,0 +1,217 @@
+"""`atp-extproc check` for policies: every problem with file, line and reason; Envoy fail-open."""
+
+from __future__ import annotations
+
+import io
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from atp_extproc.policy import PolicyError, PolicySet, load_text
+from atp_extproc.policy.cli import check
+from atp_extproc.policy.envoy_lint import fail_open_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ROOT / "tests" / "policy_cases"
+BAD = CASES / "bad_policies.yaml"
+EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+
+
+def run_check(paths, envoy=(), **kwargs) -> tuple[int, str]:
+    out = io.StringIO()
+    code = check([str(p) for p in paths], [str(e) for e in envoy], out=out, **kwargs)
+    return code, out.getvalue()
+
+
+def lines_for(output: str, file: Path) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    pattern = re.compile(rf"^{re.escape(str(file))}:(\d+): (.*)$")
+    for line in output.splitlines():
+        m = pattern.match(line)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(m.group(2))
+    return found
+
+
+@pytest.fixture(scope="module")
+def bad_report() -> tuple[int, dict[int, list[str]]]:
+    code, output = run_check([BAD.relative_to(ROOT)])
+    return code, lines_for(output, BAD.relative_to(ROOT))
+
+
+@pytest.mark.parametrize(("line", "parts"), [
+    (5, ["team.typo", "unknown attribute subject.tennant", "did you mean subject.tenant"]),
+    (8, ["team.unknown_root", "unknown attribute", "subjet.tenant", "did you mean subject"]),
+    (11, ["team.type_error", "no matching overload", "(int, string)"]),
+    (12, ["team.typo", "duplicate policy id", "bad_policies.yaml:3"]),
+    (15, ["nonamespace", "must be namespaced"]),
+    (20, ["team.always", "constant: always true"]),
+    (23, ["team.never", "constant: always false"]),
+    (28, ["team.nested", "costly shape", "nested"]),
+    (33, ["team.multiline", "unknown attribute request.nope", "expression line 2"]),
+    (36, ["team.not_bool", "must be a bool"]),
+    (39, ["team.resource_in_deny", "cannot read resource"]),
+    (42, ["team.bad_regex", "invalid regex"]),
+    (45, ["team.pure_constant", "constant: always true"]),
+    (46, ["atp.mine", "namespace is ATP's own"]),
+    (49, ["effect", "Field required"]),
+    (51, ["a redact policy must list data_classes"]),
+])
+def test_each_problem_has_file_line_and_reason(bad_report, line, parts):
+    code, by_line = bad_report
+    assert code == 1
+    assert line in by_line, f"nothing reported at line {line}: {by_line}"
+    joined = " | ".join(by_line[line])
+    for part in parts:
+        assert part in joined, f"{part!r} not in {joined!r}"
+
+
+def test_examples_check_clean():
+    code, output = run_check([p.relative_to(ROOT) for p in EXAMPLES])
+    assert code == 0, output
+    assert "0 error(s), 0 warning(s)" in output
+
+
+def test_atp_yaml_with_include_checks_literals_against_the_config(tmp_path):
+    atp = (ROOT / "examples" / "atp.yaml").read_text()
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(textwrap.dedent("""\
+        policies:
+          - id: team.alias_typo
+            effect: deny
+            expression: request.alias == 'gpt-4-o'
+          - id: team.model_typo
+            effect: restrict
+            expression: resource.model in ['large', 'lage']
+          - id: team.scalar_has
+            effect: deny
+            expression: has(request.max_tokens)
+        """))
+    path = tmp_path / "atp.yaml"
+    path.write_text(re.sub(r"include: \[policies/\*\.yaml\]", "include: [policies/a.yaml]",
+                           atp))
+    code, output = run_check([path])
+    assert code == 0, output  # warnings only
+    assert "request.alias is never 'gpt-4-o'" in output
+    assert "resource.model is never 'lage'" in output
+    assert "has(…max_tokens) on a scalar" in output
+    assert "3 warning(s)" in output
+    assert re.search(r"policies/a\.yaml:4: warning: team\.alias_typo", output), output
+
+
+def test_include_that_matches_nothing_and_bad_yaml(tmp_path):
+    path = tmp_path / "atp.yaml"
+    path.write_text("policy:\n  include: [nothing/*.yaml]\npolicies:\n  - id: [unclosed\n")
+    code, output = run_check([path])
+    assert code == 1
+    assert "invalid YAML" in output
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policies:\n  - id: team.a\n    effect: deny\n    expression: request.stream\n"
+                    "    expression: request.alias == 'x'\n")
+    code, output = run_check([path])
+    assert code == 1
+    assert f"{path}:5: expression: the key appears twice" in output
+
+
+def test_unknown_data_class_when_known_classes_given(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policies:\n  - id: team.r\n    effect: redact\n    data_classes: [emial]\n"
+                    "    expression: \"'emial' in request.data_classes\"\n")
+    code, output = run_check([path], known_data_classes=["email", "phone"])
+    assert code == 1
+    assert "unknown data class 'emial'" in output
+    assert "request.data_classes{} is never 'emial'" in output
+
+
+def test_compile_raises_policy_error_with_problems():
+    loaded = load_text(BAD.read_text(), str(BAD))
+    with pytest.raises(PolicyError) as info:
+        PolicySet.compile(loaded.policies, loaded.settings, str(BAD))
+    problems = info.value.problems
+    assert all(len(p) == 4 for p in problems)
+    assert (str(BAD), 5) in {(f, line) for f, line, _, _ in problems}
+    # ConfigError-shaped too, for config.parse.
+    assert any("bad_policies.yaml:5" in path for path, _ in info.value.config_problems())
+
+
+def test_tool_attribute_only_in_tools_policies():
+    with pytest.raises(PolicyError, match="only set while a tools policy runs"):
+        PolicySet.compile([{"id": "t.x", "effect": "deny", "expression": "tool.name == 'x'"}])
+
+
+def test_warnings_for_restrict_without_resource_and_tools_without_tool():
+    ps = PolicySet.compile([
+        {"id": "t.r", "effect": "restrict", "expression": "request.stream"},
+        {"id": "t.t", "effect": "tools", "expression": "subject.tenant == 'bob'"}])
+    reasons = [w.reason for w in ps.warnings]
+    assert any("removes every candidate" in r for r in reasons)
+    assert any("every tool of the request" in r for r in reasons)
+
+
+def test_trailing_comment_in_expression_does_not_break_the_batch():
+    ps = PolicySet.compile([
+        {"id": "t.c", "effect": "deny", "expression": "request.stream // streaming is off"},
+        {"id": "t.d", "effect": "deny", "expression": "request.max_tokens > 5"}])
+    from atp_extproc.policy import build_attributes
+    out = ps.evaluate(build_attributes(request={"stream": True}))
+    assert out.denied is not None and out.denied.policy_id == "t.c"
+
+
+# -- Envoy fail-open ------------------------------------------------------------------
+
+
+def test_fail_open_envoy_is_refused_when_policies_deny():
+    envoy = CASES / "fail_open_envoy.yaml"
+    code, output = run_check([EXAMPLES[0]], [envoy])
+    assert code == 1
+    # The route that falls back on the filter-level fail-open is named, at the line of
+    # failure_mode_allow; the route overridden to fail-closed and the direct response
+    # are not.
+    assert f"{envoy}:35: virtual host models route open: ext_proc fails open" in output
+    assert "route closed" not in output
+    assert "/health" not in output
+
+
+def test_route_overrides_and_disabled_ext_proc():
+    envoy = CASES / "route_override_envoy.yaml"
+    problems = fail_open_problems(str(envoy), envoy.read_text(), ["deny policies"])
+    found = {(p.line, p.path, p.severity) for p in problems}
+    assert (21, "virtual host models route chat", "error") in found
+    assert (29, "virtual host models route bypass", "error") in found
+    assert not any("route rest" in p.path for p in problems)
+
+
+def test_fail_open_is_only_a_warning_without_enforcing_policies(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policies:\n  - id: team.a\n    effect: allow\n"
+                    "    expression: subject.tenant == 'alice'\n")
+    code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
+    assert code == 0
+    assert "warning:" in output
+
+
+def test_fail_open_refused_when_redaction_enabled_without_policies():
+    code, output = run_check([], [CASES / "fail_open_envoy.yaml"], redaction_enabled=True)
+    assert code == 1
+    assert "redaction is enabled" in output
+
+
+def test_redaction_section_in_atp_yaml_counts_as_enabled(tmp_path):
+    path = tmp_path / "atp.yaml"
+    path.write_text("redaction:\n  detectors: [email]\n")
+    code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
+    assert code == 1 and "redaction is enabled" in output
+    path.write_text("redaction:\n  enabled: false\n")
+    code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
+    assert code == 0
+
+
+def test_shipped_envoy_config_is_fail_closed():
+    code, output = run_check(EXAMPLES, [ROOT / "envoy" / "front-proxy.yaml"],
+                             redaction_enabled=True)
+    assert code == 0, output

@@ -1,0 +1,62 @@
+"""`atp-extproc policy test DIR`: report, failures, exact coverage counts."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from atp_extproc.policy import cli, testing
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = ROOT / "tests" / "policy_cases" / "runner"
+EXAMPLE_TESTS = ROOT / "examples" / "policies" / "tests"
+
+
+def test_report_counts_failures_and_coverage_exactly():
+    report = testing.run(RUNNER)
+    assert (report.passed, report.failed) == (2, 2)
+    failures = {name: errs for _, name, errs in report.failures}
+    assert failures["this expectation is wrong on purpose"] == [
+        "denied: expected not denied, got r.deny_big",
+        "decisions.r.deny_big: expected allow, got deny (too big)"]
+    assert "bad attributes: unknown request attribute(s): max_token" in \
+        failures["a typo in the attributes"][0]
+    cov = report.coverage
+    # Three cases were evaluated (the typo case never reached the engine).
+    assert {pid: (c.evaluated, c.matched, c.not_matched, c.errors, c.not_applicable,
+                  c.asserted) for pid, c in cov.items()} == {
+        "r.deny_big": (3, 1, 2, 0, 0, 2),
+        "r.allow_alice": (3, 2, 1, 0, 0, 2),
+        "r.no_external": (3, 1, 0, 0, 2, 1),
+        "r.redact": (3, 1, 2, 0, 0, 1),
+        "r.strip": (3, 1, 0, 0, 2, 1),
+        "r.never_hit": (3, 0, 3, 0, 0, 0),
+    }
+    out = io.StringIO()
+    testing.print_report(report, out)
+    text = out.getvalue()
+    assert "FAIL  " in text and "this expectation is wrong on purpose" in text
+    assert "policies matched: 5/6; both outcomes: 3/6; asserted: 5/6" in text
+    assert "deny 1/2 (1 matches)" in text and "tools 1/1 (1 matches)" in text
+    assert text.rstrip().endswith("policy tests: 2 passed, 2 failed")
+
+
+def test_cli_exit_codes(tmp_path):
+    out = io.StringIO()
+    assert cli.test(str(RUNNER), out=out) == 1
+    assert cli.test(str(tmp_path), out=io.StringIO()) == 2  # no cases at all
+    (tmp_path / "broken_test.yaml").write_text("policies: [nothing.yaml]\ncases: []\n")
+    assert cli.test(str(tmp_path), out=io.StringIO()) == 2
+
+
+def test_example_cases_pass_and_cover_every_policy_and_effect():
+    out = io.StringIO()
+    assert cli.test(str(EXAMPLE_TESTS), out=out) == 0, out.getvalue()
+    report = testing.run(EXAMPLE_TESTS)
+    assert report.failed == 0 and report.passed >= 30
+    assert len(report.coverage) >= 20
+    uncovered = [pid for pid, c in report.coverage.items()
+                 if not (c.matched and c.not_matched and c.asserted)]
+    assert uncovered == []
+    effects = {c.effect for c in report.coverage.values() if c.matched}
+    assert effects == {"deny", "allow", "restrict", "redact", "tools"}

@@ -1,0 +1,466 @@
+"""Redaction: detectors, normalisation, scope per operation, actions, settings, mapping."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+from pydantic import ValidationError
+
+from atp_extproc.redact import (
+    BUILTIN_CLASSES,
+    PlaceholderMap,
+    Redaction,
+    RedactionSettings,
+    Redactor,
+)
+from atp_extproc.redact.detectors import card_ok, iban_ok, luhn_ok, ssn_ok
+from atp_extproc.redact.normalize import normalize
+
+KEY = b"k" * 32
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor(RedactionSettings())
+
+
+def classes(r: Redactor, text: str) -> list[tuple[str, str]]:
+    return [(s.cls, text[s.start:s.end]) for s in r.scan_text(text)]
+
+
+def fullwidth(text: str) -> str:
+    """ASCII letters, digits and punctuation as their fullwidth forms (U+FF01..U+FF5E)."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+def chat(text: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+def content(res: Redaction, i: int = 0):
+    return res.fields["messages"][i]["content"]
+
+
+# -- detectors: valid and invalid examples ------------------------------------------------
+
+VALID = {
+    "email": ["john.doe@example.com", "Jane_Smith+tag@mail.co.uk", "o'neil@x.io".replace(
+        "'", ""), "josé.garcía@correo.es", "A.B-C@sub.example-domain.org"],
+    "phone": ["+1 415 555 2671", "(415) 555-2671", "415.555.2671", "+44 20 7946 0958",
+              "+44(0)121 496 0000", "030 12345678", "+49 (0) 30 1234567", "06 12 34 56 78",
+              "+33 6 12 34 56 78", "+61.437.406.812", "090-1234-5678", "+91 98765 43210",
+              "+55 11 98765-4321", "206.269.0743x9150", "0049 30 1234567"],
+    "ssn": ["123-45-6789", "219-09-9998", "001-01-0001", "899 99 9999"],
+    "card": ["4111 1111 1111 1111", "4111-1111-1111-1111", "5555555555554444",
+             "2221 0000 0000 0009", "2720 9999 9999 9996", "3782 822463 10005",
+             "6011111111111117", "3530111333300000", "30569309025904", "6200000000000005",
+             "2200 0000 0000 0004", "6759 6498 2643 8453"],
+    "iban": ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432",
+             "FR1420041010050500013M02606", "NL91ABNA0417164300", "de89370400440532013000",
+             "CH9300762011623852957"],
+    "ipv4": ["192.168.0.1", "8.8.8.8", "255.255.255.255", "10.0.0.254"],
+    "ipv6": ["2001:db8:85a3::8a2e:370:7334", "fe80::1", "2001:0db8:0000:0000:0000:ff00:0042:8329",
+             "::ffff:192.0.2.128", "2001:db8::"],
+    "cloud_key": ["AKIAIOSFODNN7EXAMPLE", "AIzaSyA1234567890abcdefghijklmnopqrstuv"],
+    "api_key": ["sk-proj-abc123DEF456ghi789JKL012mno345", "sk-ant-api03-abcdEFGH1234ijklMNOP5678",
+                "sk_live_4eC39HqLyjWDarjtT1zdp7dc"],
+    "github_token": ["ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+                     "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"],
+    "slack_token": ["xoxb-123456789012-1234567890123-abcdefABCDEF",
+                    "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"],
+    "jwt": ["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+            "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
+    "private_key": ["-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n"
+                    "-----END RSA PRIVATE KEY-----",
+                    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA"],
+}
+
+INVALID = {
+    "email": ["user@localhost", "@decorator(x)", "a@b.c", "%@example.com", "x@@y.com"],
+    "phone": ["(123) 456-7890", "+1 123 456 7890", "2024-01-15 10:30", "Order No. 0612345678",
+              "1717171717", "v2.14.3.1", "40.099115, 2.523488", "12 345 678,90 €"],
+    "ssn": ["000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "123-45-0000",
+            "123456789", "078-05-1120"],
+    "card": ["4111 1111 1111 1112", "7111 1111 1111 1114", "4111111111111111111111",
+             "1234 5678 9012 3456", "+4915123455730"],
+    "iban": ["DE89 3704 0044 0532 0130 01", "DE89 3704 0044 0532 0130", "XX89370400440532013000",
+             "DE00370400440532013000"],
+    "ipv4": ["256.1.1.1", "1.2.3", "version 1.2.3.4", "1.2.3.4.5", "01.02.03.04"],
+    "ipv6": ["12:30:45", "00:1a:2b:3c:4d:5e", "std::vector", "dead::beef", "::1"],
+    "cloud_key": ["AKIA1234", "AKIAIOSFODNN7EXAMPLEXX"],
+    "api_key": ["sk-learn", "sk-this-is-not-a-key-at-all", "task-12345678901234567890"],
+    "jwt": ["eyJnotreallyajwt.eyJabcdefghij.abc"],
+}
+
+
+@pytest.mark.parametrize("cls,value", [(c, v) for c, vs in VALID.items() for v in vs])
+def test_detects_valid(redactor, cls, value):
+    text = f"before {value} after"
+    assert classes(redactor, text) == [(cls, value)]
+
+
+@pytest.mark.parametrize("cls,value", [(c, v) for c, vs in INVALID.items() for v in vs])
+def test_ignores_invalid(redactor, cls, value):
+    found = classes(redactor, f"before {value} after")
+    assert all(c != cls for c, _ in found), found
+
+
+def test_validators_directly():
+    assert luhn_ok("79927398713") and not luhn_ok("79927398710")
+    assert card_ok("4111111111111111") and not card_ok("4111111111111112")
+    assert card_ok("2720999999999996")  # Mastercard 2-series, top of the range
+    assert not card_ok("2721000000000007")  # just above it: no brand
+    assert iban_ok("GB82WEST12345698765432") and not iban_ok("GB82WEST12345698765433")
+    assert ssn_ok("123", "45", "6789") and not ssn_ok("000", "45", "6789")
+
+
+def test_context_rules(redactor):
+    # A bare 9-digit number is an SSN only when the text says so.
+    assert classes(redactor, "SSN: 123456789") == [("ssn", "123456789")]
+    # A bare national number after an identifier word is not a phone, after a phone word it is.
+    assert classes(redactor, "invoice 0612345678") == []
+    assert classes(redactor, "phone number 0612345678") == [("phone", "0612345678")]
+    # Unix times are not phone numbers; "+" makes a number international.
+    assert classes(redactor, "ts=1717171717") == []
+    assert classes(redactor, "call +4915123455730") == [("phone", "+4915123455730")]
+    # Identifiers glued to numbers are left alone.
+    assert classes(redactor, "see INV-2024-000123 and ORD-4155552671") == []
+
+
+def test_card_with_cvv_and_phone_together(redactor):
+    text = "Card 4111 1111 1111 1111 123, call 415-555-2671"
+    assert classes(redactor, text) == [("card", "4111 1111 1111 1111"),
+                                       ("phone", "415-555-2671")]
+
+
+# -- normalisation and exact spans --------------------------------------------------------
+
+EVASIONS = [
+    ("email", "john\u200b.doe@exa\u200dmple.com"),
+    ("email", fullwidth("john@example.com")),
+    ("email", "john\\u0040example.com"),
+    ("email", "john&#64;example.com"),
+    ("email", "john%40example.com"),
+    ("card", fullwidth("4111 1111 1111 1111").replace("\u3000", " ")),
+    ("card", "4111\u00a01111\u00a01111\u00a01111"),
+    ("card", "4111.1111.1111.1111"),
+    ("card", "4111/1111/1111/1111"),
+    ("card", "4\u200b111 1111 1111 1\u2060111"),
+    ("card", "4\u0332111 1111 1111 1111"),
+    ("card", "\u0664\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661"
+             "\u0661\u0661\u0661\u0661"),
+    ("ssn", "123\u201145\u20116789"),
+    ("ssn", "123/45/6789"),
+    ("phone", "+44\u00a020\u00a07946\u00a00958"),
+    ("phone", "(415)\u2009555\u20132671"),
+    ("iban", "DE89\u202f3704\u202f0044\u202f0532\u202f0130\u202f00"),
+    ("email", "john@example\u3002com".replace("\u3002", "\uff0e")),
+    ("email", "".join(chr(0xE0000 + ord(c)) for c in "ab@cd.com")),
+]
+
+
+@pytest.mark.parametrize("cls,value", EVASIONS)
+def test_evasions_replace_exact_original_span(redactor, cls, value):
+    before, after = "Über «x» — ", " … ende\u00a0ok"
+    res = redactor.redact("chat", chat(before + value + after), "t")
+    label = "PRIVATE_KEY" if cls == "private_key" else cls.upper()
+    assert content(res) == f"{before}[{label}_1]{after}", content(res)
+    assert res.mapping.get(f"[{label}_1]") == value
+
+
+def test_normalize_offsets_round_trip():
+    text = "a\u200bb\uff20c\\u0040d\u0301e&#x40;f"
+    norm = normalize(text)
+    assert norm.text == "ab@c@de@f"
+    # every normalised character maps back inside the original
+    for p in range(len(norm.text)):
+        s, e = norm.orig_start(p), norm.orig_end(p + 1)
+        assert 0 <= s < e <= len(text)
+    assert text[norm.orig_start(4):norm.orig_end(5)] == "\\u0040"
+
+
+def test_ascii_text_is_not_copied():
+    text = "plain ascii text " * 10
+    assert normalize(text).text is text
+
+
+# -- placeholders ---------------------------------------------------------------------------
+
+def test_numbering_per_request_and_class(redactor):
+    doc = {"model": "m", "messages": [
+        {"role": "system", "content": "Contact a@example.com or b@example.com."},
+        {"role": "user", "content": "Again A@Example.com, card 4111-1111-1111-1111 "
+                                    "(=4111 1111 1111 1111), c@example.com"}]}
+    res = redactor.redact("chat", doc, "t")
+    assert content(res, 0) == "Contact [EMAIL_1] or [EMAIL_2]."
+    assert content(res, 1) == "Again [EMAIL_1], card [CARD_1] (=[CARD_1]), [EMAIL_3]"
+    assert res.counts == {"email": 4, "card": 2}
+    assert res.mapping.get("[EMAIL_1]") == "a@example.com"
+    # A new request starts again at 1.
+    assert content(redactor.redact("chat", chat("z@example.com"), "t")) == "[EMAIL_1]"
+
+
+def test_existing_placeholders_are_not_reused(redactor):
+    res = redactor.redact("chat", chat("earlier [EMAIL_1] said, now x@example.com"), "t")
+    assert content(res) == "earlier [EMAIL_1] said, now [EMAIL_2]"
+    assert "[EMAIL_1]" not in res.mapping
+
+
+def test_doc_not_mutated_and_only_changed_fields(redactor):
+    doc = {"model": "m", "temperature": 0.2, "messages": [
+        {"role": "user", "content": "mail x@example.com"},
+        {"role": "assistant", "content": "ok"}], "user": "u-1"}
+    before = copy.deepcopy(doc)
+    res = redactor.redact("chat", doc, "t")
+    assert doc == before
+    assert set(res.fields) == {"messages"}
+    assert res.fields["messages"][1] is doc["messages"][1]  # untouched parts are shared
+
+
+def test_nothing_found_returns_empty(redactor):
+    res = redactor.redact("chat", chat("Hello, how are you today? Version 2.14.3."), "t")
+    assert res.fields == {} and res.counts == {} and not res.denied and not res.changed
+
+
+# -- scope: every field a provider sees -----------------------------------------------------
+
+E = "x@example.com"
+
+
+def _emails_left(obj) -> int:
+    return json.dumps(obj).count("example.com")
+
+
+def test_chat_scope(redactor):
+    doc = {"model": "m", "messages": [
+        {"role": "system", "content": f"sys {E}"},
+        {"role": "developer", "content": [{"type": "text", "text": f"dev {E}"}]},
+        {"role": "user", "name": E, "content": [
+            {"type": "text", "text": f"see {E}"},
+            {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}},
+            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+            {"type": "file", "file": {"file_id": "f1"}}]},
+        {"role": "assistant", "content": None, "refusal": f"no {E}", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "send", "arguments": json.dumps({"to": E, "n": 1})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"sent_to": E})},
+        {"role": "assistant", "function_call": {"name": "f", "arguments": f'{{"a": "{E}"}}'}}],
+        "user": E, "metadata": {"note": f"for {E}"}}
+    res = redactor.redact("chat", doc, "t")
+    assert res.counts == {"email": 10}
+    assert res.non_text_parts == 3
+    new = {**doc, **res.fields}
+    assert _emails_left(new["messages"]) == 0 and new["user"] == "[EMAIL_1]"
+    assert new["metadata"] == {"note": "for [EMAIL_1]"}
+    # images keep their URL (not text the model reads as text)
+    assert new["messages"][2]["content"][1] == doc["messages"][2]["content"][1]
+
+
+def test_tool_call_arguments_stay_valid_json(redactor):
+    raw = ('{\n  "to": "jane@example.com",\n  "cc": ["bob@example.org", 7],\n'
+           '  "jane@example.com": true,\n  "note": "card 4111\\u00201111 1111 1111"\n}')
+    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": raw}}]}]}
+    res = redactor.redact("chat", doc, "t")
+    out = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    parsed = json.loads(out)
+    assert parsed == {"to": "[EMAIL_1]", "cc": ["[EMAIL_2]", 7], "jane@example.com": True,
+                      "note": "card [CARD_1]"}
+    # formatting around the values is kept byte for byte
+    assert out.startswith('{\n  "to": "[EMAIL_1]",\n  "cc": ["[EMAIL_2]", 7],\n')
+
+
+def test_invalid_tool_arguments_scanned_as_text(redactor):
+    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function",
+         "function": {"name": "f", "arguments": '{"to": "a@b.com'}}]}]}
+    res = redactor.redact("chat", doc, "t")
+    args = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    assert args == '{"to": "[EMAIL_1]'
+
+
+def test_pii_split_across_text_parts(redactor):
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "card 4111 1111"}, {"type": "text", "text": " 1111 1111 ok"}]}]}
+    res = redactor.redact("chat", doc, "t")
+    parts = res.fields["messages"][0]["content"]
+    assert parts[0]["text"] == "card [CARD_1]" and parts[1]["text"] == " ok"
+
+
+def test_completions_scope(redactor):
+    for prompt in (f"hi {E}", [f"a {E}", f"b {E}"]):
+        res = redactor.redact("completions", {"model": "m", "prompt": prompt,
+                                              "suffix": f"end {E}"}, "t")
+        assert _emails_left(res.fields) == 0 and set(res.fields) == {"prompt", "suffix"}
+    res = redactor.redact("completions", {"model": "m", "prompt": [1, 2, 3]}, "t")
+    assert res.non_text_parts == 1 and not res.fields
+
+
+def test_embeddings_scope(redactor):
+    res = redactor.redact("embeddings", {"model": "m", "input": [f"a {E}", "b", f"{E}"]}, "t")
+    assert res.fields["input"] == ["a [EMAIL_1]", "b", "[EMAIL_1]"]
+    res = redactor.redact("embeddings", {"model": "m", "input": f"x {E}"}, "t")
+    assert res.fields["input"] == "x [EMAIL_1]"
+    res = redactor.redact("embeddings", {"model": "m", "input": [[1, 2], [3]]}, "t")
+    assert res.non_text_parts == 2
+
+
+def test_responses_scope(redactor):
+    doc = {"model": "m", "instructions": f"inst {E}", "input": [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": f"hello {E}"},
+            {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+            {"type": "input_file", "file_data": "JVBERi0x"}]},
+        {"type": "function_call", "call_id": "c", "name": "f",
+         "arguments": json.dumps({"email": E})},
+        {"type": "function_call_output", "call_id": "c", "output": f"sent to {E}"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": f"ok {E}"}]}]}
+    res = redactor.redact("responses", doc, "t")
+    assert res.counts == {"email": 5} and res.non_text_parts == 2
+    assert _emails_left(res.fields) == 0
+    res = redactor.redact("responses", {"model": "m", "input": f"plain {E}"}, "t")
+    assert res.fields == {"input": "plain [EMAIL_1]"}
+
+
+def test_extra_paths():
+    r = Redactor(RedactionSettings(extra_paths=("tools[*].function.description", "extra.*",
+                                                "messages[*].content")))
+    doc = {"model": "m", "messages": [{"role": "user", "content": f"{E}"}],
+           "tools": [{"type": "function", "function": {"name": "f", "description": f"to {E}"}}],
+           "extra": {"a": [f"{E}", {"b": f"{E}"}]}}
+    res = r.redact("chat", doc, "t")
+    assert res.counts == {"email": 4}  # the repeated default path is scanned once
+    assert res.fields["tools"][0]["function"]["description"] == "to [EMAIL_1]"
+    assert res.fields["extra"] == {"a": ["[EMAIL_1]", {"b": "[EMAIL_1]"}]}
+
+
+def test_data_uri_in_text_is_counted_not_scanned(redactor):
+    blob = "data:image/png;base64," + "AKIAIOSFODNN7EXAMPLE" * 3 + "=="
+    res = redactor.redact("chat", chat(f"see {blob} and {E}"), "t")
+    assert res.non_text_parts == 1 and res.counts == {"email": 1}
+
+
+def test_unknown_operation(redactor):
+    with pytest.raises(ValueError, match="unknown operation"):
+        redactor.redact("images", {}, "t")
+
+
+# -- actions ------------------------------------------------------------------------------
+
+def test_hash_is_stable_per_tenant_and_differs_across_tenants():
+    r = Redactor(RedactionSettings(actions={"email": "hash"}), hmac_key=KEY)
+    a1 = content(r.redact("chat", chat(f"{E} and X@EXAMPLE.com"), "acme"))
+    a2 = content(r.redact("chat", chat(f"{E}"), "acme"))
+    b = content(r.redact("chat", chat(f"{E}"), "globex"))
+    token = a2
+    assert token.startswith("[EMAIL:") and len(token) == len("[EMAIL:]") + 16
+    assert a1 == f"{token} and {token}"  # same value (case-insensitive) → same token
+    assert b != token
+    # another key gives other tokens
+    r2 = Redactor(RedactionSettings(actions={"email": "hash"}), hmac_key=b"z" * 32)
+    assert content(r2.redact("chat", chat(E), "acme")) != token
+
+
+def test_hash_needs_a_key_from_the_environment():
+    s = RedactionSettings(actions={"card": "hash"}, hmac_key_env="MY_KEY")
+    with pytest.raises(ValueError, match="MY_KEY"):
+        Redactor(s, environ={})
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        Redactor(s, environ={"MY_KEY": "short"})
+    r = Redactor(s, environ={"MY_KEY": "x" * 20})
+    assert content(r.redact("chat", chat("4111111111111111"), "t")).startswith("[CARD:")
+
+
+def test_deny_and_default_deny_for_private_keys(redactor):
+    pem = VALID["private_key"][0]
+    res = redactor.redact("chat", chat(f"my key {pem} and {E}"), "t")
+    assert res.denied == ("private_key",)
+    assert content(res) == "my key [PRIVATE_KEY_1] and [EMAIL_1]"  # masked all the same
+    r = Redactor(RedactionSettings(actions={"email": "deny", "private_key": "mask"}))
+    res = r.redact("chat", chat(f"my key {pem} and {E}"), "t")
+    assert res.denied == ("email",)
+
+
+def test_disabled_classes():
+    r = Redactor(RedactionSettings(disabled_classes=("ipv4", "email")))
+    assert classes(r, f"{E} at 10.0.0.1 card 4111111111111111") == [("card", "4111111111111111")]
+    off = Redactor(RedactionSettings(enabled=False))
+    assert off.redact("chat", chat(E), "t").fields == {}
+
+
+def test_custom_detector():
+    s = RedactionSettings(custom_detectors=[
+        {"name": "employee_id", "pattern": r"EMP-[0-9]{6}"},
+        {"name": "codename", "pattern": r"projekt\s+\p{Lu}\p{Ll}+", "case_insensitive": True}],
+        actions={"codename": "deny"})
+    r = Redactor(s)
+    res = r.redact("chat", chat("EMP-123456 works on PROJEKT Änderung, EMP-123456 again"), "t")
+    assert content(res) == "[EMPLOYEE_ID_1] works on [CODENAME_1], [EMPLOYEE_ID_1] again"
+    assert res.counts == {"employee_id": 2, "codename": 1} and res.denied == ("codename",)
+
+
+# -- settings validation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"custom_detectors": [{"name": "x", "pattern": "(unclosed"}]}, "invalid RE2 pattern"),
+    ({"custom_detectors": [{"name": "x", "pattern": "a*"}]}, "matches the empty string"),
+    ({"custom_detectors": [{"name": "x", "pattern": r"(a)\1"}]}, "invalid RE2 pattern"),
+    ({"custom_detectors": [{"name": "email", "pattern": "x"}]}, "built-in data class"),
+    ({"custom_detectors": [{"name": "Bad Name", "pattern": "x"}]}, "lowercase letter"),
+    ({"custom_detectors": [{"name": "a", "pattern": "x"}, {"name": "a", "pattern": "y"}]},
+     "duplicate name"),
+    ({"actions": {"emails": "mask"}}, "unknown data class 'emails'"),
+    ({"actions": {"email": "drop"}}, "mask"),
+    ({"disabled_classes": ["nope"]}, "unknown data class"),
+    ({"hmac_key_env": "not a name!"}, "environment variable name"),
+    ({"extra_paths": ["a..b"]}, "malformed path"),
+    ({"phone_regions": ["XX"]}, "unknown phone region"),
+    ({"hmac_key": "literal"}, "Extra inputs are not permitted"),
+])
+def test_settings_errors(raw, fragment):
+    with pytest.raises(ValidationError) as info:
+        RedactionSettings.model_validate(raw)
+    assert fragment in str(info.value)
+
+
+def test_settings_defaults_and_frozen():
+    s = RedactionSettings()
+    assert s.enabled and not s.restore and s.on_incomplete == "deny"
+    assert s.action_for("private_key") == "deny" and s.action_for("email") == "mask"
+    assert set(s.classes) == set(BUILTIN_CLASSES)
+    with pytest.raises(ValidationError):
+        s.enabled = False  # type: ignore[misc]
+
+
+def test_redactor_rejects_bad_pattern_built_without_validation():
+    from atp_extproc.redact.settings import CustomDetector
+    det = CustomDetector.model_construct(name="x", pattern="(", case_insensitive=False)
+    s = RedactionSettings.model_construct(**{**RedactionSettings().__dict__,
+                                             "custom_detectors": (det,)})
+    with pytest.raises(ValueError, match="invalid RE2 pattern"):
+        Redactor(s)
+
+
+# -- the mapping never leaks ----------------------------------------------------------------
+
+def test_mapping_hides_values(redactor):
+    res = redactor.redact("chat", chat(f"mail {E}"), "t")
+    for rendered in (repr(res), str(res), repr(res.mapping), str(res.mapping),
+                     f"{res.mapping}", f"{res}"):
+        assert "example.com" not in rendered
+    with pytest.raises(TypeError):
+        pickle.dumps(res.mapping)
+    with pytest.raises(TypeError):
+        copy.deepcopy(res.mapping)
+    with pytest.raises(TypeError):
+        json.dumps(res.mapping)
+    res.mapping.clear()
+    assert len(res.mapping) == 0
+
+
+def test_placeholder_map_basics():
+    m = PlaceholderMap({"[EMAIL_1]": "a@b.com"})
+    assert "[EMAIL_1]" in m and list(m) == ["[EMAIL_1]"] and m.get("[X_1]") is None and m

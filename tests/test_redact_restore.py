@@ -1,0 +1,191 @@
+"""Restore: originals back into JSON bodies and SSE streams (chunk and event splits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atp_extproc.redact import PlaceholderMap, RedactionSettings, Redactor, Restorer
+
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----"
+MAPPING = {"[EMAIL_1]": "jane@example.com", "[CARD_1]": "4111 1111 1111 1111",
+           "[PRIVATE_KEY_1]": PEM, "[QUOTE_1]": 'say "hi" \\ bye',
+           "[EMAIL:0123456789abcdef]": "bob@example.org"}
+
+
+def restorer() -> Restorer:
+    return Restorer(PlaceholderMap(MAPPING))
+
+
+def event(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def delta(text: str | None, finish: str | None = None, index: int = 0) -> dict:
+    d = {} if text is None else {"content": text}
+    return {"id": "c", "object": "chat.completion.chunk",
+            "choices": [{"index": index, "delta": d, "finish_reason": finish}]}
+
+
+def run(r: Restorer, chunks: list[bytes]) -> bytes:
+    return b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
+
+
+def events(stream: bytes) -> list:
+    out = []
+    for block in stream.split(b"\n\n"):
+        if block.startswith(b"data: ") and block != b"data: [DONE]":
+            out.append(json.loads(block[6:]))
+    return out
+
+
+def content_of(stream: bytes) -> str:
+    return "".join(c["delta"].get("content") or "" for e in events(stream)
+                   for c in e.get("choices", []))
+
+
+# -- JSON bodies ----------------------------------------------------------------------------
+
+def test_restore_json_fast_path_keeps_bytes():
+    body = b'{"choices": [{"message": {"content": "Mail [EMAIL_1], card [CARD_1]."}}]}'
+    out = restorer().restore_json(body)
+    assert out == (b'{"choices": [{"message": {"content": "Mail jane@example.com, card '
+                   b'4111 1111 1111 1111."}}]}')
+
+
+def test_restore_json_none_when_nothing_to_do():
+    r = restorer()
+    assert r.restore_json(b'{"a": "nothing here"}') is None
+    assert r.restore_json(b'{"a": "unknown [EMAIL_9] and [1, 2]"}') is None
+    assert Restorer(PlaceholderMap()).restore_json(b'{"a": "[EMAIL_1]"}') is None
+
+
+def test_restore_json_escapes_originals_at_every_depth():
+    args = json.dumps({"key": "[PRIVATE_KEY_1]", "q": "[QUOTE_1]", "to": "[EMAIL_1]"})
+    body = json.dumps({"choices": [{"message": {
+        "content": "key [PRIVATE_KEY_1]",
+        "tool_calls": [{"function": {"name": "f", "arguments": args}}]}}]}).encode()
+    out = json.loads(restorer().restore_json(body))
+    msg = out["choices"][0]["message"]
+    assert msg["content"] == f"key {PEM}"
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {
+        "key": PEM, "q": MAPPING["[QUOTE_1]"], "to": "jane@example.com"}
+
+
+def test_restore_hash_tokens():
+    out = restorer().restore_json(b'{"t": "[EMAIL:0123456789abcdef]"}')
+    assert json.loads(out) == {"t": "bob@example.org"}
+
+
+def test_round_trip_with_redactor():
+    r = Redactor(RedactionSettings())
+    doc = {"model": "m", "messages": [{"role": "user", "content":
+                                       "Write to ana@example.com about card 5555555555554444"}]}
+    red = r.redact("chat", doc, "t")
+    sent = red.fields["messages"][0]["content"]
+    assert "ana@" not in sent and "5555" not in sent
+    reply = json.dumps({"choices": [{"message": {"content": f"Echo: {sent}"}}]}).encode()
+    out = json.loads(Restorer(red.mapping).restore_json(reply))
+    assert out["choices"][0]["message"]["content"] == "Echo: " + doc["messages"][0]["content"]
+
+
+# -- SSE ------------------------------------------------------------------------------------
+
+STREAM = (event(delta("Mail [EMAIL_1] and key [PRIVATE_KEY_1]!"))
+          + event(delta(None, "stop")) + b"data: [DONE]\n\n")
+
+
+def test_sse_whole():
+    out = run(restorer(), [STREAM])
+    assert content_of(out) == f"Mail jane@example.com and key {PEM}!"
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_sse_split_at_every_byte_across_two_chunks():
+    expected = run(restorer(), [STREAM])
+    for i in range(len(STREAM) + 1):
+        assert run(restorer(), [STREAM[:i], STREAM[i:]]) == expected, i
+
+
+@pytest.mark.parametrize("token", ["[EMAIL_1]", "[CARD_1]", "[EMAIL:0123456789abcdef]"])
+def test_sse_placeholder_split_at_every_position_across_two_events(token):
+    for cut in range(1, len(token)):
+        stream = (event(delta(f"A {token[:cut]}")) + event(delta(f"{token[cut:]} B"))
+                  + event(delta(None, "stop")) + b"data: [DONE]\n\n")
+        out = run(restorer(), [stream])
+        assert content_of(out) == f"A {MAPPING[token]} B", cut
+        assert token[:cut] not in content_of(out)
+
+
+def test_sse_placeholder_spread_over_many_events_and_chunks():
+    pieces = ["Hi ", "[", "EMA", "IL", "_", "1", "]", ", card [CA", "RD_1].", ""]
+    stream = b"".join(event(delta(p)) for p in pieces) + event(delta(None, "stop"))
+    raw = stream + b"data: [DONE]\n\n"
+    for size in (1, 7, 64):
+        chunks = [raw[i:i + size] for i in range(0, len(raw), size)]
+        out = run(restorer(), chunks)
+        assert content_of(out) == "Hi jane@example.com, card 4111 1111 1111 1111."
+
+
+def test_sse_held_prefix_is_flushed_before_finish_and_at_end():
+    # the model stopped in the middle of something that looked like a placeholder
+    out = run(restorer(), [event(delta("cut [EMAIL_")) + event(delta(None, "length"))])
+    assert content_of(out) == "cut [EMAIL_"
+    evs = events(out)
+    assert evs[-1]["choices"][0]["finish_reason"] == "length"
+    out = run(restorer(), [event(delta("ends with ["))])  # no finish event at all
+    assert content_of(out) == "ends with ["
+
+
+def test_sse_brackets_that_are_not_placeholders_pass():
+    stream = event(delta("x = [1, 2]; y = [a")) + event(delta("bc]")) + event(delta(None, "stop"))
+    out = run(restorer(), [stream])
+    assert content_of(out) == "x = [1, 2]; y = [abc]"
+
+
+def test_sse_tool_call_argument_deltas_are_json_escaped():
+    def tc(args, finish=None):
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": args}}]}, "finish_reason": finish}]}
+    stream = (event(tc('{"key": "[PRIVATE_')) + event(tc('KEY_1]", "q": "[QUOTE_1]"}'))
+              + event({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    out = run(restorer(), [stream])
+    args = "".join(c["delta"]["tool_calls"][0]["function"]["arguments"]
+                   for e in events(out) for c in e["choices"] if c["delta"].get("tool_calls"))
+    assert json.loads(args) == {"key": PEM, "q": MAPPING["[QUOTE_1]"]}
+
+
+def test_sse_responses_api_events():
+    stream = (event({"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                     "content_index": 0, "delta": "to [EMAI"})
+              + event({"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                       "content_index": 0, "delta": "L_1] now"})
+              + event({"type": "response.output_text.done", "item_id": "m1", "output_index": 0,
+                       "content_index": 0, "text": "to [EMAIL_1] now"}))
+    out = events(run(restorer(), [stream]))
+    assert "".join(e.get("delta", "") for e in out) == "to jane@example.com now"
+    assert out[-1]["text"] == "to jane@example.com now"
+
+
+def test_sse_events_without_placeholders_are_untouched():
+    stream = event(delta("plain text")) + event({"choices": [], "usage": {"prompt_tokens": 3}})
+    r = restorer()
+    assert run(r, [stream]) == stream
+
+
+def test_crlf_events_and_non_json_data():
+    stream = b"event: note\r\ndata: [EMAIL_1] raw\r\n\r\ndata: [DONE]\r\n\r\n"
+    out = run(restorer(), [stream])
+    assert out == b"event: note\r\ndata: jane@example.com raw\r\n\r\ndata: [DONE]\r\n\r\n"
+
+
+def test_empty_mapping_passes_chunks_through():
+    r = Restorer(PlaceholderMap())
+    assert r.feed(b"data: [EMAIL_1]\n\n", False) == b"data: [EMAIL_1]\n\n"
+
+
+def test_clear_forgets_originals():
+    r = restorer()
+    r.clear()
+    assert r.restore_json(b'{"a": "[EMAIL_1]"}') is None
