@@ -23,6 +23,7 @@ from atp_extproc.policy.attributes import CandidateInfo
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import policy_set_from_config
 from atp_extproc.policy.settings import PolicyError
+from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
 from atp_extproc.routing.selection import CandidateModel
 from atp_extproc.routing.settings import LedgerSettings, RouteObjective, check_references
 
@@ -83,6 +84,9 @@ class Route(_Frozen):
     default: Token | None = None
     # Learned choice among an alias's candidates; without it the first candidate serves.
     objective: RouteObjective | None = None
+    # Put the client's own values back in place of placeholders in the response
+    # (None: redaction.restore).
+    restore: bool | None = None
 
     @field_validator("aliases")
     @classmethod
@@ -147,6 +151,7 @@ class _Document(_Frozen):
     models: tuple[Model, ...] = Field(min_length=1)
     routes: tuple[Route, ...] = Field(min_length=1)
     ledger: LedgerSettings = LedgerSettings()
+    redaction: RedactionSettings = RedactionSettings()
     # Checked, with file and line numbers, by atp_extproc.policy (see _policies).
     policy: dict[str, Any] | None = None
     policies: list[Any] | None = None
@@ -173,6 +178,7 @@ class Snapshot:
         default_factory=dict, repr=False)
     # Files whose change means a reload: atp.yaml and the policy files it includes.
     files: tuple[str, ...] = ()
+    redactor: Redactor | None = field(default=None, repr=False)
 
     def routes_for(self, path: str, tenant: str) -> list[Route]:
         return [
@@ -263,8 +269,16 @@ def parse(text: str, source: str) -> Snapshot:
     problems = _check_references(doc)
     if problems:
         raise ConfigError(source, problems)
+    redactor = None
+    if doc.redaction.enabled:
+        try:
+            redactor = Redactor(doc.redaction)
+        except ValueError as exc:
+            raise ConfigError(source, [("redaction", str(exc))]) from None
+    known_classes = (*BUILTIN_CLASSES, *(d.name for d in doc.redaction.custom_detectors))
     try:
-        policies, loaded = policy_set_from_config(text, source)
+        policies, loaded = policy_set_from_config(text, source,
+                                                  known_data_classes=known_classes)
     except PolicyError as exc:
         raise ConfigError(source, [(f"{p.file}:{p.line}: {p.path}" if p.file != source
                                     else f"line {p.line}: {p.path}", p.reason)
@@ -292,6 +306,7 @@ def parse(text: str, source: str) -> Snapshot:
             (route.name, alias): tuple(CandidateInfo.from_model(models[n]) for n in names)
             for route in doc.routes for alias, names in route.aliases.items()}),
         files=tuple(loaded.files),
+        redactor=redactor,
     )
 
 

@@ -75,8 +75,11 @@ def request_body(
             response=_common(headers, remove_headers, body, clear_route_cache=True)))
 
 
-def response_headers(mode: ProcessingMode | None = None) -> ProcessingResponse:
+def response_headers(mode: ProcessingMode | None = None,
+                     remove_headers: Iterable[str] = ()) -> ProcessingResponse:
     resp = ProcessingResponse(response_headers=ep.HeadersResponse())
+    if remove_headers:
+        resp.response_headers.response.header_mutation.remove_headers.extend(remove_headers)
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp

@@ -24,6 +24,7 @@ from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
     OPERATIONS,
     LlmRequest,
+    ParsedBody,
     RequestError,
     SseStream,
     Usage,
@@ -36,6 +37,7 @@ from atp_extproc.llm_api import (
 )
 from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import attributes_for_request, strip_tools
+from atp_extproc.redact import Redaction, Restorer
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
 from atp_extproc.routing.sticky import sticky_key
@@ -101,6 +103,11 @@ class ExchangeRecord:
     proposed_model: str = ""
     predicted_savings_usd: float | None = None
     mirror_to: str = ""
+    # Redaction: counts per data class, never values
+    data_classes: dict[str, int] | None = None
+    non_text_parts: int = 0
+    redaction_incomplete: bool = False
+    restored: bool = False
     # Policy
     policy_denied: str | None = None
     policy_would_deny: str | None = None
@@ -125,6 +132,11 @@ class Exchange:
         self.route: Route | None = None
         self.model: Model | None = None
         self.policy: Outcome | None = None
+        self.restorer: Restorer | None = None
+        self._redaction: Redaction | None = None
+        self._parsed: ParsedBody | None = None
+        self._changes: dict[str, object] = {}
+        self._allowed: list[str] | None = None
         self._jwt_payload: struct_pb2.Struct | None = None
         self._shadow_model = ""
         self.request: LlmRequest | None = None
@@ -232,7 +244,30 @@ class Exchange:
         self.record.status = 200
         return envoy_api.immediate(200, json.dumps(body).encode(), details="atp_models")
 
+    def inspect_body(self, message: ProcessingRequest) -> ProcessingResponse | None:
+        """The heavy half of the request body: parse, check, redact, evaluate policies.
+
+        It reads only this exchange and the immutable snapshot, so the server may run it
+        off the event loop for a large body; `route_body` then finishes on the loop.
+        Returns a refusal, or None when the request may go on.
+        """
+        try:
+            return self._inspect(message.request_body)
+        except RequestError as err:
+            return self._refuse(err)
+
+    def route_body(self) -> ProcessingResponse:
+        """The stateful half: the router's choice, then the rewrite and routing headers."""
+        try:
+            return self._route()
+        except RequestError as err:
+            return self._refuse(err)
+
     def _on_request_body(self, body_msg) -> ProcessingResponse:
+        refused = self._inspect(body_msg)
+        return refused if refused is not None else self._route()
+
+    def _inspect(self, body_msg) -> ProcessingResponse | None:
         rec = self.record
         server = self.snapshot.server
         body = body_msg.body
@@ -246,36 +281,56 @@ class Exchange:
             raise RequestError(500, "ATP received a partial request body",
                                "atp_partial_body", type_="server_error")
         parsed = parse_body(body, server.max_json_depth)
+        self._parsed = parsed
         if rec.operation == "feedback":
-            return self._answer_feedback(parsed.doc)
+            return None
         request = read_request(rec.operation, parsed.doc)
         self.request = request
         rec.stream = request.stream
         assert self.identity is not None
-        headers: dict[str, str] = {}
-        changes: dict[str, object] = {}
         if rec.shadow:
             assert self.route is not None
-            route, alias = self.route, ""
+            return None
+        route, alias = self._resolve(request)
+        self.route, rec.alias = route, alias
+        redaction = self._redact(parsed.doc)
+        if redaction is not None:
+            self._changes.update(redaction.fields)
+        if self.snapshot.policies is None:
+            return None
+        outcome = self._check_policies(route, alias, parsed.doc, len(body))
+        if outcome.denied is not None:
+            rec.status, rec.error_code = 403, outcome.denied.code
+            return envoy_api.immediate(403, outcome.denied.error_body(),
+                                       details="atp_policy_denied")
+        if outcome.required_redactions and redaction is None:
+            # Fail closed: a policy wants data redacted and nothing can do it.
+            raise RequestError(403, "Policy requires redaction of "
+                               f"{', '.join(sorted(outcome.required_redactions))}, "
+                               "but redaction is off", "redaction_required",
+                               type_="permission_error")
+        self._allowed = [c.model for c in outcome.allowed_candidates]
+        if outcome.tools_to_strip:
+            kept = strip_tools(parsed.doc, outcome.tools_to_strip)
+            if kept is not None:
+                self._changes["tools"] = kept
+                rec.tools_stripped = outcome.tools_to_strip
+        return None
+
+    def _route(self) -> ProcessingResponse:
+        rec, parsed, changes = self.record, self._parsed, self._changes
+        assert parsed is not None
+        if rec.operation == "feedback":
+            return self._answer_feedback(parsed.doc)
+        request, route = self.request, self.route
+        assert request is not None and route is not None
+        headers: dict[str, str] = {}
+        if rec.shadow:
             model = self.snapshot.models[self._shadow_model]
         else:
-            route, alias = self._resolve(request)
-            allowed = None
-            if self.snapshot.policies is not None:
-                outcome = self._check_policies(route, alias, parsed.doc, len(body))
-                if outcome.denied is not None:
-                    rec.status, rec.error_code = 403, outcome.denied.code
-                    return envoy_api.immediate(403, outcome.denied.error_body(),
-                                               details="atp_policy_denied")
-                allowed = [c.model for c in outcome.allowed_candidates]
-                if outcome.tools_to_strip:
-                    kept = strip_tools(parsed.doc, outcome.tools_to_strip)
-                    if kept is not None:
-                        changes["tools"] = kept
-                        rec.tools_stripped = outcome.tools_to_strip
-            model = self._choose(route, alias, headers, allowed)
-        self.route, self.model = route, model
-        rec.route, rec.alias, rec.model = route.name, alias, model.name
+            model = self._choose(route, rec.alias, headers, self._allowed)
+        self.model = model
+        rec.route, rec.model = route.name, model.name
         rec.cluster, rec.upstream_model = model.cluster, model.upstream_model
         headers[CLUSTER_HEADER] = model.cluster
 
@@ -286,7 +341,37 @@ class Exchange:
             changes["stream_options"] = {**options, "include_usage": True}
             rec.usage_injected = True
         new_body = rewrite(parsed, changes) if changes else None
-        return envoy_api.request_body(headers, new_body)
+        remove: tuple[str, ...] = ()
+        if self._wants_restore(route):
+            assert self._redaction is not None
+            self.restorer = Restorer(self._redaction.mapping)
+            # Placeholders must be readable in the response: no compressed answers.
+            remove = ("accept-encoding",)
+        return envoy_api.request_body(headers, new_body, remove_headers=remove)
+
+    def _redact(self, doc: dict) -> Redaction | None:
+        redactor = self.snapshot.redactor
+        if redactor is None:
+            return None
+        assert self.identity is not None
+        rec = self.record
+        redaction = redactor.redact(rec.operation, doc, self.identity.tenant)
+        self._redaction = redaction
+        rec.data_classes = dict(redaction.counts)
+        rec.non_text_parts = redaction.non_text_parts
+        rec.redaction_incomplete = redaction.incomplete
+        if redaction.denied:
+            raise RequestError(400, "The request contains data that may not be sent to a "
+                               f"model provider: {', '.join(sorted(redaction.denied))}",
+                               "sensitive_data_refused")
+        return redaction
+
+    def _wants_restore(self, route: Route) -> bool:
+        redaction = self._redaction
+        if redaction is None or not redaction.total or self.snapshot.redactor is None:
+            return False
+        return route.restore if route.restore is not None else \
+            self.snapshot.redactor.settings.restore
 
     def _check_policies(self, route: Route, alias: str, doc: dict, body_bytes: int) -> Outcome:
         policies = self.snapshot.policies
@@ -297,6 +382,7 @@ class Exchange:
             key_id=self.identity.key_id, jwt_payload=self._jwt_payload, path=rec.path,
             operation=rec.operation, alias=alias, body_bytes=body_bytes, doc=doc,
             route=route.name, environment=policies.settings.environment,
+            data_classes=rec.data_classes,
             request_id=rec.request_id, config_version=rec.config_version)
         outcome = policies.evaluate(attrs, self.snapshot.policy_candidates[(route.name, alias)])
         self.policy = outcome
@@ -389,18 +475,32 @@ class Exchange:
         if headers_msg.end_of_stream or not 200 <= rec.status < 300 or self.request is None:
             return envoy_api.response_headers()
         content_type = headers.get("content-type", "")
+        # Restoring changes the body's length: let Envoy frame it anew.
+        remove = ("content-length",) if self.restorer is not None else ()
         if content_type.startswith("text/event-stream"):
             self.sse = SseStream(drop_usage_chunk=rec.usage_injected)
-            return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED))
+            return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED),
+                                              remove)
         if "json" in content_type:
-            return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.BUFFERED))
+            return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.BUFFERED),
+                                              remove)
         return envoy_api.response_headers()
 
     def _on_response_body(self, body_msg) -> ProcessingResponse:
+        end = body_msg.end_of_stream
         if self.sse is not None:
-            replacement = self.sse.feed(body_msg.body, body_msg.end_of_stream)
+            data = body_msg.body
+            if self.restorer is not None:
+                data = self.restorer.feed(data, end)
+            replacement = self.sse.feed(data, end)
+            if replacement is None and self.restorer is not None:
+                replacement = data
             return envoy_api.response_body(replacement)
         self._response_body += body_msg.body
+        if self.restorer is not None and end:
+            restored = self.restorer.restore_json(bytes(self._response_body))
+            self.record.restored = restored is not None
+            return envoy_api.response_body(restored)
         return envoy_api.response_body()
 
     # -- end -----------------------------------------------------------------------
@@ -417,6 +517,11 @@ class Exchange:
             rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
             rec.usage_estimated = usage.estimated
             rec.cost_usd = price(self.model, usage)
+        if self.restorer is not None:
+            self.restorer.clear()
+        if self._redaction is not None:
+            # The placeholder → value map lives only as long as the exchange.
+            self._redaction.mapping.clear()
         if self.services is not None and self.model is not None and rec.ttfb_ms is not None:
             self._learn(usage)
         if log.isEnabledFor(logging.INFO):

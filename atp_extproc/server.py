@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -25,6 +27,8 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # gRPC metadata the shadow listener's ext_proc filter sends (grpc_service.initial_metadata):
 # a client cannot set it, so it is what tells a mirrored copy from a client request.
 ROLE_METADATA = ("x-atp-role", "shadow")
+# Bodies above this are inspected on a worker thread (see _inspect_off_loop).
+OFFLOAD_BODY_BYTES = 128 * 1024
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
 
@@ -86,6 +90,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.services = services
         self.in_flight = 0
         self.draining = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atp-inspect")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -102,7 +107,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self._idle.clear()
         try:
             async for message in request_iterator:
-                response = exchange.handle(message)
+                if (message.HasField("request_body")
+                        and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
+                    response = await self._inspect_off_loop(exchange, message)
+                else:
+                    response = exchange.handle(message)
                 # Envoy never reads answers to observability-mode messages.
                 if response is not None and not message.observability_mode:
                     yield response
@@ -113,6 +122,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             if self.in_flight == 0:
                 self._idle.set()
             exchange.finish()
+
+    async def _inspect_off_loop(self, exchange: Exchange,
+                                message: ProcessingRequest) -> ProcessingResponse:
+        # Parsing, redacting and checking a large body takes long enough to stall every
+        # other exchange; a worker thread runs it while the loop serves the rest (the
+        # GIL is handed over every switch interval).
+        loop = asyncio.get_running_loop()
+        refused = await loop.run_in_executor(self._pool, exchange.inspect_body, message)
+        return refused if refused is not None else exchange.route_body()
 
     async def drain(self, grace: float) -> bool:
         """Refuse new exchanges; wait up to `grace` for in-flight ones. True if all ended."""
@@ -137,6 +155,9 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     server_cfg = snapshot.server
     listen = parse_listen(listen_override or server_cfg.listen)
 
+    # A large body inspected on the worker thread holds the GIL in slices of this
+    # interval; shorter slices keep the other exchanges' added wait small.
+    sys.setswitchinterval(0.001)
     limit = grpc_receive_limit(server_cfg.max_body_bytes)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", limit),

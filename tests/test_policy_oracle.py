@@ -27,7 +27,7 @@ TENANTS = ["alice", "bob", "carol", ""]
 METHODS = ["api_key", "jwt", "trusted_header", "anonymous"]
 ALIASES = ["gpt-4o", "gpt-4o-mini", "fast", "text-embedding-3-small", "other"]
 OPERATIONS = ["chat", "completions", "embeddings", "responses"]
-CLASSES = ["email", "phone", "credit_card", "iban", "secret", "person"]
+CLASSES = ["email", "phone", "card", "iban", "api_key", "github_token", "ssn"]
 TOOLS = ["get_weather", "search_docs", "shell", "calendar", "exec", "run_code"]
 MODELS = [
     CandidateInfo("small", "demo_a", "local", "internal", 0.00015, 0.0006, "demo_a"),

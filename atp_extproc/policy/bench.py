@@ -55,7 +55,7 @@ SHAPES: list[tuple[dict[str, Any], dict[str, Any], list[CandidateInfo]]] = [
     ({"tenant": "bob", "auth_method": "api_key", "key_id": "bob-demo"},
      {"path": "/v1/chat/completions", "operation": "chat", "alias": "gpt-4o-mini",
       "token_estimate": 500, "message_count": 2, "max_tokens": 8000,
-      "data_classes": {"secret": 1}, "body_bytes": 2100},
+      "data_classes": {"api_key": 1}, "body_bytes": 2100},
      [SMALL]),
 ]
 
