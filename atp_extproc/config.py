@@ -141,6 +141,9 @@ class Server(_Frozen):
     # answers oversize bodies; tests check the two files agree.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_json_depth: int = Field(default=64, ge=2, le=512)
+    # Checked before any per-item work, so a body of 100k tiny messages costs little.
+    max_messages: int = Field(default=2048, ge=1, le=1_000_000)
+    max_tools: int = Field(default=256, ge=0, le=100_000)
     reload_poll_s: float = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -23,11 +23,13 @@ from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingR
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
     OPERATIONS,
+    Limits,
     LlmRequest,
     ParsedBody,
     RequestError,
     SseStream,
     Usage,
+    check_depth,
     estimate_tokens,
     needs_usage_injection,
     parse_body,
@@ -284,7 +286,9 @@ class Exchange:
         self._parsed = parsed
         if rec.operation == "feedback":
             return None
-        request = read_request(rec.operation, parsed.doc)
+        request = read_request(rec.operation, parsed.doc,
+                               Limits(server.max_messages, server.max_tools))
+        check_depth(parsed, server.max_json_depth)
         self.request = request
         rec.stream = request.stream
         assert self.identity is not None

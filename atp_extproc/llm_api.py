@@ -96,6 +96,8 @@ class ParsedBody:
 
 
 def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
+    """Parse and check the JSON itself; `max_depth` names the limit in the error when
+    the C parser's own recursion guard trips."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,12 +111,19 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
         raise _invalid(_describe(exc)) from None
+    return parsed
+
+
+def check_depth(parsed: ParsedBody, max_depth: int) -> None:
+    """Refuse nesting deeper than `max_depth` (JSON deeper than ~1000 levels never parses).
+
+    Run after the cheap count limits of read_request: the walk costs per container.
+    """
     # Counting brackets (in C) proves most bodies shallow without walking them; brackets
     # inside strings only make the count larger, never wrongly smaller.
     brackets = parsed.text.count("{") + parsed.text.count("[")
     if brackets > max_depth and _too_deep(parsed.doc, max_depth):
         raise _depth_error(max_depth)
-    return parsed
 
 
 def _describe(exc: Exception) -> str:
@@ -195,7 +204,30 @@ class LlmRequest:
     tool_names: tuple[str, ...]
 
 
-def read_request(operation: str, doc: dict[str, Any]) -> LlmRequest:
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Counts a body may hold; checked before any per-item work is done on it."""
+
+    max_messages: int = 2048
+    max_tools: int = 256
+
+
+_DEFAULT_LIMITS = Limits()
+
+
+def _check_counts(doc: dict[str, Any], limits: Limits) -> None:
+    for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
+                      ("tools", limits.max_tools)):
+        value = doc.get(key)
+        if isinstance(value, list) and len(value) > most and not (
+                key == "input" and value and isinstance(value[0], int)):
+            raise RequestError(400, f"'{key}' holds {len(value)} items; at most {most} are "
+                               "accepted", "too_many_items", param=key)
+
+
+def read_request(operation: str, doc: dict[str, Any],
+                 limits: Limits = _DEFAULT_LIMITS) -> LlmRequest:
+    _check_counts(doc, limits)
     model = doc.get("model")
     if model is not None:
         if not isinstance(model, str):

@@ -11,10 +11,12 @@ import pytest
 from atp_extproc.llm_api import (
     MAX_MODEL_LENGTH,
     OPERATIONS,
+    Limits,
     LlmRequest,
     RequestError,
     SseStream,
     Usage,
+    check_depth,
     estimate_tokens,
     needs_usage_injection,
     parse_body,
@@ -28,7 +30,7 @@ DEPTH = 64
 
 def refused(raw: bytes, max_depth: int = DEPTH) -> RequestError:
     with pytest.raises(RequestError) as info:
-        parse_body(raw, max_depth)
+        check_depth(parse_body(raw, max_depth), max_depth)
     return info.value
 
 
@@ -948,3 +950,17 @@ def test_sse_not_dropping_always_returns_none() -> None:
     for i in range(0, len(body), 17):
         assert sse.feed(body[i:i + 17], end=i + 17 >= len(body)) is None
     assert sse.usage == Usage(12, 3)
+
+
+def test_counts_are_capped_before_any_per_item_work() -> None:
+    doc = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 11}
+    with pytest.raises(RequestError) as info:
+        read_request("chat", doc, Limits(max_messages=10, max_tools=2))
+    assert (info.value.status, info.value.code, info.value.param) == (400, "too_many_items",
+                                                                      "messages")
+    tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(3)]
+    with pytest.raises(RequestError):
+        read_request("chat", {**doc, "messages": doc["messages"][:1], "tools": tools},
+                     Limits(max_messages=10, max_tools=2))
+    # A token array is one input, however long.
+    assert read_request("embeddings", {"input": list(range(50))}, Limits(10, 2))

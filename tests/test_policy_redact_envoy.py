@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -193,15 +194,38 @@ def test_evaluation_error_denies(stack: Stack, upstreams: Upstreams) -> None:
     assert upstreams.total() == 0
 
 
-def test_adversarial_lists_do_not_stall_other_requests(stack: Stack) -> None:
-    """Requests with huge lists run beside normal ones; the normal ones' p99 holds."""
+FLOODER = """
+import sys, urllib.request, urllib.error
+url, path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+import os
+body = open(path, "rb").read()
+codes = []
+while not os.path.exists(stop) and len(codes) < 2000:
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "content-type": "application/json", "authorization": "Bearer sk-demo-alice"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            codes.append(r.status)
+    except urllib.error.HTTPError as e:
+        codes.append(e.code)
+    print(codes[-1], flush=True)
+"""
+
+
+def test_adversarial_lists_do_not_stall_other_requests(stack: Stack, tmp_path: Path) -> None:
+    """Normal requests beside a flood of huge-list bodies fare as they do beside a flood
+    of benign bodies of the same size: the lists cost no more than their bytes.
+
+    Floods come from another process, so the client's own GIL does not skew them."""
     normal = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     huge = {"model": "gpt-4o-mini",
             "messages": [{"role": "user", "content": "x"}] * 20_000,
             "tools": [{"type": "function", "function": {"name": f"t{i}"}}
                       for i in range(5_000)],
             "metadata": {f"k{i}": "v" for i in range(16)}}
-    raw_huge = json.dumps(huge).encode()
+    size = len(json.dumps(huge))
+    benign = {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "lorem ipsum " * (size // 12 - 10)}]}
 
     def latencies(n: int) -> list[float]:
         out = []
@@ -211,29 +235,34 @@ def test_adversarial_lists_do_not_stall_other_requests(stack: Stack) -> None:
             out.append(time.perf_counter() - t0)
         return out
 
-    baseline = latencies(60)
-    stop = threading.Event()
-    statuses: list[int] = []
+    def beside(name: str, body: dict) -> tuple[list[float], list[int]]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(body))
+        stop_file, out_path = tmp_path / f"{name}.stop", tmp_path / f"{name}.out"
+        with out_path.open("w") as out:
+            flooder = subprocess.Popen(
+                [sys.executable, "-c", FLOODER, stack.base_url + CHAT,
+                 str(tmp_path / f"{name}.json"), str(stop_file)], stdout=out)
+            try:
+                wait_until(lambda: out_path.read_text().count("\n") >= 1,
+                           f"a {name} request answered", timeout=30)
+                measured = latencies(80)
+            finally:
+                stop_file.touch()
+                flooder.wait(30)
+        return measured, [int(x) for x in out_path.read_text().split()]
 
-    def flood() -> None:
-        while not stop.is_set():
-            statuses.append(post(stack, CHAT, raw_huge).status)
-
-    flooder = threading.Thread(target=flood)
-    flooder.start()
-    try:
-        wait_until(lambda: len(statuses) >= 1, "a huge request answered", timeout=30)
-        loaded = latencies(60)
-    finally:
-        stop.set()
-        flooder.join(30)
-    # The huge requests are refused by a policy (over the caps) or served; never a 5xx.
-    assert statuses and all(s < 500 for s in statuses)
+    alone = latencies(80)
+    with_benign, benign_codes = beside("benign", benign)
+    with_huge, huge_codes = beside("huge", huge)
+    # Huge lists are refused by the count limits with a clear 400; never a 5xx.
+    assert set(huge_codes) == {400} and set(benign_codes) == {200}
     p99 = lambda xs: sorted(xs)[int(len(xs) * 0.99) - 1]  # noqa: E731
-    # Within noise: one huge request's own cost is far below the bar; a stall would
-    # show as normal requests waiting behind it for its whole parse and evaluation.
-    assert p99(loaded) < max(3 * p99(baseline), p99(baseline) + 0.25), (
-        statistics.median(baseline), p99(baseline), statistics.median(loaded), p99(loaded))
+    print("normal requests p50/p99 ms: " + ", ".join(
+        f"{label} {statistics.median(xs) * 1e3:.1f}/{p99(xs) * 1e3:.1f}"
+        for label, xs in (("alone", alone), (f"beside {len(benign_codes)} benign", with_benign),
+                          (f"beside {len(huge_codes)} huge-list", with_huge))))
+    # A stall would hold normal requests behind a huge one's whole parse and evaluation.
+    assert p99(with_huge) < max(1.5 * p99(with_benign), p99(with_benign) + 0.02)
 
 
 # -- restore ---------------------------------------------------------------------------
