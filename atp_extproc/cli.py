@@ -1,4 +1,4 @@
-"""atp-extproc: serve | check | demo-upstream | stack."""
+"""atp-extproc: serve | check | policy test | report savings | stack | demo-upstream."""
 
 from __future__ import annotations
 
@@ -30,14 +30,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from atp_extproc.policy import cli as policy_cli
+
+    # Policies first: their report names file:line for every problem, warnings included.
+    code = policy_cli.check([args.config], args.envoy)
     try:
         snapshot = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} models, "
-          f"{len(snapshot.routes)} routes)")
-    return 0
+          f"{len(snapshot.routes)} routes, "
+          f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
+    return code
+
+
+def _policy_test(args: argparse.Namespace) -> int:
+    from atp_extproc.policy import cli as policy_cli
+
+    return policy_cli.test(args.directory)
 
 
 def _stack(args: argparse.Namespace) -> int:
@@ -94,9 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check", help="validate a config file")
+    check = sub.add_parser("check", help="validate a config file and its policies")
     check.add_argument("config")
+    check.add_argument("--envoy", action="append", default=[], metavar="ENVOY_YAML",
+                       help="also refuse this Envoy config if it fails open where policies "
+                            "or redaction apply (repeatable)")
     check.set_defaults(func=_check)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy", required=True)
+    ptest = policy_sub.add_parser("test", help="run YAML policy test cases in a directory")
+    ptest.add_argument("directory")
+    ptest.set_defaults(func=_policy_test)
 
     # demo-upstream parses its own options (see atp_extproc.demo_upstream).
     sub.add_parser("demo-upstream", help="run a fake OpenAI-compatible upstream",
