@@ -136,7 +136,9 @@ def test_dry_run_lets_the_request_pass_and_records_would_deny(
     rec = record_with(stack, request_id)
     assert rec["policy_denied"] is None
     assert rec["policy_would_deny"] == "limits.bob_max_tokens"
-    decisions = {d["policy_id"]: d for d in rec["policy_decisions"]}
+    assert rec["policy_decisions"]["limits.bob_max_tokens"] == "would_deny"
+    assert rec["policy_decisions"]["access.known_tenants"] == "allow"
+    decisions = {d["policy_id"]: d for d in rec["policy_records"]}
     assert decisions["limits.bob_max_tokens"]["decision"] == "would_deny"
     assert decisions["limits.bob_max_tokens"]["mode"] == "dry_run"
     assert "subject.tenant" in decisions["limits.bob_max_tokens"]["attributes_used"]
