@@ -192,3 +192,27 @@ def test_drain_gives_up_after_grace(tmp_path: Path) -> None:
         assert result and result[0].status >= 500
     finally:
         stack.stop_all()
+
+
+def test_policy_files_reload_atomically_and_a_bad_one_keeps_the_old_set(
+        own_stack: Stack) -> None:
+    policy = own_stack.config_path.parent / "policies" / "limits.yaml"
+    original = policy.read_text()
+    embed = {"model": "text-embedding-3-small", "input": "x"}
+    assert post(own_stack, "/v1/embeddings", embed).status == 200
+
+    # An edit to an included file alone is a reload: now every embedding is refused.
+    policy.write_text(original.replace(
+        "expression: request.operation == 'embeddings' && request.stream",
+        "expression: request.operation == 'embeddings'"))
+    wait_until(lambda: post(own_stack, "/v1/embeddings", embed).status == 403,
+               "policy reload", timeout=15)
+
+    # A policy that does not type-check is refused with file and line; the set in force
+    # stays (embeddings still refused).
+    policy.write_text(original.replace("request.operation == 'embeddings' && request.stream",
+                                       "request.operaton == 'embeddings'"))
+    wait_until(lambda: "operaton" in own_stack.log("atp"), "rejection logged", timeout=15)
+    log = own_stack.log("atp")
+    assert f"{policy}:" in log and "config reload rejected" in log
+    assert post(own_stack, "/v1/embeddings", embed).status == 403

@@ -26,6 +26,12 @@ EXTRA_ROUTES = [
      "aliases": {"mirrored": ["small", "large"]},
      "objective": {"champion": "small",
                    "shadow": {"mode": "mirror", "challenger": "large", "share": 1.0}}},
+    # Both internal: policy keeps requests with personal data off external models, and
+    # that holds for mirrored copies too.
+    {"name": "mirrored-internal", "match": {"paths": [CHAT]},
+     "aliases": {"mirrored-internal": ["small", "embed"]},
+     "objective": {"champion": "small",
+                   "shadow": {"mode": "mirror", "challenger": "embed", "share": 1.0}}},
     {"name": "decided", "match": {"paths": [CHAT]},
      "aliases": {"decided": ["large", "small"]},
      "objective": {"champion": "large", "shadow": {"mode": "decision"}}},
@@ -179,3 +185,21 @@ def test_breaker_moves_traffic_off_a_failing_candidate(tmp_path: Path) -> None:
         assert {r["model"] for r in served[opened:]} == {"large"}
     finally:
         stack.stop_all()
+
+
+def test_mirrored_copy_carries_only_redacted_text(stack: Stack) -> None:
+    upstreams = Upstreams(stack)
+    secret = "card 4111 1111 1111 1111, mail jane.roe@example.org"
+    # The external challenger of "mirrored" never gets a copy of personal data...
+    assert chat(stack, "mirrored", secret).status == 200
+    # ...an internal one does, redacted like the primary.
+    reply = chat(stack, "mirrored-internal", secret)
+    assert reply.status == 200 and reply.headers["x-upstream-name"] == "demo_a"
+    wait_until(lambda: len(upstreams.requests("demo_a")) == 3, "the mirrored copy")
+    bodies = [r["body"] for r in upstreams.requests("demo_a")]
+    copies = [r for r in upstreams.requests("demo_a") if "-shadow" in r["headers"]["host"]]
+    assert [json.loads(c["body"])["model"] for c in copies] == ["demo-embed-2026"]
+    assert upstreams.requests("demo_b") == []
+    for body in bodies:
+        assert "4111" not in body and "jane.roe" not in body
+        assert "[CARD_1]" in body and "[EMAIL_1]" in body
