@@ -477,6 +477,8 @@ class Exchange:
             rec.status = int(headers.get(":status", "0"))
         except ValueError:
             rec.status = 0
+        attempts = headers.get("x-envoy-attempt-count", "1")
+        rec.attempts = int(attempts) if attempts.isdigit() else 1
         if headers_msg.end_of_stream or not 200 <= rec.status < 300 or self.request is None:
             return envoy_api.response_headers()
         content_type = headers.get("content-type", "")

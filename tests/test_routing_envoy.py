@@ -35,6 +35,7 @@ EXTRA_ROUTES = [
     {"name": "decided", "match": {"paths": [CHAT]},
      "aliases": {"decided": ["large", "small"]},
      "objective": {"champion": "large", "shadow": {"mode": "decision"}}},
+    {"name": "pooled", "match": {"paths": [CHAT]}, "aliases": {"pooled": ["pooled"]}},
     {"name": "learned", "match": {"paths": [CHAT]},
      "aliases": {"learned": ["small", "large"]},
      # Errors weigh nothing in the objective, so only the breaker moves traffic off small.
@@ -47,6 +48,10 @@ EXTRA_ROUTES = [
 def write_config(tmp_path: Path) -> Path:
     doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     doc["routes"] = EXTRA_ROUTES + doc["routes"]
+    # demo_pool (envoy/front-proxy.yaml) is demo_a with demo_b as fallback.
+    doc["models"].append({"name": "pooled", "cluster": "demo_pool",
+                          "upstream_model": "demo-small-2026", "egress": "internal",
+                          "price": {"input_per_1k": 0.00015, "output_per_1k": 0.0006}})
     doc["ledger"] = {"path": "ledger.sqlite3", "baseline": "large", "flush_interval_s": 0.2}
     return copy_example(tmp_path, yaml.safe_dump(doc, sort_keys=False))
 
@@ -203,3 +208,22 @@ def test_mirrored_copy_carries_only_redacted_text(stack: Stack) -> None:
     for body in bodies:
         assert "4111" not in body and "jane.roe" not in body
         assert "[CARD_1]" in body and "[EMAIL_1]" in body
+
+
+def test_fallback_answers_when_the_primary_returns_503(tmp_path: Path) -> None:
+    stack = start(tmp_path, ("--error-rate", "1.0"))
+    try:
+        upstreams = Upstreams(stack)
+        for i in range(3):
+            reply = chat(stack, "pooled", f"fall back {i}")
+            assert reply.status == 200, reply.body[:200]
+            assert reply.headers["x-upstream-name"] == "demo_b"
+            assert reply.json()["choices"][0]["message"]["content"].endswith(f"fall back {i}")
+        # Each request failed on demo_a first, with the same (rewritten) body.
+        tried = [json.loads(r["body"])["model"] for r in upstreams.requests("demo_a")]
+        assert tried[-3:] == ["demo-small-2026"] * 3
+        records = route_records(stack, "pooled", 3)
+        assert [r["attempts"] for r in records] == [2, 2, 2]
+        assert all(r["status"] == 200 for r in records)
+    finally:
+        stack.stop_all()
