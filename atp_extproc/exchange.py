@@ -34,12 +34,13 @@ from atp_extproc.llm_api import (
     needs_usage_injection,
     parse_body,
     read_request,
+    read_response,
     rewrite,
-    usage_from_json,
 )
 from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import attributes_for_request, strip_tools
 from atp_extproc.redact import Redaction, Restorer
+from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
 from atp_extproc.routing.sticky import sticky_key
@@ -136,6 +137,7 @@ class Exchange:
         self.model: Model | None = None
         self.policy: Outcome | None = None
         self.restorer: Restorer | None = None
+        self.finish_reason: str | None = None
         self._redaction: Redaction | None = None
         self._parsed: ParsedBody | None = None
         self._changes: dict[str, object] = {}
@@ -558,9 +560,14 @@ class Exchange:
             services.router.observe(route.name, self.model.name, ok=ok, latency_ms=latency,
                                     cost=rec.cost_usd)
             if ok and not rec.shadow and rec.request_id:
+                quality = route.objective.quality
                 services.feedback.record_decision(
                     rec.request_id, route.name, self.model.name,
-                    route.objective.quality.feedback_window_s, rec.tenant)
+                    quality.feedback_window_s, rec.tenant)
+                if quality.proxy == "finish_reason":
+                    # Used when no explicit feedback arrives within the window.
+                    services.feedback.set_proxy(rec.request_id, finish_reason_score(
+                        self.finish_reason, quality.finish_reason_scores))
         if services.ledger is None:
             return
         baseline = baseline_for(route, self.snapshot.ledger)
@@ -584,12 +591,13 @@ class Exchange:
         if self.request is None or not 200 <= self.record.status < 300:
             return None
         if self.sse is not None:
+            self.finish_reason = self.sse.finish_reason
             if self.sse.usage is not None:
                 return self.sse.usage
             return Usage(estimate_tokens(self.record.request_bytes),
                          estimate_tokens(self.sse.output_chars), estimated=True)
         if self._response_body:
-            usage = usage_from_json(bytes(self._response_body))
+            usage, self.finish_reason = read_response(bytes(self._response_body))
             if usage is not None:
                 return usage
         return Usage(estimate_tokens(self.record.request_bytes), 0, estimated=True)

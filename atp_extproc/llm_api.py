@@ -343,10 +343,24 @@ def _usage_of(obj: Any) -> Usage | None:
 
 
 def usage_from_json(body: bytes) -> Usage | None:
+    return read_response(body)[0]
+
+
+def read_response(body: bytes) -> tuple[Usage | None, str | None]:
+    """Usage and the first choice's finish_reason of a JSON response body."""
     try:
-        return _usage_of(json.loads(body))
+        obj = json.loads(body)
     except (ValueError, RecursionError):
-        return None
+        return None, None
+    return _usage_of(obj), _finish_reason(obj)
+
+
+def _finish_reason(obj: Any) -> str | None:
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    return None
 
 
 def estimate_tokens(n_chars: int) -> int:
@@ -368,6 +382,7 @@ class SseStream:
     def __init__(self, drop_usage_chunk: bool):
         self.drop_usage_chunk = drop_usage_chunk
         self.usage: Usage | None = None
+        self.finish_reason: str | None = None
         self.output_chars = 0
         self.events = 0
         self._tail = b""
@@ -417,6 +432,7 @@ class SseStream:
             if usage is not None:
                 self.usage = usage
                 return obj.get("choices") == []
+            self.finish_reason = _finish_reason(obj) or self.finish_reason
             self.output_chars += _delta_chars(obj)
         return False
 

@@ -192,6 +192,7 @@ class Stack:
 
     def urls(self) -> Iterator[tuple[str, str]]:
         yield "Envoy (OpenAI-compatible API)", f"{self.base_url}/v1"
+        yield "Envoy shadow listener (mirrors)", f"http://127.0.0.1:{self.ports['shadow']}"
         yield "Envoy admin", f"http://127.0.0.1:{self.ports['admin']}"
         yield "ATP ext_proc (gRPC)", f"127.0.0.1:{self.ports['atp']}"
         for name in ("demo_a", "demo_b"):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import Upstreams, copy_example, post
+from tests.conftest import BOB, Upstreams, copy_example, post
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +227,17 @@ def test_fallback_answers_when_the_primary_returns_503(tmp_path: Path) -> None:
         assert all(r["status"] == 200 for r in records)
     finally:
         stack.stop_all()
+
+
+def test_feedback_scores_the_tenants_own_recent_requests(stack: Stack) -> None:
+    upstreams = Upstreams(stack)
+    assert chat(stack, "learned", "rate me").status == 200
+    request_id = upstreams.requests("demo_a")[-1]["headers"]["x-request-id"]
+    route_records(stack, "learned", 1)
+    # Another tenant cannot score it; a bad score is a 400; the owner's is accepted once.
+    other = post(stack, "/v1/feedback", {"request_id": request_id, "score": 1.0}, key=BOB)
+    assert other.status == 404 and other.json()["error"]["code"] == "feedback_not_found"
+    bad = post(stack, "/v1/feedback", {"request_id": request_id, "score": 7})
+    assert bad.status == 400
+    assert post(stack, "/v1/feedback", {"request_id": request_id, "score": 0.9}).status == 204
+    assert post(stack, "/v1/feedback", {"request_id": request_id, "score": 0.9}).status == 404
