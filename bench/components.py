@@ -1,0 +1,135 @@
+"""In-process figures for the parts of one exchange: redaction, policies, routing.
+
+Each part's own benchmark (atp_extproc.{redact,policy,routing}.bench) runs here, and one
+full exchange on the ~1 KB bench body is timed through all four ext_proc phases with the
+example config, so each part can be stated as a share of ATP's own per-request time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from atp_extproc import config
+from atp_extproc.exchange import Exchange
+from atp_extproc.policy import bench as policy_bench
+from atp_extproc.redact import bench as redact_bench
+from atp_extproc.routing import bench as routing_bench
+from atp_extproc.stack import EXAMPLE_CONFIG
+
+_EXCHANGES = 5000
+
+
+def _headers(values: dict[str, str]) -> base_pb2.HeaderMap:
+    return base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                                       for k, v in values.items()])
+
+
+def _messages(body: bytes) -> list[ep.ProcessingRequest]:
+    reply = json.dumps({
+        "id": "x", "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "fine " * 40}}],
+        "usage": {"prompt_tokens": 260, "completion_tokens": 50, "total_tokens": 310}})
+    return [
+        ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=_headers({
+            ":method": "POST", ":path": "/v1/chat/completions", ":authority": "bench",
+            "authorization": "Bearer sk-demo-alice", "content-type": "application/json",
+            "x-request-id": "0b7c6f0e-1c1a-4e57-9b8f-0b7c6f0e1c1a",
+            "content-length": str(len(body))}))),
+        ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
+        ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=_headers({
+            ":status": "200", "content-type": "application/json"}))),
+        ep.ProcessingRequest(response_body=ep.HttpBody(body=reply.encode(),
+                                                       end_of_stream=True)),
+    ]
+
+
+def exchange_us(body: bytes) -> dict[str, float]:
+    """Per-request µs of ATP's own work (no gRPC): all four phases and the log record."""
+    snapshot = config.load(EXAMPLE_CONFIG)
+    messages = _messages(body)
+    handler = logging.StreamHandler(open(os.devnull, "w"))  # closed below
+    from atp_extproc.logs import JsonFormatter
+
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        samples = []
+        for i in range(_EXCHANGES + 500):
+            t0 = time.perf_counter()
+            exchange = Exchange(snapshot)
+            for message in messages:
+                response = exchange.handle(message)
+                assert response is not None and not response.HasField("immediate_response")
+                response.SerializeToString()
+            exchange.finish()
+            if i >= 500:
+                samples.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+        handler.stream.close()
+    samples.sort()
+    return {"p50_us": statistics.median(samples),
+            "p99_us": samples[int(len(samples) * 0.99) - 1]}
+
+
+def run(body: bytes) -> dict[str, Any]:
+    return {"exchange": exchange_us(body), "redaction": redact_bench.run(),
+            "policy": policy_bench.run(), "routing": routing_bench.run()}
+
+
+def markdown(figures: dict[str, Any], atp_cpu_us: float | None) -> str:
+    ex, red, pol, rou = (figures[k] for k in ("exchange", "redaction", "policy", "routing"))
+    total = ex["p50_us"]
+
+    def share(us: float) -> str:
+        out = f"{us / total:.0%} of ATP's in-process exchange"
+        if atp_cpu_us:
+            out += f", {us / atp_cpu_us:.0%} of ATP's CPU per request under load"
+        return out
+
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    lines = [
+        "## Parts of an exchange (in process)",
+        "",
+        "One exchange with `examples/atp.yaml` (redaction on, 25 policies) through "
+        "all four phases on the bench body, without gRPC: "
+        f"**{ex['p50_us']:.0f} µs p50, {ex['p99_us']:.0f} µs p99**.",
+        "",
+        "| part | p50 | p99 | share (p50) |",
+        "|---|---:|---:|---|",
+        f"| redaction, 1 KiB chat body | {red['chat_1k_p50_us']:.0f} µs | "
+        f"{red['chat_1k_p99_us']:.0f} µs | {share(red['chat_1k_p50_us'])} |",
+        f"| policies ({pol['policies']}, attributes + evaluation + records) | "
+        f"{pol['p50_us']:.0f} µs | {pol['p99_us']:.0f} µs | {share(pol['p50_us'])} |",
+        f"| routing decision, {rou['candidates']} candidates | {rou['decision_us_p50']:.1f} µs"
+        f" | {rou['decision_us_p99']:.1f} µs | - |",
+        "",
+        "Redaction speed by body size (µs per KiB scanned): "
+        f"4 KiB {red['chat_4k_p50_us_per_kib']:.0f} p50 / {red['chat_4k_p99_us_per_kib']:.0f}"
+        f" p99, 32 KiB {red['chat_32k_p50_us_per_kib']:.0f} / "
+        f"{red['chat_32k_p99_us_per_kib']:.0f}; a 1 MiB body {red['chat_1m_p50_ms']:.1f} ms "
+        f"median ({red['chat_1m_max_ms']:.1f} ms max of 10).",
+        "",
+        f"    {verdict(red['chat_1k_p99_us_per_kib'] <= 1000 and red['chat_4k_p99_us_per_kib'] <= 1000 and red['chat_32k_p99_us_per_kib'] <= 1000)}"  # noqa: E501
+        "  redaction <= 1 ms p99 per KiB (1-32 KiB)",
+        f"    {verdict(red['chat_1m_p50_ms'] < 50)}  redaction of a 1 MiB body < 50 ms",
+        f"    {verdict(pol['p99_us'] <= 100)}  policies <= 100 µs p99 per request "
+        f"({pol['p99_us']:.0f} µs)",
+        f"    {verdict(rou['decision_us_p99'] <= 50)}  routing decision <= 50 µs p99 "
+        f"for 10 candidates ({rou['decision_us_p99']:.1f} µs)",
+        "",
+    ]
+    return "\n".join(lines)
