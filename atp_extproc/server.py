@@ -113,8 +113,13 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     response = await self._inspect_off_loop(exchange, message)
                 else:
                     response = exchange.handle(message)
-                # Envoy never reads answers to observability-mode messages.
-                if response is not None and not message.observability_mode:
+                if message.observability_mode:
+                    # Envoy never reads these answers, and keeps the stream open until the
+                    # server closes it: close it once the response has ended.
+                    if _response_ended(message):
+                        return
+                    continue
+                if response is not None:
                     yield response
                     if response.HasField("immediate_response"):
                         return
@@ -142,6 +147,13 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         except TimeoutError:
             return False
         return True
+
+
+def _response_ended(message: ProcessingRequest) -> bool:
+    phase = message.WhichOneof("request")
+    return (phase == "response_trailers"
+            or (phase == "response_body" and message.response_body.end_of_stream)
+            or (phase == "response_headers" and message.response_headers.end_of_stream))
 
 
 def _without_gc(fn, *args):
@@ -187,6 +199,11 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
     await server.start()
+    # Everything loaded so far (config, CEL programs, detectors, protobuf descriptors) lives
+    # as long as the process: move it out of the collector's sight, so a full collection
+    # pauses for what requests allocate, not for that (~40 ms pauses otherwise, at p99).
+    gc.collect()
+    gc.freeze()
     for service in ("", EXT_PROC_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("ATP serving on %s (config %s, version %s)", listen, config_path,
