@@ -42,6 +42,13 @@ EXTRA_ROUTES = [
      "objective": {"champion": "small", "challengers": ["large"],
                    "weights": {"cost": 1.0, "latency": 0.0, "quality": 0.0, "error": 0.0},
                    "breaker": {"min_requests": 10, "confidence": 0.0, "open_s": 300}}},
+    # As "learned", but the breaker probes again after a second.
+    {"name": "recovering", "match": {"paths": [CHAT]},
+     "aliases": {"recovering": ["small", "large"]},
+     "objective": {"champion": "small", "challengers": ["large"],
+                   "weights": {"cost": 1.0, "latency": 0.0, "quality": 0.0, "error": 0.0},
+                   "breaker": {"min_requests": 10, "confidence": 0.0, "open_s": 1.0,
+                               "half_open_probes": 2}}},
 ]
 
 
@@ -241,3 +248,28 @@ def test_feedback_scores_the_tenants_own_recent_requests(stack: Stack) -> None:
     assert bad.status == 400
     assert post(stack, "/v1/feedback", {"request_id": request_id, "score": 0.9}).status == 204
     assert post(stack, "/v1/feedback", {"request_id": request_id, "score": 0.9}).status == 404
+
+
+def test_breaker_probes_half_open_and_closes_when_the_provider_recovers(
+        tmp_path: Path) -> None:
+    stack = start(tmp_path, ("--error-rate", "1.0"))
+    try:
+        for i in range(20):
+            chat(stack, "recovering", f"fail {i}")
+        records = route_records(stack, "recovering", 20)
+        assert any("small:breaker_open" in r["routing_excluded"] for r in records)
+        # The provider comes back (same port, healthy), and the breaker's half-open
+        # probes find it: traffic returns to the cheaper model.
+        stack.stop("demo_a")
+        stack.start_upstream("demo_a")
+
+        def back_on_small() -> bool:
+            reply = chat(stack, "recovering", "are you back?")
+            return reply.status == 200 and reply.headers["x-upstream-name"] == "demo_a"
+
+        wait_until(back_on_small, "traffic back on the recovered model", timeout=30)
+        tail = [chat(stack, "recovering", f"after {i}") for i in range(10)]
+        assert all(r.status == 200 for r in tail)
+        assert [r.headers["x-upstream-name"] for r in tail] == ["demo_a"] * 10
+    finally:
+        stack.stop_all()
