@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from atp_extproc.stack import ROOT, Stack
-from bench import probes, report, scenarios
+from bench import components, probes, report, scenarios
 from bench.session import MAX_OTHER_CORES, BenchFailure, Measurement, Session, open_session
 from bench.wrk import Load
 
@@ -173,11 +173,16 @@ def main() -> int:
         return 1
     finally:
         upstream.stop_all()
+    # After the load runs, on a machine they no longer share: ATP's parts in process.
+    parts = components.run(body_file.read_bytes())
     elapsed = time.monotonic() - started
+    atp_cpu = report.find(results, "c", "closed64").cpu_us_per_req["ext_proc"]
+    parts_text = components.markdown(parts, atp_cpu)
     text = report.render(results, rate, len(body_file.read_bytes()), DURATION_S, elapsed)
-    OUTPUT.write_text(text)
+    OUTPUT.write_text(text.rstrip("\n") + "\n\n" + parts_text)
     print()
     print(report.verdict_lines(results))
+    print(parts_text)
     print(f"\nwrote {OUTPUT} ({elapsed:.0f}s)")
     # The logs only matter when something went wrong; Envoy's access log alone is
     # tens of MB after a full run.
