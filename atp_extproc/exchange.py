@@ -415,7 +415,7 @@ class Exchange:
         try:
             decision = self.services.router.choose(
                 route.name, objective, self.snapshot.candidates[(route.name, alias)],
-                sticky_key(objective.sticky, self.identity.tenant, None),
+                sticky_key(objective.sticky, self.identity.tenant, self._user()),
                 restrict=allowed, request_id=rec.request_id or None)
         except NoCandidateError as exc:
             raise RequestError(403, str(exc), "no_eligible_model",
@@ -435,6 +435,16 @@ class Exchange:
             headers[ROUTE_HEADER] = route.name
             headers[TENANT_HEADER] = self.identity.tenant
         return self.snapshot.models[decision.chosen]
+
+    def _user(self) -> str | None:
+        """The end user, for per-user stickiness: the verified token's `sub`, else the
+        body's OpenAI `user` field (the tenant vouches for it, not ATP)."""
+        if self._jwt_payload is not None:
+            sub = self._jwt_payload.fields.get("sub")
+            if sub is not None and sub.HasField("string_value"):
+                return sub.string_value
+        user = self._parsed.doc.get("user") if self._parsed is not None else None
+        return user if isinstance(user, str) and user else None
 
     def _answer_feedback(self, doc: dict) -> ProcessingResponse:
         request_id, score = doc.get("request_id"), doc.get("score")

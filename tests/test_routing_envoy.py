@@ -36,6 +36,10 @@ EXTRA_ROUTES = [
      "aliases": {"decided": ["large", "small"]},
      "objective": {"champion": "large", "shadow": {"mode": "decision"}}},
     {"name": "pooled", "match": {"paths": [CHAT]}, "aliases": {"pooled": ["pooled"]}},
+    {"name": "sticky", "match": {"paths": [CHAT]},
+     "aliases": {"sticky": ["small", "large"]},
+     "objective": {"champion": "small", "challengers": ["large"], "sticky": "user",
+                   "exploration": 1.0}},
     {"name": "learned", "match": {"paths": [CHAT]},
      "aliases": {"learned": ["small", "large"]},
      # Errors weigh nothing in the objective, so only the breaker moves traffic off small.
@@ -273,3 +277,16 @@ def test_breaker_probes_half_open_and_closes_when_the_provider_recovers(
         assert [r.headers["x-upstream-name"] for r in tail] == ["demo_a"] * 10
     finally:
         stack.stop_all()
+
+
+def test_sticky_assignment_keeps_each_user_on_one_model(stack: Stack) -> None:
+    served: dict[str, set[str]] = {}
+    for i in range(40):
+        user = f"user-{i % 8}"
+        reply = post(stack, CHAT, {"model": "sticky", "user": user,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status == 200
+        served.setdefault(user, set()).add(reply.headers["x-upstream-name"])
+    assert all(len(models) == 1 for models in served.values()), served
+    # Not one model for everybody: users are spread, and each stays where it landed.
+    assert set().union(*served.values()) == {"demo_a", "demo_b"}
