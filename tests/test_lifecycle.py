@@ -83,19 +83,25 @@ def test_reload_on_file_change_and_sighup_keeps_old_config_when_bad(own_stack: S
     assert post(own_stack, CHAT, {**HELLO, "model": "turbo"}).status == 404
 
 
+def _slow_request_in_flight(stack: Stack, latency_ms: int
+                            ) -> tuple[Upstreams, threading.Thread, list[Reply]]:
+    """Start the stack with a slow demo_a and return once a request is waiting on it."""
+    stack.start_upstream("demo_a", "--latency-ms", str(latency_ms))
+    stack.start_upstream("demo_b")
+    stack.start_atp()
+    stack.start_envoy()
+    upstreams = Upstreams(stack)
+    result: list[Reply] = []
+    worker = threading.Thread(target=lambda: result.append(post(stack, CHAT, HELLO)))
+    worker.start()
+    wait_until(lambda: len(upstreams.requests("demo_a")) == 1, "request in flight")
+    return upstreams, worker, result
+
+
 def test_graceful_drain_finishes_in_flight_then_exits_zero(tmp_path: Path) -> None:
     stack = Stack.on_free_ports(workdir=tmp_path)
     try:
-        stack.start_upstream("demo_a", "--latency-ms", "1500")
-        stack.start_upstream("demo_b")
-        stack.start_atp()
-        stack.start_envoy()
-        upstreams = Upstreams(stack)
-        result: list[Reply] = []
-        worker = threading.Thread(target=lambda: result.append(post(stack, CHAT, HELLO)))
-        worker.start()
-        wait_until(lambda: len(upstreams.requests("demo_a")) == 1, "request in flight")
-
+        upstreams, worker, result = _slow_request_in_flight(stack, 1500)
         atp = stack.procs["atp"]
         atp.send_signal(signal.SIGTERM)
         target = f"127.0.0.1:{stack.ports['atp']}"
@@ -176,15 +182,7 @@ def test_drain_gives_up_after_grace(tmp_path: Path) -> None:
         "grace_period_s: 10", "grace_period_s: 0.5"))
     stack = Stack.on_free_ports(config_path=config, workdir=tmp_path)
     try:
-        stack.start_upstream("demo_a", "--latency-ms", "5000")
-        stack.start_upstream("demo_b")
-        stack.start_atp()
-        stack.start_envoy()
-        upstreams = Upstreams(stack)
-        result: list[Reply] = []
-        worker = threading.Thread(target=lambda: result.append(post(stack, CHAT, HELLO)))
-        worker.start()
-        wait_until(lambda: len(upstreams.requests("demo_a")) == 1, "request in flight")
+        _, worker, result = _slow_request_in_flight(stack, 5000)
         started = time.monotonic()
         assert stack.stop("atp") == 0
         assert time.monotonic() - started < 4
