@@ -302,13 +302,14 @@ def _observation(results: list[Measurement], rate: float) -> str:
         "",
         "Why c3 needs more than the issue's config: in observability mode Envoy keeps each "
         "side stream open after the request ends until the server closes it or "
-        "`deferred_close_timeout` (5 s) passes, and ATP never closes one. At a few hundred "
-        "req/s that is thousands of open streams; the atp cluster's default circuit "
-        "breaker (1024 concurrent requests) overflows and the *main* filter's streams fail "
+        "`deferred_close_timeout` (5 s) passes. ATP closes an observer stream when the "
+        "response's last message arrives, but streams whose end never reaches it would "
+        "still pile up; at a few hundred req/s the atp cluster's default circuit breaker "
+        "(1024 concurrent requests) can overflow and fail the *main* filter's streams "
         "(500 `ext_proc_error_gRPC_error_14 ... overflow`). c3 therefore runs with that "
-        "limit raised (ATP as it is today, streams held 5 s); c3s approximates ATP closing "
-        "the observer stream at end_of_stream (in trials while building this bench, 50 ms "
-        "lost ~45% of observations under load, 200 ms none).",
+        "limit raised; c3s also lets Envoy reset held streams after 200 ms (in trials "
+        "while building this bench, 50 ms lost ~45% of observations under load, 200 ms "
+        "none).",
         "",
         table(rows),
         "",
