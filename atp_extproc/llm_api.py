@@ -342,10 +342,6 @@ def _usage_of(obj: Any) -> Usage | None:
     return Usage(inp, out)
 
 
-def usage_from_json(body: bytes) -> Usage | None:
-    return read_response(body)[0]
-
-
 def read_response(body: bytes) -> tuple[Usage | None, str | None]:
     """Usage and the first choice's finish_reason of a JSON response body."""
     try:

@@ -21,8 +21,8 @@ from atp_extproc.llm_api import (
     needs_usage_injection,
     parse_body,
     read_request,
+    read_response,
     rewrite,
-    usage_from_json,
 )
 
 DEPTH = 64
@@ -621,7 +621,7 @@ def test_rewrite_overflowing_number_never_becomes_infinity() -> None:
     _strict_loads(out)
 
 
-# -- usage_from_json ---------------------------------------------------------------
+# -- read_response -----------------------------------------------------------------
 
 
 def test_usage_chat_completion() -> None:
@@ -629,25 +629,25 @@ def test_usage_chat_completion() -> None:
         "id": "c1", "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "hi"}}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}).encode()
-    assert usage_from_json(body) == Usage(12, 7)
-    assert usage_from_json(body).estimated is False
+    assert read_response(body)[0] == Usage(12, 7)
+    assert read_response(body)[0].estimated is False
 
 
 def test_usage_embeddings_has_no_completion_tokens() -> None:
     body = json.dumps({"object": "list", "data": [{"embedding": [0.1]}],
                        "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()
-    assert usage_from_json(body) == Usage(8, 0)
+    assert read_response(body)[0] == Usage(8, 0)
 
 
 def test_usage_responses_api() -> None:
     body = json.dumps({"object": "response", "status": "completed",
                        "usage": {"input_tokens": 30, "output_tokens": 11,
                                  "total_tokens": 41}}).encode()
-    assert usage_from_json(body) == Usage(30, 11)
+    assert read_response(body)[0] == Usage(30, 11)
 
 
 def test_usage_zero_is_valid() -> None:
-    assert usage_from_json(b'{"usage":{"prompt_tokens":0,"completion_tokens":0}}') == Usage(0, 0)
+    assert read_response(b'{"usage":{"prompt_tokens":0,"completion_tokens":0}}')[0] == Usage(0, 0)
 
 
 @pytest.mark.parametrize(
@@ -675,11 +675,11 @@ def test_usage_zero_is_valid() -> None:
     ids=lambda b: repr(b)[:40],
 )
 def test_usage_garbage_is_none(body: bytes) -> None:
-    assert usage_from_json(body) is None
+    assert read_response(body)[0] is None
 
 
 def test_usage_booleans_are_not_counts() -> None:
-    assert usage_from_json(b'{"usage":{"prompt_tokens":true,"completion_tokens":false}}') is None
+    assert read_response(b'{"usage":{"prompt_tokens":true,"completion_tokens":false}}')[0] is None
 
 
 @pytest.mark.parametrize("n, tokens", [(0, 0), (1, 1), (3, 1), (4, 1), (5, 2), (400, 100),
@@ -964,3 +964,10 @@ def test_counts_are_capped_before_any_per_item_work() -> None:
                      Limits(max_messages=10, max_tools=2))
     # A token array is one input, however long.
     assert read_request("embeddings", {"input": list(range(50))}, Limits(10, 2))
+
+
+def test_read_response_gives_the_first_choices_finish_reason() -> None:
+    body = json.dumps({"choices": [{"finish_reason": "length"}, {"finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    assert read_response(body) == (Usage(3, 4), "length")
+    assert read_response(b"not json") == (None, None)
