@@ -1,10 +1,12 @@
 """One HTTP exchange through the ext_proc phases: the pipeline.
 
-request_headers → who is calling, which API, answer /v1/models locally
-request_body    → parse, check, resolve alias → model → cluster, rewrite, tag the route
-response_headers→ status and time to first byte; ask for the body only when usage is in it
-response_body   → usage (JSON or SSE), drop the usage chunk ATP asked for, price it
-end of stream   → one record, written once
+request_headers → who is calling, which API; /v1/models and a shadow copy's origin
+request_body    → inspect: parse, check, resolve alias → route, redact, policies
+                  route:   choose the model (router), rewrite, tag the cluster (and mirror)
+response_headers→ status, time to first byte, attempts; ask for the body only when usage
+                  (or a placeholder to restore) is in it
+response_body   → usage (JSON or SSE), drop the usage chunk ATP asked for, restore, price
+end of stream   → one record, written once; learning and the ledger fed from it
 """
 
 from __future__ import annotations
