@@ -38,6 +38,7 @@ EXTRA_ROUTES = [
     {"name": "pooled", "match": {"paths": [CHAT]}, "aliases": {"pooled": ["pooled"]}},
     {"name": "sticky", "match": {"paths": [CHAT]},
      "aliases": {"sticky": ["small", "large"]},
+     # Exploration unbounded: without stickiness users would hop between candidates.
      "objective": {"champion": "small", "challengers": ["large"], "sticky": "user",
                    "exploration": 1.0}},
     {"name": "learned", "match": {"paths": [CHAT]},
@@ -49,7 +50,7 @@ EXTRA_ROUTES = [
     # As "learned", but the breaker probes again after a second.
     {"name": "recovering", "match": {"paths": [CHAT]},
      "aliases": {"recovering": ["small", "large"]},
-     "objective": {"champion": "small", "challengers": ["large"],
+     "objective": {"champion": "small", "challengers": ["large"], "exploration": 0.0,
                    "weights": {"cost": 1.0, "latency": 0.0, "quality": 0.0, "error": 0.0},
                    "breaker": {"min_requests": 10, "confidence": 0.0, "open_s": 1.0,
                                "half_open_probes": 2}}},
@@ -242,8 +243,10 @@ def test_fallback_answers_when_the_primary_returns_503(tmp_path: Path) -> None:
 
 def test_feedback_scores_the_tenants_own_recent_requests(stack: Stack) -> None:
     upstreams = Upstreams(stack)
-    assert chat(stack, "learned", "rate me").status == 200
-    request_id = upstreams.requests("demo_a")[-1]["headers"]["x-request-id"]
+    reply = chat(stack, "learned", "rate me")
+    assert reply.status == 200
+    served_by = upstreams.requests(reply.headers["x-upstream-name"])
+    request_id = served_by[-1]["headers"]["x-request-id"]
     route_records(stack, "learned", 1)
     # Another tenant cannot score it; a bad score is a 400; the owner's is accepted once.
     other = post(stack, "/v1/feedback", {"request_id": request_id, "score": 1.0}, key=BOB)
