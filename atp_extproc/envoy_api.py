@@ -113,14 +113,22 @@ def immediate(
         ))
 
 
-def body_mode(response: int) -> ProcessingMode:
-    """A mode override that changes only how the response body is sent."""
-    return ProcessingMode(
+# Mode overrides that change only how the response body is sent; built once, copied
+# into each response.
+_BODY_MODES = {
+    mode: ProcessingMode(
         request_header_mode=ProcessingMode.SEND,
         request_body_mode=ProcessingMode.BUFFERED,
         response_header_mode=ProcessingMode.SEND,
-        response_body_mode=response,  # type: ignore[arg-type]
+        response_body_mode=mode,  # type: ignore[arg-type]
     )
+    for mode in (ProcessingMode.BUFFERED, ProcessingMode.STREAMED)
+}
+
+
+def body_mode(response: int) -> ProcessingMode:
+    """The mode override for a response body sent `response` (BUFFERED or STREAMED)."""
+    return _BODY_MODES[response]
 
 
 def headers_of(header_map: base_pb2.HeaderMap) -> dict[str, str]:

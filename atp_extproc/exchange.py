@@ -25,7 +25,6 @@ from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingR
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
     OPERATIONS,
-    Limits,
     LlmRequest,
     ParsedBody,
     RequestError,
@@ -109,6 +108,8 @@ class ExchangeRecord:
     proposed_model: str = ""
     predicted_savings_usd: float | None = None
     mirror_to: str = ""
+    # Envoy's attempts at the upstream: above 1, a retry or a fallback answered
+    attempts: int = 1
     # Redaction: counts per data class, never values
     data_classes: dict[str, int] | None = None
     non_text_parts: int = 0
@@ -291,8 +292,7 @@ class Exchange:
         self._parsed = parsed
         if rec.operation == "feedback":
             return None
-        request = read_request(rec.operation, parsed.doc,
-                               Limits(server.max_messages, server.max_tools))
+        request = read_request(rec.operation, parsed.doc, server)
         check_depth(parsed, server.max_json_depth)
         self.request = request
         rec.stream = request.stream

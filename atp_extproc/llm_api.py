@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, Protocol
 
 OPERATIONS: dict[str, str] = {
     "/v1/chat/completions": "chat",
@@ -204,10 +204,18 @@ class LlmRequest:
     tool_names: tuple[str, ...]
 
 
+class CountLimits(Protocol):
+    """Counts a body may hold; the config's `server` block is one."""
+
+    @property
+    def max_messages(self) -> int: ...
+
+    @property
+    def max_tools(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Counts a body may hold; checked before any per-item work is done on it."""
-
     max_messages: int = 2048
     max_tools: int = 256
 
@@ -215,7 +223,7 @@ class Limits:
 _DEFAULT_LIMITS = Limits()
 
 
-def _check_counts(doc: dict[str, Any], limits: Limits) -> None:
+def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
     for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
                       ("tools", limits.max_tools)):
         value = doc.get(key)
@@ -226,7 +234,8 @@ def _check_counts(doc: dict[str, Any], limits: Limits) -> None:
 
 
 def read_request(operation: str, doc: dict[str, Any],
-                 limits: Limits = _DEFAULT_LIMITS) -> LlmRequest:
+                 limits: CountLimits = _DEFAULT_LIMITS) -> LlmRequest:
+    """The request's facts, after the count limits (checked before any per-item work)."""
     _check_counts(doc, limits)
     model = doc.get("model")
     if model is not None:
@@ -364,7 +373,8 @@ def estimate_tokens(n_chars: int) -> int:
     return math.ceil(n_chars / 4)
 
 
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Captured, so one split yields [event, separator, event, separator, ..., tail].
+_EVENT_END = re.compile(rb"(\r?\n\r?\n)")
 
 
 class SseStream:
@@ -386,20 +396,16 @@ class SseStream:
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
         """Observe a chunk; return its replacement, or None to pass it unchanged."""
         data = self._tail + chunk
-        parts = _EVENT_END.split(data)
-        seps = _EVENT_END.findall(data)
-        self._tail = b"" if end else parts.pop()
+        pieces = _EVENT_END.split(data)
+        self._tail = b"" if end else pieces.pop()
         kept: list[bytes] = []
         changed = False
-        for i, event in enumerate(parts):
-            if not event:
-                if i < len(seps):
-                    kept.append(seps[i])
-                continue
-            if self._observe(event) and self.drop_usage_chunk:
+        for i in range(0, len(pieces), 2):
+            event, sep = pieces[i], pieces[i + 1] if i + 1 < len(pieces) else b""
+            if event and self._observe(event) and self.drop_usage_chunk:
                 changed = True
                 continue
-            kept.append(event + (seps[i] if i < len(seps) else b""))
+            kept.append(event + sep)
         if not self.drop_usage_chunk:
             return None
         out = b"".join(kept)

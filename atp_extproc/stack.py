@@ -132,7 +132,7 @@ class Stack:
     def on_default_ports(cls, config_path: Path, workdir: Path) -> Stack:
         return cls(workdir, dict(DEFAULT_PORTS), config_path, workdir)
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 start_new_session=True)
@@ -141,13 +141,13 @@ class Stack:
 
     def start_upstream(self, name: str, *extra: str) -> None:
         port = self.ports[name]
-        proc = self._spawn(name, [sys.executable, "-m", "atp_extproc", "demo-upstream",
+        proc = self.spawn(name, [sys.executable, "-m", "atp_extproc", "demo-upstream",
                                   "--port", str(port), "--name", name, *extra])
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), name, proc=proc)
 
     def start_atp(self, *extra: str) -> None:
         listen = f"127.0.0.1:{self.ports['atp']}"
-        proc = self._spawn("atp", [sys.executable, "-m", "atp_extproc", "serve",
+        proc = self.spawn("atp", [sys.executable, "-m", "atp_extproc", "serve",
                                    "--config", str(self.config_path), "--listen", listen,
                                    *extra])
         wait_until(lambda: grpc_serving(listen), "atp", proc=proc)
@@ -155,7 +155,7 @@ class Stack:
     def start_envoy(self, envoy_yaml: str | None = None, wait_for_atp: bool = True) -> None:
         path = self.workdir / "envoy.yaml"
         path.write_text(envoy_yaml if envoy_yaml is not None else render_envoy(self.ports))
-        proc = self._spawn("envoy", [envoy_binary(), "-c", str(path), "--log-level", "warn",
+        proc = self.spawn("envoy", [envoy_binary(), "-c", str(path), "--log-level", "warn",
                                      "--disable-hot-restart", "--concurrency", "1"])
         admin = self.ports["admin"]
         wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), "envoy", proc=proc)

@@ -127,7 +127,7 @@ def _start_noop(stack: Stack) -> None:
     # `-m bench.noop_extproc` must resolve whatever the caller's working directory.
     stack.env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), stack.env.get("PYTHONPATH", "")) if p)
-    proc = stack._spawn("ext_proc", [sys.executable, "-m", "bench.noop_extproc",
+    proc = stack.spawn("ext_proc", [sys.executable, "-m", "bench.noop_extproc",
                                      "--listen", listen, "--cluster", "demo_a"])
     wait_until(lambda: grpc_serving(listen), "no-op ext_proc", proc=proc)
 

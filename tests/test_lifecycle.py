@@ -132,7 +132,7 @@ def test_unix_socket_between_envoy_and_atp(tmp_path: Path) -> None:
     try:
         stack.start_upstream("demo_a")
         stack.start_upstream("demo_b")
-        proc = stack._spawn("atp", [sys.executable, "-m", "atp_extproc", "serve", "--config",
+        proc = stack.spawn("atp", [sys.executable, "-m", "atp_extproc", "serve", "--config",
                                     str(EXAMPLE_CONFIG), "--listen", f"unix:{sock}"])
         wait_until(lambda: grpc_serving(f"unix:{sock}"), "atp on unix socket", proc=proc)
         stack.start_envoy(render_envoy(stack.ports, edit=to_socket))
