@@ -7,58 +7,43 @@ response; `clear_route_cache` is ignored unless the same response mutates a head
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.type.v3 import http_status_pb2
 
 ProcessingResponse = ep.ProcessingResponse
 ProcessingRequest = ep.ProcessingRequest
 ProcessingMode = processing_mode_pb2.ProcessingMode
 
-# Only ASCII printable without CR/LF/NUL ever reaches a header value.
-_HEADER_VALUE_BAD = frozenset(range(0, 0x20)) | {0x7F}
+# No control character (CR, LF, NUL ...) ever reaches a header value.
+_HEADER_VALUE_OK = re.compile(rb"[\x20-\x7e\x80-\xff]{1,1024}")
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def header_value_ok(value: bytes) -> bool:
-    return 0 < len(value) <= 1024 and not any(b in _HEADER_VALUE_BAD for b in value)
-
-
-def _header(name: str, value: str | bytes) -> base_pb2.HeaderValueOption:
-    raw = value.encode() if isinstance(value, str) else value
-    if not header_value_ok(raw):
-        raise ValueError(f"refusing unsafe value for header {name}")
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=name, raw_value=raw),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-
-
-def _common(
-    set_headers: dict[str, str] | None,
-    remove_headers: Iterable[str],
-    body: bytes | None,
-    clear_route_cache: bool,
-) -> ep.CommonResponse:
-    common = ep.CommonResponse()
-    if set_headers:
-        common.header_mutation.set_headers.extend(
-            _header(k, v) for k, v in set_headers.items())
-    common.header_mutation.remove_headers.extend(remove_headers)
-    if body is not None:
-        common.body_mutation.body = body
-    if clear_route_cache:
-        common.clear_route_cache = True
-    return common
+def _set_headers(mutation: ep.HeaderMutation, headers: dict[str, str]) -> None:
+    # Filled in place: nested messages passed to constructors are copied, which costs
+    # several times more than the fields themselves.
+    options = mutation.set_headers
+    for name, value in headers.items():
+        raw = value.encode()
+        if _HEADER_VALUE_OK.fullmatch(raw) is None:
+            raise ValueError(f"refusing unsafe value for header {name}")
+        option = options.add(append_action=_OVERWRITE)
+        option.header.key = name
+        option.header.raw_value = raw
 
 
 def request_headers(
     remove_headers: Iterable[str] = (), mode: ProcessingMode | None = None
 ) -> ProcessingResponse:
-    resp = ProcessingResponse(
-        request_headers=ep.HeadersResponse(response=_common(None, remove_headers, None, False)))
+    resp = ProcessingResponse()
+    if remove_headers:
+        resp.request_headers.response.header_mutation.remove_headers.extend(remove_headers)
+    else:
+        resp.request_headers.SetInParent()
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp
@@ -67,29 +52,40 @@ def request_headers(
 def request_body(
     set_headers: dict[str, str], body: bytes | None, remove_headers: Iterable[str] = ()
 ) -> ProcessingResponse:
-    headers = dict(set_headers)
+    resp = ProcessingResponse()
+    common = resp.request_body.response
+    mutation = common.header_mutation
+    _set_headers(mutation, set_headers)
     if body is not None:
-        headers["content-length"] = str(len(body))
-    return ProcessingResponse(
-        request_body=ep.BodyResponse(
-            response=_common(headers, remove_headers, body, clear_route_cache=True)))
+        length = mutation.set_headers.add(append_action=_OVERWRITE)
+        length.header.key = "content-length"
+        length.header.raw_value = b"%d" % len(body)
+        common.body_mutation.body = body
+    if remove_headers:
+        mutation.remove_headers.extend(remove_headers)
+    common.clear_route_cache = True
+    return resp
 
 
 def response_headers(mode: ProcessingMode | None = None,
                      remove_headers: Iterable[str] = ()) -> ProcessingResponse:
-    resp = ProcessingResponse(response_headers=ep.HeadersResponse())
+    resp = ProcessingResponse()
     if remove_headers:
         resp.response_headers.response.header_mutation.remove_headers.extend(remove_headers)
+    else:
+        resp.response_headers.SetInParent()
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp
 
 
 def response_body(body: bytes | None = None) -> ProcessingResponse:
-    common = ep.CommonResponse()
+    resp = ProcessingResponse()
     if body is not None:
-        common.body_mutation.body = body
-    return ProcessingResponse(response_body=ep.BodyResponse(response=common))
+        resp.response_body.response.body_mutation.body = body
+    else:
+        resp.response_body.SetInParent()
+    return resp
 
 
 def trailers(request: bool) -> ProcessingResponse:
@@ -101,16 +97,13 @@ def trailers(request: bool) -> ProcessingResponse:
 def immediate(
     status: int, body: bytes, headers: dict[str, str] | None = None, details: str = ""
 ) -> ProcessingResponse:
-    mutation = ep.HeaderMutation()
-    all_headers = {"content-type": "application/json", **(headers or {})}
-    mutation.set_headers.extend(_header(k, v) for k, v in all_headers.items())
-    return ProcessingResponse(
-        immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
-            headers=mutation,
-            body=body,
-            details=details,
-        ))
+    resp = ProcessingResponse()
+    reply = resp.immediate_response
+    reply.status.code = status  # type: ignore[assignment]
+    _set_headers(reply.headers, {"content-type": "application/json", **(headers or {})})
+    reply.body = body
+    reply.details = details
+    return resp
 
 
 # Mode overrides that change only how the response body is sent; built once, copied

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from google.protobuf import struct_pb2
 
-from atp_extproc import envoy_api
+from atp_extproc import envoy_api, logs
 from atp_extproc.config import TOKEN, Model, Route, Snapshot
 from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingResponse
 from atp_extproc.identity import Identity, identify
@@ -558,7 +558,7 @@ class Exchange:
                 fields = {**fields, "policy_decisions": decisions, "policy_records": [
                     r.as_dict() for r in self.policy.records
                     if r.decision not in _QUIET_DECISIONS] if acted else []}
-            log.info("exchange", extra={"record": fields})
+            logs.info_record(log, "exchange", fields)
         return rec
 
     def _learn(self, usage: Usage | None) -> None:

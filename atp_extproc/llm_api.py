@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
+import orjson
+
 OPERATIONS: dict[str, str] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
@@ -354,8 +356,8 @@ def _usage_of(obj: Any) -> Usage | None:
 def read_response(body: bytes) -> tuple[Usage | None, str | None]:
     """Usage and the first choice's finish_reason of a JSON response body."""
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:  # too deep included
         return None, None
     return _usage_of(obj), _finish_reason(obj)
 

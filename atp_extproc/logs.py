@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
+import atexit
+import io
 import logging
 import sys
+import time
+from typing import Any, BinaryIO
+
+import orjson
+
+# stderr through a buffer: setup() points both the handler and the exchange lines here.
+# None until then (in-process use goes through logging's handlers as usual).
+_out: BinaryIO | None = None
+# Exchange lines wait in the buffer at most this long (see flush_every), like Envoy's
+# access log file_flush_interval: one write per request costs a syscall per request.
+FLUSH_INTERVAL_S = 0.25
+_BUFFER_BYTES = 1 << 16
+
+
+def _encode(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,11 +38,49 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"), default=str)
+        return _encode(entry).decode()
+
+
+def info_record(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """`logger.info(msg)` carrying `fields`, the same line JsonFormatter writes.
+
+    For the line every exchange writes: building a LogRecord and walking the handler
+    chain cost more than encoding the line, so once setup() has run it goes straight
+    into the stderr buffer, written out by size, by flush_every, or with the next line
+    logged through logging (which flushes it).
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if _out is None:
+        logger.info(msg, extra={"record": fields})
+        return
+    _out.write(_encode({"ts": round(time.time(), 3), "level": "INFO",
+                        "logger": logger.name, "msg": msg, **fields}) + b"\n")
+
+
+def flush() -> None:
+    if _out is not None:
+        _out.flush()
+
+
+async def flush_every(interval_s: float = FLUSH_INTERVAL_S) -> None:
+    """Write buffered lines out at least every `interval_s` (run as a task)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        flush()
 
 
 def setup(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    global _out
+    if _out is None:
+        sys.stderr.flush()
+        _out = open(sys.stderr.fileno(), "wb", buffering=_BUFFER_BYTES,
+                    closefd=False)
+        atexit.register(flush)
+    # The handler's lines share the buffer (and flush it, exchange lines included), so
+    # all lines stay whole and in order.
+    handler = logging.StreamHandler(io.TextIOWrapper(_out, encoding="utf-8",
+                                                     write_through=True))
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
+from atp_extproc import logs
 from atp_extproc.config import ConfigError, Snapshot
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import Exchange
@@ -216,6 +217,7 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
     watcher = asyncio.create_task(holder.watch())
     expiry = asyncio.create_task(services.run_expiry())
+    log_flush = asyncio.create_task(logs.flush_every())
 
     await stop.wait()
     grace = holder.current.server.grace_period_s
@@ -229,6 +231,7 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
         log.warning("grace period over: cancelling %d exchanges", processor.in_flight)
     await server.stop(0)
     expiry.cancel()
+    log_flush.cancel()
     await services.close()
     log.info("stopped")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import pickle
 import time
 from datetime import UTC, datetime
 
@@ -19,6 +20,7 @@ from atp_extproc.policy import (
     request_from_body,
 )
 from atp_extproc.policy.attributes import MAX_HISTORY_SCAN, AttributeError_
+from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 
 def test_lists_maps_and_strings_are_capped_and_named():
@@ -87,6 +89,11 @@ def test_unknown_keys_and_wrong_types_raise():
         build_attributes(request={"max_tokens": "5"})
     with pytest.raises(AttributeError_, match="must be a list"):
         build_attributes(request={"tools": "shell"})
+    # An unknown key is named even when a value before it is also wrong.
+    with pytest.raises(AttributeError_, match=r"unknown request attribute.*max_token;"):
+        build_attributes(request={"max_tokens": "5", "max_token": 5})
+    with pytest.raises(AttributeError_, match="unknown tool attribute"):
+        build_attributes(request={"tool_details": [{"name": "a", "nme": "b"}]})
 
 
 def test_numbers_are_clamped_to_int64_and_time_forms():
@@ -108,6 +115,16 @@ def test_candidate_resource_and_cost():
     res = cand.resource(attrs.request)
     assert res.model == "large" and res.egress == "external"
     assert res.estimated_cost_usd == pytest.approx(0.0025 + 0.005)
+    assert res == pb.Resource(model="large", provider="openai", region="us",
+                              egress="external", input_per_1k=0.0025, output_per_1k=0.01,
+                              estimated_cost_usd=res.estimated_cost_usd, cluster="demo_b")
+    # Each request gets its own copy of the prebuilt Resource, costed for that request.
+    other = cand.resource(build_attributes(request={"token_estimate": 2000}).request)
+    assert other.estimated_cost_usd == pytest.approx(0.005)
+    assert res.estimated_cost_usd == pytest.approx(0.0075)
+    twin = CandidateInfo("large", "openai", "us", "external", 0.0025, 0.01, "demo_b")
+    assert twin == cand and hash(twin) == hash(cand)
+    assert pickle.loads(pickle.dumps(cand)) == cand
 
 
 def test_candidate_from_config_model():

@@ -395,6 +395,34 @@ def test_outcome_decisions_without_records():
     assert [r.decision for r in out.records] == ["deny", "no_match"]
 
 
+def test_a_repeated_result_pattern_decides_for_each_request_s_own_tools_and_candidates():
+    # The same policy results with other tools or other (as many) candidates: what was
+    # worked out for the first request must not leak into the next.
+    ps = compile_(
+        P("t.scope", "tools", "!(tool.name in ['get_weather'])", tool_action="strip"),
+        P("r.ext", "restrict", "resource.egress == 'external'"))
+    first = ps.evaluate(attrs(tool_details=[{"name": "get_weather"}, {"name": "calendar"}]),
+                        [LARGE, SMALL])
+    assert first.tools_to_strip == ("calendar",)
+    assert first.allowed_candidates == (SMALL,)
+    assert rec(first, "r.ext").targets == ("large",)
+    other_large = CandidateInfo("other", "p", "us", "external", 0.001, 0.002, "p")
+    other_small = CandidateInfo("tiny", "p", "eu", "internal", 0.001, 0.002, "p")
+    second = ps.evaluate(attrs(tool_details=[{"name": "get_weather"}, {"name": "shell"}]),
+                         [other_large, other_small])
+    assert second.tools_to_strip == ("shell",)
+    assert second.allowed_candidates == (other_small,)
+    assert rec(second, "r.ext").targets == ("other",)
+    assert rec(second, "t.scope").targets == ("shell",)
+    # Only called in the history: recorded, not stripped.
+    third = ps.evaluate(attrs(tool_details=[{"name": "get_weather"},
+                                            {"name": "shell", "declared": False}]),
+                        [LARGE, SMALL])
+    assert third.tools_to_strip == ()
+    assert rec(third, "t.scope").decision == "strip"
+    assert ps.stats.snapshot()["requests"] == 3
+
+
 def test_empty_policy_set_allows_everything():
     ps = PolicySet.compile([])
     out = ps.evaluate(attrs(), [SMALL])

@@ -17,10 +17,10 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
@@ -40,6 +40,8 @@ Context = pb.Context
 Resource = pb.Resource
 Tool = pb.Tool
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_UNKNOWN = object()  # a key that is no field
 
 
 class AttributeError_(ValueError):
@@ -99,6 +101,16 @@ class CandidateInfo:
     input_per_1k: float = 0.0
     output_per_1k: float = 0.0
     cluster: str = ""
+    # The Resource without its estimated cost, serialised once: parsing it into each
+    # request's document is cheaper than setting its fields one by one (and bytes keep
+    # the dataclass picklable).
+    _template: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_template", pb.Resource(
+            model=self.model, provider=self.provider, region=self.region,
+            egress=self.egress, input_per_1k=self.input_per_1k,
+            output_per_1k=self.output_per_1k, cluster=self.cluster).SerializeToString())
 
     @classmethod
     def from_model(cls, model: Any) -> CandidateInfo:
@@ -111,23 +123,25 @@ class CandidateInfo:
                    cluster=model.cluster)
 
     def estimated_cost(self, request: pb.Request) -> float:
-        cost = (request.token_estimate * self.input_per_1k
-                + request.max_tokens * self.output_per_1k) / 1000.0
+        return self._cost(request.token_estimate, request.max_tokens)
+
+    def _cost(self, token_estimate: int, max_tokens: int) -> float:
+        cost = (token_estimate * self.input_per_1k + max_tokens * self.output_per_1k) / 1000.0
         return cost if math.isfinite(cost) else 0.0
 
     def resource(self, request: pb.Request) -> pb.Resource:
-        return pb.Resource(model=self.model, provider=self.provider, region=self.region,
-                           egress=self.egress, input_per_1k=self.input_per_1k,
-                           output_per_1k=self.output_per_1k,
-                           estimated_cost_usd=self.estimated_cost(request),
-                           cluster=self.cluster)
+        res = pb.Resource()
+        self._fill(res, request.token_estimate, request.max_tokens)
+        return res
 
-    def add_to(self, candidates: Any, request: pb.Request) -> None:
-        """Append this candidate as a Resource to a repeated field (no extra copy)."""
-        candidates.add(model=self.model, provider=self.provider, region=self.region,
-                       egress=self.egress, input_per_1k=self.input_per_1k,
-                       output_per_1k=self.output_per_1k,
-                       estimated_cost_usd=self.estimated_cost(request), cluster=self.cluster)
+    def add_to(self, candidates: Any, token_estimate: int, max_tokens: int) -> None:
+        """Append this candidate as a Resource to a repeated field, costed for a request
+        of `token_estimate` input and `max_tokens` output tokens."""
+        self._fill(candidates.add(), token_estimate, max_tokens)
+
+    def _fill(self, res: pb.Resource, token_estimate: int, max_tokens: int) -> None:
+        res.MergeFromString(self._template)
+        res.estimated_cost_usd = self._cost(token_estimate, max_tokens)
 
 
 class _Cut:
@@ -158,10 +172,10 @@ def _s(value: Any, path: str, cut: _Cut) -> str:
 
 def _i(value: Any, path: str, cut: _Cut) -> int:
     if value.__class__ is int:
-        if -(2**63) <= value < 2**63:
+        if _INT64_MIN <= value <= _INT64_MAX:
             return value
         # int64 range: clamp instead of failing on an absurd client value.
-        return max(-(2**63), min(2**63 - 1, value))
+        return max(_INT64_MIN, min(_INT64_MAX, value))
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -181,7 +195,14 @@ def _b(value: Any, path: str, cut: _Cut) -> bool:
 
 def _strings(values: Any, path: str, cut: _Cut, limit: int = MAX_LIST) -> list[str]:
     cls = values.__class__
-    if cls is not list and cls is not tuple:
+    if cls is list or cls is tuple:
+        if len(values) <= limit:
+            for v in values:
+                if v.__class__ is not str or len(v) > MAX_STRING:
+                    break
+            else:
+                return list(values)
+    else:
         if values is None:
             return []
         if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
@@ -194,7 +215,15 @@ def _strings(values: Any, path: str, cut: _Cut, limit: int = MAX_LIST) -> list[s
 
 
 def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[str, str]:
-    if values.__class__ is not dict:
+    if values.__class__ is dict:
+        if len(values) <= limit:
+            for k, v in values.items():
+                if k.__class__ is not str or v.__class__ is not str or \
+                        len(k) > MAX_STRING or len(v) > MAX_STRING:
+                    break
+            else:
+                return dict(values)
+    else:
         if values is None:
             return {}
         if not isinstance(values, Mapping):
@@ -207,7 +236,15 @@ def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[st
 
 
 def _int_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[str, int]:
-    if values.__class__ is not dict:
+    if values.__class__ is dict:
+        if len(values) <= limit:
+            for k, v in values.items():
+                if k.__class__ is not str or v.__class__ is not int or \
+                        len(k) > MAX_STRING or not _INT64_MIN <= v <= _INT64_MAX:
+                    break
+            else:
+                return dict(values)
+    else:
         if values is None:
             return {}
         if not isinstance(values, Mapping):
@@ -238,16 +275,19 @@ def _scalar_text(value: Any) -> str:
     return ""  # objects and lists are not scalars: kept as an empty value
 
 
-def _check_keys(fields: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
-    if not fields.keys() <= known.keys():
-        extra = set(fields) - set(known)
-        raise AttributeError_(f"unknown {where} attribute(s): {', '.join(sorted(extra))}; "
-                              f"known: {', '.join(sorted(known))}")
+def _unknown_keys(fields: Mapping[str, Any], known: Mapping[str, Any], where: str
+                  ) -> NoReturn:
+    extra = set(fields) - set(known)
+    raise AttributeError_(f"unknown {where} attribute(s): {', '.join(sorted(extra))}; "
+                          f"known: {', '.join(sorted(known))}")
 
 
 def _claims(value: Any, cut: _Cut, path: str, depth: int = 0) -> Any:
     """JSON-like claims, bounded in size and depth (deeper parts are dropped)."""
-    if isinstance(value, Mapping):
+    cls = value.__class__
+    if cls is str and len(value) <= MAX_STRING:
+        return value
+    if cls is dict or isinstance(value, Mapping):
         if depth >= MAX_CLAIMS_DEPTH:
             cut.note(path)
             return {}
@@ -362,13 +402,32 @@ assert set(_CONTEXT_KINDS) == {f.name for f in pb.Context.DESCRIPTOR.fields}
 
 def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], prefix: str, cut: _Cut,
             where: str) -> dict[str, Any]:
-    _check_keys(values, kinds, where)
-    paths = _PATHS[id(kinds)]
     out = {}
-    for name, value in values.items():
-        convert = kinds[name]
-        if convert is not None and value is not None:
-            out[name] = convert(value, paths[name], cut)
+    try:
+        for name, value in values.items():
+            convert = kinds.get(name, _UNKNOWN)
+            # Short strings, in-range ints and bools (nearly every value) are taken as
+            # they are, without a call.
+            if convert is _s:
+                if value.__class__ is str and len(value) <= MAX_STRING:
+                    out[name] = value
+                    continue
+            elif convert is _i:
+                if value.__class__ is int and _INT64_MIN <= value <= _INT64_MAX:
+                    out[name] = value
+                    continue
+            elif convert is _b:
+                if value is True or value is False:
+                    out[name] = value
+                    continue
+            elif convert is _UNKNOWN:
+                _unknown_keys(values, kinds, where)
+            if convert is not None and value is not None:
+                out[name] = convert(value, _PATHS[id(kinds)][name], cut)
+    except AttributeError_:
+        if not values.keys() <= kinds.keys():
+            _unknown_keys(values, kinds, where)  # reported before any bad value
+        raise
     return out
 
 
@@ -444,10 +503,25 @@ def build_attributes(subject: Mapping[str, Any] | None = None,
     ctx = _context(context or {}, cut)
     if cut.paths:
         ctx["truncated"] = cut.paths[:MAX_LIST]
+    # The request's maps are filled in after the message is made: keyword init fills
+    # them through MutableMapping.update, a Python loop slower than a plain one.
+    data_classes = req.pop("data_classes", None)
+    metadata = req.pop("metadata", None)
     doc = pb.Attributes(subject=subj, request=req, context=ctx)
+    if data_classes or metadata:
+        message = doc.request
+        if data_classes:
+            _fill(message.data_classes, data_classes)
+        if metadata:
+            _fill(message.metadata, metadata)
     if claims is not None:
         doc.subject.claims.update(claims)
     return Attributes(doc)
+
+
+def _fill(container: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        container[key] = value
 
 
 # -- from an OpenAI-compatible body ---------------------------------------------------

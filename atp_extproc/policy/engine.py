@@ -23,7 +23,9 @@ Combining (see examples/policies/README.md):
   4. restrict removes candidates; none left is a 403 listing every reason;
   5. redact adds data classes (over the candidates left); tools/strip lists tools to strip.
 Dry-run policies only record what they would have done (`would_deny` ...) and feed the
-hypothetical `Outcome.would_deny`.
+hypothetical `Outcome.would_deny`. What a pattern of results decides is worked out once
+per PolicySet and looked up after that (`_combine`): the evaluation runs per request, the
+combining rules mostly do not.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from cel_expr_python import cel
@@ -144,6 +147,13 @@ class Decision:
             "reasons": list(self.reasons)}}).encode()
 
 
+# Why a policy that matched or failed somewhere decided as it did: (reason, targets,
+# indices of the candidates it removes).
+_Why = tuple[str, tuple[str, ...], tuple[int, ...]]
+# Per policy, in policy order: ids, effects, modes, attributes used.
+_Columns = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]]
+
+
 class Outcome:
     """What the policies decided for one request.
 
@@ -152,16 +162,18 @@ class Outcome:
     something reads them (the exchange's log does, after the request has gone on).
     """
 
-    __slots__ = ("_applied", "_decisions", "_plan", "_records", "_share",
-                 "allowed_candidates", "denied", "empty_candidate_reasons", "eval_us",
-                 "required_redactions", "tools_denied", "tools_to_strip", "would_deny")
+    __slots__ = ("_applied", "_candidates", "_columns", "_decisions", "_reasons", "_records",
+                 "_share_us", "allowed_candidates", "denied", "empty_candidate_reasons",
+                 "eval_us", "required_redactions", "tools_denied", "tools_to_strip",
+                 "would_deny")
 
     def __init__(self, denied: Decision | None, allowed_candidates: tuple[CandidateInfo, ...],
                  required_redactions: frozenset[str], tools_denied: tuple[str, ...],
                  tools_to_strip: tuple[str, ...], empty_candidate_reasons: tuple[str, ...],
-                 would_deny: Decision | None, eval_us: float, *, plan: tuple = (),
-                 decisions: list[str] | None = None,
-                 applied: dict[int, DecisionRecord] | None = None, share: float = 0.0):
+                 would_deny: Decision | None, eval_us: float, *,
+                 columns: _Columns = ((), (), (), ()), decisions: Sequence[str] = (),
+                 reasons: Sequence[str] = (), applied: Mapping[int, _Why] | None = None,
+                 candidates: Sequence[CandidateInfo] = ()):
         # The enforced deny that won (deny overrides allow), or None: the request may go.
         self.denied = denied
         # Candidates left after restrict, in the order given.
@@ -175,31 +187,37 @@ class Outcome:
         # What full enforcement (every dry-run policy enforced) would have done.
         self.would_deny = would_deny
         self.eval_us = eval_us
-        self._plan = plan
-        self._decisions = decisions or []
+        # The evaluation's time before combining: each record's `eval_us` is its share.
+        self._share_us = eval_us
+        # Per policy, in order: its id, effect, mode and attributes used; its decision and
+        # the reason it has when it did not match anywhere.
+        self._columns = columns
+        self._decisions = decisions
+        self._reasons = reasons
+        # Policy index → (reason, targets, candidates removed) of the policies that matched
+        # or failed somewhere.
         self._applied = applied or {}
-        self._share = share
+        self._candidates = candidates
         self._records: list[DecisionRecord] | None = None
 
     @property
     def decisions(self) -> dict[str, str]:
         """policy id → decision, without building the records."""
-        return {entry[4]: d for entry, d in zip(self._plan, self._decisions, strict=True)}
+        return dict(zip(self._columns[0], self._decisions, strict=True))
 
     @property
     def records(self) -> list[DecisionRecord]:
         if self._records is None:
-            out = []
-            applied, share = self._applied, self._share
-            for i, (entry, decision) in enumerate(zip(self._plan, self._decisions,
-                                                      strict=True)):
-                record = applied.get(i)
-                if record is None:
-                    _, _, level, _, pid, effect, mode, used = entry
-                    reason = "" if decision != "not_applicable" else \
-                        ("no candidates" if level == 1 else "no tools")
-                    record = DecisionRecord(pid, effect, mode, decision, reason, used, share)
-                out.append(record)
+            ids, effects, modes, used = self._columns
+            share = round(self._share_us / len(ids), 2) if ids else 0.0
+            # Every policy as if it had not matched anywhere, then those that did.
+            out = list(map(DecisionRecord, ids, effects, modes, self._decisions, self._reasons,
+                           used, repeat(share)))
+            for i, (reason, targets, removed) in self._applied.items():
+                if removed:
+                    targets = tuple([self._candidates[j].model for j in removed])
+                out[i] = DecisionRecord(ids[i], effects[i], modes[i], self._decisions[i],
+                                        reason, used[i], share, targets)
             self._records = out
         return self._records
 
@@ -428,23 +446,26 @@ class PolicySet:
             for i, p in enumerate(group):
                 slot[p.id] = i
         level_code = {REQUEST: 0, CANDIDATE: 1, TOOL: 2}
-        # Per policy: (policy, slot in its group, level, decision when nothing matched).
+        # Per policy: (policy, slot in its group, level, decision when nothing matched,
+        # enforced).
         self._plan = tuple((p, slot[p.id], level_code[p.level],
-                            "no_match" if p.effect == "allow" else "allow",
-                            p.id, p.effect, p.mode, p.attributes_used) for p in policies)
+                            "no_match" if p.effect == "allow" else "allow", p.mode == "enforce")
+                           for p in policies)
+        self._columns: _Columns = (tuple(p.id for p in policies),
+                                   tuple(p.effect for p in policies),
+                                   tuple(p.mode for p in policies),
+                                   tuple(p.attributes_used for p in policies))
         self._stat_keys = tuple((p.id, p.mode) for p in policies)
-        self._req_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 0)
-        self._cand_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 1)
-        self._tool_index = tuple((i, e[1]) for i, e in enumerate(self._plan) if e[2] == 2)
-        # Decisions when nothing matched, by (any candidates, any tools).
-        self._no_match = {
-            has_cand: {has_tools: tuple(
-                e[3] if e[2] == 0 or (e[2] == 1 and has_cand) or (e[2] == 2 and has_tools)
-                else "not_applicable" for e in self._plan)
-                for has_tools in (False, True)}
-            for has_cand in (False, True)}
+        # Plan index of each slot of the request / candidate / tool results.
+        self._req_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 0)
+        self._cand_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 1)
+        self._tool_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 2)
+        # Decisions and reasons when nothing matched, by (any candidates, any tools).
+        self._no_match = {(has_cand, has_tools): _idle(self._plan, has_cand, has_tools)
+                          for has_cand in (False, True) for has_tools in (False, True)}
         self._default_deny_mode = ("dry_run" if settings.mode == "dry_run" else "enforce") \
             if settings.default == "deny" else None
+        self._combined: dict[tuple[Any, ...], _Combined] = {}
         self._env = batch_env()
         self._batch = self._compile_batch() if policies else None
 
@@ -591,7 +612,8 @@ class PolicySet:
         results: Any = None
         if self._batch is not None:
             try:
-                value = self._batch.eval(self._env.Activation({"a": doc})).plain_value()
+                # `data=` rather than an Activation: one Python object less per request.
+                value = self._batch.eval(data={"a": doc}).plain_value()
             except Exception:  # the slow path pins any failure on its policy
                 value = None
             if isinstance(value, list):
@@ -599,7 +621,7 @@ class PolicySet:
         if results is None:
             results = self._evaluate_each(doc)
         elapsed = (time.perf_counter_ns() - t0) / 1000.0
-        outcome = self._combine(results, candidates, doc.request.tool_details, elapsed)
+        outcome = self._combine(results, candidates, doc.request, elapsed)
         outcome.eval_us = (time.perf_counter_ns() - t0) / 1000.0
         return outcome
 
@@ -611,8 +633,9 @@ class PolicySet:
             del cands[:]
         if candidates and self._candidate:
             request = doc.request
+            token_estimate, max_tokens = request.token_estimate, request.max_tokens
             for c in candidates:
-                c.add_to(cands, request)
+                c.add_to(cands, token_estimate, max_tokens)
         return doc
 
     def raw_results(self, attrs: Attributes | pb.Attributes,
@@ -621,7 +644,7 @@ class PolicySet:
         bools, or the error text. batch=False evaluates each policy on its own."""
         doc = self._prepare(attrs, candidates)
         if batch and self._batch is not None:
-            return self._batch.eval(self._env.Activation({"a": doc})).plain_value()
+            return self._batch.eval(data={"a": doc}).plain_value()
         return self._evaluate_each(doc)
 
     def _evaluate_each(self, doc: pb.Attributes) -> list[Any]:
@@ -651,132 +674,70 @@ class PolicySet:
         return [req, cand, tools]
 
     def _combine(self, results: list[Any], candidates: Sequence[CandidateInfo],
-                 tools: Sequence[pb.Tool], elapsed_us: float) -> Outcome:
+                 request: pb.Request, elapsed_us: float) -> Outcome:
         req_res, cand_res, tool_res = results
-        share = round(elapsed_us / len(self.policies), 2) if self.policies else 0.0
-        n_cand = len(candidates)
+        # What the policies decide is a function of their results, the number of
+        # candidates and the tools they hit; few such patterns recur, so each is worked
+        # out once (per PolicySet: a reload starts afresh) and looked up after that.
+        key = (len(candidates), tuple(req_res), tuple(map(tuple, cand_res)),
+               tuple(map(tuple, tool_res)))
+        done = self._combined.get(key)
+        if done is None or (done.tool_names and not done.same_tools(request.tool_details)):
+            done = self._decide_results(results, len(candidates), request.tool_details)
+            if len(self._combined) >= _MAX_PATTERNS:
+                self._combined.clear()
+            self._combined[key] = done
+        kept = done.kept
+        allowed = tuple(candidates) if kept is None else tuple([candidates[i] for i in kept])
+        self.stats.count(self._stat_keys, done.decisions, done.denied is not None,
+                         done.would_deny is not None)
+        return Outcome(done.denied, allowed, done.redactions, done.tools_denied,
+                       done.tools_strip, done.empty_reasons, done.would_deny, elapsed_us,
+                       columns=self._columns, decisions=done.decisions,
+                       reasons=done.reasons, applied=done.applied, candidates=candidates)
+
+    def _decide_results(self, results: list[Any], n_cand: int,
+                        tools: Sequence[pb.Tool]) -> _Combined:
+        """What one pattern of results decides (see _combine)."""
+        req_res, cand_res, tool_res = results
         n_tools = len(tool_res)
-        # Only policies that matched or failed somewhere need any work: find them at C
-        # speed (list.count), in policy order.
-        todo: list[tuple[int, list[Any]]] = []
-        if req_res.count(False) != len(req_res):
-            for idx, slot in self._req_index:
-                r = req_res[slot]
-                if r is not False:
-                    todo.append((idx, [r]))
-        if n_cand and self._cand_index:
-            columns = list(zip(*cand_res, strict=True))  # per policy: one per candidate
-            for idx, slot in self._cand_index:
-                column = columns[slot]
-                if column.count(False) != n_cand:
-                    todo.append((idx, list(column)))
-        if n_tools and self._tool_index:
-            columns = list(zip(*tool_res, strict=True))
-            for idx, slot in self._tool_index:
-                column = columns[slot]
-                if column.count(False) != n_tools:
-                    todo.append((idx, list(column)))
-        decisions = list(self._no_match[bool(n_cand)][bool(n_tools)])
+        # Only policies that matched or failed somewhere need any work, as (plan index,
+        # one result per target).
+        hit: list[tuple[int, Sequence[Any]]] = [
+            (idx, (r,)) for idx, r in zip(self._req_plan, req_res, strict=True)
+            if r is not False]
+        for rows, n_rows, order in ((cand_res, n_cand, self._cand_plan),
+                                    (tool_res, n_tools, self._tool_plan)):
+            if n_rows and order:
+                hit += [(idx, column) for idx, column in
+                        zip(order, zip(*rows, strict=True), strict=True)
+                        if column.count(False) != n_rows]
+        hit.sort()  # policy order; plan indices are unique, so results are never compared
+        idle, reasons = self._no_match[bool(n_cand), bool(n_tools)]
+        decided = list(idle)
         hits = _Hits()
-        applied: dict[int, DecisionRecord] = {}
-        if todo:
-            todo.sort(key=_first)
-            plan = self._plan
-            for idx, outcomes in todo:
-                p = plan[idx][0]
-                record = self._applied(p, plan[idx][2], outcomes, hits, candidates, tools,
-                                       share)
-                decisions[idx] = record.decision
-                applied[idx] = record
-        denied, allowed, empty_reasons, redactions, tools_denied, tools_strip = self._decide(
-            True, hits, candidates, tools)
+        plan = self._plan
+        applied: dict[int, _Why] = {}
+        for idx, outcomes in hit:
+            decided[idx], applied[idx] = _note(plan[idx], outcomes, hits, n_cand, tools)
+        denied, kept, empty_reasons, redactions, tools_denied, tools_strip = self._decide(
+            hits, n_cand, tools)
         if hits.any_dry or self._default_deny_mode == "dry_run":
-            would = self._would_deny(hits, candidates, tools)
+            would = self._would_deny(hits, n_cand, tools)
         else:
             would = denied
-        self.stats.count(self._stat_keys, tuple(decisions), denied is not None,
-                         would is not None)
-        return Outcome(denied, allowed, redactions, tools_denied, tools_strip, empty_reasons,
-                       would, elapsed_us, plan=self._plan, decisions=decisions,
-                       applied=applied, share=share)
+        seen = sorted({i for _, _, i in hits.tools})
+        return _Combined(tuple(decided), reasons, applied, denied, would, kept, empty_reasons,
+                         redactions, tools_denied, tools_strip,
+                         tuple([(i, tools[i].name, tools[i].declared) for i in seen]))
 
-    def _applied(self, p: CompiledPolicy, level: int, outcomes: list[Any], hits: _Hits,
-                 candidates: Sequence[CandidateInfo], tools: Sequence[pb.Tool],
-                 share: float) -> DecisionRecord:
-        """The record of a policy that matched or failed somewhere; notes its hits."""
-        enforced = p.mode == "enforce"
-        if not enforced:
-            hits.any_dry = True
-        applies: list[int] = []
-        error: str | None = None
-        for i, r in enumerate(outcomes):
-            if r is True:
-                applies.append(i)
-            elif r is not False:
-                error = r if isinstance(r, str) else "non-bool result"
-                if p.on_error == "apply":
-                    applies.append(i)
-        if error is not None and p.on_error == "deny":
-            hits.denies.append((p, enforced, f"policy {p.id} could not be evaluated"))
-        effect = p.effect
-        targets: tuple[str, ...] = ()
-        if applies:
-            decision, reason = p.applied_decision, p.message
-        else:
-            decision, reason = ("no_match" if effect == "allow" else "allow"), ""
-        if effect == "deny":
-            if applies:
-                hits.denies.append((p, enforced, p.message))
-        elif effect == "allow":
-            if applies:
-                hits.allows.append(enforced)
-            reason = ""
-        elif effect == "restrict":
-            hit = (range(len(candidates)) if applies else ()) if level == 0 else applies
-            removed = hits.removed
-            for i in hit:
-                if i in removed:
-                    removed[i].append((p, enforced))
-                else:
-                    removed[i] = [(p, enforced)]
-            targets = tuple([candidates[i].model for i in hit])
-        elif effect == "redact":
-            if applies:
-                if level == 0:
-                    hits.redact_all.append((p, enforced))
-                else:
-                    for i in applies:
-                        hits.redact_cand.setdefault(i, []).append((p, enforced))
-                targets = p.classes_sorted
-        else:  # tools
-            for i in applies:
-                hits.tools.append((p, enforced, i))
-            targets = tuple([safe_name(tools[i].name, i) for i in applies])
-        if error is not None:
-            decision = "error"
-            consequence = {"deny": "request denied" if enforced else
-                           "request would be denied (dry run)",
-                           "skip": "policy skipped", "apply": "effect applied"}[p.on_error]
-            reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
-        return DecisionRecord(p.id, effect, p.mode, decision, reason, p.attributes_used,
-                              share, targets)
-
-    def _decide(self, respect_modes: bool, hits: _Hits, candidates: Sequence[CandidateInfo],
-                tools: Sequence[pb.Tool]):
-        if not (hits.denies or hits.tools or hits.removed or hits.redact_all
-                or hits.redact_cand):
-            denied = None
-            if self._default_deny_mode is not None and not (
-                    hits.allows and (not respect_modes or any(hits.allows))) and \
-                    (self._default_deny_mode == "enforce" or not respect_modes):
-                denied = _DEFAULT_DENY
-            return denied, tuple(candidates), (), _NO_CLASSES, (), ()
-
-        def on(enforced: bool) -> bool:
-            return enforced or not respect_modes
-
+    def _decide(self, hits: _Hits, n_cand: int, tools: Sequence[pb.Tool]
+                ) -> tuple[Decision | None, tuple[int, ...] | None, tuple[str, ...],
+                           frozenset[str], tuple[str, ...], tuple[str, ...]]:
+        """What the enforced hits decide (dry-run hits only feed _would_deny): the
+        refusal, the candidates kept (None: all), why none is left, redactions, tools."""
         denied: Decision | None = None
-        deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if on(enforced)]
+        deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if enforced]
         if deny_msgs:
             p, msg = deny_msgs[0]
             denied = Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in deny_msgs))
@@ -784,7 +745,7 @@ class PolicySet:
         tools_strip: list[str] = []
         deny_tool_policy: CompiledPolicy | None = None
         for p, enforced, i in hits.tools:
-            if not on(enforced):
+            if not enforced:
                 continue
             name = tools[i].name
             if p.action == "deny":
@@ -797,29 +758,21 @@ class PolicySet:
             shown = ", ".join(safe_name(t, i) for i, t in enumerate(tools_denied))
             denied = Decision(deny_tool_policy.id,
                               f"{deny_tool_policy.message} (tools: {shown})")
-        if denied is None and self._default_deny_mode is not None and \
-                on(self._default_deny_mode == "enforce") and \
-                not any(on(enforced) for enforced in hits.allows):
+        if denied is None and self._default_deny_mode == "enforce" and not any(hits.allows):
             denied = _DEFAULT_DENY
-        if not hits.removed:
-            allowed = tuple(candidates)
-            allowed_idx: Iterable[int] = range(len(candidates))
-            empty_reasons: tuple[str, ...] = ()
-        else:
-            kept: list[CandidateInfo] = []
-            kept_idx: list[int] = []
+        kept: list[int] | None = None
+        empty_reasons: tuple[str, ...] = ()
+        if hits.removed:
+            kept = []
             reasons: dict[str, None] = {}
-            for i, cand in enumerate(candidates):
-                removers = [p for p, enforced in hits.removed.get(i, ()) if on(enforced)]
+            for i in range(n_cand):
+                removers = [p for p, enforced in hits.removed.get(i, ()) if enforced]
                 if removers:
                     for p in removers:
                         reasons.setdefault(f"{p.id}: {p.message}", None)
                 else:
-                    kept.append(cand)
-                    kept_idx.append(i)
-            allowed, allowed_idx = tuple(kept), kept_idx
-            empty_reasons = ()
-            if candidates and not kept:
+                    kept.append(i)
+            if n_cand and not kept:
                 empty_reasons = tuple(reasons)
                 if denied is None:
                     ids = {r.split(":", 1)[0] for r in empty_reasons}
@@ -830,18 +783,17 @@ class PolicySet:
         if hits.redact_all or hits.redact_cand:
             found: set[str] = set()
             for p, enforced in hits.redact_all:
-                if on(enforced):
+                if enforced:
                     found |= p.data_classes
-            for i in allowed_idx:
+            for i in range(n_cand) if kept is None else kept:
                 for p, enforced in hits.redact_cand.get(i, ()):
-                    if on(enforced):
+                    if enforced:
                         found |= p.data_classes
             redactions = frozenset(found)
-        return (denied, allowed, empty_reasons, redactions, tuple(tools_denied),
-                tuple(tools_strip))
+        return (denied, None if kept is None else tuple(kept), empty_reasons, redactions,
+                tuple(tools_denied), tuple(tools_strip))
 
-
-    def _would_deny(self, hits: _Hits, candidates: Sequence[CandidateInfo],
+    def _would_deny(self, hits: _Hits, n_cand: int,
                     tools: Sequence[pb.Tool]) -> Decision | None:
         """The refusal if every dry-run policy were enforced (the same rules as
         _decide, every hit counted)."""
@@ -856,10 +808,9 @@ class PolicySet:
             return Decision(p.id, f"{p.message} (tools: {shown})")
         if self._default_deny_mode is not None and not hits.allows:
             return _DEFAULT_DENY
-        if candidates and len(hits.removed) == len(candidates):
+        if n_cand and len(hits.removed) == n_cand:
             reasons = tuple(dict.fromkeys(
-                f"{p.id}: {p.message}" for i in range(len(candidates))
-                for p, _ in hits.removed[i]))
+                f"{p.id}: {p.message}" for i in range(n_cand) for p, _ in hits.removed[i]))
             ids = {r.split(":", 1)[0] for r in reasons}
             pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
             return Decision(pid, "No model may serve this request: " + "; ".join(reasons),
@@ -868,10 +819,44 @@ class PolicySet:
 
 
 _NO_CLASSES: frozenset[str] = frozenset()
+# Result patterns a PolicySet remembers (see _combine); past this it starts afresh.
+_MAX_PATTERNS = 1024
 
 
-def _first(item: tuple[int, Any]) -> int:
-    return item[0]
+class _Combined:
+    """What one pattern of policy results decides (everything but the candidates
+    themselves, which are picked by index from each request's own)."""
+
+    __slots__ = ("applied", "decisions", "denied", "empty_reasons", "kept", "reasons",
+                 "redactions", "tool_names", "tools_denied", "tools_strip", "would_deny")
+
+    def __init__(self, decisions: tuple[str, ...], reasons: tuple[str, ...],
+                 applied: dict[int, _Why],
+                 denied: Decision | None, would_deny: Decision | None,
+                 kept: tuple[int, ...] | None, empty_reasons: tuple[str, ...],
+                 redactions: frozenset[str], tools_denied: tuple[str, ...],
+                 tools_strip: tuple[str, ...],
+                 tool_names: tuple[tuple[int, str, bool], ...]):
+        self.decisions = decisions
+        self.reasons = reasons
+        self.applied = applied
+        self.denied = denied
+        self.would_deny = would_deny
+        self.kept = kept
+        self.empty_reasons = empty_reasons
+        self.redactions = redactions
+        self.tools_denied = tools_denied
+        self.tools_strip = tools_strip
+        # (index, name, declared) of each tool a tools policy hit: what was decided
+        # about them holds for another request only if its tools there are the same.
+        self.tool_names = tool_names
+
+    def same_tools(self, tools: Sequence[pb.Tool]) -> bool:
+        for i, name, declared in self.tool_names:
+            tool = tools[i]
+            if tool.name != name or tool.declared != declared:
+                return False
+        return True
 
 
 _DEFAULT_DENY = Decision(DEFAULT_DENY_ID, "No policy allows this request")
@@ -891,6 +876,84 @@ class _Hits:
         self.redact_cand: dict[int, list[tuple[CompiledPolicy, bool]]] = {}
         self.tools: list[tuple[CompiledPolicy, bool, int]] = []
         self.any_dry = False
+
+
+def _note(entry: tuple, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
+          tools: Sequence[pb.Tool]) -> tuple[str, _Why]:
+    """Note the hits of a policy that matched or failed somewhere. Returns its decision
+    and, for its record, (reason, targets, indices of the candidates it removes: their
+    models are each request's own)."""
+    p: CompiledPolicy = entry[0]
+    enforced: bool = entry[4]
+    applies: list[int] = []
+    error: str | None = None
+    for i, r in enumerate(outcomes):
+        if r is True:
+            applies.append(i)
+        elif r is not False:
+            error = r if isinstance(r, str) else "non-bool result"
+            if p.on_error == "apply":
+                applies.append(i)
+    if not enforced:
+        hits.any_dry = True
+    if error is not None and p.on_error == "deny":
+        hits.denies.append((p, enforced, f"policy {p.id} could not be evaluated"))
+    effect = p.effect
+    reason = p.message if applies and effect != "allow" else ""
+    targets: tuple[str, ...] = ()
+    removed: tuple[int, ...] = ()
+    if effect == "allow":
+        if applies:
+            hits.allows.append(enforced)
+    elif effect == "deny":
+        if applies:
+            hits.denies.append((p, enforced, p.message))
+    elif effect == "restrict":
+        # A request-level restrict removes every candidate or none.
+        removed = (tuple(range(n_cand)) if applies else ()) if entry[2] == 0 else \
+            tuple(applies)
+        by_candidate = hits.removed
+        for i in removed:
+            if i in by_candidate:
+                by_candidate[i].append((p, enforced))
+            else:
+                by_candidate[i] = [(p, enforced)]
+    elif effect == "redact":
+        if applies:
+            if entry[2] == 0:
+                hits.redact_all.append((p, enforced))
+            else:
+                for i in applies:
+                    hits.redact_cand.setdefault(i, []).append((p, enforced))
+            targets = p.classes_sorted
+    else:  # tools
+        for i in applies:
+            hits.tools.append((p, enforced, i))
+        targets = tuple([safe_name(tools[i].name, i) for i in applies])
+    if error is not None:
+        consequence = {"deny": "request denied" if enforced else
+                       "request would be denied (dry run)",
+                       "skip": "policy skipped", "apply": "effect applied"}[p.on_error]
+        reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
+        return "error", (reason, targets, removed)
+    return (p.applied_decision if applies else entry[3]), (reason, targets, removed)
+
+
+def _idle(plan: tuple, has_cand: bool, has_tools: bool
+          ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Each policy's decision and reason when it matched nowhere: not applicable when
+    its level has no target (no candidates, no tools)."""
+    decisions: list[str] = []
+    reasons: list[str] = []
+    for e in plan:
+        level = e[2]
+        if level == 0 or (level == 1 and has_cand) or (level == 2 and has_tools):
+            decisions.append(e[3])
+            reasons.append("")
+        else:
+            decisions.append("not_applicable")
+            reasons.append("no candidates" if level == 1 else "no tools")
+    return tuple(decisions), tuple(reasons)
 
 
 def _applied_decision(spec: PolicySpec, mode: str) -> str:
