@@ -41,6 +41,18 @@ def grpc_receive_limit(max_body_bytes: int) -> int:
     return 2 * max_body_bytes + _GRPC_OVERHEAD_BYTES
 
 
+def grpc_server_options(max_body_bytes: int) -> list[tuple[str, int]]:
+    limit = grpc_receive_limit(max_body_bytes)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),
+        # BDP probes are PINGs that size flow-control windows for bulk transfers; on
+        # Envoy's local link they only add frames and wakeups to every exchange.
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
     the snapshot it started with, so a reload never changes a request mid-flight."""
@@ -186,12 +198,7 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     # A large body inspected on the worker thread holds the GIL in slices of this
     # interval; shorter slices keep the other exchanges' added wait small.
     sys.setswitchinterval(0.001)
-    limit = grpc_receive_limit(server_cfg.max_body_bytes)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(options=grpc_server_options(server_cfg.max_body_bytes))
     services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)

@@ -22,10 +22,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from atp_extproc.server import EXT_PROC_SERVICE, grpc_receive_limit
+from atp_extproc.server import EXT_PROC_SERVICE, grpc_server_options
 
-# The same receive/send limit ATP computes from its default max_body_bytes (4 MiB), so
-# both servers run with identical gRPC options.
+# ATP's default max_body_bytes (4 MiB), so both servers run with identical gRPC options.
 _MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -71,12 +70,7 @@ class NoopProcessor(ep_grpc.ExternalProcessorServicer):
 
 
 async def serve(listen: str, cluster: str) -> int:
-    limit = grpc_receive_limit(_MAX_BODY_BYTES)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(options=grpc_server_options(_MAX_BODY_BYTES))
     ep_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(cluster), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
