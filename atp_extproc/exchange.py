@@ -47,6 +47,7 @@ from atp_extproc.routing.settings import baseline_for
 from atp_extproc.routing.sticky import sticky_key
 from atp_extproc.services import Services
 from atp_extproc.store.ledger import LedgerEntry
+from atp_extproc.store.money import PICO_PER_USD, PriceSnapshot
 from atp_extproc.store.sqlite import ShadowHalf
 
 log = logging.getLogger("atp.exchange")
@@ -120,11 +121,6 @@ class ExchangeRecord:
     policy_would_deny: str | None = None
     policy_eval_us: float | None = None
     tools_stripped: tuple[str, ...] = ()
-
-
-def price(model: Model, usage: Usage) -> float:
-    return (usage.input_tokens * model.price.input_per_1k
-            + usage.output_tokens * model.price.output_per_1k) / 1000.0
 
 
 class Exchange:
@@ -537,7 +533,11 @@ class Exchange:
         if usage is not None and self.model is not None:
             rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
             rec.usage_estimated = usage.estimated
-            rec.cost_usd = price(self.model, usage)
+            # The ledger's exact picodollars, so the log and the ledger never disagree.
+            prices = self.services.prices.snapshot(self.model) if self.services else \
+                PriceSnapshot.from_model(self.model)
+            rec.cost_usd = prices.cost_pico(usage.input_tokens,
+                                            usage.output_tokens) / PICO_PER_USD
         if self.restorer is not None:
             self.restorer.clear()
         if self._redaction is not None:

@@ -13,8 +13,8 @@ from google.protobuf import struct_pb2
 
 from atp_extproc import config
 from atp_extproc.envoy_api import ProcessingMode
-from atp_extproc.exchange import CLUSTER_HEADER, Exchange, price
-from atp_extproc.llm_api import Usage
+from atp_extproc.exchange import CLUSTER_HEADER, Exchange
+from atp_extproc.store.money import PICO_PER_USD, PriceSnapshot
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "atp.yaml"
 ALICE = "sk-demo-alice"
@@ -115,6 +115,10 @@ def send_body(snap: config.Snapshot, body: bytes | dict, path: str = CHAT,
     ex, first = start(snap, path, key, **kwargs)
     assert first.WhichOneof("response") == "request_headers", first
     return ex, ex.handle(req_body(body))
+
+
+def usd(model: config.Model, input_tokens: int, output_tokens: int) -> float:
+    return PriceSnapshot.from_model(model).cost_pico(input_tokens, output_tokens) / PICO_PER_USD
 
 
 def chat(model: str | None = "gpt-4o", **extra) -> dict:
@@ -549,9 +553,8 @@ def test_stream_with_injected_usage(snap) -> None:
     assert rec.duration_ms == pytest.approx(1000.0)
     assert (rec.input_tokens, rec.output_tokens) == (1234, 567)
     assert rec.usage_estimated is False
-    large = snap.models["large"]
-    expected = (1234 * large.price.input_per_1k + 567 * large.price.output_per_1k) / 1000
-    assert rec.cost_usd == expected
+    # 1234 x 0.0025 / 1K + 567 x 0.01 / 1K, exactly (floats give 0.008754999...).
+    assert rec.cost_usd == 0.008755
     assert rec.cost_usd == pytest.approx(1234 * 0.0025 / 1000 + 567 * 0.01 / 1000, rel=1e-12)
 
 
@@ -582,10 +585,8 @@ def test_stream_client_asked_for_usage_keeps_chunk(snap) -> None:
     stream, _ = chat_sse(100, 50)
     assert stream_response(ex, stream) == stream
     rec = ex.finish()
-    small = snap.models["small"]
     assert (rec.input_tokens, rec.output_tokens) == (100, 50)
-    assert rec.cost_usd == (100 * small.price.input_per_1k
-                            + 50 * small.price.output_per_1k) / 1000
+    assert rec.cost_usd == usd(snap.models["small"], 100, 50)
 
 
 def test_stream_merges_client_stream_options(snap) -> None:
@@ -606,7 +607,7 @@ def test_stream_without_usage_is_estimated(snap) -> None:
     assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
     assert rec.output_tokens == math.ceil(len("Hello there!") / 4)
     small = snap.models["small"]
-    assert rec.cost_usd == price(small, Usage(rec.input_tokens, rec.output_tokens, True))
+    assert rec.cost_usd == usd(small, rec.input_tokens, rec.output_tokens)
 
 
 def test_responses_api_stream_usage(snap) -> None:
@@ -623,7 +624,7 @@ def test_responses_api_stream_usage(snap) -> None:
     assert stream_response(ex, stream, pieces=4) == stream
     rec = ex.finish()
     assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (40, 9, False)
-    assert rec.cost_usd == price(snap.models["large"], Usage(40, 9))
+    assert rec.cost_usd == usd(snap.models["large"], 40, 9)
 
 
 # -- response phase: JSON ----------------------------------------------------------
@@ -673,7 +674,7 @@ def test_json_response_without_usage_is_estimated(snap) -> None:
     assert rec.usage_estimated is True
     assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
     assert rec.output_tokens == 0
-    assert rec.cost_usd == price(snap.models["small"], Usage(rec.input_tokens, 0, True))
+    assert rec.cost_usd == usd(snap.models["small"], rec.input_tokens, 0)
 
 
 def test_other_content_type_no_body_mode_and_estimated(snap) -> None:
@@ -724,10 +725,18 @@ def test_finish_is_written_once(snap) -> None:
     assert second.duration_ms == pytest.approx(1000.0)
 
 
-def test_price_function() -> None:
-    snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
-    assert price(snap.models["m"], Usage(1000, 500)) == 1.0 + 1.0
-    assert price(snap.models["m"], Usage(0, 0)) == 0.0
+def test_cost_is_the_ledgers_exact_amount() -> None:
+    # Float arithmetic gives (0.1 + 0.2) / 1000 = 0.00030000000000000003; picodollars
+    # do not.
+    snap = config.parse(SMALL_LIMIT_YAML.replace("input_per_1k: 1, output_per_1k: 2",
+                                                 "input_per_1k: 0.1, output_per_1k: 0.2"),
+                        "small.yaml")
+    ex, _ = send_body(snap, {"model": "a", "messages": [{"role": "user", "content": "x"}]},
+                      key=None)
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(json.dumps({"usage": {"prompt_tokens": 1,
+                                              "completion_tokens": 1}}).encode()))
+    assert ex.finish().cost_usd == 0.0003
 
 
 # -- known bugs, surfaced through the pipeline -------------------------------------
