@@ -36,17 +36,21 @@ def _set_headers(mutation: ep.HeaderMutation, headers: dict[str, str]) -> None:
         option.header.raw_value = raw
 
 
-def request_headers(
-    remove_headers: Iterable[str] = (), mode: ProcessingMode | None = None
-) -> ProcessingResponse:
+def _headers_answer(phase: str, remove_headers: Iterable[str],
+                    mode: ProcessingMode | None) -> ProcessingResponse:
     resp = ProcessingResponse()
+    answer = getattr(resp, phase)
     if remove_headers:
-        resp.request_headers.response.header_mutation.remove_headers.extend(remove_headers)
+        answer.response.header_mutation.remove_headers.extend(remove_headers)
     else:
-        resp.request_headers.SetInParent()
+        answer.SetInParent()
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp
+
+
+def request_headers(remove_headers: Iterable[str] = ()) -> ProcessingResponse:
+    return _headers_answer("request_headers", remove_headers, None)
 
 
 def request_body(
@@ -69,14 +73,7 @@ def request_body(
 
 def response_headers(mode: ProcessingMode | None = None,
                      remove_headers: Iterable[str] = ()) -> ProcessingResponse:
-    resp = ProcessingResponse()
-    if remove_headers:
-        resp.response_headers.response.header_mutation.remove_headers.extend(remove_headers)
-    else:
-        resp.response_headers.SetInParent()
-    if mode is not None:
-        resp.mode_override.CopyFrom(mode)
-    return resp
+    return _headers_answer("response_headers", remove_headers, mode)
 
 
 def response_body(body: bytes | None = None) -> ProcessingResponse:

@@ -530,21 +530,23 @@ class Exchange:
         self._finished = True
         rec.duration_ms = (self.clock() - self.started) * 1000.0
         usage = self._usage()
-        if usage is not None and self.model is not None:
-            rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
-            rec.usage_estimated = usage.estimated
-            # The ledger's exact picodollars, so the log and the ledger never disagree.
-            prices = self.services.prices.snapshot(self.model) if self.services else \
+        price: PriceSnapshot | None = None
+        if self.model is not None:
+            price = self.services.prices.snapshot(self.model) if self.services else \
                 PriceSnapshot.from_model(self.model)
-            rec.cost_usd = prices.cost_pico(usage.input_tokens,
-                                            usage.output_tokens) / PICO_PER_USD
+            if usage is not None:
+                rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
+                rec.usage_estimated = usage.estimated
+                # The ledger's exact picodollars, so the log and the ledger never disagree.
+                rec.cost_usd = price.cost_pico(usage.input_tokens,
+                                               usage.output_tokens) / PICO_PER_USD
         if self.restorer is not None:
             self.restorer.clear()
         if self._redaction is not None:
             # The placeholder → value map lives only as long as the exchange.
             self._redaction.mapping.clear()
-        if self.services is not None and self.model is not None and rec.ttfb_ms is not None:
-            self._learn(usage)
+        if self.services is not None and price is not None and rec.ttfb_ms is not None:
+            self._learn(usage, price)
         if log.isEnabledFor(logging.INFO):
             # vars(), not asdict(): asdict deep-copies every field and costs more than the
             # rest of the exchange's own work.
@@ -561,8 +563,9 @@ class Exchange:
             logs.info_record(log, "exchange", fields)
         return rec
 
-    def _learn(self, usage: Usage | None) -> None:
-        """Feed what this forwarded request showed to the router, feedback and ledger."""
+    def _learn(self, usage: Usage | None, price: PriceSnapshot) -> None:
+        """Feed what this forwarded request showed to the router, feedback and ledger;
+        `price`: the model's prices that priced it."""
         assert self.services is not None and self.model is not None
         assert self.route is not None
         rec, route, services = self.record, self.route, self.services
@@ -584,11 +587,9 @@ class Exchange:
             return
         baseline = baseline_for(route, self.snapshot.ledger)
         base_model = self.snapshot.models.get(baseline) if baseline else None
-        prices = services.prices
         entry = LedgerEntry(
-            time.time(), rec.tenant, route.name, self.model.name,
-            prices.snapshot(self.model),
-            prices.snapshot(base_model) if base_model is not None else None,
+            time.time(), rec.tenant, route.name, self.model.name, price,
+            services.prices.snapshot(base_model) if base_model is not None else None,
             usage.input_tokens if usage else 0, usage.output_tokens if usage else 0,
             ok=bool(ok), estimated=rec.usage_estimated, shadow=rec.shadow)
         services.ledger.record(entry)

@@ -289,17 +289,20 @@ def _check_messages(messages: Any) -> None:
                                param=f"messages[{i}].content")
 
 
+def tool_name(tool: Any) -> str | None:
+    """A declared tool's name: `function.name` (Chat Completions) or `name` (Responses);
+    None for a built-in tool (web_search, file_search ...), which has only a type."""
+    if not isinstance(tool, dict):
+        return None
+    fn = tool.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
+    return name if isinstance(name, str) else None
+
+
 def _tool_names(tools: Any) -> tuple[str, ...]:
     if not isinstance(tools, list):
         return ()
-    names = []
-    for tool in tools:
-        if isinstance(tool, dict):
-            fn = tool.get("function")
-            name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
-            if isinstance(name, str):
-                names.append(name)
-    return tuple(names)
+    return tuple(name for name in map(tool_name, tools) if name is not None)
 
 
 def needs_usage_injection(request: LlmRequest) -> bool:

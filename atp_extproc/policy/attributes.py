@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from atp_extproc.llm_api import tool_name
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 MAX_STRING = 256          # characters of any string attribute
@@ -121,9 +122,6 @@ class CandidateInfo:
                    input_per_1k=float(model.price.input_per_1k),
                    output_per_1k=float(model.price.output_per_1k),
                    cluster=model.cluster)
-
-    def estimated_cost(self, request: pb.Request) -> float:
-        return self._cost(request.token_estimate, request.max_tokens)
 
     def _cost(self, token_estimate: int, max_tokens: int) -> float:
         cost = (token_estimate * self.input_per_1k + max_tokens * self.output_per_1k) / 1000.0
@@ -551,8 +549,8 @@ def request_from_body(operation: str,
             fn = tool.get("function")
             spec = fn if isinstance(fn, dict) else tool
             kind = tool.get("type") if isinstance(tool.get("type"), str) else "function"
-            name = spec.get("name")
-            if not isinstance(name, str):
+            name = tool_name(tool)
+            if name is None:
                 name = kind  # built-in tools (web_search, file_search ...) have no name
             params = spec.get("parameters")
             props = params.get("properties") if isinstance(params, dict) else None

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from atp_extproc.llm_api import OPERATIONS
+from google.protobuf import struct_pb2
+
+from atp_extproc.llm_api import OPERATIONS, estimate_tokens, tool_name
+from atp_extproc.policy.attributes import build_attributes, request_from_body
 from atp_extproc.policy.engine import DecisionStats, PolicySet
 from atp_extproc.policy.settings import (
     LoadedPolicies,
@@ -146,11 +149,6 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
     `sub` becomes subject.user, `groups`/`roles` become subject.groups/roles.
     doc: the parsed body; data_classes: {class: findings} from redaction's detection.
     """
-    from google.protobuf import struct_pb2
-
-    from atp_extproc.llm_api import estimate_tokens
-    from atp_extproc.policy.attributes import build_attributes, request_from_body
-
     claims: Any = None
     plain: Mapping[str, Any] = {}
     if jwt_payload is not None:
@@ -190,11 +188,9 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | Non
         return None
     kept = []
     for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        spec = fn if isinstance(fn, dict) else tool
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if not isinstance(name, str) and isinstance(tool, dict):
-            name = tool.get("type")
+        name = tool_name(tool)
+        if name is None and isinstance(tool, dict):
+            name = tool.get("type")  # a built-in tool goes by its type
         if name not in drop:
             kept.append(tool)
     return kept if len(kept) != len(tools) else None
