@@ -572,8 +572,13 @@ class Exchange:
         ok = classify_status(rec.status)
         if route.objective is not None and ok is not None:
             latency = rec.ttfb_ms if rec.stream else rec.duration_ms
+            # Billed tokens teach the route its request sizes, which price candidates not
+            # yet observed; ATP's own estimates would only teach it its guesses back.
+            billed = usage if usage is not None and not usage.estimated else None
             services.router.observe(route.name, self.model.name, ok=ok, latency_ms=latency,
-                                    cost=rec.cost_usd)
+                                    cost=rec.cost_usd,
+                                    input_tokens=billed.input_tokens if billed else None,
+                                    output_tokens=billed.output_tokens if billed else None)
             if ok and not rec.shadow and rec.request_id:
                 quality = route.objective.quality
                 services.feedback.record_decision(

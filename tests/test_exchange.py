@@ -14,7 +14,11 @@ from google.protobuf import struct_pb2
 from atp_extproc import config
 from atp_extproc.envoy_api import ProcessingMode
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
-from atp_extproc.store.money import PICO_PER_USD, PriceSnapshot
+from atp_extproc.routing.estimates import Priors
+from atp_extproc.routing.feedback import FeedbackBook
+from atp_extproc.routing.router import Router
+from atp_extproc.services import Services
+from atp_extproc.store.money import PICO_PER_USD, PriceBook, PriceSnapshot
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "atp.yaml"
 ALICE = "sk-demo-alice"
@@ -675,6 +679,32 @@ def test_json_response_without_usage_is_estimated(snap) -> None:
     assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
     assert rec.output_tokens == 0
     assert rec.cost_usd == usd(snap.models["small"], rec.input_tokens, 0)
+
+
+def _learning_exchange(snap, body: bytes) -> Services:
+    router = Router()
+    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), None)
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("auto")))
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(body))
+    ex.finish()
+    return services
+
+
+def test_billed_tokens_teach_the_route_its_request_sizes(snap) -> None:
+    services = _learning_exchange(
+        snap, b'{"usage": {"prompt_tokens": 4000, "completion_tokens": 900}}')
+    priors = services.router._routes["chat-auto"].priors
+    assert (priors.input_tokens, priors.output_tokens) == (4000, 900)
+
+
+def test_estimated_tokens_do_not_teach_the_route(snap) -> None:
+    services = _learning_exchange(snap, b'{"choices": []}')
+    priors = services.router._routes["chat-auto"].priors
+    assert (priors.input_tokens, priors.output_tokens) == (Priors().input_tokens,
+                                                           Priors().output_tokens)
 
 
 def test_other_content_type_no_body_mode_and_estimated(snap) -> None:
