@@ -127,11 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--workdir", default=".run")
     stack.set_defaults(func=_stack)
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo-upstream"]:
-        from atp_extproc import demo_upstream
-
-        return demo_upstream.main(argv[1:])
     report = sub.add_parser("report", help="reports from the durable ledger")
     report_sub = report.add_subparsers(dest="report", required=True)
     savings = report_sub.add_parser("savings", help="spend and savings against the baseline")
@@ -144,5 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     savings.add_argument("--since", help="24h, 7d, 90m or an ISO date")
     savings.set_defaults(func=_report_savings)
 
+    argv = sys.argv[1:] if argv is None else argv
+    # Before parsing: argparse would refuse demo-upstream's own options.
+    if argv[:1] == ["demo-upstream"]:
+        from atp_extproc import demo_upstream
+
+        return demo_upstream.main(argv[1:])
     args = parser.parse_args(argv)
     return int(args.func(args))

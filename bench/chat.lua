@@ -57,8 +57,7 @@ function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     "BENCH_RESULT requests=%d duration_us=%d connect=%d read=%d write=%d status=%d " ..
-    "timeout=%d p50_us=%d p95_us=%d p99_us=%d mean_us=%.1f max_us=%d\n",
+    "timeout=%d p50_us=%d p95_us=%d p99_us=%d\n",
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.mean, latency.max))
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end

@@ -8,7 +8,6 @@ example config, so each part can be stated as a share of ATP's own per-request t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import statistics
 import time
@@ -17,7 +16,7 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from atp_extproc import config
+from atp_extproc import config, logs
 from atp_extproc.exchange import Exchange
 from atp_extproc.policy import bench as policy_bench
 from atp_extproc.redact import bench as redact_bench
@@ -53,19 +52,12 @@ def _messages(body: bytes) -> list[ep.ProcessingRequest]:
 
 
 def exchange_us(body: bytes) -> dict[str, float]:
-    """Per-request µs of ATP's own work (no gRPC): all four phases and the log record."""
+    """Per-request µs of ATP's own work (no gRPC): all four phases and the log line."""
     snapshot = config.load(EXAMPLE_CONFIG)
     messages = _messages(body)
-    handler = logging.StreamHandler(open(os.devnull, "w"))  # closed below
-    from atp_extproc.logs import JsonFormatter
-
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    try:
-        samples = []
+    samples = []
+    with open(os.devnull, "wb", buffering=1 << 16) as sink, \
+            logs.redirected(snapshot.server.log_level, sink):
         for i in range(_EXCHANGES + 500):
             t0 = time.perf_counter()
             exchange = Exchange(snapshot)
@@ -76,10 +68,6 @@ def exchange_us(body: bytes) -> dict[str, float]:
             exchange.finish()
             if i >= 500:
                 samples.append((time.perf_counter() - t0) * 1e6)
-    finally:
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
-        handler.stream.close()
     samples.sort()
     return {"p50_us": statistics.median(samples),
             "p99_us": samples[int(len(samples) * 0.99) - 1]}
@@ -88,6 +76,10 @@ def exchange_us(body: bytes) -> dict[str, float]:
 def run(body: bytes) -> dict[str, Any]:
     return {"exchange": exchange_us(body), "redaction": redact_bench.run(),
             "policy": policy_bench.run(), "routing": routing_bench.run()}
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def markdown(figures: dict[str, Any], atp_cpu_us: float | None) -> str:
@@ -100,7 +92,10 @@ def markdown(figures: dict[str, Any], atp_cpu_us: float | None) -> str:
             out += f", {us / atp_cpu_us:.0%} of ATP's CPU per request under load"
         return out
 
-    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    # The part benches own their bars: a bar changed there is judged by here too.
+    per_kib_bar = red["limits"]["p99_us_per_kib"]
+    per_kib_ok = all(red[f"chat_{kib}k_p99_us_per_kib"] <= per_kib_bar for kib in (1, 4, 32))
+    big_bar = red["limits"]["chat_1m_p50_ms"]
     lines = [
         "## Parts of an exchange (in process)",
         "",
@@ -123,12 +118,13 @@ def markdown(figures: dict[str, Any], atp_cpu_us: float | None) -> str:
         f"{red['chat_32k_p99_us_per_kib']:.0f}; a 1 MiB body {red['chat_1m_p50_ms']:.1f} ms "
         f"median ({red['chat_1m_max_ms']:.1f} ms max of 10).",
         "",
-        f"    {verdict(red['chat_1k_p99_us_per_kib'] <= 1000 and red['chat_4k_p99_us_per_kib'] <= 1000 and red['chat_32k_p99_us_per_kib'] <= 1000)}"  # noqa: E501
-        "  redaction <= 1 ms p99 per KiB (1-32 KiB)",
-        f"    {verdict(red['chat_1m_p50_ms'] < 50)}  redaction of a 1 MiB body < 50 ms",
-        f"    {verdict(pol['p99_us'] <= 100)}  policies <= 100 µs p99 per request "
+        f"    {_verdict(per_kib_ok)}  redaction <= {per_kib_bar / 1000:g} ms p99 per KiB "
+        "(1-32 KiB)",
+        f"    {_verdict(red['chat_1m_p50_ms'] < big_bar)}  redaction of a 1 MiB body "
+        f"< {big_bar:g} ms",
+        f"    {_verdict(pol['ok'])}  policies <= {pol['bar_p99_us']:g} µs p99 per request "
         f"({pol['p99_us']:.0f} µs)",
-        f"    {verdict(rou['decision_us_p99'] <= 50)}  routing decision <= 50 µs p99 "
+        f"    {_verdict(rou['decision_us_p99'] <= 50)}  routing decision <= 50 µs p99 "
         f"for 10 candidates ({rou['decision_us_p99']:.1f} µs)",
         "",
     ]

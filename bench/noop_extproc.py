@@ -22,10 +22,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from atp_extproc.config import Server
 from atp_extproc.server import EXT_PROC_SERVICE, grpc_server_options
 
-# ATP's default max_body_bytes (4 MiB), so both servers run with identical gRPC options.
-_MAX_BODY_BYTES = 4 * 1024 * 1024
+# ATP's default max_body_bytes, so both servers run with identical gRPC options.
+_MAX_BODY_BYTES: int = Server.model_fields["max_body_bytes"].default
 
 
 def routing_body_response(cluster: str) -> ep.ProcessingResponse:

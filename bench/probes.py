@@ -40,9 +40,9 @@ def machine_busy_seconds() -> float:
     return sum(int(v) for v in fields[1:4]) / _TICKS_PER_S
 
 
-def wait_for_quiet(max_cores: float, max_wait_s: float, window_s: float = 0.5) -> float:
+def wait_for_quiet(max_cores: float, max_wait_s: float, window_s: float = 0.5) -> None:
     """Wait (at most `max_wait_s`) for a window in which the whole machine is busy less
-    than `max_cores`, i.e. other jobs have paused; returns the last window's figure.
+    than `max_cores`, i.e. other jobs have paused.
     The sleep is the measuring window, not a guess at readiness."""
     deadline = time.monotonic() + max_wait_s
     while True:
@@ -50,7 +50,7 @@ def wait_for_quiet(max_cores: float, max_wait_s: float, window_s: float = 0.5) -
         time.sleep(window_s)
         busy = (machine_busy_seconds() - busy_before) / (time.monotonic() - t0)
         if busy <= max_cores or time.monotonic() >= deadline:
-            return busy
+            return
 
 
 @dataclass(frozen=True)

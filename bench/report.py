@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import grpc
 
 from atp_extproc.stack import envoy_binary
-from bench.session import MAX_OTHER_CORES, WARMUP_FIRST_S, WARMUP_S, Measurement
+from bench.session import MAX_OTHER_CORES, ROLES, WARMUP_FIRST_S, WARMUP_S, Measurement
 from bench.wrk import THREADS, wrk_binary
 
 # The bars ATP must meet on a 2-core machine (the issue's acceptance criteria).
@@ -21,8 +21,6 @@ MAX_ADDED_P50_MS = 2.0
 MAX_ADDED_P99_MS = 6.0
 # A paced run that completed less than this share of its target rate was saturated.
 PACED_KEPT_UP = 0.95
-
-_ROLES = ("envoy", "ext_proc", "upstream", "wrk")
 
 
 @dataclass(frozen=True)
@@ -62,18 +60,27 @@ def find(results: list[Measurement], key: str, load: str) -> Measurement:
     raise KeyError(f"no run {key}/{load}")
 
 
+def _throughput_ratio(results: list[Measurement], load: str) -> float:
+    """(c)/(b) req/s under `load`."""
+    return find(results, "c", load).result.rps / find(results, "b", load).result.rps
+
+
+def _added_ms(results: list[Measurement], key: str) -> tuple[float, float]:
+    """p50 and p99 that scenario `key` adds over Envoy alone (a) at the paced rate."""
+    m, a = find(results, key, "paced").result, find(results, "a", "paced").result
+    return m.p50_ms - a.p50_ms, m.p99_ms - a.p99_ms
+
+
 def verdicts(results: list[Measurement]) -> list[Verdict]:
     out = []
     for load, conns in (("closed16", 16), ("closed64", 64)):
-        c, b = find(results, "c", load), find(results, "b", load)
-        ratio = c.result.rps / b.result.rps
+        ratio = _throughput_ratio(results, load)
         out.append(Verdict(f"(c)/(b) throughput at {conns} conns", f"{ratio:.2f}",
                            f">= {MIN_THROUGHPUT_RATIO}", ratio >= MIN_THROUGHPUT_RATIO,
-                           caveats([c, b])))
-    c, a = find(results, "c", "paced"), find(results, "a", "paced")
-    shared = caveats([c, a])
-    for name, added, bar in (("p50", c.result.p50_ms - a.result.p50_ms, MAX_ADDED_P50_MS),
-                             ("p99", c.result.p99_ms - a.result.p99_ms, MAX_ADDED_P99_MS)):
+                           caveats([find(results, "c", load), find(results, "b", load)])))
+    shared = caveats([find(results, "c", "paced"), find(results, "a", "paced")])
+    p50, p99 = _added_ms(results, "c")
+    for name, added, bar in (("p50", p50, MAX_ADDED_P50_MS), ("p99", p99, MAX_ADDED_P99_MS)):
         out.append(Verdict(f"(c)-(a) added {name} latency at the paced rate",
                            f"{added:.2f} ms", f"<= {bar:g} ms", added <= bar, shared))
     return out
@@ -91,8 +98,8 @@ def sharing_note(results: list[Measurement]) -> str:
             "when the machine is quiet before trusting a verdict marked UNRELIABLE.")
 
 
-def verdict_lines(results: list[Measurement]) -> str:
-    return "\n".join(v.line() for v in verdicts(results))
+def verdict_lines(results: list[Measurement], indent: str = "") -> str:
+    return "\n".join(indent + v.line() for v in verdicts(results))
 
 
 # -- machine -----------------------------------------------------------------------------
@@ -148,7 +155,7 @@ def _cpu(value: float | None) -> str:
 
 def _row(m: Measurement) -> str:
     r = m.result
-    cpu = " | ".join(_cpu(m.cpu_us_per_req[role]) for role in _ROLES)
+    cpu = " | ".join(_cpu(m.cpu_us_per_req[role]) for role in ROLES)
     msgs = "-" if m.ext_proc_msgs_per_req is None else f"{m.ext_proc_msgs_per_req:.1f}"
     return (f"| {m.scenario.key} | {m.scenario.title} | {m.load.label()} | {r.rps:.0f} | "
             f"{r.p50_ms:.2f} | {r.p95_ms:.2f} | {r.p99_ms:.2f} | {cpu} | {msgs} | "
@@ -329,22 +336,18 @@ def _observation(results: list[Measurement], rate: float) -> str:
 
 
 def _ratios(results: list[Measurement], rate: float) -> str:
-    def rps_ratio(load: str) -> float:
-        return find(results, "c", load).result.rps / find(results, "b", load).result.rps
-
-    c, a, b = (find(results, k, "paced").result for k in ("c", "a", "b"))
-    return (f"- (c)/(b) throughput: {rps_ratio('closed16'):.2f} at 16 conns, "
-            f"{rps_ratio('closed64'):.2f} at 64 conns.\n"
-            f"- Added latency at {rate:.0f} req/s: (c)-(a) {c.p50_ms - a.p50_ms:.2f} ms p50, "
-            f"{c.p99_ms - a.p99_ms:.2f} ms p99; for reference the no-op floor (b)-(a) is "
-            f"{b.p50_ms - a.p50_ms:.2f} ms p50, {b.p99_ms - a.p99_ms:.2f} ms p99.")
+    (c50, c99), (b50, b99) = _added_ms(results, "c"), _added_ms(results, "b")
+    return (f"- (c)/(b) throughput: {_throughput_ratio(results, 'closed16'):.2f} at 16 "
+            f"conns, {_throughput_ratio(results, 'closed64'):.2f} at 64 conns.\n"
+            f"- Added latency at {rate:.0f} req/s: (c)-(a) {c50:.2f} ms p50, "
+            f"{c99:.2f} ms p99; for reference the no-op floor (b)-(a) is "
+            f"{b50:.2f} ms p50, {b99:.2f} ms p99.")
 
 
 def render(results: list[Measurement], rate: float, body_bytes: int, duration_s: float,
            elapsed_s: float) -> str:
     main_rows = [m for key in ("a", "b", "c") for m in results if m.scenario.key == key]
     info = "\n".join(f"| {k} | {v} |" for k, v in machine())
-    verdict_text = "\n".join(f"    {v.line()}" for v in verdicts(results))
     paced_conns = find(results, "c", "paced").load.connections
     return f"""\
 # ATP benchmarks
@@ -371,7 +374,7 @@ Generated by `make bench` (`python -m bench`) on {datetime.now(UTC):%Y-%m-%d %H:
 
 {_ratios(results, rate)}
 
-{verdict_text}
+{verdict_lines(results, indent="    ")}
 
 ## Response observation
 

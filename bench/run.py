@@ -107,11 +107,9 @@ class Plan:
         elapsed = time.monotonic() - self.started
         return BUDGET_S - elapsed - self.runs_left * RUN_COST_S
 
-    def run(self, keys: tuple[str, ...], load: Load) -> list[Measurement]:
+    def run(self, keys: tuple[str, ...], load: Load) -> None:
         print(f"{load.label()}:", flush=True)
-        done = [self._measure(self.sessions[key], load) for key in keys]
-        self.results += done
-        return done
+        self.results += [self._measure(self.sessions[key], load) for key in keys]
 
     def _measure(self, session: Session, load: Load) -> Measurement:
         first = self._measure_when_quiet(session, load)
@@ -145,10 +143,10 @@ def run_all(workdir: Path, upstream: Stack, body_file: Path,
         plan = Plan(sessions, started,
                     runs=3 * len(MAIN_KEYS) + 2 * len(OBSERVATION_KEYS))
         # The runs the bars depend on go first: they get the slack for waits and retries.
-        closed16 = plan.run(MAIN_KEYS, CLOSED_16)
-        closed64 = plan.run(MAIN_KEYS, CLOSED_64)
-        # ATP ("c") runs first in each group.
-        rate = paced_rate(max(closed16[0].result.rps, closed64[0].result.rps))
+        plan.run(MAIN_KEYS, CLOSED_16)
+        plan.run(MAIN_KEYS, CLOSED_64)
+        rate = paced_rate(max(report.find(plan.results, "c", load.name).result.rps
+                              for load in (CLOSED_16, CLOSED_64)))
         plan.run(MAIN_KEYS, paced(rate))
         plan.run(OBSERVATION_KEYS, CLOSED_64)
         plan.run(OBSERVATION_KEYS, paced(rate))
@@ -158,12 +156,13 @@ def run_all(workdir: Path, upstream: Stack, body_file: Path,
 def main() -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="atp-bench-"))
+    body = chat_body()
     body_file = workdir / "chat.json"
-    body_file.write_bytes(chat_body())
+    body_file.write_bytes(body)
     upstream_dir = workdir / "upstream"
     upstream_dir.mkdir()
     upstream = Stack.on_free_ports(workdir=upstream_dir)
-    print(f"ATP bench: {len(body_file.read_bytes())}-byte chat body, {DURATION_S:g}s runs, "
+    print(f"ATP bench: {len(body)}-byte chat body, {DURATION_S:g}s runs, "
           f"logs in {workdir}", flush=True)
     try:
         upstream.start_upstream("demo_a")
@@ -174,11 +173,11 @@ def main() -> int:
     finally:
         upstream.stop_all()
     # After the load runs, on a machine they no longer share: ATP's parts in process.
-    parts = components.run(body_file.read_bytes())
+    parts = components.run(body)
     elapsed = time.monotonic() - started
     atp_cpu = report.find(results, "c", "closed64").cpu_us_per_req["ext_proc"]
     parts_text = components.markdown(parts, atp_cpu)
-    text = report.render(results, rate, len(body_file.read_bytes()), DURATION_S, elapsed)
+    text = report.render(results, rate, len(body), DURATION_S, elapsed)
     OUTPUT.write_text(text.rstrip("\n") + "\n\n" + parts_text)
     print()
     print(report.verdict_lines(results))

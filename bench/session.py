@@ -27,6 +27,8 @@ _EXT_PROC_MSGS_SENT = r"^http\.front\.ext_proc\..*stream_msgs_sent$"
 # Requests and ext_proc streams still open; after a run they must drain before the next.
 _ACTIVE = r"^(http\.front\.downstream_rq_active|cluster\.atp\.upstream_rq_active)$"
 QUIESCE_TIMEOUT_S = 20.0
+# CPU per request is reported for these processes, in the report's column order.
+ROLES = ("envoy", "ext_proc", "upstream", "wrk")
 # Cores of other work during a run above which the run is not trusted as is.
 MAX_OTHER_CORES = 0.25
 
@@ -63,7 +65,7 @@ class Session:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.stack.ports['envoy']}{CHAT_PATH}"
+        return self.stack.base_url + CHAT_PATH
 
     @property
     def admin_port(self) -> int:
@@ -92,9 +94,9 @@ class Session:
         codes_after = probes.envoy_response_codes(self.admin_port)
         codes = {cls: codes_after[cls] - codes_before[cls] for cls in codes_after}
         n = max(result.requests, 1)
-        per_req: dict[str, float | None] = {role: None for role in
-                                            ("envoy", "ext_proc", "upstream", "wrk")}
-        per_req.update({role: cpu[role] * 1e6 / n for role in per_req if role in cpu})
+        # None for a role this scenario lacks (no ext_proc in (a)), not 0.
+        per_req: dict[str, float | None] = {
+            role: cpu[role] * 1e6 / n if role in cpu else None for role in ROLES}
         measurement = Measurement(
             self.scenario, load, result, per_req, codes,
             msgs / n if self.scenario.ext_proc != "none" else None,

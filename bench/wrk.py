@@ -37,8 +37,6 @@ class WrkResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    mean_ms: float
-    max_ms: float
 
     @property
     def rps(self) -> float:
@@ -67,7 +65,6 @@ def parse_result(stdout: str) -> WrkResult:
         duration_s=us["duration_us"] / 1e6,
         errors={k: int(us[k]) for k in ("connect", "read", "write", "status", "timeout")},
         p50_ms=us["p50_us"] / 1000, p95_ms=us["p95_us"] / 1000, p99_ms=us["p99_us"] / 1000,
-        mean_ms=us["mean_us"] / 1000, max_ms=us["max_us"] / 1000,
     )
 
 
