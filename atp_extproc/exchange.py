@@ -62,7 +62,6 @@ SHADOW_MODEL_HEADER = "x-atp-shadow-model"
 ROUTE_HEADER = "x-atp-route"
 TENANT_HEADER = "x-atp-tenant"
 FEEDBACK_PATH = "/v1/feedback"
-_QUIET_DECISIONS = frozenset({"allow", "no_match", "not_applicable"})
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The client's credential for ATP must never travel on to a model provider.
@@ -552,14 +551,7 @@ class Exchange:
             # rest of the exchange's own work.
             fields = vars(rec)
             if self.policy is not None:
-                # Every policy's decision, compactly; the full record (reason, attributes
-                # used, mode, time) for those that did something. Building and encoding
-                # 25 full records per request would cost more than evaluating them.
-                decisions = self.policy.decisions
-                acted = any(d not in _QUIET_DECISIONS for d in decisions.values())
-                fields = {**fields, "policy_decisions": decisions, "policy_records": [
-                    r.as_dict() for r in self.policy.records
-                    if r.decision not in _QUIET_DECISIONS] if acted else []}
+                fields = {**fields, **self.policy.log_fields()}
             logs.info_record(log, "exchange", fields)
         return rec
 

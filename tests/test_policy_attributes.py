@@ -96,6 +96,53 @@ def test_unknown_keys_and_wrong_types_raise():
         build_attributes(request={"tool_details": [{"name": "a", "nme": "b"}]})
 
 
+def test_errors_and_cuts_name_the_full_path():
+    cases = [({"subject": {"tenant": 5}}, "subject.tenant must be a string, not int"),
+             ({"request": {"max_tokens": "5"}}, "request.max_tokens must be a number, not str"),
+             ({"context": {"route": 5}}, "context.route must be a string, not int"),
+             ({"request": {"tool_details": [{"name": 5}]}},
+              "request.tool_details.name must be a string, not int"),
+             ({"request": {"tool_details": [{"called": "yes"}]}},
+              "request.tool_details.called must be a boolean")]
+    for kwargs, message in cases:
+        with pytest.raises(AttributeError_) as info:
+            build_attributes(**kwargs)
+        assert str(info.value) == message
+    attrs = build_attributes(request={"tool_details": [
+        {"name": "t", "parameters": [f"p{i}" for i in range(MAX_LIST + 1)]}]})
+    assert attrs.truncated == ("request.tool_details.parameters",)
+
+
+def test_tool_details_from_names_messages_and_mappings():
+    from types import MappingProxyType
+    attrs = build_attributes(request={"tool_details": [
+        "by_name", pb.Tool(name="from_proto", called=True),
+        MappingProxyType({"name": "from_mapping", "declared": False}),
+        {"name": "from_dict"}]})
+    got = [(t.name, t.declared, t.called) for t in attrs.request.tool_details]
+    # A pb.Tool keeps its own `declared`, unset here.
+    assert got == [("by_name", True, False), ("from_proto", False, True),
+                   ("from_mapping", False, False), ("from_dict", True, False)]
+    with pytest.raises(AttributeError_, match="must be a mapping or a name"):
+        build_attributes(request={"tool_details": [5]})
+
+
+def test_tool_key_is_the_name_llm_api_reads_else_the_type():
+    from atp_extproc.llm_api import tool_name
+    from atp_extproc.policy.attributes import tool_key
+    tools = [{"type": "function", "function": {"name": "chat_style"}},
+             {"type": "function", "name": "responses_style"},
+             {"function": {"name": 5}, "name": "ignored", "type": "web_search"},
+             {"function": "x", "name": "top_level"},
+             {"type": "file_search"}, {"type": 5}, {}]
+    for tool in tools:
+        name = tool_name(tool)
+        if name is not None:
+            assert tool_key(tool) == name
+    assert [tool_key(t) for t in tools] == ["chat_style", "responses_style", "web_search",
+                                            "top_level", "file_search", "function", "function"]
+
+
 def test_numbers_are_clamped_to_int64_and_time_forms():
     attrs = build_attributes(request={"max_tokens": 10**30, "token_estimate": 3.9},
                              context={"time": datetime(2026, 1, 2, 3, 4, 5,

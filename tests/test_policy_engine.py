@@ -293,12 +293,58 @@ def test_records_json_attributes_used_and_no_prompt_or_pii():
     secret = "4111 1111 1111 1111 my email is jane@example.com"
     out = ps.evaluate(attrs(alias=secret, data_classes={"email": 1},
                             metadata={"note": secret}), [LARGE])
-    dumped = json.dumps(out.log_fields())
+    fields = out.log_fields()
+    assert set(fields) == {"policy_decisions", "policy_records"}
+    assert [r["policy_id"] for r in fields["policy_records"]] == ["a.r"]
+    dumped = json.dumps(fields)
+    assert "jane" not in dumped and "4111" not in dumped
+    # Every record, not only those the log keeps, is free of them.
+    dumped = json.dumps([r.as_dict() for r in out.records])
     assert "jane" not in dumped and "4111" not in dumped
     for r in out.records:
         assert r.eval_us >= 0 and r.mode == "enforce"
         assert set(asdict(r)) == {"policy_id", "effect", "mode", "decision", "reason",
                                   "attributes_used", "eval_us", "targets"}
+
+
+def test_log_fields_keep_every_decision_and_only_the_records_of_policies_that_acted():
+    ps = compile_(P("q.allow", "allow", "subject.tenant == 'alice'"),
+                  P("q.deny", "deny", "request.max_tokens > 100"),
+                  P("q.dry", "deny", "request.max_tokens > 50", mode="dry_run"),
+                  P("q.ext", "restrict", "resource.egress == 'external'"))
+    quiet = ps.evaluate(attrs(max_tokens=10), [])
+    assert quiet.log_fields() == {"policy_decisions": {
+        "q.allow": "allow", "q.deny": "allow", "q.dry": "allow",
+        "q.ext": "not_applicable"}, "policy_records": []}
+    acted = ps.evaluate(attrs("bob", max_tokens=80), [LARGE, SMALL])
+    fields = acted.log_fields()
+    assert fields["policy_decisions"] == {"q.allow": "no_match", "q.deny": "allow",
+                                          "q.dry": "would_deny", "q.ext": "restrict"}
+    assert fields["policy_records"] == [r.as_dict() for r in acted.records
+                                        if r.policy_id in ("q.dry", "q.ext")]
+    assert fields["policy_records"][1]["targets"] == ["large"]
+    json.dumps(fields)
+
+
+@pytest.mark.parametrize("policies", [
+    [P("e.a", "deny", "request.max_tokens > 10", message="too long"),
+     P("e.b", "deny", "request.stream", message="no streams")],
+    [P("e.tools", "tools", "tool.name != 'ok'", tool_action="deny", message="not ok"),
+     P("e.tools2", "tools", "tool.name == 'shell'", tool_action="deny")],
+    [P("e.ext", "restrict", "resource.egress == 'external'", message="internal only"),
+     P("e.eu", "restrict", "resource.region != 'eu'", message="EU only")],
+    [P("e.ext", "restrict", "resource.egress == 'external'", message="internal only")],
+    [P("e.allow", "allow", "subject.tenant == 'nobody'")],
+], ids=["deny", "tools", "no-candidate", "no-candidate-one", "default-deny"])
+def test_would_deny_in_dry_run_is_the_refusal_enforcing_would_give(policies):
+    request = attrs(max_tokens=99, stream=True,
+                    tool_details=[{"name": "shell"}, {"name": "ok"}, {"name": "a b"}])
+    enforced = compile_(*policies, mode="enforce", default="deny")
+    dry = compile_(*policies, mode="dry_run", default="deny")
+    denied = enforced.evaluate(request, [LARGE]).denied
+    out = dry.evaluate(request, [LARGE])
+    assert denied is not None and out.denied is None
+    assert out.would_deny == denied
 
 
 def test_tool_names_in_records_are_sanitised():
@@ -455,3 +501,23 @@ def test_exchange_glue_builds_attributes_and_strips_tools():
     kept = strip_tools(body, ["shell"])
     assert kept == [{"type": "function", "function": {"name": "get_weather"}}]
     assert strip_tools(body, ["nothing"]) is None
+
+
+def test_strip_removes_a_tool_by_the_name_policies_saw():
+    from atp_extproc.policy.runtime import attributes_for_request, strip_tools
+    # Without a name a tool goes by its type, or by "function" when that is no string:
+    # stripping must match the same name the policy was shown, or the tool stays.
+    nameless = {"type": 5, "function": {"description": "no name"}}
+    builtin = {"type": "web_search"}
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [nameless, builtin, weather, "not a tool"]}
+    a = attributes_for_request(tenant="alice", auth_method="api_key", key_id=None,
+                               jwt_payload=None, path="/v1/chat/completions",
+                               operation="chat", alias="m", body_bytes=100, doc=body)
+    assert list(a.request.tools) == ["function", "web_search", "get_weather"]
+    ps = compile_(P("t.weather", "tools", "tool.name != 'get_weather'", tool_action="strip"))
+    out = ps.evaluate(a, [SMALL])
+    assert out.tools_to_strip == ("function", "web_search")
+    assert strip_tools(body, out.tools_to_strip) == [weather, "not a tool"]
+    assert strip_tools(body, ["web_search"]) == [nameless, weather, "not a tool"]

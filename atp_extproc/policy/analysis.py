@@ -62,7 +62,6 @@ def offset_to_line_col(text: str, offset: int) -> tuple[int, int]:
 class _Walker:
     def __init__(self, checked: checked_pb2.CheckedExpr,
                  known_values: Mapping[str, Iterable[str]]):
-        self.checked = checked
         self.types = checked.type_map
         self.positions = checked.source_info.positions
         self.known = {k: frozenset(v) for k, v in known_values.items()}
@@ -196,7 +195,7 @@ class _Walker:
         except KeyError:
             return
         f = desc.fields_by_name.get(e.select_expr.field)
-        if f is None or f.message_type is not None or _is_repeated(f):
+        if f is None or f.message_type is not None or f.is_repeated:
             return
         self.findings.append(Finding(
             self.positions.get(e.id, 0),
@@ -243,12 +242,6 @@ class _Walker:
         path = self.path_of(base, scope)
         if value is not None and path is not None:
             self._unknown_value(path + "{}", value, expr_id)
-
-
-def _is_repeated(f: Any) -> bool:
-    if hasattr(f, "is_repeated"):
-        return bool(f.is_repeated)
-    return f.label == f.LABEL_REPEATED
 
 
 # -- constant folding ---------------------------------------------------------------
@@ -337,7 +330,9 @@ def fold(e: syntax_pb2.Expr) -> Any:
         a, b = fold(args[0]), fold(args[1])
         if a is not _UNKNOWN and b is not _UNKNOWN and a[0] == b[0]:
             return ("bool", (a == b) == (fn == "_==_"))
-        if _same(args[0], args[1]) and _pure(args[0]):
+        # Every CEL standard function is deterministic (CEL has no now()), so an
+        # expression always equals itself.
+        if _same(args[0], args[1]):
             return ("bool", fn == "_==_")
         return _UNKNOWN
     if fn in _COMPARE and len(args) == 2:
@@ -376,11 +371,6 @@ def _is_bool(v: Any) -> bool:
 
 def _is_size(e: syntax_pb2.Expr) -> bool:
     return e.WhichOneof("expr_kind") == "call_expr" and e.call_expr.function == "size"
-
-
-def _pure(e: syntax_pb2.Expr) -> bool:
-    # Every CEL standard function is deterministic; now() does not exist in CEL.
-    return True
 
 
 # -- entry point --------------------------------------------------------------------

@@ -339,20 +339,18 @@ def _from_struct(struct: struct_pb2.Struct, depth: int) -> dict[str, Any]:
 
 
 def _tool(entry: Any, cut: _Cut) -> dict[str, Any]:
-    if entry.__class__ is dict:
-        kwargs = _fields(entry, _TOOL_KINDS, "request.tool_details", cut, "tool")
-        if "declared" not in kwargs:
-            kwargs["declared"] = True
-        return kwargs
-    if isinstance(entry, str):
-        return {"name": _s(entry, "request.tool_details.name", cut), "declared": True}
-    if isinstance(entry, pb.Tool):
-        entry = {"name": entry.name, "type": entry.type, "declared": entry.declared,
-                 "called": entry.called, "parameters": list(entry.parameters),
-                 "arguments": dict(entry.arguments)}
-    if not isinstance(entry, Mapping):
-        raise AttributeError_("each of request.tool_details must be a mapping or a name")
-    kwargs = _fields(entry, _TOOL_KINDS, "request.tool_details", cut, "tool")
+    # A plain dict (nearly every entry) goes straight to _fields, past the isinstance
+    # checks.
+    if entry.__class__ is not dict:
+        if isinstance(entry, str):
+            return {"name": _s(entry, "request.tool_details.name", cut), "declared": True}
+        if isinstance(entry, pb.Tool):
+            entry = {"name": entry.name, "type": entry.type, "declared": entry.declared,
+                     "called": entry.called, "parameters": list(entry.parameters),
+                     "arguments": dict(entry.arguments)}
+        elif not isinstance(entry, Mapping):
+            raise AttributeError_("each of request.tool_details must be a mapping or a name")
+    kwargs = _fields(entry, _TOOL_KINDS, _TOOL_PATHS, cut, "tool")
     kwargs.setdefault("declared", True)
     return kwargs
 
@@ -386,20 +384,26 @@ _REQUEST_KINDS = {"path": _s, "operation": _s, "alias": _s, "stream": _b,
                   "body_bytes": _i}
 _CONTEXT_KINDS = {"route": _s, "environment": _s, "request_id": _s, "config_version": _s,
                   "time": None, "truncated": None}
-_PATHS = {kinds_id: {name: f"{prefix}.{name}" for name in kinds}
-          for kinds_id, prefix, kinds in (
-              (id(_TOOL_KINDS), "request.tool_details", _TOOL_KINDS),
-              (id(_SUBJECT_KINDS), "subject", _SUBJECT_KINDS),
-              (id(_REQUEST_KINDS), "request", _REQUEST_KINDS),
-              (id(_CONTEXT_KINDS), "context", _CONTEXT_KINDS))}
+
+
+def _paths(prefix: str, kinds: Mapping[str, Any]) -> dict[str, str]:
+    return {name: f"{prefix}.{name}" for name in kinds}
+
+
+# Field name → its path in error messages and `context.truncated`, built once rather
+# than formatted per value.
+_TOOL_PATHS = _paths("request.tool_details", _TOOL_KINDS)
+_SUBJECT_PATHS = _paths("subject", _SUBJECT_KINDS)
+_REQUEST_PATHS = _paths("request", _REQUEST_KINDS)
+_CONTEXT_PATHS = _paths("context", _CONTEXT_KINDS)
 assert set(_TOOL_KINDS) == {f.name for f in pb.Tool.DESCRIPTOR.fields}
 assert set(_SUBJECT_KINDS) == {f.name for f in pb.Subject.DESCRIPTOR.fields}
 assert set(_REQUEST_KINDS) == {f.name for f in pb.Request.DESCRIPTOR.fields}
 assert set(_CONTEXT_KINDS) == {f.name for f in pb.Context.DESCRIPTOR.fields}
 
 
-def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], prefix: str, cut: _Cut,
-            where: str) -> dict[str, Any]:
+def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], paths: Mapping[str, str],
+            cut: _Cut, where: str) -> dict[str, Any]:
     out = {}
     try:
         for name, value in values.items():
@@ -421,7 +425,7 @@ def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], prefix: str, cu
             elif convert is _UNKNOWN:
                 _unknown_keys(values, kinds, where)
             if convert is not None and value is not None:
-                out[name] = convert(value, _PATHS[id(kinds)][name], cut)
+                out[name] = convert(value, paths[name], cut)
     except AttributeError_:
         if not values.keys() <= kinds.keys():
             _unknown_keys(values, kinds, where)  # reported before any bad value
@@ -430,7 +434,7 @@ def _fields(values: Mapping[str, Any], kinds: Mapping[str, Any], prefix: str, cu
 
 
 def _subject(subject: Mapping[str, Any], cut: _Cut) -> tuple[dict[str, Any], Any]:
-    kwargs = _fields(subject, _SUBJECT_KINDS, "subject", cut, "subject")
+    kwargs = _fields(subject, _SUBJECT_KINDS, _SUBJECT_PATHS, cut, "subject")
     claims = subject.get("claims")
     if claims is not None:
         if isinstance(claims, struct_pb2.Struct):
@@ -442,7 +446,7 @@ def _subject(subject: Mapping[str, Any], cut: _Cut) -> tuple[dict[str, Any], Any
 
 
 def _request(request: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
-    kwargs = _fields(request, _REQUEST_KINDS, "request", cut, "request")
+    kwargs = _fields(request, _REQUEST_KINDS, _REQUEST_PATHS, cut, "request")
     details = kwargs.get("tool_details")
     if details and "tools" not in kwargs:
         kwargs["tools"] = [t.get("name", "") for t in details]
@@ -456,7 +460,7 @@ def _request(request: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
 
 
 def _context(context: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
-    kwargs = _fields(context, _CONTEXT_KINDS, "context", cut, "context")
+    kwargs = _fields(context, _CONTEXT_KINDS, _CONTEXT_PATHS, cut, "context")
     when = context.get("time")
     if when is None:
         seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
@@ -548,10 +552,10 @@ def request_from_body(operation: str,
                 continue
             fn = tool.get("function")
             spec = fn if isinstance(fn, dict) else tool
-            kind = tool.get("type") if isinstance(tool.get("type"), str) else "function"
-            name = tool_name(tool)
-            if name is None:
-                name = kind  # built-in tools (web_search, file_search ...) have no name
+            kind = tool.get("type")
+            if not isinstance(kind, str):
+                kind = "function"
+            name = tool_key(tool)
             params = spec.get("parameters")
             props = params.get("properties") if isinstance(params, dict) else None
             entry = details.setdefault(name, {"name": name, "type": kind, "declared": True})
@@ -589,6 +593,17 @@ def request_from_body(operation: str,
     if isinstance(stream, bool):
         out["stream"] = stream
     return out, truncated
+
+
+def tool_key(tool: dict[str, Any]) -> str:
+    """What a tool declared in a body goes by in request.tool_details, so what a tools
+    policy names it (and what stripping it must match): its name, else its type (built-in
+    tools such as web_search have no name), else "function"."""
+    name = tool_name(tool)
+    if name is not None:
+        return name
+    kind = tool.get("type")
+    return kind if isinstance(kind, str) else "function"
 
 
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],

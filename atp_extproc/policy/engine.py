@@ -31,13 +31,12 @@ combining rules mostly do not.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
@@ -147,6 +146,9 @@ class Decision:
             "reasons": list(self.reasons)}}).encode()
 
 
+# Decisions that leave the request as it was: their records are left out of the log.
+QUIET_DECISIONS = frozenset({"allow", "no_match", "not_applicable"})
+
 # Why a policy that matched or failed somewhere decided as it did: (reason, targets,
 # indices of the candidates it removes).
 _Why = tuple[str, tuple[str, ...], tuple[int, ...]]
@@ -222,13 +224,17 @@ class Outcome:
         return self._records
 
     def log_fields(self) -> dict[str, Any]:
-        """For the exchange's structured log record (JSON-ready)."""
-        return {
-            "policy_denied": self.denied.policy_id if self.denied else None,
-            "policy_would_deny": self.would_deny.policy_id if self.would_deny else None,
-            "policy_eval_us": round(self.eval_us, 1),
-            "policy_decisions": [r.as_dict() for r in self.records],
-        }
+        """For the exchange's structured log record (JSON-ready): every policy's decision,
+        and the full record of those that did something.
+
+        Building and encoding a full record for each of 25 policies per request would
+        cost more than evaluating them, and the quiet ones say nothing a decision does not.
+        """
+        decisions = self.decisions
+        acted = any(d not in QUIET_DECISIONS for d in decisions.values())
+        return {"policy_decisions": decisions, "policy_records": [
+            r.as_dict() for r in self.records if r.decision not in QUIET_DECISIONS]
+            if acted else []}
 
     def __repr__(self) -> str:
         return (f"Outcome(denied={self.denied!r}, allowed_candidates="
@@ -255,12 +261,6 @@ class DecisionStats:
         self.requests = 0
         self.denied = 0
         self.would_deny = 0
-
-    def observe(self, outcome: Outcome) -> None:
-        keys = tuple((r.policy_id, r.mode) for r in outcome.records)
-        decisions = tuple(r.decision for r in outcome.records)
-        self.count(keys, decisions, outcome.denied is not None,
-                   outcome.would_deny is not None)
 
     def count(self, keys: tuple[tuple[str, str], ...], decisions: tuple[str, ...],
               denied: bool, would_deny: bool) -> None:
@@ -322,6 +322,15 @@ class CompiledPolicy:
     # The decision recorded when the effect applies (deny / would_deny, strip ...).
     applied_decision: str = ""
     classes_sorted: tuple[str, ...] = ()
+    # Set once from mode and effect so combining need not work them out per pattern:
+    # whether its hits count, and its decision where it matched nowhere.
+    enforced: bool = field(init=False)
+    idle_decision: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "enforced", self.mode == "enforce")
+        object.__setattr__(self, "idle_decision",
+                           "no_match" if self.effect == "allow" else "allow")
 
     @property
     def expression(self) -> str:
@@ -430,38 +439,25 @@ class PolicySet:
     """A compiled, immutable set of policies; swap it whole on reload."""
 
     def __init__(self, policies: tuple[CompiledPolicy, ...], settings: PolicySettings,
-                 warnings: tuple[Problem, ...], digest: str,
-                 stats: DecisionStats | None = None):
+                 warnings: tuple[Problem, ...], stats: DecisionStats | None = None):
         self.policies = policies
         self.settings = settings
         self.warnings = warnings
-        self.digest = digest
         self.stats = stats if stats is not None else DecisionStats()
-        self.by_id = {p.id: p for p in policies}
         self._request = tuple(p for p in policies if p.level == REQUEST)
         self._candidate = tuple(p for p in policies if p.level == CANDIDATE)
         self._tool = tuple(p for p in policies if p.level == TOOL)
-        slot: dict[str, int] = {}
-        for group in (self._request, self._candidate, self._tool):
-            for i, p in enumerate(group):
-                slot[p.id] = i
-        level_code = {REQUEST: 0, CANDIDATE: 1, TOOL: 2}
-        # Per policy: (policy, slot in its group, level, decision when nothing matched,
-        # enforced).
-        self._plan = tuple((p, slot[p.id], level_code[p.level],
-                            "no_match" if p.effect == "allow" else "allow", p.mode == "enforce")
-                           for p in policies)
         self._columns: _Columns = (tuple(p.id for p in policies),
                                    tuple(p.effect for p in policies),
                                    tuple(p.mode for p in policies),
                                    tuple(p.attributes_used for p in policies))
         self._stat_keys = tuple((p.id, p.mode) for p in policies)
-        # Plan index of each slot of the request / candidate / tool results.
-        self._req_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 0)
-        self._cand_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 1)
-        self._tool_plan = tuple(i for i, e in enumerate(self._plan) if e[2] == 2)
+        # Policy index of each slot of the request / candidate / tool results.
+        self._req_idx = tuple(i for i, p in enumerate(policies) if p.level == REQUEST)
+        self._cand_idx = tuple(i for i, p in enumerate(policies) if p.level == CANDIDATE)
+        self._tool_idx = tuple(i for i, p in enumerate(policies) if p.level == TOOL)
         # Decisions and reasons when nothing matched, by (any candidates, any tools).
-        self._no_match = {(has_cand, has_tools): _idle(self._plan, has_cand, has_tools)
+        self._no_match = {(has_cand, has_tools): _idle(policies, has_cand, has_tools)
                           for has_cand in (False, True) for has_tools in (False, True)}
         self._default_deny_mode = ("dry_run" if settings.mode == "dry_run" else "enforce") \
             if settings.default == "deny" else None
@@ -501,7 +497,6 @@ class PolicySet:
         problems: list[Problem] = []
         compiled: list[CompiledPolicy] = []
         first_seen: dict[str, SourcedPolicy] = {}
-        hasher = hashlib.sha256(settings.model_dump_json().encode())
         for n, item in enumerate(policies):
             try:
                 sp = _sourced(item, source)
@@ -510,7 +505,6 @@ class PolicySet:
                     str(x) for x in e["loc"]), e["msg"]) for e in exc.errors()]
                 continue
             spec = sp.spec
-            hasher.update(spec.model_dump_json().encode())
             id_line = sp.field_lines.get("id", sp.line)
             ok = True
             if not POLICY_ID.fullmatch(spec.id):
@@ -577,8 +571,7 @@ class PolicySet:
         if any(p.severity == "error" for p in problems):
             return None, problems
         warnings = tuple(p for p in problems if p.severity == "warning")
-        return cls(tuple(compiled), settings, warnings, hasher.hexdigest()[:12],
-                   stats), problems
+        return cls(tuple(compiled), settings, warnings, stats), problems
 
     def _batch_source(self) -> str:
         def join(group: Sequence[CompiledPolicy]) -> str:
@@ -701,25 +694,25 @@ class PolicySet:
         """What one pattern of results decides (see _combine)."""
         req_res, cand_res, tool_res = results
         n_tools = len(tool_res)
-        # Only policies that matched or failed somewhere need any work, as (plan index,
+        # Only policies that matched or failed somewhere need any work, as (policy index,
         # one result per target).
         hit: list[tuple[int, Sequence[Any]]] = [
-            (idx, (r,)) for idx, r in zip(self._req_plan, req_res, strict=True)
+            (idx, (r,)) for idx, r in zip(self._req_idx, req_res, strict=True)
             if r is not False]
-        for rows, n_rows, order in ((cand_res, n_cand, self._cand_plan),
-                                    (tool_res, n_tools, self._tool_plan)):
+        for rows, n_rows, order in ((cand_res, n_cand, self._cand_idx),
+                                    (tool_res, n_tools, self._tool_idx)):
             if n_rows and order:
                 hit += [(idx, column) for idx, column in
                         zip(order, zip(*rows, strict=True), strict=True)
                         if column.count(False) != n_rows]
-        hit.sort()  # policy order; plan indices are unique, so results are never compared
+        hit.sort()  # policy order; indices are unique, so results are never compared
         idle, reasons = self._no_match[bool(n_cand), bool(n_tools)]
         decided = list(idle)
         hits = _Hits()
-        plan = self._plan
+        policies = self.policies
         applied: dict[int, _Why] = {}
         for idx, outcomes in hit:
-            decided[idx], applied[idx] = _note(plan[idx], outcomes, hits, n_cand, tools)
+            decided[idx], applied[idx] = _note(policies[idx], outcomes, hits, n_cand, tools)
         denied, kept, empty_reasons, redactions, tools_denied, tools_strip = self._decide(
             hits, n_cand, tools)
         if hits.any_dry or self._default_deny_mode == "dry_run":
@@ -739,8 +732,7 @@ class PolicySet:
         denied: Decision | None = None
         deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if enforced]
         if deny_msgs:
-            p, msg = deny_msgs[0]
-            denied = Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in deny_msgs))
+            denied = _deny(deny_msgs)
         tools_denied: list[str] = []
         tools_strip: list[str] = []
         deny_tool_policy: CompiledPolicy | None = None
@@ -755,9 +747,7 @@ class PolicySet:
             elif tools[i].declared and name not in tools_strip:
                 tools_strip.append(name)
         if denied is None and deny_tool_policy is not None:
-            shown = ", ".join(safe_name(t, i) for i, t in enumerate(tools_denied))
-            denied = Decision(deny_tool_policy.id,
-                              f"{deny_tool_policy.message} (tools: {shown})")
+            denied = _tools_refusal(deny_tool_policy, tools_denied)
         if denied is None and self._default_deny_mode == "enforce" and not any(hits.allows):
             denied = _DEFAULT_DENY
         kept: list[int] | None = None
@@ -775,10 +765,7 @@ class PolicySet:
             if n_cand and not kept:
                 empty_reasons = tuple(reasons)
                 if denied is None:
-                    ids = {r.split(":", 1)[0] for r in empty_reasons}
-                    pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
-                    denied = Decision(pid, "No model may serve this request: "
-                                      + "; ".join(empty_reasons), empty_reasons)
+                    denied = _no_candidate(empty_reasons)
         redactions: frozenset[str] = _NO_CLASSES
         if hits.redact_all or hits.redact_cand:
             found: set[str] = set()
@@ -798,24 +785,37 @@ class PolicySet:
         """The refusal if every dry-run policy were enforced (the same rules as
         _decide, every hit counted)."""
         if hits.denies:
-            p, _, msg = hits.denies[0]
-            return Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, _, m in hits.denies))
+            return _deny([(p, msg) for p, _, msg in hits.denies])
         deny_tool = [(p, i) for p, _, i in hits.tools if p.action == "deny"]
         if deny_tool:
-            names = list(dict.fromkeys(tools[i].name for _, i in deny_tool))
-            shown = ", ".join(safe_name(t, i) for i, t in enumerate(names))
-            p = deny_tool[0][0]
-            return Decision(p.id, f"{p.message} (tools: {shown})")
+            return _tools_refusal(deny_tool[0][0],
+                                  list(dict.fromkeys(tools[i].name for _, i in deny_tool)))
         if self._default_deny_mode is not None and not hits.allows:
             return _DEFAULT_DENY
         if n_cand and len(hits.removed) == n_cand:
-            reasons = tuple(dict.fromkeys(
-                f"{p.id}: {p.message}" for i in range(n_cand) for p, _ in hits.removed[i]))
-            ids = {r.split(":", 1)[0] for r in reasons}
-            pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
-            return Decision(pid, "No model may serve this request: " + "; ".join(reasons),
-                            reasons)
+            return _no_candidate(tuple(dict.fromkeys(
+                f"{p.id}: {p.message}" for i in range(n_cand) for p, _ in hits.removed[i])))
         return None
+
+
+def _deny(denies: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
+    """The refusal of the deny hits (policy, message): the first one's, naming them all."""
+    p, msg = denies[0]
+    return Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in denies))
+
+
+def _tools_refusal(p: CompiledPolicy, names: Sequence[str]) -> Decision:
+    """The refusal of a tools policy (tool_action: deny); names fit for the client."""
+    shown = ", ".join(safe_name(t, i) for i, t in enumerate(names))
+    return Decision(p.id, f"{p.message} (tools: {shown})")
+
+
+def _no_candidate(reasons: tuple[str, ...]) -> Decision:
+    """The refusal when restrict left no candidate: the one policy that removed them
+    all, or ATP's own id when several did (`reasons`: "policy id: message")."""
+    ids = {r.split(":", 1)[0] for r in reasons}
+    pid = next(iter(ids)) if len(ids) == 1 else NO_CANDIDATE_ID
+    return Decision(pid, "No model may serve this request: " + "; ".join(reasons), reasons)
 
 
 _NO_CLASSES: frozenset[str] = frozenset()
@@ -878,13 +878,12 @@ class _Hits:
         self.any_dry = False
 
 
-def _note(entry: tuple, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
+def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
           tools: Sequence[pb.Tool]) -> tuple[str, _Why]:
     """Note the hits of a policy that matched or failed somewhere. Returns its decision
     and, for its record, (reason, targets, indices of the candidates it removes: their
     models are each request's own)."""
-    p: CompiledPolicy = entry[0]
-    enforced: bool = entry[4]
+    enforced = p.enforced
     applies: list[int] = []
     error: str | None = None
     for i, r in enumerate(outcomes):
@@ -910,7 +909,7 @@ def _note(entry: tuple, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
             hits.denies.append((p, enforced, p.message))
     elif effect == "restrict":
         # A request-level restrict removes every candidate or none.
-        removed = (tuple(range(n_cand)) if applies else ()) if entry[2] == 0 else \
+        removed = (tuple(range(n_cand)) if applies else ()) if p.level == REQUEST else \
             tuple(applies)
         by_candidate = hits.removed
         for i in removed:
@@ -920,7 +919,7 @@ def _note(entry: tuple, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
                 by_candidate[i] = [(p, enforced)]
     elif effect == "redact":
         if applies:
-            if entry[2] == 0:
+            if p.level == REQUEST:
                 hits.redact_all.append((p, enforced))
             else:
                 for i in applies:
@@ -936,23 +935,24 @@ def _note(entry: tuple, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
                        "skip": "policy skipped", "apply": "effect applied"}[p.on_error]
         reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
         return "error", (reason, targets, removed)
-    return (p.applied_decision if applies else entry[3]), (reason, targets, removed)
+    return (p.applied_decision if applies else p.idle_decision), (reason, targets, removed)
 
 
-def _idle(plan: tuple, has_cand: bool, has_tools: bool
+def _idle(policies: Sequence[CompiledPolicy], has_cand: bool, has_tools: bool
           ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Each policy's decision and reason when it matched nowhere: not applicable when
     its level has no target (no candidates, no tools)."""
     decisions: list[str] = []
     reasons: list[str] = []
-    for e in plan:
-        level = e[2]
-        if level == 0 or (level == 1 and has_cand) or (level == 2 and has_tools):
-            decisions.append(e[3])
+    for p in policies:
+        level = p.level
+        if level == REQUEST or (level == CANDIDATE and has_cand) or \
+                (level == TOOL and has_tools):
+            decisions.append(p.idle_decision)
             reasons.append("")
         else:
             decisions.append("not_applicable")
-            reasons.append("no candidates" if level == 1 else "no tools")
+            reasons.append("no candidates" if level == CANDIDATE else "no tools")
     return tuple(decisions), tuple(reasons)
 
 
@@ -1009,6 +1009,7 @@ def _bad_regex(pattern: str) -> str | None:
 __all__ = [
     "DEFAULT_DENY_ID",
     "NO_CANDIDATE_ID",
+    "QUIET_DECISIONS",
     "CompiledPolicy",
     "Decision",
     "DecisionRecord",

@@ -32,12 +32,6 @@ class ProtoMessage(celtypes.MessageType):
     present: frozenset[str] = frozenset()
 
 
-def _is_repeated(f: FieldDescriptor) -> bool:
-    if hasattr(f, "is_repeated"):
-        return bool(f.is_repeated)
-    return f.label == FieldDescriptor.LABEL_REPEATED
-
-
 def _scalar(f: FieldDescriptor, value: Any) -> Any:
     t = f.type
     if t == FieldDescriptor.TYPE_BOOL:
@@ -104,7 +98,7 @@ def to_cel(msg: Any) -> ProtoMessage:
                 for k, v in value.items()})
             if len(value):
                 present.add(f.name)
-        elif _is_repeated(f):
+        elif f.is_repeated:
             fields[key] = celtypes.ListType([
                 _message_value(v) if f.message_type else _scalar(f, v) for v in value])
             if len(value):

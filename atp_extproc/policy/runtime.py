@@ -20,8 +20,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from atp_extproc.llm_api import OPERATIONS, estimate_tokens, tool_name
-from atp_extproc.policy.attributes import build_attributes, request_from_body
+from atp_extproc.llm_api import OPERATIONS, estimate_tokens
+from atp_extproc.policy.attributes import build_attributes, request_from_body, tool_key
 from atp_extproc.policy.engine import DecisionStats, PolicySet
 from atp_extproc.policy.settings import (
     LoadedPolicies,
@@ -29,6 +29,7 @@ from atp_extproc.policy.settings import (
     Problem,
     load_file,
     load_text,
+    require_ok,
 )
 
 log = logging.getLogger("atp.policy")
@@ -65,9 +66,7 @@ def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
 
 def compile_loaded(loaded: LoadedPolicies, *, stats: DecisionStats | None = None,
                    known_data_classes: Iterable[str] | None = None) -> PolicySet:
-    errors = [p for p in loaded.problems if p.severity == "error"]
-    if errors:
-        raise PolicyError(errors)
+    require_ok(loaded)
     source = loaded.files[0] if loaded.files else "<policies>"
     return PolicySet.compile(loaded.policies, loaded.settings, source,
                              known_values=known_values(loaded.raw),
@@ -186,11 +185,7 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | Non
     drop = set(names)
     if not isinstance(tools, list) or not drop:
         return None
-    kept = []
-    for tool in tools:
-        name = tool_name(tool)
-        if name is None and isinstance(tool, dict):
-            name = tool.get("type")  # a built-in tool goes by its type
-        if name not in drop:
-            kept.append(tool)
+    # Matched by the key policies saw; an entry that is no mapping was never shown to
+    # them, so it is never stripped.
+    kept = [tool for tool in tools if not isinstance(tool, dict) or tool_key(tool) not in drop]
     return kept if len(kept) != len(tools) else None

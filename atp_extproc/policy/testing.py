@@ -98,7 +98,8 @@ def _models(path: Path) -> dict[str, CandidateInfo]:
     return out
 
 
-def _load_suite(file: Path, doc: Mapping[str, Any]) -> tuple[PolicySet, dict, list[Problem]]:
+def _load_suite(file: Path, doc: Mapping[str, Any]
+                ) -> tuple[PolicySet, dict[str, CandidateInfo]]:
     base = file.parent
     problems: list[Problem] = []
     sources = doc.get("policies")
@@ -133,7 +134,7 @@ def _load_suite(file: Path, doc: Mapping[str, Any]) -> tuple[PolicySet, dict, li
         raise PolicyError(problems)
     policy_set = PolicySet.compile(policies, settings or PolicySettings(), str(file),
                                    known_values=known_values(raw or {}))
-    return policy_set, models, problems
+    return policy_set, models
 
 
 def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateInfo]:
@@ -213,7 +214,7 @@ def run(directory: str | Path) -> Report:
                                               f"unknown keys: {', '.join(sorted(extra))}"))
             continue
         try:
-            policy_set, models, _ = _load_suite(file, doc)
+            policy_set, models = _load_suite(file, doc)
         except PolicyError as exc:
             report.load_errors += exc.details
             continue
