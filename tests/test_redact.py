@@ -273,6 +273,24 @@ def test_tool_call_arguments_stay_valid_json(redactor):
     assert out.startswith('{\n  "to": "[EMAIL_1]",\n  "cc": ["[EMAIL_2]", 7],\n')
 
 
+def test_tool_argument_escapes_are_decoded_and_changed_values_re_encoded(redactor):
+    raw = ('{"a": "mail jane\\u0040example.com \\"q\\" caf\\u00e9", "b": ["x\\ny"], '
+           '"c": "bob@example.org"}')
+    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": raw}}]}]}
+    res = redactor.redact("chat", doc, "t")
+    out = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    # Changed values are written again (without \u escapes), unchanged ones kept as they were.
+    assert out == '{"a": "mail [EMAIL_1] \\"q\\" café", "b": ["x\\ny"], "c": "[EMAIL_2]"}'
+    assert res.mapping.get("[EMAIL_1]") == "jane@example.com"
+
+
+def test_splice_replaces_spans_given_in_any_order():
+    from atp_extproc.redact.scope import splice
+    assert splice("abcdef", [(4, 5, "E"), (0, 1, "[A]"), (2, 2, "+")]) == "[A]b+cdEf"
+    assert splice("abc", []) == "abc"
+
+
 def test_invalid_tool_arguments_scanned_as_text(redactor):
     doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
         {"id": "1", "type": "function",
@@ -343,6 +361,11 @@ def test_data_uri_in_text_is_counted_not_scanned(redactor):
     assert res.non_text_parts == 1 and res.counts == {"email": 1}
 
 
+def test_operations_are_the_walked_ones_in_order():
+    from atp_extproc.redact import OPERATIONS
+    assert OPERATIONS == ("chat", "completions", "embeddings", "responses")
+
+
 def test_unknown_operation(redactor):
     with pytest.raises(ValueError, match="unknown operation"):
         redactor.redact("images", {}, "t")
@@ -389,6 +412,17 @@ def test_disabled_classes():
     assert classes(r, f"{E} at 10.0.0.1 card 4111111111111111") == [("card", "4111111111111111")]
     off = Redactor(RedactionSettings(enabled=False))
     assert off.redact("chat", chat(E), "t").fields == {}
+
+
+def test_secret_classes_are_gated_one_by_one():
+    aws, gh = "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1" * 18
+    text = f"these laws, a task-force, xox and eyJ: {aws} and {gh}"
+    assert classes(Redactor(RedactionSettings()), text) == [("cloud_key", aws),
+                                                            ("github_token", gh)]
+    off = Redactor(RedactionSettings(disabled_classes=("cloud_key",)))
+    assert classes(off, text) == [("github_token", gh)]
+    # Prose holding the literals secrets start with ("aws" in "laws", "sk-" in "task-").
+    assert classes(Redactor(RedactionSettings()), "these laws, a task-force, xox, eyJ") == []
 
 
 def test_custom_detector():
@@ -440,6 +474,16 @@ def test_redactor_rejects_bad_pattern_built_without_validation():
     det = CustomDetector.model_construct(name="x", pattern="(", case_insensitive=False)
     s = RedactionSettings.model_construct(**{**RedactionSettings().__dict__,
                                              "custom_detectors": (det,)})
+    with pytest.raises(ValueError, match="invalid RE2 pattern"):
+        Redactor(s)
+
+
+def test_redactor_rejects_bad_pattern_of_a_disabled_detector():
+    from atp_extproc.redact.settings import CustomDetector
+    det = CustomDetector.model_construct(name="x", pattern="(", case_insensitive=False)
+    s = RedactionSettings.model_construct(**{**RedactionSettings().__dict__,
+                                             "custom_detectors": (det,),
+                                             "disabled_classes": ("x",)})
     with pytest.raises(ValueError, match="invalid RE2 pattern"):
         Redactor(s)
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from atp_extproc.redact import PlaceholderMap, RedactionSettings, Redactor, Restorer
+from tests.test_redact import VALID
 
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----"
 MAPPING = {"[EMAIL_1]": "jane@example.com", "[CARD_1]": "4111 1111 1111 1111",
@@ -88,6 +89,23 @@ def test_round_trip_with_redactor():
     reply = json.dumps({"choices": [{"message": {"content": f"Echo: {sent}"}}]}).encode()
     out = json.loads(Restorer(red.mapping).restore_json(reply))
     assert out["choices"][0]["message"]["content"] == "Echo: " + doc["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("action", ["mask", "hash"])
+def test_every_class_placeholder_is_restored(action):
+    custom = [{"name": "employee_id2", "pattern": "EMP-[0-9]{4}"}]
+    values = {**{cls: vs[0] for cls, vs in VALID.items()}, "employee_id2": "EMP-1234"}
+    r = Redactor(RedactionSettings(custom_detectors=custom,
+                                   actions=dict.fromkeys(values, action)), hmac_key=b"k" * 32)
+    for cls, value in values.items():
+        doc = {"model": "m", "messages": [{"role": "user", "content": f"see {value} now"}]}
+        red = r.redact("chat", doc, "t")
+        sent = red.fields["messages"][0]["content"]
+        assert sent.startswith(f"see [{cls.upper()}{'_' if action == 'mask' else ':'}")
+        restorer_ = Restorer(red.mapping)
+        assert restorer_.restore_text(sent) == doc["messages"][0]["content"]
+        body = json.dumps({"content": sent}).encode()
+        assert json.loads(restorer_.restore_json(body)) == {"content": f"see {value} now"}
 
 
 # -- SSE ------------------------------------------------------------------------------------

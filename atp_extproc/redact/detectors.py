@@ -27,15 +27,12 @@ import re2
 from phonenumbers import PhoneMetadata, PhoneNumber
 
 from atp_extproc.redact.normalize import Normalized, latin_letters
-from atp_extproc.redact.re2util import search, spans
+from atp_extproc.redact.re2util import re2_options, search, spans
 from atp_extproc.redact.settings import RedactionSettings, compile_custom
 
-LABELS: dict[str, str] = {
-    "email": "EMAIL", "phone": "PHONE", "ssn": "SSN", "card": "CARD", "iban": "IBAN",
-    "ipv4": "IPV4", "ipv6": "IPV6", "cloud_key": "CLOUD_KEY", "api_key": "API_KEY",
-    "github_token": "GITHUB_TOKEN", "slack_token": "SLACK_TOKEN", "jwt": "JWT",
-    "private_key": "PRIVATE_KEY",
-}
+# What a placeholder looks like (`[EMAIL_1]`, `[EMAIL:3f9a…]`): scanned for here so a
+# new one never collides with one already in the body, and put back by restore.py.
+PLACEHOLDER = r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]"
 # When two findings overlap, the earlier class in this list wins.
 _PRIORITY = ("private_key", "*custom*", "jwt", "cloud_key", "api_key", "github_token",
              "slack_token", "email", "iban", "card", "ssn", "ipv6", "ipv4", "phone")
@@ -89,16 +86,8 @@ class Budget:
         return True
 
 
-def _opts(case_sensitive: bool = True) -> re2.Options:
-    o = re2.Options()
-    o.log_errors = False
-    o.case_sensitive = case_sensitive
-    o.max_mem = 64 << 20
-    return o
-
-
-def _rx(pattern: str, case_sensitive: bool = True):
-    options = _opts(case_sensitive)
+def _rx(pattern: str):
+    options = re2_options()
     # Without capture groups RE2 finds both ends of a match with its DFAs alone; groups
     # would make it walk long matches with the slower NFA.
     options.never_capture = "(?P<" not in pattern
@@ -107,16 +96,19 @@ def _rx(pattern: str, case_sensitive: bool = True):
 
 _ALNUM = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _DIGITS = frozenset(b"0123456789")
-_SECRET_LITERALS: dict[str, tuple[bytes, ...]] = {
-    "cloud_key": (b"AKIA", b"ASIA", b"ABIA", b"ACCA", b"AGPA", b"AIDA", b"AIPA", b"ANPA",
-                  b"ANVA", b"AROA", b"APKA", b"ASCA", b"AIza", b"AccountKey=", b"aws", b"AWS",
-                  b"Aws"),
-    "api_key": (b"sk-", b"rk-", b"sk_live_", b"sk_test_", b"rk_live_", b"rk_test_", b"hf_"),
-    "github_token": (b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_"),
-    "slack_token": (b"xox", b"xapp-", b"hooks.slack.com"),
-    "jwt": (b"eyJ",),
-    "private_key": (b"-----BEGIN",),
+_AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA", "ANVA",
+                 "AROA", "APKA", "ASCA")
+# Per secret class, literals one of its patterns must contain: a class none of whose
+# literals occurs in the text is skipped without running its patterns.
+_SECRET_LITERALS: dict[str, tuple[str, ...]] = {
+    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "aws", "AWS", "Aws"),
+    "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_"),
+    "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    "slack_token": ("xox", "xapp-", "hooks.slack.com"),
+    "jwt": ("eyJ",),
+    "private_key": ("-----BEGIN",),
 }
+_SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 
 # -- RE2 patterns (on ASCII bytes) ----------------------------------------------------------
 
@@ -126,9 +118,12 @@ _SET_PATTERNS: dict[str, str] = {
     "ipv4": r"[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",
     "ipv6": r"(?i)[0-9a-f]{1,4}:[0-9a-f]{0,4}:|::[0-9a-f]",
     "iban": r"(?i)\b[a-z]{2}[0-9]{2}[ \-]?[a-z0-9]{4}",
-    "secret": "|".join(re.escape(lit.decode()) for lits in _SECRET_LITERALS.values()
-                       for lit in lits),
-    "placeholder": r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]",
+    # One entry per class, so the Set pass alone tells which classes can match: ordinary
+    # words hit the literals often ("laws", "task-") and re-checking each literal would
+    # cost a search of the whole text apiece.
+    **{_SECRET_SET_NAMES[cls]: "|".join(re.escape(lit) for lit in lits)
+       for cls, lits in _SECRET_LITERALS.items()},
+    "placeholder": PLACEHOLDER,
     "data_uri": r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,",
 }
 _EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
@@ -142,10 +137,10 @@ _IPV4 = _rx(r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
 _IPV6 = _rx(r"(?i)[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*")
 _IBAN = _rx(r"(?i)\b[a-z]{2}[0-9]{2}(?:[ \-]?[a-z0-9]){11,30}")
 _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
-_PLACEHOLDER = _rx(r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
+_PLACEHOLDER = _rx(PLACEHOLDER)
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
-        _rx(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[A-Z0-9]{16,}"),
+        _rx(f"(?:{'|'.join(_AWS_PREFIXES)})[A-Z0-9]{{16,}}"),
         _rx(r"AIza[0-9A-Za-z_\-]{35,}"),
         _rx(r"(?i)aws[A-Za-z_ \-]{0,30}(?:secret|private)[A-Za-z_ \-]{0,30}[\"']?\s*[=:]\s*"
             r"[\"']?(?P<v>[A-Za-z0-9/+]{40,})"),
@@ -370,7 +365,6 @@ class PhoneValidator:
             optional = (prefix is None or meta.country_code == _NANP_CC
                         or region in _TRUNK_OPTIONAL)
             self.regions.append((region, meta.country_code, prefix, lengths, optional))
-        self._mobile_only = _TRUNK_OPTIONAL
 
     def check(self, digits: str, intl: bool, bounds: tuple[int, ...],
               budget: Budget) -> str | None:
@@ -418,7 +412,7 @@ class PhoneValidator:
                 # mobile number (landline-shaped ones are too often timestamps or ids),
                 # and groups must fall where the region groups ("(123) 456-7890" is not
                 # the Brazilian "(12) 3456-7890").
-                nsns.append((digits, region in self._mobile_only))
+                nsns.append((digits, region in _TRUNK_OPTIONAL))
             for nsn, strict in nsns:
                 if len(nsn) not in lengths:
                     continue
@@ -479,20 +473,22 @@ class Scanner:
         classes = set(settings.classes)
         self.classes = classes
         self.phone = PhoneValidator(settings.phone_regions) if "phone" in classes else None
-        self.customs: list[tuple[str, object]] = [
-            (d.name, compile_custom(d.pattern, d.case_insensitive))
-            for d in settings.custom_detectors if d.name in classes]
+        # Every custom pattern is compiled, enabled or not: settings built without
+        # validation (model_construct) must still fail here on a bad one.
+        compiled = [(d.name, compile_custom(d.pattern, d.case_insensitive))
+                    for d in settings.custom_detectors]
+        self.customs: list[tuple[str, object]] = [c for c in compiled if c[0] in classes]
         families = {
             "email": "email" in classes,
             "digits": bool(classes & {"card", "ssn", "phone"}),
             "ipv4": "ipv4" in classes,
             "ipv6": "ipv6" in classes,
             "iban": "iban" in classes,
-            "secret": bool(classes & set(_SECRETS)),
+            **{_SECRET_SET_NAMES[cls]: cls in classes for cls in _SECRETS},
             "placeholder": True,
             "data_uri": True,
         }
-        self._set = re2.Set.SearchSet(_opts())
+        self._set = re2.Set.SearchSet(re2_options())
         self._set_names: list[str] = []
         for name, on in families.items():
             if on:
@@ -501,7 +497,7 @@ class Scanner:
         self._set.Compile()
         self._custom_set = None
         if self.customs:
-            cset = re2.Set.SearchSet(_opts())
+            cset = re2.Set.SearchSet(re2_options())
             for d in settings.custom_detectors:
                 if d.name in classes:
                     cset.Add(f"(?i:{d.pattern})" if d.case_insensitive else d.pattern)
@@ -544,8 +540,7 @@ class Scanner:
         if "placeholder" in names:
             for m in spans(_PLACEHOLDER, asc):
                 res.reserved.add(text[m[0][0]:m[0][1]])
-        if "secret" in names:
-            self._secrets(asc, text, found, budget)
+        self._secrets(asc, text, names, found, budget)
         if "email" in names:
             self._emails(asc, text, found, budget)
         if "iban" in names:
@@ -593,11 +588,11 @@ class Scanner:
 
     # -- families ------------------------------------------------------------------------
 
-    def _secrets(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+    @staticmethod
+    def _secrets(asc: bytes, text: str, names: set[str], found: list[Found],
+                 budget: Budget) -> None:
         for cls, regexes in _SECRETS.items():
-            if cls not in self.classes:
-                continue
-            if not any(lit in asc for lit in _SECRET_LITERALS[cls]):
+            if _SECRET_SET_NAMES[cls] not in names:
                 continue
             for rx in regexes:
                 has_v = rx.groups > 0
@@ -861,7 +856,7 @@ class Scanner:
                 # Bare 10 or 13 digits starting with 1 are Unix times (s, ms) unless the
                 # text says it is a phone number.
                 if (bare and digits[0] == "1" and count in (10, 13)
-                        and not run.positive_context(_POS_CTX)):
+                        and not run.positive_context()):
                     continue
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
@@ -971,16 +966,15 @@ class _Run:
         if positive is None:
             if self._neg is None:
                 self._neg = (_identifier_before(self.text, self.start)
-                             and not self.positive_context(_POS_CTX))
+                             and not self.positive_context())
             return self._neg
         return _identifier_before(self.text, self.start) and not positive.search(
             self.text, max(0, self.start - 40), self.start)
 
-    def positive_context(self, positive: re.Pattern[str]) -> bool:
-        if positive is not _POS_CTX:
-            return bool(positive.search(self.text, max(0, self.start - 40), self.start))
+    def positive_context(self) -> bool:
+        """A word saying the run is a phone number ("phone", "tel", "call") is just before."""
         if self._pos is None:
-            self._pos = bool(positive.search(self.text, max(0, self.start - 40), self.start))
+            self._pos = bool(_POS_CTX.search(self.text, max(0, self.start - 40), self.start))
         return self._pos
 
     def not_phone(self, c: int) -> bool:
@@ -1065,10 +1059,6 @@ def _glued(asc: bytes, s: int, e: int) -> int:
                           or (nxt in b":," and asc[e + 1] in _DIGITS)):
             soft = 1
     return soft
-
-
-_AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA", "ANVA",
-                 "AROA", "APKA", "ASCA")
 
 
 def _secret_ok(cls: str, value: str) -> bool:

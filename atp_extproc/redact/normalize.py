@@ -30,7 +30,7 @@ from functools import lru_cache
 
 import re2
 
-from atp_extproc.redact.re2util import spans
+from atp_extproc.redact.re2util import re2_options, spans
 
 _RELEVANT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                       "@.-+()/_%[]#= ")
@@ -77,10 +77,7 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
     # One RE2 character class (a DFA: ~1 ns a byte whatever the class size) finds every
     # character that may change; everything else is copied untouched.
     hot_chars = [*trans, *marks, "\\", "&", "%"]
-    options = re2.Options()
-    options.max_mem = 64 << 20
-    options.log_errors = False
-    hot = re2.compile(f"[{_char_class(hot_chars)}]+", options)
+    hot = re2.compile(f"[{_char_class(hot_chars)}]+", re2_options())
     return trans, hot, frozenset(latin), marks
 
 
@@ -129,10 +126,6 @@ class Normalized:
             self._n_ends = [c[3] for c in changes]
         else:
             self._o_starts = self._o_ends = self._n_starts = self._n_ends = _NONE
-
-    @property
-    def identity(self) -> bool:
-        return not self._n_starts
 
     def orig_start(self, p: int) -> int:
         """Original offset where a span starting at normalised offset `p` starts."""

@@ -1,4 +1,4 @@
-"""Thin, fast iteration over RE2 matches on bytes.
+"""RE2 options as the redactor uses them, and thin, fast iteration over matches on bytes.
 
 The `re2` module's own `finditer` builds a match object and maps offsets for every match;
 on bytes input the offsets need no mapping, so calling the compiled RE2 object directly
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import re2
+
 try:
     from re2 import _re2
 
@@ -17,6 +19,16 @@ except (ImportError, AttributeError):  # pragma: no cover
     _UNANCHORED = None
 
 Spans = list[tuple[int, int]]
+
+
+def re2_options(case_sensitive: bool = True, max_mem: int = 64 << 20) -> re2.Options:
+    """Options for one pattern or Set: a memory cap, and errors raised rather than logged
+    (a bad custom pattern is reported to the config loader, not to stderr)."""
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = case_sensitive
+    options.max_mem = max_mem
+    return options
 
 
 def spans(rx, data: bytes, pos: int = 0) -> Iterator[Spans]:

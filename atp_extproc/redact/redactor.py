@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atp_extproc.redact import scope
-from atp_extproc.redact.detectors import LABELS, Budget, Scanner
+from atp_extproc.redact.detectors import Budget, Scanner
 from atp_extproc.redact.normalize import normalize, warm
-from atp_extproc.redact.settings import RedactionSettings, compile_custom, parse_path
+from atp_extproc.redact.settings import RedactionSettings, parse_path
 
-OPERATIONS = ("chat", "completions", "embeddings", "responses")
+OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
 # say to refuse rather than let a partly scanned body go.
 INCOMPLETE = "scan_incomplete"
@@ -134,12 +134,10 @@ class Redactor:
     def __init__(self, settings: RedactionSettings, *, hmac_key: bytes | str | None = None,
                  environ: Mapping[str, str] | None = None):
         self.settings = settings
-        for d in settings.custom_detectors:  # settings validated them; recheck if built raw
-            compile_custom(d.pattern, d.case_insensitive)
         warm()
         self.scanner = Scanner(settings)
         self._actions = {c: settings.action_for(c) for c in settings.classes}
-        self._labels = {c: LABELS.get(c, c.upper()) for c in settings.classes}
+        self._labels = {c: c.upper() for c in settings.classes}
         self._extra = [parse_path(p) for p in settings.extra_paths]
         self._refuse_incomplete = settings.on_incomplete == "deny"
         self._master: bytes | None = None
@@ -242,17 +240,17 @@ class Redactor:
                 i += 1
 
         edits: dict[scope.Path, str] = {}
-        args_values: dict[int, tuple[scope.JsonArgs, dict[int, str]]] = {}
+        # JsonArgs hashes by identity: one entry per arguments text.
+        args_values: dict[scope.JsonArgs, dict[int, str]] = {}
         for i, changes in per_seg.items():
             seg = segs[i]
-            new = _splice(seg.text, changes)
+            new = scope.splice(seg.text, changes)
             if seg.args is None:
                 assert seg.path is not None
                 edits[seg.path] = new
             else:
-                entry = args_values.setdefault(id(seg.args), (seg.args, {}))
-                entry[1][seg.token] = new
-        for args, values in args_values.values():
+                args_values.setdefault(seg.args, {})[seg.token] = new
+        for args, values in args_values.items():
             edits[args.path] = scope.splice_args(args, values)
         fields = scope.apply(doc, edits)
         return Redaction(fields=fields, counts=counts,
@@ -294,15 +292,3 @@ class Redactor:
                 self._tenant_keys.clear()
             self._tenant_keys[tenant] = key
         return key
-
-
-def _splice(text: str, changes: list[tuple[int, int, str]]) -> str:
-    changes.sort()
-    pieces: list[str] = []
-    pos = 0
-    for s, e, new in changes:
-        pieces.append(text[pos:s])
-        pieces.append(new)
-        pos = e
-    pieces.append(text[pos:])
-    return "".join(pieces)

@@ -24,10 +24,11 @@ import json
 import re
 from typing import Any
 
+from atp_extproc.redact.detectors import PLACEHOLDER
 from atp_extproc.redact.redactor import PlaceholderMap
 
-_TOKEN = re.compile(r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
-_TOKEN_B = re.compile(rb"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]")
+_TOKEN = re.compile(PLACEHOLDER)
+_TOKEN_B = re.compile(PLACEHOLDER.encode())
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAYBE = re.compile(rb'\[[A-Z"]')
 _UNSAFE = re.compile(r'["\\\x00-\x1f]')

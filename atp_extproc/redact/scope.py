@@ -21,6 +21,7 @@ TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text"
                              "reasoning_text"})
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _JSON_WS = " \t\r\n"
+_scanstring = json.decoder.scanstring
 
 
 class JsonArgs:
@@ -101,7 +102,8 @@ class Collector:
                 j += 1
             if j < n and raw[j] == ":":
                 continue  # a key
-            value = json.loads(m.group())
+            # `raw` parsed as JSON above, so every token is a valid string literal.
+            value = _scanstring(raw, m.start() + 1)[0]
             if not value:
                 continue
             args.tokens.append(m.span())
@@ -328,14 +330,21 @@ def _rebuild(node: Any, sub: dict[Any, Any]) -> Any:
     return copy
 
 
-def splice_args(args: JsonArgs, new_values: dict[int, str]) -> str:
-    raw = args.raw
+def splice(text: str, changes: list[tuple[int, int, str]]) -> str:
+    """`text` with each (start, end) span replaced; spans do not overlap. Sorts `changes`."""
+    changes.sort()
     pieces: list[str] = []
     pos = 0
-    for index in sorted(new_values):
-        s, e = args.tokens[index]
-        pieces.append(raw[pos:s])
-        pieces.append(json.dumps(new_values[index], ensure_ascii=False))
+    for s, e, new in changes:
+        pieces.append(text[pos:s])
+        pieces.append(new)
         pos = e
-    pieces.append(raw[pos:])
+    pieces.append(text[pos:])
     return "".join(pieces)
+
+
+def splice_args(args: JsonArgs, new_values: dict[int, str]) -> str:
+    """The arguments text with the string tokens numbered in `new_values` re-encoded."""
+    tokens = args.tokens
+    return splice(args.raw, [(*tokens[i], json.dumps(v, ensure_ascii=False))
+                             for i, v in new_values.items()])

@@ -45,12 +45,10 @@ def compile_custom(pattern: str, case_insensitive: bool = False):
     """Compile a custom detector pattern with RE2; ValueError with RE2's reason if bad."""
     import re2
 
-    options = re2.Options()
-    options.log_errors = False
-    options.case_sensitive = not case_insensitive
-    options.max_mem = 32 << 20
+    from atp_extproc.redact.re2util import re2_options
+
     try:
-        compiled = re2.compile(pattern, options)
+        compiled = re2.compile(pattern, re2_options(not case_insensitive, 32 << 20))
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
