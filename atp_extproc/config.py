@@ -25,10 +25,15 @@ from atp_extproc.policy.runtime import policy_set_from_config
 from atp_extproc.policy.settings import PolicyError
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
 from atp_extproc.routing.selection import CandidateModel
-from atp_extproc.routing.settings import LedgerSettings, RouteObjective, check_references
+from atp_extproc.routing.settings import (
+    TOKEN_PATTERN,
+    LedgerSettings,
+    RouteObjective,
+    check_references,
+)
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
-TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+TOKEN = re.compile(TOKEN_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

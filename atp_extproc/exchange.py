@@ -573,13 +573,13 @@ class Exchange:
                                     output_tokens=billed.output_tokens if billed else None)
             if ok and not rec.shadow and rec.request_id:
                 quality = route.objective.quality
+                # The proxy counts when no explicit feedback arrives within the window.
                 services.feedback.record_decision(
                     rec.request_id, route.name, self.model.name,
-                    quality.feedback_window_s, rec.tenant)
-                if quality.proxy == "finish_reason":
-                    # Used when no explicit feedback arrives within the window.
-                    services.feedback.set_proxy(rec.request_id, finish_reason_score(
-                        self.finish_reason, quality.finish_reason_scores))
+                    quality.feedback_window_s, rec.tenant,
+                    proxy=finish_reason_score(self.finish_reason,
+                                              quality.finish_reason_scores)
+                    if quality.proxy == "finish_reason" else None)
         if services.ledger is None:
             return
         baseline = baseline_for(route, self.snapshot.ledger)
@@ -595,7 +595,7 @@ class Exchange:
             services.ledger.record_shadow_half(ShadowHalf(
                 rec.request_id, "shadow" if rec.shadow else "primary", route.name,
                 self.model.name, rec.status, rec.duration_ms, entry.cost_pico(),
-                int(time.time())))
+                int(entry.ts)))
 
     def _usage(self) -> Usage | None:
         if self.request is None or not 200 <= self.record.status < 300:

@@ -45,6 +45,23 @@ def test_proxy_is_used_when_no_feedback_arrives():
     assert not book.feedback("a", 1.0)                    # too late
 
 
+def test_proxy_given_with_the_decision_is_the_same_as_set_proxy():
+    book, got, clock = make()
+    book.record_decision("a", "chat", "small", proxy=finish_reason_score("length"))
+    book.record_decision("b", "chat", "small", None, "alice", proxy=1.5)    # clamped
+    book.record_decision("c", "chat", "small", proxy=-0.2)
+    book.record_decision("d", "chat", "large", proxy=None)                  # no proxy
+    for request_id, score in [("e", finish_reason_score("length")), ("f", 1.5),
+                              ("g", -0.2), ("h", None)]:
+        book.record_decision(request_id, "chat", "set")
+        book.set_proxy(request_id, score)
+    clock.t = 61.0
+    assert book.expire() == 8
+    assert got == [("chat", "small", 0.5), ("chat", "small", 1.0), ("chat", "small", 0.0),
+                   ("chat", "set", 0.5), ("chat", "set", 1.0), ("chat", "set", 0.0)]
+    assert (book.proxied, book.unscored) == (6, 2)
+
+
 def test_late_feedback_is_refused_even_before_cleanup():
     book, got, clock = make()
     book.record_decision("a", "chat", "small")

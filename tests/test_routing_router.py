@@ -149,6 +149,36 @@ def test_sticky_assignment_is_stable_and_spread():
     assert d.sticky
 
 
+def test_sticky_with_a_varying_policy_restrict_keeps_keys_on_their_set():
+    # Regression: the sticky cache once keyed the candidate set by the id of a
+    # per-request list; a later list at a reused address then matched the wrong set and
+    # the cached model was looked up in a list without it (ValueError).
+    import random
+
+    router = Router(clock=Clock(), seed=11)
+    objective = RouteObjective(sticky="tenant", exploration=0.5)
+    models = [*CANDIDATES, CandidateModel("spare", 0.002, 0.008),
+              CandidateModel("other", 0.003, 0.012)]
+    names = [c.name for c in models]
+    rng = random.Random(5)
+    rs = None
+    last: dict[str, tuple[int, tuple[str, ...], str]] = {}
+    held = 0
+    for _ in range(5000):
+        restrict = None if rng.random() < 0.2 else rng.sample(names, rng.randint(1, 5))
+        key = f"t{rng.randrange(40)}"
+        d = router.choose("chat", objective, models, key, restrict=restrict)
+        assert d.sticky and d.chosen in d.candidate_set
+        assert restrict is None or d.chosen in restrict
+        rs = rs or router._routes["chat"]
+        before = last.get(key)
+        if before is not None and before[:2] == (rs.share_epoch, d.candidate_set):
+            assert d.chosen == before[2]
+            held += 1
+        last[key] = (rs.share_epoch, d.candidate_set, d.chosen)
+    assert held > 100
+
+
 def test_sticky_hash_is_stable_across_processes_and_moves_few_keys():
     names = ["a", "b", "c", "d"]
     one, two = StickyHasher(), StickyHasher()

@@ -82,9 +82,6 @@ class Memory:
                    max(4, math.ceil(change_half_life)))
 
 
-DEFAULT_MEMORY = Memory.of(3000.0, 25.0, 5.0)
-
-
 class Ew:
     """Exponentially weighted mean and variance (West/Finch incremental form)."""
 
@@ -161,11 +158,10 @@ class ArmEstimates:
     """Learned state for one (route, model); posterior summaries cached as floats."""
 
     __slots__ = (
-        "_cost", "_errors", "_latency", "_quality", "_sketch", "cost_mean", "cost_sd",
-        "err_mean", "err_sd", "error_weight", "last_t", "latency_log_mean",
-        "latency_log_sd", "latency_log_var", "latency_mean_ms", "memory", "observations",
-        "p95_ms", "post", "price_in", "price_out", "quality_mean", "quality_sd",
-        "quality_weight",
+        "_cost", "_errors", "_latency", "_quality", "_sketch", "cost_mean", "err_mean",
+        "error_weight", "last_t", "latency_log_sd", "latency_mean_ms", "memory",
+        "observations", "p95_ms", "post", "price_in", "price_out", "quality_mean",
+        "quality_sd",
     )
 
     def __init__(self, price_in: float, price_out: float, memory: Memory, now: float,
@@ -222,30 +218,29 @@ class ArmEstimates:
         a = ERROR_PRIOR_A + failures
         n = ERROR_PRIOR_A + ERROR_PRIOR_B + errors.weight
         self.error_weight = errors.weight
-        self.err_mean = a / n
-        self.err_sd = math.sqrt(self.err_mean * (1.0 - self.err_mean) / (n + 1.0))
+        self.err_mean = err_mean = a / n
+        err_sd = math.sqrt(err_mean * (1.0 - err_mean) / (n + 1.0))
 
         latency = self._latency.slow
         mu, sd, var = latency.posterior(priors.latency_log_mean, LATENCY_PRIOR_LOG_VAR)
-        self.latency_log_mean, self.latency_log_sd, self.latency_log_var = mu, sd, var
+        self.latency_log_sd = sd
         self.latency_mean_ms = math.exp(mu + var / 2.0)
 
         prior_cost = self.prior_cost(priors)
         prior_var = (COST_PRIOR_CV * prior_cost) ** 2
-        self.cost_mean, self.cost_sd, _ = self._cost.slow.posterior(prior_cost, prior_var)
+        self.cost_mean, cost_sd, _ = self._cost.slow.posterior(prior_cost, prior_var)
 
         quality = self._quality.slow
         n = QUALITY_PRIOR_STRENGTH + quality.weight
         self.quality_mean = (QUALITY_PRIOR_STRENGTH * priors.quality
                              + quality.weight * quality.mean) / n
         self.quality_sd = math.sqrt(self.quality_mean * (1.0 - self.quality_mean) / (n + 1.0))
-        self.quality_weight = quality.weight
         # Everything a decision reads, in one tuple (one attribute load per candidate).
         # The p95 limit counts the sketch's samples (restarted with the latency memory).
-        self.post = (self.quality_mean, self.quality_sd, self.err_mean, self.err_sd,
-                     self.cost_mean, self.cost_sd, self.latency_mean_ms, self.latency_log_sd,
+        self.post = (self.quality_mean, self.quality_sd, err_mean, err_sd,
+                     self.cost_mean, cost_sd, self.latency_mean_ms, sd,
                      self.p95_ms, self._sketch.total_weight, self.error_weight,
-                     self.quality_weight, self.last_t)
+                     quality.weight, self.last_t)
 
     @property
     def restarts(self) -> dict[str, int]:

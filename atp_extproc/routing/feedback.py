@@ -37,6 +37,10 @@ def finish_reason_score(finish_reason: str | None,
     return scores.get(finish_reason)
 
 
+def _unit(score: float) -> float:
+    return min(max(score, 0.0), 1.0)
+
+
 @dataclass(slots=True)
 class _Pending:
     route: str
@@ -65,9 +69,11 @@ class FeedbackBook:
         return len(self._pending)
 
     def record_decision(self, request_id: str, route: str, model: str,
-                        window_s: float | None = None, tenant: str | None = None) -> None:
+                        window_s: float | None = None, tenant: str | None = None, *,
+                        proxy: float | None = None) -> None:
         """Remember which (route, model) served `request_id` (call when it is served).
-        With `tenant`, only feedback from that tenant is accepted for it."""
+        With `tenant`, only feedback from that tenant is accepted for it; `proxy` is as
+        for set_proxy."""
         if not request_id:
             return
         now = self._clock()
@@ -78,13 +84,14 @@ class FeedbackBook:
             _, oldest = self._pending.popitem(last=False)
             self._resolve(oldest, None)
         deadline = now + (window_s if window_s is not None else self._window_s)
-        self._pending[request_id] = _Pending(route, model, deadline, tenant)
+        self._pending[request_id] = _Pending(
+            route, model, deadline, tenant, None if proxy is None else _unit(proxy))
 
     def set_proxy(self, request_id: str, score: float | None) -> None:
         """The proxy score for a request (e.g. finish_reason_score), used if no feedback."""
         entry = self._pending.get(request_id)
         if entry is not None and score is not None:
-            entry.proxy = min(max(score, 0.0), 1.0)
+            entry.proxy = _unit(score)
 
     def feedback(self, request_id: str, score: float, tenant: str | None = None) -> bool:
         """Explicit quality in [0, 1] for a recent request; False if unknown, expired or

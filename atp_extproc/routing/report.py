@@ -55,20 +55,20 @@ def savings_table(rows: Sequence[db.SavingsRow], by: Sequence[str], bucket: Buck
     bucket_s = _BUCKET_SECONDS[bucket]
     header = [bucket if bucket != "total" else "period", *by, "requests", "cost",
               "baseline", "savings", "savings %", "shadow req", "shadow cost"]
-    body = [[_when(r.bucket, bucket_s), *r.group, str(r.requests),
-             _money(r.cost_pico, decimals), _money(r.baseline_pico, decimals),
-             _money(r.savings_pico, decimals), _percent(r.savings_pico, r.baseline_pico),
-             str(r.shadow_requests), _money(r.shadow_cost_pico, decimals)] for r in rows]
+
+    def cells(label: str, r: db.SavingsRow) -> list[str]:
+        return [label, *r.group, str(r.requests), _money(r.cost_pico, decimals),
+                _money(r.baseline_pico, decimals), _money(r.savings_pico, decimals),
+                _percent(r.savings_pico, r.baseline_pico), str(r.shadow_requests),
+                _money(r.shadow_cost_pico, decimals)]
+
+    body = [cells(_when(r.bucket, bucket_s), r) for r in rows]
     total = db.SavingsRow(
-        0, (), sum(r.requests for r in rows), sum(r.failed for r in rows),
+        0, ("",) * len(by), sum(r.requests for r in rows), sum(r.failed for r in rows),
         sum(r.cost_pico for r in rows), sum(r.baseline_pico for r in rows),
         sum(r.savings_pico for r in rows), sum(r.shadow_requests for r in rows),
         sum(r.shadow_cost_pico for r in rows))
-    footer = ["TOTAL", *([""] * len(by)), str(total.requests),
-              _money(total.cost_pico, decimals), _money(total.baseline_pico, decimals),
-              _money(total.savings_pico, decimals),
-              _percent(total.savings_pico, total.baseline_pico),
-              str(total.shadow_requests), _money(total.shadow_cost_pico, decimals)]
+    footer = cells("TOTAL", total)
     table = [header, *body, footer]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     text_cols = 1 + len(by)

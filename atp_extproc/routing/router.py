@@ -91,7 +91,7 @@ class Router:
             rs = self._routes[route_name] = RouteState()
         comp = rs.compile(objective if objective is not None else DEFAULT_OBJECTIVE)
         prep = rs.prepared.get(id(candidates))
-        if prep is None or prep.candidates is not candidates or prep.comp is not comp:
+        if prep is None:        # compile() drops every entry when the objective changes
             prep = self._prepare(rs, comp, candidates, now)
         champion = comp.champion
         if champion is None and prep.entries:
@@ -161,6 +161,9 @@ class Router:
                 prep.excluded + tuple(excluded), 0.0, False, False, False,
                 "all_breakers_open", comp, None, None, ())
 
+        # The set itself, not the list's id, keys the sticky cache: a per-request list is
+        # freed after the call and a later one may reuse its address.
+        candidate_set = prep.names_t if fast else tuple(names)
         n = len(names)
         normals, start = self._draws.normals(4 * n)
         sc = score(comp, names, posts, price_ok, now, normals, start)
@@ -191,7 +194,7 @@ class Router:
             if rs.since_shares >= SHARE_BATCH:
                 self._update_shares(rs)
             if key_for_sticky is not None:
-                pick = self._sticky_pick(rs, key_for_sticky, names, elig, feasible)
+                pick = self._sticky_pick(rs, key_for_sticky, candidate_set, elig, feasible)
                 sticky = True
                 explored = pick != greedy
 
@@ -228,8 +231,7 @@ class Router:
         else:
             alternates = ()
         return self._decision(
-            t0, route_name, names[served], names[proposed],
-            prep.names_t if fast else tuple(names), excluded_t, regret,
+            t0, route_name, names[served], names[proposed], candidate_set, excluded_t, regret,
             explored, sticky, probe, fallback_reason, comp, mirror_to, predicted_savings,
             alternates)
 
@@ -248,10 +250,11 @@ class Router:
             for arm in rs.arms.values():
                 arm.epoch_share = arm.share
 
-    def _sticky_pick(self, rs: RouteState, key: str, names: list[str], elig: list[Arm],
-                     feasible: list[bool]) -> int:
+    def _sticky_pick(self, rs: RouteState, key: str, names: tuple[str, ...],
+                     elig: list[Arm], feasible: list[bool]) -> int:
         cached = rs.sticky_picks.get(key)
-        if cached is not None and cached[0] == rs.share_epoch and cached[1] == id(names):
+        if cached is not None and cached[0] == rs.share_epoch and (
+                cached[1] is names or cached[1] == names):
             i = names.index(cached[2])
             if feasible[i]:
                 return i
@@ -259,12 +262,12 @@ class Router:
                                            for a, f in zip(elig, feasible, strict=True)])
         if cached is None and len(rs.sticky_picks) >= _STICKY_CACHE_KEYS:
             rs.sticky_picks.pop(next(iter(rs.sticky_picks)))
-        rs.sticky_picks[key] = (rs.share_epoch, id(names), names[i])
+        rs.sticky_picks[key] = (rs.share_epoch, names, names[i])
         return i
 
     def _prepare(self, rs: RouteState, comp: Compiled, candidates: Sequence[CandidateModel],
                  now: float) -> Prepared:
-        prep = Prepared(candidates, comp)
+        prep = Prepared(candidates)
         excluded: list[tuple[str, str]] = []
         for c in candidates:
             arm = rs.arms.get(c.name)

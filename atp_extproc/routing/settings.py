@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Same alphabet as config.TOKEN (model and route names travel in headers).
-_TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
-Name = Annotated[str, Field(pattern=_TOKEN_PATTERN)]
+# Model and route names travel in headers: a safe alphabet (config.TOKEN is built from it).
+TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
+Name = Annotated[str, Field(pattern=TOKEN_PATTERN)]
 
 DEFAULT_FINISH_REASON_SCORES: dict[str, float] = {
     "stop": 1.0,
@@ -240,17 +240,12 @@ def check_references(models: Iterable[str], routes: Iterable[Any],
             continue
         candidates = set(route_candidates(route))
         base = f"routes[{i}].objective"
-        if objective.champion is not None and objective.champion not in candidates:
-            problems.append((f"{base}.champion",
-                             f"{objective.champion!r} is not a candidate of this route"))
-        for j, name in enumerate(objective.challengers):
-            if name not in candidates:
-                problems.append((f"{base}.challengers[{j}]",
-                                 f"{name!r} is not a candidate of this route"))
-        shadow = objective.shadow.challenger
-        if shadow is not None and shadow not in candidates:
-            problems.append((f"{base}.shadow.challenger",
-                             f"{shadow!r} is not a candidate of this route"))
+        named = [("champion", objective.champion),
+                 *((f"challengers[{j}]", name) for j, name in enumerate(objective.challengers)),
+                 ("shadow.challenger", objective.shadow.challenger)]
+        for field, name in named:
+            if name is not None and name not in candidates:
+                problems.append((f"{base}.{field}", f"{name!r} is not a candidate of this route"))
         if objective.baseline is not None and objective.baseline not in known:
             problems.append((f"{base}.baseline", f"unknown model {objective.baseline!r}"))
     if ledger is not None and ledger.baseline is not None and ledger.baseline not in known:

@@ -40,8 +40,8 @@ class RouteState:
         self.observations = 0
         self.since_shares = 0
         self.share_epoch = 0
-        # key → (share epoch, id of the eligible-name list, model) for sticky keys.
-        self.sticky_picks: dict[str, tuple[int, int, str]] = {}
+        # key → (share epoch, eligible names, model) for sticky keys.
+        self.sticky_picks: dict[str, tuple[int, tuple[str, ...], str]] = {}
         self.priors = Priors(quality=self.comp.quality_prior)
         # id(candidates) → Prepared (which holds `candidates`, so the id stays unique).
         self.prepared: dict[int, Prepared] = {}
@@ -92,12 +92,12 @@ class RouteState:
 class Prepared:
     """What a decision needs that depends only on the candidates and the objective."""
 
-    __slots__ = ("arms", "candidates", "comp", "entries", "excluded", "mirror_arm", "names",
+    __slots__ = ("arms", "candidates", "entries", "excluded", "mirror_arm", "names",
                  "names_t", "price_ok")
 
-    def __init__(self, candidates: Sequence[CandidateModel], comp: Compiled) -> None:
+    def __init__(self, candidates: Sequence[CandidateModel]) -> None:
+        # Held, not read: it keeps id(candidates), the key in RouteState.prepared, unique.
         self.candidates = candidates
-        self.comp = comp
         # (name, arm, within max price, static exclusion or None), in candidate order.
         self.entries: list[tuple[str, Arm, bool, str | None]] = []
         # The candidates without a static exclusion, for the fast path.

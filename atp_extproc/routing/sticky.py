@@ -31,14 +31,6 @@ class StickyHasher:
             per_key = self._cache[key] = {}
         return per_key
 
-    def exponential(self, key: str, name: str) -> float:
-        """-ln(u) for the pair: a stable Exp(1) draw."""
-        per_key = self._per_key(key)
-        value = per_key.get(name)
-        if value is None:
-            value = per_key[name] = _exponential(key, name)
-        return value
-
     def pick(self, key: str, names: Sequence[str], weights: Sequence[float]) -> int:
         """Index of the candidate `key` sticks to. Candidates with weight ≤ 0 are skipped
         unless every weight is ≤ 0 (then plain rendezvous over all of them)."""

@@ -113,11 +113,6 @@ class AsyncLedger:
         with self._lock:
             self._halves.append(half)
 
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._rows) + len(self._halves)
-
     # -- writer ------------------------------------------------------------------------
 
     def flush(self) -> int:

@@ -182,21 +182,16 @@ class SavingsRow:
 
 
 def savings(conn: sqlite3.Connection, by: Sequence[str], bucket_s: int | None,
-            since: int | None = None, until: int | None = None) -> list[SavingsRow]:
+            since: int | None = None) -> list[SavingsRow]:
     """Savings grouped by time bucket (None: one total bucket) and `by` columns."""
     for column in by:
         if column not in GROUP_COLUMNS:
             raise ValueError(f"cannot group by {column!r}; choose from {GROUP_COLUMNS}")
     bucket_sql = f"(hour / {int(bucket_s)}) * {int(bucket_s)}" if bucket_s else "0"
     cols = "".join(f", {c}" for c in by)
-    where, params = [], []
+    where_sql, params = "", []
     if since is not None:
-        where.append("hour >= ?")
-        params.append(int(since) - int(since) % 3600)
-    if until is not None:
-        where.append("hour < ?")
-        params.append(int(until))
-    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
+        where_sql, params = "WHERE hour >= ?", [int(since) - int(since) % 3600]
     sql = f"""
         SELECT {bucket_sql} AS bucket{cols},
             TOTAL(CASE WHEN shadow = 0 THEN requests END),
