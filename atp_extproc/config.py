@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +31,7 @@ from atp_extproc.routing.settings import (
     RouteObjective,
     check_references,
 )
+from atp_extproc.store.money import to_decimal, whole_pico_per_token
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
 TOKEN = re.compile(TOKEN_PATTERN)
@@ -54,9 +55,24 @@ class _Frozen(BaseModel):
 Token = Annotated[str, Field(pattern=TOKEN.pattern)]
 
 
+# USD per 1K tokens. Far above any real price; bounded so that a typo (a price per
+# million, an extra zero or ten) is refused, and sums stay within the ledger's 64-bit
+# picodollars (one token at this price is 1e12 pico).
+MAX_PRICE_PER_1K = 1000.0
+
+
 class Price(_Frozen):
-    input_per_1k: float = Field(ge=0, allow_inf_nan=False)
-    output_per_1k: float = Field(ge=0, allow_inf_nan=False)
+    input_per_1k: float = Field(ge=0, le=MAX_PRICE_PER_1K, allow_inf_nan=False)
+    output_per_1k: float = Field(ge=0, le=MAX_PRICE_PER_1K, allow_inf_nan=False)
+
+    @field_validator("input_per_1k", "output_per_1k")
+    @classmethod
+    def _exact_in_the_ledger(cls, price: float) -> float:
+        # The ledger counts whole picodollars per token (store/money.py).
+        if not whole_pico_per_token(to_decimal(price)):
+            raise ValueError(f"{price!r} has more than 9 decimal places; the ledger "
+                             "counts whole picodollars per token and would round it")
+        return price
 
 
 class Model(_Frozen):
@@ -186,6 +202,8 @@ class Snapshot:
         default_factory=dict, repr=False)
     # Files whose change means a reload: atp.yaml and the policy files it includes.
     files: tuple[str, ...] = ()
+    # policy.include as absolute globs: a file that starts matching one is a reload too.
+    include_globs: tuple[str, ...] = ()
     redactor: Redactor | None = field(default=None, repr=False)
 
     def routes_for(self, path: str, tenant: str) -> list[Route]:
@@ -229,6 +247,11 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
                     problems.append(
                         (f"routes[{i}].aliases.{alias}[{j}]", f"unknown model {candidate!r}")
                     )
+                elif candidates.index(candidate) != j:
+                    # The router keeps state per model name: two entries would be one
+                    # candidate counted twice (and its own alternate).
+                    problems.append((f"routes[{i}].aliases.{alias}[{j}]",
+                                     f"model {candidate!r} is listed twice"))
         if route.default is not None and route.default not in route.aliases:
             problems.append(
                 (f"routes[{i}].default", f"{route.default!r} is not an alias of this route")
@@ -252,6 +275,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen: set[object] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):     # `? [a, b]`: `in seen` would TypeError
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -261,19 +287,40 @@ class _StrictLoader(yaml.SafeLoader):
 
 def parse(text: str, source: str) -> Snapshot:
     try:
+        return _parse(text, source)
+    except RecursionError:
+        # YAML's composer, and the checks after it, recurse once per nesting level.
+        raise ConfigError(source, [("", "nested too deeply")]) from None
+
+
+def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    errors = exc.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+    # A tuple whose only items are invalid also fails its min_length ("at least 1 item
+    # ... not 0"): noise beside the errors that name those items.
+    return [(_format_loc(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors
+            if not (e["type"] == "too_short" and any(
+                len(loc) > len(e["loc"]) and loc[:len(e["loc"])] == tuple(e["loc"])
+                for loc in locs))]
+
+
+def _parse(text: str, source: str) -> Snapshot:
+    try:
         raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [(where, f"invalid YAML: {reason}")]) from None
+    except (ValueError, TypeError) as exc:
+        # A scalar YAML resolves but Python refuses, e.g. the timestamp 2026-13-01.
+        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from None
     if not isinstance(raw, dict):
         raise ConfigError(source, [("", "the file must hold a mapping (models:, routes:, ...)")])
     try:
         doc = _Document.model_validate(raw)
     except ValidationError as exc:
-        problems = [(_format_loc(e["loc"]), e["msg"]) for e in exc.errors()]
-        raise ConfigError(source, problems) from None
+        raise ConfigError(source, _validation_problems(exc)) from None
     problems = _check_references(doc)
     if problems:
         raise ConfigError(source, problems)
@@ -309,11 +356,15 @@ def parse(text: str, source: str) -> Snapshot:
         candidates=MappingProxyType({
             (route.name, alias): tuple(CandidateModel.from_model(models[n]) for n in names)
             for route in doc.routes for alias, names in route.aliases.items()}),
-        policies=policies if policies.policies else None,
+        # No set means no policy checks at all; `default: deny` must refuse even so.
+        policies=policies if policies.policies or policies.settings.default == "deny"
+        else None,
         policy_candidates=MappingProxyType({
             (route.name, alias): tuple(CandidateInfo.from_model(models[n]) for n in names)
             for route in doc.routes for alias, names in route.aliases.items()}),
         files=tuple(loaded.files),
+        include_globs=tuple(str(Path(source).resolve().parent / pattern)
+                            for pattern in loaded.settings.include),
         redactor=redactor,
     )
 

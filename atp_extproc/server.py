@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import glob
 import logging
 import os
 import signal
@@ -33,12 +34,19 @@ ROLE_METADATA = ("x-atp-role", "shadow")
 OFFLOAD_BODY_BYTES = 128 * 1024
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
+# The body buffer limit of the shipped Envoy configs (envoy/*.yaml,
+# per_connection_buffer_limit_bytes): Envoy sends ATP bodies up to it, whatever ATP's own
+# max_body_bytes says.
+ENVOY_BUFFER_LIMIT_BYTES = 8 * 1024 * 1024
 
 
 def grpc_receive_limit(max_body_bytes: int) -> int:
-    """gRPC's receive limit: above Envoy's buffer limit, so a big body never turns into
-    gRPC's RESOURCE_EXHAUSTED (which Envoy reports as a 504 after message_timeout)."""
-    return 2 * max_body_bytes + _GRPC_OVERHEAD_BYTES
+    """gRPC's receive limit: above Envoy's buffer limit, so a big body reaches ATP, which
+    answers its own 413, rather than failing as gRPC's RESOURCE_EXHAUSTED (an Envoy 500).
+    Envoy's limit is the shipped one, or twice max_body_bytes when that is raised
+    (README: Envoy buffers twice what ATP accepts); lowering max_body_bytes alone leaves
+    Envoy's limit where it was."""
+    return max(2 * max_body_bytes, ENVOY_BUFFER_LIMIT_BYTES) + _GRPC_OVERHEAD_BYTES
 
 
 def grpc_server_options(max_body_bytes: int) -> list[tuple[str, int]]:
@@ -62,10 +70,14 @@ class ConfigHolder:
         self.current = snapshot
         self._stamp = self._file_stamp()
 
-    def _file_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
-        # atp.yaml and every policy file it includes: an edit to either is a reload.
-        stamps = []
-        for name in (str(self.path), *self.current.files[1:]):
+    def _file_stamp(self) -> tuple[object, ...]:
+        # atp.yaml, every policy file it includes, and what policy.include matches now
+        # (a new file there is a reload too): an edit to any is a reload.
+        snapshot = self.current
+        matched = sorted({m for pattern in snapshot.include_globs
+                          for m in glob.glob(pattern, recursive=True)})
+        stamps: list[object] = [tuple(matched)]
+        for name in (str(self.path), *snapshot.files[1:]):
             try:
                 st = os.stat(name)
             except OSError:
@@ -82,6 +94,12 @@ class ConfigHolder:
             log.error("config reload rejected (%s); keeping version %s:\n%s",
                       reason, self.current.version, exc)
             return False
+        except Exception:
+            # A fault in the loader itself must not end the watcher (later fixes would
+            # never load) nor escape a signal handler: the old snapshot stays.
+            log.exception("config reload failed (%s); keeping version %s", reason,
+                          self.current.version)
+            return False
         if snapshot.version != self.current.version:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
@@ -94,8 +112,11 @@ class ConfigHolder:
         # replace files through symlink swaps and renames that inotify watches can miss.
         while True:
             await asyncio.sleep(self.current.server.reload_poll_s)
-            if self._file_stamp() != self._stamp:
-                self.reload("file changed")
+            try:
+                if self._file_stamp() != self._stamp:
+                    self.reload("file changed")
+            except Exception:
+                log.exception("config watch: cannot check %s; trying again", self.path)
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):

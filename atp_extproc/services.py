@@ -4,7 +4,7 @@ cost ledger. Lives as long as the server; survives config reloads (keyed by name
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from dataclasses import dataclass
 
 from atp_extproc.config import Snapshot
@@ -14,6 +14,8 @@ from atp_extproc.store.ledger import AsyncLedger
 from atp_extproc.store.money import PriceBook
 
 _FEEDBACK_EXPIRY_S = 1.0
+
+log = logging.getLogger("atp.services")
 
 
 @dataclass
@@ -39,5 +41,9 @@ class Services:
 
     async def close(self) -> None:
         if self.ledger is not None:
-            with contextlib.suppress(Exception):
+            # Shutting down goes on either way, but rows the final flush could not write
+            # are lost: say so.
+            try:
                 await self.ledger.aclose()
+            except Exception:
+                log.exception("ledger: the final flush failed; unwritten rows are lost")

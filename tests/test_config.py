@@ -464,3 +464,92 @@ def test_yaml_key_given_twice_is_refused_with_its_line() -> None:
     message = str(err.value)
     assert "dup.yaml" in message and "duplicate key 'routes'" in message
     assert f"line {text.count(chr(10)) - 2}" in message
+
+
+# -- review regressions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("price", [0.0000000004, 1.5e-10, 0.0000001234567891])
+def test_error_price_the_ledger_cannot_represent(price: float) -> None:
+    # Whole picodollars per token = 9 decimal places per 1K; these would round (to 0).
+    doc = base()
+    doc["models"][0]["price"]["output_per_1k"] = price
+    assert_names(error_of(doc), "models[0].price.output_per_1k", "more than 9 decimal places")
+
+
+@pytest.mark.parametrize("price", [0.000000001, 0.00015, 0.123456789, 1000])
+def test_prices_in_whole_picodollars_are_accepted(price: float) -> None:
+    doc = base()
+    doc["models"][0]["price"]["input_per_1k"] = price
+    assert parse_dict(doc).models["small"].price.input_per_1k == price
+
+
+def test_error_absurd_price() -> None:
+    doc = base()
+    doc["models"][1]["price"]["input_per_1k"] = 1.0e10
+    assert_names(error_of(doc), "models[1].price.input_per_1k", "less than or equal to 1000")
+
+
+def test_error_unhashable_yaml_key_names_file_and_line() -> None:
+    text = yaml.safe_dump(base(), sort_keys=False).replace(
+        "    fast:\n", "    ? [a, b]\n    : [small]\n    fast:\n")
+    assert "? [a, b]" in text
+    err = error_of(text)
+    assert err.file == SRC and "mapping key must be a scalar" in str(err)
+    assert "line " in err.problems[0][0]
+
+
+def test_error_deep_nesting_is_a_config_error() -> None:
+    text = yaml.safe_dump(base()) + "policy: " + "[" * 5000 + "]" * 5000 + "\n"
+    err = error_of(text)
+    assert "nested too deeply" in str(err)
+
+
+def test_error_invalid_yaml_timestamp() -> None:
+    err = error_of(yaml.safe_dump(base()) + "extra: 2026-13-01\n")
+    assert "invalid YAML" in str(err) and "month" in str(err)
+
+
+def test_error_alias_lists_a_model_twice() -> None:
+    doc = base()
+    doc["routes"][0]["aliases"]["best"] = ["large", "small", "large"]
+    err = error_of(doc)
+    assert_names(err, "routes[0].aliases.best[2]", "'large' is listed twice")
+    assert len(err.problems) == 1
+
+
+def test_no_spurious_min_length_error_beside_an_invalid_item() -> None:
+    doc = base()
+    doc["models"][0]["price"]["input_per_1k"] = -1
+    doc["routes"][0]["aliases"]["fast"] = "small"          # not a list
+    err = error_of(doc)
+    assert [p for p, _ in err.problems] == ["models[0].price.input_per_1k",
+                                           "routes[0].aliases.fast"]
+
+
+def test_default_deny_without_policies_still_denies() -> None:
+    from atp_extproc.exchange import Exchange
+    from tests.test_exchange import req_body, req_headers
+
+    doc = base()
+    doc["policy"] = {"default": "deny", "mode": "enforce"}
+    snap = parse_dict(doc)
+    assert snap.policies is not None and not snap.policies.policies
+    ex = Exchange(snap)
+    ex.handle(req_headers("POST", "/v1/chat/completions", "sk-demo-alice"))
+    resp = ex.handle(req_body({"model": "fast",
+                               "messages": [{"role": "user", "content": "hi"}]}))
+    assert resp.immediate_response.status.code == 403
+    # default allow with no policies: no set, no policy work per request.
+    assert parse_dict(base()).policies is None
+
+
+def test_snapshot_lists_include_globs_absolute(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text("policies: []\n")
+    doc = base()
+    doc["policy"] = {"include": ["policies/*.yaml"]}
+    path = tmp_path / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    snap = config.load(path)
+    assert snap.include_globs == (str(tmp_path.resolve() / "policies" / "*.yaml"),)

@@ -258,3 +258,58 @@ def test_price_book_snapshots_config_models_once():
     assert first == SMALL and book.snapshot(model) is first
     model.price = SimpleNamespace(input_per_1k=0.0003, output_per_1k=0.0006)
     assert book.snapshot(model).version != first.version
+
+
+def test_a_row_beyond_64_bits_is_dropped_and_logged_not_blocking_the_rest(ledger, caplog):
+    ledger.record(entry(tenant="alice"))
+    ledger.record(entry(tenant="bob", tin=10 ** 14))              # cost > int64 picodollars
+    with caplog.at_level("ERROR", logger="atp.ledger"):
+        assert ledger.flush() == 1
+    (dropped,) = [r for r in caplog.records if "dropped a row" in r.getMessage()]
+    assert dropped.record["tenant"] == "bob" and dropped.record["input_tokens"] == 10 ** 14
+    ledger.record(entry(tenant="carol"))
+    assert ledger.flush() == 1 and ledger.flush_errors == 0
+    assert {r.group[0] for r in rows(ledger.path)} == {"alice", "carol"}
+
+
+def test_a_price_beyond_64_bits_drops_its_rows_only(ledger, caplog):
+    huge = PriceSnapshot.of("huge", 10 ** 10, 0)                  # 1e19 pico per token
+    ledger.record(entry(model=huge, tenant="bob", tin=0, tout=0, baseline=None))
+    ledger.record(entry(tenant="alice"))
+    with caplog.at_level("ERROR", logger="atp.ledger"):
+        assert ledger.flush() == 1
+    assert any("dropped a price" in r.getMessage() for r in caplog.records)
+    assert [r.group[0] for r in rows(ledger.path)] == ["alice"]
+    conn = sqlite3.connect(ledger.path)
+    versions = {v for (v,) in conn.execute("SELECT version FROM price_snapshots")}
+    conn.close()
+    assert versions == {SMALL.version, LARGE.version}
+
+
+def test_report_opens_a_ledger_whose_path_has_uri_characters(tmp_path):
+    for name in ("run#1", "a?b", "x%41y"):
+        path = tmp_path / name / "ledger.sqlite3"
+        lg = AsyncLedger(path, start=False)
+        lg.record(entry())
+        lg.close()
+        assert rows(path)[0].requests == 1
+        assert "TOTAL" in savings_report(str(path), bucket="total")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a?b", "run#1", "x%41y"]
+
+
+@pytest.mark.asyncio
+async def test_services_close_logs_a_failed_final_flush(tmp_path, caplog, monkeypatch):
+    from atp_extproc.services import Services
+
+    lg = AsyncLedger(tmp_path / "l.sqlite3", start=False)
+    services = Services(None, None, None, lg)  # type: ignore[arg-type]
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    lg.record(entry())
+    monkeypatch.setattr(db, "write_batch", broken)
+    with caplog.at_level("ERROR", logger="atp.services"):
+        await services.close()
+    assert any("final flush failed" in r.getMessage() and r.exc_info
+               for r in caplog.records)

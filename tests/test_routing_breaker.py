@@ -146,3 +146,21 @@ def test_snapshot_for_introspection():
     snap = b.snapshot()
     assert snap["state"] == "closed"
     assert snap["window_results"] == 20 and snap["window_errors"] == 1
+
+
+def test_a_wider_window_on_reload_still_ages_old_results_out():
+    # Long uptime: the epoch counted in the old width is far above the new width's, and
+    # kept, it pinned every later result into one bucket (they never aged out).
+    clock = Clock()
+    clock.t = 1_000_000.0
+    b = CircuitBreaker(Breaker(window_s=30, min_requests=20, error_rate=0.5,
+                               confidence=0.0), clock)
+    b.record(True)
+    b.configure(Breaker(window_s=60, min_requests=20, error_rate=0.5, confidence=0.0))
+    for _ in range(10):
+        b.record(False)
+    clock.t += 3600                    # an hour later: the 60 s window holds only what follows
+    for _ in range(10):
+        b.record(False)
+    assert b.window_results == 10
+    assert b.state is CLOSED           # 10 < min_requests

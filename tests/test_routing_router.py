@@ -311,5 +311,110 @@ def test_sticky_key_follows_the_setting():
 
     assert sticky_key("none", "acme", "u1") is None
     assert sticky_key("tenant", "acme", "u1") == "t:acme"
-    assert sticky_key("user", "acme", "u1") == "u:acme:u1"
+    assert sticky_key("user", "acme", "u1") == "u:4:acme:u1"
     assert sticky_key("user", "acme", None) is None
+
+
+def test_sticky_user_keys_of_different_tenants_never_collide():
+    from atp_extproc.routing.sticky import sticky_key
+
+    # Tenant names may contain ':'.
+    assert sticky_key("user", "acme", "x:bob") != sticky_key("user", "acme:x", "bob")
+
+
+def test_a_candidate_unobserved_for_weeks_does_not_break_the_route():
+    # "dear" is over the price limit, so it is scored but never served nor observed; the
+    # staleness widening of its posterior once overflowed exp() after ~14 days.
+    clock = Clock()
+    router = Router(clock=clock, seed=1)
+    cands = (CandidateModel("cheap", 0.0001, 0.0002), CandidateModel("dear", 0.05, 0.1))
+    objective = RouteObjective(limits=Limits(max_price_per_1k=0.01))
+    for _ in range(30):
+        d = router.choose("chat", objective, cands)
+        router.observe("chat", d.chosen, ok=True, latency_ms=300, cost=0.0001)
+        clock.t += 86400
+    assert d.chosen == "cheap"
+
+
+def test_challengers_without_a_champion_keep_the_alias_first_candidate():
+    router = Router(clock=Clock(), seed=1)
+    objective = RouteObjective(challengers=("cheap",), shadow=Shadow(mode="decision"))
+    d = router.choose("chat", objective, CANDIDATES)        # mid: the implicit champion
+    assert d.chosen == "mid" and not d.fallback_reason
+    assert set(d.candidate_set) == {"mid", "cheap"}
+    assert d.excluded == (("dear", "not_in_objective"),)
+
+
+def test_breaker_window_widened_on_reload_ages_out_old_errors():
+    clock = Clock()
+    clock.t = 500_000.0
+    router = Router(clock=clock, seed=1)
+    cands = (CandidateModel("a", 0.001, 0.002), CandidateModel("b", 0.0001, 0.0002))
+    breaker = Breaker(window_s=30, min_requests=20, confidence=0.0, error_rate=0.5)
+    router.choose("chat", RouteObjective(breaker=breaker), cands)
+    router.observe("chat", "a", ok=True, latency_ms=100)
+    wider = RouteObjective(breaker=breaker.model_copy(update={"window_s": 60}))
+    router.choose("chat", wider, tuple(cands))              # a reload
+    for _ in range(12):
+        router.observe("chat", "a", ok=False, latency_ms=100)
+    clock.t += 6 * 3600
+    for _ in range(10):
+        router.observe("chat", "a", ok=False, latency_ms=100)
+    state = router.snapshot()["chat"]["a"]["breaker"]
+    assert state["window_results"] == 10 and state["state"] == "closed"
+
+
+def _decision_route_with_both_breakers_tripped() -> tuple[Clock, Router, RouteObjective]:
+    """Decision shadow, champion "dear": its outage sent traffic to "cheap", which failed
+    too; then the champion probed back and closed, "cheap" is left half-open."""
+    clock = Clock()
+    router = Router(clock=clock, seed=3)
+    objective = RouteObjective(
+        champion="dear", challengers=("cheap",), shadow=Shadow(mode="decision"),
+        exploration=0.0, weights=Weights(cost=1, latency=0, quality=0, error=1),
+        breaker=Breaker(confidence=0.0, min_requests=5, open_s=10, max_open_s=20))
+    cands = [DEAR, CHEAP]
+    router.choose("chat", objective, cands)
+    teach(router, "dear", 50, cost=0.005)
+    teach(router, "cheap", 50, cost=0.0001)
+    teach(router, "dear", 10, errors_every=1)
+    d = router.choose("chat", objective, cands)
+    assert d.chosen == "cheap" and d.fallback_reason == "champion_unavailable"
+    teach(router, "cheap", 10, errors_every=1)
+    clock.t += 30
+    d = router.choose("chat", objective, cands)
+    assert d.chosen == "dear" and d.probe
+    teach(router, "dear", objective.breaker.half_open_probes, cost=0.005)
+    assert router.breaker_state("chat", "dear") == "closed"
+    assert router.breaker_state("chat", "cheap") == "half_open"
+    return clock, router, objective
+
+
+def test_decision_shadow_still_proposes_a_half_open_challenger():
+    clock, router, objective = _decision_route_with_both_breakers_tripped()
+    cands = [DEAR, CHEAP]
+    clock.t += 86400
+    decisions = [router.choose("chat", objective, cands) for _ in range(200)]
+    # The champion serves everything, and never as a probe of the challenger...
+    assert {d.chosen for d in decisions} == {"dear"}
+    assert not any(d.probe for d in decisions)
+    # ...while the half-open challenger, which serves nothing, is still proposed.
+    assert any(d.proposed == "cheap" for d in decisions)
+    assert all(("cheap", "breaker_half_open") not in d.excluded for d in decisions)
+
+
+def test_decision_shadow_half_open_challenger_serves_only_as_the_probe():
+    _, router, objective = _decision_route_with_both_breakers_tripped()
+    cands = [DEAR, CHEAP]
+    teach(router, "dear", 10, errors_every=1)               # the champion is out again
+    assert router.breaker_state("chat", "dear") == "open"
+    d = router.choose("chat", objective, cands)
+    assert d.chosen == "cheap" and d.probe and d.fallback_reason == "champion_unavailable"
+    # Its probe is out: no more traffic to it; the longest-open candidate serves.
+    d = router.choose("chat", objective, cands)
+    assert ("cheap", "breaker_half_open") in d.excluded
+    assert d.fallback_reason == "all_breakers_open"
+    for _ in range(objective.breaker.half_open_probes):    # its probes come back fine
+        router.observe("chat", "cheap", ok=True, latency_ms=300, cost=0.0001)
+        router.choose("chat", objective, cands)
+    assert router.breaker_state("chat", "cheap") == "closed"

@@ -67,13 +67,22 @@ class CircuitBreaker:
         self.window_errors = 0
         self.window_results = 0
         self._epoch = 0
+        self._bucket_width = settings.window_s / _BUCKETS
         self.configure(settings)
         self.open_for = settings.open_s
 
     def configure(self, settings: BreakerSettings) -> None:
-        """Apply new settings (config reload) without losing the window."""
+        """Apply new settings (config reload); the window is kept unless its width
+        changes (its buckets and epoch are counted in the old width: kept, they would
+        pin every result into one bucket for as long as the process had run)."""
         self.settings = settings
-        self._bucket_width = settings.window_s / _BUCKETS
+        width = settings.window_s / _BUCKETS
+        if width != self._bucket_width:
+            self._errors = [0] * _BUCKETS
+            self._results = [0] * _BUCKETS
+            self.window_errors = self.window_results = 0
+            self._epoch = 0
+        self._bucket_width = width
         self._z = NormalDist().inv_cdf(settings.confidence) if settings.confidence > 0.5 \
             else 0.0
 

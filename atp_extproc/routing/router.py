@@ -122,6 +122,7 @@ class Router:
             names, elig, price_ok = prep.names, prep.arms, prep.price_ok
         else:
             names, elig, price_ok = [], [], []
+            half_open: list[str] = []
             for name, arm, within_price, static in prep.entries:
                 if restrict is not None and name not in restrict:
                     excluded.append((name, "policy"))
@@ -137,8 +138,14 @@ class Router:
                         broken_names.append(name)
                         continue
                     if state is HALF_OPEN:
-                        if (probe_name is None and (not decision_mode or name == champion)
-                                and breaker.try_probe(now)):
+                        if decision_mode and name != champion:
+                            # Decision mode: while the champion serves, a challenger
+                            # serves nothing, so a half-open one is still scored for
+                            # proposals (it would never get a result to close on
+                            # otherwise); it serves only by holding the probe slot
+                            # (below, when the champion cannot serve).
+                            half_open.append(name)
+                        elif probe_name is None and breaker.try_probe(now):
                             probe_name = name
                         else:
                             excluded.append((name, "breaker_half_open"))
@@ -148,6 +155,17 @@ class Router:
                 names.append(name)
                 elig.append(arm)
                 price_ok.append(within_price)
+            if half_open and champion not in names:
+                # The pick serves: a half-open challenger may serve only as the probe.
+                for name in half_open:
+                    i = names.index(name)
+                    if probe_name is None and elig[i].breaker.try_probe(now):
+                        probe_name = name
+                        continue
+                    excluded.append((name, "breaker_half_open"))
+                    broken.append(elig[i])
+                    broken_names.append(name)
+                    del names[i], elig[i], price_ok[i]
         posts: list[Post] = [arm.est.post for arm in elig]
 
         if not names:
@@ -269,6 +287,9 @@ class Router:
                  now: float) -> Prepared:
         prep = Prepared(candidates)
         excluded: list[tuple[str, str]] = []
+        members = comp.members
+        if members is not None and comp.champion is None and candidates:
+            members = members | {candidates[0].name}
         for c in candidates:
             arm = rs.arms.get(c.name)
             if arm is None:
@@ -283,7 +304,7 @@ class Router:
             elif (comp.internal_only and c.egress != "internal") or (
                     comp.regions is not None and c.region not in comp.regions):
                 static = "restrict"
-            elif comp.members is not None and c.name not in comp.members:
+            elif members is not None and c.name not in members:
                 static = "not_in_objective"
             within_price = comp.price_ok(c)
             prep.entries.append((c.name, arm, within_price, static))

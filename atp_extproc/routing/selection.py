@@ -34,6 +34,7 @@ from atp_extproc.routing.settings import RouteObjective
 _LN2 = math.log(2.0)
 # Cap on how much staleness may widen a posterior (sd x 8).
 _MAX_STALE_WIDEN = 8.0
+_LN_MAX_STALE_WIDEN = math.log(_MAX_STALE_WIDEN)
 # Below this widening (1%) staleness is ignored, which saves an exp() per candidate.
 _FRESH = 0.01
 
@@ -140,7 +141,8 @@ class Compiled:
         self.stale_rate = _LN2 / (2.0 * objective.learning.stale_half_life_s)
         self.explore_cap = objective.exploration
         self.champion = objective.champion
-        self.members = (frozenset((objective.champion, *objective.challengers))
+        # Without a named champion the alias's first candidate is one (Router._prepare).
+        self.members = (frozenset(filter(None, (objective.champion, *objective.challengers)))
                         if objective.challengers else None)
         self.sticky = objective.sticky != "none"
         self.shadow_mode = objective.shadow.mode
@@ -196,6 +198,8 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
     min_samples = comp.min_samples
     stale_rate = comp.stale_rate
     fresh_for = _FRESH / stale_rate
+    # Past this age the widening is capped; exp() itself would overflow after ~2 weeks.
+    capped_after = _LN_MAX_STALE_WIDEN / stale_rate
     limits = p95 is not None or max_error is not None or min_quality is not None
     add_utility, add_feasible = out.mean_utility.append, out.feasible.append
     best_mean = best_sample = -math.inf
@@ -206,10 +210,10 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
         dt = now - last
         if dt < fresh_for:
             widen = 1.0
+        elif dt >= capped_after:
+            widen = _MAX_STALE_WIDEN
         else:
             widen = math.exp(dt * stale_rate)
-            if widen > _MAX_STALE_WIDEN:
-                widen = _MAX_STALE_WIDEN
         qs = q + qsd * widen * normals[z]
         qs = 0.0 if qs < 0.0 else (1.0 if qs > 1.0 else qs)
         es = e + esd * widen * normals[z + 1]

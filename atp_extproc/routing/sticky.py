@@ -65,9 +65,14 @@ def stable_unit(key: str) -> float:
 def sticky_key(sticky: str, tenant: str | None, user: str | None) -> str | None:
     """The key a route's `sticky:` setting asks for (None: not sticky, or unknown user).
 
-    The tenant is prefixed so that a user id equal to some tenant name cannot collide."""
+    The tenant is prefixed so that a user id equal to some tenant name cannot collide,
+    and length-prefixed because tenant names may contain ':' (else tenant 'a:x' with user
+    'b' and tenant 'a' with user 'x:b' would share a key)."""
     if sticky == "tenant":
         return f"t:{tenant}" if tenant else None
     if sticky == "user":
-        return f"u:{tenant}:{user}" if user else None
+        if not user:
+            return None
+        tenant = tenant or ""
+        return f"u:{len(tenant)}:{tenant}:{user}"
     return None

@@ -123,6 +123,7 @@ class AsyncLedger:
                 self._rows, self._prices, self._halves = {}, {}, []
             if not rows and not halves and not prices:
                 return 0
+            self._drop_unwritable(rows, prices, halves)
             try:
                 db.write_batch(self._conn, rows, prices.values(), halves,
                                int(self._clock()))
@@ -132,6 +133,37 @@ class AsyncLedger:
                 raise
             self.flushes += 1
             return len(rows) + len(halves)
+
+    @staticmethod
+    def _drop_unwritable(rows: dict[db.LedgerKey, db.LedgerSums],
+                         prices: dict[str, PriceSnapshot],
+                         halves: list[db.ShadowHalf]) -> None:
+        """Drop (and log) what SQLite cannot store: kept, it would fail this batch and,
+        requeued, every later one, so nothing would ever be written again."""
+        bad_prices = {v for v, p in prices.items() if not db.price_fits(p)}
+        for version in bad_prices:
+            p = prices.pop(version)
+            log.error("ledger: dropped a price beyond 64-bit picodollars", extra={"record": {
+                "model": p.model, "price_version": version, "input_per_1k": p.input_text,
+                "output_per_1k": p.output_text}})
+        for key in [k for k, sums in rows.items()
+                    if not db.row_fits(sums) or k[5] in bad_prices or k[7] in bad_prices]:
+            sums = rows.pop(key)
+            log.error("ledger: dropped a row beyond 64-bit integers or without its price",
+                      extra={"record": {
+                          "hour": key[0], "tenant": key[1], "route": key[2],
+                          "model": key[3], "shadow": bool(key[4]), "price_version": key[5],
+                          "requests": sums[0], "input_tokens": sums[3],
+                          "output_tokens": sums[4], "cost_pico": sums[5],
+                          "baseline_pico": sums[6]}})
+        kept = [h for h in halves if db.half_fits(h)]
+        if len(kept) != len(halves):
+            for h in halves:
+                if not db.half_fits(h):
+                    log.error("ledger: dropped a shadow half beyond 64-bit integers",
+                              extra={"record": {"request_id": h.request_id, "side": h.side,
+                                                "route": h.route, "model": h.model}})
+            halves[:] = kept
 
     def _requeue(self, rows: dict[db.LedgerKey, db.LedgerSums],
                  prices: dict[str, PriceSnapshot], halves: list[db.ShadowHalf]) -> None:

@@ -30,6 +30,13 @@ def pico_per_token(price_per_1k: Decimal) -> int:
                .to_integral_value(ROUND_HALF_EVEN))
 
 
+def whole_pico_per_token(price_per_1k: Decimal) -> bool:
+    """Whether the price is exactly whole picodollars per token (at most 9 decimal
+    places of USD per 1K tokens); any other price would be rounded, possibly to 0."""
+    scaled = price_per_1k * _PICO_PER_TOKEN_PER_USD_PER_1K
+    return scaled == scaled.to_integral_value()
+
+
 def usd(pico: int) -> Decimal:
     return Decimal(pico) / PICO_PER_USD
 

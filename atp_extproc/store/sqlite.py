@@ -111,12 +111,36 @@ LedgerKey = tuple[int, str, str, str, int, str, str, str]
 LedgerSums = list[int]
 
 
+# SQLite's INTEGER range: a larger Python int cannot be bound (OverflowError).
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _fits(*values: int | None) -> bool:
+    return all(v is None or INT64_MIN <= v <= INT64_MAX for v in values)
+
+
+def row_fits(sums: LedgerSums) -> bool:
+    """Whether SQLite can store the row (its savings, baseline - cost, fits when both do:
+    they are never negative)."""
+    return _fits(*sums)
+
+
+def price_fits(price: PriceSnapshot) -> bool:
+    return _fits(price.input_pico, price.output_pico)
+
+
+def half_fits(half: ShadowHalf) -> bool:
+    return _fits(half.status, half.cost_pico, half.ts)
+
+
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     path = Path(path)
     if readonly:
         if not path.exists():
             raise FileNotFoundError(f"no ledger at {path}")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+        # as_uri() percent-encodes the path: '?', '#' or '%' in it would otherwise be
+        # read as the URI's query, fragment or an escape, and open another file.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
                                timeout=BUSY_TIMEOUT_MS / 1000)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,110 @@
+"""server.py without a stack: reload survives any fault, the include glob, gRPC limits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atp_extproc import config as config_mod
+from atp_extproc.server import ConfigHolder, grpc_receive_limit, grpc_server_options
+from atp_extproc.stack import FRONT_PROXY
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = """
+auth: {anonymous_tenant: anon}
+models:
+  - {name: m, cluster: c, upstream_model: u, price: {input_per_1k: 0.001, output_per_1k: 0}}
+routes:
+  - {name: r, aliases: {a: [m]}}
+server: {reload_poll_s: 0.05}
+"""
+UNHASHABLE_KEY = GOOD.replace("aliases: {a: [m]}", "aliases: {? [a, b] : [m]}")
+
+
+def holder_for(tmp_path: Path, text: str = GOOD) -> ConfigHolder:
+    path = tmp_path / "atp.yaml"
+    path.write_text(text)
+    return ConfigHolder(path, config_mod.load(path))
+
+
+def test_reload_of_an_unhashable_key_keeps_the_old_snapshot(tmp_path: Path) -> None:
+    holder = holder_for(tmp_path)
+    old = holder.current
+    holder.path.write_text(UNHASHABLE_KEY)
+    assert holder.reload("SIGHUP") is False
+    assert holder.current is old
+
+
+def test_reload_survives_any_fault_of_the_loader(tmp_path: Path, monkeypatch,
+                                                 caplog) -> None:
+    holder = holder_for(tmp_path)
+    old = holder.current
+
+    def broken(path: object) -> config_mod.Snapshot:
+        raise TypeError("a loader bug")
+
+    monkeypatch.setattr(config_mod, "load", broken)
+    with caplog.at_level("ERROR", logger="atp.server"):
+        assert holder.reload("SIGHUP") is False
+    assert holder.current is old
+    assert any("keeping version" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_watch_outlives_a_bad_file_and_loads_the_fix(tmp_path: Path) -> None:
+    holder = holder_for(tmp_path)
+    watcher = asyncio.create_task(holder.watch())
+    try:
+        holder.path.write_text(UNHASHABLE_KEY)
+        await asyncio.sleep(0.3)
+        assert not watcher.done()
+        holder.path.write_text(GOOD.replace("anon}", "anon2}"))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if holder.current.auth.anonymous_tenant == "anon2":
+                break
+        assert holder.current.auth.anonymous_tenant == "anon2"
+    finally:
+        watcher.cancel()
+
+
+def test_a_new_file_matching_policy_include_is_a_reload(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(
+        "policies:\n  - {id: a.x, effect: deny, expression: request.max_tokens > 9000}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    before = holder._file_stamp()
+    (tmp_path / "policies" / "b.yaml").write_text(
+        "policies:\n  - {id: b.x, effect: deny, expression: request.stream}\n")
+    assert holder._file_stamp() != before
+    assert holder.reload("file changed")
+    assert [p.id for p in holder.current.policies.policies] == ["a.x", "b.x"]
+
+
+def _envoy_buffer_limits() -> list[int]:
+    limits = []
+    for path in sorted((ROOT / "envoy").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        resources = doc.get("static_resources", {}) if isinstance(doc, dict) else {}
+        for item in (*resources.get("listeners", ()), *resources.get("clusters", ())):
+            if "per_connection_buffer_limit_bytes" in item:
+                limits.append(item["per_connection_buffer_limit_bytes"])
+    return limits
+
+
+@pytest.mark.parametrize("max_body", [
+    1024, 64 * 1024, config_mod.Server().max_body_bytes,
+    config_mod.Server.model_fields["max_body_bytes"].metadata[-1].le])
+def test_grpc_receive_limit_covers_envoy_buffer_whatever_max_body(max_body: int) -> None:
+    # A lower max_body_bytes does not lower Envoy's buffer: Envoy still sends bodies up to
+    # it, and gRPC must take them so ATP answers its own 413 (not an Envoy 500).
+    limits = _envoy_buffer_limits()
+    assert limits and FRONT_PROXY.parent == ROOT / "envoy"
+    options = dict(grpc_server_options(max_body))
+    receive = options["grpc.max_receive_message_length"]
+    assert receive == grpc_receive_limit(max_body)
+    assert receive >= max(limits) + 64 * 1024
+    assert receive >= 2 * max_body + 64 * 1024
