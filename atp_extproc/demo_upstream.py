@@ -284,11 +284,12 @@ async def start_sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def send_event(response: web.StreamResponse, payload: str) -> None:
+async def send_event(response: web.StreamResponse, payload: str, name: str | None = None) -> None:
     # aiohttp frames each write() as its own HTTP chunk and StreamResponse.write
     # drains under backpressure (resp.drain() is deprecated); yielding to the
     # loop lets the transport flush before the next event is produced.
-    await response.write(f"data: {payload}\n\n".encode())
+    field = f"event: {name}\n" if name is not None else ""
+    await response.write(f"{field}data: {payload}\n\n".encode())
     await asyncio.sleep(0)
 
 
@@ -297,6 +298,17 @@ async def stream_events(request: web.Request, chunks: Iterable[JsonDict]) -> web
     for chunk in chunks:
         await send_event(response, json.dumps(chunk))
     await send_event(response, "[DONE]")
+    await response.write_eof()
+    return response
+
+
+async def stream_typed_events(
+    request: web.Request, events: Iterable[JsonDict]
+) -> web.StreamResponse:
+    """Responses API stream: each event is named by its ``type``, and no [DONE] follows."""
+    response = await start_sse(request)
+    for event in events:
+        await send_event(response, json.dumps(event), event["type"])
     await response.write_eof()
     return response
 
@@ -404,11 +416,52 @@ async def embeddings(request: web.Request, body: JsonDict) -> web.StreamResponse
     )
 
 
+def response_object(
+    base: JsonDict, status: str, output: list[JsonDict], usage: JsonDict | None
+) -> JsonDict:
+    return {**base, "status": status, "output": output, "usage": usage}
+
+
+def responses_stream_events(base: JsonDict, message: JsonDict, usage: JsonDict) -> list[JsonDict]:
+    """The Responses API event sequence for a one-message reply, as OpenAI sends it."""
+    part = message["content"][0]
+    reply = part["text"]
+    at = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    started = response_object(base, "in_progress", [], None)
+    events: list[JsonDict] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+        *(
+            {"type": "response.output_text.delta", **at, "delta": piece, "logprobs": []}
+            for piece in split_for_stream(reply)
+        ),
+        {"type": "response.output_text.done", **at, "text": reply, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {
+            "type": "response.completed",
+            "response": response_object(base, "completed", [message], usage),
+        },
+    ]
+    return [{**event, "sequence_number": n} for n, event in enumerate(events)]
+
+
 async def responses(request: web.Request, body: JsonDict) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     texts, last_user = responses_input_texts(body.get("input"))
     reply = reply_text(state.config.name, last_user)
-    usage = chat_usage(texts, reply)
+    counts = chat_usage(texts, reply)
+    usage = {
+        "input_tokens": counts["prompt_tokens"],
+        "output_tokens": counts["completion_tokens"],
+        "total_tokens": counts["total_tokens"],
+    }
     output_text = {"type": "output_text", "text": reply, "annotations": []}
     message = {
         "type": "message",
@@ -417,21 +470,15 @@ async def responses(request: web.Request, body: JsonDict) -> web.StreamResponse:
         "role": "assistant",
         "content": [output_text],
     }
-    return web.json_response(
-        {
-            "id": state.next_id("resp"),
-            "object": "response",
-            "created_at": CREATED_TIMESTAMP,
-            "status": "completed",
-            "model": body.get("model"),
-            "output": [message],
-            "usage": {
-                "input_tokens": usage["prompt_tokens"],
-                "output_tokens": usage["completion_tokens"],
-                "total_tokens": usage["total_tokens"],
-            },
-        }
-    )
+    base: JsonDict = {
+        "id": state.next_id("resp"),
+        "object": "response",
+        "created_at": CREATED_TIMESTAMP,
+        "model": body.get("model"),
+    }
+    if body.get("stream") is True:
+        return await stream_typed_events(request, responses_stream_events(base, message, usage))
+    return web.json_response(response_object(base, "completed", [message], usage))
 
 
 async def list_models(request: web.Request, body: JsonDict) -> web.StreamResponse:

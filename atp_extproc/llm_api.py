@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, Protocol
@@ -225,12 +226,26 @@ class Limits:
 _DEFAULT_LIMITS = Limits()
 
 
+_INTS = frozenset({int})
+_STRS = frozenset({str})
+_LISTS = frozenset({list})
+_OBJECTS = frozenset({dict})
+
+
+def _only(items: list[Any], kinds: frozenset[type]) -> bool:
+    # map/set run in C: cheap even over a long token array. Exact types: JSON true and
+    # false would pass isinstance(…, int).
+    return set(map(type, items)) <= kinds
+
+
 def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
     for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
-                      ("tools", limits.max_tools)):
+                      ("prompt", limits.max_messages), ("tools", limits.max_tools)):
         value = doc.get(key)
+        # A token-id array is one input however long, but only if every item is an int:
+        # a leading int proves nothing.
         if isinstance(value, list) and len(value) > most and not (
-                key == "input" and value and isinstance(value[0], int)):
+                key != "tools" and _only(value, _INTS)):
             raise RequestError(400, f"'{key}' holds {len(value)} items; at most {most} are "
                                "accepted", "too_many_items", param=key)
 
@@ -260,18 +275,45 @@ def read_request(operation: str, doc: dict[str, Any],
     if options is not None and not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", "invalid_type",
                            param="stream_options")
-    messages = doc.get("messages") if operation == "chat" else None
+    # Redaction only reads the shapes a provider accepts: any other shape would reach the
+    # provider unscanned, so it is refused here.
+    value = doc[required]
     if operation == "chat":
-        _check_messages(messages)
-    tools = doc.get("tools")
+        _check_messages(value)
+    elif operation == "responses":
+        _check_items(value)
+    else:
+        _check_prompt(required, value)
     return LlmRequest(
         operation=operation,
         model=model,
         stream=stream,
         client_wants_usage=bool(options and options.get("include_usage") is True),
-        message_count=len(messages) if isinstance(messages, list) else 0,
-        tool_names=_tool_names(tools),
+        message_count=len(value) if operation == "chat" else 0,
+        tool_names=_tool_names(doc.get("tools")),
     )
+
+
+def _check_prompt(param: str, value: Any) -> None:
+    """completions `prompt`, embeddings `input`: text, texts, token ids, token-id arrays."""
+    if type(value) is str:
+        return
+    if type(value) is list:
+        kinds = set(map(type, value))
+        if kinds <= _STRS or kinds <= _INTS or (
+                kinds == _LISTS and all(_only(ids, _INTS) for ids in value)):
+            return
+    raise RequestError(400, f"'{param}' must be a string, an array of strings, an array of "
+                       "token ids or an array of token-id arrays", "invalid_type",
+                       param=param)
+
+
+def _check_items(value: Any) -> None:
+    """responses `input`: text, or an array of input items (objects)."""
+    if type(value) is str or (type(value) is list and _only(value, _OBJECTS)):
+        return
+    raise RequestError(400, "'input' must be a string or an array of input items (objects)",
+                       "invalid_type", param="input")
 
 
 def _check_messages(messages: Any) -> None:
@@ -310,8 +352,12 @@ def needs_usage_injection(request: LlmRequest) -> bool:
             and not request.client_wants_usage)
 
 
-def rewrite(parsed: ParsedBody, set_fields: dict[str, Any]) -> bytes:
-    """Splice new values for top-level fields into the original text."""
+def rewrite(parsed: ParsedBody, set_fields: dict[str, Any],
+            drop: Collection[str] = ()) -> bytes:
+    """Splice new values for top-level fields into the original text, and remove the
+    body's top-level keys named in `drop`."""
+    if any(key in parsed.doc for key in drop):
+        return _reserialize(parsed.doc, set_fields, drop)
     edits: list[tuple[int, int, str]] = []
     inserts: list[str] = []
     for key, value in set_fields.items():
@@ -337,11 +383,32 @@ def rewrite(parsed: ParsedBody, set_fields: dict[str, Any]) -> bytes:
     return "".join(pieces).encode()
 
 
+def _reserialize(doc: dict[str, Any], set_fields: dict[str, Any],
+                 drop: Collection[str]) -> bytes:
+    # Removing a member is rare (a policy stripped every tool): writing the whole body
+    # again is simpler than splicing out a key and its comma. A lone surrogate (valid as
+    # a JSON escape) can only sit inside a string, where backslashreplace writes it back
+    # as that same escape; all other text stays UTF-8 rather than growing into escapes.
+    merged = {key: value for key, value in {**doc, **set_fields}.items() if key not in drop}
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int
     output_tokens: int
     estimated: bool = False
+
+
+# No real request comes near this; a provider's larger count would overflow the ledger's
+# int64 sums, so it is read as no count at all and the figure is estimated instead.
+MAX_USAGE_TOKENS = 10**9
+
+
+def _is_count(value: Any) -> bool:
+    # `type() is int`: JSON true/false would pass isinstance(…, int).
+    return type(value) is int and 0 <= value <= MAX_USAGE_TOKENS
 
 
 def _usage_of(obj: Any) -> Usage | None:
@@ -350,8 +417,7 @@ def _usage_of(obj: Any) -> Usage | None:
         return None
     inp = usage.get("prompt_tokens", usage.get("input_tokens"))
     out = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    # `type() is int`: JSON true/false would pass isinstance(…, int).
-    if type(inp) is not int or type(out) is not int or inp < 0 or out < 0:
+    if not (_is_count(inp) and _is_count(out)):
         return None
     return Usage(inp, out)
 
@@ -378,8 +444,19 @@ def estimate_tokens(n_chars: int) -> int:
     return math.ceil(n_chars / 4)
 
 
-# Captured, so one split yields [event, separator, event, separator, ..., tail].
-_EVENT_END = re.compile(rb"(\r?\n\r?\n)")
+# SSE ends a line with CRLF, LF or CR, and an event with an empty line. `\r(?!\n)` keeps
+# one CRLF from being read as two line ends.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+# A separator is at most 4 bytes, so at most its first 3 can sit in held bytes; of those,
+# only a trailing CR, LF or CRLF can (more would already have ended the event).
+_SEPARATOR_OVERLAP = 2
+_CR = 13
+# Memory bound: an event this long without an end is passed on unread, not held (a
+# usage-only chunk is never near it; a giant final event's usage is then estimated).
+_MAX_EVENT = 4 << 20
+# /v1/responses streams end with one of these; each carries the response's usage.
+_TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete",
+                             "response.failed"})
 
 
 class SseStream:
@@ -396,57 +473,100 @@ class SseStream:
         self.finish_reason: str | None = None
         self.output_chars = 0
         self.events = 0
-        self._tail = b""
+        # The event in progress. Appending to it costs the chunk, never the whole event.
+        self._buf = bytearray()
+        # Set while inside an event over _MAX_EVENT: _buf then keeps only the bytes a
+        # separator may start in, all of them already passed on.
+        self._skipping = False
+        # The last separator ended in a chunk's final CR: a LF opening the next chunk
+        # completes it, and goes (b"\n") or not (b"") the way its event went.
+        self._after_cr: bytes | None = None
 
     def feed(self, chunk: bytes, end: bool) -> bytes | None:
         """Observe a chunk; return its replacement, or None to pass it unchanged."""
-        data = self._tail + chunk
-        pieces = _EVENT_END.split(data)
-        self._tail = b"" if end else pieces.pop()
-        kept: list[bytes] = []
-        changed = False
-        for i in range(0, len(pieces), 2):
-            event, sep = pieces[i], pieces[i + 1] if i + 1 < len(pieces) else b""
-            if event and self._observe(event) and self.drop_usage_chunk:
-                changed = True
-                continue
-            kept.append(event + sep)
-        if not self.drop_usage_chunk:
+        kept: list[bytes | bytearray] = []
+        skip = 0
+        if self._after_cr is not None and chunk:
+            if chunk[:1] == b"\n":
+                kept.append(self._after_cr)
+                skip = 1
+            self._after_cr = None
+        buf = self._buf
+        scan = max(0, len(buf) - _SEPARATOR_OVERLAP)
+        buf += memoryview(chunk)[skip:]
+        drop = self.drop_usage_chunk
+        pos = 0
+        for m in _EVENT_END.finditer(buf, scan):
+            start, stop = m.span()
+            head = self._event_head(buf, pos, start)
+            if head is not None and drop:
+                kept.append(buf[head:stop])
+            if stop == len(buf) and buf[-1] == _CR and not end:
+                self._after_cr = b"" if head is None else b"\n"
+            pos = stop
+        if end:
+            head = self._event_head(buf, pos, len(buf))
+            if head is not None and drop:
+                kept.append(buf[head:])
+            self._buf = bytearray()
+        elif self._skipping or len(buf) - pos > _MAX_EVENT:
+            if drop:
+                kept.append(buf[_SEPARATOR_OVERLAP if self._skipping else pos:])
+            self._buf = buf[-_SEPARATOR_OVERLAP:]
+            self._skipping = True
+        else:
+            del buf[:pos]
+        if not drop:
             return None
         out = b"".join(kept)
-        return out if changed or out != chunk else None
+        return None if out == chunk else out
 
-    def _observe(self, event: bytes) -> bool:
+    def _event_head(self, buf: bytearray, pos: int, start: int) -> int | None:
+        """Where the bytes still to pass on of the event buf[pos:start] begin; None if the
+        event is dropped."""
+        if self._skipping:
+            # Too big to have been held: all but what this chunk added is already out.
+            self._skipping = False
+            return _SEPARATOR_OVERLAP
+        if start > pos and self._observe(buf[pos:start]) and self.drop_usage_chunk:
+            return None
+        return pos
+
+    def _observe(self, event: bytearray) -> bool:
         """Record what the event says; True if it is a usage-only chunk."""
         self.events += 1
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if not payload.startswith(b"{"):
-                continue
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                continue
+        payload = _data_of(event)
+        if not payload.startswith(b"{"):
+            return False
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:  # too deep included: the event passes unread
+            return False
+        if not isinstance(obj, dict):
+            return False
+        if obj.get("type") in _TERMINAL_TYPES:
+            obj = obj.get("response")
             if not isinstance(obj, dict):
-                continue
-            if obj.get("type") == "response.completed":
-                obj = obj.get("response")
-                if not isinstance(obj, dict):
-                    continue
-            usage = _usage_of(obj)
-            if usage is not None:
-                self.usage = usage
-                return obj.get("choices") == []
-            self.finish_reason = _finish_reason(obj) or self.finish_reason
-            self.output_chars += _delta_chars(obj)
-        return False
+                return False
+        self.finish_reason = _finish_reason(obj) or self.finish_reason
+        self.output_chars += _delta_chars(obj)
+        usage = _usage_of(obj)
+        if usage is None:
+            return False
+        self.usage = usage
+        return obj.get("choices") == []
+
+
+def _data_of(event: bytearray) -> bytes:
+    """The event's data: its `data:` lines, one optional space dropped, joined by LF."""
+    return b"\n".join(line[5:].removeprefix(b" ") for line in event.splitlines()
+                      if line.startswith(b"data:")).lstrip()
 
 
 def _delta_chars(obj: dict[str, Any]) -> int:
     total = 0
-    for choice in obj.get("choices") or ():
+    choices = obj.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")

@@ -13,6 +13,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from atp_extproc.demo_upstream import UpstreamConfig, make_app, parse_args
+from atp_extproc.llm_api import SseStream, Usage
 
 
 @dataclass
@@ -318,6 +319,15 @@ async def test_responses_models_and_health(upstream: Upstream) -> None:
     try:
         response = await client.responses.create(model="resp-model", input="hello world")
         assert response.output_text == "[demo] you said: hello world"
+        stream = await client.responses.create(model="resp-model", input="hello world", stream=True)
+        events = [event async for event in stream]
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output_text == "[demo] you said: hello world"
+        assert events[-1].response.usage is not None
+        assert events[-1].response.usage.output_tokens == 7
+        async with client.responses.stream(model="resp-model", input="hello world") as helper:
+            final = await helper.get_final_response()
+        assert final.output_text == "[demo] you said: hello world"
     finally:
         await client.close()
 
@@ -327,6 +337,67 @@ async def test_responses_models_and_health(upstream: Upstream) -> None:
         assert resp.status == 200
         assert resp.headers["x-upstream-name"] == "demo"
         assert await resp.json() == {"ok": True}
+
+
+async def read_typed_sse(resp: aiohttp.ClientResponse) -> tuple[bytes, list[dict[str, Any]]]:
+    """The raw stream and its events, asserting `event:` names each one by its `type`."""
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    raw = await resp.read()
+    events: list[dict[str, Any]] = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}"
+        events.append(event)
+    assert raw.endswith(b"\n\n")
+    return raw, events
+
+
+RESPONSES_USAGE = {"input_tokens": 6, "output_tokens": 7, "total_tokens": 13}
+
+
+@pytest.mark.asyncio
+async def test_responses_stream_raw(upstream: Upstream) -> None:
+    body = {"model": "resp-model", "input": "hello world", "stream": True}
+    async with upstream.session.post(f"{upstream.base_url}/v1/responses", json=body) as resp:
+        assert resp.status == 200
+        raw, events = await read_typed_sse(resp)
+    assert b"[DONE]" not in raw  # the Responses API ends with response.completed
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 1
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * len(deltas),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    reply = "[demo] you said: hello world"
+    assert "".join(e["delta"] for e in deltas) == reply
+    assert all(e["item_id"] == "msg-demo-000001" for e in deltas)
+    created, completed = events[0]["response"], events[-1]["response"]
+    assert created["id"] == completed["id"] == "resp-demo-000002"
+    assert (created["status"], created["usage"]) == ("in_progress", None)
+    assert created["model"] == completed["model"] == "resp-model"
+    assert completed["status"] == "completed"
+    assert completed["usage"] == RESPONSES_USAGE
+    assert completed["output"][0]["content"][0]["text"] == reply
+
+    # Deterministic: the same request gets the same stream but for its ids.
+    async with upstream.session.post(f"{upstream.base_url}/v1/responses", json=body) as resp:
+        again, _ = await read_typed_sse(resp)
+    assert again.replace(b"-000003", b"-000001").replace(b"-000004", b"-000002") == raw
+    # What ATP reads back from it: the usage and the streamed text.
+    sse = SseStream(drop_usage_chunk=False)
+    assert sse.feed(raw, end=True) is None
+    assert sse.usage == Usage(6, 7)
+    assert sse.output_chars == len(reply)
 
 
 @pytest.mark.asyncio
