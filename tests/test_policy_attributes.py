@@ -241,3 +241,42 @@ def test_request_from_body_is_bounded():
     assert MAX_HISTORY_SCAN < 5000
     attrs = build_attributes(request=fields, context={"truncated": cut})
     assert "request.tools" in attrs.truncated
+
+
+def _call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+@pytest.mark.parametrize(("doc", "path"), [
+    # The 17th argument is not kept: a policy on it would see nothing.
+    ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(
+        {**{f"a{i}": i for i in range(16)}, "max_results": 500}))]}]},
+     "request.tool_details.arguments"),
+    # Arguments too long to parse read as none at all.
+    ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(
+        {"max_results": 500, "pad": "x" * 9000}))]}]},
+     "request.tool_details.arguments"),
+    # Nested too deep to parse.
+    ({"messages": [{"role": "assistant", "tool_calls": [_call(
+        "search", "[" * 5000 + "]" * 5000)]}]},
+     "request.tool_details.arguments"),
+    # The 65th call of one message is never read.
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        *[_call("search", "{}") for _ in range(64)], _call("shell", "{}")]}]},
+     "request.tool_details"),
+    # Declared parameters past the 64th.
+    ({"tools": [{"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {f"p{i}": {} for i in range(100)}}}}]},
+     "request.tool_details.parameters"),
+])
+def test_every_cut_of_a_body_is_named(doc, path):
+    fields, cut = request_from_body("chat", doc)
+    assert cut == [path]
+    attrs = build_attributes(request=fields, context={"truncated": cut})
+    assert path in attrs.truncated
+
+
+def test_arguments_that_are_not_json_are_no_cut():
+    fields, cut = request_from_body("chat", {"messages": [{"role": "assistant",
+                                                           "tool_calls": [_call("f", "{")]}]})
+    assert cut == [] and fields["tool_details"][0]["arguments"] == {}

@@ -6,6 +6,7 @@ import json
 import logging
 import textwrap
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,12 @@ from atp_extproc.policy import (
     PolicySettings,
     build_attributes,
 )
+from atp_extproc.policy.attributes import MAX_STRING
+from atp_extproc.policy.engine import evaluation_error
 from atp_extproc.policy.runtime import PolicyStore, policy_set_from_config
+from atp_extproc.policy.settings import load_file
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "policies"
 
 SMALL = CandidateInfo("small", "demo_a", "eu", "internal", 0.0001, 0.0002, "demo_a")
 LARGE = CandidateInfo("large", "demo_b", "us", "external", 0.003, 0.01, "demo_b")
@@ -274,6 +280,37 @@ def test_error_text_never_carries_values():
     assert "jane" not in text
 
 
+def test_error_reasons_are_fixed_phrases_never_runtime_text():
+    # cel-cpp's texts carry unquoted values: an index, a numeric map key, RE2's pattern.
+    ps = compile_(P("e.index", "deny", "request.tools[request.max_tokens] == 'x'"),
+                  P("e.key", "deny", "subject.claims[subject.claims.n] == 1",
+                    on_error="skip"),
+                  P("e.int", "deny", "int(request.metadata.ssn) > 1"))
+    out = ps.evaluate(attrs(tools=["a"], max_tokens=31337, metadata={"ssn": "123-45-6789"},
+                            subject={"claims": {"n": 98765}}), [SMALL])
+    reasons = {r.policy_id: r.reason for r in out.records}
+    assert reasons == {
+        "e.index": "evaluation error: UNKNOWN: index error; on_error=deny: request denied",
+        "e.key": "evaluation error: NOT_FOUND: key not found in map; on_error=skip: "
+                 "policy skipped",
+        "e.int": "evaluation error: INVALID_ARGUMENT: string conversion failed; "
+                 "on_error=deny: request denied"}
+    assert evaluation_error("INVALID_ARGUMENT: invalid regular expression: missing ): "
+                            "(jane.doe@example.com") == \
+        "INVALID_ARGUMENT: invalid regular expression"
+    assert evaluation_error("UNKNOWN: something new: jane.doe@example.com") == \
+        "UNKNOWN: evaluation failed"
+    assert evaluation_error(RuntimeError("jane.doe@example.com: Key not found in map")) == \
+        "ERROR: evaluation failed"
+
+
+def test_a_regex_built_at_run_time_is_refused():
+    # It would let the request choose the regex, and its errors quote the request's text.
+    with pytest.raises(PolicyError, match="matches\\(\\) needs a literal pattern"):
+        compile_(P("e.re", "deny", "request.alias.matches(request.metadata.pattern)"))
+    compile_(P("e.re", "deny", "request.alias.matches('^gpt-[0-9]+$')"))
+
+
 # -- records --------------------------------------------------------------------------
 
 
@@ -352,6 +389,21 @@ def test_tool_names_in_records_are_sanitised():
     out = ps.evaluate(attrs(tool_details=[{"name": "call me at +1 555 0100"}]), [SMALL])
     assert rec(out, "t.all").targets == ("<tool#0>",)
     assert out.tools_to_strip == ("call me at +1 555 0100",)  # the body edit needs it
+
+
+def test_a_policy_too_deep_for_the_joined_program_is_named():
+    # Fine on its own (28 levels), but the joined program nests it ~7 levels deeper than
+    # cel-cpp's 32: the policy is refused with its id, not the whole set as "<batch>".
+    chain = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(25))
+    deep = P("limits.per_alias", "deny", f"({chain}4096) < request.max_tokens")
+    with pytest.raises(PolicyError) as info:
+        compile_(deep, P("limits.ok", "deny", "request.stream"))
+    assert [(d.path, d.file) for d in info.value.details] == [
+        ("limits.per_alias", "<policies>")]
+    assert "nests too deeply" in info.value.details[0].reason
+    shallow = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(20))
+    compile_(P("limits.per_alias", "deny", f"({shallow}4096) < request.max_tokens"),
+             P("limits.tool", "tools", f"({shallow}4096) < size(tool.name)"))
 
 
 def test_batch_and_single_evaluation_agree_on_examples():
@@ -521,3 +573,34 @@ def test_strip_removes_a_tool_by_the_name_policies_saw():
     assert out.tools_to_strip == ("function", "web_search")
     assert strip_tools(body, out.tools_to_strip) == [weather, "not a tool"]
     assert strip_tools(body, ["web_search"]) == [nameless, weather, "not a tool"]
+
+
+def test_strip_removes_a_tool_whose_name_policies_saw_cut():
+    from atp_extproc.policy.runtime import attributes_for_request, strip_tools
+    long_tool = {"type": "function", "function": {"name": "exfiltrate_" + "x" * 300}}
+    weather = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"model": "m", "messages": [], "tools": [weather, long_tool]}
+    a = attributes_for_request(tenant="bob", auth_method="api_key", key_id=None,
+                               jwt_payload=None, path="/v1/chat/completions",
+                               operation="chat", alias="m", body_bytes=100, doc=body)
+    ps = compile_(P("t.weather", "tools", "tool.name != 'get_weather'", tool_action="strip"))
+    out = ps.evaluate(a, [SMALL])
+    assert [len(n) for n in out.tools_to_strip] == [MAX_STRING]
+    assert strip_tools(body, out.tools_to_strip) == [weather]
+
+
+def test_example_policies_refuse_what_the_caps_hid():
+    # tools.no_code_execution refuses `shell`; hidden as the 65th call of one message it
+    # cannot see it, so limits.truncated must.
+    from atp_extproc.policy.runtime import attributes_for_request
+    ps = PolicySet.compile([p for name in ("tools.yaml", "limits.yaml")
+                            for p in load_file(EXAMPLES / name).policies])
+    calls = [{"type": "function", "function": {"name": "search_docs", "arguments": "{}"}}
+             for _ in range(64)]
+    calls.append({"type": "function", "function": {"name": "shell", "arguments": "{}"}})
+    a = attributes_for_request(tenant="alice", auth_method="api_key", key_id=None,
+                               jwt_payload=None, path="/v1/chat/completions",
+                               operation="chat", alias="m", body_bytes=100,
+                               doc={"messages": [{"role": "assistant", "tool_calls": calls}]})
+    assert "shell" not in a.request.tools
+    assert ps.evaluate(a, [SMALL]).denied.policy_id == "limits.truncated"

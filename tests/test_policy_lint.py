@@ -11,7 +11,7 @@ import pytest
 
 from atp_extproc.policy import PolicyError, PolicySet, load_text
 from atp_extproc.policy.cli import check
-from atp_extproc.policy.envoy_lint import fail_open_problems
+from atp_extproc.policy.envoy_lint import EXT_PROC_TYPE, fail_open_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "policy_cases"
@@ -107,6 +107,19 @@ def test_include_that_matches_nothing_and_bad_yaml(tmp_path):
     code, output = run_check([path])
     assert code == 1
     assert "invalid YAML" in output
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("policies: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ("when: 2026-13-01\npolicies: []\n", "month must be in 1..12"),
+    ("? [a, b]\n: 1\npolicies: []\n", "invalid YAML"),
+])
+def test_yaml_the_parser_chokes_on_is_a_reported_error(tmp_path, text, reason):
+    path = tmp_path / "atp.yaml"
+    path.write_text(text)
+    code, output = run_check([path])
+    assert code == 1
+    assert f"{path}" in output and reason in output
 
 
 def test_duplicate_yaml_key_is_an_error(tmp_path):
@@ -209,6 +222,99 @@ def test_redaction_section_in_atp_yaml_counts_as_enabled(tmp_path):
     path.write_text("redaction:\n  enabled: false\n")
     code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
     assert code == 0
+
+
+def test_atp_yaml_without_redaction_section_has_redaction_on(tmp_path):
+    # RedactionSettings.enabled defaults to true: config.load builds a Redactor.
+    path = tmp_path / "atp.yaml"
+    path.write_text("models:\n  - {name: small, cluster: demo_a, upstream_model: m}\n")
+    code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
+    assert code == 1 and "redaction is enabled" in output
+    path.write_text(path.read_text() + "redaction: {actions: {email: mask}}\n")
+    code, output = run_check([path], [CASES / "fail_open_envoy.yaml"])
+    assert code == 1 and "redaction is enabled" in output
+
+
+ENVOY = """\
+static_resources:
+  listeners:
+  - filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          route_config:
+            virtual_hosts:
+            - name: vh
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: up}}
+{route}
+          http_filters:
+          - name: envoy.filters.http.ext_proc
+{filter}
+            typed_config:
+              "@type": type.googleapis.com/{EXT_PROC_TYPE}
+              failure_mode_allow: false
+"""
+WRAPPED = """\
+                typed_per_filter_config:
+                  envoy.filters.http.ext_proc:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+{}"""
+PER_ROUTE = ('                      "@type": type.googleapis.com/'
+             'envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute\n')
+
+
+@pytest.mark.parametrize(("route", "filter_", "expected"), [
+    # The filter is off by default and no route turns it on.
+    ("", "            disabled: true", (16, "disabled")),
+    # A FilterConfig that turns it off, or wraps an ExtProcPerRoute that does.
+    (WRAPPED.format("                    disabled: true"), "", (14, "disabled")),
+    (WRAPPED.format("                    config:\n" + PER_ROUTE
+                    + "                      disabled: true"), "", (14, "disabled")),
+    # A FilterConfig wrapping a fail-open override.
+    (WRAPPED.format("                    config:\n" + PER_ROUTE
+                    + "                      overrides: {failure_mode_allow: true}"), "",
+     (14, "fails open")),
+    # Off by default, turned on by the route, fail-closed: nothing to report.
+    (WRAPPED.format("                    config:\n" + PER_ROUTE
+                    + "                      overrides: {failure_mode_allow: false}"),
+     "            disabled: true", None),
+])
+def test_disabled_filter_and_filter_config_wrapped_overrides(route, filter_, expected):
+    text = ENVOY.format(route=route, filter=filter_, EXT_PROC_TYPE=EXT_PROC_TYPE)
+    problems = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    found = [(p.line, "disabled" if "disabled" in p.reason else "fails open")
+             for p in problems]
+    assert found == ([expected] if expected else [])
+    assert all(p.severity == "error" and p.path == "virtual host vh route prefix=/"
+               for p in problems)
+
+
+def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):
+    chain = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(25))
+    path = tmp_path / "p.yaml"
+    path.write_text(f"policies:\n  - id: limits.per_alias\n    effect: deny\n"
+                    f"    expression: \"({chain}4096) < request.max_tokens\"\n")
+    code, output = run_check([path])
+    assert code == 1
+    assert f"{path}:4: limits.per_alias: expression nests too deeply" in output
+
+
+@pytest.mark.parametrize("expression", [
+    "request.metadata.exists(k, request.tools.exists(t, t == k))",
+    "subject.claims.groups.exists(g, request.tools.exists(t, t == g))",
+    "request.tools.exists(t, request.data_classes.exists(c, c == t))",
+])
+def test_costly_shape_over_maps_and_dyn_lists(expression):
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert [p.reason.split(":")[0] for p in problems] == ["costly shape"]
+
+
+def test_comprehensions_over_literals_are_not_costly():
+    ps, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression":
+                                    "['a', 'b'].exists(x, request.tools.exists(t, t == x))"}])
+    assert ps is not None and problems == []
 
 
 def test_shipped_envoy_config_is_fail_closed():

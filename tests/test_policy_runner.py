@@ -60,3 +60,25 @@ def test_example_cases_pass_and_cover_every_policy_and_effect():
     assert uncovered == []
     effects = {c.effect for c in report.coverage.values() if c.matched}
     assert effects == {"deny", "allow", "restrict", "redact", "tools"}
+
+
+def test_settings_in_a_case_file_keep_the_policies_atp_yaml_includes(tmp_path):
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "atp.yaml").write_text(
+        "policy:\n  mode: dry_run\n  include: [policies/*.yaml]\n")
+    (tmp_path / "policies" / "limits.yaml").write_text(
+        "policies:\n  - id: limits.max_tokens\n    effect: deny\n"
+        "    expression: request.max_tokens > 4096\n")
+    # `settings:` overrides the mode; the included policy is still tested.
+    (tmp_path / "tests" / "t.yaml").write_text(
+        "policies: [../atp.yaml]\nsettings: {mode: enforce}\ncases:\n"
+        "  - request: {operation: chat, max_tokens: 8000}\n"
+        "    expect: {denied: limits.max_tokens}\n")
+    report = testing.run(tmp_path / "tests")
+    assert (report.passed, report.failed, report.load_errors) == (1, 0, [])
+    assert list(report.coverage) == ["limits.max_tokens"]
+    (tmp_path / "tests" / "t.yaml").write_text(
+        "policies: [../atp.yaml]\nsettings: {include: [x.yaml]}\ncases: []\n")
+    assert [p.path for p in testing.run(tmp_path / "tests").load_errors] == \
+        ["settings.include"]

@@ -6,9 +6,9 @@ Any): the parsed AST with every node's type and every identifier resolved. From 
 - attributes_used: the attribute paths the expression reads (`request.data_classes`,
   `request.tool_details[].name`, `subject.claims.groups` ...);
 - constant: whether the expression folds to always true / always false;
-- costly shapes: a comprehension over a list nested inside another one;
-- warnings: has() on a proto3 scalar, regexes built at run time, literals that name no
-  known model, alias, route ...
+- costly shapes: a comprehension over a list or map nested inside another one;
+- errors: regexes built at run time;
+- warnings: has() on a proto3 scalar, literals that name no known model, alias, route ...
 """
 
 from __future__ import annotations
@@ -148,10 +148,12 @@ class _Walker:
             if literal is not None:
                 self.patterns.append((self.positions.get(e.id, 0), literal))
             elif pattern is not None:
+                # Refused: the request could choose the regex, each evaluation would
+                # compile one, and its errors would be about the request's own text.
                 self.findings.append(Finding(
                     self.positions.get(e.id, 0),
-                    "matches() with a pattern built at run time compiles a regex per "
-                    "evaluation; use a literal pattern", "warning"))
+                    "matches() needs a literal pattern: one built at run time lets the "
+                    "request choose the regex and compiles it per evaluation"))
         if call.HasField("target"):
             self.walk(call.target, scope, loop_depth)
         for arg in call.args:
@@ -164,7 +166,6 @@ class _Walker:
         self.walk(rng, scope, loop_depth)
         rng_type = self.types.get(rng.id)
         is_list = rng_type is not None and rng_type.HasField("list_type")
-        literal = rng.WhichOneof("expr_kind") == "list_expr"
         base = self.path_of(rng, scope)
         inner = dict(scope)
         inner[comp.iter_var] = f"{base}[]" if base and is_list else base
@@ -172,12 +173,14 @@ class _Walker:
             inner[comp.iter_var2] = f"{base}[]" if base else None
         inner[comp.accu_var] = None
         self.walk(comp.accu_init, scope, loop_depth)
-        counted = is_list and not literal
+        # Any range the request sizes counts: a list, a map (metadata, data classes) or a
+        # dyn claim; only a literal written in the policy has a size known at load.
+        counted = rng.WhichOneof("expr_kind") not in ("list_expr", "struct_expr")
         if counted and loop_depth > 0:
             self.findings.append(Finding(
                 self.positions.get(e.id, self.positions.get(rng.id, 0)),
-                "costly shape: a comprehension over a list nested inside another one "
-                "(cost grows with the product of the list sizes); restructure it, e.g. "
+                "costly shape: a comprehension over a list or map nested inside another "
+                "one (cost grows with the product of their sizes); restructure it, e.g. "
                 "with `in` on one side"))
         depth = loop_depth + (1 if counted else 0)
         self.walk(comp.loop_condition, inner, depth)

@@ -562,6 +562,8 @@ def request_from_body(operation: str,
             entry["declared"] = True
             if isinstance(props, dict):
                 entry["parameters"] = list(islice(props, MAX_LIST))
+                if len(props) > MAX_LIST:
+                    _note(truncated, "request.tool_details.parameters")
         if len(tools) > MAX_LIST:
             truncated.append("request.tools")
     _history_calls(operation, doc, details, truncated)
@@ -622,6 +624,8 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
             continue
         calls: list[tuple[Any, Any]] = []
         if isinstance(item.get("tool_calls"), list):
+            if len(item["tool_calls"]) > MAX_LIST:
+                _note(truncated, "request.tool_details")
             for call in islice(item["tool_calls"], MAX_LIST):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
@@ -633,29 +637,41 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 continue
             if name not in details:
                 if len(details) >= MAX_LIST:
-                    if "request.tool_details" not in truncated:
-                        truncated.append("request.tool_details")
+                    _note(truncated, "request.tool_details")
                     continue
                 details[name] = {"name": name, "type": "function", "declared": False}
             entry = details[name]
             entry["called"] = True
             if name not in seen_args:
                 seen_args.add(name)
-                entry["arguments"] = _arguments(arguments)
+                entry["arguments"] = _arguments(arguments, truncated)
 
 
-def _arguments(arguments: Any) -> dict[str, Any]:
+def _arguments(arguments: Any, truncated: list[str]) -> dict[str, Any]:
+    """The scalar arguments of one call; arguments it cannot read whole (too long, too
+    deep, too many) are noted as cut, so a policy on them can refuse the request."""
     if isinstance(arguments, str):
         if len(arguments) > MAX_ARGUMENTS_JSON:
+            _note(truncated, "request.tool_details.arguments")
             return {}
         try:
             arguments = json.loads(arguments)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            _note(truncated, "request.tool_details.arguments")
             return {}
+        except ValueError:
+            return {}  # not JSON: there are no arguments to read
     if not isinstance(arguments, dict):
         return {}
+    if len(arguments) > MAX_TOOL_ARGUMENTS:
+        _note(truncated, "request.tool_details.arguments")
     return {k: v for k, v in islice(arguments.items(), MAX_TOOL_ARGUMENTS)
             if isinstance(v, (str, int, float, bool))}
+
+
+def _note(truncated: list[str], path: str) -> None:
+    if path not in truncated:
+        truncated.append(path)
 
 
 def safe_name(name: str, index: int) -> str:

@@ -9,24 +9,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import known_values
 from atp_extproc.policy.settings import Problem, load_file
+from atp_extproc.redact import RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
 
 
 def redaction_configured(raw: dict[str, Any]) -> bool:
-    """Whether atp.yaml turns redaction on (a `redaction:`/`redact:` section not disabled)."""
-    for key in ("redaction", "redact"):
-        section = raw.get(key)
-        if section is None or section is False:
-            continue
-        if isinstance(section, dict) and section.get("enabled") is False:
-            continue
-        return True
-    return False
+    """Whether the config `raw` turns redaction on, as config.load would.
+
+    A file holding only `policy:`/`policies:` is a policy file: it says nothing about
+    redaction. In an atp.yaml a missing `redaction:` section means the settings model's
+    defaults, and redaction is on unless the section turns it off.
+    """
+    if not set(raw) - {"policy", "policies"}:
+        return False
+    section = raw.get("redaction")
+    if not isinstance(section, dict) or "enabled" not in section:
+        # Absent, or malformed (config.load reports that): the model's default.
+        return RedactionSettings.model_fields["enabled"].default
+    try:
+        return RedactionSettings.model_validate({"enabled": section["enabled"]}).enabled
+    except ValidationError:
+        return True  # config.load refuses it; fail closed here
 
 
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,

@@ -340,7 +340,35 @@ class CompiledPolicy:
 _CEL_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): ([^\n]*)")
 _UNDEFINED_FIELD = re.compile(r"undefined field '([^']*)' not found in struct '([^']*)'")
 _UNDECLARED = re.compile(r"undeclared reference to '([^']*)'")
-_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
+# gRPC status codes: cel-cpp prefixes its error texts with one.
+_STATUS_CODES = frozenset({
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED"})
+# cel-cpp's run-time error texts by how they start → the phrase a record shows. The rest
+# of a text carries values (a map key, an index, a regex built from the request, a
+# number), so none of it is ever copied.
+_ERROR_KINDS = (
+    ("Key not found in map", "key not found in map"),
+    ("No matching overloads found", "no matching overload (a value of another type)"),
+    ("Index error", "index error"),
+    ("cannot convert string to", "string conversion failed"),
+    ("String to Timestamp conversion failed", "string to timestamp conversion failed"),
+    ("String to Duration conversion failed", "string to duration conversion failed"),
+    ("Type conversion error", "type conversion failed"),
+    ("divide by zero", "divide by zero"),
+    ("modulus by zero", "modulus by zero"),
+    ("integer overflow", "integer overflow"),
+    ("unsigned integer overflow", "unsigned integer overflow"),
+    ("timestamp overflow", "timestamp overflow"),
+    ("duration overflow", "duration overflow"),
+    ("int64 out of", "number out of range"),
+    ("uint64 out of", "number out of range"),
+    ("double out of", "number out of range"),
+    ("invalid regular expression", "invalid regular expression"),
+    ("Applying SELECT to non-message type", "field selected on a value that has none"),
+)
 
 
 def _struct_fields(full_name: str) -> tuple[str, list[str]]:
@@ -372,9 +400,15 @@ def _reword(reason: str) -> str:
     return reason
 
 
-def sanitize_error(message: str) -> str:
-    """An evaluation error fit for a record: no quoted values, bounded."""
-    return _QUOTED.sub("…", str(message))[:200]
+def evaluation_error(message: object) -> str:
+    """An evaluation error fit for a record: its status code and a fixed phrase for its
+    kind, both from the tables above, so no attribute value can be in it."""
+    code, sep, text = str(message).partition(": ")
+    if not sep or code not in _STATUS_CODES:
+        code, text = "ERROR", str(message)
+    phrase = next((p for start, p in _ERROR_KINDS if text.startswith(start)),
+                  "evaluation failed")
+    return f"{code}: {phrase}"
 
 
 def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
@@ -433,6 +467,38 @@ def _root_rules(sp: SourcedPolicy, roots: frozenset[str]) -> list[Problem]:
         add("reads no tool.*: when true every tool of the request is out of scope",
             "warning")
     return out
+
+
+def _batch_source(groups: Mapping[str, Sequence[str]]) -> str:
+    """The joined program over the expressions of each level (see the module doc)."""
+    def join(level: str) -> str:
+        # Newline before ')' so a trailing // comment cannot swallow it.
+        return "[" + ", ".join(f"(\n{e}\n)" for e in groups.get(level, ())) + "]"
+
+    # One message variable `a` (one copy into C++ per request); cel.bind gives the
+    # policies their own names for its parts.
+    return ("cel.bind(subject, a.subject, cel.bind(request, a.request, "
+            "cel.bind(context, a.context, "
+            f"[{join(REQUEST)}, a.candidates.map(resource, {join(CANDIDATE)}), "
+            f"request.tool_details.map(tool, {join(TOOL)})])))")
+
+
+def _batch_problem(sp: SourcedPolicy, level: str) -> Problem | None:
+    """Why the policy does not compile at its place in the joined program, or None.
+
+    The joined program nests a policy about 7 levels deeper than it is on its own and
+    cel-cpp refuses nesting past 32: caught here, the policy is named with its file and
+    line, rather than the whole set failing as "<batch>"."""
+    try:
+        batch_env().compile(_batch_source({level: [sp.spec.expression]}))
+    except RuntimeError as exc:
+        reason = ("expression nests too deeply: joined with the other policies it passes "
+                  "cel-cpp's limit of 32 levels; flatten it (e.g. `x in [...]` or a map "
+                  "lookup instead of chained ternaries) or split it into several policies"
+                  if "recursion" in str(exc) else
+                  f"does not compile joined with the other policies: {exc}")
+        return Problem(sp.file, sp.expr_line or sp.line, sp.spec.id, reason)
+    return None
 
 
 class PolicySet:
@@ -558,37 +624,34 @@ class PolicySet:
                 problems.append(Problem(sp.file, sp.expr_line or sp.line, spec.id,
                                         f"expression too large ({an.node_count} nodes; limit "
                                         f"{MAX_AST_NODES}): split it into several policies"))
+            level = _level(spec, an.roots)
+            batch = _batch_problem(sp, level)
+            if batch is not None:
+                problems.append(batch)
             if any(p.severity == "error" for p in problems[before:]) or not ok:
                 continue
             compiled.append(CompiledPolicy(
                 id=spec.id, effect=spec.effect, mode=settings.effective_mode(spec),
                 on_error=spec.on_error, action=spec.action,
                 message=spec.message or _default_message(spec),
-                data_classes=frozenset(spec.data_classes), level=_level(spec, an.roots),
+                data_classes=frozenset(spec.data_classes), level=level,
                 attributes_used=an.attributes_used, program=program, source=sp,
                 applied_decision=_applied_decision(spec, settings.effective_mode(spec)),
                 classes_sorted=tuple(sorted(spec.data_classes))))
         if any(p.severity == "error" for p in problems):
             return None, problems
         warnings = tuple(p for p in problems if p.severity == "warning")
-        return cls(tuple(compiled), settings, warnings, stats), problems
-
-    def _batch_source(self) -> str:
-        def join(group: Sequence[CompiledPolicy]) -> str:
-            # Newline before ')' so a trailing // comment cannot swallow it.
-            return "[" + ", ".join(f"(\n{p.expression}\n)" for p in group) + "]"
-
-        # One message variable `a` (one copy into C++ per request); cel.bind gives the
-        # policies their own names for its parts.
-        return ("cel.bind(subject, a.subject, cel.bind(request, a.request, "
-                "cel.bind(context, a.context, "
-                f"[{join(self._request)}, a.candidates.map(resource, {join(self._candidate)}), "
-                f"request.tool_details.map(tool, {join(self._tool)})])))")
+        try:
+            return cls(tuple(compiled), settings, warnings, stats), problems
+        except PolicyError as exc:  # never expected (see _batch_problem); `check` lists it
+            return None, problems + list(exc.details)
 
     def _compile_batch(self) -> Any:
+        source = _batch_source({level: [p.expression for p in group] for level, group in (
+            (REQUEST, self._request), (CANDIDATE, self._candidate), (TOOL, self._tool))})
         try:
-            return self._env.compile(self._batch_source())
-        except RuntimeError as exc:  # pragma: no cover - every part checked on its own
+            return self._env.compile(source)
+        except RuntimeError as exc:  # pragma: no cover - lint compiles each one at its place
             raise PolicyError([Problem("<batch>", 0, "", f"internal: batch program does not "
                                        f"compile: {exc}")]) from None
 
@@ -652,8 +715,8 @@ class PolicySet:
             try:
                 value = p.program.eval(activation).plain_value()
             except Exception as exc:
-                return sanitize_error(f"{type(exc).__name__}: {exc}")
-            return value if isinstance(value, bool) else sanitize_error(str(value))
+                return evaluation_error(exc)
+            return value if isinstance(value, bool) else evaluation_error(value)
 
         req = [run(p, act) for p in self._request]
         cand = []
@@ -988,7 +1051,7 @@ def _constant_problems(sp: SourcedPolicy, an: analysis.Analysis, program: Any
         result = program.eval(policy_env().Activation({})).plain_value()
         if not isinstance(result, bool):
             return [Problem(sp.file, sp.expr_line or sp.line, sp.spec.id,
-                            f"reads no attribute and always fails: {sanitize_error(result)}")]
+                            f"reads no attribute and always fails: {evaluation_error(result)}")]
         value = result
     if value is None:
         return []
@@ -1003,7 +1066,10 @@ def _constant_problems(sp: SourcedPolicy, an: analysis.Analysis, program: Any
 def _bad_regex(pattern: str) -> str | None:
     env, program = _regex_checker()
     value = program.eval(env.Activation({"p": pattern})).plain_value()
-    return None if isinstance(value, bool) else sanitize_error(value)
+    # RE2's text quotes the pattern: the policy's own literal, shown to its author.
+    if isinstance(value, bool):
+        return None
+    return str(value).partition(": ")[2].removeprefix("invalid regular expression: ")[:200]
 
 
 __all__ = [

@@ -3,9 +3,11 @@
 Fail-open (`failure_mode_allow: true`) forwards the original, unredacted body when ATP is
 down or slow, so a deny, restrict, tools or redact policy (or redaction itself) silently
 stops applying. For every ext_proc filter of every HTTP connection manager this checks the
-filter's own `failure_mode_allow` and each route's (and virtual host's) ExtProcPerRoute
-override (`overrides.failure_mode_allow`, `disabled`). Routes that answer directly
-(`direct_response`, `redirect`) send nothing upstream and are skipped.
+filter's own `failure_mode_allow` and `disabled`, and each route's (virtual host's, route
+config's) ExtProcPerRoute override (`overrides.failure_mode_allow`, `disabled`), bare or
+inside an envoy.config.route.v3.FilterConfig (whose own `disabled` also turns it off).
+Routes that answer directly (`direct_response`, `redirect`) send nothing upstream and
+are skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from atp_extproc.policy.settings import Problem, load_yaml
 
 EXT_PROC_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 PER_ROUTE_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+# The generic per-route wrapper: its `disabled` turns any filter off on a route, and any
+# entry that is not disabled turns on a filter that is `disabled: true` by default.
+FILTER_CONFIG_TYPE = "envoy.config.route.v3.FilterConfig"
 
 
 def _line(node: Any, key: Any = None) -> int:
@@ -45,29 +50,42 @@ def _walk(node: Any) -> Iterator[dict]:
             yield from _walk(value)
 
 
+def _is_type(node: Any, type_name: str) -> bool:
+    return isinstance(node, dict) and str(node.get("@type", "")).endswith(type_name)
+
+
 def _is_ext_proc(http_filter: dict) -> bool:
-    typed = http_filter.get("typed_config")
-    kind = typed.get("@type", "") if isinstance(typed, dict) else ""
-    return kind.endswith(EXT_PROC_TYPE) or http_filter.get("name") == \
-        "envoy.filters.http.ext_proc"
+    return _is_type(http_filter.get("typed_config"), EXT_PROC_TYPE) or \
+        http_filter.get("name") == "envoy.filters.http.ext_proc"
 
 
-def _per_route(holder: dict, names: set[str]) -> tuple[dict | None, int]:
-    cfg = holder.get("typed_per_filter_config")
+def _per_route(holder: Any, names: set[str]) -> tuple[dict | None, int]:
+    """The ext_proc entry of a route's (virtual host's, route config's)
+    typed_per_filter_config and its line: under the filter's name, or an ExtProcPerRoute
+    (bare or in a FilterConfig) under any name."""
+    cfg = holder.get("typed_per_filter_config") if isinstance(holder, dict) else None
     if not isinstance(cfg, dict):
         return None, 0
     for name, value in cfg.items():
-        if name in names and isinstance(value, dict):
-            return value, _line(cfg, name)
-        if isinstance(value, dict) and str(value.get("@type", "")).endswith(PER_ROUTE_TYPE):
+        if not isinstance(value, dict):
+            continue
+        if name in names or _is_type(value, PER_ROUTE_TYPE) or (
+                _is_type(value, FILTER_CONFIG_TYPE)
+                and _is_type(value.get("config"), PER_ROUTE_TYPE)):
             return value, _line(cfg, name)
     return None, 0
 
 
 def _override(per_route: dict | None) -> tuple[bool | None, bool]:
-    """(failure_mode_allow override or None, disabled)."""
+    """(failure_mode_allow override or None, disabled) of a per-route entry, looking
+    inside a FilterConfig wrapper."""
     if per_route is None:
         return None, False
+    if _is_type(per_route, FILTER_CONFIG_TYPE):
+        if per_route.get("disabled") is True:
+            return None, True  # the filter is off; its `config` is ignored
+        inner = per_route.get("config")
+        per_route = inner if isinstance(inner, dict) else {}
     disabled = per_route.get("disabled") is True
     overrides = per_route.get("overrides")
     fma = _bool(overrides.get("failure_mode_allow")) if isinstance(overrides, dict) else None
@@ -106,37 +124,51 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
             if typed.get("failure_mode_allow") is True:
                 filter_open = True
                 filter_line = _line(typed, "failure_mode_allow")
+        # `disabled: true` on the HttpFilter: off on every route that does not turn it on.
+        filter_off = all(f.get("disabled") is True for f in ext)
+        off_line = _line(ext[0], "disabled")
+        off_reason = f"ext_proc is disabled on this route: requests skip ATP{because}"
         route_config = hcm.get("route_config")
         vhosts = route_config.get("virtual_hosts") if isinstance(route_config, dict) else None
         if not isinstance(vhosts, list):
+            # Routes come from elsewhere (RDS): only the filter itself can be judged.
+            if filter_off:
+                problems.append(Problem(
+                    file, off_line, "ext_proc",
+                    f"disabled: true turns ext_proc off unless a route turns it on{because}",
+                    severity))  # type: ignore[arg-type]
             if filter_open:
                 problems.append(Problem(file, filter_line, "ext_proc",
                                         f"failure_mode_allow: true fails open{because}",
                                         severity))  # type: ignore[arg-type]
             continue
+        rc_cfg, rc_line = _per_route(route_config, names)
         for vhost in vhosts:
             if not isinstance(vhost, dict):
                 continue
             vh_cfg, vh_line = _per_route(vhost, names)
-            vh_fma, vh_disabled = _override(vh_cfg)
             for route in vhost.get("routes") or ():
                 if not isinstance(route, dict) or "direct_response" in route or \
                         "redirect" in route:
                     continue
                 r_cfg, r_line = _per_route(route, names)
-                r_fma, r_disabled = _override(r_cfg)
                 where = _route_name(vhost, route)
-                if r_disabled or (vh_disabled and r_cfg is None):
-                    problems.append(Problem(
-                        file, r_line or vh_line or _line(route), where,
-                        f"ext_proc is disabled on this route: requests skip ATP{because}",
-                        severity))  # type: ignore[arg-type]
+                # Most specific first, as Envoy looks them up.
+                levels = [(line, *_override(cfg)) for cfg, line in
+                          ((r_cfg, r_line), (vh_cfg, vh_line), (rc_cfg, rc_line))
+                          if cfg is not None]
+                if levels:
+                    line, _, disabled = levels[0]
+                else:
+                    line, disabled = off_line, filter_off
+                if disabled:
+                    problems.append(Problem(file, line or _line(route), where, off_reason,
+                                            severity))  # type: ignore[arg-type]
                     continue
-                fma = r_fma if r_fma is not None else vh_fma if vh_fma is not None \
-                    else filter_open
+                # ext_proc merges its per-route overrides: the most specific one set wins.
+                fma, line = next(((fma, line) for line, fma, _ in levels
+                                  if fma is not None), (filter_open, filter_line))
                 if fma:
-                    line = r_line if r_fma is not None else vh_line if vh_fma is not None \
-                        else filter_line
                     problems.append(Problem(
                         file, line, where,
                         f"ext_proc fails open (failure_mode_allow: true): when ATP is down "

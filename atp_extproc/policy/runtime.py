@@ -21,7 +21,12 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from atp_extproc.llm_api import OPERATIONS, estimate_tokens
-from atp_extproc.policy.attributes import build_attributes, request_from_body, tool_key
+from atp_extproc.policy.attributes import (
+    MAX_STRING,
+    build_attributes,
+    request_from_body,
+    tool_key,
+)
 from atp_extproc.policy.engine import DecisionStats, PolicySet
 from atp_extproc.policy.settings import (
     LoadedPolicies,
@@ -185,7 +190,9 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | Non
     drop = set(names)
     if not isinstance(tools, list) or not drop:
         return None
-    # Matched by the key policies saw; an entry that is no mapping was never shown to
-    # them, so it is never stripped.
-    kept = [tool for tool in tools if not isinstance(tool, dict) or tool_key(tool) not in drop]
+    # Matched by the key policies saw, cut to MAX_STRING as attributes cut it (a longer
+    # name would never match); an entry that is no mapping was never shown to them, so
+    # it is never stripped.
+    kept = [tool for tool in tools
+            if not isinstance(tool, dict) or tool_key(tool)[:MAX_STRING] not in drop]
     return kept if len(kept) != len(tools) else None

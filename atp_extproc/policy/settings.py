@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -182,6 +182,11 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
         return None, [Problem(file, mark.line + 1 if mark else 0, "", f"invalid YAML: {reason}")]
+    except RecursionError:
+        return None, [Problem(file, 0, "", "invalid YAML: nested too deeply")]
+    except (TypeError, ValueError) as exc:
+        # A complex mapping key (unhashable) or a scalar such as an impossible date.
+        return None, [Problem(file, 0, "", f"invalid YAML: {exc}")]
     finally:
         loader.dispose()
     problems = [Problem(file, line, str(key), "the key appears twice in this mapping")
@@ -295,8 +300,11 @@ def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
 
 
 def load_text(text: str, file: str, *, base_dir: Path | None = None,
-              settings: PolicySettings | None = None) -> LoadedPolicies:
+              overrides: Mapping[str, Any] | None = None) -> LoadedPolicies:
     """Policies from atp.yaml text (or a file holding only `policies:`), with includes.
+
+    `overrides`: valid `policy:` fields that replace the file's (`policy test`'s
+    `settings:`); the files read are always those of the file's own `include`.
 
     Never raises: problems are returned so `check` can list them all; `require_ok`
     turns them into a PolicyError.
@@ -312,13 +320,15 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
         problems.append(Problem(file, 1, "", "the file must hold a mapping "
                                 "(policy:, policies:, ...)"))
         doc = {}
-    loaded_settings, more = _settings_from(doc, file)
+    settings, more = _settings_from(doc, file)
     problems += more
-    settings = settings or loaded_settings
+    includes = settings.include
+    if overrides:
+        settings = PolicySettings.model_validate({**settings.model_dump(), **overrides})
     found, more = _policies_from(doc.get("policies"), file, "policies")
     policies += found
     problems += more
-    for i, pattern in enumerate(settings.include):
+    for i, pattern in enumerate(includes):
         line = line_of(doc, ["policy", "include", i])
         matches = sorted(glob.glob(str(base_dir / pattern), recursive=True))
         if not matches:
@@ -357,14 +367,16 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def load_file(path: str | Path, settings: PolicySettings | None = None) -> LoadedPolicies:
+def load_file(path: str | Path, overrides: Mapping[str, Any] | None = None
+              ) -> LoadedPolicies:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return LoadedPolicies(settings or PolicySettings(), (), (str(path),), "",
+        return LoadedPolicies(PolicySettings.model_validate(dict(overrides or {})), (),
+                              (str(path),), "",
                               (Problem(str(path), 0, "", f"cannot read: {exc}"),))
-    return load_text(text, str(path), base_dir=path.resolve().parent, settings=settings)
+    return load_text(text, str(path), base_dir=path.resolve().parent, overrides=overrides)
 
 
 def require_ok(loaded: LoadedPolicies) -> LoadedPolicies:

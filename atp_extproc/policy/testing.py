@@ -5,7 +5,8 @@ A case file (any *.yaml under DIR):
     policies: [../*.yaml]          # files or globs, relative to this file (an atp.yaml
                                    # with policy.include works too)
     models: ../../atp.yaml         # optional: where `candidates: [name]` are looked up
-    settings: {default: deny}      # optional: overrides the policy: section
+    settings: {default: deny}      # optional: replaces these fields of the policy:
+                                   # section (not include)
     cases:
       - name: bob may not use gpt-4o
         subject: {tenant: bob, auth_method: api_key}
@@ -98,6 +99,22 @@ def _models(path: Path) -> dict[str, CandidateInfo]:
     return out
 
 
+def _overrides(file: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The `policy:` fields the case file's `settings:` sets; they are merged into each
+    policy file's own, so an atp.yaml keeps its `include` (and what the case leaves out)."""
+    raw = doc.get("settings")
+    if not raw:
+        return {}
+    line = getattr(doc, "key_lines", {}).get("settings", 1)
+    if not isinstance(raw, Mapping):
+        raise PolicyError([Problem(str(file), line, "settings", "must be a mapping")])
+    if "include" in raw:
+        raise PolicyError([Problem(str(file), line, "settings.include",
+                                   "list the policy files under `policies:`")])
+    override = PolicySettings.model_validate(dict(raw))
+    return {name: getattr(override, name) for name in override.model_fields_set}
+
+
 def _load_suite(file: Path, doc: Mapping[str, Any]
                 ) -> tuple[PolicySet, dict[str, CandidateInfo]]:
     base = file.parent
@@ -108,10 +125,9 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     if not isinstance(sources, list) or not sources:
         raise PolicyError([Problem(str(file), getattr(doc, "line", 1), "policies",
                                    "list the policy files (or atp.yaml) to test")])
-    settings_raw = doc.get("settings")
-    override = PolicySettings.model_validate(dict(settings_raw)) if settings_raw else None
+    overrides = _overrides(file, doc)
     policies: list[SourcedPolicy] = []
-    settings = override
+    settings: PolicySettings | None = None
     raw: dict[str, Any] = {}
     for pattern in sources:
         matches = sorted(glob.glob(str(base / str(pattern)), recursive=True))
@@ -119,7 +135,7 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
         if not matches:
             problems.append(Problem(str(file), 0, "policies", f"{pattern!r} matches no file"))
         for match in matches:
-            loaded = load_file(match, settings=override)
+            loaded = load_file(match, overrides)
             problems += [p for p in loaded.problems if p.severity == "error"]
             policies += loaded.policies
             settings = settings or loaded.settings
@@ -132,8 +148,8 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
             raw, _ = load_yaml(models_path.read_text(encoding="utf-8"), str(models_path))
     if problems:
         raise PolicyError(problems)
-    policy_set = PolicySet.compile(policies, settings or PolicySettings(), str(file),
-                                   known_values=known_values(raw or {}))
+    policy_set = PolicySet.compile(policies, settings or PolicySettings(**overrides),
+                                   str(file), known_values=known_values(raw or {}))
     return policy_set, models
 
 
