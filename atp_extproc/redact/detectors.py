@@ -61,8 +61,8 @@ class Budget:
     groups, invisible characters or near-miss candidates) exhaust it, and the scan stops
     with `exhausted` set: the caller reports it incomplete and, by default, refuses.
     One unit is about two microseconds of work: a candidate match (an IBAN or a secret
-    two or three), a separator in a digit run, half a run of characters to normalise; a
-    phone validation is four.
+    two or three), a separator in a digit run, half a run of characters to normalise, two
+    characters normalised one by one; a phone validation is four.
     """
 
     __slots__ = ("exhausted", "left", "memo")
@@ -132,8 +132,10 @@ _EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]
 _RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"
            r"(?:[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6})?")
 _EXT_TAIL = re.compile(rb"[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6}\Z")
-_IPV4 = _rx(r"\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\b")
+# No \b at either end: a part boundary between text parts is a word boundary the regex
+# cannot see, so the neighbours are checked in Python.
+_IPV4 = _rx(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
 _IPV6 = _rx(r"(?i)[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*")
 _IBAN = _rx(r"(?i)\b[a-z]{2}[0-9]{2}(?:[ \-]?[a-z0-9]){11,30}")
 _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
@@ -188,6 +190,12 @@ _NEG_WORDS = (
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
 _SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
+
+
+def digits_context(text: str) -> bool:
+    """Does `text` (a JSON key, as words) name a class written in digits: a card, a phone
+    number, an SSN?"""
+    return bool(_CARD_CTX.search(text) or _POS_CTX.search(text) or _SSN_CTX.search(text))
 
 # -- payment cards ------------------------------------------------------------------------
 
@@ -307,7 +315,7 @@ def iban_ok(iban: str) -> bool:
     return number % 97 == 1
 
 
-def _iban_at(asc: bytes, s: int) -> tuple[int, str] | None:
+def _iban_at(asc: bytes, s: int, bounds: frozenset[int]) -> tuple[int, str] | None:
     """The IBAN starting at `s`: its end and value, or None.
 
     Written bare or in groups of four (the print format) with one kind of separator; all
@@ -328,7 +336,8 @@ def _iban_at(asc: bytes, s: int) -> tuple[int, str] | None:
         span = length
         raw = asc[s:s + span]
     end = s + span
-    if len(raw) != length or not raw.isalnum() or (end < len(asc) and asc[end] in _ALNUM):
+    if (len(raw) != length or not raw.isalnum()
+            or (end < len(asc) and asc[end] in _ALNUM and end not in bounds)):
         return None
     value = raw.decode()
     if not (value.isupper() or value.islower()) and not value[4:].isdigit():
@@ -465,6 +474,19 @@ def _number(cc: int, nsn: str) -> PhoneNumber:
 
 # -- the scanner --------------------------------------------------------------------------
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _utf8_safe(text: str) -> str:
+    """`text` as pyre2 can take it. pyre2 encodes a str as strict UTF-8, and lone
+    surrogates do get here (a JSON body may escape them; normalize keeps them): each
+    becomes U+FFFD, one character for one, so offsets hold."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
+
 
 class Scanner:
     """All enabled detectors, compiled once per config snapshot."""
@@ -514,7 +536,12 @@ class Scanner:
 
     # ---------------------------------------------------------------------------------
 
-    def scan(self, norm: Normalized, budget: Budget) -> ScanResult:
+    def scan(self, norm: Normalized, budget: Budget,
+             bounds: frozenset[int] = frozenset()) -> ScanResult:
+        """Findings in `norm`. `bounds`: normalised offsets where one text part of a unit
+        ends and the next begins. Matching runs across them (a value split over two parts
+        is still found), but they count as word boundaries: "My card is" + "4111 ..." is
+        not a number glued to a word."""
         text = norm.text
         asc = text.encode() if text.isascii() else text.encode("ascii", "replace")
         res = ScanResult()
@@ -523,12 +550,15 @@ class Scanner:
             return res
         hits = self._set.Match(asc)
         custom_hits: list[int] | None = None
+        ctext = text
         if self.customs:
+            ctext = _utf8_safe(text)
             if self._custom_set is None:
                 custom_hits = list(range(len(self.customs)))
             else:
-                custom_hits = self._custom_set.Match(text)
-        if not hits and not custom_hits:
+                custom_hits = self._custom_set.Match(ctext)
+        iban_at_bounds = bool(bounds) and "iban" in self.classes
+        if not hits and not custom_hits and not iban_at_bounds:
             return res
         names = {self._set_names[i] for i in hits or ()}
         found = res.found
@@ -540,20 +570,28 @@ class Scanner:
         if "placeholder" in names:
             for m in spans(_PLACEHOLDER, asc):
                 res.reserved.add(text[m[0][0]:m[0][1]])
-        self._secrets(asc, text, names, found, budget)
+        self._secrets(asc, text, names, found, budget, bounds)
         if "email" in names:
-            self._emails(asc, text, found, budget)
+            self._emails(asc, text, found, budget, bounds)
         if "iban" in names:
-            self._ibans(asc, found, budget)
+            self._ibans(asc, found, budget, bounds)
+        if iban_at_bounds:
+            # The pattern's \b cannot see a part boundary ("IBAN" + "DE89..."); only
+            # those, where a letter or digit comes before, need a look of their own.
+            for b in bounds:
+                if b and asc[b - 1] in _ALNUM and budget.spend(3):
+                    end = _iban_at(asc, b, bounds)
+                    if end is not None:
+                        found.append(Found("iban", b, end[0], end[1]))
         if "ipv4" in names:
-            self._ipv4(asc, text, found, budget)
+            self._ipv4(asc, text, found, budget, bounds)
         if "ipv6" in names:
-            self._ipv6(asc, found, budget)
+            self._ipv6(asc, found, budget, bounds)
         if "digits" in names:
-            self._digit_runs(asc, text, found, budget)
+            self._digit_runs(asc, text, found, budget, bounds)
         for i in custom_hits or ():
             name, rx = self.customs[i]
-            for m in rx.finditer(text):
+            for m in rx.finditer(ctext):
                 if not budget.spend():
                     break
                 s, e = m.span()
@@ -590,7 +628,7 @@ class Scanner:
 
     @staticmethod
     def _secrets(asc: bytes, text: str, names: set[str], found: list[Found],
-                 budget: Budget) -> None:
+                 budget: Budget, bounds: frozenset[int]) -> None:
         for cls, regexes in _SECRETS.items():
             if _SECRET_SET_NAMES[cls] not in names:
                 continue
@@ -600,16 +638,17 @@ class Scanner:
                     if not budget.spend(4):
                         return
                     s, e = m[1] if has_v else m[0]
-                    if s > 0 and asc[s - 1] in _ALNUM and not has_v:
+                    if s > 0 and asc[s - 1] in _ALNUM and not has_v and s not in bounds:
                         continue
-                    if has_v and e < len(asc) and asc[e] in _ALNUM:
+                    if has_v and e < len(asc) and asc[e] in _ALNUM and e not in bounds:
                         continue
                     value = text[s:e]
                     if not _secret_ok(cls, value):
                         continue
                     found.append(Found(cls, s, e, value))
 
-    def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+    def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget,
+                bounds: frozenset[int]) -> None:
         latin = self.latin
         for m in spans(_EMAIL, asc):
             if not budget.spend():
@@ -627,7 +666,7 @@ class Scanner:
                 i += 1
             if i == at or not any(ch in _ALNUM for ch in asc[i:at]):
                 continue
-            if i > 0 and asc[i - 1] in _ALNUM:
+            if i > 0 and asc[i - 1] in _ALNUM and i not in bounds:
                 continue
             # Domain: stop at a non-Latin character, then drop a trailing partial label.
             j = at + 1
@@ -642,32 +681,43 @@ class Scanner:
             if len(tld) < 2 or not tld.isalpha():
                 continue
             end = at + 1 + len(domain)
-            if end < len(asc) and (asc[end] in _ALNUM or (asc[end] == 63
-                                                         and text[end] in latin)):
+            if end < len(asc) and end not in bounds and (
+                    asc[end] in _ALNUM or (asc[end] == 63 and text[end] in latin)):
                 continue
             found.append(Found("email", i, end, text[i:end].lower()))
 
-    def _ibans(self, asc: bytes, found: list[Found], budget: Budget) -> None:
+    def _ibans(self, asc: bytes, found: list[Found], budget: Budget,
+               bounds: frozenset[int]) -> None:
         pos = 0
         while True:
             m = search(_IBAN, asc, pos)
             if m is None or not budget.spend(3):
                 return
             s = m[0][0]
-            end = _iban_at(asc, s)
+            end = _iban_at(asc, s, bounds)
             if end is None:
                 pos = s + 1
                 continue
             found.append(Found("iban", s, end[0], end[1]))
             pos = end[0]
 
-    def _ipv4(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+    def _ipv4(self, asc: bytes, text: str, found: list[Found], budget: Budget,
+              bounds: frozenset[int]) -> None:
         n = len(asc)
-        for m in spans(_IPV4, asc):
-            if not budget.spend(2):
+        pos = 0
+        while True:
+            m = search(_IPV4, asc, pos)
+            if m is None or not budget.spend(2):
                 return
             s, e = m[0]
-            if s > 0 and asc[s - 1] == 46:  # '.': part of a longer dotted sequence
+            pos = e
+            if s > 0 and (asc[s - 1] == 46  # '.': part of a longer dotted sequence
+                          or (asc[s - 1] in _ALNUM and s not in bounds)):
+                # Inside a word or a number; an address may still start at a part
+                # boundary within this match ("v1" + "0.0.0.1").
+                pos = s + 1
+                continue
+            if e < n and e not in bounds and asc[e] in _ALNUM:
                 continue
             if e + 1 < n and asc[e] == 46 and asc[e + 1] in _DIGITS:
                 continue
@@ -675,7 +725,8 @@ class Scanner:
                 continue
             found.append(Found("ipv4", s, e, text[s:e]))
 
-    def _ipv6(self, asc: bytes, found: list[Found], budget: Budget) -> None:
+    def _ipv6(self, asc: bytes, found: list[Found], budget: Budget,
+              bounds: frozenset[int]) -> None:
         n = len(asc)
         for m in spans(_IPV6, asc):
             if not budget.spend():
@@ -687,9 +738,9 @@ class Scanner:
                 s += 1
             if e - s > 45 or e - s < 3:
                 continue
-            if s > 0 and asc[s - 1] in _ALNUM:
+            if s > 0 and asc[s - 1] in _ALNUM and s not in bounds:
                 continue
-            if e < n and asc[e] in _ALNUM:
+            if e < n and asc[e] in _ALNUM and e not in bounds:
                 continue
             cand = asc[s:e].decode()
             if cand.endswith(":") and not cand.endswith("::"):
@@ -713,7 +764,8 @@ class Scanner:
     # longest first: card, then SSN, then phone. A window spans at most a few chunks and
     # the run is paid for from the budget up front, so no run can cost more than its size.
 
-    def _digit_runs(self, asc: bytes, text: str, found: list[Found], budget: Budget) -> None:
+    def _digit_runs(self, asc: bytes, text: str, found: list[Found], budget: Budget,
+                    bounds: frozenset[int]) -> None:
         want_card = "card" in self.classes
         want_ssn = "ssn" in self.classes
         want_phone = self.phone is not None
@@ -722,7 +774,7 @@ class Scanner:
             # Paid by its separators: each one may start a group, a chunk and a window.
             if not budget.spend(1 + len(asc[s:e].translate(None, b"0123456789"))):
                 return
-            glue = _glued(asc, s, e)
+            glue = _glued(asc, s, e, bounds)
             if glue == 2 or (glue == 1 and 32 not in asc[s:e]):
                 continue  # part of a word, or one identifier-bound chunk: nothing to find
             ext = _EXT_TAIL.search(asc, max(s, e - 12), e)
@@ -1038,27 +1090,48 @@ def _identifier_before(text: str, start: int) -> bool:
     return text[k:e].lower() in _NEG_SET
 
 
-def _glued(asc: bytes, s: int, e: int) -> int:
+def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     """2: the digit run is part of a word ("a1b2", "x@1"); 1: part of an identifier or of a
     larger number ("INV-2024-0042", "16:09:03.4999", "1,234,567"), which rules out a phone
-    number and a bare card number; 0: free-standing."""
+    number and a bare card number; 0: free-standing. A part boundary (`bounds`) separates
+    like a space."""
     n = len(asc)
     soft = 0
-    if asc[s] in _DIGITS and s > 0:
+    if asc[s] in _DIGITS and s > 0 and s not in bounds:
         prev = asc[s - 1]
         if prev in _ALNUM or prev == 64:
             return 2
         if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM)
-                      or (prev in b":," and asc[s - 2] in _DIGITS)):
+                      or (prev in b":," and _inside_number(asc, s - 1))):
             soft = 1
-    if e < n:
+    if e < n and e not in bounds:
         nxt = asc[e]
         if nxt in _ALNUM or nxt == 64:
             return 2
         if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM)
-                          or (nxt in b":," and asc[e + 1] in _DIGITS)):
+                          or (nxt in b":," and _inside_number(asc, e))):
             soft = 1
     return soft
+
+
+def _inside_number(asc: bytes, p: int) -> bool:
+    """Is the ',' or ':' at `p` a thousands separator ("1,234,567.89": 1-3 digits before,
+    exactly 3 after) or a time's ("16:09:03": 1-2 digits before, exactly 2 after)? Not
+    when the group after a ',' runs on into another group ("17,123-45-6789"): a CSV field
+    then, like "1001,4111111111111111"."""
+    size = 3 if asc[p] == 44 else 2
+    k = p
+    while k > 0 and p - k <= size and asc[k - 1] in _DIGITS:
+        k -= 1
+    if not 1 <= p - k <= size:
+        return False
+    n = len(asc)
+    m = p + 1
+    while m < n and m - p <= size + 1 and asc[m] in _DIGITS:
+        m += 1
+    if m - p - 1 != size:
+        return False
+    return size == 2 or m == n or asc[m] not in b"-/()"
 
 
 def _secret_ok(cls: str, value: str) -> bool:

@@ -5,8 +5,10 @@ Detectors run on a normalised copy so that look-alike spellings match:
     punctuation detectors use (`@ . - + ( ) / _ % [ ] # =`): fullwidth digits and at sign,
     circled and mathematical digits, ligatures;
   - any decimal digit (Arabic-Indic, Devanagari, ...) becomes its ASCII digit;
-  - format characters (zero-width space/joiner, soft hyphen, bidi marks, BOM) are dropped;
-    Unicode "tag" characters (U+E0020-E007E, invisible ASCII look-alikes) become ASCII;
+  - every default-ignorable code point (zero-width space/joiner, soft hyphen, bidi marks,
+    BOM, variation selectors, fillers ...) and every control character but tab, newline,
+    carriage return and NUL (the unit separator) is dropped; Unicode "tag" characters
+    (U+E0020-E007E, invisible ASCII look-alikes) become ASCII;
   - every space separator (NBSP, narrow NBSP, ideographic space ...) becomes ' ', every
     dash (hyphens, minus sign) becomes '-';
   - combining marks right after an ASCII character are dropped ("4̲1̲1̲1̲");
@@ -14,7 +16,8 @@ Detectors run on a normalised copy so that look-alike spellings match:
 Replacement spans are then mapped back, so the original text is replaced exactly where
 the normalised match was, and nothing around it changes.
 
-Cost: pure-ASCII text without escapes is returned as is (one `isascii` check). Otherwise a
+Cost: pure-ASCII text without escapes or control characters is returned as is (one
+`isascii` check and one RE2 search). Otherwise a
 single linear pass of a one-character-class regex finds the characters that may change
 (prose in any script hits almost none of them), and only those are looked at. Same-length
 replacements need no offset bookkeeping; only deletions and escapes record a change.
@@ -30,7 +33,7 @@ from functools import lru_cache
 
 import re2
 
-from atp_extproc.redact.re2util import re2_options, spans
+from atp_extproc.redact.re2util import re2_options, search, spans
 
 _RELEVANT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                       "@.-+()/_%[]#= ")
@@ -38,6 +41,19 @@ _RELEVANT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 # Thai scripts, which are everywhere in those languages and never sit on ASCII).
 _MARK_RANGES = ((0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF),
                 (0xFE00, 0xFE0F), (0xFE20, 0xFE2F))
+# Default_Ignorable_Code_Point (Unicode DerivedCoreProperties): rendered as nothing, so
+# one inside a value hides it from the detectors and not from the reader. Unassigned ones
+# are included: renderers must show them as nothing too.
+_IGNORABLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+                     (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+                     (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+                     (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+                     (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+_TAGS = (0xE0020, 0xE007E)
+# Control characters other than tab, newline, carriage return and NUL (which joins units).
+_CONTROLS = (*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))
+# What makes pure-ASCII text need normalising: escapes and control characters.
+_ASCII_HOT = re2.compile(r"\\u|&#|%40|[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]", re2_options())
 _ESC_U = re.compile(r"\\u([0-9a-fA-F]{4})")
 _ESC_HTML = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
 
@@ -54,7 +70,7 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
                 continue
             if cat in ("Lu", "Ll", "Lt") and unicodedata.name(ch, "").startswith("LATIN "):
                 latin.add(ch)
-            if 0xE0020 <= cp <= 0xE007E:
+            if _TAGS[0] <= cp <= _TAGS[1]:
                 trans[ch] = chr(cp - 0xE0000)
             elif cat == "Cf":
                 trans[ch] = ""
@@ -68,12 +84,14 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
                 n = unicodedata.normalize("NFKC", ch)
                 if n != ch and n and len(n) <= 4 and all(c in _RELEVANT for c in n):
                     trans[ch] = n
-    # Invisible fillers that are letters by category but render as nothing.
-    for ch in "\u115f\u1160\u3164\uffa0":
+    ignorable = {chr(cp) for lo, hi in _IGNORABLE_RANGES for cp in range(lo, hi + 1)
+                 if not _TAGS[0] <= cp <= _TAGS[1]}
+    for ch in (*ignorable, *map(chr, _CONTROLS)):
         trans[ch] = ""
     trans["\uff61"] = "."  # halfwidth ideographic full stop
+    # Ignorable marks (variation selectors, CGJ) are dropped wherever they are.
     marks = frozenset(chr(cp) for lo, hi in _MARK_RANGES for cp in range(lo, hi + 1)
-                      if unicodedata.category(chr(cp)) in ("Mn", "Me"))
+                      if unicodedata.category(chr(cp)) in ("Mn", "Me")) - ignorable
     # One RE2 character class (a DFA: ~1 ns a byte whatever the class size) finds every
     # character that may change; everything else is copied untouched.
     hot_chars = [*trans, *marks, "\\", "&", "%"]
@@ -136,6 +154,15 @@ class Normalized:
             return self._o_starts[i]
         return p + self._o_ends[i] - self._n_ends[i]
 
+    def norm_offset(self, o: int) -> int:
+        """Normalised offset of original offset `o` (where what starts there went)."""
+        i = bisect_right(self._o_starts, o) - 1
+        if i < 0:
+            return o
+        if o < self._o_ends[i]:
+            return self._n_starts[i]
+        return o + self._n_ends[i] - self._o_ends[i]
+
     def orig_end(self, p: int) -> int:
         """Original offset where a span ending (exclusive) at `p` ends."""
         i = bisect_left(self._n_starts, p) - 1
@@ -147,15 +174,19 @@ class Normalized:
 
 
 def normalize(text: str, budget=None) -> Normalized:
-    """Normalise `text`. `budget` (detectors.Budget) is charged one unit per run of
-    characters that may change; when it runs out the rest is left as it is and the budget
-    says so (the caller then reports the scan as incomplete)."""
-    if text.isascii() and "\\u" not in text and "&#" not in text and "%40" not in text:
-        return Normalized(text)
+    """Normalise `text`. `budget` (detectors.Budget) is charged two units per run of
+    characters that may change, and half a unit per character of a run walked character
+    by character; when it runs out the rest is left as it is and the budget says so (the
+    caller then reports the scan as incomplete)."""
+    if text.isascii():
+        data = text.encode()
+        if search(_ASCII_HOT, data) is None:
+            return Normalized(text)
+    else:
+        data = text.encode("utf-8", "surrogatepass")
     trans, hot, _, marks = _tables()
     table = _translate_table()
     out = _Out(text)
-    data = text.encode("utf-8", "surrogatepass")
     byte_at = 0  # byte offset ...
     char_at = 0  # ... and the character offset it corresponds to
     for m in spans(hot, data):
@@ -180,6 +211,10 @@ def normalize(text: str, budget=None) -> Normalized:
             elif not new and (j >= len(text) or text[j] not in marks):
                 out.put(i, j, "")  # a run of invisible characters
                 continue
+        # About a microsecond a character in Python: paid by the character, so one long
+        # run (megabytes of ligatures or '%') cannot get that work for two units.
+        if budget is not None and not budget.spend((j - i) // 2):
+            break
         _slow(text, i, j, out, trans, marks)
     return out.result()
 

@@ -51,4 +51,9 @@ def spans(rx, data: bytes, pos: int = 0) -> Iterator[Spans]:
 
 
 def search(rx, data: bytes, pos: int = 0) -> Spans | None:
-    return next(spans(rx, data, pos), None)
+    """The first match of `rx` in `data` from `pos`, as `spans` gives it, or None."""
+    inner = getattr(rx, "_regexp", None)
+    if _UNANCHORED is None or inner is None:  # pragma: no cover
+        return next(spans(rx, data, pos), None)
+    found = inner.Match(_UNANCHORED, data, pos, len(data))
+    return None if found[0][0] == -1 else found

@@ -1,7 +1,8 @@
 """Redactor: one per config snapshot; `redact()` per request body.
 
 Flow for one request: collect the strings the provider would see (scope.py) → join them
-into one text, units separated by NUL → normalise (normalize.py) → one RE2 Set pass says
+into one text, units separated by NUL, the parts of a unit back to back (their joins are
+passed on as word boundaries) → normalise (normalize.py) → one RE2 Set pass says
 which detector families can match; with none, return at once → run those families and
 validate candidates (detectors.py) → map each finding back to the original text → replace
 it by its placeholder, numbered per request and per data class, the same value always
@@ -37,13 +38,15 @@ class PlaceholderMap:
 
     It holds personal data: it never shows its values in repr/str, and it refuses to be
     pickled or copied, so it cannot end up in a log record, a store or a cache by accident.
-    Drop it (or call `clear()`) when the exchange ends.
+    Drop it (or call `clear()`) when the exchange ends. `json_text`: the request asked for
+    a JSON answer, so originals go back into its streamed text JSON-escaped.
     """
 
-    __slots__ = ("_d",)
+    __slots__ = ("_d", "json_text")
 
-    def __init__(self, data: Mapping[str, str] | None = None):
+    def __init__(self, data: Mapping[str, str] | None = None, json_text: bool = False):
         self._d: dict[str, str] = dict(data or {})
+        self.json_text = json_text
 
     def __len__(self) -> int:
         return len(self._d)
@@ -128,6 +131,22 @@ class Span:
     value: str
 
 
+_JSON_FORMATS = ("json_object", "json_schema")
+
+
+def _json_answer(operation: str, doc: dict[str, Any]) -> bool:
+    """Does the request ask for an answer in JSON (chat `response_format`, Responses
+    `text.format`)? Its text is then JSON, streamed in pieces."""
+    if operation == "chat":
+        fmt = doc.get("response_format")
+    elif operation == "responses":
+        text = doc.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+    else:
+        return False
+    return isinstance(fmt, dict) and fmt.get("type") in _JSON_FORMATS
+
+
 class Redactor:
     """Compiled detectors and actions for one config snapshot; safe to share."""
 
@@ -176,6 +195,8 @@ class Redactor:
         segs: list[scope.Segment] = []
         starts: list[int] = []
         pieces: list[str] = []
+        joins: list[int] = []  # where a unit's second, third ... segment starts
+        context = False  # some unit starts with a JSON key read as context
         pos = 0
         for u, unit in enumerate(c.units):
             if u:
@@ -186,10 +207,18 @@ class Redactor:
                 starts.append(pos)
                 pieces.append(seg.text)
                 pos += len(seg.text)
+            if len(unit) > 1:
+                joins.extend(starts[len(starts) - len(unit) + 1:])
+                context = context or unit[0].context
         joined = "".join(pieces)
         budget = Budget.for_text(len(joined))
         norm = normalize(joined, budget)
-        res = self.scanner.scan(norm, budget)
+        bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
+        res = self.scanner.scan(norm, budget, bounds)
+        if context:
+            # What starts in a JSON key read as context is found in the key's own unit.
+            res.found = [f for f in res.found
+                         if not segs[bisect_right(starts, norm.orig_start(f.start)) - 1].context]
         non_text = c.non_text + res.data_uris
         refuse = (INCOMPLETE,) if res.incomplete and self._refuse_incomplete else ()
         if not res.found:
@@ -201,7 +230,8 @@ class Redactor:
             # The request will be refused: count what was found, build nothing.
             counts: dict[str, int] = {}
             for f in res.found:
-                counts[f.cls] = counts.get(f.cls, 0) + 1
+                seg = segs[bisect_right(starts, norm.orig_start(f.start)) - 1]
+                counts[f.cls] = counts.get(f.cls, 0) + seg.copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
                              non_text_parts=non_text, incomplete=True)
@@ -216,6 +246,7 @@ class Redactor:
             s, e = norm.orig_start(f.start), norm.orig_end(f.end)
             if e <= s:
                 continue
+            i = bisect_right(starts, s) - 1
             action = self._actions[f.cls]
             key = (f.cls, f.value)
             token = tokens.get(key)
@@ -223,12 +254,12 @@ class Redactor:
                 token = self._token(f.cls, f.value, action, tenant, numbers, res.reserved)
                 tokens[key] = token
                 mapping.setdefault(token, joined[s:e])
-            counts[f.cls] = counts.get(f.cls, 0) + 1
+            # A JSON token scanned once for all its repeats occurs that many times.
+            counts[f.cls] = counts.get(f.cls, 0) + segs[i].copies
             if action == "deny":
                 denied.add(f.cls)
             # Spread the replacement over the segments it covers (joined content parts):
             # the placeholder goes where the value starts, the rest of it is removed.
-            i = bisect_right(starts, s) - 1
             first = True
             while i < len(segs) and starts[i] < e:
                 seg_s = starts[i]
@@ -249,13 +280,17 @@ class Redactor:
                 assert seg.path is not None
                 edits[seg.path] = new
             else:
-                args_values.setdefault(seg.args, {})[seg.token] = new
+                values = args_values.setdefault(seg.args, {})
+                values[seg.token] = new
+                for token in seg.more or ():
+                    values[token] = new
         for args, values in args_values.items():
             edits[args.path] = scope.splice_args(args, values)
         fields = scope.apply(doc, edits)
         return Redaction(fields=fields, counts=counts,
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
-                         mapping=PlaceholderMap(mapping), incomplete=res.incomplete)
+                         mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),
+                         incomplete=res.incomplete)
 
     def scan_text(self, text: str) -> list[Span]:
         """Findings in one string, in its own offsets (for tools and tests)."""
@@ -271,7 +306,9 @@ class Redactor:
                numbers: dict[str, int], reserved: set[str]) -> str:
         label = self._labels[cls]
         if action == "hash":
-            digest = hmac.new(self._tenant_key(tenant), f"{cls}\x00{value}".encode(),
+            # surrogatepass: a lone surrogate from the JSON body may be part of a value.
+            digest = hmac.new(self._tenant_key(tenant),
+                              f"{cls}\x00{value}".encode("utf-8", "surrogatepass"),
                               hashlib.sha256).hexdigest()[:16]
             return f"[{label}:{digest}]"
         n = numbers.get(cls, 0)

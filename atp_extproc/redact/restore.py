@@ -13,15 +13,18 @@ placeholder split between network chunks at any byte is restored. Models also sp
 placeholder across *events* ("[EMA" in one delta, "IL_1]" in the next): for incremental
 fields (`delta` content, tool-call argument deltas, completion `text`) a trailing prefix of a
 known placeholder is held back and prepended to the next delta of the same stream position;
-whatever is still held when that position finishes is sent as one extra event before the
-finishing one, so no text is ever lost.
+whatever is still held when that position finishes (its choice's `finish_reason`, its
+item's `.done` event, the end of the response) is sent as one extra event before the
+finishing one, so no text is ever lost. That event carries only what identifies the
+position and the held text: clients that add deltas up (the SDKs' stream helpers) would
+otherwise get a role, a tool call's id or name, or logprobs twice.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from atp_extproc.redact.detectors import PLACEHOLDER
@@ -35,24 +38,43 @@ _UNSAFE = re.compile(r'["\\\x00-\x1f]')
 # A stream with no event boundary for this long is not SSE: pass it on as raw text.
 _MAX_PENDING_EVENT = 4 << 20
 _TERMINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
+# Where a Responses event is, as in the carry keys' first element (after the event type).
+_POSITION = ("item_id", "output_index", "content_index")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+# A carry key: (event type and position, logical path of the field).
+Key = tuple[tuple, tuple]
 
 
 def _json_escape(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)[1:-1]
 
 
+def _dumps(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate the body escaped: escape it again
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 class Restorer:
     def __init__(self, mapping: PlaceholderMap):
-        self._map: dict[str, str] = dict(mapping.items())
+        # A lone surrogate (a request may escape one; redaction keeps it) has no UTF-8
+        # form: the client gets U+FFFD in its place.
+        self._map: dict[str, str] = {k: _SURROGATES.sub("\ufffd", v)
+                                     for k, v in mapping.items()}
         self._bytes = {k.encode(): v.encode() for k, v in self._map.items()}
         self._escaped = {k.encode(): _json_escape(v).encode() for k, v in self._map.items()}
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
         self._prefixes: set[str] = {k[:i] for k in self._map for i in range(1, len(k))}
         self._max = max((len(k) for k in self._map), default=0)
+        # The answer is JSON: its streamed text is a fragment of JSON, like arguments.
+        self._json_text = mapping.json_text
         self._tail = b""
         self._raw = False
         # stream key → (held text, template event, physical path of the field)
-        self._carry: dict[tuple, tuple[str, Any, tuple]] = {}
+        self._carry: dict[Key, tuple[str, Any, tuple]] = {}
 
     def clear(self) -> None:
         """Forget the originals (end of the exchange)."""
@@ -89,8 +111,7 @@ class Restorer:
         except (ValueError, RecursionError):
             table = self._escaped
             return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
-        return json.dumps(self._node(doc), ensure_ascii=False,
-                          separators=(",", ":")).encode()
+        return _dumps(self._node(doc))
 
     def _node(self, node: Any) -> Any:
         if isinstance(node, str):
@@ -147,7 +168,9 @@ class Restorer:
         hold = b"" if end else self._held_bytes(data)
         body = data[:len(data) - len(hold)]
         self._tail = hold
-        table = self._bytes
+        # Still SSE, whose data is JSON: an original with a quote or a newline must not
+        # end a string, or an event.
+        table = self._escaped
         return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
 
     def _held_bytes(self, data: bytes) -> bytes:
@@ -191,21 +214,20 @@ class Restorer:
             flush, new_obj, changed = self._event_obj(obj)
             before.append(flush)
             if changed:
-                payload = json.dumps(new_obj, ensure_ascii=False,
-                                     separators=(",", ":")).encode()
+                payload = _dumps(new_obj)
             out_lines.append(b"data:" + lead + payload + (b"\r" if cr else b""))
         return b"".join(before) + b"\n".join(out_lines)
 
     def _event_obj(self, obj: Any) -> tuple[bytes, Any, bool]:
         if not isinstance(obj, (dict, list)):
             return b"", obj, False
-        terminal = _is_terminal(obj)
-        ctx: tuple = ()
+        ends = _finishes(obj)
+        ctx: tuple = (None, None, None, None)
         if isinstance(obj, dict):
             ctx = (obj.get("type"), obj.get("item_id"), obj.get("output_index"),
                    obj.get("content_index"))
         changed = False
-        new_holds: list[tuple] = []
+        new_holds: list[Key] = []
 
         def walk(node: Any, phys: tuple, logical: tuple, incremental: bool,
                  fragment: bool) -> Any:
@@ -215,7 +237,7 @@ class Restorer:
                     key = (ctx, logical)
                     held = self._carry.pop(key, None)
                     text = held[0] + node if held else node
-                    hold = "" if terminal else self._held(text)
+                    hold = "" if ends is not None and ends(key) else self._held(text)
                     emit = text[:len(text) - len(hold)]
                     new = self.restore_text(emit, escape=fragment)
                     if hold:
@@ -232,7 +254,8 @@ class Restorer:
                 out = {}
                 for k, v in node.items():
                     inc = incremental or k == "delta" or (k == "text" and "choices" in logical)
-                    frag = fragment or k in ("arguments", "partial_json")
+                    frag = fragment or k in ("arguments", "partial_json") or (
+                        k == "content" and self._json_text)
                     out[k] = walk(v, (*phys, k), (*logical, k), inc, frag)
                 return out
             if isinstance(node, list):
@@ -244,11 +267,11 @@ class Restorer:
                 return items
             return node
 
-        new_obj = walk(obj, (), (), False, _is_fragment_event(obj))
+        new_obj = walk(obj, (), (), False, _is_fragment_event(obj, self._json_text))
         for key in new_holds:  # the event a held text came from shapes its flush event
             hold, _, phys = self._carry[key]
             self._carry[key] = (hold, new_obj, phys)
-        flush = self._flush() if terminal and self._carry else b""
+        flush = self._flush(ends) if ends is not None and self._carry else b""
         return flush, new_obj, changed
 
     def _held(self, text: str) -> str:
@@ -258,55 +281,62 @@ class Restorer:
         suffix = text[i:]
         return suffix if suffix in self._prefixes else ""
 
-    def _flush(self) -> bytes:
-        """Emit held text as events of their own, shaped like the event it came from."""
-        if not self._carry:
-            return b""
+    def _flush(self, ends: Callable[[Key], bool] | None = None) -> bytes:
+        """Emit held text as events of their own, shaped like the event it came from: for
+        the positions `ends` says are finished, or all of them."""
         out: list[bytes] = []
-        for hold, template, phys in self._carry.values():
-            if template is None:
-                continue
-            event = copy.deepcopy(template)
-            _clear_texts(event, phys)
-            _set_path(event, phys, hold)
-            out.append(b"data: " + json.dumps(event, ensure_ascii=False,
-                                              separators=(",", ":")).encode() + b"\n\n")
-        self._carry.clear()
+        for key in [k for k in self._carry if ends is None or ends(k)]:
+            hold, template, phys = self._carry.pop(key)
+            out.append(b"data: " + _dumps(_skeleton(template, phys, hold)) + b"\n\n")
         return b"".join(out)
 
 
-def _is_terminal(obj: Any) -> bool:
-    if isinstance(obj, dict):
-        kind = obj.get("type")
-        if isinstance(kind, str) and (kind.endswith(".done") or kind in _TERMINAL_TYPES):
-            return True
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            return any(isinstance(c, dict) and c.get("finish_reason") is not None
-                       for c in choices)
-    return False
+def _finishes(obj: Any) -> Callable[[Key], bool] | None:
+    """Which stream positions the event `obj` finishes, as a test on carry keys (None: it
+    finishes none). With n > 1 choices, or several output items, the others go on."""
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("type")
+    if isinstance(kind, str) and (kind.endswith(".done") or kind in _TERMINAL_TYPES):
+        # An item's, a content part's or a text's end, or (no position) the response's.
+        where = [(i, obj[k]) for i, k in enumerate(_POSITION, 1) if obj.get(k) is not None]
+
+        def in_position(key: Key) -> bool:
+            return all(key[0][i] == v for i, v in where)
+        return in_position
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        done = {("#", c.get("index", i)) for i, c in enumerate(choices)
+                if isinstance(c, dict) and c.get("finish_reason") is not None}
+        if done:
+            def in_choice(key: Key) -> bool:
+                logical = key[1]
+                return len(logical) > 1 and logical[0] == "choices" and logical[1] in done
+            return in_choice
+    return None
 
 
-def _is_fragment_event(obj: Any) -> bool:
+def _is_fragment_event(obj: Any, json_text: bool) -> bool:
     kind = obj.get("type") if isinstance(obj, dict) else None
-    return isinstance(kind, str) and "arguments" in kind
+    return isinstance(kind, str) and ("arguments" in kind or (
+        json_text and kind == "response.output_text.delta"))
 
 
-def _clear_texts(node: Any, keep: tuple) -> None:
-    """Empty every incremental text in a template except the one at `keep`."""
-    stack: list[tuple[Any, tuple]] = [(node, ())]
-    while stack:
-        cur, path = stack.pop()
-        items = cur.items() if isinstance(cur, dict) else enumerate(cur)
-        for k, v in list(items):
-            p = (*path, k)
-            if isinstance(v, str) and p != keep and ("delta" in p or k == "text"):
-                cur[k] = ""
-            elif isinstance(v, (dict, list)):
-                stack.append((v, p))
-
-
-def _set_path(node: Any, path: tuple, value: str) -> None:
-    for step in path[:-1]:
-        node = node[step]
-    node[path[-1]] = value
+def _skeleton(node: Any, path: tuple, hold: str, top: bool = True) -> Any:
+    """`hold` at `path` in a copy of the event `node` cut down to what places it: the
+    top-level scalars (id, object, created, model; a Responses event's type, item_id,
+    *_index, sequence_number) and `index` below. Everything else, which a client would
+    add to what it has (role, a tool call's id, type and name, logprobs, usage), goes."""
+    if not path:
+        return hold
+    step, rest = path[0], path[1:]
+    if isinstance(node, list):
+        return [_skeleton(node[step], rest, hold, False)]
+    if top:
+        out = {k: v for k, v in node.items() if not isinstance(v, (dict, list))}
+        if isinstance(node.get("logprobs"), list):
+            out["logprobs"] = []  # required in Responses text deltas; empty adds nothing
+    else:
+        out = {"index": node["index"]} if "index" in node else {}
+    out[step] = _skeleton(node[step], rest, hold, False)
+    return out

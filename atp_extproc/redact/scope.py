@@ -2,10 +2,13 @@
 redacted strings back without touching anything else.
 
 A *unit* is text the model reads as one piece: a string field, or the consecutive text
-parts of one message (scanned joined, so PII split across parts is still found). Tool-call
-arguments are JSON inside a string: each string value in them is a unit, and a redacted
-value is re-encoded and spliced back into the arguments text, which stays valid JSON and
-keeps its formatting everywhere else.
+parts of one message (scanned joined, so PII split across parts is still found; the
+joins count as word boundaries). Tool-call arguments and tool results are often JSON
+inside a string: then every string and key in them is a unit, and so is every number
+whose key names a card, phone or SSN; a value is read after its key ("ssn: ...") so the
+detectors' context words apply. A redacted token is re-encoded as a JSON string and
+spliced back into the text, which stays valid JSON and keeps its formatting everywhere
+else.
 """
 
 from __future__ import annotations
@@ -15,17 +18,27 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from atp_extproc.redact.detectors import digits_context
+
 Path = tuple[str | int, ...]
 
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# Strings (a key with its colon), numbers of 7 characters or more (shorter ones hold no
+# card, SSN or phone number) and brackets of a JSON text: it parsed, so nothing else
+# holds a digit, and a number starts after none of its own characters.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\r\n]*:)?'
+                         r'|(?<![-+.eE0-9])-?[0-9][-+.eE0-9]{6,}|[\[\]{}]', re.S)
+# A key as words for the context rules ("cc_number", "ccNumber" → "cc number"), and as
+# much of it as they read (40 characters back).
+_KEY_WORDS = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])")
+_KEY_CONTEXT = 40
 _JSON_WS = " \t\r\n"
 _scanstring = json.decoder.scanstring
 
 
 class JsonArgs:
-    """A JSON text held in a string field; its string values are scanned."""
+    """A JSON text held in a string field; its strings, keys and numbers are scanned."""
 
     __slots__ = ("path", "raw", "tokens")
 
@@ -36,7 +49,11 @@ class JsonArgs:
 
 
 class Segment:
-    __slots__ = ("args", "path", "text", "token")
+    """Text at `path`, or token `token` of a JSON text (and the tokens in `more`, which
+    repeat it under the same key), or (neither) text read only as context for the segment
+    after it, never changed."""
+
+    __slots__ = ("args", "more", "path", "text", "token")
 
     def __init__(self, text: str, path: Path | None = None, args: JsonArgs | None = None,
                  token: int = -1):
@@ -44,6 +61,21 @@ class Segment:
         self.path = path
         self.args = args
         self.token = token
+        self.more: list[int] | None = None
+
+    @property
+    def context(self) -> bool:
+        return self.path is None and self.args is None
+
+    @property
+    def copies(self) -> int:
+        return 1 + len(self.more) if self.more else 1
+
+    def repeat(self, token: int) -> None:
+        """Token `token` of the same JSON text holds the same text under the same key."""
+        if self.more is None:
+            self.more = []
+        self.more.append(token)
 
 
 class Collector:
@@ -56,7 +88,7 @@ class Collector:
 
     def dedupe(self) -> None:
         self._seen = {seg.path if seg.args is None else seg.args.path
-                      for unit in self.units for seg in unit}
+                      for unit in self.units for seg in unit if not seg.context}
 
     def text(self, path: Path, value: str) -> None:
         if value:
@@ -77,7 +109,7 @@ class Collector:
             self.units.append(unit)
 
     def json_text(self, path: Path, raw: str) -> None:
-        """A string that should hold JSON (tool-call arguments)."""
+        """A string that should hold JSON (tool-call arguments, tool results)."""
         if not raw:
             return
         if self._seen is not None:
@@ -95,19 +127,67 @@ class Collector:
         if self._seen is not None:
             self._seen.add(path)
         args = JsonArgs(path, raw)
-        n = len(raw)
-        for m in _JSON_STRING.finditer(raw):
-            j = m.end()
-            while j < n and raw[j] in _JSON_WS:
-                j += 1
-            if j < n and raw[j] == ":":
-                continue  # a key
-            # `raw` parsed as JSON above, so every token is a valid string literal.
-            value = _scanstring(raw, m.start() + 1)[0]
-            if not value:
+        tokens = args.tokens
+        units = self.units
+        # The key the next value belongs to, as words, and whether it names a class found
+        # in digits; the same for each enclosing container (an array's items get the
+        # array's key). Numbers elsewhere are ids, amounts, sizes and times: reading them
+        # all would cost much and misfire often (a random 10-digit id is as often as not a
+        # valid phone number).
+        key, numbers = "", False
+        outer: list[tuple[str, bool]] = []
+        # Arrays of records repeat their keys and many values: each (key, text) is read
+        # once, by the segment of its first token, which lists the others.
+        keys: dict[str, tuple[str, bool, Segment]] = {}
+        seen: dict[tuple[str, str], Segment] = {}
+        for m in _JSON_TOKEN.finditer(raw):
+            s, e = m.span()
+            first = raw[s]
+            if first == '"':
+                is_key = raw[e - 1] == ":"
+                if is_key:
+                    e = raw.rindex('"', s, e) + 1
+                value = raw[s + 1:e - 1]
+                if "\\" in value:  # `raw` parsed as JSON above: a valid string literal
+                    value = _scanstring(raw, s + 1)[0]
+                if is_key:  # keys are read too ({"alice@example.com": ...}), no context
+                    if not value:
+                        key, numbers = "", False
+                        continue
+                    tokens.append((s, e))
+                    known = keys.get(value)
+                    if known is None:
+                        words = _KEY_WORDS.sub(" ", value).strip()[-_KEY_CONTEXT:]
+                        seg = Segment(value, None, args, len(tokens) - 1)
+                        known = keys[value] = (words, digits_context(words), seg)
+                        units.append([seg])
+                    else:
+                        known[2].repeat(len(tokens) - 1)
+                    key, numbers = known[0], known[1]
+                    continue
+                if not value:
+                    continue
+            elif first in "{[":
+                outer.append((key, numbers))
+                if first == "{":
+                    key, numbers = "", False
                 continue
-            args.tokens.append(m.span())
-            self.units.append([Segment(value, None, args, len(args.tokens) - 1)])
+            elif first in "}]":
+                key, numbers = outer.pop()
+                continue
+            elif numbers:
+                value = raw[s:e]
+            else:
+                continue  # a number under a key that names nothing found in digits
+            tokens.append((s, e))
+            seg = seen.get((key, value))
+            if seg is not None:
+                seg.repeat(len(tokens) - 1)
+                continue
+            seg = seen[key, value] = Segment(value, None, args, len(tokens) - 1)
+            # The key first, as a label would be in prose ("ssn: 123456789"), so the
+            # detectors' context words apply; an array's items get the array's key.
+            units.append([Segment(f"{key}: "), seg] if key else [seg])
 
     def anything(self, path: Path, node: Any) -> None:
         """Every string value under `node` (extra paths from config)."""
@@ -164,10 +244,14 @@ def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
             c.text((*base, k, "custom", "input"), custom["input"])
 
 
+_STORED = ("user", "safety_identifier", "prompt_cache_key")
+
+
 def _common(c: Collector, doc: dict[str, Any]) -> None:
     # Fields every operation may carry that a provider stores or reads.
-    if isinstance(doc.get("user"), str):
-        c.text(("user",), doc["user"])
+    for key in _STORED:
+        if isinstance(doc.get(key), str):
+            c.text((key,), doc[key])
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         for key, value in metadata.items():
@@ -236,6 +320,44 @@ def embeddings(c: Collector, doc: dict[str, Any]) -> None:
 
 _RESPONSES_NON_TEXT = frozenset({"input_image", "input_file", "input_audio", "image",
                                  "image_generation_call", "computer_screenshot"})
+# Input items of built-in tools: the fields (a string or a list of strings) the model
+# reads back, besides `content`, `arguments` and `output`, which every item gets.
+_ITEM_FIELDS: dict[str, tuple[Path, ...]] = {
+    "file_search_call": (("queries",), ("results", "*", "text")),
+    "web_search_call": (("action", "query"), ("action", "queries"), ("action", "pattern")),
+    "local_shell_call": (("action", "command"), ("action", "env", "*"),
+                         ("action", "working_directory")),
+    "shell_call": (("action", "commands"),),
+    "code_interpreter_call": (("code",),),
+    "apply_patch_call": (("operation", "diff"),),
+}
+
+
+def _strings(c: Collector, base: Path, item: dict[str, Any], paths: tuple[Path, ...]) -> None:
+    for path in paths:
+        for p, node in resolve(item, path):
+            if isinstance(node, str):
+                c.text((*base, *p), node)
+            elif isinstance(node, list):
+                for k, v in enumerate(node):
+                    if isinstance(v, str):
+                        c.text((*base, *p, k), v)
+
+
+def _prompt_variables(c: Collector, prompt: Any) -> None:
+    """Values filled into a stored prompt template: strings or input parts."""
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    if not isinstance(variables, dict):
+        return
+    for name, value in variables.items():
+        base: Path = ("prompt", "variables", name)
+        if isinstance(value, str):
+            c.text(base, value)
+        elif isinstance(value, dict):
+            if value.get("type") in TEXT_PART_TYPES and isinstance(value.get("text"), str):
+                c.text((*base, "text"), value["text"])
+            else:
+                c.non_text += 1
 
 
 def responses(c: Collector, doc: dict[str, Any]) -> None:
@@ -276,6 +398,10 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             summary = item.get("summary")
             if isinstance(summary, list):
                 _content(c, (*base, "summary"), summary)
+            fields = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
+            if fields is not None:
+                _strings(c, base, item, fields)
+    _prompt_variables(c, doc.get("prompt"))
     _common(c, doc)
 
 
@@ -344,7 +470,8 @@ def splice(text: str, changes: list[tuple[int, int, str]]) -> str:
 
 
 def splice_args(args: JsonArgs, new_values: dict[int, str]) -> str:
-    """The arguments text with the string tokens numbered in `new_values` re-encoded."""
+    """The JSON text with the tokens numbered in `new_values` written as JSON strings (a
+    redacted number becomes the string "[CARD_1]": the text stays valid JSON)."""
     tokens = args.tokens
     return splice(args.raw, [(*tokens[i], json.dumps(v, ensure_ascii=False))
                              for i, v in new_values.items()])

@@ -1,0 +1,385 @@
+"""Regressions from the redaction review: part joins, JSON numbers and keys, invisible and
+control characters, the normalisation budget, CSV rows, lone surrogates, Responses fields,
+and SSE restore (flush events, n > 1 choices, JSON answers)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from atp_extproc.redact import PlaceholderMap, RedactionSettings, Redactor, Restorer, restore
+from atp_extproc.redact.detectors import Budget
+from atp_extproc.redact.normalize import normalize
+
+E = "alice@example.com"
+KEY = b"k" * 32
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor(RedactionSettings())
+
+
+def chat(text: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+def redacted(r: Redactor, text: str) -> str:
+    res = r.redact("chat", chat(text), "t")
+    return res.fields["messages"][0]["content"] if res.fields else text
+
+
+# -- 1. text parts: a join is a word boundary ----------------------------------------------
+
+@pytest.mark.parametrize(("parts", "expected"), [
+    (["My card number is", "4111 1111 1111 1111"], ["My card number is", "[CARD_1]"]),
+    (["4111111111111111", "is my card"], ["[CARD_1]", "is my card"]),
+    (["Key", "sk-proj-abc123DEF456ghi789JKL012mno345"], ["Key", "[API_KEY_1]"]),
+    (["token", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"], ["token", "[GITHUB_TOKEN_1]"]),
+    (["IBAN", "DE89370400440532013000"], ["IBAN", "[IBAN_1]"]),
+    (["server", "10.0.0.1"], ["server", "[IPV4_1]"]),
+    (["10.0.0.1", "is down"], ["[IPV4_1]", "is down"]),
+    (["host", "fe80::1"], ["host", "[IPV6_1]"]),
+    ([E, "2day"], ["[EMAIL_1]", "2day"]),
+])
+def test_part_joins_are_word_boundaries(redactor, parts, expected):
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": p} for p in parts]}]}
+    res = redactor.redact("chat", doc, "t")
+    assert [p["text"] for p in res.fields["messages"][0]["content"]] == expected
+
+
+def test_glued_within_one_part_is_still_not_a_finding(redactor):
+    assert redacted(redactor, "My card number is4111 1111 1111 1111") == (
+        "My card number is4111 1111 1111 1111")
+    assert redacted(redactor, "server10.0.0.1") == "server10.0.0.1"
+
+
+def test_join_offsets_after_normalised_text(redactor):
+    # Deletions and escapes before the join move it in the normalised text.
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "ca\u200brd \\u0041\u200b\u200bx"},
+        {"type": "text", "text": "4111 1111 1111 1111"}]}]}
+    res = redactor.redact("chat", doc, "t")
+    assert res.fields["messages"][0]["content"][1]["text"] == "[CARD_1]"
+
+
+# -- 2. JSON in a string: numbers, keys, keys as context ---------------------------------
+
+def _tool_doc(args: str) -> dict:
+    return {"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": args}]}
+
+
+def _tool_out(res) -> tuple[str, str]:
+    msgs = res.fields["messages"]
+    return msgs[0]["tool_calls"][0]["function"]["arguments"], msgs[1]["content"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ('{"card": 4111111111111111, "phone": 4155552671}',
+     '{"card": "[CARD_1]", "phone": "[PHONE_1]"}'),
+    ('{"contacts": {"alice@example.com": "friend"}}', '{"contacts": {"[EMAIL_1]": "friend"}}'),
+    ('{"ssn": "123456789"}', '{"ssn": "[SSN_1]"}'),
+    ('{"ssn": ["123456789", {"x": 1}], "n": 2}', '{"ssn": ["[SSN_1]", {"x": 1}], "n": 2}'),
+    ('[{"ssn": 123456789}, -1.5e3]', '[{"ssn": "[SSN_1]"}, -1.5e3]'),
+])
+def test_tool_json_numbers_keys_and_context(redactor, args, expected):
+    res = redactor.redact("chat", _tool_doc(args), "t")
+    for out in _tool_out(res):
+        assert out == expected
+        json.loads(out)
+
+
+def test_tool_json_key_context_cuts_both_ways(redactor):
+    # Without a context word a bare 9-digit string is no SSN; an identifier key rules a
+    # number out as a phone number, as "order id 4155552671" would in prose.
+    for args in ('{"note": "123456789"}', '{"order_id": 4155552671}',
+                 '{"n": 7, "price": 12.5, "ids": [1, 2, 3]}'):
+        assert not redactor.redact("chat", _tool_doc(args), "t").fields, args
+
+
+def test_tool_json_key_is_its_own_unit_not_counted_twice(redactor):
+    res = redactor.redact("chat", _tool_doc('{"alice@example.com": "x"}'), "t")
+    assert res.counts == {"email": 2}  # once in the arguments, once in the tool result
+
+
+def test_responses_function_call_output_numbers(redactor):
+    doc = {"model": "m", "input": [{"type": "function_call_output", "call_id": "c",
+                                    "output": '{"cc": 4111111111111111}'}]}
+    res = redactor.redact("responses", doc, "t")
+    assert res.fields["input"][0]["output"] == '{"cc": "[CARD_1]"}'
+
+
+def test_tool_json_keys_are_read_as_words(redactor):
+    args = ('{"ccNumber": 4111111111111111, "home_phone": 4155552671, '
+            '"social_security_number": 123456789, "orderId": "4155552671"}')
+    out = _tool_out(redactor.redact("chat", _tool_doc(args), "t"))[0]
+    assert json.loads(out) == {"ccNumber": "[CARD_1]", "home_phone": "[PHONE_1]",
+                               "social_security_number": "[SSN_1]", "orderId": "4155552671"}
+
+
+def test_tool_json_numbers_under_other_keys_are_not_read(redactor):
+    # Ids, sizes, amounts and times: a random 10-digit id is often a valid phone number.
+    args = json.dumps({"rows": [{"id": 4111111111111111, "size": 2147483648,
+                                 "amount": 4155552671, "ts": 1700000000123}] * 3})
+    assert not redactor.redact("chat", _tool_doc(args), "t").fields
+
+
+def test_tool_json_repeated_values_are_all_replaced_and_counted(redactor):
+    args = json.dumps({"rows": [{"mail": E, "phone": 4155552671}] * 3})
+    res = redactor.redact("chat", _tool_doc(args), "t")
+    out = json.loads(_tool_out(res)[0])
+    assert out == {"rows": [{"mail": "[EMAIL_1]", "phone": "[PHONE_1]"}] * 3}
+    assert res.counts == {"email": 6, "phone": 6}  # arguments and tool result
+
+
+# -- 4. every default-ignorable code point and control character is dropped -------------
+
+@pytest.mark.parametrize("ch", [
+    "\u17b4", "\u17b5", "\u180b", "\u180d", "\u180f", "\U000e0100", "\U000e01ef", "\u2065",
+    "\ufff0", "\U000e0080", "\ufe0f", "\u034f", "\x01", "\x08", "\x0b", "\x0c", "\x1f",
+    "\x7f", "\x85", "\x9f"])
+def test_invisible_and_control_characters_do_not_split_values(redactor, ch):
+    text = f"card 411111111{ch}1111111 key sk-proj-abc123DEF45{ch}6ghi789JKL012mno345"
+    res = redactor.redact("chat", chat(text), "t")
+    assert res.counts == {"card": 1, "api_key": 1}
+    assert res.fields["messages"][0]["content"] == "card [CARD_1] key [API_KEY_1]"
+
+
+def test_tab_newline_return_and_nul_are_kept():
+    assert normalize("a\tb\nc\rd\x00e").text == "a\tb\nc\rd\x00e"
+    assert normalize("41\x0111\x7f").text == "4111"
+
+
+# -- 5. the normalisation budget pays for character-by-character work --------------------
+
+@pytest.mark.parametrize("unit", ["\ufb00", "%", "&", "\uff14\u200b"])
+def test_long_slow_runs_exhaust_the_budget(redactor, unit):
+    text = unit * 400_000 + " a%40b"  # the escape takes ASCII text off the fast path
+    budget = Budget.for_text(len(text))
+    t0 = time.perf_counter()
+    normalize(text, budget)
+    assert budget.exhausted
+    assert time.perf_counter() - t0 < 0.25  # refused up front, not walked
+    res = redactor.redact("chat", chat(text + " a@b.co"), "t")
+    assert res.incomplete and res.denied == ("scan_incomplete",)
+
+
+def test_short_slow_runs_stay_cheap():
+    text = "Caf\u0065\u0301 \ufb01le \\u0040 100% " * 200
+    budget = Budget.for_text(len(text))
+    normalize(text, budget)
+    assert not budget.exhausted
+
+
+# -- 6. CSV rows: a comma is a thousands separator only before exactly three digits -----
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("id,card\n1001,4111111111111111\n1002,5555555555554444\n",
+     "id,card\n1001,[CARD_1]\n1002,[CARD_2]\n"),
+    ("id,ssn\n17,123-45-6789\n", "id,ssn\n17,[SSN_1]\n"),
+    ("cards 4111111111111111,5555555555554444", "cards [CARD_1],[CARD_2]"),
+    ("n 4155552671,123", "n [PHONE_1],123"),
+    # numbers and times stay whole
+    ("total 1,234.5678901 units", "total 1,234.5678901 units"),
+    ("x 1,415,555,2671", "x 1,415,555,2671"),
+    ("at 12:30:45.1234567", "at 12:30:45.1234567"),
+])
+def test_csv_fields_and_thousands(redactor, text, expected):
+    assert redacted(redactor, text) == expected
+
+
+# -- 7. lone surrogates ----------------------------------------------------------------------
+
+def test_custom_detector_with_lone_surrogate_in_body():
+    r = Redactor(RedactionSettings(custom_detectors=[{"name": "emp", "pattern": r"emp-\S+"}]))
+    doc = json.loads(b'{"model":"m","messages":[{"role":"user","content":'
+                     b'"emp-12345 \\ud800 hi emp-7\\udc00 x"}]}')
+    res = r.redact("chat", doc, "t")
+    assert res.fields["messages"][0]["content"] == "[EMP_1] \ud800 hi [EMP_2] x"
+    assert res.mapping.get("[EMP_2]") == "emp-7\udc00"
+    restorer = Restorer(res.mapping)
+    body = json.loads(restorer.restore_json(b'{"a": "[EMP_2] and [EMP_1]"}'))
+    assert body == {"a": "emp-7\ufffd and emp-12345"}
+    stream = b'data: {"choices":[{"index":0,"delta":{"content":"[EMP_2]"}}]}\n\n'
+    out = restorer.feed(stream, True)
+    assert json.loads(out[6:])["choices"][0]["delta"]["content"] == "emp-7\ufffd"
+
+
+def test_hash_action_with_lone_surrogate():
+    r = Redactor(RedactionSettings(custom_detectors=[{"name": "emp", "pattern": r"emp-\S+"}],
+                                   actions={"emp": "hash"}), hmac_key=KEY)
+    res = r.redact("chat", chat("emp-7\ud800 x"), "t")
+    assert res.fields["messages"][0]["content"].startswith("[EMP:")
+
+
+def test_restore_of_a_body_with_an_escaped_lone_surrogate():
+    r = Restorer(PlaceholderMap({"[QUOTE_1]": 'say "hi"'}))
+    out = r.restore_json(b'{"a": "[QUOTE_1] \\ud800"}')
+    assert json.loads(out) == {"a": 'say "hi" \ud800'}
+
+
+# -- 8. Responses and common fields the provider reads --------------------------------------
+
+@pytest.mark.parametrize(("op", "doc"), [
+    ("responses", {"model": "m", "prompt": {"id": "p", "variables": {"mail": E}}}),
+    ("responses", {"model": "m", "prompt": {"id": "p", "variables": {
+        "x": {"type": "input_text", "text": E}}}}),
+    ("responses", {"model": "m", "input": [{"type": "file_search_call", "id": "f",
+                                            "queries": ["orders of " + E],
+                                            "results": [{"text": "to " + E}]}]}),
+    ("responses", {"model": "m", "input": [{"type": "web_search_call", "id": "w",
+                                            "action": {"type": "search", "query": E}}]}),
+    ("responses", {"model": "m", "input": [{"type": "local_shell_call", "id": "l",
+                                            "call_id": "c", "action": {
+                                                "type": "exec", "command": ["mail", E],
+                                                "env": {"TO": E}}}]}),
+    ("responses", {"model": "m", "input": [{"type": "shell_call", "call_id": "c",
+                                            "action": {"commands": ["mail " + E]}}]}),
+    ("responses", {"model": "m", "input": "hi", "safety_identifier": E}),
+    ("chat", {"model": "m", "messages": [], "safety_identifier": E}),
+    ("chat", {"model": "m", "messages": [], "prompt_cache_key": E}),
+])
+def test_more_fields_in_scope(redactor, op, doc):
+    res = redactor.redact(op, doc, "t")
+    assert res.counts.get("email")
+    assert E not in json.dumps({**doc, **res.fields})
+
+
+def test_prompt_variable_files_are_counted(redactor):
+    doc = {"model": "m", "prompt": {"id": "p", "variables": {
+        "doc": {"type": "input_file", "file_id": "file_1"}}}}
+    assert redactor.redact("responses", doc, "t").non_text_parts == 1
+
+
+# -- 3, 9, 10. SSE restore ------------------------------------------------------------------
+
+MAP = PlaceholderMap({"[EMAIL_1]": E})
+BASE = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def event(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def run(r: Restorer, chunks: list[bytes]) -> list:
+    out = b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
+    return [json.loads(b[6:]) for b in out.split(b"\n\n") if b.startswith(b"data: {")]
+
+
+def test_flush_event_keeps_only_what_places_the_text():
+    first = {**BASE, "choices": [{"index": 0, "logprobs": {"content": [
+        {"token": "x", "logprob": -0.1, "bytes": [120], "top_logprobs": []}]},
+        "delta": {"role": "assistant", "tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "send", "arguments": '{"to": "[EMA'}}]},
+        "finish_reason": None}]}
+    done = {**BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    evs = run(Restorer(MAP), [event(first), event(done), b"data: [DONE]\n\n"])
+    assert evs[1] == {**BASE, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": "[EMA"}}]}}]}
+    assert evs[2] == done
+
+
+def test_flushed_stream_passes_the_openai_stream_helper():
+    pytest.importorskip("openai")
+    from openai._models import construct_type
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    first = {**BASE, "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "send", "arguments": '{"to": "[EMA'}}]}, "finish_reason": None}]}
+    done = {**BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    state = ChatCompletionStreamState()
+    for obj in run(Restorer(MAP), [event(first), event(done)]):
+        ChatCompletionChunk.model_validate(obj)  # strict, as zod is in the JS SDK
+        state.handle_chunk(construct_type(type_=ChatCompletionChunk, value=obj))
+    message = state.get_final_completion().choices[0].message
+    call = message.tool_calls[0]
+    assert (message.role, call.type, call.id) == ("assistant", "function", "call_1")
+    assert (call.function.name, call.function.arguments) == ("send", '{"to": "[EMA')
+
+
+def test_responses_flush_event_validates():
+    pytest.importorskip("openai")
+    from openai.types.responses import ResponseTextDeltaEvent
+
+    pos = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    delta = {"type": "response.output_text.delta", **pos, "delta": "to [EMA",
+             "sequence_number": 3, "logprobs": [{"token": "x", "logprob": -0.1}]}
+    done = {"type": "response.output_text.done", **pos, "text": "to [EMA",
+            "sequence_number": 4, "logprobs": []}
+    evs = run(Restorer(MAP), [event(delta) + event(done)])
+    assert evs[1] == {"type": "response.output_text.delta", **pos, "delta": "[EMA",
+                      "sequence_number": 3, "logprobs": []}
+    ResponseTextDeltaEvent.model_validate(evs[1])
+
+
+def _choice(i: int, content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    return event({**BASE, "choices": [{"index": i, "delta": delta, "finish_reason": finish}]})
+
+
+def test_other_choice_finishing_does_not_flush_a_held_prefix():
+    evs = run(Restorer(MAP), [_choice(0, "Mail [EMA"), _choice(1, "ok"), _choice(1, None, "stop"),
+                              _choice(0, "IL_1] now"), _choice(0, None, "stop"),
+                              b"data: [DONE]\n\n"])
+    text = "".join(c["delta"].get("content", "") for e in evs for c in e["choices"]
+                   if c["index"] == 0)
+    assert text == f"Mail {E} now"
+
+
+def test_other_responses_item_finishing_does_not_flush_a_held_prefix():
+    def ev(item: str, kind: str, **kw) -> bytes:
+        return event({"type": f"response.output_text.{kind}", "item_id": item,
+                      "output_index": 0 if item == "a" else 1, "content_index": 0, **kw})
+    evs = run(Restorer(MAP), [ev("a", "delta", delta="to [EMA"), ev("b", "delta", delta="x"),
+                              ev("b", "done", text="x"), ev("a", "delta", delta="IL_1]!"),
+                              ev("a", "done", text=f"to {E}!")])
+    assert "".join(e.get("delta", "") for e in evs if e["item_id"] == "a") == f"to {E}!"
+
+
+QUOTE = {"[QUOTE_1]": 'say "hi"\nbye'}
+
+
+def test_json_answer_deltas_are_restored_json_escaped():
+    chunks = [_choice(0, '{"q": "[QUO'), _choice(0, 'TE_1]"}'), _choice(0, None, "stop")]
+    evs = run(Restorer(PlaceholderMap(QUOTE, json_text=True)), chunks)
+    text = "".join(c["delta"].get("content", "") for e in evs for c in e["choices"])
+    assert json.loads(text) == {"q": 'say "hi"\nbye'}
+    resp = event({"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+                  "content_index": 0, "delta": '{"q": "[QUOTE_1]"}'})
+    out = run(Restorer(PlaceholderMap(QUOTE, json_text=True)), [resp])
+    assert json.loads(out[0]["delta"]) == {"q": 'say "hi"\nbye'}
+
+
+def test_prose_answer_deltas_are_restored_as_text():
+    evs = run(Restorer(PlaceholderMap(QUOTE)), [_choice(0, "He wrote [QUOTE_1].")])
+    assert evs[0]["choices"][0]["delta"]["content"] == 'He wrote say "hi"\nbye.'
+
+
+@pytest.mark.parametrize(("op", "doc", "json_text"), [
+    ("chat", {"response_format": {"type": "json_object"}}, True),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {}}}, True),
+    ("chat", {"response_format": {"type": "text"}}, False),
+    ("responses", {"text": {"format": {"type": "json_schema"}}}, True),
+    ("responses", {}, False),
+])
+def test_json_answer_is_known_from_the_request(redactor, op, doc, json_text):
+    body = ({"messages": [{"role": "user", "content": E}]} if op == "chat" else {"input": E})
+    res = redactor.redact(op, {"model": "m", **body, **doc}, "t")
+    assert res.mapping.json_text is json_text
+
+
+def test_raw_stream_fallback_escapes_originals(monkeypatch):
+    monkeypatch.setattr(restore, "_MAX_PENDING_EVENT", 16)
+    r = Restorer(PlaceholderMap(QUOTE))
+    data = b'data: {"choices":[{"delta":{"content":"[QUOTE_1] ' + b"x" * 64 + b'"}}]}'
+    out = r.feed(data[:40], False) + r.feed(data[40:], True)
+    assert json.loads(out[6:])["choices"][0]["delta"]["content"] == 'say "hi"\nbye ' + "x" * 64
