@@ -37,7 +37,9 @@ from atp_extproc.llm_api import (
     read_request,
     read_response,
     rewrite,
+    tool_name,
 )
+from atp_extproc.policy.attributes import safe_name
 from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import attributes_for_request, strip_tools
 from atp_extproc.redact import Redaction, Restorer
@@ -139,12 +141,17 @@ class Exchange:
         self._redaction: Redaction | None = None
         self._parsed: ParsedBody | None = None
         self._changes: dict[str, object] = {}
+        self._drop: tuple[str, ...] = ()
         self._allowed: list[str] | None = None
         self._jwt_payload: struct_pb2.Struct | None = None
         self._shadow_model = ""
         self.request: LlmRequest | None = None
         self.sse: SseStream | None = None
         self._response_body = bytearray()
+        # A JSON answer Envoy cannot buffer (no length, or over max_body_bytes) comes in
+        # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits.
+        self._json_streamed = False
+        self._json_overflow = False
         self._finished = False
 
     def handle(self, message: ProcessingRequest) -> ProcessingResponse | None:
@@ -317,9 +324,25 @@ class Exchange:
         if outcome.tools_to_strip:
             kept = strip_tools(parsed.doc, outcome.tools_to_strip)
             if kept is not None:
-                self._changes["tools"] = kept
-                rec.tools_stripped = outcome.tools_to_strip
+                self._strip_tools(parsed.doc, kept, outcome.tools_to_strip)
         return None
+
+    def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...]) -> None:
+        """Send the request on without the tools policy strips (`kept`: the rest)."""
+        self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
+        choice = doc.get("tool_choice")
+        if (tool_name(choice) in names) or (choice == "required" and not kept):
+            # The client insists on what policy removed: no answer could honour it.
+            raise RequestError(403, "tool_choice asks for a tool this request may not use",
+                               "tool_not_allowed", param="tool_choice",
+                               type_="permission_error")
+        if kept:
+            self._changes["tools"] = kept
+        else:
+            # Providers refuse an empty tools list, and tool settings without tools.
+            for key in _TOOL_KEYS:
+                self._changes.pop(key, None)
+            self._drop = _TOOL_KEYS
 
     def _route(self) -> ProcessingResponse:
         rec, parsed, changes = self.record, self._parsed, self._changes
@@ -344,14 +367,13 @@ class Exchange:
             options = parsed.doc.get("stream_options") or {}
             changes["stream_options"] = {**options, "include_usage": True}
             rec.usage_injected = True
-        new_body = rewrite(parsed, changes) if changes else None
-        remove: tuple[str, ...] = ()
+        new_body = rewrite(parsed, changes, drop=self._drop) if changes or self._drop else None
         if self._wants_restore(route):
             assert self._redaction is not None
             self.restorer = Restorer(self._redaction.mapping)
-            # Placeholders must be readable in the response: no compressed answers.
-            remove = ("accept-encoding",)
-        return envoy_api.request_body(headers, new_body, remove_headers=remove)
+        # Usage (and any placeholder to restore) must be readable in the answer: no
+        # compressed answers. Clients such as openai-python ask for gzip.
+        return envoy_api.request_body(headers, new_body, remove_headers=_NO_COMPRESSION)
 
     def _redact(self, doc: dict) -> Redaction | None:
         redactor = self.snapshot.redactor
@@ -490,6 +512,9 @@ class Exchange:
         rec.attempts = int(attempts) if attempts.isdigit() else 1
         if headers_msg.end_of_stream or not 200 <= rec.status < 300 or self.request is None:
             return envoy_api.response_headers()
+        if headers.get("content-encoding", "identity") != "identity":
+            # Compressed despite the request: unreadable, so usage is estimated.
+            return envoy_api.response_headers()
         content_type = headers.get("content-type", "")
         # Restoring changes the body's length: let Envoy frame it anew.
         remove = ("content-length",) if self.restorer is not None else ()
@@ -498,8 +523,15 @@ class Exchange:
             return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED),
                                               remove)
         if "json" in content_type:
-            return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.BUFFERED),
-                                              remove)
+            # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
+            # large size (a big embeddings batch) is read chunk by chunk instead.
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) <= self.snapshot.server.max_body_bytes:
+                mode = ProcessingMode.BUFFERED
+            else:
+                mode = ProcessingMode.STREAMED
+                self._json_streamed = True
+            return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
         return envoy_api.response_headers()
 
     def _on_response_body(self, body_msg) -> ProcessingResponse:
@@ -512,12 +544,36 @@ class Exchange:
             if replacement is None and self.restorer is not None:
                 replacement = data
             return envoy_api.response_body(replacement)
+        if self._json_streamed:
+            return self._on_json_chunk(body_msg.body, end)
         self._response_body += body_msg.body
         if self.restorer is not None and end:
             restored = self.restorer.restore_json(bytes(self._response_body))
             self.record.restored = restored is not None
             return envoy_api.response_body(restored)
         return envoy_api.response_body()
+
+    def _on_json_chunk(self, chunk: bytes, end: bool) -> ProcessingResponse:
+        """A STREAMED JSON answer: kept for usage up to max_body_bytes. With a restore
+        pending, chunks are held back and the restored body goes out with the last one;
+        past the bound, what is held goes on as it came (usage is then estimated)."""
+        if self._json_overflow:
+            return envoy_api.response_body()
+        held = self._response_body
+        if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
+            self._json_overflow = True
+            out = bytes(held) + chunk
+            held.clear()
+            return envoy_api.response_body(out if self.restorer is not None else None)
+        held += chunk
+        if self.restorer is None:
+            return envoy_api.response_body()
+        if not end:
+            return envoy_api.response_body(b"")
+        body = bytes(held)
+        restored = self.restorer.restore_json(body)
+        self.record.restored = restored is not None
+        return envoy_api.response_body(body if restored is None else restored)
 
     # -- end -----------------------------------------------------------------------
 
@@ -611,6 +667,10 @@ class Exchange:
             if usage is not None:
                 return usage
         return Usage(estimate_tokens(self.record.request_bytes), 0, estimated=True)
+
+
+_NO_COMPRESSION = ("accept-encoding",)
+_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
 
 
 def _feedback_unknown() -> RequestError:

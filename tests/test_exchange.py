@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -63,8 +64,9 @@ def req_body(body: bytes | dict, end: bool = True) -> ep.ProcessingRequest:
 
 
 def resp_headers(status: int = 200, content_type: str = "application/json",
-                 end: bool = False) -> ep.ProcessingRequest:
-    headers = {":status": str(status), "content-type": content_type}
+                 end: bool = False, extra: dict[str, str] | None = None
+                 ) -> ep.ProcessingRequest:
+    headers = {":status": str(status), "content-type": content_type, **(extra or {})}
     return ep.ProcessingRequest(
         response_headers=ep.HttpHeaders(headers=header_map(headers), end_of_stream=end))
 
@@ -636,11 +638,12 @@ def test_responses_api_stream_usage(snap) -> None:
 
 def test_json_response_usage_priced_exactly(snap) -> None:
     ex, _ = send_body(snap, chat("gpt-4o"))
-    resp = ex.handle(resp_headers(200, "application/json"))
-    assert resp.mode_override.response_body_mode == ProcessingMode.BUFFERED
     body = json.dumps({"id": "x", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "hi"}}],
         "usage": {"prompt_tokens": 2000, "completion_tokens": 300}}).encode()
+    resp = ex.handle(resp_headers(200, "application/json",
+                                  extra={"content-length": str(len(body))}))
+    assert resp.mode_override.response_body_mode == ProcessingMode.BUFFERED
     r = ex.handle(resp_body(body, end=True))
     assert r.WhichOneof("response") == "response_body"
     assert not r.response_body.response.HasField("body_mutation")
@@ -658,6 +661,117 @@ def test_json_response_in_several_messages(snap) -> None:
     ex.handle(resp_body(body[10:], end=True))
     rec = ex.finish()
     assert rec.cost_usd == pytest.approx(0.00015 + 0.0006, rel=1e-12)
+
+
+def test_every_forwarded_request_refuses_compressed_answers(snap) -> None:
+    # openai-python asks for gzip; a gzipped answer would hide its usage from ATP.
+    _, resp = send_body(snap, chat("fast"), extra={"accept-encoding": "gzip, deflate"})
+    _, _, common = forwarded(resp)
+    assert "accept-encoding" in common.header_mutation.remove_headers
+
+
+def test_compressed_answer_is_left_alone_and_estimated(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    resp = ex.handle(resp_headers(200, "application/json",
+                                  extra={"content-encoding": "gzip", "content-length": "20"}))
+    assert not resp.HasField("mode_override")
+    assert ex.finish().usage_estimated is True
+
+
+def _big_json(n_bytes: int) -> bytes:
+    filler = "x" * n_bytes
+    return json.dumps({"data": [filler], "usage": {"prompt_tokens": 70,
+                                                   "total_tokens": 70}}).encode()
+
+
+@pytest.mark.parametrize("length", [None, "too big"])
+def test_json_answer_envoy_cannot_buffer_is_read_in_chunks(snap, length) -> None:
+    # Envoy answers 500 for a buffered body over its limit (a big embeddings batch).
+    body = _big_json(2000)
+    small = dataclasses.replace(snap, server=snap.server.model_copy(
+        update={"max_body_bytes": len(body) - 1 if length else len(body)}))
+    ex, _ = send_body(small, {"model": "text-embedding-3-small", "input": "x"},
+                      path="/v1/embeddings")
+    extra = {"content-length": str(len(body))} if length else {}
+    resp = ex.handle(resp_headers(200, "application/json", extra=extra))
+    assert resp.mode_override.response_body_mode == ProcessingMode.STREAMED
+    for i in range(0, len(body), 700):
+        r = ex.handle(resp_body(body[i:i + 700], end=False))
+        assert not r.response_body.response.HasField("body_mutation")  # passes as it came
+    ex.handle(resp_body(b"", end=True))
+    rec = ex.finish()
+    if length:   # over the bound ATP keeps: what it could not read is estimated
+        assert rec.usage_estimated is True
+    else:
+        assert (rec.input_tokens, rec.usage_estimated) == (70, False)
+
+
+def _restoring_exchange(snap, max_body: int) -> Exchange:
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    server = snap.server.model_copy(update={"max_body_bytes": max_body})
+    snap = dataclasses.replace(snap, routes=routes, server=server)
+    ex, resp = send_body(snap, chat("fast", messages=[
+        {"role": "user", "content": "write to jane.doe@example.com"}]))
+    _, body, _ = forwarded(resp)
+    assert b"jane.doe@example.com" not in body and ex.restorer is not None
+    ex.handle(resp_headers(200, "application/json"))         # no content-length
+    return ex
+
+
+def test_streamed_json_answer_is_held_and_restored_at_its_end(snap) -> None:
+    ex = _restoring_exchange(snap, 1 << 20)
+    answer = json.dumps({"choices": [{"message": {"content": "Sent to [EMAIL_1]."}}],
+                         "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
+    cut = answer.index(b"EMAIL") + 2      # the placeholder split between two chunks
+    first = ex.handle(resp_body(answer[:cut], end=False))
+    assert first.response_body.response.body_mutation.body == b""
+    last = ex.handle(resp_body(answer[cut:], end=True))
+    restored = json.loads(last.response_body.response.body_mutation.body)
+    assert restored["choices"][0]["message"]["content"] == "Sent to jane.doe@example.com."
+    rec = ex.finish()
+    assert rec.restored is True and (rec.input_tokens, rec.output_tokens) == (9, 4)
+
+
+def test_streamed_json_over_the_bound_releases_what_was_held(snap) -> None:
+    ex = _restoring_exchange(snap, 1024)
+    answer = _big_json(1500)
+    first = ex.handle(resp_body(answer[:600], end=False))
+    assert first.response_body.response.body_mutation.body == b""
+    second = ex.handle(resp_body(answer[600:1200], end=False))
+    assert second.response_body.response.body_mutation.body == answer[:1200]
+    third = ex.handle(resp_body(answer[1200:], end=True))
+    assert not third.response_body.response.HasField("body_mutation")
+    assert ex.finish().usage_estimated is True
+
+
+def _bob_tools(snap, tools: list[str], **extra) -> ep.ProcessingResponse:
+    # examples/policies/tools.yaml: bob may call get_weather and search_docs only, and
+    # tools outside that scope are stripped.
+    body = chat("gpt-4o-mini", tools=[
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in tools], **extra)
+    return send_body(snap, body, key=BOB)[1]
+
+
+def test_stripping_every_tool_drops_the_tool_settings_too(snap) -> None:
+    resp = _bob_tools(snap, ["send_email"], tool_choice="auto", parallel_tool_calls=False)
+    sent = json.loads(forwarded(resp)[1])
+    assert not {"tools", "tool_choice", "parallel_tool_calls"} & set(sent)
+    assert sent["messages"] == chat()["messages"]
+
+
+def test_stripping_some_tools_keeps_the_rest_and_the_settings(snap) -> None:
+    resp = _bob_tools(snap, ["send_email", "get_weather"], tool_choice="auto")
+    sent = json.loads(forwarded(resp)[1])
+    assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
+    assert sent["tool_choice"] == "auto"
+
+
+@pytest.mark.parametrize("choice", [
+    {"type": "function", "function": {"name": "send_email"}}, "required"])
+def test_forcing_a_stripped_tool_is_refused(snap, choice) -> None:
+    assert_error(_bob_tools(snap, ["send_email"], tool_choice=choice), 403,
+                 "tool_not_allowed")
 
 
 def test_embeddings_response_usage(snap) -> None:
