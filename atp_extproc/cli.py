@@ -51,19 +51,32 @@ def _policy_test(args: argparse.Namespace) -> int:
     return policy_cli.test(args.directory)
 
 
+class _StopSignal(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _stack(args: argparse.Namespace) -> int:
-    from atp_extproc.stack import Stack
+    """Run the stack until a signal or a child's exit; stop every child either way.
+
+    Exit 0 after a stop signal (Ctrl-C, SIGTERM, SIGHUP when the terminal goes), 1 when a
+    child failed to start or exited on its own (named on stderr), 2 when a port is taken.
+    """
+    from atp_extproc.stack import PortBusyError, Stack
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack.on_default_ports(Path(args.config), workdir)
-    stop = False
 
     def _on_signal(signum, frame) -> None:
-        nonlocal stop
-        stop = True
+        raise _StopSignal(signum)
 
-    signal.signal(signal.SIGTERM, _on_signal)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
+    code = 0
     try:
         stack.start_all()
         print(f"ATP stack is up (logs in {workdir}):")
@@ -72,13 +85,30 @@ def _stack(args: argparse.Namespace) -> int:
         print("Try:\n  curl -s http://127.0.0.1:10000/v1/models "
               "-H 'Authorization: Bearer sk-demo-alice'\nCtrl-C stops everything.")
         sys.stdout.flush()
-        while not stop and all(p.poll() is None for p in stack.procs.values()):
+        while not (exited := stack.exited()):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        for name, returncode in exited:
+            print(f"atp-extproc stack: {name} exited unexpectedly (exit code {returncode}); "
+                  f"see {workdir / (name + '.log')}. Stopping the rest.", file=sys.stderr)
+        code = 1
+    except _StopSignal:
+        code = 0
+    except PortBusyError as exc:
+        print(f"atp-extproc stack: not starting: {exc}", file=sys.stderr)
+        code = 2
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"atp-extproc stack: failed to start: {exc}; logs in {workdir}", file=sys.stderr)
+        code = 1
     finally:
-        stack.stop_all()
-    return 0
+        # No second signal may cut the cleanup short.
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            stack.stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return code
 
 
 def _report_savings(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ of the stack runs the same routes, filters and limits.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -30,9 +31,56 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONT_PROXY = ROOT / "envoy" / "front-proxy.yaml"
 EXAMPLE_CONFIG = ROOT / "examples" / "atp.yaml"
 
-# The ports written in envoy/front-proxy.yaml.
-DEFAULT_PORTS = {"envoy": 10000, "shadow": 10001, "admin": 9901, "atp": 50051,
+# The ports written in envoy/front-proxy.yaml. (Its shadow listener is an Envoy internal
+# listener: it has no port.)
+DEFAULT_PORTS = {"envoy": 10000, "admin": 9901, "atp": 50051,
                  "demo_a": 18001, "demo_b": 18002}
+
+_PR_SET_PDEATHSIG = 1
+
+
+class PortBusyError(RuntimeError):
+    """A port the stack needs is taken, usually by a stack that is still running."""
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if nothing listens on host:port (a test bind, as the child would do)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def check_ports_free(ports: dict[str, int]) -> None:
+    busy = [f"{name} port {port}" for name, port in ports.items() if not port_is_free(port)]
+    if busy:
+        raise PortBusyError(
+            f"already in use: {', '.join(busy)}. Is another stack still running? "
+            "Stop it first (or find it: ss -ltnp | grep <port>).")
+
+
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """A preexec_fn that has the child get SIGTERM when the stack process dies, however it
+    dies, so no Envoy, ATP or demo upstream outlives it (Linux prctl PR_SET_PDEATHSIG).
+    libc is looked up here, in the parent: the child, between fork and exec, only calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        # The parent died between fork and prctl: nobody will signal us, so go now.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_pdeathsig
 
 
 def free_port() -> int:
@@ -133,11 +181,19 @@ class Stack:
         return cls(workdir, dict(DEFAULT_PORTS), config_path, workdir)
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
+        # Children get SIGTERM when the thread that started them dies (Linux): start them
+        # from the main thread, whose end is the process's end.
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True, preexec_fn=_pdeathsig_setter())
         self.procs[name] = proc
         return proc
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit code) of every child that is no longer running."""
+        return [(name, proc.returncode) for name, proc in self.procs.items()
+                if proc.poll() is not None]
 
     def start_upstream(self, name: str, *extra: str) -> None:
         port = self.ports[name]
@@ -163,6 +219,7 @@ class Stack:
             wait_until(lambda: envoy_sees_atp_healthy(admin), "envoy → atp health", proc=proc)
 
     def start_all(self) -> None:
+        check_ports_free(self.ports)
         self.start_upstream("demo_a")
         self.start_upstream("demo_b")
         self.start_atp()
@@ -192,7 +249,6 @@ class Stack:
 
     def urls(self) -> Iterator[tuple[str, str]]:
         yield "Envoy (OpenAI-compatible API)", f"{self.base_url}/v1"
-        yield "Envoy shadow listener (mirrors)", f"http://127.0.0.1:{self.ports['shadow']}"
         yield "Envoy admin", f"http://127.0.0.1:{self.ports['admin']}"
         yield "ATP ext_proc (gRPC)", f"127.0.0.1:{self.ports['atp']}"
         for name in ("demo_a", "demo_b"):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
-from atp_extproc.stack import EXAMPLE_CONFIG, FRONT_PROXY
+from atp_extproc.stack import DEFAULT_PORTS, EXAMPLE_CONFIG, FRONT_PROXY, free_port, wait_until
 from tests.conftest import copy_example
 
 
@@ -20,7 +27,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_passes_the_shipped_config_and_envoy() -> None:
     result = run("check", str(EXAMPLE_CONFIG), "--envoy", str(FRONT_PROXY))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "25 policies" in result.stdout
+    assert re.search(r"OK \(version \w+, \d+ models, \d+ routes, \d+ policies\)", result.stdout)
 
 
 def test_check_refuses_a_fail_open_envoy(tmp_path: Path) -> None:
@@ -53,3 +60,146 @@ def test_policy_test_runs_the_example_cases() -> None:
     result = run("policy", "test", str(EXAMPLE_CONFIG.parent / "policies" / "tests"))
     assert result.returncode == 0, result.stdout
     assert "0 failed" in result.stdout and "policies matched: 25/25" in result.stdout
+
+
+# ------------------------------------------------------------------ atp-extproc stack
+
+# `atp-extproc stack` (make run) with Stack.on_default_ports moved to the ports in argv[1],
+# so the test runs the real command on free ports.
+STACK_DRIVER = """
+import json, sys
+from atp_extproc import cli, stack
+ports = json.loads(sys.argv[1])
+stack.Stack.on_default_ports = classmethod(
+    lambda cls, config_path, workdir: cls(workdir, dict(ports), config_path, workdir))
+sys.exit(cli.main(["stack", "--config", sys.argv[2], "--workdir", sys.argv[3]]))
+"""
+
+
+class StackCommand:
+    def __init__(self, tmp_path: Path):
+        self.ports = {name: free_port() for name in DEFAULT_PORTS}
+        self.workdir = tmp_path / "run"
+        self.out = tmp_path / "stack.out"
+        self.err = tmp_path / "stack.err"
+        config = copy_example(tmp_path)
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", STACK_DRIVER, json.dumps(self.ports), str(config),
+                 str(self.workdir)], stdout=out, stderr=err, start_new_session=True)
+
+    def wait_up(self) -> None:
+        wait_until(lambda: "ATP stack is up" in self.out.read_text(), "stack banner",
+                   timeout=60, proc=self.proc)
+
+    def children(self) -> list[int]:
+        return _children(self.proc.pid)
+
+    def wait(self, timeout: float = 40) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    wait_until(lambda: not any(_alive(p) for p in pids), f"children {pids} gone",
+               timeout=timeout)
+
+
+@pytest.fixture
+def stack_command(tmp_path: Path) -> Iterator[StackCommand]:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc")
+    command = StackCommand(tmp_path)
+    pids: list[int] = []
+    try:
+        yield command
+    finally:
+        pids = command.children() if command.proc.poll() is None else []
+        command.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.integration
+def test_stack_stops_every_child_on_sighup(stack_command: StackCommand) -> None:
+    """Closing the terminal (SIGHUP) stops the stack like Ctrl-C: nothing is orphaned."""
+    stack_command.wait_up()
+    children = stack_command.children()
+    assert len(children) == 4, children  # demo_a, demo_b, ATP, Envoy
+    stack_command.proc.send_signal(signal.SIGHUP)
+    assert stack_command.wait() == 0, stack_command.stderr()
+    _wait_gone(children)
+
+
+@pytest.mark.integration
+def test_stack_children_die_with_a_killed_stack(stack_command: StackCommand) -> None:
+    """Even a SIGKILLed stack process (no handler runs) leaves no child behind."""
+    stack_command.wait_up()
+    children = stack_command.children()
+    assert len(children) == 4, children
+    stack_command.proc.kill()
+    stack_command.proc.wait()
+    _wait_gone(children)
+
+
+@pytest.mark.integration
+def test_stack_names_a_child_that_exits_and_fails(stack_command: StackCommand) -> None:
+    stack_command.wait_up()
+    children = stack_command.children()
+    demo_b = next(pid for pid in children
+                  if b"demo_b" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(demo_b, signal.SIGKILL)
+    assert stack_command.wait() == 1
+    assert "demo_b exited unexpectedly" in stack_command.stderr()
+    _wait_gone(children)
+
+
+def test_stack_refuses_a_busy_port_and_starts_nothing(tmp_path: Path) -> None:
+    """A stack still running (here: anything listening on Envoy's port) is named, and no
+    second set of processes starts against it: no false "stack is up"."""
+    config = copy_example(tmp_path)
+    workdir = tmp_path / "run"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {name: free_port() for name in DEFAULT_PORTS} | {"envoy": port}
+        result = subprocess.run(
+            [sys.executable, "-c", STACK_DRIVER, json.dumps(ports), str(config), str(workdir)],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"envoy port {port}" in result.stderr
+    assert "ATP stack is up" not in result.stdout
+    assert not list(workdir.glob("*.log"))

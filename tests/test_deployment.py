@@ -365,6 +365,108 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
             == listeners(load_yaml(FRONT_PROXY))["front"]["per_connection_buffer_limit_bytes"])
 
 
+def ext_proc_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item["typed_config"] for listener in doc["static_resources"]["listeners"]
+            for item in hcm(listener)["http_filters"]
+            if item["name"] == "envoy.filters.http.ext_proc"]
+
+
+def seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+MIRRORING_CONFIGS = ("front-proxy.yaml", "sidecar-uds.yaml")
+CLIENT_LISTENERS = {"front-proxy.yaml": "front", "sidecar-uds.yaml": "front",
+                    "egress-tls.yaml": "egress"}
+
+
+@pytest.mark.parametrize("name", MIRRORING_CONFIGS)
+def test_only_envoys_own_mirror_reaches_the_shadow_listener(name: str) -> None:
+    """ATP trusts the x-atp-* headers of a shadow exchange: the shadow listener is an
+    internal listener (no address, no socket a local process could connect to), reached
+    only through the atp_shadow cluster that the mirror policy names."""
+    doc = load_yaml(ENVOY_DIR / name)
+    assert "envoy.bootstrap.internal_listener" in {
+        ext["name"] for ext in doc.get("bootstrap_extensions", [])}
+    shadow = listeners(doc)["shadow"]
+    assert "address" not in shadow and shadow["internal_listener"] == {}
+    assert endpoint_addresses(clusters(doc)["atp_shadow"]) == [
+        {"envoy_internal_address": {"server_listener_name": "shadow"}}]
+    # Only the shadow listener's ext_proc says "shadow" to ATP.
+    for listener_name, listener in listeners(doc).items():
+        for item in hcm(listener)["http_filters"]:
+            if item["name"] == "envoy.filters.http.ext_proc":
+                metadata = item["typed_config"]["grpc_service"].get("initial_metadata", [])
+                assert (listener_name == "shadow") == (
+                    {"key": "x-atp-role", "value": "shadow"} in metadata), listener_name
+    # The mirror cluster is fixed on the route: a cluster_header mirror would find its
+    # header already dropped by the upstream filters (and could be pointed elsewhere).
+    mirrors = [policy for vhost in hcm(listeners(doc)["front"])["route_config"]["virtual_hosts"]
+               for route in vhost["routes"]
+               for policy in route.get("route", {}).get("request_mirror_policies", [])]
+    assert mirrors == [{"cluster": "atp_shadow"}]
+
+
+@pytest.mark.parametrize("name", MIRRORING_CONFIGS)
+def test_atp_headers_are_dropped_before_any_model_upstream(name: str) -> None:
+    """x-atp-cluster, -route, -tenant, -shadow-* stay inside Envoy: every router drops them
+    per upstream request; only atp_shadow, the mirror's way to the shadow listener, has its
+    own upstream filters (which replace the router's) and keeps them."""
+    doc = load_yaml(ENVOY_DIR / name)
+    for listener in listeners(doc).values():
+        manager = hcm(listener)
+        if not any(f["name"] == "envoy.filters.http.ext_proc" for f in manager["http_filters"]):
+            continue
+        router = http_filter(manager, "envoy.filters.http.router")
+        first, *_, last = router["upstream_http_filters"]
+        assert first["typed_config"]["mutations"]["request_mutations"] == [
+            {"remove_on_match": {"key_matcher": {"prefix": "x-atp-"}}}]
+        assert last["name"] == "envoy.filters.http.upstream_codec"
+    for cluster_name, cluster in clusters(doc).items():
+        options = cluster.get("typed_extension_protocol_options", {}).get(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+        if "http_filters" in options:
+            assert cluster_name == "atp_shadow", cluster_name
+
+
+@pytest.mark.parametrize("name", sorted(CLIENT_LISTENERS))
+def test_responses_carry_the_request_id(name: str) -> None:
+    """POST /v1/feedback takes a response's x-request-id: every response must carry it."""
+    manager = hcm(listeners(load_yaml(ENVOY_DIR / name))[CLIENT_LISTENERS[name]])
+    assert manager["generate_request_id"] is True
+    assert manager["always_set_request_id_in_response"] is True
+
+
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=[p.name for p in ENVOY_CONFIGS])
+def test_no_idle_timeout_cuts_a_route_before_its_timeout(path: Path) -> None:
+    """A non-streamed answer is silent until complete, so a route's timeout only holds if
+    its idle timeout (the route's, else the listener's stream_idle_timeout) is as long."""
+    for listener in load_yaml(path)["static_resources"]["listeners"]:
+        manager = hcm(listener)
+        for vhost in manager["route_config"]["virtual_hosts"]:
+            for route in vhost["routes"]:
+                action = route.get("route")
+                if not action or seconds(action.get("timeout", "15s")) == 0:
+                    continue
+                idle = seconds(action.get("idle_timeout",
+                                          manager.get("stream_idle_timeout", "300s")))
+                assert idle == 0 or idle >= seconds(action.get("timeout", "15s")), (
+                    listener["name"], route["match"])
+
+
+def test_every_ext_proc_has_the_same_message_timeout() -> None:
+    """One measured figure (test_message_timeout_covers_the_worst_body), everywhere."""
+    expected = ext_proc_filters(load_yaml(FRONT_PROXY))[0]["message_timeout"]
+    for path in ENVOY_CONFIGS:
+        for ext_proc in ext_proc_filters(load_yaml(path)):
+            assert ext_proc["message_timeout"] == expected, path.name
+    for patch in istio_patches():
+        if patch["applyTo"] == "HTTP_FILTER" and \
+                patch["patch"]["value"]["name"] == "envoy.filters.http.ext_proc":
+            assert patch["patch"]["value"]["typed_config"]["message_timeout"] == expected
+
+
 # ------------------------------------------------------------------- sidecar over a socket
 
 def test_sidecar_uds_is_the_front_proxy_with_atp_on_a_unix_socket() -> None:
@@ -380,8 +482,17 @@ def test_sidecar_uds_is_the_front_proxy_with_atp_on_a_unix_socket() -> None:
     for key in ("typed_extension_protocol_options", "health_checks",
                 "per_connection_buffer_limit_bytes"):
         assert sidecar_atp[key] == front_atp[key], key
-    # Every model cluster of the front proxy exists in the sidecar too.
+    # Every model cluster of the front proxy exists in the sidecar too, and is
+    # ejected on the same failures.
     assert set(clusters(front)) <= set(clusters(sidecar))
+    for name, cluster in clusters(front).items():
+        assert clusters(sidecar)[name].get("outlier_detection") == cluster.get(
+            "outlier_detection"), name
+    # The same shadow listener: filters, routes, fail-closed, the role it tells ATP.
+    assert hcm(listeners(sidecar)["shadow"]) == hcm(listeners(front)["shadow"])
+    assert listeners(sidecar)["shadow"] == listeners(front)["shadow"]
+    assert clusters(sidecar)["atp_shadow"] == clusters(front)["atp_shadow"]
+    assert sidecar["bootstrap_extensions"] == front["bootstrap_extensions"]
 
 
 def test_k8s_configmap_carries_the_shipped_files() -> None:
@@ -389,9 +500,10 @@ def test_k8s_configmap_carries_the_shipped_files() -> None:
     assert configmap["kind"] == "ConfigMap"
     assert yaml.safe_load(configmap["data"]["envoy.yaml"]) == load_yaml(
         ENVOY_DIR / "sidecar-uds.yaml"), "regenerate deploy/k8s/configmap.yaml"
-    assert configmap["data"]["atp.yaml"] == EXAMPLE_CONFIG.read_text(), \
-        "regenerate deploy/k8s/configmap.yaml"
     render = runpy.run_path(str(K8S / "render_configmap.py"))
+    # The example config, with the ledger moved off the read-only ConfigMap volume.
+    assert configmap["data"]["atp.yaml"] == render["k8s_atp_yaml"](
+        EXAMPLE_CONFIG.read_text()), "regenerate deploy/k8s/configmap.yaml"
     assert (K8S / "configmap.yaml").read_text() == render["render"](), \
         "regenerate deploy/k8s/configmap.yaml: make k8s-configmap"
     # Every key reaches the pod, policy files under policies/ beside atp.yaml.
@@ -619,10 +731,13 @@ def test_docs_list_every_port() -> None:
     front = load_yaml(FRONT_PROXY)
     ports = {front["admin"]["address"]["socket_address"]["port_value"]}
     for listener in front["static_resources"]["listeners"]:
-        ports.add(listener["address"]["socket_address"]["port_value"])
+        if "address" in listener:  # internal listeners have no port
+            ports.add(listener["address"]["socket_address"]["port_value"])
     for cluster in front["static_resources"]["clusters"]:
         if "load_assignment" in cluster:  # aggregate clusters have no endpoints of their own
-            ports.add(socket_address(cluster)[1])
+            for address in endpoint_addresses(cluster):
+                if "socket_address" in address:
+                    ports.add(address["socket_address"]["port_value"])
     ports |= {4317, 4318, 8888, 8889, 9090, 3000, 6379, 13133}
     for port in sorted(ports):
         assert re.search(rf"\|\s*`?{port}`?\s*\|", doc), f"port {port} not in the port table"

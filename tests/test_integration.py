@@ -65,9 +65,9 @@ def test_chat_routes_by_alias_and_rewrites_model(stack: Stack, upstreams: Upstre
     assert body["messages"] == [{"role": "user", "content": "héllo wörld"}]
     assert int(seen["content_length_header"]) == seen["body_bytes"] == len(
         seen["body"].encode())
-    # The client's ATP key never reaches a provider; routing headers from ATP do.
+    # Neither the client's ATP key nor ATP's routing headers reach a provider.
     assert "authorization" not in seen["headers"]
-    assert seen["headers"]["x-atp-cluster"] == "demo_a"
+    assert not [h for h in seen["headers"] if h.startswith("x-atp-")], seen["headers"]
 
 
 def test_premium_alias_goes_to_the_other_cluster(stack: Stack, upstreams: Upstreams) -> None:
@@ -251,5 +251,49 @@ def test_spoofed_routing_headers_never_route(stack: Stack, upstreams: Upstreams)
     assert reply.headers["x-upstream-name"] == "demo_a"
     assert upstreams.requests("demo_b") == []
     seen = only_request(upstreams, "demo_a")
-    assert seen["headers"]["x-atp-cluster"] == "demo_a"
-    assert "x-atp-shadow-cluster" not in seen["headers"]
+    # ATP's own routing headers stop at Envoy: none reaches the model upstream.
+    assert not [h for h in seen["headers"] if h.startswith("x-atp-")], seen["headers"]
+
+
+def test_every_response_carries_its_request_id(stack: Stack, upstreams: Upstreams) -> None:
+    """The id POST /v1/feedback takes is on the response, even one the client sent."""
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "id please"}]})
+    assert reply.status == 200
+    assert reply.headers["x-request-id"] == only_request(upstreams, "demo_a")["headers"][
+        "x-request-id"]
+    refused = post(stack, CHAT, {"model": "gpt-4o-mini", "messages": []}, key=None)
+    assert refused.status == 401 and refused.headers.get("x-request-id")
+
+
+def test_a_slow_model_gets_the_route_timeout_not_the_idle_timeout(tmp_path) -> None:
+    """A non-streamed answer is silent until complete, which Envoy counts as idle: the
+    model route's own idle timeout must reach its timeout, or stream_idle_timeout (shorter)
+    cuts every slow answer first. Scaled down: listener idle 1s, model route 3s (as
+    shipped, the route's idle timeout is its timeout), model answers after 1.8s."""
+    from atp_extproc.stack import render_envoy
+
+    def scale(doc: dict) -> None:
+        for listener in doc["static_resources"]["listeners"]:
+            manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+            manager["stream_idle_timeout"] = "1s"
+            for vhost in manager["route_config"]["virtual_hosts"]:
+                for route in vhost["routes"]:
+                    action = route.get("route", {})
+                    if "idle_timeout" in action:
+                        assert action["idle_timeout"] == action["timeout"], route
+                        action["idle_timeout"] = "3s"
+                    if "timeout" in action:
+                        action["timeout"] = "3s"
+
+    stack = Stack.on_free_ports(workdir=tmp_path)
+    try:
+        stack.start_upstream("demo_a", "--latency-ms", "1800")
+        stack.start_upstream("demo_b")
+        stack.start_atp()
+        stack.start_envoy(render_envoy(stack.ports, edit=scale))
+        reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                                   "messages": [{"role": "user", "content": "slow"}]})
+        assert reply.status == 200, reply.body[:300]
+    finally:
+        stack.stop_all()

@@ -3,7 +3,9 @@ and the savings ledger checked to the cent against what the fake upstreams repor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import yaml
 
 from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import BOB, Upstreams, copy_example, post
+from tests.conftest import BOB, Upstreams, copy_example, http, post
 
 pytestmark = pytest.mark.integration
 
@@ -147,9 +149,14 @@ def test_mirror_shadow_ledger_and_report(stack: Stack) -> None:
         assert body["model"] == "demo-large-2026"       # rewritten to the challenger
         assert "-shadow" in copy["headers"]["host"]
         assert "authorization" not in copy["headers"]
+    # ATP's headers (cluster, mirror, route, tenant, challenger) reach no model upstream,
+    # neither with the primary request nor with the mirrored copy.
+    for seen in primary + shadow:
+        assert not [h for h in seen["headers"] if h.startswith("x-atp-")], seen["headers"]
     assert {json.loads(c["body"])["messages"][0]["content"] for c in shadow} == set(texts)
 
     wait_until(lambda: ledger_requests(stack) == 2 * len(texts), "ledger rows", timeout=15)
+    assert '"auth_method":"shadow"' in stack.log("atp")   # the shadow exchanges' records
     rows = ledger_rows(stack)
     tenant = [r for r in rows if not r["shadow"]]
     mirrored = [r for r in rows if r["shadow"]]
@@ -173,6 +180,52 @@ def test_mirror_shadow_ledger_and_report(stack: Stack) -> None:
     assert report.returncode == 0, report.stderr
     assert "mirrored" in report.stdout and "alice" in report.stdout
     assert f"{baseline - actual:.4f}" in report.stdout.replace(",", "")
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (from /proc: its socket fds, LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+def test_no_client_can_reach_the_shadow_listener(stack: Stack) -> None:
+    """ATP trusts the x-atp-* headers of a shadow exchange (no key, no redaction, no
+    policy), so only Envoy's own mirror may start one: the shadow listener is an internal
+    listener with no socket, and the headers a mirrored copy carries do nothing on the
+    client listener."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs /proc")
+    upstreams = Upstreams(stack)
+    upstreams.clear()
+    admin = f"http://127.0.0.1:{stack.ports['admin']}"
+    statuses = {item["name"]: item["local_address"]
+                for item in http(f"{admin}/listeners?format=json").json()["listener_statuses"]}
+    assert statuses["shadow"] == {"envoy_internal_address": {"server_listener_name": "shadow"}}
+    ports = _listening_tcp_ports(stack.procs["envoy"].pid)
+    assert ports == {stack.ports["envoy"], stack.ports["admin"]}, ports
+
+    body = json.dumps({"model": "anything", "messages": [
+        {"role": "user", "content": "mail me at victim@example.com"}]}).encode()
+    shadow_headers = {"content-type": "application/json", "x-atp-route": "chat-premium",
+                      "x-atp-shadow-model": "large", "x-atp-tenant": "alice",
+                      "x-atp-cluster": "demo_b", "x-atp-shadow-cluster": "atp_shadow"}
+    for port in ports:
+        reply = http(f"http://127.0.0.1:{port}{CHAT}", "POST", body, shadow_headers)
+        assert reply.status != 200, (port, reply.body[:200])
+    assert upstreams.total() == 0
+    assert '"auth_method":"shadow"' not in stack.log("atp")
 
 
 def test_decision_shadow_serves_the_champion_and_records_the_proposal(stack: Stack) -> None:
@@ -245,8 +298,10 @@ def test_feedback_scores_the_tenants_own_recent_requests(stack: Stack) -> None:
     upstreams = Upstreams(stack)
     reply = chat(stack, "learned", "rate me")
     assert reply.status == 200
+    # A client learns the id from the response, as any client can (Envoy sets it).
+    request_id = reply.headers["x-request-id"]
     served_by = upstreams.requests(reply.headers["x-upstream-name"])
-    request_id = served_by[-1]["headers"]["x-request-id"]
+    assert served_by[-1]["headers"]["x-request-id"] == request_id
     route_records(stack, "learned", 1)
     # Another tenant cannot score it; a bad score is a 400; the owner's is accepted once.
     other = post(stack, "/v1/feedback", {"request_id": request_id, "score": 1.0}, key=BOB)
