@@ -32,13 +32,24 @@ LABEL org.opencontainers.image.title="atp-extproc" \
       org.opencontainers.image.licenses="Apache-2.0"
 # A fixed, non-root uid/gid: the Kubernetes manifests (deploy/k8s) run Envoy with the same
 # ids so both can use ATP's Unix socket in the shared emptyDir.
+#
+# /var/lib/atp is ATP's writable data directory (the cost ledger); compose mounts a named
+# volume there, Kubernetes an emptyDir. /etc/.run links to it because the shipped config's
+# `ledger.path: ../.run/atp-ledger.sqlite3` is relative to the config file: from
+# /etc/atp/atp.yaml that is /etc/.run/atp-ledger.sqlite3, i.e. /var/lib/atp. (`make run`
+# serves the same file from the repository, where it is .run/ in the checkout.)
 RUN groupadd --system --gid 10001 atp \
  && useradd --system --uid 10001 --gid atp --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin atp \
- && mkdir -p /etc/atp /var/run/atp \
- && chown atp:atp /var/run/atp
+ && mkdir -p /etc/atp /var/run/atp /var/lib/atp \
+ && chown atp:atp /var/run/atp /var/lib/atp \
+ && ln -s /var/lib/atp /etc/.run
 COPY --from=build /opt/atp /opt/atp
+# The example config and the policy files its `policy.include: [policies/*.yaml]` names
+# (relative to the config file): without them ATP refuses to start. .dockerignore must
+# let both through.
 COPY examples/atp.yaml /etc/atp/atp.yaml
+COPY examples/policies /etc/atp/policies
 # ATP_CONFIG: the atp.yaml to serve. Optional, unset by default: ATP_LOG_LEVEL
 # (DEBUG|INFO|WARNING|ERROR) and ATP_LISTEN (host:port or unix:/path) override
 # server.log_level and server.listen of that file.
