@@ -37,11 +37,15 @@ from atp_extproc.llm_api import (
     read_request,
     read_response,
     rewrite,
-    tool_name,
 )
 from atp_extproc.policy.attributes import safe_name
 from atp_extproc.policy.engine import Outcome
-from atp_extproc.policy.runtime import attributes_for_request, strip_tools
+from atp_extproc.policy.runtime import (
+    ForcedToolStripped,
+    attributes_for_request,
+    strip_tools,
+    tool_choice_without,
+)
 from atp_extproc.redact import Redaction, Restorer
 from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
@@ -322,22 +326,27 @@ class Exchange:
                                type_="permission_error")
         self._allowed = [c.model for c in outcome.allowed_candidates]
         if outcome.tools_to_strip:
-            kept = strip_tools(parsed.doc, outcome.tools_to_strip)
+            # Stripped from what redaction left, or the kept tools would go out unredacted.
+            doc = {**parsed.doc, **self._changes}
+            kept = strip_tools(doc, outcome.tools_to_strip)
             if kept is not None:
-                self._strip_tools(parsed.doc, kept, outcome.tools_to_strip)
+                self._strip_tools(doc, kept, outcome.tools_to_strip)
         return None
 
     def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...]) -> None:
         """Send the request on without the tools policy strips (`kept`: the rest)."""
         self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
         choice = doc.get("tool_choice")
-        if (tool_name(choice) in names) or (choice == "required" and not kept):
-            # The client insists on what policy removed: no answer could honour it.
+        try:
+            new_choice = tool_choice_without(choice, names, bool(kept))
+        except ForcedToolStripped:
             raise RequestError(403, "tool_choice asks for a tool this request may not use",
                                "tool_not_allowed", param="tool_choice",
-                               type_="permission_error")
+                               type_="permission_error") from None
         if kept:
             self._changes["tools"] = kept
+            if new_choice is not choice:
+                self._changes["tool_choice"] = new_choice
         else:
             # Providers refuse an empty tools list, and tool settings without tools.
             for key in _TOOL_KEYS:

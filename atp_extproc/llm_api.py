@@ -295,8 +295,9 @@ def read_request(operation: str, doc: dict[str, Any],
 
 
 def _check_prompt(param: str, value: Any) -> None:
-    """completions `prompt`, embeddings `input`: text, texts, token ids, token-id arrays."""
-    if type(value) is str:
+    """completions `prompt`, embeddings `input`: text, texts, token ids, token-id arrays
+    (and a null prompt, which OpenAI reads as the start of a document)."""
+    if type(value) is str or (value is None and param == "prompt"):
         return
     if type(value) is list:
         kinds = set(map(type, value))

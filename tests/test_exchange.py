@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from atp_extproc import config
 from atp_extproc.envoy_api import ProcessingMode
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
+from atp_extproc.redact.redactor import Redactor
 from atp_extproc.routing.estimates import Priors
 from atp_extproc.routing.feedback import FeedbackBook
 from atp_extproc.routing.router import Router
@@ -767,11 +768,39 @@ def test_stripping_some_tools_keeps_the_rest_and_the_settings(snap) -> None:
     assert sent["tool_choice"] == "auto"
 
 
-@pytest.mark.parametrize("choice", [
-    {"type": "function", "function": {"name": "send_email"}}, "required"])
-def test_forcing_a_stripped_tool_is_refused(snap, choice) -> None:
-    assert_error(_bob_tools(snap, ["send_email"], tool_choice=choice), 403,
-                 "tool_not_allowed")
+@pytest.mark.parametrize(("tools", "choice"), [
+    (["send_email"], {"type": "function", "function": {"name": "send_email"}}),
+    (["send_email"], "required"),
+    (["send_email", "get_weather"], {"type": "function", "function": {"name": "send_email"}}),
+    (["send_email", "get_weather"], {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "send_email"}}]}}),
+])
+def test_forcing_a_stripped_tool_is_refused(snap, tools, choice) -> None:
+    assert_error(_bob_tools(snap, tools, tool_choice=choice), 403, "tool_not_allowed")
+
+
+def test_an_allowed_tools_choice_loses_the_stripped_tools(snap) -> None:
+    allowed = [{"type": "function", "function": {"name": n}}
+               for n in ("send_email", "get_weather")]
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": allowed}}
+    sent = json.loads(forwarded(_bob_tools(snap, ["send_email", "get_weather"],
+                                           tool_choice=choice))[1])
+    assert sent["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
+        "mode": "auto", "tools": allowed[1:]}}
+
+
+def test_the_tools_left_after_stripping_stay_redacted(snap) -> None:
+    settings = snap.redactor.settings.model_copy(
+        update={"extra_paths": ("tools[*].function.description",)})
+    snap = dataclasses.replace(snap, redactor=Redactor(settings))
+    body = chat("gpt-4o-mini", tools=[
+        {"type": "function", "function": {"name": n, "description": "mail jane@example.com",
+                                          "parameters": {"type": "object"}}}
+        for n in ("get_weather", "send_email")])
+    _, resp = send_body(snap, body, key=BOB)
+    sent = forwarded(resp)[1]
+    assert b"jane@example.com" not in sent
+    assert [t["function"]["name"] for t in json.loads(sent)["tools"]] == ["get_weather"]
 
 
 def test_embeddings_response_usage(snap) -> None:

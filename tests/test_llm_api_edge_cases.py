@@ -40,7 +40,6 @@ def refused(operation: str, doc: dict, limits: Limits = DEFAULT_LIMITS) -> Reque
 BAD_PROMPTS = [
     {"text": "card 4111 1111 1111 1111, me@example.com"},
     5,
-    None,
     True,
     [["me@example.com"]],
     [{"text": "me@example.com"}],
@@ -72,6 +71,14 @@ def test_wrong_typed_prompt_or_input_is_refused(operation: str, param: str, valu
                          ids=repr)
 def test_provider_shapes_of_prompt_and_input_pass(operation: str, param: str, value) -> None:
     assert read_request(operation, {"model": "m", param: value}).operation == operation
+
+
+def test_a_null_prompt_passes_and_a_null_input_does_not() -> None:
+    # OpenAI reads a null completions prompt as the start of a document.
+    assert read_request("completions", {"model": "m", "prompt": None}).operation == \
+        "completions"
+    err = refused("embeddings", {"model": "m", "input": None})
+    assert (err.status, err.code, err.param) == (400, "invalid_type", "input")
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,46 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | Non
     # Matched by the key policies saw, cut to MAX_STRING as attributes cut it (a longer
     # name would never match); an entry that is no mapping was never shown to them, so
     # it is never stripped.
-    kept = [tool for tool in tools
-            if not isinstance(tool, dict) or tool_key(tool)[:MAX_STRING] not in drop]
+    kept = [tool for tool in tools if not _named(tool, drop)]
     return kept if len(kept) != len(tools) else None
+
+
+def _named(tool: Any, names: set[str]) -> bool:
+    return isinstance(tool, dict) and tool_key(tool)[:MAX_STRING] in names
+
+
+class ForcedToolStripped(Exception):
+    """The request's tool_choice insists on a tool that policy strips."""
+
+
+def tool_choice_without(choice: Any, names: Iterable[str], tools_left: bool) -> Any:
+    """`tool_choice` once the tools `names` are stripped (for llm_api.rewrite): the same
+    object when unaffected, an `allowed_tools` choice without them ("none" when none of
+    it is left), or None when it must go with the last tool.
+
+    Raises ForcedToolStripped when the client insists on a stripped tool ("required"
+    with no tool left, a forced tool, an allowed_tools list of mode "required" left
+    empty): no answer could honour that request."""
+    drop = set(names)
+    if not isinstance(choice, dict):
+        if choice == "required" and not tools_left:
+            raise ForcedToolStripped
+        return choice if tools_left else None
+    if choice.get("type") != "allowed_tools":
+        if _named(choice, drop) or not tools_left:
+            raise ForcedToolStripped
+        return choice
+    # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
+    nested = isinstance(choice.get("allowed_tools"), dict)
+    spec = choice["allowed_tools"] if nested else choice
+    allowed = spec.get("tools")
+    left = [t for t in allowed if not _named(t, drop)] if isinstance(allowed, list) else []
+    if left and tools_left:
+        if len(left) == len(allowed):
+            return choice
+        if nested:
+            return {**choice, "allowed_tools": {**spec, "tools": left}}
+        return {**choice, "tools": left}
+    if spec.get("mode") == "required":
+        raise ForcedToolStripped
+    return "none" if tools_left else None
