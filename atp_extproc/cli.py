@@ -51,7 +51,9 @@ def _policy_test(args: argparse.Namespace) -> int:
     return policy_cli.test(args.directory)
 
 
-class _StopSignal(Exception):
+class _StopSignal(BaseException):
+    # BaseException, as KeyboardInterrupt: the readiness checks suppress Exception, and a
+    # stop during start-up must not be swallowed by one.
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -75,7 +77,9 @@ def _stack(args: argparse.Namespace) -> int:
     def _on_signal(signum, frame) -> None:
         raise _StopSignal(signum)
 
-    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
+    # A signal already ignored stays ignored: `nohup make run` must outlive its terminal.
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     code = 0
     try:
         stack.start_all()
@@ -101,7 +105,7 @@ def _stack(args: argparse.Namespace) -> int:
         code = 1
     finally:
         # No second signal may cut the cleanup short.
-        for sig in _STOP_SIGNALS:
+        for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
             stack.stop_all()

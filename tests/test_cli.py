@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from atp_extproc import cli
 from atp_extproc.stack import DEFAULT_PORTS, EXAMPLE_CONFIG, FRONT_PROXY, free_port, wait_until
 from tests.conftest import copy_example
 
@@ -77,7 +78,7 @@ sys.exit(cli.main(["stack", "--config", sys.argv[2], "--workdir", sys.argv[3]]))
 
 
 class StackCommand:
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, nohup: bool = False):
         self.ports = {name: free_port() for name in DEFAULT_PORTS}
         self.workdir = tmp_path / "run"
         self.out = tmp_path / "stack.out"
@@ -86,7 +87,10 @@ class StackCommand:
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", STACK_DRIVER, json.dumps(self.ports), str(config),
-                 str(self.workdir)], stdout=out, stderr=err, start_new_session=True)
+                 str(self.workdir)], stdout=out, stderr=err, start_new_session=True,
+                # As nohup starts it: SIGHUP ignored.
+                preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                if nohup else None)
 
     def wait_up(self) -> None:
         wait_until(lambda: "ATP stack is up" in self.out.read_text(), "stack banner",
@@ -161,6 +165,33 @@ def test_stack_stops_every_child_on_sighup(stack_command: StackCommand) -> None:
     stack_command.proc.send_signal(signal.SIGHUP)
     assert stack_command.wait() == 0, stack_command.stderr()
     _wait_gone(children)
+
+
+@pytest.mark.integration
+def test_stack_under_nohup_keeps_sighup_ignored(tmp_path: Path) -> None:
+    """`nohup make run &` must outlive its terminal: the stack takes over SIGINT and
+    SIGTERM but leaves an ignored SIGHUP ignored."""
+    command = StackCommand(tmp_path, nohup=True)
+    try:
+        command.wait_up()
+        status = Path(f"/proc/{command.proc.pid}/status").read_text()
+        ignored = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("SigIgn:")), 16)
+        assert ignored & (1 << (signal.SIGHUP - 1))
+        command.proc.send_signal(signal.SIGTERM)
+        assert command.wait() == 0, command.stderr()
+    finally:
+        command.kill()
+
+
+def test_a_stop_signal_is_not_swallowed_by_a_readiness_check() -> None:
+    # The checks suppress Exception (a port not open yet); Ctrl-C during start-up must
+    # still stop the stack.
+    def check() -> bool:
+        raise cli._StopSignal(signal.SIGINT)
+
+    with pytest.raises(cli._StopSignal):
+        wait_until(check, "a check interrupted by Ctrl-C", timeout=5)
 
 
 @pytest.mark.integration
