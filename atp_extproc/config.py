@@ -75,6 +75,11 @@ class Price(_Frozen):
         return price
 
 
+# The shipped Envoy configs' own clusters: ATP itself and the shadow listener. A model
+# routed to one would send live traffic, x-atp-* headers and all, back into Envoy or ATP.
+RESERVED_CLUSTERS = frozenset({"atp", "atp_shadow"})
+
+
 class Model(_Frozen):
     name: Token
     cluster: Token
@@ -82,6 +87,13 @@ class Model(_Frozen):
     price: Price
     region: str = "unspecified"
     egress: Literal["internal", "external"] = "external"
+
+    @field_validator("cluster")
+    @classmethod
+    def _a_model_cluster(cls, cluster: str) -> str:
+        if cluster in RESERVED_CLUSTERS:
+            raise ValueError(f"{cluster!r} is an Envoy cluster of ATP's own, not a model's")
+        return cluster
 
 
 class RouteMatch(_Frozen):

@@ -122,6 +122,13 @@ def test_error_negative_price_names_path() -> None:
     assert_names(error_of(doc), "models[1].price.input_per_1k", "greater than or equal to 0")
 
 
+@pytest.mark.parametrize("cluster", ["atp", "atp_shadow"])
+def test_error_model_on_atps_own_cluster(cluster: str) -> None:
+    doc = base()
+    doc["models"][0]["cluster"] = cluster
+    assert_names(error_of(doc), "models[0].cluster", "ATP's own")
+
+
 def test_error_price_not_a_number() -> None:
     doc = base()
     doc["models"][0]["price"]["output_per_1k"] = "cheap"

@@ -313,3 +313,15 @@ async def test_services_close_logs_a_failed_final_flush(tmp_path, caplog, monkey
         await services.close()
     assert any("final flush failed" in r.getMessage() and r.exc_info
                for r in caplog.records)
+
+
+def test_the_report_sums_past_int64_without_failing(tmp_path) -> None:
+    # Each hour's row fits 64 bits; their sum ($12M in picodollars) does not.
+    conn = db.connect(tmp_path / "ledger.sqlite3")
+    price = PriceSnapshot.of("m", 1000, 1000)
+    big = 6 * 10**18
+    for hour in (0, 3600):
+        key = (hour, "t", "r", "m", 0, price.version, "m", price.version)
+        db.write_batch(conn, {key: [1, 0, 0, 1, 1, big, big]}, [price], [], 0)
+    (row,) = db.savings(conn, ["tenant"], None)
+    assert row.cost_pico == pytest.approx(2 * big, rel=1e-12)

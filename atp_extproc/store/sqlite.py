@@ -220,18 +220,20 @@ def savings(conn: sqlite3.Connection, by: Sequence[str], bucket_s: int | None,
         SELECT {bucket_sql} AS bucket{cols},
             TOTAL(CASE WHEN shadow = 0 THEN requests END),
             TOTAL(CASE WHEN shadow = 0 THEN failed END),
-            SUM(CASE WHEN shadow = 0 THEN cost_pico ELSE 0 END),
-            SUM(CASE WHEN shadow = 0 THEN baseline_pico ELSE 0 END),
-            SUM(CASE WHEN shadow = 0 THEN savings_pico ELSE 0 END),
+            TOTAL(CASE WHEN shadow = 0 THEN cost_pico END),
+            TOTAL(CASE WHEN shadow = 0 THEN baseline_pico END),
+            TOTAL(CASE WHEN shadow = 0 THEN savings_pico END),
             TOTAL(CASE WHEN shadow = 1 THEN requests END),
-            SUM(CASE WHEN shadow = 1 THEN cost_pico ELSE 0 END)
+            TOTAL(CASE WHEN shadow = 1 THEN cost_pico END)
         FROM ledger {where_sql}
         GROUP BY bucket{cols} ORDER BY bucket{cols}"""
     n = len(by)
+    # TOTAL (a float) rather than SUM: picodollars summed past $9.2M overflow SQLite's
+    # int64 and the report would fail; a double is exact to 2 nano-USD even at $10M.
     return [
         SavingsRow(bucket=r[0], group=tuple(r[1:1 + n]), requests=int(r[1 + n]),
-                   failed=int(r[2 + n]), cost_pico=r[3 + n], baseline_pico=r[4 + n],
-                   savings_pico=r[5 + n], shadow_requests=int(r[6 + n]),
-                   shadow_cost_pico=r[7 + n])
+                   failed=int(r[2 + n]), cost_pico=round(r[3 + n]),
+                   baseline_pico=round(r[4 + n]), savings_pico=round(r[5 + n]),
+                   shadow_requests=int(r[6 + n]), shadow_cost_pico=round(r[7 + n]))
         for r in conn.execute(sql, params)
     ]
