@@ -119,8 +119,9 @@ def test_tool_json_keys_are_read_as_words(redactor):
     args = ('{"ccNumber": 4111111111111111, "home_phone": 4155552671, '
             '"social_security_number": 123456789, "orderId": "4155552671"}')
     out = _tool_out(redactor.redact("chat", _tool_doc(args), "t"))[0]
+    # A key only ever adds context: "orderId" hides nothing plain text would show.
     assert json.loads(out) == {"ccNumber": "[CARD_1]", "home_phone": "[PHONE_1]",
-                               "social_security_number": "[SSN_1]", "orderId": "4155552671"}
+                               "social_security_number": "[SSN_1]", "orderId": "[PHONE_1]"}
 
 
 def test_tool_json_numbers_under_other_keys_are_not_read(redactor):
@@ -142,13 +143,40 @@ def test_tool_json_repeated_values_are_all_replaced_and_counted(redactor):
 
 @pytest.mark.parametrize("ch", [
     "\u17b4", "\u17b5", "\u180b", "\u180d", "\u180f", "\U000e0100", "\U000e01ef", "\u2065",
-    "\ufff0", "\U000e0080", "\ufe0f", "\u034f", "\x01", "\x08", "\x0b", "\x0c", "\x1f",
-    "\x7f", "\x85", "\x9f"])
+    "\ufff0", "\U000e0080", "\ufe0f", "\u034f", "\x01", "\x08", "\x7f", "\x9f"])
 def test_invisible_and_control_characters_do_not_split_values(redactor, ch):
     text = f"card 411111111{ch}1111111 key sk-proj-abc123DEF45{ch}6ghi789JKL012mno345"
     res = redactor.redact("chat", chat(text), "t")
     assert res.counts == {"card": 1, "api_key": 1}
     assert res.fields["messages"][0]["content"] == "card [CARD_1] key [API_KEY_1]"
+
+
+# Separator-like controls (vertical tab, form feed, ESC, FS/GS/RS/US, NEL) are spaces: dropped,
+# they glued the word before to the value, which the detectors then skipped.
+@pytest.mark.parametrize("text,cls", [
+    ("John Smith\x0b4155552671", "phone"), ("Page 3\x0c4111 1111 1111 1111", "card"),
+    ("alice\x1f123-45-6789\x1fbob", "ssn"), ("row\x854155552671", "phone"),
+    ("host\x1f10.0.0.1", "ipv4"), ("Call\x1b4155552671", "phone"),
+    ("note\x1c4155552671\x1dend", "phone"), ("x\x1e4155552671", "phone")])
+def test_separator_controls_separate(redactor, text, cls):
+    assert redactor.redact("chat", chat(text), "t").counts == {cls: 1}
+
+
+def test_separator_control_ends_an_email(redactor):
+    res = redactor.redact("chat", chat("mail bob@example.com\x0bJane Doe"), "t")
+    assert res.fields["messages"][0]["content"] == "mail [EMAIL_1]\x0bJane Doe"
+    assert dict(res.mapping.items()) == {"[EMAIL_1]": "bob@example.com"}
+    assert normalize("a\x0bb\x0cc\x1bd\x1ce\x1ff\x85g").text == "a b c d e f g"
+
+
+def test_ansi_colour_log_is_cheap_and_complete(redactor):
+    line = "\x1b[31mfail\x1b[0m \x1b[32mok\x1b[0m step \x1b[33mwarn\x1b[0m build\n"
+    text = line * (256 * 1024 // len(line))
+    res = redactor.redact("chat", chat(text + "call 4155552671"), "t")
+    assert not res.incomplete and res.counts == {"phone": 1}
+    budget = Budget.for_text(len(text))
+    normalize(text, budget)
+    assert budget.left == Budget.for_text(len(text)).left  # no run walked: nothing spent
 
 
 def test_tab_newline_return_and_nul_are_kept():
@@ -383,3 +411,86 @@ def test_raw_stream_fallback_escapes_originals(monkeypatch):
     data = b'data: {"choices":[{"delta":{"content":"[QUOTE_1] ' + b"x" * 64 + b'"}}]}'
     out = r.feed(data[:40], False) + r.feed(data[40:], True)
     assert json.loads(out[6:])["choices"][0]["delta"]["content"] == 'say "hi"\nbye ' + "x" * 64
+
+
+# -- review 2: JSON keys add context, never take it away; they are budgeted ---------------
+
+@pytest.mark.parametrize("args", [
+    '{"customer": "4155552671"}', '{"member": "415-555-2671"}', '{"ref": "(415) 555-2671"}',
+    '{"code": "415.555.2671"}', '{"build": "10.0.0.1"}', '{"version": "10.0.0.1"}',
+    '{"policy": "4155552671"}'])
+def test_json_key_never_hides_what_plain_text_shows(redactor, args):
+    assert redactor.redact("chat", _tool_doc(args), "t").total == 2  # arguments, result
+
+
+@pytest.mark.parametrize("args", [
+    '{"cardinality": 2125551234}', '{"discard_count": 4111111111111111}',
+    '{"payload_bytes": 3125550199}', '{"master_seed": 6502530000}',
+    '{"contact_id": 3125550199}', '{"call_id": 5635831719}',
+    '{"debit_amount_cents": 3125550199}', '{"mobile_last_seen": 1712345678}',
+    '{"call_started_at": 1712345678}', '{"phone_id": 4155552671}',
+    '{"user_id": 4111111111111111}'])
+def test_json_numbers_under_keys_that_only_contain_a_class_word(redactor, args):
+    assert not redactor.redact("chat", _tool_doc(args), "t").fields
+
+
+@pytest.mark.parametrize("args,cls", [
+    ('{"phone": {"country_code": 1, "number": 4155552671}}', "phone"),
+    ('{"phones": [{"type": "mobile", "value": 4155552671}]}', "phone"),
+    ('{"card": {"number": 4111111111111111, "exp": "12/27"}}', "card"),
+    ('{"ssn": {"value": 123456789}}', "ssn"),
+    ('{"card": 4111111111111111.0}', "card"),
+    ('{"msisdn": 447911123456}', "phone"),
+    ('{"value": 4111111111111111}', "card"),
+    ('{"x": [5500005555555559]}', "card")])
+def test_json_numbers_nested_under_a_class_key(redactor, args, cls):
+    res = redactor.redact("chat", _tool_doc(args), "t")
+    assert res.counts == {cls: 2}
+    out = json.loads(_tool_out(res)[0])
+    assert str(out).count(f"[{cls.upper()}_1]") == 1
+
+
+def test_many_distinct_json_keys_are_budgeted(redactor):
+    args = "{" + ",".join(f'"{i:x}":0' for i in range(300_000)) + "}"
+    t = time.perf_counter()
+    res = redactor.redact("chat", _tool_doc(args), "t")
+    assert time.perf_counter() - t < 10
+    assert res.incomplete and "scan_incomplete" in res.denied
+
+
+def test_restore_puts_originals_back_into_json_keys(redactor):
+    doc = {"model": "m", "input": [{"type": "function_call_output", "call_id": "c1",
+                                    "output": json.dumps({E: {"role": "admin"}})}],
+           "text": {"format": {"type": "json_object"}}}
+    res = redactor.redact("responses", doc, "t")
+    assert res.fields["input"][0]["output"] == '{"[EMAIL_1]": {"role": "admin"}}'
+    args = '{"[EMAIL_1]": "owner"}'
+    evs = [{"type": "response.function_call_arguments.done", "item_id": "f",
+            "output_index": 0, "arguments": args, "sequence_number": 2},
+           {"type": "response.completed", "sequence_number": 3,
+            "response": {"output": [{"type": "function_call", "arguments": args}]}}]
+    data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in evs)
+    out = [json.loads(b[6:]) for b in Restorer(res.mapping).feed(data, True).split(b"\n\n")
+           if b]
+    assert json.loads(out[0]["arguments"]) == {E: "owner"}
+    assert json.loads(out[1]["response"]["output"][0]["arguments"]) == {E: "owner"}
+    # A whole JSON body that takes the parse path (an original that needs escaping).
+    r = Restorer(PlaceholderMap({"[EMAIL_1]": E, "[Q_1]": 'say "hi"'}))
+    body = json.dumps({"[EMAIL_1]": "[Q_1]", "x": {"[EMAIL_1]": 1}}).encode()
+    assert json.loads(r.restore_json(body)) == {E: 'say "hi"', "x": {E: 1}}
+
+
+def test_responses_tool_items_read_back_are_scanned(redactor):
+    doc = {"model": "m", "input": [
+        {"type": "code_interpreter_call", "id": "ci", "container_id": "c", "status": "completed",
+         "code": "print(1)", "outputs": [{"type": "logs", "logs": "alice@example.com"}]},
+        {"type": "shell_call_output", "call_id": "sh",
+         "output": [{"stdout": "bob@example.com", "stderr": "carol@example.com",
+                     "outcome": {"type": "exit", "exit_code": 0}}]},
+        {"type": "web_search_call", "id": "ws", "status": "completed",
+         "action": {"type": "open_page", "url": "https://x.test/?e=dave@example.com"}},
+        {"type": "mcp_call", "id": "m", "server_label": "s", "name": "n", "arguments": "{}",
+         "error": "failed for frank@example.com"}]}
+    res = redactor.redact("responses", doc, "t")
+    assert res.counts == {"email": 5} and res.non_text_parts == 0
+    assert "@example.com" not in json.dumps(res.fields["input"])

@@ -61,7 +61,7 @@ class Budget:
     groups, invisible characters or near-miss candidates) exhaust it, and the scan stops
     with `exhausted` set: the caller reports it incomplete and, by default, refuses.
     One unit is about two microseconds of work: a candidate match (an IBAN or a secret
-    two or three), a separator in a digit run, half a run of characters to normalise, two
+    two or three), a separator in a digit run, a run of characters to normalise, two
     characters normalised one by one; a phone validation is four.
     """
 
@@ -189,13 +189,69 @@ _NEG_WORDS = (
     "factura|ordine|fattura|contract|vertrag|page|release|rev")
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
+_INTL_CTX = re.compile(r"(?i)msisdn|e\.?164")
 _SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
 
 
-def digits_context(text: str) -> bool:
-    """Does `text` (a JSON key, as words) name a class written in digits: a card, a phone
-    number, an SSN?"""
-    return bool(_CARD_CTX.search(text) or _POS_CTX.search(text) or _SSN_CTX.search(text))
+# JSON keys that name a class written in digits, word by word ("cc_number", "phoneNumber",
+# "MSISDN"): whole words only, so "cardinality", "payload" or "discard" name nothing.
+_KEY_CLASS_WORDS: dict[str, str] = {
+    **dict.fromkeys((
+        "phone", "phones", "phonenumber", "phoneno", "tel", "telephone", "telefon",
+        "telefono", "telefone", "telephono", "mobile", "mobil", "mobilephone", "mobileno",
+        "cell", "cellphone", "cellular", "fax", "whatsapp", "sms", "handy",
+        "portable", "celular", "cellulare", "landline", "tfn"), "phone"),
+    "msisdn": "msisdn", "e164": "msisdn",
+    **dict.fromkeys((
+        "card", "cards", "cardnumber", "cardno", "cardnum", "cc", "ccn", "ccnum", "ccnumber",
+        "ccno", "pan", "creditcard", "debitcard", "visa", "mastercard", "amex", "maestro",
+        "karte", "kreditkarte", "carte", "tarjeta", "cartao", "cartão"), "card"),
+    **dict.fromkeys(("ssn", "ssns", "itin", "taxpayer", "socialsecurity",
+                     "socialsecuritynumber"), "ssn"),
+}
+# Words that make a key hold something else than the value itself, even with a class
+# word in it ("phone_id", "card_count", "mobile_last_seen", "call_started_at"): times,
+# counts, sizes, ids, amounts, kinds and flags.
+_KEY_OTHER_WORDS = frozenset((
+    "id", "ids", "uuid", "guid", "key", "hash", "token", "count", "counts", "amount",
+    "amounts", "total", "sum", "cents", "price", "fee", "balance", "limit", "at", "on",
+    "ms", "ns", "us", "sec", "secs", "seconds", "ts", "time", "times", "timestamp",
+    "date", "dates", "day", "days", "seen", "last", "created", "updated", "started",
+    "ended", "expires", "expiry", "exp", "duration", "bytes", "size", "len", "length",
+    "index", "idx", "type", "kind", "status", "verified", "valid", "enabled", "is", "has",
+    "country", "region", "brand", "network", "bin", "iin", "level", "version", "score"))
+# Cheap first look: a key none of whose letters spell the start of a class word names none.
+_KEY_HINT = re.compile(r"(?i)ph|te|mob|cel|fax|msisdn|wh|sms|han|por|land|tfn|car|cc|pan|"
+                       r"visa|mast|amex|mae|kart|tarj|ssn|itin|tax|social")
+_KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
+
+
+def key_class(key: str) -> str | None:
+    """The class a JSON key names ("phone", "card", "ssn", "msisdn": a phone number in
+    international form without its '+'), "" for a key that holds
+    something else than the value even if it names a class ("phone_id", "card_count"),
+    None for any other key."""
+    if _KEY_HINT.search(key) is None:
+        return None
+    words = _KEY_SPLIT.sub(" ", key).lower().split()
+    found = None
+    social = False
+    for w in words:
+        if w in _KEY_OTHER_WORDS:
+            return ""
+        c = _KEY_CLASS_WORDS.get(w)
+        if c is not None:
+            found = c
+        elif w == "social":
+            social = True
+        elif w == "security" and social:
+            found = "ssn"
+    return found
+
+
+def key_names_other(key: str) -> bool:
+    """Does a JSON key name something else than its value: an id, a count, a time ...?"""
+    return any(w in _KEY_OTHER_WORDS for w in _KEY_SPLIT.sub(" ", key).lower().split())
 
 # -- payment cards ------------------------------------------------------------------------
 
@@ -721,7 +777,7 @@ class Scanner:
                 continue
             if e + 1 < n and asc[e] == 46 and asc[e + 1] in _DIGITS:
                 continue
-            if _VERSION_CTX.search(text, max(0, s - 12), s):
+            if _VERSION_CTX.search(text, _ctx_lo(text, s, 12), s):
                 continue
             found.append(Found("ipv4", s, e, text[s:e]))
 
@@ -851,7 +907,7 @@ class Scanner:
         ndig, ngroups = run.ndig, run.ngroups
         if ngroups[a] == 1 and ndig[a] == 9:
             gs = run.chunk_start(a)
-            if not _SSN_CTX.search(run.text, max(0, gs - 40), gs):
+            if not _SSN_CTX.search(run.text, _ctx_lo(run.text, gs, 40), gs):
                 return None
             d = run.chunk_digits(a)
             if ssn_ok(d[:3], d[3:5], d[5:]):
@@ -899,9 +955,13 @@ class Scanner:
             while start > run.start and asc[start - 1] in b"+(":
                 start -= 1
             digits = "".join(run.chunk_digits(c) for c in range(a, end + 1))
+            bare = a == end and run.ngroups[a] == 1
             intl = asc[start] == 43 or (digits.startswith("00") and not
                                          digits.startswith("000"))
-            bare = a == end and run.ngroups[a] == 1
+            if not intl and bare and count >= 11 and _INTL_CTX.search(
+                    run.text, _ctx_lo(run.text, run.start, 40), run.start):
+                intl = True  # an MSISDN: international, written without '+'
+
             if not intl:
                 if a == 0 and run.negative_context():
                     return None
@@ -1021,12 +1081,13 @@ class _Run:
                              and not self.positive_context())
             return self._neg
         return _identifier_before(self.text, self.start) and not positive.search(
-            self.text, max(0, self.start - 40), self.start)
+            self.text, _ctx_lo(self.text, self.start, 40), self.start)
 
     def positive_context(self) -> bool:
         """A word saying the run is a phone number ("phone", "tel", "call") is just before."""
         if self._pos is None:
-            self._pos = bool(_POS_CTX.search(self.text, max(0, self.start - 40), self.start))
+            self._pos = bool(_POS_CTX.search(self.text, _ctx_lo(self.text, self.start, 40),
+                                             self.start))
         return self._pos
 
     def not_phone(self, c: int) -> bool:
@@ -1063,10 +1124,19 @@ _NEG_SET = frozenset(_NEG_WORDS.split("|"))
 _NEG_FOLLOWERS = frozenset(("number", "no", "nr", "num", "id", "nummer", "numero", "n"))
 
 
+def _ctx_lo(text: str, start: int, width: int) -> int:
+    """Where the context read before `start` begins: `width` characters back, but never
+    before the unit it is in (units are joined by NUL: a JSON key, a unit of its own, is
+    no label for the value after it)."""
+    lo = max(0, start - width)
+    cut = text.rfind("\x00", lo, start)
+    return lo if cut == -1 else cut + 1
+
+
 def _identifier_before(text: str, start: int) -> bool:
     """Is `start` preceded by "#", or by an identifier word ("order", "invoice no.")?"""
     k = start
-    lo = max(0, start - 28)
+    lo = _ctx_lo(text, start, 28)
     while k > lo and not text[k - 1].isalnum():
         k -= 1
     if start - k > 6:

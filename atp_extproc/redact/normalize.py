@@ -7,8 +7,10 @@ Detectors run on a normalised copy so that look-alike spellings match:
   - any decimal digit (Arabic-Indic, Devanagari, ...) becomes its ASCII digit;
   - every default-ignorable code point (zero-width space/joiner, soft hyphen, bidi marks,
     BOM, variation selectors, fillers ...) and every control character but tab, newline,
-    carriage return and NUL (the unit separator) is dropped; Unicode "tag" characters
-    (U+E0020-E007E, invisible ASCII look-alikes) become ASCII;
+    carriage return, NUL (the unit separator) and the separator-like ones is dropped;
+    the separator-like controls (vertical tab, form feed, ESC, FS/GS/RS/US, NEL) become
+    ' ', so the words around them stay apart; Unicode "tag" characters (U+E0020-E007E,
+    invisible ASCII look-alikes) become ASCII;
   - every space separator (NBSP, narrow NBSP, ideographic space ...) becomes ' ', every
     dash (hyphens, minus sign) becomes '-';
   - combining marks right after an ASCII character are dropped ("4̲1̲1̲1̲");
@@ -50,10 +52,22 @@ _IGNORABLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x11
                      (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
                      (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 _TAGS = (0xE0020, 0xE007E)
-# Control characters other than tab, newline, carriage return and NUL (which joins units).
-_CONTROLS = (*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0))
+# Control characters that separate what is around them (a Word line break, a page break,
+# ESC of a colour code, the information separators, NEL): they become ' '.
+_SEPARATORS = (0x0B, 0x0C, *range(0x1B, 0x20), 0x85)
+# Other control characters but tab, newline, carriage return and NUL (which joins units):
+# dropped.
+_CONTROLS = tuple(cp for cp in (*range(0x01, 0x09), *range(0x0E, 0x20), *range(0x7F, 0xA0))
+                  if cp not in _SEPARATORS)
 # What makes pure-ASCII text need normalising: escapes and control characters.
 _ASCII_HOT = re2.compile(r"\\u|&#|%40|[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]", re2_options())
+# The ASCII separators, one byte each in UTF-8 (never part of a multi-byte sequence): a
+# `bytes.translate` turns them all into spaces at memory speed, offsets unchanged. Looked
+# for one by one (memchr: seven of those cost less than one RE2 pass over UTF-8).
+_ASCII_SEP = tuple(bytes((b,)) for b in _SEPARATORS if b < 0x80)
+_ASCII_SEP_TABLE = bytes.maketrans(bytes(b for b in _SEPARATORS if b < 0x80),
+                                   b" " * sum(1 for b in _SEPARATORS if b < 0x80))
+_ASCII_REST = re2.compile(r"\\u|&#|%40|[\x01-\x08\x0e-\x1a\x7f]", re2_options())
 _ESC_U = re.compile(r"\\u([0-9a-fA-F]{4})")
 _ESC_HTML = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
 
@@ -88,6 +102,8 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
                  if not _TAGS[0] <= cp <= _TAGS[1]}
     for ch in (*ignorable, *map(chr, _CONTROLS)):
         trans[ch] = ""
+    for cp in _SEPARATORS:
+        trans[chr(cp)] = " "
     trans["\uff61"] = "."  # halfwidth ideographic full stop
     # Ignorable marks (variation selectors, CGJ) are dropped wherever they are.
     marks = frozenset(chr(cp) for lo, hi in _MARK_RANGES for cp in range(lo, hi + 1)
@@ -174,16 +190,27 @@ class Normalized:
 
 
 def normalize(text: str, budget=None) -> Normalized:
-    """Normalise `text`. `budget` (detectors.Budget) is charged two units per run of
-    characters that may change, and half a unit per character of a run walked character
-    by character; when it runs out the rest is left as it is and the budget says so (the
-    caller then reports the scan as incomplete)."""
+    """Normalise `text`. `budget` (detectors.Budget) is charged one unit per run of
+    characters that may change (a translation or a deletion, about a microsecond), and one
+    more and half a unit per character for a run walked character by character; when it
+    runs out the rest is left as it is and the budget says so (the caller then reports the
+    scan as incomplete)."""
     if text.isascii():
         data = text.encode()
         if search(_ASCII_HOT, data) is None:
             return Normalized(text)
+        if any(sep in data for sep in _ASCII_SEP):
+            data = data.translate(_ASCII_SEP_TABLE)
+            text = data.decode()
+            if search(_ASCII_REST, data) is None:
+                return Normalized(text)
     else:
         data = text.encode("utf-8", "surrogatepass")
+        # (The loop below turns them into spaces too, a run at a time: only a long text
+        # full of them, a colour log, needs this; a short one is not worth the look.)
+        if len(data) > 4096 and any(sep in data for sep in _ASCII_SEP):
+            data = data.translate(_ASCII_SEP_TABLE)
+            text = data.decode("utf-8", "surrogatepass")
     trans, hot, _, marks = _tables()
     table = _translate_table()
     out = _Out(text)
@@ -198,7 +225,7 @@ def normalize(text: str, budget=None) -> Normalized:
         j = char_at
         if j <= out.pos:
             continue  # inside an escape already decoded
-        if budget is not None and not budget.spend(2):
+        if budget is not None and not budget.spend(1):
             break
         i = max(i, out.pos)
         run = text[i:j]
@@ -212,8 +239,8 @@ def normalize(text: str, budget=None) -> Normalized:
                 out.put(i, j, "")  # a run of invisible characters
                 continue
         # About a microsecond a character in Python: paid by the character, so one long
-        # run (megabytes of ligatures or '%') cannot get that work for two units.
-        if budget is not None and not budget.spend((j - i) // 2):
+        # run (megabytes of ligatures or '%') cannot get that work for one unit.
+        if budget is not None and not budget.spend(1 + (j - i) // 2):
             break
         _slow(text, i, j, out, trans, marks)
     return out.result()

@@ -215,6 +215,8 @@ class Redactor:
         norm = normalize(joined, budget)
         bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
         res = self.scanner.scan(norm, budget, bounds)
+        if c.incomplete:
+            res.incomplete = True  # a JSON text was not read to its end
         if context:
             # What starts in a JSON key read as context is found in the key's own unit.
             res.found = [f for f in res.found

@@ -117,7 +117,9 @@ class Restorer:
         if isinstance(node, str):
             return self._string(node)
         if isinstance(node, dict):
-            return {k: self._node(v) for k, v in node.items()}
+            # Keys too: JSON keys of tool arguments and results are redacted.
+            return {(self.restore_text(k) if "[" in k else k): self._node(v)
+                    for k, v in node.items()}
         if isinstance(node, list):
             return [self._node(v) for v in node]
         return node

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from atp_extproc.redact.detectors import digits_context
+from atp_extproc.redact.detectors import card_ok, key_class, key_names_other
 
 Path = tuple[str | int, ...]
 
@@ -29,10 +29,11 @@ TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text"
 # holds a digit, and a number starts after none of its own characters.
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\r\n]*:)?'
                          r'|(?<![-+.eE0-9])-?[0-9][-+.eE0-9]{6,}|[\[\]{}]', re.S)
-# A key as words for the context rules ("cc_number", "ccNumber" → "cc number"), and as
-# much of it as they read (40 characters back).
-_KEY_WORDS = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])")
-_KEY_CONTEXT = 40
+# A JSON number that is an integer, maybe written with a zero fraction ("4111...1.0"):
+# its digits are read as the value.
+_JSON_INT = re.compile(r"([0-9]{7,})(?:\.0+)?\Z")
+# The label read before a value whose key names a class.
+_CONTEXT = {"phone": "phone: ", "card": "card: ", "ssn": "ssn: ", "msisdn": "msisdn: "}
 _JSON_WS = " \t\r\n"
 _scanstring = json.decoder.scanstring
 
@@ -82,6 +83,12 @@ class Collector:
     def __init__(self) -> None:
         self.units: list[list[Segment]] = []
         self.non_text = 0
+        # Work units (detectors.Budget's) spent collecting, two per distinct JSON key,
+        # and the most it may spend (as much as a scan's budget, growing with the JSON
+        # texts); past it the rest of a JSON text is not read and the scan is incomplete.
+        self.spent = 0
+        self.limit = 20_000
+        self.incomplete = False
         # Paths already taken; only needed once config adds paths that may repeat the
         # default ones, so the default walk does not pay for it.
         self._seen: set[Path] | None = None
@@ -126,20 +133,26 @@ class Collector:
             return
         if self._seen is not None:
             self._seen.add(path)
+        self.limit += len(raw) // 16
         args = JsonArgs(path, raw)
         tokens = args.tokens
         units = self.units
-        # The key the next value belongs to, as words, and whether it names a class found
-        # in digits; the same for each enclosing container (an array's items get the
-        # array's key). Numbers elsewhere are ids, amounts, sizes and times: reading them
-        # all would cost much and misfire often (a random 10-digit id is as often as not a
-        # valid phone number).
-        key, numbers = "", False
-        outer: list[tuple[str, bool]] = []
-        # Arrays of records repeat their keys and many values: each (key, text) is read
+        # The class (phone, card, ssn) the key of the next value names, and the one an
+        # enclosing key named, which a nested object's neutral keys inherit
+        # ({"phone": {"number": ...}}); an array's items get the array's key. Numbers
+        # under no such key are ids, amounts, sizes and times: reading them all would cost
+        # much and misfire often (a random 10-digit id is as often as not a valid phone
+        # number), but one that is a valid card number is one wherever it is.
+        # None: a neutral key; "": a key naming something else than the value ("phone_id",
+        # "ts", "amount"), whose numbers are not read at all.
+        cls: str | None = None
+        inherit: str | None = None
+        key = ""
+        outer: list[tuple[str | None, str | None]] = []
+        # Arrays of records repeat their keys and many values: each (class, text) is read
         # once, by the segment of its first token, which lists the others.
-        keys: dict[str, tuple[str, bool, Segment]] = {}
-        seen: dict[tuple[str, str], Segment] = {}
+        keys: dict[str, tuple[str | None, Segment]] = {}
+        seen: dict[tuple[str | None, str], Segment] = {}
         for m in _JSON_TOKEN.finditer(raw):
             s, e = m.span()
             first = raw[s]
@@ -152,42 +165,64 @@ class Collector:
                     value = _scanstring(raw, s + 1)[0]
                 if is_key:  # keys are read too ({"alice@example.com": ...}), no context
                     if not value:
-                        key, numbers = "", False
+                        cls, key = inherit, ""
                         continue
                     tokens.append((s, e))
                     known = keys.get(value)
                     if known is None:
-                        words = _KEY_WORDS.sub(" ", value).strip()[-_KEY_CONTEXT:]
+                        # A new key costs two units (looked at, then a unit to scan).
+                        self.spent += 2
+                        if self.spent > self.limit:
+                            self.incomplete = True
+                            tokens.pop()
+                            break
                         seg = Segment(value, None, args, len(tokens) - 1)
-                        known = keys[value] = (words, digits_context(words), seg)
+                        known = keys[value] = (key_class(value), seg)
                         units.append([seg])
                     else:
-                        known[2].repeat(len(tokens) - 1)
-                    key, numbers = known[0], known[1]
+                        known[1].repeat(len(tokens) - 1)
+                    own = known[0]
+                    cls = inherit if own is None else own
+                    key = value
                     continue
                 if not value:
                     continue
             elif first in "{[":
-                outer.append((key, numbers))
+                outer.append((cls, inherit))
+                inherit = cls
                 if first == "{":
-                    key, numbers = "", False
+                    cls = None
                 continue
             elif first in "}]":
-                key, numbers = outer.pop()
+                cls, inherit = outer.pop()
                 continue
-            elif numbers:
-                value = raw[s:e]
             else:
-                continue  # a number under a key that names nothing found in digits
+                value = raw[s:e]
+                if cls == "":
+                    continue  # an id, count, amount, time ... ("card_id", "ts")
+                if cls is None:
+                    # Under a neutral key a card number is still one: brand and Luhn are
+                    # checks strong enough ("4111111111111111", "4111111111111111.0").
+                    digits = _JSON_INT.match(value)
+                    if (digits is None or not card_ok(digits.group(1))
+                            or key_names_other(key)):
+                        continue
+                    value = digits.group(1)
+                else:
+                    digits = _JSON_INT.match(value)
+                    if digits is not None:
+                        value = digits.group(1)
             tokens.append((s, e))
-            seg = seen.get((key, value))
+            seg = seen.get((cls, value))
             if seg is not None:
                 seg.repeat(len(tokens) - 1)
                 continue
-            seg = seen[key, value] = Segment(value, None, args, len(tokens) - 1)
-            # The key first, as a label would be in prose ("ssn: 123456789"), so the
-            # detectors' context words apply; an array's items get the array's key.
-            units.append([Segment(f"{key}: "), seg] if key else [seg])
+            seg = seen[cls, value] = Segment(value, None, args, len(tokens) - 1)
+            # The class a key names first, as a label would be in prose ("ssn: 123456789"),
+            # so the detectors' context words apply. Only then: any other key is no more
+            # than a neutral label, and some ("customer", "ref", "build") would read as
+            # an identifier's and hide a value plain text would show.
+            units.append([Segment(_CONTEXT[cls]), seg] if cls else [seg])
 
     def anything(self, path: Path, node: Any) -> None:
         """Every string value under `node` (extra paths from config)."""
@@ -324,12 +359,15 @@ _RESPONSES_NON_TEXT = frozenset({"input_image", "input_file", "input_audio", "im
 # reads back, besides `content`, `arguments` and `output`, which every item gets.
 _ITEM_FIELDS: dict[str, tuple[Path, ...]] = {
     "file_search_call": (("queries",), ("results", "*", "text")),
-    "web_search_call": (("action", "query"), ("action", "queries"), ("action", "pattern")),
+    "web_search_call": (("action", "query"), ("action", "queries"), ("action", "pattern"),
+                        ("action", "url")),
     "local_shell_call": (("action", "command"), ("action", "env", "*"),
                          ("action", "working_directory")),
     "shell_call": (("action", "commands"),),
-    "code_interpreter_call": (("code",),),
+    "shell_call_output": (("output", "*", "stdout"), ("output", "*", "stderr")),
+    "code_interpreter_call": (("code",), ("outputs", "*", "logs")),
     "apply_patch_call": (("operation", "diff"),),
+    "mcp_call": (("error",),),
 }
 
 
@@ -391,8 +429,8 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
                     c.json_text((*base, "output"), output)
                 else:
                     c.text((*base, "output"), output)
-            elif isinstance(output, list):
-                _content(c, (*base, "output"), output)
+            elif isinstance(output, list) and kind != "shell_call_output":
+                _content(c, (*base, "output"), output)  # (shell output: _ITEM_FIELDS)
             elif isinstance(output, dict):
                 _content(c, (*base, "output"), [output])
             summary = item.get("summary")
