@@ -333,11 +333,12 @@ def _check_messages(messages: Any) -> None:
 
 
 def tool_name(tool: Any) -> str | None:
-    """A declared tool's name: `function.name` (Chat Completions) or `name` (Responses);
-    None for a built-in tool (web_search, file_search ...), which has only a type."""
+    """A declared tool's name: `function.name` or `custom.name` (Chat Completions) or
+    `name` (Responses); None for a built-in tool (web_search, file_search ...), which has
+    only a type. Also the name a tool_choice forces, which has the same shape."""
     if not isinstance(tool, dict):
         return None
-    fn = tool.get("function")
+    fn = tool.get("function") or tool.get("custom")
     name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
     return name if isinstance(name, str) else None
 

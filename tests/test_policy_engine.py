@@ -604,3 +604,34 @@ def test_example_policies_refuse_what_the_caps_hid():
                                doc={"messages": [{"role": "assistant", "tool_calls": calls}]})
     assert "shell" not in a.request.tools
     assert ps.evaluate(a, [SMALL]).denied.policy_id == "limits.truncated"
+
+
+MCP = {"type": "mcp", "server_label": "deepwiki", "server_url": "https://mcp.example"}
+FORCE_MCP = {"type": "mcp", "server_label": "deepwiki", "name": "ask_question"}
+
+
+@pytest.mark.parametrize(("tools", "choice", "stripped", "expected"), [
+    # A forced MCP tool goes with its server, which policies know as "mcp".
+    ([MCP, {"type": "function", "name": "f"}], FORCE_MCP, "mcp", "refused"),
+    # ... and a function of the same name being stripped leaves it alone.
+    ([MCP, {"type": "function", "name": "ask_question"}], FORCE_MCP, "ask_question",
+     FORCE_MCP),
+    # Chat custom tools go by custom.name, in tools and in tool_choice alike.
+    ([{"type": "custom", "custom": {"name": "x"}},
+      {"type": "function", "function": {"name": "b"}}],
+     {"type": "custom", "custom": {"name": "x"}}, "x", "refused"),
+])
+def test_tool_choice_follows_the_tool_policies_strip(tools, choice, stripped, expected):
+    from atp_extproc.policy.runtime import (
+        ForcedToolStripped,
+        strip_tools,
+        tool_choice_without,
+    )
+
+    kept = strip_tools({"tools": tools}, [stripped])
+    assert kept is not None and len(kept) == 1
+    if expected == "refused":
+        with pytest.raises(ForcedToolStripped):
+            tool_choice_without(choice, [stripped], True)
+    else:
+        assert tool_choice_without(choice, [stripped], True) is expected

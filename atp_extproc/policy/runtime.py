@@ -218,8 +218,12 @@ def tool_choice_without(choice: Any, names: Iterable[str], tools_left: bool) -> 
         if choice == "required" and not tools_left:
             raise ForcedToolStripped
         return choice if tools_left else None
-    if choice.get("type") != "allowed_tools":
-        if _named(choice, drop) or not tools_left:
+    kind = choice.get("type")
+    if kind != "allowed_tools":
+        # A forced MCP choice names a tool of the server, while the server's entry in
+        # `tools` (what policies strip) has no name and goes by its type.
+        forced = kind in drop if kind == "mcp" else _named(choice, drop)
+        if forced or not tools_left:
             raise ForcedToolStripped
         return choice
     # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
