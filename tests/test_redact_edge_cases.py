@@ -5,12 +5,11 @@ and SSE restore (flush events, n > 1 choices, JSON answers)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from atp_extproc.redact import PlaceholderMap, RedactionSettings, Redactor, Restorer, restore
-from atp_extproc.redact.detectors import Budget
+from atp_extproc.redact.detectors import _CARD_CTX, _POS_CTX, _SSN_CTX, Budget, key_class
 from atp_extproc.redact.normalize import normalize
 
 E = "alice@example.com"
@@ -190,10 +189,8 @@ def test_tab_newline_return_and_nul_are_kept():
 def test_long_slow_runs_exhaust_the_budget(redactor, unit):
     text = unit * 400_000 + " a%40b"  # the escape takes ASCII text off the fast path
     budget = Budget.for_text(len(text))
-    t0 = time.perf_counter()
     normalize(text, budget)
     assert budget.exhausted
-    assert time.perf_counter() - t0 < 0.25  # refused up front, not walked
     res = redactor.redact("chat", chat(text + " a@b.co"), "t")
     assert res.incomplete and res.denied == ("scan_incomplete",)
 
@@ -441,8 +438,8 @@ def test_json_numbers_under_keys_that_only_contain_a_class_word(redactor, args):
     ('{"ssn": {"value": 123456789}}', "ssn"),
     ('{"card": 4111111111111111.0}', "card"),
     ('{"msisdn": 447911123456}', "phone"),
-    ('{"value": 4111111111111111}', "card"),
-    ('{"x": [5500005555555559]}', "card")])
+    ('{"payment": {"value": 4111111111111111}}', "card"),
+    ('{"cards": [5500005555555559]}', "card")])
 def test_json_numbers_nested_under_a_class_key(redactor, args, cls):
     res = redactor.redact("chat", _tool_doc(args), "t")
     assert res.counts == {cls: 2}
@@ -452,9 +449,7 @@ def test_json_numbers_nested_under_a_class_key(redactor, args, cls):
 
 def test_many_distinct_json_keys_are_budgeted(redactor):
     args = "{" + ",".join(f'"{i:x}":0' for i in range(300_000)) + "}"
-    t = time.perf_counter()
     res = redactor.redact("chat", _tool_doc(args), "t")
-    assert time.perf_counter() - t < 10
     assert res.incomplete and "scan_incomplete" in res.denied
 
 
@@ -494,3 +489,98 @@ def test_responses_tool_items_read_back_are_scanned(redactor):
     res = redactor.redact("responses", doc, "t")
     assert res.counts == {"email": 5} and res.non_text_parts == 0
     assert "@example.com" not in json.dumps(res.fields["input"])
+
+
+# -- review 3: class keys the old context words named; keys budgeted per request; numbers
+# under neutral keys are not read ---------------------------------------------------------
+
+# A key for each word of the old `digits_context` (_POS_CTX, _CARD_CTX, _SSN_CTX on the
+# key as words), as tools spell them.
+_OLD_CONTEXT_KEYS = (
+    "phone", "phone_number", "tel", "mobile", "mobileNumber", "cell", "cell_phone", "fax",
+    "call", "callback_number", "whatsapp", "sms", "contact", "contact_number",
+    "emergencyContact", "reach", "reach_number", "dial", "telefon", "telephone", "téléphone",
+    "handy", "portable", "celular", "cellulare", "numero", "número", "card", "card_number",
+    "karte", "carte", "tarjeta", "cartao", "cartão", "visa", "mastercard", "amex", "maestro",
+    "credit_card", "credit", "debit", "debit_card", "cc", "cc_number", "pan", "pay",
+    "payment", "ssn", "ssn_number", "social_security", "socSecNo", "taxpayer",
+    "taxpayer_id", "taxpayerId", "tin", "itin", "tax_id")
+
+
+@pytest.mark.parametrize("key", _OLD_CONTEXT_KEYS)
+def test_keys_the_old_context_words_named_still_name_a_class(key):
+    if key != "tax_id":  # (the old words missed it)
+        words = "".join(f" {c.lower()}" if c.isupper() else c for c in key.replace("_", " "))
+        assert _CARD_CTX.search(words) or _POS_CTX.search(words) or _SSN_CTX.search(words)
+    assert key_class(key), key
+
+
+@pytest.mark.parametrize("args,cls", [
+    ('{"taxpayer_id": 123456789}', "ssn"), ('{"tin": 123456789}', "ssn"),
+    ('{"tin": "123456789"}', "ssn"), ('{"taxpayer_id": "123456789"}', "ssn"),
+    ('{"contact": 4155552671}', "phone"), ('{"contact_number": 4155552671}', "phone"),
+    ('{"callback_number": 4155552671}', "phone"), ('{"dial": 4155552671}', "phone"),
+    ('{"e164": 447911123456}', "phone"), ('{"e164": "447911123456"}', "phone"),
+    ('{"E.164": 447911123456}', "phone"), ('{"numero": 4155552671}', "phone")])
+def test_json_keys_naming_ssn_and_phone(redactor, args, cls):
+    assert redactor.redact("chat", _tool_doc(args), "t").counts == {cls: 2}
+
+
+@pytest.mark.parametrize("key", ["phone_id", "call_id", "contact_id", "card_count",
+                                 "cardinality", "payment_amount", "phone_last_seen"])
+def test_keys_naming_something_else_still_do(key):
+    assert not key_class(key)
+
+
+def _map(n: int, seed: int) -> dict[str, int]:
+    import random
+    rnd = random.Random(seed)
+    words: set[str] = set()
+    while len(words) < n:
+        words.add("".join(rnd.choice("abcdefghijklmnop") for _ in range(rnd.randint(4, 10))))
+    return {w: rnd.randint(1, 999) for w in sorted(words)}
+
+
+def test_keys_are_budgeted_per_request_not_per_json_text(redactor):
+    # The same word->count map re-sent each turn: its keys are read once.
+    doc = {"model": "m", "messages": [{"role": "user", "content": "poll"}]}
+    words = list(_map(4000, 5))
+    for j in range(6):
+        res = json.dumps({w: (j * 7 + i) % 999 + 1 for i, w in enumerate(words)})
+        doc["messages"] += [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"c{j}", "type": "function",
+                 "function": {"name": "counts", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": f"c{j}", "content": res}]
+    r = redactor.redact("chat", doc, "t")
+    assert not r.incomplete and not r.denied
+
+
+@pytest.mark.parametrize("n,both", [(14_000, True), (20_000, False)])
+def test_large_word_count_maps_are_read_to_the_end(redactor, n, both):
+    args = json.dumps(_map(n, 3))
+    doc = _tool_doc(args) if both else {"model": "m", "messages": [
+        {"role": "tool", "tool_call_id": "c1", "content": args}]}
+    r = redactor.redact("chat", doc, "t")
+    assert not r.incomplete and not r.denied
+
+
+def test_keys_seen_in_an_earlier_json_text_are_redacted_in_every_text(redactor):
+    doc = {"model": "m", "messages": [
+        {"role": "tool", "tool_call_id": "a", "content": json.dumps({E: 1, "x": 2})},
+        {"role": "tool", "tool_call_id": "b", "content": json.dumps({"y": {E: "owner"}})}]}
+    res = redactor.redact("chat", doc, "t")
+    assert res.counts == {"email": 2}
+    msgs = res.fields["messages"]
+    assert json.loads(msgs[0]["content"]) == {"[EMAIL_1]": 1, "x": 2}
+    assert json.loads(msgs[1]["content"]) == {"y": {"[EMAIL_1]": "owner"}}
+
+
+@pytest.mark.parametrize("args", [
+    '{"gtin": 5901234120008}', '{"ean": 5012345000004}', '{"sku": 4111111111111111}',
+    '{"isbn": 9780306406157}', '{"order_number": 5612000000007}',
+    '{"offset": 600000000007}', '{"checksum": 6000000000000000004}',
+    '{"seed": 4200000000000000}', '{"value": 4111111111111111}',
+    '{"x": [5500005555555559]}', '{"us": {"value": 4111111111111111}}'])
+def test_json_numbers_under_neutral_keys_are_not_read(redactor, args):
+    assert not redactor.redact("chat", _tool_doc(args), "t").fields

@@ -200,14 +200,17 @@ _KEY_CLASS_WORDS: dict[str, str] = {
         "phone", "phones", "phonenumber", "phoneno", "tel", "telephone", "telefon",
         "telefono", "telefone", "telephono", "mobile", "mobil", "mobilephone", "mobileno",
         "cell", "cellphone", "cellular", "fax", "whatsapp", "sms", "handy",
-        "portable", "celular", "cellulare", "landline", "tfn"), "phone"),
+        "portable", "celular", "cellulare", "landline", "tfn", "téléphone", "contact",
+        "contacts", "callback", "call", "caller", "dial", "reach", "numero", "número"),
+        "phone"),
     "msisdn": "msisdn", "e164": "msisdn",
     **dict.fromkeys((
         "card", "cards", "cardnumber", "cardno", "cardnum", "cc", "ccn", "ccnum", "ccnumber",
         "ccno", "pan", "creditcard", "debitcard", "visa", "mastercard", "amex", "maestro",
-        "karte", "kreditkarte", "carte", "tarjeta", "cartao", "cartão"), "card"),
-    **dict.fromkeys(("ssn", "ssns", "itin", "taxpayer", "socialsecurity",
-                     "socialsecuritynumber"), "ssn"),
+        "karte", "kreditkarte", "carte", "tarjeta", "cartao", "cartão", "credit", "debit",
+        "pay", "payment"), "card"),
+    **dict.fromkeys(("ssn", "ssns", "itin", "tin", "taxpayer", "taxid", "socialsecurity",
+                     "socialsecuritynumber", "socsec"), "ssn"),
 }
 # Words that make a key hold something else than the value itself, even with a class
 # word in it ("phone_id", "card_count", "mobile_last_seen", "call_started_at"): times,
@@ -222,8 +225,13 @@ _KEY_OTHER_WORDS = frozenset((
     "country", "region", "brand", "network", "bin", "iin", "level", "version", "score"))
 # Cheap first look: a key none of whose letters spell the start of a class word names none.
 _KEY_HINT = re.compile(r"(?i)ph|te|mob|cel|fax|msisdn|wh|sms|han|por|land|tfn|car|cc|pan|"
-                       r"visa|mast|amex|mae|kart|tarj|ssn|itin|tax|social")
+                       r"visa|mast|amex|mae|kart|tarj|ssn|tin|tax|soc|cont|cal|dial|reach|"
+                       r"n[uú]m|cred|deb|pay|e\.?164")
 _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
+# "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
+_KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
+# Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
+_KEY_ID_WORDS = frozenset(("id", "ids"))
 
 
 def key_class(key: str) -> str | None:
@@ -233,25 +241,29 @@ def key_class(key: str) -> str | None:
     None for any other key."""
     if _KEY_HINT.search(key) is None:
         return None
-    words = _KEY_SPLIT.sub(" ", key).lower().split()
+    words = _KEY_SPLIT.sub(" ", _KEY_E164.sub(" msisdn ", key)).lower().split()
     found = None
-    social = False
+    other = False  # only an id word ("taxpayer_id"): it names an SSN or TIN all the same
+    prev = ""
     for w in words:
-        if w in _KEY_OTHER_WORDS:
-            return ""
-        c = _KEY_CLASS_WORDS.get(w)
-        if c is not None:
-            found = c
-        elif w == "social":
-            social = True
-        elif w == "security" and social:
-            found = "ssn"
+        if w in _KEY_OTHER_WORDS and not (w == "sec" and prev == "soc"):
+            if w not in _KEY_ID_WORDS:
+                return ""
+            if prev == "tax":
+                found = "ssn"  # "tax_id"
+            other = True
+        else:
+            c = _KEY_CLASS_WORDS.get(w)
+            if c is not None:
+                found = c
+            elif ((w == "security" and prev == "social") or (w == "sec" and prev == "soc")
+                  or (prev == "tax" and w in ("no", "nr", "num", "number"))):
+                found = "ssn"
+        prev = w
+    if other and found != "ssn":
+        return ""
     return found
 
-
-def key_names_other(key: str) -> bool:
-    """Does a JSON key name something else than its value: an id, a count, a time ...?"""
-    return any(w in _KEY_OTHER_WORDS for w in _KEY_SPLIT.sub(" ", key).lower().split())
 
 # -- payment cards ------------------------------------------------------------------------
 

@@ -282,10 +282,9 @@ class Redactor:
                 assert seg.path is not None
                 edits[seg.path] = new
             else:
-                values = args_values.setdefault(seg.args, {})
-                values[seg.token] = new
-                for token in seg.more or ():
-                    values[token] = new
+                args_values.setdefault(seg.args, {})[seg.token] = new
+                for more_args, token in seg.more or ():
+                    args_values.setdefault(more_args, {})[token] = new
         for args, values in args_values.items():
             edits[args.path] = scope.splice_args(args, values)
         fields = scope.apply(doc, edits)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from atp_extproc.redact.detectors import card_ok, key_class, key_names_other
+from atp_extproc.redact.detectors import key_class
 
 Path = tuple[str | int, ...]
 
@@ -50,9 +50,10 @@ class JsonArgs:
 
 
 class Segment:
-    """Text at `path`, or token `token` of a JSON text (and the tokens in `more`, which
-    repeat it under the same key), or (neither) text read only as context for the segment
-    after it, never changed."""
+    """Text at `path`, or token `token` of a JSON text (and the (JSON text, token) pairs in
+    `more`, which repeat it: a value under the same key, or a key, in any JSON text of the
+    request), or (neither) text read only as context for the segment after it, never
+    changed."""
 
     __slots__ = ("args", "more", "path", "text", "token")
 
@@ -62,7 +63,7 @@ class Segment:
         self.path = path
         self.args = args
         self.token = token
-        self.more: list[int] | None = None
+        self.more: list[tuple[JsonArgs, int]] | None = None
 
     @property
     def context(self) -> bool:
@@ -72,23 +73,27 @@ class Segment:
     def copies(self) -> int:
         return 1 + len(self.more) if self.more else 1
 
-    def repeat(self, token: int) -> None:
-        """Token `token` of the same JSON text holds the same text under the same key."""
+    def repeat(self, args: JsonArgs, token: int) -> None:
+        """Token `token` of JSON text `args` holds the same text (under the same key)."""
         if self.more is None:
             self.more = []
-        self.more.append(token)
+        self.more.append((args, token))
 
 
 class Collector:
     def __init__(self) -> None:
         self.units: list[list[Segment]] = []
         self.non_text = 0
-        # Work units (detectors.Budget's) spent collecting, two per distinct JSON key,
-        # and the most it may spend (as much as a scan's budget, growing with the JSON
-        # texts); past it the rest of a JSON text is not read and the scan is incomplete.
+        # Work units (detectors.Budget's) spent collecting, one per distinct JSON key of
+        # the request, and the most it may spend (as much as a scan's budget, growing with
+        # the JSON texts); past it the rest of a JSON text is not read and the scan is
+        # incomplete.
         self.spent = 0
         self.limit = 20_000
         self.incomplete = False
+        # Every JSON key of the request, read once: its class and the segment of its
+        # first occurrence, which lists the others (records, turns repeating a result).
+        self._keys: dict[str, tuple[str | None, Segment]] = {}
         # Paths already taken; only needed once config adds paths that may repeat the
         # default ones, so the default walk does not pay for it.
         self._seen: set[Path] | None = None
@@ -140,18 +145,18 @@ class Collector:
         # The class (phone, card, ssn) the key of the next value names, and the one an
         # enclosing key named, which a nested object's neutral keys inherit
         # ({"phone": {"number": ...}}); an array's items get the array's key. Numbers
-        # under no such key are ids, amounts, sizes and times: reading them all would cost
-        # much and misfire often (a random 10-digit id is as often as not a valid phone
-        # number), but one that is a valid card number is one wherever it is.
-        # None: a neutral key; "": a key naming something else than the value ("phone_id",
-        # "ts", "amount"), whose numbers are not read at all.
+        # under no such key are ids, amounts, sizes, times, GTINs and order numbers:
+        # reading them would cost much and misfire often (a random 10-digit id is as
+        # often as not a valid phone number, a GTIN or a seed may pass Luhn), so they are
+        # not read. None: a neutral key; "": a key naming something else than the value
+        # ("phone_id", "ts", "amount").
         cls: str | None = None
         inherit: str | None = None
-        key = ""
         outer: list[tuple[str | None, str | None]] = []
-        # Arrays of records repeat their keys and many values: each (class, text) is read
-        # once, by the segment of its first token, which lists the others.
-        keys: dict[str, tuple[str | None, Segment]] = {}
+        # Arrays of records repeat their keys and many values: each key (in the whole
+        # request) and each (class, text) is read once, by the segment of its first
+        # token, which lists the others.
+        keys = self._keys
         seen: dict[tuple[str | None, str], Segment] = {}
         for m in _JSON_TOKEN.finditer(raw):
             s, e = m.span()
@@ -165,13 +170,13 @@ class Collector:
                     value = _scanstring(raw, s + 1)[0]
                 if is_key:  # keys are read too ({"alice@example.com": ...}), no context
                     if not value:
-                        cls, key = inherit, ""
+                        cls = inherit
                         continue
                     tokens.append((s, e))
                     known = keys.get(value)
                     if known is None:
-                        # A new key costs two units (looked at, then a unit to scan).
-                        self.spent += 2
+                        # A key new to the request costs a unit (a unit to scan).
+                        self.spent += 1
                         if self.spent > self.limit:
                             self.incomplete = True
                             tokens.pop()
@@ -180,10 +185,9 @@ class Collector:
                         known = keys[value] = (key_class(value), seg)
                         units.append([seg])
                     else:
-                        known[1].repeat(len(tokens) - 1)
+                        known[1].repeat(args, len(tokens) - 1)
                     own = known[0]
                     cls = inherit if own is None else own
-                    key = value
                     continue
                 if not value:
                     continue
@@ -198,24 +202,15 @@ class Collector:
                 continue
             else:
                 value = raw[s:e]
-                if cls == "":
-                    continue  # an id, count, amount, time ... ("card_id", "ts")
-                if cls is None:
-                    # Under a neutral key a card number is still one: brand and Luhn are
-                    # checks strong enough ("4111111111111111", "4111111111111111.0").
-                    digits = _JSON_INT.match(value)
-                    if (digits is None or not card_ok(digits.group(1))
-                            or key_names_other(key)):
-                        continue
+                if not cls:
+                    continue  # an id, count, amount, time ... ("card_id", "ts", "gtin")
+                digits = _JSON_INT.match(value)
+                if digits is not None:
                     value = digits.group(1)
-                else:
-                    digits = _JSON_INT.match(value)
-                    if digits is not None:
-                        value = digits.group(1)
             tokens.append((s, e))
             seg = seen.get((cls, value))
             if seg is not None:
-                seg.repeat(len(tokens) - 1)
+                seg.repeat(args, len(tokens) - 1)
                 continue
             seg = seen[cls, value] = Segment(value, None, args, len(tokens) - 1)
             # The class a key names first, as a label would be in prose ("ssn: 123456789"),
