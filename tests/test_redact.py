@@ -259,13 +259,18 @@ def test_chat_scope(redactor):
     assert new["messages"][2]["content"][1] == doc["messages"][2]["content"][1]
 
 
+def redacted_arguments(r: Redactor, raw: str) -> tuple[Redaction, str]:
+    """An assistant tool call with arguments `raw`, redacted: (result, arguments sent)."""
+    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": raw}}]}]}
+    res = r.redact("chat", doc, "t")
+    return res, res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+
+
 def test_tool_call_arguments_stay_valid_json(redactor):
     raw = ('{\n  "to": "jane@example.com",\n  "cc": ["bob@example.org", 7],\n'
            '  "jane@example.com": true,\n  "note": "card 4111\\u00201111 1111 1111"\n}')
-    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": raw}}]}]}
-    res = redactor.redact("chat", doc, "t")
-    out = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    _, out = redacted_arguments(redactor, raw)
     parsed = json.loads(out)
     # keys are read too: the same address as a key gets the same placeholder
     assert parsed == {"to": "[EMAIL_1]", "cc": ["[EMAIL_2]", 7], "[EMAIL_1]": True,
@@ -277,10 +282,7 @@ def test_tool_call_arguments_stay_valid_json(redactor):
 def test_tool_argument_escapes_are_decoded_and_changed_values_re_encoded(redactor):
     raw = ('{"a": "mail jane\\u0040example.com \\"q\\" caf\\u00e9", "b": ["x\\ny"], '
            '"c": "bob@example.org"}')
-    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
-        {"id": "1", "type": "function", "function": {"name": "f", "arguments": raw}}]}]}
-    res = redactor.redact("chat", doc, "t")
-    out = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    res, out = redacted_arguments(redactor, raw)
     # Changed values are written again (without \u escapes), unchanged ones kept as they were.
     assert out == '{"a": "mail [EMAIL_1] \\"q\\" café", "b": ["x\\ny"], "c": "[EMAIL_2]"}'
     assert res.mapping.get("[EMAIL_1]") == "jane@example.com"
@@ -293,11 +295,7 @@ def test_splice_replaces_spans_given_in_any_order():
 
 
 def test_invalid_tool_arguments_scanned_as_text(redactor):
-    doc = {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
-        {"id": "1", "type": "function",
-         "function": {"name": "f", "arguments": '{"to": "a@b.com'}}]}]}
-    res = redactor.redact("chat", doc, "t")
-    args = res.fields["messages"][0]["tool_calls"][0]["function"]["arguments"]
+    _, args = redacted_arguments(redactor, '{"to": "a@b.com')
     assert args == '{"to": "[EMAIL_1]'
 
 

@@ -545,7 +545,7 @@ def _number(cc: int, nsn: str) -> PhoneNumber:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def _utf8_safe(text: str) -> str:
+def utf8_safe(text: str) -> str:
     """`text` as pyre2 can take it. pyre2 encodes a str as strict UTF-8, and lone
     surrogates do get here (a JSON body may escape them; normalize keeps them): each
     becomes U+FFFD, one character for one, so offsets hold."""
@@ -620,7 +620,7 @@ class Scanner:
         custom_hits: list[int] | None = None
         ctext = text
         if self.customs:
-            ctext = _utf8_safe(text)
+            ctext = utf8_safe(text)
             if self._custom_set is None:
                 custom_hits = list(range(len(self.customs)))
             else:

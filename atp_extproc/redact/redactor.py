@@ -156,7 +156,6 @@ class Redactor:
         warm()
         self.scanner = Scanner(settings)
         self._actions = {c: settings.action_for(c) for c in settings.classes}
-        self._labels = {c: c.upper() for c in settings.classes}
         self._extra = [parse_path(p) for p in settings.extra_paths]
         self._refuse_incomplete = settings.on_incomplete == "deny"
         self._master: bytes | None = None
@@ -217,10 +216,14 @@ class Redactor:
         res = self.scanner.scan(norm, budget, bounds)
         if c.incomplete:
             res.incomplete = True  # a JSON text was not read to its end
+
+        def seg_of(start: int) -> scope.Segment:
+            """The segment the original offset `start` falls in."""
+            return segs[bisect_right(starts, start) - 1]
+
         if context:
             # What starts in a JSON key read as context is found in the key's own unit.
-            res.found = [f for f in res.found
-                         if not segs[bisect_right(starts, norm.orig_start(f.start)) - 1].context]
+            res.found = [f for f in res.found if not seg_of(norm.orig_start(f.start)).context]
         non_text = c.non_text + res.data_uris
         refuse = (INCOMPLETE,) if res.incomplete and self._refuse_incomplete else ()
         if not res.found:
@@ -232,8 +235,7 @@ class Redactor:
             # The request will be refused: count what was found, build nothing.
             counts: dict[str, int] = {}
             for f in res.found:
-                seg = segs[bisect_right(starts, norm.orig_start(f.start)) - 1]
-                counts[f.cls] = counts.get(f.cls, 0) + seg.copies
+                counts[f.cls] = counts.get(f.cls, 0) + seg_of(norm.orig_start(f.start)).copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
                              non_text_parts=non_text, incomplete=True)
@@ -305,7 +307,7 @@ class Redactor:
 
     def _token(self, cls: str, value: str, action: str, tenant: str,
                numbers: dict[str, int], reserved: set[str]) -> str:
-        label = self._labels[cls]
+        label = cls.upper()
         if action == "hash":
             # surrogatepass: a lone surrogate from the JSON body may be part of a value.
             digest = hmac.new(self._tenant_key(tenant),

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from atp_extproc.redact.detectors import PLACEHOLDER
+from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
 _TOKEN = re.compile(PLACEHOLDER)
@@ -40,7 +40,6 @@ _MAX_PENDING_EVENT = 4 << 20
 _TERMINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
 # Where a Responses event is, as in the carry keys' first element (after the event type).
 _POSITION = ("item_id", "output_index", "content_index")
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 # A carry key: (event type and position, logical path of the field).
 Key = tuple[tuple, tuple]
@@ -62,8 +61,7 @@ class Restorer:
     def __init__(self, mapping: PlaceholderMap):
         # A lone surrogate (a request may escape one; redaction keeps it) has no UTF-8
         # form: the client gets U+FFFD in its place.
-        self._map: dict[str, str] = {k: _SURROGATES.sub("\ufffd", v)
-                                     for k, v in mapping.items()}
+        self._map: dict[str, str] = {k: utf8_safe(v) for k, v in mapping.items()}
         self._bytes = {k.encode(): v.encode() for k, v in self._map.items()}
         self._escaped = {k.encode(): _json_escape(v).encode() for k, v in self._map.items()}
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
@@ -226,8 +224,7 @@ class Restorer:
         ends = _finishes(obj)
         ctx: tuple = (None, None, None, None)
         if isinstance(obj, dict):
-            ctx = (obj.get("type"), obj.get("item_id"), obj.get("output_index"),
-                   obj.get("content_index"))
+            ctx = (obj.get("type"), *map(obj.get, _POSITION))
         changed = False
         new_holds: list[Key] = []
 

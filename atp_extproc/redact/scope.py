@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from atp_extproc.redact.detectors import key_class
+from atp_extproc.redact.detectors import Budget, key_class
 
 Path = tuple[str | int, ...]
 
@@ -32,8 +32,6 @@ _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\r\n]*:)?'
 # A JSON number that is an integer, maybe written with a zero fraction ("4111...1.0"):
 # its digits are read as the value.
 _JSON_INT = re.compile(r"([0-9]{7,})(?:\.0+)?\Z")
-# The label read before a value whose key names a class.
-_CONTEXT = {"phone": "phone: ", "card": "card: ", "ssn": "ssn: ", "msisdn": "msisdn: "}
 _JSON_WS = " \t\r\n"
 _scanstring = json.decoder.scanstring
 
@@ -84,12 +82,10 @@ class Collector:
     def __init__(self) -> None:
         self.units: list[list[Segment]] = []
         self.non_text = 0
-        # Work units (detectors.Budget's) spent collecting, one per distinct JSON key of
-        # the request, and the most it may spend (as much as a scan's budget, growing with
-        # the JSON texts); past it the rest of a JSON text is not read and the scan is
-        # incomplete.
-        self.spent = 0
-        self.limit = 20_000
+        # Work units for collecting, one per distinct JSON key of the request: as much as
+        # a scan's budget, growing with the JSON texts; past it the rest of a JSON text
+        # is not read and the scan is incomplete.
+        self.budget = Budget.for_text(0)
         self.incomplete = False
         # Every JSON key of the request, read once: its class and the segment of its
         # first occurrence, which lists the others (records, turns repeating a result).
@@ -138,7 +134,7 @@ class Collector:
             return
         if self._seen is not None:
             self._seen.add(path)
-        self.limit += len(raw) // 16
+        self.budget.left += len(raw) // 16
         args = JsonArgs(path, raw)
         tokens = args.tokens
         units = self.units
@@ -176,8 +172,7 @@ class Collector:
                     known = keys.get(value)
                     if known is None:
                         # A key new to the request costs a unit (a unit to scan).
-                        self.spent += 1
-                        if self.spent > self.limit:
+                        if not self.budget.spend():
                             self.incomplete = True
                             tokens.pop()
                             break
@@ -217,7 +212,7 @@ class Collector:
             # so the detectors' context words apply. Only then: any other key is no more
             # than a neutral label, and some ("customer", "ref", "build") would read as
             # an identifier's and hide a value plain text would show.
-            units.append([Segment(_CONTEXT[cls]), seg] if cls else [seg])
+            units.append([Segment(f"{cls}: "), seg] if cls else [seg])
 
     def anything(self, path: Path, node: Any) -> None:
         """Every string value under `node` (extra paths from config)."""
