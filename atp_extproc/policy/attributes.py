@@ -542,7 +542,7 @@ def request_from_body(operation: str,
     """
     out: dict[str, Any] = {"operation": operation}
     details: dict[str, dict[str, Any]] = {}
-    truncated: list[str] = []
+    cut = _Cut()
     tools = doc.get("tools")
     declared_count = 0
     if isinstance(tools, list):
@@ -563,10 +563,10 @@ def request_from_body(operation: str,
             if isinstance(props, dict):
                 entry["parameters"] = list(islice(props, MAX_LIST))
                 if len(props) > MAX_LIST:
-                    _note(truncated, "request.tool_details.parameters")
+                    cut.note("request.tool_details.parameters")
         if len(tools) > MAX_LIST:
-            truncated.append("request.tools")
-    _history_calls(operation, doc, details, truncated)
+            cut.note("request.tools")
+    _history_calls(operation, doc, details, cut)
     if details:
         out["tool_details"] = list(details.values())
         out["tools"] = list(details)
@@ -594,7 +594,7 @@ def request_from_body(operation: str,
     stream = doc.get("stream")
     if isinstance(stream, bool):
         out["stream"] = stream
-    return out, truncated
+    return out, cut.paths
 
 
 def tool_key(tool: dict[str, Any]) -> str:
@@ -609,13 +609,13 @@ def tool_key(tool: dict[str, Any]) -> str:
 
 
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
-                   truncated: list[str]) -> None:
+                   cut: _Cut) -> None:
     items = doc.get("messages") if operation == "chat" else doc.get("input")
     if not isinstance(items, list):
         return
     start = max(0, len(items) - MAX_HISTORY_SCAN)
     if start:
-        truncated.append("request.tool_details")
+        cut.note("request.tool_details")
     seen_args: set[str] = set()
     # Newest first: the latest call of each tool gives its arguments.
     for i in range(len(items) - 1, start - 1, -1):
@@ -625,7 +625,7 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         calls: list[tuple[Any, Any]] = []
         if isinstance(item.get("tool_calls"), list):
             if len(item["tool_calls"]) > MAX_LIST:
-                _note(truncated, "request.tool_details")
+                cut.note("request.tool_details")
             for call in islice(item["tool_calls"], MAX_LIST):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
@@ -637,41 +637,36 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 continue
             if name not in details:
                 if len(details) >= MAX_LIST:
-                    _note(truncated, "request.tool_details")
+                    cut.note("request.tool_details")
                     continue
                 details[name] = {"name": name, "type": "function", "declared": False}
             entry = details[name]
             entry["called"] = True
             if name not in seen_args:
                 seen_args.add(name)
-                entry["arguments"] = _arguments(arguments, truncated)
+                entry["arguments"] = _arguments(arguments, cut)
 
 
-def _arguments(arguments: Any, truncated: list[str]) -> dict[str, Any]:
+def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
     """The scalar arguments of one call; arguments it cannot read whole (too long, too
     deep, too many) are noted as cut, so a policy on them can refuse the request."""
     if isinstance(arguments, str):
         if len(arguments) > MAX_ARGUMENTS_JSON:
-            _note(truncated, "request.tool_details.arguments")
+            cut.note("request.tool_details.arguments")
             return {}
         try:
             arguments = json.loads(arguments)
         except RecursionError:
-            _note(truncated, "request.tool_details.arguments")
+            cut.note("request.tool_details.arguments")
             return {}
         except ValueError:
             return {}  # not JSON: there are no arguments to read
     if not isinstance(arguments, dict):
         return {}
     if len(arguments) > MAX_TOOL_ARGUMENTS:
-        _note(truncated, "request.tool_details.arguments")
+        cut.note("request.tool_details.arguments")
     return {k: v for k, v in islice(arguments.items(), MAX_TOOL_ARGUMENTS)
             if isinstance(v, (str, int, float, bool))}
-
-
-def _note(truncated: list[str], path: str) -> None:
-    if path not in truncated:
-        truncated.append(path)
 
 
 def safe_name(name: str, index: int) -> str:
