@@ -182,6 +182,19 @@ def test_candidate_from_config_model():
         "large", "demo_b", "external", "local")
 
 
+@pytest.mark.parametrize(("choice", "seen"), [
+    ({"type": "function", "function": {"name": "a"}}, "a"),
+    ({"type": "function", "name": "a"}, "a"),
+    # A chat custom tool goes by custom.name, as in tools and as stripping matches it.
+    ({"type": "custom", "custom": {"name": "z"}}, "z"),
+    ({"type": "web_search_preview"}, "web_search_preview"),
+    ("required", "required"),
+])
+def test_tool_choice_is_seen_by_the_name_of_the_tool_it_forces(choice, seen):
+    fields, _ = request_from_body("chat", {"messages": [], "tool_choice": choice})
+    assert fields["tool_choice"] == seen
+
+
 def test_request_from_chat_body():
     doc = {
         "model": "gpt-4o", "max_completion_tokens": 300, "metadata": {"app": "crm"},

@@ -575,9 +575,8 @@ def request_from_body(operation: str,
     if isinstance(choice, str):
         out["tool_choice"] = choice
     elif isinstance(choice, dict):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
-        out["tool_choice"] = name if isinstance(name, str) else str(choice.get("type", ""))
+        name = tool_name(choice)
+        out["tool_choice"] = name if name is not None else str(choice.get("type", ""))
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = doc.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
