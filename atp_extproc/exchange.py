@@ -153,8 +153,8 @@ class Exchange:
         self.sse: SseStream | None = None
         self._response_body = bytearray()
         # A JSON answer Envoy cannot buffer (no length, or over max_body_bytes) comes in
-        # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits.
-        self._json_streamed = False
+        # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits;
+        # past that bound it goes on unread.
         self._json_overflow = False
         self._finished = False
 
@@ -539,7 +539,6 @@ class Exchange:
                 mode = ProcessingMode.BUFFERED
             else:
                 mode = ProcessingMode.STREAMED
-                self._json_streamed = True
             return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
         return envoy_api.response_headers()
 
@@ -553,19 +552,13 @@ class Exchange:
             if replacement is None and self.restorer is not None:
                 replacement = data
             return envoy_api.response_body(replacement)
-        if self._json_streamed:
-            return self._on_json_chunk(body_msg.body, end)
-        self._response_body += body_msg.body
-        if self.restorer is not None and end:
-            restored = self.restorer.restore_json(bytes(self._response_body))
-            self.record.restored = restored is not None
-            return envoy_api.response_body(restored)
-        return envoy_api.response_body()
+        return self._on_json_chunk(body_msg.body, end)
 
     def _on_json_chunk(self, chunk: bytes, end: bool) -> ProcessingResponse:
-        """A STREAMED JSON answer: kept for usage up to max_body_bytes. With a restore
-        pending, chunks are held back and the restored body goes out with the last one;
-        past the bound, what is held goes on as it came (usage is then estimated)."""
+        """A JSON answer, BUFFERED (one message) or STREAMED: kept for usage up to
+        max_body_bytes. With a restore pending, chunks are held back and the restored body
+        goes out with the last one; past the bound, what is held goes on as it came (usage
+        is then estimated)."""
         if self._json_overflow:
             return envoy_api.response_body()
         held = self._response_body
@@ -582,7 +575,9 @@ class Exchange:
         body = bytes(held)
         restored = self.restorer.restore_json(body)
         self.record.restored = restored is not None
-        return envoy_api.response_body(body if restored is None else restored)
+        if restored is None and len(body) != len(chunk):
+            restored = body  # what was held back goes on as it came
+        return envoy_api.response_body(restored)
 
     # -- end -----------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
@@ -322,15 +322,16 @@ class CompiledPolicy:
     # The decision recorded when the effect applies (deny / would_deny, strip ...).
     applied_decision: str = ""
     classes_sorted: tuple[str, ...] = ()
-    # Set once from mode and effect so combining need not work them out per pattern:
-    # whether its hits count, and its decision where it matched nowhere.
-    enforced: bool = field(init=False)
-    idle_decision: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "enforced", self.mode == "enforce")
-        object.__setattr__(self, "idle_decision",
-                           "no_match" if self.effect == "allow" else "allow")
+    @property
+    def enforced(self) -> bool:
+        """Whether its hits count (dry-run hits only feed would_deny)."""
+        return self.mode == "enforce"
+
+    @property
+    def idle_decision(self) -> str:
+        """Its decision where it matched nowhere."""
+        return "no_match" if self.effect == "allow" else "allow"
 
     @property
     def expression(self) -> str:
