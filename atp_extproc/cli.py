@@ -96,7 +96,7 @@ def _stack(args: argparse.Namespace) -> int:
                   f"see {workdir / (name + '.log')}. Stopping the rest.", file=sys.stderr)
         code = 1
     except _StopSignal:
-        code = 0
+        pass  # stopped as asked: exit 0
     except PortBusyError as exc:
         print(f"atp-extproc stack: not starting: {exc}", file=sys.stderr)
         code = 2

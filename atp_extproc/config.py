@@ -214,7 +214,8 @@ class Snapshot:
         default_factory=dict, repr=False)
     # Files whose change means a reload: atp.yaml and the policy files it includes.
     files: tuple[str, ...] = ()
-    # policy.include as absolute globs: a file that starts matching one is a reload too.
+    # policy.include as absolute globs (the loader's): a file that starts matching one is
+    # a reload too.
     include_globs: tuple[str, ...] = ()
     redactor: Redactor | None = field(default=None, repr=False)
 
@@ -375,8 +376,7 @@ def _parse(text: str, source: str) -> Snapshot:
             (route.name, alias): tuple(CandidateInfo.from_model(models[n]) for n in names)
             for route in doc.routes for alias, names in route.aliases.items()}),
         files=tuple(loaded.files),
-        include_globs=tuple(str(Path(source).resolve().parent / pattern)
-                            for pattern in loaded.settings.include),
+        include_globs=loaded.include_globs,
         redactor=redactor,
     )
 

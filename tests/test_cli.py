@@ -143,7 +143,6 @@ def stack_command(tmp_path: Path) -> Iterator[StackCommand]:
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc")
     command = StackCommand(tmp_path)
-    pids: list[int] = []
     try:
         yield command
     finally:

@@ -456,7 +456,7 @@ def test_no_idle_timeout_cuts_a_route_before_its_timeout(path: Path) -> None:
 
 
 def test_every_ext_proc_has_the_same_message_timeout() -> None:
-    """One measured figure (test_message_timeout_covers_the_worst_body), everywhere."""
+    """One measured figure (make bench checks it: bench.components.worst_body), everywhere."""
     expected = ext_proc_filters(load_yaml(FRONT_PROXY))[0]["message_timeout"]
     for path in ENVOY_CONFIGS:
         for ext_proc in ext_proc_filters(load_yaml(path)):

@@ -244,6 +244,9 @@ class LoadedPolicies:
     problems: tuple[Problem, ...]
     # Raw atp.yaml sections other checks use (models for candidates, redaction switch).
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    # policy.include as the absolute globs read: a file that starts matching one is a
+    # change too.
+    include_globs: tuple[str, ...] = ()
 
 
 def _policies_from(doc: Any, file: str, key_path: str) -> tuple[list[SourcedPolicy],
@@ -328,9 +331,10 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
     found, more = _policies_from(doc.get("policies"), file, "policies")
     policies += found
     problems += more
-    for i, pattern in enumerate(includes):
+    include_globs = tuple(str(base_dir / pattern) for pattern in includes)
+    for i, (pattern, absolute) in enumerate(zip(includes, include_globs, strict=True)):
         line = line_of(doc, ["policy", "include", i])
-        matches = sorted(glob.glob(str(base_dir / pattern), recursive=True))
+        matches = sorted(glob.glob(absolute, recursive=True))
         if not matches:
             problems.append(Problem(file, line, f"policy.include[{i}]",
                                     f"{pattern!r} matches no file"))
@@ -357,7 +361,7 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
             policies += found
             problems += more
     return LoadedPolicies(settings, tuple(policies), tuple(files), hasher.hexdigest()[:12],
-                          tuple(problems), raw=dict(doc))
+                          tuple(problems), raw=dict(doc), include_globs=include_globs)
 
 
 def _shown(path: Path) -> str:

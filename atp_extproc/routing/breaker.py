@@ -62,12 +62,7 @@ class CircuitBreaker:
         self.probing = False
         self.probe_since = 0.0
         self.probe_successes = 0
-        self._errors = [0] * _BUCKETS
-        self._results = [0] * _BUCKETS
-        self.window_errors = 0
-        self.window_results = 0
-        self._epoch = 0
-        self._bucket_width = settings.window_s / _BUCKETS
+        self._bucket_width = 0.0  # configure() starts the window
         self.configure(settings)
         self.open_for = settings.open_s
 
@@ -77,7 +72,7 @@ class CircuitBreaker:
         pin every result into one bucket for as long as the process had run)."""
         self.settings = settings
         width = settings.window_s / _BUCKETS
-        if width != self._bucket_width:
+        if width != self._bucket_width:  # window_s > 0: always so the first time
             self._errors = [0] * _BUCKETS
             self._results = [0] * _BUCKETS
             self.window_errors = self.window_results = 0

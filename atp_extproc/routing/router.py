@@ -93,9 +93,7 @@ class Router:
         prep = rs.prepared.get(id(candidates))
         if prep is None:        # compile() drops every entry when the objective changes
             prep = self._prepare(rs, comp, candidates, now)
-        champion = comp.champion
-        if champion is None and prep.entries:
-            champion = prep.entries[0][0]
+        champion = prep.champion
         decision_mode = comp.shadow_mode == "decision"
         mirror_arm = prep.mirror_arm
         if mirror_arm is not None and (
@@ -287,9 +285,13 @@ class Router:
                  now: float) -> Prepared:
         prep = Prepared(candidates)
         excluded: list[tuple[str, str]] = []
+        if comp.champion is not None:
+            prep.champion = comp.champion
+        elif candidates:
+            prep.champion = candidates[0].name
         members = comp.members
-        if members is not None and comp.champion is None and candidates:
-            members = members | {candidates[0].name}
+        if members is not None and prep.champion is not None:
+            members = members | {prep.champion}
         for c in candidates:
             arm = rs.arms.get(c.name)
             if arm is None:

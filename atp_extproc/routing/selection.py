@@ -94,9 +94,11 @@ class Compiled:
     """An objective turned into the floats a decision reads (built once per objective)."""
 
     __slots__ = (
+        "capped_after",
         "champion",
         "cost_scale",
         "explore_cap",
+        "fresh_for",
         "input_share",
         "internal_only",
         "latency_scale",
@@ -139,11 +141,14 @@ class Compiled:
         # sd multiplier for staleness: the effective count halves every stale_half_life_s,
         # so the sd grows by 2^(dt / (2·H)) = exp(dt · stale_rate).
         self.stale_rate = _LN2 / (2.0 * objective.learning.stale_half_life_s)
+        # Below this age staleness is ignored; past this one the widening is capped (exp()
+        # itself would overflow after ~2 weeks).
+        self.fresh_for = _FRESH / self.stale_rate
+        self.capped_after = _LN_MAX_STALE_WIDEN / self.stale_rate
         self.explore_cap = objective.exploration
         self.champion = objective.champion
-        # Without a named champion the alias's first candidate is one (Router._prepare).
-        self.members = (frozenset(filter(None, (objective.champion, *objective.challengers)))
-                        if objective.challengers else None)
+        # With the champion (named, or the alias's first candidate: Router._prepare).
+        self.members = frozenset(objective.challengers) if objective.challengers else None
         self.sticky = objective.sticky != "none"
         self.shadow_mode = objective.shadow.mode
         self.mirror_to = objective.shadow.challenger if self.shadow_mode == "mirror" else None
@@ -197,9 +202,7 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
     p95, max_error, min_quality = comp.p95, comp.max_error, comp.min_quality
     min_samples = comp.min_samples
     stale_rate = comp.stale_rate
-    fresh_for = _FRESH / stale_rate
-    # Past this age the widening is capped; exp() itself would overflow after ~2 weeks.
-    capped_after = _LN_MAX_STALE_WIDEN / stale_rate
+    fresh_for, capped_after = comp.fresh_for, comp.capped_after
     limits = p95 is not None or max_error is not None or min_quality is not None
     add_utility, add_feasible = out.mean_utility.append, out.feasible.append
     best_mean = best_sample = -math.inf

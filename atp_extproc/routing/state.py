@@ -92,8 +92,8 @@ class RouteState:
 class Prepared:
     """What a decision needs that depends only on the candidates and the objective."""
 
-    __slots__ = ("arms", "candidates", "entries", "excluded", "mirror_arm", "names",
-                 "names_t", "price_ok")
+    __slots__ = ("arms", "candidates", "champion", "entries", "excluded", "mirror_arm",
+                 "names", "names_t", "price_ok")
 
     def __init__(self, candidates: Sequence[CandidateModel]) -> None:
         # Held, not read: it keeps id(candidates), the key in RouteState.prepared, unique.
@@ -107,3 +107,5 @@ class Prepared:
         self.price_ok: list[bool] = []
         self.excluded: tuple[tuple[str, str], ...] = ()
         self.mirror_arm: Arm | None = None
+        # The objective's champion, else the first candidate.
+        self.champion: str | None = None
