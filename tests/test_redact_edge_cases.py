@@ -61,6 +61,58 @@ def test_join_offsets_after_normalised_text(redactor):
     assert res.fields["messages"][0]["content"][1]["text"] == "[CARD_1]"
 
 
+def _parts(r: Redactor, parts: list[str]):
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": p} for p in parts]}]}
+    res = r.redact("chat", doc, "t")
+    texts = [p["text"] for p in res.fields["messages"][0]["content"]] if res.fields else parts
+    return texts, dict(res.mapping.items())
+
+
+@pytest.mark.parametrize(("parts", "expected", "original"), [
+    # Glued to the part before, the value read as part of a longer token and was missed.
+    (["Item B12", "415-555-2671 is my number"], ["Item B12", "[PHONE_1] is my number"],
+     "415-555-2671"),
+    (["id42", "123-45-6789"], ["id42", "[SSN_1]"], "123-45-6789"),
+    (["card 4111111111111111", "22 items"], ["card [CARD_1]", "22 items"],
+     "4111111111111111"),
+    (["Item B12 ", E], ["Item B12 ", "[EMAIL_1]"], E),
+    # A value split at its first character: the shorter one in the second part alone
+    # does not hide the one across the join.
+    (["a", "lice@example.com"], ["[EMAIL_1]", ""], E),
+    # A value split over two parts on purpose is still one finding.
+    (["phone: 415555", "2671"], ["phone: [PHONE_1]", ""], "4155552671"),
+    (["card 4111 1111", " 1111 1111 thanks"], ["card [CARD_1]", " thanks"],
+     "4111 1111 1111 1111"),
+    (["mail bob", "@example.com now"], ["mail [EMAIL_1]", " now"], "bob@example.com"),
+])
+def test_a_value_is_read_in_its_own_part_and_across_parts(redactor, parts, expected,
+                                                          original):
+    texts, mapping = _parts(redactor, parts)
+    assert texts == expected
+    assert list(mapping.values()) == [original]
+
+
+_VALUES = ("4111 1111 1111 1111", "123-45-6789", "415-555-2671", E, "10.0.0.1")
+
+
+@pytest.mark.parametrize("value", _VALUES)
+def test_no_value_leaks_whichever_part_join_cuts_or_touches_it(redactor, value):
+    # A value that is a word of the parts as joined, or of one part on its own, is
+    # redacted wherever the join falls: inside it, or right before or after it next to
+    # a part ending or starting with a word. Glued to the next part's word, that word may
+    # go with it ("alice@example.comThanks"): the safe side.
+    for k in range(len(value) + 1):
+        befores = ("", "see ") + (("id42", "Item B12", "Item B12 ") if k == 0 else ())
+        afters = ("", " ok") + (("Thanks", "5 hosts") if k == len(value) else ())
+        for before in befores:
+            for after in afters:
+                parts = [before + value[:k], value[k:] + after]
+                texts, mapping = _parts(redactor, parts)
+                assert value not in "".join(texts), parts
+                assert any(value in original for original in mapping.values()), parts
+
+
 # -- 2. JSON in a string: numbers, keys, keys as context ---------------------------------
 
 def _tool_doc(args: str) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atp_extproc.redact import scope
-from atp_extproc.redact.detectors import Budget, Scanner
+from atp_extproc.redact.detectors import Budget, Scanner, ScanResult
 from atp_extproc.redact.normalize import normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
 
@@ -131,6 +131,39 @@ class Span:
     value: str
 
 
+def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
+    """Both readings' findings as one set of spans over the joined `text`: every character
+    either one finds is redacted, so neither can leak what the other found.
+
+    Overlapping findings become one span. A span the joined reading found as is keeps its
+    class and value (it may hold a value split over two parts); a wider one, stretched
+    over findings of both, takes the first's class and its own text as its value.
+    """
+    if not alone:
+        return joined
+    out: list[Span] = []
+    group: list[Span] = []
+    end = -1
+    # Joined findings first where two start together, so they lead their group.
+    for h in sorted(joined + alone, key=lambda h: h.start):
+        if group and h.start >= end:
+            out.append(_one_span(group, end, text))
+            group = []
+        group.append(h)
+        end = max(end, h.end) if len(group) > 1 else h.end
+    if group:
+        out.append(_one_span(group, end, text))
+    return out
+
+
+def _one_span(group: list[Span], end: int, text: str) -> Span:
+    first = group[0]
+    for h in group:
+        if h.start == first.start and h.end == end:
+            return h
+    return Span(first.cls, first.start, end, text[first.start:end])
+
+
 _JSON_FORMATS = ("json_object", "json_schema")
 
 
@@ -195,20 +228,25 @@ class Redactor:
         starts: list[int] = []
         pieces: list[str] = []
         joins: list[int] = []  # where a unit's second, third ... segment starts
+        parted: list[int] = []  # segments of units of several text parts (no context key)
         context = False  # some unit starts with a JSON key read as context
         pos = 0
         for u, unit in enumerate(c.units):
             if u:
                 pieces.append("\x00")
                 pos += 1
+            first_seg = len(segs)
             for seg in unit:
                 segs.append(seg)
                 starts.append(pos)
                 pieces.append(seg.text)
                 pos += len(seg.text)
             if len(unit) > 1:
-                joins.extend(starts[len(starts) - len(unit) + 1:])
-                context = context or unit[0].context
+                joins.extend(starts[first_seg + 1:])
+                if unit[0].context:
+                    context = True
+                else:
+                    parted.extend(range(first_seg, len(segs)))
         joined = "".join(pieces)
         budget = Budget.for_text(len(joined))
         norm = normalize(joined, budget)
@@ -216,6 +254,10 @@ class Redactor:
         res = self.scanner.scan(norm, budget, bounds)
         if c.incomplete:
             res.incomplete = True  # a JSON text was not read to its end
+        hits = [Span(f.cls, norm.orig_start(f.start), norm.orig_end(f.end), f.value)
+                for f in res.found]
+        if parted:
+            hits = self._with_parts_alone(hits, res, segs, starts, parted, joined)
 
         def seg_of(start: int) -> scope.Segment:
             """The segment the original offset `start` falls in."""
@@ -223,10 +265,10 @@ class Redactor:
 
         if context:
             # What starts in a JSON key read as context is found in the key's own unit.
-            res.found = [f for f in res.found if not seg_of(norm.orig_start(f.start)).context]
+            hits = [h for h in hits if not seg_of(h.start).context]
         non_text = c.non_text + res.data_uris
         refuse = (INCOMPLETE,) if res.incomplete and self._refuse_incomplete else ()
-        if not res.found:
+        if not hits:
             if non_text or res.incomplete:
                 return Redaction(non_text_parts=non_text, incomplete=res.incomplete,
                                  denied=refuse)
@@ -234,8 +276,8 @@ class Redactor:
         if refuse:
             # The request will be refused: count what was found, build nothing.
             counts: dict[str, int] = {}
-            for f in res.found:
-                counts[f.cls] = counts.get(f.cls, 0) + seg_of(norm.orig_start(f.start)).copies
+            for h in hits:
+                counts[h.cls] = counts.get(h.cls, 0) + seg_of(h.start).copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
                              non_text_parts=non_text, incomplete=True)
@@ -246,22 +288,22 @@ class Redactor:
         tokens: dict[tuple[str, str], str] = {}
         numbers: dict[str, int] = {}
         per_seg: dict[int, list[tuple[int, int, str]]] = {}
-        for f in res.found:
-            s, e = norm.orig_start(f.start), norm.orig_end(f.end)
+        for h in hits:
+            s, e = h.start, h.end
             if e <= s:
                 continue
             i = bisect_right(starts, s) - 1
-            action = self._actions[f.cls]
-            key = (f.cls, f.value)
+            action = self._actions[h.cls]
+            key = (h.cls, h.value)
             token = tokens.get(key)
             if token is None:
-                token = self._token(f.cls, f.value, action, tenant, numbers, res.reserved)
+                token = self._token(h.cls, h.value, action, tenant, numbers, res.reserved)
                 tokens[key] = token
                 mapping.setdefault(token, joined[s:e])
             # A JSON token scanned once for all its repeats occurs that many times.
-            counts[f.cls] = counts.get(f.cls, 0) + segs[i].copies
+            counts[h.cls] = counts.get(h.cls, 0) + segs[i].copies
             if action == "deny":
-                denied.add(f.cls)
+                denied.add(h.cls)
             # Spread the replacement over the segments it covers (joined content parts):
             # the placeholder goes where the value starts, the rest of it is removed.
             first = True
@@ -294,6 +336,34 @@ class Redactor:
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
                          mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),
                          incomplete=res.incomplete)
+
+    def _with_parts_alone(self, hits: list[Span], res: ScanResult,
+                          segs: list[scope.Segment], starts: list[int], parted: list[int],
+                          joined: str) -> list[Span]:
+        """`hits` (the joined text's findings) with those of the text parts read each on
+        its own. Joining parts back to back finds a value split over two of them, but can
+        also glue a value to the text of the part before or after, which then hides it
+        ("id42" + "123-45-6789"). Offsets are the joined text's."""
+        part_starts: list[int] = []
+        pieces: list[str] = []
+        pos = 0
+        for i in parted:
+            part_starts.append(pos)
+            pieces.append(segs[i].text)
+            pos += len(segs[i].text) + 1
+        text = "\x00".join(pieces)
+        budget = Budget.for_text(len(text))
+        norm = normalize(text, budget)
+        alone = self.scanner.scan(norm, budget)
+        res.incomplete = res.incomplete or alone.incomplete
+        res.reserved |= alone.reserved
+        parts: list[Span] = []
+        for f in alone.found:
+            s, e = norm.orig_start(f.start), norm.orig_end(f.end)
+            k = bisect_right(part_starts, s) - 1
+            shift = starts[parted[k]] - part_starts[k]
+            parts.append(Span(f.cls, s + shift, e + shift, f.value))
+        return _reconcile(hits, parts, joined)
 
     def scan_text(self, text: str) -> list[Span]:
         """Findings in one string, in its own offsets (for tools and tests)."""
