@@ -68,10 +68,13 @@ SHADOW_MODEL_HEADER = "x-atp-shadow-model"
 ROUTE_HEADER = "x-atp-route"
 TENANT_HEADER = "x-atp-tenant"
 FEEDBACK_PATH = "/v1/feedback"
+# The record's error_code when the answer's body never reached its end.
+INCOMPLETE_RESPONSE = "response_incomplete"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# The client's credential for ATP must never travel on to a model provider.
-_CREDENTIAL_HEADERS = ("authorization", "api-key")
+# The client's credential for ATP must never travel on to a model provider: every header
+# clients put API keys in (OpenAI, Azure OpenAI, Anthropic-style), read by ATP or not.
+_CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 @dataclass
@@ -156,6 +159,9 @@ class Exchange:
         # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits;
         # past that bound it goes on unread.
         self._json_overflow = False
+        # ATP asked for the response body and its end has not come (yet): at finish, the
+        # answer was cut off (upstream reset, client gone) and its outcome is unknown.
+        self._body_pending = False
         self._finished = False
 
     def handle(self, message: ProcessingRequest) -> ProcessingResponse | None:
@@ -207,10 +213,7 @@ class Exchange:
 
         if rec.path == "/v1/models" or rec.path.startswith("/v1/models/"):
             return self._answer_models(rec.method, rec.path)
-        if rec.path == FEEDBACK_PATH and rec.method == "POST":
-            rec.operation = "feedback"
-            return envoy_api.request_headers()
-        operation = OPERATIONS.get(rec.path)
+        operation = "feedback" if rec.path == FEEDBACK_PATH else OPERATIONS.get(rec.path)
         if operation is None:
             raise RequestError(404, f"Invalid URL ({rec.method} {rec.path})", "unknown_url")
         if rec.method != "POST":
@@ -218,7 +221,15 @@ class Exchange:
                                "use POST", "method_not_allowed")
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            # ATP reads the body as JSON text and forwards what it read: a compressed body
+            # would be unreadable, and a label kept on a rewritten body would be false.
+            raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send "
+                               "the JSON body uncompressed", "unsupported_content_encoding")
         rec.operation = operation
+        if operation == "feedback":
+            return envoy_api.request_headers()
         spoofed = [h for h in headers if h.startswith(ATP_HEADER_PREFIX)]
         return envoy_api.request_headers(remove_headers=[*_CREDENTIAL_HEADERS, *spoofed])
 
@@ -328,30 +339,36 @@ class Exchange:
         if outcome.tools_to_strip:
             # Stripped from what redaction left, or the kept tools would go out unredacted.
             doc = {**parsed.doc, **self._changes}
-            kept = strip_tools(doc, outcome.tools_to_strip)
-            if kept is not None:
-                self._strip_tools(doc, kept, outcome.tools_to_strip)
+            for tools_key, choice_key, settings in _TOOL_FIELDS:
+                kept = strip_tools(doc, outcome.tools_to_strip, tools_key)
+                if kept is not None:
+                    self._strip_tools(doc, kept, outcome.tools_to_strip,
+                                      (tools_key, choice_key, *settings))
         return None
 
-    def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...]) -> None:
-        """Send the request on without the tools policy strips (`kept`: the rest)."""
+    def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...],
+                     keys: tuple[str, ...]) -> None:
+        """Send the request on without the tools policy strips (`kept`: the rest of the
+        list under keys[0]; keys[1]: the choice that may force one; then other settings
+        that go with the list)."""
         self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
-        choice = doc.get("tool_choice")
+        tools_key, choice_key = keys[:2]
+        choice = doc.get(choice_key)
         try:
             new_choice = tool_choice_without(choice, names, bool(kept))
         except ForcedToolStripped:
-            raise RequestError(403, "tool_choice asks for a tool this request may not use",
-                               "tool_not_allowed", param="tool_choice",
+            raise RequestError(403, f"{choice_key} asks for a tool this request may not use",
+                               "tool_not_allowed", param=choice_key,
                                type_="permission_error") from None
         if kept:
-            self._changes["tools"] = kept
+            self._changes[tools_key] = kept
             if new_choice is not choice:
-                self._changes["tool_choice"] = new_choice
+                self._changes[choice_key] = new_choice
         else:
             # Providers refuse an empty tools list, and tool settings without tools.
-            for key in _TOOL_KEYS:
+            for key in keys:
                 self._changes.pop(key, None)
-            self._drop = _TOOL_KEYS
+            self._drop = (*self._drop, *keys)
 
     def _route(self) -> ProcessingResponse:
         rec, parsed, changes = self.record, self._parsed, self._changes
@@ -524,14 +541,19 @@ class Exchange:
         if headers.get("content-encoding", "identity") != "identity":
             # Compressed despite the request: unreadable, so usage is estimated.
             return envoy_api.response_headers()
-        content_type = headers.get("content-type", "")
+        content_type = headers.get("content-type", "").lower()  # media types ignore case
         # Restoring changes the body's length: let Envoy frame it anew.
         remove = ("content-length",) if self.restorer is not None else ()
-        if content_type.startswith("text/event-stream"):
+        if content_type.startswith("text/event-stream") or (
+                not content_type and self.request.stream):
             self.sse = SseStream(drop_usage_chunk=rec.usage_injected)
+            self._body_pending = True
+            if rec.usage_injected:
+                remove = ("content-length",)  # the usage chunk comes out of the stream
             return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED),
                                               remove)
         if "json" in content_type:
+            self._body_pending = True
             # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
             # large size (a big embeddings batch) is read chunk by chunk instead.
             length = headers.get("content-length", "")
@@ -544,6 +566,8 @@ class Exchange:
 
     def _on_response_body(self, body_msg) -> ProcessingResponse:
         end = body_msg.end_of_stream
+        if end:
+            self._body_pending = False
         if self.sse is not None:
             data = body_msg.body
             if self.restorer is not None:
@@ -574,7 +598,6 @@ class Exchange:
             return envoy_api.response_body(b"")
         body = bytes(held)
         restored = self.restorer.restore_json(body)
-        self.record.restored = restored is not None
         if restored is None and len(body) != len(chunk):
             restored = body  # what was held back goes on as it came
         return envoy_api.response_body(restored)
@@ -588,6 +611,8 @@ class Exchange:
             return rec
         self._finished = True
         rec.duration_ms = (self.clock() - self.started) * 1000.0
+        if self._body_pending and not rec.error_code:
+            rec.error_code = INCOMPLETE_RESPONSE
         usage = self._usage()
         price: PriceSnapshot | None = None
         if self.model is not None:
@@ -600,6 +625,7 @@ class Exchange:
                 rec.cost_usd = price.cost_pico(usage.input_tokens,
                                                usage.output_tokens) / PICO_PER_USD
         if self.restorer is not None:
+            rec.restored = self.restorer.restored
             self.restorer.clear()
         if self._redaction is not None:
             # The placeholder → value map lives only as long as the exchange.
@@ -621,8 +647,11 @@ class Exchange:
         assert self.services is not None and self.model is not None
         assert self.route is not None
         rec, route, services = self.record, self.route, self.services
-        ok = classify_status(rec.status)
-        if route.objective is not None and ok is not None:
+        # A cut-off answer failed the client, but whether the model did is unknown: the
+        # ledger counts it failed, the router learns nothing from it.
+        incomplete = rec.error_code == INCOMPLETE_RESPONSE
+        ok = False if incomplete else classify_status(rec.status)
+        if route.objective is not None and ok is not None and not incomplete:
             latency = rec.ttfb_ms if rec.stream else rec.duration_ms
             # Billed tokens teach the route its request sizes, which price candidates not
             # yet observed; ATP's own estimates would only teach it its guesses back.
@@ -674,7 +703,10 @@ class Exchange:
 
 
 _NO_COMPRESSION = ("accept-encoding",)
-_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+# Each list of tools a body may declare (attributes.TOOL_LISTS), the choice that may
+# force one of them, and other settings that cannot go without the list.
+_TOOL_FIELDS = (("tools", "tool_choice", ("parallel_tool_calls",)),
+                ("functions", "function_call", ()))
 
 
 def _feedback_unknown() -> RequestError:

@@ -58,13 +58,24 @@ class _DuplicateKey(ValueError):
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs):
+    if len(obj) != len(pairs) or (len(obj) > 1 and _folded_twice(obj)):
         seen: set[str] = set()
         for key, _ in pairs:
-            if key in seen:
+            if _fold(key) in seen:
                 raise _DuplicateKey(key)
-            seen.add(key)
+            seen.add(_fold(key))
     return obj
+
+
+def _fold(key: str) -> str:
+    # Go's encoding/json (behind many OpenAI-compatible servers) matches keys to fields
+    # ignoring case, with Unicode folding ("Content", "me\u017f\u017fages"), and the last
+    # one wins: keys equal under folding are duplicates too.
+    return key.casefold()
+
+
+def _folded_twice(obj: dict[str, Any]) -> bool:
+    return len({_fold(key) for key in obj}) != len(obj)
 
 
 def _reject_constant(name: str) -> None:
@@ -109,7 +120,7 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         parsed = _parse_object(text)
     except _DuplicateKey as exc:
         raise RequestError(400, f"Duplicate key {str(exc)!r} in the JSON body; each key may "
-                           "appear once", "duplicate_key") from None
+                           "appear once, in any letter case", "duplicate_key") from None
     except RecursionError:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
@@ -153,6 +164,7 @@ def _parse_object(text: str) -> ParsedBody:
         raise RequestError(400, "The request body must be a JSON object", "invalid_body")
     open_brace = i
     doc: dict[str, Any] = {}
+    folded: set[str] = set()
     spans: dict[str, tuple[int, int]] = {}
     i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
     if text[i] == "}":
@@ -167,8 +179,9 @@ def _parse_object(text: str) -> ParsedBody:
                 raise ValueError(f"expected ':' at character {i}")
             start = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
             value, i = _scan_once(text, start)
-            if key in doc:
+            if key in doc or _fold(key) in folded:
                 raise _DuplicateKey(key)
+            folded.add(_fold(key))
             doc[key] = value
             spans[key] = (start, i)
             i = _WS.match(text, i).end()  # type: ignore[union-attr]
@@ -238,14 +251,23 @@ def _only(items: list[Any], kinds: frozenset[type]) -> bool:
     return set(map(type, items)) <= kinds
 
 
+def token_ids(value: Any) -> bool:
+    """Is `value` one input given as token ids (a non-empty list of ints)?"""
+    return type(value) is list and bool(value) and _only(value, _INTS)
+
+
+_INPUT_KEYS = frozenset(("messages", "input", "prompt"))
+
+
 def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
     for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
-                      ("prompt", limits.max_messages), ("tools", limits.max_tools)):
+                      ("prompt", limits.max_messages), ("tools", limits.max_tools),
+                      ("functions", limits.max_tools)):
         value = doc.get(key)
         # A token-id array is one input however long, but only if every item is an int:
         # a leading int proves nothing.
         if isinstance(value, list) and len(value) > most and not (
-                key != "tools" and _only(value, _INTS)):
+                key in _INPUT_KEYS and token_ids(value)):
             raise RequestError(400, f"'{key}' holds {len(value)} items; at most {most} are "
                                "accepted", "too_many_items", param=key)
 
@@ -290,7 +312,7 @@ def read_request(operation: str, doc: dict[str, Any],
         stream=stream,
         client_wants_usage=bool(options and options.get("include_usage") is True),
         message_count=len(value) if operation == "chat" else 0,
-        tool_names=_tool_names(doc.get("tools")),
+        tool_names=_tool_names(doc.get("tools")) + _tool_names(doc.get("functions")),
     )
 
 

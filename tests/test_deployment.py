@@ -1193,3 +1193,33 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
             return int(resp.status), resp.read().decode()
     except urllib.error.HTTPError as err:
         return int(err.code), err.read().decode()
+
+
+# ------------------------------------------------------------ Envoy's own error replies
+
+def _local_reply(config: str, details: str) -> dict[str, Any] | None:
+    """The error body the client listener's local_reply_config writes for a reply with
+    these response code details (None: the reply passes as it is), its filters evaluated
+    with cel-python."""
+    import celpy
+
+    doc = load_yaml(ENVOY_DIR / config)
+    env = celpy.Environment()
+    activation = {"response": celpy.json_to_cel({"code_details": details})}
+    for mapper in hcm(listeners(doc)[CLIENT_LISTENERS[config]])["local_reply_config"]["mappers"]:
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        if env.program(env.compile(expression)).evaluate(activation):
+            return mapper["body_format_override"]["json_format"]
+    return None
+
+
+@pytest.mark.parametrize("config", MIRRORING_CONFIGS)
+def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) -> None:
+    down = _local_reply(config, "ext_proc_error_gRPC_error_14{upstream_connect_error}")
+    assert down is not None and down["error"]["code"] == "atp_unavailable"
+    assert "ATP" in down["error"]["message"]
+    too_big = _local_reply(config, "request_payload_too_large")
+    assert too_big is not None and too_big["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
+    # ATP's own replies and the fallback route's JSON are already OpenAI-shaped.
+    assert _local_reply(config, "atp_policy_denied") is None
+    assert _local_reply(config, "direct_response") is None

@@ -183,6 +183,12 @@ def test_parse_body_rejects_nan_and_infinity(raw: bytes) -> None:
         (b'{"a":[{"x":1},{"y":1,"y":1}]}', "y"),
         (b'{"a":{"b":{"c":{"d":1,"d":1}}}}', "d"),
         (b'{"a":1,"\\u0061":2}', "a"),
+        # Equal to a decoder that ignores case (Go's encoding/json, with Unicode folding):
+        # a provider behind one would read the second value, policies the first.
+        (b'{"model":"x","Model":"y"}', "Model"),
+        (b'{"messages":[{"role":"user","content":"hi","CONTENT":"x"}]}', "CONTENT"),
+        ('{"messages":[],"me\u017f\u017fages":[]}'.encode(), "me\u017f\u017fages"),
+        (b'{"a":1,"b":{"Kind":1,"\\u212aind":2}}', "\u212aind"),
     ],
 )
 def test_parse_body_duplicate_keys(raw: bytes, key: str) -> None:
@@ -192,8 +198,8 @@ def test_parse_body_duplicate_keys(raw: bytes, key: str) -> None:
 
 
 def test_parse_body_same_key_in_sibling_objects_is_fine() -> None:
-    parsed = parse_body(b'{"a":{"x":1},"b":{"x":2},"c":[{"x":1},{"x":1}]}', DEPTH)
-    assert parsed.doc["c"] == [{"x": 1}, {"x": 1}]
+    parsed = parse_body(b'{"a":{"x":1},"b":{"x":2},"c":[{"x":1},{"X":1}]}', DEPTH)
+    assert parsed.doc["c"] == [{"x": 1}, {"X": 1}]
 
 
 def _nested(depth: int, open_: str = "[", close: str = "]") -> bytes:

@@ -190,12 +190,25 @@ def test_tool_json_repeated_values_are_all_replaced_and_counted(redactor):
 
 @pytest.mark.parametrize("ch", [
     "\u17b4", "\u17b5", "\u180b", "\u180d", "\u180f", "\U000e0100", "\U000e01ef", "\u2065",
-    "\ufff0", "\U000e0080", "\ufe0f", "\u034f", "\x01", "\x08", "\x7f", "\x9f"])
+    "\ufff0", "\U000e0080", "\ufe0f", "\u034f", "\x01", "\x08", "\x7f", "\x9f",
+    # NUL separates the units ATP scans; one the client sends is a control like the rest.
+    "\x00"])
 def test_invisible_and_control_characters_do_not_split_values(redactor, ch):
     text = f"card 411111111{ch}1111111 key sk-proj-abc123DEF45{ch}6ghi789JKL012mno345"
     res = redactor.redact("chat", chat(text), "t")
     assert res.counts == {"card": 1, "api_key": 1}
     assert res.fields["messages"][0]["content"] == "card [CARD_1] key [API_KEY_1]"
+    parts = redactor.redact("chat", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "text", "text": " " + text}]}]}, "t")
+    assert parts.counts == {"card": 1, "api_key": 1}
+    assert [s.cls for s in redactor.scan_text(text)] == ["card", "api_key"]
+
+
+def test_a_nul_cannot_hide_a_private_key(redactor):
+    key = ("-----BEGIN RSA\x00 PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0A"
+           "HB7MaGZ1fz2JSr\n-----END RSA PRIVATE KEY-----")
+    res = redactor.redact("chat", chat(f"here {key}"), "t")
+    assert res.denied == ("private_key",)
 
 
 # Separator-like controls (vertical tab, form feed, ESC, FS/GS/RS/US, NEL) are spaces: dropped,

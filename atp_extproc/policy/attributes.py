@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from atp_extproc.llm_api import tool_name
+from atp_extproc.llm_api import token_ids, tool_name
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 MAX_STRING = 256          # characters of any string attribute
@@ -543,10 +543,12 @@ def request_from_body(operation: str,
     out: dict[str, Any] = {"operation": operation}
     details: dict[str, dict[str, Any]] = {}
     cut = _Cut()
-    tools = doc.get("tools")
     declared_count = 0
-    if isinstance(tools, list):
-        declared_count = len(tools)
+    for key in TOOL_LISTS:
+        tools = doc.get(key)
+        if not isinstance(tools, list):
+            continue
+        declared_count += len(tools)
         for tool in islice(tools, MAX_LIST):
             if not isinstance(tool, dict):
                 continue
@@ -571,7 +573,7 @@ def request_from_body(operation: str,
         out["tool_details"] = list(details.values())
         out["tools"] = list(details)
         out["tool_count"] = max(declared_count, len(details))
-    choice = doc.get("tool_choice")
+    choice = doc.get("tool_choice", doc.get("function_call"))
     if isinstance(choice, str):
         out["tool_choice"] = choice
     elif isinstance(choice, dict):
@@ -589,11 +591,17 @@ def request_from_body(operation: str,
     if isinstance(messages, list):
         out["message_count"] = len(messages)
     elif isinstance(doc.get("input"), list):
-        out["message_count"] = len(doc["input"])
+        # Token ids are one input, however many.
+        out["message_count"] = 1 if token_ids(doc["input"]) else len(doc["input"])
     stream = doc.get("stream")
     if isinstance(stream, bool):
         out["stream"] = stream
     return out, cut.paths
+
+
+# Where a body declares tools: `functions` is Chat Completions' older form of `tools`
+# (entries {name, description, parameters}, forced by `function_call`), still accepted.
+TOOL_LISTS = ("tools", "functions")
 
 
 def tool_key(tool: dict[str, Any]) -> str:
@@ -631,6 +639,9 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                     calls.append((fn.get("name"), fn.get("arguments")))
         elif item.get("type") == "function_call":
             calls.append((item.get("name"), item.get("arguments")))
+        legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
+        if isinstance(legacy, dict):
+            calls.append((legacy.get("name"), legacy.get("arguments")))
         for name, arguments in calls:
             if not isinstance(name, str):
                 continue

@@ -184,9 +184,11 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
     return build_attributes(subject, request, context)
 
 
-def strip_tools(doc: Mapping[str, Any], names: Iterable[str]) -> list[Any] | None:
-    """The body's `tools` without `names` (for llm_api.rewrite), or None if unchanged."""
-    tools = doc.get("tools")
+def strip_tools(doc: Mapping[str, Any], names: Iterable[str],
+                key: str = "tools") -> list[Any] | None:
+    """The body's `tools` (or its list under `key`, one of attributes.TOOL_LISTS) without
+    `names` (for llm_api.rewrite), or None if unchanged."""
+    tools = doc.get(key)
     drop = set(names)
     if not isinstance(tools, list) or not drop:
         return None

@@ -131,6 +131,14 @@ class Span:
     value: str
 
 
+def _unsplit(text: str) -> str:
+    """`text` with each NUL as another control character, the same length. A NUL is what
+    separates the scanned units, so detectors stop at one; one the client sent must not
+    split a value ("4111\\u00001111..."), but go as the other controls do (normalize
+    removes them)."""
+    return text.replace("\x00", "\x01")
+
+
 def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
     """Both readings' findings as one set of spans over the joined `text`: every character
     either one finds is redacted, so neither can leak what the other found.
@@ -248,8 +256,12 @@ class Redactor:
                 else:
                     parted.extend(range(first_seg, len(segs)))
         joined = "".join(pieces)
+        scanned = joined
+        if joined.count("\x00") > len(c.units) - 1:
+            scanned = "\x00".join(_unsplit("".join(seg.text for seg in unit))
+                                   for unit in c.units)
         budget = Budget.for_text(len(joined))
-        norm = normalize(joined, budget)
+        norm = normalize(scanned, budget)
         bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
         res = self.scanner.scan(norm, budget, bounds)
         if c.incomplete:
@@ -349,7 +361,7 @@ class Redactor:
         pos = 0
         for i in parted:
             part_starts.append(pos)
-            pieces.append(segs[i].text)
+            pieces.append(_unsplit(segs[i].text))
             pos += len(segs[i].text) + 1
         text = "\x00".join(pieces)
         budget = Budget.for_text(len(text))
@@ -368,7 +380,7 @@ class Redactor:
     def scan_text(self, text: str) -> list[Span]:
         """Findings in one string, in its own offsets (for tools and tests)."""
         budget = Budget.for_text(len(text))
-        norm = normalize(text, budget)
+        norm = normalize(_unsplit(text), budget)
         res = self.scanner.scan(norm, budget)
         return [Span(f.cls, norm.orig_start(f.start), norm.orig_end(f.end), f.value)
                 for f in res.found]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
@@ -63,7 +63,8 @@ class Restorer:
         # form: the client gets U+FFFD in its place.
         self._map: dict[str, str] = {k: utf8_safe(v) for k, v in mapping.items()}
         self._bytes = {k.encode(): v.encode() for k, v in self._map.items()}
-        self._escaped = {k.encode(): _json_escape(v).encode() for k, v in self._map.items()}
+        self._escaped_text = {k: _json_escape(v) for k, v in self._map.items()}
+        self._escaped = {k.encode(): v.encode() for k, v in self._escaped_text.items()}
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
         self._prefixes: set[str] = {k[:i] for k in self._map for i in range(1, len(k))}
         self._max = max((len(k) for k in self._map), default=0)
@@ -73,10 +74,13 @@ class Restorer:
         self._raw = False
         # stream key → (held text, template event, physical path of the field)
         self._carry: dict[Key, tuple[str, Any, tuple]] = {}
+        # Some placeholder was put back (for the exchange's record).
+        self.restored = False
 
     def clear(self) -> None:
         """Forget the originals (end of the exchange)."""
-        for d in (self._map, self._bytes, self._escaped, self._safe, self._carry):
+        for d in (self._map, self._bytes, self._escaped, self._escaped_text, self._safe,
+                  self._carry):
             d.clear()
         self._prefixes.clear()
         self._tail = b""
@@ -86,11 +90,18 @@ class Restorer:
     def restore_text(self, text: str, escape: bool = False) -> str:
         if "[" not in text or not self._map:
             return text
-        table = self._map
-        if escape:
-            return _TOKEN.sub(lambda m: _json_escape(table[m.group()])
-                              if m.group() in table else m.group(), text)
-        return _TOKEN.sub(lambda m: table.get(m.group(), m.group()), text)
+        return self._sub(_TOKEN, self._escaped_text if escape else self._map, text)
+
+    def _sub(self, pattern: Any, table: Mapping[Any, Any], text: Any) -> Any:
+        """`text` (str or bytes, as `pattern` and `table` are) with the placeholders of
+        `table` replaced by its values."""
+        def put_back(m: Any) -> Any:
+            value = table.get(m.group())
+            if value is None:
+                return m.group()
+            self.restored = True
+            return value
+        return pattern.sub(put_back, text)
 
     # -- whole JSON bodies ----------------------------------------------------------------
 
@@ -102,13 +113,11 @@ class Restorer:
         if not found:
             return None
         if all(self._safe[t] for t in found):
-            table = self._bytes
-            return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+            return self._sub(_TOKEN_B, self._bytes, body)
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
-            table = self._escaped
-            return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+            return self._sub(_TOKEN_B, self._escaped, body)
         return _dumps(self._node(doc))
 
     def _node(self, node: Any) -> Any:
@@ -170,8 +179,7 @@ class Restorer:
         self._tail = hold
         # Still SSE, whose data is JSON: an original with a quote or a newline must not
         # end a string, or an event.
-        table = self._escaped
-        return _TOKEN_B.sub(lambda m: table.get(m.group(), m.group()), body)
+        return self._sub(_TOKEN_B, self._escaped, body)
 
     def _held_bytes(self, data: bytes) -> bytes:
         i = data.rfind(b"[", max(0, len(data) - self._max))

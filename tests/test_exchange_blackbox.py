@@ -1,0 +1,234 @@
+"""Regressions from black-box runs through a real stack: request headers (content encoding,
+credential headers, /v1/feedback), legacy `functions`, token-id embeddings, and answers
+whose headers or ends are unusual (content-length on a stream, letter case in the media
+type, no media type, a body cut off)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from atp_extproc import config
+from atp_extproc.envoy_api import ProcessingMode
+from atp_extproc.exchange import INCOMPLETE_RESPONSE, Exchange
+from atp_extproc.routing.feedback import FeedbackBook
+from atp_extproc.routing.router import Router
+from atp_extproc.services import Services
+from atp_extproc.store.money import PriceBook
+from tests.test_exchange import (
+    ALICE,
+    BOB,
+    CHAT,
+    EXAMPLE,
+    assert_error,
+    chat,
+    chat_sse,
+    forwarded,
+    immediate,
+    req_body,
+    req_headers,
+    resp_body,
+    resp_headers,
+    send_body,
+    start,
+)
+
+
+@pytest.fixture(scope="module")
+def snap() -> config.Snapshot:
+    return config.load(EXAMPLE)
+
+
+def _denied_by(resp) -> str:
+    status, body, _ = immediate(resp)
+    assert (status, body["error"]["code"]) == (403, "policy_denied")
+    return body["error"]["policy_id"]
+
+
+# -- request headers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP "])
+def test_a_compressed_request_body_is_refused_with_415(snap, encoding) -> None:
+    _, resp = start(snap, extra={"content-encoding": encoding})
+    assert_error(resp, 415, "unsupported_content_encoding")
+
+
+@pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
+def test_an_identity_encoding_goes_on(snap, encoding) -> None:
+    _, resp = start(snap, extra={"content-encoding": encoding})
+    assert resp.WhichOneof("response") == "request_headers"
+
+
+def test_an_api_key_in_x_api_key_never_reaches_a_provider(snap) -> None:
+    _, first = start(snap, extra={"x-api-key": ALICE})
+    assert "x-api-key" in first.request_headers.response.header_mutation.remove_headers
+
+
+def test_feedback_takes_post_with_a_body_only(snap) -> None:
+    ex = Exchange(snap)
+    assert_error(ex.handle(req_headers("GET", "/v1/feedback")), 405, "method_not_allowed")
+    ex = Exchange(snap)
+    assert_error(ex.handle(req_headers("POST", "/v1/feedback", end=True)), 400,
+                 "missing_body")
+
+
+# -- legacy `functions` ----------------------------------------------------------------
+
+
+def _functions(snap, key: str, names: list[str], **extra):
+    body = chat("gpt-4o-mini", functions=[{"name": n, "parameters": {"type": "object"}}
+                                          for n in names], **extra)
+    return send_body(snap, body, key=key)[1]
+
+
+def test_a_denied_tool_declared_as_a_function_is_denied(snap) -> None:
+    # examples/policies/tools.yaml: tools.no_code_execution denies a "shell" tool.
+    assert _denied_by(_functions(snap, ALICE, ["shell"])) == "tools.no_code_execution"
+
+
+def test_a_function_outside_the_scope_is_stripped_with_function_call(snap) -> None:
+    # bob may call get_weather and search_docs only; others are stripped.
+    sent = json.loads(forwarded(_functions(snap, BOB, ["send_email"],
+                                           function_call="auto"))[1])
+    assert not {"functions", "function_call"} & set(sent)
+    sent = json.loads(forwarded(_functions(snap, BOB, ["send_email", "get_weather"],
+                                           function_call="auto"))[1])
+    assert [f["name"] for f in sent["functions"]] == ["get_weather"]
+    assert sent["function_call"] == "auto"
+
+
+def test_forcing_a_stripped_function_is_refused(snap) -> None:
+    resp = _functions(snap, BOB, ["send_email", "get_weather"],
+                      function_call={"name": "send_email"})
+    assert assert_error(resp, 403, "tool_not_allowed")["param"] == "function_call"
+
+
+def test_a_legacy_function_call_in_history_is_seen_by_policies(snap) -> None:
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": None,
+                "function_call": {"name": "shell", "arguments": "{}"}},
+               {"role": "function", "name": "shell", "content": "ok"}]
+    _, resp = send_body(snap, {"model": "gpt-4o-mini", "messages": history})
+    assert _denied_by(resp) == "tools.no_code_execution"
+
+
+# -- token-id embeddings ---------------------------------------------------------------
+
+
+def test_token_ids_are_one_input_for_the_message_limit(snap) -> None:
+    # examples/policies/limits.yaml caps messages at 200: 201 token ids are one input.
+    body = {"model": "text-embedding-3-small", "input": list(range(201))}
+    _, resp = send_body(snap, body, path="/v1/embeddings")
+    assert resp.WhichOneof("response") == "request_body", resp
+    body["input"] = [[1, 2]] * 201
+    _, resp = send_body(snap, body, path="/v1/embeddings")
+    assert _denied_by(resp) == "limits.message_count"
+
+
+# -- answers -------------------------------------------------------------------------
+
+
+def _stream_exchange(snap) -> Exchange:
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    assert ex.record.usage_injected
+    return ex
+
+
+def test_a_stream_with_a_content_length_loses_it_with_the_usage_chunk(snap) -> None:
+    ex = _stream_exchange(snap)
+    stream, _ = chat_sse(10, 20)
+    resp = ex.handle(resp_headers(200, "text/event-stream",
+                                  extra={"content-length": str(len(stream))}))
+    removed = resp.response_headers.response.header_mutation.remove_headers
+    assert "content-length" in removed
+    assert resp.mode_override.response_body_mode == ProcessingMode.STREAMED
+
+
+@pytest.mark.parametrize("content_type", ["Text/Event-Stream", "TEXT/EVENT-STREAM; charset=utf-8",
+                                          ""])
+def test_a_stream_is_read_whatever_the_case_of_its_media_type_or_none(snap,
+                                                                       content_type) -> None:
+    ex = _stream_exchange(snap)
+    stream, usage_event = chat_sse(10, 20)
+    resp = ex.handle(resp_headers(200, content_type))
+    assert resp.mode_override.response_body_mode == ProcessingMode.STREAMED
+    out = ex.handle(resp_body(stream)).response_body.response.body_mutation.body
+    assert out == stream.replace(usage_event, b"")
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (10, 20, False)
+
+
+def test_a_json_answer_is_read_whatever_the_case_of_its_media_type(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    answer = json.dumps({"choices": [], "usage": {"prompt_tokens": 100,
+                                                  "completion_tokens": 200}}).encode()
+    resp = ex.handle(resp_headers(200, "Application/JSON",
+                                  extra={"content-length": str(len(answer))}))
+    assert resp.mode_override.response_body_mode == ProcessingMode.BUFFERED
+    ex.handle(resp_body(answer))
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (100, 200, False)
+    assert not rec.error_code
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.entries: list = []
+
+    def record(self, entry) -> None:
+        self.entries.append(entry)
+
+
+class _Router(Router):
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed: list[bool] = []
+
+    def observe(self, route_name, model_name, *, ok, **kwargs) -> None:
+        self.observed.append(ok)
+        super().observe(route_name, model_name, ok=ok, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> None:
+    router, ledger = _Router(), _Ledger()
+    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("auto", stream=stream)))
+    body = chat_sse(10, 20)[0] if stream else b'{"choices": [], "usage": {}}'
+    ex.handle(resp_headers(200, "text/event-stream" if stream else "application/json"))
+    ex.handle(resp_body(body[:20], end=False))   # then the upstream resets
+    rec = ex.finish()
+    assert rec.status == 200 and rec.error_code == INCOMPLETE_RESPONSE
+    (entry,) = ledger.entries
+    assert entry.ok is False
+    assert router.observed == []  # whose fault it was is unknown: nothing learnt
+
+
+def test_a_complete_answer_teaches_the_router(snap) -> None:
+    router, ledger = _Router(), _Ledger()
+    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("auto")))
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"choices": [], "usage": {}}'))
+    assert not ex.finish().error_code
+    assert [e.ok for e in ledger.entries] == [True] and router.observed == [True]
+
+
+def test_a_restored_stream_is_recorded_restored(snap) -> None:
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    snap = dataclasses.replace(snap, routes=routes)
+    ex, _ = send_body(snap, chat("fast", stream=True, messages=[
+        {"role": "user", "content": "write to jane.doe@example.com"}]))
+    ex.handle(resp_headers(200, "text/event-stream"))
+    event = (b'data: {"choices":[{"index":0,"delta":{"content":"to [EMAIL_1]"}}]}\n\n'
+             b"data: [DONE]\n\n")
+    out = ex.handle(resp_body(event)).response_body.response.body_mutation.body
+    assert b"jane.doe@example.com" in out
+    assert ex.finish().restored is True
