@@ -348,9 +348,15 @@ def _parse(text: str, source: str) -> Snapshot:
         policies, loaded = policy_set_from_config(text, source,
                                                   known_data_classes=known_classes)
     except PolicyError as exc:
-        raise ConfigError(source, [(f"{p.file}:{p.line}: {p.path}" if p.file != source
-                                    else f"line {p.line}: {p.path}", p.reason)
+        raise ConfigError(source, [(_where(p.file, p.line, p.path, source), p.reason)
                                    for p in exc.details]) from None
+    if redactor is None:
+        blind = _reads_data_classes(policies.policies)
+        if blind:
+            raise ConfigError(source, [(_where(p.source.file, p.source.line, p.id, source), (
+                "reads request.data_classes, which only redaction fills: with redaction "
+                "off it can never match (turn redaction on, or remove the policy)"))
+                for p in blind])
     models = {m.name: m for m in doc.models}
     ledger = doc.ledger
     if ledger.enabled and not Path(ledger.path).is_absolute():
@@ -379,6 +385,16 @@ def _parse(text: str, source: str) -> Snapshot:
         include_globs=loaded.include_globs,
         redactor=redactor,
     )
+
+
+def _where(file: str, line: int, path: str, source: str) -> str:
+    """Where a policy problem is, for a ConfigError of `source`."""
+    return f"line {line}: {path}" if file == source else f"{file}:{line}: {path}"
+
+
+def _reads_data_classes(policies: Any) -> list[Any]:
+    return [p for p in policies
+            if any(a.startswith("request.data_classes") for a in p.attributes_used)]
 
 
 def load(path: str | Path) -> Snapshot:

@@ -251,6 +251,11 @@ def _only(items: list[Any], kinds: frozenset[type]) -> bool:
     return set(map(type, items)) <= kinds
 
 
+# The request's caps on generated tokens (Chat's old and new name, Responses'): a
+# provider honours whichever it reads, so policies see the largest.
+TOKEN_LIMIT_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
 def token_ids(value: Any) -> bool:
     """Is `value` one input given as token ids (a non-empty list of ints)?"""
     return type(value) is list and bool(value) and _only(value, _INTS)
@@ -297,6 +302,11 @@ def read_request(operation: str, doc: dict[str, Any],
     if options is not None and not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", "invalid_type",
                            param="stream_options")
+    for key in TOKEN_LIMIT_KEYS:
+        # Policies cap these: "8000" or 8000.0 would pass them and still be read as
+        # 8000 by providers that coerce.
+        if doc.get(key) is not None and type(doc[key]) is not int:
+            raise RequestError(400, f"'{key}' must be an integer", "invalid_type", param=key)
     # Redaction only reads the shapes a provider accepts: any other shape would reach the
     # provider unscanned, so it is refused here.
     value = doc[required]

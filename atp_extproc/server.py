@@ -77,7 +77,9 @@ class ConfigHolder:
         matched = sorted({m for pattern in snapshot.include_globs
                           for m in glob.glob(pattern, recursive=True)})
         stamps: list[object] = [tuple(matched)]
-        for name in (str(self.path), *snapshot.files[1:]):
+        # What the globs match now too: a new file the last reload refused is not among
+        # the snapshot's files, and its fix must reload as well.
+        for name in dict.fromkeys((str(self.path), *snapshot.files[1:], *matched)):
             try:
                 st = os.stat(name)
             except OSError:

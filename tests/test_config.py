@@ -560,3 +560,22 @@ def test_snapshot_lists_include_globs_absolute(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     snap = config.load(path)
     assert snap.include_globs == (str(tmp_path.resolve() / "policies" / "*.yaml"),)
+
+
+# -- policies that need redaction ---------------------------------------------------
+
+def _with_policy(expression: str, redaction: dict) -> dict:
+    doc = base()
+    doc["redaction"] = redaction
+    doc["policies"] = [{"id": "pii.card", "effect": "deny", "expression": expression}]
+    return doc
+
+
+def test_a_policy_reading_data_classes_needs_redaction_on() -> None:
+    expression = "'card' in request.data_classes"
+    err = error_of(_with_policy(expression, {"enabled": False}))
+    (where, reason), = err.problems
+    assert where.startswith("line ") and where.endswith(": pii.card")
+    assert "request.data_classes" in reason and "redaction" in reason
+    assert parse_dict(_with_policy(expression, {"enabled": True})).policies is not None
+    assert parse_dict(_with_policy("request.stream", {"enabled": False})).policies is not None

@@ -232,3 +232,22 @@ def test_a_restored_stream_is_recorded_restored(snap) -> None:
     out = ex.handle(resp_body(event)).response_body.response.body_mutation.body
     assert b"jane.doe@example.com" in out
     assert ex.finish().restored is True
+
+
+# -- token caps ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "max_output_tokens"])
+@pytest.mark.parametrize("value", ["8000", 8000.0, 1e4, True, [8000]])
+def test_a_token_cap_must_be_an_integer(snap, key, value) -> None:
+    _, resp = send_body(snap, chat("gpt-4o-mini", **{key: value}))
+    assert assert_error(resp, 400, "invalid_type")["param"] == key
+
+
+def test_policies_see_the_largest_token_cap(snap) -> None:
+    # examples/policies/limits.yaml: limits.max_tokens denies more than 4096.
+    _, resp = send_body(snap, chat("gpt-4o-mini", max_tokens=10,
+                                   max_completion_tokens=8000))
+    assert _denied_by(resp) == "limits.max_tokens"
+    _, resp = send_body(snap, chat("gpt-4o-mini", max_tokens=None, max_completion_tokens=100))
+    assert resp.WhichOneof("response") == "request_body"

@@ -46,7 +46,9 @@ def test_atp_down_fails_closed(own_stack: Stack) -> None:
     for _ in range(5):
         reply = post(own_stack, CHAT, HELLO)
         assert 500 <= reply.status < 600
-        assert reply.json()["error"]["type"] == "gateway_error"
+        error = reply.json()["error"]
+        assert (error["type"], error["code"]) == ("gateway_error", "atp_unavailable")
+        assert "ATP" in error["message"]
     assert upstreams.total() == 0
 
 

@@ -164,6 +164,8 @@ def test_tools_strip_and_deny():
     assert out.tools_denied == ("shell",)
     assert out.denied.policy_id == "t.shell"
     assert "no shell" in out.denied.message and "shell" in out.denied.message
+    # The 403 body's `reasons` names the policy, as for every other refusal.
+    assert out.denied.reasons == (f"t.shell: {out.denied.message}",)
     none = ps.evaluate(attrs("alice"), [SMALL])
     assert rec(none, "t.scope").decision == "not_applicable"
 

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from atp_extproc.policy import PolicyError, PolicySet, load_text
 from atp_extproc.policy.cli import check
@@ -321,3 +322,17 @@ def test_shipped_envoy_config_is_fail_closed():
     code, output = run_check(EXAMPLES, [ROOT / "envoy" / "front-proxy.yaml"],
                              redaction_enabled=True)
     assert code == 0, output
+
+
+def test_an_envoy_config_without_ext_proc_is_refused():
+    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    for listener in doc["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network in chain["filters"]:
+                network["typed_config"]["http_filters"] = [
+                    f for f in network["typed_config"]["http_filters"]
+                    if f["name"] != "envoy.filters.http.ext_proc"]
+    problems = fail_open_problems("envoy.yaml", yaml.safe_dump(doc), ["deny policies"])
+    assert [(p.severity, p.path) for p in problems] == [("error", "http_filters")]
+    assert "no ext_proc filter" in problems[0].reason
+    assert fail_open_problems("envoy.yaml", yaml.safe_dump(doc), [])[0].severity == "warning"

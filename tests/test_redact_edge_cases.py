@@ -642,3 +642,24 @@ def test_keys_seen_in_an_earlier_json_text_are_redacted_in_every_text(redactor):
     '{"x": [5500005555555559]}', '{"us": {"value": 4111111111111111}}'])
 def test_json_numbers_under_neutral_keys_are_not_read(redactor, args):
     assert not redactor.redact("chat", _tool_doc(args), "t").fields
+
+
+# -- lists of numbers ------------------------------------------------------------------
+
+def test_a_list_of_numbers_is_not_read_as_phone_numbers(redactor):
+    # Space-separated readings: neighbours used to join into phone-shaped windows (966
+    # "phones" in 2,500 numbers), and past ~3,000 numbers the scan ran out of budget and
+    # the request was refused.
+    rng = __import__("random").Random(1)
+    for n in (2500, 20000):
+        numbers = " ".join(str(rng.randint(0, 99999)) for _ in range(n))
+        res = redactor.redact("chat", chat(f"Mean of these readings? {numbers}"), "t")
+        assert not res.incomplete and "phone" not in res.counts
+
+
+@pytest.mark.parametrize("text", [
+    "1 2 3 4 5 6 7 8 call 415 555 2671",        # a list before the number, then prose
+    "ids 17 23 99 41 8 12 77 call +1 415 555 2671 or 4155552671",
+])
+def test_phone_numbers_next_to_lists_are_still_found(redactor, text):
+    assert "phone" in redactor.redact("chat", chat(text), "t").counts

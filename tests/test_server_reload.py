@@ -84,6 +84,22 @@ def test_a_new_file_matching_policy_include_is_a_reload(tmp_path: Path) -> None:
     assert [p.id for p in holder.current.policies.policies] == ["a.x", "b.x"]
 
 
+def test_the_fix_to_a_refused_new_policy_file_is_a_reload(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(
+        "policies:\n  - {id: a.x, effect: deny, expression: request.max_tokens > 9000}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    new = tmp_path / "policies" / "new.yaml"
+    new.write_text("policies:\n  - {id: n.x, effect: deny, expression: request.strem}\n")
+    assert holder._file_stamp() != holder._stamp
+    assert holder.reload("file changed") is False  # a typo: refused, the old set stays
+    assert holder._file_stamp() == holder._stamp
+    new.write_text("policies:\n  - {id: n.x, effect: deny, expression: request.stream}\n")
+    assert holder._file_stamp() != holder._stamp   # the fix is seen, and loads
+    assert holder.reload("file changed")
+    assert [p.id for p in holder.current.policies.policies] == ["a.x", "n.x"]
+
+
 def _envoy_buffer_limits() -> list[int]:
     limits = []
     for path in sorted((ROOT / "envoy").glob("*.yaml")):

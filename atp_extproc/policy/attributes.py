@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from atp_extproc.llm_api import token_ids, tool_name
+from atp_extproc.llm_api import TOKEN_LIMIT_KEYS, token_ids, tool_name
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 MAX_STRING = 256          # characters of any string attribute
@@ -579,11 +579,9 @@ def request_from_body(operation: str,
     elif isinstance(choice, dict):
         name = tool_name(choice)
         out["tool_choice"] = name if name is not None else str(choice.get("type", ""))
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        value = doc.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            out["max_tokens"] = value
-            break
+    limits = [v for v in map(doc.get, TOKEN_LIMIT_KEYS) if type(v) is int]
+    if limits:
+        out["max_tokens"] = max(limits)
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         out["metadata"] = metadata

@@ -871,7 +871,8 @@ def _deny(denies: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
 def _tools_refusal(p: CompiledPolicy, names: Sequence[str]) -> Decision:
     """The refusal of a tools policy (tool_action: deny); names fit for the client."""
     shown = ", ".join(safe_name(t, i) for i, t in enumerate(names))
-    return Decision(p.id, f"{p.message} (tools: {shown})")
+    message = f"{p.message} (tools: {shown})"
+    return Decision(p.id, message, (f"{p.id}: {message}",))
 
 
 def _no_candidate(reasons: tuple[str, ...]) -> Decision:

@@ -109,6 +109,7 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
         return problems
     severity = "error" if why else "warning"
     because = f" while {'; '.join(why)}" if why else ""
+    asked = False
     for hcm in _walk(doc):
         filters = hcm.get("http_filters")
         if not isinstance(filters, list):
@@ -116,6 +117,7 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
         ext = [f for f in filters if isinstance(f, dict) and _is_ext_proc(f)]
         if not ext:
             continue
+        asked = True
         names = {str(f.get("name")) for f in ext}
         filter_open = False
         filter_line = 0
@@ -174,6 +176,12 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
                         f"ext_proc fails open (failure_mode_allow: true): when ATP is down "
                         f"the original, unredacted request goes upstream{because}",
                         severity))  # type: ignore[arg-type]
+    if not asked:
+        # A config that never asks ATP sends every request on unchecked (an egress proxy
+        # placed after ATP has none, but it is not the config ATP is checked against).
+        problems.append(Problem(file, 1, "http_filters",
+                                f"no ext_proc filter: no request is ever checked by ATP"
+                                f"{because}", severity))  # type: ignore[arg-type]
     return problems
 
 

@@ -869,7 +869,11 @@ class Scanner:
                                                  or (ng == 1 and nd in (3, 9))):
                     hit = self._ssn_at(run, a)
                 if hit is None and phone_ok:
-                    hit = self._phone_at(run, a, budget)
+                    # In a list of numbers (a run of many chunks: readings, amounts, ids)
+                    # neighbours would join into phone-shaped windows; there a phone is
+                    # one chunk, or starts with '+'.
+                    span = 8 if nch < _LIST_CHUNKS or run.lead(a) == b"+" else 1
+                    hit = self._phone_at(run, a, budget, span)
                     if budget.exhausted:
                         return
                 if hit is None:
@@ -942,12 +946,13 @@ class Scanner:
             return None
         return Found("ssn", run.groups[idx[0]][0], run.groups[idx[-1]][1], "".join(parts)), end
 
-    def _phone_at(self, run: _Run, a: int, budget: Budget):
+    def _phone_at(self, run: _Run, a: int, budget: Budget, span: int):
+        """The phone number starting at chunk `a`, of at most `span` chunks, if any."""
         ndig, nsingle = run.ndig, run.nsingle
         nch = len(ndig)
         total = singles = 0
         b = a
-        while b < nch and b - a < 8 and total + ndig[b] <= 15:
+        while b < nch and b - a < span and total + ndig[b] <= 15:
             if run.not_phone(b) or (b == a and run.decimal(b)):
                 break
             total += ndig[b]
@@ -994,6 +999,12 @@ class Scanner:
                 stop = run.ext[1]
             return Found("phone", start, stop, value), end
         return None
+
+
+# Chunks (space-separated numbers) from which a digit run reads as a list of numbers.
+# Phone formats use up to 6 ("+33 1 23 45 67 89"), with an extension or a word of digits
+# after it 7.
+_LIST_CHUNKS = 8
 
 
 class _Run:
