@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -32,13 +33,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from atp_extproc.policy import cli as policy_cli
 
-    # Policies first: their report names file:line for every problem, warnings included.
-    code = policy_cli.check([args.config], args.envoy)
     try:
         snapshot = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
+        # The policy report still comes first, for its file:line on every problem; but a
+        # file that is no config (empty, a policy file) is not OK, whatever its policies.
+        policy_cli.check([args.config], args.envoy, verdict=False)
         print(exc, file=sys.stderr)
         return 1
+    # Policies first: their report names file:line for every problem, warnings included.
+    code = policy_cli.check([args.config], args.envoy)
     print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} models, "
           f"{len(snapshot.routes)} routes, "
           f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
@@ -115,18 +119,58 @@ def _stack(args: argparse.Namespace) -> int:
     return code
 
 
+class _UnusableInput(Exception):
+    """An argument or file a command cannot use; the message says which and why."""
+
+
 def _report_savings(args: argparse.Namespace) -> int:
+    """Print the savings table. Exit 1 when there is no ledger (yet), 2 with one line on
+    stderr when an argument, the config or the ledger file cannot be used."""
+    try:
+        db_path, by, since = _savings_inputs(args)
+        if not Path(db_path).exists():
+            print(f"atp-extproc: no ledger at {db_path}", file=sys.stderr)
+            return 1
+        print(_savings_table(db_path, by, args.bucket, since))
+    except _UnusableInput as exc:
+        print(f"atp-extproc: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _savings_inputs(args: argparse.Namespace) -> tuple[str, tuple[str, ...], int | None]:
+    """The ledger path, the --by columns and --since as a timestamp."""
+    from atp_extproc.routing.report import parse_since
+    from atp_extproc.store.sqlite import GROUP_COLUMNS
+
+    by = tuple(args.by.split(","))
+    unknown = [column for column in by if column not in GROUP_COLUMNS]
+    if unknown:
+        raise _UnusableInput(f"--by: cannot group by {unknown[0]!r}; choose from "
+                             f"{', '.join(GROUP_COLUMNS)}")
+    try:
+        since = None if args.since is None else parse_since(args.since)
+    except ValueError:
+        raise _UnusableInput(f"--since {args.since!r}: give 24h, 7d, 90m or an ISO "
+                             "date") from None
+    if args.db is not None:
+        return args.db, by, since
+    try:
+        return str(config_mod.load(args.config).ledger.path), by, since
+    except config_mod.ConfigError as exc:
+        raise _UnusableInput(f"no ledger path (give --db, or a valid --config): {exc}") \
+            from None
+
+
+def _savings_table(db_path: str, by: tuple[str, ...], bucket: str, since: int | None) -> str:
     from atp_extproc.routing.report import savings_report
 
-    db_path = args.db
-    if db_path is None:
-        db_path = config_mod.load(args.config).ledger.path
-    if not Path(db_path).exists():
-        print(f"atp-extproc: no ledger at {db_path}", file=sys.stderr)
-        return 1
-    print(savings_report(db_path, by=tuple(args.by.split(",")), bucket=args.bucket,
-                         since=args.since))
-    return 0
+    if Path(db_path).is_dir():
+        raise _UnusableInput(f"{db_path} is a directory, not a ledger file")
+    try:
+        return savings_report(db_path, by=by, bucket=bucket, since=since)
+    except sqlite3.Error as exc:
+        raise _UnusableInput(f"{db_path} is not a readable ledger: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -663,3 +663,9 @@ def test_a_list_of_numbers_is_not_read_as_phone_numbers(redactor):
 ])
 def test_phone_numbers_next_to_lists_are_still_found(redactor, text):
     assert "phone" in redactor.redact("chat", chat(text), "t").counts
+
+
+@pytest.mark.parametrize("gap", [" ", "  ", "   "])
+def test_a_card_with_wider_gaps_between_its_groups_is_found(redactor, gap):
+    number = gap.join(["4111", "1111", "1111", "1111"])
+    assert redacted(redactor, f"card {number} thanks") == "card [CARD_1] thanks"

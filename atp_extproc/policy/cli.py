@@ -41,8 +41,11 @@ def redaction_configured(raw: dict[str, Any]) -> bool:
 
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
           redaction_enabled: bool | None = None, out: TextIO | None = None,
-          known_data_classes: Sequence[str] | None = None) -> int:
+          known_data_classes: Sequence[str] | None = None, verdict: bool = True) -> int:
     """Lint atp.yaml files (or policy files): print `file:line: reason`; 1 on any error.
+
+    verdict=False prints the problems only, without the OK lines and the tally: for a
+    caller that found the files invalid otherwise and reports that itself.
 
     Also refuses each Envoy config in `envoy_configs` whose ext_proc fails open while the
     policies hold deny/restrict/redact/tools effects, default deny, or redaction is on
@@ -85,6 +88,8 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
         print(problem, file=out)
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
+    if not verdict:
+        return 1 if errors else 0
     if not errors:
         for line in summaries:
             print(f"{line}: OK", file=out)

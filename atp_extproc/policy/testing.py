@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import known_values
@@ -45,6 +47,7 @@ from atp_extproc.policy.settings import (
     PolicySettings,
     Problem,
     SourcedPolicy,
+    line_of,
     load_file,
     load_yaml,
 )
@@ -55,6 +58,13 @@ EXPECT_KEYS = frozenset({"denied", "would_deny", "allowed_candidates", "required
                          "tools_denied", "tools_stripped", "decisions"})
 CASE_KEYS = frozenset({"name", "subject", "request", "context", "candidates", "expect"})
 FILE_KEYS = frozenset({"policies", "models", "settings", "cases"})
+# What a case's keys, and its expect's, hold when given: build_attributes and _compare
+# read them as such.
+CASE_SHAPES: dict[str, type] = {"subject": Mapping, "request": Mapping, "context": Mapping,
+                                "candidates": list, "expect": Mapping}
+EXPECT_SHAPES: dict[str, type] = {"allowed_candidates": list, "required_redactions": list,
+                                  "tools_denied": list, "tools_stripped": list,
+                                  "decisions": Mapping}
 # Cases must not depend on the clock: context.time is this unless a case sets it.
 CASE_TIME = "2026-01-01T12:00:00Z"
 
@@ -83,20 +93,42 @@ class Report:
         return not self.failed and not self.load_errors and self.passed > 0
 
 
-def _models(path: Path) -> dict[str, CandidateInfo]:
-    doc, _ = load_yaml(path.read_text(encoding="utf-8"), str(path))
+def _models(path: Path, case_file: Path) -> tuple[dict[str, CandidateInfo], dict[str, Any]]:
+    """The candidates of the atp.yaml at `path` by name, and the file's sections."""
+    file = str(path)
+    doc, problems = load_yaml(path.read_text(encoding="utf-8"), file)
+    if problems:
+        raise PolicyError(problems)
+    if doc is None:
+        return {}, {}
+    if not isinstance(doc, Mapping):
+        raise PolicyError([Problem(file, getattr(doc, "line", 1), "",
+                                   f"the `models:` of {case_file} is an atp.yaml: it must "
+                                   "hold a mapping")])
+    entries = doc.get("models") or []
+    if not isinstance(entries, list):
+        raise PolicyError([Problem(file, line_of(doc, ["models"]), "models",
+                                   "must be a list")])
     out: dict[str, CandidateInfo] = {}
-    for m in (doc or {}).get("models") or ():
+    for i, m in enumerate(entries):
         if isinstance(m, dict) and "name" in m:
-            price = m.get("price") or {}
-            out[str(m["name"])] = CandidateInfo(
-                model=str(m["name"]), provider=str(m.get("provider") or m.get("cluster", "")),
-                region=str(m.get("region", "unspecified")),
-                egress=str(m.get("egress", "external")),
-                input_per_1k=float(price.get("input_per_1k", 0.0)),
-                output_per_1k=float(price.get("output_per_1k", 0.0)),
-                cluster=str(m.get("cluster", "")))
-    return out
+            out[str(m["name"])] = _candidate(m, file, i)
+    return out, dict(doc)
+
+
+def _candidate(m: Mapping[str, Any], file: str, index: int) -> CandidateInfo:
+    price = m.get("price") or {}
+    where, line = f"models[{index}].price", line_of(m, ["price"])
+    if not isinstance(price, Mapping):
+        raise PolicyError([Problem(file, line, where, "must be a mapping")])
+    try:
+        per_1k = (float(price.get("input_per_1k", 0.0)), float(price.get("output_per_1k", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise PolicyError([Problem(file, line, where, str(exc))]) from None
+    return CandidateInfo(
+        model=str(m["name"]), provider=str(m.get("provider") or m.get("cluster", "")),
+        region=str(m.get("region", "unspecified")), egress=str(m.get("egress", "external")),
+        input_per_1k=per_1k[0], output_per_1k=per_1k[1], cluster=str(m.get("cluster", "")))
 
 
 def _overrides(file: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,7 +143,13 @@ def _overrides(file: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
     if "include" in raw:
         raise PolicyError([Problem(str(file), line, "settings.include",
                                    "list the policy files under `policies:`")])
-    override = PolicySettings.model_validate(dict(raw))
+    try:
+        override = PolicySettings.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise PolicyError([
+            Problem(str(file), line_of(doc, ["settings", *e["loc"]]),
+                    ".".join(str(part) for part in ("settings", *e["loc"])), e["msg"])
+            for e in exc.errors()]) from None
     return {name: getattr(override, name) for name in override.model_fields_set}
 
 
@@ -142,10 +180,8 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
             raw = raw or loaded.raw
     models: dict[str, CandidateInfo] = {}
     if doc.get("models"):
-        models_path = base / str(doc["models"])
-        models = _models(models_path)
-        if not raw:
-            raw, _ = load_yaml(models_path.read_text(encoding="utf-8"), str(models_path))
+        models, models_raw = _models(base / str(doc["models"]), file)
+        raw = raw or models_raw
     if problems:
         raise PolicyError(problems)
     policy_set = PolicySet.compile(policies, settings or PolicySettings(**overrides),
@@ -218,72 +254,107 @@ def run(directory: str | Path) -> Report:
     files = sorted({*root.rglob("*.yaml"), *root.rglob("*.yml")}) if root.is_dir() else \
         [root]
     for file in files:
-        doc, problems = load_yaml(file.read_text(encoding="utf-8"), str(file))
+        _run_file(file, report)
+    return report
+
+
+def _run_file(file: Path, report: Report) -> None:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        report.load_errors.append(Problem(str(file), 0, "", f"cannot read: {exc}"))
+        return
+    doc, problems = load_yaml(text, str(file))
+    if problems:
+        report.load_errors += problems
+        return
+    if not isinstance(doc, dict) or "cases" not in doc:
+        return  # not a case file (e.g. a policy file beside the cases)
+    extra = set(doc) - FILE_KEYS
+    if extra:
+        report.load_errors.append(Problem(str(file), 1, "",
+                                          f"unknown keys: {', '.join(sorted(extra))}"))
+        return
+    cases = doc["cases"] or []
+    if not isinstance(cases, list):
+        report.load_errors.append(Problem(str(file), line_of(doc, ["cases"]), "cases",
+                                          "must be a list of cases"))
+        return
+    try:
+        policy_set, models = _load_suite(file, doc)
+    except PolicyError as exc:
+        report.load_errors += exc.details
+        return
+    except (OSError, ValueError) as exc:
+        report.load_errors.append(Problem(str(file), 0, "", str(exc)))
+        return
+    for p in policy_set.policies:
+        report.coverage.setdefault(p.id, PolicyCoverage(p.effect))
+    for i, case in enumerate(cases):
+        line = cases.item_lines[i] if hasattr(cases, "item_lines") else 0
+        # A case of the wrong shape is a broken test file (exit 2), not a failed case.
+        problems = _shape_problems(str(file), case, f"cases[{i}]", line)
         if problems:
             report.load_errors += problems
             continue
-        if not isinstance(doc, dict) or "cases" not in doc:
-            continue  # not a case file (e.g. a policy file beside the cases)
-        extra = set(doc) - FILE_KEYS
-        if extra:
-            report.load_errors.append(Problem(str(file), 1, "",
-                                              f"unknown keys: {', '.join(sorted(extra))}"))
-            continue
-        try:
-            policy_set, models = _load_suite(file, doc)
-        except PolicyError as exc:
-            report.load_errors += exc.details
-            continue
-        except (OSError, ValueError) as exc:
-            report.load_errors.append(Problem(str(file), 0, "", str(exc)))
-            continue
-        for p in policy_set.policies:
-            report.coverage.setdefault(p.id, PolicyCoverage(p.effect))
-        cases = doc.get("cases") or []
-        for i, case in enumerate(cases):
-            line = cases.item_lines[i] if hasattr(cases, "item_lines") else 0
-            name = str(case.get("name", f"case {i + 1}")) if isinstance(case, dict) \
-                else f"case {i + 1}"
-            where = f"{file}:{line}"
-            if not isinstance(case, dict):
-                report.failed += 1
-                report.failures.append((where, name, ["a case must be a mapping"]))
-                continue
-            errs: list[str] = []
-            unknown = set(case) - CASE_KEYS
-            if unknown:
-                errs.append(f"unknown case keys: {', '.join(sorted(unknown))}")
-            try:
-                context = {"time": CASE_TIME, **(case.get("context") or {})}
-                attrs = build_attributes(case.get("subject"), case.get("request"), context)
-                candidates = _candidates(case.get("candidates"), models)
-            except (AttributeError_, TypeError, ValueError) as exc:
-                report.failed += 1
-                report.failures.append((where, name, [f"bad attributes: {exc}"]))
-                continue
-            outcome = policy_set.evaluate(attrs, candidates)
-            asserted: set[str] = set()
-            errs += _compare(case.get("expect") or {}, outcome, asserted)
-            for record in outcome.records:
-                cov = report.coverage[record.policy_id]
-                cov.evaluated += 1
-                if record.decision == "error":
-                    cov.errors += 1
-                elif record.decision == "not_applicable":
-                    cov.not_applicable += 1
-                elif record.decision in MATCHED and not (
-                        record.effect != "allow" and record.decision == "allow"):
-                    cov.matched += 1
-                else:
-                    cov.not_matched += 1
-                if record.policy_id in asserted:
-                    cov.asserted += 1
-            if errs:
-                report.failed += 1
-                report.failures.append((where, name, errs))
-            else:
-                report.passed += 1
-    return report
+        _run_case(case, f"{file}:{line}", str(case.get("name", f"case {i + 1}")),
+                  policy_set, models, report)
+
+
+def _shape_problems(file: str, case: Any, where: str, line: int) -> list[Problem]:
+    if not isinstance(case, Mapping):
+        return [Problem(file, line, where, "a case must be a mapping")]
+    problems = _misshapen(file, case, CASE_SHAPES, where)
+    expect = case.get("expect")
+    if isinstance(expect, Mapping):
+        problems += _misshapen(file, expect, EXPECT_SHAPES, f"{where}.expect")
+    return problems
+
+
+def _misshapen(file: str, values: Mapping[str, Any], shapes: Mapping[str, type],
+               where: str) -> list[Problem]:
+    return [Problem(file, line_of(values, [key]), f"{where}.{key}",
+                    "must be a mapping" if kind is Mapping else "must be a list")
+            for key, kind in shapes.items()
+            if values.get(key) is not None and not isinstance(values[key], kind)]
+
+
+def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: PolicySet,
+              models: dict[str, CandidateInfo], report: Report) -> None:
+    errs: list[str] = []
+    unknown = set(case) - CASE_KEYS
+    if unknown:
+        errs.append(f"unknown case keys: {', '.join(sorted(unknown))}")
+    try:
+        context = {"time": CASE_TIME, **(case.get("context") or {})}
+        attrs = build_attributes(case.get("subject"), case.get("request"), context)
+        candidates = _candidates(case.get("candidates"), models)
+    except (AttributeError_, TypeError, ValueError) as exc:
+        report.failed += 1
+        report.failures.append((where, name, [f"bad attributes: {exc}"]))
+        return
+    outcome = policy_set.evaluate(attrs, candidates)
+    asserted: set[str] = set()
+    errs += _compare(case.get("expect") or {}, outcome, asserted)
+    for record in outcome.records:
+        cov = report.coverage[record.policy_id]
+        cov.evaluated += 1
+        if record.decision == "error":
+            cov.errors += 1
+        elif record.decision == "not_applicable":
+            cov.not_applicable += 1
+        elif record.decision in MATCHED and not (
+                record.effect != "allow" and record.decision == "allow"):
+            cov.matched += 1
+        else:
+            cov.not_matched += 1
+        if record.policy_id in asserted:
+            cov.asserted += 1
+    if errs:
+        report.failed += 1
+        report.failures.append((where, name, errs))
+    else:
+        report.passed += 1
 
 
 def print_report(report: Report, out: TextIO) -> None:

@@ -174,6 +174,9 @@ _SECRETS: dict[str, tuple] = {
 _DATE = re.compile(rb"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 _DOTTED4 = re.compile(rb"\d{1,3}(?:\.\d{1,3}){3}")
 _GROUP = re.compile(rb"[0-9]+")
+# Between the 4-digit groups of a card: a space, or two or three (copied from a form or
+# aligned in a table).
+_SPACED = frozenset((b" ", b"  ", b"   "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 _VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
 _POS_CTX = re.compile(r"(?i)phone|\btel\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
@@ -860,7 +863,7 @@ class Scanner:
                 # A card starts where a group of four does not run on into this one
                 # ("1234 5678 9012 3456" holds no card starting at "5678").
                 continued = (a > free and ngroups[a - 1] == 1 and ndig[a - 1] == 4
-                             and run.lead(a) == b" ")
+                             and run.lead(a) in _SPACED)
                 if want_card and not continued and (
                         (ng == 1 and (12 <= nd <= 19 or nd == 4))
                         or (ng > 1 and 12 <= nd <= 19 and first[a] == 4)):
@@ -900,7 +903,7 @@ class Scanner:
         elif ndig[a] == 4:
             total = 4
             b = a + 1
-            while b < len(ndig) and ngroups[b] == 1 and run.lead(b) == b" ":
+            while b < len(ndig) and ngroups[b] == 1 and run.lead(b) in _SPACED:
                 total += ndig[b]
                 if total > 19:
                     break

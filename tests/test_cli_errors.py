@@ -1,0 +1,221 @@
+"""Bad input to the CLI: one clear message naming the file and the problem, never a
+traceback; exit 2 for unusable input (policy test files, report arguments), 1 for a file
+`check` refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atp_extproc import cli
+from atp_extproc.store import sqlite as db
+
+POLICIES = """policies:
+  - id: t.deny_bob
+    effect: deny
+    expression: subject.tenant == 'bob'
+"""
+MODELS = """models:
+  - name: small
+    provider: local
+    price: {input_per_1k: 0.001, output_per_1k: 0.002}
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """The exit code and all output of `atp-extproc *argv` (an exception fails the test)."""
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# ------------------------------------------------------------- atp-extproc policy test
+
+
+def case_dir(tmp_path: Path, cases: str, head: str = "") -> Path:
+    """tests/t.yaml with `cases`, testing ../policies.yaml, models from ../atp.yaml."""
+    (tmp_path / "policies.yaml").write_text(POLICIES)
+    (tmp_path / "atp.yaml").write_text(MODELS)
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "t.yaml").write_text(
+        f"policies: [../policies.yaml]\nmodels: ../atp.yaml\n{head}cases:{cases}")
+    return tests
+
+
+@pytest.mark.parametrize(("cases", "line", "problem"), [
+    ("\n  - name: x\n    subject: bob\n", 5, "cases[0].subject: must be a mapping"),
+    ("\n  - name: x\n    request: chat\n", 5, "cases[0].request: must be a mapping"),
+    ("\n  - name: x\n    context: prod\n", 5, "cases[0].context: must be a mapping"),
+    ("\n  - name: x\n    candidates: 5\n", 5, "cases[0].candidates: must be a list"),
+    ("\n  - name: x\n    expect: denied\n", 5, "cases[0].expect: must be a mapping"),
+    ("\n  - name: x\n    expect:\n      decisions: [t.deny_bob]\n", 6,
+     "cases[0].expect.decisions: must be a mapping"),
+    ("\n  - name: x\n    expect:\n      allowed_candidates: 5\n", 6,
+     "cases[0].expect.allowed_candidates: must be a list"),
+    ("\n  - just a string\n", 4, "cases[0]: a case must be a mapping"),
+    (" 5\n", 3, "cases: must be a list of cases"),
+])
+def test_policy_test_refuses_a_case_of_the_wrong_shape(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], cases: str, line: int,
+        problem: str) -> None:
+    tests = case_dir(tmp_path, cases)
+    code, output = run(capsys, "policy", "test", str(tests))
+    assert code == 2, output  # the test file is invalid: not 1, a failing case
+    assert f"ERROR {tests / 't.yaml'}:{line}: {problem}\n" in output
+
+
+def test_a_case_of_the_wrong_shape_does_not_stop_the_others(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tests = case_dir(tmp_path, "\n  - subject: bob\n  - subject: {tenant: bob}\n"
+                               "    expect: {denied: t.deny_bob}\n")
+    code, output = run(capsys, "policy", "test", str(tests))
+    assert code == 2
+    assert "cases[0].subject: must be a mapping" in output
+    assert "policy tests: 1 passed, 0 failed, 1 load errors" in output
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ("{default: maybe}", "settings.default: Input should be 'allow' or 'deny'"),
+    ("{defualt: deny}", "settings.defualt: Extra inputs are not permitted"),
+])
+def test_policy_test_names_the_line_of_bad_settings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: str,
+        problem: str) -> None:
+    tests = case_dir(tmp_path, " []\n", head=f"settings: {settings}\n")
+    code, output = run(capsys, "policy", "test", str(tests))
+    assert code == 2
+    assert f"ERROR {tests / 't.yaml'}:3: {problem}\n" in output
+    assert "validation error" not in output  # pydantic's own multi-line dump
+
+
+@pytest.mark.parametrize(("models", "line", "problem"), [
+    ("- a\n", 1, "must hold a mapping"),
+    ("models: 5\n", 1, "models: must be a list"),
+    ("models:\n  - name: small\n    price: 5\n", 3, "models[0].price: must be a mapping"),
+    ("models:\n  - name: small\n    price: {input_per_1k: null}\n", 3,
+     "models[0].price: float() argument"),
+    ("models: [\n", 2, "invalid YAML"),
+])
+def test_policy_test_names_a_bad_models_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], models: str, line: int,
+        problem: str) -> None:
+    tests = case_dir(tmp_path, "\n  - name: x\n")
+    (tmp_path / "atp.yaml").write_text(models)
+    code, output = run(capsys, "policy", "test", str(tests))
+    assert code == 2, output
+    assert f"ERROR {tests / '../atp.yaml'}:{line}: " in output and problem in output
+
+
+def test_policy_test_names_a_file_that_is_not_utf8(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t.yaml").write_bytes(b"\xff\xfe\x00")
+    code, output = run(capsys, "policy", "test", str(tmp_path))
+    assert code == 2
+    assert f"ERROR {tmp_path / 't.yaml'}: cannot read: 'utf-8' codec can't decode" in output
+
+
+def test_policy_test_names_a_directory_that_does_not_exist(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere"
+    code, output = run(capsys, "policy", "test", str(missing))
+    assert code == 2
+    assert f"ERROR {missing}: cannot read: [Errno 2] No such file or directory" in output
+
+
+# ---------------------------------------------------------- atp-extproc report savings
+
+
+def test_report_savings_names_a_missing_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "atp.yaml"
+    code, output = run(capsys, "report", "savings", "--config", str(missing))
+    assert code == 2
+    assert output.startswith("atp-extproc: no ledger path (give --db, or a valid --config): "
+                             f"{missing}: <root>: cannot read: ")
+
+
+def test_report_savings_names_an_invalid_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "atp.yaml"
+    config.write_text("models: [\n")
+    code, output = run(capsys, "report", "savings", "--config", str(config))
+    assert code == 2
+    assert f"{config}: line 2, column 1: invalid YAML" in output
+    assert output.count("\n") == 1
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"root:x:0:0:root:/root:/bin/bash\n", "is not a readable ledger: file is not a database"),
+    (b"", "is not a readable ledger: no such table: ledger"),  # SQLite, but no ledger
+])
+def test_report_savings_names_a_file_that_is_no_ledger(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes,
+        problem: str) -> None:
+    path = tmp_path / "ledger.db"
+    path.write_bytes(content)
+    code, output = run(capsys, "report", "savings", "--db", str(path))
+    assert code == 2
+    assert output == f"atp-extproc: {path} {problem}\n"
+
+
+def test_report_savings_names_a_directory_given_as_the_ledger(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, output = run(capsys, "report", "savings", "--db", str(tmp_path))
+    assert code == 2
+    assert output == f"atp-extproc: {tmp_path} is a directory, not a ledger file\n"
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (("--since", "garbage"), "--since 'garbage': give 24h, 7d, 90m or an ISO date"),
+    (("--since", "2026-13-01"), "--since '2026-13-01': give 24h, 7d, 90m or an ISO date"),
+    (("--by", "tenant,region"),
+     "--by: cannot group by 'region'; choose from tenant, route, model"),
+])
+def test_report_savings_names_a_bad_argument(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: tuple[str, str],
+        message: str) -> None:
+    ledger = tmp_path / "ledger.db"
+    db.connect(ledger).close()
+    code, output = run(capsys, "report", "savings", "--db", str(ledger), *option)
+    assert code == 2
+    assert output == f"atp-extproc: {message}\n"
+
+
+def test_report_savings_still_reads_a_good_ledger(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = tmp_path / "ledger.db"
+    db.connect(ledger).close()
+    code, output = run(capsys, "report", "savings", "--db", str(ledger), "--since", "7d")
+    assert code == 0
+    assert output == f"no ledger rows in {ledger} for that period\n\n"
+
+
+# ----------------------------------------------------------------- atp-extproc check
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("", "<root>: the file must hold a mapping"),
+    ("# only a comment\n", "<root>: the file must hold a mapping"),
+    (POLICIES, "routes: Field required"),  # a policy file is no atp.yaml
+])
+def test_check_does_not_call_a_file_that_is_no_config_ok(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str,
+        problem: str) -> None:
+    path = tmp_path / "atp.yaml"
+    path.write_text(content)
+    code, output = run(capsys, "check", str(path))
+    assert code == 1
+    assert f"{path}: {problem}" in output
+    assert "OK" not in output and "0 error(s)" not in output
+
+
+def test_check_still_names_the_line_of_a_policy_problem_in_a_file_that_is_no_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "atp.yaml"
+    path.write_text(POLICIES.replace("subject.tenant", "subject.tennant"))
+    code, output = run(capsys, "check", str(path))
+    assert code == 1
+    assert f"{path}:4: t.deny_bob: unknown attribute subject.tennant" in output
+    assert "OK" not in output
