@@ -293,6 +293,15 @@ class Exchange:
         return refused if refused is not None else self._route()
 
     def _inspect(self, body_msg) -> ProcessingResponse | None:
+        refused = self._check(body_msg)
+        if refused is None and self.route is not None and self._wants_restore(self.route):
+            # Built here, with the rest of the work that grows with the body (off the
+            # event loop for a big one): one entry per placeholder, 100k for some bodies.
+            assert self._redaction is not None
+            self.restorer = Restorer(self._redaction.mapping)
+        return refused
+
+    def _check(self, body_msg) -> ProcessingResponse | None:
         rec = self.record
         server = self.snapshot.server
         body = body_msg.body
@@ -394,9 +403,6 @@ class Exchange:
             changes["stream_options"] = {**options, "include_usage": True}
             rec.usage_injected = True
         new_body = rewrite(parsed, changes, drop=self._drop) if changes or self._drop else None
-        if self._wants_restore(route):
-            assert self._redaction is not None
-            self.restorer = Restorer(self._redaction.mapping)
         # Usage (and any placeholder to restore) must be readable in the answer: no
         # compressed answers. Clients such as openai-python ask for gzip.
         return envoy_api.request_body(headers, new_body, remove_headers=_NO_COMPRESSION)
@@ -563,6 +569,12 @@ class Exchange:
                 mode = ProcessingMode.STREAMED
             return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
         return envoy_api.response_headers()
+
+    @property
+    def response_work_bytes(self) -> int:
+        """Bytes a restore works through at the next response body message, besides the
+        message's own: the JSON answer held back so far (0 when nothing is restored)."""
+        return len(self._response_body) if self.restorer is not None else 0
 
     def _on_response_body(self, body_msg) -> ProcessingResponse:
         end = body_msg.end_of_stream

@@ -58,24 +58,13 @@ class _DuplicateKey(ValueError):
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs) or (len(obj) > 1 and _folded_twice(obj)):
+    if len(obj) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
-            if _fold(key) in seen:
+            if key in seen:
                 raise _DuplicateKey(key)
-            seen.add(_fold(key))
+            seen.add(key)
     return obj
-
-
-def _fold(key: str) -> str:
-    # Go's encoding/json (behind many OpenAI-compatible servers) matches keys to fields
-    # ignoring case, with Unicode folding ("Content", "me\u017f\u017fages"), and the last
-    # one wins: keys equal under folding are duplicates too.
-    return key.casefold()
-
-
-def _folded_twice(obj: dict[str, Any]) -> bool:
-    return len({_fold(key) for key in obj}) != len(obj)
 
 
 def _reject_constant(name: str) -> None:
@@ -120,7 +109,7 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         parsed = _parse_object(text)
     except _DuplicateKey as exc:
         raise RequestError(400, f"Duplicate key {str(exc)!r} in the JSON body; each key may "
-                           "appear once, in any letter case", "duplicate_key") from None
+                           "appear once", "duplicate_key") from None
     except RecursionError:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
@@ -164,7 +153,6 @@ def _parse_object(text: str) -> ParsedBody:
         raise RequestError(400, "The request body must be a JSON object", "invalid_body")
     open_brace = i
     doc: dict[str, Any] = {}
-    folded: set[str] = set()
     spans: dict[str, tuple[int, int]] = {}
     i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
     if text[i] == "}":
@@ -179,9 +167,8 @@ def _parse_object(text: str) -> ParsedBody:
                 raise ValueError(f"expected ':' at character {i}")
             start = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
             value, i = _scan_once(text, start)
-            if key in doc or _fold(key) in folded:
+            if key in doc:
                 raise _DuplicateKey(key)
-            folded.add(_fold(key))
             doc[key] = value
             spans[key] = (start, i)
             i = _WS.match(text, i).end()  # type: ignore[union-attr]
@@ -264,6 +251,43 @@ def token_ids(value: Any) -> bool:
 _INPUT_KEYS = frozenset(("messages", "input", "prompt"))
 
 
+# The request fields ATP reads, scans or checks. Go's encoding/json (behind many OpenAI-
+# compatible servers) fills a struct field from a key equal to its name ignoring case,
+# with Unicode folding ("Content", "me\u017f\u017fages"): such a key would reach the
+# provider's `content` unread by redaction and policies, so it is refused.
+_FIELDS = frozenset((
+    "action", "allowed_tools", "arguments", "call_id", "code", "command", "commands",
+    "content", "custom", "diff", "error", "format", "function", "function_call",
+    "functions", "id", "include_usage", "input", "instructions", "logs", "max_tokens",
+    "max_completion_tokens", "max_output_tokens", "messages", "metadata", "mode", "model",
+    "name", "operation", "output", "outputs", "parallel_tool_calls", "parameters",
+    "prediction", "prompt", "prompt_cache_key", "queries", "query", "refusal",
+    "response_format", "results", "role", "safety_identifier", "stderr", "stdout",
+    "stream", "stream_options", "suffix", "summary", "text", "tool_call_id", "tool_calls",
+    "tool_choice", "tools", "type", "user", "variables", "working_directory"))
+# Values that are maps of the client's own keys (or JSON schemas), where "ID" and "id"
+# may both be names: Go fills maps by exact key.
+_USER_MAPS = frozenset(("metadata", "parameters", "schema", "logit_bias", "variables",
+                        "headers", "input_schema", "env", "properties"))
+
+
+def _check_field_names(node: Any) -> None:
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key not in _FIELDS and key.casefold() in _FIELDS:
+                    raise RequestError(
+                        400, f"Unrecognized request argument {key!r} (keys are case-"
+                        f"sensitive: {key.casefold()!r}?)", "unknown_parameter", param=key)
+                if isinstance(value, (dict, list)) and key not in _USER_MAPS:
+                    stack.append(value)
+        elif isinstance(node, list):
+            # Objects only: a list in a list is a token-id array (a prompt), never fields.
+            stack.extend(v for v in node if isinstance(v, dict))
+
+
 def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
     for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
                       ("prompt", limits.max_messages), ("tools", limits.max_tools),
@@ -281,6 +305,7 @@ def read_request(operation: str, doc: dict[str, Any],
                  limits: CountLimits = _DEFAULT_LIMITS) -> LlmRequest:
     """The request's facts, after the count limits (checked before any per-item work)."""
     _check_counts(doc, limits)
+    _check_field_names(doc)
     model = doc.get("model")
     if model is not None:
         if not isinstance(model, str):

@@ -30,7 +30,7 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 # gRPC metadata the shadow listener's ext_proc filter sends (grpc_service.initial_metadata):
 # a client cannot set it, so it is what tells a mirrored copy from a client request.
 ROLE_METADATA = ("x-atp-role", "shadow")
-# Bodies above this are inspected on a worker thread (see _inspect_off_loop).
+# Bodies above this are inspected (and answers above it restored) on a worker thread.
 OFFLOAD_BODY_BYTES = 128 * 1024
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
@@ -105,6 +105,10 @@ class ConfigHolder:
         if snapshot.version != self.current.version:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
+        fixed = _fixed_at_start(self.current, snapshot)
+        if fixed:
+            log.warning("config reloaded (%s): %s changed, which takes effect when ATP "
+                        "restarts", reason, ", ".join(fixed))
         self.current = snapshot
         self._stamp = self._file_stamp()
         return True
@@ -147,6 +151,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if (message.HasField("request_body")
                         and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
                     response = await self._inspect_off_loop(exchange, message)
+                elif (message.HasField("response_body") and exchange.restorer is not None
+                        and len(message.response_body.body) + exchange.response_work_bytes
+                        > OFFLOAD_BODY_BYTES):
+                    # Restoring a big answer's placeholders takes as long as inspecting it.
+                    response = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, _without_gc, exchange.handle, message)
                 else:
                     response = exchange.handle(message)
                 if message.observability_mode:
@@ -183,6 +193,17 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         except TimeoutError:
             return False
         return True
+
+
+def _fixed_at_start(old: Snapshot, new: Snapshot) -> list[str]:
+    """Settings a reload changed that only a restart applies: the ledger's writer opens
+    its file once, the gRPC server binds once and sizes its message limit once."""
+    changed = [("ledger", old.ledger != new.ledger),
+               ("server.listen", old.server.listen != new.server.listen),
+               ("server.max_body_bytes (the gRPC message limit)",
+                grpc_receive_limit(old.server.max_body_bytes)
+                != grpc_receive_limit(new.server.max_body_bytes))]
+    return [name for name, differs in changed if differs]
 
 
 def _response_ended(message: ProcessingRequest) -> bool:

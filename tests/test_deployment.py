@@ -1218,6 +1218,10 @@ def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) 
     down = _local_reply(config, "ext_proc_error_gRPC_error_14{upstream_connect_error}")
     assert down is not None and down["error"]["code"] == "atp_unavailable"
     assert "ATP" in down["error"]["message"]
+    for details in ("upstream_reset_before_response_started{remote_connection_failure}",
+                    "no_healthy_upstream", "upstream_response_timeout"):
+        provider = _local_reply(config, details)
+        assert provider is not None and provider["error"]["code"] == "upstream_unavailable"
     too_big = _local_reply(config, "request_payload_too_large")
     assert too_big is not None and too_big["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
     # ATP's own replies and the fallback route's JSON are already OpenAI-shaped.

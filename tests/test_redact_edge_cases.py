@@ -669,3 +669,27 @@ def test_phone_numbers_next_to_lists_are_still_found(redactor, text):
 def test_a_card_with_wider_gaps_between_its_groups_is_found(redactor, gap):
     number = gap.join(["4111", "1111", "1111", "1111"])
     assert redacted(redactor, f"card {number} thanks") == "card [CARD_1] thanks"
+
+
+# -- both readings of text parts, merged -------------------------------------------------
+
+def test_a_value_stretched_over_the_next_parts_value_leaves_both_found():
+    # Joined, "...1111." + "bob@example.com" reads as one e-mail "1111.bob@example.com"
+    # over the card's end: the e-mail's own class must still count, and may refuse.
+    r = Redactor(RedactionSettings(actions={"email": "deny"}))
+    for first in ("Card on file: 4111 1111 1111 1111.", "Call (415) 555-2671."):
+        doc = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": first},
+            {"type": "text", "text": "bob@example.com is the billing email."}]}]}
+        res = r.redact("chat", doc, "t")
+        assert res.denied == ("email",) and res.counts.get("email") == 1
+
+
+def test_findings_merged_into_one_span_keep_every_class():
+    from atp_extproc.redact.redactor import Span, _reconcile
+
+    text = "x" * 30
+    (span,) = _reconcile([Span("phone", 0, 10, "p")], [Span("email", 5, 20, "e")], text)
+    assert (span.cls, span.start, span.end, span.also) == ("phone", 0, 20, ("email",))
+    (span,) = _reconcile([Span("card", 0, 10, "c")], [Span("card", 0, 10, "c")], text)
+    assert (span.value, span.also) == ("c", ())

@@ -124,3 +124,14 @@ def test_grpc_receive_limit_covers_envoy_buffer_whatever_max_body(max_body: int)
     assert receive == grpc_receive_limit(max_body)
     assert receive >= max(limits) + 64 * 1024
     assert receive >= 2 * max_body + 64 * 1024
+
+
+def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, caplog) -> None:
+    holder = holder_for(tmp_path, GOOD + "ledger: {path: a.sqlite3}\n")
+    holder.path.write_text(GOOD.replace("reload_poll_s: 0.05", "reload_poll_s: 0.05, "
+                                        "listen: '127.0.0.1:50099'")
+                           + "ledger: {path: b.sqlite3}\n")
+    with caplog.at_level("WARNING", logger="atp.server"):
+        assert holder.reload("SIGHUP")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "ledger, server.listen changed" in warning and "restart" in warning

@@ -175,11 +175,12 @@ _DATE = re.compile(rb"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2
 _DOTTED4 = re.compile(rb"\d{1,3}(?:\.\d{1,3}){3}")
 _GROUP = re.compile(rb"[0-9]+")
 # Between the 4-digit groups of a card: a space, or two or three (copied from a form or
-# aligned in a table).
+# aligned in a table). Only a single space makes a 4-digit group before the card one of
+# its groups: "exp 1227  4111 1111 1111 1111" starts at 4111.
 _SPACED = frozenset((b" ", b"  ", b"   "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 _VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
-_POS_CTX = re.compile(r"(?i)phone|\btel\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
+_POS_CTX = re.compile(r"(?i)phone|\bt[ée]l\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
                         r"contact|reach|dial|telefon|t[ée]l[ée]phone|handy|portable|"
                         r"celular|cellulare|numero|n[úu]mero")
 # Words after which a bare number is an identifier ("Order No. 0612...", "tracking number
@@ -863,7 +864,7 @@ class Scanner:
                 # A card starts where a group of four does not run on into this one
                 # ("1234 5678 9012 3456" holds no card starting at "5678").
                 continued = (a > free and ngroups[a - 1] == 1 and ndig[a - 1] == 4
-                             and run.lead(a) in _SPACED)
+                             and run.lead(a) == b" ")
                 if want_card and not continued and (
                         (ng == 1 and (12 <= nd <= 19 or nd == 4))
                         or (ng > 1 and 12 <= nd <= 19 and first[a] == 4)):
@@ -874,8 +875,11 @@ class Scanner:
                 if hit is None and phone_ok:
                     # In a list of numbers (a run of many chunks: readings, amounts, ids)
                     # neighbours would join into phone-shaped windows; there a phone is
-                    # one chunk, or starts with '+'.
-                    span = 8 if nch < _LIST_CHUNKS or run.lead(a) == b"+" else 1
+                    # one chunk, or starts with '+' or '(', unless a word such as "tel" or
+                    # "contact" says the list is one of phone numbers, or the list repeats
+                    # one layout ("415 555 2671 415 555 2672 ...": one per period).
+                    span = 8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
+                                 or run.positive_context()) else max(1, run.period())
                     hit = self._phone_at(run, a, budget, span)
                     if budget.exhausted:
                         return
@@ -1108,6 +1112,18 @@ class _Run:
             return self._neg
         return _identifier_before(self.text, self.start) and not positive.search(
             self.text, _ctx_lo(self.text, self.start, 40), self.start)
+
+    def period(self) -> int:
+        """The number of chunks after which the run's chunk sizes repeat, when they do
+        over the whole run in periods of 2 to 6 that are not all one size (a list of
+        numbers written alike, "415 555 2671 415 555 2672"); else 0."""
+        sizes = self.ndig
+        n = len(sizes)
+        for p in range(2, 7):
+            if (n % p == 0 and len(set(sizes[:p])) > 1
+                    and all(sizes[i] == sizes[i - p] for i in range(p, n))):
+                return p
+        return 0
 
     def positive_context(self) -> bool:
         """A word saying the run is a phone number ("phone", "tel", "call") is just before."""

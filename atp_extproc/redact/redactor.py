@@ -129,6 +129,8 @@ class Span:
     start: int
     end: int
     value: str
+    # Other classes found within the span (findings of both readings merged into one).
+    also: tuple[str, ...] = ()
 
 
 def _unsplit(text: str) -> str:
@@ -143,17 +145,23 @@ def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
     """Both readings' findings as one set of spans over the joined `text`: every character
     either one finds is redacted, so neither can leak what the other found.
 
-    Overlapping findings become one span. A span the joined reading found as is keeps its
-    class and value (it may hold a value split over two parts); a wider one, stretched
-    over findings of both, takes the first's class and its own text as its value.
+    A joined finding that only stretched a value of one part over the next part's text
+    is dropped when that text holds a value of its own ("...1111." + "bob@example.com":
+    the card and the e-mail, not an e-mail "1111.bob@example.com"). Other overlapping
+    findings become one span: the one the joined reading found as is keeps its class and
+    value (it may hold a value split over two parts); a wider one, stretched over several,
+    takes the first's class and its own text as its value, and names the other classes
+    in it (`also`), which count and may refuse the request as their own findings would.
     """
     if not alone:
         return joined
+    alone = sorted(alone, key=lambda a: a.start)
+    kept = [h for h in joined if not _stretched(h, alone)]
     out: list[Span] = []
     group: list[Span] = []
     end = -1
     # Joined findings first where two start together, so they lead their group.
-    for h in sorted(joined + alone, key=lambda h: h.start):
+    for h in sorted(kept + alone, key=lambda h: h.start):
         if group and h.start >= end:
             out.append(_one_span(group, end, text))
             group = []
@@ -164,12 +172,25 @@ def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
     return out
 
 
+def _stretched(h: Span, alone: list[Span]) -> bool:
+    over = [a for a in alone if a.start < h.end and a.end > h.start]
+    for a in over:
+        if a.cls != h.cls or (a.start != h.start and a.end != h.end):
+            continue
+        rest = (a.end, h.end) if a.start == h.start else (h.start, a.start)
+        if any(b is not a and b.start < rest[1] and b.end > rest[0] for b in over):
+            return True
+    return False
+
+
 def _one_span(group: list[Span], end: int, text: str) -> Span:
     first = group[0]
+    also = tuple(dict.fromkeys(c for h in group for c in (h.cls, *h.also)
+                               if c != first.cls))
     for h in group:
         if h.start == first.start and h.end == end:
-            return h
-    return Span(first.cls, first.start, end, text[first.start:end])
+            return h if not also else Span(h.cls, h.start, h.end, h.value, also)
+    return Span(first.cls, first.start, end, text[first.start:end], also)
 
 
 _JSON_FORMATS = ("json_object", "json_schema")
@@ -289,7 +310,8 @@ class Redactor:
             # The request will be refused: count what was found, build nothing.
             counts: dict[str, int] = {}
             for h in hits:
-                counts[h.cls] = counts.get(h.cls, 0) + seg_of(h.start).copies
+                for cls in (h.cls, *h.also):
+                    counts[cls] = counts.get(cls, 0) + seg_of(h.start).copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
                              non_text_parts=non_text, incomplete=True)
@@ -313,9 +335,10 @@ class Redactor:
                 tokens[key] = token
                 mapping.setdefault(token, joined[s:e])
             # A JSON token scanned once for all its repeats occurs that many times.
-            counts[h.cls] = counts.get(h.cls, 0) + segs[i].copies
-            if action == "deny":
-                denied.add(h.cls)
+            for cls in (h.cls, *h.also):
+                counts[cls] = counts.get(cls, 0) + segs[i].copies
+                if self._actions[cls] == "deny":
+                    denied.add(cls)
             # Spread the replacement over the segments it covers (joined content parts):
             # the placeholder goes where the value starts, the rest of it is removed.
             first = True

@@ -34,6 +34,12 @@ _TOKEN = re.compile(PLACEHOLDER)
 _TOKEN_B = re.compile(PLACEHOLDER.encode())
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAYBE = re.compile(rb'\[[A-Z"]')
+# The start of a placeholder, cut before its closing bracket (with PLACEHOLDER's shape):
+# held back at the end of a chunk until the next one shows whether it completes. Any
+# placeholder-shaped start is held, ours or not, rather than a set of every prefix of
+# every placeholder (a million strings for a body of 100k e-mail addresses).
+_PREFIX = re.compile(r"\[(?:[A-Z][A-Z0-9_]*(?::[0-9a-f]{0,16})?)?")
+_PREFIX_B = re.compile(_PREFIX.pattern.encode())
 _UNSAFE = re.compile(r'["\\\x00-\x1f]')
 # A stream with no event boundary for this long is not SSE: pass it on as raw text.
 _MAX_PENDING_EVENT = 4 << 20
@@ -66,7 +72,6 @@ class Restorer:
         self._escaped_text = {k: _json_escape(v) for k, v in self._map.items()}
         self._escaped = {k.encode(): v.encode() for k, v in self._escaped_text.items()}
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
-        self._prefixes: set[str] = {k[:i] for k in self._map for i in range(1, len(k))}
         self._max = max((len(k) for k in self._map), default=0)
         # The answer is JSON: its streamed text is a fragment of JSON, like arguments.
         self._json_text = mapping.json_text
@@ -82,7 +87,6 @@ class Restorer:
         for d in (self._map, self._bytes, self._escaped, self._escaped_text, self._safe,
                   self._carry):
             d.clear()
-        self._prefixes.clear()
         self._tail = b""
 
     # -- text ----------------------------------------------------------------------------
@@ -186,10 +190,7 @@ class Restorer:
         if i == -1:
             return b""
         suffix = data[i:]
-        try:
-            return suffix if suffix.decode() in self._prefixes else b""
-        except UnicodeDecodeError:
-            return b""
+        return suffix if _PREFIX_B.fullmatch(suffix) else b""
 
     def _event(self, event: bytes) -> bytes:
         # Only "[" followed by a capital (a placeholder) or by a closing quote (a delta
@@ -286,7 +287,7 @@ class Restorer:
         if i == -1:
             return ""
         suffix = text[i:]
-        return suffix if suffix in self._prefixes else ""
+        return suffix if _PREFIX.fullmatch(suffix) else ""
 
     def _flush(self, ends: Callable[[Key], bool] | None = None) -> bytes:
         """Emit held text as events of their own, shaped like the event it came from: for

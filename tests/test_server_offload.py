@@ -1,0 +1,65 @@
+"""The server's worker thread: a big request body is inspected off the event loop, and so
+is the restore of a big answer (placeholders put back into megabytes of JSON), so the
+loop keeps serving every other exchange meanwhile."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from atp_extproc import config as config_mod
+from atp_extproc.exchange import Exchange
+from atp_extproc.server import OFFLOAD_BODY_BYTES, ConfigHolder, ExternalProcessor
+from tests.test_exchange import EXAMPLE, req_body, req_headers, resp_body, resp_headers
+
+
+class _Context:
+    def invocation_metadata(self):
+        return ()
+
+    async def abort(self, code, details):  # pragma: no cover - never draining here
+        raise AssertionError(details)
+
+
+async def _messages(messages):
+    for message in messages:
+        yield message
+
+
+def _restoring_holder(tmp_path: Path) -> ConfigHolder:
+    snapshot = config_mod.load(EXAMPLE)
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snapshot.routes)
+    holder = ConfigHolder(tmp_path / "atp.yaml", dataclasses.replace(snapshot, routes=routes))
+    return holder
+
+
+@pytest.mark.asyncio
+async def test_a_big_answer_is_restored_off_the_event_loop(tmp_path, monkeypatch) -> None:
+    threads: dict[str, str] = {}
+    chunk = Exchange._on_json_chunk
+
+    def recording(self, *args):
+        threads["restore"] = threading.current_thread().name
+        return chunk(self, *args)
+
+    monkeypatch.setattr(Exchange, "_on_json_chunk", recording)
+    addresses = [f"user{i:05d}@example.com" for i in range(50)]
+    request = {"model": "gpt-4o-mini",
+               "messages": [{"role": "user", "content": " ".join(addresses[:50])}]}
+    answer = json.dumps({"choices": [{"message": {"content": " ".join(
+        f"[EMAIL_{i % 50 + 1}]" for i in range(OFFLOAD_BODY_BYTES // 8))}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+    assert len(answer) > OFFLOAD_BODY_BYTES
+    processor = ExternalProcessor(_restoring_holder(tmp_path))
+    replies = [r async for r in processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions"), req_body(request),
+        resp_headers(200, "application/json",
+                     extra={"content-length": str(len(answer))}),
+        resp_body(answer)]), _Context())]
+    restored = replies[-1].response_body.response.body_mutation.body
+    assert b"user00000@example.com" in restored and b"[EMAIL_" not in restored
+    assert threads["restore"].startswith("atp-inspect")
