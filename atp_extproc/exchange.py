@@ -558,7 +558,7 @@ class Exchange:
                 remove = ("content-length",)  # the usage chunk comes out of the stream
             return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED),
                                               remove)
-        if "json" in content_type:
+        if "json" in content_type or not content_type:
             self._body_pending = True
             # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
             # large size (a big embeddings batch) is read chunk by chunk instead.
@@ -623,7 +623,10 @@ class Exchange:
             return rec
         self._finished = True
         rec.duration_ms = (self.clock() - self.started) * 1000.0
-        if self._body_pending and not rec.error_code:
+        # Forwarded, then cut off: the body ATP asked for never ended, or no answer came
+        # at all (the client left while the model was still working).
+        if not rec.error_code and (self._body_pending or (
+                self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
         usage = self._usage()
         price: PriceSnapshot | None = None
@@ -642,7 +645,8 @@ class Exchange:
         if self._redaction is not None:
             # The placeholder → value map lives only as long as the exchange.
             self._redaction.mapping.clear()
-        if self.services is not None and price is not None and rec.ttfb_ms is not None:
+        if self.services is not None and price is not None and (
+                rec.ttfb_ms is not None or rec.error_code == INCOMPLETE_RESPONSE):
             self._learn(usage, price)
         if log.isEnabledFor(logging.INFO):
             # vars(), not asdict(): asdict deep-copies every field and costs more than the
@@ -699,8 +703,14 @@ class Exchange:
                 int(entry.ts)))
 
     def _usage(self) -> Usage | None:
-        if self.request is None or not 200 <= self.record.status < 300:
+        rec = self.record
+        if self.request is None:
             return None
+        if not 200 <= rec.status < 300:
+            if rec.error_code != INCOMPLETE_RESPONSE:
+                return None
+            # No answer came: the provider still read (and bills) the prompt.
+            return Usage(estimate_tokens(rec.request_bytes), 0, estimated=True)
         if self.sse is not None:
             self.finish_reason = self.sse.finish_reason
             if self.sse.usage is not None:

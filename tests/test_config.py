@@ -579,3 +579,17 @@ def test_a_policy_reading_data_classes_needs_redaction_on() -> None:
     assert "request.data_classes" in reason and "redaction" in reason
     assert parse_dict(_with_policy(expression, {"enabled": True})).policies is not None
     assert parse_dict(_with_policy("request.stream", {"enabled": False})).policies is not None
+
+
+def test_the_readmes_configuration_reference_loads(tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuration reference"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    block = block.replace("<printf %s KEY | sha256sum>", ALICE_SHA)
+    (tmp_path / "atp.yaml").write_text(block)
+    shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
+    snapshot = config.load(tmp_path / "atp.yaml")
+    assert snapshot.models and snapshot.routes

@@ -209,6 +209,41 @@ def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> No
     assert router.observed == []  # whose fault it was is unknown: nothing learnt
 
 
+def test_a_request_left_before_any_answer_is_recorded_incomplete(snap) -> None:
+    # The client gave up while the model was still working: the provider bills it.
+    router, ledger = _Router(), _Ledger()
+    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("auto")))
+    rec = ex.finish()
+    assert rec.error_code == INCOMPLETE_RESPONSE and rec.usage_estimated
+    (entry,) = ledger.entries
+    assert entry.ok is False and entry.input_tokens > 0
+    assert router.observed == []
+
+
+def test_a_refused_request_is_not_incomplete(snap) -> None:
+    ex, resp = send_body(snap, chat("no-such-model"))
+    assert resp.WhichOneof("response") == "immediate_response"
+    assert ex.finish().error_code == "model_not_found"
+
+
+def test_a_json_answer_without_a_media_type_is_read_and_restored(snap) -> None:
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    snap = dataclasses.replace(snap, routes=routes)
+    ex, _ = send_body(snap, chat("fast", messages=[
+        {"role": "user", "content": "write to jane.doe@example.com"}]))
+    answer = json.dumps({"choices": [{"message": {"content": "to [EMAIL_1]"}}],
+                         "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
+    resp = ex.handle(resp_headers(200, "", extra={"content-length": str(len(answer))}))
+    assert resp.mode_override.response_body_mode == ProcessingMode.BUFFERED
+    out = ex.handle(resp_body(answer)).response_body.response.body_mutation.body
+    assert b"jane.doe@example.com" in out
+    rec = ex.finish()
+    assert rec.restored and (rec.input_tokens, rec.output_tokens) == (7, 3)
+
+
 def test_a_complete_answer_teaches_the_router(snap) -> None:
     router, ledger = _Router(), _Ledger()
     services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)

@@ -135,6 +135,16 @@ def test_exploration_is_bounded_per_route():
     assert explored > 0
 
 
+def test_sticky_keys_of_a_new_route_stay_within_the_exploration_bound():
+    # Keys assigned before the shares have learned anything used to be spread evenly
+    # (1/n each): two thirds explored, against a bound of 0.1.
+    router = Router(clock=Clock(), seed=8)
+    objective = RouteObjective(champion="mid", sticky="user", exploration=0.1)
+    explored = sum(router.choose("chat", objective, CANDIDATES, f"u{i}").explored
+                   for i in range(300))
+    assert explored <= 0.1 * 300 + 20
+
+
 def test_sticky_assignment_is_stable_and_spread():
     router = Router(clock=Clock(), seed=7)
     objective = RouteObjective(sticky="tenant", exploration=0.5)

@@ -70,6 +70,20 @@ def test_roles_cannot_overlap():
         RouteObjective(challengers=("b", "b"))
     with pytest.raises(ValidationError, match="is the champion"):
         RouteObjective(champion="a", shadow=Shadow(mode="mirror", challenger="a", share=0.1))
+    # The mirror challenger never serves: as a serving challenger it would never serve.
+    with pytest.raises(ValidationError, match="also a challenger"):
+        RouteObjective(champion="a", challengers=("b",),
+                       shadow=Shadow(mode="mirror", challenger="b", share=0.1))
+
+
+def test_an_alias_of_only_the_mirror_challenger_is_refused():
+    objective = RouteObjective(champion="large",
+                               shadow=Shadow(mode="mirror", challenger="small", share=1.0))
+    routes = [route({"auto": ("large",), "cheap": ("small",)}, objective)]
+    (problem,) = check_references({"small", "large"}, routes)
+    assert problem[0] == "routes[0].aliases.cheap" and "never serves" in problem[1]
+    routes = [route({"auto": ("large", "small")}, objective)]
+    assert check_references({"small", "large"}, routes) == []
 
 
 def test_check_references_names_path_and_reason():

@@ -210,7 +210,8 @@ class Router:
             if rs.since_shares >= SHARE_BATCH:
                 self._update_shares(rs)
             if key_for_sticky is not None:
-                pick = self._sticky_pick(rs, key_for_sticky, candidate_set, elig, feasible)
+                pick = self._sticky_pick(rs, key_for_sticky, candidate_set, elig, feasible,
+                                         greedy, comp.explore_cap)
                 sticky = True
                 explored = pick != greedy
 
@@ -267,15 +268,23 @@ class Router:
                 arm.epoch_share = arm.share
 
     def _sticky_pick(self, rs: RouteState, key: str, names: tuple[str, ...],
-                     elig: list[Arm], feasible: list[bool]) -> int:
+                     elig: list[Arm], feasible: list[bool], greedy: int, cap: float) -> int:
         cached = rs.sticky_picks.get(key)
         if cached is not None and cached[0] == rs.share_epoch and (
                 cached[1] is names or cached[1] == names):
             i = names.index(cached[2])
             if feasible[i]:
                 return i
-        i = self._sticky.pick(key, names, [a.share if f else 0.0
-                                           for a, f in zip(elig, feasible, strict=True)])
+        weights = [a.share if f else 0.0 for a, f in zip(elig, feasible, strict=True)]
+        # A key lands off the current best with probability at most the exploration
+        # bound: shares start even (1/n) and learn slowly, which alone would spread the
+        # first keys over every candidate.
+        others = sum(weights) - weights[greedy]
+        room = cap / (1.0 - cap) * weights[greedy] if cap < 1.0 else others
+        if others > room and weights[greedy] > 0.0:
+            scale = room / others
+            weights = [w if j == greedy else w * scale for j, w in enumerate(weights)]
+        i = self._sticky.pick(key, names, weights)
         if cached is None and len(rs.sticky_picks) >= _STICKY_CACHE_KEYS:
             rs.sticky_picks.pop(next(iter(rs.sticky_picks)))
         rs.sticky_picks[key] = (rs.share_epoch, names, names[i])

@@ -190,6 +190,10 @@ class RouteObjective(_Frozen):
             raise ValueError(f"the champion {self.champion!r} is also a challenger")
         if self.shadow.challenger is not None and self.shadow.challenger == self.champion:
             raise ValueError("the shadow challenger is the champion")
+        if self.shadow.challenger is not None and self.shadow.challenger in self.challengers:
+            # A mirror challenger is measured on copies only and never serves a client.
+            raise ValueError(f"the shadow challenger {self.shadow.challenger!r} is also a "
+                             "challenger; it never serves, so name another model")
         if self.shadow.mode == "decision" and self.sticky != "none":
             # Decision shadow always serves the champion; stickiness would be ignored.
             raise ValueError("sticky has no effect with shadow mode decision")
@@ -248,6 +252,13 @@ def check_references(models: Iterable[str], routes: Iterable[Any],
                 problems.append((f"{base}.{field}", f"{name!r} is not a candidate of this route"))
         if objective.baseline is not None and objective.baseline not in known:
             problems.append((f"{base}.baseline", f"unknown model {objective.baseline!r}"))
+        mirror = objective.shadow.challenger if objective.shadow.mode == "mirror" else None
+        if mirror is not None:
+            for alias, names in route.aliases.items():
+                if set(names) <= {mirror}:
+                    problems.append((f"routes[{i}].aliases.{alias}", (
+                        f"only {mirror!r}, the mirror challenger, which never serves a "
+                        "client: no request to this alias could be served")))
     if ledger is not None and ledger.baseline is not None and ledger.baseline not in known:
         problems.append(("ledger.baseline", f"unknown model {ledger.baseline!r}"))
     return problems
