@@ -186,7 +186,8 @@ class Exchange:
     def _refuse(self, err: RequestError) -> ProcessingResponse:
         self.record.status = err.status
         self.record.error_code = err.code
-        return envoy_api.immediate(err.status, err.body(), details=f"atp_{err.code}")
+        return envoy_api.immediate(err.status, err.body(), err.headers,
+                                   details=f"atp_{err.code}")
 
     # -- request -------------------------------------------------------------------
 
@@ -218,7 +219,7 @@ class Exchange:
             raise RequestError(404, f"Invalid URL ({rec.method} {rec.path})", "unknown_url")
         if rec.method != "POST":
             raise RequestError(405, f"Method {rec.method} is not allowed on {rec.path}; "
-                               "use POST", "method_not_allowed")
+                               "use POST", "method_not_allowed", headers={"allow": "POST"})
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -253,7 +254,7 @@ class Exchange:
     def _answer_models(self, method: str, path: str) -> ProcessingResponse:
         if method != "GET":
             raise RequestError(405, f"Method {method} is not allowed on {path}",
-                               "method_not_allowed")
+                               "method_not_allowed", headers={"allow": "GET"})
         assert self.identity is not None
         aliases = self.snapshot.aliases_for(self.identity.tenant)
         entries = [{"id": a, "object": "model", "created": 0, "owned_by": "atp"}

@@ -39,13 +39,16 @@ class RequestError(Exception):
     """A request ATP refuses; rendered as an OpenAI-shaped error with `status`."""
 
     def __init__(self, status: int, message: str, code: str,
-                 type_: str = "invalid_request_error", param: str | None = None):
+                 type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.type = type_
         self.param = param
+        # Response headers the status calls for (a 405's Allow).
+        self.headers = headers
 
     def body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type,

@@ -286,3 +286,11 @@ def test_policies_see_the_largest_token_cap(snap) -> None:
     assert _denied_by(resp) == "limits.max_tokens"
     _, resp = send_body(snap, chat("gpt-4o-mini", max_tokens=None, max_completion_tokens=100))
     assert resp.WhichOneof("response") == "request_body"
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("GET", CHAT, b"POST"), ("PUT", "/v1/feedback", b"POST"), ("POST", "/v1/models", b"GET")])
+def test_a_405_says_which_method_is_allowed(snap, method, path, allow) -> None:
+    resp = Exchange(snap).handle(req_headers(method, path))
+    assert_error(resp, 405, "method_not_allowed")
+    assert immediate(resp)[2]["allow"] == allow

@@ -693,3 +693,17 @@ def test_findings_merged_into_one_span_keep_every_class():
     assert (span.cls, span.start, span.end, span.also) == ("phone", 0, 20, ("email",))
     (span,) = _reconcile([Span("card", 0, 10, "c")], [Span("card", 0, 10, "c")], text)
     assert (span.value, span.also) == ("c", ())
+
+
+@pytest.mark.parametrize(("text", "phones"), [
+    ("Tel 030 1234 5678 030 1234 5679", ["030 1234 5678", "030 1234 5679"]),
+    ("Numbers: 415 555 2671 415 555 2672 415 555 2673",
+     ["415 555 2671", "415 555 2672", "415 555 2673"]),
+    ("Tél : 01 23 45 67 89 / 06 12 34 56 78", ["01 23 45 67 89", "06 12 34 56 78"]),
+    ("Mobile 07700 900 123 07700 900 456 07700 900 789",
+     ["07700 900 123", "07700 900 456", "07700 900 789"]),
+    ("Phones: (415) 555 2671 (415) 555 2672 (415) 555 2673",
+     ["(415) 555 2671", "(415) 555 2672", "(415) 555 2673"]),
+])
+def test_a_list_of_phone_numbers_is_read_one_number_at_a_time(redactor, text, phones):
+    assert [text[s.start:s.end] for s in redactor.scan_text(text)] == phones

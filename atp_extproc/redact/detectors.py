@@ -876,10 +876,11 @@ class Scanner:
                     # In a list of numbers (a run of many chunks: readings, amounts, ids)
                     # neighbours would join into phone-shaped windows; there a phone is
                     # one chunk, or starts with '+' or '(', unless a word such as "tel" or
-                    # "contact" says the list is one of phone numbers, or the list repeats
-                    # one layout ("415 555 2671 415 555 2672 ...": one per period).
-                    span = 8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
-                                 or run.positive_context()) else max(1, run.period())
+                    # "contact" says the list is one of phone numbers. A run that repeats
+                    # one layout ("030 1234 5678 030 1234 5679") holds one per period.
+                    span = run.period() or (
+                        8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
+                              or run.positive_context()) else 1)
                     hit = self._phone_at(run, a, budget, span)
                     if budget.exhausted:
                         return
@@ -1018,7 +1019,7 @@ class _Run:
     """One digit run, split into groups and chunks, with the per-chunk facts the card,
     SSN and phone checks need (digit strings and exclusions are computed on first use)."""
 
-    __slots__ = ("_digits", "_neg", "_not_phone", "_pos", "asc", "cfirst", "ext",
+    __slots__ = ("_digits", "_neg", "_not_phone", "_period", "_pos", "asc", "cfirst", "ext",
                  "first_size", "groups", "ndig", "ngroups", "nsingle", "soft_glued",
                  "start", "text")
 
@@ -1046,6 +1047,7 @@ class _Run:
         self._not_phone: dict[int, bool] = {}
         self._neg: bool | None = None
         self._pos: bool | None = None
+        self._period: int | None = None
 
     def bounds(self, a: int, end: int) -> tuple[int, ...]:
         """Digit offsets where the groups of chunks a..end end, the last one excepted."""
@@ -1119,11 +1121,15 @@ class _Run:
         numbers written alike, "415 555 2671 415 555 2672"); else 0."""
         sizes = self.ndig
         n = len(sizes)
+        if self._period is not None:
+            return self._period
+        self._period = 0
         for p in range(2, 7):
-            if (n % p == 0 and len(set(sizes[:p])) > 1
+            if (n % p == 0 and n > p and len(set(sizes[:p])) > 1
                     and all(sizes[i] == sizes[i - p] for i in range(p, n))):
-                return p
-        return 0
+                self._period = p
+                break
+        return self._period
 
     def positive_context(self) -> bool:
         """A word saying the run is a phone number ("phone", "tel", "call") is just before."""
