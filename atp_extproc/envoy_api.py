@@ -122,7 +122,11 @@ def body_mode(response: int) -> ProcessingMode:
 
 
 def headers_of(header_map: base_pb2.HeaderMap) -> dict[str, str]:
+    """Header name → value; a header sent more than once has its values joined by commas,
+    as HTTP combines them, so no reader sees only one of them (a duplicated
+    `x-tenant-id: bob` / `x-tenant-id: alice` is one invalid value, not alice)."""
     out: dict[str, str] = {}
     for h in header_map.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
     return out

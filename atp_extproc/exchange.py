@@ -149,6 +149,7 @@ class Exchange:
         self._parsed: ParsedBody | None = None
         self._changes: dict[str, object] = {}
         self._drop: tuple[str, ...] = ()
+        self._path = ""  # the request's path without its query (the record's is for logs)
         self._allowed: list[str] | None = None
         self._jwt_payload: struct_pb2.Struct | None = None
         self._shadow_model = ""
@@ -197,7 +198,8 @@ class Exchange:
         request_id = headers.get("x-request-id", "")
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
         rec.method = headers.get(":method", "")
-        rec.path = headers.get(":path", "").partition("?")[0]
+        path = self._path = headers.get(":path", "").partition("?")[0]
+        rec.path = _loggable(path)
         if rec.shadow:
             return self._on_shadow_headers(headers)
         jwt = self.snapshot.auth.jwt
@@ -212,13 +214,13 @@ class Exchange:
         rec.auth_method = self.identity.method
         rec.key_id = self.identity.key_id
 
-        if rec.path == "/v1/models" or rec.path.startswith("/v1/models/"):
-            return self._answer_models(rec.method, rec.path)
-        operation = "feedback" if rec.path == FEEDBACK_PATH else OPERATIONS.get(rec.path)
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            return self._answer_models(rec.method, path)
+        operation = "feedback" if path == FEEDBACK_PATH else OPERATIONS.get(path)
         if operation is None:
-            raise RequestError(404, f"Invalid URL ({rec.method} {rec.path})", "unknown_url")
+            raise RequestError(404, f"Invalid URL ({rec.method} {path})", "unknown_url")
         if rec.method != "POST":
-            raise RequestError(405, f"Method {rec.method} is not allowed on {rec.path}; "
+            raise RequestError(405, f"Method {rec.method} is not allowed on {path}; "
                                "use POST", "method_not_allowed", headers={"allow": "POST"})
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
@@ -232,7 +234,10 @@ class Exchange:
         if operation == "feedback":
             return envoy_api.request_headers()
         spoofed = [h for h in headers if h.startswith(ATP_HEADER_PREFIX)]
-        return envoy_api.request_headers(remove_headers=[*_CREDENTIAL_HEADERS, *spoofed])
+        trusted = self.snapshot.auth.trusted_tenant_header
+        # The tenant header is the hop's word to ATP alone, like a credential.
+        identity_headers = (*_CREDENTIAL_HEADERS, trusted) if trusted else _CREDENTIAL_HEADERS
+        return envoy_api.request_headers(remove_headers=[*identity_headers, *spoofed])
 
     def _on_shadow_headers(self, headers: dict[str, str]) -> ProcessingResponse:
         """A mirrored copy: the primary exchange already authenticated, checked and
@@ -242,7 +247,7 @@ class Exchange:
         self._shadow_model = headers.get(SHADOW_MODEL_HEADER, "")
         tenant = headers.get(TENANT_HEADER, "")
         route = next((r for r in self.snapshot.routes if r.name == route_name), None)
-        operation = OPERATIONS.get(rec.path)
+        operation = OPERATIONS.get(self._path)
         if (route is None or operation is None or self._shadow_model not in
                 self.snapshot.models or not TOKEN.fullmatch(tenant)):
             raise RequestError(400, "Not a mirrored request ATP sent", "atp_bad_shadow")
@@ -319,7 +324,9 @@ class Exchange:
         self._parsed = parsed
         if rec.operation == "feedback":
             return None
-        request = read_request(rec.operation, parsed.doc, server)
+        redactor = self.snapshot.redactor
+        request = read_request(rec.operation, parsed.doc, server,
+                               redactor.scanned_fields if redactor else frozenset())
         check_depth(parsed, server.max_json_depth)
         self.request = request
         rec.stream = request.stream
@@ -438,7 +445,7 @@ class Exchange:
         rec = self.record
         attrs = attributes_for_request(
             tenant=self.identity.tenant, auth_method=self.identity.method,
-            key_id=self.identity.key_id, jwt_payload=self._jwt_payload, path=rec.path,
+            key_id=self.identity.key_id, jwt_payload=self._jwt_payload, path=self._path,
             operation=rec.operation, alias=alias, body_bytes=body_bytes, doc=doc,
             route=route.name, environment=policies.settings.environment,
             data_classes=rec.data_classes,
@@ -730,6 +737,14 @@ _NO_COMPRESSION = ("accept-encoding",)
 # force one of them, and other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", ("parallel_tool_calls",)),
                 ("functions", "function_call", ()))
+
+
+def _loggable(path: str) -> str:
+    """The request path as the record logs it: an API path as is; a model id, or any
+    other path, which carries whatever the client typed into the URL, not."""
+    if path in OPERATIONS or path in (FEEDBACK_PATH, "/v1/models"):
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "<other>"
 
 
 def _feedback_unknown() -> RequestError:

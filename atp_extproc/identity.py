@@ -64,8 +64,9 @@ def identify(
         # match never returns sooner than a miss.
         if key is not None and hmac.compare_digest(key.sha256, digest):
             return Identity(key.tenant, "api_key", key.key_id)
-        if snapshot.auth.anonymous_tenant is None:
-            raise _unauthorized("Incorrect API key provided.")
+        # A key that is wrong (mistyped, revoked) is refused, never served as the
+        # trusted header's or the anonymous tenant: that would keep a revoked key working.
+        raise _unauthorized("Incorrect API key provided.")
     header = snapshot.auth.trusted_tenant_header
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):

@@ -252,6 +252,8 @@ def token_ids(value: Any) -> bool:
 
 
 _INPUT_KEYS = frozenset(("messages", "input", "prompt"))
+# Top-level fields that hold one string a provider reads or stores.
+_STRING_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "instructions", "suffix")
 
 
 # The request fields ATP reads, scans or checks. Go's encoding/json (behind many OpenAI-
@@ -271,16 +273,18 @@ _FIELDS = frozenset((
 # Values that are maps of the client's own keys (or JSON schemas), where "ID" and "id"
 # may both be names: Go fills maps by exact key.
 _USER_MAPS = frozenset(("metadata", "parameters", "schema", "logit_bias", "variables",
-                        "headers", "input_schema", "env", "properties"))
+                        "headers", "input_schema", "env", "properties", "$defs",
+                        "definitions", "patternProperties", "guided_json",
+                        "structured_outputs", "chat_template_kwargs"))
 
 
-def _check_field_names(node: Any) -> None:
+def _check_field_names(node: Any, fields: frozenset[str] = _FIELDS) -> None:
     stack = [node]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             for key, value in node.items():
-                if key not in _FIELDS and key.casefold() in _FIELDS:
+                if key not in fields and key.casefold() in fields:
                     raise RequestError(
                         400, f"Unrecognized request argument {key!r} (keys are case-"
                         f"sensitive: {key.casefold()!r}?)", "unknown_parameter", param=key)
@@ -305,10 +309,12 @@ def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
 
 
 def read_request(operation: str, doc: dict[str, Any],
-                 limits: CountLimits = _DEFAULT_LIMITS) -> LlmRequest:
-    """The request's facts, after the count limits (checked before any per-item work)."""
+                 limits: CountLimits = _DEFAULT_LIMITS,
+                 scanned: frozenset[str] = frozenset()) -> LlmRequest:
+    """The request's facts, after the count limits (checked before any per-item work).
+    `scanned`: more field names redaction reads (`redaction.extra_paths`)."""
     _check_counts(doc, limits)
-    _check_field_names(doc)
+    _check_field_names(doc, _FIELDS | scanned if scanned else _FIELDS)
     model = doc.get("model")
     if model is not None:
         if not isinstance(model, str):
@@ -330,6 +336,15 @@ def read_request(operation: str, doc: dict[str, Any],
     if options is not None and not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", "invalid_type",
                            param="stream_options")
+    for key in _STRING_FIELDS:
+        # Redaction reads these as strings: any other shape would go out unscanned.
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            raise RequestError(400, f"'{key}' must be a string", "invalid_type", param=key)
+    metadata = doc.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise RequestError(400, "'metadata' must be an object of strings", "invalid_type",
+                           param="metadata")
     for key in TOKEN_LIMIT_KEYS:
         # Policies cap these: "8000" or 8000.0 would pass them and still be read as
         # 8000 by providers that coerce.

@@ -294,3 +294,38 @@ def test_a_405_says_which_method_is_allowed(snap, method, path, allow) -> None:
     resp = Exchange(snap).handle(req_headers(method, path))
     assert_error(resp, 405, "method_not_allowed")
     assert immediate(resp)[2]["allow"] == allow
+
+
+# -- identity and what the record logs ---------------------------------------------------
+
+
+def test_a_header_sent_twice_is_read_as_both_values() -> None:
+    from envoy.config.core.v3 import base_pb2
+
+    from atp_extproc.envoy_api import headers_of
+
+    header_map = base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key="x-tenant-id", raw_value=b"bob"),
+        base_pb2.HeaderValue(key="x-tenant-id", raw_value=b"alice")])
+    assert headers_of(header_map) == {"x-tenant-id": "bob,alice"}
+
+
+def test_the_trusted_tenant_header_is_the_hops_alone(snap) -> None:
+    auth = snap.auth.model_copy(update={"trusted_tenant_header": "x-tenant-id"})
+    snap = dataclasses.replace(snap, auth=auth)
+    _, first = start(snap, key=None, extra={"x-tenant-id": "acme"})
+    assert "x-tenant-id" in first.request_headers.response.header_mutation.remove_headers
+    ex = Exchange(snap)
+    message = req_headers("POST", CHAT, None, extra={"x-tenant-id": "bob"})
+    message.request_headers.headers.headers.add(key="x-tenant-id", raw_value=b"alice")
+    assert_error(ex.handle(message), 401, "invalid_api_key")
+
+
+@pytest.mark.parametrize(("path", "logged"), [
+    ("/v1/jo.doe@example.com/sk-live-123", "<other>"),
+    ("/v1/models/jo.doe@example.com", "/v1/models/{id}"),
+    ("/v1/chat/completions?key=sk-live-123", "/v1/chat/completions")])
+def test_the_record_logs_no_path_the_client_made_up(snap, path, logged) -> None:
+    ex = Exchange(snap)
+    ex.handle(req_headers("GET", path))
+    assert ex.finish().path == logged

@@ -231,11 +231,17 @@ def test_anonymous_after_jwt_and_keys_miss() -> None:
     assert identify(snap, {}, jwt_metadata({"tenant": "t"})) == Identity("t", "jwt")
 
 
-def test_wrong_key_with_anonymous_configured_is_anonymous() -> None:
-    # Current, deliberate behaviour: a key that matches nothing falls through.
-    snap = snapshot("auth:\n  anonymous_tenant: public\n  api_keys:\n"
+@pytest.mark.parametrize("extra", ["", "  trusted_tenant_header: x-t\n"])
+def test_a_wrong_key_is_refused_even_with_anonymous_or_a_trusted_header(extra) -> None:
+    # Served as the anonymous (or the header's) tenant, a revoked key would keep working
+    # and a mistyped one would never be told.
+    snap = snapshot("auth:\n  anonymous_tenant: public\n" + extra + "  api_keys:\n"
                     + key_entry(ALICE, "a", "alice"))
-    assert identify(snap, {"api-key": "wrong"}, None) == Identity("public", "anonymous")
+    for headers in ({"api-key": "wrong"}, {"authorization": "Bearer wrong", "x-t": "acme"}):
+        with pytest.raises(RequestError) as info:
+            identify(snap, headers, None)
+        assert (info.value.status, info.value.code) == (401, "invalid_api_key")
+    assert identify(snap, {}, None) == Identity("public", "anonymous")
 
 
 def test_trusted_header_before_anonymous() -> None:

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from atp_extproc.stack import Stack
+from atp_extproc.stack import Stack, wait_until
 from tests.conftest import ALICE, BOB, Upstreams, http, post
 
 pytestmark = pytest.mark.integration
@@ -297,3 +297,17 @@ def test_a_slow_model_gets_the_route_timeout_not_the_idle_timeout(tmp_path) -> N
         assert reply.status == 200, reply.body[:300]
     finally:
         stack.stop_all()
+
+
+def test_logs_hold_no_query_string_nor_a_path_the_client_made_up(
+        stack: Stack, upstreams: Upstreams) -> None:
+    in_query, in_path = "sk-live-INQUERY123", "sk-live-INPATH456"
+    post(stack, CHAT + f"?key={in_query}&mail=jo.query@example.com",
+         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+    post(stack, f"/v1/jo.path@example.com/{in_path}", {"model": "gpt-4o-mini"})
+    # ATP writes the unknown path's record as "<other>", Envoy its access log line.
+    wait_until(lambda: '"path": "<other>"' in stack.log("atp").replace('":"', '": "')
+               and in_path in stack.log("envoy"), "both requests logged", timeout=10)
+    envoy, atp = stack.log("envoy"), stack.log("atp")
+    assert in_query not in envoy and "jo.query" not in envoy
+    assert [w for w in (in_query, in_path, "jo.query", "jo.path") if w in atp] == []

@@ -325,3 +325,7 @@ def test_the_report_sums_past_int64_without_failing(tmp_path) -> None:
         db.write_batch(conn, {key: [1, 0, 0, 1, 1, big, big]}, [price], [], 0)
     (row,) = db.savings(conn, ["tenant"], None)
     assert row.cost_pico == pytest.approx(2 * big, rel=1e-12)
+
+
+def test_parse_since_before_the_epoch_is_the_epoch():
+    assert parse_since("99999999999999999999d", now=T0) == 0

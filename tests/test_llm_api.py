@@ -1001,3 +1001,32 @@ def test_read_response_gives_the_first_choices_finish_reason() -> None:
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
     assert read_response(body) == (Usage(3, 4), "length")
     assert read_response(b"not json") == (None, None)
+
+
+def test_schemas_under_any_vendor_key_may_name_their_definitions_freely() -> None:
+    schema = {"type": "object", "$defs": {"Action": {"type": "string"}},
+              "definitions": {"Input": {}}, "properties": {"Content": {}}}
+    doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}],
+           "guided_json": schema, "structured_outputs": {"json": schema},
+           "response_format": {"type": "json_schema",
+                               "json_schema": {"name": "s", "schema": schema}}}
+    assert read_request("chat", doc).model == "x"
+
+
+def test_fields_redaction_scans_by_config_must_be_spelt_exactly() -> None:
+    doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "Stop": ["x"]}
+    assert read_request("chat", doc).model == "x"          # not scanned: no concern
+    with pytest.raises(RequestError) as info:
+        read_request("chat", doc, scanned=frozenset({"stop"}))
+    assert (info.value.code, info.value.param) == ("unknown_parameter", "Stop")
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("user", {"email": "a@b.c"}), ("safety_identifier", ["a@b.c"]),
+    ("prompt_cache_key", 5), ("instructions", [{"role": "developer", "content": "x"}]),
+    ("metadata", "a@b.c"), ("metadata", {"k": {"x": "a@b.c"}}), ("metadata", {"k": 1})])
+def test_fields_redaction_reads_as_strings_must_be_strings(key, value) -> None:
+    doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}], key: value}
+    with pytest.raises(RequestError) as info:
+        read_request("chat", doc)
+    assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_type", key)

@@ -697,8 +697,10 @@ def test_findings_merged_into_one_span_keep_every_class():
 
 @pytest.mark.parametrize(("text", "phones"), [
     ("Tel 030 1234 5678 030 1234 5679", ["030 1234 5678", "030 1234 5679"]),
-    ("Numbers: 415 555 2671 415 555 2672 415 555 2673",
+    ("Phones: 415 555 2671 415 555 2672 415 555 2673",
      ["415 555 2671", "415 555 2672", "415 555 2673"]),
+    # One number whose groups repeat a size is still one number.
+    ("Ring meg på +47 412 34 567", ["+47 412 34 567"]),
     ("Tél : 01 23 45 67 89 / 06 12 34 56 78", ["01 23 45 67 89", "06 12 34 56 78"]),
     ("Mobile 07700 900 123 07700 900 456 07700 900 789",
      ["07700 900 123", "07700 900 456", "07700 900 789"]),
@@ -707,3 +709,30 @@ def test_findings_merged_into_one_span_keep_every_class():
 ])
 def test_a_list_of_phone_numbers_is_read_one_number_at_a_time(redactor, text, phones):
     assert [text[s.start:s.end] for s in redactor.scan_text(text)] == phones
+
+
+
+@pytest.mark.parametrize("text", [
+    "function call args 100 200 300 400 500 600 700 800 900",
+    "Sales 2021 12 1500 2022 12 1600 2023 12 1700",
+])
+def test_a_table_of_numbers_is_no_list_of_phones(redactor, text):
+    assert redactor.scan_text(text) == []
+
+
+def test_a_piece_of_a_split_value_read_alone_does_not_count_as_its_own_class():
+    # The IBAN's tail in the second part reads alone as a phone number: not a phone.
+    r = Redactor(RedactionSettings(actions={"phone": "deny"}))
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Please refund to DE89 3704 0044"},
+        {"type": "text", "text": " 0532 0130 00, thanks"}]}]}
+    res = r.redact("chat", doc, "t")
+    assert res.counts == {"iban": 1} and res.denied == ()
+
+
+def test_metadata_keys_are_scanned_and_renamed(redactor):
+    doc = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+           "metadata": {"jane.roe@example.org": "vip", "plan": "call 415 555 2671"}}
+    res = redactor.redact("chat", doc, "t")
+    assert res.fields["metadata"] == {"[EMAIL_1]": "vip", "plan": "call [PHONE_1]"}
+    assert res.mapping.get("[EMAIL_1]") == "jane.roe@example.org"

@@ -428,3 +428,14 @@ def test_decision_shadow_half_open_challenger_serves_only_as_the_probe():
         router.observe("chat", "cheap", ok=True, latency_ms=300, cost=0.0001)
         router.choose("chat", objective, cands)
     assert router.breaker_state("chat", "cheap") == "closed"
+
+
+def test_sticky_keys_get_the_fallback_when_no_candidate_is_feasible():
+    router = Router(clock=Clock(), seed=9)
+    objective = RouteObjective(champion="mid", sticky="user", exploration=0.1,
+                               limits=Limits(p95_latency_ms=100))
+    for name in ("mid", "cheap", "dear"):
+        teach(router, name, 50, latency=5000)
+    chosen = Counter(router.choose("chat", objective, CANDIDATES, f"u{i}").chosen
+                     for i in range(100))
+    assert chosen == {"mid": 100}

@@ -180,6 +180,9 @@ _GROUP = re.compile(rb"[0-9]+")
 _SPACED = frozenset((b" ", b"  ", b"   "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 _VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
+_PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
+                             r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
+                             r"[^0-9]*\Z")
 _POS_CTX = re.compile(r"(?i)phone|\bt[ée]l\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
                         r"contact|reach|dial|telefon|t[ée]l[ée]phone|handy|portable|"
                         r"celular|cellulare|numero|n[úu]mero")
@@ -876,12 +879,16 @@ class Scanner:
                     # In a list of numbers (a run of many chunks: readings, amounts, ids)
                     # neighbours would join into phone-shaped windows; there a phone is
                     # one chunk, or starts with '+' or '(', unless a word such as "tel" or
-                    # "contact" says the list is one of phone numbers. A run that repeats
-                    # one layout ("030 1234 5678 030 1234 5679") holds one per period.
-                    span = run.period() or (
-                        8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
-                              or run.positive_context()) else 1)
-                    hit = self._phone_at(run, a, budget, span)
+                    # "mobile" right before says the list is one of phone numbers. A run
+                    # that repeats one layout ("030 1234 5678 030 1234 5679") is tried one
+                    # number per period first.
+                    span = 8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
+                                 or run.phone_list_context()) else 1
+                    period = run.period()
+                    if period and period < span:
+                        hit = self._phone_at(run, a, budget, period)
+                    if hit is None and not budget.exhausted:
+                        hit = self._phone_at(run, a, budget, span)
                     if budget.exhausted:
                         return
                 if hit is None:
@@ -1130,6 +1137,12 @@ class _Run:
                 self._period = p
                 break
         return self._period
+
+    def phone_list_context(self) -> bool:
+        """A word naming phone numbers themselves ("Tel", "Mobile", "Phones:", "Contact:")
+        just before the run; "call" is too common in prompts ("function call args")."""
+        return bool(_PHONE_LIST_CTX.search(self.text, _ctx_lo(self.text, self.start, 16),
+                                           self.start))
 
     def positive_context(self) -> bool:
         """A word saying the run is a phone number ("phone", "tel", "call") is just before."""

@@ -185,7 +185,11 @@ def _stretched(h: Span, alone: list[Span]) -> bool:
 
 def _one_span(group: list[Span], end: int, text: str) -> Span:
     first = group[0]
-    also = tuple(dict.fromkeys(c for h in group for c in (h.cls, *h.also)
+    # A finding inside another is a piece of it (the tail of an IBAN split over two parts
+    # read alone as a phone number), not a value of its own class.
+    whole = [h for h in group if not any(
+        o is not h and o.start <= h.start and h.end <= o.end for o in group)]
+    also = tuple(dict.fromkeys(c for h in whole for c in (h.cls, *h.also)
                                if c != first.cls))
     for h in group:
         if h.start == first.start and h.end == end:
@@ -219,6 +223,10 @@ class Redactor:
         self.scanner = Scanner(settings)
         self._actions = {c: settings.action_for(c) for c in settings.classes}
         self._extra = [parse_path(p) for p in settings.extra_paths]
+        # Field names the extra paths walk through: a request must spell them exactly,
+        # as the fields redaction reads by default (llm_api.read_request).
+        self.scanned_fields = frozenset(step for path in self._extra for step in path
+                                        if isinstance(step, str) and step != "*")
         self._refuse_incomplete = settings.on_incomplete == "deny"
         self._master: bytes | None = None
         hashed = sorted(c for c, a in self._actions.items() if a == "hash")

@@ -16,11 +16,21 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from atp_extproc.redact.detectors import Budget, key_class
 
-Path = tuple[str | int, ...]
+
+@dataclass(frozen=True, slots=True)
+class KeyName:
+    """A path step naming a key itself, not its value: `("metadata", KeyName("k"))` is
+    the key "k" of metadata, which an edit renames."""
+
+    key: str
+
+
+Path = tuple[str | int | KeyName, ...]
 
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
@@ -280,6 +290,8 @@ def _common(c: Collector, doc: dict[str, Any]) -> None:
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         for key, value in metadata.items():
+            # Its keys are the client's own words too ({"alice@example.com": "vip"}).
+            c.text(("metadata", KeyName(key)), key)
             if isinstance(value, str):
                 c.text(("metadata", key), value)
 
@@ -479,8 +491,14 @@ def _rebuild(node: Any, sub: dict[Any, Any]) -> Any:
     if _LEAF in sub:
         return sub[_LEAF]
     copy: Any = list(node) if isinstance(node, list) else dict(node)
+    renames: dict[str, str] = {}
     for step, child in sub.items():
-        copy[step] = _rebuild(node[step], child)
+        if isinstance(step, KeyName):
+            renames[step.key] = child[_LEAF]
+        else:
+            copy[step] = _rebuild(node[step], child)
+    if renames:  # keys renamed in place, the others' order kept
+        copy = {renames.get(k, k): v for k, v in copy.items()}
     return copy
 
 

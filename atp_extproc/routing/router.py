@@ -276,6 +276,8 @@ class Router:
             if feasible[i]:
                 return i
         weights = [a.share if f else 0.0 for a, f in zip(elig, feasible, strict=True)]
+        if not any(weights):
+            return greedy  # none feasible: the fallback every other request gets
         # A key lands off the current best with probability at most the exploration
         # bound: shares start even (1/n) and learn slowly, which alone would spread the
         # first keys over every candidate.
