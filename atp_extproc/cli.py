@@ -43,9 +43,10 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     # Policies first: their report names file:line for every problem, warnings included.
     code = policy_cli.check([args.config], args.envoy)
-    print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} models, "
-          f"{len(snapshot.routes)} routes, "
-          f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
+    if code == 0:  # an Envoy config that fails open (or cannot be read) is not OK
+        print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} "
+              f"models, {len(snapshot.routes)} routes, "
+              f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
     return code
 
 

@@ -42,6 +42,7 @@ def test_check_refuses_a_fail_open_envoy(tmp_path: Path) -> None:
     result = run("check", str(EXAMPLE_CONFIG), "--envoy", str(fail_open))
     assert result.returncode != 0
     assert "failure_mode_allow" in result.stdout + result.stderr
+    assert ": OK (version" not in result.stdout  # refused, so not OK
 
 
 def test_check_names_file_and_line_of_a_mistyped_attribute(tmp_path: Path) -> None:

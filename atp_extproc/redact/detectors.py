@@ -889,6 +889,8 @@ class Scanner:
                         hit = self._phone_at(run, a, budget, period)
                     if hit is None and not budget.exhausted:
                         hit = self._phone_at(run, a, budget, span)
+                        if hit is not None and hit[1] < nch - 1:
+                            hit = self._phone_then_next(run, a, budget, span, hit)
                     if budget.exhausted:
                         return
                 if hit is None:
@@ -961,6 +963,22 @@ class Scanner:
             return None
         return Found("ssn", run.groups[idx[0]][0], run.groups[idx[-1]][1], "".join(parts)), end
 
+    def _phone_then_next(self, run: _Run, a: int, budget: Budget, span: int, hit):
+        """`hit` (the longest phone number at chunk `a`), or a shorter one there when the
+        next number then reaches further: "030 1234 5678 / 0151 2345 6789" is two numbers,
+        not "030 1234 5678 / 0151" and a tail left over."""
+        shorter = self._phone_at(run, a, budget, min(span, hit[1] - a))
+        if shorter is None:
+            return hit
+        after = self._phone_at(run, shorter[1] + 1, budget, span)
+        if after is None or after[1] <= hit[1]:
+            return hit
+        # Take the shorter one only if the two numbers then cover more than the longest
+        # one and whatever number follows it.
+        after_hit = self._phone_at(run, hit[1] + 1, budget, span)
+        reach = after_hit[1] if after_hit is not None else hit[1]
+        return shorter if after[1] > reach else hit
+
     def _phone_at(self, run: _Run, a: int, budget: Budget, span: int):
         """The phone number starting at chunk `a`, of at most `span` chunks, if any."""
         ndig, nsingle = run.ndig, run.nsingle
@@ -968,7 +986,8 @@ class Scanner:
         total = singles = 0
         b = a
         while b < nch and b - a < span and total + ndig[b] <= 15:
-            if run.not_phone(b) or (b == a and run.decimal(b)):
+            if run.not_phone(b) or (b == a and run.decimal(b)) or (
+                    b > a and run.lead(b) == b" / "):  # " / " separates numbers
                 break
             total += ndig[b]
             singles += nsingle[b]
