@@ -742,3 +742,17 @@ def test_metadata_keys_are_scanned_and_renamed(redactor):
     res = redactor.redact("chat", doc, "t")
     assert res.fields["metadata"] == {"[EMAIL_1]": "vip", "plan": "call [PHONE_1]"}
     assert res.mapping.get("[EMAIL_1]") == "jane.roe@example.org"
+
+
+def test_long_parts_are_read_alone_at_their_edges_only(redactor):
+    filler = "lorem ipsum dolor sit amet " * 60          # 1,620 characters
+    long_token = "sk-proj-" + "A1b2C3d4" * 80           # one long secret, no whitespace
+    doc = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "id42"},
+        {"type": "text", "text": f"123-45-6789 {filler} mid 415-555-2671 {filler} end"},
+        {"type": "text", "text": "key" + long_token + " " + filler}]}]}
+    res = redactor.redact("chat", doc, "t")
+    texts = [p["text"] for p in res.fields["messages"][0]["content"]]
+    assert texts[1].startswith("[SSN_1] ") and "mid [PHONE_1] " in texts[1]
+    assert "123-45-6789" not in "".join(texts) and "415-555-2671" not in "".join(texts)
+    assert res.counts["ssn"] == 1 and res.counts["phone"] == 1

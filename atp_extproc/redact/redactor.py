@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -133,6 +134,29 @@ class Span:
     also: tuple[str, ...] = ()
 
 
+# How much of a part's start and end is read on its own: a value, and the context words
+# before it, fit (a window grows to the next whitespace, so a long token stays whole).
+_EDGE = 256
+_EDGE_MAX = 64 * 1024
+_SPACE = re.compile(r"\s")
+
+
+def _edges(text: str) -> list[tuple[int, int]]:
+    """The (start, end) windows of `text` its parts-alone reading covers."""
+    n = len(text)
+    if n <= 2 * _EDGE + 64:
+        return [(0, n)]
+    space = _SPACE.search(text, _EDGE, min(n, _EDGE + _EDGE_MAX))
+    head = space.start() if space is not None else min(n, _EDGE + _EDGE_MAX)
+    lo = max(0, n - _EDGE - _EDGE_MAX)
+    tail = n - _EDGE
+    while tail > lo and not text[tail - 1].isspace():
+        tail -= 1
+    if tail <= lo and not text[lo].isspace():
+        tail = max(n - _EDGE - _EDGE_MAX, 0)
+    return [(0, n)] if head >= tail else [(0, head), (tail, n)]
+
+
 def _unsplit(text: str) -> str:
     """`text` with each NUL as another control character, the same length. A NUL is what
     separates the scanned units, so detectors stop at one; one the client sent must not
@@ -155,8 +179,27 @@ def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
     """
     if not alone:
         return joined
+    # Most findings are the same in both readings (all but those at a join): those go
+    # through as they are, and only the others are looked at.
+    same = {(h.start, h.end, h.cls) for h in joined} & {(a.start, a.end, a.cls) for a in alone}
+    if same:
+        # ... unless a finding of one reading only overlaps them.
+        near = bytearray(len(text))
+        for h in (*joined, *alone):
+            if (h.start, h.end, h.cls) not in same:
+                near[h.start:h.end] = b"\x01" * (h.end - h.start)
+        settled = {k for k in same if near.find(1, k[0], k[1]) == -1}
+        if settled:
+            out = [h for h in joined if (h.start, h.end, h.cls) in settled]
+            joined = [h for h in joined if (h.start, h.end, h.cls) not in settled]
+            alone = [a for a in alone if (a.start, a.end, a.cls) not in settled]
+            if joined or alone:
+                out += _reconcile(joined, alone, text) if alone else joined
+                out.sort(key=lambda h: h.start)
+            return out
     alone = sorted(alone, key=lambda a: a.start)
-    kept = [h for h in joined if not _stretched(h, alone)]
+    starts = [a.start for a in alone]
+    kept = [h for h in joined if not _stretched(h, _overlapping(h, alone, starts))]
     out: list[Span] = []
     group: list[Span] = []
     end = -1
@@ -172,8 +215,21 @@ def _reconcile(joined: list[Span], alone: list[Span], text: str) -> list[Span]:
     return out
 
 
-def _stretched(h: Span, alone: list[Span]) -> bool:
-    over = [a for a in alone if a.start < h.end and a.end > h.start]
+def _overlapping(h: Span, alone: list[Span], starts: list[int]) -> list[Span]:
+    """The findings of `alone` (sorted by start, none overlapping another) that `h`
+    overlaps: a bisection and a few steps, not a pass over all of them."""
+    i = max(bisect_right(starts, h.start) - 1, 0)
+    out = []
+    while i < len(alone) and alone[i].start < h.end:
+        if alone[i].end > h.start:
+            out.append(alone[i])
+        i += 1
+    return out
+
+
+def _stretched(h: Span, over: list[Span]) -> bool:
+    """Did the joined finding `h` only stretch one part's value (among `over`, the
+    parts-alone findings it overlaps) over another value?"""
     for a in over:
         if a.cls != h.cls or (a.start != h.start and a.end != h.end):
             continue
@@ -183,11 +239,16 @@ def _stretched(h: Span, alone: list[Span]) -> bool:
     return False
 
 
+# Past this many findings merged into one span (adversarial input only), every class in
+# it counts rather than a pairwise look for pieces of others.
+_MAX_GROUP_CHECK = 64
+
+
 def _one_span(group: list[Span], end: int, text: str) -> Span:
     first = group[0]
     # A finding inside another is a piece of it (the tail of an IBAN split over two parts
     # read alone as a phone number), not a value of its own class.
-    whole = [h for h in group if not any(
+    whole = group if len(group) > _MAX_GROUP_CHECK else [h for h in group if not any(
         o is not h and o.start <= h.start and h.end <= o.end for o in group)]
     also = tuple(dict.fromkeys(c for h in whole for c in (h.cls, *h.also)
                                if c != first.cls))
@@ -387,13 +448,19 @@ class Redactor:
         its own. Joining parts back to back finds a value split over two of them, but can
         also glue a value to the text of the part before or after, which then hides it
         ("id42" + "123-45-6789"). Offsets are the joined text's."""
-        part_starts: list[int] = []
+        # Only a part's edges read differently on their own (a value glued to the next
+        # part's text is at an edge): the middle of a long part is read once, joined.
+        piece_starts: list[int] = []
+        where: list[tuple[int, bool, bool]] = []  # (joined offset, cut before, cut after)
         pieces: list[str] = []
         pos = 0
         for i in parted:
-            part_starts.append(pos)
-            pieces.append(_unsplit(segs[i].text))
-            pos += len(segs[i].text) + 1
+            text = segs[i].text
+            for lo, hi in _edges(text):
+                piece_starts.append(pos)
+                where.append((starts[i] + lo, lo > 0, hi < len(text)))
+                pieces.append(_unsplit(text[lo:hi]))
+                pos += hi - lo + 1
         text = "\x00".join(pieces)
         budget = Budget.for_text(len(text))
         norm = normalize(text, budget)
@@ -403,8 +470,12 @@ class Redactor:
         parts: list[Span] = []
         for f in alone.found:
             s, e = norm.orig_start(f.start), norm.orig_end(f.end)
-            k = bisect_right(part_starts, s) - 1
-            shift = starts[parted[k]] - part_starts[k]
+            k = bisect_right(piece_starts, s) - 1
+            at, cut_before, cut_after = where[k]
+            if (cut_before and s == piece_starts[k]) or (
+                    cut_after and e == piece_starts[k] + len(pieces[k])):
+                continue  # cut by the window, not by the part: the joined reading has it
+            shift = at - piece_starts[k]
             parts.append(Span(f.cls, s + shift, e + shift, f.value))
         return _reconcile(hits, parts, joined)
 
