@@ -108,20 +108,18 @@ def test_policy_test_names_a_bad_models_file(
     assert f"ERROR {tests / '../atp.yaml'}:{line}: " in output and problem in output
 
 
-def test_policy_test_names_a_file_that_is_not_utf8(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "t.yaml").write_bytes(b"\xff\xfe\x00")
-    code, output = run(capsys, "policy", "test", str(tmp_path))
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("t.yaml", b"\xff\xfe\x00", "'utf-8' codec can't decode"),   # a file not UTF-8
+    ("nowhere", None, "[Errno 2] No such file or directory"),     # no such directory
+])
+def test_policy_test_names_what_it_cannot_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name, content, reason) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    target = tmp_path / name if content is None else tmp_path
+    code, output = run(capsys, "policy", "test", str(target))
     assert code == 2
-    assert f"ERROR {tmp_path / 't.yaml'}: cannot read: 'utf-8' codec can't decode" in output
-
-
-def test_policy_test_names_a_directory_that_does_not_exist(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "nowhere"
-    code, output = run(capsys, "policy", "test", str(missing))
-    assert code == 2
-    assert f"ERROR {missing}: cannot read: [Errno 2] No such file or directory" in output
+    assert f"ERROR {tmp_path / name}: cannot read: {reason}" in output
 
 
 # ---------------------------------------------------------- atp-extproc report savings

@@ -192,13 +192,19 @@ class _Router(Router):
         super().observe(route_name, model_name, ok=ok, **kwargs)
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> None:
+def _learning(snap, stream: bool = False) -> tuple[Exchange, _Router, _Ledger]:
+    """An exchange on the learned route, its request sent, with a spy router and ledger."""
     router, ledger = _Router(), _Ledger()
     services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
     ex = Exchange(snap, services=services)
     ex.handle(req_headers("POST", CHAT, ALICE))
     ex.handle(req_body(chat("auto", stream=stream)))
+    return ex, router, ledger
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> None:
+    ex, router, ledger = _learning(snap, stream)
     body = chat_sse(10, 20)[0] if stream else b'{"choices": [], "usage": {}}'
     ex.handle(resp_headers(200, "text/event-stream" if stream else "application/json"))
     ex.handle(resp_body(body[:20], end=False))   # then the upstream resets
@@ -211,11 +217,7 @@ def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> No
 
 def test_a_request_left_before_any_answer_is_recorded_incomplete(snap) -> None:
     # The client gave up while the model was still working: the provider bills it.
-    router, ledger = _Router(), _Ledger()
-    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
-    ex = Exchange(snap, services=services)
-    ex.handle(req_headers("POST", CHAT, ALICE))
-    ex.handle(req_body(chat("auto")))
+    ex, router, ledger = _learning(snap)
     rec = ex.finish()
     assert rec.error_code == INCOMPLETE_RESPONSE and rec.usage_estimated
     (entry,) = ledger.entries
@@ -245,11 +247,7 @@ def test_a_json_answer_without_a_media_type_is_read_and_restored(snap) -> None:
 
 
 def test_a_complete_answer_teaches_the_router(snap) -> None:
-    router, ledger = _Router(), _Ledger()
-    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), ledger)
-    ex = Exchange(snap, services=services)
-    ex.handle(req_headers("POST", CHAT, ALICE))
-    ex.handle(req_body(chat("auto")))
+    ex, router, ledger = _learning(snap)
     ex.handle(resp_headers(200, "application/json"))
     ex.handle(resp_body(b'{"choices": [], "usage": {}}'))
     assert not ex.finish().error_code
