@@ -152,8 +152,6 @@ def _edges(text: str) -> list[tuple[int, int]]:
     tail = n - _EDGE
     while tail > lo and not text[tail - 1].isspace():
         tail -= 1
-    if tail <= lo and not text[lo].isspace():
-        tail = max(n - _EDGE - _EDGE_MAX, 0)
     return [(0, n)] if head >= tail else [(0, head), (tail, n)]
 
 
