@@ -23,22 +23,37 @@ def _unauthorized(message: str) -> RequestError:
     return RequestError(401, message, "invalid_api_key", type_="authentication_error")
 
 
-def _bearer(headers: dict[str, str]) -> str | None:
+def _credential(headers: dict[str, str]) -> tuple[str | None, bool]:
+    """(the API key the request carries, or None; whether it carries a credential at all,
+    readable or not: an `Authorization` of another scheme, an empty Bearer, `x-api-key`)."""
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("api-key") or None
+        return token.strip(), True
+    key = headers.get("api-key") or None
+    return key, bool(key or value.strip() or headers.get("x-api-key"))
 
 
-def _jwt_tenant(snapshot: Snapshot, metadata: struct_pb2.Struct | None) -> str | None:
+_NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+
+
+def _jwt_payload(snapshot: Snapshot,
+                 metadata: struct_pb2.Struct | None) -> struct_pb2.Struct | None:
+    """The claims of a token Envoy's jwt_authn verified, if any."""
     jwt = snapshot.auth.jwt
     if jwt is None or metadata is None:
         return None
     payload = metadata.fields.get(jwt.payload_key)
     if payload is None or not payload.HasField("struct_value"):
         return None
-    claim = payload.struct_value.fields.get(jwt.tenant_claim)
+    return payload.struct_value
+
+
+def _jwt_tenant(snapshot: Snapshot, payload: struct_pb2.Struct | None) -> str | None:
+    if payload is None:
+        return None
+    assert snapshot.auth.jwt is not None
+    claim = payload.fields.get(snapshot.auth.jwt.tenant_claim)
     if claim is None or not claim.HasField("string_value") or not claim.string_value:
         return None
     return claim.string_value
@@ -51,12 +66,14 @@ def identify(
 
     The bearer token is hashed at once and never stored or logged.
     """
-    tenant = _jwt_tenant(snapshot, jwt_metadata)
+    payload = _jwt_payload(snapshot, jwt_metadata)
+    tenant = _jwt_tenant(snapshot, payload)
     if tenant is not None:
         if not TOKEN.fullmatch(tenant):
             raise _unauthorized("The token's tenant claim is not a valid tenant id.")
         return Identity(tenant, "jwt")
-    token = _bearer(headers)
+    token, presented = _credential(headers)
+    header = snapshot.auth.trusted_tenant_header
     if token is not None and snapshot.api_keys:
         digest = hashlib.sha256(token.encode()).hexdigest()
         key = snapshot.api_keys.get(digest)
@@ -64,15 +81,15 @@ def identify(
         # match never returns sooner than a miss.
         if key is not None and hmac.compare_digest(key.sha256, digest):
             return Identity(key.tenant, "api_key", key.key_id)
-        # A key that is wrong (mistyped, revoked) is refused, never served as the
-        # trusted header's or the anonymous tenant: that would keep a revoked key working.
-        raise _unauthorized("Incorrect API key provided.")
-    header = snapshot.auth.trusted_tenant_header
+    # A credential that is no valid key (wrong, revoked, unreadable) is refused, never
+    # served as the trusted header's or the anonymous tenant, which would keep a revoked
+    # key working; unless it is the token Envoy's jwt_authn verified (no tenant claim).
+    if presented and snapshot.api_keys and payload is None:
+        raise _unauthorized("Incorrect API key provided." if token is not None else _NO_KEY)
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")
         return Identity(headers[header], "trusted_header")
     if snapshot.auth.anonymous_tenant is not None:
         return Identity(snapshot.auth.anonymous_tenant, "anonymous")
-    raise _unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer "
-                        "KEY'.")
+    raise _unauthorized(_NO_KEY)

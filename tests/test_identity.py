@@ -232,16 +232,26 @@ def test_anonymous_after_jwt_and_keys_miss() -> None:
 
 
 @pytest.mark.parametrize("extra", ["", "  trusted_tenant_header: x-t\n"])
-def test_a_wrong_key_is_refused_even_with_anonymous_or_a_trusted_header(extra) -> None:
+def test_a_wrong_key_is_refused_even_with_an_anonymous_tenant(extra) -> None:
     # Served as the anonymous (or the header's) tenant, a revoked key would keep working
-    # and a mistyped one would never be told.
+    # and a mistyped one would never be told: a credential sent must be a valid key.
     snap = snapshot("auth:\n  anonymous_tenant: public\n" + extra + "  api_keys:\n"
                     + key_entry(ALICE, "a", "alice"))
-    for headers in ({"api-key": "wrong"}, {"authorization": "Bearer wrong", "x-t": "acme"}):
+    for headers in ({"api-key": "wrong"}, {"authorization": "Bearer wrong", "x-t": "acme"},
+                    {"x-api-key": "wrong"}, {"authorization": "Basic dXNlcjpwYXNz"},
+                    {"authorization": "wrong"}):
         with pytest.raises(RequestError) as info:
             identify(snap, headers, None)
         assert (info.value.status, info.value.code) == (401, "invalid_api_key")
     assert identify(snap, {}, None) == Identity("public", "anonymous")
+
+
+def test_a_verified_token_without_a_tenant_claim_is_no_wrong_key() -> None:
+    snap = snapshot("auth:\n  anonymous_tenant: public\n  jwt:\n    tenant_claim: org\n"
+                    "  api_keys:\n" + key_entry(ALICE, "a", "alice"))
+    who = identify(snap, {"authorization": "Bearer eyJ.verified.jwt"},
+                   jwt_metadata({"sub": "u1"}))
+    assert who == Identity("public", "anonymous")
 
 
 def test_trusted_header_before_anonymous() -> None:

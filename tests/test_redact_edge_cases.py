@@ -756,3 +756,12 @@ def test_long_parts_are_read_alone_at_their_edges_only(redactor):
     assert texts[1].startswith("[SSN_1] ") and "mid [PHONE_1] " in texts[1]
     assert "123-45-6789" not in "".join(texts) and "415-555-2671" not in "".join(texts)
     assert res.counts["ssn"] == 1 and res.counts["phone"] == 1
+
+
+def test_two_metadata_keys_masked_to_one_placeholder_are_refused(redactor):
+    from atp_extproc.redact.redactor import KEYS_COLLIDE
+
+    doc = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+           "metadata": {"415 555 2671": "home", "415-555-2671": "work"}}
+    res = redactor.redact("chat", doc, "t")
+    assert KEYS_COLLIDE in res.denied and not res.fields

@@ -30,6 +30,8 @@ OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
 # say to refuse rather than let a partly scanned body go.
 INCOMPLETE = "scan_incomplete"
+# In `Redaction.denied` when two keys of one object would become one placeholder.
+KEYS_COLLIDE = "keys_collide_when_redacted"
 _MIN_KEY_BYTES = 16
 _TENANT_KEYS_MAX = 4096
 
@@ -433,7 +435,11 @@ class Redactor:
                     args_values.setdefault(more_args, {})[token] = new
         for args, values in args_values.items():
             edits[args.path] = scope.splice_args(args, values)
-        fields = scope.apply(doc, edits)
+        try:
+            fields = scope.apply(doc, edits)
+        except scope.KeyCollision:
+            return Redaction(counts=counts, denied=(*sorted(denied), KEYS_COLLIDE),
+                             non_text_parts=non_text, incomplete=res.incomplete)
         return Redaction(fields=fields, counts=counts,
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
                          mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),

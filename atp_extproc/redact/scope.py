@@ -32,6 +32,10 @@ class KeyName:
 
 Path = tuple[str | int | KeyName, ...]
 
+
+class KeyCollision(Exception):
+    """Redacting keys would make two keys of one object the same."""
+
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
 # Strings (a key with its colon), numbers of 7 characters or more (shorter ones hold no
@@ -498,7 +502,12 @@ def _rebuild(node: Any, sub: dict[Any, Any]) -> Any:
         else:
             copy[step] = _rebuild(node[step], child)
     if renames:  # keys renamed in place, the others' order kept
-        copy = {renames.get(k, k): v for k, v in copy.items()}
+        renamed = {renames.get(k, k): v for k, v in copy.items()}
+        if len(renamed) != len(copy):
+            # Two keys masked to one placeholder (one value spelt two ways): one entry
+            # would be lost.
+            raise KeyCollision
+        copy = renamed
     return copy
 
 
