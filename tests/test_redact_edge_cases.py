@@ -765,3 +765,15 @@ def test_two_metadata_keys_masked_to_one_placeholder_are_refused(redactor):
            "metadata": {"415 555 2671": "home", "415-555-2671": "work"}}
     res = redactor.redact("chat", doc, "t")
     assert KEYS_COLLIDE in res.denied and not res.fields
+
+
+@pytest.mark.parametrize("text", [
+    "Tel +33 1 42 68 40 92 / +44 20 7946 6726 / 030 1234 5678 / 030 1234 5679",
+    "call me on 0151 7420 3552 / 415 555 5129 / 030 9868 2698 / 030 4040 4039",
+])
+def test_numbers_between_slashes_are_each_a_list_of_their_own(redactor, text):
+    # A run of many chunks reads as a list of readings; ' / ' between phone numbers
+    # makes each its own short run of chunks again.
+    numbers = text.split(" / ")
+    numbers[0] = numbers[0].split(" ", 1 if numbers[0].startswith("Tel") else 3)[-1]
+    assert [text[s.start:s.end] for s in redactor.scan_text(text)] == numbers

@@ -21,6 +21,7 @@ import json
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import phonenumbers
 import re2
@@ -882,7 +883,8 @@ class Scanner:
                     # "mobile" right before says the list is one of phone numbers. A run
                     # that repeats one layout ("030 1234 5678 030 1234 5679") is tried one
                     # number per period first.
-                    span = 8 if (nch < _LIST_CHUNKS or run.lead(a)[-1:] in (b"+", b"(")
+                    span = 8 if (run.list_size(a) < _LIST_CHUNKS
+                                 or run.lead(a)[-1:] in (b"+", b"(")
                                  or run.phone_list_context()) else 1
                     period = run.period()
                     if period and period < span:
@@ -1045,9 +1047,9 @@ class _Run:
     """One digit run, split into groups and chunks, with the per-chunk facts the card,
     SSN and phone checks need (digit strings and exclusions are computed on first use)."""
 
-    __slots__ = ("_digits", "_neg", "_not_phone", "_period", "_pos", "asc", "cfirst", "ext",
-                 "first_size", "groups", "ndig", "ngroups", "nsingle", "soft_glued",
-                 "start", "text")
+    __slots__ = ("_digits", "_lists", "_neg", "_not_phone", "_period", "_pos", "asc",
+                 "cfirst", "ext", "first_size", "groups", "ndig", "ngroups", "nsingle",
+                 "soft_glued", "start", "text")
 
     def __init__(self, asc: bytes, text: str, start: int, main_end: int,
                  ext: tuple[int, int] | None, soft_glued: bool):
@@ -1074,6 +1076,7 @@ class _Run:
         self._neg: bool | None = None
         self._pos: bool | None = None
         self._period: int | None = None
+        self._lists: list[int] | None = None
 
     def bounds(self, a: int, end: int) -> tuple[int, ...]:
         """Digit offsets where the groups of chunks a..end end, the last one excepted."""
@@ -1156,6 +1159,15 @@ class _Run:
                 self._period = p
                 break
         return self._period
+
+    def list_size(self, c: int) -> int:
+        """How many chunks the list around chunk `c` has: the run's, or, where ' / '
+        separates numbers, those between the separators around `c`."""
+        if self._lists is None:
+            cuts = [k for k in range(1, len(self.ndig)) if self.lead(k) == b" / "]
+            bounds = [0, *cuts, len(self.ndig)]
+            self._lists = [hi - lo for lo, hi in pairwise(bounds) for _ in range(hi - lo)]
+        return self._lists[c]
 
     def phone_list_context(self) -> bool:
         """A word naming phone numbers themselves ("Tel", "Mobile", "Phones:", "Contact:")

@@ -138,7 +138,7 @@ class Span:
 
 # How much of a part's start and end is read on its own: a value, and the context words
 # before it, fit (a window grows to the next whitespace, so a long token stays whole).
-_EDGE = 256
+_EDGE = 128
 _EDGE_MAX = 64 * 1024
 _SPACE = re.compile(r"\s")
 
