@@ -74,6 +74,10 @@ def identify(
         return Identity(tenant, "jwt")
     token, presented = _credential(headers)
     header = snapshot.auth.trusted_tenant_header
+    # A verified token that has no tenant claim at all is the Bearer, and no key; one
+    # whose claim is there but unusable (42, "", a list) is not vouched for.
+    claimless = payload is not None and snapshot.auth.jwt is not None and (
+        snapshot.auth.jwt.tenant_claim not in payload.fields)
     if token is not None and snapshot.api_keys:
         digest = hashlib.sha256(token.encode()).hexdigest()
         key = snapshot.api_keys.get(digest)
@@ -84,8 +88,13 @@ def identify(
     # A credential that is no valid key (wrong, revoked, unreadable) is refused, never
     # served as the trusted header's or the anonymous tenant, which would keep a revoked
     # key working; unless it is the token Envoy's jwt_authn verified (no tenant claim).
-    if presented and snapshot.api_keys and payload is None:
-        raise _unauthorized("Incorrect API key provided." if token is not None else _NO_KEY)
+    if presented and snapshot.api_keys and not claimless:
+        if token is not None:
+            raise _unauthorized("Incorrect API key provided.")
+        if headers.get("x-api-key"):
+            raise _unauthorized("ATP does not read x-api-key: send the key as "
+                                "'Authorization: Bearer KEY'.")
+        raise _unauthorized(_NO_KEY)
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")

@@ -108,13 +108,17 @@ def test_wrong_key_is_401(example, headers: dict[str, str]) -> None:
         {"authorization": f"Basic {ALICE}"},
         {"authorization": ALICE},
         {"api-key": ""},
-        {"x-api-key": ALICE},
     ],
 )
 def test_missing_key_is_401(example, headers: dict[str, str]) -> None:
     err = refused(example, headers)
     assert (err.status, err.code, err.type) == (401, "invalid_api_key", "authentication_error")
     assert "didn't provide an API key" in err.message
+
+
+def test_a_key_in_x_api_key_is_refused_with_where_to_send_it(example) -> None:
+    err = refused(example, {"x-api-key": ALICE})
+    assert err.status == 401 and "Authorization: Bearer" in err.message
 
 
 def test_token_without_configured_keys_is_not_accepted() -> None:
@@ -244,6 +248,18 @@ def test_a_wrong_key_is_refused_even_with_an_anonymous_tenant(extra) -> None:
             identify(snap, headers, None)
         assert (info.value.status, info.value.code) == (401, "invalid_api_key")
     assert identify(snap, {}, None) == Identity("public", "anonymous")
+
+
+@pytest.mark.parametrize("claim", [42, "", ["acme"], None])
+def test_a_verified_token_with_an_unusable_tenant_claim_is_refused(claim) -> None:
+    # Numeric tenant ids (common in identity providers) must not become the anonymous
+    # tenant: the token names a tenant ATP cannot use.
+    snap = snapshot("auth:\n  anonymous_tenant: public\n  jwt:\n    tenant_claim: org\n"
+                    "  api_keys:\n" + key_entry(ALICE, "a", "alice"))
+    with pytest.raises(RequestError) as info:
+        identify(snap, {"authorization": "Bearer eyJ.verified.jwt"},
+                 jwt_metadata({"org": claim}))
+    assert info.value.status == 401
 
 
 def test_a_verified_token_without_a_tenant_claim_is_no_wrong_key() -> None:
