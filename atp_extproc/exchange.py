@@ -356,18 +356,16 @@ class Exchange:
         if outcome.tools_to_strip:
             # Stripped from what redaction left, or the kept tools would go out unredacted.
             doc = {**parsed.doc, **self._changes}
-            for tools_key, choice_key, settings in _TOOL_FIELDS:
-                kept = strip_tools(doc, outcome.tools_to_strip, tools_key)
+            for keys in _TOOL_FIELDS:
+                kept = strip_tools(doc, outcome.tools_to_strip, keys[0])
                 if kept is not None:
-                    self._strip_tools(doc, kept, outcome.tools_to_strip,
-                                      (tools_key, choice_key, *settings))
+                    self._strip_tools(doc, kept, outcome.tools_to_strip, keys)
         return None
 
     def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...],
                      keys: tuple[str, ...]) -> None:
         """Send the request on without the tools policy strips (`kept`: the rest of the
-        list under keys[0]; keys[1]: the choice that may force one; then other settings
-        that go with the list)."""
+        list under keys[0]; keys: one of _TOOL_FIELDS)."""
         self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
         tools_key, choice_key = keys[:2]
         choice = doc.get(choice_key)
@@ -734,9 +732,9 @@ class Exchange:
 
 _NO_COMPRESSION = ("accept-encoding",)
 # Each list of tools a body may declare (attributes.TOOL_LISTS), the choice that may
-# force one of them, and other settings that cannot go without the list.
-_TOOL_FIELDS = (("tools", "tool_choice", ("parallel_tool_calls",)),
-                ("functions", "function_call", ()))
+# force one of them, then other settings that cannot go without the list.
+_TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
+                ("functions", "function_call"))
 
 
 def _loggable(path: str) -> str:

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
@@ -278,7 +279,14 @@ _USER_MAPS = frozenset(("metadata", "parameters", "schema", "logit_bias", "varia
                         "structured_outputs", "chat_template_kwargs"))
 
 
-def _check_field_names(node: Any, fields: frozenset[str] = _FIELDS) -> None:
+@lru_cache(maxsize=8)
+def _fields_with(scanned: frozenset[str]) -> frozenset[str]:
+    """_FIELDS and the field names a config's redaction scans too: one set per config,
+    not a union per request."""
+    return _FIELDS | scanned
+
+
+def _check_field_names(node: Any, fields: frozenset[str]) -> None:
     stack = [node]
     while stack:
         node = stack.pop()
@@ -314,7 +322,7 @@ def read_request(operation: str, doc: dict[str, Any],
     """The request's facts, after the count limits (checked before any per-item work).
     `scanned`: more field names redaction reads (`redaction.extra_paths`)."""
     _check_counts(doc, limits)
-    _check_field_names(doc, _FIELDS | scanned if scanned else _FIELDS)
+    _check_field_names(doc, _fields_with(scanned))
     model = doc.get("model")
     if model is not None:
         if not isinstance(model, str):

@@ -1148,10 +1148,10 @@ class _Run:
         """The number of chunks after which the run's chunk sizes repeat, when they do
         over the whole run in periods of 2 to 6 that are not all one size (a list of
         numbers written alike, "415 555 2671 415 555 2672"); else 0."""
-        sizes = self.ndig
-        n = len(sizes)
         if self._period is not None:
             return self._period
+        sizes = self.ndig
+        n = len(sizes)
         self._period = 0
         for p in range(2, 7):
             if (n % p == 0 and n > p and len(set(sizes[:p])) > 1
