@@ -156,8 +156,10 @@ def test_invalid_config_stops_startup_naming_file_path_reason(tmp_path: Path) ->
     assert "greater than or equal to 0" in proc.stderr
 
 
-def test_envoy_and_atp_size_limits_agree() -> None:
-    envoy = yaml.safe_load(FRONT_PROXY.read_text())
+@pytest.mark.parametrize("envoy_config", [FRONT_PROXY, FRONT_PROXY.with_name("sidecar-uds.yaml")],
+                         ids=lambda p: p.name)
+def test_envoy_and_atp_size_limits_agree(envoy_config: Path) -> None:
+    envoy = yaml.safe_load(envoy_config.read_text())
     listener_limit = envoy["static_resources"]["listeners"][0][
         "per_connection_buffer_limit_bytes"]
     atp_cluster = next(c for c in envoy["static_resources"]["clusters"] if c["name"] == "atp")
