@@ -43,6 +43,7 @@ from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import (
     ForcedToolStripped,
     attributes_for_request,
+    input_declaring,
     strip_tools,
     tool_choice_without,
 )
@@ -356,6 +357,11 @@ class Exchange:
         if outcome.tools_to_strip:
             # Stripped from what redaction left, or the kept tools would go out unredacted.
             doc = {**parsed.doc, **self._changes}
+            declaring = input_declaring(rec.operation, doc, outcome.tools_to_strip)
+            if declaring is not None:
+                raise RequestError(403, f"{declaring} declares a tool this request may not "
+                                   "use", "tool_not_allowed", param=declaring,
+                                   type_="permission_error")
             for keys in _TOOL_FIELDS:
                 kept = strip_tools(doc, outcome.tools_to_strip, keys[0])
                 if kept is not None:
@@ -731,7 +737,7 @@ class Exchange:
 
 
 _NO_COMPRESSION = ("accept-encoding",)
-# Each list of tools a body may declare (attributes.TOOL_LISTS), the choice that may
+# Each list of tools a body may declare (llm_api.TOOL_LISTS), the choice that may
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from json.decoder import scanstring  # type: ignore[attr-defined]
@@ -86,6 +86,8 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
                             parse_float=_finite_float)
 _scan_once = _DECODER.scan_once
+# Tool-call arguments are read as json.loads reads them, a key given twice aside.
+_ARGUMENTS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
 def _invalid(reason: str) -> RequestError:
@@ -119,6 +121,19 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
     except (ValueError, StopIteration, IndexError) as exc:
         raise _invalid(_describe(exc)) from None
     return parsed
+
+
+def parse_arguments(text: str) -> Any:
+    """A tool call's JSON `arguments` (a string in the body), for policies to read.
+
+    A key given twice is refused as in the body itself: policies would read one value
+    and a provider perhaps the other. Raises ValueError (RecursionError too deep) when
+    the text is no JSON."""
+    try:
+        return _ARGUMENTS_DECODER.decode(text)
+    except _DuplicateKey as exc:
+        raise RequestError(400, f"Duplicate key {str(exc)!r} in the arguments of a tool "
+                           "call; each key may appear once", "duplicate_key") from None
 
 
 def check_depth(parsed: ParsedBody, max_depth: int) -> None:
@@ -337,7 +352,8 @@ def read_request(operation: str, doc: dict[str, Any],
     elif not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "invalid_type", param="stream")
     required = _REQUIRED[operation]
-    if required not in doc:
+    # A Responses request may take its input from a stored prompt instead.
+    if required not in doc and not (operation == "responses" and "prompt" in doc):
         raise RequestError(400, f"Missing required parameter: '{required}'",
                            "missing_required_parameter", param=required)
     options = doc.get("stream_options")
@@ -358,13 +374,15 @@ def read_request(operation: str, doc: dict[str, Any],
         # 8000 by providers that coerce.
         if doc.get(key) is not None and type(doc[key]) is not int:
             raise RequestError(400, f"'{key}' must be an integer", "invalid_type", param=key)
+    _check_tools(operation, doc)
     # Redaction only reads the shapes a provider accepts: any other shape would reach the
     # provider unscanned, so it is refused here.
-    value = doc[required]
+    value = doc.get(required)
     if operation == "chat":
         _check_messages(value)
     elif operation == "responses":
-        _check_items(value)
+        if required in doc:
+            _check_items(value)
     else:
         _check_prompt(required, value)
     return LlmRequest(
@@ -398,6 +416,62 @@ def _check_items(value: Any) -> None:
         return
     raise RequestError(400, "'input' must be a string or an array of input items (objects)",
                        "invalid_type", param="input")
+
+
+# Where a body declares tools: `functions` is Chat Completions' older form of `tools`
+# (entries {name, description, parameters}, forced by `function_call`), still accepted.
+TOOL_LISTS = ("tools", "functions")
+
+
+def tool_lists(operation: str, doc: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(param, value) of every list of tools a body declares, in body order: TOOL_LISTS,
+    the tools of a Responses input item (`additional_tools`, `tool_search_output`, ...:
+    any item with `tools`), and the tools grouped in a namespace tool of any of these.
+    Values are as the body has them: read_request refuses any that is no list of
+    objects, so after it they are."""
+    lists: list[tuple[str, Any]] = [(key, doc[key]) for key in TOOL_LISTS
+                                    if doc.get(key) is not None]
+    items = doc.get("input") if operation == "responses" else None
+    if isinstance(items, list):
+        lists += [(f"input[{i}].tools", item["tools"]) for i, item in enumerate(items)
+                  if isinstance(item, dict) and item.get("tools") is not None]
+    for param, tools in lists:  # grows with the namespaces found on the way
+        yield param, tools
+        if isinstance(tools, list):
+            lists += [(f"{param}[{i}].tools", tool["tools"]) for i, tool in enumerate(tools)
+                      if isinstance(tool, dict) and tool.get("tools") is not None]
+
+
+def _check_tools(operation: str, doc: dict[str, Any]) -> None:
+    """Tools are objects with one name each: policies read a tool by the name tool_name
+    gives, and a provider that reads another of its name fields must not be handed a
+    tool policies never saw."""
+    for param, tools in tool_lists(operation, doc):
+        if not (type(tools) is list and _only(tools, _OBJECTS)):
+            raise RequestError(400, f"'{param}' must be an array of tool objects",
+                               "invalid_type", param=param)
+        for i, tool in enumerate(tools):
+            _one_name(tool, f"{param}[{i}]")
+    for key in ("tool_choice", "function_call"):
+        choice = doc.get(key)
+        if choice is None or isinstance(choice, str):
+            continue
+        if not isinstance(choice, dict):
+            raise RequestError(400, f"'{key}' must be a string or an object",
+                               "invalid_type", param=key)
+        _one_name(choice, key)
+
+
+def _one_name(tool: dict[str, Any], param: str) -> None:
+    named = {"name": tool.get("name")}
+    for key in ("function", "custom"):
+        sub = tool.get(key)
+        if isinstance(sub, dict):
+            named[f"{key}.name"] = sub.get("name")
+    given = {field: name for field, name in named.items() if name is not None}
+    if len(set(map(repr, given.values()))) > 1:
+        raise RequestError(400, f"{param} has two different names ({' and '.join(given)}): "
+                           "give a tool one name", "invalid_value", param=param)
 
 
 def _check_messages(messages: Any) -> None:

@@ -357,15 +357,20 @@ def test_read_request_tool_names_chat_and_responses_style() -> None:
         {"type": "web_search_preview"},  # built-in tool: no name
         {"type": "function", "function": {"name": 5}},
         {"type": "function", "function": "nope", "name": "fallback"},
-        "junk",
-        None,
     ])
     assert read_request(CHAT, doc).tool_names == ("get_weather", "lookup_order", "fallback")
 
 
-@pytest.mark.parametrize("tools", [None, "x", {"name": "f"}, 3])
-def test_read_request_tools_not_a_list(tools) -> None:
-    assert read_request(CHAT, chat_doc(tools=tools)).tool_names == ()
+def test_read_request_no_tools() -> None:
+    assert read_request(CHAT, chat_doc(tools=None)).tool_names == ()
+
+
+@pytest.mark.parametrize("tools", ["x", {"name": "f"}, 3, ["junk"], [None]])
+def test_read_request_tools_not_a_list_of_objects(tools) -> None:
+    # Policies would never see such tools, and a provider might read them.
+    with pytest.raises(RequestError) as err:
+        read_request(CHAT, chat_doc(tools=tools))
+    assert (err.value.status, err.value.code, err.value.param) == (400, "invalid_type", "tools")
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False)])

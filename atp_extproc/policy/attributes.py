@@ -24,7 +24,13 @@ from typing import Any, NoReturn
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from atp_extproc.llm_api import TOKEN_LIMIT_KEYS, token_ids, tool_name
+from atp_extproc.llm_api import (
+    TOKEN_LIMIT_KEYS,
+    parse_arguments,
+    token_ids,
+    tool_lists,
+    tool_name,
+)
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 MAX_STRING = 256          # characters of any string attribute
@@ -544,10 +550,7 @@ def request_from_body(operation: str,
     details: dict[str, dict[str, Any]] = {}
     cut = _Cut()
     declared_count = 0
-    for key in TOOL_LISTS:
-        tools = doc.get(key)
-        if not isinstance(tools, list):
-            continue
+    for _, tools in tool_lists(operation, doc):
         declared_count += len(tools)
         for tool in islice(tools, MAX_LIST):
             if not isinstance(tool, dict):
@@ -568,6 +571,8 @@ def request_from_body(operation: str,
                     cut.note("request.tool_details.parameters")
         if len(tools) > MAX_LIST:
             cut.note("request.tools")
+    if len(details) > MAX_LIST:
+        cut.note("request.tools")
     _history_calls(operation, doc, details, cut)
     if details:
         out["tool_details"] = list(details.values())
@@ -595,11 +600,6 @@ def request_from_body(operation: str,
     if isinstance(stream, bool):
         out["stream"] = stream
     return out, cut.paths
-
-
-# Where a body declares tools: `functions` is Chat Completions' older form of `tools`
-# (entries {name, description, parameters}, forced by `function_call`), still accepted.
-TOOL_LISTS = ("tools", "functions")
 
 
 def tool_key(tool: dict[str, Any]) -> str:
@@ -663,7 +663,7 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
             cut.note("request.tool_details.arguments")
             return {}
         try:
-            arguments = json.loads(arguments)
+            arguments = parse_arguments(arguments)
         except RecursionError:
             cut.note("request.tool_details.arguments")
             return {}

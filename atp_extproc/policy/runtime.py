@@ -20,7 +20,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from atp_extproc.llm_api import OPERATIONS, estimate_tokens
+from atp_extproc.llm_api import OPERATIONS, estimate_tokens, tool_lists
 from atp_extproc.policy.attributes import (
     MAX_STRING,
     build_attributes,
@@ -186,7 +186,7 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
 
 def strip_tools(doc: Mapping[str, Any], names: Iterable[str],
                 key: str = "tools") -> list[Any] | None:
-    """The body's `tools` (or its list under `key`, one of attributes.TOOL_LISTS) without
+    """The body's `tools` (or its list under `key`, one of llm_api.TOOL_LISTS) without
     `names` (for llm_api.rewrite), or None if unchanged."""
     tools = doc.get(key)
     drop = set(names)
@@ -195,8 +195,32 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str],
     # Matched by the key policies saw, cut to MAX_STRING as attributes cut it (a longer
     # name would never match); an entry that is no mapping was never shown to them, so
     # it is never stripped.
-    kept = [tool for tool in tools if not _named(tool, drop)]
-    return kept if len(kept) != len(tools) else None
+    kept = []
+    for tool in tools:
+        if _named(tool, drop):
+            continue
+        grouped = tool.get("tools") if isinstance(tool, dict) else None
+        if isinstance(grouped, list):  # a namespace: its tools are stripped one by one
+            left = [t for t in grouped if not _named(t, drop)]
+            if not left:
+                continue
+            if len(left) != len(grouped):
+                tool = {**tool, "tools": left}
+        kept.append(tool)
+    return kept if kept != tools else None
+
+
+def input_declaring(operation: str, doc: Mapping[str, Any],
+                    names: Iterable[str]) -> str | None:
+    """Where a Responses input item declares one of `names` (`input[i].tools`), or None.
+
+    Those are past turns' tool lists (tool search results, tools added mid-conversation):
+    ATP does not rewrite history, so such a request is refused rather than stripped."""
+    drop = set(names)
+    for param, tools in tool_lists(operation, doc):
+        if param.startswith("input[") and any(_named(t, drop) for t in tools):
+            return param
+    return None
 
 
 def _named(tool: Any, names: set[str]) -> bool:

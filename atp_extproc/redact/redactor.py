@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import re
+import secrets
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -302,6 +303,9 @@ class Redactor:
                     f"{_MIN_KEY_BYTES} bytes in the environment variable "
                     f"{settings.hmac_key_env}")
             self._master = key
+        # Keys placeholders of conversations a provider holds (see _keyed) when no key is
+        # configured: stable for the process, which is all such a placeholder needs to be.
+        self._process_key = secrets.token_bytes(32)
         self._tenant_keys: dict[str, bytes] = {}
 
     # -- public --------------------------------------------------------------------------
@@ -388,6 +392,7 @@ class Redactor:
         mapping: dict[str, str] = {}
         counts = {}
         denied = set()
+        keyed = _keyed(operation, doc)
         tokens: dict[tuple[str, str], str] = {}
         numbers: dict[str, int] = {}
         per_seg: dict[int, list[tuple[int, int, str]]] = {}
@@ -400,7 +405,8 @@ class Redactor:
             key = (h.cls, h.value)
             token = tokens.get(key)
             if token is None:
-                token = self._token(h.cls, h.value, action, tenant, numbers, res.reserved)
+                token = self._token(h.cls, h.value, "hash" if keyed and action == "mask"
+                                    else action, tenant, numbers, res.reserved)
                 tokens[key] = token
                 mapping.setdefault(token, joined[s:e])
             # A JSON token scanned once for all its repeats occurs that many times.
@@ -513,10 +519,20 @@ class Redactor:
     def _tenant_key(self, tenant: str) -> bytes:
         key = self._tenant_keys.get(tenant)
         if key is None:
-            assert self._master is not None
-            key = hmac.new(self._master, b"atp-redact-tenant\x00" + tenant.encode(),
+            key = hmac.new(self._master or self._process_key,
+                           b"atp-redact-tenant\x00" + tenant.encode(),
                            hashlib.sha256).digest()
             if len(self._tenant_keys) >= _TENANT_KEYS_MAX:
                 self._tenant_keys.clear()
             self._tenant_keys[tenant] = key
         return key
+
+
+def _keyed(operation: str, doc: dict[str, Any]) -> bool:
+    """Whether the provider holds earlier turns of this conversation (Responses
+    `previous_response_id` or `conversation`). Placeholders numbered per request would
+    give two turns' different values one `[EMAIL_1]`, which the model conflates and a
+    restore would answer with the wrong one: such requests get keyed placeholders (as the
+    hash action's), one per value across turns."""
+    return operation == "responses" and (doc.get("previous_response_id") is not None
+                                         or doc.get("conversation") is not None)

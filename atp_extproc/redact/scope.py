@@ -265,8 +265,41 @@ def _content(c: Collector, path: Path, content: Any) -> None:
                 c.joined(run)
                 run = []
             c.non_text += 1
+            _rest(c, (*path, j), part)  # a file's name, say
     if run:
         c.joined(run)
+
+
+# Keys whose values are no one's words: kinds, ids, states, names of tools and servers,
+# and binary data (images, files, audio, encrypted reasoning), which a scan could only
+# corrupt.
+_OPAQUE = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
+                     "image_url", "file_data", "file_id", "file_url", "data", "format",
+                     "detail", "encrypted_content", "mime_type"})
+
+
+def _rest(c: Collector, base: Path, node: dict[str, Any],
+          handled: frozenset[str] | set[str] = frozenset()) -> None:
+    """Every string under `node` but its `handled` keys and the _OPAQUE ones, and every
+    integer under a key naming a card, phone or SSN: the parts of an item no walker
+    knows (a new item type, a field a provider added, a value of an unexpected shape)
+    are read as text rather than sent unread."""
+    stack: list[tuple[Path, Any, str]] = [
+        ((*base, k), v, k) for k, v in node.items() if k not in handled]
+    while stack:
+        path, value, key = stack.pop()
+        if key in _OPAQUE:
+            continue
+        if isinstance(value, str):
+            c.text(path, value)
+        elif isinstance(value, dict):
+            stack.extend(((*path, k), v, k) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, i), v, key) for i, v in enumerate(value))
+        elif type(value) is int:
+            cls = key_class(key)
+            if cls:
+                c.units.append([Segment(f"{cls}: "), Segment(str(value), path)])
 
 
 def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
@@ -361,31 +394,6 @@ def embeddings(c: Collector, doc: dict[str, Any]) -> None:
 
 _RESPONSES_NON_TEXT = frozenset({"input_image", "input_file", "input_audio", "image",
                                  "image_generation_call", "computer_screenshot"})
-# Input items of built-in tools: the fields (a string or a list of strings) the model
-# reads back, besides `content`, `arguments` and `output`, which every item gets.
-_ITEM_FIELDS: dict[str, tuple[Path, ...]] = {
-    "file_search_call": (("queries",), ("results", "*", "text")),
-    "web_search_call": (("action", "query"), ("action", "queries"), ("action", "pattern"),
-                        ("action", "url")),
-    "local_shell_call": (("action", "command"), ("action", "env", "*"),
-                         ("action", "working_directory")),
-    "shell_call": (("action", "commands"),),
-    "shell_call_output": (("output", "*", "stdout"), ("output", "*", "stderr")),
-    "code_interpreter_call": (("code",), ("outputs", "*", "logs")),
-    "apply_patch_call": (("operation", "diff"),),
-    "mcp_call": (("error",),),
-}
-
-
-def _strings(c: Collector, base: Path, item: dict[str, Any], paths: tuple[Path, ...]) -> None:
-    for path in paths:
-        for p, node in resolve(item, path):
-            if isinstance(node, str):
-                c.text((*base, *p), node)
-            elif isinstance(node, list):
-                for k, v in enumerate(node):
-                    if isinstance(v, str):
-                        c.text((*base, *p, k), v)
 
 
 def _prompt_variables(c: Collector, prompt: Any) -> None:
@@ -419,32 +427,39 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             if not isinstance(item, dict):
                 continue
             kind = item.get("type")
-            if "content" in item:
+            if kind == "image_generation_call":
+                c.non_text += 1  # its result is an image
+                continue
+            # What the item's own walk reads; _rest reads what is left.
+            handled: set[str] = set()
+            if isinstance(item.get("content"), (str, list)):
                 _content(c, (*base, "content"), item["content"])
+                handled.add("content")
             if kind in TEXT_PART_TYPES and isinstance(item.get("text"), str):
                 c.text((*base, "text"), item["text"])
+                handled.add("text")
             elif kind in _RESPONSES_NON_TEXT:
                 c.non_text += 1
             if isinstance(item.get("arguments"), str):
                 c.json_text((*base, "arguments"), item["arguments"])
-            if kind == "custom_tool_call" and isinstance(item.get("input"), str):
-                c.text((*base, "input"), item["input"])
+                handled.add("arguments")
             output = item.get("output")
             if isinstance(output, str):
                 if kind == "function_call_output":
                     c.json_text((*base, "output"), output)
                 else:
                     c.text((*base, "output"), output)
+                handled.add("output")
             elif isinstance(output, list) and kind != "shell_call_output":
-                _content(c, (*base, "output"), output)  # (shell output: _ITEM_FIELDS)
-            elif isinstance(output, dict):
+                _content(c, (*base, "output"), output)
+                handled.add("output")
+            elif isinstance(output, dict) and "type" in output:
                 _content(c, (*base, "output"), [output])
-            summary = item.get("summary")
-            if isinstance(summary, list):
-                _content(c, (*base, "summary"), summary)
-            fields = _ITEM_FIELDS.get(kind) if isinstance(kind, str) else None
-            if fields is not None:
-                _strings(c, base, item, fields)
+                handled.add("output")
+            if isinstance(item.get("summary"), list):
+                _content(c, (*base, "summary"), item["summary"])
+                handled.add("summary")
+            _rest(c, base, item, handled)
     _prompt_variables(c, doc.get("prompt"))
     _common(c, doc)
 

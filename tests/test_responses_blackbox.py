@@ -1,0 +1,236 @@
+"""Regressions from a black-box run of the Responses API through a real stack: tools a
+provider reads that policies did not see (namespaces, tools declared in input items, a
+tool named twice), Responses input items whose text went out unscanned, placeholders of
+a conversation the provider holds, and a request that takes its input from a stored
+prompt."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from atp_extproc import config
+from atp_extproc.exchange import Exchange
+from tests.test_exchange import (
+    ALICE,
+    BOB,
+    EXAMPLE,
+    assert_error,
+    forwarded,
+    immediate,
+    resp_body,
+    resp_headers,
+    send_body,
+)
+
+RESPONSES = "/v1/responses"
+
+
+@pytest.fixture(scope="module")
+def snap() -> config.Snapshot:
+    return config.load(EXAMPLE)
+
+
+def _fn(name: str) -> dict:
+    return {"type": "function", "name": name, "parameters": {"type": "object"}}
+
+
+def _send(snap, key: str = ALICE, **body):
+    return send_body(snap, {"model": "gpt-4o-mini", "input": "hi", **body}, RESPONSES,
+                     key=key)[1]
+
+
+def _sent(resp) -> dict:
+    return json.loads(forwarded(resp)[1])
+
+
+def _denied_by(resp) -> str:
+    status, body, _ = immediate(resp)
+    assert (status, body["error"]["code"]) == (403, "policy_denied")
+    return body["error"]["policy_id"]
+
+
+# -- tools ----------------------------------------------------------------------------
+
+
+def test_a_denied_tool_in_a_namespace_is_denied(snap) -> None:
+    ops = {"type": "namespace", "name": "ops", "description": "ops", "tools": [_fn("shell")]}
+    assert _denied_by(_send(snap, tools=[ops])) == "tools.no_code_execution"
+
+
+def test_a_namespace_loses_the_tools_policy_strips_and_keeps_the_others(snap) -> None:
+    # bob may offer get_weather and search_docs only (examples/policies/tools.yaml).
+    tools = [{"type": "namespace", "name": "get_weather", "description": "d",
+              "tools": [_fn("send_email"), _fn("search_docs")]},
+             {"type": "namespace", "name": "search_docs", "description": "d",
+              "tools": [_fn("send_email")]}]
+    sent = _sent(_send(snap, BOB, tools=tools))
+    assert sent["tools"] == [{**tools[0], "tools": [_fn("search_docs")]}]
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "additional_tools", "role": "developer", "tools": [_fn("shell")]},
+    {"type": "tool_search_output", "call_id": "t1", "execution": "client",
+     "status": "completed", "tools": [_fn("shell")]},
+])
+def test_a_denied_tool_declared_in_an_input_item_is_denied(snap, item) -> None:
+    resp = _send(snap, input=[item, {"role": "user", "content": "hi"}])
+    assert _denied_by(resp) == "tools.no_code_execution"
+
+
+def test_a_tool_to_strip_declared_in_an_input_item_refuses_the_request(snap) -> None:
+    item = {"type": "additional_tools", "role": "developer", "tools": [_fn("send_email")]}
+    resp = _send(snap, BOB, input=[item, {"role": "user", "content": "hi"}])
+    assert assert_error(resp, 403, "tool_not_allowed")["param"] == "input[0].tools"
+
+
+@pytest.mark.parametrize("tool", [
+    {"type": "function", "name": "shell", "function": {"name": "get_weather"}},
+    {"type": "custom", "name": "shell", "custom": {"name": "get_weather"}},
+    {"type": "function", "function": {"name": "shell"}, "custom": {"name": "get_weather"}},
+])
+def test_a_tool_with_two_names_is_refused(snap, tool) -> None:
+    # Policies read one name, a provider may read the other: neither may be trusted.
+    assert assert_error(_send(snap, BOB, tools=[tool]), 400, "invalid_value")["param"] == \
+        "tools[0]"
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tools", {"type": "function", "name": "shell"}), ("tools", ["shell"]),
+    ("tool_choice", 5),
+])
+def test_tool_fields_of_another_shape_are_refused(snap, field, value) -> None:
+    assert assert_error(_send(snap, **{field: value}), 400, "invalid_type")["param"] == field
+
+
+# -- input items read whole -----------------------------------------------------------
+
+EMAIL = "alice.owner@example.org"
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "program", "id": "p1", "code": f"send('{EMAIL}')"},
+    {"type": "program_output", "id": "p1", "result": f"sent to {EMAIL}"},
+    {"type": "tool_search_call", "call_id": "t1", "arguments": {"query": EMAIL}},
+    {"type": "mcp_approval_response", "approval_request_id": "a1", "approve": False,
+     "reason": f"ask {EMAIL} first"},
+    {"type": "computer_call_output", "call_id": "c1",
+     "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,AAAA"},
+     "acknowledged_safety_checks": [{"id": "s1", "code": "x", "message": f"mail {EMAIL}"}]},
+    {"role": "user", "content": {"text": EMAIL}},
+    {"role": "user", "content": [{"type": "input_text", "text": {"value": EMAIL}}]},
+    {"type": "function_call", "call_id": "f1", "name": "lookup",
+     "arguments": {"who": EMAIL}},
+    {"type": "an_item_of_tomorrow", "note": EMAIL},
+    {"type": "web_search_call", "id": "w1", "status": "completed",
+     "action": {"type": "find", "Pattern": EMAIL, "url": f"https://x.test/?to={EMAIL}"}},
+])
+def test_text_anywhere_in_an_input_item_is_redacted(snap, item) -> None:
+    raw = forwarded(_send(snap, input=[item]))[1]
+    assert raw is not None and EMAIL.encode() not in raw and b"[EMAIL_1]" in raw
+
+
+def test_a_number_under_a_card_key_of_an_object_is_redacted(snap) -> None:
+    item = {"type": "tool_search_call", "call_id": "t1",
+            "arguments": {"card_number": 4111111111111111, "limit": 4111111111111111}}
+    sent = _sent(_send(snap, input=[item]))
+    assert sent["input"][0]["arguments"] == {"card_number": "[CARD_1]",
+                                             "limit": 4111111111111111}
+
+
+def test_binary_data_and_names_pass_unchanged(snap) -> None:
+    image = "data:image/png;base64," + "MTExMTExMTExMTExMTExMQ==" * 4
+    items = [{"role": "user", "content": [
+        {"type": "input_image", "image_url": image, "detail": "auto"},
+        {"type": "input_file", "filename": f"{EMAIL} cv.pdf", "file_data": image}]},
+        {"type": "function_call", "call_id": "f1", "name": "lookup", "arguments": "{}"}]
+    sent = _sent(_send(snap, input=items))
+    image_part, file_part = sent["input"][0]["content"]
+    assert image_part["image_url"] == image and file_part["file_data"] == image
+    assert file_part["filename"] == "[EMAIL_1] cv.pdf"
+    assert sent["input"][1]["name"] == "lookup"
+
+
+# -- a stored prompt --------------------------------------------------------------------
+
+
+def test_a_request_may_take_its_input_from_a_stored_prompt(snap) -> None:
+    body = {"model": "gpt-4o-mini",
+            "prompt": {"id": "pmpt_1", "variables": {"who": f"write to {EMAIL}"}}}
+    sent = _sent(send_body(snap, body, RESPONSES)[1])
+    assert sent["prompt"]["variables"]["who"] == "write to [EMAIL_1]"
+
+
+def test_a_request_without_input_or_prompt_is_refused(snap) -> None:
+    resp = send_body(snap, {"model": "gpt-4o-mini"}, RESPONSES)[1]
+    assert assert_error(resp, 400, "missing_required_parameter")["param"] == "input"
+
+
+# -- a conversation the provider holds ----------------------------------------------------
+
+
+def _turn(snap, text: str, previous: str | None) -> tuple[Exchange, str]:
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    snap = dataclasses.replace(snap, routes=routes)
+    body = {"model": "gpt-4o-mini", "input": text}
+    if previous is not None:
+        body["previous_response_id"] = previous
+    ex, resp = send_body(snap, body, RESPONSES)
+    return ex, _sent(resp)["input"]
+
+
+def test_each_value_keeps_one_placeholder_across_a_held_conversation(snap) -> None:
+    _, first = _turn(snap, f"My email is {EMAIL}", "resp_0")
+    other = "mallory.other@example.net"
+    ex, second = _turn(snap, f"Forward it to {other}, not {EMAIL}", "resp_1")
+    token = re.fullmatch(r"My email is (\[EMAIL:[0-9a-f]{16}\])", first)
+    assert token is not None
+    again = re.fullmatch(r"Forward it to (\[EMAIL:[0-9a-f]{16}\]), not (\S+)", second)
+    assert again is not None and again.group(2) == token.group(1) != again.group(1)
+    # The model's reference to each is answered with its own value.
+    ex.handle(resp_headers(200, "application/json"))
+    answer = {"output": [{"type": "message", "content": [{"type": "output_text", "text":
+              f"{again.group(1)} gets what {token.group(1)} sent"}]}]}
+    out = ex.handle(resp_body(json.dumps(answer).encode()))
+    text = json.loads(out.response_body.response.body_mutation.body)
+    assert text["output"][0]["content"][0]["text"] == f"{other} gets what {EMAIL} sent"
+
+
+def test_a_request_of_its_own_numbers_its_placeholders(snap) -> None:
+    assert _turn(snap, f"My email is {EMAIL}", None)[1] == "My email is [EMAIL_1]"
+
+
+# -- tool-call arguments ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["chat", "responses"])
+def test_a_key_twice_in_a_tool_calls_arguments_is_refused(snap, operation) -> None:
+    # tools.search_max_results reads max_results: 500 is denied; with a second key it
+    # read 5 while the provider may read 500.
+    arguments = '{"max_results": 500, "max_results": 5}'
+    if operation == "chat":
+        body = {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "find"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "search_docs", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+        resp = send_body(snap, body)[1]
+    else:
+        resp = _send(snap, input=[{"type": "function_call", "call_id": "c1",
+                                   "name": "search_docs", "arguments": arguments}])
+    assert_error(resp, 400, "duplicate_key")
+
+
+def test_a_chat_file_parts_name_is_redacted_and_its_data_kept(snap) -> None:
+    data = "data:application/pdf;base64," + "NDExMTExMTExMTExMTExMQ==" * 4
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see file"},
+        {"type": "file", "file": {"filename": f"{EMAIL} cv.pdf", "file_data": data}},
+        {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}]}
+    parts = _sent(send_body(snap, body)[1])["messages"][0]["content"]
+    assert parts[1]["file"] == {"filename": "[EMAIL_1] cv.pdf", "file_data": data}
+    assert parts[2]["input_audio"]["data"] == data
