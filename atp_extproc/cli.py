@@ -3,43 +3,112 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
+import io
+import re
 import signal
-import sqlite3
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from atp_extproc import config as config_mod
-from atp_extproc import logs
+if TYPE_CHECKING:
+    from atp_extproc.config import ConfigError
+
+# asyncio, config (pydantic, CEL, RE2) and the server (gRPC) are imported where used:
+# they take from tens of ms to the better part of a second, and `serve` must hold its
+# signals before that.
+
+
+class _EarlySignals:
+    """`serve`'s signals until the server's loop installs its own handlers: an early stop
+    signal is remembered, and honoured as a clean drain once the loop can (not a death by
+    signal, nor a KeyboardInterrupt traceback); SIGHUP, a reload, is ignored, since the
+    config is read after it anyway, and must never end ATP."""
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._remember)
+        signal.signal(signal.SIGINT, self._remember)
+
+    def _remember(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from atp_extproc import server
+    """Exit 0 after a drain, 2 for a config or --listen that is invalid, 1 when ATP cannot
+    start where asked (address in use, ledger not writable): one line on stderr."""
+    early = _EarlySignals()
+    from atp_extproc import config as config_mod
+    from atp_extproc import logs, server
+    from atp_extproc.store.ledger import LedgerUnavailable
 
     try:
         snapshot = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
         print(f"atp-extproc: invalid config, not starting:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        _check_listen_option(args.listen)
+    except _UnusableInput as exc:
+        print(f"atp-extproc: {exc}", file=sys.stderr)
+        return 2
     logs.setup(args.log_level or snapshot.server.log_level)
+    options = server.ServeOptions(listen=args.listen, log_level=args.log_level)
+    try:
+        return _run(server.serve(Path(args.config), options,
+                                 lambda: early.stop_requested))
+    except (server.StartupError, LedgerUnavailable) as exc:
+        logs.flush()
+        print(f"atp-extproc: not starting: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check_listen_option(listen: str | None) -> None:
+    """--listen, checked as server.listen is."""
+    from pydantic import ValidationError
+
+    from atp_extproc.config import Server
+
+    if listen is None:
+        return
+    try:
+        Server(listen=listen)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise _UnusableInput(f"--listen {reason}") from None
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    import asyncio
+
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(server.serve(Path(args.config), args.listen))
-    return uvloop.run(server.serve(Path(args.config), args.listen))
+        return asyncio.run(main)
+    return int(uvloop.run(main))
 
 
 def _check(args: argparse.Namespace) -> int:
+    from atp_extproc import config as config_mod
     from atp_extproc.policy import cli as policy_cli
 
+    unreadable = _yaml_problems(args.config)
+    if unreadable:
+        print("\n".join(unreadable))
+        return 1
     try:
         snapshot = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
-        # The policy report still comes first, for its file:line on every problem; but a
-        # file that is no config (empty, a policy file) is not OK, whatever its policies.
-        policy_cli.check([args.config], args.envoy, verdict=False)
-        print(exc, file=sys.stderr)
+        # The policy report names file:line for every problem it knows; the config's own
+        # problems follow, less those the report already gave.
+        report = io.StringIO()
+        policy_cli.check([args.config], args.envoy, verdict=False, out=report)
+        lines = report.getvalue().splitlines()
+        lines += [line for line in _config_problem_lines(exc) if line not in lines]
+        print("\n".join(lines))
         return 1
     # Policies first: their report names file:line for every problem, warnings included.
     code = policy_cli.check([args.config], args.envoy)
@@ -48,6 +117,67 @@ def _check(args: argparse.Namespace) -> int:
               f"models, {len(snapshot.routes)} routes, "
               f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
     return code
+
+
+def _yaml_problems(path: str) -> list[str]:
+    """Why the file is no YAML mapping one can read, each problem once: it cannot be
+    read, it is not YAML, or a key is given twice (named by its full path)."""
+    from atp_extproc.policy.settings import load_yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{path}: cannot read: {exc}"]
+    doc, problems = load_yaml(text, path)
+    # load_yaml names a key given twice by the key alone.
+    return [str(dataclasses.replace(p, path=_key_path(doc, p.line, p.path) or p.path))
+            if p.path else str(p) for p in problems]
+
+
+def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
+    """The full path of the mapping key `key` repeated at `line` below `node`."""
+    from atp_extproc.policy.settings import LineDict, LineList
+
+    if isinstance(node, LineList):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node)]
+    elif isinstance(node, LineDict):
+        children = [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
+    else:
+        return None
+    # Innermost first: an outer mapping with the same key can span the line too.
+    for child_path, child in children:
+        found = _key_path(child, line, key, child_path)
+        if found is not None:
+            return found
+    if isinstance(node, LineDict):
+        # key_lines holds a key's last line: a repeat lies between the mapping's start
+        # and that.
+        for (child_path, _), k in zip(children, node, strict=True):
+            if str(k) == key and node.line <= line <= node.key_lines[k]:
+                return child_path
+    return None
+
+
+# config.ConfigError's path for a policy problem: "line N: path" in the file itself,
+# "other.yaml:N: path" in an included policy file.
+_LINE_IN_FILE = re.compile(r"line (\d+): (.*)")
+_LINE_IN_OTHER_FILE = re.compile(r".+?:\d+: ")
+
+
+def _config_problem_lines(exc: ConfigError) -> list[str]:
+    """A ConfigError's problems as the policy report writes them: file:line: path: reason
+    where the line is known, else file: path: reason."""
+    lines = []
+    for path, reason in exc.problems:
+        in_file = _LINE_IN_FILE.fullmatch(path)
+        if in_file:
+            where = f"{exc.file}:{in_file[1]}: {in_file[2]}"
+        elif _LINE_IN_OTHER_FILE.match(path):
+            where = path
+        else:
+            where = f"{exc.file}: {path or '<root>'}"
+        lines.append(f"{where}: {reason}")
+    return lines
 
 
 def _policy_test(args: argparse.Namespace) -> int:
@@ -141,6 +271,7 @@ def _report_savings(args: argparse.Namespace) -> int:
 
 def _savings_inputs(args: argparse.Namespace) -> tuple[str, tuple[str, ...], int | None]:
     """The ledger path, the --by columns and --since as a timestamp."""
+    from atp_extproc import config as config_mod
     from atp_extproc.routing.report import parse_since
     from atp_extproc.store.sqlite import GROUP_COLUMNS
 
@@ -164,6 +295,8 @@ def _savings_inputs(args: argparse.Namespace) -> tuple[str, tuple[str, ...], int
 
 
 def _savings_table(db_path: str, by: tuple[str, ...], bucket: str, since: int | None) -> str:
+    import sqlite3
+
     from atp_extproc.routing.report import savings_report
 
     if Path(db_path).is_dir():

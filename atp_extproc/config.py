@@ -8,6 +8,7 @@ ranges; `_check_references` checks what pydantic cannot see (names that must exi
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -167,6 +168,52 @@ class Auth(_Frozen):
         return name.lower() if name is not None else None
 
 
+# A host name or IPv4 address (an IPv6 address goes in brackets).
+_HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*")
+# Linux's sun_path holds 108 bytes, the terminating NUL included.
+MAX_UNIX_PATH_BYTES = 107
+
+
+def _tcp_listen_problem(listen: str) -> str | None:
+    host, colon, port = listen.rpartition(":")
+    if not colon:
+        return "give host:port, [IPv6]:port or unix:/path/to.sock"
+    if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        return f"the port {port!r} is not a number from 1 to 65535"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"{host} is not an IPv6 address"
+        return None
+    if not host:
+        # gRPC refuses ':50051'; "every interface" must be said.
+        return "no host before the port (0.0.0.0 or [::] for every interface)"
+    if ":" in host:
+        return "an IPv6 address goes in brackets, e.g. [::1]:50051"
+    if not _HOST.fullmatch(host):
+        return f"{host!r} is not a host name or IP address"
+    return None
+
+
+def _unix_listen_problem(listen: str) -> str | None:
+    path = listen.removeprefix("unix:")
+    if path.startswith("//"):
+        # gRPC binds unix://tmp/x.sock at /tmp/x.sock: only unix:///abs is unambiguous.
+        path = path[2:]
+        if not path.startswith("/"):
+            return "unix:// takes an absolute path (unix:///run/atp.sock or unix:/run/atp.sock)"
+    if not path:
+        return "no socket path after unix:"
+    if "\0" in path:
+        return "a socket path cannot hold a NUL character"
+    if len(path.encode()) > MAX_UNIX_PATH_BYTES:
+        return (f"the socket path is {len(path.encode())} bytes long; a Unix socket path "
+                f"holds at most {MAX_UNIX_PATH_BYTES}")
+    return None
+
+
 class Server(_Frozen):
     listen: str = "127.0.0.1:50051"
     grace_period_s: float = Field(default=10.0, ge=0, le=600)
@@ -179,6 +226,16 @@ class Server(_Frozen):
     max_tools: int = Field(default=256, ge=0, le=100_000)
     reload_poll_s: float = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("listen")
+    @classmethod
+    def _bindable(cls, listen: str) -> str:
+        # Checked here, not at bind time: `check` and a reload must refuse it too.
+        problem = (_unix_listen_problem(listen) if listen.startswith("unix:")
+                   else _tcp_listen_problem(listen))
+        if problem is not None:
+            raise ValueError(f"{listen!r}: {problem}")
+        return listen
 
 
 class _Document(_Frozen):

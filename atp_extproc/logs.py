@@ -82,6 +82,11 @@ def setup(level: str) -> None:
     _install(_out, level)
 
 
+def set_level(level: str) -> None:
+    """The level of every logger without one of its own (all of ATP's), e.g. on reload."""
+    logging.getLogger().setLevel(level)
+
+
 def _install(out: BinaryIO, level: str) -> None:
     # The handler's lines share the buffer (and flush it, exchange lines included), so
     # all lines stay whole and in order.

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import glob
 import logging
 import os
 import signal
+import socket
+import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -61,13 +66,46 @@ def grpc_server_options(max_body_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class StartupError(Exception):
+    """ATP cannot start where it was asked to (an address in use or not bindable); the
+    message names the address and the reason."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`serve`'s command-line options: they win over atp.yaml, at start and on reload."""
+
+    listen: str | None = None
+    log_level: str | None = None
+
+
+def _fixed_at_start(snapshot: Snapshot, options: ServeOptions) -> dict[str, object]:
+    """What the process sets up once, from the snapshot it starts with: the gRPC server
+    binds and sizes its message limit once, the ledger's writer opens its file once.
+    (ledger.baseline and max_body_bytes itself are read per request.)"""
+    ledger = snapshot.ledger
+    # Without a writer its settings are not in use: turning it on or off is one change.
+    writer = ({"ledger.path": ledger.path, "ledger.flush_interval_s": ledger.flush_interval_s}
+              if ledger.enabled else {})
+    return {
+        "server.listen": options.listen or snapshot.server.listen,
+        "server.max_body_bytes (the gRPC message limit)":
+            grpc_receive_limit(snapshot.server.max_body_bytes),
+        "ledger.enabled": ledger.enabled,
+        **writer,
+    }
+
+
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
     the snapshot it started with, so a reload never changes a request mid-flight."""
 
-    def __init__(self, path: Path, snapshot: Snapshot):
+    def __init__(self, path: Path, snapshot: Snapshot,
+                 options: ServeOptions = ServeOptions()):
         self.path = path
         self.current = snapshot
+        self.options = options
+        self._started = _fixed_at_start(snapshot, options)
         self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[object, ...]:
@@ -105,13 +143,26 @@ class ConfigHolder:
         if snapshot.version != self.current.version:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
-        fixed = _fixed_at_start(self.current, snapshot)
+        # Against what runs, not the last file: a value put back needs no restart.
+        fixed = [name for name, value in _fixed_at_start(snapshot, self.options).items()
+                 if self._started.get(name, value) != value]
         if fixed:
             log.warning("config reloaded (%s): %s changed, which takes effect when ATP "
                         "restarts", reason, ", ".join(fixed))
+        self._apply_log_level(snapshot.server.log_level)
         self.current = snapshot
         self._stamp = self._file_stamp()
         return True
+
+    def _apply_log_level(self, level: str) -> None:
+        if level == self.current.server.log_level:
+            return
+        if self.options.log_level is not None:
+            log.info("server.log_level %s not applied: --log-level %s wins", level,
+                     self.options.log_level)
+            return
+        log.info("log level %s → %s", self.current.server.log_level, level)
+        logs.set_level(level)
 
     async def watch(self) -> None:
         # Polling the file's stat rather than inotify: Kubernetes ConfigMaps and editors
@@ -195,17 +246,6 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         return True
 
 
-def _fixed_at_start(old: Snapshot, new: Snapshot) -> list[str]:
-    """Settings a reload changed that only a restart applies: the ledger's writer opens
-    its file once, the gRPC server binds once and sizes its message limit once."""
-    changed = [("ledger", old.ledger != new.ledger),
-               ("server.listen", old.server.listen != new.server.listen),
-               ("server.max_body_bytes (the gRPC message limit)",
-                grpc_receive_limit(old.server.max_body_bytes)
-                != grpc_receive_limit(new.server.max_body_bytes))]
-    return [name for name, differs in changed if differs]
-
-
 def _response_ended(message: ProcessingRequest) -> bool:
     phase = message.WhichOneof("request")
     return (phase == "response_trailers"
@@ -226,30 +266,125 @@ def _without_gc(fn, *args):
             gc.enable()
 
 
-def parse_listen(listen: str) -> str:
-    """'host:port' or 'unix:/path' → a gRPC bind address."""
-    if listen.startswith("unix:"):
-        return listen if listen.startswith("unix://") else "unix:" + listen[5:]
-    return listen
+def bind(server: grpc.aio.Server, listen: str) -> None:
+    """Bind `server` to `listen` (as config.Server accepts it), or raise StartupError."""
+    check_listen(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # current grpcio raises where older ones returned 0
+        raise StartupError(f"cannot listen on {listen}: {exc}") from None
+    if port == 0 and not listen.startswith("unix:"):  # a Unix socket has no port number
+        raise StartupError(f"cannot listen on {listen}: gRPC could not bind it")
 
 
-async def serve(config_path: Path, listen_override: str | None = None) -> int:
+def check_listen(listen: str) -> None:
+    """Raise StartupError, naming the address and the OS's reason, if `listen` cannot be
+    bound. Checked before gRPC binds: gRPC takes a socket path over from a process still
+    listening there (it unlinks the file first), and where it cannot bind it logs a line
+    of its own and raises a RuntimeError that says no more than that."""
+    path = _unix_socket_path(listen)
+    problem = _unix_problem(path) if path is not None else _tcp_problem(listen)
+    if problem is not None:
+        raise StartupError(f"cannot listen on {listen}: {problem}")
+
+
+def _unix_socket_path(listen: str) -> str | None:
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path  # unix:///abs is /abs
+
+
+def _unix_problem(path: str) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return _unix_bind_problem(path)
+    except OSError as exc:
+        return _reason(exc)
+    if not stat.S_ISSOCK(mode):
+        return f"{path} exists and is not a socket"
+    if _accepting(path):
+        return "already in use: another process accepts connections on this socket"
+    # Left by a process that died (nothing accepts on it): gRPC replaces it.
+    return None
+
+
+def _accepting(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(1.0)
+        try:
+            client.connect(path)
+        except TimeoutError:
+            return True  # its backlog is full: a live server, if a busy one
+        except OSError:
+            return False
+        return True
+
+
+def _unix_bind_problem(path: str) -> str | None:
+    error = _bind_error(socket.AF_UNIX, path)
+    if error is None:
+        os.unlink(path)  # the probe's socket file: gRPC makes its own
+        return None
+    if error.errno == errno.ENOENT:
+        return f"the directory {os.path.dirname(path) or '.'} does not exist"
+    return _reason(error)
+
+
+def _tcp_problem(listen: str) -> str | None:
+    host, _, port = listen.rpartition(":")
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    errors = [error for family, _, _, _, address in addresses
+              if (error := _bind_error(family, address)) is not None]
+    # gRPC binds each address the host resolves to that it can, and needs one.
+    return _reason(errors[0]) if len(errors) == len(addresses) else None
+
+
+def _bind_error(family: socket.AddressFamily, address: str | tuple[Any, ...]) -> OSError | None:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC binds: a port held only by connections still closing is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
+                stopped_early: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; 0 once stopped so. `stopped_early`
+    says whether a stop signal came before the loop's handlers were installed."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if stopped_early():
+        stop.set()  # start up all the same, then drain at once: a clean exit
     snapshot = config_mod.load(config_path)
-    holder = ConfigHolder(config_path, snapshot)
-    server_cfg = snapshot.server
-    listen = parse_listen(listen_override or server_cfg.listen)
+    holder = ConfigHolder(config_path, snapshot, options)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
+    listen = options.listen or snapshot.server.listen
 
     # A large body inspected on the worker thread holds the GIL in slices of this
     # interval; shorter slices keep the other exchanges' added wait small.
     sys.setswitchinterval(0.001)
-    server = grpc.aio.server(options=grpc_server_options(server_cfg.max_body_bytes))
+    server = grpc.aio.server(options=grpc_server_options(snapshot.server.max_body_bytes))
+    bind(server, listen)
     services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
-        raise OSError(f"cannot listen on {listen}")
     await server.start()
     # Everything loaded so far (config, CEL programs, detectors, protobuf descriptors) lives
     # as long as the process: move it out of the collector's sight, so a full collection
@@ -261,11 +396,6 @@ async def serve(config_path: Path, listen_override: str | None = None) -> int:
     log.info("ATP serving on %s (config %s, version %s)", listen, config_path,
              snapshot.version)
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
     watcher = asyncio.create_task(holder.watch())
     expiry = asyncio.create_task(services.run_expiry())
     log_flush = asyncio.create_task(logs.flush_every())

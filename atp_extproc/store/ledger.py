@@ -3,13 +3,18 @@
 `AsyncLedger.record` runs on the event loop: it only adds integers into an in-memory
 aggregate (one dict entry per tenant/route/model/hour/price version), under a lock held
 for microseconds. A daemon thread writes the aggregate to SQLite every
-`flush_interval_s` and on `close`; a failed write keeps the batch for the next try.
+`flush_interval_s` and on `close`; a failed write keeps the batch for the next try. A
+ledger file deleted or replaced while ATP runs is noticed at the next flush, which opens
+a new database at the path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +60,51 @@ class LedgerEntry:
                 base.model if base else "", base.version if base else "")
 
 
+class LedgerUnavailable(OSError):
+    """The ledger file cannot be opened for writing; the message names it and says why."""
+
+
+FileId = tuple[int, int]   # device, inode
+# The files SQLite keeps beside a database in WAL mode.
+_SIDE_SUFFIXES = ("-wal", "-shm")
+
+
+def _file_id(path: Path) -> FileId | None:
+    """Which file `path` names now; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _side_files(path: Path) -> list[Path]:
+    return [path.with_name(path.name + suffix) for suffix in _SIDE_SUFFIXES]
+
+
+def _why_unopenable(path: Path, exc: Exception) -> str:
+    """The OS's own reason: SQLite says only "unable to open database file", and mkdir
+    "File exists" for a parent that is a file."""
+    if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+        return f"{exc.strerror}: {exc.filename}"
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as probe:
+        return probe.strerror or str(probe)
+    return str(exc)
+
+
+def _open(path: Path) -> tuple[sqlite3.Connection, list[FileId | None]]:
+    """A connection to the database at `path`, and which files it and its side files are
+    (connect has written to it, so they exist)."""
+    try:
+        conn = db.connect(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise LedgerUnavailable(
+            f"cannot open the ledger {path}: {_why_unopenable(path, exc)}") from None
+    return conn, [_file_id(f) for f in (path, *_side_files(path))]
+
+
 class AsyncLedger:
     def __init__(self, path: str | Path, flush_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.time, start: bool = True) -> None:
@@ -66,7 +116,8 @@ class AsyncLedger:
         self._rows: dict[db.LedgerKey, db.LedgerSums] = {}
         self._prices: dict[str, PriceSnapshot] = {}
         self._halves: list[db.ShadowHalf] = []
-        self._conn = db.connect(self.path)     # fail at startup, not at the first flush
+        # Opened here, to fail at startup rather than at the first flush.
+        self._conn, self._files = _open(self.path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -125,6 +176,7 @@ class AsyncLedger:
                 return 0
             self._drop_unwritable(rows, prices, halves)
             try:
+                self._reopen_if_replaced()
                 db.write_batch(self._conn, rows, prices.values(), halves,
                                int(self._clock()))
             except Exception:
@@ -133,6 +185,26 @@ class AsyncLedger:
                 raise
             self.flushes += 1
             return len(rows) + len(halves)
+
+    def _reopen_if_replaced(self) -> None:
+        """SQLite goes on writing to a deleted (or renamed) file's old inode, where no one
+        will read the rows: open the database now at the path instead."""
+        current = _file_id(self.path)
+        if current is not None and current == self._files[0]:
+            return
+        # SQLite neither checkpoints a moved database on closing nor removes its -wal and
+        # -shm, from which a new database at the path would read the old one's pages:
+        # checkpoint (so a renamed file keeps every row; best effort, the new database
+        # matters more), then remove them while they are still the old ones.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+        for side, old_id in zip(_side_files(self.path), self._files[1:], strict=True):
+            if old_id is not None and _file_id(side) == old_id:
+                side.unlink(missing_ok=True)
+        self._conn, self._files = _open(self.path)  # failing, the next flush tries again
+        log.error("ledger: %s was deleted or replaced while ATP ran; rows go to a new "
+                  "database at that path from now on", self.path)
 
     @staticmethod
     def _drop_unwritable(rows: dict[db.LedgerKey, db.LedgerSums],

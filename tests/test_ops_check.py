@@ -1,0 +1,100 @@
+"""`atp-extproc check` on a file it refuses: each problem once, as file:line: path: reason
+(file: path: reason where no line is known), the path in full."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from atp_extproc import cli
+from tests.conftest import copy_example
+
+CONFIG = """server:
+  max_json_depth: 64
+auth: {anonymous_tenant: anon}
+models:
+  - {name: m, cluster: c, upstream_model: u, price: {input_per_1k: 0.001, output_per_1k: 0}}
+routes:
+  - {name: r, aliases: {a: [m]}}
+ledger: {enabled: false}
+policy:
+  mode: per_policy
+"""
+
+
+def check(capsys: pytest.CaptureFixture[str], path: Path) -> list[str]:
+    """The lines `check` prints for `path`, which it must refuse."""
+    assert cli.main(["check", str(path)]) == 1
+    captured = capsys.readouterr()
+    return (captured.out + captured.err).splitlines()
+
+
+def config(tmp_path: Path, *edits: tuple[str, str]) -> Path:
+    text = CONFIG
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "atp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_policy_setting_problem_is_named_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = config(tmp_path, ("mode: per_policy", "mode: enforced"))
+    assert check(capsys, path) == [
+        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'"]
+
+
+@pytest.mark.parametrize(("edit", "problems"), [
+    (("  max_json_depth: 64\n", "  max_json_depth: 64\n  max_json_depth: 32\n"),
+     ["3: server.max_json_depth"]),
+    (("{name: r, aliases: {a: [m]}}", "{name: r, name: s, aliases: {a: [m]}}"),
+     ["7: routes[0].name"]),
+    # A key repeated in a mapping within a mapping of the same key: each at its own depth.
+    (("policy:\n  mode: per_policy\n",
+      "policy:\n  mode: per_policy\n  x:\n    mode: a\n    mode: b\n  mode: enforce\n"),
+     ["13: policy.x.mode", "14: policy.mode"]),
+])
+def test_a_key_given_twice_is_named_once_by_its_full_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, str],
+        problems: list[str]) -> None:
+    path = config(tmp_path, edit)
+    assert check(capsys, path) == [
+        f"{path}:{where}: the key appears twice in this mapping" for where in problems]
+
+
+def test_a_missing_file_is_named_once(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "atp.yaml"
+    (line,) = check(capsys, path)
+    assert line == f"{path}: cannot read: [Errno 2] No such file or directory: '{path}'"
+
+
+def test_a_file_that_is_no_yaml_is_named_once_with_its_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = config(tmp_path, ("routes:\n", "routes: [\n"))
+    (line,) = check(capsys, path)
+    assert line.startswith(f"{path}:7: invalid YAML: ")
+
+
+def test_a_problem_in_an_included_policy_file_is_named_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = copy_example(tmp_path)
+    policy = tmp_path / "policies" / "access.yaml"
+    text = policy.read_text()
+    policy.write_text(text.replace("subject.tenant in ['alice', 'bob']",
+                                   "subject.tennant in ['alice', 'bob']"))
+    line = 1 + text[:text.index("subject.tenant in ['alice', 'bob']")].count("\n")
+    (problem,) = check(capsys, path)
+    assert problem.startswith(f"{policy}:{line}: ") and "subject.tennant" in problem
+
+
+def test_policy_and_config_problems_are_each_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = config(tmp_path, ("mode: per_policy", "mode: enforced"),
+                  ("max_json_depth: 64", "max_json_depth: 1"))
+    assert check(capsys, path) == [
+        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'",
+        f"{path}: server.max_json_depth: Input should be greater than or equal to 2"]
