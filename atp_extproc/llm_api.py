@@ -352,8 +352,10 @@ def read_request(operation: str, doc: dict[str, Any],
     elif not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "invalid_type", param="stream")
     required = _REQUIRED[operation]
+    if operation == "responses":
+        _check_stored_prompt(doc.get("prompt"))
     # A Responses request may take its input from a stored prompt instead.
-    if required not in doc and not (operation == "responses" and "prompt" in doc):
+    if required not in doc and not (operation == "responses" and doc.get("prompt")):
         raise RequestError(400, f"Missing required parameter: '{required}'",
                            "missing_required_parameter", param=required)
     options = doc.get("stream_options")
@@ -408,6 +410,19 @@ def _check_prompt(param: str, value: Any) -> None:
     raise RequestError(400, f"'{param}' must be a string, an array of strings, an array of "
                        "token ids or an array of token-id arrays", "invalid_type",
                        param=param)
+
+
+def _check_stored_prompt(prompt: Any) -> None:
+    """responses `prompt`: a stored prompt's reference, with variables that are text or
+    input parts (redaction reads those shapes)."""
+    if prompt is None:
+        return
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    if not isinstance(prompt, dict) or not (variables is None or (
+            isinstance(variables, dict)
+            and all(isinstance(v, (str, dict)) for v in variables.values()))):
+        raise RequestError(400, "'prompt' must be an object whose 'variables' are strings or "
+                           "input parts", "invalid_type", param="prompt")
 
 
 def _check_items(value: Any) -> None:
@@ -495,8 +510,13 @@ def tool_name(tool: Any) -> str | None:
     only a type. Also the name a tool_choice forces, which has the same shape."""
     if not isinstance(tool, dict):
         return None
-    fn = tool.get("function") or tool.get("custom")
-    name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
+    for key in ("function", "custom"):
+        sub = tool.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get("name"), str):
+            return str(sub["name"])
+    # A nested object without a name ({"function": {"strict": true}}) names nothing: a
+    # provider reads the tool by its `name` then (_check_tools refuses two names).
+    name = tool.get("name")
     return name if isinstance(name, str) else None
 
 

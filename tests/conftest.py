@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -99,3 +100,23 @@ def upstreams(stack: Stack) -> Upstreams:
     u = Upstreams(stack)
     u.clear()
     return u
+
+
+_KEYED = re.compile(r"\[([A-Z][A-Z0-9_]*):[0-9a-f]{16}\]")
+
+
+def numbered(value):
+    """`value` (text, or JSON-like) with the Responses API's keyed placeholders
+    (`[EMAIL:3f9c...]`) numbered per class in order of appearance, as other requests'
+    are (`[EMAIL_1]`): one expectation reads for both."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    names: dict[str, str] = {}
+
+    def number(m: re.Match) -> str:
+        if m.group(0) not in names:
+            n = 1 + sum(1 for k in names if k.startswith(f"[{m.group(1)}:"))
+            names[m.group(0)] = f"[{m.group(1)}_{n}]"
+        return names[m.group(0)]
+
+    out = _KEYED.sub(number, text)
+    return out if isinstance(value, str) else json.loads(out)

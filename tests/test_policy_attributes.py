@@ -132,14 +132,14 @@ def test_tool_key_is_the_name_llm_api_reads_else_the_type():
     from atp_extproc.policy.attributes import tool_key
     tools = [{"type": "function", "function": {"name": "chat_style"}},
              {"type": "function", "name": "responses_style"},
-             {"function": {"name": 5}, "name": "ignored", "type": "web_search"},
+             {"function": {"strict": True}, "name": "top_name", "type": "web_search"},
              {"function": "x", "name": "top_level"},
              {"type": "file_search"}, {"type": 5}, {}]
     for tool in tools:
         name = tool_name(tool)
         if name is not None:
             assert tool_key(tool) == name
-    assert [tool_key(t) for t in tools] == ["chat_style", "responses_style", "web_search",
+    assert [tool_key(t) for t in tools] == ["chat_style", "responses_style", "top_name",
                                             "top_level", "file_search", "function", "function"]
 
 

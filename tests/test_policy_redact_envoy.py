@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import ALICE, BOB, Upstreams, copy_example, post, start_stack
+from tests.conftest import ALICE, BOB, Upstreams, copy_example, numbered, post, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +84,7 @@ def test_no_seeded_pii_reaches_a_provider(stack: Stack, upstreams: Upstreams, pa
     reply = post(stack, path, body)
     assert reply.status == 200, reply.body[:300]
     (seen,) = assert_clean(upstreams)
+    seen = numbered(seen)
     for placeholder in ("[EMAIL_1]", "[PHONE_1]", "[CARD_1]", "[SSN_1]", "[IBAN_1]",
                         "[IPV4_1]"):
         assert placeholder in seen

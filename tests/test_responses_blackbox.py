@@ -14,6 +14,7 @@ import pytest
 
 from atp_extproc import config
 from atp_extproc.exchange import Exchange
+from tests.conftest import numbered
 from tests.test_exchange import (
     ALICE,
     BOB,
@@ -88,6 +89,25 @@ def test_a_tool_to_strip_declared_in_an_input_item_refuses_the_request(snap) -> 
 
 
 @pytest.mark.parametrize("tool", [
+    {"type": "function", "name": "shell", "function": {"strict": True}},
+    {"type": "function", "name": "shell", "function": {"name": None}},
+    {"type": "custom", "name": "shell", "custom": {"description": "x"}},
+])
+def test_a_tool_named_at_the_top_is_read_by_that_name(snap, tool) -> None:
+    assert _denied_by(_send(snap, tools=[tool])) == "tools.no_code_execution"
+
+
+def test_a_namespace_in_a_namespace_loses_the_tools_policy_strips(snap) -> None:
+    inner = {"type": "namespace", "name": "search_docs", "description": "d",
+             "tools": [_fn("deploy"), _fn("search_docs")]}
+    outer = {"type": "namespace", "name": "get_weather", "description": "d",
+             "tools": [_fn("get_weather"), inner]}
+    sent = _sent(_send(snap, BOB, tools=[outer]))
+    assert sent["tools"] == [{**outer, "tools": [_fn("get_weather"),
+                                                 {**inner, "tools": [_fn("search_docs")]}]}]
+
+
+@pytest.mark.parametrize("tool", [
     {"type": "function", "name": "shell", "function": {"name": "get_weather"}},
     {"type": "custom", "name": "shell", "custom": {"name": "get_weather"}},
     {"type": "function", "function": {"name": "shell"}, "custom": {"name": "get_weather"}},
@@ -127,16 +147,32 @@ EMAIL = "alice.owner@example.org"
     {"type": "an_item_of_tomorrow", "note": EMAIL},
     {"type": "web_search_call", "id": "w1", "status": "completed",
      "action": {"type": "find", "Pattern": EMAIL, "url": f"https://x.test/?to={EMAIL}"}},
+    {"type": "image_generation_call", "id": "i1", "status": "completed", "result": "AAAA",
+     "revised_prompt": f"a portrait of {EMAIL}"},
+    {"type": "local_shell_call", "call_id": "l1", "action": {
+        "type": "exec", "command": ["ls"], "env": {"data": EMAIL, "name": EMAIL}}},
+    {"type": "tool_search_call", "call_id": "t1", "arguments": {EMAIL: "who"}},
+    {"role": "assistant", "content": [{"type": "output_text", "text": "see", "annotations": [
+        {"type": "url_citation", "title": f"about {EMAIL}", "url": "https://x.test"}]}]},
 ])
 def test_text_anywhere_in_an_input_item_is_redacted(snap, item) -> None:
     raw = forwarded(_send(snap, input=[item]))[1]
-    assert raw is not None and EMAIL.encode() not in raw and b"[EMAIL_1]" in raw
+    assert raw is not None and EMAIL.encode() not in raw
+    assert "[EMAIL_1]" in numbered(raw.decode())
+
+
+def test_a_key_repeated_in_many_maps_is_renamed_in_each(snap) -> None:
+    rows = [{EMAIL: i, "n": i} for i in range(3)]
+    item = {"type": "tool_search_call", "call_id": "t1", "arguments": {"rows": rows}}
+    sent = numbered(_sent(_send(snap, input=[item])))
+    assert sent["input"][0]["arguments"]["rows"] == [{"[EMAIL_1]": i, "n": i}
+                                                     for i in range(3)]
 
 
 def test_a_number_under_a_card_key_of_an_object_is_redacted(snap) -> None:
     item = {"type": "tool_search_call", "call_id": "t1",
             "arguments": {"card_number": 4111111111111111, "limit": 4111111111111111}}
-    sent = _sent(_send(snap, input=[item]))
+    sent = numbered(_sent(_send(snap, input=[item])))
     assert sent["input"][0]["arguments"] == {"card_number": "[CARD_1]",
                                              "limit": 4111111111111111}
 
@@ -147,7 +183,7 @@ def test_binary_data_and_names_pass_unchanged(snap) -> None:
         {"type": "input_image", "image_url": image, "detail": "auto"},
         {"type": "input_file", "filename": f"{EMAIL} cv.pdf", "file_data": image}]},
         {"type": "function_call", "call_id": "f1", "name": "lookup", "arguments": "{}"}]
-    sent = _sent(_send(snap, input=items))
+    sent = numbered(_sent(_send(snap, input=items)))
     image_part, file_part = sent["input"][0]["content"]
     assert image_part["image_url"] == image and file_part["file_data"] == image
     assert file_part["filename"] == "[EMAIL_1] cv.pdf"
@@ -160,12 +196,29 @@ def test_binary_data_and_names_pass_unchanged(snap) -> None:
 def test_a_request_may_take_its_input_from_a_stored_prompt(snap) -> None:
     body = {"model": "gpt-4o-mini",
             "prompt": {"id": "pmpt_1", "variables": {"who": f"write to {EMAIL}"}}}
-    sent = _sent(send_body(snap, body, RESPONSES)[1])
+    sent = numbered(_sent(send_body(snap, body, RESPONSES)[1]))
     assert sent["prompt"]["variables"]["who"] == "write to [EMAIL_1]"
 
 
-def test_a_request_without_input_or_prompt_is_refused(snap) -> None:
-    resp = send_body(snap, {"model": "gpt-4o-mini"}, RESPONSES)[1]
+def test_a_stored_prompts_file_variable_is_read_and_its_data_kept(snap) -> None:
+    data = "data:application/pdf;base64,JVBERi0x"
+    body = {"model": "gpt-4o-mini", "prompt": {"id": "pmpt_1", "variables": {"doc": {
+        "type": "input_file", "filename": f"{EMAIL} cv.pdf", "file_data": data}}}}
+    sent = numbered(_sent(send_body(snap, body, RESPONSES)[1]))
+    assert sent["prompt"]["variables"]["doc"]["filename"] == "[EMAIL_1] cv.pdf"
+    assert sent["prompt"]["variables"]["doc"]["file_data"] == data
+
+
+@pytest.mark.parametrize("prompt", [f"write to {EMAIL}", {"id": "p", "variables": [EMAIL]},
+                                    {"id": "p", "variables": {"who": [EMAIL]}}])
+def test_a_stored_prompt_of_another_shape_is_refused(snap, prompt) -> None:
+    resp = send_body(snap, {"model": "gpt-4o-mini", "prompt": prompt}, RESPONSES)[1]
+    assert assert_error(resp, 400, "invalid_type")["param"] == "prompt"
+
+
+@pytest.mark.parametrize("body", [{}, {"prompt": None}])
+def test_a_request_without_input_or_prompt_is_refused(snap, body) -> None:
+    resp = send_body(snap, {"model": "gpt-4o-mini", **body}, RESPONSES)[1]
     assert assert_error(resp, 400, "missing_required_parameter")["param"] == "input"
 
 
@@ -182,10 +235,13 @@ def _turn(snap, text: str, previous: str | None) -> tuple[Exchange, str]:
     return ex, _sent(resp)["input"]
 
 
-def test_each_value_keeps_one_placeholder_across_a_held_conversation(snap) -> None:
-    _, first = _turn(snap, f"My email is {EMAIL}", "resp_0")
+@pytest.mark.parametrize("previous", [None, "resp_0"])
+def test_each_value_keeps_one_placeholder_in_every_responses_request(snap, previous) -> None:
+    # Stored responses, item references and conversations let a provider put values of
+    # several requests side by side: numbered per request, two would both be [EMAIL_1].
+    _, first = _turn(snap, f"My email is {EMAIL}", None)
     other = "mallory.other@example.net"
-    ex, second = _turn(snap, f"Forward it to {other}, not {EMAIL}", "resp_1")
+    ex, second = _turn(snap, f"Forward it to {other}, not {EMAIL}", previous)
     token = re.fullmatch(r"My email is (\[EMAIL:[0-9a-f]{16}\])", first)
     assert token is not None
     again = re.fullmatch(r"Forward it to (\[EMAIL:[0-9a-f]{16}\]), not (\S+)", second)
@@ -199,8 +255,14 @@ def test_each_value_keeps_one_placeholder_across_a_held_conversation(snap) -> No
     assert text["output"][0]["content"][0]["text"] == f"{other} gets what {EMAIL} sent"
 
 
-def test_a_request_of_its_own_numbers_its_placeholders(snap) -> None:
-    assert _turn(snap, f"My email is {EMAIL}", None)[1] == "My email is [EMAIL_1]"
+def test_keyed_placeholders_outlive_a_reload(snap) -> None:
+    again = config.load(EXAMPLE)
+    assert _turn(snap, EMAIL, None)[1] == _turn(again, EMAIL, None)[1]
+
+
+def test_chat_placeholders_are_numbered_per_request(snap) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": EMAIL}]}
+    assert _sent(send_body(snap, body)[1])["messages"][0]["content"] == "[EMAIL_1]"
 
 
 # -- tool-call arguments ------------------------------------------------------------------

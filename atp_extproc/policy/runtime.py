@@ -195,19 +195,24 @@ def strip_tools(doc: Mapping[str, Any], names: Iterable[str],
     # Matched by the key policies saw, cut to MAX_STRING as attributes cut it (a longer
     # name would never match); an entry that is no mapping was never shown to them, so
     # it is never stripped.
+    kept = _without(tools, drop)
+    return kept if kept != tools else None
+
+
+def _without(tools: list[Any], drop: set[str]) -> list[Any]:
     kept = []
     for tool in tools:
         if _named(tool, drop):
             continue
         grouped = tool.get("tools") if isinstance(tool, dict) else None
         if isinstance(grouped, list):  # a namespace: its tools are stripped one by one
-            left = [t for t in grouped if not _named(t, drop)]
+            left = _without(grouped, drop)
             if not left:
                 continue
-            if len(left) != len(grouped):
+            if left != grouped:
                 tool = {**tool, "tools": left}
         kept.append(tool)
-    return kept if kept != tools else None
+    return kept
 
 
 def input_declaring(operation: str, doc: Mapping[str, Any],

@@ -34,6 +34,7 @@ INCOMPLETE = "scan_incomplete"
 # In `Redaction.denied` when two keys of one object would become one placeholder.
 KEYS_COLLIDE = "keys_collide_when_redacted"
 _MIN_KEY_BYTES = 16
+_PROCESS_KEY = secrets.token_bytes(32)
 _TENANT_KEYS_MAX = 4096
 
 
@@ -290,22 +291,19 @@ class Redactor:
         self.scanned_fields = frozenset(step for path in self._extra for step in path
                                         if isinstance(step, str) and step != "*")
         self._refuse_incomplete = settings.on_incomplete == "deny"
-        self._master: bytes | None = None
+        env = os.environ if environ is None else environ
+        key = hmac_key if hmac_key is not None else env.get(settings.hmac_key_env)
+        if isinstance(key, str):
+            key = key.encode()
         hashed = sorted(c for c, a in self._actions.items() if a == "hash")
-        if hashed:
-            env = os.environ if environ is None else environ
-            key = hmac_key if hmac_key is not None else env.get(settings.hmac_key_env)
-            if isinstance(key, str):
-                key = key.encode()
-            if not key or len(key) < _MIN_KEY_BYTES:
-                raise ValueError(
-                    f"redaction: action 'hash' for {', '.join(hashed)} needs a key of at least "
-                    f"{_MIN_KEY_BYTES} bytes in the environment variable "
-                    f"{settings.hmac_key_env}")
-            self._master = key
-        # Keys placeholders of conversations a provider holds (see _keyed) when no key is
-        # configured: stable for the process, which is all such a placeholder needs to be.
-        self._process_key = secrets.token_bytes(32)
+        if hashed and (not key or len(key) < _MIN_KEY_BYTES):
+            raise ValueError(
+                f"redaction: action 'hash' for {', '.join(hashed)} needs a key of at least "
+                f"{_MIN_KEY_BYTES} bytes in the environment variable "
+                f"{settings.hmac_key_env}")
+        # Also keys the Responses API's placeholders (see redact): without a key
+        # configured, by one the process draws, the same for every reload.
+        self._master = key if key and len(key) >= _MIN_KEY_BYTES else _PROCESS_KEY
         self._tenant_keys: dict[str, bytes] = {}
 
     # -- public --------------------------------------------------------------------------
@@ -392,7 +390,12 @@ class Redactor:
         mapping: dict[str, str] = {}
         counts = {}
         denied = set()
-        keyed = _keyed(operation, doc)
+        # The Responses API keeps conversations at the provider (stored responses, item
+        # references, conversations): placeholders numbered per request would give values
+        # of different requests one `[EMAIL_1]` there, which the model conflates and a
+        # restore answers with the wrong value. Keyed ones (as the hash action's) name one
+        # value alike in every request.
+        keyed = operation == "responses"
         tokens: dict[tuple[str, str], str] = {}
         numbers: dict[str, int] = {}
         per_seg: dict[int, list[tuple[int, int, str]]] = {}
@@ -435,6 +438,8 @@ class Redactor:
             if seg.args is None:
                 assert seg.path is not None
                 edits[seg.path] = new
+                for path in seg.other_places():
+                    edits[path] = new
             else:
                 args_values.setdefault(seg.args, {})[seg.token] = new
                 for more_args, token in seg.more or ():
@@ -519,20 +524,10 @@ class Redactor:
     def _tenant_key(self, tenant: str) -> bytes:
         key = self._tenant_keys.get(tenant)
         if key is None:
-            key = hmac.new(self._master or self._process_key,
-                           b"atp-redact-tenant\x00" + tenant.encode(),
+            key = hmac.new(self._master, b"atp-redact-tenant\x00" + tenant.encode(),
                            hashlib.sha256).digest()
             if len(self._tenant_keys) >= _TENANT_KEYS_MAX:
                 self._tenant_keys.clear()
             self._tenant_keys[tenant] = key
         return key
 
-
-def _keyed(operation: str, doc: dict[str, Any]) -> bool:
-    """Whether the provider holds earlier turns of this conversation (Responses
-    `previous_response_id` or `conversation`). Placeholders numbered per request would
-    give two turns' different values one `[EMAIL_1]`, which the model conflates and a
-    restore would answer with the wrong one: such requests get keyed placeholders (as the
-    hash action's), one per value across turns."""
-    return operation == "responses" and (doc.get("previous_response_id") is not None
-                                         or doc.get("conversation") is not None)

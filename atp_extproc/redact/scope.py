@@ -36,8 +36,10 @@ Path = tuple[str | int | KeyName, ...]
 class KeyCollision(Exception):
     """Redacting keys would make two keys of one object the same."""
 
+
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
+_TEXT = frozenset({"text"})
 # Strings (a key with its colon), numbers of 7 characters or more (shorter ones hold no
 # card, SSN or phone number) and brackets of a JSON text: it parsed, so nothing else
 # holds a digit, and a number starts after none of its own characters.
@@ -67,7 +69,7 @@ class Segment:
     request), or (neither) text read only as context for the segment after it, never
     changed."""
 
-    __slots__ = ("args", "more", "path", "text", "token")
+    __slots__ = ("also", "args", "more", "path", "text", "token")
 
     def __init__(self, text: str, path: Path | None = None, args: JsonArgs | None = None,
                  token: int = -1):
@@ -76,6 +78,8 @@ class Segment:
         self.args = args
         self.token = token
         self.more: list[tuple[JsonArgs, int]] | None = None
+        # The other maps holding this key (Collector.map_key), renamed alike.
+        self.also: list[Path] | None = None
 
     @property
     def context(self) -> bool:
@@ -83,7 +87,12 @@ class Segment:
 
     @property
     def copies(self) -> int:
-        return 1 + len(self.more) if self.more else 1
+        return 1 + len(self.more or ()) + len(self.also or ())
+
+    def other_places(self) -> Iterator[Path]:
+        """Where else this segment's text is (a key of other maps), to edit alike."""
+        key = KeyName(self.text)
+        return ((*m, key) for m in self.also or ())
 
     def repeat(self, args: JsonArgs, token: int) -> None:
         """Token `token` of JSON text `args` holds the same text (under the same key)."""
@@ -107,6 +116,9 @@ class Collector:
         # Paths already taken; only needed once config adds paths that may repeat the
         # default ones, so the default walk does not pay for it.
         self._seen: set[Path] | None = None
+        # Keys of maps read outside JSON texts, by text: read once, however many maps
+        # repeat them (records, logprobs).
+        self._map_keys: dict[str, Segment] = {}
 
     def dedupe(self) -> None:
         self._seen = {seg.path if seg.args is None else seg.args.path
@@ -120,6 +132,17 @@ class Collector:
                     return
                 seen.add(path)
             self.units.append([Segment(value, path)])
+
+    def map_key(self, path: Path, key: str) -> None:
+        """`key` of the map at `path`; its place is (*path, KeyName(key))."""
+        seg = self._map_keys.get(key)
+        if seg is None:
+            self._map_keys[key] = seg = Segment(key, (*path, KeyName(key)))
+            self.units.append([seg])
+        elif seg.also is None:
+            seg.also = [path]
+        else:
+            seg.also.append(path)
 
     def joined(self, parts: list[tuple[Path, str]]) -> None:
         seen = self._seen
@@ -258,6 +281,8 @@ def _content(c: Collector, path: Path, content: Any) -> None:
         text = part.get("text")
         if isinstance(text, str) and (kind in TEXT_PART_TYPES or kind is None):
             run.append(((*path, j, "text"), text))
+            if len(part) > 2:  # annotations (citations' titles and URLs), logprobs
+                _rest(c, (*path, j), part, _TEXT)
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             run.append(((*path, j, "refusal"), part["refusal"]))
         else:
@@ -270,36 +295,46 @@ def _content(c: Collector, path: Path, content: Any) -> None:
         c.joined(run)
 
 
-# Keys whose values are no one's words: kinds, ids, states, names of tools and servers,
-# and binary data (images, files, audio, encrypted reasoning), which a scan could only
-# corrupt.
-_OPAQUE = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
-                     "image_url", "file_data", "file_id", "file_url", "data", "format",
-                     "detail", "encrypted_content", "mime_type"})
+# What an item or a part says of itself (its kind, id, state, the name of its tool or
+# server): read at the top of an item or part only, since deeper down a key of these
+# names may be anyone's ({"env": {"name": ...}}).
+_OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
+                       "file_id", "file_url", "detail", "format", "mime_type"})
+# Binary data (images, files, audio, encrypted reasoning), which a scan could only
+# corrupt: never read, wherever the key is, nor is a base64 data: URL.
+_BINARY_KEYS = frozenset({"image_url", "file_data", "input_audio", "encrypted_content"})
+
+
+def _binary(text: str) -> bool:
+    return text.startswith("data:") and ";base64," in text[:256]
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
           handled: frozenset[str] | set[str] = frozenset()) -> None:
-    """Every string under `node` but its `handled` keys and the _OPAQUE ones, and every
-    integer under a key naming a card, phone or SSN: the parts of an item no walker
-    knows (a new item type, a field a provider added, a value of an unexpected shape)
-    are read as text rather than sent unread."""
-    stack: list[tuple[Path, Any, str]] = [
-        ((*base, k), v, k) for k, v in node.items() if k not in handled]
+    """What a walker does not know of an item or part (a new item type, a field a
+    provider added, a value of an unexpected shape) is read rather than sent unread:
+    every string and nested key under `node` but its `handled` keys, its own keys and
+    binary data, and every integer under a key naming a card, phone or SSN (or nested
+    below one, as in JSON arguments)."""
+    stack: list[tuple[Path, Any, str | None]] = [
+        ((*base, k), v, key_class(k)) for k, v in node.items()
+        if k not in handled and k not in _OWN_KEYS and k not in _BINARY_KEYS]
     while stack:
-        path, value, key = stack.pop()
-        if key in _OPAQUE:
-            continue
+        path, value, cls = stack.pop()
         if isinstance(value, str):
-            c.text(path, value)
+            if not _binary(value):
+                c.text(path, value)
         elif isinstance(value, dict):
-            stack.extend(((*path, k), v, k) for k, v in value.items())
+            for k, v in value.items():
+                if k in _BINARY_KEYS:
+                    continue
+                c.map_key(path, k)  # keys of a map may be anyone's words
+                own = key_class(k)
+                stack.append(((*path, k), v, cls if own is None else own))
         elif isinstance(value, list):
-            stack.extend(((*path, i), v, key) for i, v in enumerate(value))
-        elif type(value) is int:
-            cls = key_class(key)
-            if cls:
-                c.units.append([Segment(f"{cls}: "), Segment(str(value), path)])
+            stack.extend(((*path, i), v, cls) for i, v in enumerate(value))
+        elif cls and type(value) in (int, float) and value == value // 1:
+            c.units.append([Segment(f"{cls}: "), Segment(str(int(value)), path)])
 
 
 def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
@@ -410,6 +445,7 @@ def _prompt_variables(c: Collector, prompt: Any) -> None:
                 c.text((*base, "text"), value["text"])
             else:
                 c.non_text += 1
+                _rest(c, base, value)  # a file's name, say
 
 
 def responses(c: Collector, doc: dict[str, Any]) -> None:
@@ -427,11 +463,10 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             if not isinstance(item, dict):
                 continue
             kind = item.get("type")
-            if kind == "image_generation_call":
-                c.non_text += 1  # its result is an image
-                continue
             # What the item's own walk reads; _rest reads what is left.
             handled: set[str] = set()
+            if kind == "image_generation_call":
+                handled.add("result")  # an image
             if isinstance(item.get("content"), (str, list)):
                 _content(c, (*base, "content"), item["content"])
                 handled.add("content")
