@@ -14,6 +14,14 @@ import pytest
 
 from atp_extproc.stack import EXAMPLE_CONFIG, Stack
 
+# The least config ATP loads: an anonymous tenant, one model, one route.
+MINIMAL_CONFIG = """auth: {anonymous_tenant: anon}
+models:
+  - {name: m, cluster: c, upstream_model: u, price: {input_per_1k: 0.001, output_per_1k: 0}}
+routes:
+  - {name: r, aliases: {a: [m]}}
+"""
+
 ALICE = "sk-demo-alice"
 BOB = "sk-demo-bob"
 

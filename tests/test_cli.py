@@ -54,8 +54,8 @@ def test_check_names_file_and_line_of_a_mistyped_attribute(tmp_path: Path) -> No
     line = 1 + text[:text.index("subject.tenant in ['alice', 'bob']")].count("\n")
     result = run("check", str(config))
     assert result.returncode != 0
-    assert f"{policy}:{line}" in result.stdout + result.stderr
-    assert "tennant" in result.stdout + result.stderr
+    (problem,) = [p for p in (result.stdout + result.stderr).splitlines() if "tennant" in p]
+    assert problem.startswith(f"{policy}:{line}: ")  # named once, with file and line
 
 
 def test_policy_test_runs_the_example_cases() -> None:

@@ -12,16 +12,11 @@ import pytest
 
 from atp_extproc.store import AsyncLedger, LedgerEntry, PriceSnapshot, connect, savings
 from atp_extproc.store.ledger import LedgerUnavailable
+from tests.conftest import MINIMAL_CONFIG
 
 SMALL = PriceSnapshot.of("small", 0.00015, 0.0006)
 T0 = 1_767_225_600            # 2026-01-01 00:00 UTC
-CONFIG = """
-auth: {anonymous_tenant: anon}
-models:
-  - {name: m, cluster: c, upstream_model: u, price: {input_per_1k: 0.001, output_per_1k: 0}}
-routes:
-  - {name: r, aliases: {a: [m]}}
-"""
+CONFIG = MINIMAL_CONFIG
 
 
 def entry(tenant: str) -> LedgerEntry:

@@ -18,15 +18,9 @@ from atp_extproc import cli
 from atp_extproc import config as config_mod
 from atp_extproc.server import StartupError, bind, check_listen
 from atp_extproc.stack import free_port, grpc_serving, wait_until
+from tests.conftest import MINIMAL_CONFIG
 
-CONFIG = """
-auth: {anonymous_tenant: anon}
-models:
-  - {name: m, cluster: c, upstream_model: u, price: {input_per_1k: 0.001, output_per_1k: 0}}
-routes:
-  - {name: r, aliases: {a: [m]}}
-ledger: {enabled: false}
-"""
+CONFIG = MINIMAL_CONFIG + "ledger: {enabled: false}\n"
 
 
 @pytest.fixture
