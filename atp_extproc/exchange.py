@@ -152,7 +152,6 @@ class Exchange:
         self._drop: tuple[str, ...] = ()
         self._path = ""  # the request's path without its query (the record's is for logs)
         self._allowed: list[str] | None = None
-        self._jwt_payload: struct_pb2.Struct | None = None
         self._shadow_model = ""
         self.request: LlmRequest | None = None
         self.sse: SseStream | None = None
@@ -207,9 +206,6 @@ class Exchange:
         jwt_metadata: struct_pb2.Struct | None = None
         if jwt is not None:
             jwt_metadata = message.metadata_context.filter_metadata.get(jwt.metadata_namespace)
-            payload = jwt_metadata.fields.get(jwt.payload_key) if jwt_metadata else None
-            if payload is not None and payload.HasField("struct_value"):
-                self._jwt_payload = payload.struct_value
         self.identity = identify(self.snapshot, headers, jwt_metadata)
         rec.tenant = self.identity.tenant
         rec.auth_method = self.identity.method
@@ -449,7 +445,7 @@ class Exchange:
         rec = self.record
         attrs = attributes_for_request(
             tenant=self.identity.tenant, auth_method=self.identity.method,
-            key_id=self.identity.key_id, jwt_payload=self._jwt_payload, path=self._path,
+            key_id=self.identity.key_id, jwt_payload=self.identity.claims, path=self._path,
             operation=rec.operation, alias=alias, body_bytes=body_bytes, doc=doc,
             route=route.name, environment=policies.settings.environment,
             data_classes=rec.data_classes,
@@ -502,8 +498,8 @@ class Exchange:
     def _user(self) -> str | None:
         """The end user, for per-user stickiness: the verified token's `sub`, else the
         body's OpenAI `user` field (the tenant vouches for it, not ATP)."""
-        if self._jwt_payload is not None:
-            sub = self._jwt_payload.fields.get("sub")
+        if self.identity is not None and self.identity.claims is not None:
+            sub = self.identity.claims.fields.get("sub")
             if sub is not None and sub.HasField("string_value"):
                 return sub.string_value
         user = self._parsed.doc.get("user") if self._parsed is not None else None

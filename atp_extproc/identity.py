@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from atp_extproc.config import TOKEN, Snapshot
 from atp_extproc.llm_api import RequestError
@@ -17,6 +20,9 @@ class Identity:
     tenant: str
     method: str  # api_key | jwt | trusted_header | anonymous
     key_id: str | None = None
+    # The verified token's claims, when the token established the tenant (method jwt):
+    # a token that did not must not lend its groups to another identity's policies.
+    claims: struct_pb2.Struct | None = field(default=None, compare=False)
 
 
 def _unauthorized(message: str) -> RequestError:
@@ -49,14 +55,17 @@ def _jwt_payload(snapshot: Snapshot,
     return payload.struct_value
 
 
-def _jwt_tenant(snapshot: Snapshot, payload: struct_pb2.Struct | None) -> str | None:
-    if payload is None:
-        return None
-    assert snapshot.auth.jwt is not None
-    claim = payload.fields.get(snapshot.auth.jwt.tenant_claim)
-    if claim is None or not claim.HasField("string_value") or not claim.string_value:
-        return None
-    return claim.string_value
+def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
+    """Whether `bearer` is the token whose verified claims are `payload` (jwt_authn with
+    `forward: true` leaves it in Authorization): then it is no API key."""
+    parts = bearer.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return False
+    return bool(claims == json_format.MessageToDict(payload))
 
 
 def identify(
@@ -67,17 +76,28 @@ def identify(
     The bearer token is hashed at once and never stored or logged.
     """
     payload = _jwt_payload(snapshot, jwt_metadata)
-    tenant = _jwt_tenant(snapshot, payload)
-    if tenant is not None:
-        if not TOKEN.fullmatch(tenant):
-            raise _unauthorized("The token's tenant claim is not a valid tenant id.")
-        return Identity(tenant, "jwt")
+    no_tenant = _NO_KEY
+    # A token whose tenant claim is there but unusable (42, "", a list) names a tenant
+    # ATP cannot use: only a valid API key may still say who is calling.
+    bad_claim: str | None = None
+    if payload is not None:
+        assert snapshot.auth.jwt is not None
+        name = snapshot.auth.jwt.tenant_claim
+        claim = payload.fields.get(name)
+        if claim is None:
+            # A verified token without the claim leaves the tenant to the other sources.
+            no_tenant = (f"The token has no '{name}' claim naming the tenant, and no API "
+                         "key was sent.")
+        else:
+            tenant = claim.string_value if claim.HasField("string_value") else ""
+            if TOKEN.fullmatch(tenant):
+                return Identity(tenant, "jwt", claims=payload)
+            bad_claim = f"The token's '{name}' claim is not a valid tenant id."
     token, presented = _credential(headers)
+    if token is not None and payload is not None and _is_token(token, payload):
+        token = headers.get("api-key") or None
+        presented = bool(token or headers.get("x-api-key"))
     header = snapshot.auth.trusted_tenant_header
-    # A verified token that has no tenant claim at all is the Bearer, and no key; one
-    # whose claim is there but unusable (42, "", a list) is not vouched for.
-    claimless = payload is not None and snapshot.auth.jwt is not None and (
-        snapshot.auth.jwt.tenant_claim not in payload.fields)
     if token is not None and snapshot.api_keys:
         digest = hashlib.sha256(token.encode()).hexdigest()
         key = snapshot.api_keys.get(digest)
@@ -85,20 +105,22 @@ def identify(
         # match never returns sooner than a miss.
         if key is not None and hmac.compare_digest(key.sha256, digest):
             return Identity(key.tenant, "api_key", key.key_id)
+    if bad_claim is not None:
+        raise _unauthorized(bad_claim)
     # A credential that is no valid key (wrong, revoked, unreadable) is refused, never
     # served as the trusted header's or the anonymous tenant, which would keep a revoked
-    # key working; unless it is the token Envoy's jwt_authn verified (no tenant claim).
-    if presented and snapshot.api_keys and not claimless:
+    # key working.
+    if presented and snapshot.api_keys:
         if token is not None:
             raise _unauthorized("Incorrect API key provided.")
         if headers.get("x-api-key"):
             raise _unauthorized("ATP does not read x-api-key: send the key as "
                                 "'Authorization: Bearer KEY'.")
-        raise _unauthorized(_NO_KEY)
+        raise _unauthorized(no_tenant)
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")
         return Identity(headers[header], "trusted_header")
     if snapshot.auth.anonymous_tenant is not None:
         return Identity(snapshot.auth.anonymous_tenant, "anonymous")
-    raise _unauthorized(_NO_KEY)
+    raise _unauthorized(no_tenant)

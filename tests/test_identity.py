@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -250,24 +252,59 @@ def test_a_wrong_key_is_refused_even_with_an_anonymous_tenant(extra) -> None:
     assert identify(snap, {}, None) == Identity("public", "anonymous")
 
 
+def bearer_of(claims: dict) -> str:
+    """An Authorization value carrying a token with these claims (jwt_authn `forward`)."""
+    def part(doc: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+    return f"Bearer {part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+JWT_AND_KEYS = ("auth:\n  anonymous_tenant: public\n  jwt:\n    tenant_claim: org\n"
+                "  api_keys:\n" + key_entry(ALICE, "a", "alice"))
+
+
+@pytest.mark.parametrize("forwarded", [True, False])
 @pytest.mark.parametrize("claim", [42, "", ["acme"], None])
-def test_a_verified_token_with_an_unusable_tenant_claim_is_refused(claim) -> None:
+def test_a_verified_token_with_an_unusable_tenant_claim_is_refused(claim, forwarded) -> None:
     # Numeric tenant ids (common in identity providers) must not become the anonymous
-    # tenant: the token names a tenant ATP cannot use.
-    snap = snapshot("auth:\n  anonymous_tenant: public\n  jwt:\n    tenant_claim: org\n"
-                    "  api_keys:\n" + key_entry(ALICE, "a", "alice"))
+    # tenant: the token names a tenant ATP cannot use; and the error says so.
+    claims = {"org": claim, "exp": 1767225600}
+    headers = {"authorization": bearer_of(claims)} if forwarded else {}
     with pytest.raises(RequestError) as info:
-        identify(snap, {"authorization": "Bearer eyJ.verified.jwt"},
-                 jwt_metadata({"org": claim}))
-    assert info.value.status == 401
+        identify(snapshot(JWT_AND_KEYS), headers, jwt_metadata(claims))
+    assert (info.value.status, info.value.message) == (
+        401, "The token's 'org' claim is not a valid tenant id.")
 
 
 def test_a_verified_token_without_a_tenant_claim_is_no_wrong_key() -> None:
-    snap = snapshot("auth:\n  anonymous_tenant: public\n  jwt:\n    tenant_claim: org\n"
-                    "  api_keys:\n" + key_entry(ALICE, "a", "alice"))
-    who = identify(snap, {"authorization": "Bearer eyJ.verified.jwt"},
-                   jwt_metadata({"sub": "u1"}))
+    claims = {"sub": "u1", "exp": 1767225600, "nested": {"a": [1, "b"]}}
+    who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(claims)},
+                   jwt_metadata(claims))
     assert who == Identity("public", "anonymous")
+
+
+def test_a_wrong_key_beside_a_verified_token_without_a_tenant_claim_is_refused() -> None:
+    # The token came in another header (jwt_authn from_headers): the Bearer is a key.
+    with pytest.raises(RequestError) as info:
+        identify(snapshot(JWT_AND_KEYS), {"authorization": "Bearer sk-revoked"},
+                 jwt_metadata({"sub": "u1"}))
+    assert (info.value.status, info.value.message) == (401, "Incorrect API key provided.")
+
+
+def test_a_token_without_a_tenant_claim_and_nothing_else_says_so() -> None:
+    snap = snapshot("auth:\n  jwt:\n    tenant_claim: org\n  api_keys:\n"
+                    + key_entry(ALICE, "a", "alice"))
+    with pytest.raises(RequestError) as info:
+        identify(snap, {}, jwt_metadata({"sub": "u1"}))
+    assert "no 'org' claim" in info.value.message
+
+
+def test_only_the_token_that_named_the_tenant_lends_its_claims() -> None:
+    who = identify(snapshot(JWT_AND_KEYS), {"authorization": f"Bearer {ALICE}"},
+                   jwt_metadata({"sub": "u1", "groups": ["llm-admins"]}))
+    assert (who.method, who.claims) == ("api_key", None)
+    who = identify(snapshot(JWT_AND_KEYS), {}, jwt_metadata({"org": "acme", "sub": "u1"}))
+    assert who.method == "jwt" and who.claims is not None and who.claims["sub"] == "u1"
 
 
 def test_trusted_header_before_anonymous() -> None:

@@ -80,6 +80,20 @@ def test_claims_from_envoy_struct_are_bounded():
     assert ps.evaluate(attrs, []).denied is not None
 
 
+@pytest.mark.parametrize("as_struct", [False, True])
+def test_a_keycloak_token_is_read_whole_and_an_empty_deep_list_is_no_cut(as_struct):
+    from google.protobuf import struct_pb2
+    plain = {"tenant": "alice", "resource_access": {"account": {"roles": ["view"]}},
+             "realm_access": {"roles": []}, "empty": {"a": {"b": {"c": [], "d": {}}}}}
+    claims: object = plain
+    if as_struct:
+        claims = struct_pb2.Struct()
+        claims.update(plain)
+    attrs = build_attributes(subject={"claims": claims})
+    assert list(attrs.subject.claims["resource_access"]["account"]["roles"]) == ["view"]
+    assert list(attrs.truncated) == []
+
+
 def test_unknown_keys_and_wrong_types_raise():
     with pytest.raises(AttributeError_, match="unknown request attribute"):
         build_attributes(request={"max_token": 5})
@@ -132,7 +146,8 @@ def test_tool_key_is_the_name_llm_api_reads_else_the_type():
     from atp_extproc.policy.attributes import tool_key
     tools = [{"type": "function", "function": {"name": "chat_style"}},
              {"type": "function", "name": "responses_style"},
-             {"function": {"strict": True}, "name": "top_name", "type": "web_search"},
+             {"function": {"strict": True}, "name": "top_name", "type": "function"},
+             {"type": "shell", "name": "get_weather"},  # built in: run by its type
              {"function": "x", "name": "top_level"},
              {"type": "file_search"}, {"type": 5}, {}]
     for tool in tools:
@@ -140,7 +155,8 @@ def test_tool_key_is_the_name_llm_api_reads_else_the_type():
         if name is not None:
             assert tool_key(tool) == name
     assert [tool_key(t) for t in tools] == ["chat_style", "responses_style", "top_name",
-                                            "top_level", "file_search", "function", "function"]
+                                            "shell", "top_level", "file_search", "function",
+                                            "function"]
 
 
 def test_numbers_are_clamped_to_int64_and_time_forms():

@@ -37,7 +37,7 @@ MAX_STRING = 256          # characters of any string attribute
 MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
 MAX_MAP = 64              # entries of any map attribute (metadata, data classes ...)
 MAX_TOOL_ARGUMENTS = 16   # scalar arguments kept per tool call
-MAX_CLAIMS_DEPTH = 3      # nesting kept in JWT claims
+MAX_CLAIMS_DEPTH = 4      # nesting kept in JWT claims (Keycloak: resource_access.<client>.roles)
 MAX_HISTORY_SCAN = 2048   # messages scanned (newest first) for tool calls; more is "cut"
 MAX_ARGUMENTS_JSON = 8192  # characters of one call's arguments that are parsed
 
@@ -293,7 +293,8 @@ def _claims(value: Any, cut: _Cut, path: str, depth: int = 0) -> Any:
         return value
     if cls is dict or isinstance(value, Mapping):
         if depth >= MAX_CLAIMS_DEPTH:
-            cut.note(path)
+            if value:  # an empty one loses nothing
+                cut.note(path)
             return {}
         if len(value) > MAX_MAP:
             cut.note(path)
@@ -301,7 +302,8 @@ def _claims(value: Any, cut: _Cut, path: str, depth: int = 0) -> Any:
                 for k, v in islice(value.items(), MAX_MAP)}
     if isinstance(value, (list, tuple)):
         if depth >= MAX_CLAIMS_DEPTH:
-            cut.note(path)
+            if value:
+                cut.note(path)
             return []
         if len(value) > MAX_LIST:
             cut.note(path)
@@ -456,6 +458,10 @@ def _request(request: Mapping[str, Any], cut: _Cut) -> dict[str, Any]:
     details = kwargs.get("tool_details")
     if details and "tools" not in kwargs:
         kwargs["tools"] = [t.get("name", "") for t in details]
+    elif kwargs.get("tools") and "tool_details" not in kwargs:
+        # Tools given by name alone (a policy test case) are declared tools all the
+        # same: tools policies run over tool_details.
+        kwargs["tool_details"] = [{"name": n, "declared": True} for n in kwargs["tools"]]
     if "tool_count" not in kwargs and ("tools" in request or details):
         names = request.get("tools")
         given = len(names) if isinstance(names, (list, tuple)) else 0

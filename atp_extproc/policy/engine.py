@@ -416,6 +416,9 @@ def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
     found = list(_CEL_ERROR.finditer(text))
     if not found:
         return [Problem(sp.file, sp.expr_line, sp.spec.id, f"expression: {text.strip()}")]
+    # What an unknown attribute then breaks ("expression of type '*error*' cannot be ...")
+    # says nothing more than the first error.
+    found = [m for m in found if "'*error*'" not in m.group(3)] or found
     out = []
     for m in found:
         line, col = int(m.group(1)), int(m.group(2))
@@ -625,11 +628,12 @@ class PolicySet:
                 problems.append(Problem(sp.file, sp.expr_line or sp.line, spec.id,
                                         f"expression too large ({an.node_count} nodes; limit "
                                         f"{MAX_AST_NODES}): split it into several policies"))
+            if any(p.severity == "error" for p in problems[before:]) or not ok:
+                continue  # (joined with the others it would only fail again, as noise)
             level = _level(spec, an.roots)
             batch = _batch_problem(sp, level)
             if batch is not None:
                 problems.append(batch)
-            if any(p.severity == "error" for p in problems[before:]) or not ok:
                 continue
             compiled.append(CompiledPolicy(
                 id=spec.id, effect=spec.effect, mode=settings.effective_mode(spec),

@@ -132,6 +132,25 @@ class PolicyStore:
 # -- glue for the exchange ------------------------------------------------------------
 
 
+def claimed_subject(claims: Any) -> dict[str, Any]:
+    """subject.user, groups and roles as a verified token's claims (a Struct, or a
+    mapping) give them: `sub`, and the `groups` and `roles` claims (lists, or
+    space-separated strings)."""
+    plain: Mapping[str, Any] = {}
+    if isinstance(claims, struct_pb2.Struct):
+        plain = {k: (v.string_value if v.HasField("string_value") else
+                     [x.string_value for x in v.list_value.values[:64]]
+                     if v.HasField("list_value") else None)
+                 for k, v in claims.fields.items() if k in ("sub", "groups", "roles")}
+    elif isinstance(claims, Mapping):
+        plain = claims
+    subject: dict[str, Any] = {"groups": _claim_strings(plain, "groups"),
+                               "roles": _claim_strings(plain, "roles")}
+    if isinstance(plain.get("sub"), str):
+        subject["user"] = plain["sub"]
+    return subject
+
+
 def _claim_strings(payload: Mapping[str, Any], key: str) -> list[str]:
     value = payload.get(key)
     if isinstance(value, str):
@@ -153,25 +172,10 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
     `sub` becomes subject.user, `groups`/`roles` become subject.groups/roles.
     doc: the parsed body; data_classes: {class: findings} from redaction's detection.
     """
-    claims: Any = None
-    plain: Mapping[str, Any] = {}
-    if jwt_payload is not None:
-        claims = jwt_payload
-        if isinstance(jwt_payload, struct_pb2.Struct):
-            plain = {k: (v.string_value if v.HasField("string_value") else
-                         [x.string_value for x in v.list_value.values[:64]]
-                         if v.HasField("list_value") else None)
-                     for k, v in jwt_payload.fields.items() if k in ("sub", "groups", "roles")}
-        elif isinstance(jwt_payload, Mapping):
-            plain = jwt_payload
     subject: dict[str, Any] = {"tenant": tenant, "auth_method": auth_method,
                                "key_id": key_id or ""}
-    if claims is not None:
-        subject["claims"] = claims
-        if isinstance(plain.get("sub"), str):
-            subject["user"] = plain["sub"]
-        subject["groups"] = _claim_strings(plain, "groups")
-        subject["roles"] = _claim_strings(plain, "roles")
+    if jwt_payload is not None:
+        subject.update(claimed_subject(jwt_payload), claims=jwt_payload)
     request, cut = request_from_body(operation, doc)
     request.update(path=path, alias=alias, body_bytes=body_bytes,
                    token_estimate=estimate_tokens(body_bytes))

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
 from atp_extproc.policy.engine import PolicySet
-from atp_extproc.policy.runtime import known_values
+from atp_extproc.policy.runtime import claimed_subject, known_values
 from atp_extproc.policy.settings import (
     PolicyError,
     PolicySettings,
@@ -319,6 +319,14 @@ def _misshapen(file: str, values: Mapping[str, Any], shapes: Mapping[str, type],
             if values.get(key) is not None and not isinstance(values[key], kind)]
 
 
+def _subject(subject: Any) -> Any:
+    """A case's subject with user, groups and roles filled from its claims as ATP fills
+    them from a verified token (values the case gives win)."""
+    if not isinstance(subject, Mapping) or subject.get("claims") is None:
+        return subject
+    return {**claimed_subject(subject["claims"]), **subject}
+
+
 def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: PolicySet,
               models: dict[str, CandidateInfo], report: Report) -> None:
     errs: list[str] = []
@@ -327,7 +335,7 @@ def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: Policy
         errs.append(f"unknown case keys: {', '.join(sorted(unknown))}")
     try:
         context = {"time": CASE_TIME, **(case.get("context") or {})}
-        attrs = build_attributes(case.get("subject"), case.get("request"), context)
+        attrs = build_attributes(_subject(case.get("subject")), case.get("request"), context)
         candidates = _candidates(case.get("candidates"), models)
     except (AttributeError_, TypeError, ValueError) as exc:
         report.failed += 1
