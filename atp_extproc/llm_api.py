@@ -504,12 +504,20 @@ def _check_messages(messages: Any) -> None:
                                param=f"messages[{i}].content")
 
 
+# Tools that go by a name; any other type is a provider's built-in tool (web_search,
+# shell, mcp ...), and a tool without a type is Chat's legacy function.
+_NAMED_TOOL_TYPES = frozenset({"function", "custom", "namespace"})
+
+
 def tool_name(tool: Any) -> str | None:
     """A declared tool's name: `function.name` or `custom.name` (Chat Completions) or
     `name` (Responses); None for a built-in tool (web_search, file_search ...), which has
     only a type. Also the name a tool_choice forces, which has the same shape."""
     if not isinstance(tool, dict):
         return None
+    kind = tool.get("type")
+    if isinstance(kind, str) and kind not in _NAMED_TOOL_TYPES:
+        return None  # a provider runs a built-in tool by its type, whatever else it says
     for key in ("function", "custom"):
         sub = tool.get(key)
         if isinstance(sub, dict) and isinstance(sub.get("name"), str):

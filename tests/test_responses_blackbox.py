@@ -107,6 +107,15 @@ def test_a_namespace_in_a_namespace_loses_the_tools_policy_strips(snap) -> None:
                                                  {**inner, "tools": [_fn("search_docs")]}]}]
 
 
+@pytest.mark.parametrize("tool", [{"type": "code_interpreter", "name": "get_weather"},
+                                  {"type": "web_search", "name": "search_docs"}])
+def test_a_built_in_tool_goes_by_its_type_whatever_name_it_carries(snap, tool) -> None:
+    # bob may offer get_weather and search_docs: a provider runs these by their type.
+    assert "tools" not in _sent(_send(snap, BOB, tools=[tool]))
+    shell = {"type": "shell", "name": "get_weather"}
+    assert _denied_by(_send(snap, tools=[shell])) == "tools.no_code_execution"
+
+
 @pytest.mark.parametrize("tool", [
     {"type": "function", "name": "shell", "function": {"name": "get_weather"}},
     {"type": "custom", "name": "shell", "custom": {"name": "get_weather"}},
@@ -159,6 +168,46 @@ def test_text_anywhere_in_an_input_item_is_redacted(snap, item) -> None:
     raw = forwarded(_send(snap, input=[item]))[1]
     assert raw is not None and EMAIL.encode() not in raw
     assert "[EMAIL_1]" in numbered(raw.decode())
+
+
+@pytest.mark.parametrize("item", [
+    {"type": "function_call_output", "call_id": "c",
+     "output": {"type": "input_text", "text": f"mail {EMAIL}"}},
+    {"type": "custom_tool_call_output", "call_id": "c", "output": {"text": f"mail {EMAIL}"}},
+    {"type": "computer_call_output", "call_id": "c", "output": {
+        "type": "computer_screenshot", "image_url": "data:image/png;base64,AAAA",
+        "note": EMAIL}},
+    {"type": "tool_search_call", "call_id": "t1", "arguments": {
+        "file_data": EMAIL, "image_url": {"nested": EMAIL}, "encrypted_content": EMAIL}},
+    {"role": "user", "content": [{"text": "see", "annotations": [{"title": EMAIL}]}]},
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "no",
+                                       "reason": EMAIL}]},
+])
+def test_text_in_an_output_object_or_under_a_binary_sounding_key_is_redacted(snap,
+                                                                             item) -> None:
+    raw = forwarded(_send(snap, input=[item]))[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_long_base64_deep_down_is_left_as_it_is(snap) -> None:
+    blob = "QUJD" * 100 + "NDExMTExMTExMTExMTExMQ=="
+    item = {"type": "tool_search_call", "call_id": "t1", "arguments": {"attachment": blob}}
+    assert _sent(_send(snap, input=[item]))["input"][0]["arguments"]["attachment"] == blob
+
+
+@pytest.mark.parametrize("args", ['{"card_number": 4.111111111111111e15}',
+                                  '{"phone": 4.155552671E9}'])
+def test_a_number_in_exponent_form_under_a_classed_key_is_redacted(snap, args) -> None:
+    item = {"type": "function_call", "call_id": "c", "name": "pay", "arguments": args}
+    sent = _sent(_send(snap, input=[item]))
+    value = next(iter(json.loads(sent["input"][0]["arguments"]).values()))
+    assert isinstance(value, str) and value.startswith(("[CARD:", "[PHONE:"))
+
+
+def test_two_keys_of_a_json_text_that_mask_alike_are_refused(snap) -> None:
+    output = json.dumps({EMAIL: "Alice, VIP", EMAIL.upper(): "Alice (old)"})
+    item = {"type": "function_call_output", "call_id": "c", "output": output}
+    assert_error(_send(snap, input=[item]), 400, "sensitive_data_refused")
 
 
 def test_a_key_repeated_in_many_maps_is_renamed_in_each(snap) -> None:

@@ -444,9 +444,9 @@ class Redactor:
                 args_values.setdefault(seg.args, {})[seg.token] = new
                 for more_args, token in seg.more or ():
                     args_values.setdefault(more_args, {})[token] = new
-        for args, values in args_values.items():
-            edits[args.path] = scope.splice_args(args, values)
         try:
+            for args, values in args_values.items():
+                edits[args.path] = scope.splice_args(args, values)
             fields = scope.apply(doc, edits)
         except scope.KeyCollision:
             return Redaction(counts=counts, denied=(*sorted(denied), KEYS_COLLIDE),

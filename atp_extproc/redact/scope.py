@@ -39,7 +39,6 @@ class KeyCollision(Exception):
 
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
-_TEXT = frozenset({"text"})
 # Strings (a key with its colon), numbers of 7 characters or more (shorter ones hold no
 # card, SSN or phone number) and brackets of a JSON text: it parsed, so nothing else
 # holds a digit, and a number starts after none of its own characters.
@@ -49,18 +48,29 @@ _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\r\n]*:)?'
 # its digits are read as the value.
 _JSON_INT = re.compile(r"([0-9]{7,})(?:\.0+)?\Z")
 _JSON_WS = " \t\r\n"
+
+
+def _integral(number: str) -> str | None:
+    """The digits of a whole number written with an exponent ("4.111111111111111e15", as
+    Java writes a double), or None."""
+    if "e" not in number and "E" not in number:
+        return None
+    value = float(number)  # a token of a text that parsed as JSON
+    return str(int(value)) if value.is_integer() and 1e6 <= abs(value) < 1e20 else None
 _scanstring = json.decoder.scanstring
 
 
 class JsonArgs:
     """A JSON text held in a string field; its strings, keys and numbers are scanned."""
 
-    __slots__ = ("path", "raw", "tokens")
+    __slots__ = ("keys", "path", "raw", "tokens")
 
     def __init__(self, path: Path, raw: str):
         self.path = path
         self.raw = raw
         self.tokens: list[tuple[int, int]] = []
+        # Which tokens are keys: renaming one may make two keys of an object one.
+        self.keys: set[int] = set()
 
 
 class Segment:
@@ -206,6 +216,7 @@ class Collector:
                         cls = inherit
                         continue
                     tokens.append((s, e))
+                    args.keys.add(len(tokens) - 1)
                     known = keys.get(value)
                     if known is None:
                         # A key new to the request costs a unit (a unit to scan).
@@ -237,8 +248,7 @@ class Collector:
                 if not cls:
                     continue  # an id, count, amount, time ... ("card_id", "ts", "gtin")
                 digits = _JSON_INT.match(value)
-                if digits is not None:
-                    value = digits.group(1)
+                value = digits.group(1) if digits is not None else _integral(value) or value
             tokens.append((s, e))
             seg = seen.get((cls, value))
             if seg is not None:
@@ -277,14 +287,11 @@ def _content(c: Collector, path: Path, content: Any) -> None:
             continue
         if not isinstance(part, dict):
             continue
-        kind = part.get("type")
-        text = part.get("text")
-        if isinstance(text, str) and (kind in TEXT_PART_TYPES or kind is None):
-            run.append(((*path, j, "text"), text))
-            if len(part) > 2:  # annotations (citations' titles and URLs), logprobs
-                _rest(c, (*path, j), part, _TEXT)
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            run.append(((*path, j, "refusal"), part["refusal"]))
+        read = _text_of(part)
+        if read is not None:
+            run.append(((*path, j, read), part[read]))
+            if len(part) > 2 or "type" not in part:  # annotations (citations), logprobs
+                _rest(c, (*path, j), part, {read})
         else:
             if run:
                 c.joined(run)
@@ -295,18 +302,42 @@ def _content(c: Collector, path: Path, content: Any) -> None:
         c.joined(run)
 
 
+def _text_of(part: dict[str, Any]) -> str | None:
+    """The key of a text part's text ("text", or a refusal's "refusal"), or None."""
+    kind = part.get("type")
+    if isinstance(part.get("text"), str) and (kind in TEXT_PART_TYPES or kind is None):
+        return "text"
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return "refusal"
+    return None
+
+
+def _part(c: Collector, path: Path, part: dict[str, Any]) -> None:
+    """One content part standing alone at `path` (a tool's output, a prompt variable)."""
+    read = _text_of(part)
+    if read is not None:
+        c.text((*path, read), part[read])
+        _rest(c, path, part, {read})
+    else:
+        c.non_text += 1
+        _rest(c, path, part)
+
+
 # What an item or a part says of itself (its kind, id, state, the name of its tool or
-# server): read at the top of an item or part only, since deeper down a key of these
-# names may be anyone's ({"env": {"name": ...}}).
+# server) and its binary data (images, files, audio, encrypted reasoning), which a scan
+# could only corrupt: left out at the top of an item or part only, since deeper down a
+# key of these names may be anyone's ({"env": {"name": ...}}).
 _OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
-                       "file_id", "file_url", "detail", "format", "mime_type"})
-# Binary data (images, files, audio, encrypted reasoning), which a scan could only
-# corrupt: never read, wherever the key is, nor is a base64 data: URL.
-_BINARY_KEYS = frozenset({"image_url", "file_data", "input_audio", "encrypted_content"})
+                       "file_id", "file_url", "detail", "format", "mime_type", "image_url",
+                       "file_data", "input_audio", "encrypted_content"})
+# Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
+# or hold a '.'), which deeper down is known by its shape alone.
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{256,}={0,2}")
 
 
 def _binary(text: str) -> bool:
-    return text.startswith("data:") and ";base64," in text[:256]
+    return (text.startswith("data:") and ";base64," in text[:256]) or bool(
+        len(text) >= 256 and _BASE64.fullmatch(text))
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
@@ -318,7 +349,7 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
     below one, as in JSON arguments)."""
     stack: list[tuple[Path, Any, str | None]] = [
         ((*base, k), v, key_class(k)) for k, v in node.items()
-        if k not in handled and k not in _OWN_KEYS and k not in _BINARY_KEYS]
+        if k not in handled and k not in _OWN_KEYS]
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
@@ -326,8 +357,6 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
                 c.text(path, value)
         elif isinstance(value, dict):
             for k, v in value.items():
-                if k in _BINARY_KEYS:
-                    continue
                 c.map_key(path, k)  # keys of a map may be anyone's words
                 own = key_class(k)
                 stack.append(((*path, k), v, cls if own is None else own))
@@ -441,11 +470,7 @@ def _prompt_variables(c: Collector, prompt: Any) -> None:
         if isinstance(value, str):
             c.text(base, value)
         elif isinstance(value, dict):
-            if value.get("type") in TEXT_PART_TYPES and isinstance(value.get("text"), str):
-                c.text((*base, "text"), value["text"])
-            else:
-                c.non_text += 1
-                _rest(c, base, value)  # a file's name, say
+            _part(c, base, value)
 
 
 def responses(c: Collector, doc: dict[str, Any]) -> None:
@@ -488,8 +513,8 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             elif isinstance(output, list) and kind != "shell_call_output":
                 _content(c, (*base, "output"), output)
                 handled.add("output")
-            elif isinstance(output, dict) and "type" in output:
-                _content(c, (*base, "output"), [output])
+            elif isinstance(output, dict):
+                _part(c, (*base, "output"), output)
                 handled.add("output")
             if isinstance(item.get("summary"), list):
                 _content(c, (*base, "summary"), item["summary"])
@@ -576,7 +601,18 @@ def splice(text: str, changes: list[tuple[int, int, str]]) -> str:
 
 def splice_args(args: JsonArgs, new_values: dict[int, str]) -> str:
     """The JSON text with the tokens numbered in `new_values` written as JSON strings (a
-    redacted number becomes the string "[CARD_1]": the text stays valid JSON)."""
+    redacted number becomes the string "[CARD_1]": the text stays valid JSON). Raises
+    KeyCollision when renamed keys make two keys of an object one."""
     tokens = args.tokens
-    return splice(args.raw, [(*tokens[i], json.dumps(v, ensure_ascii=False))
+    text = splice(args.raw, [(*tokens[i], json.dumps(v, ensure_ascii=False))
                              for i, v in new_values.items()])
+    if not args.keys.isdisjoint(new_values):
+        json.loads(text, object_pairs_hook=_one_of_each)  # raises KeyCollision
+    return text
+
+
+def _one_of_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise KeyCollision  # two keys that were different when the client sent them
+    return obj
