@@ -121,7 +121,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def _yaml_problems(path: str) -> list[str]:
     """Why the file is no YAML mapping one can read, each problem once: it cannot be
-    read, it is not YAML, or a key is given twice (named by its full path)."""
+    read, it is not YAML, not a mapping, or a key is given twice (named by its full
+    path)."""
     from atp_extproc.policy.settings import load_yaml
 
     try:
@@ -129,6 +130,8 @@ def _yaml_problems(path: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         return [f"{path}: cannot read: {exc}"]
     doc, problems = load_yaml(text, path)
+    if not problems and not isinstance(doc, dict):
+        return [f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]
     # load_yaml names a key given twice by the key alone.
     return [str(dataclasses.replace(p, path=_key_path(doc, p.line, p.path) or p.path))
             if p.path else str(p) for p in problems]
@@ -173,7 +176,7 @@ def _config_problem_lines(exc: ConfigError) -> list[str]:
         if in_file:
             where = f"{exc.file}:{in_file[1]}: {in_file[2]}"
         elif _LINE_IN_OTHER_FILE.match(path):
-            where = path
+            where = path.rstrip(": ")  # "other.yaml:N: " when the problem is the file
         else:
             where = f"{exc.file}: {path or '<root>'}"
         lines.append(f"{where}: {reason}")

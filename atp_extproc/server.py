@@ -140,6 +140,8 @@ class ConfigHolder:
             log.exception("config reload failed (%s); keeping version %s", reason,
                           self.current.version)
             return False
+        # First: a more verbose level must already let the lines below through.
+        self._apply_log_level(snapshot.server.log_level)
         if snapshot.version != self.current.version:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
@@ -149,7 +151,6 @@ class ConfigHolder:
         if fixed:
             log.warning("config reloaded (%s): %s changed, which takes effect when ATP "
                         "restarts", reason, ", ".join(fixed))
-        self._apply_log_level(snapshot.server.log_level)
         self.current = snapshot
         self._stamp = self._file_stamp()
         return True
@@ -161,8 +162,14 @@ class ConfigHolder:
             log.info("server.log_level %s not applied: --log-level %s wins", level,
                      self.options.log_level)
             return
-        log.info("log level %s → %s", self.current.server.log_level, level)
-        logs.set_level(level)
+        change = ("log level %s → %s", self.current.server.log_level, level)
+        # Said at the more verbose of the two levels, so that it is seen either way.
+        if logging.getLevelName(level) < logging.getLevelName(self.current.server.log_level):
+            logs.set_level(level)
+            log.info(*change)
+        else:
+            log.info(*change)
+            logs.set_level(level)
 
     async def watch(self) -> None:
         # Polling the file's stat rather than inotify: Kubernetes ConfigMaps and editors
@@ -327,8 +334,9 @@ def _unix_bind_problem(path: str) -> str | None:
     if error is None:
         os.unlink(path)  # the probe's socket file: gRPC makes its own
         return None
-    if error.errno == errno.ENOENT:
-        return f"the directory {os.path.dirname(path) or '.'} does not exist"
+    directory = os.path.dirname(path) or "."
+    if error.errno == errno.ENOENT and not os.path.isdir(directory):
+        return f"the directory {directory} does not exist"
     return _reason(error)
 
 

@@ -194,8 +194,8 @@ def test_report_savings_still_reads_a_good_ledger(
 
 
 @pytest.mark.parametrize(("content", "problem"), [
-    ("", "<root>: the file must hold a mapping"),
-    ("# only a comment\n", "<root>: the file must hold a mapping"),
+    ("", "the file must hold a mapping (server:, models:, routes:, ...)"),
+    ("# only a comment\n", "the file must hold a mapping (server:, models:, routes:, ...)"),
     (POLICIES, "routes: Field required"),  # a policy file is no atp.yaml
 ])
 def test_check_does_not_call_a_file_that_is_no_config_ok(

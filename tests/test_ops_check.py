@@ -77,3 +77,22 @@ def test_policy_and_config_problems_are_each_named(
     assert check(capsys, path) == [
         f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'",
         f"{path}: server.max_json_depth: Input should be greater than or equal to 2"]
+
+
+@pytest.mark.parametrize("text", ["- a\n", "hello\n"])
+def test_a_file_that_is_no_mapping_is_named_once(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 text: str) -> None:
+    path = tmp_path / "atp.yaml"
+    path.write_text(text)
+    assert check(capsys, path) == [
+        f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]
+
+
+def test_an_included_file_that_is_no_policies_mapping_is_named_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "list.yaml").write_text("- 1\n")
+    path = config(tmp_path, ("mode: per_policy", "include: [policies/*.yaml]"))
+    (line,) = check(capsys, path)
+    assert line.endswith("list.yaml:1: an included policy file holds only `policies:`")

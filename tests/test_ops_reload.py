@@ -69,6 +69,16 @@ def test_a_reload_applies_a_new_log_level(tmp_path: Path,
     assert logging.getLogger().level == logging.DEBUG
 
 
+def test_a_more_verbose_level_is_said_in_the_log_at_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    holder = holder_for(tmp_path)
+    reload_with(holder, caplog, ("log_level: INFO", "log_level: ERROR"))
+    caplog.clear()
+    holder.path.write_text(CONFIG)  # INFO again: the reload itself must be seen
+    assert holder.reload("SIGHUP")
+    assert "log level ERROR → INFO" in caplog.text and "config reloaded" in caplog.text
+
+
 def test_log_level_given_on_the_command_line_wins_over_a_reload(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     holder = holder_for(tmp_path, ServeOptions(log_level="DEBUG"))

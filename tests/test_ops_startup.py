@@ -133,6 +133,12 @@ def test_a_socket_path_that_cannot_be_bound_is_named(tmp_path: Path, name: str,
     assert str(raised.value) == f"cannot listen on {listen}: " + problem.format(tmp=tmp_path)
 
 
+def test_a_directory_that_takes_no_socket_is_not_called_missing() -> None:
+    with pytest.raises(StartupError) as raised:
+        check_listen("unix:/proc/atp.sock")
+    assert "does not exist" not in str(raised.value)
+
+
 def test_a_free_socket_path_is_left_for_grpc(tmp_path: Path) -> None:
     check_listen(f"unix:{tmp_path / 'atp.sock'}")
     assert not (tmp_path / "atp.sock").exists()   # the probe's own file is gone
