@@ -111,7 +111,9 @@ def _check(args: argparse.Namespace) -> int:
         print("\n".join(lines))
         return 1
     # Policies first: their report names file:line for every problem, warnings included.
-    code = policy_cli.check([args.config], args.envoy)
+    jwt = snapshot.auth.jwt
+    code = policy_cli.check([args.config], args.envoy, jwt=(
+        (jwt.metadata_namespace, jwt.payload_key) if jwt is not None else None))
     if code == 0:  # an Envoy config that fails open (or cannot be read) is not OK
         print(f"{args.config}: OK (version {snapshot.version}, {len(snapshot.models)} "
               f"models, {len(snapshot.routes)} routes, "

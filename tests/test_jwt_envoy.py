@@ -111,3 +111,54 @@ def test_a_verified_token_with_an_unusable_tenant_claim_is_refused(jwt_stack: St
     assert reply.json()["error"]["message"] == \
         "The token's 'tenant' claim is not a valid tenant id."
     assert upstreams.total() == 0
+
+
+# -- check --envoy: the token's claims must reach ATP --------------------------------------
+
+
+def _lint(edit) -> list[str]:
+    from atp_extproc.policy.envoy_lint import jwt_problems
+    from atp_extproc.stack import DEFAULT_PORTS
+
+    def both(doc: dict) -> None:
+        _with_jwt_authn(doc)
+        edit(doc)
+    text = render_envoy(dict(DEFAULT_PORTS), edit=both)
+    return [p.reason for p in jwt_problems("envoy.yaml", text, "envoy.filters.http.jwt_authn",
+                                           "jwt_payload")]
+
+
+def _filters(doc: dict) -> list[dict]:
+    front = next(li for li in doc["static_resources"]["listeners"] if li["name"] == "front")
+    return front["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+
+
+def _payload_key(doc: dict) -> None:
+    jwt = next(f for f in _filters(doc) if f["name"] == "envoy.filters.http.jwt_authn")
+    jwt["typed_config"]["providers"]["test"]["payload_in_metadata"] = "claims"
+
+
+def _no_forwarding(doc: dict) -> None:
+    ext = next(f for f in _filters(doc) if f["name"] == "envoy.filters.http.ext_proc")
+    del ext["typed_config"]["metadata_options"]
+
+
+def _after(doc: dict) -> None:
+    filters = _filters(doc)
+    jwt = next(f for f in filters if f["name"] == "envoy.filters.http.jwt_authn")
+    filters.remove(jwt)
+    filters.insert(len(filters) - 1, jwt)
+
+
+def test_check_passes_jwt_authn_wired_to_atp() -> None:
+    assert _lint(lambda doc: None) == []
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (_payload_key, "payload_in_metadata is 'claims'"),
+    (_no_forwarding, "forwarding_namespaces.untyped lacks envoy.filters.http.jwt_authn"),
+    (_after, "jwt_authn comes after ext_proc"),
+])
+def test_check_refuses_jwt_authn_whose_claims_never_reach_atp(edit, says) -> None:
+    (reason,) = _lint(edit)
+    assert says in reason and "ATP never sees" in reason

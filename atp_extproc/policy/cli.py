@@ -41,7 +41,8 @@ def redaction_configured(raw: dict[str, Any]) -> bool:
 
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
           redaction_enabled: bool | None = None, out: TextIO | None = None,
-          known_data_classes: Sequence[str] | None = None, verdict: bool = True) -> int:
+          known_data_classes: Sequence[str] | None = None, verdict: bool = True,
+          jwt: tuple[str, str] | None = None) -> int:
     """Lint atp.yaml files (or policy files): print `file:line: reason`; 1 on any error.
 
     verdict=False prints the problems only, without the OK lines and the tally: for a
@@ -49,7 +50,9 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
 
     Also refuses each Envoy config in `envoy_configs` whose ext_proc fails open while the
     policies hold deny/restrict/redact/tools effects, default deny, or redaction is on
-    (`redaction_enabled`, or detected from atp.yaml when None).
+    (`redaction_enabled`, or detected from atp.yaml when None), and, given `jwt`
+    (auth.jwt's metadata namespace and payload key), each whose jwt_authn claims would
+    not reach ATP.
     """
     out = out or sys.stdout
     problems: list[Problem] = []
@@ -82,7 +85,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     if not paths and redaction_enabled:
         why.append("redaction is enabled")
     for envoy in envoy_configs:
-        problems += envoy_lint.check_file(envoy, sorted(set(why)))
+        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt)
     problems.sort(key=lambda p: (p.file, p.line, p.severity != "error"))
     for problem in problems:
         print(problem, file=out)

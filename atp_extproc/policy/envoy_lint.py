@@ -185,10 +185,66 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
     return problems
 
 
-def check_file(path: str | Path, why: list[str]) -> list[Problem]:
+JWT_AUTHN_TYPE = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+
+
+def jwt_problems(file: str, text: str, namespace: str, payload_key: str) -> list[Problem]:
+    """Where a jwt_authn filter's claims would never reach ATP (auth.jwt): a provider
+    that writes them under another key than `payload_key` (or not at all), a jwt_authn
+    filter after ext_proc, or an ext_proc filter that does not forward `namespace`.
+    Every token would then be ignored: its caller refused, or served as anonymous."""
+    doc, problems = load_yaml(text, file)
+    if doc is None:
+        return problems
+    for hcm in _walk(doc):
+        filters = hcm.get("http_filters")
+        if not isinstance(filters, list):
+            continue
+        order = [("jwt" if _is_type(f.get("typed_config"), JWT_AUTHN_TYPE) else
+                  "ext_proc" if _is_ext_proc(f) else "", f)
+                 for f in filters if isinstance(f, dict)]
+        jwt = [f for kind, f in order if kind == "jwt"]
+        ext = [f for kind, f in order if kind == "ext_proc"]
+        if not jwt or not ext:
+            continue
+        first_ext = next(i for i, (kind, _) in enumerate(order) if kind == "ext_proc")
+        for i, (kind, f) in enumerate(order):
+            if kind == "jwt" and i > first_ext:
+                problems.append(Problem(file, _line(f), "jwt_authn", "jwt_authn comes after "
+                                        "ext_proc: ATP never sees the token's claims"))
+        for f in jwt:
+            providers = f["typed_config"].get("providers")
+            for name, provider in (providers.items() if isinstance(providers, dict) else ()):
+                given = provider.get("payload_in_metadata") if isinstance(provider, dict) \
+                    else None
+                if given != payload_key:
+                    problems.append(Problem(
+                        file, _line(providers, name), f"jwt_authn provider {name}",
+                        f"payload_in_metadata is {given!r}, but auth.jwt.payload_key is "
+                        f"{payload_key!r}: ATP never sees this provider's claims"))
+        for f in ext:
+            typed = f.get("typed_config") if isinstance(f.get("typed_config"), dict) else {}
+            options = typed.get("metadata_options")
+            spaces = options.get("forwarding_namespaces") if isinstance(options, dict) else None
+            untyped = spaces.get("untyped") if isinstance(spaces, dict) else None
+            if not isinstance(untyped, list) or namespace not in untyped:
+                problems.append(Problem(
+                    file, _line(f), "ext_proc",
+                    f"metadata_options.forwarding_namespaces.untyped lacks {namespace} "
+                    "(auth.jwt.metadata_namespace): ATP never sees the token's claims"))
+    return problems
+
+
+def check_file(path: str | Path, why: list[str],
+               jwt: tuple[str, str] | None = None) -> list[Problem]:
+    """Fail-open problems, and with `jwt` (auth.jwt's metadata namespace and payload
+    key) where a token's claims would not reach ATP."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(str(path), 0, "", f"cannot read: {exc}")]
-    return fail_open_problems(str(path), text, why)
+    problems = fail_open_problems(str(path), text, why)
+    if jwt is not None:
+        problems += jwt_problems(str(path), text, *jwt)
+    return problems
