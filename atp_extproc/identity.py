@@ -25,8 +25,8 @@ class Identity:
     claims: struct_pb2.Struct | None = field(default=None, compare=False)
 
 
-def _unauthorized(message: str) -> RequestError:
-    return RequestError(401, message, "invalid_api_key", type_="authentication_error")
+def _unauthorized(message: str, code: str = "invalid_api_key") -> RequestError:
+    return RequestError(401, message, code, type_="authentication_error")
 
 
 def _credential(headers: dict[str, str]) -> tuple[str | None, bool]:
@@ -55,6 +55,9 @@ def _jwt_payload(snapshot: Snapshot,
     return payload.struct_value
 
 
+_REGISTERED = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
+
+
 def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
     """Whether `bearer` is the token whose verified claims are `payload` (jwt_authn with
     `forward: true` leaves it in Authorization): then it is no API key."""
@@ -63,9 +66,15 @@ def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
         return False
     try:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return False
-    return bool(claims == json_format.MessageToDict(payload))
+    if not isinstance(claims, dict):
+        return False
+    # The registered claims, as the token has them: Envoy may rewrite others in its
+    # metadata (normalize_payload_in_metadata), and holds numbers as doubles.
+    verified = json_format.MessageToDict(payload)
+    shared = [k for k in _REGISTERED if k in claims or k in verified]
+    return bool(shared) and all(claims.get(k) == verified.get(k) for k in shared)
 
 
 def identify(
@@ -106,7 +115,7 @@ def identify(
         if key is not None and hmac.compare_digest(key.sha256, digest):
             return Identity(key.tenant, "api_key", key.key_id)
     if bad_claim is not None:
-        raise _unauthorized(bad_claim)
+        raise _unauthorized(bad_claim, "invalid_token")
     # A credential that is no valid key (wrong, revoked, unreadable) is refused, never
     # served as the trusted header's or the anonymous tenant, which would keep a revoked
     # key working.
@@ -116,7 +125,7 @@ def identify(
         if headers.get("x-api-key"):
             raise _unauthorized("ATP does not read x-api-key: send the key as "
                                 "'Authorization: Bearer KEY'.")
-        raise _unauthorized(no_tenant)
+        raise _unauthorized(_NO_KEY)  # a credential of another scheme, or empty
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")

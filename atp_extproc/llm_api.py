@@ -249,6 +249,7 @@ _INTS = frozenset({int})
 _STRS = frozenset({str})
 _LISTS = frozenset({list})
 _OBJECTS = frozenset({dict})
+_PARTS = frozenset({str, dict})
 
 
 def _only(items: list[Any], kinds: frozenset[type]) -> bool:
@@ -382,6 +383,11 @@ def read_request(operation: str, doc: dict[str, Any],
     value = doc.get(required)
     if operation == "chat":
         _check_messages(value)
+        prediction = doc.get("prediction")
+        if prediction is not None and not (isinstance(prediction, dict) and isinstance(
+                prediction.get("content", ""), (str, list))):
+            raise RequestError(400, "'prediction' must be an object whose content is text "
+                               "or text parts", "invalid_type", param="prediction")
     elif operation == "responses":
         if required in doc:
             _check_items(value)
@@ -498,10 +504,30 @@ def _check_messages(messages: Any) -> None:
             raise RequestError(400, f"messages[{i}] must be an object with a string 'role'",
                                "invalid_type", param=f"messages[{i}]")
         content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
+        if content is not None and not (isinstance(content, str) or (
+                type(content) is list and _only(content, _PARTS))):
             raise RequestError(400, f"messages[{i}].content must be a string or an array "
                                "of content parts", "invalid_type",
                                param=f"messages[{i}].content")
+        if "tool_calls" in message or "function_call" in message:
+            _check_calls(message, f"messages[{i}]")
+
+
+def _check_calls(message: dict[str, Any], where: str) -> None:
+    """An assistant turn's tool calls: redaction and policies read their arguments as
+    JSON text, so any other shape is refused rather than sent on unread."""
+    calls = message.get("tool_calls")
+    if calls is not None and not (type(calls) is list and _only(calls, _OBJECTS)):
+        raise RequestError(400, f"{where}.tool_calls must be an array of tool calls",
+                           "invalid_type", param=f"{where}.tool_calls")
+    functions = [(f"{where}.tool_calls[{k}].function", call.get("function"))
+                 for k, call in enumerate(calls or ())]
+    functions.append((f"{where}.function_call", message.get("function_call")))
+    for param, fn in functions:
+        if fn is not None and not (isinstance(fn, dict) and isinstance(
+                fn.get("arguments", ""), str)):
+            raise RequestError(400, f"{param} must be an object whose arguments are a "
+                               "string of JSON", "invalid_type", param=param)
 
 
 # Tools that go by a name; any other type is a provider's built-in tool (web_search,
@@ -633,7 +659,7 @@ def estimate_tokens(n_chars: int) -> int:
 
 # SSE ends a line with CRLF, LF or CR, and an event with an empty line. `\r(?!\n)` keeps
 # one CRLF from being read as two line ends.
-_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # A separator is at most 4 bytes, so at most its first 3 can sit in held bytes; of those,
 # only a trailing CR, LF or CRLF can (more would already have ended the event).
 _SEPARATOR_OVERLAP = 2
@@ -683,7 +709,7 @@ class SseStream:
         buf += memoryview(chunk)[skip:]
         drop = self.drop_usage_chunk
         pos = 0
-        for m in _EVENT_END.finditer(buf, scan):
+        for m in EVENT_END.finditer(buf, scan):
             start, stop = m.span()
             head = self._event_head(buf, pos, start)
             if head is not None and drop:
@@ -757,9 +783,18 @@ def _delta_chars(obj: dict[str, Any]) -> int:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if isinstance(text, str):
-            total += len(text)
+        if not isinstance(delta, dict):
+            text = choice.get("text")
+            total += len(text) if isinstance(text, str) else 0
+            continue
+        for key in ("content", "refusal", "reasoning_content"):
+            text = delta.get(key)
+            total += len(text) if isinstance(text, str) else 0
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            arguments = fn.get("arguments") if isinstance(fn, dict) else None
+            total += len(arguments) if isinstance(arguments, str) else 0
     delta = obj.get("delta")
     if isinstance(delta, str):
         total += len(delta)

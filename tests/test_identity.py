@@ -311,3 +311,37 @@ def test_trusted_header_before_anonymous() -> None:
     snap = snapshot("auth:\n  anonymous_tenant: public\n  trusted_tenant_header: x-t\n")
     assert identify(snap, {"x-t": "acme"}, None).method == "trusted_header"
     assert identify(snap, {}, None).method == "anonymous"
+
+
+def test_a_bearer_too_deep_to_read_is_no_token_but_a_wrong_key() -> None:
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    with pytest.raises(RequestError) as info:
+        identify(snapshot(JWT_AND_KEYS), {"authorization": f"Bearer a.{deep}.c"},
+                 jwt_metadata({"sub": "u1"}))
+    assert (info.value.status, info.value.message) == (401, "Incorrect API key provided.")
+
+
+def test_a_forwarded_token_is_known_by_its_registered_claims() -> None:
+    # Envoy rewrites some claims in its metadata (normalize_payload_in_metadata) and
+    # holds numbers as doubles: the token is still the verified one.
+    raw = {"sub": "u1", "exp": 1767225600, "scope": "openid email", "n": 2**53 + 1}
+    verified = {"sub": "u1", "exp": 1767225600, "scope": ["openid", "email"],
+                "n": float(2**53)}
+    who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(raw)},
+                   jwt_metadata(verified))
+    assert who == Identity("public", "anonymous")
+
+
+def test_an_unusable_tenant_claim_is_an_invalid_token() -> None:
+    with pytest.raises(RequestError) as info:
+        identify(snapshot(JWT_AND_KEYS), {}, jwt_metadata({"org": 42}))
+    assert info.value.code == "invalid_token"
+
+
+def test_policies_see_only_the_string_groups_of_a_token_as_policy_test_does() -> None:
+    from atp_extproc.policy.runtime import claimed_subject
+    claims = {"sub": "u1", "groups": ["llm-admins", 7, True, None], "roles": "a b"}
+    struct = struct_pb2.Struct()
+    struct.update(claims)
+    assert claimed_subject(struct) == claimed_subject(claims) == {
+        "user": "u1", "groups": ["llm-admins"], "roles": ["a", "b"]}

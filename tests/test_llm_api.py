@@ -956,6 +956,15 @@ def test_sse_output_chars_text_completions() -> None:
     assert sse.events == 5
 
 
+def test_sse_output_chars_count_tool_call_arguments_and_refusals() -> None:
+    # Without usage from the provider, a tool-calling answer is estimated from them.
+    call = {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+    sse = SseStream(drop_usage_chunk=False)
+    sse.feed(_event(_chunk([{"index": 0, "delta": {"tool_calls": [call]}}]))
+             + _event(_chunk([{"index": 0, "delta": {"refusal": "no"}}])), end=True)
+    assert sse.output_chars == len('{"city": "Paris"}') + 2
+
+
 def test_sse_output_chars_counts_characters_not_bytes() -> None:
     sse = SseStream(drop_usage_chunk=False)
     sse.feed(_event(_chunk([{"index": 0, "delta": {"content": "世界🎉"}}])), end=True)

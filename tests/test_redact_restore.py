@@ -156,6 +156,22 @@ def test_sse_held_prefix_is_flushed_before_finish_and_at_end():
     assert content_of(out) == "ends with ["
 
 
+def test_sse_with_cr_line_ends_is_restored_event_by_event():
+    stream = (event(delta("hi [EMA")) + event(delta("IL_1] bye"))).replace(b"\n", b"\r")
+    r = restorer()
+    first = r.feed(stream[:len(stream) // 2 + 4], False)
+    assert first  # the first event went on at once, not held to the end
+    out = first + r.feed(stream[len(stream) // 2 + 4:], True)
+    texts = [json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+             for line in out.split(b"\r") if line.startswith(b"data: ")]
+    assert "".join(texts) == "hi jane@example.com bye"
+
+
+def test_sse_held_text_after_a_last_event_without_its_blank_line_is_an_event_of_its_own():
+    out = run(restorer(), [event(delta("write to [EMAIL_1"))[:-2]])
+    assert content_of(out) == "write to [EMAIL_1"  # every event parses on its own
+
+
 def test_sse_brackets_that_are_not_placeholders_pass():
     stream = event(delta("x = [1, 2]; y = [a")) + event(delta("bc]")) + event(delta(None, "stop"))
     out = run(restorer(), [stream])

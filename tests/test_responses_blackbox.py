@@ -345,3 +345,101 @@ def test_a_chat_file_parts_name_is_redacted_and_its_data_kept(snap) -> None:
     parts = _sent(send_body(snap, body)[1])["messages"][0]["content"]
     assert parts[1]["file"] == {"filename": "[EMAIL_1] cv.pdf", "file_data": data}
     assert parts[2]["input_audio"]["data"] == data
+
+
+# -- shapes no provider takes: refused or read, never a crash ----------------------------
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "gpt-4o-mini", "input": [{"type": ["message"], "role": "user", "content": "hi"}]},
+    {"model": "gpt-4o-mini", "input": [{"role": "user", "content": [
+        {"type": {"t": "input_text"}, "text": EMAIL}]}]},
+    {"model": "gpt-4o-mini", "input": [{"type": "function_call_output", "call_id": "c",
+                                        "output": {"type": ["input_text"], "text": EMAIL}}]},
+])
+def test_a_type_that_is_no_string_is_read_not_a_crash(snap, body) -> None:
+    raw = forwarded(send_body(snap, body, RESPONSES)[1])[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_a_chat_part_type_that_is_no_string_is_read_not_a_crash(snap) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": ["text"], "text": EMAIL}]}]}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+@pytest.mark.parametrize("where", ["metadata", "tool", "arguments"])
+def test_a_lone_surrogate_where_policies_read_is_no_crash(snap, where) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    if where == "metadata":
+        body["metadata"] = {"k\ud800": "v\udfff"}
+    elif where == "tool":
+        body["tools"] = [{"type": "function", "function": {"name": "f\ud800"}}]
+    else:
+        body["messages"] += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function",
+             "function": {"name": "search_docs", "arguments": '{"q": "\\ud800"}'}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "ok"}]
+    raw = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as an escape
+    assert send_body(snap, raw)[1].WhichOneof("response") == "request_body"
+
+
+@pytest.mark.parametrize("output", [
+    [{"type": "input_text", "text": '{"card_number": 4.111111111111111e15}'}],
+    {"type": "input_text", "text": '{"card_number": 4.111111111111111e15}'},
+])
+def test_a_json_tool_result_in_parts_is_read_as_json(snap, output) -> None:
+    item = {"type": "function_call_output", "call_id": "c", "output": output}
+    raw = forwarded(_send(snap, input=[item]))[1]
+    assert raw is not None and b"4.111111111111111e15" not in raw
+
+
+def test_a_chat_tool_result_in_parts_is_read_as_json(snap) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "pay"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "pay", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": [
+            {"type": "text", "text": '{"phone": 4.155552671E9}'}]}]}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is not None and b"4.155552671E9" not in raw
+
+
+def test_numbers_joined_without_letters_are_no_base64(snap) -> None:
+    numbers = "/".join(["+1-415-555-2671"] * 20)
+    item = {"type": "custom_tool_call", "call_id": "c", "name": "dial", "input": numbers}
+    raw = forwarded(_send(snap, input=[item]))[1]
+    assert raw is not None and b"555-2671" not in raw
+
+
+def test_a_chat_turns_reasoning_is_read(snap) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok", "reasoning_content": f"user is {EMAIL}"},
+        {"role": "user", "content": "go on"}]}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "assistant", "tool_calls": {"id": "c"}}, "messages[1].tool_calls"),
+    ({"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": {"who": EMAIL}}}]}, "messages[1].tool_calls[0].function"),
+    ({"role": "assistant", "function_call": {"name": "f", "arguments": {"who": EMAIL}}},
+     "messages[1].function_call"),
+    ({"role": "user", "content": [[EMAIL]]}, "messages[1].content"),
+])
+def test_chat_shapes_redaction_cannot_read_are_refused(snap, message, param) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}, message]}
+    assert assert_error(send_body(snap, body)[1], 400, "invalid_type")["param"] == param
+
+
+@pytest.mark.parametrize("item", [
+    {"role": "user", "content": [[f"mail {EMAIL}"]]},
+    {"type": "message", "role": {"said": EMAIL}, "content": "hi"},
+    {"type": "x_new", EMAIL: "a key of the item itself"},
+])
+def test_odd_shapes_of_an_input_item_are_read(snap, item) -> None:
+    raw = forwarded(_send(snap, input=[item]))[1]
+    assert raw is not None and EMAIL.encode() not in raw

@@ -511,6 +511,29 @@ def build_attributes(subject: Mapping[str, Any] | None = None,
              request_id, config_version, truncated (paths the caller already cut). Unknown
              keys raise, so a typo cannot silently leave an attribute empty.
     """
+    try:
+        return _build(subject, request, context)
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON lets a body escape "\ud800"), which protobuf strings
+        # cannot hold: policies see U+FFFD in its place, as for any other bad character.
+        return _build(*_without_surrogates((subject, request, context)))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_surrogates(v) for v in value]
+    return value
+
+
+def _build(subject: Mapping[str, Any] | None, request: Mapping[str, Any] | None,
+           context: Mapping[str, Any] | None) -> Attributes:
     cut = _Cut()
     subj, claims = _subject(subject or {}, cut)
     req = _request(request or {}, cut)

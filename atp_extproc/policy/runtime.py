@@ -139,7 +139,8 @@ def claimed_subject(claims: Any) -> dict[str, Any]:
     plain: Mapping[str, Any] = {}
     if isinstance(claims, struct_pb2.Struct):
         plain = {k: (v.string_value if v.HasField("string_value") else
-                     [x.string_value for x in v.list_value.values[:64]]
+                     [x.string_value for x in v.list_value.values[:64]
+                      if x.HasField("string_value")]
                      if v.HasField("list_value") else None)
                  for k, v in claims.fields.items() if k in ("sub", "groups", "roles")}
     elif isinstance(claims, Mapping):

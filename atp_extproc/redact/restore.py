@@ -27,17 +27,18 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from atp_extproc.llm_api import EVENT_END
 from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
 _TOKEN = re.compile(PLACEHOLDER)
 _TOKEN_B = re.compile(PLACEHOLDER.encode())
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
 _MAYBE = re.compile(rb'\[[A-Z"]')
 # The start of a placeholder, cut before its closing bracket (with PLACEHOLDER's shape):
 # held back at the end of a chunk until the next one shows whether it completes. Any
 # placeholder-shaped start is held, ours or not, rather than a set of every prefix of
 # every placeholder (a million strings for a body of 100k e-mail addresses).
+_LINE_END = re.compile(rb"(\r\n|\r|\n)")
 _PREFIX = re.compile(r"\[(?:[A-Z][A-Z0-9_]*(?::[0-9a-f]{0,16})?)?")
 _PREFIX_B = re.compile(_PREFIX.pattern.encode())
 _UNSAFE = re.compile(r'["\\\x00-\x1f]')
@@ -160,15 +161,18 @@ class Restorer:
             return self._raw_feed(data, end)
         out: list[bytes] = []
         pos = 0
-        for m in _EVENT_END.finditer(data):
+        for m in EVENT_END.finditer(data):
             out.append(self._event(data[pos:m.start()]))
             out.append(m.group())
             pos = m.end()
         rest = data[pos:]
         if end:
-            if rest:
+            if rest:  # a last event without its blank line
                 out.append(self._event(rest))
-            out.append(self._flush())
+            held = self._flush()
+            if rest and held:
+                out.append(b"\n\n")  # or the held text's event is glued onto it
+            out.append(held)
             self._tail = b""
         elif len(rest) > _MAX_PENDING_EVENT:
             self._raw = True
@@ -197,35 +201,33 @@ class Restorer:
         # ending in "[", which may be one) needs a look; JSON's own arrays do not.
         if not self._carry and not _MAYBE.search(event):
             return event
-        lines = event.split(b"\n")
+        # Lines with their ends (CRLF, LF or CR, as SSE allows), the last one bare.
+        parts = _LINE_END.split(event)
         out_lines: list[bytes] = []
         before: list[bytes] = []
-        for line in lines:
-            cr = line.endswith(b"\r")
-            body = line[:-1] if cr else line
-            if not body.startswith(b"data:"):
-                out_lines.append(line)
+        for line, eol in zip(parts[0::2], [*parts[1::2], b""], strict=True):
+            if not line.startswith(b"data:"):
+                out_lines.append(line + eol)
                 continue
-            payload = body[5:]
+            payload = line[5:]
             lead = b" " if payload.startswith(b" ") else b""
             payload = payload[len(lead):]
             if payload.strip() == b"[DONE]":
                 before.append(self._flush())
-                out_lines.append(line)
+                out_lines.append(line + eol)
                 continue
             try:
                 obj = json.loads(payload)
             except (ValueError, RecursionError):
                 text = payload.decode("utf-8", "replace")
-                new = self.restore_text(text).encode()
-                out_lines.append(b"data:" + lead + new + (b"\r" if cr else b""))
+                out_lines.append(b"data:" + lead + self.restore_text(text).encode() + eol)
                 continue
             flush, new_obj, changed = self._event_obj(obj)
             before.append(flush)
             if changed:
                 payload = _dumps(new_obj)
-            out_lines.append(b"data:" + lead + payload + (b"\r" if cr else b""))
-        return b"".join(before) + b"\n".join(out_lines)
+            out_lines.append(b"data:" + lead + payload + eol)
+        return b"".join(before) + b"".join(out_lines)
 
     def _event_obj(self, obj: Any) -> tuple[bytes, Any, bool]:
         if not isinstance(obj, (dict, list)):

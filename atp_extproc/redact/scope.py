@@ -274,7 +274,9 @@ class Collector:
                 stack.extend(((*p, i), c) for i, c in reversed(list(enumerate(v))))
 
 
-def _content(c: Collector, path: Path, content: Any) -> None:
+def _content(c: Collector, path: Path, content: Any, result: bool = False) -> None:
+    """Content: text, or parts (consecutive text parts read joined). `result`: a tool's
+    result, whose text parts are each read as the JSON they often are."""
     if isinstance(content, str):
         c.text(path, content)
         return
@@ -286,10 +288,14 @@ def _content(c: Collector, path: Path, content: Any) -> None:
             run.append(((*path, j), part))
             continue
         if not isinstance(part, dict):
+            c.anything((*path, j), part)  # a list in a list: no provider's shape, read
             continue
         read = _text_of(part)
         if read is not None:
-            run.append(((*path, j, read), part[read]))
+            if result:
+                c.json_text((*path, j, read), part[read])
+            else:
+                run.append(((*path, j, read), part[read]))
             if len(part) > 2 or "type" not in part:  # annotations (citations), logprobs
                 _rest(c, (*path, j), part, {read})
         else:
@@ -304,7 +310,7 @@ def _content(c: Collector, path: Path, content: Any) -> None:
 
 def _text_of(part: dict[str, Any]) -> str | None:
     """The key of a text part's text ("text", or a refusal's "refusal"), or None."""
-    kind = part.get("type")
+    kind = _kind(part)
     if isinstance(part.get("text"), str) and (kind in TEXT_PART_TYPES or kind is None):
         return "text"
     if kind == "refusal" and isinstance(part.get("refusal"), str):
@@ -312,11 +318,18 @@ def _text_of(part: dict[str, Any]) -> str | None:
     return None
 
 
-def _part(c: Collector, path: Path, part: dict[str, Any]) -> None:
+def _kind(node: dict[str, Any]) -> str | None:
+    """An item's or a part's `type`, if a string: any other value (a list, say) is no
+    type, and cannot even be looked up in a set."""
+    kind = node.get("type")
+    return kind if isinstance(kind, str) else None if kind is None else "?"
+
+
+def _part(c: Collector, path: Path, part: dict[str, Any], result: bool = False) -> None:
     """One content part standing alone at `path` (a tool's output, a prompt variable)."""
     read = _text_of(part)
     if read is not None:
-        c.text((*path, read), part[read])
+        (c.json_text if result else c.text)((*path, read), part[read])
         _rest(c, path, part, {read})
     else:
         c.non_text += 1
@@ -333,11 +346,16 @@ _OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "serve
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
 # or hold a '.'), which deeper down is known by its shape alone.
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{256,}={0,2}")
+_UPPER = re.compile(r"[A-Z]")
+_LOWER = re.compile(r"[a-z]")
 
 
 def _binary(text: str) -> bool:
+    # Random bytes in base64 hold both letter cases; numbers joined by '/', '-' or '_'
+    # (a list of phone numbers) do not.
     return (text.startswith("data:") and ";base64," in text[:256]) or bool(
-        len(text) >= 256 and _BASE64.fullmatch(text))
+        len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
+        and _LOWER.search(text))
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
@@ -347,9 +365,15 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
     every string and nested key under `node` but its `handled` keys, its own keys and
     binary data, and every integer under a key naming a card, phone or SSN (or nested
     below one, as in JSON arguments)."""
-    stack: list[tuple[Path, Any, str | None]] = [
-        ((*base, k), v, key_class(k)) for k, v in node.items()
-        if k not in handled and k not in _OWN_KEYS]
+    stack: list[tuple[Path, Any, str | None]] = []
+    for k, v in node.items():
+        # An own key's value is left out as a string, a number or null; any other
+        # shape is no kind, id or data, so it is read.
+        if k in handled or (k in _OWN_KEYS and not isinstance(v, (dict, list))):
+            continue
+        if k not in _OWN_KEYS and k not in handled:
+            c.map_key(base, k)  # an item's own keys may be anyone's words too
+        stack.append(((*base, k), v, key_class(k)))
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
@@ -398,6 +422,9 @@ def _common(c: Collector, doc: dict[str, Any]) -> None:
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
+# A chat message's fields chat() reads itself, or that name or link rather than say.
+_CHAT_READ = frozenset({"content", "name", "refusal", "tool_calls", "function_call",
+                        "tool_call_id"})
 
 
 def chat(c: Collector, doc: dict[str, Any]) -> None:
@@ -413,7 +440,8 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
                 else:
                     c.text(("messages", i, "content"), content)
             elif content is not None:
-                _content(c, ("messages", i, "content"), content)
+                _content(c, ("messages", i, "content"), content,
+                         result=m.get("role") in _TOOL_ROLES)
             if len(m) == 2 and "role" in m and "content" in m:
                 continue  # the common case: nothing else to look at
             base: Path = ("messages", i)
@@ -424,6 +452,9 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
             fc = m.get("function_call")
             if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
                 c.json_text((*base, "function_call", "arguments"), fc["arguments"])
+            # What else a message holds (reasoning_content, reasoning, a provider's own
+            # fields) is read as a Responses item's is.
+            _rest(c, base, m, _CHAT_READ)
     prediction = doc.get("prediction")
     if isinstance(prediction, dict):
         _content(c, ("prediction", "content"), prediction.get("content"))
@@ -456,6 +487,8 @@ def embeddings(c: Collector, doc: dict[str, Any]) -> None:
     _common(c, doc)
 
 
+# Items whose output is a tool's result, as often JSON as not.
+_TOOL_RESULTS = frozenset({"function_call_output", "custom_tool_call_output", "mcp_call"})
 _RESPONSES_NON_TEXT = frozenset({"input_image", "input_file", "input_audio", "image",
                                  "image_generation_call", "computer_screenshot"})
 
@@ -487,7 +520,8 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
                 continue
             if not isinstance(item, dict):
                 continue
-            kind = item.get("type")
+            kind = _kind(item)
+            result = kind in _TOOL_RESULTS
             # What the item's own walk reads; _rest reads what is left.
             handled: set[str] = set()
             if kind == "image_generation_call":
@@ -505,16 +539,13 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
                 handled.add("arguments")
             output = item.get("output")
             if isinstance(output, str):
-                if kind == "function_call_output":
-                    c.json_text((*base, "output"), output)
-                else:
-                    c.text((*base, "output"), output)
+                (c.json_text if result else c.text)((*base, "output"), output)
                 handled.add("output")
             elif isinstance(output, list) and kind != "shell_call_output":
-                _content(c, (*base, "output"), output)
+                _content(c, (*base, "output"), output, result)
                 handled.add("output")
             elif isinstance(output, dict):
-                _part(c, (*base, "output"), output)
+                _part(c, (*base, "output"), output, result)
                 handled.add("output")
             if isinstance(item.get("summary"), list):
                 _content(c, (*base, "summary"), item["summary"])
