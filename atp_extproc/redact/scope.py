@@ -319,8 +319,8 @@ def _text_of(part: dict[str, Any]) -> str | None:
 
 
 def _kind(node: dict[str, Any]) -> str | None:
-    """An item's or a part's `type`, if a string: any other value (a list, say) is no
-    type, and cannot even be looked up in a set."""
+    """An item's or a part's `type`: None when it has none, "?" when it is no string (a
+    list, say, which could not even be looked up in a set)."""
     kind = node.get("type")
     return kind if isinstance(kind, str) else None if kind is None else "?"
 
@@ -363,15 +363,15 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
     """What a walker does not know of an item or part (a new item type, a field a
     provider added, a value of an unexpected shape) is read rather than sent unread:
     every string and nested key under `node` but its `handled` keys, its own keys and
-    binary data, and every integer under a key naming a card, phone or SSN (or nested
-    below one, as in JSON arguments)."""
+    binary data, and every whole number under a key naming a card, phone or SSN (or
+    nested below one, as in JSON arguments)."""
     stack: list[tuple[Path, Any, str | None]] = []
     for k, v in node.items():
         # An own key's value is left out as a string, a number or null; any other
         # shape is no kind, id or data, so it is read.
         if k in handled or (k in _OWN_KEYS and not isinstance(v, (dict, list))):
             continue
-        if k not in _OWN_KEYS and k not in handled:
+        if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
         stack.append(((*base, k), v, key_class(k)))
     while stack:
