@@ -549,7 +549,7 @@ class Exchange:
         except ValueError:
             rec.status = 0
         attempts = headers.get("x-envoy-attempt-count", "1")
-        rec.attempts = int(attempts) if attempts.isdigit() else 1
+        rec.attempts = int(attempts) if attempts.isascii() and attempts.isdigit() else 1
         if headers_msg.end_of_stream or not 200 <= rec.status < 300 or self.request is None:
             return envoy_api.response_headers()
         if headers.get("content-encoding", "identity") != "identity":
@@ -571,7 +571,8 @@ class Exchange:
             # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
             # large size (a big embeddings batch) is read chunk by chunk instead.
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) <= self.snapshot.server.max_body_bytes:
+            if length.isascii() and length.isdigit() and \
+                    int(length) <= self.snapshot.server.max_body_bytes:
                 mode = ProcessingMode.BUFFERED
             else:
                 mode = ProcessingMode.STREAMED

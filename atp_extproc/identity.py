@@ -74,7 +74,9 @@ def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
     # metadata (normalize_payload_in_metadata), and holds numbers as doubles.
     verified = json_format.MessageToDict(payload)
     shared = [k for k in _REGISTERED if k in claims or k in verified]
-    return bool(shared) and all(claims.get(k) == verified.get(k) for k in shared)
+    if not shared:  # a token of custom claims only: all of them must agree
+        return bool(claims == verified)
+    return all(claims.get(k) == verified.get(k) for k in shared)
 
 
 def identify(

@@ -757,7 +757,8 @@ class SseStream:
             return False
         if not isinstance(obj, dict):
             return False
-        if obj.get("type") in _TERMINAL_TYPES:
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind in _TERMINAL_TYPES:
             obj = obj.get("response")
             if not isinstance(obj, dict):
                 return False

@@ -345,3 +345,10 @@ def test_policies_see_only_the_string_groups_of_a_token_as_policy_test_does() ->
     struct.update(claims)
     assert claimed_subject(struct) == claimed_subject(claims) == {
         "user": "u1", "groups": ["llm-admins"], "roles": ["a", "b"]}
+
+
+def test_a_forwarded_token_of_custom_claims_only_is_no_key() -> None:
+    claims = {"team": "red", "level": 3}
+    who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(claims)},
+                   jwt_metadata(claims))
+    assert who == Identity("public", "anonymous")

@@ -443,3 +443,49 @@ def test_chat_shapes_redaction_cannot_read_are_refused(snap, message, param) -> 
 def test_odd_shapes_of_an_input_item_are_read(snap, item) -> None:
     raw = forwarded(_send(snap, input=[item]))[1]
     assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_a_chat_image_url_is_left_as_it_is(snap) -> None:
+    url = ("http://10.0.12.34:8080/avatar/alice.owner@example.org.png"
+           "?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is None or url.encode() in raw
+
+
+@pytest.mark.parametrize("shape", ["chat", "responses"])
+def test_a_value_split_over_a_tool_results_text_parts_is_found(snap, shape) -> None:
+    parts = [{"type": "text" if shape == "chat" else "input_text", "text": t}
+             for t in ("contact alice.owner@exa", "mple.org now")]
+    if shape == "chat":
+        body = {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "who?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c", "type": "function",
+                 "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": parts}]}
+        raw = forwarded(send_body(snap, body)[1])[1]
+    else:
+        raw = forwarded(_send(snap, input=[{"type": "function_call_output", "call_id": "c",
+                                            "output": parts}]))[1]
+    assert raw is not None and b"alice.owner@exa" not in raw
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "user", "content": "hi", "name": [EMAIL]},
+    {"role": "assistant", "content": "no", "refusal": [EMAIL]},
+    {"role": "tool", "content": "ok", "tool_call_id": {"who": EMAIL}},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": {"who": EMAIL}, "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+])
+def test_chat_fields_of_an_odd_shape_are_read(snap, message) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}, message]}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_keys_in_a_list_in_a_list_are_read(snap) -> None:
+    raw = forwarded(_send(snap, input=[{"role": "user", "content": [[{EMAIL: "vip"}]]}]))[1]
+    assert raw is not None and EMAIL.encode() not in raw

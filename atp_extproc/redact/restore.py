@@ -52,6 +52,13 @@ _POSITION = ("item_id", "output_index", "content_index")
 Key = tuple[tuple, tuple]
 
 
+def _hashable(value: Any) -> Any:
+    """A position field as a key part: a list or an object (no provider sends one, but a
+    stream may) stands as its JSON text."""
+    return value if value is None or isinstance(value, (str, int, float)) else \
+        json.dumps(value, sort_keys=True, default=str)
+
+
 def _json_escape(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)[1:-1]
 
@@ -143,11 +150,10 @@ class Restorer:
         if head in ("{", "["):
             try:
                 inner = json.loads(s)
-            except (ValueError, RecursionError):
-                pass
-            else:
                 if isinstance(inner, (dict, list)):
                     return json.dumps(self._node(inner), ensure_ascii=False)
+            except (ValueError, RecursionError):
+                pass  # (deeper than the walk goes: read as text)
         return self.restore_text(s)
 
     # -- streams -------------------------------------------------------------------------
@@ -156,12 +162,15 @@ class Restorer:
         """Restore one chunk of a streamed (SSE) body; holds back what may be incomplete."""
         if not self._map and not self._tail:
             return chunk
+        held = len(self._tail)
         data = self._tail + chunk if self._tail else chunk
         if self._raw:
             return self._raw_feed(data, end)
         out: list[bytes] = []
         pos = 0
-        for m in EVENT_END.finditer(data):
+        # The held bytes end no event, but for a separator's first bytes (at most 3): a
+        # long event arriving in small chunks is scanned once, not once per chunk.
+        for m in EVENT_END.finditer(data, max(0, held - 3)):
             out.append(self._event(data[pos:m.start()]))
             out.append(m.group())
             pos = m.end()
@@ -235,7 +244,7 @@ class Restorer:
         ends = _finishes(obj)
         ctx: tuple = (None, None, None, None)
         if isinstance(obj, dict):
-            ctx = (obj.get("type"), *map(obj.get, _POSITION))
+            ctx = tuple(map(_hashable, (obj.get("type"), *map(obj.get, _POSITION))))
         changed = False
         new_holds: list[Key] = []
 
@@ -271,7 +280,7 @@ class Restorer:
             if isinstance(node, list):
                 items = []
                 for i, v in enumerate(node):
-                    lid = v.get("index", i) if isinstance(v, dict) else i
+                    lid = _hashable(v.get("index", i)) if isinstance(v, dict) else i
                     items.append(walk(v, (*phys, i), (*logical, ("#", lid)), incremental,
                                       fragment))
                 return items
@@ -309,14 +318,15 @@ def _finishes(obj: Any) -> Callable[[Key], bool] | None:
     kind = obj.get("type")
     if isinstance(kind, str) and (kind.endswith(".done") or kind in _TERMINAL_TYPES):
         # An item's, a content part's or a text's end, or (no position) the response's.
-        where = [(i, obj[k]) for i, k in enumerate(_POSITION, 1) if obj.get(k) is not None]
+        where = [(i, _hashable(obj[k])) for i, k in enumerate(_POSITION, 1)
+                 if obj.get(k) is not None]
 
         def in_position(key: Key) -> bool:
             return all(key[0][i] == v for i, v in where)
         return in_position
     choices = obj.get("choices")
     if isinstance(choices, list):
-        done = {("#", c.get("index", i)) for i, c in enumerate(choices)
+        done = {("#", _hashable(c.get("index", i))) for i, c in enumerate(choices)
                 if isinstance(c, dict) and c.get("finish_reason") is not None}
         if done:
             def in_choice(key: Key) -> bool:

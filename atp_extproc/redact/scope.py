@@ -163,22 +163,25 @@ class Collector:
         if unit:
             self.units.append(unit)
 
-    def json_text(self, path: Path, raw: str) -> None:
-        """A string that should hold JSON (tool-call arguments, tool results)."""
+    def json_text(self, path: Path, raw: str, fallback: bool = True) -> bool:
+        """A string that should hold JSON (tool-call arguments, tool results); one that
+        does not is read as text, or with fallback=False left to the caller (False)."""
         if not raw:
-            return
+            return True
         if self._seen is not None:
             if path in self._seen:
-                return
+                return True
         stripped = raw.lstrip(_JSON_WS)
         if not stripped or stripped[0] not in '{["':
-            self.text(path, raw)
-            return
+            if fallback:
+                self.text(path, raw)
+            return False
         try:
             json.loads(raw)
         except (ValueError, RecursionError):
-            self.text(path, raw)  # not JSON (or partial): scan it as text
-            return
+            if fallback:
+                self.text(path, raw)  # not JSON (or partial): scan it as text
+            return False
         if self._seen is not None:
             self._seen.add(path)
         self.budget.left += len(raw) // 16
@@ -260,15 +263,19 @@ class Collector:
             # than a neutral label, and some ("customer", "ref", "build") would read as
             # an identifier's and hide a value plain text would show.
             units.append([Segment(f"{cls}: "), seg] if cls else [seg])
+        return True
 
     def anything(self, path: Path, node: Any) -> None:
-        """Every string value under `node` (extra paths from config)."""
+        """Every string value and key under `node` (extra paths from config, shapes no
+        walker knows)."""
         stack: list[tuple[Path, Any]] = [(path, node)]
         while stack:
             p, v = stack.pop()
             if isinstance(v, str):
                 self.text(p, v)
             elif isinstance(v, dict):
+                for k in v:
+                    self.map_key(p, k)
                 stack.extend(((*p, k), c) for k, c in reversed(list(v.items())))
             elif isinstance(v, list):
                 stack.extend(((*p, i), c) for i, c in reversed(list(enumerate(v))))
@@ -292,9 +299,8 @@ def _content(c: Collector, path: Path, content: Any, result: bool = False) -> No
             continue
         read = _text_of(part)
         if read is not None:
-            if result:
-                c.json_text((*path, j, read), part[read])
-            else:
+            # A tool result's part of JSON is read as JSON; other text joins the run.
+            if not (result and c.json_text((*path, j, read), part[read], fallback=False)):
                 run.append(((*path, j, read), part[read]))
             if len(part) > 2 or "type" not in part:  # annotations (citations), logprobs
                 _rest(c, (*path, j), part, {read})
@@ -341,8 +347,10 @@ def _part(c: Collector, path: Path, part: dict[str, Any], result: bool = False) 
 # could only corrupt: left out at the top of an item or part only, since deeper down a
 # key of these names may be anyone's ({"env": {"name": ...}}).
 _OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
-                       "file_id", "file_url", "detail", "format", "mime_type", "image_url",
-                       "file_data", "input_audio", "encrypted_content"})
+                       "file_id", "file_url", "detail", "format", "mime_type",
+                       "tool_call_id"})
+# Binary data, or where to fetch it (chat's image_url: {url, detail}), whatever its shape.
+_BINARY_KEYS = frozenset({"image_url", "file_data", "input_audio", "encrypted_content"})
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
 # or hold a '.'), which deeper down is known by its shape alone.
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{256,}={0,2}")
@@ -369,7 +377,8 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
     for k, v in node.items():
         # An own key's value is left out as a string, a number or null; any other
         # shape is no kind, id or data, so it is read.
-        if k in handled or (k in _OWN_KEYS and not isinstance(v, (dict, list))):
+        if k in handled or k in _BINARY_KEYS or (
+                k in _OWN_KEYS and not isinstance(v, (dict, list))):
             continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
@@ -399,9 +408,17 @@ def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
         fn = call.get("function")
         if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
             c.json_text((*base, k, "function", "arguments"), fn["arguments"])
+            if len(fn) > 2 or not isinstance(fn.get("name"), str):
+                _rest(c, (*base, k, "function"), fn, _ARGUMENTS)
         custom = call.get("custom")
         if isinstance(custom, dict) and isinstance(custom.get("input"), str):
             c.text((*base, k, "custom", "input"), custom["input"])
+        if len(call) > 3 or not isinstance(call.get("id", ""), str):
+            _rest(c, (*base, k), call, _CALL_READ)
+
+
+_ARGUMENTS = frozenset({"arguments"})
+_CALL_READ = frozenset({"function", "custom"})
 
 
 _STORED = ("user", "safety_identifier", "prompt_cache_key")
@@ -422,9 +439,8 @@ def _common(c: Collector, doc: dict[str, Any]) -> None:
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
-# A chat message's fields chat() reads itself, or that name or link rather than say.
-_CHAT_READ = frozenset({"content", "name", "refusal", "tool_calls", "function_call",
-                        "tool_call_id"})
+# A chat message's fields chat() reads itself (llm_api checked their shapes).
+_CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
 
 
 def chat(c: Collector, doc: dict[str, Any]) -> None:
@@ -453,8 +469,9 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
             if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
                 c.json_text((*base, "function_call", "arguments"), fc["arguments"])
             # What else a message holds (reasoning_content, reasoning, a provider's own
-            # fields) is read as a Responses item's is.
-            _rest(c, base, m, _CHAT_READ)
+            # fields, a name that is no string) is read as a Responses item's is.
+            _rest(c, base, m, _CHAT_READ | {k for k in ("name", "refusal")
+                                             if isinstance(m.get(k), str)})
     prediction = doc.get("prediction")
     if isinstance(prediction, dict):
         _content(c, ("prediction", "content"), prediction.get("content"))

@@ -96,8 +96,9 @@ class FeedbackBook:
     def feedback(self, request_id: str, score: float, tenant: str | None = None) -> bool:
         """Explicit quality in [0, 1] for a recent request; False if unknown, expired or
         (when the decision was recorded with a tenant) another tenant's request."""
+        # 0 <= score <= 1 first: isfinite() of an int too big for a float raises.
         if not isinstance(score, (int, float)) or isinstance(score, bool) or \
-                not math.isfinite(score) or not 0.0 <= score <= 1.0:
+                not 0 <= score <= 1 or not math.isfinite(score):
             raise ValueError("score must be a number in [0, 1]")
         entry = self._pending.get(request_id)
         if entry is None or (entry.tenant is not None and entry.tenant != tenant):
