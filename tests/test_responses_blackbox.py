@@ -479,6 +479,9 @@ def test_a_value_split_over_a_tool_results_text_parts_is_found(snap, shape) -> N
     {"role": "tool", "content": "ok", "tool_call_id": {"who": EMAIL}},
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": {"who": EMAIL}, "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "assistant", "content": None, "function_call": {"name": [EMAIL], "arguments": "{}"}},
+    {"role": "assistant", "content": None,
+     "function_call": {"name": "f", "arguments": "{}", "note": EMAIL}},
 ])
 def test_chat_fields_of_an_odd_shape_are_read(snap, message) -> None:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}, message]}

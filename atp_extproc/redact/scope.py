@@ -468,6 +468,8 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
             fc = m.get("function_call")
             if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
                 c.json_text((*base, "function_call", "arguments"), fc["arguments"])
+                if len(fc) > 2 or not isinstance(fc.get("name"), str):
+                    _rest(c, (*base, "function_call"), fc, _ARGUMENTS)
             # What else a message holds (reasoning_content, reasoning, a provider's own
             # fields, a name that is no string) is read as a Responses item's is.
             _rest(c, base, m, _CHAT_READ | {k for k in ("name", "refusal")
