@@ -85,3 +85,19 @@ def test_response_headers_with_digits_of_another_script_are_no_crash(snap) -> No
     ex.handle(ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=headers)))
     ex.handle(resp_body(b'{"choices": []}'))
     assert ex.finish().attempts == 1
+
+
+def test_an_event_nested_deeper_than_restore_walks_passes_unchanged() -> None:
+    # Parse and walk each spend a level of recursion per level of nesting: some depth
+    # near the limit always parsed and then failed in the walk.
+    for depth in range(900, 1000):
+        event = b"data: " + b"[" * depth + b'"[EMAIL_1]"' + b"]" * depth + b"\n\n"
+        assert restorer().feed(event, True).startswith(b"data: "), depth
+
+
+def test_a_json_answer_nested_deeper_than_restore_walks_is_restored_as_text() -> None:
+    r = Restorer(PlaceholderMap({"[Q_1]": 'say "hi"'}))  # an original that needs escaping
+    for depth in range(480, 1000, 20):
+        body = b"[" * depth + b'"[Q_1]"' + b"]" * depth
+        out = r.restore_json(body)
+        assert out is not None and b'say \\"hi\\"' in out, depth

@@ -127,10 +127,9 @@ class Restorer:
         if all(self._safe[t] for t in found):
             return self._sub(_TOKEN_B, self._bytes, body)
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
+            return _dumps(self._node(json.loads(body)))
+        except (ValueError, RecursionError):  # (nested deeper than the walk goes)
             return self._sub(_TOKEN_B, self._escaped, body)
-        return _dumps(self._node(doc))
 
     def _node(self, node: Any) -> Any:
         if isinstance(node, str):
@@ -226,12 +225,11 @@ class Restorer:
                 out_lines.append(line + eol)
                 continue
             try:
-                obj = json.loads(payload)
-            except (ValueError, RecursionError):
+                flush, new_obj, changed = self._event_obj(json.loads(payload))
+            except (ValueError, RecursionError):  # no JSON, or deeper than the walk goes
                 text = payload.decode("utf-8", "replace")
                 out_lines.append(b"data:" + lead + self.restore_text(text).encode() + eol)
                 continue
-            flush, new_obj, changed = self._event_obj(obj)
             before.append(flush)
             if changed:
                 payload = _dumps(new_obj)
