@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from google.protobuf import struct_pb2
 
@@ -264,7 +265,8 @@ class Exchange:
         if path == "/v1/models":
             body = {"object": "list", "data": entries}
         else:
-            wanted = path.removeprefix("/v1/models/")
+            # Clients percent-encode the id as a path segment ("org/model" → org%2Fmodel).
+            wanted = unquote(path.removeprefix("/v1/models/"))
             found = [e for e in entries if e["id"] == wanted]
             if not found:
                 raise _model_not_found(wanted)

@@ -314,6 +314,9 @@ def test_model_retrieve(snap) -> None:
     assert_error(resp, 404, "model_not_found")
     resp = Exchange(snap).handle(req_headers("GET", "/v1/models/large", ALICE, end=True))
     assert_error(resp, 404, "model_not_found")
+    # Clients percent-encode the id as a path segment (openai-python: org/model).
+    resp = Exchange(snap).handle(req_headers("GET", "/v1/models/gpt%2D4o", ALICE, end=True))
+    assert immediate(resp)[1]["id"] == "gpt-4o"
 
 
 def test_models_needs_auth(snap) -> None:
