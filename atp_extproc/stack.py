@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -83,10 +84,36 @@ def _pdeathsig_setter() -> Callable[[], None] | None:
     return set_pdeathsig
 
 
+_PORTS_FROM = 20000
+_given: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range: one the kernel picks (bind to
+    port 0) is ephemeral, and the source port of an outgoing connection may take it
+    before the server meant for it binds (a flaky "address already in use")."""
+    top = _ephemeral_low()
+    for _ in range(100 if top > _PORTS_FROM + 1000 else 0):
+        port = random.randrange(_PORTS_FROM, top)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def envoy_binary() -> str:
