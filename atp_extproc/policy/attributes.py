@@ -32,6 +32,7 @@ from atp_extproc.llm_api import (
     tool_name,
 )
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
+from atp_extproc.redact.detectors import utf8_safe
 
 MAX_STRING = 256          # characters of any string attribute
 MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
@@ -519,12 +520,9 @@ def build_attributes(subject: Mapping[str, Any] | None = None,
         return _build(*_without_surrogates((subject, request, context)))
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _without_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
+        return utf8_safe(value)
     if isinstance(value, Mapping):
         return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -101,8 +101,9 @@ class Segment:
 
     def other_places(self) -> Iterator[Path]:
         """Where else this segment's text is (a key of other maps), to edit alike."""
-        key = KeyName(self.text)
-        return ((*m, key) for m in self.also or ())
+        if self.also:
+            key = KeyName(self.text)
+            yield from ((*m, key) for m in self.also)
 
     def repeat(self, args: JsonArgs, token: int) -> None:
         """Token `token` of JSON text `args` holds the same text (under the same key)."""
