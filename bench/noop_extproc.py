@@ -3,7 +3,9 @@
 It runs on the same stack as ATP (grpc.aio, uvloop, the same server options) and answers
 every message with the smallest valid response for its phase. The only thing it does is
 tag the request for routing in the request_body answer, so the shipped front-proxy config
-(which routes by x-atp-cluster) works unchanged.
+(which routes by x-atp-cluster) works unchanged. With --read-response-body it also asks
+for the response body, as ATP does for a JSON answer: ATP's four messages per request,
+none of ATP's work.
 
     python -m bench.noop_extproc --listen 127.0.0.1:50051 --cluster demo_a
 """
@@ -23,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc.config import Server
+from atp_extproc.envoy_api import ProcessingMode, body_mode
 from atp_extproc.server import EXT_PROC_SERVICE, grpc_server_options
 
 # ATP's default max_body_bytes, so both servers run with identical gRPC options.
@@ -44,21 +47,25 @@ def routing_body_response(cluster: str) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
 
 
-def answers(cluster: str) -> dict[str, ep.ProcessingResponse]:
+def answers(cluster: str, read_response_body: bool = False
+            ) -> dict[str, ep.ProcessingResponse]:
     """One prebuilt response per phase, so the per-message cost is gRPC's alone."""
+    response_headers = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+    if read_response_body:
+        response_headers.mode_override.CopyFrom(body_mode(ProcessingMode.BUFFERED))
     return {
         "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
         "request_body": routing_body_response(cluster),
         "request_trailers": ep.ProcessingResponse(request_trailers=ep.TrailersResponse()),
-        "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+        "response_headers": response_headers,
         "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
         "response_trailers": ep.ProcessingResponse(response_trailers=ep.TrailersResponse()),
     }
 
 
 class NoopProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, cluster: str) -> None:
-        self._answers = answers(cluster)
+    def __init__(self, cluster: str, read_response_body: bool = False) -> None:
+        self._answers = answers(cluster, read_response_body)
 
     async def Process(  # gRPC method name
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
@@ -70,9 +77,10 @@ class NoopProcessor(ep_grpc.ExternalProcessorServicer):
             yield self._answers[message.WhichOneof("request")]
 
 
-async def serve(listen: str, cluster: str) -> int:
+async def serve(listen: str, cluster: str, read_response_body: bool = False) -> int:
     server = grpc.aio.server(options=grpc_server_options(_MAX_BODY_BYTES))
-    ep_grpc.add_ExternalProcessorServicer_to_server(NoopProcessor(cluster), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(
+        NoopProcessor(cluster, read_response_body), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(listen) == 0:
@@ -95,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", required=True, help="host:port")
     parser.add_argument("--cluster", default="demo_a", help="value for x-atp-cluster")
+    parser.add_argument("--read-response-body", action="store_true",
+                        help="ask for the response body (BUFFERED), as ATP does for JSON")
     args = parser.parse_args(argv)
-    return uvloop.run(serve(args.listen, args.cluster))
+    return uvloop.run(serve(args.listen, args.cluster, args.read_response_body))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from bench import components, probes, report, scenarios
 from bench.session import MAX_OTHER_CORES, BenchFailure, Measurement, Session, open_session
 from bench.wrk import Load
 
-ALL_SCENARIOS = (scenarios.ATP, scenarios.NOOP, scenarios.ENVOY_ALONE,
-                 scenarios.ATP_NO_RESPONSE, scenarios.ATP_OBSERVER,
+ALL_SCENARIOS = (scenarios.ATP, scenarios.NOOP, scenarios.NOOP_FOUR_MESSAGES,
+                 scenarios.ENVOY_ALONE, scenarios.ATP_NO_RESPONSE, scenarios.ATP_OBSERVER,
                  scenarios.ATP_OBSERVER_PROMPT)
-# (a), (b), (c) run every load; the observation variants only 64 conns and paced.
+# (a), (b), (c) run every load; (b4) the closed loops, for the throughput ceiling; the
+# observation variants only 64 conns and paced.
 MAIN_KEYS = ("c", "b", "a")
+CLOSED_KEYS = ("c", "b", "b4", "a")
 OBSERVATION_KEYS = ("c2", "c3", "c3s")
 
 DURATION_S = 10.0
@@ -141,10 +143,10 @@ def run_all(workdir: Path, upstream: Stack, body_file: Path,
             sessions[scenario.key] = stack.enter_context(
                 open_session(scenario, workdir, upstream, body_file))
         plan = Plan(sessions, started,
-                    runs=3 * len(MAIN_KEYS) + 2 * len(OBSERVATION_KEYS))
+                    runs=2 * len(CLOSED_KEYS) + len(MAIN_KEYS) + 2 * len(OBSERVATION_KEYS))
         # The runs the bars depend on go first: they get the slack for waits and retries.
-        plan.run(MAIN_KEYS, CLOSED_16)
-        plan.run(MAIN_KEYS, CLOSED_64)
+        plan.run(CLOSED_KEYS, CLOSED_16)
+        plan.run(CLOSED_KEYS, CLOSED_64)
         rate = paced_rate(max(report.find(plan.results, "c", load.name).result.rps
                               for load in (CLOSED_16, CLOSED_64)))
         plan.run(MAIN_KEYS, paced(rate))

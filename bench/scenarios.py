@@ -17,10 +17,16 @@ class Scenario:
     title: str
     ext_proc: ExtProc
     edit: Callable[[dict], None] | None = None
+    # Command-line options of the no-op server.
+    noop_options: tuple[str, ...] = ()
 
 
 ENVOY_ALONE = Scenario("a", "Envoy alone", "none", envoy_configs.envoy_alone)
 NOOP = Scenario("b", "Envoy + no-op ext_proc", "noop")
+# (b) taking ATP's four messages: what an ext_proc reaches that adds ATP's protocol and
+# nothing else, the ceiling of (c)/(b) for any work ATP does.
+NOOP_FOUR_MESSAGES = Scenario("b4", "no-op, ATP's four messages", "noop",
+                              noop_options=("--read-response-body",))
 ATP = Scenario("c", "Envoy + ATP (shipped config)", "atp")
 # Response observation variants; c1 is ATP above (same processes, same config).
 ATP_NO_RESPONSE = Scenario("c2", "ATP, response phases off", "atp",

@@ -124,13 +124,13 @@ class Session:
                 f"errors {m.result.errors}; logs in {self.stack.log_dir}")
 
 
-def _start_noop(stack: Stack) -> None:
+def _start_noop(stack: Stack, options: tuple[str, ...]) -> None:
     listen = f"127.0.0.1:{stack.ports['atp']}"
     # `-m bench.noop_extproc` must resolve whatever the caller's working directory.
     stack.env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), stack.env.get("PYTHONPATH", "")) if p)
     proc = stack.spawn("ext_proc", [sys.executable, "-m", "bench.noop_extproc",
-                                     "--listen", listen, "--cluster", "demo_a"])
+                                     "--listen", listen, "--cluster", "demo_a", *options])
     wait_until(lambda: grpc_serving(listen), "no-op ext_proc", proc=proc)
 
 
@@ -149,7 +149,7 @@ def open_session(scenario: Scenario, workdir: Path, upstream: Stack,
     stack.ports["demo_a"] = upstream.ports["demo_a"]
     try:
         if scenario.ext_proc == "noop":
-            _start_noop(stack)
+            _start_noop(stack, scenario.noop_options)
         elif scenario.ext_proc == "atp":
             _start_atp(stack)
         stack.start_envoy(render_envoy(stack.ports, edit=scenario.edit),
