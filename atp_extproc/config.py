@@ -414,6 +414,15 @@ def _parse(text: str, source: str) -> Snapshot:
                 "reads request.data_classes, which only redaction fills: with redaction "
                 "off it can never match (turn redaction on, or remove the policy)"))
                 for p in blind])
+    else:
+        unmet = _unmet_redactions(policies.policies, doc.redaction.classes)
+        if unmet:
+            raise ConfigError(source, [
+                (_where(p.source.file, p.source.line, p.id, source), (
+                    f"requires redacting {', '.join(map(repr, off))}, which "
+                    "redaction.disabled_classes turns off: ATP would never redact it "
+                    "(enable the class, or take it out of data_classes)"))
+                for p, off in unmet])
     models = {m.name: m for m in doc.models}
     ledger = doc.ledger
     if ledger.enabled and not Path(ledger.path).is_absolute():
@@ -447,6 +456,17 @@ def _parse(text: str, source: str) -> Snapshot:
 def _where(file: str, line: int, path: str, source: str) -> str:
     """Where a policy problem is, for a ConfigError of `source`."""
     return f"line {line}: {path}" if file == source else f"{file}:{line}: {path}"
+
+
+def _unmet_redactions(policies: Any, scanned: tuple[str, ...]) -> list[tuple[Any, list[str]]]:
+    """Redact policies naming classes redaction does not look for, with those classes:
+    such a policy would pass the values on in clear."""
+    out = []
+    for p in policies:
+        off = sorted(c for c in p.data_classes if c not in scanned)
+        if off:
+            out.append((p, off))
+    return out
 
 
 def _reads_data_classes(policies: Any) -> list[Any]:

@@ -581,6 +581,22 @@ def test_a_policy_reading_data_classes_needs_redaction_on() -> None:
     assert parse_dict(_with_policy("request.stream", {"enabled": False})).policies is not None
 
 
+def test_a_redact_policy_may_not_require_a_class_redaction_never_looks_for() -> None:
+    # The values of a disabled class pass in clear: the policy could never be met, and
+    # loading it would let them reach the provider it guards.
+    doc = base()
+    doc["redaction"] = {"disabled_classes": ["phone"]}
+    doc["policies"] = [{"id": "pii.external", "effect": "redact",
+                        "data_classes": ["phone", "email"],
+                        "expression": "resource.egress == 'external'"}]
+    err = error_of(doc)
+    (where, reason), = err.problems
+    assert where.startswith("line ") and where.endswith(": pii.external")
+    assert "'phone'" in reason and "disabled_classes" in reason and "'email'" not in reason
+    doc["redaction"] = {"disabled_classes": ["ipv6"]}
+    assert parse_dict(doc).policies is not None
+
+
 def test_the_readmes_configuration_reference_loads(tmp_path: Path) -> None:
     import re
     import shutil
