@@ -165,8 +165,8 @@ def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
 
 # config.ConfigError's path for a policy problem: "line N: path" in the file itself,
 # "other.yaml:N: path" in an included policy file.
-_LINE_IN_FILE = re.compile(r"line (\d+): (.*)")
-_LINE_IN_OTHER_FILE = re.compile(r".+?:\d+: ")
+_LINE_IN_FILE = re.compile(r"line (\d+)(?:: (.*))?")
+_LINE_IN_OTHER_FILE = re.compile(r".+?:\d+(?:: |$)")
 
 
 def _config_problem_lines(exc: ConfigError) -> list[str]:
@@ -176,9 +176,9 @@ def _config_problem_lines(exc: ConfigError) -> list[str]:
     for path, reason in exc.problems:
         in_file = _LINE_IN_FILE.fullmatch(path)
         if in_file:
-            where = f"{exc.file}:{in_file[1]}: {in_file[2]}"
+            where = f"{exc.file}:{in_file[1]}" + (f": {in_file[2]}" if in_file[2] else "")
         elif _LINE_IN_OTHER_FILE.match(path):
-            where = path.rstrip(": ")  # "other.yaml:N: " when the problem is the file
+            where = path  # "other.yaml:N" when the problem is the file
         else:
             where = f"{exc.file}: {path or '<root>'}"
         lines.append(f"{where}: {reason}")

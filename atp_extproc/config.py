@@ -455,7 +455,8 @@ def _parse(text: str, source: str) -> Snapshot:
 
 def _where(file: str, line: int, path: str, source: str) -> str:
     """Where a policy problem is, for a ConfigError of `source`."""
-    return f"line {line}: {path}" if file == source else f"{file}:{line}: {path}"
+    place = f"line {line}" if file == source else f"{file}:{line}"
+    return f"{place}: {path}" if path else place
 
 
 def _unmet_redactions(policies: Any, scanned: tuple[str, ...]) -> list[tuple[Any, list[str]]]:

@@ -100,6 +100,26 @@ def test_the_fix_to_a_refused_new_policy_file_is_a_reload(tmp_path: Path) -> Non
     assert [p.id for p in holder.current.policies.policies] == ["a.x", "n.x"]
 
 
+@pytest.mark.parametrize("caught", ["", "# tools\n"])
+def test_an_included_file_caught_empty_mid_write_keeps_the_old_policies(
+        tmp_path: Path, caught: str, caplog) -> None:
+    # Editors and `>` redirections truncate a file before they fill it: read in between,
+    # it must not load as "no policies" and let through what its denies refused.
+    (tmp_path / "policies").mkdir()
+    tools = tmp_path / "policies" / "tools.yaml"
+    tools.write_text("policies:\n  - {id: t.x, effect: deny, expression: request.stream}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    old = holder.current
+    tools.write_text(caught)
+    with caplog.at_level("ERROR", logger="atp.server"):
+        assert holder.reload("file changed") is False
+    assert holder.current is old
+    assert any("tools.yaml:1: the file is empty" in r.getMessage() for r in caplog.records)
+    tools.write_text("policies: []\n")  # no policies, said so
+    assert holder.reload("file changed")
+    assert holder.current.policies is None
+
+
 def _envoy_buffer_limits() -> list[int]:
     limits = []
     for path in sorted((ROOT / "envoy").glob("*.yaml")):

@@ -351,6 +351,12 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
             inc_doc, more = load_yaml(inc_text, shown)
             problems += more
             if inc_doc is None:
+                # Mostly a file caught mid-write (truncated, then filled): loading it as
+                # "no policies" would drop its denies until the next poll.
+                if not more:
+                    problems.append(Problem(shown, 1, "", "the file is empty; an included "
+                                            "policy file holds `policies:` (`policies: []` "
+                                            "for none)"))
                 continue
             if not isinstance(inc_doc, dict) or set(inc_doc) - {"policies"}:
                 problems.append(Problem(shown, getattr(inc_doc, "line", 1), "",
