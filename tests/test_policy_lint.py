@@ -288,7 +288,7 @@ def test_disabled_filter_and_filter_config_wrapped_overrides(route, filter_, exp
     found = [(p.line, "disabled" if "disabled" in p.reason else "fails open")
              for p in problems]
     assert found == ([expected] if expected else [])
-    assert all(p.severity == "error" and p.path == "virtual host vh route prefix=/"
+    assert all(p.severity == "error" and p.path == "virtual host vh route #1 (prefix=/)"
                for p in problems)
 
 
@@ -324,15 +324,56 @@ def test_shipped_envoy_config_is_fail_closed():
     assert code == 0, output
 
 
-def test_an_envoy_config_without_ext_proc_is_refused():
-    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+def _without_ext_proc(doc: dict, listeners: set[str]) -> dict:
     for listener in doc["static_resources"]["listeners"]:
+        if listener["name"] not in listeners:
+            continue
         for chain in listener["filter_chains"]:
             for network in chain["filters"]:
                 network["typed_config"]["http_filters"] = [
                     f for f in network["typed_config"]["http_filters"]
                     if f["name"] != "envoy.filters.http.ext_proc"]
-    problems = fail_open_problems("envoy.yaml", yaml.safe_dump(doc), ["deny policies"])
-    assert [(p.severity, p.path) for p in problems] == [("error", "http_filters")]
-    assert "no ext_proc filter" in problems[0].reason
-    assert fail_open_problems("envoy.yaml", yaml.safe_dump(doc), [])[0].severity == "warning"
+    return doc
+
+
+def test_an_envoy_config_without_ext_proc_is_refused():
+    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    names = {listener["name"] for listener in doc["static_resources"]["listeners"]}
+    text = yaml.safe_dump(_without_ext_proc(doc, names))
+    problems = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    assert {(p.severity, p.path) for p in problems} == {("error", "http_filters")}
+    assert len(problems) == len(names)
+    assert all("no ext_proc filter" in p.reason for p in problems)
+    assert fail_open_problems("envoy.yaml", text, [])[0].severity == "warning"
+
+
+def test_a_listener_without_ext_proc_is_refused_whatever_the_others_have():
+    # The shadow listener's ext_proc does not cover the front one: its requests go to
+    # the model clusters unchecked.
+    doc = _without_ext_proc(
+        yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text()), {"front"})
+    problems = fail_open_problems("envoy.yaml", yaml.safe_dump(doc), ["deny policies"],
+                                  model_clusters={"demo_a", "demo_b"})
+    assert [p.path for p in problems] == ["http_filters"]
+    assert "connection manager (front)" in problems[0].reason
+
+
+def test_a_listener_that_reaches_no_model_needs_no_ext_proc():
+    # A readiness probe listener that routes to Envoy's admin: nothing to check.
+    text = (ROOT / "envoy" / "egress-tls.yaml").read_text()
+    assert "stat_prefix: probe" in text
+    assert fail_open_problems("envoy.yaml", text, ["deny policies"],
+                              model_clusters={"demo_a", "demo_b"}) == []
+    probe = [p for p in fail_open_problems("envoy.yaml", text, ["deny policies"])
+             if "(probe)" in p.reason]
+    assert len(probe) == 1  # models unknown: any upstream may be one
+
+
+def test_routes_that_differ_in_header_matchers_are_named_apart():
+    text = (ROOT / "envoy" / "front-proxy.yaml").read_text().replace(
+        "failure_mode_allow: false", "failure_mode_allow: true", 1)
+    problems = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    paths = [p.path for p in problems]
+    assert len(paths) == len(set(paths)) >= 2
+    assert "virtual host models route #1 (prefix=/ with headers x-atp-cluster, " \
+        "x-atp-shadow-cluster)" in paths

@@ -58,9 +58,14 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     problems: list[Problem] = []
     why: list[str] = []
     summaries: list[str] = []
+    clusters: set[str] | None = None
     for path in paths:
         loaded = load_file(path)
         problems += loaded.problems
+        models = loaded.raw.get("models") if isinstance(loaded.raw, dict) else None
+        if isinstance(models, list):
+            clusters = (clusters or set()) | {str(m.get("cluster")) for m in models
+                                              if isinstance(m, dict)}
         # Entries that failed validation are already reported; lint the others too.
         policy_set, found = PolicySet.lint(
             loaded.policies, loaded.settings, path, known_values=known_values(loaded.raw),
@@ -85,7 +90,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     if not paths and redaction_enabled:
         why.append("redaction is enabled")
     for envoy in envoy_configs:
-        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt)
+        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt, clusters)
     problems.sort(key=lambda p: (p.file, p.line, p.severity != "error"))
     for problem in problems:
         print(problem, file=out)

@@ -12,7 +12,7 @@ are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,18 +92,26 @@ def _override(per_route: dict | None) -> tuple[bool | None, bool]:
     return fma, disabled
 
 
-def _route_name(vhost: dict, route: dict) -> str:
+def _route_name(vhost: dict, index: int, route: dict) -> str:
+    """How a problem names a route: its name, else its place and match (routes often
+    differ only in header matchers)."""
+    name = route.get("name")
+    if name:
+        return f"virtual host {vhost.get('name', '?')} route {name}"
     match = route.get("match") if isinstance(route.get("match"), dict) else {}
     keys = ("prefix", "path", "safe_regex", "path_separated_prefix")
-    what = next((f"{k}={match[k]}" for k in keys
-                 if k in match), "match")
-    name = route.get("name")
-    return f"virtual host {vhost.get('name', '?')} route {name or what}"
+    what = next((f"{k}={match[k]}" for k in keys if k in match), "match")
+    headers = [h.get("name") for h in match.get("headers") or () if isinstance(h, dict)]
+    if headers:
+        what += f" with headers {', '.join(map(str, headers))}"
+    return f"virtual host {vhost.get('name', '?')} route #{index + 1} ({what})"
 
 
-def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
-    """Problems for ext_proc that fails open; errors when `why` (reasons ATP's decisions
-    must hold) is not empty, warnings otherwise."""
+def fail_open_problems(file: str, text: str, why: list[str],
+                       model_clusters: Collection[str] | None = None) -> list[Problem]:
+    """Problems for ext_proc that fails open, or is missing where requests may reach a
+    model's cluster (`model_clusters`, from atp.yaml; None: any cluster); errors when
+    `why` (reasons ATP's decisions must hold) is not empty, warnings otherwise."""
     doc, problems = load_yaml(text, file)
     if doc is None:
         return problems
@@ -116,6 +124,14 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
             continue
         ext = [f for f in filters if isinstance(f, dict) and _is_ext_proc(f)]
         if not ext:
+            if _is_connection_manager(hcm) and _may_reach(hcm, model_clusters):
+                # Another listener's ext_proc does not cover this one.
+                asked = True
+                problems.append(Problem(
+                    file, _line(hcm, "http_filters"), "http_filters",
+                    f"no ext_proc filter: requests to this connection manager "
+                    f"({hcm.get('stat_prefix', '?')}) may reach a model's cluster unchecked "
+                    f"by ATP{because}", severity))  # type: ignore[arg-type]
             continue
         asked = True
         names = {str(f.get("name")) for f in ext}
@@ -149,12 +165,12 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
             if not isinstance(vhost, dict):
                 continue
             vh_cfg, vh_line = _per_route(vhost, names)
-            for route in vhost.get("routes") or ():
+            for index, route in enumerate(vhost.get("routes") or ()):
                 if not isinstance(route, dict) or "direct_response" in route or \
                         "redirect" in route:
                     continue
                 r_cfg, r_line = _per_route(route, names)
-                where = _route_name(vhost, route)
+                where = _route_name(vhost, index, route)
                 # Most specific first, as Envoy looks them up.
                 levels = [(line, *_override(cfg)) for cfg, line in
                           ((r_cfg, r_line), (vh_cfg, vh_line), (rc_cfg, rc_line))
@@ -183,6 +199,35 @@ def fail_open_problems(file: str, text: str, why: list[str]) -> list[Problem]:
                                 f"no ext_proc filter: no request is ever checked by ATP"
                                 f"{because}", severity))  # type: ignore[arg-type]
     return problems
+
+
+def _is_connection_manager(node: dict) -> bool:
+    # A cluster's upstream filters (HttpProtocolOptions) are http_filters too.
+    return any(key in node for key in ("route_config", "rds", "scoped_routes"))
+
+
+def _may_reach(hcm: dict, clusters: Collection[str] | None) -> bool:
+    """Whether a connection manager may send requests to one of `clusters` (None: to
+    any): routes it gets from elsewhere (RDS) or one naming such a cluster, or reading
+    it from a header or a plugin."""
+    route_config = hcm.get("route_config")
+    if not isinstance(route_config, dict):
+        return True
+    for vhost in route_config.get("virtual_hosts") or ():
+        for route in (vhost.get("routes") or ()) if isinstance(vhost, dict) else ():
+            action = route.get("route") if isinstance(route, dict) else None
+            if not isinstance(action, dict):
+                continue
+            weighted = action.get("weighted_clusters")
+            named = [action.get("cluster")] + [
+                c.get("name") for c in (weighted.get("clusters") or ()
+                                         if isinstance(weighted, dict) else ())
+                if isinstance(c, dict)]
+            if clusters is None or "cluster_header" in action or \
+                    "cluster_specifier_plugin" in action or \
+                    any(name in clusters for name in named):
+                return True
+    return False
 
 
 JWT_AUTHN_TYPE = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
@@ -236,15 +281,17 @@ def jwt_problems(file: str, text: str, namespace: str, payload_key: str) -> list
 
 
 def check_file(path: str | Path, why: list[str],
-               jwt: tuple[str, str] | None = None) -> list[Problem]:
-    """Fail-open problems, and with `jwt` (auth.jwt's metadata namespace and payload
-    key) where a token's claims would not reach ATP."""
+               jwt: tuple[str, str] | None = None,
+               model_clusters: Collection[str] | None = None) -> list[Problem]:
+    """Fail-open problems (`model_clusters`: atp.yaml's, None: unknown), and with `jwt`
+    (auth.jwt's metadata namespace and payload key) where a token's claims would not
+    reach ATP."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(str(path), 0, "", f"cannot read: {exc}")]
-    problems = fail_open_problems(str(path), text, why)
+    problems = fail_open_problems(str(path), text, why, model_clusters)
     if jwt is not None:
         problems += jwt_problems(str(path), text, *jwt)
     return problems
