@@ -214,6 +214,19 @@ def _unix_listen_problem(listen: str) -> str | None:
     return None
 
 
+# The body buffer limit of the shipped Envoy configs (envoy/*.yaml,
+# per_connection_buffer_limit_bytes): Envoy sends ATP bodies up to it, whatever ATP's own
+# max_body_bytes says.
+ENVOY_BUFFER_LIMIT_BYTES = 8 * 1024 * 1024
+
+
+def envoy_buffer_limit(max_body_bytes: int) -> int:
+    """Envoy's body buffer: the shipped limit, or twice max_body_bytes when that is
+    raised (README: Envoy buffers twice what ATP accepts); lowering max_body_bytes alone
+    leaves Envoy's limit where it was."""
+    return max(2 * max_body_bytes, ENVOY_BUFFER_LIMIT_BYTES)
+
+
 class Server(_Frozen):
     listen: str = "127.0.0.1:50051"
     grace_period_s: float = Field(default=10.0, ge=0, le=600)

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from google.protobuf import struct_pb2
 
 from atp_extproc import envoy_api, logs
-from atp_extproc.config import TOKEN, Model, Route, Snapshot
+from atp_extproc.config import TOKEN, Model, Route, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingResponse
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
@@ -77,6 +77,8 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The client's credential for ATP must never travel on to a model provider: every header
 # clients put API keys in (OpenAI, Azure OpenAI, Anthropic-style), read by ATP or not.
 _CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+# What routing may add to a body after redaction: the model id, stream_options.
+_ROUTING_ROOM_BYTES = 4096
 
 
 @dataclass
@@ -338,6 +340,7 @@ class Exchange:
         redaction = self._redact(parsed.doc)
         if redaction is not None:
             self._changes.update(redaction.fields)
+            self._check_growth(parsed)
         if self.snapshot.policies is None:
             return None
         outcome = self._check_policies(route, alias, parsed.doc, len(body))
@@ -365,6 +368,20 @@ class Exchange:
                 if kept is not None:
                     self._strip_tools(doc, kept, outcome.tools_to_strip, keys)
         return None
+
+    def _check_growth(self, parsed: ParsedBody) -> None:
+        """Refuse a body that placeholders would grow past Envoy's buffer (ATP's answer
+        would fail as a 500). A placeholder is at most a few times the value it replaces,
+        so only a body over a quarter of that limit is measured."""
+        limit = envoy_buffer_limit(self.snapshot.server.max_body_bytes)
+        if not self._changes or len(parsed.text) <= limit // 4:
+            return
+        size = len(rewrite(parsed, self._changes)) + _ROUTING_ROOM_BYTES
+        if size > limit:
+            raise RequestError(413, f"With its personal data replaced by placeholders, the "
+                               f"request body would be {size} bytes, over the {limit}-byte "
+                               "limit of the proxy; send a smaller body",
+                               "request_too_large")
 
     def _strip_tools(self, doc: dict, kept: list, names: tuple[str, ...],
                      keys: tuple[str, ...]) -> None:

@@ -120,7 +120,35 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
         raise _invalid(_describe(exc)) from None
+    # Only escapes can carry one (UTF-8 itself has no surrogates): text mostly has none.
+    if _SURROGATE_ESCAPE.search(text) is not None and _holds_lone_surrogate(parsed.doc):
+        # Invalid Unicode, as the invalid UTF-8 refused above: scanned as a separator, it
+        # would hide the value around it from redaction, while a provider's decoder
+        # turns it into U+FFFD and the model reads the value whole.
+        raise _invalid("a \\u escape leaves half of a UTF-16 surrogate pair (a lone "
+                       "surrogate), which is not valid Unicode")
     return parsed
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_lone_surrogate(doc: dict[str, Any]) -> bool:
+    # Paired escapes decode to one character above U+FFFF: what is left is lone.
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return True
+            if isinstance(value, str):
+                if _SURROGATE.search(value):
+                    return True
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+    return False
 
 
 def parse_arguments(text: str) -> Any:
@@ -574,8 +602,9 @@ def rewrite(parsed: ParsedBody, set_fields: dict[str, Any],
     edits: list[tuple[int, int, str]] = []
     inserts: list[str] = []
     for key, value in set_fields.items():
-        # ASCII escapes keep a client's lone surrogate (valid as a JSON escape) encodable.
-        encoded = json.dumps(value, separators=(",", ":"))
+        # UTF-8, not ASCII escapes: an escape takes up to 12 bytes for a 4-byte character,
+        # and a body within max_body_bytes could grow past every limit behind ATP.
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         span = parsed.spans.get(key)
         if span is None:
             inserts.append(f"{json.dumps(key)}:{encoded}")
@@ -599,12 +628,9 @@ def rewrite(parsed: ParsedBody, set_fields: dict[str, Any],
 def _reserialize(doc: dict[str, Any], set_fields: dict[str, Any],
                  drop: Collection[str]) -> bytes:
     # Removing a member is rare (a policy stripped every tool): writing the whole body
-    # again is simpler than splicing out a key and its comma. A lone surrogate (valid as
-    # a JSON escape) can only sit inside a string, where backslashreplace writes it back
-    # as that same escape; all other text stays UTF-8 rather than growing into escapes.
+    # again is simpler than splicing out a key and its comma.
     merged = {key: value for key, value in {**doc, **set_fields}.items() if key not in drop}
-    return json.dumps(merged, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "backslashreplace")
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
 from atp_extproc import logs
-from atp_extproc.config import ConfigError, Snapshot
+from atp_extproc.config import ConfigError, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import Exchange
 from atp_extproc.services import Services
@@ -39,19 +39,12 @@ ROLE_METADATA = ("x-atp-role", "shadow")
 OFFLOAD_BODY_BYTES = 128 * 1024
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
-# The body buffer limit of the shipped Envoy configs (envoy/*.yaml,
-# per_connection_buffer_limit_bytes): Envoy sends ATP bodies up to it, whatever ATP's own
-# max_body_bytes says.
-ENVOY_BUFFER_LIMIT_BYTES = 8 * 1024 * 1024
 
 
 def grpc_receive_limit(max_body_bytes: int) -> int:
     """gRPC's receive limit: above Envoy's buffer limit, so a big body reaches ATP, which
-    answers its own 413, rather than failing as gRPC's RESOURCE_EXHAUSTED (an Envoy 500).
-    Envoy's limit is the shipped one, or twice max_body_bytes when that is raised
-    (README: Envoy buffers twice what ATP accepts); lowering max_body_bytes alone leaves
-    Envoy's limit where it was."""
-    return max(2 * max_body_bytes, ENVOY_BUFFER_LIMIT_BYTES) + _GRPC_OVERHEAD_BYTES
+    answers its own 413, rather than failing as gRPC's RESOURCE_EXHAUSTED (an Envoy 500)."""
+    return envoy_buffer_limit(max_body_bytes) + _GRPC_OVERHEAD_BYTES
 
 
 def grpc_server_options(max_body_bytes: int) -> list[tuple[str, int]]:

@@ -918,17 +918,53 @@ def test_cost_is_the_ledgers_exact_amount() -> None:
 # -- known bugs, surfaced through the pipeline -------------------------------------
 
 
-def test_lone_surrogate_in_stream_options_does_not_escape_handle(snap) -> None:
-    raw = (b'{"model":"fast","messages":[{"role":"user","content":"x"}],"stream":true,'
-           b'"stream_options":{"tag":"\\udc00"}}')
+@pytest.mark.parametrize("text", ["card 4111\\ud8001111\\ud8001111\\ud8001111",
+                                  "ssn 123\\udc00-45-6789", "x\\ud83d"])
+def test_a_lone_surrogate_escape_is_refused_as_invalid_unicode(snap, text: str) -> None:
+    # Scanned as a separator it hid the value around it from redaction, while a
+    # provider's decoder reads U+FFFD there and the model the value whole.
+    raw = b'{"model":"fast","messages":[{"role":"user","content":"%s"}]}' % text.encode()
     ex, _ = start(snap)
     resp = ex.handle(req_body(raw))
-    kind = resp.WhichOneof("response")
-    if kind == "immediate_response":
-        assert resp.immediate_response.status.code == 400
-    else:
-        _, body, _ = forwarded(resp)
-        json.loads(body)
+    assert resp.immediate_response.status.code == 400
+    error = json.loads(resp.immediate_response.body)["error"]
+    assert error["code"] == "invalid_json" and "lone surrogate" in error["message"]
+
+
+def test_paired_and_escaped_surrogate_escapes_pass(snap) -> None:
+    raw = (b'{"model":"fast","messages":[{"role":"user","content":'
+           b'"\\ud83d\\ude00 and a literal \\\\ud800 a@b.com"}]}')
+    _, body, _ = forwarded(send_body(snap, raw)[1])
+    assert body is not None
+    assert json.loads(body)["messages"][0]["content"].startswith("\U0001f600 and a "
+                                                                  "literal \\ud800 [EMAIL")
+
+
+def test_a_rewritten_body_stays_utf8_and_does_not_grow_into_escapes(snap) -> None:
+    # An emoji as a JSON escape takes 12 bytes for its 4: a body within max_body_bytes
+    # grew past gRPC's and Envoy's limits, and Envoy answered 500.
+    content = "\U0001f600" * 1000 + " mail a@b.com"
+    raw = json.dumps({"model": "fast", "messages": [{"role": "user", "content": content}]},
+                     ensure_ascii=False).encode()
+    _, body, _ = forwarded(send_body(snap, raw)[1])
+    assert body is not None and "\U0001f600".encode() * 1000 in body
+    assert len(body) < len(raw) + 100
+
+
+def test_a_body_that_placeholders_would_grow_past_envoys_buffer_is_refused(
+        snap, monkeypatch) -> None:
+    import atp_extproc.exchange as exchange_mod
+
+    limit = 16 * 1024
+    monkeypatch.setattr(exchange_mod, "envoy_buffer_limit", lambda max_body: limit)
+    small = {"model": "fast", "messages": [{"role": "user", "content": "a@b.co " * 200}]}
+    assert forwarded(send_body(snap, small)[1])[1] is not None  # under a quarter: no look
+    big = {"model": "fast", "messages": [{"role": "user", "content": "a@b.co " * 1300}]}
+    ex, resp = send_body(snap, big)
+    assert resp.immediate_response.status.code == 413
+    assert "placeholders" in json.loads(resp.immediate_response.body)["error"]["message"]
+    record = ex.finish()
+    assert record.model == "" and record.cost_usd is None  # nothing routed, nothing billed
 
 
 def test_malformed_response_completed_does_not_escape_handle(snap) -> None:

@@ -612,8 +612,8 @@ def test_rewrite_insert_into_single_member_body() -> None:
 def test_rewrite_non_ascii_value_is_utf8() -> None:
     parsed = parse_body(b'{"model":"a","tag":"\xc3\xa9"}', DEPTH)
     out = rewrite(parsed, {"model": "mod\u00e8le"})
-    # New values are ASCII-escaped; the client's own bytes are left as they were.
-    assert out == b'{"model":"mod\\u00e8le","tag":"\xc3\xa9"}'
+    # New values are UTF-8 as the client's own bytes (escapes would grow the body).
+    assert out == b'{"model":"mod\xc3\xa8le","tag":"\xc3\xa9"}'
     assert json.loads(out) == {"model": "mod\u00e8le", "tag": "\u00e9"}
 
 
@@ -634,13 +634,14 @@ def test_rewrite_large_body_keeps_content_identical() -> None:
     assert body.decode()[start:end] in out.decode()
 
 
-def test_rewrite_lone_surrogate_escape_in_client_options() -> None:
-    raw = (b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,'
-           b'"stream_options":{"tag":"\\ud800"}}')
-    parsed = parse_body(raw, DEPTH)
-    merged = {**parsed.doc["stream_options"], "include_usage": True}
-    out = rewrite(parsed, {"stream_options": merged})
-    assert _strict_loads(out)["stream_options"] == {"tag": "\ud800", "include_usage": True}
+@pytest.mark.parametrize("where", [b'"stream_options":{"tag":"\\ud800"}',
+                                   b'"metadata":{"k\\udfff":"v"}',
+                                   b'"tags":["\\udc00"]'])
+def test_a_lone_surrogate_escape_anywhere_is_invalid_json(where: bytes) -> None:
+    raw = b'{"model":"m","messages":[{"role":"user","content":"x"}],' + where + b'}'
+    with pytest.raises(RequestError) as info:
+        parse_body(raw, DEPTH)
+    assert info.value.status == 400 and "lone surrogate" in info.value.message
 
 
 def test_rewrite_overflowing_number_never_becomes_infinity() -> None:
