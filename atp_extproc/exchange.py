@@ -103,6 +103,7 @@ class ExchangeRecord:
     request_bytes: int = 0
     status: int = 0
     error_code: str = ""
+    # Time to the response headers; for a stream, to its first event (the first token).
     ttfb_ms: float | None = None
     duration_ms: float = 0.0
     input_tokens: int | None = None
@@ -163,6 +164,8 @@ class Exchange:
         # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits;
         # past that bound it goes on unread.
         self._json_overflow = False
+        self._json_overflow_bytes = 0
+        self._streamed = False  # a stream's first body bytes have come
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
@@ -610,6 +613,11 @@ class Exchange:
             self._body_pending = False
         if self.sse is not None:
             data = body_msg.body
+            if data and not self._streamed:
+                # A stream's first byte is its first event, not its headers: a provider
+                # may send those at once and make the first token wait.
+                self._streamed = True
+                self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
             if self.restorer is not None:
                 data = self.restorer.feed(data, end)
             replacement = self.sse.feed(data, end)
@@ -624,10 +632,12 @@ class Exchange:
         goes out with the last one; past the bound, what is held goes on as it came (usage
         is then estimated)."""
         if self._json_overflow:
+            self._json_overflow_bytes += len(chunk)
             return envoy_api.response_body()
         held = self._response_body
         if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
             self._json_overflow = True
+            self._json_overflow_bytes = len(held) + len(chunk)
             out = bytes(held) + chunk
             held.clear()
             return envoy_api.response_body(out if self.restorer is not None else None)
@@ -745,11 +755,16 @@ class Exchange:
                 return self.sse.usage
             return Usage(estimate_tokens(self.record.request_bytes),
                          estimate_tokens(self.sse.output_chars), estimated=True)
+        output_chars = self._json_overflow_bytes  # an answer too big to hold: its size
         if self._response_body:
-            usage, self.finish_reason = read_response(bytes(self._response_body))
+            usage, self.finish_reason, output_chars = read_response(
+                bytes(self._response_body))
             if usage is not None:
                 return usage
-        return Usage(estimate_tokens(self.record.request_bytes), 0, estimated=True)
+        if rec.operation == "embeddings":
+            output_chars = 0  # vectors are no output tokens
+        return Usage(estimate_tokens(self.record.request_bytes),
+                     estimate_tokens(output_chars), estimated=True)
 
 
 _NO_COMPRESSION = ("accept-encoding",)

@@ -655,19 +655,22 @@ def _usage_of(obj: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     inp = usage.get("prompt_tokens", usage.get("input_tokens"))
-    out = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    out = usage.get("completion_tokens", usage.get("output_tokens"))
+    if out is None:  # absent or null alike: embeddings have no output
+        out = 0
     if not (_is_count(inp) and _is_count(out)):
         return None
     return Usage(inp, out)
 
 
-def read_response(body: bytes) -> tuple[Usage | None, str | None]:
-    """Usage and the first choice's finish_reason of a JSON response body."""
+def read_response(body: bytes) -> tuple[Usage | None, str | None, int]:
+    """Usage, the first choice's finish_reason and the characters of output text (for
+    an estimate when there is no usage) of a JSON response body."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:  # too deep included
-        return None, None
-    return _usage_of(obj), _finish_reason(obj)
+        return None, None, len(body)
+    return _usage_of(obj), _finish_reason(obj), _answer_chars(obj)
 
 
 def _finish_reason(obj: Any) -> str | None:
@@ -791,10 +794,10 @@ class SseStream:
         self.finish_reason = _finish_reason(obj) or self.finish_reason
         self.output_chars += _delta_chars(obj)
         usage = _usage_of(obj)
-        if usage is None:
-            return False
-        self.usage = usage
-        return obj.get("choices") == []
+        if usage is not None:
+            self.usage = usage
+        # The chunk include_usage asks for, whether its counts are readable or not.
+        return obj.get("choices") == [] and obj.get("usage") is not None
 
 
 def _data_of(event: bytearray) -> bytes:
@@ -804,25 +807,55 @@ def _data_of(event: bytearray) -> bytes:
 
 
 def _delta_chars(obj: dict[str, Any]) -> int:
+    """Output characters of a streamed chunk (chat, completions, Responses deltas)."""
+    delta = obj.get("delta")
+    return _choices_chars(obj, "delta") + (len(delta) if isinstance(delta, str) else 0)
+
+
+def _answer_chars(obj: Any) -> int:
+    """Output characters of a whole JSON answer: chat, completions, Responses."""
+    if not isinstance(obj, dict):
+        return 0
+    return _choices_chars(obj, "message") + _texts_chars(obj.get("output"))
+
+
+def _choices_chars(obj: dict[str, Any], part: str) -> int:
     total = 0
     choices = obj.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        message = choice.get(part)
+        if not isinstance(message, dict):
             text = choice.get("text")
             total += len(text) if isinstance(text, str) else 0
             continue
         for key in ("content", "refusal", "reasoning_content"):
-            text = delta.get(key)
+            text = message.get(key)
             total += len(text) if isinstance(text, str) else 0
-        calls = delta.get("tool_calls")
+        calls = message.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             arguments = fn.get("arguments") if isinstance(fn, dict) else None
             total += len(arguments) if isinstance(arguments, str) else 0
-    delta = obj.get("delta")
-    if isinstance(delta, str):
-        total += len(delta)
+    return total
+
+
+_OUTPUT_TEXT_KEYS = frozenset({"text", "arguments", "refusal", "input", "output"})
+
+
+def _texts_chars(node: Any) -> int:
+    """Characters of the texts in a Responses `output` list, at any depth."""
+    total = 0
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, str):
+                    total += len(value) if key in _OUTPUT_TEXT_KEYS else 0
+                elif isinstance(value, (dict, list)):
+                    stack.append(value)
     return total

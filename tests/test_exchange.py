@@ -620,6 +620,26 @@ def test_stream_without_usage_is_estimated(snap) -> None:
     assert rec.cost_usd == usd(small, rec.input_tokens, rec.output_tokens)
 
 
+def test_a_streams_ttfb_is_its_first_event_not_its_headers(snap) -> None:
+    # The router learns a stream's latency from it: headers sent at once before a slow
+    # first token made a slow model look instant.
+    now = [0.0]
+    ex = Exchange(snap, clock=lambda: now[0])
+    ex.handle(req_headers("POST", CHAT))
+    ex.handle(req_body(chat("fast", stream=True)))
+    now[0] = 0.003
+    ex.handle(resp_headers(200, "text/event-stream"))
+    now[0] = 2.0
+    ex.handle(resp_body(b"", end=False))  # an empty chunk is no first byte
+    now[0] = 2.5
+    body, _ = chat_sse(3, 2)
+    ex.handle(resp_body(body[:20], end=False))
+    now[0] = 3.0
+    ex.handle(resp_body(body[20:], end=True))
+    rec = ex.finish()
+    assert rec.ttfb_ms == pytest.approx(2500.0) and rec.duration_ms == pytest.approx(3000.0)
+
+
 def test_responses_api_stream_usage(snap) -> None:
     ex, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "stream": True},
                          path="/v1/responses")
@@ -825,6 +845,34 @@ def test_json_response_without_usage_is_estimated(snap) -> None:
     assert rec.input_tokens == math.ceil(rec.request_bytes / 4)
     assert rec.output_tokens == 0
     assert rec.cost_usd == usd(snap.models["small"], rec.input_tokens, 0)
+
+
+@pytest.mark.parametrize("path, answer, output", [
+    (CHAT, {"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}, 100),
+    (CHAT, {"choices": [{"message": {"content": "x" * 400}}], "usage": None}, 100),
+    ("/v1/embeddings", {"data": [{"embedding": [0.5] * 64}]}, 0),
+])
+def test_json_answer_without_usage_estimates_its_output(snap, path, answer, output) -> None:
+    # The output was estimated at 0 whatever the answer: cost and ledger too low.
+    body = chat("fast") if path == CHAT else {"model": "text-embedding-3-small",
+                                               "input": "hi"}
+    ex, _ = send_body(snap, body, path=path)
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(json.dumps(answer).encode()))
+    rec = ex.finish()
+    assert (rec.output_tokens, rec.usage_estimated) == (output, True)
+
+
+def test_json_answer_too_big_to_hold_estimates_its_output_from_its_size(snap) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    ex.handle(resp_headers(200, "application/json"))  # no length: STREAMED chunks
+    chunk = b" " * (1 << 20)
+    for _ in range(5):  # 5 MiB, over max_body_bytes (4 MiB): not held
+        ex.handle(resp_body(chunk, end=False))
+    ex.handle(resp_body(b"{}", end=True))
+    rec = ex.finish()
+    assert rec.usage_estimated is True
+    assert rec.output_tokens == math.ceil((5 * len(chunk) + 2) / 4)
 
 
 def _learning_exchange(snap, body: bytes) -> Services:

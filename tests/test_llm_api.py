@@ -704,7 +704,6 @@ def test_usage_zero_is_valid() -> None:
         b'{"usage":{"prompt_tokens":12.5,"completion_tokens":3}}',
         b'{"usage":{"prompt_tokens":-1,"completion_tokens":3}}',
         b'{"usage":{"prompt_tokens":1,"completion_tokens":-3}}',
-        b'{"usage":{"prompt_tokens":1,"completion_tokens":null}}',
         b'{"usage":{"input_tokens":1,"output_tokens":"2"}}',
         b"[" * 100_000,
     ],
@@ -712,6 +711,13 @@ def test_usage_zero_is_valid() -> None:
 )
 def test_usage_garbage_is_none(body: bytes) -> None:
     assert read_response(body)[0] is None
+
+
+@pytest.mark.parametrize("body", [b'{"usage":{"prompt_tokens":11,"completion_tokens":null}}',
+                                  b'{"usage":{"prompt_tokens":11}}'])
+def test_a_missing_or_null_completion_count_is_zero_alike(body: bytes) -> None:
+    # Embeddings report no output; a null must not throw away the prompt count.
+    assert read_response(body)[0] == Usage(11, 0)
 
 
 def test_usage_booleans_are_not_counts() -> None:
@@ -1014,8 +1020,22 @@ def test_counts_are_capped_before_any_per_item_work() -> None:
 def test_read_response_gives_the_first_choices_finish_reason() -> None:
     body = json.dumps({"choices": [{"finish_reason": "length"}, {"finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
-    assert read_response(body) == (Usage(3, 4), "length")
-    assert read_response(b"not json") == (None, None)
+    assert read_response(body) == (Usage(3, 4), "length", 0)
+    assert read_response(b"not json") == (None, None, 8)
+
+
+@pytest.mark.parametrize("answer, chars", [
+    ({"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}, 400),
+    ({"choices": [{"message": {"content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "y" * 40}}]}}]}, 40),
+    ({"choices": [{"text": "z" * 30}]}, 30),
+    ({"output": [{"type": "message", "content": [{"type": "output_text", "text": "w" * 50}]},
+                 {"type": "function_call", "name": "f", "arguments": "v" * 5}]}, 55),
+    ({"data": [{"embedding": [0.1] * 8}]}, 0),
+])
+def test_an_answer_without_usage_gives_its_output_text_size(answer, chars) -> None:
+    # The figure the output estimate is made from (it was 0 whatever the answer).
+    assert read_response(json.dumps(answer).encode()) == (None, None, chars)
 
 
 def test_schemas_under_any_vendor_key_may_name_their_definitions_freely() -> None:

@@ -138,10 +138,11 @@ def test_one_long_token_array_is_one_input(operation: str, param: str) -> None:
     ids=["prompt", "completion", "int64", "just-over", "float-sized"])
 def test_usage_counts_past_the_bound_are_absent(usage: dict) -> None:
     body = json.dumps({"choices": [{"finish_reason": "stop"}], "usage": usage}).encode()
-    assert read_response(body) == (None, "stop")
+    assert read_response(body) == (None, "stop", 0)
     sse = SseStream(drop_usage_chunk=True)
     event = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
-    assert sse.feed(event, end=True) is None  # not read as usage, so not dropped
+    # Not read as usage, but it is the chunk ATP asked for: the client never sees it.
+    assert sse.feed(event, end=True) == b""
     assert sse.usage is None
 
 
