@@ -72,6 +72,8 @@ TENANT_HEADER = "x-atp-tenant"
 FEEDBACK_PATH = "/v1/feedback"
 # The record's error_code when the answer's body never reached its end.
 INCOMPLETE_RESPONSE = "response_incomplete"
+# ... and when a stream that began 200 ended with the provider's error event.
+STREAM_ERROR = "upstream_stream_error"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The client's credential for ATP must never travel on to a model provider: every header
@@ -666,6 +668,8 @@ class Exchange:
         if not rec.error_code and (self._body_pending or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
+        elif not rec.error_code and self.sse is not None and self.sse.failed:
+            rec.error_code = STREAM_ERROR
         usage = self._usage()
         price: PriceSnapshot | None = None
         if self.model is not None:
@@ -704,7 +708,8 @@ class Exchange:
         # A cut-off answer failed the client, but whether the model did is unknown: the
         # ledger counts it failed, the router learns nothing from it.
         incomplete = rec.error_code == INCOMPLETE_RESPONSE
-        ok = False if incomplete else classify_status(rec.status)
+        ok = False if incomplete or rec.error_code == STREAM_ERROR else \
+            classify_status(rec.status)
         if route.objective is not None and ok is not None and not incomplete:
             latency = rec.ttfb_ms if rec.stream else rec.duration_ms
             # Billed tokens teach the route its request sizes, which price candidates not

@@ -715,6 +715,9 @@ class SseStream:
         self.finish_reason: str | None = None
         self.output_chars = 0
         self.events = 0
+        # The provider's error event ended a stream that began 200 (OpenAI sends
+        # `{"error": {...}}`; Responses `response.failed` or `error`).
+        self.failed = False
         # The event in progress. Appending to it costs the chunk, never the whole event.
         self._buf = bytearray()
         # Set while inside an event over _MAX_EVENT: _buf then keeps only the bytes a
@@ -787,6 +790,8 @@ class SseStream:
         if not isinstance(obj, dict):
             return False
         kind = obj.get("type")
+        if isinstance(obj.get("error"), dict) or kind in ("error", "response.failed"):
+            self.failed = True
         if isinstance(kind, str) and kind in _TERMINAL_TYPES:
             obj = obj.get("response")
             if not isinstance(obj, dict):

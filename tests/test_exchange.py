@@ -640,6 +640,18 @@ def test_a_streams_ttfb_is_its_first_event_not_its_headers(snap) -> None:
     assert rec.ttfb_ms == pytest.approx(2500.0) and rec.duration_ms == pytest.approx(3000.0)
 
 
+@pytest.mark.parametrize("event", [
+    b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
+    b'data: {"type": "error", "code": "server_error", "message": "boom"}\n\n'])
+def test_a_stream_ended_by_the_providers_error_event_is_a_failure(snap, event) -> None:
+    # It began 200, so the status says success; the ledger and router must not.
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    body, _ = chat_sse(3, 2, with_usage=False)
+    stream_response(ex, body.replace(b"data: [DONE]\n\n", event))
+    rec = ex.finish()
+    assert (rec.status, rec.error_code) == (200, "upstream_stream_error")
+
+
 def test_responses_api_stream_usage(snap) -> None:
     ex, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "stream": True},
                          path="/v1/responses")
