@@ -258,6 +258,25 @@ def test_request_from_responses_body_and_builtin_tools():
     assert dict(lookup.arguments) == {"id": "7"} and lookup.called
 
 
+@pytest.mark.parametrize("operation, doc", [
+    ("chat", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "shell", "input": "ls -la"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.txt"}]}),
+    ("responses", {"input": [
+        {"type": "custom_tool_call", "call_id": "c1", "name": "shell", "input": "ls -la"},
+        {"type": "custom_tool_call_output", "call_id": "c1", "output": "a.txt"}]}),
+])
+def test_custom_tool_calls_in_the_history_are_seen(operation, doc):
+    # A tools policy refused a history call to `shell` made as a function call, and let
+    # the same call through as a custom tool call.
+    fields, _ = request_from_body(operation, {"model": "x", **doc})
+    attrs = build_attributes(request=fields)
+    (shell,) = attrs.request.tool_details
+    assert (shell.name, shell.type, shell.called, shell.declared) == \
+        ("shell", "custom", True, False)
+    assert dict(shell.arguments) == {}
+
+
 def test_request_from_body_is_bounded():
     messages = [{"role": "assistant", "tool_calls": [
         {"function": {"name": f"f{i}", "arguments": "{}"}}]} for i in range(5000)]

@@ -654,27 +654,34 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         item = items[i]
         if not isinstance(item, dict):
             continue
-        calls: list[tuple[Any, Any]] = []
+        # (name, JSON arguments, type): a custom tool's call carries free text, often
+        # code, which policies see by name only.
+        calls: list[tuple[Any, Any, str]] = []
         if isinstance(item.get("tool_calls"), list):
             if len(item["tool_calls"]) > MAX_LIST:
                 cut.note("request.tool_details")
             for call in islice(item["tool_calls"], MAX_LIST):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
-                    calls.append((fn.get("name"), fn.get("arguments")))
+                    calls.append((fn.get("name"), fn.get("arguments"), "function"))
+                custom = call.get("custom") if isinstance(call, dict) else None
+                if isinstance(custom, dict):
+                    calls.append((custom.get("name"), None, "custom"))
         elif item.get("type") == "function_call":
-            calls.append((item.get("name"), item.get("arguments")))
+            calls.append((item.get("name"), item.get("arguments"), "function"))
+        elif item.get("type") == "custom_tool_call":
+            calls.append((item.get("name"), None, "custom"))
         legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
         if isinstance(legacy, dict):
-            calls.append((legacy.get("name"), legacy.get("arguments")))
-        for name, arguments in calls:
+            calls.append((legacy.get("name"), legacy.get("arguments"), "function"))
+        for name, arguments, kind in calls:
             if not isinstance(name, str):
                 continue
             if name not in details:
                 if len(details) >= MAX_LIST:
                     cut.note("request.tool_details")
                     continue
-                details[name] = {"name": name, "type": "function", "declared": False}
+                details[name] = {"name": name, "type": kind, "declared": False}
             entry = details[name]
             entry["called"] = True
             if name not in seen_args:
