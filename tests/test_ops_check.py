@@ -96,3 +96,17 @@ def test_an_included_file_that_is_no_policies_mapping_is_named_once(
     path = config(tmp_path, ("mode: per_policy", "include: [policies/*.yaml]"))
     (line,) = check(capsys, path)
     assert line.endswith("list.yaml:1: an included policy file holds only `policies:`")
+
+
+@pytest.mark.parametrize("classes, warned", [("", True), (
+    "redaction:\n  custom_detectors:\n    - {name: emial, pattern: 'e-[0-9]{6}'}\n", False)])
+def test_a_data_class_no_detector_finds_is_a_warning(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     classes: str, warned: bool) -> None:
+    # The lint had the warning, but `check` never told it the config's classes.
+    path = config(tmp_path)
+    path.write_text(path.read_text() + classes + "policies:\n  - {id: pii.x, effect: deny, "
+                    "expression: \"'emial' in request.data_classes\"}\n")
+    assert cli.main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("is never 'emial'" in out) is warned

@@ -292,6 +292,21 @@ def test_disabled_filter_and_filter_config_wrapped_overrides(route, filter_, exp
                for p in problems)
 
 
+@pytest.mark.parametrize("style, head", [
+    ("folded", "expression: >\n"), ("literal", "expression: |\n"),
+    ("plain", "expression:\n")])
+def test_an_error_inside_a_multi_line_expression_names_its_own_line(tmp_path, style, head):
+    # A folded (`>`) block is one CEL line: its errors named the block's first line.
+    path = tmp_path / "p.yaml"
+    path.write_text("policies:\n  - id: f.x\n    effect: deny\n    " + head +
+                    "      subject.tenant == 'bob' &&\n"
+                    "      request.alias == 'x' &&\n"
+                    "      request.nope == 1\n")
+    code, output = run_check([path])
+    assert code == 1
+    assert f"{path}:7: f.x: unknown attribute request.nope" in output
+
+
 def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):
     chain = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(25))
     path = tmp_path / "p.yaml"

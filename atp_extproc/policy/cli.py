@@ -15,9 +15,20 @@ from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import known_values
 from atp_extproc.policy.settings import Problem, load_file
-from atp_extproc.redact import RedactionSettings
+from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
+
+
+def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:
+    """The data classes an atp.yaml's redaction knows (built-in and its custom
+    detectors'); None for a policy file, which says nothing about them."""
+    if not set(raw) - {"policy", "policies"}:
+        return None
+    section = raw.get("redaction")
+    detectors = section.get("custom_detectors") if isinstance(section, dict) else None
+    custom = [d.get("name") for d in detectors or () if isinstance(d, dict)]
+    return (*BUILTIN_CLASSES, *(str(name) for name in custom if name))
 
 
 def redaction_configured(raw: dict[str, Any]) -> bool:
@@ -69,7 +80,8 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
         # Entries that failed validation are already reported; lint the others too.
         policy_set, found = PolicySet.lint(
             loaded.policies, loaded.settings, path, known_values=known_values(loaded.raw),
-            known_data_classes=known_data_classes)
+            known_data_classes=known_data_classes if known_data_classes is not None
+            else data_classes_of(loaded.raw))
         problems += found
         effects = sorted({p.spec.effect for p in loaded.policies})
         enforcing = [e for e in effects if e in ENFORCING]

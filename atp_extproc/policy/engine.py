@@ -422,21 +422,21 @@ def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
     out = []
     for m in found:
         line, col = int(m.group(1)), int(m.group(2))
-        out.append(Problem(sp.file, _file_line(sp, line), sp.spec.id,
+        out.append(Problem(sp.file, _file_line(sp, line, col), sp.spec.id,
                            f"{_reword(m.group(3).strip())} (expression line {line}, "
                            f"column {col})"))
     return out
 
 
-def _file_line(sp: SourcedPolicy, cel_line: int) -> int:
-    if sp.expr_literal_lines:
-        return sp.expr_line + cel_line - 1
-    return sp.expr_line or sp.line
+def _file_line(sp: SourcedPolicy, cel_line: int, col: int) -> int:
+    lines = sp.spec.expression.split("\n")
+    offset = sum(len(text) + 1 for text in lines[:cel_line - 1]) + col - 1
+    return sp.file_line(offset)
 
 
 def _finding_problem(sp: SourcedPolicy, offset: int, reason: str, severity: str) -> Problem:
     line, col = analysis.offset_to_line_col(sp.spec.expression, offset)
-    return Problem(sp.file, _file_line(sp, line), sp.spec.id,
+    return Problem(sp.file, sp.file_line(offset), sp.spec.id,
                    f"{reason} (expression line {line}, column {col})",
                    "warning" if severity == "warning" else "error")
 

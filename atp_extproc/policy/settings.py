@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
+import sys
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,11 +229,17 @@ class SourcedPolicy:
     spec: PolicySpec
     file: str = "<policies>"
     line: int = 0
-    # The file line of the expression's first CEL line, and whether CEL lines map 1:1 to
-    # file lines (a `|` block scalar) so errors inside can name their own line.
+    # The file line the expression starts on, and for one written over several lines
+    # (a `|` or `>` block, a folded plain scalar) where each file line starts in the
+    # expression text: (offset, file line) pairs, so errors inside name their own line.
     expr_line: int = 0
-    expr_literal_lines: bool = False
+    expr_lines: tuple[tuple[int, int], ...] = ()
     field_lines: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def file_line(self, offset: int) -> int:
+        """The file line of the expression's character at `offset`."""
+        at = bisect_right(self.expr_lines, (offset, sys.maxsize)) - 1
+        return self.expr_lines[at][1] if at >= 0 else (self.expr_line or self.line)
 
 
 @dataclass(frozen=True)
@@ -274,17 +282,43 @@ def _policies_from(doc: Any, file: str, key_path: str) -> tuple[list[SourcedPoli
                     file, line_of(entry, loc) or line, f"{where}.{sub}" if sub else where,
                     err["msg"].removeprefix("Value error, ")))
             continue
-        expr_line, literal = line, False
+        expr_line, expr_lines = line, ()
         if isinstance(entry, LineDict):
             node = entry.value_nodes.get("expression")
             if node is not None:
-                literal = getattr(node, "style", None) == "|"
                 expr_line = node.start_mark.line + (2 if node.style in ("|", ">") else 1)
+                expr_lines = _line_starts(node, spec.expression, expr_line)
             fields = dict(entry.key_lines)
         else:
             fields = {}
-        out.append(SourcedPolicy(spec, file, line, expr_line, literal, fields))
+        out.append(SourcedPolicy(spec, file, line, expr_line, expr_lines, fields))
     return out, problems
+
+
+def _line_starts(node: Any, expression: str, first_line: int) -> tuple[tuple[int, int], ...]:
+    """(offset in `expression`, file line) where each source line of a scalar written
+    over several lines starts. Folding joins lines with spaces and block scalars lose
+    their indentation, so each line's text is looked for in order; a line not found (an
+    escape in a quoted scalar) ends the map, and errors past it name the line before."""
+    start, end = node.start_mark, node.end_mark
+    buffer = getattr(start, "buffer", None)
+    if not buffer or start.line == end.line:
+        return ()
+    lines = buffer[start.index:end.index].split("\n")
+    if node.style in ("|", ">"):
+        lines = lines[1:]  # the indicator's own line
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for k, text in enumerate(lines):
+        content = text.strip()
+        if not content:
+            continue
+        found = expression.find(content, pos)
+        if found < 0:
+            break
+        out.append((found, first_line + k))
+        pos = found + len(content)
+    return tuple(out)
 
 
 def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
