@@ -307,6 +307,35 @@ def test_an_error_inside_a_multi_line_expression_names_its_own_line(tmp_path, st
     assert f"{path}:7: f.x: unknown attribute request.nope" in output
 
 
+@pytest.mark.parametrize("expression, reason", [
+    ("context.time.getHours('Europe/Berln') == 3", "Invalid timezone"),
+    ("context.time > timestamp('2026-13-01T00:00:00Z')", "Timestamp conversion failed"),
+    ("request.max_tokens / 0 > 1", "division by zero"),
+    ("request.max_tokens % 0 == 1", "division by zero"),
+    ("request.alias == ['a', 'b'][2]", "index"),
+    ("request.max_tokens > int('ten')", "cannot convert"),
+    ("request.stream && duration('1x') > duration('0s')", "Duration conversion failed"),
+])
+def test_a_part_that_fails_for_every_request_is_a_check_error(expression, reason):
+    # Under on_error deny (the default) such a policy denies every request.
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert [p.severity for p in problems] == ["error"]
+    assert "fails on every evaluation" in problems[0].reason
+    assert reason.lower() in problems[0].reason.lower()
+
+
+@pytest.mark.parametrize("expression", [
+    "context.time.getHours('Europe/Berlin') == 3",
+    "context.time > timestamp('2026-01-01T00:00:00Z')",
+    "request.max_tokens / 2 > 1",
+    "request.alias == 'a' + 'b'",
+    "request.alias in ['a', 'b'] && size('abc') < request.max_tokens",
+])
+def test_parts_that_evaluate_are_no_problem(expression):
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert problems == []
+
+
 def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):
     chain = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(25))
     path = tmp_path / "p.yaml"

@@ -13,6 +13,8 @@ Any): the parsed AST with every node's type and every identifier resolved. From 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,9 @@ class Analysis:
     node_count: int = 0
     # Literal regex patterns (offset, pattern), checked against the engine's RE2 at load.
     patterns: list[tuple[int, str]] = field(default_factory=list)
+    # Parts whose value is the same for every request (offset, CEL text): evaluated at
+    # load, a part that fails fails every evaluation (an unknown timezone, a bad date).
+    probes: list[tuple[int, str]] = field(default_factory=list)
 
 
 def checked_expr(serialized: bytes) -> checked_pb2.CheckedExpr:
@@ -68,6 +73,7 @@ class _Walker:
         self.used: dict[str, None] = {}
         self.findings: list[Finding] = []
         self.patterns: list[tuple[int, str]] = []
+        self.probes: list[tuple[int, str]] = []
         self.nodes = 0
         self.pool = descriptor_pool.Default()
 
@@ -129,6 +135,8 @@ class _Walker:
 
     def _call(self, e: syntax_pb2.Expr, scope: dict[str, str | None], loop_depth: int) -> None:
         call = e.call_expr
+        if self._probe(e):
+            return
         if call.function == "_[_]":
             path = self.path_of(e, scope)
             if path is not None:
@@ -158,6 +166,30 @@ class _Walker:
             self.walk(call.target, scope, loop_depth)
         for arg in call.args:
             self.walk(arg, scope, loop_depth)
+
+    def _probe(self, e: syntax_pb2.Expr) -> bool:
+        """Note what of this call is the same for every request, for the engine to try;
+        True when the whole call is (nothing below it reads an attribute)."""
+        call = e.call_expr
+        at = self.positions.get(e.id, 0)
+        text = unparse(e)
+        if text is not None:
+            if call.function != "matches":  # a literal regex is checked as such
+                self.probes.append((at, text))
+            return True
+        args = list(call.args)
+        if call.function in ("_/_", "_%_") and len(args) == 2:
+            divisor = _const(args[1])
+            if divisor in (("num", 0), ("num", 0.0)) and \
+                    args[1].const_expr.WhichOneof("constant_kind") != "double_value":
+                self.findings.append(Finding(at, "division by zero: fails on every "
+                                             "evaluation"))
+        if call.function in _TIME_PARTS and call.HasField("target") and len(args) == 1:
+            zone = _text(args[0])
+            if zone is not None:
+                self.probes.append((at, f"timestamp('2000-01-01T00:00:00Z')."
+                                        f"{call.function}({zone})"))
+        return False
 
     def _comprehension(self, e: syntax_pb2.Expr, scope: dict[str, str | None],
                        loop_depth: int) -> None:
@@ -245,6 +277,74 @@ class _Walker:
         path = self.path_of(base, scope)
         if value is not None and path is not None:
             self._unknown_value(path + "{}", value, expr_id)
+
+
+# -- constant parts -----------------------------------------------------------------
+
+# Timestamp accessors whose one argument is a timezone.
+_TIME_PARTS = frozenset({"getFullYear", "getMonth", "getDate", "getDayOfMonth",
+                         "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes",
+                         "getSeconds", "getMilliseconds"})
+_INFIX = {"_+_": "+", "_-_": "-", "_*_": "*", "_/_": "/", "_%_": "%", "_==_": "==",
+          "_!=_": "!=", "_<_": "<", "_<=_": "<=", "_>_": ">", "_>=_": ">=",
+          "_&&_": "&&", "_||_": "||", "@in": "in"}
+
+
+def unparse(e: syntax_pb2.Expr) -> str | None:
+    """CEL text of a call that reads no attribute (None for anything else): its value is
+    the same for every request."""
+    if e.WhichOneof("expr_kind") != "call_expr":
+        return None
+    return _text(e)
+
+
+def _text(e: syntax_pb2.Expr) -> str | None:
+    kind = e.WhichOneof("expr_kind")
+    if kind == "const_expr":
+        return _literal(e.const_expr)
+    if kind == "list_expr":
+        items = [_text(x) for x in e.list_expr.elements]
+        return None if None in items else f"[{', '.join(items)}]"  # type: ignore[arg-type]
+    if kind != "call_expr":
+        return None  # an attribute, a variable, a macro
+    call = e.call_expr
+    args = [_text(a) for a in call.args]
+    if None in args:
+        return None
+    fn = call.function
+    if fn in _INFIX and len(args) == 2:
+        return f"({args[0]} {_INFIX[fn]} {args[1]})"
+    if fn in ("-_", "!_") and len(args) == 1:
+        return f"({fn[0]}{args[0]})"
+    if fn == "_[_]" and len(args) == 2:
+        return f"{args[0]}[{args[1]}]"
+    if fn == "_?_:_" and len(args) == 3:
+        return f"({args[0]} ? {args[1]} : {args[2]})"
+    if not fn.isidentifier() or fn.startswith("_"):
+        return None
+    if call.HasField("target"):
+        target = _text(call.target)
+        return None if target is None else f"{target}.{fn}({', '.join(args)})"  # type: ignore[arg-type]
+    return f"{fn}({', '.join(args)})"  # type: ignore[arg-type]
+
+
+def _literal(c: syntax_pb2.Constant) -> str | None:
+    kind = c.WhichOneof("constant_kind")
+    if kind == "string_value":
+        return json.dumps(c.string_value, ensure_ascii=False)
+    if kind == "bool_value":
+        return "true" if c.bool_value else "false"
+    if kind == "int64_value":
+        return str(c.int64_value)
+    if kind == "uint64_value":
+        return f"{c.uint64_value}u"
+    if kind == "double_value":
+        return repr(c.double_value) if math.isfinite(c.double_value) else None
+    if kind == "null_value":
+        return "null"
+    if kind == "bytes_value":
+        return 'b"' + "".join(f"\\x{b:02x}" for b in c.bytes_value) + '"'
+    return None
 
 
 # -- constant folding ---------------------------------------------------------------
@@ -391,7 +491,7 @@ def analyze(serialized: bytes, known_values: Mapping[str, Iterable[str]] | None 
     if constant is None and not roots:
         constant = _UNKNOWN  # no attribute at all: the caller evaluates it once
     return Analysis(used, roots, constant, walker.findings,  # type: ignore[arg-type]
-                    walker.nodes, walker.patterns)
+                    walker.nodes, walker.patterns, walker.probes)
 
 
 NO_ATTRIBUTES = _UNKNOWN

@@ -619,6 +619,8 @@ class PolicySet:
             for finding in an.findings:
                 problems.append(_finding_problem(sp, finding.offset, finding.reason,
                                                  finding.severity))
+            if an.constant is not analysis.NO_ATTRIBUTES:  # else evaluated whole
+                problems += _probe_problems(sp, an.probes)
             for offset, pattern in an.patterns:
                 bad = _bad_regex(pattern)
                 if bad:
@@ -1067,6 +1069,23 @@ def _constant_problems(sp: SourcedPolicy, an: analysis.Analysis, program: Any
                        "applies to everything" if value else "never applies")
     return [Problem(sp.file, sp.expr_line or sp.line, sp.spec.id,
                     f"expression is constant: always {str(value).lower()} ({what})")]
+
+
+def _probe_problems(sp: SourcedPolicy, probes: list[tuple[int, str]]) -> list[Problem]:
+    """A part of the expression that reads no attribute and fails at load fails every
+    evaluation: under on_error deny, the policy would deny every request."""
+    env = policy_env()
+    out = []
+    for offset, text in probes:
+        try:
+            value = env.compile(text).eval(env.Activation({}))
+        except RuntimeError:
+            continue  # what the checker took, rewritten, should compile; if not, no verdict
+        if value.type() == cel.Type.ERROR:
+            # The policy's own constants, not a request's values: shown as CEL says it.
+            out.append(_finding_problem(sp, offset, "fails on every evaluation: "
+                                        f"{value.plain_value()}", "error"))
+    return out
 
 
 def _bad_regex(pattern: str) -> str | None:
