@@ -1198,15 +1198,15 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
 
 # ------------------------------------------------------------ Envoy's own error replies
 
-def _local_reply(config: str, details: str) -> dict[str, Any] | None:
+def _local_reply(config: str, details: str, status: int = 500) -> dict[str, Any] | None:
     """The error body the client listener's local_reply_config writes for a reply with
-    these response code details (None: the reply passes as it is), its filters evaluated
-    with cel-python."""
+    this status and these response code details (None: the reply passes as it is), its
+    filters evaluated with cel-python."""
     import celpy
 
     doc = load_yaml(ENVOY_DIR / config)
     env = celpy.Environment()
-    activation = {"response": celpy.json_to_cel({"code_details": details})}
+    activation = {"response": celpy.json_to_cel({"code": status, "code_details": details})}
     for mapper in hcm(listeners(doc)[CLIENT_LISTENERS[config]])["local_reply_config"]["mappers"]:
         expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
         if env.program(env.compile(expression)).evaluate(activation):
@@ -1223,8 +1223,13 @@ def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) 
                     "no_healthy_upstream", "upstream_response_timeout"):
         provider = _local_reply(config, details)
         assert provider is not None and provider["error"]["code"] == "upstream_unavailable"
-    too_big = _local_reply(config, "request_payload_too_large")
-    assert too_big is not None and too_big["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
+    # Envoy refused the request itself: the client's fault, said with Envoy's reason.
+    for status, details in ((413, "request_payload_too_large"), (400, "http1.codec_error")):
+        refused = _local_reply(config, details, status)
+        assert refused is not None
+        assert refused["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
+        assert refused["error"]["type"] == "invalid_request_error"
+        assert "%RESPONSE_CODE_DETAILS%" in refused["error"]["message"]
     # ATP's own replies and the fallback route's JSON are already OpenAI-shaped.
-    assert _local_reply(config, "atp_policy_denied") is None
-    assert _local_reply(config, "direct_response") is None
+    assert _local_reply(config, "atp_policy_denied", 403) is None
+    assert _local_reply(config, "direct_response", 404) is None

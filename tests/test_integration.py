@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import openai
 import pytest
@@ -210,7 +211,32 @@ def test_body_over_envoy_buffer_gets_openai_shaped_413(
         stack: Stack, upstreams: Upstreams) -> None:
     reply = post(stack, CHAT, b'{"x":"' + b"a" * (9 * 1024 * 1024) + b'"}')
     assert reply.status == 413
-    assert reply.json()["error"]["type"] == "gateway_error"
+    error = reply.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error",
+                                              "request_payload_too_large")
+    assert upstreams.total() == 0
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",  # no Host
+    b"POST /v1/chat/completions#x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+])
+def test_a_request_envoy_refuses_itself_gets_a_client_error_with_a_message(
+        stack: Stack, upstreams: Upstreams, request_bytes: bytes) -> None:
+    # Its local reply had an empty message and the type of a gateway fault.
+    with socket.create_connection(("127.0.0.1", stack.ports["envoy"]), timeout=10) as conn:
+        conn.sendall(request_bytes)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400"
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(
+        "Envoy could not accept this request (") and error["code"]
     assert upstreams.total() == 0
 
 
