@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
     serve.add_argument("--config", required=True, help="path to atp.yaml")
     serve.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
-    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="override server.log_level (a reload then keeps this one)")
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check", help="validate a config file and its policies")
@@ -340,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
 
     stack = sub.add_parser("stack", help="run Envoy + ATP + demo upstreams (make run)")
-    stack.add_argument("--config", default="examples/atp.yaml")
-    stack.add_argument("--workdir", default=".run")
+    stack.add_argument("--config", default="examples/atp.yaml", help="ATP's atp.yaml")
+    stack.add_argument("--workdir", default=".run",
+                       help="where the rendered Envoy config and the logs go")
     stack.set_defaults(func=_stack)
 
     report = sub.add_parser("report", help="reports from the durable ledger")

@@ -549,14 +549,22 @@ def error_rate_arg(value: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=18001)
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--error-rate", type=error_rate_arg, default=0.0)
-    parser.add_argument("--error-status", type=int, default=503)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="atp-extproc demo-upstream",
+        description="A fake OpenAI-compatible model server: chat (streamed or not), "
+                    "completions, embeddings; GET /debug/requests lists what it received.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=18001, help="port to listen on")
+    parser.add_argument("--name", default="demo",
+                        help="its name: in the x-upstream-name header and each reply")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="wait this long before each answer")
+    parser.add_argument("--error-rate", type=error_rate_arg, default=0.0,
+                        help="share of requests (0 to 1) answered with --error-status")
+    parser.add_argument("--error-status", type=int, default=503,
+                        help="HTTP status of those errors")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the error draws, for repeatable runs")
     return parser.parse_args(argv)
 
 
