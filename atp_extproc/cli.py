@@ -99,6 +99,9 @@ def _check(args: argparse.Namespace) -> int:
     if unreadable:
         print("\n".join(unreadable))
         return 1
+    if _is_policy_file(args.config):
+        # One team's file on its own: its policies, without an atp.yaml's models.
+        return policy_cli.check([args.config], args.envoy)
     try:
         snapshot = config_mod.load(args.config)
     except config_mod.ConfigError as exc:
@@ -119,6 +122,14 @@ def _check(args: argparse.Namespace) -> int:
               f"models, {len(snapshot.routes)} routes, "
               f"{len(snapshot.policies.policies) if snapshot.policies else 0} policies)")
     return code
+
+
+def _is_policy_file(path: str) -> bool:
+    """A file with `policies:` (or `policy:`) and nothing else, as policy.include takes."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return bool(doc) and not set(doc) - {"policy", "policies"}
 
 
 def _yaml_problems(path: str) -> list[str]:
@@ -323,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="override server.log_level (a reload then keeps this one)")
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check", help="validate a config file and its policies")
-    check.add_argument("config")
+    check = sub.add_parser("check", help="validate an atp.yaml and the policies it "
+                                          "includes, or one policy file")
+    check.add_argument("config", help="an atp.yaml, or a file holding only policies:")
     check.add_argument("--envoy", action="append", default=[], metavar="ENVOY_YAML",
                        help="also refuse this Envoy config if it fails open where policies "
                             "or redaction apply (repeatable)")

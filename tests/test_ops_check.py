@@ -110,3 +110,14 @@ def test_a_data_class_no_detector_finds_is_a_warning(tmp_path: Path,
     assert cli.main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert ("is never 'emial'" in out) is warned
+
+
+def test_a_policy_file_is_checked_on_its_own(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # One team's file: it failed for want of an atp.yaml's models and routes.
+    path = tmp_path / "tools.yaml"
+    path.write_text("policies:\n  - {id: t.x, effect: deny, expression: request.stream}\n")
+    assert cli.main(["check", str(path)]) == 0
+    assert "1 policies (1 deny)" in capsys.readouterr().out
+    path.write_text("policies:\n  - {id: t.x, effect: deny, expression: request.strem}\n")
+    assert check(capsys, path)[0].startswith(f"{path}:2: t.x: unknown attribute request.strem")
