@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import os
 import re
 import signal
 import sys
@@ -98,6 +99,7 @@ def _check(args: argparse.Namespace) -> int:
     unreadable = _yaml_problems(args.config)
     if unreadable:
         print("\n".join(unreadable))
+        print(f"{len(unreadable)} error(s), 0 warning(s)")
         return 1
     if _is_policy_file(args.config):
         # One team's file on its own: its policies, without an atp.yaml's models.
@@ -111,7 +113,9 @@ def _check(args: argparse.Namespace) -> int:
         policy_cli.check([args.config], args.envoy, verdict=False, out=report)
         lines = report.getvalue().splitlines()
         lines += [line for line in _config_problem_lines(exc) if line not in lines]
+        warnings = sum(1 for line in lines if _WARNING.match(line))
         print("\n".join(lines))
+        print(f"{len(lines) - warnings} error(s), {warnings} warning(s)")
         return 1
     # Policies first: their report names file:line for every problem, warnings included.
     jwt = snapshot.auth.jwt
@@ -177,6 +181,8 @@ def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
 # config.ConfigError's path for a policy problem: "line N: path" in the file itself,
 # "other.yaml:N: path" in an included policy file.
 _LINE_IN_FILE = re.compile(r"line (\d+)(?:: (.*))?")
+# A warning line of the policy report (policy.settings.Problem).
+_WARNING = re.compile(r"[^:]+(?::\d+)?: warning: ")
 _LINE_IN_OTHER_FILE = re.compile(r".+?:\d+(?:: |$)")
 
 
@@ -377,4 +383,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_upstream.main(argv[1:])
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader left (`check ... | head`): no traceback, and no second error when
+        # Python flushes stdout at exit (the way the Python docs give).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

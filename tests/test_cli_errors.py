@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from atp_extproc import cli
+from atp_extproc.stack import ROOT
 from atp_extproc.store import sqlite as db
 
 POLICIES = """policies:
@@ -196,7 +197,7 @@ def test_report_savings_still_reads_a_good_ledger(
 @pytest.mark.parametrize(("content", "problem"), [
     ("", "the file must hold a mapping (server:, models:, routes:, ...)"),
     ("# only a comment\n", "the file must hold a mapping (server:, models:, routes:, ...)"),
-    (POLICIES, "routes: Field required"),  # a policy file is no atp.yaml
+    (POLICIES + "server: {}\n", "routes: Field required"),  # more than policies
 ])
 def test_check_does_not_call_a_file_that_is_no_config_ok(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str,
@@ -212,8 +213,23 @@ def test_check_does_not_call_a_file_that_is_no_config_ok(
 def test_check_still_names_the_line_of_a_policy_problem_in_a_file_that_is_no_config(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "atp.yaml"
-    path.write_text(POLICIES.replace("subject.tenant", "subject.tennant"))
+    path.write_text(POLICIES.replace("subject.tenant", "subject.tennant") + "server: {}\n")
     code, output = run(capsys, "check", str(path))
     assert code == 1
     assert f"{path}:4: t.deny_bob: unknown attribute subject.tennant" in output
     assert "OK" not in output
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    # `atp-extproc check ... | head` ended in a BrokenPipeError traceback.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atp_extproc", "policy", "test",
+         str(ROOT / "examples" / "policies" / "tests")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None and proc.stdout.read(1)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err

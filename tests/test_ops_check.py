@@ -15,10 +15,14 @@ CONFIG = ("server:\n  max_json_depth: 64\n" + MINIMAL_CONFIG
 
 
 def check(capsys: pytest.CaptureFixture[str], path: Path) -> list[str]:
-    """The lines `check` prints for `path`, which it must refuse."""
+    """The problems `check` prints for `path`, which it must refuse, less the tally line
+    that ends them (checked here)."""
     assert cli.main(["check", str(path)]) == 1
     captured = capsys.readouterr()
-    return (captured.out + captured.err).splitlines()
+    *lines, tally = (captured.out + captured.err).splitlines()
+    errors = sum(1 for line in lines if ": warning: " not in line)
+    assert tally == f"{errors} error(s), {len(lines) - errors} warning(s)"
+    return lines
 
 
 def config(tmp_path: Path, *edits: tuple[str, str]) -> Path:

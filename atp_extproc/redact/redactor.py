@@ -298,7 +298,7 @@ class Redactor:
         hashed = sorted(c for c, a in self._actions.items() if a == "hash")
         if hashed and (not key or len(key) < _MIN_KEY_BYTES):
             raise ValueError(
-                f"redaction: action 'hash' for {', '.join(hashed)} needs a key of at least "
+                f"action 'hash' for {', '.join(hashed)} needs a key of at least "
                 f"{_MIN_KEY_BYTES} bytes in the environment variable "
                 f"{settings.hmac_key_env}")
         # Also keys the Responses API's placeholders (see redact): without a key
