@@ -74,6 +74,9 @@ def test_default_deny_needs_an_allow_and_default_allow_does_not():
     assert deny_ps.evaluate(attrs("alice"), [SMALL]).denied is None
     out = deny_ps.evaluate(attrs("bob"), [SMALL])
     assert out.denied.policy_id == DEFAULT_DENY_ID
+    # The 403 says why (its reasons were empty).
+    assert json.loads(out.denied.error_body())["error"]["reasons"] == [
+        f"{DEFAULT_DENY_ID}: no enforced allow policy matched, and policy.default is deny"]
     assert rec(out, "a.alice").decision == "no_match"
     allow_ps = compile_(allow, default="allow")
     assert allow_ps.evaluate(attrs("bob"), [SMALL]).denied is None
@@ -351,10 +354,17 @@ def test_log_fields_keep_every_decision_and_only_the_records_of_policies_that_ac
                   P("q.deny", "deny", "request.max_tokens > 100"),
                   P("q.dry", "deny", "request.max_tokens > 50", mode="dry_run"),
                   P("q.ext", "restrict", "resource.egress == 'external'"))
-    quiet = ps.evaluate(attrs(max_tokens=10), [])
+    quiet = ps.evaluate(attrs("bob", max_tokens=10), [])
     assert quiet.log_fields() == {"policy_decisions": {
-        "q.allow": "allow", "q.deny": "allow", "q.dry": "allow",
+        "q.allow": "no_match", "q.deny": "allow", "q.dry": "allow",
         "q.ext": "not_applicable"}, "policy_records": []}
+    # An allow policy that matched is what let a request through under default deny:
+    # its record is kept, for an audit to name it.
+    allowed = ps.evaluate(attrs(max_tokens=10), []).log_fields()
+    assert allowed["policy_decisions"]["q.allow"] == "allow"
+    (record,) = allowed["policy_records"]
+    assert (record["policy_id"], record["decision"]) == ("q.allow", "allow")
+    assert record["reason"]
     acted = ps.evaluate(attrs("bob", max_tokens=80), [LARGE, SMALL])
     fields = acted.log_fields()
     assert fields["policy_decisions"] == {"q.allow": "no_match", "q.deny": "allow",

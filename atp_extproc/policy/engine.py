@@ -231,9 +231,15 @@ class Outcome:
         cost more than evaluating them, and the quiet ones say nothing a decision does not.
         """
         decisions = self.decisions
-        acted = any(d not in QUIET_DECISIONS for d in decisions.values())
+        effects = self._columns[1]
+        # An allow policy that matched is what let a request through under default
+        # deny: an audit must be able to name it.
+        acted = any(d not in QUIET_DECISIONS or (d == "allow" and e == "allow")
+                    for d, e in zip(decisions.values(), effects, strict=True))
         return {"policy_decisions": decisions, "policy_records": [
-            r.as_dict() for r in self.records if r.decision not in QUIET_DECISIONS]
+            r.as_dict() for r in self.records
+            if r.decision not in QUIET_DECISIONS or (r.decision, r.effect) == ("allow",
+                                                                               "allow")]
             if acted else []}
 
     def __repr__(self) -> str:
@@ -930,7 +936,8 @@ class _Combined:
         return True
 
 
-_DEFAULT_DENY = Decision(DEFAULT_DENY_ID, "No policy allows this request")
+_DEFAULT_DENY = Decision(DEFAULT_DENY_ID, "No policy allows this request", (
+    f"{DEFAULT_DENY_ID}: no enforced allow policy matched, and policy.default is deny",))
 
 
 class _Hits:
@@ -969,7 +976,7 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
     if error is not None and p.on_error == "deny":
         hits.denies.append((p, enforced, f"policy {p.id} could not be evaluated"))
     effect = p.effect
-    reason = p.message if applies and effect != "allow" else ""
+    reason = p.message if applies else ""
     targets: tuple[str, ...] = ()
     removed: tuple[int, ...] = ()
     if effect == "allow":
