@@ -730,7 +730,7 @@ class Exchange:
                     if quality.proxy == "finish_reason" else None)
         if services.ledger is None:
             return
-        baseline = baseline_for(route, self.snapshot.ledger)
+        baseline = baseline_for(route, self.snapshot.ledger, rec.operation)
         base_model = self.snapshot.models.get(baseline) if baseline else None
         entry = LedgerEntry(
             time.time(), rec.tenant, route.name, self.model.name, price,

@@ -118,3 +118,7 @@ def test_candidates_and_baseline_resolution():
     assert baseline_for(r, LedgerSettings(baseline="m1")) == "m9"
     assert baseline_for(route({"a": ("m1",)}), LedgerSettings(baseline="m1")) == "m1"
     assert baseline_for(route({"a": ("m1",)}), None) is None
+    # A chat model's prices say nothing about what an embedding would have cost.
+    assert baseline_for(route({"a": ("m1",)}), LedgerSettings(baseline="m1"),
+                        "embeddings") is None
+    assert baseline_for(r, LedgerSettings(baseline="m1"), "embeddings") == "m9"

@@ -222,11 +222,16 @@ def route_candidates(route: Any) -> list[str]:
     return list(seen)
 
 
-def baseline_for(route: Any, ledger: LedgerSettings | None) -> str | None:
+def baseline_for(route: Any, ledger: LedgerSettings | None,
+                 operation: str = "chat") -> str | None:
+    """The model savings are counted against: the route objective's, else the ledger's.
+    The ledger's is a text model's: embeddings are not counted against it."""
     objective: RouteObjective | None = getattr(route, "objective", None)
     if objective is not None and objective.baseline is not None:
         return objective.baseline
-    return ledger.baseline if ledger is not None else None
+    if ledger is None or operation == "embeddings":
+        return None
+    return ledger.baseline
 
 
 def check_references(models: Iterable[str], routes: Iterable[Any],
