@@ -336,6 +336,36 @@ def test_parts_that_evaluate_are_no_problem(expression):
     assert problems == []
 
 
+@pytest.mark.parametrize("expression, value", [
+    ("subject.tenant == 'a' && subject.tenant == 'b'", "false"),
+    ("'a' == subject.tenant && subject.tenant == 'b'", "false"),
+    ("request.stream || !request.stream", "true"),
+    ("!request.stream && request.stream", "false"),
+    ("size(request.tools) > -1", "true"),
+    ("0 <= size(request.tools)", "true"),
+    ("0 > size(request.tools)", "false"),
+    ("subject.tenant in [subject.tenant, 'x']", "true"),
+])
+def test_constant_shapes_are_found(expression, value):
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert [p.reason.split(" (")[0] for p in problems] == [
+        f"expression is constant: always {value}"]
+
+
+@pytest.mark.parametrize("expression", [
+    "subject.tenant == 'a' || subject.tenant == 'b'",
+    "subject.tenant == 'a' && subject.user == 'b'",
+    "subject.tenant == 'a' && subject.tenant == 'a' && request.stream",
+    "size(request.tools) > 0",
+    "1 <= size(request.tools)",
+    "subject.tenant in [subject.user]",
+    "request.stream || !request.tools.exists(t, t == 'x')",
+])
+def test_shapes_that_depend_on_the_request_are_not_constant(expression):
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert problems == []
+
+
 def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):
     chain = "".join(f"request.alias == 'a{i}' ? {1000 + i} : " for i in range(25))
     path = tmp_path / "p.yaml"

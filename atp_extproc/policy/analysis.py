@@ -422,6 +422,12 @@ def fold(e: syntax_pb2.Expr) -> Any:
             return ("bool", not absorbing)
         if _same(args[0], args[1]):
             return left if left is not _UNKNOWN else _UNKNOWN
+        # x && !x is never true, x || !x always.
+        if _negates(args[0], args[1]) or _negates(args[1], args[0]):
+            return ("bool", absorbing)
+        # a == 'x' && a == 'y' can never hold.
+        if fn == "_&&_" and _different_values(args[0], args[1]):
+            return ("bool", False)
         return _UNKNOWN
     if fn == "_?_:_" and len(args) == 3:
         cond = fold(args[0])
@@ -444,9 +450,12 @@ def fold(e: syntax_pb2.Expr) -> Any:
                 a[0] in ("num", "str"):
             x, y = a[1], b[1]
             return ("bool", {"_<_": x < y, "_<=_": x <= y, "_>_": x > y, "_>=_": x >= y}[fn])
-        # size(x) >= 0 is always true; size(x) < 0 never.
-        if _is_size(args[0]) and b == ("num", 0) and fn in ("_>=_", "_<_"):
-            return ("bool", fn == "_>=_")
+        # A size is never negative: size(x) >= 0 and size(x) > -1 always hold, whichever
+        # side it is written on.
+        if _is_size(args[0]) and b is not _UNKNOWN and b[0] == "num":
+            return _size_against(fn, b[1])
+        if _is_size(args[1]) and a is not _UNKNOWN and a[0] == "num":
+            return _size_against(_MIRROR[fn], a[1])
         return _UNKNOWN
     if fn == "@in" and len(args) == 2:
         hay = fold(args[1])
@@ -455,8 +464,45 @@ def fold(e: syntax_pb2.Expr) -> Any:
         needle = fold(args[0])
         if needle is not _UNKNOWN and hay is not _UNKNOWN and hay[0] == "list":
             return ("bool", needle in hay[1])
+        if args[1].WhichOneof("expr_kind") == "list_expr" and any(
+                _same(args[0], x) for x in args[1].list_expr.elements):
+            return ("bool", True)  # x in [x, ...]
         return _UNKNOWN
     return _UNKNOWN
+
+
+_MIRROR = {"_<_": "_>_", "_<=_": "_>=_", "_>_": "_<_", "_>=_": "_<=_"}
+
+
+def _size_against(fn: str, n: float) -> Any:
+    """size(x) `fn` n, where that is settled for every size (0, 1, 2 ...)."""
+    if (fn == "_>=_" and n <= 0) or (fn == "_>_" and n < 0):
+        return ("bool", True)
+    if (fn == "_<_" and n <= 0) or (fn == "_<=_" and n < 0):
+        return ("bool", False)
+    return _UNKNOWN
+
+
+def _negates(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
+    """b is !a."""
+    return (b.WhichOneof("expr_kind") == "call_expr" and b.call_expr.function == "!_"
+            and len(b.call_expr.args) == 1 and _same(a, b.call_expr.args[0]))
+
+
+def _different_values(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
+    """a and b are `e == c1` and `e == c2` (either way round) with c1 != c2."""
+    def pair(e: syntax_pb2.Expr) -> tuple[syntax_pb2.Expr, Any] | None:
+        if e.WhichOneof("expr_kind") != "call_expr" or e.call_expr.function != "_==_" \
+                or len(e.call_expr.args) != 2:
+            return None
+        x, y = e.call_expr.args
+        for subject, value in ((x, fold(y)), (y, fold(x))):
+            if value is not _UNKNOWN and fold(subject) is _UNKNOWN:
+                return subject, value
+        return None
+    pa, pb = pair(a), pair(b)
+    return (pa is not None and pb is not None and _same(pa[0], pb[0])
+            and pa[1][0] == pb[1][0] and pa[1] != pb[1])
 
 
 def _fold_empty_loop(comp: syntax_pb2.Expr.Comprehension) -> Any:
