@@ -120,6 +120,8 @@ class ConfigHolder:
         return tuple(stamps)
 
     def reload(self, reason: str) -> bool:
+        # Stamped before loading, never after: a file written while this loads (an
+        # operator's second edit) is then seen by the next poll, not taken as loaded.
         self._stamp = self._file_stamp()
         try:
             snapshot = config_mod.load(self.path)
@@ -145,7 +147,6 @@ class ConfigHolder:
             log.warning("config reloaded (%s): %s changed, which takes effect when ATP "
                         "restarts", reason, ", ".join(fixed))
         self.current = snapshot
-        self._stamp = self._file_stamp()
         return True
 
     def _apply_log_level(self, level: str) -> None:

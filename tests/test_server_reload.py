@@ -120,6 +120,31 @@ def test_an_included_file_caught_empty_mid_write_keeps_the_old_policies(
     assert holder.current.policies is None
 
 
+def test_a_file_written_while_a_reload_loads_is_reloaded_next(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    # An operator edits atp.yaml, then a policy file; the poll starts a reload between
+    # the two writes. The second write must not be taken as loaded (it was, for good).
+    (tmp_path / "policies").mkdir()
+    gate = tmp_path / "policies" / "gate.yaml"
+    gate.write_text("policies:\n  - {id: g.x, effect: deny, expression: request.stream}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    load = config_mod.load
+
+    def load_then_edit(path: object) -> config_mod.Snapshot:
+        snapshot = load(path)
+        gate.write_text("policies:\n  - {id: g.y, effect: deny, "
+                        "expression: request.max_tokens > 5}\n")
+        return snapshot
+
+    monkeypatch.setattr(config_mod, "load", load_then_edit)
+    holder.path.write_text(holder.path.read_text() + "# edited\n")
+    assert holder.reload("file changed")
+    monkeypatch.setattr(config_mod, "load", load)
+    assert holder._file_stamp() != holder._stamp  # the next poll reloads
+    assert holder.reload("file changed")
+    assert [p.id for p in holder.current.policies.policies] == ["g.y"]
+
+
 def _envoy_buffer_limits() -> list[int]:
     limits = []
     for path in sorted((ROOT / "envoy").glob("*.yaml")):
