@@ -49,6 +49,7 @@ from atp_extproc.policy.runtime import (
     tool_choice_without,
 )
 from atp_extproc.redact import Redaction, Restorer
+from atp_extproc.redact.redactor import LONE_SURROGATE
 from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
@@ -450,6 +451,11 @@ class Exchange:
         rec.data_classes = dict(redaction.counts)
         rec.non_text_parts = redaction.non_text_parts
         rec.redaction_incomplete = redaction.incomplete
+        if redaction.denied == (LONE_SURROGATE,):
+            raise RequestError(400, "We could not parse the JSON body of your request: a "
+                               "JSON text in it (tool call arguments or a tool result) "
+                               "escapes half of a UTF-16 surrogate pair (a lone surrogate), "
+                               "which is not valid Unicode", "invalid_json")
         if redaction.denied:
             raise RequestError(400, "The request contains data that may not be sent to a "
                                f"model provider: {', '.join(sorted(redaction.denied))}",

@@ -120,8 +120,7 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
         raise _invalid(_describe(exc)) from None
-    # Only escapes can carry one (UTF-8 itself has no surrogates): text mostly has none.
-    if _SURROGATE_ESCAPE.search(text) is not None and _holds_lone_surrogate(parsed.doc):
+    if holds_lone_surrogate(text, parsed.doc):
         # Invalid Unicode, as the invalid UTF-8 refused above: scanned as a separator, it
         # would hide the value around it from redaction, while a provider's decoder
         # turns it into U+FFFD and the model reads the value whole.
@@ -134,9 +133,17 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _holds_lone_surrogate(doc: dict[str, Any]) -> bool:
+def holds_lone_surrogate(text: str, decoded: Any) -> bool:
+    """Whether JSON `text`, decoded as `decoded`, holds a lone surrogate (half of a
+    UTF-16 pair, escaped): invalid Unicode, which redaction reads as a separator while a
+    provider's decoder reads U+FFFD and the model the value around it whole."""
+    # Only escapes can carry one (UTF-8 itself has no surrogates): text mostly has none.
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    if isinstance(decoded, str):
+        return _SURROGATE.search(decoded) is not None
     # Paired escapes decode to one character above U+FFFF: what is left is lone.
-    stack: list[Any] = [doc]
+    stack: list[Any] = [decoded] if isinstance(decoded, (dict, list)) else []
     while stack:
         node = stack.pop()
         items = node.items() if isinstance(node, dict) else enumerate(node)

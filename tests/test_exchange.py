@@ -991,6 +991,36 @@ def test_a_lone_surrogate_escape_is_refused_as_invalid_unicode(snap, text: str) 
     assert error["code"] == "invalid_json" and "lone surrogate" in error["message"]
 
 
+@pytest.mark.parametrize("path, body", [
+    (CHAT, {"model": "fast", "messages": [
+        {"role": "user", "content": "pay"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {
+                "name": "pay", "arguments": '{"card": "4111\\ud8001111\\ud8001111\\ud8001111"}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"}]}),
+    ("/v1/responses", {"model": "gpt-4o", "input": [
+        {"type": "function_call_output", "call_id": "c",
+         "output": '{"files": ["john@example.com report\\udcff.txt"]}'}]}),
+])
+def test_a_lone_surrogate_escape_inside_a_json_text_is_refused(snap, path, body) -> None:
+    # Tool arguments and results are JSON texts in a string: the body's own check did
+    # not see into them, a card split by one reached the provider, and a value next to
+    # one crashed the rewrite (500, a billed ledger row).
+    ex, resp = send_body(snap, body, path=path)
+    assert resp.immediate_response.status.code == 400
+    error = json.loads(resp.immediate_response.body)["error"]
+    assert error["code"] == "invalid_json" and "lone surrogate" in error["message"]
+    assert ex.finish().cost_usd is None
+
+
+def test_a_paired_escape_inside_a_json_text_passes_redacted(snap) -> None:
+    body = {"model": "gpt-4o-mini", "input": [
+        {"type": "function_call_output", "call_id": "c",
+         "output": '{"files": ["john@example.com \\ud83d\\ude00.txt"]}'}]}
+    _, raw, _ = forwarded(send_body(snap, body, path="/v1/responses")[1])
+    assert raw is not None and b"john@example.com" not in raw and b"[EMAIL" in raw
+
+
 def test_paired_and_escaped_surrogate_escapes_pass(snap) -> None:
     raw = (b'{"model":"fast","messages":[{"role":"user","content":'
            b'"\\ud83d\\ude00 and a literal \\\\ud800 a@b.com"}]}')

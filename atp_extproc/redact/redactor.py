@@ -33,6 +33,9 @@ OPERATIONS = tuple(scope.WALKERS)
 INCOMPLETE = "scan_incomplete"
 # In `Redaction.denied` when two keys of one object would become one placeholder.
 KEYS_COLLIDE = "keys_collide_when_redacted"
+# ... and alone when a JSON text in the body (tool arguments, a tool result) escapes a
+# lone surrogate: invalid Unicode, refused as the body itself would be.
+LONE_SURROGATE = "lone_surrogate_in_json_text"
 _MIN_KEY_BYTES = 16
 _PROCESS_KEY = secrets.token_bytes(32)
 _TENANT_KEYS_MAX = 4096
@@ -321,6 +324,8 @@ class Redactor:
             for path in self._extra:
                 for p, node in scope.resolve(doc, path):
                     c.anything(p, node)
+        if c.lone_surrogate:
+            return Redaction(denied=(LONE_SURROGATE,))
         if not c.units:
             return Redaction(non_text_parts=c.non_text) if c.non_text else _NOTHING
 

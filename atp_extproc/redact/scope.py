@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from atp_extproc.llm_api import holds_lone_surrogate
 from atp_extproc.redact.detectors import Budget, key_class
 
 
@@ -121,6 +122,9 @@ class Collector:
         # is not read and the scan is incomplete.
         self.budget = Budget.for_text(0)
         self.incomplete = False
+        # A JSON text (tool arguments, a tool result) escapes a lone surrogate, as the body
+        # itself may not (llm_api.parse_body): the request is refused.
+        self.lone_surrogate = False
         # Every JSON key of the request, read once: its class and the segment of its
         # first occurrence, which lists the others (records, turns repeating a result).
         self._keys: dict[str, tuple[str | None, Segment]] = {}
@@ -178,11 +182,14 @@ class Collector:
                 self.text(path, raw)
             return False
         try:
-            json.loads(raw)
+            decoded = json.loads(raw)
         except (ValueError, RecursionError):
             if fallback:
                 self.text(path, raw)  # not JSON (or partial): scan it as text
             return False
+        if holds_lone_surrogate(raw, decoded):
+            self.lone_surrogate = True  # the request is refused: nothing to read
+            return True
         if self._seen is not None:
             self._seen.add(path)
         self.budget.left += len(raw) // 16
