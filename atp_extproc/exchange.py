@@ -82,6 +82,8 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 # What routing may add to a body after redaction: the model id, stream_options.
 _ROUTING_ROOM_BYTES = 4096
+# A redacted body this small cannot outgrow Envoy's buffer (see _check_growth).
+_GROWTH_UNMEASURED_BYTES = 64 * 1024
 
 
 @dataclass
@@ -377,10 +379,11 @@ class Exchange:
 
     def _check_growth(self, parsed: ParsedBody) -> None:
         """Refuse a body that placeholders would grow past Envoy's buffer (ATP's answer
-        would fail as a 500). A placeholder is at most a few times the value it replaces,
-        so only a body over a quarter of that limit is measured."""
+        would fail as a 500). A placeholder (class names have at most 32 characters) is
+        at most ~60 times the shortest value it can replace, so a body up to 64 KiB cannot
+        get there, and only a larger one is measured."""
         limit = envoy_buffer_limit(self.snapshot.server.max_body_bytes)
-        if not self._changes or len(parsed.text) <= limit // 4:
+        if not self._changes or self.record.request_bytes <= _GROWTH_UNMEASURED_BYTES:
             return
         size = len(rewrite(parsed, self._changes)) + _ROUTING_ROOM_BYTES
         if size > limit:

@@ -1045,11 +1045,13 @@ def test_a_body_that_placeholders_would_grow_past_envoys_buffer_is_refused(
         snap, monkeypatch) -> None:
     import atp_extproc.exchange as exchange_mod
 
-    limit = 16 * 1024
+    limit = 100 * 1024
     monkeypatch.setattr(exchange_mod, "envoy_buffer_limit", lambda max_body: limit)
-    small = {"model": "fast", "messages": [{"role": "user", "content": "a@b.co " * 200}]}
-    assert forwarded(send_body(snap, small)[1])[1] is not None  # under a quarter: no look
-    big = {"model": "fast", "messages": [{"role": "user", "content": "a@b.co " * 1300}]}
+    small = {"model": "fast", "messages": [{"role": "user", "content": "a@b.co " * 9000}]}
+    assert forwarded(send_body(snap, small)[1])[1] is not None  # 63 KiB: not measured
+    # 94 KB of UTF-8 (CJK counts three bytes a character) that grows by 30 KB.
+    big = json.dumps({"model": "fast", "messages": [{"role": "user", "content":
+                      "\u4e16" * 8000 + " a@b.co" * 10000}]}, ensure_ascii=False).encode()
     ex, resp = send_body(snap, big)
     assert resp.immediate_response.status.code == 413
     assert "placeholders" in json.loads(resp.immediate_response.body)["error"]["message"]
