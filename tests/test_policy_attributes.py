@@ -277,6 +277,25 @@ def test_custom_tool_calls_in_the_history_are_seen(operation, doc):
     assert dict(shell.arguments) == {}
 
 
+@pytest.mark.parametrize("item, name", [
+    ({"type": "shell_call", "call_id": "c", "action": {"commands": ["ls"]}}, "shell"),
+    ({"type": "local_shell_call", "call_id": "c", "action": {"command": ["ls"]}},
+     "local_shell"),
+    ({"type": "mcp_call", "id": "m", "server_label": "ops", "name": "shell",
+      "arguments": "{\"cmd\": \"ls\"}"}, "shell"),
+    ({"type": "computer_call", "call_id": "c", "action": {"type": "click"}},
+     "computer_use_preview"),
+    ({"type": "web_search_call", "id": "w", "status": "completed"}, "web_search"),
+])
+def test_builtin_tool_calls_in_the_history_are_seen(item, name):
+    # A shell_call, local_shell_call or mcp_call named shell got past a tools policy
+    # that refused a function call to shell.
+    fields, _ = request_from_body("responses", {"model": "x", "input": [item]})
+    attrs = build_attributes(request=fields)
+    (tool,) = attrs.request.tool_details
+    assert (tool.name, tool.called, tool.declared) == (name, True, False)
+
+
 def test_request_from_body_is_bounded():
     messages = [{"role": "assistant", "tool_calls": [
         {"function": {"name": f"f{i}", "arguments": "{}"}}]} for i in range(5000)]

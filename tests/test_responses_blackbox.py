@@ -107,7 +107,7 @@ def test_a_namespace_in_a_namespace_loses_the_tools_policy_strips(snap) -> None:
                                                  {**inner, "tools": [_fn("search_docs")]}]}]
 
 
-@pytest.mark.parametrize("tool", [{"type": "code_interpreter", "name": "get_weather"},
+@pytest.mark.parametrize("tool", [{"type": "file_search", "name": "get_weather"},
                                   {"type": "web_search", "name": "search_docs"}])
 def test_a_built_in_tool_goes_by_its_type_whatever_name_it_carries(snap, tool) -> None:
     # bob may offer get_weather and search_docs: a provider runs these by their type.
@@ -158,7 +158,8 @@ EMAIL = "alice.owner@example.org"
      "action": {"type": "find", "Pattern": EMAIL, "url": f"https://x.test/?to={EMAIL}"}},
     {"type": "image_generation_call", "id": "i1", "status": "completed", "result": "AAAA",
      "revised_prompt": f"a portrait of {EMAIL}"},
-    {"type": "local_shell_call", "call_id": "l1", "action": {
+    # (local_shell_call is a code execution tool the example policies refuse.)
+    {"type": "future_runner_call", "call_id": "l1", "action": {
         "type": "exec", "command": ["ls"], "env": {"data": EMAIL, "name": EMAIL}}},
     {"type": "tool_search_call", "call_id": "t1", "arguments": {EMAIL: "who"}},
     {"role": "assistant", "content": [{"type": "output_text", "text": "see", "annotations": [

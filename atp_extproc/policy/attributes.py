@@ -640,6 +640,10 @@ def tool_key(tool: dict[str, Any]) -> str:
     return kind if isinstance(kind, str) else "function"
 
 
+# Built-in tools whose call item is not named after the declared type plus "_call".
+_BUILTIN_CALLS = {"computer_call": "computer_use_preview"}
+
+
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
                    cut: _Cut) -> None:
     items = doc.get("messages") if operation == "chat" else doc.get("input")
@@ -671,6 +675,13 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
             calls.append((item.get("name"), item.get("arguments"), "function"))
         elif item.get("type") == "custom_tool_call":
             calls.append((item.get("name"), None, "custom"))
+        elif item.get("type") == "mcp_call":
+            calls.append((item.get("name"), item.get("arguments"), "mcp"))
+        elif isinstance(item.get("type"), str) and item["type"].endswith("_call"):
+            # A built-in tool's own call (shell_call, local_shell_call, web_search_call):
+            # by the type its tool is declared with.
+            kind = _BUILTIN_CALLS.get(item["type"], item["type"][:-len("_call")])
+            calls.append((kind, None, kind))
         legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
         if isinstance(legacy, dict):
             calls.append((legacy.get("name"), legacy.get("arguments"), "function"))
