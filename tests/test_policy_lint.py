@@ -12,7 +12,7 @@ import yaml
 
 from atp_extproc.policy import PolicyError, PolicySet, load_text
 from atp_extproc.policy.cli import check
-from atp_extproc.policy.envoy_lint import EXT_PROC_TYPE, fail_open_problems
+from atp_extproc.policy.envoy_lint import EXT_PROC_TYPE, TCP_PROXY_TYPE, fail_open_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "policy_cases"
@@ -256,6 +256,7 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/{EXT_PROC_TYPE}
               failure_mode_allow: false
+              processing_mode: {{request_body_mode: BUFFERED}}
 """
 WRAPPED = """\
                 typed_per_filter_config:
@@ -364,6 +365,46 @@ def test_constant_shapes_are_found(expression, value):
 def test_shapes_that_depend_on_the_request_are_not_constant(expression):
     _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
     assert problems == []
+
+
+@pytest.mark.parametrize("override, withheld", [
+    ("{request_header_mode: SKIP}", "request_header_mode: SKIP"),
+    ("{request_body_mode: NONE}", "request_body_mode: NONE"),
+])
+def test_a_route_whose_processing_mode_keeps_the_request_from_atp_is_refused(
+        override, withheld):
+    # ATP never saw the request: no key check, no redaction, the credential passed on.
+    text = ENVOY.format(route=WRAPPED.format(
+        "                    config:\n" + PER_ROUTE
+        + f"                      overrides: {{processing_mode: {override}}}"),
+        filter="", EXT_PROC_TYPE=EXT_PROC_TYPE)
+    problems = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    assert [(p.path, p.severity) for p in problems] == [
+        ("virtual host vh route #1 (prefix=/)", "error")]
+    assert withheld in problems[0].reason
+
+
+def test_a_filter_that_never_reads_the_body_is_refused():
+    text = ENVOY.format(route="", filter="", EXT_PROC_TYPE=EXT_PROC_TYPE).replace(
+        "              processing_mode: {request_body_mode: BUFFERED}\n", "")
+    (problem,) = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    assert problem.path == "ext_proc" and "request_body_mode: NONE" in problem.reason
+
+
+def test_a_tcp_proxy_to_a_models_cluster_is_refused():
+    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    doc["static_resources"]["listeners"].append({
+        "name": "raw", "address": {"socket_address": {"address": "127.0.0.1",
+                                                       "port_value": 10099}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                "@type": f"type.googleapis.com/{TCP_PROXY_TYPE}",
+                "stat_prefix": "raw", "cluster": "demo_b"}}]}]})
+    problems = fail_open_problems("envoy.yaml", yaml.safe_dump(doc), ["deny policies"],
+                                  model_clusters={"demo_a", "demo_b"})
+    assert [p.path for p in problems] == ["tcp_proxy"]
+    assert fail_open_problems("envoy.yaml", yaml.safe_dump(doc), ["deny policies"],
+                              model_clusters={"demo_a"}) == []
 
 
 def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):

@@ -76,20 +76,33 @@ def _per_route(holder: Any, names: set[str]) -> tuple[dict | None, int]:
     return None, 0
 
 
-def _override(per_route: dict | None) -> tuple[bool | None, bool]:
-    """(failure_mode_allow override or None, disabled) of a per-route entry, looking
-    inside a FilterConfig wrapper."""
+def _override(per_route: dict | None) -> tuple[bool | None, bool, dict | None]:
+    """(failure_mode_allow override or None, disabled, processing_mode override or None)
+    of a per-route entry, looking inside a FilterConfig wrapper."""
     if per_route is None:
-        return None, False
+        return None, False, None
     if _is_type(per_route, FILTER_CONFIG_TYPE):
         if per_route.get("disabled") is True:
-            return None, True  # the filter is off; its `config` is ignored
+            return None, True, None  # the filter is off; its `config` is ignored
         inner = per_route.get("config")
         per_route = inner if isinstance(inner, dict) else {}
     disabled = per_route.get("disabled") is True
     overrides = per_route.get("overrides")
-    fma = _bool(overrides.get("failure_mode_allow")) if isinstance(overrides, dict) else None
-    return fma, disabled
+    if not isinstance(overrides, dict):
+        return None, disabled, None
+    mode = overrides.get("processing_mode")
+    return (_bool(overrides.get("failure_mode_allow")), disabled,
+            mode if isinstance(mode, dict) else None)
+
+
+def _withheld(mode: dict) -> str | None:
+    """What of the request a processing mode keeps from ATP, which needs both the
+    headers (who asks, where) and the whole body (what): None if nothing."""
+    if mode.get("request_header_mode") == "SKIP":
+        return "request_header_mode: SKIP"
+    if mode.get("request_body_mode", "NONE") == "NONE":
+        return "request_body_mode: NONE"
+    return None
 
 
 def _route_name(vhost: dict, index: int, route: dict) -> str:
@@ -142,6 +155,18 @@ def fail_open_problems(file: str, text: str, why: list[str],
             if typed.get("failure_mode_allow") is True:
                 filter_open = True
                 filter_line = _line(typed, "failure_mode_allow")
+        filter_mode: dict = {}
+        for f in ext:
+            typed = f.get("typed_config") if isinstance(f.get("typed_config"), dict) else {}
+            mode = typed.get("processing_mode")
+            filter_mode = mode if isinstance(mode, dict) else {}
+            withheld = _withheld(filter_mode)
+            if withheld is not None:
+                problems.append(Problem(
+                    file, _line(typed, "processing_mode") or _line(f), "ext_proc",
+                    f"processing_mode {withheld} (the default where unset): requests go "
+                    f"upstream without ATP reading them{because}",
+                    severity))  # type: ignore[arg-type]
         # `disabled: true` on the HttpFilter: off on every route that does not turn it on.
         filter_off = all(f.get("disabled") is True for f in ext)
         off_line = _line(ext[0], "disabled")
@@ -176,15 +201,24 @@ def fail_open_problems(file: str, text: str, why: list[str],
                           ((r_cfg, r_line), (vh_cfg, vh_line), (rc_cfg, rc_line))
                           if cfg is not None]
                 if levels:
-                    line, _, disabled = levels[0]
+                    line, _, disabled, _ = levels[0]
                 else:
                     line, disabled = off_line, filter_off
                 if disabled:
                     problems.append(Problem(file, line or _line(route), where, off_reason,
                                             severity))  # type: ignore[arg-type]
                     continue
+                mode_line, mode = next(((line, mode) for line, _, _, mode in levels
+                                        if mode is not None), (0, None))
+                withheld = _withheld({**filter_mode, **mode}) if mode is not None else None
+                if withheld is not None:
+                    problems.append(Problem(
+                        file, mode_line, where,
+                        f"a processing_mode override ({withheld}) sends the request "
+                        f"upstream without ATP reading it{because}",
+                        severity))  # type: ignore[arg-type]
                 # ext_proc merges its per-route overrides: the most specific one set wins.
-                fma, line = next(((fma, line) for line, fma, _ in levels
+                fma, line = next(((fma, line) for line, fma, _, _ in levels
                                   if fma is not None), (filter_open, filter_line))
                 if fma:
                     problems.append(Problem(
@@ -192,6 +226,14 @@ def fail_open_problems(file: str, text: str, why: list[str],
                         f"ext_proc fails open (failure_mode_allow: true): when ATP is down "
                         f"the original, unredacted request goes upstream{because}",
                         severity))  # type: ignore[arg-type]
+    for proxy in _walk(doc):
+        if _is_type(proxy, TCP_PROXY_TYPE) and _tcp_reaches(proxy, model_clusters):
+            asked = True  # said here, more precisely than "no ext_proc filter"
+            problems.append(Problem(
+                file, _line(proxy), "tcp_proxy",
+                f"a tcp_proxy to a model's cluster ({proxy.get('stat_prefix', '?')}) "
+                f"passes requests on unread by ATP{because}",
+                severity))  # type: ignore[arg-type]
     if not asked:
         # A config that never asks ATP sends every request on unchecked (an egress proxy
         # placed after ATP has none, but it is not the config ATP is checked against).
@@ -199,6 +241,17 @@ def fail_open_problems(file: str, text: str, why: list[str],
                                 f"no ext_proc filter: no request is ever checked by ATP"
                                 f"{because}", severity))  # type: ignore[arg-type]
     return problems
+
+
+TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+def _tcp_reaches(proxy: dict, clusters: Collection[str] | None) -> bool:
+    weighted = proxy.get("weighted_clusters")
+    named = [proxy.get("cluster")] + [
+        c.get("name") for c in (weighted.get("clusters") or ()
+                                 if isinstance(weighted, dict) else ()) if isinstance(c, dict)]
+    return clusters is None or any(name in clusters for name in named)
 
 
 def _is_connection_manager(node: dict) -> bool:
