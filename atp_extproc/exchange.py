@@ -170,7 +170,7 @@ class Exchange:
         # past that bound it goes on unread.
         self._json_overflow = False
         self._json_overflow_bytes = 0
-        self._streamed = False  # a stream's first body bytes have come
+        self._streamed = False  # a stream's first event with data has come
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
@@ -624,14 +624,15 @@ class Exchange:
             self._body_pending = False
         if self.sse is not None:
             data = body_msg.body
-            if data and not self._streamed:
-                # A stream's first byte is its first event, not its headers: a provider
-                # may send those at once and make the first token wait.
-                self._streamed = True
-                self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
             if self.restorer is not None:
                 data = self.restorer.feed(data, end)
             replacement = self.sse.feed(data, end)
+            if not self._streamed and self.sse.data_events:
+                # A stream's first byte is its first event with data, not its headers
+                # nor a comment: a provider may send those at once and make the first
+                # token wait.
+                self._streamed = True
+                self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
             if replacement is None and self.restorer is not None:
                 replacement = data
             return envoy_api.response_body(replacement)

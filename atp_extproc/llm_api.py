@@ -722,6 +722,8 @@ class SseStream:
         self.finish_reason: str | None = None
         self.output_chars = 0
         self.events = 0
+        # Events with data (a provider may send comments first, ": PROCESSING").
+        self.data_events = 0
         # The provider's error event ended a stream that began 200 (OpenAI sends
         # `{"error": {...}}`; Responses `response.failed` or `error`).
         self.failed = False
@@ -788,6 +790,8 @@ class SseStream:
         """Record what the event says; True if it is a usage-only chunk."""
         self.events += 1
         payload = _data_of(event)
+        if payload:
+            self.data_events += 1
         if not payload.startswith(b"{"):
             return False
         try:
@@ -797,7 +801,10 @@ class SseStream:
         if not isinstance(obj, dict):
             return False
         kind = obj.get("type")
-        if isinstance(obj.get("error"), dict) or kind in ("error", "response.failed"):
+        error = obj.get("error")
+        # OpenAI's {"error": {...}}, TGI's {"error": "text"}, Responses' error events.
+        if isinstance(error, dict) or (isinstance(error, str) and error) or \
+                kind in ("error", "response.failed"):
             self.failed = True
         if isinstance(kind, str) and kind in _TERMINAL_TYPES:
             obj = obj.get("response")
@@ -847,9 +854,12 @@ def _choices_chars(obj: dict[str, Any], part: str) -> int:
             total += len(text) if isinstance(text, str) else 0
         calls = message.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
-            fn = call.get("function") if isinstance(call, dict) else None
-            arguments = fn.get("arguments") if isinstance(fn, dict) else None
-            total += len(arguments) if isinstance(arguments, str) else 0
+            if not isinstance(call, dict):
+                continue
+            for key, field in (("function", "arguments"), ("custom", "input")):
+                sub = call.get(key)
+                text = sub.get(field) if isinstance(sub, dict) else None
+                total += len(text) if isinstance(text, str) else 0
     return total
 
 

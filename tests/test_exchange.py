@@ -629,18 +629,24 @@ def test_a_streams_ttfb_is_its_first_event_not_its_headers(snap) -> None:
     ex.handle(req_body(chat("fast", stream=True)))
     now[0] = 0.003
     ex.handle(resp_headers(200, "text/event-stream"))
+    now[0] = 1.0
+    ex.handle(resp_body(b"", end=False))  # an empty chunk is no first byte,
+    now[0] = 1.5
+    ex.handle(resp_body(b": PROCESSING\n\n", end=False))  # nor a comment (OpenRouter),
     now[0] = 2.0
-    ex.handle(resp_body(b"", end=False))  # an empty chunk is no first byte
-    now[0] = 2.5
     body, _ = chat_sse(3, 2)
-    ex.handle(resp_body(body[:20], end=False))
+    ex.handle(resp_body(body[:20], end=False))  # nor half an event
+    now[0] = 2.5
+    first = body.index(b"\n\n") + 2
+    ex.handle(resp_body(body[20:first], end=False))
     now[0] = 3.0
-    ex.handle(resp_body(body[20:], end=True))
+    ex.handle(resp_body(body[first:], end=True))
     rec = ex.finish()
     assert rec.ttfb_ms == pytest.approx(2500.0) and rec.duration_ms == pytest.approx(3000.0)
 
 
 @pytest.mark.parametrize("event", [
+    b'data: {"error": "Input validation error", "error_type": "validation"}\n\n',  # TGI
     b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
     b'data: {"type": "error", "code": "server_error", "message": "boom"}\n\n'])
 def test_a_stream_ended_by_the_providers_error_event_is_a_failure(snap, event) -> None:
@@ -861,6 +867,8 @@ def test_json_response_without_usage_is_estimated(snap) -> None:
 
 @pytest.mark.parametrize("path, answer, output", [
     (CHAT, {"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}, 100),
+    (CHAT, {"choices": [{"message": {"content": None, "tool_calls": [
+        {"type": "custom", "custom": {"name": "patch", "input": "y" * 40}}]}}]}, 10),
     (CHAT, {"choices": [{"message": {"content": "x" * 400}}], "usage": None}, 100),
     ("/v1/embeddings", {"data": [{"embedding": [0.5] * 64}]}, 0),
 ])

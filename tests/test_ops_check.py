@@ -125,3 +125,13 @@ def test_a_policy_file_is_checked_on_its_own(tmp_path: Path,
     assert "1 policies (1 deny)" in capsys.readouterr().out
     path.write_text("policies:\n  - {id: t.x, effect: deny, expression: request.strem}\n")
     assert check(capsys, path)[0].startswith(f"{path}:2: t.x: unknown attribute request.strem")
+
+
+def test_an_included_file_with_an_empty_policies_key_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `policies:` with nothing under it loaded silently as no policies.
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "tools.yaml").write_text("policies:\n")
+    path = config(tmp_path, ("mode: per_policy", "include: [policies/*.yaml]"))
+    (line,) = check(capsys, path)
+    assert line.endswith("tools.yaml:1: policies: empty; `policies: []` says none")

@@ -293,16 +293,19 @@ def test_disabled_filter_and_filter_config_wrapped_overrides(route, filter_, exp
                for p in problems)
 
 
-@pytest.mark.parametrize("style, head", [
-    ("folded", "expression: >\n"), ("literal", "expression: |\n"),
-    ("plain", "expression:\n")])
-def test_an_error_inside_a_multi_line_expression_names_its_own_line(tmp_path, style, head):
+@pytest.mark.parametrize("style, head, tail", [
+    ("folded", "expression: >\n      ", ""), ("literal", "expression: |\n      ", ""),
+    ("plain", "expression:\n      ", ""), ("single", "expression:\n      '", "'"),
+    ("double", 'expression:\n      "', '"')])
+def test_an_error_inside_a_multi_line_expression_names_its_own_line(tmp_path, style, head,
+                                                                     tail):
     # A folded (`>`) block is one CEL line: its errors named the block's first line.
     path = tmp_path / "p.yaml"
+    alias = '\\"x\\"' if style == "double" else '"x"'  # an escape in a quoted scalar
     path.write_text("policies:\n  - id: f.x\n    effect: deny\n    " + head +
-                    "      subject.tenant == 'bob' &&\n"
-                    "      request.alias == 'x' &&\n"
-                    "      request.nope == 1\n")
+                    "subject.tenant.size() > 1 &&\n"
+                    f"      request.alias == {alias} &&\n"
+                    "      request.nope == 1" + tail + "\n")
     code, output = run_check([path])
     assert code == 1
     assert f"{path}:7: f.x: unknown attribute request.nope" in output

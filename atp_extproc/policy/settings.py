@@ -299,7 +299,7 @@ def _line_starts(node: Any, expression: str, first_line: int) -> tuple[tuple[int
     """(offset in `expression`, file line) where each source line of a scalar written
     over several lines starts. Folding joins lines with spaces and block scalars lose
     their indentation, so each line's text is looked for in order; a line not found (an
-    escape in a quoted scalar) ends the map, and errors past it name the line before."""
+    escape in a quoted scalar) is left out, and errors in it name the line before."""
     start, end = node.start_mark, node.end_mark
     buffer = getattr(start, "buffer", None)
     if not buffer or start.line == end.line:
@@ -307,6 +307,8 @@ def _line_starts(node: Any, expression: str, first_line: int) -> tuple[tuple[int
     lines = buffer[start.index:end.index].split("\n")
     if node.style in ("|", ">"):
         lines = lines[1:]  # the indicator's own line
+    elif node.style in ('"', "'"):
+        lines[0], lines[-1] = lines[0][1:], lines[-1][:-1]  # the quotes
     out: list[tuple[int, int]] = []
     pos = 0
     for k, text in enumerate(lines):
@@ -315,7 +317,7 @@ def _line_starts(node: Any, expression: str, first_line: int) -> tuple[tuple[int
             continue
         found = expression.find(content, pos)
         if found < 0:
-            break
+            continue
         out.append((found, first_line + k))
         pos = found + len(content)
     return tuple(out)
@@ -384,13 +386,18 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
             hasher.update(b"\0" + shown.encode() + b"\0" + inc_text.encode())
             inc_doc, more = load_yaml(inc_text, shown)
             problems += more
+            # Mostly a file caught mid-write (truncated, then filled): loading it as "no
+            # policies" would drop its denies until the next poll.
             if inc_doc is None:
-                # Mostly a file caught mid-write (truncated, then filled): loading it as
-                # "no policies" would drop its denies until the next poll.
                 if not more:
                     problems.append(Problem(shown, 1, "", "the file is empty; an included "
                                             "policy file holds `policies:` (`policies: []` "
                                             "for none)"))
+                continue
+            if isinstance(inc_doc, dict) and "policies" in inc_doc and \
+                    inc_doc["policies"] is None:
+                problems.append(Problem(shown, line_of(inc_doc, ["policies"]) or 1,
+                                        "policies", "empty; `policies: []` says none"))
                 continue
             if not isinstance(inc_doc, dict) or set(inc_doc) - {"policies"}:
                 problems.append(Problem(shown, getattr(inc_doc, "line", 1), "",
