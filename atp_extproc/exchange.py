@@ -49,7 +49,7 @@ from atp_extproc.policy.runtime import (
     tool_choice_without,
 )
 from atp_extproc.redact import Redaction, Restorer
-from atp_extproc.redact.redactor import LONE_SURROGATE
+from atp_extproc.redact.redactor import INCOMPLETE, KEYS_COLLIDE, LONE_SURROGATE
 from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
@@ -75,6 +75,8 @@ FEEDBACK_PATH = "/v1/feedback"
 INCOMPLETE_RESPONSE = "response_incomplete"
 # ... and when a stream that began 200 ended with the provider's error event.
 STREAM_ERROR = "upstream_stream_error"
+# ... and when Envoy stopped waiting for ATP's answer (message_timeout, or the client left).
+ABANDONED = "atp_answer_abandoned"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The client's credential for ATP must never travel on to a model provider: every header
@@ -459,10 +461,21 @@ class Exchange:
                                "JSON text in it (tool call arguments or a tool result) "
                                "escapes half of a UTF-16 surrogate pair (a lone surrogate), "
                                "which is not valid Unicode", "invalid_json")
-        if redaction.denied:
+        classes = sorted(d for d in redaction.denied if d not in (INCOMPLETE, KEYS_COLLIDE))
+        if classes:
             raise RequestError(400, "The request contains data that may not be sent to a "
-                               f"model provider: {', '.join(sorted(redaction.denied))}",
+                               f"model provider: {', '.join(classes)}",
                                "sensitive_data_refused")
+        if KEYS_COLLIDE in redaction.denied:
+            raise RequestError(400, "Two keys of one object in the request hold personal "
+                               "data that redaction would make one key; rename one",
+                               "sensitive_data_refused")
+        if INCOMPLETE in redaction.denied:
+            # redaction.on_incomplete: deny. Nothing was found to refuse: the body was too
+            # costly to scan to its end, and what went unscanned may not go.
+            raise RequestError(400, "The request is too costly to scan completely for "
+                               "personal data (the per-request work budget ran out); send "
+                               "less text, in fewer parts", "redaction_incomplete")
         return redaction
 
     def _wants_restore(self, route: Route) -> bool:

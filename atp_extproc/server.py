@@ -26,7 +26,7 @@ from atp_extproc import config as config_mod
 from atp_extproc import logs
 from atp_extproc.config import ConfigError, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
-from atp_extproc.exchange import Exchange
+from atp_extproc.exchange import ABANDONED, Exchange
 from atp_extproc.services import Services
 
 log = logging.getLogger("atp.server")
@@ -200,17 +200,23 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self._idle.clear()
         try:
             async for message in request_iterator:
-                if (message.HasField("request_body")
-                        and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
-                    response = await self._inspect_off_loop(exchange, message)
-                elif (message.HasField("response_body") and exchange.restorer is not None
-                        and len(message.response_body.body) + exchange.response_work_bytes
-                        > OFFLOAD_BODY_BYTES):
-                    # Restoring a big answer's placeholders takes as long as inspecting it.
-                    response = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, _without_gc, exchange.handle, message)
-                else:
-                    response = exchange.handle(message)
+                try:
+                    if (message.HasField("request_body")
+                            and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
+                        response = await self._inspect_off_loop(exchange, message)
+                    elif (message.HasField("response_body")
+                            and exchange.restorer is not None
+                            and len(message.response_body.body)
+                            + exchange.response_work_bytes > OFFLOAD_BODY_BYTES):
+                        # Restoring a big answer's placeholders takes as long as
+                        # inspecting it.
+                        response = await asyncio.get_running_loop().run_in_executor(
+                            self._pool, _without_gc, exchange.handle, message)
+                    else:
+                        response = exchange.handle(message)
+                except asyncio.CancelledError:
+                    _abandoned(exchange, message)
+                    raise
                 if message.observability_mode:
                     # Envoy never reads these answers, and keeps the stream open until the
                     # server closes it: close it once the response has ended.
@@ -245,6 +251,19 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         except TimeoutError:
             return False
         return True
+
+
+def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
+    """Envoy closed the stream while ATP worked on a message: it stopped waiting
+    (message_timeout; the client got a 504) or the client left. The record says so; the
+    log says it, as ATP being too slow is the operator's to fix."""
+    rec = exchange.record
+    rec.error_code = rec.error_code or ABANDONED
+    phase = message.WhichOneof("request")
+    body = getattr(message, phase).body if phase.endswith("_body") else b""
+    log.warning("Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
+                "message_timeout passed, or the client left", phase, len(body),
+                rec.request_id or "-")
 
 
 def _response_ended(message: ProcessingRequest) -> bool:

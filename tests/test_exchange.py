@@ -986,6 +986,16 @@ def test_cost_is_the_ledgers_exact_amount() -> None:
 # -- known bugs, surfaced through the pipeline -------------------------------------
 
 
+def test_a_body_too_costly_to_scan_gets_a_message_that_says_so(snap) -> None:
+    # "data that may not be sent to a model provider: scan_incomplete" read as if a
+    # data class of that name had been found.
+    _, resp = send_body(snap, chat("fast", messages=[
+        {"role": "user", "content": "1 " * (512 * 1024)}]))
+    assert resp.immediate_response.status.code == 400
+    error = json.loads(resp.immediate_response.body)["error"]
+    assert error["code"] == "redaction_incomplete" and "too costly to scan" in error["message"]
+
+
 @pytest.mark.parametrize("text", ["card 4111\\ud8001111\\ud8001111\\ud8001111",
                                   "ssn 123\\udc00-45-6789", "x\\ud83d"])
 def test_a_lone_surrogate_escape_is_refused_as_invalid_unicode(snap, text: str) -> None:

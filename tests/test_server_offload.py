@@ -63,3 +63,45 @@ async def test_a_big_answer_is_restored_off_the_event_loop(tmp_path, monkeypatch
     restored = replies[-1].response_body.response.body_mutation.body
     assert b"user00000@example.com" in restored and b"[EMAIL_" not in restored
     assert threads["restore"].startswith("atp-inspect")
+
+
+@pytest.mark.asyncio
+async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
+        tmp_path, monkeypatch, caplog) -> None:
+    # Envoy's message_timeout passed while a big body was inspected: the client got a
+    # 504, and ATP's record said status 0 with no error, like a client that left early.
+    import asyncio
+
+    started, release = threading.Event(), threading.Event()
+    inspect = Exchange.inspect_body
+
+    def slow(self, message):
+        started.set()
+        release.wait(10)
+        return inspect(self, message)
+
+    records = []
+    finish = Exchange.finish
+    monkeypatch.setattr(Exchange, "inspect_body", slow)
+    monkeypatch.setattr(Exchange, "finish", lambda self: records.append(finish(self)))
+    big = {"model": "gpt-4o-mini",
+           "messages": [{"role": "user", "content": "x" * (2 * OFFLOAD_BODY_BYTES)}]}
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+
+    async def consume():
+        return [r async for r in processor.Process(_messages([
+            req_headers("POST", "/v1/chat/completions"), req_body(big)]), _Context())]
+
+    with caplog.at_level("WARNING", logger="atp.server"):
+        task = asyncio.create_task(consume())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # as grpc.aio does when Envoy closes the stream
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    release.set()
+    (record,) = records
+    assert record.error_code == "atp_answer_abandoned"
+    assert any("Envoy stopped waiting for ATP's answer to request_body" in r.getMessage()
+               for r in caplog.records)
