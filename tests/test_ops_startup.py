@@ -92,8 +92,9 @@ def test_check_refuses_a_listen_address_grpc_cannot_bind(
     path = tmp_path / "atp.yaml"
     path.write_text(CONFIG + f"server: {{listen: '{listen}'}}\n")
     assert cli.main(["check", str(path)]) == 1
-    (line,) = capsys.readouterr().out.splitlines()
+    line, tally = capsys.readouterr().out.splitlines()
     assert line.startswith(f"{path}: server.listen: {listen!r}: ") and problem in line
+    assert tally == "1 error(s), 0 warning(s)"
 
 
 @pytest.mark.parametrize("listen", [
