@@ -489,8 +489,11 @@ def tool_lists(operation: str, doc: dict[str, Any]) -> Iterator[tuple[str, Any]]
                                     if doc.get(key) is not None]
     items = doc.get("input") if operation == "responses" else None
     if isinstance(items, list):
+        # An mcp_list_tools item lists an MCP server's tools: the server's, one tool
+        # `mcp` to policies, not tools the request declares.
         lists += [(f"input[{i}].tools", item["tools"]) for i, item in enumerate(items)
-                  if isinstance(item, dict) and item.get("tools") is not None]
+                  if isinstance(item, dict) and item.get("tools") is not None
+                  and item.get("type") != "mcp_list_tools"]
     for param, tools in lists:  # grows with the namespaces found on the way
         yield param, tools
         if isinstance(tools, list):

@@ -282,18 +282,35 @@ def test_custom_tool_calls_in_the_history_are_seen(operation, doc):
     ({"type": "local_shell_call", "call_id": "c", "action": {"command": ["ls"]}},
      "local_shell"),
     ({"type": "mcp_call", "id": "m", "server_label": "ops", "name": "shell",
-      "arguments": "{\"cmd\": \"ls\"}"}, "shell"),
+      "arguments": "{\"cmd\": \"ls\"}"}, "mcp"),
     ({"type": "computer_call", "call_id": "c", "action": {"type": "click"}},
      "computer_use_preview"),
     ({"type": "web_search_call", "id": "w", "status": "completed"}, "web_search"),
 ])
 def test_builtin_tool_calls_in_the_history_are_seen(item, name):
-    # A shell_call, local_shell_call or mcp_call named shell got past a tools policy
-    # that refused a function call to shell.
+    # A shell_call or local_shell_call got past a tools policy that refused a function
+    # call to shell; an MCP server's call is the server's tool, `mcp`.
     fields, _ = request_from_body("responses", {"model": "x", "input": [item]})
     attrs = build_attributes(request=fields)
     (tool,) = attrs.request.tool_details
     assert (tool.name, tool.called, tool.declared) == (name, True, False)
+
+
+@pytest.mark.parametrize("declared, item", [
+    ({"type": "web_search_preview"}, {"type": "web_search_call", "id": "w"}),
+    ({"type": "computer"}, {"type": "computer_call", "call_id": "c", "action": {}}),
+    ({"type": "mcp", "server_label": "ops", "server_url": "https://mcp.test"},
+     {"type": "mcp_call", "id": "m", "server_label": "ops", "name": "read_file"}),
+])
+def test_a_builtin_call_counts_toward_the_tool_declared_for_it(declared, item):
+    # A replayed web_search_call was a second tool, `web_search`, that an allowlist of
+    # web_search_preview refused.
+    fields, _ = request_from_body("responses", {"model": "x", "tools": [declared],
+                                                "input": [item]})
+    attrs = build_attributes(request=fields)
+    (tool,) = attrs.request.tool_details
+    assert (tool.name, tool.declared, tool.called) == (declared["type"], True, True)
+    assert attrs.request.tool_count == 1
 
 
 def test_request_from_body_is_bounded():

@@ -373,6 +373,8 @@ def test_shapes_that_depend_on_the_request_are_not_constant(expression):
 @pytest.mark.parametrize("override, withheld", [
     ("{request_header_mode: SKIP}", "request_header_mode: SKIP"),
     ("{request_body_mode: NONE}", "request_body_mode: NONE"),
+    # Envoy takes the override whole: unset, the body mode is NONE, not the filter's.
+    ("{response_header_mode: SKIP}", "request_body_mode: NONE"),
 ])
 def test_a_route_whose_processing_mode_keeps_the_request_from_atp_is_refused(
         override, withheld):
@@ -385,6 +387,19 @@ def test_a_route_whose_processing_mode_keeps_the_request_from_atp_is_refused(
     assert [(p.path, p.severity) for p in problems] == [
         ("virtual host vh route #1 (prefix=/)", "error")]
     assert withheld in problems[0].reason
+
+
+@pytest.mark.parametrize("override", [
+    "disabled: true", "overrides: {processing_mode: {request_body_mode: NONE}}"])
+def test_a_route_to_no_models_cluster_may_skip_atp(override):
+    # A status or health route to a backend of its own: nothing of a model's to guard.
+    text = ENVOY.format(route=WRAPPED.format(
+        "                    config:\n" + PER_ROUTE + f"                      {override}"),
+        filter="", EXT_PROC_TYPE=EXT_PROC_TYPE)
+    assert fail_open_problems("envoy.yaml", text, ["deny policies"],
+                              model_clusters={"demo_a"}) == []
+    assert fail_open_problems("envoy.yaml", text, ["deny policies"],
+                              model_clusters={"up"}) != []
 
 
 def test_a_filter_that_never_reads_the_body_is_refused():

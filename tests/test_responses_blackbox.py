@@ -495,3 +495,12 @@ def test_chat_fields_of_an_odd_shape_are_read(snap, message) -> None:
 def test_keys_in_a_list_in_a_list_are_read(snap) -> None:
     raw = forwarded(_send(snap, input=[{"role": "user", "content": [[{EMAIL: "vip"}]]}]))[1]
     assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_an_mcp_list_tools_item_declares_no_tools(snap) -> None:
+    # The tools an MCP server lists are the server's (one tool, `mcp`): read as tools
+    # the request declared, bob's tool scope refused the whole conversation.
+    listing = {"type": "mcp_list_tools", "id": "l", "server_label": "ops",
+               "tools": [{"name": "deploy", "input_schema": {"type": "object"}}]}
+    sent = _sent(_send(snap, BOB, input=[{"role": "user", "content": "hi"}, listing]))
+    assert sent["input"][1] == listing

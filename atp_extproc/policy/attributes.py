@@ -640,8 +640,13 @@ def tool_key(tool: dict[str, Any]) -> str:
     return kind if isinstance(kind, str) else "function"
 
 
-# Built-in tools whose call item is not named after the declared type plus "_call".
-_BUILTIN_CALLS = {"computer_call": "computer_use_preview"}
+def _builtin_tool(details: dict[str, dict], base: str) -> str:
+    """The declared built-in tool a `<base>_call` item belongs to: `base` itself or a
+    variant of it (web_search_preview, computer_use_preview, dated versions)."""
+    for key, entry in details.items():
+        if entry.get("declared") and (key == base or key.startswith(f"{base}_")):
+            return key
+    return "computer_use_preview" if base == "computer" else base
 
 
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
@@ -676,11 +681,11 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         elif item.get("type") == "custom_tool_call":
             calls.append((item.get("name"), None, "custom"))
         elif item.get("type") == "mcp_call":
-            calls.append((item.get("name"), item.get("arguments"), "mcp"))
+            calls.append(("mcp", None, "mcp"))  # an MCP server is one tool, `mcp`
         elif isinstance(item.get("type"), str) and item["type"].endswith("_call"):
-            # A built-in tool's own call (shell_call, local_shell_call, web_search_call):
-            # by the type its tool is declared with.
-            kind = _BUILTIN_CALLS.get(item["type"], item["type"][:-len("_call")])
+            # A built-in tool's own call (shell_call, web_search_call): the tool declared
+            # by that type (web_search_preview, computer_use_preview ...), else the type.
+            kind = _builtin_tool(details, item["type"][:-len("_call")])
             calls.append((kind, None, kind))
         legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
         if isinstance(legacy, dict):

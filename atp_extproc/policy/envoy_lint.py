@@ -191,8 +191,8 @@ def fail_open_problems(file: str, text: str, why: list[str],
                 continue
             vh_cfg, vh_line = _per_route(vhost, names)
             for index, route in enumerate(vhost.get("routes") or ()):
-                if not isinstance(route, dict) or "direct_response" in route or \
-                        "redirect" in route:
+                if not isinstance(route, dict) or not _route_may_reach(route,
+                                                                       model_clusters):
                     continue
                 r_cfg, r_line = _per_route(route, names)
                 where = _route_name(vhost, index, route)
@@ -210,7 +210,9 @@ def fail_open_problems(file: str, text: str, why: list[str],
                     continue
                 mode_line, mode = next(((line, mode) for line, _, _, mode in levels
                                         if mode is not None), (0, None))
-                withheld = _withheld({**filter_mode, **mode}) if mode is not None else None
+                # Envoy takes a route's processing_mode whole: what it leaves unset is the
+                # default (request_body_mode NONE), not the filter's setting.
+                withheld = _withheld(mode) if mode is not None else None
                 if withheld is not None:
                     problems.append(Problem(
                         file, mode_line, where,
@@ -261,26 +263,29 @@ def _is_connection_manager(node: dict) -> bool:
 
 def _may_reach(hcm: dict, clusters: Collection[str] | None) -> bool:
     """Whether a connection manager may send requests to one of `clusters` (None: to
-    any): routes it gets from elsewhere (RDS) or one naming such a cluster, or reading
-    it from a header or a plugin."""
+    any): routes it gets from elsewhere (RDS), or one that may (_route_may_reach)."""
     route_config = hcm.get("route_config")
     if not isinstance(route_config, dict):
         return True
-    for vhost in route_config.get("virtual_hosts") or ():
-        for route in (vhost.get("routes") or ()) if isinstance(vhost, dict) else ():
-            action = route.get("route") if isinstance(route, dict) else None
-            if not isinstance(action, dict):
-                continue
-            weighted = action.get("weighted_clusters")
-            named = [action.get("cluster")] + [
-                c.get("name") for c in (weighted.get("clusters") or ()
-                                         if isinstance(weighted, dict) else ())
-                if isinstance(c, dict)]
-            if clusters is None or "cluster_header" in action or \
-                    "cluster_specifier_plugin" in action or \
-                    any(name in clusters for name in named):
-                return True
-    return False
+    return any(isinstance(route, dict) and _route_may_reach(route, clusters)
+               for vhost in route_config.get("virtual_hosts") or ()
+               if isinstance(vhost, dict) for route in vhost.get("routes") or ())
+
+
+def _route_may_reach(route: dict, clusters: Collection[str] | None) -> bool:
+    """Whether a route may send requests to one of `clusters` (None: to any upstream):
+    it names such a cluster, or reads its cluster from a header or a plugin. A direct
+    response or a redirect sends nothing upstream."""
+    action = route.get("route")
+    if not isinstance(action, dict):
+        return False
+    if clusters is None or "cluster_header" in action or "cluster_specifier_plugin" in action:
+        return True
+    weighted = action.get("weighted_clusters")
+    named = [action.get("cluster")] + [
+        c.get("name") for c in (weighted.get("clusters") or ()
+                                 if isinstance(weighted, dict) else ()) if isinstance(c, dict)]
+    return any(name in clusters for name in named)
 
 
 JWT_AUTHN_TYPE = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
