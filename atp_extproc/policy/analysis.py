@@ -172,18 +172,17 @@ class _Walker:
         True when the whole call is (nothing below it reads an attribute)."""
         call = e.call_expr
         at = self.positions.get(e.id, 0)
-        text = unparse(e)
+        # A literal regex is checked as such (the walk goes on to it).
+        text = unparse(e) if call.function != "matches" else None
         if text is not None:
-            if call.function != "matches":  # a literal regex is checked as such
-                self.probes.append((at, text))
+            self.probes.append((at, text))
             return True
         args = list(call.args)
-        if call.function in ("_/_", "_%_") and len(args) == 2:
-            divisor = _const(args[1])
-            if divisor in (("num", 0), ("num", 0.0)) and \
-                    args[1].const_expr.WhichOneof("constant_kind") != "double_value":
-                self.findings.append(Finding(at, "division by zero: fails on every "
-                                             "evaluation"))
+        if call.function in ("_/_", "_%_") and len(args) == 2 and \
+                args[1].const_expr.WhichOneof("constant_kind") in ("int64_value",
+                                                                  "uint64_value") and \
+                _const(args[1]) == ("num", 0):  # a double 0 gives infinity, no error
+            self.findings.append(Finding(at, "division by zero: fails on every evaluation"))
         if call.function in _TIME_PARTS and call.HasField("target") and len(args) == 1:
             zone = _text(args[0])
             if zone is not None:

@@ -155,12 +155,10 @@ def fail_open_problems(file: str, text: str, why: list[str],
             if typed.get("failure_mode_allow") is True:
                 filter_open = True
                 filter_line = _line(typed, "failure_mode_allow")
-        filter_mode: dict = {}
         for f in ext:
             typed = f.get("typed_config") if isinstance(f.get("typed_config"), dict) else {}
             mode = typed.get("processing_mode")
-            filter_mode = mode if isinstance(mode, dict) else {}
-            withheld = _withheld(filter_mode)
+            withheld = _withheld(mode if isinstance(mode, dict) else {})
             if withheld is not None:
                 problems.append(Problem(
                     file, _line(typed, "processing_mode") or _line(f), "ext_proc",
@@ -249,11 +247,15 @@ TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 
 
 def _tcp_reaches(proxy: dict, clusters: Collection[str] | None) -> bool:
-    weighted = proxy.get("weighted_clusters")
-    named = [proxy.get("cluster")] + [
+    return clusters is None or any(name in clusters for name in _named_clusters(proxy))
+
+
+def _named_clusters(action: dict) -> list[Any]:
+    """The clusters a route action or a tcp_proxy names: `cluster`, `weighted_clusters`."""
+    weighted = action.get("weighted_clusters")
+    return [action.get("cluster")] + [
         c.get("name") for c in (weighted.get("clusters") or ()
                                  if isinstance(weighted, dict) else ()) if isinstance(c, dict)]
-    return clusters is None or any(name in clusters for name in named)
 
 
 def _is_connection_manager(node: dict) -> bool:
@@ -281,11 +283,7 @@ def _route_may_reach(route: dict, clusters: Collection[str] | None) -> bool:
         return False
     if clusters is None or "cluster_header" in action or "cluster_specifier_plugin" in action:
         return True
-    weighted = action.get("weighted_clusters")
-    named = [action.get("cluster")] + [
-        c.get("name") for c in (weighted.get("clusters") or ()
-                                 if isinstance(weighted, dict) else ()) if isinstance(c, dict)]
-    return any(name in clusters for name in named)
+    return any(name in clusters for name in _named_clusters(action))
 
 
 JWT_AUTHN_TYPE = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
