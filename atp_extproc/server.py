@@ -259,7 +259,7 @@ def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
     log says it, as ATP being too slow is the operator's to fix."""
     rec = exchange.record
     rec.error_code = rec.error_code or ABANDONED
-    phase = message.WhichOneof("request")
+    phase = message.WhichOneof("request") or "a message"
     body = getattr(message, phase).body if phase.endswith("_body") else b""
     log.warning("Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
                 "message_timeout passed, or the client left", phase, len(body),
