@@ -96,12 +96,12 @@ def _check(args: argparse.Namespace) -> int:
     from atp_extproc import config as config_mod
     from atp_extproc.policy import cli as policy_cli
 
-    unreadable = _yaml_problems(args.config)
+    doc, unreadable = _read_mapping(args.config)
     if unreadable:
         print("\n".join(unreadable))
         print(f"{len(unreadable)} error(s), 0 warning(s)")
         return 1
-    if _is_policy_file(args.config):
+    if doc and policy_cli.is_policy_file(doc):
         # One team's file on its own: its policies, without an atp.yaml's models.
         return policy_cli.check([args.config], args.envoy)
     try:
@@ -128,30 +128,22 @@ def _check(args: argparse.Namespace) -> int:
     return code
 
 
-def _is_policy_file(path: str) -> bool:
-    """A file with `policies:` (or `policy:`) and nothing else, as policy.include takes."""
-    import yaml
-
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    return bool(doc) and not set(doc) - {"policy", "policies"}
-
-
-def _yaml_problems(path: str) -> list[str]:
-    """Why the file is no YAML mapping one can read, each problem once: it cannot be
-    read, it is not YAML, not a mapping, or a key is given twice (named by its full
-    path)."""
+def _read_mapping(path: str) -> tuple[Any, list[str]]:
+    """The file's YAML mapping, and why it is none one can read, each problem once: it
+    cannot be read, it is not YAML, not a mapping, or a key is given twice (named by its
+    full path)."""
     from atp_extproc.policy.settings import load_yaml
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read: {exc}"]
+        return None, [f"{path}: cannot read: {exc}"]
     doc, problems = load_yaml(text, path)
     if not problems and not isinstance(doc, dict):
-        return [f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]
+        return doc, [f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]
     # load_yaml names a key given twice by the key alone.
-    return [str(dataclasses.replace(p, path=_key_path(doc, p.line, p.path) or p.path))
-            if p.path else str(p) for p in problems]
+    return doc, [str(dataclasses.replace(p, path=_key_path(doc, p.line, p.path) or p.path))
+                 if p.path else str(p) for p in problems]
 
 
 def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:

@@ -169,8 +169,7 @@ class Exchange:
         self._response_body = bytearray()
         # A JSON answer Envoy cannot buffer (no length, or over max_body_bytes) comes in
         # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits;
-        # past that bound it goes on unread.
-        self._json_overflow = False
+        # past that bound it goes on unread, counted here (0: still within the bound).
         self._json_overflow_bytes = 0
         self._streamed = False  # a stream's first event with data has come
         # ATP asked for the response body and its end has not come (yet): at finish, the
@@ -656,12 +655,11 @@ class Exchange:
         max_body_bytes. With a restore pending, chunks are held back and the restored body
         goes out with the last one; past the bound, what is held goes on as it came (usage
         is then estimated)."""
-        if self._json_overflow:
+        if self._json_overflow_bytes:
             self._json_overflow_bytes += len(chunk)
             return envoy_api.response_body()
         held = self._response_body
         if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
-            self._json_overflow = True
             self._json_overflow_bytes = len(held) + len(chunk)
             out = bytes(held) + chunk
             held.clear()

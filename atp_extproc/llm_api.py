@@ -130,7 +130,8 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# A UTF-16 surrogate, which only a JSON escape can put in a str.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def holds_lone_surrogate(text: str, decoded: Any) -> bool:
@@ -141,17 +142,17 @@ def holds_lone_surrogate(text: str, decoded: Any) -> bool:
     if _SURROGATE_ESCAPE.search(text) is None:
         return False
     if isinstance(decoded, str):
-        return _SURROGATE.search(decoded) is not None
+        return SURROGATE.search(decoded) is not None
     # Paired escapes decode to one character above U+FFFF: what is left is lone.
     stack: list[Any] = [decoded] if isinstance(decoded, (dict, list)) else []
     while stack:
         node = stack.pop()
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, value in items:
-            if isinstance(key, str) and _SURROGATE.search(key):
+            if isinstance(key, str) and SURROGATE.search(key):
                 return True
             if isinstance(value, str):
-                if _SURROGATE.search(value):
+                if SURROGATE.search(value):
                     return True
             elif isinstance(value, (dict, list)):
                 stack.append(value)

@@ -20,10 +20,16 @@ from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
 ENFORCING = ("deny", "restrict", "redact", "tools")
 
 
+def is_policy_file(raw: dict[str, Any]) -> bool:
+    """A file holding only `policy:`/`policies:`, as policy.include takes: it says
+    nothing about models or redaction."""
+    return not set(raw) - {"policy", "policies"}
+
+
 def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:
     """The data classes an atp.yaml's redaction knows (built-in and its custom
     detectors'); None for a policy file, which says nothing about them."""
-    if not set(raw) - {"policy", "policies"}:
+    if is_policy_file(raw):
         return None
     section = raw.get("redaction")
     detectors = section.get("custom_detectors") if isinstance(section, dict) else None
@@ -34,11 +40,11 @@ def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:
 def redaction_configured(raw: dict[str, Any]) -> bool:
     """Whether the config `raw` turns redaction on, as config.load would.
 
-    A file holding only `policy:`/`policies:` is a policy file: it says nothing about
-    redaction. In an atp.yaml a missing `redaction:` section means the settings model's
-    defaults, and redaction is on unless the section turns it off.
+    A policy file says nothing about redaction. In an atp.yaml a missing `redaction:`
+    section means the settings model's defaults, and redaction is on unless the section
+    turns it off.
     """
-    if not set(raw) - {"policy", "policies"}:
+    if is_policy_file(raw):
         return False
     section = raw.get("redaction")
     if not isinstance(section, dict) or "enabled" not in section:

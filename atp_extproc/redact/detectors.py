@@ -27,6 +27,7 @@ import phonenumbers
 import re2
 from phonenumbers import PhoneMetadata, PhoneNumber
 
+from atp_extproc.llm_api import SURROGATE
 from atp_extproc.redact.normalize import Normalized, latin_letters
 from atp_extproc.redact.re2util import re2_options, search, spans
 from atp_extproc.redact.settings import RedactionSettings, compile_custom
@@ -550,7 +551,6 @@ def _number(cc: int, nsn: str) -> PhoneNumber:
 
 # -- the scanner --------------------------------------------------------------------------
 
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def utf8_safe(text: str) -> str:
@@ -560,7 +560,7 @@ def utf8_safe(text: str) -> str:
     try:
         text.encode()
     except UnicodeEncodeError:
-        return _SURROGATES.sub("\ufffd", text)
+        return SURROGATE.sub("\ufffd", text)
     return text
 
 
