@@ -156,7 +156,9 @@ def test_mirror_shadow_ledger_and_report(stack: Stack) -> None:
     assert {json.loads(c["body"])["messages"][0]["content"] for c in shadow} == set(texts)
 
     wait_until(lambda: ledger_requests(stack) == 2 * len(texts), "ledger rows", timeout=15)
-    assert '"auth_method":"shadow"' in stack.log("atp")   # the shadow exchanges' records
+    # The shadow exchanges' records: each is logged just after its ledger row, and log
+    # lines reach the file when ATP's buffer is flushed (every 0.25 s).
+    wait_until(lambda: '"auth_method":"shadow"' in stack.log("atp"), "shadow records")
     rows = ledger_rows(stack)
     tenant = [r for r in rows if not r["shadow"]]
     mirrored = [r for r in rows if r["shadow"]]
@@ -225,6 +227,8 @@ def test_no_client_can_reach_the_shadow_listener(stack: Stack) -> None:
         reply = http(f"http://127.0.0.1:{port}{CHAT}", "POST", body, shadow_headers)
         assert reply.status != 200, (port, reply.body[:200])
     assert upstreams.total() == 0
+    # Read once the client listener's exchange is in the log, so it is not read unflushed.
+    wait_until(lambda: '"msg":"exchange"' in stack.log("atp"), "the exchange record")
     assert '"auth_method":"shadow"' not in stack.log("atp")
 
 
