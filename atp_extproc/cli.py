@@ -294,6 +294,9 @@ def _savings_inputs(args: argparse.Namespace) -> tuple[str, tuple[str, ...], int
     if unknown:
         raise _UnusableInput(f"--by: cannot group by {unknown[0]!r}; choose from "
                              f"{', '.join(GROUP_COLUMNS)}")
+    twice = [column for i, column in enumerate(by) if column in by[:i]]
+    if twice:
+        raise _UnusableInput(f"--by: {twice[0]!r} is given twice")
     try:
         since = None if args.since is None else parse_since(args.since)
     except ValueError:
@@ -302,10 +305,16 @@ def _savings_inputs(args: argparse.Namespace) -> tuple[str, tuple[str, ...], int
     if args.db is not None:
         return args.db, by, since
     try:
-        return str(config_mod.load(args.config).ledger.path), by, since
+        # Only the ledger's path is read: no secret (the redaction key) is needed for it.
+        ledger = config_mod.load(args.config, secrets=False).ledger
     except config_mod.ConfigError as exc:
         raise _UnusableInput(f"no ledger path (give --db, or a valid --config): {exc}") \
             from None
+    if not ledger.enabled:
+        # Its ledger.path would name a file ATP never writes with this config.
+        raise _UnusableInput(f"{args.config} has ledger.enabled: false, so ATP keeps no "
+                             "ledger with it (give --db FILE to read one)")
+    return ledger.path, by, since
 
 
 def _savings_table(db_path: str, by: tuple[str, ...], bucket: str, since: int | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -23,7 +23,13 @@ from atp_extproc.llm_api import OPERATIONS
 from atp_extproc.policy.attributes import CandidateInfo
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import policy_set_from_config
-from atp_extproc.policy.settings import PolicyError
+from atp_extproc.policy.settings import (
+    KeyCheckingLoader,
+    PolicyError,
+    directory_of,
+    error_line,
+    load_file,
+)
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
 from atp_extproc.routing.selection import CandidateModel
 from atp_extproc.routing.settings import (
@@ -164,8 +170,35 @@ class Auth(_Frozen):
     @field_validator("trusted_tenant_header")
     @classmethod
     def _lowercase_header(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
         # Envoy hands header names to ATP in lower case.
-        return name.lower() if name is not None else None
+        name = name.lower()
+        problem = _tenant_header_problem(name)
+        if problem is not None:
+            raise ValueError(f"{name!r} can never name the tenant: {problem}")
+        return name
+
+
+# RFC 9110's token: the characters an HTTP field name may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+# Every header clients put API keys in (OpenAI, Azure OpenAI, Anthropic-style): ATP reads
+# them and removes them before a request leaves.
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def _tenant_header_problem(name: str) -> str | None:
+    if not name:
+        return "it is empty"
+    if name.startswith(":"):
+        return "it is an HTTP/2 pseudo-header (like :path), which no hop sets as a header"
+    if not _HEADER_NAME.fullmatch(name):
+        return "it is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+    if name.startswith("x-atp-"):
+        return "Envoy removes every x-atp-* header a request brings before ATP sees it"
+    if name in CREDENTIAL_HEADERS:
+        return "it carries the caller's credential, which ATP reads as an API key"
+    return None
 
 
 # A host name or IPv4 address (an IPv6 address goes in brackets).
@@ -259,8 +292,10 @@ class _Document(_Frozen):
     ledger: LedgerSettings = LedgerSettings()
     redaction: RedactionSettings = RedactionSettings()
     # Checked, with file and line numbers, by atp_extproc.policy (see _policies).
-    policy: dict[str, Any] | None = None
-    policies: list[Any] | None = None
+    # Any: their shape is the loader's to report too, with the line; pydantic's would
+    # name it a second time.
+    policy: Any = None
+    policies: Any = None
 
 
 @dataclass(frozen=True)
@@ -343,7 +378,7 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
     for i, digest in enumerate(hashes):
         if hashes.index(digest) != i:
             problems.append((f"auth.api_keys[{i}].sha256", "the same key is listed twice"))
-    problems += check_references(names, doc.routes, doc.ledger)
+    problems += check_references({m.name: m for m in doc.models}, doc.routes, doc.ledger)
     if not (doc.auth.api_keys or doc.auth.jwt or doc.auth.trusted_tenant_header
             or doc.auth.anonymous_tenant):
         problems.append(("auth", "no identity source: set api_keys, jwt, "
@@ -351,26 +386,24 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
     return problems
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Refuses a key given twice: YAML would silently keep the last one."""
+class _StrictLoader(KeyCheckingLoader):
+    """Refuses a key a mapping gives twice: YAML would silently keep the last one. Merge
+    keys (`<<: *defaults`) are fine: the mapping's own keys override merged ones."""
 
-    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):     # `? [a, b]`: `in seen` would TypeError
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a mapping key must be a scalar", key_node.start_mark)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        super().flatten_mapping(node)
+        if self.duplicates:
+            key_node, key = self.duplicates[0]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
 
 
-def parse(text: str, source: str) -> Snapshot:
+def parse(text: str, source: str, *, secrets: bool = True) -> Snapshot:
+    """The snapshot of atp.yaml `text` read from `source`. `secrets=False` is for readers
+    of its settings alone (`report savings`): what needs a secret from the environment
+    (the redactor's HMAC key) is not built, so such a snapshot must never serve."""
     try:
-        return _parse(text, source)
+        return _parse(text, source, secrets)
     except RecursionError:
         # YAML's composer, and the checks after it, recurse once per nesting level.
         raise ConfigError(source, [("", "nested too deeply")]) from None
@@ -387,12 +420,12 @@ def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
                 for loc in locs))]
 
 
-def _parse(text: str, source: str) -> Snapshot:
+def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        line = error_line(exc, text)
+        where = f"line {line}" if line else ""
         reason = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [(where, f"invalid YAML: {reason}")]) from None
     except (ValueError, TypeError) as exc:
@@ -408,7 +441,7 @@ def _parse(text: str, source: str) -> Snapshot:
     if problems:
         raise ConfigError(source, problems)
     redactor = None
-    if doc.redaction.enabled:
+    if doc.redaction.enabled and secrets:
         try:
             redactor = Redactor(doc.redaction)
         except ValueError as exc:
@@ -420,7 +453,7 @@ def _parse(text: str, source: str) -> Snapshot:
     except PolicyError as exc:
         raise ConfigError(source, [(_where(p.file, p.line, p.path, source), p.reason)
                                    for p in exc.details]) from None
-    if redactor is None:
+    if not doc.redaction.enabled:
         blind = _reads_data_classes(policies.policies)
         if blind:
             raise ConfigError(source, [(_where(p.source.file, p.source.line, p.id, source), (
@@ -439,8 +472,9 @@ def _parse(text: str, source: str) -> Snapshot:
     models = {m.name: m for m in doc.models}
     ledger = doc.ledger
     if ledger.enabled and not Path(ledger.path).is_absolute():
-        # Relative to the config file, so the ledger does not move with the working dir.
-        path = Path(source).resolve().parent / ledger.path
+        # Relative to the config file, so the ledger does not move with the working dir;
+        # `..` in it is left to the OS, which reads it as it always did.
+        path = directory_of(Path(source)) / ledger.path
         ledger = ledger.model_copy(update={"path": str(path)})
     return Snapshot(
         source=source,
@@ -488,13 +522,21 @@ def _reads_data_classes(policies: Any) -> list[Any]:
             if any(a.startswith("request.data_classes") for a in p.attributes_used)]
 
 
-def load(path: str | Path) -> Snapshot:
+def load(path: str | Path, *, secrets: bool = True) -> Snapshot:
+    """The snapshot of the file at `path`; `secrets` as for parse."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [("", f"cannot read: {exc}")]) from None
-    return parse(text, str(path))
+    return parse(text, str(path), secrets=secrets)
+
+
+def files_read_by(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The files load(path) would read and its policy.include globs, as a snapshot names
+    them, found without compiling anything: what a watcher stamps before it loads."""
+    loaded = load_file(path)
+    return loaded.files, loaded.include_globs
 
 
 def hash_api_key(key: str) -> str:

@@ -230,7 +230,7 @@ def record_request(state: UpstreamState, request: web.Request, raw: bytes) -> No
     state.requests.append(
         {
             "method": request.method,
-            "path": request.path,
+            "path": request.raw_path,  # as received, query string and all
             "headers": header_dict(request),
             "body": raw.decode("utf-8", errors="replace"),
             "content_length_header": request.headers.get("Content-Length"),
@@ -531,7 +531,10 @@ def make_app(config: UpstreamConfig) -> web.Application:
 
 
 async def serve(config: UpstreamConfig, host: str, port: int) -> None:
-    runner = web.AppRunner(make_app(config), access_log=None)
+    # Envoy forwards headers up to 60 KiB (max_request_headers_kb); aiohttp's own bound
+    # (8190 bytes) would answer a longer one with a text/plain 400 no provider sends.
+    runner = web.AppRunner(make_app(config), access_log=None, max_line_size=61440,
+                           max_field_size=61440)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -49,8 +49,12 @@ def _headers_answer(phase: str, remove_headers: Iterable[str],
     return resp
 
 
-def request_headers(remove_headers: Iterable[str] = ()) -> ProcessingResponse:
-    return _headers_answer("request_headers", remove_headers, None)
+def request_headers(remove_headers: Iterable[str] = (),
+                    set_headers: dict[str, str] | None = None) -> ProcessingResponse:
+    resp = _headers_answer("request_headers", remove_headers, None)
+    if set_headers:
+        _set_headers(resp.request_headers.response.header_mutation, set_headers)
+    return resp
 
 
 def request_body(

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from google.protobuf import struct_pb2
 
 from atp_extproc import envoy_api, logs
-from atp_extproc.config import TOKEN, Model, Route, Snapshot, envoy_buffer_limit
+from atp_extproc.config import CREDENTIAL_HEADERS, TOKEN, Model, Route, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingResponse
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
@@ -73,15 +73,14 @@ TENANT_HEADER = "x-atp-tenant"
 FEEDBACK_PATH = "/v1/feedback"
 # The record's error_code when the answer's body never reached its end.
 INCOMPLETE_RESPONSE = "response_incomplete"
+# ... and when the request's body never came whole (the client left while sending it).
+INCOMPLETE_REQUEST = "request_incomplete"
 # ... and when a stream that began 200 ended with the provider's error event.
 STREAM_ERROR = "upstream_stream_error"
 # ... and when Envoy stopped waiting for ATP's answer (message_timeout, or the client left).
 ABANDONED = "atp_answer_abandoned"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# The client's credential for ATP must never travel on to a model provider: every header
-# clients put API keys in (OpenAI, Azure OpenAI, Anthropic-style), read by ATP or not.
-_CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 # What routing may add to a body after redaction: the model id, stream_options.
 _ROUTING_ROOM_BYTES = 4096
 # A redacted body this small cannot outgrow Envoy's buffer (see _check_growth).
@@ -162,6 +161,9 @@ class Exchange:
         self._changes: dict[str, object] = {}
         self._drop: tuple[str, ...] = ()
         self._path = ""  # the request's path without its query (the record's is for logs)
+        # Envoy says (protocol_config, on the first message) that it buffers the request
+        # body: then a body without end_of_stream is whole, and trailers follow it.
+        self._body_buffered = False
         self._allowed: list[str] | None = None
         self._shadow_model = ""
         self.request: LlmRequest | None = None
@@ -210,7 +212,10 @@ class Exchange:
         request_id = headers.get("x-request-id", "")
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
         rec.method = headers.get(":method", "")
-        path = self._path = headers.get(":path", "").partition("?")[0]
+        self._body_buffered = (message.protocol_config.request_body_mode
+                               == ProcessingMode.BUFFERED)
+        path, has_query, _ = headers.get(":path", "").partition("?")
+        self._path = path
         rec.path = _loggable(path)
         if rec.shadow:
             return self._on_shadow_headers(headers)
@@ -234,7 +239,8 @@ class Exchange:
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
         encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):
+        # A header sent twice arrives joined by commas: "identity, identity" is no coding.
+        if {c.strip() for c in encoding.split(",")} - {"identity", ""}:
             # ATP reads the body as JSON text and forwards what it read: a compressed body
             # would be unreadable, and a label kept on a rewritten body would be false.
             raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send "
@@ -245,8 +251,12 @@ class Exchange:
         spoofed = [h for h in headers if h.startswith(ATP_HEADER_PREFIX)]
         trusted = self.snapshot.auth.trusted_tenant_header
         # The tenant header is the hop's word to ATP alone, like a credential.
-        identity_headers = (*_CREDENTIAL_HEADERS, trusted) if trusted else _CREDENTIAL_HEADERS
-        return envoy_api.request_headers(remove_headers=[*identity_headers, *spoofed])
+        # The client's credential for ATP must never travel on to a model provider.
+        identity_headers = (*CREDENTIAL_HEADERS, trusted) if trusted else CREDENTIAL_HEADERS
+        # No OpenAI API reads a query string on these paths, and one can carry what
+        # redaction never sees (an `api-key=`, an e-mail): the provider gets the path only.
+        return envoy_api.request_headers(remove_headers=[*identity_headers, *spoofed],
+                                         set_headers={":path": path} if has_query else None)
 
     def _on_shadow_headers(self, headers: dict[str, str]) -> ProcessingResponse:
         """A mirrored copy: the primary exchange already authenticated, checked and
@@ -325,7 +335,7 @@ class Exchange:
         if len(body) > server.max_body_bytes:
             raise RequestError(413, f"The request body is {len(body)} bytes; the limit is "
                                f"{server.max_body_bytes} bytes", "request_too_large")
-        if not body_msg.end_of_stream:
+        if not (body_msg.end_of_stream or self._body_buffered):
             # Envoy must buffer the body (request_body_mode: BUFFERED); a partial body
             # cannot be checked, so it cannot go.
             raise RequestError(500, "ATP received a partial request body",
@@ -551,7 +561,11 @@ class Exchange:
         return user if isinstance(user, str) and user else None
 
     def _answer_feedback(self, doc: dict) -> ProcessingResponse:
-        request_id, score = doc.get("request_id"), doc.get("score")
+        for name in ("request_id", "score"):
+            if name not in doc:
+                raise RequestError(400, f"Missing required parameter: '{name}'",
+                                   "missing_required_parameter", param=name)
+        request_id, score = doc["request_id"], doc["score"]
         if not isinstance(request_id, str) or not _REQUEST_ID_OK.fullmatch(request_id):
             raise RequestError(400, "'request_id' must be the x-request-id of a response",
                                "invalid_type", param="request_id")
@@ -691,6 +705,8 @@ class Exchange:
             rec.error_code = INCOMPLETE_RESPONSE
         elif not rec.error_code and self.sse is not None and self.sse.failed:
             rec.error_code = STREAM_ERROR
+        elif not (rec.error_code or rec.status) and rec.operation and self._parsed is None:
+            rec.error_code = INCOMPLETE_REQUEST
         usage = self._usage()
         price: PriceSnapshot | None = None
         if self.model is not None:

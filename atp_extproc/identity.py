@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format, struct_pb2
 
-from atp_extproc.config import TOKEN, Snapshot
+from atp_extproc.config import TOKEN, ApiKey, Snapshot
 from atp_extproc.llm_api import RequestError
 
 
@@ -27,17 +27,6 @@ class Identity:
 
 def _unauthorized(message: str, code: str = "invalid_api_key") -> RequestError:
     return RequestError(401, message, code, type_="authentication_error")
-
-
-def _credential(headers: dict[str, str]) -> tuple[str | None, bool]:
-    """(the API key the request carries, or None; whether it carries a credential at all,
-    readable or not: an `Authorization` of another scheme, an empty Bearer, `x-api-key`)."""
-    value = headers.get("authorization", "")
-    scheme, _, token = value.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip(), True
-    key = headers.get("api-key") or None
-    return key, bool(key or value.strip() or headers.get("x-api-key"))
 
 
 _NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
@@ -79,12 +68,53 @@ def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
     return all(claims.get(k) == verified.get(k) for k in shared)
 
 
+def _lookup(snapshot: Snapshot, key: str) -> ApiKey:
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    found = snapshot.api_keys.get(digest)
+    # The dict lookup already matched; compare again in constant time so a partial match
+    # never returns sooner than a miss.
+    if found is None or not hmac.compare_digest(found.sha256, digest):
+        raise _unauthorized("Incorrect API key provided.")
+    return found
+
+
+def _api_key(snapshot: Snapshot, headers: dict[str, str],
+             payload: struct_pb2.Struct | None) -> ApiKey | None:
+    """The configured key the request's credentials name, or None when it sends none.
+
+    Every key sent must be valid and all must be the same key: served as one of them, a
+    wrong or another tenant's second key would never be told apart from the right one.
+    The bearer token is hashed at once and never stored or logged.
+    """
+    if not snapshot.api_keys:
+        return None
+    authorization = headers.get("authorization", "")
+    scheme, _, bearer = authorization.partition(" ")
+    bearer = bearer.strip()
+    sent = [headers[name] for name in ("api-key", "x-api-key") if headers.get(name)]
+    if scheme.lower() == "bearer" and bearer:
+        # jwt_authn with `forward: true` leaves the verified token there: it is no API key.
+        if payload is None or not _is_token(bearer, payload):
+            sent.insert(0, bearer)
+    elif authorization.strip() and not sent:
+        raise _unauthorized(_NO_KEY)  # a credential of another scheme, or an empty Bearer
+    if sent == [headers.get("x-api-key")]:
+        raise _unauthorized("ATP does not read x-api-key: send the key as "
+                            "'Authorization: Bearer KEY'.")
+    keys = {_lookup(snapshot, key) for key in sent}
+    if len(keys) > 1:
+        raise _unauthorized("The request carries different API keys (Authorization, "
+                            "api-key, x-api-key): send one.")
+    return keys.pop() if keys else None
+
+
 def identify(
     snapshot: Snapshot, headers: dict[str, str], jwt_metadata: struct_pb2.Struct | None
 ) -> Identity:
     """Order: verified JWT claims, then an API key, then a trusted header, then anonymous.
 
-    The bearer token is hashed at once and never stored or logged.
+    A credential that is no valid key (wrong, revoked, unreadable) is refused, never served
+    as another source's tenant, which would keep a revoked key working.
     """
     payload = _jwt_payload(snapshot, jwt_metadata)
     no_tenant = _NO_KEY
@@ -104,30 +134,12 @@ def identify(
             if TOKEN.fullmatch(tenant):
                 return Identity(tenant, "jwt", claims=payload)
             bad_claim = f"The token's '{name}' claim is not a valid tenant id."
-    token, presented = _credential(headers)
-    if token is not None and payload is not None and _is_token(token, payload):
-        token = headers.get("api-key") or None
-        presented = bool(token or headers.get("x-api-key"))
-    header = snapshot.auth.trusted_tenant_header
-    if token is not None and snapshot.api_keys:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        key = snapshot.api_keys.get(digest)
-        # The dict lookup already matched; compare again in constant time so a partial
-        # match never returns sooner than a miss.
-        if key is not None and hmac.compare_digest(key.sha256, digest):
-            return Identity(key.tenant, "api_key", key.key_id)
+    key = _api_key(snapshot, headers, payload)
+    if key is not None:
+        return Identity(key.tenant, "api_key", key.key_id)
     if bad_claim is not None:
         raise _unauthorized(bad_claim, "invalid_token")
-    # A credential that is no valid key (wrong, revoked, unreadable) is refused, never
-    # served as the trusted header's or the anonymous tenant, which would keep a revoked
-    # key working.
-    if presented and snapshot.api_keys:
-        if token is not None:
-            raise _unauthorized("Incorrect API key provided.")
-        if headers.get("x-api-key"):
-            raise _unauthorized("ATP does not read x-api-key: send the key as "
-                                "'Authorization: Bearer KEY'.")
-        raise _unauthorized(_NO_KEY)  # a credential of another scheme, or empty
+    header = snapshot.auth.trusted_tenant_header
     if header is not None and headers.get(header):
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")

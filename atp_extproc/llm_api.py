@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -83,11 +84,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class NumberTooLong(ValueError):
+    """A JSON integer longer than Python reads (sys.get_int_max_str_digits)."""
+
+
+def bounded_int(text: str) -> int:
+    """json's parse_int, raising NumberTooLong past Python's bound."""
+    try:
+        return int(text)
+    except ValueError:
+        # Python's own message points the client at sys.set_int_max_str_digits.
+        raise NumberTooLong(f"a number of {len(text.lstrip('-'))} digits is too long (at most "
+                         f"{sys.get_int_max_str_digits()})") from None
+
+
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                            parse_float=_finite_float)
+                            parse_float=_finite_float, parse_int=bounded_int)
 _scan_once = _DECODER.scan_once
 # Tool-call arguments are read as json.loads reads them, a key given twice aside.
-_ARGUMENTS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+_ARGUMENTS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates,
+                                      parse_int=bounded_int)
 
 
 def _invalid(reason: str) -> RequestError:
@@ -111,6 +127,10 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _invalid(f"not UTF-8 at byte {exc.start}") from None
+    if text.startswith("\ufeff"):
+        # RFC 8259 forbids it, and some providers' parsers refuse what others ignore.
+        raise _invalid("the body starts with a byte order mark (U+FEFF); send the JSON "
+                       "without one")
     try:
         parsed = _parse_object(text)
     except _DuplicateKey as exc:
@@ -163,8 +183,8 @@ def parse_arguments(text: str) -> Any:
     """A tool call's JSON `arguments` (a string in the body), for policies to read.
 
     A key given twice is refused as in the body itself: policies would read one value
-    and a provider perhaps the other. Raises ValueError (RecursionError too deep) when
-    the text is no JSON."""
+    and a provider perhaps the other. Raises ValueError when the text is no JSON, and
+    RecursionError (too deep) or NumberTooLong when it is JSON Python cannot read whole."""
     try:
         return _ARGUMENTS_DECODER.decode(text)
     except _DuplicateKey as exc:

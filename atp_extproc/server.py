@@ -94,23 +94,41 @@ class ConfigHolder:
     the snapshot it started with, so a reload never changes a request mid-flight."""
 
     def __init__(self, path: Path, snapshot: Snapshot,
-                 options: ServeOptions = ServeOptions()):
+                 options: ServeOptions = ServeOptions(),
+                 stamp: tuple[object, ...] | None = None):
+        """`stamp`: the files' stamp taken before `snapshot` was read (see load); without
+        it, they are stamped now."""
         self.path = path
         self.current = snapshot
         self.options = options
         self._started = _fixed_at_start(snapshot, options)
-        self._stamp = self._file_stamp()
+        self._stamp = self._file_stamp() if stamp is None else stamp
+        # The last reload was refused: the next that loads says the file is valid again.
+        self._rejected = False
+
+    @classmethod
+    def load(cls, path: Path, options: ServeOptions = ServeOptions()) -> ConfigHolder:
+        """`path` loaded and held, stamped before it is read, as reload() does: an edit
+        made while ATP starts (the load takes up to a second) is then a reload at the
+        first poll, not taken as loaded."""
+        files, include_globs = config_mod.files_read_by(path)
+        stamp = cls._stamp_of(path, files, include_globs)
+        return cls(path, config_mod.load(path), options, stamp)
 
     def _file_stamp(self) -> tuple[object, ...]:
+        return self._stamp_of(self.path, self.current.files, self.current.include_globs)
+
+    @staticmethod
+    def _stamp_of(path: Path, files: tuple[str, ...],
+                  include_globs: tuple[str, ...]) -> tuple[object, ...]:
         # atp.yaml, every policy file it includes, and what policy.include matches now
         # (a new file there is a reload too): an edit to any is a reload.
-        snapshot = self.current
-        matched = sorted({m for pattern in snapshot.include_globs
+        matched = sorted({m for pattern in include_globs
                           for m in glob.glob(pattern, recursive=True)})
         stamps: list[object] = [tuple(matched)]
         # What the globs match now too: a new file the last reload refused is not among
         # the snapshot's files, and its fix must reload as well.
-        for name in dict.fromkeys((str(self.path), *snapshot.files[1:], *matched)):
+        for name in dict.fromkeys((str(path), *files[1:], *matched)):
             try:
                 st = os.stat(name)
             except OSError:
@@ -126,12 +144,14 @@ class ConfigHolder:
         try:
             snapshot = config_mod.load(self.path)
         except ConfigError as exc:
+            self._rejected = True
             log.error("config reload rejected (%s); keeping version %s:\n%s",
                       reason, self.current.version, exc)
             return False
         except Exception:
             # A fault in the loader itself must not end the watcher (later fixes would
             # never load) nor escape a signal handler: the old snapshot stays.
+            self._rejected = True
             log.exception("config reload failed (%s); keeping version %s", reason,
                           self.current.version)
             return False
@@ -140,6 +160,13 @@ class ConfigHolder:
         if snapshot.version != self.current.version:
             log.info("config reloaded (%s): version %s → %s", reason,
                      self.current.version, snapshot.version)
+        elif self._rejected:
+            # The file is back to what runs: without a word, the last line about it
+            # would still be the rejection.
+            log.info("config reloaded (%s): the file is valid again, the version in "
+                     "force, %s; the earlier rejection no longer applies", reason,
+                     snapshot.version)
+        self._rejected = False
         # Against what runs, not the last file: a value put back needs no restart.
         fixed = [name for name, value in _fixed_at_start(snapshot, self.options).items()
                  if self._started.get(name, value) != value]
@@ -246,11 +273,24 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def drain(self, grace: float) -> bool:
         """Refuse new exchanges; wait up to `grace` for in-flight ones. True if all ended."""
         self.draining = True
+        if self._idle.is_set():  # wait_for with no time left times out even then
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:
             return False
         return True
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """The library's servicer leaves out List (added to grpc.health.v1 in 2024), which
+    then logs a traceback per call: answered from the statuses it keeps."""
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            service: health_pb2.HealthCheckResponse(status=status)
+            for service, status in self._server_status.items()})
 
 
 def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
@@ -391,8 +431,8 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if stopped_early():
         stop.set()  # start up all the same, then drain at once: a clean exit
-    snapshot = config_mod.load(config_path)
-    holder = ConfigHolder(config_path, snapshot, options)
+    holder = ConfigHolder.load(config_path, options)
+    snapshot = holder.current
     loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
     listen = options.listen or snapshot.server.listen
 
@@ -404,7 +444,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
     ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
     # Everything loaded so far (config, CEL programs, detectors, protobuf descriptors) lives

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import urllib.error
 import urllib.request
@@ -128,3 +129,12 @@ def numbered(value):
 
     out = _KEYED.sub(number, text)
     return out if isinstance(value, str) else json.loads(out)
+
+
+@pytest.fixture
+def keep_root_log_level() -> Iterator[None]:
+    """A reload sets the process's log level: put back the test session's."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)

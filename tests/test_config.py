@@ -332,7 +332,7 @@ def test_error_invalid_yaml_has_line_number() -> None:
     message = str(err)
     assert message.startswith(f"{SRC}: line ")
     assert "invalid YAML" in message
-    line_no = int(message.split("line ")[1].split(",")[0])
+    line_no = int(message.split("line ")[1].split(":")[0])
     assert line_no in (3, 4)
 
 

@@ -479,6 +479,22 @@ def test_partial_request_body_is_500(snap) -> None:
     assert err["type"] == "server_error"
 
 
+def test_a_client_that_leaves_before_its_body_ends_is_recorded_so(snap) -> None:
+    ex, _ = start(snap)
+    rec = ex.finish()
+    assert (rec.status, rec.error_code, rec.operation) == (0, "request_incomplete", "chat")
+
+
+def test_a_buffered_body_followed_by_trailers_is_whole(snap) -> None:
+    """Envoy says it buffers (protocol_config): a body without end_of_stream is whole."""
+    ex = Exchange(snap)
+    first = req_headers("POST", CHAT)
+    first.protocol_config.request_body_mode = ProcessingMode.BUFFERED
+    ex.handle(first)
+    headers, _, _ = forwarded(ex.handle(req_body(chat("gpt-4o"), end=False)))
+    assert headers["x-atp-cluster"]
+
+
 def test_empty_processing_request_fails_closed(snap) -> None:
     ex = Exchange(snap)
     err = assert_error(ex.handle(ep.ProcessingRequest()), 500, "atp_unexpected_phase")

@@ -50,13 +50,13 @@ def _denied_by(resp) -> str:
 # -- request headers -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP "])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP ", "identity, gzip"])
 def test_a_compressed_request_body_is_refused_with_415(snap, encoding) -> None:
     _, resp = start(snap, extra={"content-encoding": encoding})
     assert_error(resp, 415, "unsupported_content_encoding")
 
 
-@pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
+@pytest.mark.parametrize("encoding", ["identity", "Identity", "", "identity, identity"])
 def test_an_identity_encoding_goes_on(snap, encoding) -> None:
     _, resp = start(snap, extra={"content-encoding": encoding})
     assert resp.WhichOneof("response") == "request_headers"
@@ -73,6 +73,14 @@ def test_feedback_takes_post_with_a_body_only(snap) -> None:
     ex = Exchange(snap)
     assert_error(ex.handle(req_headers("POST", "/v1/feedback", end=True)), 400,
                  "missing_body")
+
+
+@pytest.mark.parametrize(("body", "param"), [({"score": 1.0}, "request_id"),
+                                             ({"request_id": "req-1"}, "score")])
+def test_feedback_without_a_field_names_it(snap, body, param) -> None:
+    ex, _ = start(snap, "/v1/feedback")
+    err = assert_error(ex.handle(req_body(body)), 400, "missing_required_parameter")
+    assert err["param"] == param
 
 
 # -- legacy `functions` ----------------------------------------------------------------

@@ -78,9 +78,21 @@ def test_api_key_header(example) -> None:
     assert who == Identity("bob", "api_key", "bob-demo")
 
 
-def test_authorization_wins_over_api_key_header(example) -> None:
-    who = identify(example, {"authorization": f"Bearer {ALICE}", "api-key": BOB}, None)
-    assert who.tenant == "alice"
+def test_the_same_key_in_two_headers_is_one_credential(example) -> None:
+    for other in ("api-key", "x-api-key"):
+        who = identify(example, {"authorization": f"Bearer {ALICE}", other: ALICE}, None)
+        assert who == Identity("alice", "api_key", "alice-demo")
+
+
+@pytest.mark.parametrize("other", ["api-key", "x-api-key"])
+@pytest.mark.parametrize("second", ["sk-wrong", BOB])
+def test_a_second_key_that_is_wrong_or_another_is_401(example, other, second) -> None:
+    # Served as the Bearer's tenant, a wrong or another tenant's second key would pass
+    # unnoticed: every credential sent must be valid, and all the same key.
+    err = refused(example, {"authorization": f"Bearer {ALICE}", other: second})
+    assert (err.status, err.code) == (401, "invalid_api_key")
+    assert ("Incorrect API key" if second == "sk-wrong" else "different API keys") \
+        in err.message
 
 
 @pytest.mark.parametrize(

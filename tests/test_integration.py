@@ -337,3 +337,71 @@ def test_logs_hold_no_query_string_nor_a_path_the_client_made_up(
     envoy, atp = stack.log("envoy"), stack.log("atp")
     assert in_query not in envoy and "jo.query" not in envoy
     assert [w for w in (in_query, in_path, "jo.query", "jo.path") if w in atp] == []
+
+
+def test_the_query_string_never_reaches_the_provider(stack: Stack, upstreams: Upstreams) -> None:
+    """No OpenAI API reads a query string on these paths, and redaction never sees one: a
+    key or an e-mail put there must not leave with the request."""
+    reply = post(stack, CHAT + "?api-key=sk-live-INQUERY789&mail=jo.query@example.com",
+                 {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "q"}]})
+    assert reply.status == 200, reply.body[:300]
+    assert only_request(upstreams, "demo_a")["path"] == CHAT
+
+
+def test_a_second_key_of_another_tenant_is_401(stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "x"}]},
+                 headers={"api-key": BOB})
+    assert reply.status == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert upstreams.total() == 0
+
+
+def h2_post_with_trailers(stack: Stack, path: str, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/2 (prior knowledge) POST whose body is followed by trailers."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path),
+                              (":authority", "localhost"),
+                              ("content-type", "application/json"),
+                              ("authorization", f"Bearer {ALICE}")])
+        conn.send_data(1, body)
+        conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, answer = 0, b""
+        while True:
+            data = sock.recv(65536)
+            assert data, "connection closed before the answer ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    answer += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, answer
+            sock.sendall(conn.data_to_send())
+
+
+def test_an_http2_request_with_trailers_is_served(stack: Stack, upstreams: Upstreams) -> None:
+    """Trailers follow the body, so Envoy hands ATP the whole buffered body without
+    end_of_stream: it is complete all the same (the ext_proc stream says it buffers)."""
+    body = json.dumps({"model": "gpt-4o-mini",
+                       "messages": [{"role": "user", "content": "trailers"}]}).encode()
+    status, answer = h2_post_with_trailers(stack, CHAT, body)
+    assert status == 200, answer[:300]
+    assert json.loads(only_request(upstreams, "demo_a")["body"])["model"] == "demo-small-2026"
+
+
+def test_a_long_header_envoy_accepts_reaches_the_upstream(
+        stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "long"}]},
+                 headers={"x-trace-context": "t" * 20000})
+    assert reply.status == 200, reply.body[:200]
+    assert len(only_request(upstreams, "demo_a")["headers"]["x-trace-context"]) == 20000

@@ -218,3 +218,30 @@ def test_policy_files_reload_atomically_and_a_bad_one_keeps_the_old_set(
     log = own_stack.log("atp")
     assert f"{policy}:" in log and "config reload rejected" in log
     assert post(own_stack, "/v1/embeddings", embed).status == 403
+
+
+def test_health_list_and_a_drain_with_no_grace_and_nothing_in_flight(tmp_path: Path) -> None:
+    """List answers the statuses Check does; with grace 0 and no exchange in flight,
+    the drain has nothing to cancel and says nothing about cancelling."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from atp_extproc.server import EXT_PROC_SERVICE
+
+    config = copy_example(tmp_path, EXAMPLE_CONFIG.read_text().replace(
+        "grace_period_s: 10", "grace_period_s: 0"))
+    stack = Stack.on_free_ports(config_path=config, workdir=tmp_path)
+    try:
+        stack.start_atp()
+        with grpc.insecure_channel(f"127.0.0.1:{stack.ports['atp']}") as channel:
+            listed = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(),
+                                                              timeout=5)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert {name: s.status for name, s in listed.statuses.items()} == {
+            "": serving, EXT_PROC_SERVICE: serving}
+        assert stack.stop("atp") == 0
+        log = stack.log("atp")
+        assert "stopped" in log
+        assert "cancelling" not in log and "Traceback" not in log
+    finally:
+        stack.stop_all()

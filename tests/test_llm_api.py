@@ -148,7 +148,14 @@ def test_parse_body_not_utf8(raw: bytes, where: int) -> None:
 
 def test_parse_body_utf8_bom_is_not_json() -> None:
     err = refused("\ufeff{}".encode())
-    assert err.code == "invalid_json"
+    assert err.code == "invalid_json" and "byte order mark" in err.message
+
+
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_a_number_too_long_for_python_is_named_without_python_advice(sign: str) -> None:
+    err = refused(b'{"max_tokens": ' + sign.encode() + b"9" * 5000 + b"}")
+    assert err.code == "invalid_json" and "5000 digits is too long" in err.message
+    assert "sys." not in err.message
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,14 @@ restart warning names only what differs from what the process runs with."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from atp_extproc import config as config_mod
 from atp_extproc.server import ConfigHolder, ServeOptions
+
+pytestmark = pytest.mark.usefixtures("keep_root_log_level")
 
 CONFIG = """
 auth: {anonymous_tenant: anon}
@@ -24,13 +25,6 @@ ledger: {path: a.sqlite3, baseline: m}
 """
 
 
-@pytest.fixture(autouse=True)
-def root_level() -> Iterator[None]:
-    """A reload sets the process's log level: put back the test session's."""
-    root = logging.getLogger()
-    level = root.level
-    yield
-    root.setLevel(level)
 
 
 def holder_for(tmp_path: Path, options: ServeOptions | None = None) -> ConfigHolder:

@@ -223,3 +223,15 @@ def test_clear_forgets_originals():
     r = restorer()
     r.clear()
     assert r.restore_json(b'{"a": "[EMAIL_1]"}') is None
+
+
+@pytest.mark.parametrize("inner", ['{"n": ' + "9" * 5000 + ', "q": "[QUOTE_1]"}',
+                                   "[" * 1200 + '"[QUOTE_1]"' + "]" * 1200])
+def test_json_text_python_cannot_read_gets_its_values_back_escaped(inner: str) -> None:
+    # Tool-call arguments holding a number too long, or nesting too deep, for Python:
+    # JSON all the same, so a value with a quote must go back escaped to stay JSON.
+    body = json.dumps({"choices": [{"message": {"tool_calls": [
+        {"function": {"name": "f", "arguments": inner}}]}}]}).encode()
+    out = json.loads(restorer().restore_json(body))
+    arguments = out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    assert arguments == inner.replace("[QUOTE_1]", 'say \\"hi\\" \\\\ bye')

@@ -289,6 +289,12 @@ def test_mirror_mode_mirrors_a_share_and_never_serves_the_challenger():
     restricted = [router.choose("chat", objective, CANDIDATES, restrict={"mid", "dear"},
                                 request_id=f"x-{i}") for i in range(200)]
     assert all(d.mirror_to is None for d in restricted)
+    # Nor one the objective's own restrict excludes (config refuses it; the router too).
+    internal = [CandidateModel("mid", 0.001, 0.004, egress="internal"), CHEAP]
+    only_internal = objective.model_copy(update={"restrict": Restrict(egress="internal")})
+    kept = [router.choose("chat", only_internal, internal, request_id=f"y-{i}")
+            for i in range(200)]
+    assert all(d.mirror_to is None and d.chosen == "mid" for d in kept)
 
 
 def test_state_survives_a_config_reload():

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from atp_extproc.routing.settings import (
     Breaker,
     LedgerSettings,
+    Restrict,
     RouteObjective,
     Shadow,
     Weights,
@@ -122,3 +123,28 @@ def test_candidates_and_baseline_resolution():
     assert baseline_for(route({"a": ("m1",)}), LedgerSettings(baseline="m1"),
                         "embeddings") is None
     assert baseline_for(r, LedgerSettings(baseline="m1"), "embeddings") == "m9"
+
+
+def test_what_objective_restrict_excludes_is_named():
+    """A mirror restrict excludes would still get copies of the requests; a champion it
+    excludes leaves decision mode falling back every time; an alias it empties serves
+    nobody."""
+    from types import SimpleNamespace
+
+    models = {"small": SimpleNamespace(egress="internal", region="eu"),
+              "large": SimpleNamespace(egress="external", region="us")}
+    internal = Restrict(egress="internal")
+    objective = RouteObjective(champion="small", restrict=internal,
+                               shadow=Shadow(mode="mirror", challenger="large", share=0.5))
+    (problem,) = check_references(models, [route({"auto": ("small", "large")}, objective)])
+    assert problem[0] == "routes[0].objective.shadow.challenger"
+    assert "restrict excludes 'large'" in problem[1] and "egress is external" in problem[1]
+
+    objective = RouteObjective(champion="large", restrict=Restrict(regions=("eu",)))
+    problems = check_references(models, [route({"auto": ("small", "large"),
+                                                "big": ("large",)}, objective)])
+    assert [p for p, _ in problems] == ["routes[0].objective.champion",
+                                       "routes[0].aliases.big"]
+    assert "region 'us'" in problems[0][1] and "no request" in problems[1][1]
+    assert check_references(models, [route({"auto": ("small",)}, RouteObjective(
+        restrict=internal))]) == []

@@ -6,7 +6,8 @@ Any): the parsed AST with every node's type and every identifier resolved. From 
 - attributes_used: the attribute paths the expression reads (`request.data_classes`,
   `request.tool_details[].name`, `subject.claims.groups` ...);
 - constant: whether the expression folds to always true / always false;
-- costly shapes: a comprehension over a list or map nested inside another one;
+- costly shapes: a comprehension over a list or map nested inside another one (a tools
+  policy's whole expression is inside one: it runs once per tool);
 - errors: regexes built at run time;
 - warnings: has() on a proto3 scalar, literals that name no known model, alias, route ...
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,23 @@ from google.protobuf import any_pb2, descriptor_pool
 ROOTS = frozenset({"subject", "request", "resource", "context", "tool"})
 _UNKNOWN = object()
 _COMPARE = {"_<_", "_<=_", "_>_", "_>=_"}
+# The checked type of each node, by node id.
+Types = Mapping[int, checked_pb2.Type]
+# Types whose every value equals itself: a double can be NaN, and a dyn, a message or a
+# container of them can hold one.
+_REFLEXIVE_PRIMITIVES = frozenset({checked_pb2.Type.BOOL, checked_pb2.Type.INT64,
+                                   checked_pb2.Type.UINT64, checked_pb2.Type.STRING,
+                                   checked_pb2.Type.BYTES})
+_REFLEXIVE_WELL_KNOWN = frozenset({checked_pb2.Type.TIMESTAMP, checked_pb2.Type.DURATION})
+# String tests every string passes with an empty argument.
+_EMPTY_ALWAYS_TRUE = frozenset({"startsWith", "endsWith", "contains"})
+_NESTED = ("costly shape: a comprehension over a list or map nested inside another one "
+           "(cost grows with the product of their sizes); restructure it, e.g. with `in` "
+           "on one side")
+_PER_TOOL = ("costly shape: a comprehension over a list or map in a tools policy, which "
+             "runs once per tool of the request (cost grows with the number of tools times "
+             "its size); use `in`, or decide what does not depend on `tool` once per "
+             "request in a deny policy")
 
 
 @dataclass
@@ -66,7 +84,7 @@ def offset_to_line_col(text: str, offset: int) -> tuple[int, int]:
 
 class _Walker:
     def __init__(self, checked: checked_pb2.CheckedExpr,
-                 known_values: Mapping[str, Iterable[str]]):
+                 known_values: Mapping[str, Iterable[str]], per_tool: bool):
         self.types = checked.type_map
         self.positions = checked.source_info.positions
         self.known = {k: frozenset(v) for k, v in known_values.items()}
@@ -76,6 +94,8 @@ class _Walker:
         self.probes: list[tuple[int, str]] = []
         self.nodes = 0
         self.pool = descriptor_pool.Default()
+        # A tools policy: the whole expression runs inside the loop over the tools.
+        self.per_tool = per_tool
 
     # -- paths ----------------------------------------------------------------------
 
@@ -202,17 +222,20 @@ class _Walker:
         inner[comp.iter_var] = f"{base}[]" if base and is_list else base
         if comp.iter_var2:
             inner[comp.iter_var2] = f"{base}[]" if base else None
-        inner[comp.accu_var] = None
+        # The macros start their accumulator from a literal; cel.bind's is the bound
+        # value, which reads as what it was bound to.
+        inner[comp.accu_var] = self.path_of(comp.accu_init, scope)
         self.walk(comp.accu_init, scope, loop_depth)
         # Any range the request sizes counts: a list, a map (metadata, data classes) or a
         # dyn claim; only a literal written in the policy has a size known at load.
         counted = rng.WhichOneof("expr_kind") not in ("list_expr", "struct_expr")
-        if counted and loop_depth > 0:
+        # The tool's own fields (tool.arguments) are per tool: over all the tools their
+        # costs add up rather than multiply.
+        own_tool = self.per_tool and base is not None and base.split(".", 1)[0] == "tool"
+        if counted and loop_depth - (1 if own_tool else 0) > 0:
             self.findings.append(Finding(
                 self.positions.get(e.id, self.positions.get(rng.id, 0)),
-                "costly shape: a comprehension over a list or map nested inside another "
-                "one (cost grows with the product of their sizes); restructure it, e.g. "
-                "with `in` on one side"))
+                _PER_TOOL if self.per_tool and loop_depth == 1 else _NESTED))
         depth = loop_depth + (1 if counted else 0)
         self.walk(comp.loop_condition, inner, depth)
         self.walk(comp.loop_step, inner, depth)
@@ -382,38 +405,37 @@ def _same(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
         ca, cb = a.call_expr, b.call_expr
         return (ca.function == cb.function and ca.HasField("target") == cb.HasField("target")
                 and (not ca.HasField("target") or _same(ca.target, cb.target))
-                and len(ca.args) == len(cb.args)
-                and all(_same(x, y) for x, y in zip(ca.args, cb.args, strict=True)))
+                and _same_args(ca.args, cb.args))
     if ka == "list_expr":
-        xs, ys = a.list_expr.elements, b.list_expr.elements
-        return len(xs) == len(ys) and all(_same(x, y) for x, y in zip(xs, ys, strict=True))
+        return _same_args(a.list_expr.elements, b.list_expr.elements)
     return False
 
 
-def fold(e: syntax_pb2.Expr) -> Any:
+def fold(e: syntax_pb2.Expr, types: Types) -> Any:
     """('bool', value) etc. when `e` has the same value for every attribute document."""
     kind = e.WhichOneof("expr_kind")
     if kind == "const_expr":
         return _const(e)
     if kind == "list_expr":
-        items = [fold(x) for x in e.list_expr.elements]
+        items = [fold(x, types) for x in e.list_expr.elements]
         return _UNKNOWN if any(i is _UNKNOWN for i in items) else ("list", tuple(items))
     if kind == "comprehension_expr":
         comp = e.comprehension_expr
-        rng = fold(comp.iter_range)
+        rng = fold(comp.iter_range, types)
         if rng == ("list", ()):
-            return fold(comp.result) if comp.result.WhichOneof("expr_kind") == "const_expr" \
-                else _fold_empty_loop(comp)
+            return fold(comp.result, types) \
+                if comp.result.WhichOneof("expr_kind") == "const_expr" \
+                else _fold_empty_loop(comp, types)
         return _UNKNOWN
     if kind != "call_expr":
         return _UNKNOWN
     call = e.call_expr
     fn, args = call.function, list(call.args)
     if fn == "!_" and len(args) == 1:
-        v = fold(args[0])
+        v = fold(args[0], types)
         return ("bool", not v[1]) if _is_bool(v) else _UNKNOWN
     if fn in ("_&&_", "_||_") and len(args) == 2:
-        left, right = fold(args[0]), fold(args[1])
+        left, right = fold(args[0], types), fold(args[1], types)
         absorbing = fn == "_||_"  # true absorbs ||, false absorbs &&
         if ("bool", absorbing) in (left, right):
             return ("bool", absorbing)
@@ -424,31 +446,33 @@ def fold(e: syntax_pb2.Expr) -> Any:
         # x && !x is never true, x || !x always.
         if _negates(args[0], args[1]) or _negates(args[1], args[0]):
             return ("bool", absorbing)
-        # a == 'x' && a == 'y' can never hold.
-        if fn == "_&&_" and _different_values(args[0], args[1]):
-            return ("bool", False)
+        # a == 'x' && a == 'y' can never hold; a != 'x' || a != 'y' always does.
+        if _different_values(args[0], args[1], "_!=_" if absorbing else "_==_", types):
+            return ("bool", absorbing)
         return _UNKNOWN
     if fn == "_?_:_" and len(args) == 3:
-        cond = fold(args[0])
+        cond = fold(args[0], types)
         if _is_bool(cond):
-            return fold(args[1] if cond[1] else args[2])
-        a, b = fold(args[1]), fold(args[2])
+            return fold(args[1] if cond[1] else args[2], types)
+        a, b = fold(args[1], types), fold(args[2], types)
         return a if a is not _UNKNOWN and a == b else _UNKNOWN
     if fn in ("_==_", "_!=_") and len(args) == 2:
-        a, b = fold(args[0]), fold(args[1])
+        a, b = fold(args[0], types), fold(args[1], types)
         if a is not _UNKNOWN and b is not _UNKNOWN and a[0] == b[0]:
             return ("bool", (a == b) == (fn == "_==_"))
         # Every CEL standard function is deterministic (CEL has no now()), so an
-        # expression always equals itself.
-        if _same(args[0], args[1]):
+        # expression always equals itself, unless it can be NaN.
+        if _same_value(args[0], args[1], types):
             return ("bool", fn == "_==_")
         return _UNKNOWN
     if fn in _COMPARE and len(args) == 2:
-        a, b = fold(args[0]), fold(args[1])
+        a, b = fold(args[0], types), fold(args[1], types)
         if a is not _UNKNOWN and b is not _UNKNOWN and a[0] == b[0] and \
                 a[0] in ("num", "str"):
             x, y = a[1], b[1]
             return ("bool", {"_<_": x < y, "_<=_": x <= y, "_>_": x > y, "_>=_": x >= y}[fn])
+        if _same_value(args[0], args[1], types):
+            return ("bool", fn in ("_<=_", "_>=_"))
         # A size is never negative: size(x) >= 0 and size(x) > -1 always hold, whichever
         # side it is written on.
         if _is_size(args[0]) and b is not _UNKNOWN and b[0] == "num":
@@ -457,16 +481,19 @@ def fold(e: syntax_pb2.Expr) -> Any:
             return _size_against(_MIRROR[fn], a[1])
         return _UNKNOWN
     if fn == "@in" and len(args) == 2:
-        hay = fold(args[1])
+        hay = fold(args[1], types)
         if hay == ("list", ()):
             return ("bool", False)
-        needle = fold(args[0])
+        needle = fold(args[0], types)
         if needle is not _UNKNOWN and hay is not _UNKNOWN and hay[0] == "list":
             return ("bool", needle in hay[1])
         if args[1].WhichOneof("expr_kind") == "list_expr" and any(
-                _same(args[0], x) for x in args[1].list_expr.elements):
+                _same_value(args[0], x, types) for x in args[1].list_expr.elements):
             return ("bool", True)  # x in [x, ...]
         return _UNKNOWN
+    if fn in _EMPTY_ALWAYS_TRUE and call.HasField("target") and len(args) == 1 and \
+            fold(args[0], types) == ("str", ""):
+        return ("bool", True)  # every string starts with, ends with, contains ''
     return _UNKNOWN
 
 
@@ -483,20 +510,54 @@ def _size_against(fn: str, n: float) -> Any:
 
 
 def _negates(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
-    """b is !a."""
-    return (b.WhichOneof("expr_kind") == "call_expr" and b.call_expr.function == "!_"
-            and len(b.call_expr.args) == 1 and _same(a, b.call_expr.args[0]))
+    """b is !a, or a is `x == y` and b `x != y` or `y != x` (CEL defines != as the
+    negation of ==)."""
+    if b.WhichOneof("expr_kind") != "call_expr":
+        return False
+    call = b.call_expr
+    if call.function == "!_":
+        return len(call.args) == 1 and _same(a, call.args[0])
+    if call.function != "_!=_" or a.WhichOneof("expr_kind") != "call_expr" or \
+            a.call_expr.function != "_==_":
+        return False
+    eq = a.call_expr.args
+    return _same_args(eq, call.args) or _same_args(eq, call.args[::-1])
 
 
-def _different_values(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
-    """a and b are `e == c1` and `e == c2` (either way round) with c1 != c2."""
+def _same_args(xs: Sequence[syntax_pb2.Expr], ys: Sequence[syntax_pb2.Expr]) -> bool:
+    return len(xs) == len(ys) and all(_same(x, y) for x, y in zip(xs, ys, strict=True))
+
+
+def _same_value(a: syntax_pb2.Expr, b: syntax_pb2.Expr, types: Types) -> bool:
+    """a and b are the same expression of a type whose values all equal themselves."""
+    return _same(a, b) and _reflexive(types.get(a.id))
+
+
+def _reflexive(t: checked_pb2.Type | None) -> bool:
+    if t is None:
+        return False
+    kind = t.WhichOneof("type_kind")
+    if kind == "primitive":
+        return t.primitive in _REFLEXIVE_PRIMITIVES
+    if kind == "well_known":
+        return t.well_known in _REFLEXIVE_WELL_KNOWN
+    if kind == "list_type":
+        return _reflexive(t.list_type.elem_type)
+    if kind == "map_type":
+        return _reflexive(t.map_type.key_type) and _reflexive(t.map_type.value_type)
+    return False
+
+
+def _different_values(a: syntax_pb2.Expr, b: syntax_pb2.Expr, op: str, types: Types
+                      ) -> bool:
+    """a and b are `e op c1` and `e op c2` (either way round) with c1 != c2."""
     def pair(e: syntax_pb2.Expr) -> tuple[syntax_pb2.Expr, Any] | None:
-        if e.WhichOneof("expr_kind") != "call_expr" or e.call_expr.function != "_==_" \
+        if e.WhichOneof("expr_kind") != "call_expr" or e.call_expr.function != op \
                 or len(e.call_expr.args) != 2:
             return None
         x, y = e.call_expr.args
-        for subject, value in ((x, fold(y)), (y, fold(x))):
-            if value is not _UNKNOWN and fold(subject) is _UNKNOWN:
+        for subject, value in ((x, fold(y, types)), (y, fold(x, types))):
+            if value is not _UNKNOWN and fold(subject, types) is _UNKNOWN:
                 return subject, value
         return None
     pa, pb = pair(a), pair(b)
@@ -504,8 +565,8 @@ def _different_values(a: syntax_pb2.Expr, b: syntax_pb2.Expr) -> bool:
             and pa[1][0] == pb[1][0] and pa[1] != pb[1])
 
 
-def _fold_empty_loop(comp: syntax_pb2.Expr.Comprehension) -> Any:
-    init = fold(comp.accu_init)
+def _fold_empty_loop(comp: syntax_pb2.Expr.Comprehension, types: Types) -> Any:
+    init = fold(comp.accu_init, types)
     # exists/all over an empty list: the result is the accumulator's initial value.
     if comp.result.WhichOneof("expr_kind") == "ident_expr" and \
             comp.result.ident_expr.name == comp.accu_var:
@@ -524,14 +585,15 @@ def _is_size(e: syntax_pb2.Expr) -> bool:
 # -- entry point --------------------------------------------------------------------
 
 
-def analyze(serialized: bytes, known_values: Mapping[str, Iterable[str]] | None = None
-            ) -> Analysis:
+def analyze(serialized: bytes, known_values: Mapping[str, Iterable[str]] | None = None,
+            *, per_tool: bool = False) -> Analysis:
+    """per_tool: the expression is a tools policy's, evaluated once per tool."""
     checked = checked_expr(serialized)
-    walker = _Walker(checked, known_values or {})
-    walker.walk(checked.expr, {}, 0)
+    walker = _Walker(checked, known_values or {}, per_tool)
+    walker.walk(checked.expr, {}, 1 if per_tool else 0)
     used = tuple(sorted(walker.used))
     roots = frozenset(p.split(".", 1)[0] for p in used)
-    folded = fold(checked.expr)
+    folded = fold(checked.expr, checked.type_map)
     constant = folded[1] if _is_bool(folded) else None
     if constant is None and not roots:
         constant = _UNKNOWN  # no attribute at all: the caller evaluates it once

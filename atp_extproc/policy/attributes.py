@@ -26,6 +26,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from atp_extproc.llm_api import (
     TOKEN_LIMIT_KEYS,
+    NumberTooLong,
     parse_arguments,
     token_ids,
     tool_lists,
@@ -714,7 +715,7 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
             return {}
         try:
             arguments = parse_arguments(arguments)
-        except RecursionError:
+        except (RecursionError, NumberTooLong):
             cut.note("request.tool_details.arguments")
             return {}
         except ValueError:

@@ -74,11 +74,13 @@ def _type(message: str) -> cel.Type:
 
 
 def policy_env() -> Any:
-    """The environment a single policy is checked in: the five attribute variables."""
+    """The environment a single policy is checked in: the five attribute variables, and
+    cel.bind (the joined program has it anyway: it binds the attributes with it)."""
     with _ENV_LOCK:
         if "policy" not in _ENVS:
             _ENVS["policy"] = cel.NewEnv(
-                variables={name: _type(msg) for name, msg in _MESSAGES.items()})
+                variables={name: _type(msg) for name, msg in _MESSAGES.items()},
+                extensions=[ext_bindings.ExtBindings()])
         return _ENVS["policy"]
 
 
@@ -347,6 +349,8 @@ class CompiledPolicy:
 _CEL_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): ([^\n]*)")
 _UNDEFINED_FIELD = re.compile(r"undefined field '([^']*)' not found in struct '([^']*)'")
 _UNDECLARED = re.compile(r"undeclared reference to '([^']*)'")
+# A call `ns.fn(`: when `ns` is unknown cel-cpp also names `fn`, at its '('.
+_NAMESPACED_CALL = re.compile(r"([A-Za-z_]\w*)\s*\.\s*([A-Za-z_]\w*)\s*\(")
 # gRPC status codes: cel-cpp prefixes its error texts with one.
 _STATUS_CODES = frozenset({
     "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
@@ -425,19 +429,36 @@ def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
     # What an unknown attribute then breaks ("expression of type '*error*' cannot be ...")
     # says nothing more than the first error.
     found = [m for m in found if "'*error*'" not in m.group(3)] or found
+    expression = sp.spec.expression
+    at = [_offset(expression, int(m.group(1)), int(m.group(2))) for m in found]
+    undeclared: dict[int, str] = {}
+    for offset, m in zip(at, found, strict=True):
+        name = _UNDECLARED.search(m.group(3))
+        if name:
+            undeclared[offset] = name.group(1)
+    # An unknown `ns.fn(...)` (an extension ATP's CEL lacks, e.g. math.greatest) is two
+    # unknown names to cel-cpp: one error, for the call, says what it is.
+    calls: dict[int, str] = {}
+    for offset, name in undeclared.items():
+        call = _NAMESPACED_CALL.match(expression, offset)
+        if call and call[1] == name and undeclared.get(call.end() - 1) == call[2]:
+            calls[offset] = (f"unknown function {name}.{call[2]}(): ATP's CEL has the "
+                             "standard functions and cel.bind")
+            calls[call.end() - 1] = ""  # `fn` alone: said by the call's error
     out = []
-    for m in found:
-        line, col = int(m.group(1)), int(m.group(2))
-        out.append(Problem(sp.file, _file_line(sp, line, col), sp.spec.id,
-                           f"{_reword(m.group(3).strip())} (expression line {line}, "
-                           f"column {col})"))
+    for offset, m in zip(at, found, strict=True):
+        reason = calls.get(offset, _reword(m.group(3).strip()))
+        if reason:
+            out.append(Problem(sp.file, sp.file_line(offset), sp.spec.id,
+                               f"{reason} (expression line {m.group(1)}, column "
+                               f"{m.group(2)})"))
     return out
 
 
-def _file_line(sp: SourcedPolicy, cel_line: int, col: int) -> int:
-    lines = sp.spec.expression.split("\n")
-    offset = sum(len(text) + 1 for text in lines[:cel_line - 1]) + col - 1
-    return sp.file_line(offset)
+def _offset(expression: str, cel_line: int, col: int) -> int:
+    """The offset in `expression` of cel-cpp's (line, column)."""
+    lines = expression.split("\n")
+    return sum(len(text) + 1 for text in lines[:cel_line - 1]) + col - 1
 
 
 def _finding_problem(sp: SourcedPolicy, offset: int, reason: str, severity: str) -> Problem:
@@ -601,10 +622,12 @@ class PolicySet:
             else:
                 first_seen[spec.id] = sp
             if classes is not None:
-                for dc in spec.data_classes:
+                for i, dc in enumerate(spec.data_classes):
                     if dc not in classes:
                         problems.append(Problem(
-                            sp.file, sp.field_lines.get("data_classes", sp.line), spec.id,
+                            sp.file, sp.field_lines.get(
+                                f"data_classes[{i}]",
+                                sp.field_lines.get("data_classes", sp.line)), spec.id,
                             f"unknown data class {dc!r} (known: {', '.join(sorted(classes))})"))
                         ok = False
             try:
@@ -618,7 +641,7 @@ class PolicySet:
                                         f"expression must be a bool, not {rtype.name().lower()}"
                                         " (compare it explicitly, e.g. `== true`)"))
                 continue
-            an = analysis.analyze(program.serialize(), known)
+            an = analysis.analyze(program.serialize(), known, per_tool=spec.effect == "tools")
             before = len(problems)
             problems += _root_rules(sp, an.roots)
             problems += _constant_problems(sp, an, program)

@@ -2,19 +2,24 @@
 
 Fail-open (`failure_mode_allow: true`) forwards the original, unredacted body when ATP is
 down or slow, so a deny, restrict, tools or redact policy (or redaction itself) silently
-stops applying. For every ext_proc filter of every HTTP connection manager this checks the
-filter's own `failure_mode_allow` and `disabled`, and each route's (virtual host's, route
-config's) ExtProcPerRoute override (`overrides.failure_mode_allow`, `disabled`), bare or
-inside an envoy.config.route.v3.FilterConfig (whose own `disabled` also turns it off).
-Routes that answer directly (`direct_response`, `redirect`) send nothing upstream and
-are skipped.
+stops applying. For every ext_proc filter of every filter chain of every HTTP connection
+manager (its http_filters, and an upgrade's own `filters`, which replace them for
+websocket or CONNECT requests) this checks the filter's own `failure_mode_allow`,
+`disabled`, `observability_mode` (Envoy does not wait for ATP's answer) and
+`disable_immediate_response` (Envoy ignores ATP's refusals), and the ExtProcPerRoute
+override (`overrides.failure_mode_allow`, `disabled`), bare or inside an
+envoy.config.route.v3.FilterConfig (whose own `disabled` also turns it off), that each
+route's weighted cluster, route, virtual host and route config hold under the filter's
+name. Routes that answer directly (`direct_response`, `redirect`) send nothing upstream
+and are skipped. Bools and enums are read as Envoy reads them (proto JSON: "true" and
+"yes" are true, "skip" and 2 are SKIP).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from atp_extproc.policy.settings import Problem, load_yaml
 
@@ -23,6 +28,17 @@ PER_ROUTE_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 # The generic per-route wrapper: its `disabled` turns any filter off on a route, and any
 # entry that is not disabled turns on a filter that is `disabled: true` by default.
 FILTER_CONFIG_TYPE = "envoy.config.route.v3.FilterConfig"
+# ProcessingMode's enums by number: Envoy takes a number (bare or quoted) as well as a name.
+HEADER_MODES = ("DEFAULT", "SEND", "SKIP")
+BODY_MODES = ("NONE", "STREAMED", "BUFFERED", "BUFFERED_PARTIAL", "FULL_DUPLEX_STREAMED",
+              "GRPC")
+# A quoted bool as Envoy's proto JSON parser reads it (absl::SimpleAtob, any letter case);
+# it refuses other words ("on", "off").
+TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
+
+# (line, path, reason): a problem before the file, severity and `why` are added.
+Finding = tuple[int, str, str]
 
 
 def _line(node: Any, key: Any = None) -> int:
@@ -32,12 +48,37 @@ def _line(node: Any, key: Any = None) -> int:
 
 
 def _bool(value: Any) -> bool | None:
-    """A bool or a google.protobuf.BoolValue written as {value: bool}."""
+    """A bool as Envoy reads it: true/false, a quoted word ("true", "False", "yes", "1"),
+    or a google.protobuf.BoolValue written as {value: ...}; None if unset."""
+    if isinstance(value, dict):
+        value = value.get("value")
     if isinstance(value, bool):
         return value
-    if isinstance(value, dict) and isinstance(value.get("value"), bool):
-        return value["value"]
+    if isinstance(value, str):
+        word = value.lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
     return None
+
+
+def _true(value: Any) -> bool:
+    return _bool(value) is True
+
+
+def _enum(value: Any, names: tuple[str, ...]) -> str | None:
+    """An enum's name as Envoy reads it: a name in any letter case, or a number (bare or
+    quoted); unset (null) is the first."""
+    if value is None:
+        return names[0]
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return names[value] if 0 <= value < len(names) else None
+    return value.upper() if isinstance(value, str) else None
+
+
+def _typed(http_filter: dict) -> dict:
+    typed = http_filter.get("typed_config")
+    return typed if isinstance(typed, dict) else {}
 
 
 def _walk(node: Any) -> Iterator[dict]:
@@ -59,21 +100,16 @@ def _is_ext_proc(http_filter: dict) -> bool:
         http_filter.get("name") == "envoy.filters.http.ext_proc"
 
 
-def _per_route(holder: Any, names: set[str]) -> tuple[dict | None, int]:
-    """The ext_proc entry of a route's (virtual host's, route config's)
-    typed_per_filter_config and its line: under the filter's name, or an ExtProcPerRoute
-    (bare or in a FilterConfig) under any name."""
+def _per_route(holder: Any, name: str) -> tuple[dict | None, int]:
+    """The entry for the filter called `name` in the typed_per_filter_config of a route
+    config, virtual host, route or weighted cluster, and its line. Envoy looks entries up
+    by the filter's name alone: one under another name never applies, whatever its type,
+    so neither its `disabled` nor a fail-closed override there counts."""
     cfg = holder.get("typed_per_filter_config") if isinstance(holder, dict) else None
-    if not isinstance(cfg, dict):
+    entry = cfg.get(name) if isinstance(cfg, dict) else None
+    if not isinstance(entry, dict):
         return None, 0
-    for name, value in cfg.items():
-        if not isinstance(value, dict):
-            continue
-        if name in names or _is_type(value, PER_ROUTE_TYPE) or (
-                _is_type(value, FILTER_CONFIG_TYPE)
-                and _is_type(value.get("config"), PER_ROUTE_TYPE)):
-            return value, _line(cfg, name)
-    return None, 0
+    return entry, _line(cfg, name)
 
 
 def _override(per_route: dict | None) -> tuple[bool | None, bool, dict | None]:
@@ -82,11 +118,11 @@ def _override(per_route: dict | None) -> tuple[bool | None, bool, dict | None]:
     if per_route is None:
         return None, False, None
     if _is_type(per_route, FILTER_CONFIG_TYPE):
-        if per_route.get("disabled") is True:
+        if _true(per_route.get("disabled")):
             return None, True, None  # the filter is off; its `config` is ignored
         inner = per_route.get("config")
         per_route = inner if isinstance(inner, dict) else {}
-    disabled = per_route.get("disabled") is True
+    disabled = _true(per_route.get("disabled"))
     overrides = per_route.get("overrides")
     if not isinstance(overrides, dict):
         return None, disabled, None
@@ -98,9 +134,9 @@ def _override(per_route: dict | None) -> tuple[bool | None, bool, dict | None]:
 def _withheld(mode: dict) -> str | None:
     """What of the request a processing mode keeps from ATP, which needs both the
     headers (who asks, where) and the whole body (what): None if nothing."""
-    if mode.get("request_header_mode") == "SKIP":
+    if _enum(mode.get("request_header_mode"), HEADER_MODES) == "SKIP":
         return "request_header_mode: SKIP"
-    if mode.get("request_body_mode", "NONE") == "NONE":
+    if _enum(mode.get("request_body_mode"), BODY_MODES) == "NONE":
         return "request_body_mode: NONE"
     return None
 
@@ -120,6 +156,131 @@ def _route_name(vhost: dict, index: int, route: dict) -> str:
     return f"virtual host {vhost.get('name', '?')} route #{index + 1} ({what})"
 
 
+def _upgrades(hcm: dict) -> list[tuple[int, dict]]:
+    """The upgrades (websocket, CONNECT...) with a filter chain of their own, by index:
+    Envoy runs their `filters` instead of http_filters for such requests (an upgrade
+    without `filters` runs http_filters)."""
+    upgrades = hcm.get("upgrade_configs")
+    return [(i, u) for i, u in enumerate(upgrades if isinstance(upgrades, list) else ())
+            if isinstance(u, dict) and isinstance(u.get("filters"), list) and u["filters"]]
+
+
+def _upgrade_on(route: dict, upgrade: dict | None) -> bool:
+    """Whether requests may take `route` through `upgrade`'s filters (None: the plain
+    chain, always): the route's own upgrade_configs entry for the type decides, else the
+    connection manager's `enabled` (both default true; types in any letter case)."""
+    if upgrade is None:
+        return True
+    kind = str(upgrade.get("upgrade_type", "")).lower()
+    action = route.get("route") if isinstance(route.get("route"), dict) else {}
+    for entry in action.get("upgrade_configs") or ():
+        if isinstance(entry, dict) and str(entry.get("upgrade_type", "")).lower() == kind:
+            return _bool(entry.get("enabled")) is not False
+    return _bool(upgrade.get("enabled")) is not False
+
+
+def _targets(route: dict, where: str,
+             clusters: Collection[str] | None) -> list[tuple[list[dict], str]]:
+    """Where a route's per-route configs sit (most specific first) for each way it sends
+    requests on: each weighted cluster that may reach a model, whose own
+    typed_per_filter_config Envoy reads before the route's, or else the route itself."""
+    targets = [([c, route], f"{where} weighted cluster {c.get('name', '?')}"
+                if isinstance(c.get("typed_per_filter_config"), dict) else where)
+               for c in _weighted(route.get("route")) if _cluster_may_reach(c, clusters)]
+    return targets or [([route], where)]
+
+
+def _route_findings(checking: list[dict], holders: list[Any], where: str,
+                    route_line: int) -> list[Finding]:
+    """Findings for one route (or weighted cluster) through the checking ext_proc filters;
+    `holders` hold its per-route configs, most specific first, as Envoy looks them up."""
+    off: list[int] = []
+    on: list[tuple[dict, list[tuple[int, bool | None, bool, dict | None]]]] = []
+    for f in checking:
+        levels = [(line, *_override(cfg)) for cfg, line in
+                  (_per_route(holder, str(f.get("name"))) for holder in holders)
+                  if cfg is not None]
+        # An entry turns a filter that is `disabled: true` by default on.
+        disabled = levels[0][2] if levels else _true(f.get("disabled"))
+        if disabled:
+            off.append(levels[0][0] if levels else _line(f, "disabled"))
+        else:
+            on.append((f, levels))
+    if not on:
+        return [(off[0] or route_line, where, "ext_proc is disabled on this route: "
+                 "requests skip ATP")]
+    found: list[Finding] = []
+    for f, levels in on:
+        mode_line, mode = next(((line, mode) for line, _, _, mode in levels
+                                if mode is not None), (0, None))
+        # Envoy takes a route's processing_mode whole: what it leaves unset is the
+        # default (request_body_mode NONE), not the filter's setting.
+        withheld = _withheld(mode) if mode is not None else None
+        if withheld is not None:
+            found.append((mode_line, where, f"a processing_mode override ({withheld}) "
+                          "sends the request upstream without ATP reading it"))
+        # ext_proc merges its per-route overrides: the most specific one set wins.
+        typed = _typed(f)
+        fma, line = next(((fma, line) for line, fma, _, _ in levels if fma is not None),
+                         (_true(typed.get("failure_mode_allow")),
+                          _line(typed, "failure_mode_allow")))
+        if fma:
+            found.append((line, where, "ext_proc fails open (failure_mode_allow: true): "
+                          "when ATP is down the original, unredacted request goes upstream"))
+    return found
+
+
+def _chain_findings(hcm: dict, ext: list[dict], upgrade: dict | None,
+                    clusters: Collection[str] | None) -> list[Finding]:
+    """What lets requests past the ext_proc filters `ext` of one filter chain of a
+    connection manager (http_filters, or `upgrade`'s filters) unchecked."""
+    suffix = f" ({upgrade.get('upgrade_type', '?')} upgrade)" if upgrade is not None else ""
+    # In observability mode Envoy sends ATP a copy and goes on without waiting for (or
+    # applying) its answer: a fine observer beside a checking filter, no check alone.
+    checking = [f for f in ext if not _true(_typed(f).get("observability_mode"))]
+    if not checking:
+        return [(_line(_typed(ext[0]), "observability_mode"), "ext_proc" + suffix,
+                 "observability_mode: true: Envoy does not wait for ATP's answer, so no "
+                 "deny and no redaction applies: requests go upstream as sent")]
+    found: list[Finding] = []
+    for f in checking:
+        typed = _typed(f)
+        mode = typed.get("processing_mode")
+        withheld = _withheld(mode if isinstance(mode, dict) else {})
+        if withheld is not None:
+            found.append((_line(typed, "processing_mode") or _line(f), "ext_proc" + suffix,
+                          f"processing_mode {withheld} (the default where unset): requests "
+                          "go upstream without ATP reading them"))
+        if _true(typed.get("disable_immediate_response")):
+            # ATP refuses (deny, oversize, an error) with an immediate response.
+            found.append((_line(typed, "disable_immediate_response"), "ext_proc" + suffix,
+                          "disable_immediate_response: true: Envoy ignores ATP's refusals "
+                          "and sends the request upstream"))
+    route_config = hcm.get("route_config")
+    vhosts = route_config.get("virtual_hosts") if isinstance(route_config, dict) else None
+    if not isinstance(vhosts, list):
+        # Routes come from elsewhere (RDS): only the filters themselves can be judged.
+        if all(_true(f.get("disabled")) for f in checking):
+            found.append((_line(checking[0], "disabled"), "ext_proc" + suffix,
+                          "disabled: true turns ext_proc off unless a route turns it on"))
+        found += [(_line(_typed(f), "failure_mode_allow"), "ext_proc" + suffix,
+                   "failure_mode_allow: true fails open") for f in checking
+                  if _true(_typed(f).get("failure_mode_allow"))]
+        return found
+    for vhost in vhosts:
+        if not isinstance(vhost, dict):
+            continue
+        for index, route in enumerate(vhost.get("routes") or ()):
+            if not isinstance(route, dict) or not _route_may_reach(route, clusters) \
+                    or not _upgrade_on(route, upgrade):
+                continue
+            where = _route_name(vhost, index, route) + suffix
+            for holders, path in _targets(route, where, clusters):
+                found += _route_findings(checking, [*holders, vhost, route_config], path,
+                                         _line(route))
+    return found
+
+
 def fail_open_problems(file: str, text: str, why: list[str],
                        model_clusters: Collection[str] | None = None) -> list[Problem]:
     """Problems for ext_proc that fails open, or is missing where requests may reach a
@@ -128,118 +289,53 @@ def fail_open_problems(file: str, text: str, why: list[str],
     doc, problems = load_yaml(text, file)
     if doc is None:
         return problems
-    severity = "error" if why else "warning"
+    severity: Literal["error", "warning"] = "error" if why else "warning"
     because = f" while {'; '.join(why)}" if why else ""
     asked = False
+    found: list[Finding] = []
     for hcm in _walk(doc):
         filters = hcm.get("http_filters")
         if not isinstance(filters, list):
             continue
-        ext = [f for f in filters if isinstance(f, dict) and _is_ext_proc(f)]
-        if not ext:
-            if _is_connection_manager(hcm) and _may_reach(hcm, model_clusters):
-                # Another listener's ext_proc does not cover this one.
+        chains: list[tuple[int | None, dict | None, list]] = [(None, None, filters)]
+        chains += [(i, u, u["filters"]) for i, u in _upgrades(hcm)]
+        for index, upgrade, chain in chains:
+            ext = [f for f in chain if isinstance(f, dict) and _is_ext_proc(f)]
+            if ext:
                 asked = True
-                problems.append(Problem(
-                    file, _line(hcm, "http_filters"), "http_filters",
-                    f"no ext_proc filter: requests to this connection manager "
-                    f"({hcm.get('stat_prefix', '?')}) may reach a model's cluster unchecked "
-                    f"by ATP{because}", severity))  # type: ignore[arg-type]
-            continue
-        asked = True
-        names = {str(f.get("name")) for f in ext}
-        filter_open = False
-        filter_line = 0
-        for f in ext:
-            typed = f.get("typed_config") if isinstance(f.get("typed_config"), dict) else {}
-            if typed.get("failure_mode_allow") is True:
-                filter_open = True
-                filter_line = _line(typed, "failure_mode_allow")
-        for f in ext:
-            typed = f.get("typed_config") if isinstance(f.get("typed_config"), dict) else {}
-            mode = typed.get("processing_mode")
-            withheld = _withheld(mode if isinstance(mode, dict) else {})
-            if withheld is not None:
-                problems.append(Problem(
-                    file, _line(typed, "processing_mode") or _line(f), "ext_proc",
-                    f"processing_mode {withheld} (the default where unset): requests go "
-                    f"upstream without ATP reading them{because}",
-                    severity))  # type: ignore[arg-type]
-        # `disabled: true` on the HttpFilter: off on every route that does not turn it on.
-        filter_off = all(f.get("disabled") is True for f in ext)
-        off_line = _line(ext[0], "disabled")
-        off_reason = f"ext_proc is disabled on this route: requests skip ATP{because}"
-        route_config = hcm.get("route_config")
-        vhosts = route_config.get("virtual_hosts") if isinstance(route_config, dict) else None
-        if not isinstance(vhosts, list):
-            # Routes come from elsewhere (RDS): only the filter itself can be judged.
-            if filter_off:
-                problems.append(Problem(
-                    file, off_line, "ext_proc",
-                    f"disabled: true turns ext_proc off unless a route turns it on{because}",
-                    severity))  # type: ignore[arg-type]
-            if filter_open:
-                problems.append(Problem(file, filter_line, "ext_proc",
-                                        f"failure_mode_allow: true fails open{because}",
-                                        severity))  # type: ignore[arg-type]
-            continue
-        rc_cfg, rc_line = _per_route(route_config, names)
-        for vhost in vhosts:
-            if not isinstance(vhost, dict):
-                continue
-            vh_cfg, vh_line = _per_route(vhost, names)
-            for index, route in enumerate(vhost.get("routes") or ()):
-                if not isinstance(route, dict) or not _route_may_reach(route,
-                                                                       model_clusters):
-                    continue
-                r_cfg, r_line = _per_route(route, names)
-                where = _route_name(vhost, index, route)
-                # Most specific first, as Envoy looks them up.
-                levels = [(line, *_override(cfg)) for cfg, line in
-                          ((r_cfg, r_line), (vh_cfg, vh_line), (rc_cfg, rc_line))
-                          if cfg is not None]
-                if levels:
-                    line, _, disabled, _ = levels[0]
-                else:
-                    line, disabled = off_line, filter_off
-                if disabled:
-                    problems.append(Problem(file, line or _line(route), where, off_reason,
-                                            severity))  # type: ignore[arg-type]
-                    continue
-                mode_line, mode = next(((line, mode) for line, _, _, mode in levels
-                                        if mode is not None), (0, None))
-                # Envoy takes a route's processing_mode whole: what it leaves unset is the
-                # default (request_body_mode NONE), not the filter's setting.
-                withheld = _withheld(mode) if mode is not None else None
-                if withheld is not None:
-                    problems.append(Problem(
-                        file, mode_line, where,
-                        f"a processing_mode override ({withheld}) sends the request "
-                        f"upstream without ATP reading it{because}",
-                        severity))  # type: ignore[arg-type]
-                # ext_proc merges its per-route overrides: the most specific one set wins.
-                fma, line = next(((fma, line) for line, fma, _, _ in levels
-                                  if fma is not None), (filter_open, filter_line))
-                if fma:
-                    problems.append(Problem(
-                        file, line, where,
-                        f"ext_proc fails open (failure_mode_allow: true): when ATP is down "
-                        f"the original, unredacted request goes upstream{because}",
-                        severity))  # type: ignore[arg-type]
+                found += _chain_findings(hcm, ext, upgrade, model_clusters)
+            elif _is_connection_manager(hcm) and _may_reach(hcm, model_clusters, upgrade):
+                # Another listener's (or chain's) ext_proc does not cover this one.
+                asked = True
+                stat = hcm.get("stat_prefix", "?")
+                found.append(
+                    (_line(hcm, "http_filters"), "http_filters",
+                     f"no ext_proc filter: requests to this connection manager ({stat}) "
+                     "may reach a model's cluster unchecked by ATP") if upgrade is None else
+                    (_line(upgrade, "filters"), f"upgrade_configs[{index}]",
+                     f"no ext_proc filter in the filters of the "
+                     f"{upgrade.get('upgrade_type', '?')} upgrade (they replace "
+                     f"http_filters for it): such requests to this connection manager "
+                     f"({stat}) may reach a model's cluster unchecked by ATP"))
+    seen: set[Finding] = set()
+    for finding in found:
+        if finding not in seen:
+            seen.add(finding)
+            line, path, reason = finding
+            problems.append(Problem(file, line, path, reason + because, severity))
     for proxy in _walk(doc):
         if _is_type(proxy, TCP_PROXY_TYPE) and _tcp_reaches(proxy, model_clusters):
             asked = True  # said here, more precisely than "no ext_proc filter"
             problems.append(Problem(
                 file, _line(proxy), "tcp_proxy",
                 f"a tcp_proxy to a model's cluster ({proxy.get('stat_prefix', '?')}) "
-                f"passes requests on unread by ATP{because}",
-                severity))  # type: ignore[arg-type]
+                f"passes requests on unread by ATP{because}", severity))
     if not asked:
         # A config that never asks ATP sends every request on unchecked (an egress proxy
         # placed after ATP has none, but it is not the config ATP is checked against).
         problems.append(Problem(file, 1, "http_filters",
                                 f"no ext_proc filter: no request is ever checked by ATP"
-                                f"{because}", severity))  # type: ignore[arg-type]
+                                f"{because}", severity))
     return problems
 
 
@@ -250,12 +346,21 @@ def _tcp_reaches(proxy: dict, clusters: Collection[str] | None) -> bool:
     return clusters is None or any(name in clusters for name in _named_clusters(proxy))
 
 
+def _weighted(action: Any) -> list[dict]:
+    """The entries of a route action's (or a tcp_proxy's) weighted_clusters."""
+    weighted = action.get("weighted_clusters") if isinstance(action, dict) else None
+    entries = weighted.get("clusters") if isinstance(weighted, dict) else None
+    return [c for c in entries if isinstance(c, dict)] if isinstance(entries, list) else []
+
+
 def _named_clusters(action: dict) -> list[Any]:
     """The clusters a route action or a tcp_proxy names: `cluster`, `weighted_clusters`."""
-    weighted = action.get("weighted_clusters")
-    return [action.get("cluster")] + [
-        c.get("name") for c in (weighted.get("clusters") or ()
-                                 if isinstance(weighted, dict) else ()) if isinstance(c, dict)]
+    return [action.get("cluster")] + [c.get("name") for c in _weighted(action)]
+
+
+def _cluster_may_reach(entry: dict, clusters: Collection[str] | None) -> bool:
+    """Whether a weighted cluster may be one of `clusters` (None: any)."""
+    return clusters is None or entry.get("name") in clusters or "cluster_header" in entry
 
 
 def _is_connection_manager(node: dict) -> bool:
@@ -263,13 +368,16 @@ def _is_connection_manager(node: dict) -> bool:
     return any(key in node for key in ("route_config", "rds", "scoped_routes"))
 
 
-def _may_reach(hcm: dict, clusters: Collection[str] | None) -> bool:
-    """Whether a connection manager may send requests to one of `clusters` (None: to
-    any): routes it gets from elsewhere (RDS), or one that may (_route_may_reach)."""
+def _may_reach(hcm: dict, clusters: Collection[str] | None,
+               upgrade: dict | None = None) -> bool:
+    """Whether a connection manager may send requests (through `upgrade`'s filters) to
+    one of `clusters` (None: to any): routes it gets from elsewhere (RDS), or one that
+    may (_route_may_reach, _upgrade_on)."""
     route_config = hcm.get("route_config")
     if not isinstance(route_config, dict):
         return True
     return any(isinstance(route, dict) and _route_may_reach(route, clusters)
+               and _upgrade_on(route, upgrade)
                for vhost in route_config.get("virtual_hosts") or ()
                if isinstance(vhost, dict) for route in vhost.get("routes") or ())
 
@@ -283,7 +391,8 @@ def _route_may_reach(route: dict, clusters: Collection[str] | None) -> bool:
         return False
     if clusters is None or "cluster_header" in action or "cluster_specifier_plugin" in action:
         return True
-    return any(name in clusters for name in _named_clusters(action))
+    return action.get("cluster") in clusters or any(
+        _cluster_may_reach(c, clusters) for c in _weighted(action))
 
 
 JWT_AUTHN_TYPE = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
@@ -336,6 +445,23 @@ def jwt_problems(file: str, text: str, namespace: str, payload_key: str) -> list
     return problems
 
 
+def missing_cluster_problems(file: str, text: str,
+                             model_clusters: Collection[str]) -> list[Problem]:
+    """atp.yaml's model clusters that the Envoy config does not define: Envoy answers
+    every request ATP routes there 503 cluster_not_found."""
+    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    if not isinstance(doc, dict) or "cds_config" in str(doc.get("dynamic_resources")):
+        return []  # clusters that come from a control plane cannot be read here
+    static = doc.get("static_resources")
+    clusters = static.get("clusters") if isinstance(static, dict) else None
+    names = {c.get("name") for c in clusters or () if isinstance(c, dict)}
+    line = _line(static, "clusters") if isinstance(static, dict) else 1
+    return [Problem(file, line, "static_resources.clusters",
+                    f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
+                    "would answer its requests 503 cluster_not_found")
+            for name in sorted(set(model_clusters) - names)]
+
+
 def check_file(path: str | Path, why: list[str],
                jwt: tuple[str, str] | None = None,
                model_clusters: Collection[str] | None = None) -> list[Problem]:
@@ -348,6 +474,8 @@ def check_file(path: str | Path, why: list[str],
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(str(path), 0, "", f"cannot read: {exc}")]
     problems = fail_open_problems(str(path), text, why, model_clusters)
+    if model_clusters is not None:
+        problems += missing_cluster_problems(str(path), text, model_clusters)
     if jwt is not None:
         problems += jwt_problems(str(path), text, *jwt)
     return problems

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import os
 import re
 import sys
 from bisect import bisect_right
@@ -108,7 +109,77 @@ class LineList(list):
     item_lines: list[int]
 
 
-class _LineLoader(yaml.SafeLoader):
+MERGE_TAG = "tag:yaml.org,2002:merge"
+_VALUE_TAG = "tag:yaml.org,2002:value"
+
+
+class KeyCheckingLoader(yaml.SafeLoader):
+    """A SafeLoader that notes every key a mapping gives twice (`duplicates`: the later
+    key's node, and the key), which YAML would silently settle by keeping the last.
+
+    Keys merged in by `<<: *anchor` are not the mapping's own: its own override them and,
+    from `<<: [*a, *b]`, a's override b's (YAML 1.1 merge keys). PyYAML's own merging is
+    not used: it keeps the first of two equal keys only when Python happens to share
+    their string, so which value won depended on the key's length.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[yaml.Node, Any]] = []
+        # Merging rewrites a node's pairs in place, and a node is flattened again when it
+        # is built or merged elsewhere: only the first time are they its own.
+        self._flattened: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Puts the pairs merge keys bring before the mapping's own, lowest precedence
+        first: a mapping is built keeping a key's last value."""
+        if id(node) in self._flattened:
+            return
+        self._flattened.add(id(node))
+        seen: set[Any] = set()
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                key: Any = "<<"
+                merged = self._merged(node, value_node) + merged
+            else:
+                if key_node.tag == _VALUE_TAG:  # a `=` key: a plain string, as PyYAML has it
+                    key_node.tag = "tag:yaml.org,2002:str"
+                key = self.construct_object(key_node)
+                own.append((key_node, value_node))
+            try:
+                hash(key)
+            except TypeError:   # `? [a, b]`: `in seen` would raise
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark) from None
+            if key in seen:
+                self.duplicates.append((key_node, key))
+            seen.add(key)
+        node.value = merged + own
+
+    def _merged(self, node: yaml.MappingNode,
+                value: yaml.Node) -> list[tuple[yaml.Node, yaml.Node]]:
+        """The pairs `<<: value` brings, lowest precedence first."""
+        sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        pairs: list[tuple[yaml.Node, yaml.Node]] = []
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"a merge key takes a mapping or a list of mappings, not a {source.id}",
+                    source.start_mark)
+            self.flatten_mapping(source)
+            if any(key.tag == MERGE_TAG for key, _ in source.value):
+                # Still being flattened: the mapping merges itself, or one that holds it.
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "a mapping cannot merge itself", source.start_mark)
+            pairs += source.value
+        return pairs
+
+
+class _LineLoader(KeyCheckingLoader):
     pass
 
 
@@ -118,17 +189,10 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode):
     data.key_lines = {}
     data.value_nodes = {}
     yield data
+    # Merged keys come first, so the mapping's own override them.
     loader.flatten_mapping(node)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
-        try:
-            hash(key)
-        except TypeError:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                "found an unhashable key", key_node.start_mark) from None
-        if key in data:
-            loader.duplicates.append((key_node.start_mark.line + 1, key))
         data[key] = loader.construct_object(value_node, deep=True)
         data.key_lines[key] = key_node.start_mark.line + 1
         data.value_nodes[key] = value_node
@@ -177,13 +241,11 @@ class PolicyError(Exception):
 def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
     """Parse YAML keeping lines; duplicate keys are problems, not silent overwrites."""
     loader = _LineLoader(text)
-    loader.duplicates = []  # type: ignore[attr-defined]
     try:
         doc = loader.get_single_data()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
-        return None, [Problem(file, mark.line + 1 if mark else 0, "", f"invalid YAML: {reason}")]
+        return None, [Problem(file, error_line(exc, text), "", f"invalid YAML: {reason}")]
     except RecursionError:
         return None, [Problem(file, 0, "", "invalid YAML: nested too deeply")]
     except (TypeError, ValueError) as exc:
@@ -191,9 +253,26 @@ def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
         return None, [Problem(file, 0, "", f"invalid YAML: {exc}")]
     finally:
         loader.dispose()
-    problems = [Problem(file, line, str(key), "the key appears twice in this mapping")
-                for line, key in loader.duplicates]  # type: ignore[attr-defined]
+    # In the file's order: a mapping's keys are checked before those of the mappings in it.
+    problems = [Problem(file, node.start_mark.line + 1, str(key),
+                        "the key appears twice in this mapping")
+                for node, key in sorted(loader.duplicates,
+                                        key=lambda found: found[0].start_mark.index)]
     return doc, problems
+
+
+def error_line(exc: yaml.YAMLError, text: str) -> int:
+    """The line of a YAML error (0: none). At the end of the stream (an unclosed `[`, `{`
+    or quote) the mark lies past the last line: the construct's opening is named
+    instead, when it is in the file, or else the file's last line."""
+    problem = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return 0
+    end = len(text.rstrip())
+    for mark in (problem, getattr(exc, "context_mark", None)):
+        if mark is not None and mark.index < end:
+            return int(mark.line) + 1
+    return text.count("\n", 0, end) + 1
 
 
 def line_of(doc: Any, loc: Iterable[Any]) -> int:
@@ -257,14 +336,15 @@ class LoadedPolicies:
     include_globs: tuple[str, ...] = ()
 
 
-def _policies_from(doc: Any, file: str, key_path: str) -> tuple[list[SourcedPolicy],
-                                                                   list[Problem]]:
+def _policies_from(doc: Any, file: str, key_path: str, line: int = 0
+                   ) -> tuple[list[SourcedPolicy], list[Problem]]:
+    """The policies of `doc`, the value of the key `key_path` at `line`."""
     problems: list[Problem] = []
     out: list[SourcedPolicy] = []
     if doc is None:
         return out, problems
     if not isinstance(doc, list):
-        return out, [Problem(file, getattr(doc, "line", 0), key_path,
+        return out, [Problem(file, getattr(doc, "line", 0) or line, key_path,
                              "must be a list of policies")]
     for i, entry in enumerate(doc):
         where = f"{key_path}[{i}]"
@@ -289,6 +369,11 @@ def _policies_from(doc: Any, file: str, key_path: str) -> tuple[list[SourcedPoli
                 expr_line = node.start_mark.line + (2 if node.style in ("|", ">") else 1)
                 expr_lines = _line_starts(node, spec.expression, expr_line)
             fields = dict(entry.key_lines)
+            # Each data class's own line, so a problem with one names it.
+            classes = entry.get("data_classes")
+            if isinstance(classes, LineList):
+                fields.update((f"data_classes[{k}]", item_line)
+                              for k, item_line in enumerate(classes.item_lines))
         else:
             fields = {}
         out.append(SourcedPolicy(spec, file, line, expr_line, expr_lines, fields))
@@ -348,7 +433,7 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
     Never raises: problems are returned so `check` can list them all; `require_ok`
     turns them into a PolicyError.
     """
-    base_dir = base_dir if base_dir is not None else Path(file).resolve().parent
+    base_dir = base_dir if base_dir is not None else directory_of(Path(file))
     hasher = hashlib.sha256(text.encode())
     doc, problems = load_yaml(text, file)
     files = [file]
@@ -364,7 +449,8 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
     includes = settings.include
     if overrides:
         settings = PolicySettings.model_validate({**settings.model_dump(), **overrides})
-    found, more = _policies_from(doc.get("policies"), file, "policies")
+    found, more = _policies_from(doc.get("policies"), file, "policies",
+                                 line_of(doc, ["policies"]))
     policies += found
     problems += more
     include_globs = tuple(str(base_dir / pattern) for pattern in includes)
@@ -383,7 +469,10 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
                 problems.append(Problem(shown, 0, "", f"cannot read: {exc}"))
                 continue
             files.append(shown)
-            hasher.update(b"\0" + shown.encode() + b"\0" + inc_text.encode())
+            # Named as relative to atp.yaml's directory: the version must not change with
+            # the working directory, nor with a ConfigMap's timestamped directory.
+            hasher.update(b"\0" + os.path.relpath(match, base_dir).encode() + b"\0"
+                          + inc_text.encode())
             inc_doc, more = load_yaml(inc_text, shown)
             problems += more
             # Mostly a file caught mid-write (truncated, then filled): loading it as "no
@@ -404,16 +493,24 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
                                         "an included policy file holds only `policies:`"))
                 if not isinstance(inc_doc, dict):
                     continue
-            found, more = _policies_from(inc_doc.get("policies"), shown, "policies")
+            found, more = _policies_from(inc_doc.get("policies"), shown, "policies",
+                                         line_of(inc_doc, ["policies"]))
             policies += found
             problems += more
     return LoadedPolicies(settings, tuple(policies), tuple(files), hasher.hexdigest()[:12],
                           tuple(problems), raw=dict(doc), include_globs=include_globs)
 
 
+def directory_of(file: Path) -> Path:
+    """The directory `file` is named in, absolute but with its symlinks kept: a Kubernetes
+    ConfigMap's atp.yaml links into a timestamped directory that each update replaces,
+    and paths relative to that would change (and vanish) with every update."""
+    return file.absolute().parent
+
+
 def _shown(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(path.absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
@@ -427,7 +524,7 @@ def load_file(path: str | Path, overrides: Mapping[str, Any] | None = None
         return LoadedPolicies(PolicySettings.model_validate(dict(overrides or {})), (),
                               (str(path),), "",
                               (Problem(str(path), 0, "", f"cannot read: {exc}"),))
-    return load_text(text, str(path), base_dir=path.resolve().parent, overrides=overrides)
+    return load_text(text, str(path), base_dir=directory_of(path), overrides=overrides)
 
 
 def require_ok(loaded: LoadedPolicies) -> LoadedPolicies:

@@ -167,17 +167,31 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     policies: list[SourcedPolicy] = []
     settings: PolicySettings | None = None
     raw: dict[str, Any] = {}
-    for pattern in sources:
+    for i, pattern in enumerate(sources):
+        line = line_of(doc, ["policies", i] if isinstance(doc.get("policies"), list)
+                       else ["policies"])
         matches = sorted(glob.glob(str(base / str(pattern)), recursive=True))
         matches = [m for m in matches if Path(m).resolve() != file.resolve()]
         if not matches:
-            problems.append(Problem(str(file), 0, "policies", f"{pattern!r} matches no file"))
+            problems.append(Problem(str(file), line, "policies",
+                                    f"{pattern!r} matches no file"))
+        case_files: list[str] = []
         for match in matches:
             loaded = load_file(match, overrides)
+            # A glob beside the cases (`*.yaml`) also matches the other case files:
+            # they hold cases, not policies, and are run on their own.
+            if "cases" in loaded.raw:
+                case_files.append(match)
+                continue
             problems += [p for p in loaded.problems if p.severity == "error"]
             policies += loaded.policies
             settings = settings or loaded.settings
             raw = raw or loaded.raw
+        if case_files and len(case_files) == len(matches):
+            problems.append(Problem(str(file), line, "policies",
+                                    f"{pattern!r} matches case files only "
+                                    f"({', '.join(case_files)}): name the policy files "
+                                    "(or atp.yaml) the cases test"))
     models: dict[str, CandidateInfo] = {}
     if doc.get("models"):
         models, models_raw = _models(base / str(doc["models"]), file)

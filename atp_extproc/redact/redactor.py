@@ -439,7 +439,8 @@ class Redactor:
         args_values: dict[scope.JsonArgs, dict[int, str]] = {}
         for i, changes in per_seg.items():
             seg = segs[i]
-            new = scope.splice(seg.text, changes)
+            json_like = seg.args is None and seg.path in c.json_like
+            new = (scope.splice_json_like if json_like else scope.splice)(seg.text, changes)
             if seg.args is None:
                 assert seg.path is not None
                 edits[seg.path] = new

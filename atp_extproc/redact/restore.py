@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from atp_extproc.llm_api import EVENT_END
+from atp_extproc.llm_api import EVENT_END, NumberTooLong, bounded_int
 from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
@@ -148,11 +148,15 @@ class Restorer:
         head = s.lstrip()[:1]
         if head in ("{", "["):
             try:
-                inner = json.loads(s)
+                inner = json.loads(s, parse_int=bounded_int)
                 if isinstance(inner, (dict, list)):
                     return json.dumps(self._node(inner), ensure_ascii=False)
-            except (ValueError, RecursionError):
-                pass  # (deeper than the walk goes: read as text)
+            except (RecursionError, NumberTooLong):
+                # JSON all the same (deeper than the walk goes, or a number too long):
+                # its placeholders sit in string literals, where a value goes escaped.
+                return self.restore_text(s, escape=True)
+            except ValueError:
+                pass  # no JSON: text
         return self.restore_text(s)
 
     # -- streams -------------------------------------------------------------------------

@@ -31,7 +31,8 @@ DEFAULT_PHONE_REGIONS: tuple[str, ...] = (
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # extra_paths: dotted keys, `[*]` for every list element, `[N]` for one, `*` for every
-# value of an object. Example: `tools[*].function.description`, `metadata.*`.
+# value of an object. Example: `tools[*].function.description`, `response_format.*`
+# (`metadata` is scanned anyway).
 _PATH = re.compile(r"^[A-Za-z0-9_$-]+(?:\[(?:\*|\d{1,6})\])*"
                    r"(?:\.(?:\*|[A-Za-z0-9_$-]+)(?:\[(?:\*|\d{1,6})\])*)*$")
 _PATH_TOKEN = re.compile(r"\[(\*|\d+)\]|\.?([^.\[\]]+)")

@@ -311,12 +311,13 @@ class Router:
                 arm.est.price_in, arm.est.price_out = c.price_in, c.price_out
                 arm.est.refresh(rs.priors)
             static: str | None = None
-            if c.name == comp.mirror_to:
-                static = "shadow_only"
-                prep.mirror_arm = arm
-            elif (comp.internal_only and c.egress != "internal") or (
+            # Restrict first: a copy of the request is the request, to a mirror too.
+            if (comp.internal_only and c.egress != "internal") or (
                     comp.regions is not None and c.region not in comp.regions):
                 static = "restrict"
+            elif c.name == comp.mirror_to:
+                static = "shadow_only"
+                prep.mirror_arm = arm
             elif members is not None and c.name not in members:
                 static = "not_in_objective"
             within_price = comp.price_ok(c)

@@ -234,14 +234,26 @@ def baseline_for(route: Any, ledger: LedgerSettings | None,
     return ledger.baseline
 
 
-def check_references(models: Iterable[str], routes: Iterable[Any],
+def restricted_by(restrict: Restrict, model: Any) -> str | None:
+    """Why `restrict` keeps `model` (config.Model-like: `.egress`, `.region`) from a
+    route, or None."""
+    if restrict.egress == "internal" and model.egress != "internal":
+        return f"its egress is {model.egress}"
+    if restrict.regions and model.region not in restrict.regions:
+        return f"its region {model.region!r} is not one of restrict.regions"
+    return None
+
+
+def check_references(models: Iterable[str] | Mapping[str, Any], routes: Iterable[Any],
                      ledger: LedgerSettings | None = None) -> list[tuple[str, str]]:
     """Problems (path, reason) with names the objective and ledger blocks refer to.
 
     `routes` are config.Route-like objects: `.aliases` (alias → model names) and an
     optional `.objective`. Paths are in config's format (`routes[2].objective.champion`).
+    `models` given as name → config.Model also checks what `objective.restrict` leaves.
     """
     known = set(models)
+    placed = models if isinstance(models, Mapping) else {}
     problems: list[tuple[str, str]] = []
     for i, route in enumerate(routes):
         objective: RouteObjective | None = getattr(route, "objective", None)
@@ -255,15 +267,27 @@ def check_references(models: Iterable[str], routes: Iterable[Any],
         for field, name in named:
             if name is not None and name not in candidates:
                 problems.append((f"{base}.{field}", f"{name!r} is not a candidate of this route"))
+            elif name is not None and name in placed:
+                why = restricted_by(objective.restrict, placed[name])
+                if why is not None:
+                    # A mirrored copy is the request itself, and a champion restrict
+                    # excludes would leave decision mode falling back on every request.
+                    problems.append((f"{base}.{field}", f"objective.restrict excludes "
+                                     f"{name!r}: {why}"))
         if objective.baseline is not None and objective.baseline not in known:
             problems.append((f"{base}.baseline", f"unknown model {objective.baseline!r}"))
         mirror = objective.shadow.challenger if objective.shadow.mode == "mirror" else None
-        if mirror is not None:
-            for alias, names in route.aliases.items():
-                if set(names) <= {mirror}:
-                    problems.append((f"routes[{i}].aliases.{alias}", (
-                        f"only {mirror!r}, the mirror challenger, which never serves a "
-                        "client: no request to this alias could be served")))
+        out = {n for n in candidates & placed.keys()
+               if restricted_by(objective.restrict, placed[n]) is not None}
+        for alias, names in route.aliases.items():
+            if mirror is not None and set(names) <= {mirror}:
+                problems.append((f"routes[{i}].aliases.{alias}", (
+                    f"only {mirror!r}, the mirror challenger, which never serves a "
+                    "client: no request to this alias could be served")))
+            elif set(names) <= out | {mirror}:
+                problems.append((f"routes[{i}].aliases.{alias}", (
+                    "objective.restrict excludes every model that could serve it: no "
+                    "request to this alias could be served")))
     if ledger is not None and ledger.baseline is not None and ledger.baseline not in known:
         problems.append(("ledger.baseline", f"unknown model {ledger.baseline!r}"))
     return problems

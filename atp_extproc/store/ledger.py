@@ -5,7 +5,8 @@ aggregate (one dict entry per tenant/route/model/hour/price version), under a lo
 for microseconds. A daemon thread writes the aggregate to SQLite every
 `flush_interval_s` and on `close`; a failed write keeps the batch for the next try. A
 ledger file deleted or replaced while ATP runs is noticed at the next flush, which opens
-a new database at the path.
+a new database at the path. Its directory is made at start only: one gone later is an
+error each flush (the rows wait), not a new directory quietly put in its place.
 """
 
 from __future__ import annotations
@@ -94,11 +95,11 @@ def _why_unopenable(path: Path, exc: Exception) -> str:
     return str(exc)
 
 
-def _open(path: Path) -> tuple[sqlite3.Connection, list[FileId | None]]:
+def _open(path: Path, create_parent: bool) -> tuple[sqlite3.Connection, list[FileId | None]]:
     """A connection to the database at `path`, and which files it and its side files are
     (connect has written to it, so they exist)."""
     try:
-        conn = db.connect(path)
+        conn = db.connect(path, create_parent=create_parent)
     except (OSError, sqlite3.Error) as exc:
         raise LedgerUnavailable(
             f"cannot open the ledger {path}: {_why_unopenable(path, exc)}") from None
@@ -117,7 +118,7 @@ class AsyncLedger:
         self._prices: dict[str, PriceSnapshot] = {}
         self._halves: list[db.ShadowHalf] = []
         # Opened here, to fail at startup rather than at the first flush.
-        self._conn, self._files = _open(self.path)
+        self._conn, self._files = _open(self.path, create_parent=True)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -202,7 +203,10 @@ class AsyncLedger:
         for side, old_id in zip(_side_files(self.path), self._files[1:], strict=True):
             if old_id is not None and _file_id(side) == old_id:
                 side.unlink(missing_ok=True)
-        self._conn, self._files = _open(self.path)  # failing, the next flush tries again
+        # Failing, the next flush tries again. A directory gone (a volume unmounted, a
+        # path through a directory since replaced) is not made anew: rows written there
+        # would be lost to whoever reads the ledger where it was.
+        self._conn, self._files = _open(self.path, create_parent=False)
         log.error("ledger: %s was deleted or replaced while ATP ran; rows go to a new "
                   "database at that path from now on", self.path)
 

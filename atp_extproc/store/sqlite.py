@@ -133,7 +133,10 @@ def half_fits(half: ShadowHalf) -> bool:
     return _fits(half.status, half.cost_pico, half.ts)
 
 
-def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: str | Path, readonly: bool = False, *,
+            create_parent: bool = True) -> sqlite3.Connection:
+    """`create_parent`: make the file's missing directories (a writer's first start);
+    without it a missing directory is an error, not a new one silently made."""
     path = Path(path)
     if readonly:
         if not path.exists():
@@ -143,7 +146,8 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
                                timeout=BUSY_TIMEOUT_MS / 1000)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
                                check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,332 @@
+"""`check --envoy` refuses Envoy configs that let requests past ATP unchecked in ways the
+filter's plain `failure_mode_allow: true` does not show: observability mode, bools and
+enums in their other proto-JSON forms, per-route configs under the filter's name (and
+only there) at every level down to weighted clusters, and upgrade filter chains. Each
+config is envoy/front-proxy.yaml with one change, and Envoy 1.40 must accept it."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from atp_extproc.policy.cli import check
+from atp_extproc.policy.envoy_lint import PER_ROUTE_TYPE, fail_open_problems
+from atp_extproc.policy.settings import Problem
+from atp_extproc.stack import envoy_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+FRONT = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+EXT_PROC = "envoy.filters.http.ext_proc"
+PER_ROUTE = f"type.googleapis.com/{PER_ROUTE_TYPE}"
+FILTER_CONFIG = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+# The front listener's two routes to a model (the third answers directly).
+R1 = "virtual host models route #1 (prefix=/ with headers x-atp-cluster, x-atp-shadow-cluster)"
+R2 = "virtual host models route #2 (prefix=/ with headers x-atp-cluster)"
+
+
+def front() -> dict[str, Any]:
+    return copy.deepcopy(FRONT)
+
+
+def manager(doc: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = [item for item in doc["static_resources"]["listeners"]
+                   if item["name"] == "front"]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def ext_proc(doc: dict[str, Any]) -> dict[str, Any]:
+    (found,) = [f for f in manager(doc)["http_filters"] if f["name"] == EXT_PROC]
+    return found
+
+
+def vhost(doc: dict[str, Any]) -> dict[str, Any]:
+    return manager(doc)["route_config"]["virtual_hosts"][0]
+
+
+def route(doc: dict[str, Any], index: int = 1) -> dict[str, Any]:
+    return vhost(doc)["routes"][index]
+
+
+def per_route(**fields: Any) -> dict[str, Any]:
+    return {"@type": PER_ROUTE, **fields}
+
+
+def lint(doc: dict[str, Any], tmp_path: Path,
+         clusters: set[str] | None = None) -> tuple[list[Problem], list[str]]:
+    """The problems for `doc` and its text's lines; Envoy must accept `doc` as it is."""
+    path = tmp_path / "envoy.yaml"
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path.write_text(text)
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
+                           "--log-level", "error"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return fail_open_problems(str(path), text, ["deny policies"], clusters), \
+        text.splitlines()
+
+
+def found(problems: list[Problem], lines: list[str]) -> list[tuple[str, str]]:
+    """Each problem's path and the key on its line (which says where it is)."""
+    assert all(p.severity == "error" and p.reason.endswith(" while deny policies")
+               for p in problems)
+    return [(p.path, lines[p.line - 1].strip().split(":")[0].strip("'\"- "))
+            for p in problems]
+
+
+# ---------------------------------------------------------------- observability mode
+
+@pytest.mark.parametrize("value", [True, "true"])
+def test_an_ext_proc_filter_in_observability_mode_checks_nothing(tmp_path, value):
+    doc = front()
+    ext_proc(doc)["typed_config"]["observability_mode"] = value
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [("ext_proc", "observability_mode")]
+    assert "does not wait for ATP's answer" in problems[0].reason
+
+
+def test_an_observer_beside_the_checking_filter_is_no_bypass(tmp_path):
+    # README: ATP supports a second filter in observability mode; it never blocks, so its
+    # own fail-open does not matter while the checking filter holds.
+    doc = front()
+    observer = copy.deepcopy(ext_proc(doc))
+    observer["name"] = "atp.observer"
+    observer["typed_config"].update(observability_mode=True, failure_mode_allow=True)
+    observer["typed_config"]["processing_mode"] = {
+        "request_header_mode": "SKIP", "response_header_mode": "SEND"}
+    filters = manager(doc)["http_filters"]
+    filters.insert(filters.index(ext_proc(doc)) + 1, observer)
+    assert lint(doc, tmp_path)[0] == []
+
+
+def test_disable_immediate_response_lets_denied_requests_through(tmp_path):
+    doc = front()
+    ext_proc(doc)["typed_config"]["disable_immediate_response"] = "True"
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [("ext_proc", "disable_immediate_response")]
+
+
+# ------------------------------------------------------------ proto-JSON bools, enums
+
+@pytest.mark.parametrize("value", ["true", "True", "yes", "y", "1"])
+def test_a_quoted_true_failure_mode_allow_fails_open(tmp_path, value):
+    doc = front()
+    ext_proc(doc)["typed_config"]["failure_mode_allow"] = value
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, "failure_mode_allow"), (R2, "failure_mode_allow")]
+    assert all("fails open" in p.reason for p in problems)
+
+
+@pytest.mark.parametrize("value", ["false", "False", "no", "0"])
+def test_a_quoted_false_is_fail_closed(tmp_path, value):
+    doc = front()
+    ext_proc(doc)["typed_config"]["failure_mode_allow"] = value
+    assert lint(doc, tmp_path)[0] == []
+
+
+def test_a_quoted_failure_mode_allow_override_on_a_route_fails_open(tmp_path):
+    doc = front()
+    route(doc)["typed_per_filter_config"] = {
+        EXT_PROC: per_route(overrides={"failure_mode_allow": "true"})}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R2, EXT_PROC)]
+
+
+@pytest.mark.parametrize("where", ["filter", "per_route", "filter_config"])
+def test_a_quoted_disabled_turns_ext_proc_off(tmp_path, where):
+    doc = front()
+    if where == "filter":
+        ext_proc(doc)["disabled"] = "true"
+        expected = [(R1, "disabled"), (R2, "disabled")]
+    else:
+        entry = per_route(disabled="yes") if where == "per_route" else \
+            {"@type": FILTER_CONFIG, "disabled": "True"}
+        route(doc)["typed_per_filter_config"] = {EXT_PROC: entry}
+        expected = [(R2, EXT_PROC)]
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == expected
+    assert all("disabled on this route" in p.reason for p in problems)
+
+
+@pytest.mark.parametrize(("key", "value", "withheld"), [
+    ("request_body_mode", 0, "request_body_mode: NONE"),
+    ("request_body_mode", "none", "request_body_mode: NONE"),
+    ("request_body_mode", "0", "request_body_mode: NONE"),
+    ("request_header_mode", 2, "request_header_mode: SKIP"),
+    ("request_header_mode", "skip", "request_header_mode: SKIP"),
+    ("request_body_mode", "buffered", None),
+    ("request_body_mode", 2, None),
+])
+def test_processing_modes_by_number_or_in_lower_case(tmp_path, key, value, withheld):
+    doc = front()
+    ext_proc(doc)["typed_config"]["processing_mode"][key] = value
+    problems, lines = lint(doc, tmp_path)
+    if withheld is None:
+        assert problems == []
+    else:
+        assert found(problems, lines) == [("ext_proc", "processing_mode")]
+        assert withheld in problems[0].reason
+
+
+# --------------------------------------------------- per-route config: name and level
+
+def test_a_fail_closed_override_under_another_name_does_not_apply(tmp_path):
+    # Envoy looks a filter's per-route config up by the filter's name: this override,
+    # under the default name of a filter called otherwise, never applies.
+    doc = front()
+    ext_proc(doc)["typed_config"]["failure_mode_allow"] = True
+    ext_proc(doc)["name"] = "atp.ext_proc"
+    route(doc)["typed_per_filter_config"] = {
+        EXT_PROC: per_route(overrides={"failure_mode_allow": False})}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, "failure_mode_allow"), (R2, "failure_mode_allow")]
+    # Under the filter's own name it does.
+    route(doc)["typed_per_filter_config"] = {
+        "atp.ext_proc": per_route(overrides={"failure_mode_allow": False})}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, "failure_mode_allow")]
+
+
+def test_an_entry_under_another_name_does_not_turn_a_disabled_filter_on(tmp_path):
+    doc = front()
+    ext_proc(doc)["disabled"] = True
+    route(doc)["typed_per_filter_config"] = {
+        "some.other.filter": per_route(overrides={"failure_mode_allow": False})}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, "disabled"), (R2, "disabled")]
+
+
+def test_disabled_under_another_name_is_ignored_by_envoy(tmp_path):
+    doc = front()
+    route(doc)["typed_per_filter_config"] = {"some.other.filter": per_route(disabled=True)}
+    assert lint(doc, tmp_path)[0] == []
+
+
+@pytest.mark.parametrize("level", ["virtual_host", "route_config"])
+def test_disabled_at_a_wider_level_holds_unless_a_route_turns_it_on(tmp_path, level):
+    doc = front()
+    holder = vhost(doc) if level == "virtual_host" else manager(doc)["route_config"]
+    holder["typed_per_filter_config"] = {EXT_PROC: per_route(disabled=True)}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, EXT_PROC), (R2, EXT_PROC)]
+    # The most specific entry decides: this route turns ext_proc back on.
+    route(doc)["typed_per_filter_config"] = {
+        EXT_PROC: per_route(overrides={"failure_mode_allow": False})}
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(R1, EXT_PROC)]
+
+
+# --------------------------------------------------------------- weighted clusters
+
+def weighted(doc: dict[str, Any], demo_a: dict[str, Any] | None) -> None:
+    """Route #2 splits between demo_a (with `demo_a` as its per-filter config) and demo_b."""
+    action = route(doc)["route"]
+    del action["cluster_header"]
+    action["weighted_clusters"] = {"clusters": [
+        {"name": "demo_a", "weight": 50,
+         **({"typed_per_filter_config": {EXT_PROC: demo_a}} if demo_a else {})},
+        {"name": "demo_b", "weight": 50}]}
+
+
+@pytest.mark.parametrize(("entry", "reason"), [
+    (per_route(disabled=True), "disabled on this route"),
+    ({"@type": FILTER_CONFIG, "disabled": True}, "disabled on this route"),
+    (per_route(overrides={"failure_mode_allow": True}), "fails open"),
+])
+def test_a_weighted_cluster_that_skips_atp_is_refused(tmp_path, entry, reason):
+    doc = front()
+    weighted(doc, entry)
+    problems, lines = lint(doc, tmp_path, {"demo_a", "demo_b"})
+    assert found(problems, lines) == [(f"{R2} weighted cluster demo_a", EXT_PROC)]
+    assert reason in problems[0].reason
+    # A cluster that is no model's may skip ATP.
+    assert lint(doc, tmp_path, {"demo_b"})[0] == []
+
+
+def test_a_weighted_cluster_entry_turns_ext_proc_on_for_that_cluster_only(tmp_path):
+    doc = front()
+    weighted(doc, per_route(overrides={"failure_mode_allow": False}))
+    route(doc)["typed_per_filter_config"] = {EXT_PROC: per_route(disabled=True)}
+    problems, lines = lint(doc, tmp_path, {"demo_a", "demo_b"})
+    assert found(problems, lines) == [(R2, EXT_PROC)]  # demo_b, by the route's entry
+
+
+# ------------------------------------------------------------------ upgrade filters
+
+def upgrade(doc: dict[str, Any], with_ext_proc: bool, **fields: Any) -> None:
+    filters = [copy.deepcopy(f) for f in manager(doc)["http_filters"]
+               if with_ext_proc or f["name"] != EXT_PROC]
+    manager(doc)["upgrade_configs"] = [{"upgrade_type": "websocket", "filters": filters,
+                                        **fields}]
+
+
+def test_upgrade_filters_without_ext_proc_are_refused(tmp_path):
+    doc = front()
+    upgrade(doc, with_ext_proc=False)
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [("upgrade_configs[0]", "filters")]
+    assert "websocket upgrade" in problems[0].reason
+    assert "no ext_proc filter" in problems[0].reason
+
+
+@pytest.mark.parametrize("fields", [{"filters": []}, {}])
+def test_an_upgrade_without_filters_of_its_own_runs_http_filters(tmp_path, fields):
+    doc = front()
+    manager(doc)["upgrade_configs"] = [{"upgrade_type": "websocket", **fields}]
+    assert lint(doc, tmp_path)[0] == []
+
+
+def test_a_disabled_upgrade_counts_only_on_routes_that_turn_it_on(tmp_path):
+    doc = front()
+    upgrade(doc, with_ext_proc=False, enabled=False)
+    assert lint(doc, tmp_path)[0] == []
+    route(doc)["route"]["upgrade_configs"] = [{"upgrade_type": "WebSocket"}]
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [("upgrade_configs[0]", "filters")]
+
+
+def test_ext_proc_in_upgrade_filters_is_checked_like_http_filters(tmp_path):
+    doc = front()
+    upgrade(doc, with_ext_proc=True)
+    (chain,) = manager(doc)["upgrade_configs"]
+    chain["filters"][1]["typed_config"]["failure_mode_allow"] = "true"
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [(f"{R1} (websocket upgrade)", "failure_mode_allow"),
+                                      (f"{R2} (websocket upgrade)", "failure_mode_allow")]
+
+
+# --------------------------------------------------------------------------- the CLI
+
+def test_check_reports_file_line_path_and_reason(tmp_path):
+    doc = front()
+    weighted(doc, per_route(disabled=True))
+    path = tmp_path / "envoy.yaml"
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path.write_text(text)
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if s.strip() == f"{EXT_PROC}:")
+    out = io.StringIO()
+    assert check([], [str(path)], out=out, redaction_enabled=True) == 1
+    assert (f"{path}:{line}: {R2} weighted cluster demo_a: ext_proc is disabled on this "
+            "route: requests skip ATP while redaction is enabled") in out.getvalue()
+
+
+# ---------------------------------------------------------------- model clusters
+
+def test_a_model_cluster_envoy_does_not_have_is_an_error(tmp_path):
+    """Requests ATP routes there would get Envoy's 503 cluster_not_found."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    text = (ROOT / "envoy" / "front-proxy.yaml").read_text()
+    assert missing_cluster_problems("e.yaml", text, {"demo_a", "demo_b"}) == []
+    (problem,) = missing_cluster_problems("e.yaml", text, {"demo_a", "nosuch"})
+    assert problem.severity == "error" and "'nosuch'" in problem.reason
+    assert text.splitlines()[problem.line - 1].strip() == "clusters:"
+    # Clusters a control plane sends (CDS) cannot be checked here.
+    dynamic = yaml.safe_load(text)
+    dynamic["dynamic_resources"] = {"cds_config": {"ads": {}}}
+    assert missing_cluster_problems("e.yaml", yaml.safe_dump(dynamic), {"nosuch"}) == []

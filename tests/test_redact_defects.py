@@ -1,0 +1,147 @@
+"""Regressions: JSON tool results and arguments that Python's json cannot parse though they
+are valid JSON (an integer of more than 4300 digits, nesting deeper than the recursion
+limit) keep valid JSON when redacted; image URLs are scanned only when extra_paths names
+them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from atp_extproc.redact import RedactionSettings, Redactor
+from atp_extproc.redact.scope import splice_json_like
+from tests.conftest import numbered
+
+E = "alice@example.com"
+BIG = "1" * 5000  # over Python's int conversion limit (4300 digits)
+
+
+def deep() -> str:
+    """Nesting deeper than Python's json parses now: the limit is the recursion limit,
+    which a library loaded by other tests (lark, for cel-python) may have raised."""
+    n = sys.getrecursionlimit() + 500
+    return "[" * n + "]" * n
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor(RedactionSettings())
+
+
+def _loads(text: str) -> Any:
+    """Python's json without its two limits, to check the result is JSON."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+        return json.loads(text, parse_int=str)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+# Where a JSON text goes in a request, and how to read it back from the redacted fields.
+Shape = tuple[str, Callable[[str], dict], Callable[[dict], str]]
+SHAPES: list[Shape] = [
+    ("chat", lambda raw: {"model": "m", "messages": [
+        {"role": "tool", "tool_call_id": "c", "content": raw}]},
+     lambda f: f["messages"][0]["content"]),
+    ("chat", lambda raw: {"model": "m", "messages": [
+        {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": raw}]}]},
+     lambda f: f["messages"][0]["content"][0]["text"]),
+    ("chat", lambda raw: {"model": "m", "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": raw}}]}]},
+     lambda f: f["messages"][0]["tool_calls"][0]["function"]["arguments"]),
+    ("responses", lambda raw: {"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "c", "output": raw}]},
+     lambda f: f["input"][0]["output"]),
+]
+
+
+def _redact(r: Redactor, shape: Shape, raw: str) -> str:
+    operation, build, read = shape
+    res = r.redact(operation, build(raw), "t")
+    assert not res.denied
+    return numbered(read(res.fields))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_json_text_with_a_huge_integer_is_read_as_json(redactor, shape):
+    # It was read as text: the card under its key became an unquoted [CARD_1].
+    raw = f'{{"n": {BIG}, "card": 4111111111111111, "note": "mail {E}"}}'
+    assert _redact(redactor, shape, raw) == (
+        f'{{"n": {BIG}, "card": "[CARD_1]", "note": "mail [EMAIL_1]"}}')
+
+
+def test_a_key_renamed_beside_a_huge_integer(redactor):
+    # Renamed keys are checked for collisions by parsing the result: that must not fail.
+    raw = f'{{"n": {BIG}, "{E}": 1}}'
+    assert _redact(redactor, SHAPES[0], raw) == f'{{"n": {BIG}, "[EMAIL_1]": 1}}'
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_json_text_too_deep_to_parse_stays_valid_json(redactor, shape):
+    raw = (f'{{"d": {deep()}, "card": 4111111111111111, "tel": -4155552671, '
+           f'"note": "mail {E}", "{E}": [4111111111111111]}}')
+    out = _redact(redactor, shape, raw)
+    assert out == (f'{{"d": {deep()}, "card": "[CARD_1]", "tel": "[PHONE_1]", '
+                   '"note": "mail [EMAIL_1]", "[EMAIL_1]": ["[CARD_1]"]}')
+    assert _loads(out)["card"] == "[CARD_1]"
+
+
+def test_a_text_that_is_no_json_is_still_read_as_text(redactor):
+    raw = "{not json: 4111111111111111, " + E
+    assert _redact(redactor, SHAPES[0], raw) == "{not json: [CARD_1], [EMAIL_1]"
+
+
+@pytest.mark.parametrize(("text", "changes", "expected"), [
+    # A finding in a number takes the whole number, as a JSON string.
+    ('[4111111111111111.5, "a 4111111111111111 b"]', [(1, 17, "[CARD_1]"), (24, 40, "[CARD_1]")],
+     '["[CARD_1]", "a [CARD_1] b"]'),
+    # Two findings in one number: one placeholder.
+    ("[41111111111111114111111111111111]", [(17, 33, "[CARD_2]"), (1, 17, "[CARD_1]")],
+     '["[CARD_1]"]'),
+    # A negative number, and one in exponent form, go whole.
+    ("[-4155552671, 4.155552671E9]", [(2, 12, "[PHONE_1]"), (15, 26, "[PHONE_1]")],
+     '["[PHONE_1]", "[PHONE_1]"]'),
+])
+def test_splice_json_like(text, changes, expected):
+    assert splice_json_like(text, changes) == expected
+
+
+# -- image URLs -----------------------------------------------------------------------------
+
+URL = f"https://img.example/a.png?owner={E}"
+DATA = "data:image/png;base64," + "QUJD" * 100
+
+
+def _images(operation: str) -> dict:
+    if operation == "chat":
+        return {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": URL}},
+            {"type": "image_url", "image_url": {"url": DATA}}]}]}
+    return {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": URL}, {"type": "input_image", "image_url": DATA}]}]}
+
+
+@pytest.mark.parametrize("operation", ["chat", "responses"])
+def test_image_urls_are_not_scanned_by_default(redactor, operation):
+    # The provider fetches them: a placeholder would break the fetch (README, Redaction).
+    res = redactor.redact(operation, _images(operation), "t")
+    assert not res.fields and res.non_text_parts == 2
+
+
+@pytest.mark.parametrize("operation", ["chat", "responses"])
+def test_extra_paths_scan_image_urls(operation):
+    r = Redactor(RedactionSettings(extra_paths=(
+        "messages[*].content[*].image_url.url", "input[*].content[*].image_url")))
+    res = r.redact(operation, _images(operation), "t")
+    fields = numbered(res.fields)
+    if operation == "chat":
+        urls = [p["image_url"]["url"] for p in fields["messages"][0]["content"]]
+    else:
+        urls = [p["image_url"] for p in fields["input"][0]["content"]]
+    assert urls == ["https://img.example/a.png?owner=[EMAIL_1]", DATA]
