@@ -171,8 +171,9 @@ class Exchange:
         self._response_body = bytearray()
         # A JSON answer Envoy cannot buffer (no length, or over max_body_bytes) comes in
         # STREAMED chunks: kept here up to max_body_bytes, held back while a restore waits;
-        # past that bound it goes on unread, counted here (0: still within the bound).
-        self._json_overflow_bytes = 0
+        # past that bound it goes on unread, counted here (0: still within the bound), as
+        # is a compressed answer's length: the output is then estimated from its size.
+        self._unread_bytes = 0
         self._streamed = False  # a stream's first event with data has come
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
@@ -238,9 +239,8 @@ class Exchange:
                                "use POST", "method_not_allowed", headers={"allow": "POST"})
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        # A header sent twice arrives joined by commas: "identity, identity" is no coding.
-        if {c.strip() for c in encoding.split(",")} - {"identity", ""}:
+        encoding = headers.get("content-encoding", "identity")
+        if _encoded(encoding):
             # ATP reads the body as JSON text and forwards what it read: a compressed body
             # would be unreadable, and a label kept on a rewritten body would be false.
             raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send "
@@ -276,9 +276,9 @@ class Exchange:
         return envoy_api.request_headers()
 
     def _answer_models(self, method: str, path: str) -> ProcessingResponse:
-        if method != "GET":
+        if method not in ("GET", "HEAD"):  # (Envoy sends a HEAD's reply without its body)
             raise RequestError(405, f"Method {method} is not allowed on {path}",
-                               "method_not_allowed", headers={"allow": "GET"})
+                               "method_not_allowed", headers={"allow": "GET, HEAD"})
         assert self.identity is not None
         aliases = self.snapshot.aliases_for(self.identity.tenant)
         entries = [{"id": a, "object": "model", "created": 0, "owned_by": "atp"}
@@ -611,8 +611,12 @@ class Exchange:
         rec.attempts = int(attempts) if attempts.isascii() and attempts.isdigit() else 1
         if headers_msg.end_of_stream or not 200 <= rec.status < 300 or self.request is None:
             return envoy_api.response_headers()
-        if headers.get("content-encoding", "identity") != "identity":
-            # Compressed despite the request: unreadable, so usage is estimated.
+        if _encoded(headers.get("content-encoding", "identity")):
+            # Compressed despite the request: unreadable, so usage is estimated, the
+            # output from the compressed size (a lower bound), when the answer gives it.
+            length = headers.get("content-length", "")
+            if length.isascii() and length.isdigit():
+                self._unread_bytes = int(length)
             return envoy_api.response_headers()
         content_type = headers.get("content-type", "").lower()  # media types ignore case
         # Restoring changes the body's length: let Envoy frame it anew.
@@ -669,12 +673,12 @@ class Exchange:
         max_body_bytes. With a restore pending, chunks are held back and the restored body
         goes out with the last one; past the bound, what is held goes on as it came (usage
         is then estimated)."""
-        if self._json_overflow_bytes:
-            self._json_overflow_bytes += len(chunk)
+        if self._unread_bytes:
+            self._unread_bytes += len(chunk)
             return envoy_api.response_body()
         held = self._response_body
         if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
-            self._json_overflow_bytes = len(held) + len(chunk)
+            self._unread_bytes = len(held) + len(chunk)
             out = bytes(held) + chunk
             held.clear()
             return envoy_api.response_body(out if self.restorer is not None else None)
@@ -797,7 +801,7 @@ class Exchange:
                 return self.sse.usage
             return Usage(estimate_tokens(self.record.request_bytes),
                          estimate_tokens(self.sse.output_chars), estimated=True)
-        output_chars = self._json_overflow_bytes  # an answer too big to hold: its size
+        output_chars = self._unread_bytes  # an answer not read: its size
         if self._response_body:
             usage, self.finish_reason, output_chars = read_response(
                 bytes(self._response_body))
@@ -814,6 +818,13 @@ _NO_COMPRESSION = ("accept-encoding",)
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
+
+
+def _encoded(content_encoding: str) -> bool:
+    """Whether a Content-Encoding value names a coding; a header sent twice arrives
+    joined by commas, and "identity, identity" names none."""
+    codings = {c.strip() for c in content_encoding.lower().split(",")}
+    return bool(codings - {"identity", ""})
 
 
 def _loggable(path: str) -> str:

@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from atp_extproc import config
 from atp_extproc.envoy_api import ProcessingMode
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
+from atp_extproc.llm_api import estimate_tokens
 from atp_extproc.redact.redactor import Redactor
 from atp_extproc.routing.estimates import Priors
 from atp_extproc.routing.feedback import FeedbackBook
@@ -728,12 +729,22 @@ def test_every_forwarded_request_refuses_compressed_answers(snap) -> None:
     assert "accept-encoding" in common.header_mutation.remove_headers
 
 
-def test_compressed_answer_is_left_alone_and_estimated(snap) -> None:
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "identity, br"])
+def test_compressed_answer_is_left_alone_and_estimated(snap, encoding) -> None:
+    ex, _ = send_body(snap, chat("fast"))
+    resp = ex.handle(resp_headers(200, "application/json", extra={
+        "content-encoding": encoding, "content-length": "400"}))
+    assert not resp.HasField("mode_override")
+    rec = ex.finish()
+    # The output from the compressed size, a lower bound: not nothing.
+    assert rec.usage_estimated is True and rec.output_tokens == estimate_tokens(400) > 0
+
+
+def test_an_identity_answer_with_the_name_in_capitals_is_read(snap) -> None:
     ex, _ = send_body(snap, chat("fast"))
     resp = ex.handle(resp_headers(200, "application/json",
-                                  extra={"content-encoding": "gzip", "content-length": "20"}))
-    assert not resp.HasField("mode_override")
-    assert ex.finish().usage_estimated is True
+                                  extra={"content-encoding": "Identity"}))
+    assert resp.HasField("mode_override")
 
 
 def _big_json(n_bytes: int) -> bytes:

@@ -405,3 +405,12 @@ def test_a_long_header_envoy_accepts_reaches_the_upstream(
                  headers={"x-trace-context": "t" * 20000})
     assert reply.status == 200, reply.body[:200]
     assert len(only_request(upstreams, "demo_a")["headers"]["x-trace-context"]) == 20000
+
+
+def test_head_on_the_models_list_is_get_without_a_body(stack: Stack) -> None:
+    auth = {"authorization": f"Bearer {ALICE}"}
+    reply = http(stack.base_url + "/v1/models", "HEAD", headers=auth)
+    assert (reply.status, reply.body) == (200, b"")
+    assert reply.headers["content-type"] == "application/json"
+    reply = http(stack.base_url + "/v1/models", "DELETE", headers=auth)
+    assert reply.status == 405 and reply.headers["allow"] == "GET, HEAD"
