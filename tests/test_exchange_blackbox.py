@@ -295,7 +295,7 @@ def test_policies_see_the_largest_token_cap(snap) -> None:
 
 
 @pytest.mark.parametrize(("method", "path", "allow"), [
-    ("GET", CHAT, b"POST"), ("PUT", "/v1/feedback", b"POST"), ("POST", "/v1/models", b"GET")])
+    ("GET", CHAT, b"POST"), ("PUT", "/v1/feedback", b"POST"), ("POST", "/v1/models", b"GET, HEAD")])
 def test_a_405_says_which_method_is_allowed(snap, method, path, allow) -> None:
     resp = Exchange(snap).handle(req_headers(method, path))
     assert_error(resp, 405, "method_not_allowed")
