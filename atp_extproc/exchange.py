@@ -44,6 +44,7 @@ from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import (
     ForcedToolStripped,
     attributes_for_request,
+    forces_one_of,
     input_declaring,
     strip_tools,
     tool_choice_without,
@@ -382,6 +383,11 @@ class Exchange:
                 raise RequestError(403, f"{declaring} declares a tool this request may not "
                                    "use", "tool_not_allowed", param=declaring,
                                    type_="permission_error")
+            # Either choice key may force a tool of either list (`function_call` one in
+            # `tools`): each is checked against everything stripped.
+            for keys in _TOOL_FIELDS:
+                if forces_one_of(doc.get(keys[1]), outcome.tools_to_strip):
+                    raise _forced_stripped(keys[1])
             for keys in _TOOL_FIELDS:
                 kept = strip_tools(doc, outcome.tools_to_strip, keys[0])
                 if kept is not None:
@@ -407,15 +413,13 @@ class Exchange:
                      keys: tuple[str, ...]) -> None:
         """Send the request on without the tools policy strips (`kept`: the rest of the
         list under keys[0]; keys: one of _TOOL_FIELDS)."""
-        self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
         tools_key, choice_key = keys[:2]
         choice = doc.get(choice_key)
         try:
             new_choice = tool_choice_without(choice, names, bool(kept))
         except ForcedToolStripped:
-            raise RequestError(403, f"{choice_key} asks for a tool this request may not use",
-                               "tool_not_allowed", param=choice_key,
-                               type_="permission_error") from None
+            raise _forced_stripped(choice_key) from None
+        self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
         if kept:
             self._changes[tools_key] = kept
             if new_choice is not choice:
@@ -818,6 +822,11 @@ _NO_COMPRESSION = ("accept-encoding",)
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
+
+
+def _forced_stripped(choice_key: str) -> RequestError:
+    return RequestError(403, f"{choice_key} asks for a tool this request may not use",
+                        "tool_not_allowed", param=choice_key, type_="permission_error")
 
 
 def _encoded(content_encoding: str) -> bool:

@@ -847,6 +847,22 @@ def test_forcing_a_stripped_tool_is_refused(snap, tools, choice) -> None:
     assert_error(_bob_tools(snap, tools, tool_choice=choice), 403, "tool_not_allowed")
 
 
+@pytest.mark.parametrize("tools", [["send_email"], ["send_email", "get_weather"]])
+def test_a_legacy_function_call_forcing_a_stripped_tool_is_refused(snap, tools) -> None:
+    # function_call may name a tool of `tools` too: checked against all that is stripped.
+    ex, resp = send_body(snap, {**chat("gpt-4o-mini"), "tools": [
+        {"type": "function", "function": {"name": n}} for n in tools],
+        "function_call": {"name": "send_email"}}, key=BOB)
+    assert assert_error(resp, 403, "tool_not_allowed")["param"] == "function_call"
+    assert ex.record.tools_stripped == ()  # nothing went anywhere
+
+
+def test_a_tool_choice_forcing_a_stripped_function_is_refused(snap) -> None:
+    body = {**chat("gpt-4o-mini"), "functions": [{"name": "send_email"}, {"name": "get_weather"}],
+            "tool_choice": {"type": "function", "function": {"name": "send_email"}}}
+    assert_error(send_body(snap, body, key=BOB)[1], 403, "tool_not_allowed")
+
+
 def test_an_allowed_tools_choice_loses_the_stripped_tools(snap) -> None:
     allowed = [{"type": "function", "function": {"name": n}}
                for n in ("send_email", "get_weather")]

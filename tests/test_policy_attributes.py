@@ -205,10 +205,23 @@ def test_candidate_from_config_model():
     ({"type": "custom", "custom": {"name": "z"}}, "z"),
     ({"type": "web_search_preview"}, "web_search_preview"),
     ("required", "required"),
+    # allowed_tools of mode required over one tool forces it (Chat and Responses forms).
+    ({"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "w"}}]}}, "w"),
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "function", "name": "w"}]}, "w"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": [
+        {"type": "function", "name": "w"}]}, "allowed_tools"),
 ])
 def test_tool_choice_is_seen_by_the_name_of_the_tool_it_forces(choice, seen):
     fields, _ = request_from_body("chat", {"messages": [], "tool_choice": choice})
     assert fields["tool_choice"] == seen
+
+
+def test_a_null_tool_choice_leaves_the_legacy_function_call_seen():
+    fields, _ = request_from_body("chat", {"messages": [], "tool_choice": None,
+                                           "function_call": {"name": "w"}})
+    assert fields["tool_choice"] == "w"
 
 
 def test_request_from_chat_body():

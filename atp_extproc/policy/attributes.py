@@ -562,7 +562,9 @@ def _fill(container: Any, values: dict[str, Any]) -> None:
 
 # -- from an OpenAI-compatible body ---------------------------------------------------
 
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# An identifier that starts with a letter and holds at most 4 digits: a card, phone or
+# social security number, or an IP address, named as a tool never reaches a log.
+_TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,4}\D*\Z)[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 
 
 def request_from_body(operation: str,
@@ -606,12 +608,14 @@ def request_from_body(operation: str,
         out["tool_details"] = list(details.values())
         out["tools"] = list(details)
         out["tool_count"] = max(declared_count, len(details))
-    choice = doc.get("tool_choice", doc.get("function_call"))
+    # An explicit null is no choice: then the legacy key may still force a function.
+    choice = doc.get("tool_choice")
+    if choice is None:
+        choice = doc.get("function_call")
     if isinstance(choice, str):
         out["tool_choice"] = choice
     elif isinstance(choice, dict):
-        name = tool_name(choice)
-        out["tool_choice"] = name if name is not None else str(choice.get("type", ""))
+        out["tool_choice"] = _forced_name(choice)
     limits = [v for v in map(doc.get, TOKEN_LIMIT_KEYS) if type(v) is int]
     if limits:
         out["max_tokens"] = max(limits)
@@ -704,6 +708,21 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
             if name not in seen_args:
                 seen_args.add(name)
                 entry["arguments"] = _arguments(arguments, cut)
+
+
+def _forced_name(choice: dict[str, Any]) -> str:
+    """What a tool_choice object asks for: the tool it forces (an allowed_tools choice
+    of mode required over one tool forces that one), else its type."""
+    if choice.get("type") == "allowed_tools":
+        # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
+        spec = choice.get("allowed_tools")
+        spec = spec if isinstance(spec, dict) else choice
+        tools = spec.get("tools")
+        if spec.get("mode") == "required" and isinstance(tools, list) and len(tools) == 1:
+            return tool_name(tools[0]) or "allowed_tools"
+        return "allowed_tools"
+    name = tool_name(choice)
+    return name if name is not None else str(choice.get("type", ""))
 
 
 def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:

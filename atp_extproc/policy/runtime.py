@@ -237,6 +237,16 @@ def _named(tool: Any, names: set[str]) -> bool:
     return isinstance(tool, dict) and tool_key(tool)[:MAX_STRING] in names
 
 
+def forces_one_of(choice: Any, names: Iterable[str]) -> bool:
+    """Whether a tool_choice (or legacy function_call) object forces one of `names`."""
+    if not isinstance(choice, dict) or choice.get("type") == "allowed_tools":
+        return False
+    kind = choice.get("type")
+    # A forced MCP choice names a tool of the server, while the server's entry in `tools`
+    # (what policies strip) has no name and goes by its type.
+    return kind in set(names) if kind == "mcp" else _named(choice, set(names))
+
+
 class ForcedToolStripped(Exception):
     """The request's tool_choice insists on a tool that policy strips."""
 
@@ -254,12 +264,8 @@ def tool_choice_without(choice: Any, names: Iterable[str], tools_left: bool) -> 
         if choice == "required" and not tools_left:
             raise ForcedToolStripped
         return choice if tools_left else None
-    kind = choice.get("type")
-    if kind != "allowed_tools":
-        # A forced MCP choice names a tool of the server, while the server's entry in
-        # `tools` (what policies strip) has no name and goes by its type.
-        forced = kind in drop if kind == "mcp" else _named(choice, drop)
-        if forced or not tools_left:
+    if choice.get("type") != "allowed_tools":
+        if forces_one_of(choice, drop) or not tools_left:
             raise ForcedToolStripped
         return choice
     # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
