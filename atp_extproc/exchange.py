@@ -330,6 +330,11 @@ class Exchange:
 
     def _check(self, body_msg) -> ProcessingResponse | None:
         rec = self.record
+        if not rec.operation:
+            # No headers came first (request_header_mode: SKIP): who sends it, to which
+            # API, is unknown, so it cannot go.
+            raise RequestError(500, "ATP received a request body without its headers",
+                               "atp_unexpected_phase", type_="server_error")
         server = self.snapshot.server
         body = body_msg.body
         rec.request_bytes = len(body)

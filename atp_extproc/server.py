@@ -166,13 +166,20 @@ class ConfigHolder:
             log.info("config reloaded (%s): the file is valid again, the version in "
                      "force, %s; the earlier rejection no longer applies", reason,
                      snapshot.version)
+        else:
+            # An operator's SIGHUP deserves an answer even when nothing changed.
+            log.info("config reloaded (%s): unchanged, version %s", reason,
+                     snapshot.version)
         self._rejected = False
-        # Against what runs, not the last file: a value put back needs no restart.
-        fixed = [name for name, value in _fixed_at_start(snapshot, self.options).items()
+        # Against what runs, not the last file: a value put back needs no restart. Said
+        # once per version, not again at every later reload.
+        fixed = [f"{name} changed (the file says {value!r}, ATP runs with "
+                 f"{self._started[name]!r})"
+                 for name, value in _fixed_at_start(snapshot, self.options).items()
                  if self._started.get(name, value) != value]
-        if fixed:
-            log.warning("config reloaded (%s): %s changed, which takes effect when ATP "
-                        "restarts", reason, ", ".join(fixed))
+        if fixed and snapshot.version != self.current.version:
+            log.warning("config reloaded (%s): %s; these take effect when ATP restarts",
+                        reason, "; ".join(fixed))
         self.current = snapshot
         return True
 
@@ -463,14 +470,15 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
 
     await stop.wait()
     grace = holder.current.server.grace_period_s
-    log.info("draining: NOT_SERVING, %d exchanges in flight, grace %.1fs",
+    log.info("draining: NOT_SERVING, exchanges in flight: %d, grace %.1fs",
              processor.in_flight, grace)
     # Health first, so checks see NOT_SERVING while in-flight exchanges finish.
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
     drained = await processor.drain(grace)
     if not drained:
-        log.warning("grace period over: cancelling %d exchanges", processor.in_flight)
+        log.warning("grace period over: cancelling the exchanges in flight: %d",
+                    processor.in_flight)
     await server.stop(0)
     expiry.cancel()
     log_flush.cancel()

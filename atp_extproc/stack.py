@@ -238,8 +238,10 @@ class Stack:
     def start_envoy(self, envoy_yaml: str | None = None, wait_for_atp: bool = True) -> None:
         path = self.workdir / "envoy.yaml"
         path.write_text(envoy_yaml if envoy_yaml is not None else render_envoy(self.ports))
+        # Access log lines within a second: Envoy holds them up to 10 s by default.
         proc = self.spawn("envoy", [envoy_binary(), "-c", str(path), "--log-level", "warn",
-                                     "--disable-hot-restart", "--concurrency", "1"])
+                                     "--disable-hot-restart", "--concurrency", "1",
+                                     "--file-flush-interval-msec", "1000"])
         admin = self.ports["admin"]
         wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), "envoy", proc=proc)
         if wait_for_atp:

@@ -1198,18 +1198,28 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
 
 # ------------------------------------------------------------ Envoy's own error replies
 
-def _local_reply(config: str, details: str, status: int = 500) -> dict[str, Any] | None:
+def _local_reply(config: str, details: str, status: int = 500,
+                 upstream: str | None = None) -> dict[str, Any] | None:
     """The error body the client listener's local_reply_config writes for a reply with
     this status and these response code details (None: the reply passes as it is), its
-    filters evaluated with cel-python."""
+    filters evaluated with cel-python; `upstream`: the model host's address, when the
+    request reached one. A filter that errors (an attribute absent) matches nothing, as
+    in Envoy."""
     import celpy
+    from celpy.evaluation import CELEvalError
 
     doc = load_yaml(ENVOY_DIR / config)
     env = celpy.Environment()
     activation = {"response": celpy.json_to_cel({"code": status, "code_details": details})}
+    if upstream is not None:
+        activation["upstream"] = celpy.json_to_cel({"address": upstream})
     for mapper in hcm(listeners(doc)[CLIENT_LISTENERS[config]])["local_reply_config"]["mappers"]:
         expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
-        if env.program(env.compile(expression)).evaluate(activation):
+        try:
+            matched = env.program(env.compile(expression)).evaluate(activation)
+        except CELEvalError:
+            continue
+        if matched and not isinstance(matched, CELEvalError):
             return mapper["body_format_override"]["json_format"]
     return None
 
@@ -1218,7 +1228,11 @@ def _local_reply(config: str, details: str, status: int = 500) -> dict[str, Any]
 def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) -> None:
     down = _local_reply(config, "ext_proc_error_gRPC_error_14{upstream_connect_error}")
     assert down is not None and down["error"]["code"] == "atp_unavailable"
-    assert "ATP" in down["error"]["message"]
+    assert "reached no model" in down["error"]["message"]
+    # ATP failing while the model's answer came back: the request did reach the model.
+    late = _local_reply(config, "ext_proc_error_gRPC_error_14", upstream="127.0.0.1:18001")
+    assert late is not None and late["error"]["code"] == "atp_unavailable"
+    assert "reached the model" in late["error"]["message"]
     for details in ("upstream_reset_before_response_started{remote_connection_failure}",
                     "no_healthy_upstream", "upstream_response_timeout"):
         provider = _local_reply(config, details)

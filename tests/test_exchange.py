@@ -496,6 +496,11 @@ def test_a_buffered_body_followed_by_trailers_is_whole(snap) -> None:
     assert headers["x-atp-cluster"]
 
 
+def test_a_body_without_its_headers_fails_closed(snap) -> None:
+    # What Envoy sends with request_header_mode: SKIP.
+    assert_error(Exchange(snap).handle(req_body(chat("gpt-4o"))), 500, "atp_unexpected_phase")
+
+
 def test_empty_processing_request_fails_closed(snap) -> None:
     ex = Exchange(snap)
     err = assert_error(ex.handle(ep.ProcessingRequest()), 500, "atp_unexpected_phase")

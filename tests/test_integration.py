@@ -331,12 +331,16 @@ def test_logs_hold_no_query_string_nor_a_path_the_client_made_up(
     post(stack, CHAT + f"?key={in_query}&mail=jo.query@example.com",
          {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
     post(stack, f"/v1/jo.path@example.com/{in_path}", {"model": "gpt-4o-mini"})
-    # ATP writes the unknown path's record as "<other>", Envoy its access log line.
-    wait_until(lambda: '"path": "<other>"' in stack.log("atp").replace('":"', '": "')
-               and in_path in stack.log("envoy"), "both requests logged", timeout=10)
-    envoy, atp = stack.log("envoy"), stack.log("atp")
-    assert in_query not in envoy and "jo.query" not in envoy
-    assert [w for w in (in_query, in_path, "jo.query", "jo.path") if w in atp] == []
+    http(stack.base_url + "/v1/models/jo.model@example.com",
+         headers={"authorization": f"Bearer {ALICE}"})
+    # Both logs write the unknown path as "<other>" and a model id as {id}.
+    wait_until(lambda: all('"path": "<other>"' in stack.log(name).replace('":"', '": "')
+                           and "/v1/models/{id}" in stack.log(name)
+                           for name in ("atp", "envoy")), "the requests logged", timeout=10)
+    for name in ("atp", "envoy"):
+        log = stack.log(name)
+        assert [w for w in (in_query, in_path, "jo.query", "jo.path", "jo.model")
+                if w in log] == [], name
 
 
 def test_the_query_string_never_reaches_the_provider(stack: Stack, upstreams: Upstreams) -> None:

@@ -48,7 +48,7 @@ def test_atp_down_fails_closed(own_stack: Stack) -> None:
         assert 500 <= reply.status < 600
         error = reply.json()["error"]
         assert (error["type"], error["code"]) == ("gateway_error", "atp_unavailable")
-        assert "ATP" in error["message"]
+        assert "reached no model" in error["message"]
     assert upstreams.total() == 0
 
 
@@ -192,6 +192,9 @@ def test_drain_gives_up_after_grace(tmp_path: Path) -> None:
         assert time.monotonic() - started < 4
         worker.join(10)
         assert result and result[0].status >= 500
+        # The model had the request: the client must not read that it reached none.
+        message = result[0].json()["error"]["message"]
+        assert "the request reached the model" in message, message
     finally:
         stack.stop_all()
 

@@ -93,8 +93,18 @@ def test_a_setting_put_back_as_it_started_needs_no_restart(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     holder = holder_for(tmp_path)
     (warning,) = reload_with(holder, caplog, LEDGER_PATH)
-    assert "ledger.path changed, which takes effect when ATP restarts" in warning
+    assert "ledger.path changed (the file says '" in warning and "b.sqlite3" in warning
+    assert warning.endswith("these take effect when ATP restarts")
     assert reload_with(holder, caplog) == []
+
+
+def test_a_reload_says_once_what_waits_for_a_restart_and_answers_every_sighup(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    holder = holder_for(tmp_path)
+    (warning,) = reload_with(holder, caplog, LISTEN)
+    assert "server.listen changed (the file says '127.0.0.1:50052'" in warning
+    assert reload_with(holder, caplog, LISTEN) == []  # the same file: said already
+    assert "config reloaded (SIGHUP): unchanged, version" in caplog.text
 
 
 def test_the_restart_warning_names_what_differs_from_what_runs(

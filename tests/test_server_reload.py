@@ -179,4 +179,5 @@ def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, caplog) -> N
     with caplog.at_level("WARNING", logger="atp.server"):
         assert holder.reload("SIGHUP")
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert "server.listen, ledger.path changed" in warning and "restart" in warning
+    assert "server.listen changed (the file says '127.0.0.1:50099', ATP runs with " \
+        "'127.0.0.1:50051'); ledger.path changed" in warning and "restart" in warning
