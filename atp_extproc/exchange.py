@@ -50,7 +50,12 @@ from atp_extproc.policy.runtime import (
     tool_choice_without,
 )
 from atp_extproc.redact import Redaction, Restorer
-from atp_extproc.redact.redactor import INCOMPLETE, KEYS_COLLIDE, LONE_SURROGATE
+from atp_extproc.redact.redactor import (
+    INCOMPLETE,
+    JSON_TOO_DEEP,
+    KEYS_COLLIDE,
+    LONE_SURROGATE,
+)
 from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
 from atp_extproc.routing.settings import baseline_for
@@ -474,6 +479,10 @@ class Exchange:
         rec.data_classes = dict(redaction.counts)
         rec.non_text_parts = redaction.non_text_parts
         rec.redaction_incomplete = redaction.incomplete
+        if redaction.denied == (JSON_TOO_DEEP,):
+            raise RequestError(400, "A JSON text in the request (tool call arguments or a "
+                               "tool result) is nested too deeply to be checked for "
+                               "personal data", "json_too_deep")
         if redaction.denied == (LONE_SURROGATE,):
             raise RequestError(400, "We could not parse the JSON body of your request: a "
                                "JSON text in it (tool call arguments or a tool result) "

@@ -76,34 +76,36 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _finite_float(text: str) -> float:
+class UnreadableNumber(ValueError):
+    """A JSON number Python cannot hold as written: an integer longer than
+    sys.get_int_max_str_digits, or one out of a float's range (1e400)."""
+
+
+def finite_float(text: str) -> float:
+    """json's parse_float, raising UnreadableNumber for a number out of range: it would
+    parse as inf and be written back as the bare token Infinity, which is no JSON."""
     value = float(text)
-    # 1e400 would parse as inf and be written back as the bare token Infinity.
     if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text[:32]} is out of range")
+        raise UnreadableNumber(f"number {text[:32]} is out of range")
     return value
 
 
-class NumberTooLong(ValueError):
-    """A JSON integer longer than Python reads (sys.get_int_max_str_digits)."""
-
-
 def bounded_int(text: str) -> int:
-    """json's parse_int, raising NumberTooLong past Python's bound."""
+    """json's parse_int, raising UnreadableNumber past Python's bound."""
     try:
         return int(text)
     except ValueError:
         # Python's own message points the client at sys.set_int_max_str_digits.
-        raise NumberTooLong(f"a number of {len(text.lstrip('-'))} digits is too long (at most "
-                         f"{sys.get_int_max_str_digits()})") from None
+        raise UnreadableNumber(f"a number of {len(text.lstrip('-'))} digits is too long "
+                               f"(at most {sys.get_int_max_str_digits()})") from None
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                            parse_float=_finite_float, parse_int=bounded_int)
+                            parse_float=finite_float, parse_int=bounded_int)
 _scan_once = _DECODER.scan_once
 # Tool-call arguments are read as json.loads reads them, a key given twice aside.
 _ARGUMENTS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates,
-                                      parse_int=bounded_int)
+                                      parse_float=finite_float, parse_int=bounded_int)
 
 
 def _invalid(reason: str) -> RequestError:
@@ -184,7 +186,8 @@ def parse_arguments(text: str) -> Any:
 
     A key given twice is refused as in the body itself: policies would read one value
     and a provider perhaps the other. Raises ValueError when the text is no JSON, and
-    RecursionError (too deep) or NumberTooLong when it is JSON Python cannot read whole."""
+    RecursionError (too deep) or UnreadableNumber when it is JSON Python cannot read
+    whole."""
     try:
         return _ARGUMENTS_DECODER.decode(text)
     except _DuplicateKey as exc:
@@ -587,6 +590,13 @@ def _check_calls(message: dict[str, Any], where: str) -> None:
                 fn.get("arguments", ""), str)):
             raise RequestError(400, f"{param} must be an object whose arguments are a "
                                "string of JSON", "invalid_type", param=param)
+    for k, call in enumerate(calls or ()):
+        custom = call.get("custom")
+        if custom is not None and not (isinstance(custom, dict) and isinstance(
+                custom.get("input", ""), str)):
+            param = f"{where}.tool_calls[{k}].custom"
+            raise RequestError(400, f"{param} must be an object whose input is a string",
+                               "invalid_type", param=param)
 
 
 # Tools that go by a name; any other type is a provider's built-in tool (web_search,

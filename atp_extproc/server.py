@@ -89,20 +89,29 @@ def _fixed_at_start(snapshot: Snapshot, options: ServeOptions) -> dict[str, obje
     }
 
 
+# The files a config reads and its policy.include globs (Snapshot.files, .include_globs).
+_Sources = tuple[tuple[str, ...], tuple[str, ...]]
+
+
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
     the snapshot it started with, so a reload never changes a request mid-flight."""
 
     def __init__(self, path: Path, snapshot: Snapshot,
                  options: ServeOptions = ServeOptions(),
-                 stamp: tuple[object, ...] | None = None):
-        """`stamp`: the files' stamp taken before `snapshot` was read (see load); without
-        it, they are stamped now."""
+                 stamp: tuple[tuple[object, ...], _Sources] | None = None):
+        """`stamp`: the files' stamp taken before `snapshot` was read, and what it
+        covers (see load); without it, the snapshot's files are stamped now."""
         self.path = path
         self.current = snapshot
         self.options = options
         self._started = _fixed_at_start(snapshot, options)
-        self._stamp = self._file_stamp() if stamp is None else stamp
+        # The files (and include globs) stamped: the ones the file named when it was
+        # last read, loaded or refused, so a poll compares like with like.
+        self._sources: _Sources = (snapshot.files, snapshot.include_globs)
+        self._stamp = self._file_stamp()
+        if stamp is not None:
+            self._stamp, self._sources = stamp
         # The last reload was refused: the next that loads says the file is valid again.
         self._rejected = False
 
@@ -111,12 +120,16 @@ class ConfigHolder:
         """`path` loaded and held, stamped before it is read, as reload() does: an edit
         made while ATP starts (the load takes up to a second) is then a reload at the
         first poll, not taken as loaded."""
-        files, include_globs = config_mod.files_read_by(path)
-        stamp = cls._stamp_of(path, files, include_globs)
+        stamp = cls._stamp_now(path)
         return cls(path, config_mod.load(path), options, stamp)
 
+    @classmethod
+    def _stamp_now(cls, path: Path) -> tuple[tuple[object, ...], _Sources]:
+        sources = config_mod.files_read_by(path)
+        return cls._stamp_of(path, *sources), sources
+
     def _file_stamp(self) -> tuple[object, ...]:
-        return self._stamp_of(self.path, self.current.files, self.current.include_globs)
+        return self._stamp_of(self.path, *self._sources)
 
     @staticmethod
     def _stamp_of(path: Path, files: tuple[str, ...],
@@ -140,7 +153,8 @@ class ConfigHolder:
     def reload(self, reason: str) -> bool:
         # Stamped before loading, never after: a file written while this loads (an
         # operator's second edit) is then seen by the next poll, not taken as loaded.
-        self._stamp = self._file_stamp()
+        # What the file names now is stamped: a policy.include just changed reloads once.
+        self._stamp, self._sources = self._stamp_now(self.path)
         try:
             snapshot = config_mod.load(self.path)
         except ConfigError as exc:

@@ -344,3 +344,24 @@ def test_the_file_put_back_after_a_rejection_is_said_valid_again(
         assert holder.reload("SIGHUP")  # nothing was rejected since: only "unchanged"
     assert [r.getMessage() for r in caplog.records] == [
         f"config reloaded (SIGHUP): unchanged, version {version}"]
+
+
+def test_a_changed_policy_include_is_one_reload(tmp_path: Path) -> None:
+    """The stamp taken before a reload covers what the file names then: the next poll
+    finds nothing new (it used to find the new glob's files and reload again)."""
+    rule = "policies:\n  - {id: t.%s, effect: deny, expression: request.stream}\n"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "p.yaml").write_text(rule % "a")
+    (tmp_path / "b" / "p.yaml").write_text(rule % "b")
+    path = tmp_path / "atp.yaml"
+    path.write_text(MINIMAL_CONFIG + "policy: {include: ['a/*.yaml']}\n")
+    holder = ConfigHolder.load(path)
+    path.write_text(MINIMAL_CONFIG + "policy: {include: ['a/*.yaml', 'b/*.yaml']}\n")
+    assert holder.reload("file changed")
+    assert len(holder.current.policies.policies) == 2
+    assert holder._file_stamp() == holder._stamp  # the watcher's test: nothing to reload
+    # A refused edit is stamped as read too: not refused again at every poll.
+    path.write_text(MINIMAL_CONFIG + "policy: {include: ['c/*.yaml']}\n")
+    assert not holder.reload("file changed")
+    assert holder._file_stamp() == holder._stamp

@@ -330,3 +330,19 @@ def test_a_model_cluster_envoy_does_not_have_is_an_error(tmp_path):
     dynamic = yaml.safe_load(text)
     dynamic["dynamic_resources"] = {"cds_config": {"ads": {}}}
     assert missing_cluster_problems("e.yaml", yaml.safe_dump(dynamic), {"nosuch"}) == []
+
+
+@pytest.mark.parametrize(("rules", "said"), [
+    ({"disallow_all": True}, "disallow_all: true"),
+    ({"disallow_system": "true"}, "disallow_system: true"),
+    ({"disallow_expression": {"regex": "^authorization$"}}, "with disallow_expression"),
+])
+def test_mutation_rules_that_drop_atps_header_changes(tmp_path, rules, said):
+    doc = front()
+    ext_proc(doc)["typed_config"]["mutation_rules"] = rules
+    problems, lines = lint(doc, tmp_path)
+    assert found(problems, lines) == [("ext_proc", "mutation_rules")]
+    assert said in problems[0].reason and "API key" in problems[0].reason
+    # Refused as an error instead (the request fails, nothing leaks): fine.
+    ext_proc(doc)["typed_config"]["mutation_rules"] = {**rules, "disallow_is_error": True}
+    assert lint(doc, tmp_path)[0] == []

@@ -1079,6 +1079,16 @@ def test_a_lone_surrogate_escape_inside_a_json_text_is_refused(snap, path, body)
     assert ex.finish().cost_usd is None
 
 
+def test_a_tool_result_nested_too_deeply_to_check_is_refused(snap) -> None:
+    import sys
+    n = sys.getrecursionlimit() + 500
+    body = {"model": "fast", "messages": [
+        {"role": "user", "content": "pay"},
+        {"role": "tool", "tool_call_id": "c", "content": "[" * n + "]" * n}]}
+    _, resp = send_body(snap, body)
+    assert_error(resp, 400, "json_too_deep")
+
+
 def test_a_paired_escape_inside_a_json_text_passes_redacted(snap) -> None:
     body = {"model": "gpt-4o-mini", "input": [
         {"type": "function_call_output", "call_id": "c",

@@ -439,3 +439,12 @@ def test_sse_other_response_events_with_usage_are_not_final() -> None:
     sse.feed(b'data: {"type":"response.in_progress","response":{"usage":'
              b'{"input_tokens":1,"output_tokens":1}}}\n\n', end=True)
     assert sse.usage is None
+
+
+@pytest.mark.parametrize("custom_input", [{"email": "jane.roe@example.org"}, ["x"], 5])
+def test_a_custom_tool_call_whose_input_is_no_string_is_refused(custom_input) -> None:
+    # Redaction and policies read the input as text: any other shape would go unread.
+    err = refused("chat", {"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "f", "input": custom_input}}]}]})
+    assert (err.status, err.code) == (400, "invalid_type")
+    assert err.param == "messages[0].tool_calls[0].custom"

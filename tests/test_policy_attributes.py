@@ -357,9 +357,12 @@ def _call(name, arguments):
     ({"messages": [{"role": "assistant", "tool_calls": [_call(
         "search", "[" * 5000 + "]" * 5000)]}]},
      "request.tool_details.arguments"),
-    # A number longer than Python reads hides every argument beside it.
+    # A number Python cannot read hides every argument beside it.
     ({"messages": [{"role": "assistant", "tool_calls": [_call(
         "search", '{"max_results": 500, "n": ' + "9" * 5000 + "}")]}]},
+     "request.tool_details.arguments"),
+    ({"messages": [{"role": "assistant", "tool_calls": [_call(
+        "search", '{"max_results": 500, "n": 1e400}')]}]},
      "request.tool_details.arguments"),
     # The 65th call of one message is never read.
     ({"messages": [{"role": "assistant", "tool_calls": [

@@ -78,6 +78,10 @@ def test_a_comprehension_in_a_tools_policy_is_costly():
                                             "map in a tools policy, which runs once per tool "
                                             "of the request"]
     assert reasons("request.tools.exists(t, t == 'y')") == []
+    # Bounded (64 tools at most): a warning, so a config that loaded before still loads.
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "tools", "expression": expression,
+                                   "tool_action": "deny"}])
+    assert [p.severity for p in problems] == ["warning"]
 
 
 @pytest.mark.parametrize("expression", [

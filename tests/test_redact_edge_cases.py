@@ -780,3 +780,17 @@ def test_numbers_between_slashes_are_each_a_list_of_their_own(redactor, text):
     numbers = text.split(" / ")
     numbers[0] = numbers[0].split(" ", 1 if numbers[0].startswith("Tel") else 3)[-1]
     assert [text[s.start:s.end] for s in redactor.scan_text(text)] == numbers
+
+
+@pytest.mark.parametrize(("text", "sent", "value"), [
+    ("mail john.o'brien@example.com now", "mail [EMAIL_1] now", "john.o'brien@example.com"),
+    ("d'angelo@example.it", "[EMAIL_1]", "d'angelo@example.it"),
+    ("'jane@example.com'", "'[EMAIL_1]'", "jane@example.com"),          # quotes stay
+    ("see /users/jane@example.com", "see /users/[EMAIL_1]", "jane@example.com"),
+    ("?email=jane@example.com", "?email=[EMAIL_1]", "jane@example.com"),
+])
+def test_an_email_local_part_with_rfc_punctuation_goes_whole(redactor, text, sent, value):
+    # An apostrophe inside the local part left the name before it (john.o') unredacted.
+    res = redactor.redact("chat", chat(text), "t")
+    assert res.fields["messages"][0]["content"] == sent
+    assert dict(res.mapping.items()) == {"[EMAIL_1]": value}

@@ -226,6 +226,7 @@ def test_clear_forgets_originals():
 
 
 @pytest.mark.parametrize("inner", ['{"n": ' + "9" * 5000 + ', "q": "[QUOTE_1]"}',
+                                   '{"big": 1e400, "q": "[QUOTE_1]"}',
                                    "[" * 1200 + '"[QUOTE_1]"' + "]" * 1200])
 def test_json_text_python_cannot_read_gets_its_values_back_escaped(inner: str) -> None:
     # Tool-call arguments holding a number too long, or nesting too deep, for Python:

@@ -233,9 +233,12 @@ class _Walker:
         # costs add up rather than multiply.
         own_tool = self.per_tool and base is not None and base.split(".", 1)[0] == "tool"
         if counted and loop_depth - (1 if own_tool else 0) > 0:
-            self.findings.append(Finding(
-                self.positions.get(e.id, self.positions.get(rng.id, 0)),
-                _PER_TOOL if self.per_tool and loop_depth == 1 else _NESTED))
+            where = self.positions.get(e.id, self.positions.get(rng.id, 0))
+            # Once per tool is bounded (tools are capped at 64): said, but no reason to
+            # refuse a config that loaded before; a loop in a loop is refused.
+            self.findings.append(Finding(where, _PER_TOOL, "warning")
+                                 if self.per_tool and loop_depth == 1
+                                 else Finding(where, _NESTED))
         depth = loop_depth + (1 if counted else 0)
         self.walk(comp.loop_condition, inner, depth)
         self.walk(comp.loop_step, inner, depth)

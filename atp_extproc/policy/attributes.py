@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from atp_extproc.llm_api import (
     TOKEN_LIMIT_KEYS,
-    NumberTooLong,
+    UnreadableNumber,
     parse_arguments,
     token_ids,
     tool_lists,
@@ -562,9 +562,11 @@ def _fill(container: Any, values: dict[str, Any]) -> None:
 
 # -- from an OpenAI-compatible body ---------------------------------------------------
 
-# An identifier that starts with a letter and holds at most 4 digits: a card, phone or
-# social security number, or an IP address, named as a tool never reaches a log.
-_TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,4}\D*\Z)[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
+# An identifier that starts with a letter, holds at most 6 digits and no dotted quad: a
+# card, phone or social security number, or an IPv4 address, named as a tool never
+# reaches a log.
+_TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,6}\D*\Z)(?!.*\d\.\d+\.\d+\.\d)"
+                        r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 
 
 def request_from_body(operation: str,
@@ -734,7 +736,7 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
             return {}
         try:
             arguments = parse_arguments(arguments)
-        except (RecursionError, NumberTooLong):
+        except (RecursionError, UnreadableNumber):
             cut.note("request.tool_details.arguments")
             return {}
         except ValueError:

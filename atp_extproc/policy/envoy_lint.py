@@ -141,6 +141,20 @@ def _withheld(mode: dict) -> str | None:
     return None
 
 
+def _blocked_mutations(rules: Any) -> str | None:
+    """What in an ext_proc filter's mutation_rules stops header changes ATP relies on, or
+    None (unset, or an error then fails the request: disallow_is_error)."""
+    if not isinstance(rules, dict) or _true(rules.get("disallow_is_error")):
+        return None
+    for key in ("disallow_all", "disallow_system"):  # every header; `:path` among others
+        if _true(rules.get(key)):
+            return f"{key}: true"
+    for key in ("disallow_expression", "allow_expression"):
+        if key in rules:
+            return f"with {key}"  # may match the headers ATP changes
+    return None
+
+
 def _route_name(vhost: dict, index: int, route: dict) -> str:
     """How a problem names a route: its name, else its place and match (routes often
     differ only in header matchers)."""
@@ -256,6 +270,12 @@ def _chain_findings(hcm: dict, ext: list[dict], upgrade: dict | None,
             found.append((_line(typed, "disable_immediate_response"), "ext_proc" + suffix,
                           "disable_immediate_response: true: Envoy ignores ATP's refusals "
                           "and sends the request upstream"))
+        blocked = _blocked_mutations(typed.get("mutation_rules"))
+        if blocked is not None:
+            found.append((_line(typed, "mutation_rules"), "ext_proc" + suffix,
+                          f"mutation_rules {blocked}: Envoy drops header changes ATP makes "
+                          "(removing the client's API key, dropping the query string from "
+                          ":path), so they reach the provider"))
     route_config = hcm.get("route_config")
     vhosts = route_config.get("virtual_hosts") if isinstance(route_config, dict) else None
     if not isinstance(vhosts, list):

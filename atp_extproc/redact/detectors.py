@@ -128,7 +128,11 @@ _SET_PATTERNS: dict[str, str] = {
     "placeholder": PLACEHOLDER,
     "data_uri": r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,",
 }
-_EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
+# The local part may hold RFC 5322's other characters (o'brien, a!b) between ordinary
+# ones: at its edges they are more often quotes around the address. Not / = & | { }:
+# in paths, query strings, tables and templates they join a word to the address.
+_EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+(?:[!#$'*^`~]+[A-Za-z0-9_._%+\-?]+)*"
+             r"@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
              r"[A-Za-z0-9\-?]*)*\.[A-Za-z?]{2,63}")
 # Seven digits at least: shorter runs are no card, SSN or phone number.
 _RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"

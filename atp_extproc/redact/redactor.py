@@ -36,6 +36,8 @@ KEYS_COLLIDE = "keys_collide_when_redacted"
 # ... and alone when a JSON text in the body (tool arguments, a tool result) escapes a
 # lone surrogate: invalid Unicode, refused as the body itself would be.
 LONE_SURROGATE = "lone_surrogate_in_json_text"
+# ... and alone when a JSON text in the body is nested deeper than Python's parser goes.
+JSON_TOO_DEEP = "json_text_too_deep"
 _MIN_KEY_BYTES = 16
 _PROCESS_KEY = secrets.token_bytes(32)
 _TENANT_KEYS_MAX = 4096
@@ -326,6 +328,8 @@ class Redactor:
                     c.anything(p, node)
         if c.lone_surrogate:
             return Redaction(denied=(LONE_SURROGATE,))
+        if c.too_deep:
+            return Redaction(denied=(JSON_TOO_DEEP,))
         if not c.units:
             return Redaction(non_text_parts=c.non_text) if c.non_text else _NOTHING
 
@@ -439,8 +443,7 @@ class Redactor:
         args_values: dict[scope.JsonArgs, dict[int, str]] = {}
         for i, changes in per_seg.items():
             seg = segs[i]
-            json_like = seg.args is None and seg.path in c.json_like
-            new = (scope.splice_json_like if json_like else scope.splice)(seg.text, changes)
+            new = scope.splice(seg.text, changes)
             if seg.args is None:
                 assert seg.path is not None
                 edits[seg.path] = new

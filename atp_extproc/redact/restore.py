@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from atp_extproc.llm_api import EVENT_END, NumberTooLong, bounded_int
+from atp_extproc.llm_api import EVENT_END, UnreadableNumber, bounded_int, finite_float
 from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
@@ -148,12 +148,13 @@ class Restorer:
         head = s.lstrip()[:1]
         if head in ("{", "["):
             try:
-                inner = json.loads(s, parse_int=bounded_int)
+                inner = json.loads(s, parse_int=bounded_int, parse_float=finite_float)
                 if isinstance(inner, (dict, list)):
                     return json.dumps(self._node(inner), ensure_ascii=False)
-            except (RecursionError, NumberTooLong):
-                # JSON all the same (deeper than the walk goes, or a number too long):
-                # its placeholders sit in string literals, where a value goes escaped.
+            except (RecursionError, UnreadableNumber):
+                # JSON all the same (deeper than the walk goes, or a number Python cannot
+                # write back as it was): its placeholders sit in string literals, where a
+                # value goes escaped.
                 return self.restore_text(s, escape=True)
             except ValueError:
                 pass  # no JSON: text

@@ -8,15 +8,14 @@ inside a string: then every string and key in them is a unit, and so is every nu
 whose key names a card, phone or SSN; a value is read after its key ("ssn: ...") so the
 detectors' context words apply. A redacted token is re-encoded as a JSON string and
 spliced back into the text, which stays valid JSON and keeps its formatting everywhere
-else. One nested deeper than Python's parser goes is read as text, and its placeholders
-keep it valid JSON too (splice_json_like).
+else. One nested deeper than Python's parser goes is refused (Collector.too_deep): read
+as text, its escapes would hide values from the detectors and its placeholders break it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,14 +41,11 @@ class KeyCollision(Exception):
 
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "summary_text",
                              "reasoning_text"})
-_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string literal
 # Strings (a key with its colon), numbers of 7 characters or more (shorter ones hold no
 # card, SSN or phone number) and brackets of a JSON text: it parsed, so nothing else
 # holds a digit, and a number starts after none of its own characters.
-_JSON_TOKEN = re.compile(_STRING + r'(?:[ \t\r\n]*:)?'
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(?:[ \t\r\n]*:)?'
                          r'|(?<![-+.eE0-9])-?[0-9][-+.eE0-9]{6,}|[\[\]{}]', re.S)
-_JSON_STRING = re.compile(_STRING, re.S)
-_NUMBER_CHARS = frozenset("-+.eE0123456789")
 # A JSON number that is an integer, maybe written with a zero fraction ("4111...1.0"):
 # its digits are read as the value.
 _JSON_INT = re.compile(r"([0-9]{7,})(?:\.0+)?\Z")
@@ -143,9 +139,8 @@ class Collector:
         # Keys of maps read outside JSON texts, by text: read once, however many maps
         # repeat them (records, logprobs).
         self._map_keys: dict[str, Segment] = {}
-        # JSON texts nested deeper than Python's parser goes, read as text: they may be
-        # valid JSON, which placeholders must keep valid (splice_json_like).
-        self.json_like: set[Path] = set()
+        # A JSON text nested deeper than Python's parser goes: the request is refused.
+        self.too_deep = False
 
     def dedupe(self) -> None:
         self._seen = {seg.path if seg.args is None else seg.args.path
@@ -195,11 +190,12 @@ class Collector:
             return False
         try:
             decoded = _DECODER.decode(raw)
-        except (ValueError, RecursionError) as exc:
-            if isinstance(exc, RecursionError):
-                self.json_like.add(path)
+        except RecursionError:
+            self.too_deep = True  # the request is refused: nothing to read
+            return True
+        except ValueError:
             if fallback:
-                self.text(path, raw)  # not JSON (or partial, or too deep): scan it as text
+                self.text(path, raw)  # not JSON (or partial): scan it as text
             return False
         if holds_lone_surrogate(raw, decoded):
             self.lone_surrogate = True  # the request is refused: nothing to read
@@ -681,29 +677,6 @@ def splice_args(args: JsonArgs, new_values: dict[int, str]) -> str:
     if not args.keys.isdisjoint(new_values):
         json.loads(text, object_pairs_hook=_one_of_each, parse_int=str)  # KeyCollision
     return text
-
-
-def splice_json_like(text: str, changes: list[tuple[int, int, str]]) -> str:
-    """`splice` for text read as text that may be valid JSON (Collector.json_like): a
-    placeholder inside one string literal goes in as it is (it holds no quote or
-    backslash); anywhere else, in valid JSON, it is in a number, which it replaces whole,
-    written as a JSON string, as splice_args writes a redacted number."""
-    literals = [m.span() for m in _JSON_STRING.finditer(text)]
-    starts = [s for s, _ in literals]
-    out: list[tuple[int, int, str]] = []
-    for s, e, new in sorted(changes):
-        k = bisect_right(starts, s) - 1
-        if k < 0 or not literals[k][0] < s <= e < literals[k][1]:
-            while s > 0 and text[s - 1] in _NUMBER_CHARS:
-                s -= 1
-            while e < len(text) and text[e] in _NUMBER_CHARS:
-                e += 1
-            new = json.dumps(new, ensure_ascii=False)
-        if out and s < out[-1][1]:  # two findings in one number: one placeholder
-            out[-1] = (out[-1][0], max(e, out[-1][1]), out[-1][2])
-        else:
-            out.append((s, e, new))
-    return splice(text, out)
 
 
 def _one_of_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
