@@ -182,9 +182,11 @@ def _config_problem_lines(exc: ConfigError) -> list[str]:
     """A ConfigError's problems as the policy report writes them: file:line: path: reason
     where the line is known, else file: path: reason."""
     lines = []
-    for path, reason in exc.problems:
+    for (path, reason), line in zip(exc.problems, exc.lines, strict=True):
         in_file = _LINE_IN_FILE.fullmatch(path)
-        if in_file:
+        if line:
+            where = f"{exc.file}:{line}: {path}"
+        elif in_file:
             where = f"{exc.file}:{in_file[1]}" + (f": {in_file[2]}" if in_file[2] else "")
         elif _LINE_IN_OTHER_FILE.match(path):
             where = path  # "other.yaml:N" when the problem is the file

@@ -28,7 +28,9 @@ from atp_extproc.policy.settings import (
     PolicyError,
     directory_of,
     error_line,
+    line_of,
     load_file,
+    load_yaml,
 )
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
 from atp_extproc.routing.selection import CandidateModel
@@ -48,11 +50,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 class ConfigError(Exception):
     """One or more problems in a config file, each with file, path and reason."""
 
-    def __init__(self, file: str, problems: list[tuple[str, str]]):
+    def __init__(self, file: str, problems: list[tuple[str, str]],
+                 lines: list[int] | None = None):
+        """`lines`: each problem's line in `file` (0: unknown), where known."""
         self.file = file
         self.problems = problems
-        lines = [f"{file}: {path or '<root>'}: {reason}" for path, reason in problems]
-        super().__init__("\n".join(lines))
+        self.lines = lines or [0] * len(problems)
+        text = [f"{file}: {path or '<root>'}: {reason}" + (f" (line {n})" if n else "")
+                for (path, reason), n in zip(problems, self.lines, strict=True)]
+        super().__init__("\n".join(text))
 
 
 class _Frozen(BaseModel):
@@ -409,15 +415,24 @@ def parse(text: str, source: str, *, secrets: bool = True) -> Snapshot:
         raise ConfigError(source, [("", "nested too deeply")]) from None
 
 
-def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+def _validation_problems(exc: ValidationError) -> list[tuple[tuple[Any, ...], str]]:
     errors = exc.errors()
     locs = [tuple(e["loc"]) for e in errors]
     # A tuple whose only items are invalid also fails its min_length ("at least 1 item
     # ... not 0"): noise beside the errors that name those items.
-    return [(_format_loc(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors
+    return [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors
             if not (e["type"] == "too_short" and any(
                 len(loc) > len(e["loc"]) and loc[:len(e["loc"])] == tuple(e["loc"])
                 for loc in locs))]
+
+
+def _validation_error(exc: ValidationError, text: str, source: str) -> ConfigError:
+    """Pydantic's errors, each with the line of the value at fault (the file read again
+    keeping lines: only when it has a problem)."""
+    problems = _validation_problems(exc)
+    lined, _ = load_yaml(text, source)
+    return ConfigError(source, [(_format_loc(loc), reason) for loc, reason in problems],
+                       [line_of(lined, loc) for loc, _ in problems])
 
 
 def _parse(text: str, source: str, secrets: bool) -> Snapshot:
@@ -436,7 +451,7 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     try:
         doc = _Document.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, _validation_problems(exc)) from None
+        raise _validation_error(exc, text, source) from None
     problems = _check_references(doc)
     if problems:
         raise ConfigError(source, problems)

@@ -609,3 +609,13 @@ def test_the_readmes_configuration_reference_loads(tmp_path: Path) -> None:
     shutil.copytree(EXAMPLE.parent / "policies", tmp_path / "policies")
     snapshot = config.load(tmp_path / "atp.yaml")
     assert snapshot.models and snapshot.routes
+
+
+def test_a_schema_error_names_the_line_of_the_value() -> None:
+    err = error_of("server: {listen: '127.0.0.1:50051'}\nmodels:\n  - name: m\n"
+                   "    cluster: c\n    upstream_model: u\n"
+                   "    price: {input_per_1k: -1, output_per_1k: 0}\n"
+                   "routes: [{name: r, aliases: {a: [m]}}]\n")
+    assert err.lines == [6]
+    assert str(err).endswith("models[0].price.input_per_1k: Input should be greater than "
+                             "or equal to 0 (line 6)")

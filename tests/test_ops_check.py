@@ -80,7 +80,7 @@ def test_policy_and_config_problems_are_each_named(
                   ("max_json_depth: 64", "max_json_depth: 1"))
     assert check(capsys, path) == [
         f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'",
-        f"{path}: server.max_json_depth: Input should be greater than or equal to 2"]
+        f"{path}:2: server.max_json_depth: Input should be greater than or equal to 2"]
 
 
 @pytest.mark.parametrize("text", ["- a\n", "hello\n"])

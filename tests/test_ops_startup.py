@@ -93,7 +93,7 @@ def test_check_refuses_a_listen_address_grpc_cannot_bind(
     path.write_text(CONFIG + f"server: {{listen: '{listen}'}}\n")
     assert cli.main(["check", str(path)]) == 1
     line, tally = capsys.readouterr().out.splitlines()
-    assert line.startswith(f"{path}: server.listen: {listen!r}: ") and problem in line
+    assert line.startswith(f"{path}:7: server.listen: {listen!r}: ") and problem in line
     assert tally == "1 error(s), 0 warning(s)"
 
 
