@@ -239,3 +239,9 @@ def test_a_policy_section_of_the_wrong_shape_is_named_once(
     assert f"{path}: line {line}: {problem}" in capsys.readouterr().err
     with pytest.raises(config_mod.ConfigError):
         config_mod.load(path)
+
+
+def test_an_expression_nested_past_cels_limit_is_said_plainly():
+    expression = "(" * 40 + "request.stream" + ")" * 40
+    (reason,) = reasons(expression)
+    assert reason.startswith("expression: nests too deeply") and "CANCELLED" not in reason

@@ -712,13 +712,18 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 entry["arguments"] = _arguments(arguments, cut)
 
 
+def allowed_tools_spec(choice: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """An allowed_tools choice's `tools` and `mode` holder, and whether it is nested:
+    Chat puts them under "allowed_tools", the Responses API in the choice itself."""
+    nested = isinstance(choice.get("allowed_tools"), dict)
+    return (choice["allowed_tools"] if nested else choice), nested
+
+
 def _forced_name(choice: dict[str, Any]) -> str:
     """What a tool_choice object asks for: the tool it forces (an allowed_tools choice
     of mode required over one tool forces that one), else its type."""
     if choice.get("type") == "allowed_tools":
-        # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
-        spec = choice.get("allowed_tools")
-        spec = spec if isinstance(spec, dict) else choice
+        spec, _ = allowed_tools_spec(choice)
         tools = spec.get("tools")
         if spec.get("mode") == "required" and isinstance(tools, list) and len(tools) == 1:
             return tool_name(tools[0]) or "allowed_tools"

@@ -425,6 +425,9 @@ def evaluation_error(message: object) -> str:
 def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
     found = list(_CEL_ERROR.finditer(text))
     if not found:
+        if "recursion limit" in text:  # cel-cpp's own words: "CANCELLED: Expression ..."
+            text = ("nests too deeply: cel-cpp refuses more than 32 levels; flatten it "
+                    "(fewer parentheses, `x in [...]` instead of chained conditions)")
         return [Problem(sp.file, sp.expr_line, sp.spec.id, f"expression: {text.strip()}")]
     # What an unknown attribute then breaks ("expression of type '*error*' cannot be ...")
     # says nothing more than the first error.

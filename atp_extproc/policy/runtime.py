@@ -23,6 +23,7 @@ from google.protobuf import struct_pb2
 from atp_extproc.llm_api import OPERATIONS, estimate_tokens, tool_lists
 from atp_extproc.policy.attributes import (
     MAX_STRING,
+    allowed_tools_spec,
     build_attributes,
     request_from_body,
     tool_key,
@@ -268,9 +269,7 @@ def tool_choice_without(choice: Any, names: Iterable[str], tools_left: bool) -> 
         if forces_one_of(choice, drop) or not tools_left:
             raise ForcedToolStripped
         return choice
-    # Chat nests the list under "allowed_tools"; the Responses API puts it in the choice.
-    nested = isinstance(choice.get("allowed_tools"), dict)
-    spec = choice["allowed_tools"] if nested else choice
+    spec, nested = allowed_tools_spec(choice)
     allowed = spec.get("tools")
     left = [t for t in allowed if not _named(t, drop)] if isinstance(allowed, list) else []
     if left and tools_left:
