@@ -517,8 +517,11 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
 
 def _where(file: str, line: int, path: str, source: str) -> str:
     """Where a policy problem is, for a ConfigError of `source`."""
-    place = f"line {line}" if file == source else f"{file}:{line}"
-    return f"{place}: {path}" if path else place
+    if file == source:
+        place = f"line {line}" if line else ""
+    else:
+        place = f"{file}:{line}" if line else file
+    return ": ".join(part for part in (place, path) if part)
 
 
 def _unmet_redactions(policies: Any, scanned: tuple[str, ...]) -> list[tuple[Any, list[str]]]:

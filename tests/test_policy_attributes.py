@@ -384,3 +384,17 @@ def test_arguments_that_are_not_json_are_no_cut():
     fields, cut = request_from_body("chat", {"messages": [{"role": "assistant",
                                                            "tool_calls": [_call("f", "{")]}]})
     assert cut == [] and fields["tool_details"][0]["arguments"] == {}
+
+
+@pytest.mark.parametrize(("operation", "doc", "count"), [
+    ("completions", {"prompt": ["a", "b", "c"]}, 3),
+    ("completions", {"prompt": "a"}, 1),
+    ("completions", {"prompt": [1, 2, 3]}, 1),           # token ids: one prompt
+    ("responses", {"input": "hello"}, 1),
+    ("responses", {"input": [{"role": "user", "content": "a"}] * 2}, 2),
+    ("embeddings", {"input": ["a", "b"]}, 2),
+])
+def test_message_count_counts_what_each_api_sends(operation, doc, count):
+    # A cap on request.message_count covered neither a completions batch nor a string.
+    fields, _ = request_from_body(operation, doc)
+    assert fields["message_count"] == count

@@ -245,3 +245,21 @@ def test_an_expression_nested_past_cels_limit_is_said_plainly():
     expression = "(" * 40 + "request.stream" + ")" * 40
     (reason,) = reasons(expression)
     assert reason.startswith("expression: nests too deeply") and "CANCELLED" not in reason
+
+
+def test_an_include_under_a_directory_atp_may_not_read_says_so(tmp_path, monkeypatch):
+    # glob.glob matches nothing in a directory it may not read, and says nothing of it.
+    import os
+
+    from atp_extproc.policy import settings
+
+    locked = tmp_path / "policies"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(settings.os, "access", lambda p, mode: real_access(p, mode)
+                        and Path(p) != locked)
+    loaded = settings.load_text("policy: {include: ['policies/*.yaml']}\n",
+                                str(tmp_path / "atp.yaml"), base_dir=tmp_path)
+    (problem,) = loaded.problems
+    assert problem.reason == (f"'policies/*.yaml' matches no file ({locked} cannot be "
+                              "read: permission denied)")

@@ -624,12 +624,12 @@ def request_from_body(operation: str,
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         out["metadata"] = metadata
-    messages = doc.get("messages")
-    if isinstance(messages, list):
-        out["message_count"] = len(messages)
-    elif isinstance(doc.get("input"), list):
-        # Token ids are one input, however many.
-        out["message_count"] = 1 if token_ids(doc["input"]) else len(doc["input"])
+    # Messages, input items, prompts: a string is one, token ids are one, however many.
+    items = doc.get("messages", doc.get("prompt" if operation == "completions" else "input"))
+    if isinstance(items, list):
+        out["message_count"] = 1 if token_ids(items) else len(items)
+    elif isinstance(items, str):
+        out["message_count"] = 1
     stream = doc.get("stream")
     if isinstance(stream, bool):
         out["stream"] = stream

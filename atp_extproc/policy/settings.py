@@ -275,6 +275,18 @@ def error_line(exc: yaml.YAMLError, text: str) -> int:
     return text.count("\n", 0, end) + 1
 
 
+def _unreadable(pattern: str) -> str:
+    """Why a glob may match nothing though files are there: glob says nothing of a
+    directory it may not read."""
+    fixed = pattern.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    directory = Path(os.path.dirname(fixed) or ".")
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if directory.is_dir() and not os.access(directory, os.R_OK | os.X_OK):
+        return f" ({directory} cannot be read: permission denied)"
+    return ""
+
+
 def line_of(doc: Any, loc: Iterable[Any]) -> int:
     """The line of the deepest node along `loc` (a pydantic error location)."""
     line = getattr(doc, "line", 0)
@@ -459,7 +471,7 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
         matches = sorted(glob.glob(absolute, recursive=True))
         if not matches:
             problems.append(Problem(file, line, f"policy.include[{i}]",
-                                    f"{pattern!r} matches no file"))
+                                    f"{pattern!r} matches no file{_unreadable(absolute)}"))
         for match in matches:
             path = Path(match)
             shown = _shown(path)
