@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
@@ -65,7 +66,15 @@ def _is_token(bearer: str, payload: struct_pb2.Struct) -> bool:
     shared = [k for k in _REGISTERED if k in claims or k in verified]
     if not shared:  # a token of custom claims only: all of them must agree
         return bool(claims == verified)
-    return all(claims.get(k) == verified.get(k) for k in shared)
+    return all(_same_claim(claims.get(k), verified.get(k)) for k in shared)
+
+
+def _same_claim(token: Any, verified: Any) -> bool:
+    # Envoy's metadata holds numbers as doubles: an integer claim past 2**53 (iat, exp)
+    # is the token's own only as a double.
+    if isinstance(token, int | float) and isinstance(verified, int | float):
+        return float(token) == float(verified)
+    return bool(token == verified)
 
 
 def _lookup(snapshot: Snapshot, key: str) -> ApiKey:
@@ -96,8 +105,12 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
         # jwt_authn with `forward: true` leaves the verified token there: it is no API key.
         if payload is None or not _is_token(bearer, payload):
             sent.insert(0, bearer)
-    elif authorization.strip() and not sent:
-        raise _unauthorized(_NO_KEY)  # a credential of another scheme, or an empty Bearer
+    elif authorization.strip():
+        # A credential of another scheme, or an empty Bearer: unreadable, so refused even
+        # beside a valid key (every credential sent must be one).
+        raise _unauthorized(_NO_KEY if not sent else "Authorization holds no API key "
+                            "(another scheme, or an empty Bearer); send the key as "
+                            "'Authorization: Bearer KEY'.")
     if sent == [headers.get("x-api-key")]:
         raise _unauthorized("ATP does not read x-api-key: send the key as "
                             "'Authorization: Bearer KEY'.")

@@ -364,3 +364,17 @@ def test_a_forwarded_token_of_custom_claims_only_is_no_key() -> None:
     who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(claims)},
                    jwt_metadata(claims))
     assert who == Identity("public", "anonymous")
+
+
+def test_a_forwarded_token_with_an_integer_past_a_double_is_still_known() -> None:
+    # Envoy's metadata holds iat as a double: 2**60+1 arrives as 2**60, the same claim.
+    raw = {"sub": "u1", "iat": 2**60 + 1}
+    who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(raw), "api-key": ALICE},
+                   jwt_metadata({"sub": "u1", "iat": float(2**60 + 1)}))
+    assert who.tenant == "alice"
+
+
+@pytest.mark.parametrize("authorization", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   "])
+def test_an_unreadable_authorization_beside_a_valid_key_is_401(example, authorization) -> None:
+    err = refused(example, {"authorization": authorization, "api-key": ALICE})
+    assert err.status == 401 and "Authorization holds no API key" in err.message

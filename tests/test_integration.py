@@ -418,3 +418,14 @@ def test_head_on_the_models_list_is_get_without_a_body(stack: Stack) -> None:
     assert reply.headers["content-type"] == "application/json"
     reply = http(stack.base_url + "/v1/models", "DELETE", headers=auth)
     assert reply.status == 405 and reply.headers["allow"] == "GET, HEAD"
+
+
+def test_headers_that_leave_no_room_for_atps_get_a_431(stack: Stack, upstreams: Upstreams) -> None:
+    """About 90 headers pass Envoy's limit of 100 until ATP adds its routing headers."""
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini",
+                               "messages": [{"role": "user", "content": "x"}]},
+                 headers={f"x-pad-{i}": "v" for i in range(90)})
+    assert reply.status == 431
+    error = reply.json()["error"]
+    assert error["code"] == "request_headers_too_large" and error["message"]
+    assert upstreams.total() == 0
