@@ -181,6 +181,7 @@ class Exchange:
         # is a compressed answer's length: the output is then estimated from its size.
         self._unread_bytes = 0
         self._streamed = False  # a stream's first event with data has come
+        self._compressed = False  # the answer is compressed: passed on unread
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
@@ -632,6 +633,7 @@ class Exchange:
         if _encoded(headers.get("content-encoding", "identity")):
             # Compressed despite the request: unreadable, so usage is estimated, the
             # output from the compressed size (a lower bound), when the answer gives it.
+            self._compressed = True
             length = headers.get("content-length", "")
             if length.isascii() and length.isdigit():
                 self._unread_bytes = int(length)
@@ -670,6 +672,8 @@ class Exchange:
         end = body_msg.end_of_stream
         if end:
             self._body_pending = False
+        if self._compressed:  # (sent by a filter config that asks for every body)
+            return envoy_api.response_body()
         if self.sse is not None:
             data = body_msg.body
             if self.restorer is not None:

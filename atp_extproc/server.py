@@ -109,9 +109,9 @@ class ConfigHolder:
         # The files (and include globs) stamped: the ones the file named when it was
         # last read, loaded or refused, so a poll compares like with like.
         self._sources: _Sources = (snapshot.files, snapshot.include_globs)
-        self._stamp = self._file_stamp()
-        if stamp is not None:
-            self._stamp, self._sources = stamp
+        if stamp is None:
+            stamp = self._file_stamp(), self._sources
+        self._stamp, self._sources = stamp
         # The last reload was refused: the next that loads says the file is valid again.
         self._rejected = False
 

@@ -740,6 +740,9 @@ def test_compressed_answer_is_left_alone_and_estimated(snap, encoding) -> None:
     resp = ex.handle(resp_headers(200, "application/json", extra={
         "content-encoding": encoding, "content-length": "400"}))
     assert not resp.HasField("mode_override")
+    # A filter config that sends every body anyway: passed on, not counted twice.
+    ex.handle(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"\x1f" * 400,
+                                                              end_of_stream=True)))
     rec = ex.finish()
     # The output from the compressed size, a lower bound: not nothing.
     assert rec.usage_estimated is True and rec.output_tokens == estimate_tokens(400) > 0
