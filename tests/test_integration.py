@@ -360,25 +360,20 @@ def test_a_second_key_of_another_tenant_is_401(stack: Stack, upstreams: Upstream
     assert upstreams.total() == 0
 
 
-def h2_post_with_trailers(stack: Stack, path: str, body: bytes) -> tuple[int, bytes]:
-    """One HTTP/2 (prior knowledge) POST whose body is followed by trailers."""
+def h2_post(stack: Stack, path: str, body: bytes, trailers: bool = True
+            ) -> tuple[int, bytes]:
+    """One HTTP/2 (prior knowledge) POST, its body sent as flow control allows, then
+    trailers (or the end of the stream); the answer's status and body."""
     import h2.config
     import h2.connection
     import h2.events
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     host, port = stack.base_url.removeprefix("http://").split(":")
+    status, answer, ended = 0, b"", False
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        conn.initiate_connection()
-        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path),
-                              (":authority", "localhost"),
-                              ("content-type", "application/json"),
-                              ("authorization", f"Bearer {ALICE}")])
-        conn.send_data(1, body)
-        conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)
-        sock.sendall(conn.data_to_send())
-        status, answer = 0, b""
-        while True:
+        def pump() -> None:
+            nonlocal status, answer, ended
             data = sock.recv(65536)
             assert data, "connection closed before the answer ended"
             for event in conn.receive_data(data):
@@ -387,9 +382,34 @@ def h2_post_with_trailers(stack: Stack, path: str, body: bytes) -> tuple[int, by
                 elif isinstance(event, h2.events.DataReceived):
                     answer += event.data
                     conn.acknowledge_received_data(event.flow_controlled_length, 1)
-                elif isinstance(event, h2.events.StreamEnded):
-                    return status, answer
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    ended = True
             sock.sendall(conn.data_to_send())
+
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path),
+                              (":authority", "localhost"),
+                              ("content-type", "application/json"),
+                              ("authorization", f"Bearer {ALICE}")])
+        sock.sendall(conn.data_to_send())
+        sent = 0
+        while sent < len(body) and not ended:
+            room = min(conn.local_flow_control_window(1), conn.max_outbound_frame_size)
+            if room <= 0:
+                pump()
+                continue
+            conn.send_data(1, body[sent:sent + room])
+            sent += room
+            sock.sendall(conn.data_to_send())
+        if not ended:
+            if trailers:
+                conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+            else:
+                conn.end_stream(1)
+            sock.sendall(conn.data_to_send())
+        while not ended:
+            pump()
+    return status, answer
 
 
 def test_an_http2_request_with_trailers_is_served(stack: Stack, upstreams: Upstreams) -> None:
@@ -397,7 +417,7 @@ def test_an_http2_request_with_trailers_is_served(stack: Stack, upstreams: Upstr
     end_of_stream: it is complete all the same (the ext_proc stream says it buffers)."""
     body = json.dumps({"model": "gpt-4o-mini",
                        "messages": [{"role": "user", "content": "trailers"}]}).encode()
-    status, answer = h2_post_with_trailers(stack, CHAT, body)
+    status, answer = h2_post(stack, CHAT, body)
     assert status == 200, answer[:300]
     assert json.loads(only_request(upstreams, "demo_a")["body"])["model"] == "demo-small-2026"
 
@@ -428,4 +448,15 @@ def test_headers_that_leave_no_room_for_atps_get_a_431(stack: Stack, upstreams: 
     assert reply.status == 431
     error = reply.json()["error"]
     assert error["code"] == "request_headers_too_large" and error["message"]
+    assert upstreams.total() == 0
+
+
+def test_an_http2_body_past_envoys_buffer_gets_a_413(stack: Stack, upstreams: Upstreams) -> None:
+    """Over HTTP/2 Envoy hands ATP the whole body, which ATP's gRPC limit refuses: the
+    client must read that its body is too large, not that ATP is down."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "x" * (9 * 1024 * 1024)}]}).encode()
+    status, answer = h2_post(stack, CHAT, body, trailers=False)
+    assert status == 413, answer[:300]
+    assert json.loads(answer)["error"]["code"] == "request_payload_too_large"
     assert upstreams.total() == 0
