@@ -89,10 +89,12 @@ def response_body(body: bytes | None = None) -> ProcessingResponse:
     return resp
 
 
-def trailers(request: bool) -> ProcessingResponse:
+def trailers(request: bool, remove_headers: Iterable[str] = ()) -> ProcessingResponse:
+    answer = ep.TrailersResponse()
+    answer.header_mutation.remove_headers.extend(remove_headers)
     if request:
-        return ProcessingResponse(request_trailers=ep.TrailersResponse())
-    return ProcessingResponse(response_trailers=ep.TrailersResponse())
+        return ProcessingResponse(request_trailers=answer)
+    return ProcessingResponse(response_trailers=answer)
 
 
 def immediate(

@@ -198,8 +198,10 @@ class Exchange:
                 return self._on_response_headers(message.response_headers)
             if phase == "response_body":
                 return self._on_response_body(message.response_body)
-            if phase in ("request_trailers", "response_trailers"):
-                return envoy_api.trailers(request=phase == "request_trailers")
+            if phase == "request_trailers":
+                return self._on_request_trailers(message.request_trailers)
+            if phase == "response_trailers":
+                return envoy_api.trailers(request=False)
         except RequestError as err:
             return self._refuse(err)
         # Fail closed: anything ATP does not understand stops the request here.
@@ -255,15 +257,27 @@ class Exchange:
         rec.operation = operation
         if operation == "feedback":
             return envoy_api.request_headers()
-        spoofed = [h for h in headers if h.startswith(ATP_HEADER_PREFIX)]
-        trusted = self.snapshot.auth.trusted_tenant_header
-        # The tenant header is the hop's word to ATP alone, like a credential.
-        # The client's credential for ATP must never travel on to a model provider.
-        identity_headers = (*CREDENTIAL_HEADERS, trusted) if trusted else CREDENTIAL_HEADERS
         # No OpenAI API reads a query string on these paths, and one can carry what
         # redaction never sees (an `api-key=`, an e-mail): the provider gets the path only.
-        return envoy_api.request_headers(remove_headers=[*identity_headers, *spoofed],
+        return envoy_api.request_headers(remove_headers=self._never_forwarded(headers),
                                          set_headers={":path": path} if has_query else None)
+
+    def _never_forwarded(self, headers: dict[str, str]) -> list[str]:
+        """What of `headers` (or trailers) must not reach a provider: the client's
+        credential for ATP, the tenant header (the hop's word to ATP alone, like a
+        credential), and any x-atp-* header, which only ATP sets."""
+        trusted = self.snapshot.auth.trusted_tenant_header
+        identity_headers = (*CREDENTIAL_HEADERS, trusted) if trusted else CREDENTIAL_HEADERS
+        return [*identity_headers, *(h for h in headers if h.startswith(ATP_HEADER_PREFIX))]
+
+    def _on_request_trailers(self, trailers_msg) -> ProcessingResponse:
+        if self.record.operation and self._parsed is None:
+            # Trailers right after the headers: the request has no body (HTTP/2), and
+            # Envoy sent no body message to check.
+            raise RequestError(400, "The request has no body", "missing_body")
+        return envoy_api.trailers(
+            request=True,
+            remove_headers=self._never_forwarded(envoy_api.headers_of(trailers_msg.trailers)))
 
     def _on_shadow_headers(self, headers: dict[str, str]) -> ProcessingResponse:
         """A mirrored copy: the primary exchange already authenticated, checked and

@@ -507,6 +507,16 @@ def test_empty_processing_request_fails_closed(snap) -> None:
     assert err["type"] == "server_error"
 
 
+def test_request_trailers_never_carry_a_credential_on(snap) -> None:
+    ex, _ = send_body(snap, chat("gpt-4o"))
+    trailers = ep.HttpTrailers(trailers=header_map(
+        {"authorization": f"Bearer {ALICE}", "x-atp-cluster": "demo_b", "x-checksum": "1"}))
+    resp = ex.handle(ep.ProcessingRequest(request_trailers=trailers))
+    removed = set(resp.request_trailers.header_mutation.remove_headers)
+    assert {"authorization", "api-key", "x-api-key", "x-atp-cluster"} <= removed
+    assert "x-checksum" not in removed
+
+
 def test_trailers_are_acknowledged(snap) -> None:
     ex = Exchange(snap)
     resp = ex.handle(ep.ProcessingRequest(request_trailers=ep.HttpTrailers()))

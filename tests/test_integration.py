@@ -460,3 +460,11 @@ def test_an_http2_body_past_envoys_buffer_gets_a_413(stack: Stack, upstreams: Up
     assert status == 413, answer[:300]
     assert json.loads(answer)["error"]["code"] == "request_payload_too_large"
     assert upstreams.total() == 0
+
+
+def test_an_http2_request_of_trailers_and_no_body_is_a_400(
+        stack: Stack, upstreams: Upstreams) -> None:
+    status, answer = h2_post(stack, CHAT, b"")
+    assert status == 400, answer[:300]
+    assert json.loads(answer)["error"]["code"] == "missing_body"
+    assert upstreams.total() == 0
