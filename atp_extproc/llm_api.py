@@ -100,8 +100,10 @@ def bounded_int(text: str) -> int:
                                f"(at most {sys.get_int_max_str_digits()})") from None
 
 
+# Integers parse in C: bounded_int, a Python call per integer, would cost bodies of token
+# ids several times over; an over-long one is named when the error is described.
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                            parse_float=finite_float, parse_int=bounded_int)
+                            parse_float=finite_float)
 _scan_once = _DECODER.scan_once
 # Tool-call arguments are read as json.loads reads them, a key given twice aside.
 _ARGUMENTS_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates,
@@ -141,7 +143,7 @@ def parse_body(raw: bytes, max_depth: int) -> ParsedBody:
     except RecursionError:
         raise _depth_error(max_depth) from None
     except (ValueError, StopIteration, IndexError) as exc:
-        raise _invalid(_describe(exc)) from None
+        raise _invalid(_describe(exc, text)) from None
     if holds_lone_surrogate(text, parsed.doc):
         # Invalid Unicode, as the invalid UTF-8 refused above: scanned as a separator, it
         # would hide the value around it from redaction, while a provider's decoder
@@ -207,11 +209,20 @@ def check_depth(parsed: ParsedBody, max_depth: int) -> None:
         raise _depth_error(max_depth)
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: Exception, text: str) -> str:
     if isinstance(exc, StopIteration):
         return f"unexpected value at character {exc.value}"
     if isinstance(exc, IndexError):
         return "unexpected end of body"
+    if type(exc) is ValueError:
+        # Not json's own (a JSONDecodeError): maybe Python's integer limit, whose message
+        # points the client at sys.set_int_max_str_digits. Read again to name the number.
+        try:
+            json.loads(text, parse_int=bounded_int)
+        except UnreadableNumber as plain:
+            return str(plain)
+        except (ValueError, RecursionError):
+            pass
     return str(exc)
 
 

@@ -242,10 +242,10 @@ def forces_one_of(choice: Any, names: Iterable[str]) -> bool:
     """Whether a tool_choice (or legacy function_call) object forces one of `names`."""
     if not isinstance(choice, dict) or choice.get("type") == "allowed_tools":
         return False
-    kind = choice.get("type")
+    kind, drop = choice.get("type"), set(names)
     # A forced MCP choice names a tool of the server, while the server's entry in `tools`
     # (what policies strip) has no name and goes by its type.
-    return kind in set(names) if kind == "mcp" else _named(choice, set(names))
+    return kind in drop if kind == "mcp" else _named(choice, drop)
 
 
 class ForcedToolStripped(Exception):

@@ -60,10 +60,20 @@ def _integral(number: str) -> str | None:
     value = float(number)  # a token of a text that parsed as JSON
     return str(int(value)) if value.is_integer() and 1e6 <= abs(value) < 1e20 else None
 _scanstring = json.decoder.scanstring
-# JSON texts are parsed to be checked, never for their numbers' values: integers stay
-# digits, or one of more than 4300 digits (Python's int conversion limit) would fail a
-# valid text, which would then be read as text and get unquoted placeholders.
-_DECODER = json.JSONDecoder(parse_int=str)
+# JSON texts are parsed to be checked, never for their numbers' values. One with an
+# integer past Python's conversion limit (4300 digits) is valid all the same, and read as
+# text it would get unquoted placeholders: it is parsed again with its integers kept as
+# digits (not always: a call per integer costs number-heavy texts half as much again).
+_LONG_INTS = json.JSONDecoder(parse_int=str)
+
+
+def _decode(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            raise
+        return _LONG_INTS.decode(raw)  # Python's integer limit, its only other ValueError
 
 
 class JsonArgs:
@@ -189,7 +199,7 @@ class Collector:
                 self.text(path, raw)
             return False
         try:
-            decoded = _DECODER.decode(raw)
+            decoded = _decode(raw)
         except RecursionError:
             self.too_deep = True  # the request is refused: nothing to read
             return True

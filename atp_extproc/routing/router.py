@@ -21,7 +21,7 @@ from atp_extproc.routing.selection import (
     RoutingDecision,
     score,
 )
-from atp_extproc.routing.settings import DEFAULT_OBJECTIVE, RouteObjective
+from atp_extproc.routing.settings import DEFAULT_OBJECTIVE, RouteObjective, restricted_by
 from atp_extproc.routing.state import Arm, Prepared, RouteState
 from atp_extproc.routing.sticky import StickyHasher, stable_unit
 
@@ -312,8 +312,7 @@ class Router:
                 arm.est.refresh(rs.priors)
             static: str | None = None
             # Restrict first: a copy of the request is the request, to a mirror too.
-            if (comp.internal_only and c.egress != "internal") or (
-                    comp.regions is not None and c.region not in comp.regions):
+            if restricted_by(comp.objective.restrict, c) is not None:
                 static = "restrict"
             elif c.name == comp.mirror_to:
                 static = "shadow_only"

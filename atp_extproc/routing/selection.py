@@ -100,7 +100,6 @@ class Compiled:
         "explore_cap",
         "fresh_for",
         "input_share",
-        "internal_only",
         "latency_scale",
         "max_error",
         "max_price",
@@ -113,7 +112,6 @@ class Compiled:
         "objective",
         "p95",
         "quality_prior",
-        "regions",
         "shadow_mode",
         "stale_rate",
         "sticky",
@@ -154,8 +152,6 @@ class Compiled:
         self.mirror_to = objective.shadow.challenger if self.shadow_mode == "mirror" else None
         self.mirror_share = objective.shadow.share
         self.quality_prior = objective.quality.prior
-        self.internal_only = objective.restrict.egress == "internal"
-        self.regions = frozenset(objective.restrict.regions) or None
 
     def price_ok(self, c: CandidateModel) -> bool:
         if self.max_price is None:

@@ -235,8 +235,8 @@ def baseline_for(route: Any, ledger: LedgerSettings | None,
 
 
 def restricted_by(restrict: Restrict, model: Any) -> str | None:
-    """Why `restrict` keeps `model` (config.Model-like: `.egress`, `.region`) from a
-    route, or None."""
+    """Why `restrict` keeps `model` (a config.Model or a CandidateModel: `.egress`,
+    `.region`) from a route, or None. The router and `check` both ask this."""
     if restrict.egress == "internal" and model.egress != "internal":
         return f"its egress is {model.egress}"
     if restrict.regions and model.region not in restrict.regions:
