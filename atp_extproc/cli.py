@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import io
 import os
 import re
@@ -388,10 +389,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = int(args.func(args))
-        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+            sys.stdout.flush()  # here, where a reader gone is caught, not at exit
         return code
     except BrokenPipeError:
         # The reader left (`check ... | head`): no traceback, and no second error when
         # Python flushes stdout at exit (the way the Python docs give).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 1
+    except OSError as exc:
+        # Output that cannot be written (a full disk, `> /dev/full`) is one line, not a
+        # traceback; errors about files a command reads name their file and are its own.
+        if exc.errno not in _WRITE_ERRNOS or exc.filename is not None:
+            raise
+        _silence_stdout()
+        print(f"atp-extproc: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def _silence_stdout() -> None:
+    """Send what is still buffered for stdout nowhere, so the flush at exit raises no
+    second error."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

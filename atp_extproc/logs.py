@@ -21,6 +21,7 @@ _out: BinaryIO | None = None
 # access log file_flush_interval: one write per request costs a syscall per request.
 FLUSH_INTERVAL_S = 0.25
 _BUFFER_BYTES = 1 << 16
+_GRPC_LOGGER = "grpc._cython.cygrpc"
 
 
 def _encode(entry: dict[str, Any]) -> bytes:
@@ -84,7 +85,11 @@ def setup(level: str) -> None:
 
 def set_level(level: str) -> None:
     """The level of every logger without one of its own (all of ATP's), e.g. on reload."""
-    logging.getLogger().setLevel(level)
+    root = logging.getLogger()
+    root.setLevel(level)
+    # grpc.aio logs a line per call at DEBUG ("Loaded running loop"), which would bury
+    # ATP's own; gRPC's C core has GRPC_VERBOSITY and GRPC_TRACE for its debugging.
+    logging.getLogger(_GRPC_LOGGER).setLevel(max(root.level, logging.INFO))
 
 
 def _install(out: BinaryIO, level: str) -> None:
@@ -93,9 +98,8 @@ def _install(out: BinaryIO, level: str) -> None:
     handler = logging.StreamHandler(io.TextIOWrapper(out, encoding="utf-8",
                                                      write_through=True))
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    logging.getLogger().handlers[:] = [handler]
+    set_level(level)
 
 
 @contextlib.contextmanager
@@ -104,13 +108,14 @@ def redirected(level: str, out: BinaryIO) -> Iterator[None]:
     process's logging is put back on exit. For measuring exchanges in process: without
     it each exchange line would take logging's slower LogRecord path."""
     global _out
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, _out
+    root, grpc_logger = logging.getLogger(), logging.getLogger(_GRPC_LOGGER)
+    saved = root.handlers[:], root.level, grpc_logger.level, _out
     _out = out
     try:
         _install(out, level)
         yield
     finally:
         out.flush()
-        root.handlers[:], level_before, _out = saved
+        root.handlers[:], level_before, grpc_level_before, _out = saved
         root.setLevel(level_before)
+        grpc_logger.setLevel(grpc_level_before)

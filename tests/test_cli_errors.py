@@ -234,3 +234,30 @@ def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+
+@pytest.mark.parametrize("command", ["check", "report"])
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
+        tmp_path: Path, command: str) -> None:
+    # `> /dev/full` (a full disk) ended in an OSError traceback.
+    import subprocess
+    import sys
+
+    from atp_extproc.store import AsyncLedger, LedgerEntry, PriceSnapshot
+
+    argv = ["check", "examples/atp.yaml"]
+    if command == "report":
+        db = tmp_path / "ledger.sqlite3"
+        ledger = AsyncLedger(db, start=False)
+        ledger.record(LedgerEntry(ts=1_767_225_600, tenant="t", route="chat", model="m",
+                                  price=PriceSnapshot.of("m", 0.001, 0.002), baseline=None,
+                                  input_tokens=10, output_tokens=1))
+        ledger.close()
+        argv = ["report", "savings", "--db", str(db)]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "atp_extproc", *argv], stdout=full,
+                              stderr=subprocess.PIPE, cwd=ROOT, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == \
+        "atp-extproc: cannot write the output: No space left on device"
