@@ -5,7 +5,9 @@ every message with the smallest valid response for its phase. The only thing it 
 tag the request for routing in the request_body answer, so the shipped front-proxy config
 (which routes by x-atp-cluster) works unchanged. With --read-response-body it also asks
 for the response body, as ATP does for a JSON answer: ATP's four messages per request,
-none of ATP's work.
+none of ATP's work. With --rewrite it is the least a gateway on this stack does: ATP's
+four messages, the body parsed and its model rewritten (the new body and its
+content-length in the answer), and the answer's usage read; nothing else of ATP's.
 
     python -m bench.noop_extproc --listen 127.0.0.1:50051 --cluster demo_a
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator
 
@@ -24,6 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from atp_extproc import envoy_api
 from atp_extproc.config import Server
 from atp_extproc.envoy_api import ProcessingMode, body_mode
 from atp_extproc.server import EXT_PROC_SERVICE, grpc_server_options
@@ -63,9 +67,23 @@ def answers(cluster: str, read_response_body: bool = False
     }
 
 
+# Longer than the bench body's model: the new body needs a new content-length, as ATP's.
+_REWRITTEN_MODEL = "demo-model-rewritten"
+
+
+def rewrite_answer(body: bytes, cluster: str) -> ep.ProcessingResponse:
+    doc = json.loads(body)
+    doc["model"] = _REWRITTEN_MODEL
+    return envoy_api.request_body({"x-atp-cluster": cluster},
+                                  json.dumps(doc, separators=(",", ":")).encode())
+
+
 class NoopProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, cluster: str, read_response_body: bool = False) -> None:
-        self._answers = answers(cluster, read_response_body)
+    def __init__(self, cluster: str, read_response_body: bool = False,
+                 rewrite: bool = False) -> None:
+        self._cluster = cluster
+        self._rewrite = rewrite
+        self._answers = answers(cluster, read_response_body or rewrite)
 
     async def Process(  # gRPC method name
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context
@@ -74,13 +92,21 @@ class NoopProcessor(ep_grpc.ExternalProcessorServicer):
             # Envoy never reads answers to observability-mode messages (same as ATP).
             if message.observability_mode:
                 continue
-            yield self._answers[message.WhichOneof("request")]
+            phase = message.WhichOneof("request")
+            if self._rewrite and phase == "request_body":
+                yield rewrite_answer(message.request_body.body, self._cluster)
+                continue
+            if self._rewrite and phase == "response_body":
+                # Read as a gateway reads it to price the request; the figure goes nowhere.
+                json.loads(message.response_body.body).get("usage")
+            yield self._answers[phase]
 
 
-async def serve(listen: str, cluster: str, read_response_body: bool = False) -> int:
+async def serve(listen: str, cluster: str, read_response_body: bool = False,
+                rewrite: bool = False) -> int:
     server = grpc.aio.server(options=grpc_server_options(_MAX_BODY_BYTES))
     ep_grpc.add_ExternalProcessorServicer_to_server(
-        NoopProcessor(cluster, read_response_body), server)
+        NoopProcessor(cluster, read_response_body, rewrite), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(listen) == 0:
@@ -105,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="demo_a", help="value for x-atp-cluster")
     parser.add_argument("--read-response-body", action="store_true",
                         help="ask for the response body (BUFFERED), as ATP does for JSON")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="also rewrite the body's model and read the answer's usage "
+                             "(implies --read-response-body)")
     args = parser.parse_args(argv)
-    return uvloop.run(serve(args.listen, args.cluster, args.read_response_body))
+    return uvloop.run(serve(args.listen, args.cluster, args.read_response_body,
+                            args.rewrite))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ def find(results: list[Measurement], key: str, load: str) -> Measurement:
     raise KeyError(f"no run {key}/{load}")
 
 
-def _throughput_ratio(results: list[Measurement], load: str, key: str = "c") -> float:
-    """(`key`)/(b) req/s under `load`: (c)/(b) unless told."""
-    return find(results, key, load).result.rps / find(results, "b", load).result.rps
+def _throughput_ratio(results: list[Measurement], load: str, key: str = "c",
+                      base: str = "b") -> float:
+    """(`key`)/(`base`) req/s under `load`: (c)/(b) unless told."""
+    return find(results, key, load).result.rps / find(results, base, load).result.rps
 
 
 def _added_ms(results: list[Measurement], key: str) -> tuple[float, float]:
@@ -182,7 +183,7 @@ def _method(rate: float, paced_conns: int, body_bytes: int, duration_s: float) -
 - One run of `python -m bench` (`make bench`). One fake upstream (`demo_upstream`,
   latency 0, a single aiohttp process) serves every scenario. Envoy runs with
   `--concurrency 1`, as `atp_extproc.stack` starts it. All scenarios' stacks run for
-  the whole bench and their runs alternate load by load (c, b, b4, a for 16 and 64
+  the whole bench and their runs alternate load by load (c, b, b4, r, a for 16 and 64
   conns; c, b, a paced; then c2, c3, c3s for 64 conns and paced), so a burst of
   unrelated work on the machine hits the runs being compared alike.
 - Request: `POST /v1/chat/completions`, {body_bytes}-byte non-streaming OpenAI chat body,
@@ -193,8 +194,11 @@ def _method(rate: float, paced_conns: int, body_bytes: int, duration_s: float) -
   (`bench/noop_extproc.py`: prebuilt minimal answers, `x-atp-cluster` set in the
   request_body answer); **(b4)** as (b), but the no-op also asks for the response body
   (`--read-response-body`: BUFFERED, as ATP does for a JSON answer), so it takes ATP's
-  four messages per request and does none of ATP's work; **(c)** the shipped config with
-  ATP (`python -m atp_extproc serve --config examples/atp.yaml`).
+  four messages per request and does none of ATP's work; **(r)** as (b4), plus the
+  least any gateway does (`--rewrite`): the request body parsed with `json`, its model
+  rewritten and the new body sent back with its content-length, the answer's usage
+  read; **(c)** the shipped config with ATP
+  (`python -m atp_extproc serve --config examples/atp.yaml`).
 - Loads: wrk `-t{THREADS}`, closed loop at 16 and 64 connections, and a paced run of
   {paced_conns} connections at **{rate:.0f} req/s** (about half of (c)'s
   closed-loop peak; Lua `delay()` hands out send slots on a fixed schedule per thread).
@@ -341,12 +345,20 @@ def _ratios(results: list[Measurement], rate: float) -> str:
     (c50, c99), (b50, b99) = _added_ms(results, "c"), _added_ms(results, "b")
     c16, c64 = (_throughput_ratio(results, load) for load in ("closed16", "closed64"))
     b16, b64 = (_throughput_ratio(results, load, "b4") for load in ("closed16", "closed64"))
+    r16, r64 = (_throughput_ratio(results, load, "r") for load in ("closed16", "closed64"))
+    cr16, cr64 = (_throughput_ratio(results, load, "c", "r")
+                  for load in ("closed16", "closed64"))
     return (f"- (c)/(b) throughput: {c16:.2f} at 16 conns, {c64:.2f} at 64 conns.\n"
             f"- Ceiling, (b4)/(b): {b16:.2f} at 16 conns, {b64:.2f} at 64 conns. This is "
             "what ATP's four messages per request leave of (b)'s throughput before ATP "
             "does any work, so the room for ATP's own work under the 0.85 bar is "
             f"{b16 - MIN_THROUGHPUT_RATIO:+.2f} and {b64 - MIN_THROUGHPUT_RATIO:+.2f} "
             "of (b)'s throughput.\n"
+            f"- The least gateway, (r)/(b): {r16:.2f} at 16 conns, {r64:.2f} at 64 conns; "
+            f"ATP against it, (c)/(r): {cr16:.2f} and {cr64:.2f}."
+            + (" Parsing the body and sending a rewritten one back already costs more "
+               "than the bar leaves, before any policy, redaction or routing."
+               if max(r16, r64) < MIN_THROUGHPUT_RATIO else "") + "\n"
             f"- Added latency at {rate:.0f} req/s: (c)-(a) {c50:.2f} ms p50, "
             f"{c99:.2f} ms p99; for reference the no-op floor (b)-(a) is "
             f"{b50:.2f} ms p50, {b99:.2f} ms p99.")
@@ -354,7 +366,7 @@ def _ratios(results: list[Measurement], rate: float) -> str:
 
 def render(results: list[Measurement], rate: float, body_bytes: int, duration_s: float,
            elapsed_s: float) -> str:
-    main_rows = [m for key in ("a", "b", "b4", "c") for m in results
+    main_rows = [m for key in ("a", "b", "b4", "r", "c") for m in results
                  if m.scenario.key == key]
     info = "\n".join(f"| {k} | {v} |" for k, v in machine())
     paced_conns = find(results, "c", "paced").load.connections

@@ -21,12 +21,12 @@ from bench.session import MAX_OTHER_CORES, BenchFailure, Measurement, Session, o
 from bench.wrk import Load
 
 ALL_SCENARIOS = (scenarios.ATP, scenarios.NOOP, scenarios.NOOP_FOUR_MESSAGES,
-                 scenarios.ENVOY_ALONE, scenarios.ATP_NO_RESPONSE, scenarios.ATP_OBSERVER,
-                 scenarios.ATP_OBSERVER_PROMPT)
-# (a), (b), (c) run every load; (b4) the closed loops, for the throughput ceiling; the
-# observation variants only 64 conns and paced.
+                 scenarios.NOOP_REWRITE, scenarios.ENVOY_ALONE, scenarios.ATP_NO_RESPONSE,
+                 scenarios.ATP_OBSERVER, scenarios.ATP_OBSERVER_PROMPT)
+# (a), (b), (c) run every load; (b4) and (r) the closed loops, for the throughput
+# ceilings; the observation variants only 64 conns and paced.
 MAIN_KEYS = ("c", "b", "a")
-CLOSED_KEYS = ("c", "b", "b4", "a")
+CLOSED_KEYS = ("c", "b", "b4", "r", "a")
 OBSERVATION_KEYS = ("c2", "c3", "c3s")
 
 DURATION_S = 10.0

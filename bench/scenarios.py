@@ -27,6 +27,10 @@ NOOP = Scenario("b", "Envoy + no-op ext_proc", "noop")
 # nothing else, the ceiling of (c)/(b) for any work ATP does.
 NOOP_FOUR_MESSAGES = Scenario("b4", "no-op, ATP's four messages", "noop",
                               noop_options=("--read-response-body",))
+# (b4) that also does the one job no gateway can skip: parse the body, rewrite its model,
+# send the new body back, read the answer's usage. What any gateway on this stack reaches.
+NOOP_REWRITE = Scenario("r", "minimal gateway: (b4) + model rewrite + usage read", "noop",
+                        noop_options=("--rewrite",))
 ATP = Scenario("c", "Envoy + ATP (shipped config)", "atp")
 # Response observation variants; c1 is ATP above (same processes, same config).
 ATP_NO_RESPONSE = Scenario("c2", "ATP, response phases off", "atp",
