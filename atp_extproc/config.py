@@ -25,6 +25,8 @@ from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import policy_set_from_config
 from atp_extproc.policy.settings import (
     KeyCheckingLoader,
+    LineDict,
+    LineList,
     PolicyError,
     directory_of,
     error_line,
@@ -426,6 +428,30 @@ def _validation_problems(exc: ValidationError) -> list[tuple[tuple[Any, ...], st
                 for loc in locs))]
 
 
+def _line_of_path(doc: Any, path: str) -> int:
+    """The line of the deepest node a problem's path (`routes[0].aliases.gpt-4.1[2]`)
+    reaches in `doc` as load_yaml keeps it; keys are matched against the document, as a
+    key may itself hold dots."""
+    line = getattr(doc, "line", 0)
+    node, rest = doc, path
+    while rest:
+        if isinstance(node, LineList) and (index := re.match(r"\[(\d+)\]", rest)):
+            i = int(index.group(1))
+            if i >= len(node):
+                break
+            line, node, rest = node.item_lines[i], node[i], rest[index.end():]
+        elif isinstance(node, LineDict):
+            rest = rest.removeprefix(".")
+            key = max((k for k in node if isinstance(k, str) and rest.startswith(k)
+                       and rest[len(k):][:1] in ("", ".", "[")), key=len, default=None)
+            if key is None:
+                break
+            line, node, rest = node.key_lines.get(key, line), node[key], rest[len(key):]
+        else:
+            break
+    return line
+
+
 def _validation_error(exc: ValidationError, text: str, source: str) -> ConfigError:
     """Pydantic's errors, each with the line of the value at fault (the file read again
     keeping lines: only when it has a problem)."""
@@ -454,7 +480,9 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
         raise _validation_error(exc, text, source) from None
     problems = _check_references(doc)
     if problems:
-        raise ConfigError(source, problems)
+        lined, _ = load_yaml(text, source)
+        raise ConfigError(source, problems, [_line_of_path(lined, path)
+                                             for path, _ in problems])
     redactor = None
     if doc.redaction.enabled and secrets:
         try:

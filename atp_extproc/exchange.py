@@ -619,16 +619,18 @@ class Exchange:
     def _resolve(self, request: LlmRequest):
         assert self.identity is not None
         routes = self.snapshot.routes_for(self.record.path, self.identity.tenant)
-        if request.model is None:
-            for route in routes:
-                if route.default is not None:
-                    return route, route.default
-            raise RequestError(400, "Missing required parameter: 'model'",
-                               "missing_required_parameter", param="model")
+        alias = request.model
+        if alias is None:
+            alias = next((r.default for r in routes if r.default is not None), None)
+            if alias is None:
+                raise RequestError(400, "Missing required parameter: 'model'",
+                                   "missing_required_parameter", param="model")
+        # A default alias goes where naming it would: leaving `model` out must not pass
+        # over an earlier route that serves the alias (a tenant's own, say).
         for route in routes:
-            if request.model in route.aliases:
-                return route, request.model
-        raise _model_not_found(request.model)
+            if alias in route.aliases:
+                return route, alias
+        raise _model_not_found(alias)
 
     # -- response ------------------------------------------------------------------
 

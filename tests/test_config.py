@@ -619,3 +619,18 @@ def test_a_schema_error_names_the_line_of_the_value() -> None:
     assert err.lines == [6]
     assert str(err).endswith("models[0].price.input_per_1k: Input should be greater than "
                              "or equal to 0 (line 6)")
+
+
+def test_a_name_that_does_not_resolve_names_its_line() -> None:
+    # Checks across the document (unknown model, default, objective names) gave no line.
+    err = error_of("auth: {anonymous_tenant: anon}\nmodels:\n  - name: m\n"
+                   "    cluster: c\n    upstream_model: u\n"
+                   "    price: {input_per_1k: 1, output_per_1k: 0}\n"
+                   "routes:\n  - name: r\n    aliases:\n      gpt-4.1:\n        - m\n"
+                   "        - nope\n    default: b\n"
+                   "    objective: {champion: zz}\n")
+    assert err.problems == [
+        ("routes[0].aliases.gpt-4.1[1]", "unknown model 'nope'"),
+        ("routes[0].default", "'b' is not an alias of this route"),
+        ("routes[0].objective.champion", "'zz' is not a candidate of this route")]
+    assert err.lines == [12, 13, 14]

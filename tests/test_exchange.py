@@ -204,6 +204,32 @@ def test_default_alias_when_model_absent(snap) -> None:
     assert (ex.record.alias, ex.record.model) == ("gpt-4o-mini", "small")
 
 
+TENANT_ROUTE_YAML = """
+auth: {anonymous_tenant: anon}
+models:
+  - {name: internal, cluster: c1, upstream_model: in, price: {input_per_1k: 1, output_per_1k: 2}}
+  - {name: external, cluster: c2, upstream_model: ex, price: {input_per_1k: 1, output_per_1k: 2}}
+routes:
+  - name: anon-internal
+    match: {tenants: [anon]}
+    aliases: {chat: [internal]}
+  - name: general
+    aliases: {chat: [external]}
+    default: chat
+"""
+
+
+@pytest.mark.parametrize("model", ["chat", None])
+def test_the_default_alias_goes_where_naming_it_goes(model: str | None) -> None:
+    # Leaving `model` out took the first route with a default, passing over the tenant's
+    # own route for that alias: an internal-only tenant's request went to an external model.
+    snap = config.parse(TENANT_ROUTE_YAML, "tenant.yaml")
+    ex, resp = send_body(snap, chat(model=model), key=None)
+    assert forwarded(resp)[0][CLUSTER_HEADER] == b"c1"
+    assert (ex.record.route, ex.record.alias, ex.record.model) == \
+        ("anon-internal", "chat", "internal")
+
+
 def test_embeddings_default_and_no_stream_options(snap) -> None:
     ex, resp = send_body(snap, {"input": "hello", "stream": False}, path="/v1/embeddings",
                          key=BOB)

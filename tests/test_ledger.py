@@ -329,3 +329,11 @@ def test_the_report_sums_past_int64_without_failing(tmp_path) -> None:
 
 def test_parse_since_before_the_epoch_is_the_epoch():
     assert parse_since("99999999999999999999d", now=T0) == 0
+
+
+def test_a_route_dearer_than_its_baseline_shows_a_loss_as_accounts_write_it(ledger):
+    # Printed as $-0.0115; a minus sign goes before the currency sign.
+    ledger.record(entry(model=LARGE, baseline=SMALL, tin=1000, tout=1000))
+    ledger.flush()
+    report = savings_report(str(ledger.path), by=("tenant",), bucket="total")
+    assert "-$0.0118" in report and "$-" not in report  # 0.0125 - 0.00075 = 0.01175

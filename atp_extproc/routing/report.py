@@ -36,7 +36,9 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 def _money(pico: int, decimals: int) -> str:
     quantum = Decimal(1).scaleb(-decimals)
-    return f"${usd(pico).quantize(quantum, rounding=ROUND_HALF_EVEN):,}"
+    amount = usd(pico).quantize(quantum, rounding=ROUND_HALF_EVEN)
+    # -$0.11, as accounts write a loss (a route dearer than its baseline), not $-0.11.
+    return f"{'-' if amount < 0 else ''}${abs(amount):,}"
 
 
 def _percent(savings: int, baseline: int) -> str:
