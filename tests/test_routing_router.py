@@ -306,6 +306,24 @@ def test_state_survives_a_config_reload():
     assert router.snapshot()["chat"]["cheap"]["observations"] == 100
 
 
+def test_a_price_change_reloaded_is_what_the_router_weighs_next() -> None:
+    # The costs it had learned were at the old prices: after "dear" became free by
+    # reload, a cost-only route kept sending everything to "cheap".
+    router = Router(clock=Clock(), seed=16)
+    cost_only = RouteObjective(weights=Weights(cost=1.0, latency=0.0, quality=0.0,
+                                               error=0.0), scale=FIXED.scale)
+    router.choose("chat", cost_only, [CHEAP, DEAR])
+    teach(router, "cheap", 500, cost=0.0002)
+    teach(router, "dear", 500, cost=0.02)
+    free = CandidateModel("dear", 0.0, 0.0)
+    decisions = [router.choose("chat", cost_only, [CHEAP, free]) for _ in range(100)]
+    assert Counter(d.chosen for d in decisions)["dear"] >= 90
+    learned = router.snapshot()["chat"]
+    assert learned["dear"]["cost_per_request_usd"] == 0.0
+    assert learned["dear"]["observations"] == 500  # only the costs start again
+    assert learned["cheap"]["cost_per_request_usd"] == pytest.approx(0.0002, rel=0.05)
+
+
 def test_observe_before_choose_and_quality_later():
     router = Router(clock=Clock(), seed=15)
     router.observe("chat", "new", ok=True, latency_ms=100.0)

@@ -206,6 +206,14 @@ class ArmEstimates:
         self._quality.add(min(max(score, 0.0), 1.0), self.memory, _QUALITY_VAR_FLOOR)
         self.refresh(priors)
 
+    def reprice(self, price_in: float, price_out: float, priors: Priors) -> None:
+        """New prices (a reload): the costs learned were at the old ones, so they go, and
+        the prior (the new prices times the route's learned request sizes) stands in
+        until requests at the new prices are observed."""
+        self.price_in, self.price_out = price_in, price_out
+        self._cost = Tracker()
+        self.refresh(priors)
+
     # -- posterior summaries -------------------------------------------------------
 
     def prior_cost(self, priors: Priors) -> float:

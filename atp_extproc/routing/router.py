@@ -308,8 +308,7 @@ class Router:
             if arm is None:
                 arm = self._add_arm(rs, c, now, len(candidates))
             elif arm.est.price_in != c.price_in or arm.est.price_out != c.price_out:
-                arm.est.price_in, arm.est.price_out = c.price_in, c.price_out
-                arm.est.refresh(rs.priors)
+                arm.est.reprice(c.price_in, c.price_out, rs.priors)
             static: str | None = None
             # Restrict first: a copy of the request is the request, to a mirror too.
             if restricted_by(comp.objective.restrict, c) is not None:
