@@ -273,6 +273,21 @@ def test_shadow_decision_serves_the_champion():
     assert all(d.predicted_savings_usd > 0 for d in cheaper)
 
 
+def test_an_alias_without_the_champion_has_its_first_candidate_as_champion():
+    # A route's champion and challengers need not be in each of its aliases: one without
+    # any of them got 403 no_eligible_model, and in decision mode the learner's pick.
+    router = Router(clock=Clock(), seed=17)
+    solo = [CHEAP]
+    with_challengers = FIXED.model_copy(update={"champion": "dear", "challengers": ["mid"]})
+    assert {router.choose("chat", with_challengers, solo).chosen for _ in range(20)} == \
+        {"cheap"}
+    decision = FIXED.model_copy(update={"champion": "dear",
+                                        "shadow": Shadow(mode="decision")})
+    other = [MID, CHEAP]
+    decisions = [router.choose("chat2", decision, other) for _ in range(100)]
+    assert {(d.chosen, d.fallback_reason) for d in decisions} == {("mid", "")}
+
+
 def test_mirror_mode_mirrors_a_share_and_never_serves_the_challenger():
     router = Router(clock=Clock(), seed=13)
     objective = RouteObjective(

@@ -296,7 +296,9 @@ class Router:
                  now: float) -> Prepared:
         prep = Prepared(candidates)
         excluded: list[tuple[str, str]] = []
-        if comp.champion is not None:
+        # A route's champion may be missing from some of its aliases: each of those
+        # has its own first candidate as champion, as with no champion named.
+        if comp.champion is not None and any(c.name == comp.champion for c in candidates):
             prep.champion = comp.champion
         elif candidates:
             prep.champion = candidates[0].name
