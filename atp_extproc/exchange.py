@@ -657,8 +657,11 @@ class Exchange:
         content_type = headers.get("content-type", "").lower()  # media types ignore case
         # Restoring changes the body's length: let Envoy frame it anew.
         remove = ("content-length",) if self.restorer is not None else ()
+        # A streamed request's answer labelled neither SSE nor JSON (text/plain, or no
+        # label) is still its stream: unread, the usage chunk ATP asked for would reach
+        # the client.
         if content_type.startswith("text/event-stream") or (
-                not content_type and self.request.stream):
+                self.request.stream and "json" not in content_type):
             self.sse = SseStream(drop_usage_chunk=rec.usage_injected)
             self._body_pending = True
             if rec.usage_injected:
@@ -709,17 +712,22 @@ class Exchange:
     def _on_json_chunk(self, chunk: bytes, end: bool) -> ProcessingResponse:
         """A JSON answer, BUFFERED (one message) or STREAMED: kept for usage up to
         max_body_bytes. With a restore pending, chunks are held back and the restored body
-        goes out with the last one; past the bound, what is held goes on as it came (usage
-        is then estimated)."""
+        goes out with the last one; past the bound, what is held goes on, and each chunk
+        after it, restored as it passes (usage is then estimated)."""
         if self._unread_bytes:
             self._unread_bytes += len(chunk)
-            return envoy_api.response_body()
+            if self.restorer is None:
+                return envoy_api.response_body()
+            restored = self.restorer.feed_json(chunk, end)
+            return envoy_api.response_body(restored if restored != chunk else None)
         held = self._response_body
         if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
             self._unread_bytes = len(held) + len(chunk)
             out = bytes(held) + chunk
             held.clear()
-            return envoy_api.response_body(out if self.restorer is not None else None)
+            if self.restorer is None:
+                return envoy_api.response_body()
+            return envoy_api.response_body(self.restorer.feed_json(out, end))
         held += chunk
         if self.restorer is None:
             return envoy_api.response_body()

@@ -433,6 +433,11 @@ def read_request(operation: str, doc: dict[str, Any],
     if options is not None and not isinstance(options, dict):
         raise RequestError(400, "'stream_options' must be an object", "invalid_type",
                            param="stream_options")
+    if options and not isinstance(options.get("include_usage", False), bool | None):
+        # ATP sets it to true when the client did not ask: a 1 or "true" would be read
+        # as not asking, and the usage the client asked for dropped from its stream.
+        raise RequestError(400, "'stream_options.include_usage' must be a boolean",
+                           "invalid_type", param="stream_options.include_usage")
     for key in _STRING_FIELDS:
         # Redaction reads these as strings: any other shape would go out unscanned.
         if doc.get(key) is not None and not isinstance(doc[key], str):
@@ -861,7 +866,10 @@ class SseStream:
         if usage is not None:
             self.usage = usage
         # The chunk include_usage asks for, whether its counts are readable or not.
-        return obj.get("choices") == [] and obj.get("usage") is not None
+        # Some providers leave `choices` out of it rather than sending it empty (a
+        # Responses event, which has a type, never has them).
+        choices = obj.get("choices", [] if kind is None else None)
+        return choices == [] and obj.get("usage") is not None
 
 
 def _data_of(event: bytearray) -> bytes:

@@ -643,6 +643,31 @@ def test_stream_usage_event_split_across_messages(snap, cut) -> None:
     assert (ex.finish().input_tokens, ex.record.output_tokens) == (10, 20)
 
 
+@pytest.mark.parametrize("content_type, usage_without_choices", [
+    ("text/event-stream", True),   # a provider that leaves `choices` out of it
+    ("text/plain; charset=utf-8", False),  # a stream labelled as plain text
+    ("", False),
+])
+def test_the_injected_usage_chunk_never_reaches_the_client(
+        snap, content_type: str, usage_without_choices: bool) -> None:
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    assert ex.record.usage_injected
+    stream, usage_event = chat_sse(11, 7)
+    if usage_without_choices:
+        bare = b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk",
+                                       "usage": {"prompt_tokens": 11,
+                                                 "completion_tokens": 7}}).encode() + b"\n\n"
+        stream, usage_event = stream.replace(usage_event, bare), bare
+    resp = ex.handle(resp_headers(200, content_type))
+    assert resp.mode_override.response_body_mode == ProcessingMode.STREAMED
+    r = ex.handle(resp_body(stream, True))
+    common = r.response_body.response
+    out = common.body_mutation.body if common.HasField("body_mutation") else stream
+    assert out == stream.replace(usage_event, b"")
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (11, 7, False)
+
+
 def test_stream_client_asked_for_usage_keeps_chunk(snap) -> None:
     ex, resp = send_body(snap, chat("fast", stream=True,
                                     stream_options={"include_usage": True}))
@@ -855,6 +880,24 @@ def test_streamed_json_over_the_bound_releases_what_was_held(snap) -> None:
     third = ex.handle(resp_body(answer[1200:], end=True))
     assert not third.response_body.response.HasField("body_mutation")
     assert ex.finish().usage_estimated is True
+
+
+def test_a_json_answer_over_the_bound_is_restored_as_it_passes(snap) -> None:
+    # Past max_body_bytes the answer went on with its placeholders: the client got
+    # [EMAIL_1] back instead of its own address.
+    ex = _restoring_exchange(snap, 1024)
+    answer = json.dumps({"choices": [{"message": {
+        "content": "x" * 1500 + " to [EMAIL_1], again [EMAIL_1]."}}]}).encode()
+    cut = answer.rindex(b"[EMAIL_1]") + 3           # the last placeholder split
+    out = b""
+    for start, stop, end in ((0, 600, False), (600, 1200, False), (1200, cut, False),
+                             (cut, len(answer), True)):
+        common = ex.handle(resp_body(answer[start:stop], end=end)).response_body.response
+        out += (common.body_mutation.body if common.HasField("body_mutation")
+                else answer[start:stop])
+    content = json.loads(out)["choices"][0]["message"]["content"]
+    assert content.endswith(" to jane.doe@example.com, again jane.doe@example.com.")
+    assert ex.finish().restored is True
 
 
 def _bob_tools(snap, tools: list[str], **extra) -> ep.ProcessingResponse:

@@ -194,6 +194,13 @@ class Restorer:
             self._tail = rest
         return b"".join(out)
 
+    def feed_json(self, chunk: bytes, end: bool) -> bytes:
+        """Restore one chunk of a JSON answer too big to hold whole: the values go in
+        escaped for a JSON string; a placeholder cut by the chunk's end waits for the
+        next one."""
+        data = self._tail + chunk if self._tail else chunk
+        return self._raw_feed(data, end) if self._map else data
+
     def _raw_feed(self, data: bytes, end: bool) -> bytes:
         hold = b"" if end else self._held_bytes(data)
         body = data[:len(data) - len(hold)]
