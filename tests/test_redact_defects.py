@@ -1,7 +1,8 @@
 """Regressions: JSON tool results and arguments that Python's json cannot parse though they
 are valid JSON (an integer of more than 4300 digits, nesting deeper than the recursion
 limit) keep valid JSON when redacted; image URLs are scanned only when extra_paths names
-them."""
+them; cards grouped by spaced dashes, IPv4 addresses with zero-padded octets and phone
+numbers in some regions' international formats are redacted."""
 
 from __future__ import annotations
 
@@ -129,3 +130,71 @@ def test_extra_paths_scan_image_urls(operation):
     else:
         urls = [p["image_url"] for p in fields["input"][0]["content"]]
     assert urls == ["https://img.example/a.png?owner=[EMAIL_1]", DATA]
+
+
+# -- detector gaps ---------------------------------------------------------------------------
+
+
+def _chat_text(r: Redactor, text: str) -> str:
+    res = r.redact("chat", {"model": "m", "messages": [{"role": "user", "content": text}]},
+                   "t")
+    assert not res.denied
+    return res.fields["messages"][0]["content"] if res.fields else text
+
+
+@pytest.mark.parametrize("card", [
+    "4111 - 1111 - 1111 - 1111", "4111 -1111- 1111 -1111", "5555 - 5555 - 5555 - 4444",
+    "3782 - 822463 - 10005", "4111  -1111-  1111 - 1111"])
+def test_a_card_grouped_by_spaced_dashes_is_redacted(redactor, card):
+    assert _chat_text(redactor, f"pay with {card} today") == "pay with [CARD_1] today"
+
+
+@pytest.mark.parametrize("text", [
+    "pay with 4111 - 1111 - 1111 - 1112 today",  # fails the Luhn check
+    "pay with 4111 -- 1111 -- 1111 -- 1111 today",  # a dash run is no grouping
+    "pay with 4111  -  1111  -  1111  -  1111 today",  # a gap wider than a grouping
+])
+def test_spaced_dash_near_misses_are_not_cards(redactor, text):
+    assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize("ip", ["010.001.002.003", "192.168.001.010", "10.000.000.001",
+                                "172.016.254.001"])
+def test_an_ipv4_address_with_zero_padded_octets_is_redacted(redactor, ip):
+    assert _chat_text(redactor, f"host {ip} is down") == "host [IPV4_1] is down"
+
+
+@pytest.mark.parametrize("text", [
+    "host 01.02.03.04 is down",  # padded to two digits: a date or a version
+    "host 256.001.002.003 is down",  # an octet over 255
+    "host 192.168.001.0100 is down",  # padded past three digits
+    "version 010.001.002.003 is out",  # a version, as without the zeros
+])
+def test_zero_padded_near_misses_are_not_addresses(redactor, text):
+    assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize("phone", [
+    "+375 152 45-09-11",  # Belarus
+    "+993 12 34-56-78",  # Turkmenistan
+    "+687 20.12.34",  # New Caledonia
+    "+597 56-12-34",  # Suriname
+    "+688 90 1234",  # Tuvalu: was an SSN, "+" and all
+    "+886 70 1234 5678",  # Taiwan: was an SSN, "5678" left over
+    "+672-10-6609",  # Norfolk Island
+    "+247.40123",  # Ascension
+    "+591.71234567",  # Bolivia
+])
+def test_international_formats_are_redacted_as_phone_numbers(redactor, phone):
+    assert _chat_text(redactor, f"call {phone} now") == "call [PHONE_1] now"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("id 375 152 45-09-11 ok", "id 375 152 45-09-11 ok"),  # no '+': the date stays apart
+    ("call +1 415 555 2671 12-05-24", "call [PHONE_1] 12-05-24"),
+    ("at +49.243400, +14.704285", "at +49.243400, +14.704285"),  # coordinates
+    ("at +40.099115", "at +40.099115"),
+    ("SSN 123-45-6789", "SSN [SSN_1]"),
+])
+def test_phone_near_misses_stay(redactor, text, expected):
+    assert _chat_text(redactor, text) == expected

@@ -138,10 +138,13 @@ _EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+(?:[!#$'*^`~]+[A-Za-z0-9_._%+\-?]+)*"
 _RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"
            r"(?:[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6})?")
 _EXT_TAIL = re.compile(rb"[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6}\Z")
+# An octet with leading zeros is padded to three digits ("192.168.001.010"); "01.02.03.04"
+# is a date or a version more often than an address. The padded form comes before the
+# short ones, or "010" would end the match at its "0".
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|0[0-9][0-9]|[1-9]?[0-9])"
 # No \b at either end: a part boundary between text parts is a word boundary the regex
 # cannot see, so the neighbours are checked in Python.
-_IPV4 = _rx(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-            r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+_IPV4 = _rx(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 _IPV6 = _rx(r"(?i)[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*")
 _IBAN = _rx(r"(?i)\b[a-z]{2}[0-9]{2}(?:[ \-]?[a-z0-9]){11,30}")
 _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
@@ -181,9 +184,11 @@ _DATE = re.compile(rb"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2
 _DOTTED4 = re.compile(rb"\d{1,3}(?:\.\d{1,3}){3}")
 _GROUP = re.compile(rb"[0-9]+")
 # Between the 4-digit groups of a card: a space, or two or three (copied from a form or
-# aligned in a table). Only a single space makes a 4-digit group before the card one of
+# aligned in a table), or one dash with a space or two around it ("4111 - 1111 - ...").
+# One dash only, and no more spacing than a run allows: a longer gap, or a dash run, is
+# not a card's grouping. Only a single space makes a 4-digit group before the card one of
 # its groups: "exp 1227  4111 1111 1111 1111" starts at 4111.
-_SPACED = frozenset((b" ", b"  ", b"   "))
+_SPACED = frozenset((b" ", b"  ", b"   ", b" -", b"- ", b" - ", b"  -", b"-  "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 _VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
@@ -944,6 +949,8 @@ class Scanner:
 
     def _ssn_at(self, run: _Run, a: int):
         ndig, ngroups = run.ndig, run.ngroups
+        if run.lead(a) == b"+":
+            return None  # "+688 90 1234" is a phone number
         if ngroups[a] == 1 and ndig[a] == 9:
             gs = run.chunk_start(a)
             if not _SSN_CTX.search(run.text, _ctx_lo(run.text, gs, 40), gs):
@@ -991,9 +998,14 @@ class Scanner:
         nch = len(ndig)
         total = singles = 0
         b = a
+        # A '+' makes its chunk a phone number's ("+688-90-1234" is no SSN), and after the
+        # country code "45-09-11" ends the number as its region writes it
+        # ("+375 152 45-09-11"): without the '+' they are more likely an SSN or a date.
+        plus = a == 0 and run.lead(0) == b"+"
         while b < nch and b - a < span and total + ndig[b] <= 15:
-            if run.not_phone(b) or (b == a and run.decimal(b)) or (
-                    b > a and run.lead(b) == b" / "):  # " / " separates numbers
+            if ((run.not_phone(b) and not (plus and (b == a or run.pairs(b))))
+                    or (b == a and run.decimal(b))
+                    or (b > a and run.lead(b) == b" / ")):  # " / " separates numbers
                 break
             total += ndig[b]
             singles += nsingle[b]
@@ -1187,8 +1199,8 @@ class _Run:
         return self._pos
 
     def not_phone(self, c: int) -> bool:
-        """Decimals, dates, IPv4 addresses and SSN-shaped chunks are never part of a phone
-        number."""
+        """Decimals, dates, IPv4 addresses and SSN-shaped chunks are not part of a phone
+        number (unless a '+' says so: `_phone_at`)."""
         v = self._not_phone.get(c)
         if v is None:
             v = self._not_phone[c] = self._not_phone_chunk(c)
@@ -1196,13 +1208,23 @@ class _Run:
 
     def decimal(self, c: int) -> bool:
         """"40.099115", "0.75", "1299.99": a decimal number, which a phone number does not
-        start with (unlike "030.1234567" or "96123.9263", groups joined by a dot)."""
+        start with (unlike "030.1234567" or "96123.9263", groups joined by a dot, or
+        "+247.40123", a country code and the number)."""
         if self.ngroups[c] != 2 or self.seps(self._idx(c))[0] != b".":
             return False
         k = self.cfirst[c]
         whole, frac = self.sizes((k, k + 1))
+        # Only three-digit country codes (211 and up): "+49.243400" is as likely a
+        # latitude, and no coordinate reaches 211.
+        if (c == 0 and whole == 3 and self.lead(0) == b"+"
+                and int(self.group(k)) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE):
+            return False
         lead_zero = self.asc[self.groups[k][0]] == 48 and whole > 1
         return not lead_zero and (whole <= 3 or frac <= 2)
+
+    def pairs(self, c: int) -> bool:
+        """Is chunk `c` three groups of two digits ("45-09-11", "20.12.34")?"""
+        return self.ngroups[c] == 3 and self.sizes(self._idx(c)) == [2, 2, 2]
 
     def _not_phone_chunk(self, c: int) -> bool:
         ng = self.ngroups[c]
