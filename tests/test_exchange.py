@@ -230,6 +230,24 @@ def test_the_default_alias_goes_where_naming_it_goes(model: str | None) -> None:
         ("anon-internal", "chat", "internal")
 
 
+@pytest.mark.parametrize("path, body", [
+    (CHAT, chat("gpt-4o-mini")),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hello"}),
+])
+def test_a_top_level_field_atp_does_not_know_is_read(snap, path, body) -> None:
+    # vLLM's chat `documents` go into the prompt: they went out unread, past redaction
+    # and every policy on data classes. Settings (an output schema) are not read.
+    schema = {"type": "json_schema", "json_schema": {"name": "card", "schema": {
+        "description": "like ops@example.com"}}}
+    body = {**body, "documents": [{"title": "crm", "text": "mail victim@corp-mail.com"}],
+            "response_format": schema}
+    ex, resp = send_body(snap, body, path=path)
+    sent = json.loads(forwarded(resp)[1])
+    assert sent["documents"] == [{"title": "crm", "text": "mail [EMAIL_1]"}]
+    assert sent["response_format"] == schema
+    assert ex.record.data_classes == {"email": 1}
+
+
 def test_embeddings_default_and_no_stream_options(snap) -> None:
     ex, resp = send_body(snap, {"input": "hello", "stream": False}, path="/v1/embeddings",
                          key=BOB)

@@ -411,6 +411,12 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
         stack.append(((*base, k), v, key_class(k)))
+    _read_values(c, stack)
+
+
+def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> None:
+    """Every string and map key under the (path, value, key class) entries of `stack`,
+    but binary data, and every whole number under a key naming a card, phone or SSN."""
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
@@ -450,10 +456,27 @@ _CALL_READ = frozenset({"function", "custom"})
 
 
 _STORED = ("user", "safety_identifier", "prompt_cache_key")
+# Top-level fields of the OpenAI APIs that hold settings, not text a model reads or a
+# provider stores (tool definitions, output schemas and stop sequences are documented as
+# not scanned unless redaction.extra_paths names them).
+# Any other top-level field is read: a provider's own, such as vLLM's chat `documents`,
+# which its chat template puts into the prompt, would otherwise go out unread.
+_SETTINGS = frozenset((
+    "model", "stream", "stream_options", "temperature", "top_p", "top_k", "n",
+    "max_tokens", "max_completion_tokens", "max_output_tokens", "max_tool_calls",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "seed", "service_tier", "parallel_tool_calls", "tool_choice", "function_call",
+    "tools", "functions", "response_format", "text", "reasoning", "reasoning_effort",
+    "verbosity", "modalities", "audio", "store", "background", "include", "truncation",
+    "previous_response_id", "conversation", "encoding_format", "dimensions", "best_of",
+    "echo", "web_search_options", "prompt_cache_retention", "stop"))
+_COMMON = frozenset((*_STORED, "metadata"))
 
 
-def _common(c: Collector, doc: dict[str, Any]) -> None:
-    # Fields every operation may carry that a provider stores or reads.
+def _common(c: Collector, doc: dict[str, Any], read: frozenset[str]) -> None:
+    """What every operation may carry that a provider stores or reads, and any top-level
+    field neither the operation's walker (`read`: the fields it read) nor _SETTINGS
+    knows."""
     for key in _STORED:
         if isinstance(doc.get(key), str):
             c.text((key,), doc[key])
@@ -464,6 +487,8 @@ def _common(c: Collector, doc: dict[str, Any]) -> None:
             c.text(("metadata", KeyName(key)), key)
             if isinstance(value, str):
                 c.text(("metadata", key), value)
+    _read_values(c, [((k,), v, key_class(k)) for k, v in doc.items()
+                     if k not in read and k not in _SETTINGS and k not in _COMMON])
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
@@ -505,7 +530,7 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
     prediction = doc.get("prediction")
     if isinstance(prediction, dict):
         _content(c, ("prediction", "content"), prediction.get("content"))
-    _common(c, doc)
+    _common(c, doc, _CHAT_TOP)
 
 
 def _prompt_like(c: Collector, key: str, value: Any) -> None:
@@ -526,12 +551,12 @@ def completions(c: Collector, doc: dict[str, Any]) -> None:
     _prompt_like(c, "prompt", doc.get("prompt"))
     if isinstance(doc.get("suffix"), str):
         c.text(("suffix",), doc["suffix"])
-    _common(c, doc)
+    _common(c, doc, _COMPLETIONS_TOP)
 
 
 def embeddings(c: Collector, doc: dict[str, Any]) -> None:
     _prompt_like(c, "input", doc.get("input"))
-    _common(c, doc)
+    _common(c, doc, _EMBEDDINGS_TOP)
 
 
 # Items whose output is a tool's result, as often JSON as not.
@@ -599,8 +624,14 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
                 handled.add("summary")
             _rest(c, base, item, handled)
     _prompt_variables(c, doc.get("prompt"))
-    _common(c, doc)
+    _common(c, doc, _RESPONSES_TOP)
 
+
+# The top-level fields each walker reads itself, with the settings every body has.
+_CHAT_TOP = frozenset(("model", "messages", "prediction"))
+_COMPLETIONS_TOP = frozenset(("model", "prompt", "suffix"))
+_EMBEDDINGS_TOP = frozenset(("model", "input"))
+_RESPONSES_TOP = frozenset(("model", "instructions", "input", "prompt"))
 
 WALKERS: dict[str, Callable[[Collector, dict[str, Any]], None]] = {
     "chat": chat, "completions": completions, "embeddings": embeddings,
