@@ -198,3 +198,25 @@ def test_international_formats_are_redacted_as_phone_numbers(redactor, phone):
 ])
 def test_phone_near_misses_stay(redactor, text, expected):
     assert _chat_text(redactor, text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("write ivan.petrov@почта.рф now", "write [EMAIL_1] now"),
+    ("write иван.петров@почта.рф now", "write [EMAIL_1] now"),
+    ("Ελένη@παράδειγμα.ελ hi", "[EMAIL_1] hi"),
+    ("mail 张伟@公司.中国", "mail [EMAIL_1]"),
+    ("ivan@ex\u0430mple.com ok", "[EMAIL_1] ok"),  # a Cyrillic a among Latin letters
+    ("user@例子.测试 ok", "[EMAIL_1] ok"),
+])
+def test_an_address_in_any_script_is_redacted(redactor, text, expected):
+    # Addresses stopped at the first non-Latin letter: none of these was found.
+    assert _chat_text(redactor, text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("请联系alice@example.com谢谢", "请联系[EMAIL_1]谢谢"),  # no spaces around it in CJK
+    ("价格@3.5元", "价格@3.5元"),
+    ("用户@服务器", "用户@服务器"),
+])
+def test_an_address_keeps_its_cjk_neighbours(redactor, text, expected):
+    assert _chat_text(redactor, text) == expected

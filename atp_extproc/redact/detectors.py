@@ -19,6 +19,7 @@ import binascii
 import ipaddress
 import json
 import re
+import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -573,6 +574,23 @@ def utf8_safe(text: str) -> str:
     return text
 
 
+def _wide(ch: str) -> bool:
+    """A CJK character (East Asian wide or fullwidth): text in those scripts has no
+    spaces between words."""
+    return ch > "\u10ff" and unicodedata.east_asian_width(ch) in ("W", "F")
+
+
+def _in_address(a: int, ch: str, latin: frozenset[str], wide: bool) -> bool:
+    """Whether `ch` (`a` in the ASCII text the regex matched, '?' for what is not ASCII)
+    may be part of an address whose characters are `wide` or not; the regex has already
+    matched the ASCII ones."""
+    if a != 63:
+        return not wide or a in b".-" or not ch.isalnum()
+    if ch in latin:
+        return not wide
+    return ch.isalnum() and _wide(ch) == wide
+
+
 class Scanner:
     """All enabled detectors, compiled once per config snapshot."""
 
@@ -741,21 +759,24 @@ class Scanner:
             s, e = m[0]
             at = asc.index(b"@", s, e)
             # Local part: walk left from '@' while the characters belong to an address.
+            # Letters of any script do ("иван@почта.рф", a Cyrillic homoglyph in "example.com"),
+            # but one address is all wide (CJK) or all narrow: text without spaces puts
+            # "请联系alice@example.com谢谢" around an address.
+            wide = at > s and _wide(text[at - 1])
             i = at
-            while i > s:
-                c = asc[i - 1]
-                if c == 63 and text[i - 1] not in latin:  # '?' standing for a non-Latin char
-                    break
+            while i > s and _in_address(asc[i - 1], text[i - 1], latin, wide):
                 i -= 1
             while i < at and asc[i] in b".-+%":
                 i += 1
-            if i == at or not any(ch in _ALNUM for ch in asc[i:at]):
+            if i == at or not any(ch.isalnum() for ch in text[i:at]):
                 continue
             if i > 0 and asc[i - 1] in _ALNUM and i not in bounds:
                 continue
-            # Domain: stop at a non-Latin character, then drop a trailing partial label.
+            # Domain: stop where the address's characters end, then drop a trailing
+            # partial label.
+            wide = at + 1 < e and _wide(text[at + 1])
             j = at + 1
-            while j < e and not (asc[j] == 63 and text[j] not in latin):
+            while j < e and _in_address(asc[j], text[j], latin, wide):
                 j += 1
             domain = text[at + 1:j].rstrip(".-")
             labels = domain.split(".")
