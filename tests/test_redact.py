@@ -356,9 +356,19 @@ def test_extra_paths():
 
 
 def test_data_uri_in_text_is_counted_not_scanned(redactor):
-    blob = "data:image/png;base64," + "AKIAIOSFODNN7EXAMPLE" * 3 + "=="
+    blob = "data:image/png;base64," + "AKIAIOSFODNN7EXAMPLE" * 6 + "=="
     res = redactor.redact("chat", chat(f"see {blob} and {E}"), "t")
     assert res.non_text_parts == 1 and res.counts == {"email": 1}
+
+
+@pytest.mark.parametrize("text", [
+    "use key data:text/plain;base64,AKIAIOSFODNN7EXAMPLE and go",
+    "card data:a/b;base64,4111111111111111 ok",
+])
+def test_a_few_words_after_a_data_prefix_are_scanned(redactor, text):
+    # Skipped as binary, the prefix hid a key from pii.secrets_never and a card.
+    res = redactor.redact("chat", chat(text), "t")
+    assert res.non_text_parts == 0 and res.counts
 
 
 def test_operations_are_the_walked_ones_in_order():

@@ -220,3 +220,12 @@ def test_an_address_in_any_script_is_redacted(redactor, text, expected):
 ])
 def test_an_address_keeps_its_cjk_neighbours(redactor, text, expected):
     assert _chat_text(redactor, text) == expected
+
+
+def test_a_field_that_only_starts_like_a_data_url_is_read(redactor):
+    # A string beginning "data:...;base64," was skipped whole, whatever followed.
+    res = redactor.redact("chat", {"model": "m", "messages": [
+        {"role": "assistant", "content": "ok",
+         "reasoning_content": "data:text/plain;base64, the user is jane@example.com"}]}, "t")
+    assert res.fields["messages"][0]["reasoning_content"] == \
+        "data:text/plain;base64, the user is [EMAIL_1]"

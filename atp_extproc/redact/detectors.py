@@ -149,6 +149,8 @@ _IPV4 = _rx(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 _IPV6 = _rx(r"(?i)[0-9a-f.]*:[0-9a-f.]*:[0-9a-f:.]*")
 _IBAN = _rx(r"(?i)\b[a-z]{2}[0-9]{2}(?:[ \-]?[a-z0-9]){11,30}")
 _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
+# Shorter base64 after a data: prefix is read as text: keys and card numbers are shorter.
+_DATA_PAYLOAD_MIN = 100
 _PLACEHOLDER = _rx(PLACEHOLDER)
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
@@ -668,8 +670,12 @@ class Scanner:
         skips: list[tuple[int, int]] = []
         if "data_uri" in names:
             for m in spans(_DATA_URI, asc):
-                res.data_uris += 1
-                skips.append(m[0])
+                s, e = m[0]
+                # Data, as an image's is; a few words after a data: prefix are text that
+                # would hide a key or a card number behind it.
+                if e - asc.index(b",", s, e) > _DATA_PAYLOAD_MIN:
+                    res.data_uris += 1
+                    skips.append(m[0])
         if "placeholder" in names:
             for m in spans(_PLACEHOLDER, asc):
                 res.reserved.add(text[m[0][0]:m[0][1]])

@@ -386,10 +386,14 @@ _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 
 
+# A whole string that is a data: URL (text after its base64 is no part of one).
+_DATA_URL = re.compile(r"data:[^,]{1,200};base64,[A-Za-z0-9+/]*={0,2}")
+
+
 def _binary(text: str) -> bool:
     # Random bytes in base64 hold both letter cases; numbers joined by '/', '-' or '_'
     # (a list of phone numbers) do not.
-    return (text.startswith("data:") and ";base64," in text[:256]) or bool(
+    return (text.startswith("data:") and _DATA_URL.fullmatch(text) is not None) or bool(
         len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
         and _LOWER.search(text))
 
