@@ -271,6 +271,9 @@ def envoy_buffer_limit(max_body_bytes: int) -> int:
 class Server(_Frozen):
     listen: str = "127.0.0.1:50051"
     grace_period_s: float = Field(default=10.0, ge=0, le=600)
+    # Beside other ATP endpoints, Envoy keeps sending new exchanges until its health
+    # checks see NOT_SERVING: refused meanwhile, they would fail (fail-closed).
+    drain_delay_s: float = Field(default=0.0, ge=0, le=600)
     # Must stay below Envoy's buffer limit (envoy/front-proxy.yaml) so ATP, not Envoy,
     # answers oversize bodies; tests check the two files agree.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)

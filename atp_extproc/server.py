@@ -105,7 +105,7 @@ class ConfigHolder:
         self.path = path
         self.current = snapshot
         self.options = options
-        self._started = _fixed_at_start(snapshot, options)
+        self.fixed_at_start = _fixed_at_start(snapshot, options)
         # The files (and include globs) stamped: the ones the file named when it was
         # last read, loaded or refused, so a poll compares like with like.
         self._sources: _Sources = (snapshot.files, snapshot.include_globs)
@@ -188,9 +188,9 @@ class ConfigHolder:
         # Against what runs, not the last file: a value put back needs no restart. Said
         # once per version, not again at every later reload.
         fixed = [f"{name} changed (the file says {value!r}, ATP runs with "
-                 f"{self._started[name]!r})"
+                 f"{self.fixed_at_start[name]!r})"
                  for name, value in _fixed_at_start(snapshot, self.options).items()
-                 if self._started.get(name, value) != value]
+                 if self.fixed_at_start.get(name, value) != value]
         if fixed and snapshot.version != self.current.version:
             log.warning("config reloaded (%s): %s; these take effect when ATP restarts",
                         reason, "; ".join(fixed))
@@ -477,18 +477,27 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info("ATP serving on %s (config %s, version %s)", listen, config_path,
              snapshot.version)
+    # What ATP fixed at start, for an operator asking why a limit applies.
+    log.debug("fixed until restart: %s; gRPC options %s", holder.fixed_at_start,
+              dict(grpc_server_options(snapshot.server.max_body_bytes)))
 
     watcher = asyncio.create_task(holder.watch())
     expiry = asyncio.create_task(services.run_expiry())
     log_flush = asyncio.create_task(logs.flush_every())
 
     await stop.wait()
-    grace = holder.current.server.grace_period_s
+    settings = holder.current.server
+    grace = settings.grace_period_s
     log.info("draining: NOT_SERVING, exchanges in flight: %d, grace %.1fs",
              processor.in_flight, grace)
     # Health first, so checks see NOT_SERVING while in-flight exchanges finish.
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
+    if settings.drain_delay_s:
+        log.info("still taking new exchanges for %.1fs (server.drain_delay_s), until "
+                 "Envoy's health checks move them to other endpoints",
+                 settings.drain_delay_s)
+        await asyncio.sleep(settings.drain_delay_s)
     drained = await processor.drain(grace)
     if not drained:
         log.warning("grace period over: cancelling the exchanges in flight: %d",

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
+from atp_extproc import config as config_mod
 from atp_extproc.stack import (
     EXAMPLE_CONFIG,
     FRONT_PROXY,
@@ -305,6 +306,14 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
     patches = istio_patches()
     filters = [p["patch"]["value"] for p in patches
                if p["applyTo"] == "HTTP_FILTER" and p["patch"]["operation"] == "INSERT_BEFORE"]
+    router: dict[str, Any] = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters."
+                                  "http.router.v3.Router"}}
+    for patch in patches:
+        if patch["applyTo"] == "HTTP_FILTER" and patch["patch"]["operation"] == "MERGE":
+            assert patch["patch"]["value"]["name"] == router["name"]
+            router["typed_config"].update(patch["patch"]["value"]["typed_config"])
     added = [p["patch"]["value"] for p in patches
              if p["applyTo"] == "CLUSTER" and p["patch"]["operation"] == "ADD"]
     listener: dict[str, Any] = {
@@ -318,10 +327,7 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
                 "name": "models", "domains": ["*"],
                 "routes": [{"match": {"prefix": "/"},
                             "direct_response": {"status": 200}}]}]},
-            "http_filters": [*filters, {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters."
-                                          "http.router.v3.Router"}}],
+            "http_filters": [*filters, router],
         }}]}],
     }
     for patch in patches:
@@ -332,7 +338,8 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
 
 def test_istio_envoyfilter_inserts_ext_proc_before_the_router() -> None:
     patches = istio_patches()
-    http_patches = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    http_patches = [p for p in patches if p["applyTo"] == "HTTP_FILTER"
+                    and p["patch"]["operation"] == "INSERT_BEFORE"]
     assert [p["patch"]["value"]["name"] for p in http_patches] == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.ext_proc"]
     for patch in http_patches:
@@ -430,6 +437,17 @@ def test_atp_headers_are_dropped_before_any_model_upstream(name: str) -> None:
             assert cluster_name == "atp_shadow", cluster_name
 
 
+def test_istio_drops_atps_headers_before_the_upstream_as_the_front_proxy() -> None:
+    # Under Istio, x-atp-cluster (and with a mirror x-atp-tenant, -route) reached the mesh
+    # upstream: nothing dropped ATP's own headers after routing.
+    (router,) = [f for f in bootstrap_from_istio_patches()["static_resources"]["listeners"][0]
+                 ["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+                 if f["name"] == "envoy.filters.http.router"]
+    front = http_filter(hcm(listeners(load_yaml(FRONT_PROXY))["front"]),
+                        "envoy.filters.http.router")
+    assert router["typed_config"]["upstream_http_filters"] == front["upstream_http_filters"]
+
+
 @pytest.mark.parametrize("name", sorted(CLIENT_LISTENERS))
 def test_responses_carry_the_request_id(name: str) -> None:
     """POST /v1/feedback takes a response's x-request-id: every response must carry it."""
@@ -455,16 +473,30 @@ def test_no_idle_timeout_cuts_a_route_before_its_timeout(path: Path) -> None:
                     listener["name"], route["match"])
 
 
-def test_every_ext_proc_has_the_same_message_timeout() -> None:
-    """One measured figure (make bench checks it: bench.components.worst_body), everywhere."""
-    expected = ext_proc_filters(load_yaml(FRONT_PROXY))[0]["message_timeout"]
+def test_every_ext_proc_has_the_same_message_timeout_and_phases() -> None:
+    """One measured figure (make bench checks it: bench.components.worst_body), and the
+    phases ATP relies on, everywhere: egress-tls skipped request trailers, so a client's
+    ATP key in an HTTP/2 trailer reached the provider."""
+    front = ext_proc_filters(load_yaml(FRONT_PROXY))[0]
+    keys = ("message_timeout", "processing_mode", "failure_mode_allow", "allow_mode_override")
     for path in ENVOY_CONFIGS:
         for ext_proc in ext_proc_filters(load_yaml(path)):
-            assert ext_proc["message_timeout"] == expected, path.name
+            assert {k: ext_proc[k] for k in keys} == {k: front[k] for k in keys}, path.name
     for patch in istio_patches():
         if patch["applyTo"] == "HTTP_FILTER" and \
                 patch["patch"]["value"]["name"] == "envoy.filters.http.ext_proc":
-            assert patch["patch"]["value"]["typed_config"]["message_timeout"] == expected
+            patched = patch["patch"]["value"]["typed_config"]
+            assert {k: patched[k] for k in keys} == {k: front[k] for k in keys}
+
+
+@pytest.mark.parametrize("name", ["sidecar-uds.yaml", "egress-tls.yaml"])
+def test_every_client_listener_answers_errors_as_the_front_proxy_does(name: str) -> None:
+    # egress-tls had one catch-all: ATP down was a 500 naming its socket, not
+    # atp_unavailable, and the fallback route's JSON came back wrapped in another.
+    def replies(path: Path, listener: str) -> Any:
+        return hcm(listeners(load_yaml(path))[listener])["local_reply_config"]
+    assert replies(ENVOY_DIR / name, CLIENT_LISTENERS[name]) == \
+        replies(FRONT_PROXY, CLIENT_LISTENERS["front-proxy.yaml"])
 
 
 # ------------------------------------------------------------------- sidecar over a socket
@@ -664,6 +696,12 @@ def test_compose_environment_overrides() -> None:
     assert services["atp"]["environment"]["ATP_LOG_LEVEL"] == "${ATP_LOG_LEVEL:-}"
     command = [default_interpolation(str(a)) for a in services["envoy"]["command"]]
     assert command[command.index("--log-level") + 1] == "info"
+
+
+def test_compose_lets_atp_drain_before_docker_kills_it() -> None:
+    # Docker's default 10 s equalled the grace period: SIGKILL cut the ledger's last flush.
+    grace = config_mod.load(EXAMPLE_CONFIG).server.grace_period_s
+    assert seconds(compose()["services"]["atp"]["stop_grace_period"]) > grace
 
 
 def test_compose_pod_group_shares_the_loopback_of_the_envoy_config() -> None:

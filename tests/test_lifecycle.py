@@ -122,6 +122,28 @@ def test_graceful_drain_finishes_in_flight_then_exits_zero(tmp_path: Path) -> No
         stack.stop_all()
 
 
+def test_a_drain_delay_keeps_taking_new_exchanges_while_health_says_not_serving(
+        tmp_path: Path) -> None:
+    # Beside other ATP endpoints, refusing at once failed the exchanges Envoy sent until
+    # its health checks saw NOT_SERVING (a quarter of requests for ~3 s).
+    config = copy_example(tmp_path, EXAMPLE_CONFIG.read_text().replace(
+        "grace_period_s: 10", "grace_period_s: 10\n  drain_delay_s: 3"))
+    stack = start_stack(tmp_path, config)
+    try:
+        atp = stack.procs["atp"]
+        atp.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        target = f"127.0.0.1:{stack.ports['atp']}"
+        wait_until(lambda: not grpc_serving(target), "NOT_SERVING", timeout=5)
+        assert post(stack, CHAT, HELLO).status == 200
+        assert time.monotonic() - started < 3, "the request came after the delay"
+        assert atp.wait(10) == 0
+        assert time.monotonic() - started >= 3
+        assert "still taking new exchanges for 3.0s" in stack.log("atp")
+    finally:
+        stack.stop_all()
+
+
 def test_unix_socket_between_envoy_and_atp(tmp_path: Path) -> None:
     sock = tmp_path / "atp.sock"
     stack = Stack.on_free_ports(workdir=tmp_path)
