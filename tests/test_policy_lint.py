@@ -256,7 +256,7 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/{EXT_PROC_TYPE}
               failure_mode_allow: false
-              processing_mode: {{request_body_mode: BUFFERED}}
+              processing_mode: {{request_body_mode: BUFFERED, request_trailer_mode: SEND}}
 """
 WRAPPED = """\
                 typed_per_filter_config:
@@ -404,7 +404,8 @@ def test_a_route_to_no_models_cluster_may_skip_atp(override):
 
 def test_a_filter_that_never_reads_the_body_is_refused():
     text = ENVOY.format(route="", filter="", EXT_PROC_TYPE=EXT_PROC_TYPE).replace(
-        "              processing_mode: {request_body_mode: BUFFERED}\n", "")
+        "              processing_mode: {request_body_mode: BUFFERED, "
+        "request_trailer_mode: SEND}\n", "")
     (problem,) = fail_open_problems("envoy.yaml", text, ["deny policies"])
     assert problem.path == "ext_proc" and "request_body_mode: NONE" in problem.reason
 
@@ -510,3 +511,12 @@ def test_routes_that_differ_in_header_matchers_are_named_apart():
     assert len(paths) == len(set(paths)) >= 2
     assert "virtual host models route #1 (prefix=/ with headers x-atp-cluster, " \
         "x-atp-shadow-cluster)" in paths
+
+
+@pytest.mark.parametrize("mode", ["", ", request_trailer_mode: SKIP"])
+def test_a_filter_that_skips_request_trailers_is_refused(mode):
+    # egress-tls.yaml skipped them: an ATP key in an HTTP/2 trailer reached the provider.
+    text = ENVOY.format(route="", filter="", EXT_PROC_TYPE=EXT_PROC_TYPE).replace(
+        "request_trailer_mode: SEND", mode.removeprefix(", ") or "request_header_mode: SEND")
+    (problem,) = fail_open_problems("envoy.yaml", text, ["deny policies"])
+    assert problem.path == "ext_proc" and "request_trailer_mode: SKIP" in problem.reason

@@ -132,12 +132,15 @@ def _override(per_route: dict | None) -> tuple[bool | None, bool, dict | None]:
 
 
 def _withheld(mode: dict) -> str | None:
-    """What of the request a processing mode keeps from ATP, which needs both the
-    headers (who asks, where) and the whole body (what): None if nothing."""
+    """What of the request a processing mode keeps from ATP, which needs the headers
+    (who asks, where), the whole body (what) and the trailers (where an HTTP/2 client
+    may put its key, which ATP removes): None if nothing."""
     if _enum(mode.get("request_header_mode"), HEADER_MODES) == "SKIP":
         return "request_header_mode: SKIP"
     if _enum(mode.get("request_body_mode"), BODY_MODES) == "NONE":
         return "request_body_mode: NONE"
+    if _enum(mode.get("request_trailer_mode"), HEADER_MODES) in (None, "DEFAULT", "SKIP"):
+        return "request_trailer_mode: SKIP"
     return None
 
 
