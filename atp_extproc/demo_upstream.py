@@ -15,6 +15,7 @@ import json
 import random
 import re
 import struct
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -551,20 +552,41 @@ def error_rate_arg(value: str) -> float:
     return rate
 
 
+def latency_arg(value: str) -> float:
+    latency = float(value)
+    if not 0.0 <= latency < float("inf"):
+        raise argparse.ArgumentTypeError("must be 0 or more milliseconds")
+    return latency
+
+
+def error_status_arg(value: str) -> int:
+    status = int(value)
+    if not 400 <= status <= 599:
+        raise argparse.ArgumentTypeError("must be an HTTP error status, 400 to 599")
+    return status
+
+
+def port_arg(value: str) -> int:
+    port = int(value)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError("must be 1 to 65535")
+    return port
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="atp-extproc demo-upstream",
         description="A fake OpenAI-compatible model server: chat (streamed or not), "
                     "completions, embeddings; GET /debug/requests lists what it received.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=18001, help="port to listen on")
+    parser.add_argument("--port", type=port_arg, default=18001, help="port to listen on")
     parser.add_argument("--name", default="demo",
                         help="its name: in the x-upstream-name header and each reply")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
+    parser.add_argument("--latency-ms", type=latency_arg, default=0.0,
                         help="wait this long before each answer")
     parser.add_argument("--error-rate", type=error_rate_arg, default=0.0,
                         help="share of requests (0 to 1) answered with --error-status")
-    parser.add_argument("--error-status", type=int, default=503,
+    parser.add_argument("--error-status", type=error_status_arg, default=503,
                         help="HTTP status of those errors")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the error draws, for repeatable runs")
@@ -584,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(config, args.host, args.port))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the address is in use or cannot be bound
+        print(f"demo-upstream: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -261,3 +261,14 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(
     assert done.returncode == 1
     assert done.stderr.decode().strip() == \
         "atp-extproc: cannot write the output: No space left on device"
+
+
+def test_an_envoy_config_that_is_no_yaml_is_reported_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # With auth.jwt set, the jwt_authn check reported the YAML error a second time.
+    envoy = tmp_path / "envoy.yaml"
+    envoy.write_text("server: [\n")
+    code, output = run(capsys, "check", str(ROOT / "examples" / "atp.yaml"),
+                       "--envoy", str(envoy))
+    assert code == 1
+    assert output.count("invalid YAML") == 1 and "1 error(s)" in output

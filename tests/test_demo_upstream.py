@@ -543,5 +543,25 @@ def test_parse_args_defaults_and_validation() -> None:
     args = parse_args([])
     assert (args.host, args.port, args.name) == ("127.0.0.1", 18001, "demo")
     assert (args.latency_ms, args.error_rate, args.error_status, args.seed) == (0.0, 0.0, 503, 0)
-    with pytest.raises(SystemExit):
-        parse_args(["--error-rate", "1.5"])
+    for bad in (["--error-rate", "1.5"], ["--latency-ms", "-100"], ["--latency-ms", "nan"],
+                ["--error-status", "200"], ["--port", "70000"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_an_address_it_cannot_listen_on_is_one_line() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    # A 26-line traceback before.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "atp_extproc", "demo-upstream",
+                               "--port", str(port)], capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"demo-upstream: cannot listen on 127.0.0.1:{port}: ")
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1

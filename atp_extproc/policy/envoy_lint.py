@@ -426,7 +426,8 @@ def jwt_problems(file: str, text: str, namespace: str, payload_key: str) -> list
     that writes them under another key than `payload_key` (or not at all), a jwt_authn
     filter after ext_proc, or an ext_proc filter that does not forward `namespace`.
     Every token would then be ignored: its caller refused, or served as anonymous."""
-    doc, problems = load_yaml(text, file)
+    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    problems: list[Problem] = []
     if doc is None:
         return problems
     for hcm in _walk(doc):
