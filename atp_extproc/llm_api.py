@@ -722,12 +722,13 @@ def _usage_of(obj: Any) -> Usage | None:
 
 def read_response(body: bytes) -> tuple[Usage | None, str | None, int]:
     """Usage, the first choice's finish_reason and the characters of output text (for
-    an estimate when there is no usage) of a JSON response body."""
+    an estimate when there is no usage; 0 when there is) of a JSON response body."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:  # too deep included
         return None, None, len(body)
-    return _usage_of(obj), _finish_reason(obj), _answer_chars(obj)
+    usage = _usage_of(obj)
+    return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0
 
 
 def _finish_reason(obj: Any) -> str | None:

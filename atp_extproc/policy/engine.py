@@ -213,17 +213,33 @@ class Outcome:
     def records(self) -> list[DecisionRecord]:
         if self._records is None:
             ids, effects, modes, used = self._columns
-            share = round(self._share_us / len(ids), 2) if ids else 0.0
+            share = self._share()
             # Every policy as if it had not matched anywhere, then those that did.
             out = list(map(DecisionRecord, ids, effects, modes, self._decisions, self._reasons,
                            used, repeat(share)))
-            for i, (reason, targets, removed) in self._applied.items():
-                if removed:
-                    targets = tuple([self._candidates[j].model for j in removed])
-                out[i] = DecisionRecord(ids[i], effects[i], modes[i], self._decisions[i],
-                                        reason, used[i], share, targets)
+            for i in self._applied:
+                out[i] = self._applied_record(i, share)
             self._records = out
         return self._records
+
+    def _share(self) -> float:
+        ids = self._columns[0]
+        return round(self._share_us / len(ids), 2) if ids else 0.0
+
+    def _record(self, i: int, share: float) -> DecisionRecord:
+        if i in self._applied:
+            return self._applied_record(i, share)
+        ids, effects, modes, used = self._columns
+        return DecisionRecord(ids[i], effects[i], modes[i], self._decisions[i],
+                              self._reasons[i], used[i], share)
+
+    def _applied_record(self, i: int, share: float) -> DecisionRecord:
+        ids, effects, modes, used = self._columns
+        reason, targets, removed = self._applied[i]
+        if removed:
+            targets = tuple([self._candidates[j].model for j in removed])
+        return DecisionRecord(ids[i], effects[i], modes[i], self._decisions[i], reason,
+                              used[i], share, targets)
 
     def log_fields(self) -> dict[str, Any]:
         """For the exchange's structured log record (JSON-ready): every policy's decision,
@@ -232,17 +248,14 @@ class Outcome:
         Building and encoding a full record for each of 25 policies per request would
         cost more than evaluating them, and the quiet ones say nothing a decision does not.
         """
-        decisions = self.decisions
         effects = self._columns[1]
         # An allow policy that matched is what let a request through under default
         # deny: an audit must be able to name it.
-        acted = any(d not in QUIET_DECISIONS or (d == "allow" and e == "allow")
-                    for d, e in zip(decisions.values(), effects, strict=True))
-        return {"policy_decisions": decisions, "policy_records": [
-            r.as_dict() for r in self.records
-            if r.decision not in QUIET_DECISIONS or (r.decision, r.effect) == ("allow",
-                                                                               "allow")]
-            if acted else []}
+        acted = [i for i, (d, e) in enumerate(zip(self._decisions, effects, strict=True))
+                 if d not in QUIET_DECISIONS or (d == "allow" and e == "allow")]
+        share = self._share()
+        return {"policy_decisions": self.decisions,
+                "policy_records": [self._record(i, share).as_dict() for i in acted]}
 
     def __repr__(self) -> str:
         return (f"Outcome(denied={self.denied!r}, allowed_candidates="
