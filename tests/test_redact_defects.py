@@ -1,13 +1,17 @@
 """Regressions: JSON tool results and arguments that Python's json cannot parse though they
 are valid JSON (an integer of more than 4300 digits, nesting deeper than the recursion
 limit) keep valid JSON when redacted; image URLs are scanned only when extra_paths names
-them; cards grouped by spaced dashes, IPv4 addresses with zero-padded octets and phone
-numbers in some regions' international formats are redacted."""
+them; cards grouped by spaced dashes, tabs, commas, underscores or line breaks, IPv4
+addresses with zero-padded octets, phone numbers in some regions' international formats,
+tokens with a non-breaking space inside and PEM keys with lower-case or missing armour
+lines are redacted."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -229,3 +233,122 @@ def test_a_field_that_only_starts_like_a_data_url_is_read(redactor):
          "reasoning_content": "data:text/plain;base64, the user is jane@example.com"}]}, "t")
     assert res.fields["messages"][0]["reasoning_content"] == \
         "data:text/plain;base64, the user is [EMAIL_1]"
+
+
+# -- cards in other groupings, tokens split by soft spaces, partial PEM keys ----------------
+
+
+@pytest.mark.parametrize("card", [
+    "4111\t1111\t1111\t1111", "4111,1111,1111,1111", "4111_1111_1111_1111",
+    "4111\r\n1111\r\n1111\r\n1111", "4111\n1111\n1111\n1111", "5555,5555,5555,4444",
+    "3782\t822463\t10005", "3782,822463,10005", "3782_822463_10005"])
+def test_a_card_grouped_by_tabs_commas_underscores_or_line_breaks_is_redacted(redactor, card):
+    # Digit runs join groups by spaces, dashes, dots and slashes only: these went through.
+    assert _chat_text(redactor, f"pay with {card} today") == "pay with [CARD_1] today"
+
+
+def test_a_card_in_another_grouping_gets_the_same_placeholder(redactor):
+    text = "4111,1111,1111,1111 is 4111111111111111"
+    assert _chat_text(redactor, text) == "[CARD_1] is [CARD_1]"
+
+
+@pytest.mark.parametrize("text", [
+    "total 1,234,567 and 1,234,5678,9012",  # thousands separators
+    "pay with 4111,1111,1111,1112 today",  # fails the Luhn check
+    "row 1234,4111,1111,1111,1111 end",  # a further group before: a list of numbers
+    "row 4111,1111,1111,1111,2027 end",  # ... or after
+    "rows\n9999\n4111\n1111\n1111\n1111\n",
+    "pay with 4111\t1111,1111\t1111 today",  # more than one kind of separator
+    "pay with 4111, 1111, 1111, 1111 today",  # a list written with ', '
+    "amount 4111,1111,1111,1111.50 due",  # a decimal number
+    "id_4111_1111_1111_1111 and x4111_1111_1111_1111",  # part of an identifier
+    "pay with 4111,111,1111,11111 today",  # not a card's grouping
+])
+def test_other_grouping_near_misses_are_not_cards(redactor, text):
+    assert _chat_text(redactor, text) == text
+
+
+GH = "ghp_" + "a1B2c3D4e5" * 3 + "F6g7H8"
+
+
+@pytest.mark.parametrize("token", [
+    GH[:14] + "\u00a0" + GH[14:],  # NBSP
+    GH[:20] + "\u202f" + GH[20:],  # narrow NBSP
+    GH[:9] + "\u3000" + GH[9:29] + "\u2007" + GH[29:],  # ideographic and figure spaces
+    GH[:30] + "\u00a0\u00a0" + GH[30:],
+    GH[:2] + "\u00a0" + GH[2:],  # inside the prefix
+    GH[:14] + "&#160;" + GH[14:],  # escaped
+    GH[:14] + "\\u00a0" + GH[14:],
+])
+def test_a_token_with_a_soft_space_inside_is_redacted(redactor, token):
+    # NBSP and the other space separators became ' ', a word break, so the token was cut
+    # in two pieces too short to be found (or its tail was left); a zero-width space was
+    # always taken out.
+    assert _chat_text(redactor, f"token {token} and {GH}") == (
+        "token [GITHUB_TOKEN_1] and [GITHUB_TOKEN_1]")
+
+
+def test_a_token_whose_head_alone_looks_complete_is_redacted_whole(redactor):
+    pat = "github_pat_" + "11ABCDEFG0" * 2 + "ab_" + "xY9" * 19 + "zz"
+    # The head matched on its own, and the tail after the NBSP went through.
+    assert _chat_text(redactor, f"pat {pat[:60]}\u00a0{pat[60:]} and {pat}") == (
+        "pat [GITHUB_TOKEN_1] and [GITHUB_TOKEN_1]")
+
+
+def test_a_soft_space_before_a_split_token_stays(redactor):
+    text = f"Voici\u00a0{GH[:10]}\u00a0{GH[10:]}\u00a0!"
+    assert _chat_text(redactor, text) == "Voici\u00a0[GITHUB_TOKEN_1]\u00a0!"
+
+
+def test_an_api_key_with_a_soft_space_inside_is_redacted(redactor):
+    key = "sk-proj-abc123DEF456ghi789JKL012mno345"
+    assert _chat_text(redactor, f"key {key[:12]}\u00a0{key[12:]}") == "key [API_KEY_1]"
+
+
+@pytest.mark.parametrize("text", [
+    "Prix\u00a0: 10\u00a0000\u00a0€, Louis\u00a0XIV, M.\u00a0Dupont",
+    "tokens start with ghp_\u00a0followed by 36 characters",
+    f"{GH[:14]} {GH[14:]}",  # an ordinary space: two words, neither a token
+])
+def test_soft_space_near_misses_stay(redactor, text):
+    assert _chat_text(redactor, text) == text
+
+
+_KEY_BODY = "\n".join(textwrap.wrap(base64.b64encode(bytes(range(256)) * 3).decode(), 64))
+
+
+def _key_text(r: Redactor, text: str) -> str:
+    res = r.redact("chat", {"model": "m", "messages": [{"role": "user", "content": text}]},
+                   "t")
+    assert res.denied == ("private_key",)  # refused, and masked all the same
+    return res.fields["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("begin, end", [
+    ("-----begin rsa private key-----", "-----end rsa private key-----"),
+    ("-----begin private key-----", "-----END PRIVATE KEY-----"),
+    ("-----Begin Openssh Private Key-----", "-----End Openssh Private Key-----"),
+])
+def test_a_key_with_lower_case_armour_is_found(redactor, begin, end):
+    text = f"my key:\n{begin}\n{_KEY_BODY}\n{end}\nthanks"
+    assert _key_text(redactor, text) == "my key:\n[PRIVATE_KEY_1]\nthanks"
+
+
+@pytest.mark.parametrize("end", ["-----END RSA PRIVATE KEY-----", "-----end private key-----",
+                                 "-----END EC PRIVATE KEY-----"])
+def test_a_key_without_its_begin_line_is_found(redactor, end):
+    # A paste cut at the top: the key lines before the END line went through.
+    text = f"the rest of it:\n{_KEY_BODY}\n{end}\nthanks"
+    assert _key_text(redactor, text) == "the rest of it:\n[PRIVATE_KEY_1]\nthanks"
+    escaped = "rest: " + f"{_KEY_BODY}\n{end}".replace("\n", "\\n") + " ok"
+    assert _key_text(redactor, escaped) == "rest: [PRIVATE_KEY_1] ok"
+
+
+@pytest.mark.parametrize("text", [
+    f"cert:\n{_KEY_BODY}\n-----END CERTIFICATE-----",
+    f"pub:\n{_KEY_BODY}\n-----END PUBLIC KEY-----",
+    "a key file ends with the line\n-----END PRIVATE KEY-----\nand nothing after it",
+    "-----begin of the private key section-----",
+])
+def test_pem_near_misses_are_not_private_keys(redactor, text):
+    assert _chat_text(redactor, text) == text

@@ -109,15 +109,23 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
     "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     "slack_token": ("xox", "xapp-", "hooks.slack.com"),
     "jwt": ("eyJ",),
-    "private_key": ("-----BEGIN",),
+    "private_key": ("-----BEGIN", "-----begin", "-----Begin", "-----END", "-----end",
+                    "-----End"),
 }
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
+# A card's groups joined by a tab, a line break, a comma or an underscore (cells of a
+# spreadsheet row, lines of a form, a numeric literal). Digit runs do not join on those:
+# they join a list of numbers far more often than a number's groups. So only a card's own
+# grouping, 4-4-4-4 or 4-6-5, with one separator throughout.
+_CARD_SEP = "|".join(rf"[0-9]{{4}}(?:(?:{sep}[0-9]{{4}}){{3}}|{sep}[0-9]{{6}}{sep}[0-9]{{5}})"
+                     for sep in (r"\t", r"\r\n", r"\n", ",", "_"))
 
 # -- RE2 patterns (on ASCII bytes) ----------------------------------------------------------
 
 _SET_PATTERNS: dict[str, str] = {
     "email": r"[A-Za-z0-9_%+\-?]@[A-Za-z0-9?][A-Za-z0-9\-?]*\.[A-Za-z?]",
     "digits": r"[0-9](?:[ \-./()]{0,3}[0-9]){6}",
+    "card_sep": _CARD_SEP,
     "ipv4": r"[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]",
     "ipv6": r"(?i)[0-9a-f]{1,4}:[0-9a-f]{0,4}:|::[0-9a-f]",
     "iban": r"(?i)\b[a-z]{2}[0-9]{2}[ \-]?[a-z0-9]{4}",
@@ -152,6 +160,7 @@ _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
 # Shorter base64 after a data: prefix is read as text: keys and card numbers are shorter.
 _DATA_PAYLOAD_MIN = 100
 _PLACEHOLDER = _rx(PLACEHOLDER)
+_CARD_SEP_RX = _rx(_CARD_SEP)
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
         _rx(f"(?:{'|'.join(_AWS_PREFIXES)})[A-Z0-9]{{16,}}"),
@@ -173,13 +182,31 @@ _SECRETS: dict[str, tuple] = {
                     _rx(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/"
                         r"[A-Za-z0-9_/\-]{20,}")),
     "jwt": (_rx(r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),),
+    # Armour lines in any case: retyped or lower-cased, they still frame a key.
     "private_key": (_rx(
-        r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[^\-\x00]|-[^\-\x00])*?"
+        r"(?i)-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[^\-\x00]|-[^\-\x00])*?"
         r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
         # Truncated (no END line): the BEGIN line and the key lines that follow it.
         r"|-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
-        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\]*))*"),),
+        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\]*))*"
+        # Truncated at the top (no BEGIN line): the key lines before the END line, all but
+        # the last one of 16 characters at least, as prose words are not.
+        r"|(?:[A-Za-z0-9+/=]{16,}(?:\s|\\[nr])+)+(?:[A-Za-z0-9+/=]{1,15}(?:\s|\\[nr])+)?"
+        r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"),),
 }
+
+
+def _literal_set():
+    """The secret classes' literals alone, for text the scanner's Set has not seen."""
+    literals = re2.Set.SearchSet(re2_options())
+    for cls in _SECRET_LITERALS:
+        literals.Add(_SET_PATTERNS[_SECRET_SET_NAMES[cls]])
+    literals.Compile()
+    return literals
+
+
+_SECRET_SET = _literal_set()
+_SECRET_CLASSES = tuple(_SECRET_LITERALS)  # by their index in _SECRET_SET
 
 # -- small Python patterns on bounded slices ---------------------------------------------
 
@@ -608,6 +635,7 @@ class Scanner:
         families = {
             "email": "email" in classes,
             "digits": bool(classes & {"card", "ssn", "phone"}),
+            "card_sep": "card" in classes,
             "ipv4": "ipv4" in classes,
             "ipv6": "ipv6" in classes,
             "iban": "iban" in classes,
@@ -679,7 +707,7 @@ class Scanner:
         if "placeholder" in names:
             for m in spans(_PLACEHOLDER, asc):
                 res.reserved.add(text[m[0][0]:m[0][1]])
-        self._secrets(asc, text, names, found, budget, bounds)
+        self._secrets(asc, text, names, found, budget, bounds, norm.soft)
         if "email" in names:
             self._emails(asc, text, found, budget, bounds)
         if "iban" in names:
@@ -698,6 +726,8 @@ class Scanner:
             self._ipv6(asc, found, budget, bounds)
         if "digits" in names:
             self._digit_runs(asc, text, found, budget, bounds)
+        if "card_sep" in names:
+            self._sep_cards(asc, found, budget, bounds)
         for i in custom_hits or ():
             name, rx = self.customs[i]
             for m in rx.finditer(ctext):
@@ -735,26 +765,31 @@ class Scanner:
 
     # -- families ------------------------------------------------------------------------
 
-    @staticmethod
-    def _secrets(asc: bytes, text: str, names: set[str], found: list[Found],
-                 budget: Budget, bounds: frozenset[int]) -> None:
-        for cls, regexes in _SECRETS.items():
-            if _SECRET_SET_NAMES[cls] not in names:
+    def _secrets(self, asc: bytes, text: str, names: set[str], found: list[Found],
+                 budget: Budget, bounds: frozenset[int],
+                 soft: list[tuple[int, int]]) -> None:
+        classes = [cls for cls in _SECRETS if _SECRET_SET_NAMES[cls] in names]
+        for cls, s, e in _secret_matches(asc, asc, classes, budget, bounds):
+            value = text[s:e]
+            if _secret_ok(cls, value):
+                found.append(Found(cls, s, e, value))
+        gaps = _token_gaps(asc, soft, budget)
+        if not gaps:
+            return
+        # Again with the soft spaces between token characters taken out, as normalising
+        # takes out a zero-width space: "ghp_abc\u00a0def..." is one token. Only matches
+        # that run over such a space are new.
+        joined = b"".join(asc[a:b] for a, b in _kept(gaps, 0, len(asc)))
+        hit = _SECRET_SET.Match(joined) or ()
+        classes = [cls for cls in map(_SECRET_CLASSES.__getitem__, hit) if cls in self.classes]
+        starts = [a for a, _, _ in gaps]
+        for cls, s, e in _secret_matches(joined, asc, classes, budget, bounds, gaps):
+            k = bisect_right(starts, s)
+            if k == len(starts) or starts[k] >= e:
                 continue
-            for rx in regexes:
-                has_v = rx.groups > 0
-                for m in spans(rx, asc):
-                    if not budget.spend(4):
-                        return
-                    s, e = m[1] if has_v else m[0]
-                    if s > 0 and asc[s - 1] in _ALNUM and not has_v and s not in bounds:
-                        continue
-                    if has_v and e < len(asc) and asc[e] in _ALNUM and e not in bounds:
-                        continue
-                    value = text[s:e]
-                    if not _secret_ok(cls, value):
-                        continue
-                    found.append(Found(cls, s, e, value))
+            value = "".join(text[a:b] for a, b in _kept(gaps, s, e))
+            if _secret_ok(cls, value):
+                found.append(Found(cls, s, e, value))
 
     def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget,
                 bounds: frozenset[int]) -> None:
@@ -973,6 +1008,35 @@ class Scanner:
                 continue
             return Found("card", run.chunk_start(a), run.chunk_end(end), digits), end
         return None
+
+    @staticmethod
+    def _sep_cards(asc: bytes, found: list[Found], budget: Budget,
+                   bounds: frozenset[int]) -> None:
+        """Cards whose groups a tab, a line break, a comma or an underscore joins, written
+        alone: a further group on either side makes them part of a list or a larger
+        number ("1234,4111,1111,1111,1111", "4111,1111,1111,1111.50")."""
+        n = len(asc)
+        for m in spans(_CARD_SEP_RX, asc):
+            if not budget.spend():
+                return
+            s, e = m[0]
+            sep = b"\r\n" if asc[s + 4] == 13 else asc[s + 4:s + 5]
+            if s > 0 and s not in bounds:
+                p = s - len(sep) if asc[s - len(sep):s] == sep else s
+                if (asc[s - 1] in _ALNUM or asc[s - 1] == 43  # glued, or a '+' phone prefix
+                        or (p > 0 and asc[p - 1] in _DIGITS)
+                        or (p == s and s > 1 and asc[s - 1] in b".,-/:"
+                            and asc[s - 2] in _DIGITS)):
+                    continue
+            if e < n and e not in bounds:
+                p = e + len(sep) if asc[e:e + len(sep)] == sep else e
+                if (asc[e] in _ALNUM or (p < n and asc[p] in _DIGITS)
+                        or (p == e and e + 1 < n and asc[e] in b".,-/:"
+                            and asc[e + 1] in _DIGITS)):
+                    continue
+            digits = asc[s:e].translate(None, b"\t\r\n,_").decode()
+            if card_ok(digits):
+                found.append(Found("card", s, e, digits))
 
     def _ssn_at(self, run: _Run, a: int):
         ndig, ngroups = run.ndig, run.ngroups
@@ -1367,3 +1431,61 @@ def _secret_ok(cls: str, value: str) -> bool:
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
     return True
+
+
+def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
+                    bounds: frozenset[int], gaps: list[tuple[int, int, int]] = ()):
+    """(class, start, end) of each match of the classes' patterns in `data`, which is
+    `asc` with the `gaps` taken out; offsets are `asc`'s, and so are the neighbours a
+    match must not run on into."""
+    at = [b - removed for _, b, removed in gaps]  # where each gap was, in `data`
+    n = len(asc)
+    for cls in classes:
+        for rx in _SECRETS[cls]:
+            has_v = rx.groups > 0
+            for m in spans(rx, data):
+                if not budget.spend(4):
+                    return
+                s, e = m[1] if has_v else m[0]
+                if gaps:
+                    k = bisect_right(at, s) - 1
+                    s += gaps[k][2] if k >= 0 else 0
+                    k = bisect_right(at, e - 1) - 1
+                    e += gaps[k][2] if k >= 0 else 0
+                if s > 0 and asc[s - 1] in _ALNUM and not has_v and s not in bounds:
+                    continue
+                if has_v and e < n and asc[e] in _ALNUM and e not in bounds:
+                    continue
+                yield cls, s, e
+
+
+# Characters on both sides of a soft space (NBSP ...) that make it part of a token.
+_TOKEN_EDGE = _ALNUM | frozenset(b"-+/=")
+
+
+def _token_gaps(asc: bytes, soft: list[tuple[int, int]],
+                budget: Budget) -> list[tuple[int, int, int]]:
+    """The runs of soft spaces between two token characters, each as (start, end, how many
+    characters the runs up to and including it hold)."""
+    if not soft or not budget.spend(1 + len(soft) // 2):
+        return []
+    gaps: list[tuple[int, int, int]] = []
+    removed = 0
+    for a, b in soft:
+        if a > 0 and b < len(asc) and asc[a - 1] in _TOKEN_EDGE and asc[b] in _TOKEN_EDGE:
+            removed += b - a
+            gaps.append((a, b, removed))
+    return gaps
+
+
+def _kept(gaps: list[tuple[int, int, int]], start: int, end: int):
+    """The pieces of start..end outside the gaps, as (start, end)."""
+    pos = start
+    for k in range(bisect_right(gaps, (start,)), len(gaps)):
+        a, b, _ = gaps[k]
+        if a >= end:
+            break
+        yield pos, a
+        pos = b
+    if pos < end:
+        yield pos, end

@@ -12,7 +12,8 @@ Detectors run on a normalised copy so that look-alike spellings match:
     ' ', so the words around them stay apart; Unicode "tag" characters (U+E0020-E007E,
     invisible ASCII look-alikes) become ASCII;
   - every space separator (NBSP, narrow NBSP, ideographic space ...) becomes ' ', every
-    dash (hyphens, minus sign) becomes '-';
+    dash (hyphens, minus sign) becomes '-'; where those spaces were is kept
+    (`Normalized.soft`);
   - combining marks right after an ASCII character are dropped ("4̲1̲1̲1̲");
   - literal escapes are decoded: JSON `\\uXXXX`, HTML `&#64;` / `&#x40;`, and `%40`.
 Replacement spans are then mapped back, so the original text is replaced exactly where
@@ -73,9 +74,11 @@ _ESC_HTML = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
 
 
 @lru_cache(maxsize=1)
-def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozenset[str]]:
+def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozenset[str],
+                      re.Pattern[str]]:
     trans: dict[str, str] = {}
     latin: set[str] = set()
+    soft: set[str] = set()
     for block in (range(0x80, 0x20000), range(0xE0000, 0xE1000)):
         for cp in block:
             ch = chr(cp)
@@ -90,6 +93,7 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
                 trans[ch] = ""
             elif cat == "Zs":
                 trans[ch] = " "
+                soft.add(ch)
             elif cat == "Pd" or ch in "\u2212\u02d7":
                 trans[ch] = "-"
             elif cat == "Nd":
@@ -112,7 +116,7 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
     # character that may change; everything else is copied untouched.
     hot_chars = [*trans, *marks, "\\", "&", "%"]
     hot = re2.compile(f"[{_char_class(hot_chars)}]+", re2_options())
-    return trans, hot, frozenset(latin), marks
+    return trans, hot, frozenset(latin), marks, re.compile(f"[{''.join(sorted(soft))}]+")
 
 
 def _char_class(chars) -> str:
@@ -147,12 +151,20 @@ _NONE: list[int] = []
 
 
 class Normalized:
-    """The normalised text and the map from its offsets to the original's."""
+    """The normalised text and the map from its offsets to the original's.
 
-    __slots__ = ("_n_ends", "_n_starts", "_o_ends", "_o_starts", "text")
+    `soft`: the (start, end) normalised offsets, ascending, of runs of spaces that were
+    another space separator than ' ' (NBSP ...). Rendered alike, they are a word break to
+    a reader; inside a token they are a paste artefact, which the secret detectors look
+    through.
+    """
 
-    def __init__(self, text: str, changes: list[tuple[int, int, int, int]] | None = None):
+    __slots__ = ("_n_ends", "_n_starts", "_o_ends", "_o_starts", "soft", "text")
+
+    def __init__(self, text: str, changes: list[tuple[int, int, int, int]] | None = None,
+                 soft: list[tuple[int, int]] | None = None):
         self.text = text
+        self.soft = soft or _NONE
         if changes:
             self._o_starts = [c[0] for c in changes]
             self._o_ends = [c[1] for c in changes]
@@ -211,7 +223,7 @@ def normalize(text: str, budget=None) -> Normalized:
         if len(data) > 4096 and any(sep in data for sep in _ASCII_SEP):
             data = data.translate(_ASCII_SEP_TABLE)
             text = data.decode("utf-8", "surrogatepass")
-    trans, hot, _, marks = _tables()
+    trans, hot, _, marks, soft = _tables()
     table = _translate_table()
     out = _Out(text)
     byte_at = 0  # byte offset ...
@@ -233,6 +245,11 @@ def normalize(text: str, budget=None) -> Normalized:
             new = run.translate(table)
             if len(new) == len(run) and (j >= len(text) or text[j] not in marks):
                 if marks.isdisjoint(run):
+                    if " " in new:
+                        # Python work per run of them: paid as characters walked one by one.
+                        marked = out.mark_soft(i, run, soft)
+                        if budget is not None and not budget.spend(marked // 2):
+                            break
                     out.put(i, j, new)  # same length: offsets unchanged
                     continue
             elif not new and (j >= len(text) or text[j] not in marks):
@@ -242,19 +259,20 @@ def normalize(text: str, budget=None) -> Normalized:
         # run (megabytes of ligatures or '%') cannot get that work for one unit.
         if budget is not None and not budget.spend(1 + (j - i) // 2):
             break
-        _slow(text, i, j, out, trans, marks)
+        _slow(text, i, j, out, trans, marks, soft)
     return out.result()
 
 
 class _Out:
     """The normalised text being built and its offset changes."""
 
-    __slots__ = ("changes", "pieces", "pos", "shift", "text")
+    __slots__ = ("changes", "pieces", "pos", "shift", "soft", "text")
 
     def __init__(self, text: str):
         self.text = text
         self.pieces: list[str] = []
         self.changes: list[tuple[int, int, int, int]] = []
+        self.soft: list[tuple[int, int]] = []
         self.pos = 0  # original offset copied up to
         self.shift = 0  # normalised offset minus original offset, at `pos`
 
@@ -266,15 +284,30 @@ class _Out:
             self.shift += len(new) - (end - i)
         self.pos = end
 
+    def mark_soft(self, i: int, run: str, soft: re.Pattern[str]) -> int:
+        """Record the runs of soft spaces in `run`, about to be put at original offset `i`;
+        how many."""
+        at = i + self.shift
+        runs = self.soft
+        count = 0
+        for m in soft.finditer(run):
+            s, e = at + m.start(), at + m.end()
+            if runs and runs[-1][1] == s:
+                runs[-1] = (runs[-1][0], e)
+            else:
+                runs.append((s, e))
+            count += 1
+        return count
+
     def result(self) -> Normalized:
         if not self.pieces:
             return Normalized(self.text)
         self.pieces.append(self.text[self.pos:])
-        return Normalized("".join(self.pieces), self.changes)
+        return Normalized("".join(self.pieces), self.changes, self.soft)
 
 
 def _slow(text: str, i: int, j: int, out: _Out, trans: dict[str, str],
-          marks: frozenset[str]) -> None:
+          marks: frozenset[str], soft: re.Pattern[str]) -> None:
     """Character by character: escapes, marks, and runs that mix lengths."""
     n = len(text)
     while i < j:
@@ -307,7 +340,10 @@ def _slow(text: str, i: int, j: int, out: _Out, trans: dict[str, str],
             i += 1
             continue
         if new and new in trans:  # an escape for a character that itself normalises
+            out.mark_soft(i, new, soft)
             new = trans[new]
+        elif new == " ":
+            out.mark_soft(i, ch, soft)
         while end < n and text[end] in marks:
             end += 1  # marks on a replaced character go with it
         out.put(i, end, new)
