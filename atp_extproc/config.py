@@ -501,11 +501,18 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
                                    for p in exc.details]) from None
     if not doc.redaction.enabled:
         blind = _reads_data_classes(policies.policies)
-        if blind:
+        # A redact policy with nothing to redact refuses every request it matches (fail
+        # closed): an outage no dry run would show.
+        unmet_all = [p for p in policies.policies if p.data_classes]
+        if blind or unmet_all:
             raise ConfigError(source, [(_where(p.source.file, p.source.line, p.id, source), (
                 "reads request.data_classes, which only redaction fills: with redaction "
                 "off it can never match (turn redaction on, or remove the policy)"))
-                for p in blind])
+                for p in blind] + [(_where(p.source.file, p.source.line, p.id, source), (
+                    f"requires redacting {', '.join(map(repr, sorted(p.data_classes)))}, "
+                    "but redaction is off: every request it matches would be refused "
+                    "(turn redaction on, or remove the policy)"))
+                    for p in unmet_all if p not in blind])
     else:
         unmet = _unmet_redactions(policies.policies, doc.redaction.classes)
         if unmet:

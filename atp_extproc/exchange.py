@@ -393,12 +393,18 @@ class Exchange:
             rec.status, rec.error_code = 403, outcome.denied.code
             return envoy_api.immediate(403, outcome.denied.error_body(),
                                        details="atp_policy_denied")
-        if outcome.required_redactions and redaction is None:
-            # Fail closed: a policy wants data redacted and nothing can do it.
+        if outcome.required_redactions and (redaction is None or redaction.incomplete):
+            # Fail closed: a policy wants data redacted and nothing can do it, or the
+            # scan stopped short (redaction.on_incomplete: allow lets only a request no
+            # policy needs redacted go on so).
+            requiring = [p for p, d in outcome.decisions.items() if d == "redact"]
+            rec.policy_denied = requiring[0] if requiring else None
+            why = ("redaction is off" if redaction is None else
+                   "the scan of this request stopped short of its end")
             raise RequestError(403, "Policy requires redaction of "
                                f"{', '.join(sorted(outcome.required_redactions))}, "
-                               "but redaction is off", "redaction_required",
-                               type_="permission_error")
+                               f"but {why} (policy {', '.join(requiring)})",
+                               "redaction_required", type_="permission_error")
         self._allowed = [c.model for c in outcome.allowed_candidates]
         if outcome.tools_to_strip:
             # Stripped from what redaction left, or the kept tools would go out unredacted.

@@ -424,6 +424,43 @@ routes:
 """
 
 
+REDACT_POLICY_YAML = SMALL_LIMIT_YAML.replace("max_json_depth: 4", "max_json_depth: 64") \
+    .replace("max_body_bytes: 1024", "max_body_bytes: 4194304") + """
+redaction: {redaction}
+policies:
+  - id: pii.redact_email
+    owner: sec@example.com
+    effect: redact
+    data_classes: [email]
+    message: e-mail goes out masked
+    expression: subject.tenant == 'anon'
+"""
+
+
+def test_a_redaction_a_policy_requires_and_cannot_get_is_refused() -> None:
+    # The scan gives up on a body of zero-width characters; on_incomplete: allow sent
+    # the e-mail a policy wants masked, logged as redacted.
+    snap = config.parse(REDACT_POLICY_YAML.replace("{redaction}", "{on_incomplete: allow}"),
+                        "redact.yaml")
+    body = chat("a", messages=[{"role": "user", "content": "a\u200b" * 200_000},
+                               {"role": "user", "content": "mail jane.doe@example.com"}])
+    ex, resp = send_body(snap, body, key=None)
+    err = assert_error(resp, 403, "redaction_required")
+    assert err["message"] == ("Policy requires redaction of email, but the scan of this "
+                              "request stopped short of its end (policy pii.redact_email)")
+    assert ex.record.policy_denied == "pii.redact_email"
+
+
+def test_a_redact_policy_with_redaction_off_is_refused_at_load() -> None:
+    # Loaded, it refused every request it matched: an outage no dry run showed.
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(REDACT_POLICY_YAML.replace("{redaction}", "{enabled: false}"),
+                     "redact.yaml")
+    assert info.value.problems == [("line 12: pii.redact_email", (
+        "requires redacting 'email', but redaction is off: every request it matches "
+        "would be refused (turn redaction on, or remove the policy)"))]
+
+
 def test_body_at_limit_passes_and_one_over_is_413() -> None:
     snap = config.parse(SMALL_LIMIT_YAML, "small.yaml")
     base = json.dumps({"model": "a", "messages": [{"role": "user", "content": ""}]})
