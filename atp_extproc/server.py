@@ -147,7 +147,8 @@ class ConfigHolder:
             except OSError:
                 stamps.append(None)
                 continue
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            # ctime too: `cp -p`, `touch -r` or an archive keep mtime (and often size).
+            stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
         return tuple(stamps)
 
     def reload(self, reason: str) -> bool:

@@ -272,3 +272,16 @@ def test_an_envoy_config_that_is_no_yaml_is_reported_once(
                        "--envoy", str(envoy))
     assert code == 1
     assert output.count("invalid YAML") == 1 and "1 error(s)" in output
+
+
+def test_a_policy_file_checked_alone_warns_of_a_class_that_is_not_built_in(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Alone it passed silently, and failed the deploy once atp.yaml included it.
+    path = tmp_path / "pol.yaml"
+    path.write_text("policies:\n  - id: pii.redact_mail\n    owner: a@b.c\n"
+                    "    effect: redact\n    data_classes: [emial]\n"
+                    "    expression: resource.egress == 'external'\n")
+    code, output = run(capsys, "check", str(path))
+    assert code == 0
+    assert (f"{path}:5: warning: pii.redact_mail: 'emial' is not a built-in data class"
+            in output)

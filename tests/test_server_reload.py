@@ -181,3 +181,28 @@ def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, caplog) -> N
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "server.listen changed (the file says '127.0.0.1:50099', ATP runs with " \
         "'127.0.0.1:50051'); ledger.path changed" in warning and "restart" in warning
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_a_reload(tmp_path: Path) -> None:
+    # `cp -p`, `touch -r` or an archive keep the mtime; the same length kept the size.
+    import os
+
+    (tmp_path / "policies").mkdir()
+    policy = tmp_path / "policies" / "a.yaml"
+    policy.write_text(
+        "policies:\n  - {id: a.x, effect: deny, expression: subject.tenant == 'bob'}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    before, st = holder._file_stamp(), policy.stat()
+    policy.write_text(policy.read_text().replace("'bob'", "'eve'"))
+    os.utime(policy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert holder._file_stamp() != before
+
+
+def test_a_file_two_include_globs_match_is_read_once(tmp_path: Path) -> None:
+    # Read twice, its policies were refused as duplicates of themselves.
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "critical.yaml").write_text(
+        "policies:\n  - {id: a.x, effect: deny, expression: request.stream}\n")
+    path = tmp_path / "atp.yaml"
+    path.write_text(GOOD + "policy: {include: [p/*.yaml, ./p/critical.yaml]}\n")
+    assert [p.id for p in config_mod.load(path).policies.policies] == ["a.x"]

@@ -37,6 +37,18 @@ def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:
     return (*BUILTIN_CLASSES, *(str(name) for name in custom if name))
 
 
+def _unknown_classes_alone(loaded: Any) -> list[Problem]:
+    """A policy file checked alone: its data classes that are not built in. The atp.yaml
+    including it may define them as custom detectors, so a warning, not an error: a typo
+    must not pass a team's check and fail the deploy."""
+    return [Problem(sp.file, sp.field_lines.get(f"data_classes[{i}]", sp.line), sp.spec.id,
+                    f"{dc!r} is not a built-in data class: an error unless the atp.yaml "
+                    "that includes this file defines a custom detector of that name",
+                    "warning")
+            for sp in loaded.policies
+            for i, dc in enumerate(sp.spec.data_classes) if dc not in BUILTIN_CLASSES]
+
+
 def redaction_configured(raw: dict[str, Any]) -> bool:
     """Whether the config `raw` turns redaction on, as config.load would.
 
@@ -89,6 +101,8 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
             known_data_classes=known_data_classes if known_data_classes is not None
             else data_classes_of(loaded.raw))
         problems += found
+        if known_data_classes is None and data_classes_of(loaded.raw) is None:
+            problems += _unknown_classes_alone(loaded)
         effects = sorted({p.spec.effect for p in loaded.policies})
         enforcing = [e for e in effects if e in ENFORCING]
         if enforcing:

@@ -466,6 +466,9 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
     policies += found
     problems += more
     include_globs = tuple(str(base_dir / pattern) for pattern in includes)
+    # A file two globs match is read once ("p/*.yaml" and "p/critical.yaml"): twice, its
+    # policies would be duplicates of themselves.
+    included: set[str] = set()
     for i, (pattern, absolute) in enumerate(zip(includes, include_globs, strict=True)):
         line = line_of(doc, ["policy", "include", i])
         matches = sorted(glob.glob(absolute, recursive=True))
@@ -473,6 +476,9 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
             problems.append(Problem(file, line, f"policy.include[{i}]",
                                     f"{pattern!r} matches no file{_unreadable(absolute)}"))
         for match in matches:
+            if os.path.realpath(match) in included:
+                continue
+            included.add(os.path.realpath(match))
             path = Path(match)
             shown = _shown(path)
             try:
