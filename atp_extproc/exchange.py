@@ -33,6 +33,7 @@ from atp_extproc.llm_api import (
     Usage,
     check_depth,
     estimate_tokens,
+    is_json_object,
     needs_usage_injection,
     parse_body,
     read_request,
@@ -85,6 +86,9 @@ INCOMPLETE_REQUEST = "request_incomplete"
 STREAM_ERROR = "upstream_stream_error"
 # ... and when Envoy stopped waiting for ATP's answer (message_timeout, or the client left).
 ABANDONED = "atp_answer_abandoned"
+# ... and when a 2xx answer is no answer of the API: a proxy's HTML page, an empty body,
+# JSON that is no object, a stream without one event: the provider failed.
+INVALID_RESPONSE = "upstream_invalid_response"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # What routing may add to a body after redaction: the model id, stream_options.
@@ -801,8 +805,8 @@ class Exchange:
         # A cut-off answer failed the client, but whether the model did is unknown: the
         # ledger counts it failed, the router learns nothing from it.
         incomplete = rec.error_code == INCOMPLETE_RESPONSE
-        ok = False if incomplete or rec.error_code == STREAM_ERROR else \
-            classify_status(rec.status)
+        ok = False if incomplete or rec.error_code in (STREAM_ERROR, INVALID_RESPONSE) \
+            else classify_status(rec.status)
         if route.objective is not None and ok is not None and not incomplete:
             latency = rec.ttfb_ms if rec.stream else rec.duration_ms
             # Billed tokens teach the route its request sizes, which price candidates not
@@ -847,22 +851,33 @@ class Exchange:
                 return None
             # No answer came: the provider still read (and bills) the prompt.
             return Usage(estimate_tokens(rec.request_bytes), 0, estimated=True)
+        prompt = estimate_tokens(self.record.request_bytes)
         if self.sse is not None:
             self.finish_reason = self.sse.finish_reason
             if self.sse.usage is not None:
                 return self.sse.usage
-            return Usage(estimate_tokens(self.record.request_bytes),
-                         estimate_tokens(self.sse.output_chars), estimated=True)
+            if not self.sse.data_events:
+                return self._invalid(prompt)
+            return Usage(prompt, estimate_tokens(self.sse.output_chars), estimated=True)
         output_chars = self._unread_bytes  # an answer not read: its size
         if self._response_body:
-            usage, self.finish_reason, output_chars = read_response(
-                bytes(self._response_body))
+            body = bytes(self._response_body)
+            usage, self.finish_reason, output_chars = read_response(body)
             if usage is not None:
                 return usage
+            if not is_json_object(body):
+                return self._invalid(prompt)
+        elif not (self._unread_bytes or self._compressed):
+            return self._invalid(prompt)  # no body, or one of another type, passed unread
         if rec.operation == "embeddings":
             output_chars = 0  # vectors are no output tokens
-        return Usage(estimate_tokens(self.record.request_bytes),
-                     estimate_tokens(output_chars), estimated=True)
+        return Usage(prompt, estimate_tokens(output_chars), estimated=True)
+
+    def _invalid(self, prompt_tokens: int) -> Usage:
+        """A 2xx that is no answer: recorded as the provider's failure, its prompt
+        (which the provider may still bill) estimated, and no output."""
+        self.record.error_code = self.record.error_code or INVALID_RESPONSE
+        return Usage(prompt_tokens, 0, estimated=True)
 
 
 _NO_COMPRESSION = ("accept-encoding",)

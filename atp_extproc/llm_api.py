@@ -731,6 +731,14 @@ def read_response(body: bytes) -> tuple[Usage | None, str | None, int]:
     return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0
 
 
+def is_json_object(body: bytes) -> bool:
+    """Whether a JSON answer is the object every API answers with."""
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _finish_reason(obj: Any) -> str | None:
     choices = obj.get("choices") if isinstance(obj, dict) else None
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):

@@ -26,7 +26,7 @@ from atp_extproc import config as config_mod
 from atp_extproc import logs
 from atp_extproc.config import ConfigError, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
-from atp_extproc.exchange import ABANDONED, Exchange
+from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
 from atp_extproc.services import Services
 
 log = logging.getLogger("atp.server")
@@ -247,6 +247,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         exchange = Exchange(self.holder.current, services=self.services, shadow=shadow)
         self.in_flight += 1
         self._idle.clear()
+        message: ProcessingRequest | None = None
         try:
             async for message in request_iterator:
                 try:
@@ -273,14 +274,23 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         return
                     continue
                 if response is not None:
-                    yield response
+                    try:
+                        yield response
+                    except (asyncio.CancelledError, GeneratorExit):
+                        # Envoy had stopped waiting while ATP worked (the loop was held
+                        # past message_timeout): the answer went nowhere.
+                        _abandoned(exchange, message)
+                        raise
                     if response.HasField("immediate_response"):
                         return
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-            exchange.finish()
+            # A stream that ended before its first message (a connection Envoy dropped)
+            # was no request: no record.
+            if message is not None:
+                exchange.finish()
 
     async def _inspect_off_loop(self, exchange: Exchange,
                                 message: ProcessingRequest) -> ProcessingResponse:
@@ -320,8 +330,11 @@ def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
     (message_timeout; the client got a 504) or the client left. The record says so; the
     log says it, as ATP being too slow is the operator's to fix."""
     rec = exchange.record
-    rec.error_code = rec.error_code or ABANDONED
     phase = message.WhichOneof("request") or "a message"
+    # Once the answer was coming back, the model had the request: the answer did not
+    # reach its end, which the ledger counts failed. Before, nothing reached a model.
+    rec.error_code = rec.error_code or (
+        INCOMPLETE_RESPONSE if phase.startswith("response_") else ABANDONED)
     body = getattr(message, phase).body if phase.endswith("_body") else b""
     log.warning("Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
                 "message_timeout passed, or the client left", phase, len(body),

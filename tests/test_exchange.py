@@ -1114,6 +1114,31 @@ def test_other_content_type_no_body_mode_and_estimated(snap) -> None:
     assert rec.usage_estimated is True
 
 
+@pytest.mark.parametrize("content_type, body, stream", [
+    ("text/html", None, False),  # a proxy's error page, passed on unread
+    ("application/json", b"", False),
+    ("application/json", b"<html>busy</html>", False),
+    ("application/json", b"[1, 2]", False),
+    ("text/event-stream", b": keep-alive\n\n", True),  # a stream without an event
+])
+def test_a_2xx_that_is_no_answer_is_the_providers_failure(
+        snap, content_type: str, body: bytes | None, stream: bool) -> None:
+    # Counted a success, it drew the learned router's traffic to the failing provider.
+    router = Router()
+    services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), None)
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", CHAT, ALICE))
+    ex.handle(req_body(chat("auto", stream=stream)))
+    ex.handle(resp_headers(200, content_type))
+    if body is not None:
+        ex.handle(resp_body(body))
+    rec = ex.finish()
+    assert rec.error_code == "upstream_invalid_response"
+    assert (rec.output_tokens, rec.usage_estimated) == (0, True)
+    learned = router.snapshot()["chat-auto"][rec.model]
+    assert learned["observations"] == 1 and learned["error_rate"] > 0.05
+
+
 @pytest.mark.parametrize("status", [400, 429, 500, 503])
 def test_error_response_not_priced(snap, status: int) -> None:
     ex, _ = send_body(snap, chat("fast"))

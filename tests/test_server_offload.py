@@ -105,3 +105,47 @@ async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
     assert record.error_code == "atp_answer_abandoned"
     assert any("Envoy stopped waiting for ATP's answer to request_body" in r.getMessage()
                for r in caplog.records)
+
+
+def _recording_finish(monkeypatch) -> list:
+    records: list = []
+    finish = Exchange.finish
+    monkeypatch.setattr(Exchange, "finish", lambda self: records.append(finish(self)))
+    return records
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answered, error_code", [
+    # The body's answer, after Envoy had stopped waiting: nothing reached a model, and
+    # the record used to bill the request as forwarded.
+    (2, "atp_answer_abandoned"),
+    # The answer's, after the client left: the model had the request, the ledger counts
+    # it failed (it used to count a success).
+    (3, "response_incomplete"),
+])
+async def test_an_answer_that_went_nowhere_is_recorded_so(
+        tmp_path, monkeypatch, answered: int, error_code: str) -> None:
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    replies = processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions"),
+        req_body({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+        resp_headers(200, "application/json")]), _Context())
+    for _ in range(answered):
+        await replies.__anext__()
+    await replies.aclose()  # as grpc.aio does with an RPC Envoy has closed
+    (record,) = records
+    assert record.error_code == error_code
+    assert (record.cost_usd is None) == (answered == 2)  # billed only once forwarded
+
+
+@pytest.mark.asyncio
+async def test_a_stream_without_a_message_leaves_no_record(tmp_path, monkeypatch) -> None:
+    # Envoy dropping a connection ends streams that never carried a message: each was
+    # logged as a blank exchange (status 0, no error).
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    assert [r async for r in processor.Process(_messages([]), _Context())] == []
+    assert records == []
