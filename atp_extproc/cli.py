@@ -31,18 +31,31 @@ class _EarlySignals:
 
     def __init__(self) -> None:
         self.stop_requested = False
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._remember)
-        signal.signal(signal.SIGINT, self._remember)
+        self._previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+                          signal.SIGTERM: signal.signal(signal.SIGTERM, self._remember),
+                          signal.SIGINT: signal.signal(signal.SIGINT, self._remember)}
 
     def _remember(self, signum: int, frame: object) -> None:
         self.stop_requested = True
+
+    def restore(self) -> None:
+        """The handlers from before `serve`: an ignored SIGHUP left behind would pass to
+        every process the caller starts later (`serve` run in process, as tests do)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Exit 0 after a drain, 2 for a config or --listen that is invalid, 1 when ATP cannot
     start where asked (address in use, ledger not writable): one line on stderr."""
     early = _EarlySignals()
+    try:
+        return _serve_with(args, early)
+    finally:
+        early.restore()
+
+
+def _serve_with(args: argparse.Namespace, early: _EarlySignals) -> int:
     from atp_extproc import config as config_mod
     from atp_extproc import logs, server
     from atp_extproc.store.ledger import LedgerUnavailable

@@ -285,3 +285,18 @@ def test_a_policy_file_checked_alone_warns_of_a_class_that_is_not_built_in(
     assert code == 0
     assert (f"{path}:5: warning: pii.redact_mail: 'emial' is not a built-in data class"
             in output)
+
+
+def test_serve_in_process_leaves_the_signal_handlers_as_it_found_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # It left SIGHUP ignored: every process started afterwards inherited that, and a
+    # later test's stack then ignored the SIGHUP meant to stop it.
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM,
+                                                      signal.SIGINT)}
+    path = tmp_path / "atp.yaml"
+    path.write_text("models: [\n")
+    code, _ = run(capsys, "serve", "--config", str(path))
+    assert code == 2
+    assert {sig: signal.getsignal(sig) for sig in before} == before

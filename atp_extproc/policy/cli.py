@@ -14,16 +14,10 @@ from pydantic import ValidationError
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import known_values
-from atp_extproc.policy.settings import Problem, load_file
+from atp_extproc.policy.settings import Problem, is_policy_file, load_file
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
-
-
-def is_policy_file(raw: dict[str, Any]) -> bool:
-    """A file holding only `policy:`/`policies:`, as policy.include takes: it says
-    nothing about models or redaction."""
-    return not set(raw) - {"policy", "policies"}
 
 
 def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:

@@ -47,6 +47,7 @@ from atp_extproc.policy.settings import (
     PolicySettings,
     Problem,
     SourcedPolicy,
+    is_policy_file,
     line_of,
     load_file,
     load_yaml,
@@ -185,8 +186,10 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
                 continue
             problems += [p for p in loaded.problems if p.severity == "error"]
             policies += loaded.policies
-            settings = settings or loaded.settings
-            raw = raw or loaded.raw
+            # An atp.yaml's settings (default, mode) are what ATP runs with, wherever
+            # it is listed; a policy file's are only defaults.
+            if settings is None or (is_policy_file(raw) and not is_policy_file(loaded.raw)):
+                settings, raw = loaded.settings, loaded.raw
         if case_files and len(case_files) == len(matches):
             problems.append(Problem(str(file), line, "policies",
                                     f"{pattern!r} matches case files only "
