@@ -545,32 +545,22 @@ async def serve(config: UpstreamConfig, host: str, port: int) -> None:
         await runner.cleanup()
 
 
-def error_rate_arg(value: str) -> float:
-    rate = float(value)
-    if not 0.0 <= rate <= 1.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return rate
+def _in_range(kind: Callable[[str], float], low: float, high: float,
+              message: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` from `low` to `high` (NaN never is)."""
+    def parse(value: str) -> Any:
+        number = kind(value)
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(message)
+        return number
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
 
 
-def latency_arg(value: str) -> float:
-    latency = float(value)
-    if not 0.0 <= latency < float("inf"):
-        raise argparse.ArgumentTypeError("must be 0 or more milliseconds")
-    return latency
-
-
-def error_status_arg(value: str) -> int:
-    status = int(value)
-    if not 400 <= status <= 599:
-        raise argparse.ArgumentTypeError("must be an HTTP error status, 400 to 599")
-    return status
-
-
-def port_arg(value: str) -> int:
-    port = int(value)
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError("must be 1 to 65535")
-    return port
+error_rate_arg = _in_range(float, 0.0, 1.0, "must be between 0 and 1")
+latency_arg = _in_range(float, 0.0, sys.float_info.max, "must be 0 or more milliseconds")
+error_status_arg = _in_range(int, 400, 599, "must be an HTTP error status, 400 to 599")
+port_arg = _in_range(int, 1, 65535, "must be 1 to 65535")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
