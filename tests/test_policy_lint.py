@@ -438,6 +438,7 @@ def test_a_policy_too_deep_for_the_joined_program_is_a_check_error(tmp_path):
 
 @pytest.mark.parametrize("expression", [
     "request.metadata.exists(k, request.tools.exists(t, t == k))",
+    "has(subject.claims.groups) && "
     "subject.claims.groups.exists(g, request.tools.exists(t, t == g))",
     "request.tools.exists(t, request.data_classes.exists(c, c == t))",
 ])

@@ -53,8 +53,8 @@ def test_constant_shapes_are_found(expression, value):
     ("subject.tenant.startsWith('a') || subject.tenant.contains(subject.user)", "deny"),
     # A double or a dyn (a claim, a JSON number) can be NaN, which equals nothing.
     ("resource.input_per_1k >= resource.input_per_1k", "restrict"),
-    ("subject.claims.n == subject.claims.n", "deny"),
-    ("subject.claims.n in [subject.claims.n]", "deny"),
+    ("has(subject.claims.n) && subject.claims.n == subject.claims.n", "deny"),
+    ("has(subject.claims.n) && subject.claims.n in [subject.claims.n]", "deny"),
 ])
 def test_shapes_that_may_differ_are_not_constant(expression, effect):
     assert reasons(expression, effect) == []
@@ -263,3 +263,15 @@ def test_an_include_under_a_directory_atp_may_not_read_says_so(tmp_path, monkeyp
     (problem,) = loaded.problems
     assert problem.reason == (f"'policies/*.yaml' matches no file ({locked} cannot be "
                               "read: permission denied)")
+
+
+@pytest.mark.parametrize(("expression", "warned"), [
+    ("request.data_classes['email'] > 3", ["request.data_classes['email']"]),
+    ("subject.claims.level > 3", ["subject.claims['level']"]),
+    ("'email' in request.data_classes && request.data_classes['email'] > 3", []),
+    ("has(subject.claims.level) && subject.claims.level > 3", []),
+])
+def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
+    # With on_error: deny it refused every request without the key ("hello" included).
+    assert [r.split(" is an evaluation error")[0] for r in reasons(expression)
+            if "evaluation error where the key is absent" in r] == warned

@@ -96,6 +96,10 @@ class _Walker:
         self.pool = descriptor_pool.Default()
         # A tools policy: the whole expression runs inside the loop over the tools.
         self.per_tool = per_tool
+        # Map reads by a literal key (map path, key) → where, and the keys the
+        # expression tests for (`'k' in m`, `has(m.k)`) anywhere.
+        self.map_reads: dict[tuple[str, str], int] = {}
+        self.map_guards: set[tuple[str, str]] = set()
 
     # -- paths ----------------------------------------------------------------------
 
@@ -135,8 +139,13 @@ class _Walker:
             path = self.path_of(e, scope)
             if path is not None:
                 self.use(path)
+                base = self.path_of(sel.operand, scope)
                 if sel.test_only:
                     self._check_has(e)
+                    if base is not None:
+                        self.map_guards.add((base, sel.field))
+                elif base is not None and self._is_map(sel.operand):
+                    self.map_reads.setdefault((base, sel.field), e.id)
                 # The operand chain is the path's own prefix: nothing else to read there.
                 return
             self.walk(sel.operand, scope, loop_depth)
@@ -162,6 +171,7 @@ class _Walker:
             if path is not None:
                 self.use(path)
                 self._check_known_key(call.args[0], call.args[1], scope, e.id)
+                self._note_map_read(call.args[0], call.args[1], scope, e.id)
                 # A computed key may itself read attributes.
                 self.walk(call.args[1], scope, loop_depth)
                 return
@@ -295,6 +305,30 @@ class _Walker:
         hay_path = self.path_of(hay, scope)
         if value is not None and hay_path is not None:
             self._unknown_value(hay_path + "{}", value, expr_id)
+            self.map_guards.add((hay_path, value))
+
+    def _note_map_read(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
+                       scope: Mapping[str, str | None], expr_id: int) -> None:
+        value = self._literal_string(key)
+        path = self.path_of(base, scope)
+        if value is not None and path is not None and self._is_map(base):
+            self.map_reads.setdefault((path, value), expr_id)
+
+    def _is_map(self, e: syntax_pb2.Expr) -> bool:
+        t = self.types.get(e.id)
+        return t is not None and t.HasField("map_type")
+
+    def unguarded_map_reads(self) -> None:
+        """A map read by a key the expression never tests for fails (an evaluation error)
+        on every request without that key, and on_error (default deny) then decides it:
+        `request.data_classes['email'] > 3` refuses every request without an e-mail."""
+        for (path, key), expr_id in self.map_reads.items():
+            if (path, key) not in self.map_guards:
+                self.findings.append(Finding(
+                    self.positions.get(expr_id, 0),
+                    f"{path}[{key!r}] is an evaluation error where the key is absent, and "
+                    f"on_error then decides every such request: guard it "
+                    f"({key!r} in {path} && ...)", "warning"))
 
     def _check_known_key(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
                          scope: Mapping[str, str | None], expr_id: int) -> None:
@@ -594,6 +628,7 @@ def analyze(serialized: bytes, known_values: Mapping[str, Iterable[str]] | None 
     checked = checked_expr(serialized)
     walker = _Walker(checked, known_values or {}, per_tool)
     walker.walk(checked.expr, {}, 1 if per_tool else 0)
+    walker.unguarded_map_reads()
     used = tuple(sorted(walker.used))
     roots = frozenset(p.split(".", 1)[0] for p in used)
     folded = fold(checked.expr, checked.type_map)
