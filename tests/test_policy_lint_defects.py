@@ -275,3 +275,15 @@ def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
     # With on_error: deny it refused every request without the key ("hello" included).
     assert [r.split(" is an evaluation error")[0] for r in reasons(expression)
             if "evaluation error where the key is absent" in r] == warned
+
+
+def test_a_class_redaction_does_not_look_for_is_warned_of() -> None:
+    # 'ipv4' in request.data_classes with ipv4 disabled could never match, silently.
+    from atp_extproc.policy.runtime import known_values
+
+    known = known_values({"redaction": {"disabled_classes": ["ipv4"]}})
+    _, problems = PolicySet.lint([{"id": "sec.no_ips", "effect": "deny",
+                                   "expression": "'ipv4' in request.data_classes"}],
+                                 known_values=known)
+    assert [p.reason.split(" (known")[0] for p in problems] == [
+        "request.data_classes{} is never 'ipv4' with this config"]

@@ -37,6 +37,7 @@ from atp_extproc.policy.settings import (
     load_text,
     require_ok,
 )
+from atp_extproc.redact.settings import BUILTIN_CLASSES
 
 log = logging.getLogger("atp.policy")
 
@@ -60,6 +61,14 @@ def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
             str(m.get("provider") or m.get("cluster")) for m in models)
         known["resource.region"] = frozenset(str(m.get("region", "unspecified"))
                                              for m in models)
+    section = raw.get("redaction")
+    if isinstance(section, dict) and isinstance(section.get("disabled_classes"), list):
+        # A class redaction does not look for is never in request.data_classes: a
+        # policy testing for it can never match ('ipv4' in ... with ipv4 disabled).
+        detectors = section.get("custom_detectors")
+        custom = [str(d.get("name")) for d in detectors or () if isinstance(d, dict)]
+        known["request.data_classes{}"] = frozenset(
+            {*BUILTIN_CLASSES, *custom} - {str(c) for c in section["disabled_classes"]})
     if routes:
         known["context.route"] = frozenset(str(r.get("name")) for r in routes)
         aliases: set[str] = set()
