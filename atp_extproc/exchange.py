@@ -33,7 +33,6 @@ from atp_extproc.llm_api import (
     Usage,
     check_depth,
     estimate_tokens,
-    is_json_object,
     needs_usage_injection,
     parse_body,
     read_request,
@@ -861,12 +860,12 @@ class Exchange:
             return Usage(prompt, estimate_tokens(self.sse.output_chars), estimated=True)
         output_chars = self._unread_bytes  # an answer not read: its size
         if self._response_body:
-            body = bytes(self._response_body)
-            usage, self.finish_reason, output_chars = read_response(body)
+            usage, self.finish_reason, chars = read_response(bytes(self._response_body))
             if usage is not None:
                 return usage
-            if not is_json_object(body):
+            if chars is None:
                 return self._invalid(prompt)
+            output_chars = chars
         elif not (self._unread_bytes or self._compressed):
             return self._invalid(prompt)  # no body, or one of another type, passed unread
         if rec.operation == "embeddings":

@@ -720,23 +720,18 @@ def _usage_of(obj: Any) -> Usage | None:
     return Usage(inp, out)
 
 
-def read_response(body: bytes) -> tuple[Usage | None, str | None, int]:
+def read_response(body: bytes) -> tuple[Usage | None, str | None, int | None]:
     """Usage, the first choice's finish_reason and the characters of output text (for
-    an estimate when there is no usage; 0 when there is) of a JSON response body."""
+    an estimate when there is no usage; 0 when there is) of a JSON response body; all
+    None when the body is no JSON object, which no API answers with."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:  # too deep included
-        return None, None, len(body)
+        return None, None, None
+    if not isinstance(obj, dict):
+        return None, None, None
     usage = _usage_of(obj)
     return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0
-
-
-def is_json_object(body: bytes) -> bool:
-    """Whether a JSON answer is the object every API answers with."""
-    try:
-        return isinstance(orjson.loads(body), dict)
-    except orjson.JSONDecodeError:
-        return False
 
 
 def _finish_reason(obj: Any) -> str | None:
@@ -893,10 +888,8 @@ def _delta_chars(obj: dict[str, Any]) -> int:
     return _choices_chars(obj, "delta") + (len(delta) if isinstance(delta, str) else 0)
 
 
-def _answer_chars(obj: Any) -> int:
+def _answer_chars(obj: dict[str, Any]) -> int:
     """Output characters of a whole JSON answer: chat, completions, Responses."""
-    if not isinstance(obj, dict):
-        return 0
     return _choices_chars(obj, "message") + _texts_chars(obj.get("output"))
 
 

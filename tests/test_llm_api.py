@@ -1035,7 +1035,8 @@ def test_read_response_gives_the_first_choices_finish_reason() -> None:
     body = json.dumps({"choices": [{"finish_reason": "length"}, {"finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
     assert read_response(body) == (Usage(3, 4), "length", 0)
-    assert read_response(b"not json") == (None, None, 8)
+    assert read_response(b"not json") == (None, None, None)
+    assert read_response(b"[1, 2]") == (None, None, None)
 
 
 @pytest.mark.parametrize("answer, chars", [

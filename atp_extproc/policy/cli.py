@@ -13,22 +13,11 @@ from pydantic import ValidationError
 
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
-from atp_extproc.policy.runtime import known_values
+from atp_extproc.policy.runtime import data_classes_of, known_values
 from atp_extproc.policy.settings import Problem, is_policy_file, load_file
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
-
-
-def data_classes_of(raw: dict[str, Any]) -> tuple[str, ...] | None:
-    """The data classes an atp.yaml's redaction knows (built-in and its custom
-    detectors'); None for a policy file, which says nothing about them."""
-    if is_policy_file(raw):
-        return None
-    section = raw.get("redaction")
-    detectors = section.get("custom_detectors") if isinstance(section, dict) else None
-    custom = [d.get("name") for d in detectors or () if isinstance(d, dict)]
-    return (*BUILTIN_CLASSES, *(str(name) for name in custom if name))
 
 
 def _unknown_classes_alone(loaded: Any) -> list[Problem]:

@@ -33,6 +33,7 @@ from atp_extproc.policy.settings import (
     LoadedPolicies,
     PolicyError,
     Problem,
+    is_policy_file,
     load_file,
     load_text,
     require_ok,
@@ -42,6 +43,17 @@ from atp_extproc.redact.settings import BUILTIN_CLASSES
 log = logging.getLogger("atp.policy")
 
 AUTH_METHODS = ("api_key", "jwt", "trusted_header", "anonymous")
+
+
+def data_classes_of(raw: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The data classes an atp.yaml's redaction knows (built-in and its custom
+    detectors'); None for a policy file, which says nothing about them."""
+    if is_policy_file(raw):
+        return None
+    section = raw.get("redaction")
+    detectors = section.get("custom_detectors") if isinstance(section, dict) else None
+    custom = [d.get("name") for d in detectors or () if isinstance(d, dict)]
+    return (*BUILTIN_CLASSES, *(str(name) for name in custom if name))
 
 
 def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
@@ -62,13 +74,13 @@ def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
         known["resource.region"] = frozenset(str(m.get("region", "unspecified"))
                                              for m in models)
     section = raw.get("redaction")
-    if isinstance(section, dict) and isinstance(section.get("disabled_classes"), list):
+    classes = data_classes_of(raw)
+    if classes is not None and isinstance(section, dict) and \
+            isinstance(section.get("disabled_classes"), list):
         # A class redaction does not look for is never in request.data_classes: a
         # policy testing for it can never match ('ipv4' in ... with ipv4 disabled).
-        detectors = section.get("custom_detectors")
-        custom = [str(d.get("name")) for d in detectors or () if isinstance(d, dict)]
-        known["request.data_classes{}"] = frozenset(
-            {*BUILTIN_CLASSES, *custom} - {str(c) for c in section["disabled_classes"]})
+        known["request.data_classes{}"] = frozenset(classes) - {
+            str(c) for c in section["disabled_classes"]}
     if routes:
         known["context.route"] = frozenset(str(r.get("name")) for r in routes)
         aliases: set[str] = set()

@@ -225,7 +225,7 @@ class Problem:
         return f"{where}: {tag}{path}{self.reason}"
 
 
-def is_policy_file(raw: dict[str, Any]) -> bool:
+def is_policy_file(raw: Mapping[str, Any]) -> bool:
     """A file holding only `policy:`/`policies:`, as policy.include takes: it says
     nothing about models or redaction."""
     return not set(raw) - {"policy", "policies"}

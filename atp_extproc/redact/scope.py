@@ -477,10 +477,9 @@ _SETTINGS = frozenset((
 _COMMON = frozenset((*_STORED, "metadata"))
 
 
-def _common(c: Collector, doc: dict[str, Any], read: frozenset[str]) -> None:
+def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
     """What every operation may carry that a provider stores or reads, and any top-level
-    field neither the operation's walker (`read`: the fields it read) nor _SETTINGS
-    knows."""
+    field not `known` (the operation's own fields, _COMMON's and _SETTINGS)."""
     for key in _STORED:
         if isinstance(doc.get(key), str):
             c.text((key,), doc[key])
@@ -492,7 +491,7 @@ def _common(c: Collector, doc: dict[str, Any], read: frozenset[str]) -> None:
             if isinstance(value, str):
                 c.text(("metadata", key), value)
     _read_values(c, [((k,), v, key_class(k)) for k, v in doc.items()
-                     if k not in read and k not in _SETTINGS and k not in _COMMON])
+                     if k not in known])
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
@@ -631,11 +630,11 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
     _common(c, doc, _RESPONSES_TOP)
 
 
-# The top-level fields each walker reads itself, with the settings every body has.
-_CHAT_TOP = frozenset(("model", "messages", "prediction"))
-_COMPLETIONS_TOP = frozenset(("model", "prompt", "suffix"))
-_EMBEDDINGS_TOP = frozenset(("model", "input"))
-_RESPONSES_TOP = frozenset(("model", "instructions", "input", "prompt"))
+# The top-level fields each walker reads itself, with those _common reads and settings.
+_CHAT_TOP = _SETTINGS | _COMMON | {"messages", "prediction"}
+_COMPLETIONS_TOP = _SETTINGS | _COMMON | {"prompt", "suffix"}
+_EMBEDDINGS_TOP = _SETTINGS | _COMMON | {"input"}
+_RESPONSES_TOP = _SETTINGS | _COMMON | {"instructions", "input", "prompt"}
 
 WALKERS: dict[str, Callable[[Collector, dict[str, Any]], None]] = {
     "chat": chat, "completions": completions, "embeddings": embeddings,
