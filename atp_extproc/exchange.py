@@ -39,7 +39,6 @@ from atp_extproc.llm_api import (
     read_response,
     rewrite,
 )
-from atp_extproc.policy.attributes import safe_name
 from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import (
     ForcedToolStripped,
@@ -453,7 +452,8 @@ class Exchange:
             new_choice = tool_choice_without(choice, names, bool(kept))
         except ForcedToolStripped:
             raise _forced_stripped(choice_key) from None
-        self.record.tools_stripped = tuple(safe_name(n, i) for i, n in enumerate(names))
+        assert self.policy is not None
+        self.record.tools_stripped = self.policy.tools_stripped
         if kept:
             self._changes[tools_key] = kept
             if new_choice is not choice:

@@ -978,6 +978,20 @@ def test_stripping_some_tools_keeps_the_rest_and_the_settings(snap) -> None:
     assert sent["tool_choice"] == "auto"
 
 
+def test_a_stripped_tool_is_named_in_the_record_as_its_decision_names_it(snap) -> None:
+    # A name unfit for a log is numbered by its place in the request: the record used
+    # to number it by its place among the stripped tools (<tool#0> beside <tool#2>).
+    ex, resp = send_body(snap, chat("gpt-4o-mini", tools=[
+        {"type": "function", "function": {"name": n}}
+        for n in ("get_weather", "send_email", "rm -rf /")]), key=BOB)
+    assert [t["function"]["name"] for t in json.loads(forwarded(resp)[1])["tools"]] == [
+        "get_weather"]
+    rec = ex.finish()
+    assert rec.tools_stripped == ("send_email", "<tool#2>")
+    targets = {t for r in ex.policy.records if r.decision == "strip" for t in r.targets}
+    assert targets == set(rec.tools_stripped)
+
+
 @pytest.mark.parametrize(("tools", "choice"), [
     (["send_email"], {"type": "function", "function": {"name": "send_email"}}),
     (["send_email"], "required"),

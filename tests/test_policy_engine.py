@@ -142,7 +142,11 @@ def test_redact_union_over_allowed_candidates_only():
     # LARGE (external) was removed by r.eu, so its redaction requirement does not apply.
     assert [c.model for c in out.allowed_candidates] == ["small"]
     assert out.required_redactions == {"iban"}
-    assert rec(out, "d.contact").decision == "redact"
+    # Nor does its record claim one: it used to say "redact" for a request sent on
+    # with the e-mail unredacted.
+    assert rec(out, "d.contact").decision == "not_applicable"
+    assert rec(out, "d.contact").reason == "it matched only candidates that restrict removed"
+    assert rec(out, "d.pay").decision == "redact"
     wide = compile_(P("d.contact", "redact", "resource.egress == 'external'",
                       data_classes=["email"]))
     assert wide.evaluate(attrs(), [LARGE, SMALL]).required_redactions == {"email"}

@@ -168,8 +168,8 @@ class Outcome:
 
     __slots__ = ("_applied", "_candidates", "_columns", "_decisions", "_reasons", "_records",
                  "_share_us", "allowed_candidates", "denied", "empty_candidate_reasons",
-                 "eval_us", "required_redactions", "tools_denied", "tools_to_strip",
-                 "would_deny")
+                 "eval_us", "required_redactions", "tools_denied", "tools_stripped",
+                 "tools_to_strip", "would_deny")
 
     def __init__(self, denied: Decision | None, allowed_candidates: tuple[CandidateInfo, ...],
                  required_redactions: frozenset[str], tools_denied: tuple[str, ...],
@@ -177,7 +177,7 @@ class Outcome:
                  would_deny: Decision | None, eval_us: float, *,
                  columns: _Columns = ((), (), (), ()), decisions: Sequence[str] = (),
                  reasons: Sequence[str] = (), applied: Mapping[int, _Why] | None = None,
-                 candidates: Sequence[CandidateInfo] = ()):
+                 candidates: Sequence[CandidateInfo] = (), tools_stripped: tuple[str, ...] = ()):
         # The enforced deny that won (deny overrides allow), or None: the request may go.
         self.denied = denied
         # Candidates left after restrict, in the order given.
@@ -187,6 +187,8 @@ class Outcome:
         self.tools_denied = tools_denied
         # Declared tools to remove from the body's `tools` before it leaves.
         self.tools_to_strip = tools_to_strip
+        # The same tools as a log names them (safe_name, numbered as decision targets are).
+        self.tools_stripped = tools_stripped
         self.empty_candidate_reasons = empty_candidate_reasons
         # What full enforcement (every dry-run policy enforced) would have done.
         self.would_deny = would_deny
@@ -802,7 +804,8 @@ class PolicySet:
         return Outcome(done.denied, allowed, done.redactions, done.tools_denied,
                        done.tools_strip, done.empty_reasons, done.would_deny, elapsed_us,
                        columns=self._columns, decisions=done.decisions,
-                       reasons=done.reasons, applied=done.applied, candidates=candidates)
+                       reasons=done.reasons, applied=done.applied, candidates=candidates,
+                       tools_stripped=done.tools_stripped)
 
     def _decide_results(self, results: list[Any], n_cand: int,
                         tools: Sequence[pb.Tool]) -> _Combined:
@@ -828,28 +831,33 @@ class PolicySet:
         applied: dict[int, _Why] = {}
         for idx, outcomes in hit:
             decided[idx], applied[idx] = _note(policies[idx], outcomes, hits, n_cand, tools)
-        denied, kept, empty_reasons, redactions, tools_denied, tools_strip = self._decide(
+        denied, kept, empty_reasons, redactions, tools_denied, strip = self._decide(
             hits, n_cand, tools)
+        if kept is not None:
+            _moot_redactions(hits, kept, [(idx, policies[idx]) for idx, _ in hit], decided,
+                             applied)
         if hits.any_dry or self._default_deny_mode == "dry_run":
             would = self._would_deny(hits, n_cand, tools)
         else:
             would = denied
         seen = sorted({i for _, _, i in hits.tools})
         return _Combined(tuple(decided), reasons, applied, denied, would, kept, empty_reasons,
-                         redactions, tools_denied, tools_strip,
+                         redactions, tools_denied, tuple([name for _, name in strip]),
+                         tuple([safe_name(name, i) for i, name in strip]),
                          tuple([(i, tools[i].name, tools[i].declared) for i in seen]))
 
     def _decide(self, hits: _Hits, n_cand: int, tools: Sequence[pb.Tool]
                 ) -> tuple[Decision | None, tuple[int, ...] | None, tuple[str, ...],
-                           frozenset[str], tuple[str, ...], tuple[str, ...]]:
+                           frozenset[str], tuple[str, ...], tuple[tuple[int, str], ...]]:
         """What the enforced hits decide (dry-run hits only feed _would_deny): the
-        refusal, the candidates kept (None: all), why none is left, redactions, tools."""
+        refusal, the candidates kept (None: all), why none is left, redactions, tools
+        denied, and the (index, name) of each tool to strip."""
         denied: Decision | None = None
         deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if enforced]
         if deny_msgs:
             denied = _deny(deny_msgs)
         tools_denied: list[str] = []
-        tools_strip: list[str] = []
+        tools_strip: dict[str, int] = {}
         deny_tool_policy: CompiledPolicy | None = None
         for p, enforced, i in hits.tools:
             if not enforced:
@@ -859,8 +867,8 @@ class PolicySet:
                 if name not in tools_denied:
                     tools_denied.append(name)
                 deny_tool_policy = deny_tool_policy or p
-            elif tools[i].declared and name not in tools_strip:
-                tools_strip.append(name)
+            elif tools[i].declared:
+                tools_strip.setdefault(name, i)
         if denied is None and deny_tool_policy is not None:
             denied = _tools_refusal(deny_tool_policy, tools_denied)
         if denied is None and self._default_deny_mode == "enforce" and not any(hits.allows):
@@ -893,7 +901,7 @@ class PolicySet:
                         found |= p.data_classes
             redactions = frozenset(found)
         return (denied, None if kept is None else tuple(kept), empty_reasons, redactions,
-                tuple(tools_denied), tuple(tools_strip))
+                tuple(tools_denied), tuple([(i, name) for name, i in tools_strip.items()]))
 
     def _would_deny(self, hits: _Hits, n_cand: int,
                     tools: Sequence[pb.Tool]) -> Decision | None:
@@ -944,14 +952,15 @@ class _Combined:
     themselves, which are picked by index from each request's own)."""
 
     __slots__ = ("applied", "decisions", "denied", "empty_reasons", "kept", "reasons",
-                 "redactions", "tool_names", "tools_denied", "tools_strip", "would_deny")
+                 "redactions", "tool_names", "tools_denied", "tools_strip", "tools_stripped",
+                 "would_deny")
 
     def __init__(self, decisions: tuple[str, ...], reasons: tuple[str, ...],
                  applied: dict[int, _Why],
                  denied: Decision | None, would_deny: Decision | None,
                  kept: tuple[int, ...] | None, empty_reasons: tuple[str, ...],
                  redactions: frozenset[str], tools_denied: tuple[str, ...],
-                 tools_strip: tuple[str, ...],
+                 tools_strip: tuple[str, ...], tools_stripped: tuple[str, ...],
                  tool_names: tuple[tuple[int, str, bool], ...]):
         self.decisions = decisions
         self.reasons = reasons
@@ -963,6 +972,7 @@ class _Combined:
         self.redactions = redactions
         self.tools_denied = tools_denied
         self.tools_strip = tools_strip
+        self.tools_stripped = tools_stripped
         # (index, name, declared) of each tool a tools policy hit: what was decided
         # about them holds for another request only if its tools there are the same.
         self.tool_names = tool_names
@@ -1053,6 +1063,20 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
         reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
         return "error", (reason, targets, removed)
     return (p.applied_decision if applies else p.idle_decision), (reason, targets, removed)
+
+
+def _moot_redactions(hits: _Hits, kept: tuple[int, ...],
+                     hit: list[tuple[int, CompiledPolicy]], decided: list[str],
+                     applied: dict[int, _Why]) -> None:
+    """A candidate-level redact that matched only candidates a restrict removed asks
+    nothing of the request: its record says so rather than claim a redaction."""
+    for idx, p in hit:
+        if p.effect != "redact" or p.level != CANDIDATE:
+            continue
+        on = [i for i, matched in hits.redact_cand.items() if any(q is p for q, _ in matched)]
+        if on and set(on).isdisjoint(kept):
+            decided[idx] = "not_applicable"
+            applied[idx] = ("it matched only candidates that restrict removed", (), ())
 
 
 def _idle(policies: Sequence[CompiledPolicy], has_cand: bool, has_tools: bool
