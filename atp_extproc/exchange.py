@@ -187,6 +187,8 @@ class Exchange:
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
+        # Envoy holds the answer's headers until its BUFFERED body has come.
+        self._headers_held = False
         self._finished = False
 
     def handle(self, message: ProcessingRequest) -> ProcessingResponse | None:
@@ -685,6 +687,7 @@ class Exchange:
             if length.isascii() and length.isdigit() and \
                     int(length) <= self.snapshot.server.max_body_bytes:
                 mode = ProcessingMode.BUFFERED
+                self._headers_held = True
             else:
                 mode = ProcessingMode.STREAMED
             return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
@@ -762,6 +765,10 @@ class Exchange:
         if not rec.error_code and (self._body_pending or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
+            if self._body_pending and self._headers_held:
+                # The upstream's headers never left Envoy: the client got Envoy's 502
+                # (upstream_unavailable), not the 200 they began with.
+                rec.status = 502
         elif not rec.error_code and self.sse is not None and self.sse.failed:
             rec.error_code = STREAM_ERROR
         elif not (rec.error_code or rec.status) and rec.operation and self._parsed is None:

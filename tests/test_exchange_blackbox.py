@@ -223,6 +223,17 @@ def test_an_answer_cut_off_is_recorded_incomplete_and_failed(snap, stream) -> No
     assert router.observed == []  # whose fault it was is unknown: nothing learnt
 
 
+def test_a_buffered_answer_cut_off_is_recorded_as_the_502_the_client_got(snap) -> None:
+    # Envoy holds a BUFFERED answer's headers until its body has come; when the upstream
+    # resets first, the client gets Envoy's 502 (measured: upstream_unavailable), and
+    # the record said 200.
+    ex, _, ledger = _learning(snap)
+    ex.handle(resp_headers(200, extra={"content-length": "1000"}))
+    rec = ex.finish()
+    assert rec.status == 502 and rec.error_code == INCOMPLETE_RESPONSE
+    assert ledger.entries[0].ok is False
+
+
 def test_a_request_left_before_any_answer_is_recorded_incomplete(snap) -> None:
     # The client gave up while the model was still working: the provider bills it.
     ex, router, ledger = _learning(snap)
