@@ -694,6 +694,12 @@ class Exchange:
         return envoy_api.response_headers()
 
     @property
+    def response_ended(self) -> bool:
+        """The answer has begun and ATP expects no more of it: the body it asked for
+        has ended, or it asked for none."""
+        return self.record.ttfb_ms is not None and not self._body_pending
+
+    @property
     def response_work_bytes(self) -> int:
         """Bytes a restore works through at the next response body message, besides the
         message's own: the JSON answer held back so far (0 when nothing is restored)."""

@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 ROLE_METADATA = ("x-atp-role", "shadow")
 # Bodies above this are inspected (and answers above it restored) on a worker thread.
 OFFLOAD_BODY_BYTES = 128 * 1024
+# Envoy's default ext_proc message_timeout: an answer that held the loop this long may
+# have come after Envoy stopped waiting for it.
+_SLOW_ANSWER_S = 0.2
 # Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
 _GRPC_OVERHEAD_BYTES = 256 * 1024
 
@@ -250,6 +254,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         message: ProcessingRequest | None = None
         try:
             async for message in request_iterator:
+                # Off the loop, a cancel reaches the await above, not the yield below.
+                held_loop_s = 0.0
                 try:
                     if (message.HasField("request_body")
                             and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
@@ -263,7 +269,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         response = await asyncio.get_running_loop().run_in_executor(
                             self._pool, _without_gc, exchange.handle, message)
                     else:
+                        started = time.perf_counter()
                         response = exchange.handle(message)
+                        held_loop_s = time.perf_counter() - started
                 except asyncio.CancelledError:
                     _abandoned(exchange, message)
                     raise
@@ -278,8 +286,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         yield response
                     except (asyncio.CancelledError, GeneratorExit):
                         # Envoy had stopped waiting while ATP worked (the loop was held
-                        # past message_timeout): the answer went nowhere.
-                        _abandoned(exchange, message)
+                        # past message_timeout): the answer went nowhere. But Envoy also
+                        # resets the stream as soon as it has the last answer it needs,
+                        # which can cancel gRPC's write of it after it went out: a fast
+                        # last answer was taken (a few % of requests were recorded failed).
+                        last = (response.HasField("immediate_response")
+                                or exchange.response_ended)
+                        if not last or held_loop_s >= _SLOW_ANSWER_S:
+                            _abandoned(exchange, message)
                         raise
                     if response.HasField("immediate_response"):
                         return

@@ -152,6 +152,16 @@ def test_redact_union_over_allowed_candidates_only():
     assert wide.evaluate(attrs(), [LARGE, SMALL]).required_redactions == {"email"}
 
 
+def test_a_redact_that_failed_on_a_kept_candidate_keeps_its_error():
+    # Its error refused the request: its record must say so, not "not_applicable".
+    ps = compile_(P("r.large", "restrict", "resource.model == 'large'"),
+                  P("d.red", "redact", "resource.model == 'large' ? true : "
+                    "int(request.metadata.n) > 0", data_classes=["email"], on_error="deny"))
+    out = ps.evaluate(attrs(data_classes={"email": 1}), [LARGE, SMALL])
+    assert out.denied is not None and out.denied.policy_id == "d.red"
+    assert rec(out, "d.red").decision == "error"
+
+
 def test_tools_strip_and_deny():
     ps = compile_(
         P("t.scope", "tools", "subject.tenant == 'bob' && !(tool.name in ['get_weather'])",

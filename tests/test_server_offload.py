@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from atp_extproc import config as config_mod
+from atp_extproc import server
 from atp_extproc.exchange import Exchange
 from atp_extproc.server import OFFLOAD_BODY_BYTES, ConfigHolder, ExternalProcessor
 from tests.test_exchange import EXAMPLE, req_body, req_headers, resp_body, resp_headers
@@ -138,6 +139,57 @@ async def test_an_answer_that_went_nowhere_is_recorded_so(
     (record,) = records
     assert record.error_code == error_code
     assert (record.cost_usd is None) == (answered == 2)  # billed only once forwarded
+
+
+_CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+_ANSWER = {"choices": [{"message": {"content": "hello"}}],
+           "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("slow, error_code", [
+    # Envoy resets the stream once it has the last answer, and that can cancel gRPC's
+    # write of it after it went out: a few % of complete answers were recorded failed.
+    (False, ""),
+    # A last answer that held the loop past Envoy's default message_timeout may have
+    # come too late.
+    (True, "response_incomplete"),
+])
+async def test_a_last_answer_closed_on_is_recorded_complete_unless_slow(
+        tmp_path, monkeypatch, slow: bool, error_code: str) -> None:
+    records = _recording_finish(monkeypatch)
+    if slow:
+        monkeypatch.setattr(server, "_SLOW_ANSWER_S", 0.0)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    replies = processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions"), req_body(_CHAT),
+        resp_headers(200, "application/json"),
+        resp_body(json.dumps(_ANSWER).encode())]), _Context())
+    for _ in range(4):
+        await replies.__anext__()
+    await replies.aclose()
+    (record,) = records
+    assert record.error_code == error_code
+    assert record.output_tokens == 2
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_closed_on_is_no_abandoned_answer(tmp_path, monkeypatch,
+                                                        caplog) -> None:
+    # Envoy ends the stream with the immediate response: ATP warned that Envoy had
+    # stopped waiting for it.
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    replies = processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions", key="sk-wrong")]), _Context())
+    with caplog.at_level("WARNING", logger="atp.server"):
+        assert (await replies.__anext__()).HasField("immediate_response")
+        await replies.aclose()
+    (record,) = records
+    assert (record.status, record.error_code) == (401, "invalid_api_key")
+    assert not [r for r in caplog.records if r.name == "atp.server"]
 
 
 @pytest.mark.asyncio

@@ -1071,7 +1071,8 @@ def _moot_redactions(hits: _Hits, kept: tuple[int, ...],
     """A candidate-level redact that matched only candidates a restrict removed asks
     nothing of the request: its record says so rather than claim a redaction."""
     for idx, p in hit:
-        if p.effect != "redact" or p.level != CANDIDATE:
+        # (A policy that failed somewhere keeps its error: that decided the request.)
+        if p.effect != "redact" or p.level != CANDIDATE or decided[idx] == "error":
             continue
         on = [i for i, matched in hits.redact_cand.items() if any(q is p for q, _ in matched)]
         if on and set(on).isdisjoint(kept):
