@@ -182,7 +182,9 @@ class Exchange:
         # past that bound it goes on unread, counted here (0: still within the bound), as
         # is a compressed answer's length: the output is then estimated from its size.
         self._unread_bytes = 0
-        self._streamed = False  # a stream's first event with data has come
+        # How far a stream's ttfb has come: 0 its headers, 1 its first event with data,
+        # 2 its first output (a token).
+        self._ttfb_at = 0
         self._compressed = False  # the answer is compressed: passed on unread
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
@@ -679,19 +681,20 @@ class Exchange:
                 remove = ("content-length",)  # the usage chunk comes out of the stream
             return envoy_api.response_headers(envoy_api.body_mode(ProcessingMode.STREAMED),
                                               remove)
-        if "json" in content_type or not content_type:
-            self._body_pending = True
-            # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
-            # large size (a big embeddings batch) is read chunk by chunk instead.
-            length = headers.get("content-length", "")
-            if length.isascii() and length.isdigit() and \
-                    int(length) <= self.snapshot.server.max_body_bytes:
-                mode = ProcessingMode.BUFFERED
-                self._headers_held = True
-            else:
-                mode = ProcessingMode.STREAMED
-            return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
-        return envoy_api.response_headers()
+        # Anything else answers an unstreamed request: JSON, whatever its label says
+        # (`text/plain`, `application/octet-stream`): unread, a valid answer was counted
+        # a provider failure.
+        self._body_pending = True
+        # Envoy answers 500 for a body over its buffer limit; an answer of unknown or
+        # large size (a big embeddings batch) is read chunk by chunk instead.
+        length = headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and \
+                int(length) <= self.snapshot.server.max_body_bytes:
+            mode = ProcessingMode.BUFFERED
+            self._headers_held = True
+        else:
+            mode = ProcessingMode.STREAMED
+        return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
 
     @property
     def response_ended(self) -> bool:
@@ -716,12 +719,15 @@ class Exchange:
             if self.restorer is not None:
                 data = self.restorer.feed(data, end)
             replacement = self.sse.feed(data, end)
-            if not self._streamed and self.sse.data_events:
-                # A stream's first byte is its first event with data, not its headers
-                # nor a comment: a provider may send those at once and make the first
-                # token wait.
-                self._streamed = True
-                self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
+            if self._ttfb_at < 2:
+                # A stream's first byte is its first token, not its headers, a comment,
+                # a role-only chunk nor `response.created`: a provider may send those at
+                # once and make the first token wait (a stream without output has its
+                # first event with data).
+                at = 2 if self.sse.output_chars else 1 if self.sse.data_events else 0
+                if at > self._ttfb_at:
+                    self._ttfb_at = at
+                    self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
             if replacement is None and self.restorer is not None:
                 replacement = data
             return envoy_api.response_body(replacement)
@@ -768,10 +774,13 @@ class Exchange:
         rec.duration_ms = (self.clock() - self.started) * 1000.0
         # Forwarded, then cut off: the body ATP asked for never ended, or no answer came
         # at all (the client left while the model was still working).
-        if not rec.error_code and (self._body_pending or (
+        # A stream whose last event came is whole, its body's end or not: the SDKs stop
+        # reading at `[DONE]` and close the connection.
+        cut_off = self._body_pending and not (self.sse is not None and self.sse.ended)
+        if not rec.error_code and (cut_off or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
-            if self._body_pending and self._headers_held:
+            if cut_off and self._headers_held:
                 # The upstream's headers never left Envoy: the client got Envoy's 502
                 # (upstream_unavailable), not the 200 they began with.
                 rec.status = 502

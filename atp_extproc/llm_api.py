@@ -781,6 +781,8 @@ class SseStream:
         # The provider's error event ended a stream that began 200 (OpenAI sends
         # `{"error": {...}}`; Responses `response.failed` or `error`).
         self.failed = False
+        # The stream's last event came (`[DONE]`, or a Responses stream's terminal one).
+        self.ended = False
         # The event in progress. Appending to it costs the chunk, never the whole event.
         self._buf = bytearray()
         # Set while inside an event over _MAX_EVENT: _buf then keeps only the bytes a
@@ -847,6 +849,7 @@ class SseStream:
         if payload:
             self.data_events += 1
         if not payload.startswith(b"{"):
+            self.ended = self.ended or payload == b"[DONE]"
             return False
         try:
             obj = orjson.loads(payload)
@@ -861,6 +864,7 @@ class SseStream:
                 kind in ("error", "response.failed"):
             self.failed = True
         if isinstance(kind, str) and kind in _TERMINAL_TYPES:
+            self.ended = True
             obj = obj.get("response")
             if not isinstance(obj, dict):
                 return False

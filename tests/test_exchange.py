@@ -758,9 +758,9 @@ def test_stream_without_usage_is_estimated(snap) -> None:
     assert rec.cost_usd == usd(small, rec.input_tokens, rec.output_tokens)
 
 
-def test_a_streams_ttfb_is_its_first_event_not_its_headers(snap) -> None:
-    # The router learns a stream's latency from it: headers sent at once before a slow
-    # first token made a slow model look instant.
+def test_a_streams_ttfb_is_its_first_token_not_its_headers(snap) -> None:
+    # The router learns a stream's latency from it: headers (or a role-only chunk) sent
+    # at once before a slow first token made a slow model look instant.
     now = [0.0]
     ex = Exchange(snap, clock=lambda: now[0])
     ex.handle(req_headers("POST", CHAT))
@@ -776,11 +776,46 @@ def test_a_streams_ttfb_is_its_first_event_not_its_headers(snap) -> None:
     ex.handle(resp_body(body[:20], end=False))  # nor half an event
     now[0] = 2.5
     first = body.index(b"\n\n") + 2
-    ex.handle(resp_body(body[20:first], end=False))
+    ex.handle(resp_body(body[20:first], end=False))  # nor the role-only chunk,
+    now[0] = 2.8
+    second = body.index(b"\n\n", first) + 2
+    ex.handle(resp_body(body[first:second], end=False))  # but "Hello"
     now[0] = 3.0
-    ex.handle(resp_body(body[first:], end=True))
+    ex.handle(resp_body(body[second:], end=True))
     rec = ex.finish()
-    assert rec.ttfb_ms == pytest.approx(2500.0) and rec.duration_ms == pytest.approx(3000.0)
+    assert rec.ttfb_ms == pytest.approx(2800.0) and rec.duration_ms == pytest.approx(3000.0)
+
+
+def test_a_responses_streams_ttfb_is_its_first_delta(snap) -> None:
+    # response.created and response.in_progress come at once, before any generation:
+    # every Responses candidate looked about 0 ms fast to routing.
+    now = [0.0]
+    ex = Exchange(snap, clock=lambda: now[0])
+    ex.handle(req_headers("POST", "/v1/responses"))
+    ex.handle(req_body({"model": "fast", "input": "hi", "stream": True}))
+    ex.handle(resp_headers(200, "text/event-stream"))
+    events = [{"type": "response.created", "response": {"id": "r"}},
+              {"type": "response.in_progress", "response": {"id": "r"}},
+              {"type": "response.output_text.delta", "delta": "Hi"},
+              {"type": "response.completed", "response": {"id": "r", "usage": {
+                  "input_tokens": 3, "output_tokens": 1}}}]
+    for t, event in zip((0.01, 0.02, 0.9, 1.0), events, strict=True):
+        now[0] = t
+        ex.handle(resp_body(b"data: " + json.dumps(event).encode() + b"\n\n",
+                            end=event["type"] == "response.completed"))
+    assert ex.finish().ttfb_ms == pytest.approx(900.0)
+
+
+def test_a_stream_whose_client_left_after_its_last_event_is_whole(snap) -> None:
+    # The openai SDK stops reading at [DONE] and closes: the body's end never reaches
+    # ATP, and every such stream was recorded response_incomplete (no feedback, no
+    # learning, counted failed).
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    ex.handle(resp_headers(200, "text/event-stream"))
+    body, _ = chat_sse(3, 2)
+    ex.handle(resp_body(body, end=False))
+    rec = ex.finish()
+    assert (rec.error_code, rec.output_tokens, rec.usage_estimated) == ("", 2, False)
 
 
 @pytest.mark.parametrize("event", [
@@ -1120,23 +1155,28 @@ def test_estimated_tokens_do_not_teach_the_route(snap) -> None:
                                                            Priors().output_tokens)
 
 
-def test_other_content_type_no_body_mode_and_estimated(snap) -> None:
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream"])
+def test_a_json_answer_under_another_label_is_read(snap, content_type: str) -> None:
+    # Passed on unread, a valid answer was counted the provider's failure (and tripped
+    # its breaker), its output tokens 0.
     ex, _ = send_body(snap, chat("fast"))
-    resp = ex.handle(resp_headers(200, "text/plain"))
-    assert not resp.HasField("mode_override")
+    resp = ex.handle(resp_headers(200, content_type))
+    assert resp.HasField("mode_override")
+    ex.handle(resp_body(json.dumps({"choices": [], "usage": {
+        "prompt_tokens": 1000, "completion_tokens": 500}}).encode()))
     rec = ex.finish()
-    assert rec.usage_estimated is True
+    assert (rec.error_code, rec.input_tokens, rec.output_tokens) == ("", 1000, 500)
 
 
 @pytest.mark.parametrize("content_type, body, stream", [
-    ("text/html", None, False),  # a proxy's error page, passed on unread
+    ("text/html", b"<html>busy</html>", False),  # a proxy's error page
     ("application/json", b"", False),
     ("application/json", b"<html>busy</html>", False),
     ("application/json", b"[1, 2]", False),
     ("text/event-stream", b": keep-alive\n\n", True),  # a stream without an event
 ])
 def test_a_2xx_that_is_no_answer_is_the_providers_failure(
-        snap, content_type: str, body: bytes | None, stream: bool) -> None:
+        snap, content_type: str, body: bytes, stream: bool) -> None:
     # Counted a success, it drew the learned router's traffic to the failing provider.
     router = Router()
     services = Services(router, FeedbackBook(router.observe_quality), PriceBook(), None)
@@ -1144,8 +1184,7 @@ def test_a_2xx_that_is_no_answer_is_the_providers_failure(
     ex.handle(req_headers("POST", CHAT, ALICE))
     ex.handle(req_body(chat("auto", stream=stream)))
     ex.handle(resp_headers(200, content_type))
-    if body is not None:
-        ex.handle(resp_body(body))
+    ex.handle(resp_body(body))
     rec = ex.finish()
     assert rec.error_code == "upstream_invalid_response"
     assert (rec.output_tokens, rec.usage_estimated) == (0, True)
