@@ -166,6 +166,16 @@ class Jwt(_Frozen):
     payload_key: str = "jwt_payload"
     tenant_claim: str = "tenant"
 
+    @field_validator("metadata_namespace", "payload_key", "tenant_claim")
+    @classmethod
+    def _a_name(cls, name: str) -> str:
+        # An empty or padded name matches nothing jwt_authn writes: no token could ever
+        # name a tenant, and every caller with one would get a 401 about a '' claim.
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"{name!r} names nothing jwt_authn writes: give the name, "
+                             "without surrounding spaces")
+        return name
+
 
 class Auth(_Frozen):
     api_keys: tuple[ApiKey, ...] = ()

@@ -372,6 +372,10 @@ class Exchange:
             # cannot be checked, so it cannot go.
             raise RequestError(500, "ATP received a partial request body",
                                "atp_partial_body", type_="server_error")
+        if not body:
+            # Announced by its headers, then none came (an empty chunked body, an HTTP/2
+            # empty DATA frame): the same mistake as no body at all.
+            raise RequestError(400, "The request has no body", "missing_body")
         parsed = parse_body(body, server.max_json_depth)
         self._parsed = parsed
         if rec.operation == "feedback":

@@ -98,6 +98,12 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
     if not snapshot.api_keys:
         return None
     authorization = headers.get("authorization", "")
+    for name in ("authorization", "api-key", "x-api-key"):
+        # headers_of joins a repeated header with commas, which no key holds: told as
+        # such, not as a wrong key.
+        if "," in headers.get(name, ""):
+            raise _unauthorized(f"The request carries more than one {name} header: send "
+                                "the key once, as 'Authorization: Bearer KEY'.")
     scheme, _, bearer = authorization.partition(" ")
     bearer = bearer.strip()
     sent = [headers[name] for name in ("api-key", "x-api-key") if headers.get(name)]
@@ -108,9 +114,9 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
     elif authorization.strip():
         # A credential of another scheme, or an empty Bearer: unreadable, so refused even
         # beside a valid key (every credential sent must be one).
-        raise _unauthorized(_NO_KEY if not sent else "Authorization holds no API key "
-                            "(another scheme, or an empty Bearer); send the key as "
-                            "'Authorization: Bearer KEY'.")
+        raise _unauthorized("Authorization holds no API key (another scheme, no "
+                            "'Bearer ' before the key, or an empty Bearer); send the key "
+                            "as 'Authorization: Bearer KEY'.")
     if sent == [headers.get("x-api-key")]:
         raise _unauthorized("ATP does not read x-api-key: send the key as "
                             "'Authorization: Bearer KEY'.")

@@ -143,6 +143,19 @@ def test_a_trusted_tenant_header_that_can_never_work_is_refused(name: str,
     assert "can never name the tenant" in message and reason in message
 
 
+@pytest.mark.parametrize("field", ["tenant_claim", "payload_key", "metadata_namespace"])
+@pytest.mark.parametrize("value", ["", " ", "tenant "])
+def test_a_jwt_name_that_names_nothing_is_refused(field: str, value: str) -> None:
+    # tenant_claim: '' was served: every caller with a verified token got a 401 about
+    # "the token has no '' claim".
+    text = MINIMAL_CONFIG.replace("auth: {anonymous_tenant: anon}",
+                                  f"auth: {{jwt: {{{field}: {value!r}}}}}")
+    with pytest.raises(ConfigError) as raised:
+        config_mod.parse(text, SRC)
+    ((path, message),) = raised.value.problems
+    assert path == f"auth.jwt.{field}" and "names nothing jwt_authn writes" in message
+
+
 def test_a_usable_trusted_tenant_header_is_kept_in_lower_case() -> None:
     text = MINIMAL_CONFIG.replace("auth: {anonymous_tenant: anon}",
                                   "auth: {trusted_tenant_header: X-Tenant_Id.2}")

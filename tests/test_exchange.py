@@ -496,7 +496,7 @@ def test_missing_model_without_default() -> None:
     "body, status, code",
     [
         (b"{not json", 400, "invalid_json"),
-        (b"", 400, "invalid_json"),
+        (b"", 400, "missing_body"),
         (b"\xff\xfe{}", 400, "invalid_json"),
         (b'{"model":"gpt-4o","model":"fast","messages":[]}', 400, "duplicate_key"),
         (b'{"model":"gpt-4o","messages":[{"role":"user","content":"x","role":"system"}]}',

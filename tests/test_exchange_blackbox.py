@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from atp_extproc import config
 from atp_extproc.envoy_api import ProcessingMode
@@ -73,6 +74,17 @@ def test_feedback_takes_post_with_a_body_only(snap) -> None:
     ex = Exchange(snap)
     assert_error(ex.handle(req_headers("POST", "/v1/feedback", end=True)), 400,
                  "missing_body")
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/feedback"])
+def test_an_empty_body_after_headers_that_announced_one_is_missing(snap, path) -> None:
+    # A chunked body of only its last chunk, or an HTTP/2 empty DATA frame: it got
+    # invalid_json ("expected a JSON object").
+    ex = Exchange(snap)
+    ex.handle(req_headers("POST", path))
+    response = ex.handle(ep.ProcessingRequest(request_body=ep.HttpBody(body=b"",
+                                                                       end_of_stream=True)))
+    assert_error(response, 400, "missing_body")
 
 
 @pytest.mark.parametrize(("body", "param"), [({"score": 1.0}, "request_id"),

@@ -112,22 +112,30 @@ def test_wrong_key_is_401(example, headers: dict[str, str]) -> None:
     assert "Incorrect API key" in err.message
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"authorization": ""},
-        {"authorization": "Bearer"},
-        {"authorization": "Bearer   "},
-        {"authorization": f"Basic {ALICE}"},
-        {"authorization": ALICE},
-        {"api-key": ""},
-    ],
-)
+@pytest.mark.parametrize("headers", [{}, {"authorization": ""}, {"api-key": ""}])
 def test_missing_key_is_401(example, headers: dict[str, str]) -> None:
     err = refused(example, headers)
     assert (err.status, err.code, err.type) == (401, "invalid_api_key", "authentication_error")
     assert "didn't provide an API key" in err.message
+
+
+@pytest.mark.parametrize("authorization", [
+    "Bearer", "Bearer   ", f"Basic {ALICE}", ALICE, f"Bearer\t{ALICE}"])
+def test_an_unreadable_authorization_is_told_as_such(example, authorization: str) -> None:
+    # A credential was sent: "you didn't provide an API key" sent its sender looking
+    # for the wrong mistake.
+    err = refused(example, {"authorization": authorization})
+    assert (err.status, err.code) == (401, "invalid_api_key")
+    assert err.message.startswith("Authorization holds no API key")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("authorization", f"Bearer {ALICE},Bearer {ALICE}"), ("api-key", f"{ALICE},{ALICE}")])
+def test_a_repeated_key_header_is_told_as_such(example, name: str, value: str) -> None:
+    # Joined by commas, the right key twice was refused as "Incorrect API key".
+    err = refused(example, {name: value})
+    assert (err.status, err.code) == (401, "invalid_api_key")
+    assert f"more than one {name} header" in err.message
 
 
 def test_a_key_in_x_api_key_is_refused_with_where_to_send_it(example) -> None:

@@ -4,12 +4,14 @@ at start (named with its path and the OS's reason, no traceback)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from atp_extproc import cli
 from atp_extproc.store import AsyncLedger, LedgerEntry, PriceSnapshot, connect, savings
 from atp_extproc.store.ledger import LedgerUnavailable
 from tests.conftest import MINIMAL_CONFIG
@@ -129,3 +131,80 @@ def test_serve_names_a_ledger_it_cannot_open_in_one_line(tmp_path: Path) -> None
     assert result.returncode == 1
     assert result.stderr == (f"atp-extproc: not starting: cannot open the ledger "
                              f"{tmp_path / 'ledger'}: Is a directory\n")
+
+
+# -- a ledger of another schema: refused at start like one that is no database --------
+
+OLD_LEDGER = """CREATE TABLE ledger (hour INTEGER, tenant TEXT, route TEXT, model TEXT,
+    price_version TEXT, requests INTEGER, failed INTEGER, input_tokens INTEGER,
+    output_tokens INTEGER, cost_pico INTEGER, baseline_pico INTEGER, savings_pico INTEGER);"""
+MOVE_IT = "move it aside or point ledger.path elsewhere"
+REASONS = {
+    "old": f"table ledger lacks column shadow (an older ATP's ledger?): {MOVE_IT}",
+    "newer": f"it has schema version 2; this ATP reads version 1 (a newer ATP's "
+             f"ledger?): {MOVE_IT}",
+}
+
+
+def make_ledger(path: Path, kind: str) -> None:
+    """An older ATP's ledger (no shadow column) or a newer one's (schema version 2)."""
+    if kind == "old":
+        conn = sqlite3.connect(path)
+        conn.executescript(OLD_LEDGER)
+    else:
+        connect(path).close()
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+
+
+@pytest.mark.parametrize("kind", sorted(REASONS))
+def test_a_ledger_of_another_schema_is_not_opened(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    make_ledger(path, kind)
+    with pytest.raises(LedgerUnavailable) as raised:
+        AsyncLedger(path, start=False)
+    assert str(raised.value) == f"cannot open the ledger {path}: {REASONS[kind]}"
+
+
+@pytest.mark.parametrize("kind", sorted(REASONS))
+def test_serve_refuses_a_ledger_of_another_schema_in_one_line(tmp_path: Path,
+                                                             kind: str) -> None:
+    make_ledger(tmp_path / "ledger.sqlite3", kind)
+    config = tmp_path / "atp.yaml"
+    config.write_text(CONFIG + "ledger: {path: ledger.sqlite3}\n")
+    result = subprocess.run([sys.executable, "-m", "atp_extproc", "serve", "--config",
+                             str(config), "--listen", "unix:" + str(tmp_path / "atp.sock")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"atp-extproc: not starting: cannot open the ledger "
+                             f"{tmp_path / 'ledger.sqlite3'}: {REASONS[kind]}\n")
+
+
+@pytest.mark.parametrize("kind", sorted(REASONS))
+def test_report_refuses_a_ledger_of_another_schema_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    make_ledger(path, kind)
+    assert cli.main(["report", "savings", "--db", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (
+        "", f"atp-extproc: {path} is not a readable ledger: {REASONS[kind]}\n")
+
+
+def test_a_ledger_replaced_by_another_schema_is_left_alone_and_rows_wait(
+        tmp_path: Path, ledger: AsyncLedger) -> None:
+    other = tmp_path / "newer.sqlite3"
+    make_ledger(other, "newer")
+    os.replace(other, ledger.path)
+    ledger.record(entry("waiting"))
+    with pytest.raises(LedgerUnavailable, match="schema version 2"):
+        ledger.flush()
+    assert ledger.flush_errors == 1
+    conn = sqlite3.connect(ledger.path)
+    assert conn.execute("SELECT COUNT(*) FROM ledger").fetchone() == (0,)
+    conn.close()
+    remove_database(ledger.path)            # moved aside: the rows go to a new ledger
+    assert ledger.flush() == 1
+    assert tenants(ledger.path) == {"waiting": 1}

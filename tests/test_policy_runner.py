@@ -82,3 +82,31 @@ def test_settings_in_a_case_file_keep_the_policies_atp_yaml_includes(tmp_path):
         "policies: [../atp.yaml]\nsettings: {include: [x.yaml]}\ncases: []\n")
     assert [p.path for p in testing.run(tmp_path / "tests").load_errors] == \
         ["settings.include"]
+
+
+def test_an_unknown_data_class_fails_as_serve_refuses_it(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "atp.yaml").write_text(
+        "redaction:\n  custom_detectors: [{name: employee_id, pattern: 'EMP-[0-9]{6}'}]\n"
+        "policy:\n  include: [pol.yaml]\n")
+    (tmp_path / "pol.yaml").write_text(
+        "policies:\n  - id: p.redact\n    effect: redact\n"
+        "    data_classes: [employee_id, emial]\n"
+        "    expression: \"'email' in request.data_classes\"\n")
+    case = ("cases:\n  - request: {operation: chat, data_classes: {email: 1}}\n"
+            "    expect: {denied: false}\n")
+    (tmp_path / "tests" / "t.yaml").write_text("policies: [../atp.yaml]\n" + case)
+    report = testing.run(tmp_path / "tests")
+    assert report.passed == 0
+    assert [(Path(p.file).name, p.line, p.path) for p in report.load_errors] == \
+        [("pol.yaml", 4, "p.redact")]
+    assert "unknown data class 'emial'" in report.load_errors[0].reason
+    # The policy file listed alone: the atp.yaml `models:` names is the config run.
+    (tmp_path / "tests" / "t.yaml").write_text(
+        "policies: [../pol.yaml]\nmodels: ../atp.yaml\n" + case)
+    assert [p.path for p in testing.run(tmp_path / "tests").load_errors] == ["p.redact"]
+    # A custom detector's class is known: the typo fixed, the case runs.
+    (tmp_path / "pol.yaml").write_text(
+        (tmp_path / "pol.yaml").read_text().replace("emial", "email"))
+    report = testing.run(tmp_path / "tests")
+    assert (report.passed, report.load_errors) == (1, [])

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from atp_extproc.store import AsyncLedger, ShadowHalf, connect
-from atp_extproc.store.sqlite import SCHEMA_VERSION
+from atp_extproc.store.sqlite import SCHEMA_VERSION, LedgerSchemaError
 
 
 def test_connect_creates_the_schema_in_wal_mode(tmp_path):
@@ -54,3 +54,73 @@ def test_shadow_halves_join_by_request_id_in_either_order(tmp_path, order):
 def test_shadow_half_side_is_validated():
     with pytest.raises(ValueError):
         ShadowHalf("r", "primary; DROP TABLE ledger", "chat", "m", 200, 1.0, 0, 0)
+
+
+# -- a file of another schema --------------------------------------------------------
+
+OLD_LEDGER = """CREATE TABLE ledger (hour INTEGER, tenant TEXT, route TEXT, model TEXT,
+    price_version TEXT, requests INTEGER, failed INTEGER, input_tokens INTEGER,
+    output_tokens INTEGER, cost_pico INTEGER, baseline_pico INTEGER, savings_pico INTEGER);
+INSERT INTO ledger VALUES (0, 'alice', 'chat', 'small', 'v', 1, 0, 10, 1, 5, 9, 4);"""
+MISSING_SHADOW = ("table ledger lacks column shadow (an older ATP's ledger?): move it "
+                  "aside or point ledger.path elsewhere")
+NEWER = ("it has schema version 2; this ATP reads version 1 (a newer ATP's ledger?): "
+         "move it aside or point ledger.path elsewhere")
+
+
+def make_old(path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(OLD_LEDGER)
+    conn.close()
+
+
+def make_newer(path) -> None:
+    connect(path).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.close()
+
+
+def dump(path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize(("make", "reason"), [(make_old, MISSING_SHADOW),
+                                              (make_newer, NEWER)])
+def test_a_file_of_another_schema_is_refused_and_left_as_it_was(tmp_path, readonly, make,
+                                                                reason):
+    path = tmp_path / "ledger.sqlite3"
+    make(path)
+    before = dump(path)
+    with pytest.raises(LedgerSchemaError) as raised:
+        connect(path, readonly=readonly)
+    assert str(raised.value) == reason
+    assert isinstance(raised.value, sqlite3.DatabaseError)   # refused as "not a database"
+    assert dump(path) == before                                # no table, row or version
+
+
+def test_a_sqlite_file_of_another_program_is_refused(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
+    conn.close()
+    with pytest.raises(LedgerSchemaError, match=r"^it has tables \(users\) but no "
+                                                r"schema_version \(not an ATP ledger\?\)"):
+        connect(path)
+    assert dump(path)[1:] == ['CREATE TABLE users (name TEXT);',
+                              "INSERT INTO \"users\" VALUES('x');", 'COMMIT;']
+
+
+def test_an_empty_file_gets_the_schema(tmp_path):
+    path = tmp_path / "ledger.sqlite3"
+    path.touch()
+    connect(path).close()
+    conn = connect(path, readonly=True)                 # and is a ledger from then on
+    assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
+    conn.close()

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
 from atp_extproc.policy.engine import PolicySet
-from atp_extproc.policy.runtime import claimed_subject, known_values
+from atp_extproc.policy.runtime import claimed_subject, data_classes_of, known_values
 from atp_extproc.policy.settings import (
     PolicyError,
     PolicySettings,
@@ -196,13 +196,21 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
                                     f"({', '.join(case_files)}): name the policy files "
                                     "(or atp.yaml) the cases test"))
     models: dict[str, CandidateInfo] = {}
+    models_raw: dict[str, Any] = {}
     if doc.get("models"):
         models, models_raw = _models(base / str(doc["models"]), file)
         raw = raw or models_raw
     if problems:
         raise PolicyError(problems)
+    # Checked against the classes serve would know, so a typo `serve` refuses fails here
+    # too: the listed atp.yaml's, else the one `models:` names (the config the cases run
+    # against). Policy files alone say nothing of custom detectors: not checked.
+    classes = data_classes_of(raw or {})
+    if classes is None and models_raw:
+        classes = data_classes_of(models_raw)
     policy_set = PolicySet.compile(policies, settings or PolicySettings(**overrides),
-                                   str(file), known_values=known_values(raw or {}))
+                                   str(file), known_values=known_values(raw or {}),
+                                   known_data_classes=classes)
     return policy_set, models
 
 
