@@ -169,6 +169,7 @@ class Exchange:
         self._changes: dict[str, object] = {}
         self._drop: tuple[str, ...] = ()
         self._path = ""  # the request's path without its query (the record's is for logs)
+        self._request_seen = False
         # Envoy says (protocol_config, on the first message) that it buffers the request
         # body: then a body without end_of_stream is whole, and trailers follow it.
         self._body_buffered = False
@@ -224,6 +225,7 @@ class Exchange:
 
     def _on_request_headers(self, message: ProcessingRequest) -> ProcessingResponse:
         headers = envoy_api.headers_of(message.request_headers.headers)
+        self._request_seen = True
         rec = self.record
         request_id = headers.get("x-request-id", "")
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
@@ -775,6 +777,11 @@ class Exchange:
         if self._finished:
             return rec
         self._finished = True
+        if not self._request_seen:
+            # Only an answer came: a filter before ATP's (jwt_authn, RBAC) answered the
+            # request itself, which Envoy's stats and access log hold. A record without
+            # request id, method or path, as its own exchange, would only mislead.
+            return rec
         rec.duration_ms = (self.clock() - self.started) * 1000.0
         # Forwarded, then cut off: the body ATP asked for never ended, or no answer came
         # at all (the client left while the model was still working).

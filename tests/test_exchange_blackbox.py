@@ -358,3 +358,13 @@ def test_the_record_logs_no_path_the_client_made_up(snap, path, logged) -> None:
     ex = Exchange(snap)
     ex.handle(req_headers("GET", path))
     assert ex.finish().path == logged
+
+
+def test_an_answer_to_a_request_atp_never_saw_leaves_no_record(snap, caplog) -> None:
+    # jwt_authn (before ATP's filter) refused the request: ATP sees only the answer, and
+    # logged an exchange with no request id, method or path.
+    ex = Exchange(snap)
+    with caplog.at_level("INFO", logger="atp.exchange"):
+        assert ex.handle(resp_headers(401, "text/plain")).HasField("response_headers")
+        ex.finish()
+    assert not [r for r in caplog.records if r.getMessage() == "exchange"]
