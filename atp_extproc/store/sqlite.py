@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from atp_extproc.store.money import PriceSnapshot
@@ -133,10 +134,64 @@ def half_fits(half: ShadowHalf) -> bool:
     return _fits(half.status, half.cost_pico, half.ts)
 
 
+class LedgerSchemaError(sqlite3.DatabaseError):
+    """The file is SQLite but not a ledger this ATP writes: the message says why. A
+    DatabaseError, so it is refused and reported as a file that is no database is."""
+
+
+_MOVE_IT = "move it aside or point ledger.path elsewhere"
+
+
+@cache
+def _expected_columns() -> dict[str, tuple[str, ...]]:
+    """Each table's columns as _SCHEMA makes them: one source of truth for the check."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return {table: tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
+                for (table,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")}
+    finally:
+        conn.close()
+
+
+def _check_schema(conn: sqlite3.Connection) -> None:
+    """Refuse a file another schema wrote: CREATE TABLE IF NOT EXISTS keeps its tables
+    as they are, and every write (or read) would then fail. No migration: its rows are
+    not ours to rewrite. A file with no tables is new, and gets the schema."""
+    tables = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return
+    version: str | None = None
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = None if row is None else str(row[0])
+    if version is not None and version != str(SCHEMA_VERSION):
+        age = "a newer" if version.isdigit() and int(version) > SCHEMA_VERSION else "another"
+        raise LedgerSchemaError(
+            f"it has schema version {version}; this ATP reads version {SCHEMA_VERSION} "
+            f"({age} ATP's ledger?): {_MOVE_IT}")
+    for table, columns in _expected_columns().items():
+        if table not in tables:
+            continue   # made by the writer; the reader's query names it if it needs it
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        missing = [column for column in columns if column not in present]
+        if missing:
+            raise LedgerSchemaError(f"table {table} lacks column {missing[0]} (an older "
+                                    f"ATP's ledger?): {_MOVE_IT}")
+    if version is None:
+        # Every ATP ledger has had its version in meta since the first; a file with
+        # other tables and none is some other program's database.
+        raise LedgerSchemaError(f"it has tables ({', '.join(sorted(tables))}) but no "
+                                f"schema_version (not an ATP ledger?): {_MOVE_IT}")
+
+
 def connect(path: str | Path, readonly: bool = False, *,
             create_parent: bool = True) -> sqlite3.Connection:
     """`create_parent`: make the file's missing directories (a writer's first start);
-    without it a missing directory is an error, not a new one silently made."""
+    without it a missing directory is an error, not a new one silently made. A file of
+    another schema raises LedgerSchemaError."""
     path = Path(path)
     if readonly:
         if not path.exists():
@@ -150,13 +205,32 @@ def connect(path: str | Path, readonly: bool = False, *,
             path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
                                check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                     (str(SCHEMA_VERSION),))
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # Checked before anything is written, so a file refused is left as it was.
+        _check_schema(conn)
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            _create_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    """The tables and the version in one transaction: a crash or a second process
+    never finds tables without the version (which _check_schema would refuse).
+    executescript commits a transaction begun before it, so the script begins its own."""
+    try:
+        conn.executescript(
+            f"BEGIN IMMEDIATE;{_SCHEMA}INSERT OR IGNORE INTO meta VALUES "
+            f"('schema_version', '{SCHEMA_VERSION}');COMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def write_batch(conn: sqlite3.Connection, rows: dict[LedgerKey, LedgerSums],
@@ -241,6 +315,3 @@ def savings(conn: sqlite3.Connection, by: Sequence[str], bucket_s: int | None,
                    shadow_requests=int(r[6 + n]), shadow_cost_pico=round(r[7 + n]))
         for r in conn.execute(sql, params)
     ]
-
-class LedgerSchemaError(sqlite3.DatabaseError):
-    pass
