@@ -281,6 +281,31 @@ def test_evaluation_error_configurable():
     assert out.denied is None and out.would_deny.policy_id == "e.claim"
 
 
+def test_a_dry_run_error_record_says_what_enforcing_would_do():
+    # Nothing is applied or skipped under a dry run: the records must not say it was.
+    ps = compile_(P("e.deny", "deny", "subject.claims.level == 'admin'"),
+                  P("e.skip", "deny", "subject.claims.level == 'x'", on_error="skip"),
+                  P("e.apply", "restrict", "resource.model == subject.claims.level",
+                    on_error="apply"), mode="dry_run")
+    out = ps.evaluate(attrs(), [LARGE, SMALL])
+    assert [c.model for c in out.allowed_candidates] == ["large", "small"]
+    assert {r.policy_id: r.reason.split("; ", 1)[1] for r in out.records} == {
+        "e.deny": "on_error=deny: request would be denied (dry run)",
+        "e.skip": "on_error=skip: policy would be skipped (dry run)",
+        "e.apply": "on_error=apply: effect would be applied (dry run)"}
+    enforced = compile_(P("e.apply", "restrict", "resource.model == subject.claims.level",
+                          on_error="apply"))
+    assert rec(enforced.evaluate(attrs(), [LARGE, SMALL]), "e.apply").reason.endswith(
+        "on_error=apply: effect applied")
+
+
+def test_the_refusal_of_a_failed_policy_names_it_once():
+    out = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'")).evaluate(
+        attrs(), [SMALL])
+    assert out.denied.client_message() == "Policy could not be evaluated (policy e.claim)"
+    assert out.denied.reasons == ("e.claim: Policy could not be evaluated",)
+
+
 def test_error_in_one_policy_does_not_disturb_the_others():
     ps = compile_(P("e.claim", "deny", "subject.claims.level == 'admin'", on_error="skip"),
                   P("e.ok", "deny", "request.alias == 'x'"),

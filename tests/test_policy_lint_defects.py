@@ -270,11 +270,38 @@ def test_an_include_under_a_directory_atp_may_not_read_says_so(tmp_path, monkeyp
     ("subject.claims.level > 3", ["subject.claims['level']"]),
     ("'email' in request.data_classes && request.data_classes['email'] > 3", []),
     ("has(subject.claims.level) && subject.claims.level > 3", []),
+    # Nested: each key read needs its own test; has() tests only its last key.
+    ("has(subject.claims.org.suspended) && subject.claims.org.suspended == true",
+     ["subject.claims['org']"]),
+    ("subject.claims.org.name == 'x'", ["subject.claims.org['name']", "subject.claims['org']"]),
+    ("subject.claims['org']['name'] == 'x'",
+     ["subject.claims.org['name']", "subject.claims['org']"]),
+    ("has(subject.claims.org) && subject.claims.org.name == 'x'",
+     ["subject.claims.org['name']"]),
+    ("has(subject.claims.org) && has(subject.claims.org.suspended) && "
+     "subject.claims.org.suspended == true", []),
+    ("'org' in subject.claims && 'name' in subject.claims.org && "
+     "subject.claims.org.name == 'x'", []),
+    ("has(subject.claims.orgs) && subject.claims.orgs[0].name == 'x'", []),
+    ("subject.claims.orgs[0].name == 'x'", ["subject.claims['orgs']"]),
 ])
 def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
     # With on_error: deny it refused every request without the key ("hello" included).
     assert [r.split(" is an evaluation error")[0] for r in reasons(expression)
             if "evaluation error where the key is absent" in r] == warned
+
+
+def test_a_key_has_reads_past_is_named_with_its_line_and_policy() -> None:
+    # has() on a missing intermediate key is an error, not false: with on_error deny it
+    # refused every request without the claim.
+    sp = load_text("policies:\n  - id: access.org_suspended\n    effect: deny\n"
+                   "    expression: has(subject.claims.org.suspended)\n", "p.yaml").policies
+    _, problems = PolicySet.lint(sp, source="p.yaml")
+    assert [(p.file, p.line, p.path, p.severity) for p in problems] == [
+        ("p.yaml", 4, "access.org_suspended", "warning")]
+    assert problems[0].reason.startswith(
+        "subject.claims['org'] is an evaluation error where the key is absent (has() tests "
+        "only its last key)")
 
 
 def test_a_class_redaction_does_not_look_for_is_warned_of() -> None:

@@ -71,7 +71,9 @@ def random_doc(rng: random.Random, i: int):
             tool = {"name": name, "declared": rng.random() < 0.8,
                     "called": rng.random() < 0.5}
             if name == "search_docs" and rng.random() < 0.8:
-                tool["arguments"] = {"max_results": rng.choice(["10", "50", "51", "abc"])}
+                # Texts CEL's int() refuses though Python's int() takes them.
+                tool["arguments"] = {"max_results": rng.choice(
+                    ["10", "50", "51", "abc", " 51", "+51", "5_1", "\u0665\u0661", "0x40"])}
             tools.append(tool)
         request["tool_details"] = tools
         if rng.random() < 0.2:
@@ -152,3 +154,65 @@ def test_oracle_follows_proto3_presence_for_has():
         {"id": "h.b", "effect": "deny", "expression": "has(request.alias)"}])
     out = ps.evaluate(build_attributes(request={"max_tokens": 5}), [])
     assert [r.decision for r in out.records] == ["deny", "allow"]
+
+
+def engine_and_oracle(expression: str, attrs) -> tuple:
+    ps = PolicySet.compile([{"id": "o.p", "effect": "deny", "expression": expression}])
+    return (normalise(ps.raw_results(attrs, batch=False)[0][0]),
+            Oracle().evaluate(expression, attrs.to_proto()))
+
+
+@pytest.mark.parametrize(("expression", "claims", "expected"), [
+    # A string built by an operator is the same CEL type as one read from a field.
+    ("subject.tenant + '-' + context.environment == 'alice-prod'", None, True),
+    ("subject.tenant + '-' + context.environment != 'alice-prod'", None, False),
+    ("subject.groups.map(g, g + '-x').exists(x, x == 'eng-x')", None, True),
+    ("[subject.tenant + 'x'] == ['alicex']", None, True),
+    ("type(subject.tenant + 'x') == string", None, True),
+    # int() of a string is checked as the runtime parses it; `int` the type is unchanged.
+    ("type(request.max_tokens) == int && type(int('7')) == int", None, True),
+    # has() tests its last key only: reading the ones before it can fail.
+    ("has(subject.claims.org.suspended)", None, ERROR),
+    ("has(subject.claims.org.suspended)", {"org": {}}, False),
+    ("has(subject.claims.org.suspended)", {"org": {"suspended": True}}, True),
+    ("has(subject.claims['org'].suspended)", {"org": "acme"}, ERROR),
+    ("has(subject.claims.org)", {"org": None}, True),
+])
+def test_oracle_agrees_on_strings_built_types_and_nested_has(expression, claims, expected):
+    subject = {"tenant": "alice", "auth_method": "jwt", "groups": ["eng"]}
+    if claims is not None:
+        subject["claims"] = claims
+    attrs = build_attributes(subject, {"operation": "chat"}, {"environment": "prod"})
+    assert engine_and_oracle(expression, attrs) == (expected, expected)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("51", True), (" 51\t", True), ("+51", True), ("051", True), ("-0", False),
+    ("5_1", ERROR), ("\u0665\u0661", ERROR), ("\uff15\uff11", ERROR), ("0x40", ERROR),
+    ("\u00a051", ERROR), ("1e2", ERROR), ("+-5", ERROR), ("9223372036854775808", ERROR),
+])
+def test_oracle_reads_int_of_a_string_as_the_runtime_does(text, expected):
+    # tools.search_max_results: int() of a string takes ASCII whitespace around, one
+    # sign and ASCII digits, where Python's int() also takes "5_1", other scripts' digits
+    # and (cel-python) hex.
+    (policy,) = [p for p in example_policies() if p.spec.id == "tools.search_max_results"]
+    ps = PolicySet.compile([policy])
+    attrs = build_attributes({"tenant": "bob", "auth_method": "api_key"}, {
+        "operation": "chat", "tool_details": [
+            {"name": "search_docs", "called": True, "arguments": {"max_results": text}}]})
+    engine = normalise(ps.raw_results(attrs, batch=False)[2][0][0])
+    oracle = Oracle().evaluate(policy.spec.expression, attrs.to_proto(),
+                               tool=attrs.doc.request.tool_details[0])
+    assert (engine, oracle) == (expected, expected)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("51", True), ("+51", True), (" 51 ", True), ("-51", ERROR), ("-0", ERROR),
+    ("5_1", ERROR), ("0x40", ERROR), ("18446744073709551615", False),
+    ("18446744073709551616", ERROR),
+])
+def test_oracle_reads_uint_of_a_string_as_the_runtime_does(text, expected):
+    attrs = build_attributes({"tenant": "a", "auth_method": "api_key"},
+                             {"operation": "chat", "metadata": {"n": text}})
+    assert engine_and_oracle("uint(request.metadata.n) > 50u && "
+                             "uint(request.metadata.n) < 52u", attrs) == (expected, expected)

@@ -100,6 +100,8 @@ class _Walker:
         # expression tests for (`'k' in m`, `has(m.k)`) anywhere.
         self.map_reads: dict[tuple[str, str], int] = {}
         self.map_guards: set[tuple[str, str]] = set()
+        # Reads a has() makes before the one key it tests (`org` of has(m.org.x)).
+        self.has_reads: set[tuple[str, str]] = set()
 
     # -- paths ----------------------------------------------------------------------
 
@@ -144,8 +146,11 @@ class _Walker:
                     self._check_has(e)
                     if base is not None:
                         self.map_guards.add((base, sel.field))
-                elif base is not None and self._is_map(sel.operand):
-                    self.map_reads.setdefault((base, sel.field), e.id)
+                    # has() tests its last key only: reading the ones before it fails
+                    # where they are absent (`has(m.a.b)` without `a`).
+                    self._note_key_reads(sel.operand, scope, under_has=True)
+                else:
+                    self._note_key_reads(e, scope)
                 # The operand chain is the path's own prefix: nothing else to read there.
                 return
             self.walk(sel.operand, scope, loop_depth)
@@ -171,7 +176,7 @@ class _Walker:
             if path is not None:
                 self.use(path)
                 self._check_known_key(call.args[0], call.args[1], scope, e.id)
-                self._note_map_read(call.args[0], call.args[1], scope, e.id)
+                self._note_key_reads(e, scope)
                 # A computed key may itself read attributes.
                 self.walk(call.args[1], scope, loop_depth)
                 return
@@ -307,16 +312,58 @@ class _Walker:
             self._unknown_value(hay_path + "{}", value, expr_id)
             self.map_guards.add((hay_path, value))
 
-    def _note_map_read(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
-                       scope: Mapping[str, str | None], expr_id: int) -> None:
-        value = self._literal_string(key)
-        path = self.path_of(base, scope)
-        if value is not None and path is not None and self._is_map(base):
-            self.map_reads.setdefault((path, value), expr_id)
+    def _key_read(self, e: syntax_pb2.Expr) -> tuple[syntax_pb2.Expr, str] | None:
+        """(operand, key) when `e` reads a literal key: `m.k` or `m['k']`."""
+        kind = e.WhichOneof("expr_kind")
+        if kind == "select_expr" and not e.select_expr.test_only:
+            return e.select_expr.operand, e.select_expr.field
+        if kind == "call_expr" and e.call_expr.function == "_[_]" and \
+                len(e.call_expr.args) == 2:
+            key = self._literal_string(e.call_expr.args[1])
+            if key is not None:
+                return e.call_expr.args[0], key
+        return None
+
+    def _note_key_reads(self, e: syntax_pb2.Expr, scope: Mapping[str, str | None],
+                        under_has: bool = False) -> None:
+        """Note each map key read along the chain `e` ends: `subject.claims.org.name`
+        reads `org` of subject.claims, then `name` of subject.claims.org."""
+        chain: list[tuple[syntax_pb2.Expr, syntax_pb2.Expr, str]] = []
+        node = e
+        while True:
+            read = self._key_read(node)
+            if read is not None:
+                chain.append((node, *read))
+                node = read[0]
+            elif node.WhichOneof("expr_kind") == "call_expr" and \
+                    node.call_expr.function == "_[_]" and len(node.call_expr.args) == 2:
+                # Past a computed key or a list index the paths name the whole map or
+                # list, not the value read: only the reads below it are known.
+                chain.clear()
+                node = node.call_expr.args[0]
+            else:
+                break
+        if node.WhichOneof("expr_kind") != "ident_expr":
+            return  # the chain starts at a call's result: no attribute path
+        for read_node, operand, key in chain:
+            path = self.path_of(operand, scope)
+            # A value read out of a map (a JSON claim) is dyn: reading a key of it fails
+            # like a map's where it is absent. A variable is left alone: its path is
+            # the whole list or map it ranges over, not the value.
+            keyed = self._is_map(operand) or (self._is_dyn(operand)
+                                               and self._key_read(operand) is not None)
+            if path is not None and keyed:
+                self.map_reads.setdefault((path, key), read_node.id)
+                if under_has:
+                    self.has_reads.add((path, key))
 
     def _is_map(self, e: syntax_pb2.Expr) -> bool:
         t = self.types.get(e.id)
         return t is not None and t.HasField("map_type")
+
+    def _is_dyn(self, e: syntax_pb2.Expr) -> bool:
+        t = self.types.get(e.id)
+        return t is not None and t.HasField("dyn")
 
     def unguarded_map_reads(self) -> None:
         """A map read by a key the expression never tests for fails (an evaluation error)
@@ -324,10 +371,12 @@ class _Walker:
         `request.data_classes['email'] > 3` refuses every request without an e-mail."""
         for (path, key), expr_id in self.map_reads.items():
             if (path, key) not in self.map_guards:
+                hint = " (has() tests only its last key)" \
+                    if (path, key) in self.has_reads else ""
                 self.findings.append(Finding(
                     self.positions.get(expr_id, 0),
-                    f"{path}[{key!r}] is an evaluation error where the key is absent, and "
-                    f"on_error then decides every such request: guard it "
+                    f"{path}[{key!r}] is an evaluation error where the key is absent{hint}, "
+                    f"and on_error then decides every such request: guard it "
                     f"({key!r} in {path} && ...)", "warning"))
 
     def _check_known_key(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,

@@ -1005,6 +1005,14 @@ class _Hits:
         self.any_dry = False
 
 
+# What on_error did, for a failed policy's record. A dry-run policy changes nothing, so
+# its record says what enforcing it would do.
+_ON_ERROR = {"deny": "request denied", "skip": "policy skipped", "apply": "effect applied"}
+_ON_ERROR_DRY = {"deny": "request would be denied (dry run)",
+                 "skip": "policy would be skipped (dry run)",
+                 "apply": "effect would be applied (dry run)"}
+
+
 def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
           tools: Sequence[pb.Tool]) -> tuple[str, _Why]:
     """Note the hits of a policy that matched or failed somewhere. Returns its decision
@@ -1023,7 +1031,8 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
     if not enforced:
         hits.any_dry = True
     if error is not None and p.on_error == "deny":
-        hits.denies.append((p, enforced, f"policy {p.id} could not be evaluated"))
+        # The refusal names the policy itself (client_message, reasons): not again here.
+        hits.denies.append((p, enforced, "Policy could not be evaluated"))
     effect = p.effect
     reason = p.message if applies else ""
     targets: tuple[str, ...] = ()
@@ -1057,9 +1066,7 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
             hits.tools.append((p, enforced, i))
         targets = tuple([safe_name(tools[i].name, i) for i in applies])
     if error is not None:
-        consequence = {"deny": "request denied" if enforced else
-                       "request would be denied (dry run)",
-                       "skip": "policy skipped", "apply": "effect applied"}[p.on_error]
+        consequence = (_ON_ERROR if enforced else _ON_ERROR_DRY)[p.on_error]
         reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
         return "error", (reason, targets, removed)
     return (p.applied_decision if applies else p.idle_decision), (reason, targets, removed)

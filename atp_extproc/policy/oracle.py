@@ -12,6 +12,7 @@ does: `1 == 1.0` is true and values of unrelated types are simply not equal (`1.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import celpy
@@ -117,10 +118,16 @@ def to_cel(msg: Any) -> ProtoMessage:
 
 
 def _kind(value: Any) -> str:
-    if isinstance(value, celtypes.BoolType):
+    # By the builtin a value derives from: cel-python's operators return plain str (and
+    # the like) where a field reads as StringType, and the two are one CEL type.
+    if isinstance(value, (celtypes.BoolType, bool)):
         return "bool"
-    if isinstance(value, (celtypes.IntType, celtypes.UintType, celtypes.DoubleType)):
+    if isinstance(value, (int, float)):
         return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes):
+        return "bytes"
     if isinstance(value, celtypes.ListType):
         return "list"
     if isinstance(value, celtypes.MapType):
@@ -135,8 +142,8 @@ def _equal(a: Any, b: Any) -> bool:
     if ka != kb:
         return False
     if ka == "number":
-        return float(a) == float(b) if isinstance(a, celtypes.DoubleType) or \
-            isinstance(b, celtypes.DoubleType) else int(a) == int(b)
+        return float(a) == float(b) if isinstance(a, float) or isinstance(b, float) \
+            else int(a) == int(b)
     if ka == "list":
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if ka == "map":
@@ -158,7 +165,27 @@ def _spec_ne(a: Any, b: Any) -> Any:
     return result if isinstance(result, CELEvalError) else celtypes.BoolType(not result)
 
 
-SPEC_FUNCTIONS = {"_==_": _spec_eq, "_!=_": _spec_ne}
+def _spec_add(a: Any, b: Any) -> Any:
+    # cel-python's `+` gives plain str, bytes and list, which type() does not name as
+    # CEL's string, bytes and list (`type(a + b) == string` was false).
+    total = a + b
+    if isinstance(total, str):
+        return celtypes.StringType(total)
+    if isinstance(total, bytes):
+        return celtypes.BytesType(total)
+    if isinstance(total, list) and not isinstance(total, celtypes.ListType):
+        return celtypes.ListType(total)
+    return total
+
+
+SPEC_FUNCTIONS = {"_==_": _spec_eq, "_!=_": _spec_ne, "_+_": _spec_add}
+
+# The runtime reads int() and uint() of a string as abseil's SimpleAtoi does: ASCII
+# whitespace around, one sign, ASCII digits. Python's int() also takes "5_1" and other
+# scripts' digits, and cel-python "0x40".
+_ASCII_SPACE = "[ \t\n\v\f\r]*"
+_NUMBER_TEXT = {"int": re.compile(f"{_ASCII_SPACE}([+-]?[0-9]+){_ASCII_SPACE}"),
+               "uint": re.compile(f"{_ASCII_SPACE}\\+?([0-9]+){_ASCII_SPACE}")}
 
 
 class _ProtoEvaluator(Evaluator):
@@ -172,12 +199,33 @@ class _ProtoEvaluator(Evaluator):
         if isinstance(node, lark.Tree) and node.data == "member_dot":
             member_tree, name_token = node.children
             member = self.visit(member_tree)
+            name = str(name_token)
+            # cel-python reads any error below has() as false; in CEL only the last key
+            # is tested, and an error reading the ones before it is the result.
+            if isinstance(member, CELEvalError):
+                return member  # type: ignore[return-value]
             if isinstance(member, ProtoMessage):
-                name = str(name_token)
                 if celtypes.StringType(name) not in member:
                     return CELEvalError(f"no_such_field {name}", KeyError, None)  # type: ignore[return-value]
                 return celtypes.BoolType(name in member.present)
+            if isinstance(member, celtypes.MapType):
+                return celtypes.BoolType(celtypes.StringType(name) in member)
+            # A string, a number, a list or null has no fields to test.
+            return CELEvalError(f"no_such_field {name}", TypeError, None)  # type: ignore[return-value]
         return super().macro_has_eval(exprlist)
+
+    def function_eval(self, name_token: lark.Token, exprlist: Any = None) -> Any:
+        # Checked here rather than by replacing the functions: `int` is also the type
+        # name (`type(x) == int`), and that must stay cel-python's IntType.
+        pattern = _NUMBER_TEXT.get(str(name_token))
+        args = exprlist if isinstance(exprlist, list) else None
+        if pattern is not None and args is not None and len(args) == 1 and \
+                isinstance(args[0], str):
+            match = pattern.fullmatch(args[0])
+            if match is None:
+                return CELEvalError("string conversion failed", ValueError, None)
+            exprlist = [celtypes.StringType(match.group(1))]
+        return super().function_eval(name_token, exprlist)
 
 
 class _Runner(celpy.InterpretedRunner):
