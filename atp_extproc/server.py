@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
 from atp_extproc import logs
-from atp_extproc.config import ConfigError, Snapshot, envoy_buffer_limit
+from atp_extproc.config import ConfigError, Snapshot
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
 from atp_extproc.services import Services
@@ -41,21 +41,16 @@ OFFLOAD_BODY_BYTES = 128 * 1024
 # Envoy's default ext_proc message_timeout: an answer that held the loop this long may
 # have come after Envoy stopped waiting for it.
 _SLOW_ANSWER_S = 0.2
-# Room above the largest body for the rest of the ProcessingRequest (headers, metadata).
-_GRPC_OVERHEAD_BYTES = 256 * 1024
-
-
-def grpc_receive_limit(max_body_bytes: int) -> int:
-    """gRPC's receive limit: above Envoy's buffer limit, so a big body reaches ATP, which
-    answers its own 413, rather than failing as gRPC's RESOURCE_EXHAUSTED (an Envoy 500)."""
-    return envoy_buffer_limit(max_body_bytes) + _GRPC_OVERHEAD_BYTES
-
-
-def grpc_server_options(max_body_bytes: int) -> list[tuple[str, int]]:
-    limit = grpc_receive_limit(max_body_bytes)
+def grpc_server_options() -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        # No message size limit: Envoy bounds what it sends. A request body above its
+        # buffer is Envoy's own 413 before ATP sees it, and a body ATP does not accept
+        # reaches ATP for its 413. An answer ATP reads STREAMED is sent as Envoy has it:
+        # what Envoy queued while waiting for ATP's response_headers answer went as one
+        # message, past any limit tied to the buffer (9 MB against 8.25), and the client
+        # got a 413 for its answer.
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
         # BDP probes are PINGs that size flow-control windows for bulk transfers; on
         # Envoy's local link they only add frames and wakeups to every exchange.
@@ -78,16 +73,14 @@ class ServeOptions:
 
 def _fixed_at_start(snapshot: Snapshot, options: ServeOptions) -> dict[str, object]:
     """What the process sets up once, from the snapshot it starts with: the gRPC server
-    binds and sizes its message limit once, the ledger's writer opens its file once.
-    (ledger.baseline and max_body_bytes itself are read per request.)"""
+    binds once, the ledger's writer opens its file once. (ledger.baseline and
+    max_body_bytes are read per request.)"""
     ledger = snapshot.ledger
     # Without a writer its settings are not in use: turning it on or off is one change.
     writer = ({"ledger.path": ledger.path, "ledger.flush_interval_s": ledger.flush_interval_s}
               if ledger.enabled else {})
     return {
         "server.listen": options.listen or snapshot.server.listen,
-        "server.max_body_bytes (the gRPC message limit)":
-            grpc_receive_limit(snapshot.server.max_body_bytes),
         "ledger.enabled": ledger.enabled,
         **writer,
     }
@@ -488,7 +481,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     # A large body inspected on the worker thread holds the GIL in slices of this
     # interval; shorter slices keep the other exchanges' added wait small.
     sys.setswitchinterval(0.001)
-    server = grpc.aio.server(options=grpc_server_options(snapshot.server.max_body_bytes))
+    server = grpc.aio.server(options=grpc_server_options())
     bind(server, listen)
     services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
@@ -507,7 +500,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
              snapshot.version)
     # What ATP fixed at start, for an operator asking why a limit applies.
     log.debug("fixed until restart: %s; gRPC options %s", holder.fixed_at_start,
-              dict(grpc_server_options(snapshot.server.max_body_bytes)))
+              dict(grpc_server_options()))
 
     watcher = asyncio.create_task(holder.watch())
     expiry = asyncio.create_task(services.run_expiry())

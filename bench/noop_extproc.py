@@ -28,12 +28,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import envoy_api
-from atp_extproc.config import Server
 from atp_extproc.envoy_api import ProcessingMode, body_mode
 from atp_extproc.server import EXT_PROC_SERVICE, grpc_server_options
-
-# ATP's default max_body_bytes, so both servers run with identical gRPC options.
-_MAX_BODY_BYTES: int = Server.model_fields["max_body_bytes"].default
 
 
 def routing_body_response(cluster: str) -> ep.ProcessingResponse:
@@ -104,7 +100,7 @@ class NoopProcessor(ep_grpc.ExternalProcessorServicer):
 
 async def serve(listen: str, cluster: str, read_response_body: bool = False,
                 rewrite: bool = False) -> int:
-    server = grpc.aio.server(options=grpc_server_options(_MAX_BODY_BYTES))
+    server = grpc.aio.server(options=grpc_server_options())
     ep_grpc.add_ExternalProcessorServicer_to_server(
         NoopProcessor(cluster, read_response_body, rewrite), server)
     health_servicer = health.aio.HealthServicer()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from atp_extproc import config as config_mod
-from atp_extproc.server import grpc_receive_limit
+from atp_extproc.server import grpc_server_options
 from atp_extproc.stack import (
     EXAMPLE_CONFIG,
     FRONT_PROXY,
@@ -190,7 +190,7 @@ def test_envoy_and_atp_size_limits_agree(envoy_config: Path) -> None:
     # ATP must see (and refuse with its own 413) every body it does not accept...
     assert listener_limit > max_body
     # ...and gRPC must accept every body Envoy can buffer, or Envoy answers 504.
-    assert grpc_receive_limit(max_body) >= listener_limit + 64 * 1024
+    assert dict(grpc_server_options())["grpc.max_receive_message_length"] == -1
     assert atp_cluster["per_connection_buffer_limit_bytes"] >= listener_limit
     assert config_mod.Server().max_body_bytes == max_body
 

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from atp_extproc.config import Server
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import data_classes_of, known_values
@@ -51,6 +52,15 @@ def redaction_configured(raw: dict[str, Any]) -> bool:
         return True  # config.load refuses it; fail closed here
 
 
+def _max_body_of(raw: dict) -> int:
+    """atp.yaml's server.max_body_bytes (its default where unset or unreadable: config.load
+    reports a bad value)."""
+    default: int = Server.model_fields["max_body_bytes"].default
+    server = raw.get("server")
+    value = server.get("max_body_bytes", default) if isinstance(server, dict) else default
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
           redaction_enabled: bool | None = None, out: TextIO | None = None,
           known_data_classes: Sequence[str] | None = None, verdict: bool = True,
@@ -71,6 +81,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     why: list[str] = []
     summaries: list[str] = []
     clusters: set[str] | None = None
+    max_body: int | None = None
     for path in paths:
         loaded = load_file(path)
         problems += loaded.problems
@@ -78,6 +89,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
         if isinstance(models, list):
             clusters = (clusters or set()) | {str(m.get("cluster")) for m in models
                                               if isinstance(m, dict)}
+            max_body = max(max_body or 0, _max_body_of(loaded.raw))
         # Entries that failed validation are already reported; lint the others too.
         policy_set, found = PolicySet.lint(
             loaded.policies, loaded.settings, path, known_values=known_values(loaded.raw),
@@ -105,7 +117,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     if not paths and redaction_enabled:
         why.append("redaction is enabled")
     for envoy in envoy_configs:
-        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt, clusters)
+        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt, clusters, max_body)
     problems.sort(key=lambda p: (p.file, p.line, p.severity != "error"))
     for problem in problems:
         print(problem, file=out)

@@ -486,12 +486,42 @@ def missing_cluster_problems(file: str, text: str,
             for name in sorted(set(model_clusters) - names)]
 
 
+# Envoy's per_connection_buffer_limit_bytes where a listener does not set it.
+ENVOY_DEFAULT_BUFFER_BYTES = 1024 * 1024
+
+
+def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
+    """Listeners with an ext_proc filter that buffer no more than atp.yaml's
+    max_body_bytes: Envoy then refuses bodies ATP would take with its own 413, and
+    answers 500 for an answer ATP asks it to buffer (up to max_body_bytes)."""
+    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    static = doc.get("static_resources") if isinstance(doc, dict) else None
+    listeners = static.get("listeners") if isinstance(static, dict) else None
+    problems = []
+    for i, listener in enumerate(listeners if isinstance(listeners, list) else ()):
+        if not isinstance(listener, dict) or not any(
+                _is_ext_proc(f) for f in _walk(listener.get("filter_chains"))):
+            continue
+        limit = listener.get("per_connection_buffer_limit_bytes",
+                             ENVOY_DEFAULT_BUFFER_BYTES)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit <= max_body_bytes:
+            problems.append(Problem(
+                file, _line(listener, "per_connection_buffer_limit_bytes") or _line(listener),
+                f"static_resources.listeners[{i}].per_connection_buffer_limit_bytes",
+                f"Envoy buffers {limit} bytes, not more than server.max_body_bytes "
+                f"({max_body_bytes}): it would refuse bodies ATP takes with its own 413, "
+                "and answer 500 for answers ATP asks it to buffer; set it to twice "
+                "max_body_bytes"))
+    return problems
+
+
 def check_file(path: str | Path, why: list[str],
                jwt: tuple[str, str] | None = None,
-               model_clusters: Collection[str] | None = None) -> list[Problem]:
-    """Fail-open problems (`model_clusters`: atp.yaml's, None: unknown), and with `jwt`
+               model_clusters: Collection[str] | None = None,
+               max_body_bytes: int | None = None) -> list[Problem]:
+    """Fail-open problems (`model_clusters`: atp.yaml's, None: unknown), with `jwt`
     (auth.jwt's metadata namespace and payload key) where a token's claims would not
-    reach ATP."""
+    reach ATP, and with `max_body_bytes` (atp.yaml's) a buffer too small for it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -502,4 +532,6 @@ def check_file(path: str | Path, why: list[str],
         problems += missing_cluster_problems(str(path), text, model_clusters)
     if jwt is not None:
         problems += jwt_problems(str(path), text, *jwt)
+    if max_body_bytes is not None:
+        problems += buffer_problems(str(path), text, max_body_bytes)
     return problems
