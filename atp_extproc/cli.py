@@ -75,6 +75,12 @@ def _serve_with(args: argparse.Namespace, early: _EarlySignals) -> int:
     try:
         return _run(server.serve(Path(args.config), options,
                                  lambda: early.stop_requested))
+    except config_mod.ConfigError as exc:
+        # serve reads the file again (stamped first, for the reload watch): an edit
+        # made meanwhile can leave it invalid.
+        logs.flush()
+        print(f"atp-extproc: invalid config, not starting:\n{exc}", file=sys.stderr)
+        return 2
     except (server.StartupError, LedgerUnavailable) as exc:
         logs.flush()
         print(f"atp-extproc: not starting: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
 from atp_extproc import logs
-from atp_extproc.config import ConfigError, Snapshot
+from atp_extproc.config import ConfigError, Server, Snapshot, envoy_buffer_limit
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
 from atp_extproc.services import Services
@@ -41,16 +41,21 @@ OFFLOAD_BODY_BYTES = 128 * 1024
 # Envoy's default ext_proc message_timeout: an answer that held the loop this long may
 # have come after Envoy stopped waiting for it.
 _SLOW_ANSWER_S = 0.2
+# gRPC's message limit, fixed whatever max_body_bytes says: twice the largest buffer
+# Envoy has for any max_body_bytes ATP accepts (256 MiB, Envoy's default HTTP/2 stream
+# window too). Envoy sends past its buffer: an answer ATP reads STREAMED comes as Envoy
+# has it, what it queued while ATP answered the response headers in one message (9 MB
+# failed a limit of 8.25, and the client got a 413 for its answer), and over HTTP/2 a
+# request body comes whole (ATP answers its own 413). The bound keeps one message from
+# taking all of ATP's memory.
+GRPC_MESSAGE_LIMIT = 2 * envoy_buffer_limit(
+    Server.model_fields["max_body_bytes"].metadata[-1].le)
+
+
 def grpc_server_options() -> list[tuple[str, int]]:
     return [
-        # No message size limit: Envoy bounds what it sends. A request body above its
-        # buffer is Envoy's own 413 before ATP sees it, and a body ATP does not accept
-        # reaches ATP for its 413. An answer ATP reads STREAMED is sent as Envoy has it:
-        # what Envoy queued while waiting for ATP's response_headers answer went as one
-        # message, past any limit tied to the buffer (9 MB against 8.25), and the client
-        # got a 413 for its answer.
-        ("grpc.max_receive_message_length", -1),
-        ("grpc.max_send_message_length", -1),
+        ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+        ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
         ("grpc.so_reuseport", 0),
         # BDP probes are PINGs that size flow-control windows for bulk transfers; on
         # Envoy's local link they only add frames and wakeups to every exchange.

@@ -512,9 +512,23 @@ def test_error_deep_nesting_is_a_config_error() -> None:
     assert "nested too deeply" in str(err)
 
 
-def test_error_invalid_yaml_timestamp() -> None:
+def test_a_date_like_value_is_a_string_named_by_its_path() -> None:
+    # YAML 1.1 read it as a timestamp: "invalid YAML: month must be in 1..12", no path.
+    doc = base()
+    doc["models"][0]["region"] = "2026-13-01"
+    text = yaml.safe_dump(doc).replace("'2026-13-01'", "2026-13-01")
+    assert next(iter(config.parse(text, SRC).models.values())).region == "2026-13-01"
     err = error_of(yaml.safe_dump(base()) + "extra: 2026-13-01\n")
-    assert "invalid YAML" in str(err) and "month" in str(err)
+    assert_names(err, "extra", "Extra inputs are not permitted")
+
+
+def test_yaml_1_1_words_are_strings() -> None:
+    # `shadow: {mode: off}` was refused as "Input should be 'off', 'decision' or
+    # 'mirror'" (YAML 1.1 read off as false), and the region NO (Norway) as false.
+    from atp_extproc.policy.settings import KeyCheckingLoader
+
+    assert yaml.load("a: [true, False, yes, on, off, NO]", Loader=KeyCheckingLoader) == {
+        "a": [True, False, "yes", "on", "off", "NO"]}
 
 
 def test_error_alias_lists_a_model_twice() -> None:

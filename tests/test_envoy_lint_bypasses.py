@@ -122,6 +122,24 @@ def test_a_quoted_true_failure_mode_allow_fails_open(tmp_path, value):
     assert all("fails open" in p.reason for p in problems)
 
 
+@pytest.mark.parametrize("word", ["on", "yes", "Y"])
+def test_an_unquoted_yaml_1_1_true_fails_open(tmp_path, word):
+    # Envoy's YAML reads these as true; atp.yaml's loader (YAML 1.2 booleans) does not,
+    # and must not lend the Envoy lint its reading.
+    doc = front()
+    ext_proc(doc)["typed_config"]["failure_mode_allow"] = True
+    text = yaml.safe_dump(doc, sort_keys=False).replace(
+        "failure_mode_allow: true", f"failure_mode_allow: {word}")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
+                           "--log-level", "error"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    problems = fail_open_problems(str(path), text, ["deny policies"], None)
+    assert problems and all("fails open" in p.reason for p in problems)
+
+
 @pytest.mark.parametrize("value", ["false", "False", "no", "0"])
 def test_a_quoted_false_is_fail_closed(tmp_path, value):
     doc = front()

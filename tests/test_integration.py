@@ -477,13 +477,13 @@ def test_headers_that_leave_no_room_for_atps_get_a_431(stack: Stack, upstreams: 
 
 
 def test_an_http2_body_past_envoys_buffer_gets_a_413(stack: Stack, upstreams: Upstreams) -> None:
-    """Over HTTP/2 Envoy hands ATP the whole body, which ATP's gRPC limit refuses: the
-    client must read that its body is too large, not that ATP is down."""
+    """Over HTTP/2 Envoy hands ATP the whole body, past its own buffer: the client must
+    read that its body is too large (ATP's 413), not that ATP is down."""
     body = json.dumps({"model": "gpt-4o-mini", "messages": [
         {"role": "user", "content": "x" * (9 * 1024 * 1024)}]}).encode()
     status, answer = h2_post(stack, CHAT, body, trailers=False)
     assert status == 413, answer[:300]
-    assert json.loads(answer)["error"]["code"] == "request_payload_too_large"
+    assert json.loads(answer)["error"]["code"] == "request_too_large"
     assert upstreams.total() == 0
 
 

@@ -260,3 +260,29 @@ def test_sighup_during_start_up_does_not_end_atp(config: Path) -> None:
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+def test_a_config_broken_while_serve_starts_is_exit_2_in_one_message(
+        config: Path, monkeypatch, capsys) -> None:
+    # serve reads the file twice at start; an edit between the two was a traceback and
+    # exit 1 rather than "invalid config", exit 2.
+    from atp_extproc import config as config_mod
+    from atp_extproc import logs
+
+    # (Pointed at the test's stderr for the rest of the session, logs would outlive it.)
+    monkeypatch.setattr(logs, "setup", lambda level: None)
+
+    load = config_mod.load
+    calls: list[Path] = []
+
+    def load_then_break(path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise config_mod.ConfigError(str(path), [("", "invalid YAML")], [1])
+        return load(path)
+
+    monkeypatch.setattr(config_mod, "load", load_then_break)
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atp-extproc: invalid config, not starting:\n")
+    assert "invalid YAML" in err and "Traceback" not in err

@@ -113,7 +113,7 @@ def test_include_that_matches_nothing_and_bad_yaml(tmp_path):
 
 @pytest.mark.parametrize(("text", "reason"), [
     ("policies: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
-    ("when: 2026-13-01\npolicies: []\n", "month must be in 1..12"),
+    ("when: !!timestamp 2026-13-01\npolicies: []\n", "month must be in 1..12"),
     ("? [a, b]\n: 1\npolicies: []\n", "invalid YAML"),
 ])
 def test_yaml_the_parser_chokes_on_is_a_reported_error(tmp_path, text, reason):

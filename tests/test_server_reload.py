@@ -143,13 +143,13 @@ def test_a_file_written_while_a_reload_loads_is_reloaded_next(tmp_path: Path,
     assert [p.id for p in holder.current.policies.policies] == ["g.y"]
 
 
-def test_grpc_takes_every_message_envoy_sends() -> None:
-    # Envoy bounds what it sends; a limit tied to its buffer cut answers it sent STREAMED
-    # in one message (what it queued while ATP answered the response headers), and the
-    # client got a 413 for its answer.
+def test_grpc_takes_messages_well_past_any_envoy_buffer() -> None:
+    # A limit just above Envoy's buffer cut answers it sent STREAMED in one message (what
+    # it queued while ATP answered the response headers), and the client got a 413.
     options = dict(grpc_server_options())
-    assert options["grpc.max_receive_message_length"] == -1
-    assert options["grpc.max_send_message_length"] == -1
+    largest = config_mod.Server.model_fields["max_body_bytes"].metadata[-1].le
+    for name in ("grpc.max_receive_message_length", "grpc.max_send_message_length"):
+        assert options[name] == 2 * config_mod.envoy_buffer_limit(largest) == 256 << 20
 
 
 def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, caplog) -> None:

@@ -309,7 +309,7 @@ def fail_open_problems(file: str, text: str, why: list[str],
     """Problems for ext_proc that fails open, or is missing where requests may reach a
     model's cluster (`model_clusters`, from atp.yaml; None: any cluster); errors when
     `why` (reasons ATP's decisions must hold) is not empty, warnings otherwise."""
-    doc, problems = load_yaml(text, file)
+    doc, problems = load_yaml(text, file, envoy=True)
     if doc is None:
         return problems
     severity: Literal["error", "warning"] = "error" if why else "warning"
@@ -426,7 +426,7 @@ def jwt_problems(file: str, text: str, namespace: str, payload_key: str) -> list
     that writes them under another key than `payload_key` (or not at all), a jwt_authn
     filter after ext_proc, or an ext_proc filter that does not forward `namespace`.
     Every token would then be ignored: its caller refused, or served as anonymous."""
-    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
     problems: list[Problem] = []
     if doc is None:
         return problems
@@ -473,7 +473,7 @@ def missing_cluster_problems(file: str, text: str,
                              model_clusters: Collection[str]) -> list[Problem]:
     """atp.yaml's model clusters that the Envoy config does not define: Envoy answers
     every request ATP routes there 503 cluster_not_found."""
-    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
     if not isinstance(doc, dict) or "cds_config" in str(doc.get("dynamic_resources")):
         return []  # clusters that come from a control plane cannot be read here
     static = doc.get("static_resources")
@@ -494,7 +494,7 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
     """Listeners with an ext_proc filter that buffer no more than atp.yaml's
     max_body_bytes: Envoy then refuses bodies ATP would take with its own 413, and
     answers 500 for an answer ATP asks it to buffer (up to max_body_bytes)."""
-    doc, _ = load_yaml(text, file)  # (a YAML error is fail_open_problems' to report)
+    doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
     static = doc.get("static_resources") if isinstance(doc, dict) else None
     listeners = static.get("listeners") if isinstance(static, dict) else None
     problems = []

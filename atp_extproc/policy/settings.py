@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # `team.rule`: a namespace, a dot, a name; lowercase so ids compare and grep cleanly.
 POLICY_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}(\.[a-z][a-z0-9_-]{0,63}){1,3}$")
@@ -89,6 +96,13 @@ class PolicySettings(_Frozen):
     # context.environment: dev | staging | prod ...
     environment: str = ""
 
+    @field_validator("include")
+    @classmethod
+    def _globs(cls, include: tuple[str, ...]) -> tuple[str, ...]:
+        if any("\x00" in pattern for pattern in include):  # glob raises on it
+            raise ValueError("a path cannot hold a NUL character")
+        return include
+
     def effective_mode(self, spec: PolicySpec) -> Mode:
         return spec.mode if self.mode == "per_policy" else self.mode
 
@@ -113,6 +127,24 @@ MERGE_TAG = "tag:yaml.org,2002:merge"
 _VALUE_TAG = "tag:yaml.org,2002:value"
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+# YAML 1.2's booleans (true/false), as Envoy reads YAML: YAML 1.1's yes/no/on/off made
+# `mode: off` a boolean (refused as "should be 'off'") and the region NO (Norway) false.
+# No config value is a date either: an unquoted 2026-13-01 was a YAML error without a
+# path, and 2026-01-01 a date no field takes.
+_IMPLICIT_RESOLVERS = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "yYnNoO":
+    _IMPLICIT_RESOLVERS[_first] = [
+        r for r in _IMPLICIT_RESOLVERS.get(_first, []) if r[0] != _BOOL_TAG]
+for _first in "tTfF":
+    _IMPLICIT_RESOLVERS[_first] = [
+        (tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$") if tag == _BOOL_TAG
+         else regexp) for tag, regexp in _IMPLICIT_RESOLVERS.get(_first, [])]
+
+
 class KeyCheckingLoader(yaml.SafeLoader):
     """A SafeLoader that notes every key a mapping gives twice (`duplicates`: the later
     key's node, and the key), which YAML would silently settle by keeping the last.
@@ -122,6 +154,8 @@ class KeyCheckingLoader(yaml.SafeLoader):
     not used: it keeps the first of two equal keys only when Python happens to share
     their string, so which value won depended on the key's length.
     """
+
+    yaml_implicit_resolvers = _IMPLICIT_RESOLVERS
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -244,9 +278,15 @@ class PolicyError(Exception):
         return [(f"{p.file}:{p.line}: {p.path}".rstrip(": "), p.reason) for p in self.details]
 
 
-def load_yaml(text: str, file: str) -> tuple[Any, list[Problem]]:
-    """Parse YAML keeping lines; duplicate keys are problems, not silent overwrites."""
-    loader = _LineLoader(text)
+class _EnvoyLineLoader(_LineLoader):
+    # Envoy's yaml-cpp reads unquoted yes/no/on/off as booleans, as YAML 1.1 does.
+    yaml_implicit_resolvers = yaml.SafeLoader.yaml_implicit_resolvers
+
+
+def load_yaml(text: str, file: str, *, envoy: bool = False) -> tuple[Any, list[Problem]]:
+    """Parse YAML keeping lines; duplicate keys are problems, not silent overwrites.
+    `envoy`: read as Envoy reads its config (YAML 1.1 booleans)."""
+    loader = (_EnvoyLineLoader if envoy else _LineLoader)(text)
     try:
         doc = loader.get_single_data()
     except yaml.YAMLError as exc:
@@ -437,8 +477,8 @@ def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
         return PolicySettings.model_validate(dict(raw)), []
     except ValidationError as exc:
         return PolicySettings(), [
-            Problem(file, line_of(doc, ["policy", *e["loc"]]),
-                    _format_loc(["policy", *e["loc"]]), e["msg"]) for e in exc.errors()]
+            Problem(file, line_of(doc, ["policy", *e["loc"]]), _format_loc(["policy", *e["loc"]]),
+                    e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
 
 
 def load_text(text: str, file: str, *, base_dir: Path | None = None,

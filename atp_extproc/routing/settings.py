@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Model and route names travel in headers: a safe alphabet (config.TOKEN is built from it).
 TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
@@ -209,6 +209,13 @@ class LedgerSettings(_Frozen):
     # Rows are aggregated in memory and written by a background thread this often; a
     # crash loses at most this much.
     flush_interval_s: float = Field(default=1.0, gt=0, le=300)
+
+    @field_validator("path")
+    @classmethod
+    def _openable(cls, path: str) -> str:
+        if "\x00" in path:  # no OS opens it: said here, not as a traceback at start
+            raise ValueError("a path cannot hold a NUL character")
+        return path
 
 
 DEFAULT_OBJECTIVE = RouteObjective()
