@@ -381,6 +381,7 @@ class Exchange:
         parsed = parse_body(body, server.max_json_depth)
         self._parsed = parsed
         if rec.operation == "feedback":
+            check_depth(parsed, server.max_json_depth)  # the same bound as any body
             return None
         redactor = self.snapshot.redactor
         request = read_request(rec.operation, parsed.doc, server,

@@ -235,6 +235,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.in_flight = 0
         self.draining = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atp-inspect")
+        # Answers restore on a thread of their own: behind big request bodies in one
+        # queue, a small request's 200 KB answer waited past message_timeout (a 504
+        # for an answer the model had given).
+        self._restore_pool = ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="atp-restore")
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -265,7 +270,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         # Restoring a big answer's placeholders takes as long as
                         # inspecting it.
                         response = await asyncio.get_running_loop().run_in_executor(
-                            self._pool, _without_gc, exchange.handle, message)
+                            self._restore_pool, _without_gc, exchange.handle, message)
                     else:
                         started = time.perf_counter()
                         response = exchange.handle(message)
@@ -290,8 +295,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         # last answer was taken (a few % of requests were recorded failed).
                         last = (response.HasField("immediate_response")
                                 or exchange.response_ended)
-                        if not last or held_loop_s >= _SLOW_ANSWER_S:
-                            _abandoned(exchange, message)
+                        slow = held_loop_s >= _SLOW_ANSWER_S
+                        if not last or slow:
+                            # A fast answer went nowhere because the client left (or
+                            # Envoy refused ATP's headers, a 431): nothing for the
+                            # operator to fix in ATP.
+                            _abandoned(exchange, message, warn=slow)
                         raise
                     if response.HasField("immediate_response"):
                         return
@@ -337,10 +346,10 @@ class HealthServicer(health.aio.HealthServicer):
             for service, status in self._server_status.items()})
 
 
-def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
+def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True) -> None:
     """Envoy closed the stream while ATP worked on a message: it stopped waiting
-    (message_timeout; the client got a 504) or the client left. The record says so; the
-    log says it, as ATP being too slow is the operator's to fix."""
+    (message_timeout; the client got a 504) or the client left. The record says so; with
+    `warn`, the log says it, as ATP being too slow is the operator's to fix."""
     rec = exchange.record
     phase = message.WhichOneof("request") or "a message"
     # Once the answer was coming back, the model had the request: the answer did not
@@ -348,9 +357,10 @@ def _abandoned(exchange: Exchange, message: ProcessingRequest) -> None:
     rec.error_code = rec.error_code or (
         INCOMPLETE_RESPONSE if phase.startswith("response_") else ABANDONED)
     body = getattr(message, phase).body if phase.endswith("_body") else b""
-    log.warning("Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
-                "message_timeout passed, or the client left", phase, len(body),
-                rec.request_id or "-")
+    log.log(logging.WARNING if warn else logging.DEBUG,
+            "Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
+            "message_timeout passed, or the client left", phase, len(body),
+            rec.request_id or "-")
 
 
 def _response_ended(message: ProcessingRequest) -> bool:

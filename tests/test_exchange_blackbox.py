@@ -76,6 +76,17 @@ def test_feedback_takes_post_with_a_body_only(snap) -> None:
                  "missing_body")
 
 
+def test_feedback_is_held_to_max_json_depth(snap) -> None:
+    # A feedback body nested 201 deep got 204; the same nesting on chat is a 400.
+    deep: dict = {"request_id": "req-1", "score": 0.5}
+    for _ in range(200):
+        deep = {"x": deep}
+    ex = Exchange(snap)
+    ex.handle(req_headers("POST", "/v1/feedback"))
+    assert_error(ex.handle(req_body({"request_id": "req-1", "score": 0.5, "n": deep})),
+                 400, "json_too_deep")
+
+
 @pytest.mark.parametrize("path", [CHAT, "/v1/feedback"])
 def test_an_empty_body_after_headers_that_announced_one_is_missing(snap, path) -> None:
     # A chunked body of only its last chunk, or an HTTP/2 empty DATA frame: it got

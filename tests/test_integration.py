@@ -317,6 +317,28 @@ def test_complete_answers_and_refusals_are_recorded_as_they_were(stack: Stack) -
     assert "Envoy stopped waiting" not in stack.log("atp")
 
 
+def test_a_reply_envoy_gives_without_text_still_says_what_happened(tmp_path) -> None:
+    # A model routed to a cluster Envoy lacks: the 503's message was "".
+    from atp_extproc.stack import render_envoy
+
+    def without_demo_b(doc: dict) -> None:
+        clusters = doc["static_resources"]["clusters"]
+        clusters[:] = [c for c in clusters if c["name"] != "demo_b"]
+
+    stack = Stack.on_free_ports(workdir=tmp_path)
+    try:
+        stack.start_upstream("demo_a")
+        stack.start_atp()
+        stack.start_envoy(render_envoy(stack.ports, edit=without_demo_b))
+        reply = post(stack, CHAT, {"model": "gpt-4o",
+                                   "messages": [{"role": "user", "content": "hi"}]})
+        error = reply.json()["error"]
+        assert (reply.status, error["code"]) == (503, "cluster_not_found")
+        assert error["message"] == "Envoy could not complete this request (cluster_not_found)"
+    finally:
+        stack.stop_all()
+
+
 def test_a_slow_model_gets_the_route_timeout_not_the_idle_timeout(tmp_path) -> None:
     """A non-streamed answer is silent until complete, which Envoy counts as idle: the
     model route's own idle timeout must reach its timeout, or stream_idle_timeout (shorter)
