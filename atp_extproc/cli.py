@@ -273,6 +273,11 @@ def _stack(args: argparse.Namespace) -> int:
         code = 2
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"atp-extproc stack: failed to start: {exc}; logs in {workdir}", file=sys.stderr)
+        # Why a child stopped is the end of its log (ATP's one line for a bad config):
+        # shown here, not left for the user to find.
+        for name, _ in stack.exited():
+            for line in stack.log(name).splitlines()[-5:]:
+                print(f"  {name}: {line}", file=sys.stderr)
         code = 1
     finally:
         # No second signal may cut the cleanup short.

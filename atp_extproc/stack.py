@@ -44,6 +44,29 @@ class PortBusyError(RuntimeError):
     """A port the stack needs is taken, usually by a stack that is still running."""
 
 
+# examples/atp.yaml's ledger, relative to it: the checkout's .run/.
+_EXAMPLE_LEDGER = "../.run/atp-ledger.sqlite3"
+
+
+def copy_example(directory: Path, text: str | None = None) -> Path:
+    """examples/atp.yaml (or `text`) in `directory`, with the policy files it includes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(EXAMPLE_CONFIG.parent / "policies", directory / "policies",
+                    dirs_exist_ok=True)
+    path = directory / "atp.yaml"
+    path.write_text(EXAMPLE_CONFIG.read_text() if text is None else text)
+    return path
+
+
+def example_config_in(directory: Path) -> Path:
+    """copy_example, its ledger in `directory`'s parent rather than the checkout's .run/,
+    which `make run` writes and `report savings` reads."""
+    text = EXAMPLE_CONFIG.read_text()
+    assert f"path: {_EXAMPLE_LEDGER}" in text
+    return copy_example(directory, text.replace(f"path: {_EXAMPLE_LEDGER}",
+                                                "path: ../atp-ledger.sqlite3"))
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if nothing listens on host:port (a test bind, as the child would do)."""
     with socket.socket() as s:
@@ -197,9 +220,14 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     @classmethod
-    def on_free_ports(cls, config_path: Path = EXAMPLE_CONFIG,
+    def on_free_ports(cls, config_path: Path | None = None,
                       workdir: Path | None = None) -> Stack:
+        """A stack beside any other (tests, the bench); without `config_path`, the
+        example's copy in `workdir`, whose ledger is there too: the checkout's own, which
+        `make run` writes and `report savings` reads, would get their traffic."""
         workdir = workdir or Path(tempfile.mkdtemp(prefix="atp-stack-"))
+        if config_path is None:
+            config_path = example_config_in(workdir / "config")
         ports = {name: free_port() for name in DEFAULT_PORTS}
         return cls(workdir, ports, config_path, workdir)
 

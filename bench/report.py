@@ -198,7 +198,8 @@ def _method(rate: float, paced_conns: int, body_bytes: int, duration_s: float) -
   least any gateway does (`--rewrite`): the request body parsed with `json`, its model
   rewritten and the new body sent back with its content-length, the answer's usage
   read; **(c)** the shipped config with ATP
-  (`python -m atp_extproc serve --config examples/atp.yaml`).
+  (`python -m atp_extproc serve` with a copy of `examples/atp.yaml` whose ledger is in the
+  bench's own directory).
 - Loads: wrk `-t{THREADS}`, closed loop at 16 and 64 connections, and a paced run of
   {paced_conns} connections at **{rate:.0f} req/s** (about half of (c)'s
   closed-loop peak; Lua `delay()` hands out send slots on a fixed schedule per thread).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from atp_extproc.stack import EXAMPLE_CONFIG, Stack
+from atp_extproc.stack import Stack
 
 # The least config ATP loads: an anonymous tenant, one model, one route.
 MINIMAL_CONFIG = """auth: {anonymous_tenant: anon}
@@ -71,17 +71,6 @@ def post(stack: Stack, path: str, body: bytes | dict, key: str | None = ALICE,
     if key is not None:
         all_headers["authorization"] = f"Bearer {key}"
     return http(stack.base_url + path, "POST", raw, all_headers)
-
-
-def copy_example(directory: Path, text: str | None = None) -> Path:
-    """examples/atp.yaml (or `text`) in `directory`, with the policy files it includes."""
-    import shutil
-
-    shutil.copytree(EXAMPLE_CONFIG.parent / "policies", directory / "policies",
-                    dirs_exist_ok=True)
-    path = directory / "atp.yaml"
-    path.write_text(EXAMPLE_CONFIG.read_text() if text is None else text)
-    return path
 
 
 def start_stack(tmp_path: Path | None = None, config: Path | None = None) -> Stack:

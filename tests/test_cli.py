@@ -16,8 +16,14 @@ import pytest
 import yaml
 
 from atp_extproc import cli
-from atp_extproc.stack import DEFAULT_PORTS, EXAMPLE_CONFIG, FRONT_PROXY, free_port, wait_until
-from tests.conftest import copy_example
+from atp_extproc.stack import (
+    DEFAULT_PORTS,
+    EXAMPLE_CONFIG,
+    FRONT_PROXY,
+    copy_example,
+    free_port,
+    wait_until,
+)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -215,6 +221,18 @@ def test_stack_names_a_child_that_exits_and_fails(stack_command: StackCommand) -
     assert stack_command.wait() == 1
     assert "demo_b exited unexpectedly" in stack_command.stderr()
     _wait_gone(children)
+
+
+def test_stack_shows_why_a_child_failed_to_start(tmp_path: Path) -> None:
+    # It said only "atp: process exited with 2; logs in ...": the reason sat in atp.log.
+    config = copy_example(tmp_path, EXAMPLE_CONFIG.read_text().replace(
+        "input_per_1k: 0.0025", "input_per_1k: -1"))
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    proc = subprocess.run([sys.executable, "-c", STACK_DRIVER, json.dumps(ports), str(config),
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "failed to start: atp: process exited with 2" in proc.stderr
+    assert "  atp: " in proc.stderr and "models[1].price.input_per_1k" in proc.stderr
 
 
 def test_stack_refuses_a_busy_port_and_starts_nothing(tmp_path: Path) -> None:

@@ -17,9 +17,10 @@ from atp_extproc import config as config_mod
 from atp_extproc.config import ConfigError
 from atp_extproc.policy.settings import load_file, load_yaml
 from atp_extproc.server import ConfigHolder
+from atp_extproc.stack import copy_example
 from atp_extproc.store import AsyncLedger, LedgerEntry, PriceSnapshot, connect
 from atp_extproc.store.ledger import LedgerUnavailable
-from tests.conftest import MINIMAL_CONFIG, copy_example
+from tests.conftest import MINIMAL_CONFIG
 
 pytestmark = pytest.mark.usefixtures("keep_root_log_level")
 

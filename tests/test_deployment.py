@@ -38,13 +38,14 @@ from atp_extproc.stack import (
     EXAMPLE_CONFIG,
     FRONT_PROXY,
     Stack,
+    copy_example,
     envoy_binary,
+    example_config_in,
     free_port,
     grpc_serving,
     http_ok,
     wait_until,
 )
-from tests.conftest import copy_example
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_DIR = ROOT / "envoy"
@@ -614,6 +615,35 @@ def test_k8s_demo_services_match_the_sidecar_clusters() -> None:
 
 # ---------------------------------------------------------------------------- TLS egress
 
+def test_egress_ejects_a_provider_on_connection_failures_only() -> None:
+    # consecutive_gateway_failure counted a provider's 502/503/504 answers too: a
+    # provider under load was ejected, against what docs/deployment.md promises.
+    doc = load_yaml(ENVOY_DIR / "egress-tls.yaml")
+    providers = [c for c in clusters(doc).values() if "transport_socket" in c]
+    assert providers
+    for cluster in providers:
+        detection = cluster["outlier_detection"]
+        assert detection["split_external_local_origin_errors"] is True
+        assert detection["enforcing_consecutive_local_origin_failure"] > 0
+        for answers in ("consecutive_5xx", "consecutive_gateway_failure", "success_rate",
+                        "failure_percentage", "local_origin_success_rate"):
+            assert detection.get(f"enforcing_{answers}", 0) == 0, answers
+
+
+def test_egress_answers_a_cluster_it_lacks_as_the_front_proxy_does() -> None:
+    # It fell through to 404 "ATP did not route this request": ATP had routed it.
+    doc = load_yaml(ENVOY_DIR / "egress-tls.yaml")
+    routes = [r for vh in hcm(listeners(doc)["egress"])["route_config"]["virtual_hosts"]
+              for r in vh["routes"]]
+    lacking = next(r for r in routes if "direct_response" in r
+                   and r["match"].get("headers", [{}])[0].get("present_match"))
+    assert lacking["match"]["headers"][0]["name"] == "x-atp-cluster"
+    assert routes.index(lacking) == len(routes) - 2  # after every provider, before 404
+    answer = lacking["direct_response"]
+    assert answer["status"] == 503
+    assert json.loads(answer["body"]["inline_string"])["error"]["code"] == "cluster_not_found"
+
+
 def test_egress_clusters_use_verified_tls_to_their_provider() -> None:
     doc = load_yaml(ENVOY_DIR / "egress-tls.yaml")
     manager = hcm(listeners(doc)["egress"])
@@ -965,7 +995,8 @@ def atp_on_socket(tmp_path: Path) -> Iterator[str]:
     sock = tmp_path / "atp.sock"
     log = open(tmp_path / "atp.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "atp_extproc", "serve", "--config",
-                             str(EXAMPLE_CONFIG), "--listen", f"unix:{sock}"],
+                             str(example_config_in(tmp_path / "config")), "--listen",
+                             f"unix:{sock}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: grpc_serving(f"unix:{sock}"), "atp on a socket", proc=proc)
@@ -1013,7 +1044,8 @@ def test_image_command_serves_with_the_env_overrides(tmp_path: Path) -> None:
     (cmd,) = [json.loads(rest) for keyword, rest in dockerfile_instructions()
               if keyword == "CMD"]
     listen = f"127.0.0.1:{free_port()}"
-    env = venv_env(ATP_CONFIG=str(EXAMPLE_CONFIG), ATP_LISTEN=listen, ATP_LOG_LEVEL="DEBUG")
+    env = venv_env(ATP_CONFIG=str(example_config_in(tmp_path / "config")), ATP_LISTEN=listen,
+                   ATP_LOG_LEVEL="DEBUG")
     log_path = tmp_path / "cmd.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -1042,6 +1074,17 @@ def test_compose_demo_upstream_healthcheck(tmp_path: Path) -> None:
     finally:
         stack.stop_all()
     assert run_check(service["healthcheck"]["test"][1:], venv_env(DEMO_PORT=str(port))) != 0
+
+
+def test_compose_envoy_healthcheck(stack: Stack) -> None:
+    # Sent as HTTP/1.0 it got 426 Upgrade Required: envoy was never healthy, and
+    # `docker compose up --wait` failed.
+    test = compose()["services"]["envoy"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "bash", "-c"]
+    admin = stack.ports["admin"]
+    command = test[3].replace("/127.0.0.1/9901", f"/127.0.0.1/{admin}")
+    assert command != test[3]
+    assert run_check(["bash", "-c", command], venv_env()) == 0
 
 
 # ------------------------------------------- the TLS egress config, end to end on loopback

@@ -18,11 +18,12 @@ from atp_extproc.stack import (
     EXAMPLE_CONFIG,
     FRONT_PROXY,
     Stack,
+    copy_example,
     grpc_serving,
     render_envoy,
     wait_until,
 )
-from tests.conftest import Reply, Upstreams, copy_example, post, start_stack
+from tests.conftest import Reply, Upstreams, post, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +158,7 @@ def test_unix_socket_between_envoy_and_atp(tmp_path: Path) -> None:
         stack.start_upstream("demo_a")
         stack.start_upstream("demo_b")
         proc = stack.spawn("atp", [sys.executable, "-m", "atp_extproc", "serve", "--config",
-                                    str(EXAMPLE_CONFIG), "--listen", f"unix:{sock}"])
+                                    str(stack.config_path), "--listen", f"unix:{sock}"])
         wait_until(lambda: grpc_serving(f"unix:{sock}"), "atp on unix socket", proc=proc)
         stack.start_envoy(render_envoy(stack.ports, edit=to_socket))
         reply = post(stack, CHAT, HELLO)

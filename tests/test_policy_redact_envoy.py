@@ -13,8 +13,8 @@ import openai
 import pytest
 import yaml
 
-from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import ALICE, BOB, Upstreams, copy_example, numbered, post, start_stack
+from atp_extproc.stack import EXAMPLE_CONFIG, Stack, copy_example, wait_until
+from tests.conftest import ALICE, BOB, Upstreams, numbered, post, start_stack
 
 pytestmark = pytest.mark.integration
 

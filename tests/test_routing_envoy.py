@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atp_extproc.stack import EXAMPLE_CONFIG, Stack, wait_until
-from tests.conftest import BOB, Upstreams, copy_example, http, post
+from atp_extproc.stack import EXAMPLE_CONFIG, Stack, copy_example, wait_until
+from tests.conftest import BOB, Upstreams, http, post
 
 pytestmark = pytest.mark.integration
 
