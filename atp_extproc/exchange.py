@@ -706,8 +706,14 @@ class Exchange:
     @property
     def response_ended(self) -> bool:
         """The answer has begun and ATP expects no more of it: the body it asked for
-        has ended, or it asked for none."""
-        return self.record.ttfb_ms is not None and not self._body_pending
+        has ended (or its stream's last event came), or it asked for none."""
+        return self.record.ttfb_ms is not None and not self._awaiting_body
+
+    @property
+    def _awaiting_body(self) -> bool:
+        # A stream whose last event came is whole, its body's end or not: the SDKs stop
+        # reading at `[DONE]` and close the connection.
+        return self._body_pending and not (self.sse is not None and self.sse.ended)
 
     @property
     def response_work_bytes(self) -> int:
@@ -786,9 +792,7 @@ class Exchange:
         rec.duration_ms = (self.clock() - self.started) * 1000.0
         # Forwarded, then cut off: the body ATP asked for never ended, or no answer came
         # at all (the client left while the model was still working).
-        # A stream whose last event came is whole, its body's end or not: the SDKs stop
-        # reading at `[DONE]` and close the connection.
-        cut_off = self._body_pending and not (self.sse is not None and self.sse.ended)
+        cut_off = self._awaiting_body
         if not rec.error_code and (cut_off or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE

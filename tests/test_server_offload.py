@@ -186,6 +186,26 @@ async def test_a_last_answer_closed_on_is_recorded_complete_unless_slow(
 
 
 @pytest.mark.asyncio
+async def test_a_stream_closed_on_after_its_last_event_is_whole(tmp_path, monkeypatch) -> None:
+    # The openai SDK closes at [DONE]: Envoy resets the stream as ATP answers that chunk,
+    # before the body's end, and the stream was recorded response_incomplete.
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    events = (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+              b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+              b"data: [DONE]\n\n")
+    replies = processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions"), req_body({**_CHAT, "stream": True}),
+        resp_headers(200, "text/event-stream"), resp_body(events, end=False)]), _Context())
+    for _ in range(4):
+        await replies.__anext__()
+    await replies.aclose()
+    (record,) = records
+    assert (record.error_code, record.output_tokens) == ("", 1)
+
+
+@pytest.mark.asyncio
 async def test_a_refusal_closed_on_is_no_abandoned_answer(tmp_path, monkeypatch,
                                                         caplog) -> None:
     # Envoy ends the stream with the immediate response: ATP warned that Envoy had
