@@ -307,6 +307,6 @@ class Stack:
     def urls(self) -> Iterator[tuple[str, str]]:
         yield "Envoy (OpenAI-compatible API)", f"{self.base_url}/v1"
         yield "Envoy admin", f"http://127.0.0.1:{self.ports['admin']}"
-        yield "ATP ext_proc (gRPC)", f"127.0.0.1:{self.ports['atp']}"
+        yield "ATP ext_proc (gRPC + gRPC health)", f"127.0.0.1:{self.ports['atp']}"
         for name in ("demo_a", "demo_b"):
             yield f"demo upstream {name}", f"http://127.0.0.1:{self.ports[name]}"

@@ -179,6 +179,9 @@ def test_a_quoted_disabled_turns_ext_proc_off(tmp_path, where):
     ("request_header_mode", "skip", "request_header_mode: SKIP"),
     ("request_body_mode", "buffered", None),
     ("request_body_mode", 2, None),
+    # Not bypassed but broken: a body in pieces is ATP's 500 (atp_partial_body).
+    ("request_body_mode", "STREAMED", "request_body_mode: STREAMED"),
+    ("request_body_mode", 3, "request_body_mode: BUFFERED_PARTIAL"),
 ])
 def test_processing_modes_by_number_or_in_lower_case(tmp_path, key, value, withheld):
     doc = front()

@@ -340,6 +340,22 @@ def test_request_from_body_is_bounded():
     assert "request.tools" in attrs.truncated
 
 
+@pytest.mark.parametrize("operation", ["embeddings", "completions"])
+def test_a_big_batch_of_inputs_is_no_history_cut_short(operation):
+    # A list of 2,049 token ids was read as a conversation's history: cut, and then
+    # refused 403 by limits.truncated.
+    _, cut = request_from_body(operation, {"input": list(range(MAX_HISTORY_SCAN + 1)),
+                                           "prompt": ["x"] * (MAX_HISTORY_SCAN + 1)})
+    assert "request.tool_details" not in cut
+
+
+def test_token_ids_are_one_input_for_the_message_count():
+    assert request_from_body("embeddings", {"input": list(range(201))})[0][
+        "message_count"] == 1
+    assert request_from_body("embeddings", {"input": [[1, 2]] * 201})[0][
+        "message_count"] == 201
+
+
 def _call(name, arguments):
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 

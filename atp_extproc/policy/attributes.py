@@ -658,7 +658,10 @@ def _builtin_tool(details: dict[str, dict], base: str) -> str:
 
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
                    cut: _Cut) -> None:
-    items = doc.get("messages") if operation == "chat" else doc.get("input")
+    # A conversation's turns: chat's messages, Responses' input items. (Embeddings' and
+    # completions' input lists are texts or token ids: a batch of 2,049 ids was a cut
+    # history, 403 limits.truncated.)
+    items = {"chat": doc.get("messages"), "responses": doc.get("input")}.get(operation)
     if not isinstance(items, list):
         return
     start = max(0, len(items) - MAX_HISTORY_SCAN)

@@ -144,6 +144,17 @@ def _withheld(mode: dict) -> str | None:
     return None
 
 
+def _partial_body(mode: dict) -> str | None:
+    """Why a processing mode hands ATP a request body in pieces, which ATP refuses (500
+    atp_partial_body: a body it cannot check whole cannot go), or None."""
+    body = _enum(mode.get("request_body_mode"), BODY_MODES)
+    if body in ("NONE", "BUFFERED"):
+        return None
+    return (f"request_body_mode: {body}: a body that reaches Envoy in pieces (a slow "
+            "client, any large body) comes to ATP in pieces, which it refuses with a 500 "
+            "(atp_partial_body); ATP reads a body whole: BUFFERED")
+
+
 def _blocked_mutations(rules: Any) -> str | None:
     """What in an ext_proc filter's mutation_rules stops header changes ATP relies on, or
     None (unset, or an error then fails the request: disallow_is_error)."""
@@ -236,6 +247,9 @@ def _route_findings(checking: list[dict], holders: list[Any], where: str,
         if withheld is not None:
             found.append((mode_line, where, f"a processing_mode override ({withheld}) "
                           "sends the request upstream without ATP reading it"))
+        partial = _partial_body(mode) if mode is not None else None
+        if partial is not None:
+            found.append((mode_line, where, f"a processing_mode override: {partial}"))
         # ext_proc merges its per-route overrides: the most specific one set wins.
         typed = _typed(f)
         fma, line = next(((fma, line) for line, fma, _, _ in levels if fma is not None),
@@ -268,6 +282,10 @@ def _chain_findings(hcm: dict, ext: list[dict], upgrade: dict | None,
             found.append((_line(typed, "processing_mode") or _line(f), "ext_proc" + suffix,
                           f"processing_mode {withheld} (the default where unset): requests "
                           "go upstream without ATP reading them"))
+        partial = _partial_body(mode if isinstance(mode, dict) else {})
+        if partial is not None:
+            found.append((_line(typed, "processing_mode") or _line(f), "ext_proc" + suffix,
+                          f"processing_mode {partial}"))
         if _true(typed.get("disable_immediate_response")):
             # ATP refuses (deny, oversize, an error) with an immediate response.
             found.append((_line(typed, "disable_immediate_response"), "ext_proc" + suffix,
