@@ -229,7 +229,10 @@ class Exchange:
         rec = self.record
         request_id = headers.get("x-request-id", "")
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
-        rec.method = headers.get(":method", "")
+        method = headers.get(":method", "")
+        # HTTP/2 takes any token as a method: what the client typed (a key, a card
+        # number) is no record's; the standard ones are.
+        rec.method = method if method in _METHODS else "<other>"
         self._body_buffered = (message.protocol_config.request_body_mode
                                == ProcessingMode.BUFFERED)
         path, has_query, _ = headers.get(":path", "").partition("?")
@@ -934,6 +937,10 @@ def _encoded(content_encoding: str) -> bool:
     joined by commas, and "identity, identity" names none."""
     codings = {c.strip() for c in content_encoding.lower().split(",")}
     return bool(codings - {"identity", ""})
+
+
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                      "PATCH"))
 
 
 def _loggable(path: str) -> str:

@@ -369,3 +369,12 @@ def test_an_answer_to_a_request_atp_never_saw_leaves_no_record(snap, caplog) -> 
         assert ex.handle(resp_headers(401, "text/plain")).HasField("response_headers")
         ex.finish()
     assert not [r for r in caplog.records if r.getMessage() == "exchange"]
+
+
+def test_a_method_of_the_clients_own_making_is_not_logged(snap) -> None:
+    # HTTP/2 takes any token as a method: an AWS key sent as one was logged verbatim.
+    ex = Exchange(snap)
+    body = assert_error(ex.handle(req_headers("AKIAZ5XQWERTYUPLKJHG", CHAT)), 405,
+                        "method_not_allowed")
+    assert "AKIA" not in json.dumps(body)
+    assert ex.finish().method == "<other>"

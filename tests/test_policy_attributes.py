@@ -19,7 +19,7 @@ from atp_extproc.policy import (
     build_attributes,
     request_from_body,
 )
-from atp_extproc.policy.attributes import MAX_HISTORY_SCAN, AttributeError_
+from atp_extproc.policy.attributes import MAX_HISTORY_SCAN, AttributeError_, safe_name
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 
 
@@ -414,3 +414,14 @@ def test_message_count_counts_what_each_api_sends(operation, doc, count):
     # A cap on request.message_count covered neither a completions batch nor a string.
     fields, _ = request_from_body(operation, doc)
     assert fields["message_count"] == count
+
+
+@pytest.mark.parametrize("name, logged", [
+    ("get_weather", "get_weather"), ("skip_this", "skip_this"), ("eyes", "eyes"),
+    # Credentials as tool names went into records and decision targets as they came.
+    ("AKIAZ5XQWERTYUPLKJHG", "<tool#4>"), ("sk-abcdefghijklmnopqrstuvwxyz012345", "<tool#4>"),
+    ("ghp_16C7e42F292c6912E7710c838347Ae178B4a", "<tool#4>"),
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "<tool#4>"),
+])
+def test_a_tool_name_shaped_like_a_credential_is_not_logged(name, logged):
+    assert safe_name(name, 4) == logged

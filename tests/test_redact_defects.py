@@ -211,6 +211,9 @@ def test_phone_near_misses_stay(redactor, text, expected):
     ("mail 张伟@公司.中国", "mail [EMAIL_1]"),
     ("ivan@ex\u0430mple.com ok", "[EMAIL_1] ok"),  # a Cyrillic a among Latin letters
     ("user@例子.测试 ok", "[EMAIL_1] ok"),
+    # The ideographic full stop a CJK keyboard types: a dot in a domain (UTS #46).
+    ("mail 张伟@公司\u3002中国", "mail [EMAIL_1]"),
+    ("请发到 zhang.wei@company\u3002com 谢谢", "请发到 [EMAIL_1] 谢谢"),
 ])
 def test_an_address_in_any_script_is_redacted(redactor, text, expected):
     # Addresses stopped at the first non-Latin letter: none of these was found.
@@ -219,6 +222,8 @@ def test_an_address_in_any_script_is_redacted(redactor, text, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("请联系alice@example.com谢谢", "请联系[EMAIL_1]谢谢"),  # no spaces around it in CJK
+    ("请联系alice@example.com\u3002谢谢", "请联系[EMAIL_1]\u3002谢谢"),  # a sentence's end
+    ("今天天气很好\u3002明天见\u3002", "今天天气很好\u3002明天见\u3002"),
     ("价格@3.5元", "价格@3.5元"),
     ("用户@服务器", "用户@服务器"),
 ])

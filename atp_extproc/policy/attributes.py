@@ -562,10 +562,12 @@ def _fill(container: Any, values: dict[str, Any]) -> None:
 
 # -- from an OpenAI-compatible body ---------------------------------------------------
 
-# An identifier that starts with a letter, holds at most 6 digits and no dotted quad: a
-# card, phone or social security number, or an IPv4 address, named as a tool never
+# An identifier that starts with a letter, holds at most 6 digits and no dotted quad,
+# and does not start as a credential does: a card, phone or social security number, an
+# IPv4 address or a key (AWS, OpenAI, GitHub, Slack, Google, a JWT) named as a tool never
 # reaches a log.
 _TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,6}\D*\Z)(?!.*\d\.\d+\.\d+\.\d)"
+                        r"(?!(?:AKIA|ASIA|sk-|sk_|gh[pousr]_|github_pat_|xox[abpr]-|AIza|eyJ))"
                         r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 
 

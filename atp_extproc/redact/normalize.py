@@ -108,7 +108,8 @@ def _tables() -> tuple[dict[str, str], re.Pattern[str], frozenset[str], frozense
         trans[ch] = ""
     for cp in _SEPARATORS:
         trans[chr(cp)] = " "
-    trans["\uff61"] = "."  # halfwidth ideographic full stop
+    # Ideographic full stops: UTS #46 reads them as dots in a domain name (张伟@公司。中国).
+    trans["\uff61"] = trans["\u3002"] = "."
     # Ignorable marks (variation selectors, CGJ) are dropped wherever they are.
     marks = frozenset(chr(cp) for lo, hi in _MARK_RANGES for cp in range(lo, hi + 1)
                       if unicodedata.category(chr(cp)) in ("Mn", "Me")) - ignorable
