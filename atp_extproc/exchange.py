@@ -401,6 +401,7 @@ class Exchange:
         redaction = self._redact(parsed.doc)
         if redaction is not None:
             self._changes.update(redaction.fields)
+            self._drop = (*self._drop, *redaction.renamed)
             self._check_growth(parsed)
         if self.snapshot.policies is None:
             return None

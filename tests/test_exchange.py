@@ -248,6 +248,26 @@ def test_a_top_level_field_atp_does_not_know_is_read(snap, path, body) -> None:
     assert ex.record.data_classes == {"email": 1}
 
 
+def test_a_top_level_field_name_and_text_in_a_number_setting_are_read(snap) -> None:
+    # A field named by an address, and an address or key given as a setting that holds a
+    # number, went out unread (past the policies on personal data and credentials).
+    body = {**chat("gpt-4o-mini"), "victim@corp-mail.com": "vip", "temperature": "a@b.co",
+            "stream_options": {"note": "c@d.co"}, "top_p": 0.5}
+    ex, resp = send_body(snap, body)
+    sent = json.loads(forwarded(resp)[1])
+    assert "victim@corp-mail.com" not in sent
+    assert {k: sent[k] for k in sent if k.startswith("[EMAIL")} == {"[EMAIL_1]": "vip"}
+    assert sent["temperature"].startswith("[EMAIL_") and sent["top_p"] == 0.5
+    assert sent["stream_options"]["note"].startswith("[EMAIL_")
+    assert ex.record.data_classes == {"email": 3}
+
+
+def test_a_field_name_is_redacted_past_a_field_named_as_a_placeholder(snap) -> None:
+    body = {**chat("gpt-4o-mini"), "victim@corp-mail.com": 1, "[EMAIL_1]": 2}
+    sent = json.loads(forwarded(send_body(snap, body)[1])[1])
+    assert (sent["[EMAIL_1]"], sent["[EMAIL_2]"]) == (2, 1)
+
+
 def test_embeddings_default_and_no_stream_options(snap) -> None:
     ex, resp = send_body(snap, {"input": "hello", "stream": False}, path="/v1/embeddings",
                          key=BOB)

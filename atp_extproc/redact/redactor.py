@@ -100,8 +100,11 @@ _EMPTY_MAP = PlaceholderMap()
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Redaction:
-    # Top-level body keys whose value changed → the new value (splice only these).
+    # Top-level body keys whose value changed → the new value (splice only these); a
+    # top-level key redacted itself is here under its new name...
     fields: dict[str, Any] = field(default_factory=dict)
+    # ...and its old name here, to drop.
+    renamed: tuple[str, ...] = ()
     # Occurrences per data class found (never values).
     counts: dict[str, int] = field(default_factory=dict)
     # Data classes found whose action is `deny`: the request must not go.
@@ -456,11 +459,11 @@ class Redactor:
         try:
             for args, values in args_values.items():
                 edits[args.path] = scope.splice_args(args, values)
-            fields = scope.apply(doc, edits)
+            fields, renamed = scope.apply(doc, edits)
         except scope.KeyCollision:
             return Redaction(counts=counts, denied=(*sorted(denied), KEYS_COLLIDE),
                              non_text_parts=non_text, incomplete=res.incomplete)
-        return Redaction(fields=fields, counts=counts,
+        return Redaction(fields=fields, renamed=renamed, counts=counts,
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
                          mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),
                          incomplete=res.incomplete)

@@ -475,6 +475,14 @@ _SETTINGS = frozenset((
     "previous_response_id", "conversation", "encoding_format", "dimensions", "best_of",
     "echo", "web_search_options", "prompt_cache_retention", "stop"))
 _COMMON = frozenset((*_STORED, "metadata"))
+# Settings that hold a number or a boolean (stream_options: booleans by name): text in
+# one is the client's own, a model's provider would still receive it, so it is read.
+_SCALAR_SETTINGS = frozenset((
+    "stream", "stream_options", "temperature", "top_p", "top_k", "n", "max_tokens",
+    "max_completion_tokens", "max_output_tokens", "max_tool_calls", "presence_penalty",
+    "frequency_penalty", "logprobs", "top_logprobs", "seed", "parallel_tool_calls", "store",
+    "background", "dimensions", "best_of", "echo"))
+_SCALARS = (int, float, bool, type(None))
 
 
 def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
@@ -490,8 +498,12 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
             c.text(("metadata", KeyName(key)), key)
             if isinstance(value, str):
                 c.text(("metadata", key), value)
-    _read_values(c, [((k,), v, key_class(k)) for k, v in doc.items()
-                     if k not in known])
+    unknown = [k for k in doc if k not in known]
+    unknown += [k for k in _SCALAR_SETTINGS.intersection(doc) if type(doc[k]) not in _SCALARS]
+    for key in unknown:
+        # Its name is the client's words too ({"alice@example.com": "vip"}).
+        c.map_key((), key)
+    _read_values(c, [((k,), doc[k], key_class(k)) for k in unknown])
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
@@ -667,15 +679,24 @@ def resolve(doc: Any, path: tuple[str | int, ...]) -> Iterator[tuple[Path, Any]]
 _LEAF = object()
 
 
-def apply(doc: dict[str, Any], edits: dict[Path, str]) -> dict[str, Any]:
-    """New values for the top-level keys under `edits`; `doc` is not modified."""
+def apply(doc: dict[str, Any], edits: dict[Path, str]
+          ) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """New values for the top-level keys under `edits`, a renamed top-level key's under
+    its new name, and the renamed keys (to drop); `doc` is not modified."""
     tree: dict[Any, Any] = {}
     for path, value in edits.items():
         node = tree
         for step in path:
             node = node.setdefault(step, {})
         node[_LEAF] = value
-    return {key: _rebuild(doc[key], sub) for key, sub in tree.items()}
+    renames = {step.key: sub[_LEAF] for step, sub in tree.items() if isinstance(step, KeyName)}
+    fields = {key: _rebuild(doc[key], sub) for key, sub in tree.items()
+              if not isinstance(key, KeyName)}
+    for old, new in renames.items():
+        if new in doc and new not in renames:
+            raise KeyCollision  # the placeholder names a field the body has
+        fields[new] = fields.pop(old) if old in fields else doc[old]
+    return fields, tuple(renames)
 
 
 def _rebuild(node: Any, sub: dict[Any, Any]) -> Any:
