@@ -450,7 +450,7 @@ class Exchange:
         limit = envoy_buffer_limit(self.snapshot.server.max_body_bytes)
         if not self._changes or self.record.request_bytes <= _GROWTH_UNMEASURED_BYTES:
             return
-        size = len(rewrite(parsed, self._changes)) + _ROUTING_ROOM_BYTES
+        size = len(rewrite(parsed, self._changes, self._drop)) + _ROUTING_ROOM_BYTES
         if size > limit:
             raise RequestError(413, f"With its personal data replaced by placeholders, the "
                                f"request body would be {size} bytes, over the {limit}-byte "
@@ -499,7 +499,8 @@ class Exchange:
         if request.model != model.upstream_model:
             changes["model"] = model.upstream_model
         if needs_usage_injection(request):
-            options = parsed.doc.get("stream_options") or {}
+            # (Redacted first, where it held text.)
+            options = changes.get("stream_options", parsed.doc.get("stream_options")) or {}
             changes["stream_options"] = {**options, "include_usage": True}
             rec.usage_injected = True
         new_body = rewrite(parsed, changes, drop=self._drop) if changes or self._drop else None

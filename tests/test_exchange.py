@@ -262,6 +262,20 @@ def test_a_top_level_field_name_and_text_in_a_number_setting_are_read(snap) -> N
     assert ex.record.data_classes == {"email": 3}
 
 
+def test_text_in_stream_options_stays_redacted_where_usage_is_injected(snap) -> None:
+    # The injected stream_options were built from the body as sent: the note went out.
+    body = {**chat("gpt-4o-mini", stream=True), "stream_options": {"note": "a@b.co"}}
+    sent = json.loads(forwarded(send_body(snap, body)[1])[1])
+    assert sent["stream_options"] == {"note": "[EMAIL_1]", "include_usage": True}
+
+
+def test_two_field_names_redacted_to_one_are_refused(snap) -> None:
+    # One value spelt two ways: the second field silently replaced the first.
+    body = {**chat("gpt-4o-mini"), "alice@example.com": {"role": "admin"},
+            "Alice@Example.com": {"role": "guest"}}
+    assert_error(send_body(snap, body)[1], 400, "sensitive_data_refused")
+
+
 def test_a_field_name_is_redacted_past_a_field_named_as_a_placeholder(snap) -> None:
     body = {**chat("gpt-4o-mini"), "victim@corp-mail.com": 1, "[EMAIL_1]": 2}
     sent = json.loads(forwarded(send_body(snap, body)[1])[1])
@@ -1350,6 +1364,17 @@ def test_a_rewritten_body_stays_utf8_and_does_not_grow_into_escapes(snap) -> Non
     _, body, _ = forwarded(send_body(snap, raw)[1])
     assert body is not None and "\U0001f600".encode() * 1000 in body
     assert len(body) < len(raw) + 100
+
+
+def test_a_renamed_field_is_measured_once(snap, monkeypatch) -> None:
+    # The growth check counted a renamed top-level field twice (old and new name): a
+    # 4 MB body was refused as 8.4 MB.
+    import atp_extproc.exchange as exchange_mod
+
+    monkeypatch.setattr(exchange_mod, "envoy_buffer_limit", lambda max_body: 150 * 1024)
+    body = {**chat("fast"), "alice@example.com": "x" * (100 * 1024)}
+    sent = json.loads(forwarded(send_body(snap, body)[1])[1])
+    assert sent["[EMAIL_1]"] == "x" * (100 * 1024)
 
 
 def test_a_body_that_placeholders_would_grow_past_envoys_buffer_is_refused(

@@ -120,7 +120,9 @@ def test_missing_key_is_401(example, headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("authorization", [
-    "Bearer", "Bearer   ", f"Basic {ALICE}", ALICE, f"Bearer\t{ALICE}"])
+    "Bearer", "Bearer   ", f"Basic {ALICE}", ALICE, f"Bearer\t{ALICE}",
+    # One header of another scheme, with commas of its own: no repeated header.
+    'Digest username="alice", realm="atp", nonce="x"'])
 def test_an_unreadable_authorization_is_told_as_such(example, authorization: str) -> None:
     # A credential was sent: "you didn't provide an API key" sent its sender looking
     # for the wrong mistake.

@@ -524,11 +524,12 @@ def test_a_filter_that_skips_request_trailers_is_refused(mode):
     assert problem.path == "ext_proc" and "request_trailer_mode: SKIP" in problem.reason
 
 
-@pytest.mark.parametrize("max_body, errors", [(4 << 20, 0), (8 << 20, 2), (16 << 20, 2)])
-def test_an_envoy_buffer_no_bigger_than_max_body_is_refused(tmp_path: Path, max_body: int,
-                                                            errors: int) -> None:
-    # Accepted, answers between Envoy's buffer and max_body_bytes got a 500: ATP asked
-    # Envoy to buffer what it could not.
+@pytest.mark.parametrize("max_body, errors", [(4 << 20, 0), (5 << 20, 2), (16 << 20, 2)])
+def test_an_envoy_buffer_smaller_than_atp_counts_on_is_refused(tmp_path: Path, max_body: int,
+                                                               errors: int) -> None:
+    # Accepted, answers between Envoy's buffer and max_body_bytes got a 500 (ATP asked
+    # Envoy to buffer what it could not), and a body placeholders grew past the buffer
+    # Envoy's 413 rather than ATP's.
     config = tmp_path / "atp.yaml"
     shutil.copytree(ROOT / "examples" / "policies", tmp_path / "policies")
     config.write_text((ROOT / "examples" / "atp.yaml").read_text().replace(
@@ -536,4 +537,4 @@ def test_an_envoy_buffer_no_bigger_than_max_body_is_refused(tmp_path: Path, max_
     code, output = run_check([config], [ROOT / "envoy" / "front-proxy.yaml"])
     found = [line for line in output.splitlines() if "per_connection_buffer_limit_bytes" in line]
     assert len(found) == errors and code == (1 if errors else 0)
-    assert all(f"not more than server.max_body_bytes ({max_body})" in line for line in found)
+    assert all(f"ATP counts on {2 * max_body}" in line for line in found)

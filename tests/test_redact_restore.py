@@ -236,3 +236,19 @@ def test_json_text_python_cannot_read_gets_its_values_back_escaped(inner: str) -
     out = json.loads(restorer().restore_json(body))
     arguments = out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     assert arguments == inner.replace("[QUOTE_1]", 'say \\"hi\\" \\\\ bye')
+
+
+def test_a_json_text_event_keeps_its_numbers_and_spacing():
+    # A .done event's arguments were parsed and written again: 0.1000000000000000055…
+    # became 0.1, and the deltas no longer added up to the .done text.
+    args = '{"to":"[EMAIL_1]","amount":0.1000000000000000055511151231257827,"big":1E3}'
+    out = events(run(restorer(), [event({
+        "type": "response.function_call_arguments.done", "item_id": "fc", "output_index": 0,
+        "arguments": args})]))
+    assert out[0]["arguments"] == args.replace("[EMAIL_1]", MAPPING["[EMAIL_1]"])
+
+
+def test_a_streamed_events_keys_are_restored_as_a_whole_answers_are():
+    out = events(run(restorer(), [event({"type": "response.created", "response": {
+        "id": "r", "metadata": {"[EMAIL_1]": "x"}}})]))
+    assert out[0]["response"]["metadata"] == {MAPPING["[EMAIL_1]"]: "x"}

@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from atp_extproc.config import envoy_buffer_limit
 from atp_extproc.policy.settings import Problem, load_yaml
 
 EXT_PROC_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -509,9 +510,12 @@ ENVOY_DEFAULT_BUFFER_BYTES = 1024 * 1024
 
 
 def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
-    """Listeners with an ext_proc filter that buffer no more than atp.yaml's
-    max_body_bytes: Envoy then refuses bodies ATP would take with its own 413, and
-    answers 500 for an answer ATP asks it to buffer (up to max_body_bytes)."""
+    """Listeners with an ext_proc filter that buffer less than ATP assumes for atp.yaml's
+    max_body_bytes (config.envoy_buffer_limit): at or below max_body_bytes, Envoy refuses
+    bodies ATP would take with its own 413 and answers 500 for an answer ATP asks it to
+    buffer; below the assumed buffer, a body placeholders grow past it gets Envoy's 413,
+    not ATP's."""
+    needed = envoy_buffer_limit(max_body_bytes)
     doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
     static = doc.get("static_resources") if isinstance(doc, dict) else None
     listeners = static.get("listeners") if isinstance(static, dict) else None
@@ -522,14 +526,14 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
             continue
         limit = listener.get("per_connection_buffer_limit_bytes",
                              ENVOY_DEFAULT_BUFFER_BYTES)
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit <= max_body_bytes:
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit < needed:
             problems.append(Problem(
                 file, _line(listener, "per_connection_buffer_limit_bytes") or _line(listener),
                 f"static_resources.listeners[{i}].per_connection_buffer_limit_bytes",
-                f"Envoy buffers {limit} bytes, not more than server.max_body_bytes "
-                f"({max_body_bytes}): it would refuse bodies ATP takes with its own 413, "
-                "and answer 500 for answers ATP asks it to buffer; set it to twice "
-                "max_body_bytes"))
+                f"Envoy buffers {limit} bytes; with server.max_body_bytes {max_body_bytes} "
+                f"ATP counts on {needed} (twice max_body_bytes, at least 8 MiB): bodies "
+                "near the limit, or grown by placeholders, would get Envoy's 413 and "
+                "answers ATP asks it to buffer its 500"))
     return problems
 
 

@@ -146,7 +146,11 @@ class Restorer:
         if "[" not in s:
             return s
         head = s.lstrip()[:1]
-        if head in ("{", "["):
+        # JSON in a string is parsed (and written again) only where an original needs
+        # escaping: written again, its numbers and spacing would change (0.1000…01 to
+        # 0.1), and a stream's deltas would no longer add up to its .done text.
+        if head in ("{", "[") and not all(self._safe.get(t.encode(), True)
+                                          for t in _TOKEN.findall(s)):
             try:
                 inner = json.loads(s, parse_int=bounded_int, parse_float=finite_float)
                 if isinstance(inner, (dict, list)):
@@ -285,7 +289,12 @@ class Restorer:
                     inc = incremental or k == "delta" or (k == "text" and "choices" in logical)
                     frag = fragment or k in ("arguments", "partial_json") or (
                         k == "content" and self._json_text)
-                    out[k] = walk(v, (*phys, k), (*logical, k), inc, frag)
+                    new_v = walk(v, (*phys, k), (*logical, k), inc, frag)
+                    # Keys too, as in a whole JSON answer (the request's metadata keys).
+                    if "[" in k and (key := self.restore_text(k)) != k:
+                        changed = True
+                        k = key
+                    out[k] = new_v
                 return out
             if isinstance(node, list):
                 items = []

@@ -692,6 +692,8 @@ def apply(doc: dict[str, Any], edits: dict[Path, str]
     renames = {step.key: sub[_LEAF] for step, sub in tree.items() if isinstance(step, KeyName)}
     fields = {key: _rebuild(doc[key], sub) for key, sub in tree.items()
               if not isinstance(key, KeyName)}
+    if len(set(renames.values())) != len(renames):
+        raise KeyCollision  # two keys masked to one placeholder (one value spelt two ways)
     for old, new in renames.items():
         if new in doc and new not in renames:
             raise KeyCollision  # the placeholder names a field the body has
