@@ -262,6 +262,15 @@ def test_a_top_level_field_name_and_text_in_a_number_setting_are_read(snap) -> N
     assert ex.record.data_classes == {"email": 3}
 
 
+def test_text_in_a_setting_of_fixed_words_is_read(snap) -> None:
+    # service_tier, reasoning.summary and the like went out unread whatever they held.
+    body = {**chat("gpt-4o-mini"), "service_tier": "a@b.co", "reasoning_effort": "low",
+            "include": ["reasoning.encrypted_content"]}
+    sent = json.loads(forwarded(send_body(snap, body)[1])[1])
+    assert sent["service_tier"] == "[EMAIL_1]" and sent["reasoning_effort"] == "low"
+    assert sent["include"] == ["reasoning.encrypted_content"]
+
+
 def test_text_in_stream_options_stays_redacted_where_usage_is_injected(snap) -> None:
     # The injected stream_options were built from the body as sent: the note went out.
     body = {**chat("gpt-4o-mini", stream=True), "stream_options": {"note": "a@b.co"}}

@@ -483,6 +483,12 @@ _SCALAR_SETTINGS = frozenset((
     "frequency_penalty", "logprobs", "top_logprobs", "seed", "parallel_tool_calls", "store",
     "background", "dimensions", "best_of", "echo"))
 _SCALARS = (int, float, bool, type(None))
+# Settings that hold a word from a short list (or a list or object of such words): read
+# whatever they hold, which costs a few words, as a client's text there reaches the
+# provider all the same.
+_ENUM_SETTINGS = frozenset((
+    "service_tier", "reasoning_effort", "verbosity", "truncation", "encoding_format",
+    "modalities", "include", "prompt_cache_retention", "reasoning", "audio"))
 
 
 def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
@@ -500,6 +506,7 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
                 c.text(("metadata", key), value)
     unknown = [k for k in doc if k not in known]
     unknown += [k for k in _SCALAR_SETTINGS.intersection(doc) if type(doc[k]) not in _SCALARS]
+    unknown += _ENUM_SETTINGS.intersection(doc)
     for key in unknown:
         # Its name is the client's words too ({"alice@example.com": "vip"}).
         c.map_key((), key)
