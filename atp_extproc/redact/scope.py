@@ -504,9 +504,9 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
             c.text(("metadata", KeyName(key)), key)
             if isinstance(value, str):
                 c.text(("metadata", key), value)
-    unknown = [k for k in doc if k not in known]
-    unknown += [k for k in _SCALAR_SETTINGS.intersection(doc) if type(doc[k]) not in _SCALARS]
-    unknown += _ENUM_SETTINGS.intersection(doc)
+    # In the body's order, so that placeholders are numbered the same every time.
+    unknown = [k for k in doc if k not in known or k in _ENUM_SETTINGS
+               or (k in _SCALAR_SETTINGS and type(doc[k]) not in _SCALARS)]
     for key in unknown:
         # Its name is the client's words too ({"alice@example.com": "vip"}).
         c.map_key((), key)
