@@ -262,6 +262,26 @@ def test_a_top_level_field_name_and_text_in_a_number_setting_are_read(snap) -> N
     assert ex.record.data_classes == {"email": 3}
 
 
+@pytest.mark.parametrize("path, body", [
+    (CHAT, {**chat("gpt-4o-mini"), "documents": "data:mail a@b.co;base64,"}),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "file_data": "mail a@b.co"}]}]}),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "hi", "detail": "mail a@b.co"}]}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": [{"type": "message", "role": "user",
+                                                          "content": "hi",
+                                                          "encrypted_content": "a@b.co"}]}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "conversation": "a@b.co",
+                       "text": {"verbosity": "low", "note": "a@b.co"}}),
+])
+def test_text_where_binary_data_ids_or_words_belong_is_read(snap, path, body) -> None:
+    # Any "data:...;base64," string passed for binary, and these fields were skipped
+    # whatever they held: the address reached the provider as sent.
+    ex, resp = send_body(snap, body, path=path)
+    assert b"a@b.co" not in forwarded(resp)[1]
+    assert ex.record.data_classes == {"email": json.dumps(body).count("a@b.co")}
+
+
 def test_text_in_a_setting_of_fixed_words_is_read(snap) -> None:
     # service_tier, reasoning.summary and the like went out unread whatever they held.
     body = {**chat("gpt-4o-mini"), "service_tier": "a@b.co", "reasoning_effort": "low",

@@ -375,10 +375,12 @@ def _part(c: Collector, path: Path, part: dict[str, Any], result: bool = False) 
 # could only corrupt: left out at the top of an item or part only, since deeper down a
 # key of these names may be anyone's ({"env": {"name": ...}}).
 _OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
-                       "file_id", "file_url", "detail", "format", "mime_type",
-                       "tool_call_id"})
-# Binary data, or where to fetch it (chat's image_url: {url, detail}), whatever its shape.
+                       "file_id", "file_url", "tool_call_id"})
+# Binary data, or where to fetch it (chat's image_url: {url, detail}): its data or URL is
+# left out where it is one (text there, `file_data: "mail alice@…"`, is read).
 _BINARY_KEYS = frozenset({"image_url", "file_data", "input_audio", "encrypted_content"})
+_BINARY_FIELDS = frozenset({"url", "data"})
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
 # or hold a '.'), which deeper down is known by its shape alone.
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{256,}={0,2}")
@@ -386,8 +388,10 @@ _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 
 
-# A whole string that is a data: URL (text after its base64 is no part of one).
-_DATA_URL = re.compile(r"data:[^,]{1,200};base64,[A-Za-z0-9+/]*={0,2}")
+# A whole string that is a data: URL (text after its base64 is no part of one): a media
+# type (type/subtype, parameters) and a payload (`data:mail alice@…;base64,` is text).
+_DATA_URL = re.compile(r"data:[\w.+-]{1,64}/[\w.+-]{1,64}(?:;[\w.+-]{1,64}=[\w.+-]{0,64}){0,8}"
+                       r";base64,[A-Za-z0-9+/]+={0,2}")
 
 
 def _binary(text: str) -> bool:
@@ -409,9 +413,15 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
     for k, v in node.items():
         # An own key's value is left out as a string, a number or null; any other
         # shape is no kind, id or data, so it is read.
-        if k in handled or k in _BINARY_KEYS or (
-                k in _OWN_KEYS and not isinstance(v, (dict, list))):
+        if k in handled or (k in _OWN_KEYS and not isinstance(v, (dict, list))):
             continue
+        if k in _BINARY_KEYS:
+            if isinstance(v, dict):
+                stack.extend(((*base, k, f), x, None) for f, x in v.items()
+                             if not (f in _BINARY_FIELDS and isinstance(x, str)))
+                continue
+            if isinstance(v, str) and (_binary(v) or _URL.fullmatch(v)):
+                continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
         stack.append(((*base, k), v, key_class(k)))
@@ -488,7 +498,9 @@ _SCALARS = (int, float, bool, type(None))
 # provider all the same.
 _ENUM_SETTINGS = frozenset((
     "service_tier", "reasoning_effort", "verbosity", "truncation", "encoding_format",
-    "modalities", "include", "prompt_cache_retention", "reasoning", "audio"))
+    "modalities", "include", "prompt_cache_retention", "reasoning", "audio",
+    # ids of the provider's making
+    "conversation", "previous_response_id"))
 
 
 def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
@@ -510,7 +522,11 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
     for key in unknown:
         # Its name is the client's words too ({"alice@example.com": "vip"}).
         c.map_key((), key)
-    _read_values(c, [((k,), doc[k], key_class(k)) for k in unknown])
+    stack = [((k,), doc[k], key_class(k)) for k in unknown]
+    text = doc.get("text")
+    if isinstance(text, dict):  # Responses' text settings: words, but for its schema
+        stack += [(("text", k), v, key_class(k)) for k, v in text.items() if k != "format"]
+    _read_values(c, stack)
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
