@@ -157,6 +157,10 @@ class Exchange:
         self.clock = clock
         self.services = services
         self.started = clock()
+        # When ATP passed the request on: a model's latency (ttfb, what routing learns)
+        # counts from here, not from the request's headers, after which a slow client
+        # or a big prompt may take seconds to upload.
+        self._forwarded: float | None = None
         self.record = ExchangeRecord(config_version=snapshot.version, shadow=shadow)
         self.identity: Identity | None = None
         self.route: Route | None = None
@@ -506,7 +510,9 @@ class Exchange:
         new_body = rewrite(parsed, changes, drop=self._drop) if changes or self._drop else None
         # Usage (and any placeholder to restore) must be readable in the answer: no
         # compressed answers. Clients such as openai-python ask for gzip.
-        return envoy_api.request_body(headers, new_body, remove_headers=_NO_COMPRESSION)
+        response = envoy_api.request_body(headers, new_body, remove_headers=_NO_COMPRESSION)
+        self._forwarded = self.clock()
+        return response
 
     def _redact(self, doc: dict) -> Redaction | None:
         redactor = self.snapshot.redactor
@@ -627,6 +633,9 @@ class Exchange:
         if not isinstance(request_id, str) or not _REQUEST_ID_OK.fullmatch(request_id):
             raise RequestError(400, "'request_id' must be the x-request-id of a response",
                                "invalid_type", param="request_id")
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise RequestError(400, "'score' must be a number from 0 to 1", "invalid_type",
+                               param="score")
         if self.services is None:
             raise _feedback_unknown()
         assert self.identity is not None
@@ -662,7 +671,7 @@ class Exchange:
     def _on_response_headers(self, headers_msg) -> ProcessingResponse:
         headers = envoy_api.headers_of(headers_msg.headers)
         rec = self.record
-        rec.ttfb_ms = (self.clock() - self.started) * 1000.0
+        rec.ttfb_ms = self._since_forwarded_ms()
         try:
             rec.status = int(headers.get(":status", "0"))
         except ValueError:
@@ -708,6 +717,10 @@ class Exchange:
             mode = ProcessingMode.STREAMED
         return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
 
+    def _since_forwarded_ms(self) -> float:
+        since = self._forwarded if self._forwarded is not None else self.started
+        return (self.clock() - since) * 1000.0
+
     @property
     def response_ended(self) -> bool:
         """The answer has begun and ATP expects no more of it: the body it asked for
@@ -745,7 +758,7 @@ class Exchange:
                 at = 2 if self.sse.output_chars else 1 if self.sse.data_events else 0
                 if at > self._ttfb_at:
                     self._ttfb_at = at
-                    self.record.ttfb_ms = (self.clock() - self.started) * 1000.0
+                    self.record.ttfb_ms = self._since_forwarded_ms()
             if replacement is None and self.restorer is not None:
                 replacement = data
             return envoy_api.response_body(replacement)
@@ -850,7 +863,7 @@ class Exchange:
         ok = False if incomplete or rec.error_code in (STREAM_ERROR, INVALID_RESPONSE) \
             else classify_status(rec.status)
         if route.objective is not None and ok is not None and not incomplete:
-            latency = rec.ttfb_ms if rec.stream else rec.duration_ms
+            latency = rec.ttfb_ms if rec.stream else self._since_forwarded_ms()
             # Billed tokens teach the route its request sizes, which price candidates not
             # yet observed; ATP's own estimates would only teach it its guesses back.
             billed = usage if usage is not None and not usage.estimated else None

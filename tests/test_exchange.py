@@ -849,6 +849,21 @@ def test_a_streams_ttfb_is_its_first_token_not_its_headers(snap) -> None:
     assert rec.ttfb_ms == pytest.approx(2800.0) and rec.duration_ms == pytest.approx(3000.0)
 
 
+def test_ttfb_counts_from_when_atp_passed_the_request_on(snap) -> None:
+    # A client that took 2 s to upload its body made the model look 2 s slow to routing.
+    now = [0.0]
+    ex = Exchange(snap, clock=lambda: now[0])
+    ex.handle(req_headers("POST", CHAT))
+    now[0] = 2.0
+    ex.handle(req_body(chat("fast")))
+    now[0] = 2.004
+    ex.handle(resp_headers(200, "application/json", extra={"content-length": "20"}))
+    now[0] = 2.005
+    ex.handle(resp_body(b'{"choices": []}'))
+    rec = ex.finish()
+    assert rec.ttfb_ms == pytest.approx(4.0) and rec.duration_ms == pytest.approx(2005.0)
+
+
 def test_a_responses_streams_ttfb_is_its_first_delta(snap) -> None:
     # response.created and response.in_progress come at once, before any generation:
     # every Responses candidate looked about 0 ms fast to routing.

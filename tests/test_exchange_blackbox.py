@@ -76,6 +76,20 @@ def test_feedback_takes_post_with_a_body_only(snap) -> None:
                  "missing_body")
 
 
+@pytest.mark.parametrize("score, code", [
+    ("0.5", "invalid_type"), (True, "invalid_type"), (None, "invalid_type"),
+    (1.5, "invalid_value")])
+def test_a_score_of_the_wrong_type_is_told_from_one_out_of_range(snap, score, code) -> None:
+    # A string or a boolean score was invalid_value, where request_id's wrong type is
+    # invalid_type.
+    router = Router()
+    ex = Exchange(snap, services=Services(router, FeedbackBook(router.observe_quality),
+                                          PriceBook(), None))
+    ex.handle(req_headers("POST", "/v1/feedback"))
+    error = assert_error(ex.handle(req_body({"request_id": "req-1", "score": score})), 400, code)
+    assert error["param"] == "score"
+
+
 def test_feedback_is_held_to_max_json_depth(snap) -> None:
     # A feedback body nested 201 deep got 204; the same nesting on chat is a 400.
     deep: dict = {"request_id": "req-1", "score": 0.5}
