@@ -282,6 +282,35 @@ def test_text_where_binary_data_ids_or_words_belong_is_read(snap, path, body) ->
     assert ex.record.data_classes == {"email": json.dumps(body).count("a@b.co")}
 
 
+def _with_a_key_shaped_run(alphabet: str = "+/") -> str:
+    # Valid base64 of 3,000 bytes with a run that reads as a Google API key.
+    import base64
+    import random
+
+    data = bytes(random.Random(7).randrange(256) for _ in range(3000))
+    core = base64.b64encode(data, altchars=alphabet.encode()).decode()
+    return core[:1000] + alphabet[0] + "AIzaSyB1c2d3e4f5g6h7i8j9k0lmnopqrstuvw" + core[1039:]
+
+
+@pytest.mark.parametrize("data", [
+    "data:application/pdf;name=a%20b.pdf;base64," + _with_a_key_shaped_run(),
+    'data:application/pdf;name="a.pdf";base64,' + _with_a_key_shaped_run(),
+    "data:application/pdf;base64," + "\n".join(
+        _with_a_key_shaped_run()[i:i + 76] for i in range(0, 4000, 76)),  # MIME-wrapped
+    "data:image/png;base64," + _with_a_key_shaped_run("-_"),               # base64url
+    _with_a_key_shaped_run() + "\n",
+])
+def test_image_and_file_data_in_any_base64_form_is_left_as_it_is(snap, data) -> None:
+    # Taken for text, a key-shaped run in a file's bytes was "redacted" (the file no
+    # longer decoded) or refused as a credential.
+    body = {"model": "gpt-4o-mini", "input": [{"role": "user", "content": [
+        {"type": "input_file", "filename": "x.pdf", "file_data": data}]}]}
+    ex, resp = send_body(snap, body, path="/v1/responses")
+    sent = json.loads(forwarded(resp)[1])["input"][0]["content"]
+    assert sent[0]["file_data"] == data
+    assert not ex.record.data_classes
+
+
 def test_text_in_a_setting_of_fixed_words_is_read(snap) -> None:
     # service_tier, reasoning.summary and the like went out unread whatever they held.
     body = {**chat("gpt-4o-mini"), "service_tier": "a@b.co", "reasoning_effort": "low",

@@ -383,15 +383,17 @@ _BINARY_FIELDS = frozenset({"url", "data"})
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
 # or hold a '.'), which deeper down is known by its shape alone.
-_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{256,}={0,2}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/_\r\n-]{256,}={0,2}\s*")
 _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 
 
 # A whole string that is a data: URL (text after its base64 is no part of one): a media
 # type (type/subtype, parameters) and a payload (`data:mail alice@…;base64,` is text).
-_DATA_URL = re.compile(r"data:[\w.+-]{1,64}/[\w.+-]{1,64}(?:;[\w.+-]{1,64}=[\w.+-]{0,64}){0,8}"
-                       r";base64,[A-Za-z0-9+/]+={0,2}")
+# (Base64 of either alphabet, MIME-wrapped or not; parameters quoted or %-encoded.)
+_DATA_URL = re.compile(r'data:[\w.+-]{1,64}/[\w.+-]{1,64}'
+                       r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,200}"|[^;,\s"]{0,200})){0,8}'
+                       r';base64,[A-Za-z0-9+/_\r\n-]+={0,2}\s*')
 
 
 def _binary(text: str) -> bool:
@@ -400,6 +402,10 @@ def _binary(text: str) -> bool:
     return (text.startswith("data:") and _DATA_URL.fullmatch(text) is not None) or bool(
         len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
         and _LOWER.search(text))
+
+
+def _data_or_url(value: Any) -> bool:
+    return isinstance(value, str) and (_binary(value) or _URL.fullmatch(value) is not None)
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
@@ -418,9 +424,9 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
         if k in _BINARY_KEYS:
             if isinstance(v, dict):
                 stack.extend(((*base, k, f), x, None) for f, x in v.items()
-                             if not (f in _BINARY_FIELDS and isinstance(x, str)))
+                             if not (f in _BINARY_FIELDS and _data_or_url(x)))
                 continue
-            if isinstance(v, str) and (_binary(v) or _URL.fullmatch(v)):
+            if _data_or_url(v):
                 continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
