@@ -311,6 +311,28 @@ def test_image_and_file_data_in_any_base64_form_is_left_as_it_is(snap, data) -> 
     assert not ex.record.data_classes
 
 
+@pytest.mark.parametrize("item", [
+    {"type": "image_generation_call", "id": "ig", "status": "completed",
+     "result": "card 4111 1111 1111 1111"},
+    {"type": "shell_call_output", "call_id": "c", "output": [{"stdout": "\n".join(
+        ["sk-proj-" + "Ab3dEf6hIj" * 16] * 2) + "\n"}]},
+    {"role": "user", "content": [{"type": "input_file", "filename": "a.txt",
+                                  "file_data": "data:text/plain;base64,4111111111111111"}]},
+    {"role": "user", "content": [{"type": "input_file", "filename": "a.pdf",
+                                  "file_data": "https://files.example/u/a@b.co/r.pdf"}]},
+])
+def test_text_shaped_like_data_is_read(snap, item) -> None:
+    # Each passed for binary data or a URL where neither belongs: a generated image's
+    # result, keys one to a line, a card as a data: URL's payload, a URL as a file's data.
+    ex, resp = send_body(snap, {"model": "gpt-4o-mini", "input": [item]},
+                         path="/v1/responses")
+    if resp.WhichOneof("response") == "immediate_response":  # refused as a credential
+        assert ex.record.data_classes
+        return
+    sent = forwarded(resp)[1]
+    assert b"4111 1111" not in sent and b"sk-proj" not in sent and b"a@b.co" not in sent
+
+
 def test_text_in_a_setting_of_fixed_words_is_read(snap) -> None:
     # service_tier, reasoning.summary and the like went out unread whatever they held.
     body = {**chat("gpt-4o-mini"), "service_tier": "a@b.co", "reasoning_effort": "low",

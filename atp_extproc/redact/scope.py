@@ -383,7 +383,9 @@ _BINARY_FIELDS = frozenset({"url", "data"})
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
 # or hold a '.'), which deeper down is known by its shape alone.
-_BASE64 = re.compile(r"[A-Za-z0-9+/_\r\n-]{256,}={0,2}\s*")
+# (One line, or wrapped at a fixed width as MIME and PEM wrap it: keys one to a line
+# are no base64.)
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/_-]{60,80}\r?\n)*[A-Za-z0-9+/_-]+={0,2}\s*")
 _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 
@@ -393,19 +395,27 @@ _LOWER = re.compile(r"[a-z]")
 # (Base64 of either alphabet, MIME-wrapped or not; parameters quoted or %-encoded.)
 _DATA_URL = re.compile(r'data:[\w.+-]{1,64}/[\w.+-]{1,64}'
                        r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,200}"|[^;,\s"]{0,200})){0,8}'
-                       r';base64,[A-Za-z0-9+/_\r\n-]+={0,2}\s*')
+                       r';base64,(?:[A-Za-z0-9+/_-]{60,80}\r?\n)*[A-Za-z0-9+/_-]+={0,2}\s*')
+# A payload shorter than this may be a key or a few words (an sk-proj key is 164
+# characters of the base64url alphabet): read, as raw base64 that short is.
+_DATA_PAYLOAD_MIN = 256
 
 
 def _binary(text: str) -> bool:
     # Random bytes in base64 hold both letter cases; numbers joined by '/', '-' or '_'
     # (a list of phone numbers) do not.
-    return (text.startswith("data:") and _DATA_URL.fullmatch(text) is not None) or bool(
-        len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
-        and _LOWER.search(text))
+    if text.startswith("data:"):
+        return (_DATA_URL.fullmatch(text) is not None
+                and len(text) - text.index(",") > _DATA_PAYLOAD_MIN)
+    return bool(len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
+                and _LOWER.search(text))
 
 
-def _data_or_url(value: Any) -> bool:
-    return isinstance(value, str) and (_binary(value) or _URL.fullmatch(value) is not None)
+def _data_or_url(value: Any, url: bool) -> bool:
+    """Whether `value` is binary data, or (`url`: in a field of an image's address) a
+    URL; anything else there is text, and read."""
+    return isinstance(value, str) and (
+        _binary(value) or (url and _URL.fullmatch(value) is not None))
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
@@ -424,9 +434,9 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
         if k in _BINARY_KEYS:
             if isinstance(v, dict):
                 stack.extend(((*base, k, f), x, None) for f, x in v.items()
-                             if not (f in _BINARY_FIELDS and _data_or_url(x)))
+                             if not (f in _BINARY_FIELDS and _data_or_url(x, f == "url")))
                 continue
-            if _data_or_url(v):
+            if _data_or_url(v, k == "image_url"):
                 continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
@@ -640,8 +650,8 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             result = kind in _TOOL_RESULTS
             # What the item's own walk reads; _rest reads what is left.
             handled: set[str] = set()
-            if kind == "image_generation_call":
-                handled.add("result")  # an image
+            if kind == "image_generation_call" and _binary(item.get("result") or ""):
+                handled.add("result")  # an image (text there is read)
             if isinstance(item.get("content"), (str, list)):
                 _content(c, (*base, "content"), item["content"])
                 handled.add("content")
