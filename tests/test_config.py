@@ -522,6 +522,20 @@ def test_a_date_like_value_is_a_string_named_by_its_path() -> None:
     assert_names(err, "extra", "Extra inputs are not permitted")
 
 
+def test_yaml_1_2_numbers() -> None:
+    # YAML 1.1 read 017 as 15 (octal), 1:30 as 90 (minutes and seconds), 1_000 as 1000:
+    # grace_period_s: 017 ran with 15 s, and the environment 12:30 was refused.
+    from atp_extproc.policy.settings import KeyCheckingLoader
+
+    assert yaml.load("a: [017, 0o17, 0x10, 1:30, 1_000, 1e3, 2.5, -4]",
+                     Loader=KeyCheckingLoader) == {
+        "a": [17, 15, 16, "1:30", "1_000", 1000.0, 2.5, -4]}
+    doc = base()
+    doc["server"] = {"grace_period_s": 17}
+    text = yaml.safe_dump(doc).replace("grace_period_s: 17", "grace_period_s: 017")
+    assert config.parse(text, SRC).server.grace_period_s == 17
+
+
 def test_yaml_1_1_words_are_strings() -> None:
     # `shadow: {mode: off}` was refused as "Input should be 'off', 'decision' or
     # 'mirror'" (YAML 1.1 read off as false), and the region NO (Norway) as false.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 from atp_extproc.policy import cli, testing
@@ -110,3 +111,23 @@ def test_an_unknown_data_class_fails_as_serve_refuses_it(tmp_path):
         (tmp_path / "pol.yaml").read_text().replace("emial", "email"))
     report = testing.run(tmp_path / "tests")
     assert (report.passed, report.load_errors) == (1, [])
+
+
+def test_a_case_may_say_not_denied_as_yaml_1_1_did(tmp_path):
+    # YAML 1.2 reads `denied: no` as a word: it was taken for a policy id, and the case
+    # failed as "expected no, got not denied".
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        policies:
+          - {id: a.deny_bob, effect: deny, expression: "subject.tenant == 'bob'"}
+        """))
+    suite = tmp_path / "t_test.yaml"
+    suite.write_text(textwrap.dedent("""\
+        policies: [p.yaml]
+        cases:
+          - name: alice passes
+            subject: {tenant: alice, auth_method: api_key}
+            request: {operation: chat, alias: m}
+            expect: {denied: no, would_deny: off}
+        """))
+    out = io.StringIO()
+    assert cli.test(str(suite), out=out) == 0, out.getvalue()

@@ -58,7 +58,10 @@ def _max_body_of(raw: dict) -> int:
     default: int = Server.model_fields["max_body_bytes"].default
     server = raw.get("server")
     value = server.get("max_body_bytes", default) if isinstance(server, dict) else default
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+    try:  # as the config reads it (16777216.0 and "16777216" too)
+        return Server.model_validate({"max_body_bytes": value}).max_body_bytes
+    except ValidationError:
+        return default
 
 
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,

@@ -143,6 +143,25 @@ for _first in "tTfF":
     _IMPLICIT_RESOLVERS[_first] = [
         (tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$") if tag == _BOOL_TAG
          else regexp) for tag, regexp in _IMPLICIT_RESOLVERS.get(_first, [])]
+# YAML 1.2's numbers too: 017 is 17 (YAML 1.1 read 15, an octal), and 1:30 and 1_000 are
+# words (YAML 1.1 read 90, minutes and seconds, and 1000).
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?[0-9]+[eE][-+]?[0-9]+"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+for _first, _resolvers in _IMPLICIT_RESOLVERS.items():
+    _IMPLICIT_RESOLVERS[_first] = [
+        (tag, _INT_12 if tag == _INT_TAG else _FLOAT_12 if tag == _FLOAT_TAG else regexp)
+        for tag, regexp in _resolvers]
+
+
+def _yaml_12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if text[:2] in ("0o", "0x"):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
 
 
 class KeyCheckingLoader(yaml.SafeLoader):
@@ -159,6 +178,7 @@ class KeyCheckingLoader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
+        self.yaml_constructors = {**self.yaml_constructors, _INT_TAG: _yaml_12_int}
         self.duplicates: list[tuple[yaml.Node, Any]] = []
         # Merging rewrites a node's pairs in place, and a node is flattened again when it
         # is built or merged elsewhere: only the first time are they its own.
@@ -281,6 +301,11 @@ class PolicyError(Exception):
 class _EnvoyLineLoader(_LineLoader):
     # Envoy's yaml-cpp reads unquoted yes/no/on/off as booleans, as YAML 1.1 does.
     yaml_implicit_resolvers = yaml.SafeLoader.yaml_implicit_resolvers
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.yaml_constructors = {**self.yaml_constructors,
+                                  _INT_TAG: yaml.SafeLoader.yaml_constructors[_INT_TAG]}
 
 
 def load_yaml(text: str, file: str, *, envoy: bool = False) -> tuple[Any, list[Problem]]:

@@ -229,8 +229,14 @@ def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateI
     return out
 
 
+# Words for "none" a case may give (YAML 1.2 reads no/off as words): no policy id is one,
+# as ids are namespaced (`team.rule`).
+_NONE_WORDS = frozenset(("none", "", "no", "off", "false", "n"))
+
+
 def _id_or_false(value: Any) -> str | None:
-    return None if value in (None, False, "none", "") else str(value)
+    return None if value is None or value is False or (
+        isinstance(value, str) and value.lower() in _NONE_WORDS) else str(value)
 
 
 def _compare(expect: Mapping[str, Any], outcome: Any, seen_ids: set[str]) -> list[str]:
@@ -247,7 +253,8 @@ def _compare(expect: Mapping[str, Any], outcome: Any, seen_ids: set[str]) -> lis
         want = _id_or_false(expect["would_deny"])
         got = outcome.would_deny.policy_id if outcome.would_deny else None
         if want != got:
-            errs.append(f"would_deny: expected {want or 'no'}, got {got or 'no'}")
+            errs.append(f"would_deny: expected {want or 'not denied'}, "
+                        f"got {got or 'not denied'}")
     lists = {"allowed_candidates": [c.model for c in outcome.allowed_candidates],
              "required_redactions": sorted(outcome.required_redactions),
              "tools_denied": list(outcome.tools_denied),
