@@ -356,7 +356,8 @@ def event(obj) -> bytes:
 
 def run(r: Restorer, chunks: list[bytes]) -> list:
     out = b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
-    return [json.loads(b[6:]) for b in out.split(b"\n\n") if b.startswith(b"data: {")]
+    return [json.loads(line[6:]) for b in out.split(b"\n\n") for line in b.split(b"\n")
+            if line.startswith(b"data: {")]
 
 
 def test_flush_event_keeps_only_what_places_the_text():
@@ -402,10 +403,14 @@ def test_responses_flush_event_validates():
              "sequence_number": 3, "logprobs": [{"token": "x", "logprob": -0.1}]}
     done = {"type": "response.output_text.done", **pos, "text": "to [EMA",
             "sequence_number": 4, "logprobs": []}
-    evs = run(Restorer(MAP), [event(delta) + event(done)])
+    r = Restorer(MAP)
+    out = r.feed(event(delta) + event(done), True)
+    evs = [json.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b"data: {")]
     assert evs[1] == {"type": "response.output_text.delta", **pos, "delta": "[EMA",
                       "sequence_number": 3, "logprobs": []}
     ResponseTextDeltaEvent.model_validate(evs[1])
+    # Named as the stream's other events are: a client listening by name missed it.
+    assert out.split(b"\n\n")[1].startswith(b"event: response.output_text.delta\ndata: ")
 
 
 def _choice(i: int, content: str | None = None, finish: str | None = None) -> bytes:

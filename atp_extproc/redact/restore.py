@@ -325,7 +325,13 @@ class Restorer:
         out: list[bytes] = []
         for key in [k for k in self._carry if ends is None or ends(k)]:
             hold, template, phys = self._carry.pop(key)
-            out.append(b"data: " + _dumps(_skeleton(template, phys, hold)) + b"\n\n")
+            event = _skeleton(template, phys, hold)
+            kind = event.get("type") if isinstance(event, dict) else None
+            # A Responses event goes by its type's name too, as every other event of the
+            # stream does: a client listening by name (EventSource) would miss it.
+            name = b"event: " + kind.encode() + b"\n" if isinstance(kind, str) and \
+                kind.isascii() and kind.isprintable() else b""
+            out.append(name + b"data: " + _dumps(event) + b"\n\n")
         return b"".join(out)
 
 
