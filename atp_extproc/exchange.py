@@ -173,7 +173,6 @@ class Exchange:
         self._changes: dict[str, object] = {}
         self._drop: tuple[str, ...] = ()
         self._path = ""  # the request's path without its query (the record's is for logs)
-        self._request_seen = False
         # Envoy says (protocol_config, on the first message) that it buffers the request
         # body: then a body without end_of_stream is whole, and trailers follow it.
         self._body_buffered = False
@@ -229,7 +228,6 @@ class Exchange:
 
     def _on_request_headers(self, message: ProcessingRequest) -> ProcessingResponse:
         headers = envoy_api.headers_of(message.request_headers.headers)
-        self._request_seen = True
         rec = self.record
         request_id = headers.get("x-request-id", "")
         rec.request_id = request_id if _REQUEST_ID_OK.fullmatch(request_id) else ""
@@ -802,7 +800,7 @@ class Exchange:
         if self._finished:
             return rec
         self._finished = True
-        if not self._request_seen:
+        if not rec.method:  # set (a name, or "<other>") by every request's headers
             # Only an answer came: a filter before ATP's (jwt_authn, RBAC) answered the
             # request itself, which Envoy's stats and access log hold. A record without
             # request id, method or path, as its own exchange, would only mislead.
@@ -923,7 +921,7 @@ class Exchange:
                 return self._invalid(prompt)
             output_chars = chars
         elif not (self._unread_bytes or self._compressed):
-            return self._invalid(prompt)  # no body, or one of another type, passed unread
+            return self._invalid(prompt)  # no body
         if rec.operation == "embeddings":
             output_chars = 0  # vectors are no output tokens
         return Usage(prompt, estimate_tokens(output_chars), estimated=True)

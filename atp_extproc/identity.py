@@ -100,18 +100,17 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
     authorization = headers.get("authorization", "")
     scheme, _, bearer = authorization.partition(" ")
     bearer = bearer.strip()
-    # headers_of joins a repeated header with commas, which no key nor bearer token holds
-    # (another scheme's one header may: Digest): told as such, not as a wrong key.
-    repeated = [name for name, value in (("authorization", bearer if scheme.lower() ==
-                                          "bearer" else ""),
-                                         ("api-key", headers.get("api-key", "")),
-                                         ("x-api-key", headers.get("x-api-key", "")))
-                if "," in value]
-    if repeated:
-        raise _unauthorized(f"The request carries more than one {repeated[0]} header: send "
-                            "the key once, as 'Authorization: Bearer KEY'.")
+    is_bearer = scheme.lower() == "bearer"
+    for name, value in (("authorization", bearer if is_bearer else ""),
+                        ("api-key", headers.get("api-key", "")),
+                        ("x-api-key", headers.get("x-api-key", ""))):
+        # headers_of joins a repeated header with commas, which no key nor bearer token
+        # holds (another scheme's one header may: Digest): told as such, not as a wrong key.
+        if "," in value:
+            raise _unauthorized(f"The request carries more than one {name} header: send "
+                                "the key once, as 'Authorization: Bearer KEY'.")
     sent = [headers[name] for name in ("api-key", "x-api-key") if headers.get(name)]
-    if scheme.lower() == "bearer" and bearer:
+    if is_bearer and bearer:
         # jwt_authn with `forward: true` leaves the verified token there: it is no API key.
         if payload is None or not _is_token(bearer, payload):
             sent.insert(0, bearer)

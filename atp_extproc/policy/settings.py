@@ -129,32 +129,25 @@ _VALUE_TAG = "tag:yaml.org,2002:value"
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-# YAML 1.2's booleans (true/false), as Envoy reads YAML: YAML 1.1's yes/no/on/off made
-# `mode: off` a boolean (refused as "should be 'off'") and the region NO (Norway) false.
-# No config value is a date either: an unquoted 2026-13-01 was a YAML error without a
-# path, and 2026-01-01 a date no field takes.
-_IMPLICIT_RESOLVERS = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _first in "yYnNoO":
-    _IMPLICIT_RESOLVERS[_first] = [
-        r for r in _IMPLICIT_RESOLVERS.get(_first, []) if r[0] != _BOOL_TAG]
-for _first in "tTfF":
-    _IMPLICIT_RESOLVERS[_first] = [
-        (tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$") if tag == _BOOL_TAG
-         else regexp) for tag, regexp in _IMPLICIT_RESOLVERS.get(_first, [])]
-# YAML 1.2's numbers too: 017 is 17 (YAML 1.1 read 15, an octal), and 1:30 and 1_000 are
-# words (YAML 1.1 read 90, minutes and seconds, and 1000).
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-_INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?"
-                       r"|[-+]?[0-9]+[eE][-+]?[0-9]+"
-                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
-for _first, _resolvers in _IMPLICIT_RESOLVERS.items():
-    _IMPLICIT_RESOLVERS[_first] = [
-        (tag, _INT_12 if tag == _INT_TAG else _FLOAT_12 if tag == _FLOAT_TAG else regexp)
-        for tag, regexp in _resolvers]
+# YAML 1.2's plain scalars, where YAML 1.1 reads more into them: booleans are true/false
+# alone (YAML 1.1's yes/no/on/off made `mode: off` a boolean, refused as "should be
+# 'off'", and the region NO (Norway) false); 017 is 17 (1.1: 15, an octal), and 1:30 and
+# 1_000 are words (1.1: 90, minutes and seconds, and 1000); nothing is a date (an
+# unquoted 2026-13-01 was a YAML error without a path, and 2026-01-01 a date no field
+# takes).
+_REGEXPS_12 = {
+    _BOOL_TAG: re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    _INT_TAG: re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    _FLOAT_TAG: re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?"
+                           r"|[-+]?[0-9]+[eE][-+]?[0-9]+"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+_IMPLICIT_RESOLVERS = {
+    first: [(tag, _REGEXPS_12.get(tag, regexp)) for tag, regexp in resolvers
+            if tag != _TIMESTAMP_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def _yaml_12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
