@@ -3,8 +3,8 @@ are valid JSON (an integer of more than 4300 digits, nesting deeper than the rec
 limit) keep valid JSON when redacted; image URLs are scanned only when extra_paths names
 them; cards grouped by spaced dashes, tabs, commas, underscores or line breaks, IPv4
 addresses with zero-padded octets, phone numbers in some regions' international formats,
-tokens with a non-breaking space inside and PEM keys with lower-case or missing armour
-lines are redacted."""
+tokens with a non-breaking space inside, PEM keys with lower-case or missing armour
+lines, and cards and keys tagged onto a word by a dash or an underscore are redacted."""
 
 from __future__ import annotations
 
@@ -356,4 +356,26 @@ def test_a_key_without_its_begin_line_is_found(redactor, end):
     "-----begin of the private key section-----",
 ])
 def test_pem_near_misses_are_not_private_keys(redactor, text):
+    assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("ref-4111111111111111 please", "ref-[CARD_1] please"),
+    ("ref_4111111111111111", "ref_[CARD_1]"),
+    ("order-378282246310005.", "order-[CARD_1]."),  # Amex: 15 digits
+    ("ref-4111-1111-1111-1111", "ref-[CARD_1]"),
+    ("x_sk-proj-abc123DEF456ghi789JKL012mno345", "x_[API_KEY_1]"),
+])
+def test_cards_and_keys_tagged_onto_a_word_are_redacted(redactor, text, want):
+    assert _chat_text(redactor, text) == want
+
+
+@pytest.mark.parametrize("text", [
+    "INV-2024-0042 and order-4111111111111112",  # Luhn fails
+    "ref-411111111111111111",  # 18 digits bound to an id: not a card's usual length
+    "v1.4111111111111111, 0.4111111111111111",  # a version, a decimal
+    "task-force-2024-alpha-beta-gamma-delta",
+    "phone_4155552671 is a column",
+])
+def test_ids_tagged_onto_a_word_stay(redactor, text):
     assert _chat_text(redactor, text) == text

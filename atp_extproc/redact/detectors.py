@@ -922,13 +922,22 @@ class Scanner:
             if not budget.spend(1 + len(asc[s:e].translate(None, b"0123456789"))):
                 return
             glue = _glued(asc, s, e, bounds)
-            if glue == 2 or (glue == 1 and 32 not in asc[s:e]):
-                continue  # part of a word, or one identifier-bound chunk: nothing to find
+            # One chunk tagged onto a word ("INV-2024-0042", "v1.2.3456789") holds no
+            # phone number; but a card written whole and tagged with a dash or an
+            # underscore ("ref-4111…", "cc_4111-1111-…") is still a card.
+            tagged = glue == 1 and 32 not in asc[s:e]
+            if glue == 2 or (tagged and not (want_card and _dash_tagged(asc, s, e))):
+                continue
             ext = _EXT_TAIL.search(asc, max(s, e - 12), e)
             ext_s = ext.start() if ext is not None else -1
             run = _Run(asc, text, s, ext_s if ext_s != -1 else e,
                        (ext_s, e) if ext_s != -1 else None, glue == 1)
             nch = len(run.ndig)
+            if tagged:
+                hit = self._card_at(run, 0, tagged=True) if nch == 1 else None
+                if hit is not None:
+                    found.append(hit[0])
+                continue
             ndig, ngroups, first = run.ndig, run.ngroups, run.first_size
             phone_ok = want_phone and not run.soft_glued
             a = 0
@@ -972,7 +981,7 @@ class Scanner:
                 found.append(hit[0])
                 a = free = hit[1] + 1
 
-    def _card_at(self, run: _Run, a: int):
+    def _card_at(self, run: _Run, a: int, tagged: bool = False):
         ndig, ngroups = run.ndig, run.ngroups
         if run.lead(a) == b"+":
             return None  # "+4915123455730" is a phone number
@@ -1003,8 +1012,11 @@ class Scanner:
             digits = "".join(run.chunk_digits(c) for c in range(a, end + 1))
             if not card_ok(digits):
                 continue
-            if end == a and (run.soft_glued or (len(digits) <= 13 and a == 0
-                                                and run.negative_context(_CARD_CTX))):
+            # A bare number bound to an identifier is a card only at a card's usual
+            # length (15: Amex, 16: the rest): ids of other lengths pass Luhn too.
+            if end == a and ((run.soft_glued and not (tagged and len(digits) in (15, 16)))
+                             or (len(digits) <= 13 and a == 0
+                                 and run.negative_context(_CARD_CTX))):
                 continue
             return Found("card", run.chunk_start(a), run.chunk_end(end), digits), end
         return None
@@ -1371,26 +1383,35 @@ def _identifier_before(text: str, start: int) -> bool:
 
 def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     """2: the digit run is part of a word ("a1b2", "x@1"); 1: part of an identifier or of a
-    larger number ("INV-2024-0042", "16:09:03.4999", "1,234,567"), which rules out a phone
+    larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules out a phone
     number and a bare card number; 0: free-standing. A part boundary (`bounds`) separates
     like a space."""
     n = len(asc)
     soft = 0
     if asc[s] in _DIGITS and s > 0 and s not in bounds:
         prev = asc[s - 1]
-        if prev in _ALNUM or prev == 64:
+        if (prev in _ALNUM and prev != 95) or prev == 64:
             return 2
         if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM)
                       or (prev in b":," and _inside_number(asc, s - 1))):
             soft = 1
     if e < n and e not in bounds:
         nxt = asc[e]
-        if nxt in _ALNUM or nxt == 64:
+        if (nxt in _ALNUM and nxt != 95) or nxt == 64:
             return 2
         if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM)
                           or (nxt in b":," and _inside_number(asc, e))):
             soft = 1
     return soft
+
+
+def _dash_tagged(asc: bytes, s: int, e: int) -> bool:
+    """Is the digit run s..e bound to its neighbours by dashes or underscores only? A dot,
+    a slash, a colon or a comma between it and a word or number makes it part of a
+    version, a path, a time or a list."""
+    if s > 1 and asc[s - 1] in b"./:," and asc[s - 2] in _ALNUM:
+        return False
+    return not (e + 1 < len(asc) and asc[e] in b"./:," and asc[e + 1] in _ALNUM)
 
 
 def _inside_number(asc: bytes, p: int) -> bool:
@@ -1452,7 +1473,10 @@ def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
                     s += gaps[k][2] if k >= 0 else 0
                     k = bisect_right(at, e - 1) - 1
                     e += gaps[k][2] if k >= 0 else 0
-                if s > 0 and asc[s - 1] in _ALNUM and not has_v and s not in bounds:
+                # An underscore ends an identifier's word as a space does: "x_sk-proj-…"
+                # holds a key, "task-…" does not.
+                if (s > 0 and asc[s - 1] in _ALNUM and asc[s - 1] != 95 and not has_v
+                        and s not in bounds):
                     continue
                 if has_v and e < n and asc[e] in _ALNUM and e not in bounds:
                     continue
