@@ -190,11 +190,9 @@ def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
     return None
 
 
-# config.ConfigError's path for a policy problem: "line N: path" in the file itself,
-# "other.yaml:N: path" in an included policy file.
-_LINE_IN_FILE = re.compile(r"line (\d+)(?:: (.*))?")
 # A warning line of the policy report (policy.settings.Problem).
 _WARNING = re.compile(r"[^:]+(?::\d+)?: warning: ")
+# config.ConfigError's path for a problem in an included policy file: "other.yaml:N: path".
 _LINE_IN_OTHER_FILE = re.compile(r".+?:\d+(?:: |$)")
 
 
@@ -203,11 +201,8 @@ def _config_problem_lines(exc: ConfigError) -> list[str]:
     where the line is known, else file: path: reason."""
     lines = []
     for (path, reason), line in zip(exc.problems, exc.lines, strict=True):
-        in_file = _LINE_IN_FILE.fullmatch(path)
         if line:
-            where = f"{exc.file}:{line}: {path}"
-        elif in_file:
-            where = f"{exc.file}:{in_file[1]}" + (f": {in_file[2]}" if in_file[2] else "")
+            where = f"{exc.file}:{line}" + (f": {path}" if path else "")
         elif _LINE_IN_OTHER_FILE.match(path):
             where = path  # "other.yaml:N" when the problem is the file
         else:

@@ -515,18 +515,18 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
         policies, loaded = policy_set_from_config(text, source,
                                                   known_data_classes=known_classes)
     except PolicyError as exc:
-        raise ConfigError(source, [(_where(p.file, p.line, p.path, source), p.reason)
-                                   for p in exc.details]) from None
+        raise _policy_error(source, [(p.file, p.line, p.path, p.reason)
+                                     for p in exc.details]) from None
     if not doc.redaction.enabled:
         blind = _reads_data_classes(policies.policies)
         # A redact policy with nothing to redact refuses every request it matches (fail
         # closed): an outage no dry run would show.
         unmet_all = [p for p in policies.policies if p.data_classes]
         if blind or unmet_all:
-            raise ConfigError(source, [(_where(p.source.file, p.source.line, p.id, source), (
+            raise _policy_error(source, [(p.source.file, p.source.line, p.id, (
                 "reads request.data_classes, which only redaction fills: with redaction "
                 "off it can never match (turn redaction on, or remove the policy)"))
-                for p in blind] + [(_where(p.source.file, p.source.line, p.id, source), (
+                for p in blind] + [(p.source.file, p.source.line, p.id, (
                     f"requires redacting {', '.join(map(repr, sorted(p.data_classes)))}, "
                     "but redaction is off: every request it matches would be refused "
                     "(turn redaction on, or remove the policy)"))
@@ -534,11 +534,10 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     else:
         unmet = _unmet_redactions(policies.policies, doc.redaction.classes)
         if unmet:
-            raise ConfigError(source, [
-                (_where(p.source.file, p.source.line, p.id, source), (
-                    f"requires redacting {', '.join(map(repr, off))}, which "
-                    "redaction.disabled_classes turns off: ATP would never redact it "
-                    "(enable the class, or take it out of data_classes)"))
+            raise _policy_error(source, [(p.source.file, p.source.line, p.id, (
+                f"requires redacting {', '.join(map(repr, off))}, which "
+                "redaction.disabled_classes turns off: ATP would never redact it "
+                "(enable the class, or take it out of data_classes)"))
                 for p, off in unmet])
     models = {m.name: m for m in doc.models}
     ledger = doc.ledger
@@ -547,6 +546,11 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
         # `..` in it is left to the OS, which reads it as it always did.
         path = directory_of(Path(source)) / ledger.path
         ledger = ledger.model_copy(update={"path": str(path)})
+    if ledger.enabled and Path(ledger.path).is_dir():
+        # Serve could not open it; check and reload must say so too.
+        lined, _ = load_yaml(text, source)
+        raise ConfigError(source, [("ledger.path", f"{ledger.path} is a directory, not a "
+                                    "ledger file")], [_line_of_path(lined, "ledger.path")])
     return Snapshot(
         source=source,
         version=hashlib.sha256((text + loaded.digest).encode()).hexdigest()[:12],
@@ -571,13 +575,16 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     )
 
 
-def _where(file: str, line: int, path: str, source: str) -> str:
-    """Where a policy problem is, for a ConfigError of `source`."""
-    if file == source:
-        place = f"line {line}" if line else ""
-    else:
-        place = f"{file}:{line}" if line else file
-    return ": ".join(part for part in (place, path) if part)
+def _policy_error(source: str, problems: list[tuple[str, int, str, str]]) -> ConfigError:
+    """A ConfigError of `source` for policy problems (file, line, path, reason): one in
+    `source` itself is written as its other problems are (`path: reason (line N)`); one
+    in a policy file it names leads with that file's name and line."""
+    return ConfigError(
+        source,
+        [(path if file == source
+          else ": ".join(part for part in (f"{file}:{line}" if line else file, path) if part),
+          reason) for file, line, path, reason in problems],
+        [line if file == source else 0 for file, line, _, _ in problems])
 
 
 def _unmet_redactions(policies: Any, scanned: tuple[str, ...]) -> list[tuple[Any, list[str]]]:

@@ -570,7 +570,8 @@ def test_a_redact_policy_with_redaction_off_is_refused_at_load() -> None:
     with pytest.raises(config.ConfigError) as info:
         config.parse(REDACT_POLICY_YAML.replace("{redaction}", "{enabled: false}"),
                      "redact.yaml")
-    assert info.value.problems == [("line 12: pii.redact_email", (
+    assert info.value.lines == [12]
+    assert info.value.problems == [("pii.redact_email", (
         "requires redacting 'email', but redaction is off: every request it matches "
         "would be refused (turn redaction on, or remove the policy)"))]
 

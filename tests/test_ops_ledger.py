@@ -122,15 +122,31 @@ def test_a_ledger_that_cannot_be_opened_is_named_with_the_reason(
 
 
 def test_serve_names_a_ledger_it_cannot_open_in_one_line(tmp_path: Path) -> None:
-    (tmp_path / "ledger").mkdir()
+    (tmp_path / "afile").write_text("")
     config = tmp_path / "atp.yaml"
-    config.write_text(CONFIG + "ledger: {path: ledger}\n")
+    config.write_text(CONFIG + "ledger: {path: afile/ledger.sqlite3}\n")
     result = subprocess.run([sys.executable, "-m", "atp_extproc", "serve", "--config",
                              str(config), "--listen", "unix:" + str(tmp_path / "atp.sock")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr == (f"atp-extproc: not starting: cannot open the ledger "
-                             f"{tmp_path / 'ledger'}: Is a directory\n")
+                             f"{tmp_path / 'afile/ledger.sqlite3'}: Not a directory\n")
+
+
+def test_a_ledger_path_that_is_a_directory_is_the_configs_mistake(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # check passed it; serve then refused to start.
+    (tmp_path / "ledger").mkdir()
+    config = tmp_path / "atp.yaml"
+    config.write_text(CONFIG + "ledger: {path: ledger}\n")
+    line = len(CONFIG.splitlines()) + 1
+    assert cli.main(["check", str(config)]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{config}:{line}: ledger.path: {tmp_path / 'ledger'} is a directory, not a ledger "
+        "file")
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    assert (f"{config}: ledger.path: {tmp_path / 'ledger'} is a directory, not a ledger "
+            f"file (line {line})") in capsys.readouterr().err
 
 
 # -- a ledger of another schema: refused at start like one that is no database --------

@@ -236,7 +236,7 @@ def test_a_policy_section_of_the_wrong_shape_is_named_once(
                                                     "1 error(s), 0 warning(s)"]
     # serve refuses it too, with the file, line, path and reason.
     assert cli.main(["serve", "--config", str(path)]) == 2
-    assert f"{path}: line {line}: {problem}" in capsys.readouterr().err
+    assert f"{path}: {problem} (line {line})" in capsys.readouterr().err
     with pytest.raises(config_mod.ConfigError):
         config_mod.load(path)
 
