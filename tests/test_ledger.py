@@ -153,6 +153,16 @@ def test_rows_are_per_hour_and_report_buckets(ledger):
     assert "no ledger rows" in savings_report(ledger.path, since=T0 + 100 * 86400)
 
 
+def test_costs_under_the_shown_decimals_keep_two_significant_digits(ledger):
+    # 12 embeddings tokens at $0.00002 per 1K cost $0.00000024: it printed $0.0000, as
+    # if nothing were spent.
+    ledger.record(entry(model=EMBED, baseline=EMBED, tin=12, tout=0))
+    ledger.flush()
+    total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
+    assert total[:4] == ["TOTAL", "1", "$0.00000024", "$0.00000024"]
+    assert total[4] == "$0.0000"  # no savings: zero is zero
+
+
 def test_report_refuses_bad_input(tmp_path, ledger):
     with pytest.raises(FileNotFoundError):
         savings_report(tmp_path / "missing.sqlite3")

@@ -35,10 +35,14 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 
 def _money(pico: int, decimals: int) -> str:
-    quantum = Decimal(1).scaleb(-decimals)
-    amount = usd(pico).quantize(quantum, rounding=ROUND_HALF_EVEN)
+    exact = usd(pico)
+    amount = exact.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)
+    if amount == 0 and pico:
+        # A few embeddings cost well under $0.0001: two significant digits, not $0.0000.
+        amount = exact.quantize(Decimal(1).scaleb(exact.adjusted() - 1),
+                                rounding=ROUND_HALF_EVEN)
     # -$0.11, as accounts write a loss (a route dearer than its baseline), not $-0.11.
-    return f"{'-' if amount < 0 else ''}${abs(amount):,}"
+    return f"{'-' if amount < 0 else ''}${abs(amount):,f}"
 
 
 def _percent(savings: int, baseline: int) -> str:
