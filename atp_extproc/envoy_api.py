@@ -8,7 +8,7 @@ response; `clear_route_cache` is ignored unless the same response mutates a head
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -23,7 +23,7 @@ _HEADER_VALUE_OK = re.compile(rb"[\x20-\x7e\x80-\xff]{1,1024}")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def _set_headers(mutation: ep.HeaderMutation, headers: dict[str, str]) -> None:
+def _set_headers(mutation: ep.HeaderMutation, headers: Mapping[str, str]) -> None:
     # Filled in place: nested messages passed to constructors are copied, which costs
     # several times more than the fields themselves.
     options = mutation.set_headers
@@ -50,7 +50,7 @@ def _headers_answer(phase: str, remove_headers: Iterable[str],
 
 
 def request_headers(remove_headers: Iterable[str] = (),
-                    set_headers: dict[str, str] | None = None) -> ProcessingResponse:
+                    set_headers: Mapping[str, str] | None = None) -> ProcessingResponse:
     resp = _headers_answer("request_headers", remove_headers, None)
     if set_headers:
         _set_headers(resp.request_headers.response.header_mutation, set_headers)

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 from urllib.parse import unquote
 
 from google.protobuf import struct_pb2
@@ -267,13 +268,20 @@ class Exchange:
             # would be unreadable, and a label kept on a rewritten body would be false.
             raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send "
                                "the JSON body uncompressed", "unsupported_content_encoding")
+        charset = _foreign_charset(headers.get("content-type", ""))
+        if charset is not None:
+            raise RequestError(415, f"Content-Type charset {charset!r} is not supported; "
+                               "send the JSON body as UTF-8", "unsupported_charset")
         rec.operation = operation
         if operation == "feedback":
             return envoy_api.request_headers()
+        # ATP reads the body as UTF-8 JSON, and the provider must read what ATP read: a
+        # label it would decode otherwise (text/plain, a charset parameter) is replaced.
         # No OpenAI API reads a query string on these paths, and one can carry what
         # redaction never sees (an `api-key=`, an e-mail): the provider gets the path only.
-        return envoy_api.request_headers(remove_headers=self._never_forwarded(headers),
-                                         set_headers={":path": path} if has_query else None)
+        return envoy_api.request_headers(
+            remove_headers=self._never_forwarded(headers),
+            set_headers={**_JSON_ONLY, ":path": path} if has_query else _JSON_ONLY)
 
     def _never_forwarded(self, headers: dict[str, str]) -> list[str]:
         """What of `headers` (or trailers) must not reach a provider: the client's
@@ -943,6 +951,22 @@ _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
 def _forced_stripped(choice_key: str) -> RequestError:
     return RequestError(403, f"{choice_key} asks for a tool this request may not use",
                         "tool_not_allowed", param=choice_key, type_="permission_error")
+
+
+_JSON_ONLY = MappingProxyType({"content-type": "application/json"})
+
+
+def _foreign_charset(content_type: str) -> str | None:
+    """A charset other than UTF-8 that a Content-Type names (any of them, if a header sent
+    twice names two): a provider's server would decode the body with it (UTF-7 hides
+    `@` as `+AEA-`), where ATP reads UTF-8."""
+    for param in content_type.replace(",", ";").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').strip()
+            if charset.lower() not in ("utf-8", "utf8"):
+                return charset[:40]
+    return None
 
 
 def _encoded(content_encoding: str) -> bool:

@@ -63,6 +63,22 @@ def test_an_identity_encoding_goes_on(snap, encoding) -> None:
     assert resp.WhichOneof("response") == "request_headers"
 
 
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-7",
+                                          "text/plain;Charset=ISO-8859-1"])
+def test_a_charset_other_than_utf8_is_refused_with_415(snap, content_type) -> None:
+    _, resp = start(snap, extra={"content-type": content_type})
+    assert_error(resp, 415, "unsupported_charset")
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8",
+                                          'application/json; charset="UTF8"', "text/plain"])
+def test_the_body_goes_on_labelled_json(snap, content_type) -> None:
+    _, resp = start(snap, extra={"content-type": content_type})
+    assert [(h.header.key, h.header.raw_value) for h in
+            resp.request_headers.response.header_mutation.set_headers] == [
+        ("content-type", b"application/json")]
+
+
 def test_an_api_key_in_x_api_key_never_reaches_a_provider(snap) -> None:
     _, first = start(snap, extra={"x-api-key": ALICE})
     assert "x-api-key" in first.request_headers.response.header_mutation.remove_headers

@@ -399,6 +399,29 @@ def test_the_query_string_never_reaches_the_provider(stack: Stack, upstreams: Up
     assert only_request(upstreams, "demo_a")["path"] == CHAT
 
 
+@pytest.mark.parametrize("content_type", [
+    "application/json; charset=utf-7", 'application/json;CHARSET="UTF-16"',
+    "application/json; charset=utf-8, application/json; charset=latin1"])
+def test_a_charset_other_than_utf8_is_refused(stack: Stack, upstreams: Upstreams,
+                                              content_type: str) -> None:
+    """The provider's server decodes by the charset named (aiohttp, body-parser): UTF-7's
+    `+AEA-` is its `@`, and JSON punctuation written so gave it another document than
+    the one ATP checked."""
+    reply = post(stack, CHAT, {"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "mail john.doe+AEA-example.com"}]},
+                 headers={"content-type": content_type})
+    assert reply.status == 415, reply.body
+    assert reply.json()["error"]["code"] == "unsupported_charset"
+    assert upstreams.total() == 0
+
+
+def test_the_provider_is_told_the_body_is_json(stack: Stack, upstreams: Upstreams) -> None:
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "hi"}]}, headers={"content-type": "text/plain; a=b"})
+    assert reply.status == 200, reply.body
+    assert only_request(upstreams, "demo_a")["headers"]["content-type"] == "application/json"
+
+
 def test_a_second_key_of_another_tenant_is_401(stack: Stack, upstreams: Upstreams) -> None:
     reply = post(stack, CHAT, {"model": "gpt-4o-mini",
                                "messages": [{"role": "user", "content": "x"}]},

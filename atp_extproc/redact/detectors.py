@@ -1383,9 +1383,9 @@ def _identifier_before(text: str, start: int) -> bool:
 
 def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     """2: the digit run is part of a word ("a1b2", "x@1"); 1: part of an identifier or of a
-    larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules out a phone
-    number and a bare card number; 0: free-standing. A part boundary (`bounds`) separates
-    like a space."""
+    larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules
+    out a phone number and (but at a card's usual length) a bare card number; 0:
+    free-standing. A part boundary (`bounds`) separates like a space."""
     n = len(asc)
     soft = 0
     if asc[s] in _DIGITS and s > 0 and s not in bounds:
