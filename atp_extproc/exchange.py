@@ -279,8 +279,14 @@ class Exchange:
         # label it would decode otherwise (text/plain, a charset parameter) is replaced.
         # No OpenAI API reads a query string on these paths, and one can carry what
         # redaction never sees (an `api-key=`, an e-mail): the provider gets the path only.
+        remove = self._never_forwarded(headers)
+        if "expect" in headers:
+            # Envoy answers 100-continue itself and passes other expectations on; ATP
+            # forwards a whole body, so none is the provider's to answer (with a plain
+            # text 417).
+            remove.append("expect")
         return envoy_api.request_headers(
-            remove_headers=self._never_forwarded(headers),
+            remove_headers=remove,
             set_headers={**_JSON_ONLY, ":path": path} if has_query else _JSON_ONLY)
 
     def _never_forwarded(self, headers: dict[str, str]) -> list[str]:

@@ -422,6 +422,16 @@ def test_the_provider_is_told_the_body_is_json(stack: Stack, upstreams: Upstream
     assert only_request(upstreams, "demo_a")["headers"]["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("expect", ["100-continue, foo", "200-ok"])
+def test_an_expectation_never_reaches_the_provider(stack: Stack, upstreams: Upstreams,
+                                                   expect: str) -> None:
+    # The provider answered it with a plain-text 417.
+    reply = post(stack, CHAT, {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "hi"}]}, headers={"expect": expect})
+    assert reply.status == 200, reply.body
+    assert "expect" not in only_request(upstreams, "demo_a")["headers"]
+
+
 def test_a_second_key_of_another_tenant_is_401(stack: Stack, upstreams: Upstreams) -> None:
     reply = post(stack, CHAT, {"model": "gpt-4o-mini",
                                "messages": [{"role": "user", "content": "x"}]},
