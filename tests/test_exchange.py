@@ -402,9 +402,12 @@ def test_credentials_removed_even_without_authorization_header(snap) -> None:
     assert ex.record.tenant == "alice"
 
 
-def test_request_headers_response_has_no_set_headers_or_mode(snap) -> None:
+def test_request_headers_response_routes_nothing_and_keeps_the_mode(snap) -> None:
+    # Routing waits for the body; the headers answer only labels the body JSON.
     _, first = start(snap)
-    assert len(first.request_headers.response.header_mutation.set_headers) == 0
+    assert [h.header.key for h in first.request_headers.response.header_mutation
+            .set_headers] == ["content-type"]
+    assert not first.request_headers.response.clear_route_cache
     assert not first.HasField("mode_override")
 
 
