@@ -93,6 +93,9 @@ def _fixed_at_start(snapshot: Snapshot, options: ServeOptions) -> dict[str, obje
 
 # The files a config reads and its policy.include globs (Snapshot.files, .include_globs).
 _Sources = tuple[tuple[str, ...], tuple[str, ...]]
+# Loads of a config whose files keep changing under them before the change waits for the
+# next poll (an editor or a deploy tool writing a file in pieces settles within these).
+_SETTLE_TRIES = 5
 
 
 class ConfigHolder:
@@ -122,8 +125,29 @@ class ConfigHolder:
         """`path` loaded and held, stamped before it is read, as reload() does: an edit
         made while ATP starts (the load takes up to a second) is then a reload at the
         first poll, not taken as loaded."""
-        stamp = cls._stamp_now(path)
-        return cls(path, config_mod.load(path), options, stamp)
+        stamp, snapshot = cls._load_settled(path)
+        return cls(path, snapshot, options, stamp)
+
+    @classmethod
+    def _load_settled(cls, path: Path) -> tuple[tuple[tuple[object, ...], _Sources],
+                                                 Snapshot]:
+        """`path` loaded, with the stamp taken before: loaded again while its files
+        change under the load. atp.yaml and the policy files it includes are read one
+        after the other, and a Kubernetes ConfigMap update swaps them all at once in
+        between: the snapshot would hold atp.yaml of one version and policies of the
+        other, a config neither version is."""
+        for _ in range(_SETTLE_TRIES):
+            stamp = cls._stamp_now(path)
+            try:
+                snapshot = config_mod.load(path)
+            except ConfigError:
+                if cls._stamp_now(path) == stamp:
+                    raise
+                continue
+            if cls._stamp_now(path) == stamp:
+                return stamp, snapshot
+        raise ConfigError(str(path), [("", f"the files changed while ATP read them, "
+                                          f"{_SETTLE_TRIES} times in a row")])
 
     @classmethod
     def _stamp_now(cls, path: Path) -> tuple[tuple[object, ...], _Sources]:
@@ -154,12 +178,12 @@ class ConfigHolder:
         return tuple(stamps)
 
     def reload(self, reason: str) -> bool:
-        # Stamped before loading, never after: a file written while this loads (an
-        # operator's second edit) is then seen by the next poll, not taken as loaded.
-        # What the file names now is stamped: a policy.include just changed reloads once.
+        # Stamped before loading, never after: files still changing when the load gave
+        # up are then seen by the next poll, not taken as loaded. What the file names
+        # now is stamped: a policy.include just changed reloads once.
         self._stamp, self._sources = self._stamp_now(self.path)
         try:
-            snapshot = config_mod.load(self.path)
+            (self._stamp, self._sources), snapshot = self._load_settled(self.path)
         except ConfigError as exc:
             self._rejected = True
             log.error("config reload rejected (%s); keeping version %s:\n%s",

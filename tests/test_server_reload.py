@@ -118,29 +118,67 @@ def test_an_included_file_caught_empty_mid_write_keeps_the_old_policies(
     assert holder.current.policies is None
 
 
-def test_a_file_written_while_a_reload_loads_is_reloaded_next(tmp_path: Path,
-                                                              monkeypatch) -> None:
-    # An operator edits atp.yaml, then a policy file; the poll starts a reload between
-    # the two writes. The second write must not be taken as loaded (it was, for good).
+def test_files_swapped_while_a_reload_reads_them_are_read_again(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    # A Kubernetes ConfigMap update swaps atp.yaml and its policy files at once, through
+    # the ..data link; a load reading atp.yaml before the swap and the policies after it
+    # put in force a config neither version is (a route without its guard).
+    versions = {}
+    for name, policy in (("v1", "g.x"), ("v2", "g.y")):
+        (tmp_path / name / "policies").mkdir(parents=True)
+        (tmp_path / name / "atp.yaml").write_text(
+            GOOD + f"policy: {{include: [policies/*.yaml]}}\n# {name}\n")
+        (tmp_path / name / "policies" / "gate.yaml").write_text(
+            f"policies:\n  - {{id: {policy}, effect: deny, expression: request.stream}}\n")
+        versions[name] = tmp_path / name
+    data = tmp_path / "..data"
+    data.symlink_to(versions["v1"])
+    (tmp_path / "atp.yaml").symlink_to("..data/atp.yaml")
+    (tmp_path / "policies").symlink_to("..data/policies")
+    holder = ConfigHolder.load(tmp_path / "atp.yaml")
+    assert [p.id for p in holder.current.policies.policies] == ["g.x"]
+    load = config_mod.load
+    loads = []
+
+    def load_during_a_swap(path: object) -> config_mod.Snapshot:
+        snapshot = load(path)
+        if not loads:
+            swapped = tmp_path / "..data.new"
+            swapped.symlink_to(versions["v2"])
+            swapped.replace(data)
+        loads.append(snapshot)
+        return snapshot
+
+    monkeypatch.setattr(config_mod, "load", load_during_a_swap)
+    assert holder.reload("SIGHUP")
+    assert len(loads) == 2  # the first read straddled the swap: read again
+    assert [p.id for p in holder.current.policies.policies] == ["g.y"]
+    assert holder._file_stamp() == holder._stamp  # settled: no further reload
+
+
+def test_files_that_never_settle_keep_the_old_config_until_the_next_poll(
+        tmp_path: Path, monkeypatch, caplog) -> None:
     (tmp_path / "policies").mkdir()
     gate = tmp_path / "policies" / "gate.yaml"
-    gate.write_text("policies:\n  - {id: g.x, effect: deny, expression: request.stream}\n")
+    gate.write_text("policies: []\n")
     holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    old = holder.current
     load = config_mod.load
 
     def load_then_edit(path: object) -> config_mod.Snapshot:
         snapshot = load(path)
-        gate.write_text("policies:\n  - {id: g.y, effect: deny, "
-                        "expression: request.max_tokens > 5}\n")
+        gate.write_text(gate.read_text() + "#\n")
         return snapshot
 
     monkeypatch.setattr(config_mod, "load", load_then_edit)
-    holder.path.write_text(holder.path.read_text() + "# edited\n")
-    assert holder.reload("file changed")
+    with caplog.at_level("ERROR", logger="atp.server"):
+        assert holder.reload("file changed") is False
+    assert holder.current is old
+    assert any("the files changed while ATP read them" in r.getMessage()
+               for r in caplog.records)
     monkeypatch.setattr(config_mod, "load", load)
-    assert holder._file_stamp() != holder._stamp  # the next poll reloads
+    assert holder._file_stamp() != holder._stamp  # the next poll tries again
     assert holder.reload("file changed")
-    assert [p.id for p in holder.current.policies.policies] == ["g.y"]
 
 
 def test_grpc_takes_messages_well_past_any_envoy_buffer() -> None:
