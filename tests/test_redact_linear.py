@@ -8,6 +8,7 @@ several tries, with generous margins: linear growth is 4x, quadratic would be 16
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -114,3 +115,27 @@ def test_realistic_bodies_stay_well_inside_the_budget(monkeypatch, size):
     budget, start = used[0]
     assert start - budget.left < start / 4  # at least 4x headroom
     assert res.counts or size < 4 * KIB  # the bodies do carry some PII
+
+
+def _app_log(lines: int, rng: random.Random) -> str:
+    return "Why are requests slow?\n" + "\n".join(
+        f"2024-05-{i % 28 + 1:02d} 09:{i % 60:02d}:{i * 7 % 60:02d} INFO request "
+        f"{rng.randint(10**6, 10**7)} took {rng.randint(1, 999)} ms" for i in range(lines))
+
+
+def _contacts_csv(rows: int, rng: random.Random) -> str:
+    return "name,email,phone\n" + "\n".join(
+        f"Customer {i},customer{i}@example.com,({rng.randint(201, 989)}) "
+        f"{rng.randint(200, 999)}-{rng.randint(0, 9999):04d}" for i in range(rows))
+
+
+@pytest.mark.parametrize("make", [_app_log, _contacts_csv])
+@pytest.mark.parametrize("lines", [2_000, 20_000])  # about 100 KB and 1 MB
+def test_text_dense_with_numbers_is_scanned_whole(make, lines):
+    # A pasted log or a contact list: 2,000 lines (100 KB) were refused as too costly
+    # to scan, at about a tenth of a second of work.
+    res = Redactor(RedactionSettings()).redact(
+        "chat", {"model": "m", "messages": [{"role": "user",
+                                              "content": make(lines, random.Random(2))}]},
+        "t")
+    assert not res.incomplete
