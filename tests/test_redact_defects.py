@@ -379,3 +379,15 @@ def test_cards_and_keys_tagged_onto_a_word_are_redacted(redactor, text, want):
 ])
 def test_ids_tagged_onto_a_word_stay(redactor, text):
     assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("statement-jane.doe@example.com.pdf", "[EMAIL_1].pdf"),
+    ("Write to jane.doe@example.com.Thanks in advance",
+     "Write to [EMAIL_1].Thanks in advance"),
+    ("jane@mail.example.co.uk and Jane.Doe@Example.Com", "[EMAIL_1] and [EMAIL_2]"),
+    ("jane@example.zip", "[EMAIL_1]"),  # a top-level domain, though files end so too
+])
+def test_a_file_extension_or_the_next_sentence_is_no_part_of_an_address(
+        redactor, text, want):
+    assert _chat_text(redactor, text) == want

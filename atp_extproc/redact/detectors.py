@@ -825,6 +825,9 @@ class Scanner:
                 j += 1
             domain = text[at + 1:j].rstrip(".-")
             labels = domain.split(".")
+            if len(labels) > 2 and _past_the_domain(labels[-2], labels[-1]):
+                labels.pop()
+                domain = domain[:domain.rindex(".")]
             if len(labels) < 2 or any(not lb or lb[0] == "-" or lb[-1] == "-"
                                       for lb in labels):
                 continue
@@ -1347,6 +1350,23 @@ class _Run:
 
 _NEG_SET = frozenset(_NEG_WORDS.split("|"))
 _NEG_FOLLOWERS = frozenset(("number", "no", "nr", "num", "id", "nummer", "numero", "n"))
+
+
+# File extensions no top-level domain is: "jane@example.com.pdf" names a file after the
+# address, which the provider needs whole to know the file's type.
+_FILE_EXTENSIONS = frozenset((
+    "pdf", "txt", "csv", "tsv", "doc", "docx", "xls", "xlsx", "ppt", "pptx", "odt", "rtf",
+    "png", "jpg", "jpeg", "gif", "webp", "svg", "json", "xml", "html", "htm", "yaml", "yml",
+    "eml", "msg", "vcf", "ics", "log", "bak", "tmp"))
+
+
+def _past_the_domain(label: str, last: str) -> bool:
+    """Is `last`, after the domain's `label`, no part of it: a file extension, or a word
+    beginning a sentence without a space ("jane@example.com.Thanks")?"""
+    if last.lower() in _FILE_EXTENSIONS:
+        return True
+    return (len(last) > 1 and last[0].isupper() and last[1:].islower()
+            and label.islower())
 
 
 def _ctx_lo(text: str, start: int, width: int) -> int:
