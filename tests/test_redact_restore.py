@@ -252,3 +252,76 @@ def test_a_streamed_events_keys_are_restored_as_a_whole_answers_are():
     out = events(run(restorer(), [event({"type": "response.created", "response": {
         "id": "r", "metadata": {"[EMAIL_1]": "x"}}})]))
     assert out[0]["response"]["metadata"] == {MAPPING["[EMAIL_1]"]: "x"}
+
+
+# -- citations point into the text restore lengthens ----------------------------------------
+
+CITED_TEXT = "Mail [EMAIL_1] or [CARD_1]; see the docs."
+DOCS = CITED_TEXT.index("the docs")  # where the provider's citation starts
+
+
+def _cited(text: str) -> tuple[int, int]:
+    start = text.index("the docs")
+    return start, start + len("the docs")
+
+
+def _citation(start: int, chat: bool = False) -> dict:
+    span = {"start_index": start, "end_index": start + len("the docs"),
+            "url": "https://example.com/docs", "title": "Docs"}
+    return {"type": "url_citation", "url_citation": span} if chat else \
+        {"type": "url_citation", **span}
+
+
+def test_a_chat_answers_citations_move_with_what_restore_puts_back():
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": CITED_TEXT,
+        "annotations": [_citation(DOCS, chat=True)]}}]}).encode()
+    message = json.loads(restorer().restore_json(body))["choices"][0]["message"]
+    span = message["annotations"][0]["url_citation"]
+    assert (span["start_index"], span["end_index"]) == _cited(message["content"])
+
+
+def test_a_responses_answers_citations_move_with_what_restore_puts_back():
+    part = {"type": "output_text", "text": CITED_TEXT, "annotations": [_citation(DOCS)]}
+    body = json.dumps({"output": [{"type": "message", "content": [part]}]}).encode()
+    part = json.loads(restorer().restore_json(body))["output"][0]["content"][0]
+    ann = part["annotations"][0]
+    assert (ann["start_index"], ann["end_index"]) == _cited(part["text"])
+
+
+def test_streamed_citations_move_with_what_restore_put_back_in_the_deltas():
+    where = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    pieces = ["Mail [EMA", "IL_1] or [CARD_1]; ", "see the docs."]
+    part = {"type": "output_text", "text": CITED_TEXT, "annotations": [_citation(DOCS)]}
+    stream = b"".join(event({"type": "response.output_text.delta", **where, "delta": p})
+                      for p in pieces)
+    stream += event({"type": "response.output_text.annotation.added", **where,
+                     "annotation_index": 0, "annotation": _citation(DOCS)})
+    stream += event({"type": "response.content_part.done", **where, "part": part})
+    stream += event({"type": "response.completed", "response": {"output": [
+        {"type": "message", "id": "m1", "content": [part]}]}})
+    out = events(run(restorer(), [stream]))
+    text = "".join(e.get("delta", "") for e in out)
+    assert text == ("Mail jane@example.com or 4111 1111 1111 1111; see the docs.")
+    added, done, completed = out[-3:]
+    for ann in (added["annotation"], done["part"]["annotations"][0],
+                completed["response"]["output"][0]["content"][0]["annotations"][0]):
+        assert (ann["start_index"], ann["end_index"]) == _cited(text)
+
+
+def test_a_chat_streams_citations_move_with_its_restored_content():
+    chunks = [delta("Mail [EMAIL_1] or [CA"), delta("RD_1]; see the docs.")]
+    last = delta(None, finish="stop")
+    last["choices"][0]["delta"]["annotations"] = [_citation(DOCS, chat=True)]
+    out = events(run(restorer(), [b"".join(map(event, [*chunks, last]))]))
+    span = out[-1]["choices"][0]["delta"]["annotations"][0]["url_citation"]
+    assert (span["start_index"], span["end_index"]) == _cited(content_of(
+        b"".join(map(event, out))))
+
+
+def test_a_citation_without_placeholders_before_it_stays():
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "content": "see the docs, then mail [EMAIL_1]",
+        "annotations": [_citation(4, chat=True)]}}]}).encode()
+    message = json.loads(restorer().restore_json(body))["choices"][0]["message"]
+    assert message["annotations"][0]["url_citation"]["start_index"] == 4

@@ -18,12 +18,17 @@ item's `.done` event, the end of the response) is sent as one extra event before
 finishing one, so no text is ever lost. That event carries only what identifies the
 position and the held text: clients that add deltas up (the SDKs' stream helpers) would
 otherwise get a role, a tool call's id or name, or logprobs twice.
+
+Citations (`url_citation` start_index and end_index) point into the text as the provider
+wrote it: they move by what restore put back before them, in a whole text and in a
+streamed one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +55,10 @@ _POSITION = ("item_id", "output_index", "content_index")
 
 # A carry key: (event type and position, logical path of the field).
 Key = tuple[tuple, tuple]
+# Each placeholder restore put back in a text: its (start, end) in the text as the
+# provider wrote it, and by how much the text has grown up to its end.
+Growth = list[tuple[int, int, int]]
+_ANNOTATION_ADDED = "response.output_text.annotation.added"
 
 
 def _hashable(value: Any) -> Any:
@@ -87,13 +96,17 @@ class Restorer:
         self._raw = False
         # stream key → (held text, template event, physical path of the field)
         self._carry: dict[Key, tuple[str, Any, tuple]] = {}
+        # A streamed text's position (a Responses content part, a Chat choice) → how
+        # much of it the provider has sent, and what restore added where: citations
+        # streamed later point into the provider's text.
+        self._grown: dict[tuple, tuple[int, Growth]] = {}
         # Some placeholder was put back (for the exchange's record).
         self.restored = False
 
     def clear(self) -> None:
         """Forget the originals (end of the exchange)."""
         for d in (self._map, self._bytes, self._escaped, self._escaped_text, self._safe,
-                  self._carry):
+                  self._carry, self._grown):
             d.clear()
         self._tail = b""
 
@@ -103,6 +116,28 @@ class Restorer:
         if "[" not in text or not self._map:
             return text
         return self._sub(_TOKEN, self._escaped_text if escape else self._map, text)
+
+    def _growth(self, text: str, base: int = 0, grown: int = 0) -> Growth:
+        """Where restore_text puts values back in `text` (which starts at `base` of a
+        longer text that has grown by `grown` before it)."""
+        out: Growth = []
+        for m in _TOKEN.finditer(text):
+            value = self._map.get(m.group())
+            if value is not None:
+                grown += len(value) - len(m.group())
+                out.append((base + m.start(), base + m.end(), grown))
+        return out
+
+    def _recite(self, old: dict, new: dict) -> bool:
+        """Move a whole text's citations (Responses `annotations[].start_index` and
+        `end_index` beside `text`; Chat's under `url_citation` beside `content`) by what
+        restore put back before them. Only where the text was restored as text (not a
+        JSON text written again)."""
+        key = "text" if isinstance(old.get("text"), str) else "content"
+        text = old.get(key)
+        if not isinstance(text, str) or new.get(key) != self.restore_text(text):
+            return False
+        return _move_citations(new.get("annotations"), self._growth(text))
 
     def _sub(self, pattern: Any, table: Mapping[Any, Any], text: Any) -> Any:
         """`text` (str or bytes, as `pattern` and `table` are) with the placeholders of
@@ -124,7 +159,8 @@ class Restorer:
         found = {t for t in _TOKEN_B.findall(body) if t in self._bytes}
         if not found:
             return None
-        if all(self._safe[t] for t in found):
+        # Citations point into the text: they move with what restore puts back.
+        if all(self._safe[t] for t in found) and b'"start_index"' not in body:
             return self._sub(_TOKEN_B, self._bytes, body)
         try:
             return _dumps(self._node(json.loads(body)))
@@ -136,8 +172,11 @@ class Restorer:
             return self._string(node)
         if isinstance(node, dict):
             # Keys too: JSON keys of tool arguments and results are redacted.
-            return {(self.restore_text(k) if "[" in k else k): self._node(v)
-                    for k, v in node.items()}
+            out = {(self.restore_text(k) if "[" in k else k): self._node(v)
+                   for k, v in node.items()}
+            if "annotations" in node:
+                self._recite(node, out)
+            return out
         if isinstance(node, list):
             return [self._node(v) for v in node]
         return node
@@ -222,8 +261,10 @@ class Restorer:
 
     def _event(self, event: bytes) -> bytes:
         # Only "[" followed by a capital (a placeholder) or by a closing quote (a delta
-        # ending in "[", which may be one) needs a look; JSON's own arrays do not.
-        if not self._carry and not _MAYBE.search(event):
+        # ending in "[", which may be one) needs a look; JSON's own arrays do not; nor
+        # does a citation, unless restore lengthened the text it points into.
+        if not self._carry and not _MAYBE.search(event) and not (
+                self._grown and b'"start_index"' in event):
             return event
         # Lines with their ends (CRLF, LF or CR, as SSE allows), the last one bare.
         parts = _LINE_END.split(event)
@@ -273,6 +314,12 @@ class Restorer:
                     hold = "" if ends is not None and ends(key) else self._held(text)
                     emit = text[:len(text) - len(hold)]
                     new = self.restore_text(emit, escape=fragment)
+                    where = None if fragment else _text_position(ctx, logical)
+                    if where is not None:
+                        sent, growth = self._grown.get(where, (0, []))
+                        growth += self._growth(emit, sent,
+                                               growth[-1][2] if growth else 0)
+                        self._grown[where] = (sent + len(emit), growth)
                     if hold:
                         self._carry[key] = (hold, None, phys)
                         new_holds.append(key)
@@ -295,6 +342,8 @@ class Restorer:
                         changed = True
                         k = key
                     out[k] = new_v
+                if "annotations" in out or "annotation" in out:
+                    changed |= self._cite(ctx, phys, logical, incremental, node, out)
                 return out
             if isinstance(node, list):
                 items = []
@@ -311,6 +360,24 @@ class Restorer:
             self._carry[key] = (hold, new_obj, phys)
         flush = self._flush(ends) if ends is not None and self._carry else b""
         return flush, new_obj, changed
+
+    def _cite(self, ctx: tuple, phys: tuple, logical: tuple, incremental: bool,
+              old: dict, new: dict) -> bool:
+        """Move the citations of an event's object: a whole text's by its own restore, a
+        streamed one's by what restore put back in the deltas before."""
+        if not incremental:
+            if ctx[0] == _ANNOTATION_ADDED and not phys:
+                where = _text_position(ctx, ())
+                annotations = [new.get("annotation")]
+            else:
+                return "annotations" in new and self._recite(old, new)
+        elif logical[-1:] == ("delta",):  # a Chat choice's citations come in a delta
+            where = _text_position(ctx, (*logical, "content"))
+            annotations = new.get("annotations")
+        else:
+            return False
+        growth = self._grown.get(where, (0, []))[1] if where is not None else []
+        return _move_citations(annotations, growth)
 
     def _held(self, text: str) -> str:
         i = text.rfind("[", max(0, len(text) - self._max))
@@ -359,6 +426,42 @@ def _finishes(obj: Any) -> Callable[[Key], bool] | None:
                 return len(logical) > 1 and logical[0] == "choices" and logical[1] in done
             return in_choice
     return None
+
+
+def _text_position(ctx: tuple, logical: tuple) -> tuple | None:
+    """Which streamed text a delta at `logical` of an event `ctx` adds to, where
+    citations may point into it: a Responses content part's, or a Chat choice's."""
+    if ctx[0] in ("response.output_text.delta", _ANNOTATION_ADDED):
+        return ("part", *ctx[1:])
+    if len(logical) == 4 and logical[0] == "choices" and logical[2:] == ("delta", "content"):
+        return ("choice", logical[1])
+    return None
+
+
+def _move_citations(annotations: Any, growth: Growth) -> bool:
+    """Citations' start_index and end_index (in Chat, under url_citation) moved by the
+    growth before them; an index inside a restored value goes to its start."""
+    if not growth or not isinstance(annotations, list):
+        return False
+    ends = [end for _, end, _ in growth]
+    moved = False
+    for annotation in annotations:
+        if not isinstance(annotation, dict):
+            continue
+        cited = annotation.get("url_citation")
+        cited = cited if isinstance(cited, dict) else annotation
+        for name in ("start_index", "end_index"):
+            index = cited.get(name)
+            if not isinstance(index, int) or isinstance(index, bool):
+                continue
+            k = bisect_right(ends, index)  # values put back wholly before the index
+            new = index + (growth[k - 1][2] if k else 0)
+            if k < len(growth) and growth[k][0] < index:
+                new = growth[k][0] + (growth[k - 1][2] if k else 0)
+            if new != index:
+                cited[name] = new
+                moved = True
+    return moved
 
 
 def _is_fragment_event(obj: Any, json_text: bool) -> bool:
