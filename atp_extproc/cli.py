@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,7 +132,7 @@ def _check(args: argparse.Namespace) -> int:
         report = io.StringIO()
         policy_cli.check([args.config], args.envoy, verdict=False, out=report)
         lines = report.getvalue().splitlines()
-        lines += [line for line in _config_problem_lines(exc) if line not in lines]
+        lines += [line for line in _config_problem_lines(exc, lines) if line not in lines]
         warnings = sum(1 for line in lines if _WARNING.match(line))
         print("\n".join(lines))
         print(f"{len(lines) - warnings} error(s), {warnings} warning(s)")
@@ -196,15 +196,19 @@ _WARNING = re.compile(r"[^:]+(?::\d+)?: warning: ")
 _LINE_IN_OTHER_FILE = re.compile(r".+?:\d+(?:: |$)")
 
 
-def _config_problem_lines(exc: ConfigError) -> list[str]:
+def _config_problem_lines(exc: ConfigError, report: Collection[str]) -> list[str]:
     """A ConfigError's problems as the policy report writes them: file:line: path: reason
-    where the line is known, else file: path: reason."""
+    where the line is known, else file: path: reason. A problem of another file with no
+    line is written as that file's own, `other.yaml: reason`, as `report` (the policy
+    report's lines) has it."""
     lines = []
     for (path, reason), line in zip(exc.problems, exc.lines, strict=True):
         if line:
             where = f"{exc.file}:{line}" + (f": {path}" if path else "")
-        elif _LINE_IN_OTHER_FILE.match(path):
-            where = path  # "other.yaml:N" when the problem is the file
+        elif _LINE_IN_OTHER_FILE.match(path) or f"{path}: {reason}" in report:
+            # Another file's problem ("other.yaml:N"). With no line its path is the file's
+            # name alone, which only the report tells from a key's.
+            where = path
         else:
             where = f"{exc.file}: {path or '<root>'}"
         lines.append(f"{where}: {reason}")

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import sys
+import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -157,6 +158,20 @@ def _yaml_12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     return int(text, 10)
 
 
+def _unprintable(exc: yaml.reader.ReaderError, text: str) -> yaml.MarkedYAMLError:
+    """A character YAML refuses (a NUL of a file written part way, a pasted ESC) as a
+    marked error. PyYAML's reader walks the text before it, so line and column count as
+    in its other marks (a BOM, a lone CR)."""
+    reader = yaml.reader.Reader(text[:exc.position])
+    reader.forward(exc.position)
+    mark = reader.get_mark()
+    kind = "control character" if unicodedata.category(chr(exc.character)) == "Cc" \
+        else "character"
+    return yaml.MarkedYAMLError(
+        problem=f"{kind} U+{exc.character:04X} at column {mark.column + 1}; YAML allows none",
+        problem_mark=mark)
+
+
 class KeyCheckingLoader(yaml.SafeLoader):
     """A SafeLoader that notes every key a mapping gives twice (`duplicates`: the later
     key's node, and the key), which YAML would silently settle by keeping the last.
@@ -170,7 +185,12 @@ class KeyCheckingLoader(yaml.SafeLoader):
     yaml_implicit_resolvers = _IMPLICIT_RESOLVERS
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+        try:
+            super().__init__(stream)
+        except yaml.reader.ReaderError as exc:
+            # Raised while the loader is built, with an offset but no line: as a marked
+            # error it is caught and placed as every other YAML error is.
+            raise _unprintable(exc, stream) from None
         self.yaml_constructors = {**self.yaml_constructors, _INT_TAG: _yaml_12_int}
         self.duplicates: list[tuple[yaml.Node, Any]] = []
         # Merging rewrites a node's pairs in place, and a node is flattened again when it
@@ -304,9 +324,12 @@ class _EnvoyLineLoader(_LineLoader):
 def load_yaml(text: str, file: str, *, envoy: bool = False) -> tuple[Any, list[Problem]]:
     """Parse YAML keeping lines; duplicate keys are problems, not silent overwrites.
     `envoy`: read as Envoy reads its config (YAML 1.1 booleans)."""
-    loader = (_EnvoyLineLoader if envoy else _LineLoader)(text)
     try:
-        doc = loader.get_single_data()
+        loader = (_EnvoyLineLoader if envoy else _LineLoader)(text)
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         reason = getattr(exc, "problem", None) or str(exc)
         return None, [Problem(file, error_line(exc, text), "", f"invalid YAML: {reason}")]
@@ -315,8 +338,6 @@ def load_yaml(text: str, file: str, *, envoy: bool = False) -> tuple[Any, list[P
     except (TypeError, ValueError) as exc:
         # A complex mapping key (unhashable) or a scalar such as an impossible date.
         return None, [Problem(file, 0, "", f"invalid YAML: {exc}")]
-    finally:
-        loader.dispose()
     # In the file's order: a mapping's keys are checked before those of the mappings in it.
     problems = [Problem(file, node.start_mark.line + 1, str(key),
                         "the key appears twice in this mapping")
@@ -332,7 +353,9 @@ def error_line(exc: yaml.YAMLError, text: str) -> int:
     problem = getattr(exc, "problem_mark", None)
     if problem is None:
         return 0
-    end = len(text.rstrip())
+    # YAML's own blanks: Python's take in control characters too (a form feed), which
+    # YAML refuses where they stand.
+    end = len(text.rstrip(" \t\r\n"))
     for mark in (problem, getattr(exc, "context_mark", None)):
         if mark is not None and mark.index < end:
             return int(mark.line) + 1

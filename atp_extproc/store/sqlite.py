@@ -11,6 +11,7 @@ Tables
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -194,17 +195,16 @@ def connect(path: str | Path, readonly: bool = False, *,
     another schema raises LedgerSchemaError."""
     path = Path(path)
     if readonly:
-        if not path.exists():
-            raise FileNotFoundError(f"no ledger at {path}")
-        # as_uri() percent-encodes the path: '?', '#' or '%' in it would otherwise be
-        # read as the URI's query, fragment or an escape, and open another file.
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                               timeout=BUSY_TIMEOUT_MS / 1000)
-    else:
-        if create_parent:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
-                               check_same_thread=False, isolation_level=None)
+        return _connect_readonly(path)
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return _prepared(sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                     check_same_thread=False, isolation_level=None),
+                     readonly=False)
+
+
+def _prepared(conn: sqlite3.Connection, readonly: bool) -> sqlite3.Connection:
+    """`conn` with its schema checked (and, for a writer, made); closed if refused."""
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Checked before anything is written, so a file refused is left as it was.
@@ -217,6 +217,47 @@ def connect(path: str | Path, readonly: bool = False, *,
         conn.close()
         raise
     return conn
+
+
+# What SQLite answers a WAL reader that may not create the -shm file beside the ledger.
+_NO_SHM = frozenset({sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY_DIRECTORY})
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A reader of the ledger, also in a read-only directory or mount, or as another user
+    after ATP stopped (and removed its -shm file): the file is then read as it stands,
+    which is right only while no rows wait in its write-ahead log."""
+    if not path.exists():
+        raise FileNotFoundError(f"no ledger at {path}")
+    path = path.resolve()
+    try:
+        return _prepared(_open_uri(path, "mode=ro"), readonly=True)
+    except sqlite3.OperationalError as exc:
+        # A ledger this user may not read is SQLite's error, not the directory's.
+        if getattr(exc, "sqlite_errorcode", None) not in _NO_SHM \
+                or not os.access(path, os.R_OK):
+            raise
+        if _wal_pending(path):
+            raise sqlite3.OperationalError(
+                f"rows wait in its write-ahead log {path.name}-wal, which SQLite reads only "
+                f"with a {path.name}-shm file it cannot create in {path.parent}: make the "
+                "ledger's directory writable while the log is pending, or stop ATP "
+                "cleanly (which moves the rows into the ledger)") from exc
+    return _prepared(_open_uri(path, "mode=ro&immutable=1"), readonly=True)
+
+
+def _wal_pending(path: Path) -> bool:
+    try:
+        return path.with_name(f"{path.name}-wal").stat().st_size > 0
+    except FileNotFoundError:  # none, or removed by a clean stop meanwhile
+        return False
+
+
+def _open_uri(path: Path, query: str) -> sqlite3.Connection:
+    # as_uri() percent-encodes the path: '?', '#' or '%' in it would otherwise be
+    # read as the URI's query, fragment or an escape, and open another file.
+    return sqlite3.connect(f"{path.as_uri()}?{query}", uri=True,
+                           timeout=BUSY_TIMEOUT_MS / 1000)
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
