@@ -98,6 +98,17 @@ _Sources = tuple[tuple[str, ...], tuple[str, ...]]
 _SETTLE_TRIES = 5
 
 
+def _policies_changed(old: Snapshot, new: Snapshot) -> str:
+    """Which policies a reload took away or added, for its log line: a policy file
+    deleted (or a glob no longer matching it) drops its denies without a word otherwise."""
+    def ids(snapshot: Snapshot) -> set[str]:
+        return {p.id for p in snapshot.policies.policies} if snapshot.policies else set()
+    before, after = ids(old), ids(new)
+    parts = [f"{what} {', '.join(sorted(names))}" for what, names in (
+        ("policies removed:", before - after), ("policies added:", after - before)) if names]
+    return f"; {'; '.join(parts)}" if parts else ""
+
+
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
     the snapshot it started with, so a reload never changes a request mid-flight."""
@@ -199,8 +210,9 @@ class ConfigHolder:
         # First: a more verbose level must already let the lines below through.
         self._apply_log_level(snapshot.server.log_level)
         if snapshot.version != self.current.version:
-            log.info("config reloaded (%s): version %s → %s", reason,
-                     self.current.version, snapshot.version)
+            log.info("config reloaded (%s): version %s → %s%s", reason,
+                     self.current.version, snapshot.version,
+                     _policies_changed(self.current, snapshot))
         elif self._rejected:
             # The file is back to what runs: without a word, the last line about it
             # would still be the rejection.

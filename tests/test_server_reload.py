@@ -225,3 +225,18 @@ def test_a_file_two_include_globs_match_is_read_once(tmp_path: Path) -> None:
     path = tmp_path / "atp.yaml"
     path.write_text(GOOD + "policy: {include: [p/*.yaml, ./p/critical.yaml]}\n")
     assert [p.id for p in config_mod.load(path).policies.policies] == ["a.x"]
+
+
+def test_a_reload_names_the_policies_it_removes_and_adds(tmp_path: Path, caplog) -> None:
+    # A policy file deleted dropped its denies with only "version X → Y" in the log.
+    (tmp_path / "policies").mkdir()
+    gate = tmp_path / "policies" / "gate.yaml"
+    gate.write_text("policies:\n  - {id: g.x, effect: deny, expression: request.stream}\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    gate.unlink()
+    (tmp_path / "policies" / "new.yaml").write_text(
+        "policies:\n  - {id: g.y, effect: deny, expression: request.stream}\n")
+    with caplog.at_level("INFO", logger="atp.server"):
+        assert holder.reload("file changed")
+    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert line.endswith("; policies removed: g.x; policies added: g.y")
