@@ -88,6 +88,8 @@ ABANDONED = "atp_answer_abandoned"
 # ... and when a 2xx answer is no answer of the API: a proxy's HTML page, an empty body,
 # JSON that is no object, a stream without one event: the provider failed.
 INVALID_RESPONSE = "upstream_invalid_response"
+# ... and when Envoy answered 413 itself: the body outgrew its buffer before ATP saw it.
+ENVOY_TOO_LARGE = "request_payload_too_large"
 # Envoy's own request id is the join key for everything recorded about a request.
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # What routing may add to a body after redaction: the model id, stream_options.
@@ -832,8 +834,9 @@ class Exchange:
                 rec.status = 502
         elif not rec.error_code and self.sse is not None and self.sse.failed:
             rec.error_code = STREAM_ERROR
-        elif not (rec.error_code or rec.status) and rec.operation and self._parsed is None:
-            rec.error_code = INCOMPLETE_REQUEST
+        elif not rec.error_code and rec.operation and self._parsed is None:
+            rec.error_code = (ENVOY_TOO_LARGE if rec.status == 413 else
+                              INCOMPLETE_REQUEST if not rec.status else "")
         usage = self._usage()
         price: PriceSnapshot | None = None
         if self.model is not None:

@@ -215,6 +215,12 @@ def test_body_over_envoy_buffer_gets_openai_shaped_413(
     assert (error["type"], error["code"]) == ("invalid_request_error",
                                               "request_payload_too_large")
     assert upstreams.total() == 0
+    # ATP's record says why, as the client's error does (its error_code was empty).
+    request_id = reply.headers["x-request-id"]
+    wait_until(lambda: any(r["request_id"] == request_id for r in exchange_records(stack)),
+               "the record of the refused body", timeout=10)
+    rec = record_for(stack, request_id)
+    assert (rec["status"], rec["error_code"]) == (413, "request_payload_too_large")
 
 
 @pytest.mark.parametrize("request_bytes", [
