@@ -415,7 +415,7 @@ class Exchange:
             assert self.route is not None
             return None
         route, alias = self._resolve(request)
-        self.route, rec.alias = route, alias
+        self.route, rec.alias, rec.route = route, alias, route.name
         redaction = self._redact(parsed.doc)
         if redaction is not None:
             self._changes.update(redaction.fields)
@@ -441,23 +441,54 @@ class Exchange:
                                f"but {why} (policy {', '.join(requiring)})",
                                "redaction_required", type_="permission_error")
         self._allowed = [c.model for c in outcome.allowed_candidates]
-        if outcome.tools_to_strip:
+        if outcome.strip_hits:
             # Stripped from what redaction left, or the kept tools would go out unredacted.
             doc = {**parsed.doc, **self._changes}
-            declaring = input_declaring(rec.operation, doc, outcome.tools_to_strip)
-            if declaring is not None:
-                raise RequestError(403, f"{declaring} declares a tool this request may not "
-                                   "use", "tool_not_allowed", param=declaring,
-                                   type_="permission_error")
-            # Either choice key may force a tool of either list (`function_call` one in
-            # `tools`): each is checked against everything stripped.
-            for keys in _TOOL_FIELDS:
-                if forces_one_of(doc.get(keys[1]), outcome.tools_to_strip):
-                    raise _forced_stripped(keys[1])
-            for keys in _TOOL_FIELDS:
-                kept = strip_tools(doc, outcome.tools_to_strip, keys[0])
-                if kept is not None:
-                    self._strip_tools(doc, kept, outcome.tools_to_strip, keys)
+            self._strip_or_refuse(outcome, doc)
+        return None
+
+    def _strip_or_refuse(self, outcome: Outcome, doc: dict) -> None:
+        """Strip the tools enforced policies strip, or refuse a request that insists on
+        one, naming the policy; a request that would be refused so if the dry-run ones
+        were enforced is recorded as policy_would_deny, as a dry-run deny is."""
+        rec = self.record
+        enforced = outcome.tools_to_strip
+        if enforced:
+            refusal = self._tool_refusal(doc, enforced)
+            if refusal is not None:
+                refusal.policy_id = rec.policy_denied = _stripper(outcome, True)
+                raise refusal
+        if rec.policy_would_deny is None:
+            every = tuple(dict.fromkeys(name for name, _, _ in outcome.strip_hits))
+            refusal = self._tool_refusal(doc, every) if set(every) != set(enforced) \
+                else None
+            if refusal is not None:
+                rec.policy_would_deny = _stripper(outcome, False)
+        for keys in _TOOL_FIELDS if enforced else ():
+            kept = strip_tools(doc, enforced, keys[0])
+            if kept is not None:
+                self._strip_tools(doc, kept, enforced, keys)
+
+    def _tool_refusal(self, doc: dict, names: tuple[str, ...]) -> RequestError | None:
+        """The refusal stripping the tools `names` from `doc` makes: a Responses input
+        item declaring one, or a tool choice insisting on one; its `param` is the field."""
+        declaring = input_declaring(self.record.operation, doc, names)
+        if declaring is not None:
+            return RequestError(403, f"{declaring} declares a tool this request may not "
+                                "use", "tool_not_allowed", param=declaring,
+                                type_="permission_error")
+        # Either choice key may force a tool of either list (`function_call` one in
+        # `tools`): each is checked against everything stripped.
+        for keys in _TOOL_FIELDS:
+            if forces_one_of(doc.get(keys[1]), names):
+                return _forced_stripped(keys[1])
+        for keys in _TOOL_FIELDS:
+            kept = strip_tools(doc, names, keys[0])
+            if kept is not None:
+                try:
+                    tool_choice_without(doc.get(keys[1]), names, bool(kept))
+                except ForcedToolStripped:
+                    return _forced_stripped(keys[1])
         return None
 
     def _check_growth(self, parsed: ParsedBody) -> None:
@@ -481,10 +512,8 @@ class Exchange:
         list under keys[0]; keys: one of _TOOL_FIELDS)."""
         tools_key, choice_key = keys[:2]
         choice = doc.get(choice_key)
-        try:
-            new_choice = tool_choice_without(choice, names, bool(kept))
-        except ForcedToolStripped:
-            raise _forced_stripped(choice_key) from None
+        # Refused already (_tool_refusal) if the choice insists on a stripped tool.
+        new_choice = tool_choice_without(choice, names, bool(kept))
         assert self.policy is not None
         self.record.tools_stripped = self.policy.tools_stripped
         if kept:
@@ -955,6 +984,13 @@ _NO_COMPRESSION = ("accept-encoding",)
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
+
+
+def _stripper(outcome: Outcome, enforced: bool) -> str:
+    """The strip policy a refusal is named for: the first enforced one; for what
+    enforcing every policy would refuse, the first dry-run one (the enforced ones alone
+    refused nothing)."""
+    return next(pid for _, pid, on in outcome.strip_hits if on == enforced)
 
 
 def _forced_stripped(choice_key: str) -> RequestError:

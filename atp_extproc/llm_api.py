@@ -42,7 +42,7 @@ class RequestError(Exception):
 
     def __init__(self, status: int, message: str, code: str,
                  type_: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, policy_id: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -51,10 +51,15 @@ class RequestError(Exception):
         self.param = param
         # Response headers the status calls for (a 405's Allow).
         self.headers = headers
+        # The policy whose decision made this a refusal, named as policy_denied's are.
+        self.policy_id = policy_id
 
     def body(self) -> bytes:
-        return json.dumps({"error": {"message": self.message, "type": self.type,
-                                     "param": self.param, "code": self.code}}).encode()
+        error = {"message": self.message, "type": self.type, "param": self.param,
+                 "code": self.code}
+        if self.policy_id is not None:
+            error["policy_id"] = self.policy_id
+        return json.dumps({"error": error}).encode()
 
 
 class _DuplicateKey(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def immediate(resp: ep.ProcessingResponse) -> tuple[int, dict, dict[str, bytes]]
 def assert_error(resp: ep.ProcessingResponse, status: int, code: str) -> dict:
     got_status, body, headers = immediate(resp)
     assert (got_status, body["error"]["code"]) == (status, code)
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    # A refusal a policy decided names it too.
+    assert set(body["error"]) - {"policy_id"} == {"message", "type", "param", "code"}
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert headers["content-type"] == b"application/json"
     assert resp.immediate_response.details == f"atp_{code}"
@@ -1168,7 +1170,34 @@ def test_a_stripped_tool_is_named_in_the_record_as_its_decision_names_it(snap) -
         "mode": "required", "tools": [{"type": "function", "function": {"name": "send_email"}}]}}),
 ])
 def test_forcing_a_stripped_tool_is_refused(snap, tools, choice) -> None:
-    assert_error(_bob_tools(snap, tools, tool_choice=choice), 403, "tool_not_allowed")
+    body = assert_error(_bob_tools(snap, tools, tool_choice=choice), 403, "tool_not_allowed")
+    # Named for the policy that stripped it, in the answer and the record (neither said).
+    assert body["policy_id"] == "tools.bob_scope"
+
+
+def test_a_refusal_for_a_forced_stripped_tool_is_recorded_as_the_policys(snap) -> None:
+    body = chat("gpt-4o-mini", tools=[{"type": "function", "function": {"name": "send_email"}}],
+                tool_choice="required")
+    ex, _ = send_body(snap, body, key=BOB)
+    rec = ex.finish()
+    assert (rec.status, rec.error_code, rec.policy_denied) == (
+        403, "tool_not_allowed", "tools.bob_scope")
+    assert rec.route == "chat"  # resolved before the refusal: it was ''
+
+
+def test_a_dry_run_strip_that_would_refuse_is_recorded_as_would_deny(tmp_path) -> None:
+    # Under policy.mode: dry_run the request went on, and nothing counted the refusal
+    # that enforcing would bring.
+    shutil.copytree(EXAMPLE.parent, tmp_path / "examples")
+    path = tmp_path / "examples" / "atp.yaml"
+    path.write_text(path.read_text().replace("mode: per_policy ", "mode: dry_run "))
+    dry = config.load(path)
+    body = chat("gpt-4o-mini", tools=[{"type": "function", "function": {"name": "send_email"}}],
+                tool_choice={"type": "function", "function": {"name": "send_email"}})
+    ex, resp = send_body(dry, body, key=BOB)
+    assert json.loads(forwarded(resp)[1])["tools"][0]["function"]["name"] == "send_email"
+    rec = ex.finish()
+    assert (rec.policy_denied, rec.policy_would_deny) == (None, "tools.bob_scope")
 
 
 @pytest.mark.parametrize("tools", [["send_email"], ["send_email", "get_weather"]])

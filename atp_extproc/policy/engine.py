@@ -168,8 +168,8 @@ class Outcome:
 
     __slots__ = ("_applied", "_candidates", "_columns", "_decisions", "_reasons", "_records",
                  "_share_us", "allowed_candidates", "denied", "empty_candidate_reasons",
-                 "eval_us", "required_redactions", "tools_denied", "tools_stripped",
-                 "tools_to_strip", "would_deny")
+                 "eval_us", "required_redactions", "strip_hits", "tools_denied",
+                 "tools_stripped", "tools_to_strip", "would_deny")
 
     def __init__(self, denied: Decision | None, allowed_candidates: tuple[CandidateInfo, ...],
                  required_redactions: frozenset[str], tools_denied: tuple[str, ...],
@@ -177,7 +177,8 @@ class Outcome:
                  would_deny: Decision | None, eval_us: float, *,
                  columns: _Columns = ((), (), (), ()), decisions: Sequence[str] = (),
                  reasons: Sequence[str] = (), applied: Mapping[int, _Why] | None = None,
-                 candidates: Sequence[CandidateInfo] = (), tools_stripped: tuple[str, ...] = ()):
+                 candidates: Sequence[CandidateInfo] = (), tools_stripped: tuple[str, ...] = (),
+                 strip_hits: tuple[tuple[str, str, bool], ...] = ()):
         # The enforced deny that won (deny overrides allow), or None: the request may go.
         self.denied = denied
         # Candidates left after restrict, in the order given.
@@ -189,6 +190,9 @@ class Outcome:
         self.tools_to_strip = tools_to_strip
         # The same tools as a log names them (safe_name, numbered as decision targets are).
         self.tools_stripped = tools_stripped
+        # (tool, policy id, enforced) of every strip, dry-run ones too: a stripped tool
+        # the request insists on is a refusal, which the exchange names the policy of.
+        self.strip_hits = strip_hits
         self.empty_candidate_reasons = empty_candidate_reasons
         # What full enforcement (every dry-run policy enforced) would have done.
         self.would_deny = would_deny
@@ -805,7 +809,7 @@ class PolicySet:
                        done.tools_strip, done.empty_reasons, done.would_deny, elapsed_us,
                        columns=self._columns, decisions=done.decisions,
                        reasons=done.reasons, applied=done.applied, candidates=candidates,
-                       tools_stripped=done.tools_stripped)
+                       tools_stripped=done.tools_stripped, strip_hits=done.strip_hits)
 
     def _decide_results(self, results: list[Any], n_cand: int,
                         tools: Sequence[pb.Tool]) -> _Combined:
@@ -841,10 +845,14 @@ class PolicySet:
         else:
             would = denied
         seen = sorted({i for _, _, i in hits.tools})
+        strip_hits = tuple(dict.fromkeys((tools[i].name, p.id, enforced)
+                                         for p, enforced, i in hits.tools
+                                         if p.action != "deny" and tools[i].declared))
         return _Combined(tuple(decided), reasons, applied, denied, would, kept, empty_reasons,
                          redactions, tools_denied, tuple([name for _, name in strip]),
                          tuple([safe_name(name, i) for i, name in strip]),
-                         tuple([(i, tools[i].name, tools[i].declared) for i in seen]))
+                         tuple([(i, tools[i].name, tools[i].declared) for i in seen]),
+                         strip_hits)
 
     def _decide(self, hits: _Hits, n_cand: int, tools: Sequence[pb.Tool]
                 ) -> tuple[Decision | None, tuple[int, ...] | None, tuple[str, ...],
@@ -952,8 +960,8 @@ class _Combined:
     themselves, which are picked by index from each request's own)."""
 
     __slots__ = ("applied", "decisions", "denied", "empty_reasons", "kept", "reasons",
-                 "redactions", "tool_names", "tools_denied", "tools_strip", "tools_stripped",
-                 "would_deny")
+                 "redactions", "strip_hits", "tool_names", "tools_denied", "tools_strip",
+                 "tools_stripped", "would_deny")
 
     def __init__(self, decisions: tuple[str, ...], reasons: tuple[str, ...],
                  applied: dict[int, _Why],
@@ -961,7 +969,8 @@ class _Combined:
                  kept: tuple[int, ...] | None, empty_reasons: tuple[str, ...],
                  redactions: frozenset[str], tools_denied: tuple[str, ...],
                  tools_strip: tuple[str, ...], tools_stripped: tuple[str, ...],
-                 tool_names: tuple[tuple[int, str, bool], ...]):
+                 tool_names: tuple[tuple[int, str, bool], ...],
+                 strip_hits: tuple[tuple[str, str, bool], ...]):
         self.decisions = decisions
         self.reasons = reasons
         self.applied = applied
@@ -976,6 +985,7 @@ class _Combined:
         # (index, name, declared) of each tool a tools policy hit: what was decided
         # about them holds for another request only if its tools there are the same.
         self.tool_names = tool_names
+        self.strip_hits = strip_hits
 
     def same_tools(self, tools: Sequence[pb.Tool]) -> bool:
         for i, name, declared in self.tool_names:
