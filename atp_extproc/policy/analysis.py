@@ -142,6 +142,10 @@ class _Walker:
             if path is not None:
                 self.use(path)
                 base = self.path_of(sel.operand, scope)
+                if base is not None:
+                    # `m.k` reads the key as m['k'] does, and has(m.k) tests for it as
+                    # 'k' in m does: a key the config never fills is never there.
+                    self._unknown_value(base + "{}", sel.field, e.id)
                 if sel.test_only:
                     self._check_has(e)
                     if base is not None:

@@ -7,12 +7,17 @@ and has() on a message field follows proto3 presence (scalars: not zero; lists a
 not empty; messages: set). cel-python leaves message has() to the caller, so this module
 supplies it. Equality follows the CEL spec's heterogeneous equality, as the C++ runtime
 does: `1 == 1.0` is true and values of unrelated types are simply not equal (`1.0 !=
-'eu'` is true), where cel-python would raise "no such overload".
+'eu'` is true), where cel-python would raise "no such overload". `in` and indexing
+compare by the same equality (a JSON claim's 5.0 is in [5, 6]; a list takes an index of
+any numeric type with an integral value), and string() writes bools and doubles as the
+runtime does (`true`, `5`, `1e+06`).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from decimal import Decimal
 from typing import Any
 
 import celpy
@@ -178,7 +183,88 @@ def _spec_add(a: Any, b: Any) -> Any:
     return total
 
 
-SPEC_FUNCTIONS = {"_==_": _spec_eq, "_!=_": _spec_ne, "_+_": _spec_add}
+def _spec_in(item: Any, container: Any) -> Any:
+    # cel-python compares with Python's ==, which raises between a double and an int
+    # (a JSON number and a literal) and between unrelated types.
+    if isinstance(item, CELEvalError):
+        return item
+    if isinstance(container, CELEvalError):
+        return container
+    if not isinstance(container, (celtypes.ListType, celtypes.MapType)):
+        return CELEvalError("no such overload", TypeError, None)
+    return celtypes.BoolType(any(_equal(item, x) for x in container))
+
+
+# The runtime takes a double index only where it is an int64 value: below this in
+# magnitude.
+_INT64_LIMIT = 2.0 ** 63
+
+
+def _list_index(key: Any) -> int:
+    """The position `key` names in a list: an int, a uint or a double with an integral
+    value (CEL's numbers compare as one), as the runtime reads it."""
+    if isinstance(key, celtypes.BoolType) or not isinstance(key, (int, float)):
+        raise TypeError(f"a list index is a number, not {_kind(key)}")
+    if isinstance(key, float) and not (key.is_integer() and abs(key) < _INT64_LIMIT):
+        raise TypeError(f"a list index must have an integral value, not {key}")
+    return int(key)
+
+
+def _spec_index(container: Any, key: Any) -> Any:
+    # Raises as cel-python's own indexing does: its evaluator turns the exception into the
+    # CEL error. Python's own indexing takes no double for a list, and indexes a string,
+    # which CEL does not.
+    if isinstance(container, CELEvalError):
+        return container
+    if isinstance(key, CELEvalError):
+        return key
+    if isinstance(container, celtypes.ListType):
+        index = _list_index(key)
+        if not 0 <= index < len(container):
+            raise IndexError(f"index {index} out of range for a list of {len(container)}")
+        return container[index]
+    if isinstance(container, celtypes.MapType):
+        for k, v in container.items():
+            if _equal(k, key):
+                return v
+        raise KeyError(key)
+    raise TypeError(f"no index of a {_kind(container)}")
+
+
+SPEC_FUNCTIONS = {"_==_": _spec_eq, "_!=_": _spec_ne, "_+_": _spec_add, "_in_": _spec_in,
+                  "_[_]": _spec_index}
+
+
+def _double_text(value: float) -> str:
+    """A double as the runtime's string() writes it: the fewest digits that read back as
+    the same double, in exponent form where %g would use it (below 1e-4, from 1e6 on);
+    infinities and NaN as C's printf writes them (the spec leaves those open)."""
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    shortest = Decimal(repr(float(value))).normalize()
+    sign, digits, exponent = shortest.as_tuple()
+    magnitude = len(digits) - 1 + int(exponent)
+    if -4 <= magnitude < 6:
+        return format(shortest, "f")
+    mantissa = "".join(map(str, digits))
+    fraction = f".{mantissa[1:]}" if len(mantissa) > 1 else ""
+    return f"{'-' if sign else ''}{mantissa[0]}{fraction}e{magnitude:+03d}"
+
+
+def _spec_string(value: Any) -> Any:
+    """string() of a bool or double as the runtime writes it (Python writes `True`,
+    `5.0`), an error for a value CEL has no string() of (cel-python writes a list or a
+    map as Python would); None for a value cel-python converts as CEL does."""
+    if isinstance(value, (celtypes.BoolType, bool)):
+        return celtypes.StringType("true" if value else "false")
+    if isinstance(value, float):
+        return celtypes.StringType(_double_text(value))
+    if value is None or isinstance(value, (celtypes.ListType, celtypes.MapType)):
+        return CELEvalError(f"no such overload: string({_kind(value)})", TypeError, None)
+    return None
+
 
 # The runtime reads int() and uint() of a string as abseil's SimpleAtoi does: ASCII
 # whitespace around, one sign, ASCII digits. Python's int() also takes "5_1" and other
@@ -215,16 +301,21 @@ class _ProtoEvaluator(Evaluator):
         return super().macro_has_eval(exprlist)
 
     def function_eval(self, name_token: lark.Token, exprlist: Any = None) -> Any:
-        # Checked here rather than by replacing the functions: `int` is also the type
-        # name (`type(x) == int`), and that must stay cel-python's IntType.
-        pattern = _NUMBER_TEXT.get(str(name_token))
-        args = exprlist if isinstance(exprlist, list) else None
-        if pattern is not None and args is not None and len(args) == 1 and \
-                isinstance(args[0], str):
-            match = pattern.fullmatch(args[0])
+        # Checked here rather than by replacing the functions: `int` and `string` are
+        # also type names (`type(x) == int`), and those must stay cel-python's types.
+        name = str(name_token)
+        if not isinstance(exprlist, list) or len(exprlist) != 1:
+            return super().function_eval(name_token, exprlist)
+        (arg,) = exprlist
+        pattern = _NUMBER_TEXT.get(name)
+        if pattern is not None and isinstance(arg, str):
+            match = pattern.fullmatch(arg)
             if match is None:
                 return CELEvalError("string conversion failed", ValueError, None)
             exprlist = [celtypes.StringType(match.group(1))]
+        converted = _spec_string(arg) if name == "string" else None
+        if converted is not None:
+            return converted
         return super().function_eval(name_token, exprlist)
 
 

@@ -23,7 +23,10 @@ A case file (any *.yaml under DIR):
           decisions: {models.premium_alias: deny}
 
 Every key of `expect` is optional; each one given is compared exactly. context.time is
-2026-01-01T12:00:00Z unless a case sets it, so results never depend on the clock. The report ends
+2026-01-01T12:00:00Z unless a case sets it, so results never depend on the clock;
+context.environment is policy.environment (the suite's settings, else its atp.yaml's), as
+serve sets it, unless a case sets it. An atp.yaml with `routes:` is loaded as serve loads
+it, so a config serve refuses fails here too. The report ends
 with exact coverage counts: for each policy how many cases it was evaluated in, how many
 times its condition matched, did not match, failed, or did not apply, and how many cases
 asserted its decision; then per effect.
@@ -32,13 +35,15 @@ asserted its decision; then per effect.
 from __future__ import annotations
 
 import glob
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from atp_extproc import config
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import claimed_subject, data_classes_of, known_values
@@ -168,6 +173,7 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     policies: list[SourcedPolicy] = []
     settings: PolicySettings | None = None
     raw: dict[str, Any] = {}
+    served: dict[str, str] = {}  # atp.yaml files serve would run, by real path
     for i, pattern in enumerate(sources):
         line = line_of(doc, ["policies", i] if isinstance(doc.get("policies"), list)
                        else ["policies"])
@@ -186,6 +192,8 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
                 continue
             problems += [p for p in loaded.problems if p.severity == "error"]
             policies += loaded.policies
+            if _serves(loaded.raw):
+                served.setdefault(os.path.realpath(match), match)
             # An atp.yaml's settings (default, mode) are what ATP runs with, wherever
             # it is listed; a policy file's are only defaults.
             if settings is None or (is_policy_file(raw) and not is_policy_file(loaded.raw)):
@@ -198,8 +206,11 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     models: dict[str, CandidateInfo] = {}
     models_raw: dict[str, Any] = {}
     if doc.get("models"):
-        models, models_raw = _models(base / str(doc["models"]), file)
+        models_file = base / str(doc["models"])
+        models, models_raw = _models(models_file, file)
         raw = raw or models_raw
+        if _serves(models_raw):
+            served.setdefault(os.path.realpath(models_file), str(models_file))
     if problems:
         raise PolicyError(problems)
     # Checked against the classes serve would know, so a typo `serve` refuses fails here
@@ -211,7 +222,32 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     policy_set = PolicySet.compile(policies, settings or PolicySettings(**overrides),
                                    str(file), known_values=known_values(raw or {}),
                                    known_data_classes=classes)
+    # After the policies' own problems, which name their file and line: serve's checks
+    # of the whole file say the rest (a redact policy for a class redaction turns off).
+    refusals = _serve_refusals(served.values())
+    if refusals:
+        raise PolicyError(refusals)
     return policy_set, models
+
+
+def _serves(raw: Mapping[str, Any]) -> bool:
+    """Whether a file the suite reads is an atp.yaml serve runs: one that routes, not the
+    models (or redaction and policies) alone a suite may give its cases."""
+    return "routes" in raw
+
+
+def _serve_refusals(paths: Iterable[str]) -> list[Problem]:
+    """Why serve would refuse each atp.yaml of `paths`, as its own loader says."""
+    problems: list[Problem] = []
+    for path in paths:
+        try:
+            # Without secrets: the redactor's HMAC key is the deployment's environment
+            # variable, which the cases do not run in.
+            config.load(path, secrets=False)
+        except config.ConfigError as exc:
+            problems += [Problem(exc.file, line, where, reason) for (where, reason), line
+                         in zip(exc.problems, exc.lines, strict=True)]
+    return problems
 
 
 def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateInfo]:
@@ -366,7 +402,9 @@ def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: Policy
     if unknown:
         errs.append(f"unknown case keys: {', '.join(sorted(unknown))}")
     try:
-        context = {"time": CASE_TIME, **(case.get("context") or {})}
+        # As serve fills them, unless the case says otherwise.
+        context = {"time": CASE_TIME, "environment": policy_set.settings.environment,
+                   **(case.get("context") or {})}
         attrs = build_attributes(_subject(case.get("subject")), case.get("request"), context)
         candidates = _candidates(case.get("candidates"), models)
     except (AttributeError_, TypeError, ValueError) as exc:
