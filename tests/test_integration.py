@@ -345,6 +345,44 @@ def test_a_reply_envoy_gives_without_text_still_says_what_happened(tmp_path) -> 
         stack.stop_all()
 
 
+def _atp_hosts_healthy(admin_port: int) -> dict[int, bool]:
+    """Port → passing its health checks, for each endpoint of Envoy's atp cluster."""
+    reply = http(f"http://127.0.0.1:{admin_port}/clusters?format=json")
+    (atp,) = [c for c in reply.json()["cluster_statuses"] if c["name"] == "atp"]
+    return {h["address"]["socket_address"]["port_value"]:
+            not h["health_status"].get("failed_active_health_check")
+            for h in atp.get("host_statuses", [])}
+
+
+def test_exchanges_go_only_to_a_healthy_atp_however_few_are(tmp_path) -> None:
+    # Two of three ATP endpoints down (a replica stopped, another draining): under
+    # Envoy's default panic threshold (50%) it sent exchanges to all three, and two in
+    # three requests failed closed with a 500 though one ATP could serve them all.
+    from atp_extproc.stack import free_port, render_envoy
+
+    dead = [free_port(), free_port()]
+
+    def three_endpoints(doc: dict) -> None:
+        (atp,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "atp"]
+        endpoints = atp["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoints += [{"endpoint": {"address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": port}}}} for port in dead]
+
+    stack = Stack.on_free_ports(workdir=tmp_path)
+    try:
+        stack.start_upstream("demo_a")
+        stack.start_atp()
+        stack.start_envoy(render_envoy(stack.ports, edit=three_endpoints), wait_for_atp=False)
+        wanted = {stack.ports["atp"]: True, **dict.fromkeys(dead, False)}
+        wait_until(lambda: _atp_hosts_healthy(stack.ports["admin"]) == wanted,
+                   "envoy's health verdicts on the three ATP endpoints", timeout=20)
+        statuses = [post(stack, CHAT, {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": f"hi {i}"}]}).status for i in range(12)]
+        assert statuses == [200] * 12
+    finally:
+        stack.stop_all()
+
+
 def test_a_slow_model_gets_the_route_timeout_not_the_idle_timeout(tmp_path) -> None:
     """A non-streamed answer is silent until complete, which Envoy counts as idle: the
     model route's own idle timeout must reach its timeout, or stream_idle_timeout (shorter)
