@@ -77,6 +77,7 @@ SHADOW_MODEL_HEADER = "x-atp-shadow-model"
 ROUTE_HEADER = "x-atp-route"
 TENANT_HEADER = "x-atp-tenant"
 FEEDBACK_PATH = "/v1/feedback"
+_FEEDBACK_FIELDS = ("request_id", "score")
 # The record's error_code when the answer's body never reached its end.
 INCOMPLETE_RESPONSE = "response_incomplete"
 # ... and when the request's body never came whole (the client left while sending it).
@@ -135,6 +136,11 @@ class ExchangeRecord:
     routing_decision_us: float | None = None
     regret_estimate: float | None = None
     routing_explored: bool = False
+    # The chosen model is a half-open breaker's one trial request (it is among the
+    # excluded, as breaker_half_open, for every other request), or the tenant's or
+    # user's sticky pick.
+    routing_probe: bool = False
+    routing_sticky: bool = False
     routing_fallback: str = ""
     proposed_model: str = ""
     predicted_savings_usd: float | None = None
@@ -646,6 +652,7 @@ class Exchange:
         rec.routing_decision_us = decision.decision_us
         rec.regret_estimate = decision.regret_estimate
         rec.routing_explored = decision.explored
+        rec.routing_probe, rec.routing_sticky = decision.probe, decision.sticky
         rec.routing_fallback = decision.fallback_reason
         rec.proposed_model = decision.proposed
         rec.predicted_savings_usd = decision.predicted_savings_usd
@@ -668,7 +675,13 @@ class Exchange:
         return user if isinstance(user, str) and user else None
 
     def _answer_feedback(self, doc: dict) -> ProcessingResponse:
-        for name in ("request_id", "score"):
+        for key in doc:
+            # As for the APIs' fields: `Score` beside `score` is no second score.
+            if key not in _FEEDBACK_FIELDS and key.casefold() in _FEEDBACK_FIELDS:
+                raise RequestError(400, f"Unrecognized request argument {key!r} (keys are "
+                                   f"case-sensitive: {key.casefold()!r}?)",
+                                   "unknown_parameter", param=key)
+        for name in _FEEDBACK_FIELDS:
             if name not in doc:
                 raise RequestError(400, f"Missing required parameter: '{name}'",
                                    "missing_required_parameter", param=name)

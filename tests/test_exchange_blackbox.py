@@ -136,6 +136,16 @@ def test_feedback_without_a_field_names_it(snap, body, param) -> None:
     assert err["param"] == param
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"request_id": "req-1", "score": 1, "Score": 0}, "Score"),
+    ({"Request_Id": "req-1", "score": 1}, "Request_Id")])
+def test_a_feedback_field_in_another_letter_case_is_refused(snap, body, param) -> None:
+    # The first was taken with score 1 (204); the second was "missing request_id".
+    ex, _ = start(snap, "/v1/feedback")
+    err = assert_error(ex.handle(req_body(body)), 400, "unknown_parameter")
+    assert err["param"] == param
+
+
 # -- legacy `functions` ----------------------------------------------------------------
 
 

@@ -337,6 +337,10 @@ def test_breaker_probes_half_open_and_closes_when_the_provider_recovers(
         tail = [chat(stack, "recovering", f"after {i}") for i in range(10)]
         assert all(r.status == 200 for r in tail)
         assert [r.headers["x-upstream-name"] for r in tail] == ["demo_a"] * 10
+        # The half-open breaker's trial requests say so (they read as served by a model
+        # the record excluded, breaker_half_open).
+        probes = [r for r in route_records(stack, "recovering", 31) if r["routing_probe"]]
+        assert probes and {r["model"] for r in probes} == {"small"}
     finally:
         stack.stop_all()
 
@@ -350,5 +354,6 @@ def test_sticky_assignment_keeps_each_user_on_one_model(stack: Stack) -> None:
         assert reply.status == 200
         served.setdefault(user, set()).add(reply.headers["x-upstream-name"])
     assert all(len(models) == 1 for models in served.values()), served
+    assert any(r["routing_sticky"] for r in route_records(stack, "sticky", 40))
     # Not one model for everybody: users are spread, and each stays where it landed.
     assert set().union(*served.values()) == {"demo_a", "demo_b"}
