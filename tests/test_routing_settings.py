@@ -106,6 +106,31 @@ def test_check_references_names_path_and_reason():
     assert len(problems) == 5
 
 
+@pytest.mark.parametrize(("champion", "aliases"), [
+    ("large", {"auto": ("large", "small", "tiny"), "mini": ("tiny", "small")}),
+    (None, {"auto": ("tiny", "large", "small")})])
+def test_a_default_champion_is_held_to_a_champions_rules(champion, aliases):
+    # An alias not listing the champion has its first candidate as champion: here the
+    # mirror challenger, so every request to it was refused no_eligible_model (or the
+    # others never served), though check said OK.
+    objective = RouteObjective(champion=champion, challengers=("small",),
+                               shadow=Shadow(mode="mirror", challenger="tiny", share=0.5))
+    problems = check_references({"small", "large", "tiny"}, [route(aliases, objective)])
+    ((path, reason),) = problems
+    assert path == f"routes[0].aliases.{'mini' if champion else 'auto'}"
+    assert "'tiny' is its champion" in reason and "the mirror challenger" in reason
+
+
+def test_a_default_champion_restrict_excludes_is_refused():
+    models = {"large": SimpleNamespace(egress="external", region="us"),
+              "small": SimpleNamespace(egress="internal", region="eu")}
+    objective = RouteObjective(restrict=Restrict(egress="internal"),
+                               shadow=Shadow(mode="decision"))
+    ((path, reason),) = check_references(models, [route({"a": ("large", "small")},
+                                                          objective)])
+    assert path == "routes[0].aliases.a" and "excluded by objective.restrict" in reason
+
+
 def test_check_references_accepts_a_valid_document():
     objective = RouteObjective(champion="medium", challengers=("small",), baseline="large")
     routes = [route({"chat": ("medium", "small")}, objective)]

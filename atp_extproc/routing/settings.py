@@ -251,6 +251,21 @@ def restricted_by(restrict: Restrict, model: Any) -> str | None:
     return None
 
 
+def _default_champion_problems(path: str, champion: str, objective: RouteObjective,
+                               mirror: str | None, out: set[str]) -> list[tuple[str, str]]:
+    """An alias not listing objective.champion has its first candidate as champion:
+    held to the rules a champion named is (a mirror challenger never serves, and the
+    learner then leaves out every candidate but the challengers; one restrict excludes
+    has decision mode fall back on every request)."""
+    why = ("the mirror challenger, which never serves a client" if champion == mirror else
+           "excluded by objective.restrict" if champion in out else None)
+    if why is None:
+        return []
+    return [(path, f"its first candidate {champion!r} is its champion (objective.champion "
+                   f"is not among its candidates), and is {why}: list another model "
+                   "first, or name a champion it lists")]
+
+
 def check_references(models: Iterable[str] | Mapping[str, Any], routes: Iterable[Any],
                      ledger: LedgerSettings | None = None) -> list[tuple[str, str]]:
     """Problems (path, reason) with names the objective and ledger blocks refer to.
@@ -295,6 +310,10 @@ def check_references(models: Iterable[str] | Mapping[str, Any], routes: Iterable
                 problems.append((f"routes[{i}].aliases.{alias}", (
                     "objective.restrict excludes every model that could serve it: no "
                     "request to this alias could be served")))
+            elif names and objective.champion not in names and (
+                    objective.champion is None or objective.champion in candidates):
+                problems += _default_champion_problems(
+                    f"routes[{i}].aliases.{alias}", names[0], objective, mirror, out)
     if ledger is not None and ledger.baseline is not None and ledger.baseline not in known:
         problems.append(("ledger.baseline", f"unknown model {ledger.baseline!r}"))
     return problems
