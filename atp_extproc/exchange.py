@@ -1014,15 +1014,21 @@ def _forced_stripped(choice_key: str) -> RequestError:
 _JSON_ONLY = MappingProxyType({"content-type": "application/json"})
 
 
+# Charsets whose text ATP's UTF-8 reading gets right or refuses: ASCII is the same in
+# them, and a byte above it is no UTF-8 text (a Latin-1 'é') unless it is UTF-8's.
+_ASCII_CHARSETS = re.compile(r"utf-?8|(?:us-)?ascii|iso-8859-\d{1,2}|latin-?1"
+                             r"|(?:windows|cp)-?125\d", re.IGNORECASE)
+
+
 def _foreign_charset(content_type: str) -> str | None:
-    """A charset other than UTF-8 that a Content-Type names (any of them, if a header sent
-    twice names two): a provider's server would decode the body with it (UTF-7 hides
-    `@` as `+AEA-`), where ATP reads UTF-8."""
+    """A charset a Content-Type names (any of them, if a header sent twice names two)
+    that writes ASCII text otherwise than ASCII: a provider's server would decode the
+    body with it (UTF-7 writes `@` as `+AEA-`), where ATP reads UTF-8."""
     for param in content_type.replace(",", ";").split(";")[1:]:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
             charset = value.strip().strip('"').strip()
-            if charset.lower() not in ("utf-8", "utf8"):
+            if not _ASCII_CHARSETS.fullmatch(charset):
                 return charset[:40]
     return None
 
