@@ -406,8 +406,10 @@ def test_responses_flush_event_validates():
     r = Restorer(MAP)
     out = r.feed(event(delta) + event(done), True)
     evs = [json.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b"data: {")]
+    # Numbered as the event it goes before; that one and those after move up by one.
     assert evs[1] == {"type": "response.output_text.delta", **pos, "delta": "[EMA",
-                      "sequence_number": 3, "logprobs": []}
+                      "sequence_number": 4, "logprobs": []}
+    assert evs[2]["sequence_number"] == 5
     ResponseTextDeltaEvent.model_validate(evs[1])
     # Named as the stream's other events are: a client listening by name missed it.
     assert out.split(b"\n\n")[1].startswith(b"event: response.output_text.delta\ndata: ")

@@ -325,3 +325,31 @@ def test_a_citation_without_placeholders_before_it_stays():
         "annotations": [_citation(4, chat=True)]}}]}).encode()
     message = json.loads(restorer().restore_json(body))["choices"][0]["message"]
     assert message["annotations"][0]["url_citation"]["start_index"] == 4
+
+
+def test_events_added_to_a_numbered_stream_keep_its_numbers_unique_and_in_order():
+    # The held text's event repeated the number of the delta it came from: a client
+    # keeping events by number (resuming a stream, dropping repeats) lost the text.
+    where = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    stream = (event({"type": "response.output_text.delta", "sequence_number": 4, **where,
+                     "delta": "cut [EMAIL_"})
+              + event({"type": "response.output_text.done", "sequence_number": 5, **where,
+                       "text": "cut [EMAIL_"})
+              + event({"type": "response.output_text.delta", "sequence_number": 6,
+                       **{**where, "content_index": 1}, "delta": "then [CARD_"})
+              + event({"type": "response.completed", "sequence_number": 7,
+                       "response": {"output": []}}))
+    def named(stream: bytes) -> list[dict]:  # added events carry their `event:` line
+        return [json.loads(line[6:]) for line in stream.split(b"\n")
+                if line.startswith(b"data: ")]
+
+    for chunks in ([stream], [stream[:40], stream[40:]]):
+        out = named(run(restorer(), chunks))
+        assert [e["sequence_number"] for e in out] == [4, 5, 6, 7, 8, 9]
+        assert [e["type"].rsplit(".", 1)[-1] for e in out] == [
+            "delta", "delta", "done", "delta", "delta", "completed"]
+        assert "".join(e.get("delta", "") for e in out) == "cut [EMAIL_then [CARD_"
+    # Held to the very end, its event follows the last number.
+    tail = event({"type": "response.output_text.delta", "sequence_number": 2, **where,
+                  "delta": "ends ["})
+    assert [e["sequence_number"] for e in named(run(restorer(), [tail]))] == [2, 3]

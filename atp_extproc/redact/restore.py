@@ -59,6 +59,8 @@ Key = tuple[tuple, tuple]
 # provider wrote it, and by how much the text has grown up to its end.
 Growth = list[tuple[int, int, int]]
 _ANNOTATION_ADDED = "response.output_text.annotation.added"
+# A stream event's number, as providers write it: renumbered in the bytes, unparsed.
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
 def _hashable(value: Any) -> Any:
@@ -102,6 +104,11 @@ class Restorer:
         self._grown: dict[tuple, tuple[int, Growth]] = {}
         # Some placeholder was put back (for the exchange's record).
         self.restored = False
+        # Events ATP added to a stream that numbers its events (Responses'
+        # sequence_number): every later event's number moves up by as many, so numbers
+        # stay unique and in order; and the last number seen, for events added at the end.
+        self._added = 0
+        self._last_seq: int | None = None
 
     def clear(self) -> None:
         """Forget the originals (end of the exchange)."""
@@ -225,7 +232,7 @@ class Restorer:
         if end:
             if rest:  # a last event without its blank line
                 out.append(self._event(rest))
-            held = self._flush()
+            held, _ = self._flush(seq=self._next_seq())
             if rest and held:
                 out.append(b"\n\n")  # or the held text's event is glued onto it
             out.append(held)
@@ -260,6 +267,8 @@ class Restorer:
         return suffix if _PREFIX_B.fullmatch(suffix) else b""
 
     def _event(self, event: bytes) -> bytes:
+        if self._added:
+            event = _SEQUENCE.sub(self._renumber, event)
         # Only "[" followed by a capital (a placeholder) or by a closing quote (a delta
         # ending in "[", which may be one) needs a look; JSON's own arrays do not; nor
         # does a citation, unless restore lengthened the text it points into.
@@ -278,7 +287,7 @@ class Restorer:
             lead = b" " if payload.startswith(b" ") else b""
             payload = payload[len(lead):]
             if payload.strip() == b"[DONE]":
-                before.append(self._flush())
+                before.append(self._flush(seq=self._next_seq())[0])
                 out_lines.append(line + eol)
                 continue
             try:
@@ -358,8 +367,24 @@ class Restorer:
         for key in new_holds:  # the event a held text came from shapes its flush event
             hold, _, phys = self._carry[key]
             self._carry[key] = (hold, new_obj, phys)
-        flush = self._flush(ends) if ends is not None and self._carry else b""
+        seq = obj.get("sequence_number") if isinstance(obj, dict) else None
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            seq = None
+        self._last_seq = seq if seq is not None else self._last_seq
+        flush, added = self._flush(ends, seq) if ends is not None and self._carry else \
+            (b"", 0)
+        if added:  # the held text goes out first, under this event's number
+            assert seq is not None and isinstance(new_obj, dict)
+            new_obj["sequence_number"] = self._last_seq = seq + added
+            self._added += added
+            changed = True
         return flush, new_obj, changed
+
+    def _renumber(self, m: re.Match[bytes]) -> bytes:
+        return b'"sequence_number":%d' % (int(m.group(1)) + self._added)
+
+    def _next_seq(self) -> int | None:
+        return None if self._last_seq is None else self._last_seq + 1
 
     def _cite(self, ctx: tuple, phys: tuple, logical: tuple, incremental: bool,
               old: dict, new: dict) -> bool:
@@ -386,20 +411,26 @@ class Restorer:
         suffix = text[i:]
         return suffix if _PREFIX.fullmatch(suffix) else ""
 
-    def _flush(self, ends: Callable[[Key], bool] | None = None) -> bytes:
+    def _flush(self, ends: Callable[[Key], bool] | None = None,
+               seq: int | None = None) -> tuple[bytes, int]:
         """Emit held text as events of their own, shaped like the event it came from: for
-        the positions `ends` says are finished, or all of them."""
+        the positions `ends` says are finished, or all of them; in a stream numbering its
+        events, numbered from `seq` on. Also says how many took a number."""
         out: list[bytes] = []
+        numbered = 0
         for key in [k for k in self._carry if ends is None or ends(k)]:
             hold, template, phys = self._carry.pop(key)
             event = _skeleton(template, phys, hold)
+            if seq is not None and isinstance(event, dict) and "sequence_number" in event:
+                event["sequence_number"] = seq + numbered
+                numbered += 1
             kind = event.get("type") if isinstance(event, dict) else None
             # A Responses event goes by its type's name too, as every other event of the
             # stream does: a client listening by name (EventSource) would miss it.
             name = b"event: " + kind.encode() + b"\n" if isinstance(kind, str) and \
                 kind.isascii() and kind.isprintable() else b""
             out.append(name + b"data: " + _dumps(event) + b"\n\n")
-        return b"".join(out)
+        return b"".join(out), numbered
 
 
 def _finishes(obj: Any) -> Callable[[Key], bool] | None:
