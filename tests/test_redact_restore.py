@@ -353,3 +353,72 @@ def test_events_added_to_a_numbered_stream_keep_its_numbers_unique_and_in_order(
     tail = event({"type": "response.output_text.delta", "sequence_number": 2, **where,
                   "delta": "ends ["})
     assert [e["sequence_number"] for e in named(run(restorer(), [tail]))] == [2, 3]
+
+
+def test_a_streamed_citation_counts_the_text_passed_on_unchanged_before_it():
+    # Deltas without a placeholder went out unread, so restore's additions were placed
+    # too early and the citation moved onto the wrong text.
+    where = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    pieces = ["Intro text, then ", "see the docs", " and mail [EMAIL_1] today."]
+    start = len(pieces[0]) + len("see ")
+    cited = {"type": "url_citation", "start_index": start, "end_index": start + 8,
+             "url": "https://example.com/docs", "title": "Docs"}
+    stream = b"".join(event({"type": "response.output_text.delta", **where, "delta": p})
+                      for p in pieces)
+    stream += event({"type": "response.output_text.annotation.added", **where,
+                     "annotation_index": 0, "annotation": cited})
+    out = events(run(restorer(), [stream]))
+    text = "".join(e.get("delta", "") for e in out)
+    ann = out[-1]["annotation"]
+    assert text[ann["start_index"]:ann["end_index"]] == "the docs"
+    chunks = [delta(p) for p in pieces]
+    last = delta(None, finish="stop")
+    last["choices"][0]["delta"]["annotations"] = [
+        {"type": "url_citation", "url_citation": {k: cited[k] for k in (
+            "start_index", "end_index", "url", "title")}}]
+    out = run(restorer(), [b"".join(map(event, [*chunks, last]))])
+    span = events(out)[-1]["choices"][0]["delta"]["annotations"][0]["url_citation"]
+    assert content_of(out)[span["start_index"]:span["end_index"]] == "the docs"
+
+
+def test_after_an_event_too_big_to_hold_the_stream_is_read_event_by_event_again():
+    # A streamed image's partial (over 4 MiB of base64) switched restore to raw bytes for
+    # the rest of the stream: a placeholder split across later deltas came out as sent.
+    big = event({"type": "response.image_generation_call.partial_image",
+                 "partial_image_b64": "A" * (5 << 20)})
+    stream = event(delta("Mail [EMA")) + big + event(delta("IL_1] now")) + \
+        event(delta(None, "stop"))
+    out = run(restorer(), [stream[i:i + (1 << 20)] for i in range(0, len(stream), 1 << 20)])
+    assert content_of(out) == "Mail jane@example.com now"
+    assert b'"partial_image_b64":"' + b"A" * 100 in out.replace(b": ", b":")
+
+
+def test_held_text_goes_before_an_event_the_stream_cut_off():
+    # A blank line after the cut event had clients parse its half JSON (the SDK raised).
+    cut = event(delta("rest"))[:20]
+    out = run(restorer(), [event(delta("Mail [EMA")) + cut])
+    assert out.endswith(cut) and not out.endswith(b"\n\n")
+    assert content_of(out[:-len(cut)]) == "Mail [EMA"
+
+
+def test_an_event_whose_json_spans_data_lines_is_restored_as_one():
+    def multiline(obj: dict) -> bytes:
+        return b"".join(b"data: " + line.encode() + b"\n"
+                        for line in json.dumps(obj, indent=1).splitlines()) + b"\n"
+
+    out = run(restorer(), [multiline(delta("Mail [EMA")) + multiline(delta("IL_1] now"))
+                           + multiline(delta(None, "stop"))])
+    blocks = [b"\n".join(line[6:] for line in block.split(b"\n") if line.startswith(b"data: "))
+              for block in out.split(b"\n\n")]  # data lines joined, as clients do
+    chunks = [json.loads(data) for data in blocks if data]
+    assert "".join(c["delta"].get("content", "") for e in chunks for c in e["choices"]) == \
+        "Mail jane@example.com now"
+
+
+def test_text_held_before_an_event_too_big_to_hold_keeps_its_place():
+    # The held "[EMA" came out after the 5 MB delta that went on raw: text reordered.
+    stream = event(delta("Contact [EMA")) + event(delta("IL_1] " + "lorem " * (1 << 20))) + \
+        event(delta(" again")) + event(delta(None, "stop"))
+    out = run(restorer(), [stream[i:i + (1 << 20)] for i in range(0, len(stream), 1 << 20)])
+    text = content_of(out)
+    assert text.startswith("Contact [EMAIL_1] lorem") and text.endswith("lorem  again")

@@ -59,6 +59,8 @@ Key = tuple[tuple, tuple]
 # provider wrote it, and by how much the text has grown up to its end.
 Growth = list[tuple[int, int, int]]
 _ANNOTATION_ADDED = "response.output_text.annotation.added"
+# An event that may add to a text citations point into (Chat content, Responses text).
+_TEXT_DELTA = re.compile(rb'"response\.output_text\.delta"|"content"\s*:\s*"')
 # A stream event's number, as providers write it: renumbered in the bytes, unparsed.
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
@@ -218,9 +220,16 @@ class Restorer:
             return chunk
         held = len(self._tail)
         data = self._tail + chunk if self._tail else chunk
-        if self._raw:
-            return self._raw_feed(data, end)
         out: list[bytes] = []
+        if self._raw:
+            m = EVENT_END.search(data)
+            if m is None:
+                return self._raw_feed(data, end)
+            # The oversized event (a streamed image's 4 MiB of base64) ends here: the
+            # stream is read event by event again, with what it held before.
+            out.append(self._raw_feed(data[:m.end()], True))
+            self._raw = False
+            data, held = data[m.end():], 0
         pos = 0
         # The held bytes end no event, but for a separator's first bytes (at most 3): a
         # long event arriving in small chunks is scanned once, not once per chunk.
@@ -230,15 +239,24 @@ class Restorer:
             pos = m.end()
         rest = data[pos:]
         if end:
-            if rest:  # a last event without its blank line
+            # Held text goes out before a last event without its blank line: a client
+            # drops such an event (a stream cut mid-event), and a blank line after it
+            # would have it read the cut JSON. Text that event holds comes after it.
+            out.append(self._flush(seq=self._next_seq())[0])
+            if rest:
                 out.append(self._event(rest))
-            held, _ = self._flush(seq=self._next_seq())
-            if rest and held:
-                out.append(b"\n\n")  # or the held text's event is glued onto it
-            out.append(held)
+                after, _ = self._flush(seq=self._next_seq())
+                if after:
+                    out += [b"\n\n", after]  # or the held text's event is glued onto it
             self._tail = b""
         elif len(rest) > _MAX_PENDING_EVENT:
             self._raw = True
+            if _TEXT_DELTA.search(rest, 0, 4096):
+                # Read raw, a text delta cannot take held text: that goes first, in its
+                # order. (Other events, a streamed image's, leave it held for the text.)
+                flushed, added = self._flush(seq=self._next_seq())
+                self._added += added
+                out.append(flushed)
             out.append(self._raw_feed(rest, False))
         else:
             self._tail = rest
@@ -255,6 +273,8 @@ class Restorer:
         hold = b"" if end else self._held_bytes(data)
         body = data[:len(data) - len(hold)]
         self._tail = hold
+        if self._added:
+            body = _SEQUENCE.sub(self._renumber, body)
         # Still SSE, whose data is JSON: an original with a quote or a newline must not
         # end a string, or an event.
         return self._sub(_TOKEN_B, self._escaped, body)
@@ -274,12 +294,19 @@ class Restorer:
         # does a citation, unless restore lengthened the text it points into.
         if not self._carry and not _MAYBE.search(event) and not (
                 self._grown and b'"start_index"' in event):
+            if _TEXT_DELTA.search(event):
+                self._count_sent(event)
             return event
         # Lines with their ends (CRLF, LF or CR, as SSE allows), the last one bare.
         parts = _LINE_END.split(event)
+        lines = list(zip(parts[0::2], [*parts[1::2], b""], strict=True))
+        if sum(line.startswith(b"data:") for line, _ in lines) > 1:
+            joined = self._multiline_event(lines)
+            if joined is not None:
+                return joined
         out_lines: list[bytes] = []
         before: list[bytes] = []
-        for line, eol in zip(parts[0::2], [*parts[1::2], b""], strict=True):
+        for line, eol in lines:
             if not line.startswith(b"data:"):
                 out_lines.append(line + eol)
                 continue
@@ -301,6 +328,51 @@ class Restorer:
                 payload = _dumps(new_obj)
             out_lines.append(b"data:" + lead + payload + eol)
         return b"".join(before) + b"".join(out_lines)
+
+    def _multiline_event(self, lines: list[tuple[bytes, bytes]]) -> bytes | None:
+        """An event whose JSON spans several data lines (SSE joins them with line
+        breaks, as clients do), restored as one, or None when they hold no JSON."""
+        try:
+            obj = json.loads(_data_of(lines))
+        except (ValueError, RecursionError):
+            return None
+        flush, new_obj, changed = self._event_obj(obj)
+        if not changed:
+            return flush + b"".join(line + eol for line, eol in lines)
+        # One data line holds it all, where the last one was (its line end, none at the
+        # event's end, is the one the event needs).
+        last = max(i for i, (line, _) in enumerate(lines) if line.startswith(b"data:"))
+        out = [b"data: " + _dumps(new_obj) + eol if i == last else line + eol
+               for i, (line, eol) in enumerate(lines)
+               if i == last or not line.startswith(b"data:")]
+        return flush + b"".join(out)
+
+    def _count_sent(self, event: bytes) -> None:
+        """Count what a text delta passed on unchanged adds to its text: a citation
+        streamed later points past it, and past what restore put back after it."""
+        parts = _LINE_END.split(event)
+        try:
+            obj = json.loads(_data_of(list(zip(parts[0::2], [*parts[1::2], b""],
+                                               strict=True))))
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(obj, dict):
+            return
+        texts: list[tuple[tuple | None, Any]] = []
+        if obj.get("type") == "response.output_text.delta":
+            ctx = tuple(map(_hashable, (obj.get("type"), *map(obj.get, _POSITION))))
+            texts.append((_text_position(ctx, ()), obj.get("delta")))
+        elif isinstance(obj.get("choices"), list):
+            for i, choice in enumerate(obj["choices"]):
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict):
+                    logical = ("choices", ("#", _hashable(choice.get("index", i))), "delta",
+                               "content")
+                    texts.append((_text_position((None,), logical), delta.get("content")))
+        for where, text in texts:
+            if where is not None and isinstance(text, str) and text:
+                sent, growth = self._grown.get(where, (0, []))
+                self._grown[where] = (sent + len(text), growth)
 
     def _event_obj(self, obj: Any) -> tuple[bytes, Any, bool]:
         if not isinstance(obj, (dict, list)):
@@ -457,6 +529,13 @@ def _finishes(obj: Any) -> Callable[[Key], bool] | None:
                 return len(logical) > 1 and logical[0] == "choices" and logical[1] in done
             return in_choice
     return None
+
+
+def _data_of(lines: list[tuple[bytes, bytes]]) -> bytes:
+    """An event's data: its data lines' values (less one leading space), joined by line
+    breaks."""
+    return b"\n".join(line[6:] if line[5:6] == b" " else line[5:]
+                       for line, _ in lines if line.startswith(b"data:"))
 
 
 def _text_position(ctx: tuple, logical: tuple) -> tuple | None:
