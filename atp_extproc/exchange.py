@@ -462,18 +462,30 @@ class Exchange:
         if enforced:
             refusal = self._tool_refusal(doc, enforced)
             if refusal is not None:
-                refusal.policy_id = rec.policy_denied = _stripper(outcome, True)
+                refusal.policy_id = rec.policy_denied = self._stripper(outcome, doc)
                 raise refusal
         if rec.policy_would_deny is None:
             every = tuple(dict.fromkeys(name for name, _, _ in outcome.strip_hits))
             refusal = self._tool_refusal(doc, every) if set(every) != set(enforced) \
                 else None
             if refusal is not None:
-                rec.policy_would_deny = _stripper(outcome, False)
+                rec.policy_would_deny = self._stripper(outcome, doc, dry_beside=enforced)
         for keys in _TOOL_FIELDS if enforced else ():
             kept = strip_tools(doc, enforced, keys[0])
             if kept is not None:
                 self._strip_tools(doc, kept, enforced, keys)
+
+    def _stripper(self, outcome: Outcome, doc: dict,
+                  dry_beside: tuple[str, ...] | None = None) -> str:
+        """The strip policy a refusal is named for: the first enforced one whose tool
+        alone makes it, or for what a dry run would refuse, the first dry-run one whose
+        tool does beside those enforced ones strip (`dry_beside`); where only their
+        tools together make it (`required` with none left), the first of them."""
+        stripped = dry_beside or ()
+        hits = [(name, pid) for name, pid, on in outcome.strip_hits
+                if on is (dry_beside is None)]
+        return next((pid for name, pid in hits
+                     if self._tool_refusal(doc, (*stripped, name)) is not None), hits[0][1])
 
     def _tool_refusal(self, doc: dict, names: tuple[str, ...]) -> RequestError | None:
         """The refusal stripping the tools `names` from `doc` makes: a Responses input
@@ -997,13 +1009,6 @@ _NO_COMPRESSION = ("accept-encoding",)
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
-
-
-def _stripper(outcome: Outcome, enforced: bool) -> str:
-    """The strip policy a refusal is named for: the first enforced one; for what
-    enforcing every policy would refuse, the first dry-run one (the enforced ones alone
-    refused nothing)."""
-    return next(pid for _, pid, on in outcome.strip_hits if on == enforced)
 
 
 def _forced_stripped(choice_key: str) -> RequestError:

@@ -1185,6 +1185,33 @@ def test_a_refusal_for_a_forced_stripped_tool_is_recorded_as_the_policys(snap) -
     assert rec.route == "chat"  # resolved before the refusal: it was ''
 
 
+_STRIPS = """policies:
+""" + "".join(f"""  - id: t.{name}
+    effect: tools
+    tool_action: strip
+    mode: {mode}
+    expression: tool.name == '{name}'
+""" for name, mode in (("alpha", "enforce"), ("beta", "enforce"), ("gamma", "dry_run"),
+                       ("delta", "dry_run")))
+
+
+def test_a_refusal_names_the_policy_that_stripped_the_tool_insisted_on(tmp_path) -> None:
+    # It named the first strip policy that hit, whichever tool it stripped.
+    shutil.copytree(EXAMPLE.parent, tmp_path / "examples")
+    (tmp_path / "examples" / "policies" / "strips.yaml").write_text(_STRIPS)
+    snap = config.load(tmp_path / "examples" / "atp.yaml")
+
+    def forcing(tool: str, tools: tuple[str, ...]) -> dict:
+        return chat("gpt-4o-mini", tools=[{"type": "function", "function": {"name": n}}
+                                          for n in tools],
+                    tool_choice={"type": "function", "function": {"name": tool}})
+
+    ex, resp = send_body(snap, forcing("beta", ("alpha", "beta", "keep")))
+    assert immediate(resp)[1]["error"]["policy_id"] == "t.beta"
+    ex, _ = send_body(snap, forcing("delta", ("alpha", "gamma", "delta", "keep")))
+    assert ex.finish().policy_would_deny == "t.delta"
+
+
 def test_a_dry_run_strip_that_would_refuse_is_recorded_as_would_deny(tmp_path) -> None:
     # Under policy.mode: dry_run the request went on, and nothing counted the refusal
     # that enforcing would bring.
