@@ -57,12 +57,16 @@ class ScanResult:
     incomplete: bool = False
 
 
+_DENSE_CHARS = 512 << 10
+
+
 class Budget:
     """Work units one request may use, so no input can make a scan arbitrarily slow.
 
     Prose uses a few thousand units per MiB, but text dense with numbers far more: an
     application log with an id and a time on every line about 0.27 units per character,
-    a CSV of contacts with phone numbers 0.32. Adversarial input (megabytes of digit
+    a CSV of contacts with phone numbers 0.32 (so such text passes up to about 600 KB).
+    Adversarial input (megabytes of digit
     groups, invisible characters or near-miss candidates) uses 1 and more; it exhausts the
     budget, and the scan stops with `exhausted` set: the caller reports it incomplete and,
     by default, refuses. One unit is two to four microseconds of work: a candidate match
@@ -80,9 +84,12 @@ class Budget:
 
     @classmethod
     def for_text(cls, n_chars: int) -> Budget:
-        # 0.35 a character: a 4 MiB body then stops within about 5 s, inside Envoy's
-        # message_timeout; text normalised character by character (0.5) exhausts it.
-        return cls(50_000 + n_chars * 7 // 20)
+        # 0.35 a character up to 512 Ki characters (dense logs and contact lists pass;
+        # text normalised character by character, 0.5, does not), 1/16 past that: three
+        # 4 MiB bodies of digit soup then stop within about 2 s each, and Envoy's
+        # message_timeout holds for requests queued behind them.
+        dense = min(n_chars, _DENSE_CHARS)
+        return cls(50_000 + dense * 7 // 20 + (n_chars - dense) // 16)
 
     def spend(self, units: int = 1) -> bool:
         if self.left < units:
