@@ -1019,22 +1019,28 @@ def _forced_stripped(choice_key: str) -> RequestError:
 _JSON_ONLY = MappingProxyType({"content-type": "application/json"})
 
 
-# Charsets whose text ATP's UTF-8 reading gets right or refuses: ASCII is the same in
-# them, and a byte above it is no UTF-8 text (a Latin-1 'é') unless it is UTF-8's.
-_ASCII_CHARSETS = re.compile(r"utf-?8|(?:us-)?ascii|iso-8859-\d{1,2}|latin-?1"
-                             r"|(?:windows|cp)-?125\d", re.IGNORECASE)
+# Charsets that write ASCII otherwise than ASCII: a body in one of them reads as other
+# text in UTF-8 (UTF-7's `+AEA-` is `@`). In the others (Latin-1, GBK, Shift_JIS...) the
+# ASCII is the same, and a byte above it is no UTF-8 text (refused) or UTF-8's, which
+# the provider reads too (it is told application/json).
+_ASCII_OPAQUE = re.compile(r"utf[-_]?7|utf[-_]?16.*|utf[-_]?32.*|ucs[-_]?[24].*|unicode.*"
+                           r"|iso[-_]?2022.*"
+                           r"|.*ebcdic.*|cp0?37|cp500|cp875|cp1026|cp1140|ibm0?37|ibm500"
+                           r"|ibm1047|hz.*|x-imap4-modified-utf7",
+                           re.IGNORECASE)
+# A Content-Type's parameters (a header sent twice arrives joined by a comma); a quoted
+# value may hold ';' or ','.
+_PARAM = re.compile(r'[;,]\s*([^=;,\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
 
 
 def _foreign_charset(content_type: str) -> str | None:
     """A charset a Content-Type names (any of them, if a header sent twice names two)
-    that writes ASCII text otherwise than ASCII: a provider's server would decode the
-    body with it (UTF-7 writes `@` as `+AEA-`), where ATP reads UTF-8."""
-    for param in content_type.replace(",", ";").split(";")[1:]:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"').strip()
-            if not _ASCII_CHARSETS.fullmatch(charset):
-                return charset[:40]
+    that writes ASCII otherwise than ASCII: a provider's server would decode the body
+    with it, where ATP reads UTF-8."""
+    for name, value in _PARAM.findall(content_type):
+        charset = value.strip().strip('"').strip()
+        if name.lower() == "charset" and _ASCII_OPAQUE.fullmatch(charset):
+            return charset[:40]
     return None
 
 
