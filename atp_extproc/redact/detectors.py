@@ -937,8 +937,9 @@ class Scanner:
                 return
             glue = _glued(asc, s, e, bounds)
             # One chunk tagged onto a word ("INV-2024-0042", "v1.2.3456789") holds no
-            # phone number; but a card written whole and tagged with a dash or an
-            # underscore ("ref-4111…", "cc_4111-1111-…") is still a card.
+            # phone number; but a card in its groups tagged with a dash or an underscore
+            # ("ref-4111-1111-1111-1111") is still a card. A bare number so tagged is an
+            # id ("req-…", "fb_…"): one in ten passes Luhn and some brand's range.
             tagged = glue == 1 and 32 not in asc[s:e]
             if glue == 2 or (tagged and not (want_card and _dash_tagged(asc, s, e))):
                 continue
@@ -948,7 +949,7 @@ class Scanner:
                        (ext_s, e) if ext_s != -1 else None, glue == 1)
             nch = len(run.ndig)
             if tagged:
-                hit = self._card_at(run, 0, tagged=True) if nch == 1 else None
+                hit = self._card_at(run, 0) if nch == 1 and run.ngroups[0] > 1 else None
                 if hit is not None:
                     found.append(hit[0])
                 continue
@@ -995,7 +996,7 @@ class Scanner:
                 found.append(hit[0])
                 a = free = hit[1] + 1
 
-    def _card_at(self, run: _Run, a: int, tagged: bool = False):
+    def _card_at(self, run: _Run, a: int):
         ndig, ngroups = run.ndig, run.ngroups
         if run.lead(a) == b"+":
             return None  # "+4915123455730" is a phone number
@@ -1026,11 +1027,8 @@ class Scanner:
             digits = "".join(run.chunk_digits(c) for c in range(a, end + 1))
             if not card_ok(digits):
                 continue
-            # A bare number bound to an identifier is a card only at a card's usual
-            # length (15: Amex, 16: the rest): ids of other lengths pass Luhn too.
-            if end == a and ((run.soft_glued and not (tagged and len(digits) in (15, 16)))
-                             or (len(digits) <= 13 and a == 0
-                                 and run.negative_context(_CARD_CTX))):
+            if end == a and (run.soft_glued or (len(digits) <= 13 and a == 0
+                                                and run.negative_context(_CARD_CTX))):
                 continue
             return Found("card", run.chunk_start(a), run.chunk_end(end), digits), end
         return None
@@ -1415,8 +1413,8 @@ def _identifier_before(text: str, start: int) -> bool:
 def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     """2: the digit run is part of a word ("a1b2", "x@1"); 1: part of an identifier or of a
     larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules
-    out a phone number and (but at a card's usual length) a bare card number; 0:
-    free-standing. A part boundary (`bounds`) separates like a space."""
+    out a phone number and a bare card number; 0: free-standing. A part boundary
+    (`bounds`) separates like a space."""
     n = len(asc)
     soft = 0
     if asc[s] in _DIGITS and s > 0 and s not in bounds:
