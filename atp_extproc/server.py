@@ -93,9 +93,11 @@ def _fixed_at_start(snapshot: Snapshot, options: ServeOptions) -> dict[str, obje
 
 # The files a config reads and its policy.include globs (Snapshot.files, .include_globs).
 _Sources = tuple[tuple[str, ...], tuple[str, ...]]
+# Per file (and for what policy.include matches), what tells an edit: name, stat.
+_Stamp = tuple[tuple[str, object], ...]
 # Loads of a config whose files keep changing under them before the change waits for the
 # next poll (an editor or a deploy tool writing a file in pieces settles within these).
-_SETTLE_TRIES = 5
+_SETTLE_TRIES = 3
 
 
 def _policies_changed(old: Snapshot, new: Snapshot) -> str:
@@ -115,7 +117,7 @@ class ConfigHolder:
 
     def __init__(self, path: Path, snapshot: Snapshot,
                  options: ServeOptions = ServeOptions(),
-                 stamp: tuple[tuple[object, ...], _Sources] | None = None):
+                 stamp: tuple[_Stamp, _Sources] | None = None):
         """`stamp`: the files' stamp taken before `snapshot` was read, and what it
         covers (see load); without it, the snapshot's files are stamped now."""
         self.path = path
@@ -140,52 +142,58 @@ class ConfigHolder:
         return cls(path, snapshot, options, stamp)
 
     @classmethod
-    def _load_settled(cls, path: Path) -> tuple[tuple[tuple[object, ...], _Sources],
+    def _load_settled(cls, path: Path) -> tuple[tuple[_Stamp, _Sources],
                                                  Snapshot]:
         """`path` loaded, with the stamp taken before: loaded again while its files
         change under the load. atp.yaml and the policy files it includes are read one
         after the other, and a Kubernetes ConfigMap update swaps them all at once in
         between: the snapshot would hold atp.yaml of one version and policies of the
         other, a config neither version is."""
+        changed: set[str] = set()
         for _ in range(_SETTLE_TRIES):
             stamp = cls._stamp_now(path)
             try:
                 snapshot = config_mod.load(path)
             except ConfigError:
-                if cls._stamp_now(path) == stamp:
+                after = cls._stamp_now(path)
+                if after == stamp:
                     raise
-                continue
-            if cls._stamp_now(path) == stamp:
-                return stamp, snapshot
-        raise ConfigError(str(path), [("", f"the files changed while ATP read them, "
-                                          f"{_SETTLE_TRIES} times in a row")])
+            else:
+                after = cls._stamp_now(path)
+                if after == stamp:
+                    return stamp, snapshot
+            changed |= {name for name, _ in set(stamp[0]) ^ set(after[0])}
+        raise ConfigError(str(path), [(", ".join(sorted(changed)), (
+            f"changed while ATP read the config, {_SETTLE_TRIES} times in a row (a file "
+            "written without pause?); the config in force stays, and the next poll tries "
+            "again"))])
 
     @classmethod
-    def _stamp_now(cls, path: Path) -> tuple[tuple[object, ...], _Sources]:
+    def _stamp_now(cls, path: Path) -> tuple[_Stamp, _Sources]:
         sources = config_mod.files_read_by(path)
         return cls._stamp_of(path, *sources), sources
 
-    def _file_stamp(self) -> tuple[object, ...]:
+    def _file_stamp(self) -> _Stamp:
         return self._stamp_of(self.path, *self._sources)
 
     @staticmethod
     def _stamp_of(path: Path, files: tuple[str, ...],
-                  include_globs: tuple[str, ...]) -> tuple[object, ...]:
+                  include_globs: tuple[str, ...]) -> _Stamp:
         # atp.yaml, every policy file it includes, and what policy.include matches now
         # (a new file there is a reload too): an edit to any is a reload.
         matched = sorted({m for pattern in include_globs
                           for m in glob.glob(pattern, recursive=True)})
-        stamps: list[object] = [tuple(matched)]
+        stamps: list[tuple[str, object]] = [("policy.include", tuple(matched))]
         # What the globs match now too: a new file the last reload refused is not among
         # the snapshot's files, and its fix must reload as well.
         for name in dict.fromkeys((str(path), *files[1:], *matched)):
             try:
                 st = os.stat(name)
             except OSError:
-                stamps.append(None)
+                stamps.append((name, None))
                 continue
             # ctime too: `cp -p`, `touch -r` or an archive keep mtime (and often size).
-            stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+            stamps.append((name, (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)))
         return tuple(stamps)
 
     def reload(self, reason: str) -> bool:
@@ -255,11 +263,17 @@ class ConfigHolder:
     async def watch(self) -> None:
         # Polling the file's stat rather than inotify: Kubernetes ConfigMaps and editors
         # replace files through symlink swaps and renames that inotify watches can miss.
+        seen: _Stamp | None = None
         while True:
             await asyncio.sleep(self.current.server.reload_poll_s)
             try:
-                if self._file_stamp() != self._stamp:
+                now = self._file_stamp()
+                # Loaded once the files stood still for a poll: a file written without
+                # pause (a log an include glob matches) would otherwise have every poll
+                # load the config on the event loop, and never settle.
+                if now != self._stamp and now == seen:
                     self.reload("file changed")
+                seen = now
             except Exception:
                 log.exception("config watch: cannot check %s; trying again", self.path)
 

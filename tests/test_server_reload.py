@@ -69,6 +69,33 @@ async def test_watch_outlives_a_bad_file_and_loads_the_fix(tmp_path: Path) -> No
         watcher.cancel()
 
 
+@pytest.mark.asyncio
+async def test_a_file_written_without_pause_is_loaded_once_it_stops(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    # A file an include glob matches, rewritten every few milliseconds: every poll loaded
+    # the config (three times over, as it never settled), on the event loop.
+    (tmp_path / "policies").mkdir()
+    data = tmp_path / "policies" / "data.yaml"
+    data.write_text("policies: []\n")
+    holder = holder_for(tmp_path, GOOD + "policy: {include: [policies/*.yaml]}\n")
+    loads: list[object] = []
+    load = config_mod.load
+    monkeypatch.setattr(config_mod, "load", lambda path: loads.append(path) or load(path))
+    watcher = asyncio.create_task(holder.watch())
+    try:
+        for i in range(40):  # written every 10 ms; polled every 50 ms
+            data.write_text(f"policies: []\n# {i}\n")
+            await asyncio.sleep(0.01)
+        assert loads == []
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if holder._file_stamp() == holder._stamp:
+                break
+        assert holder._file_stamp() == holder._stamp and len(loads) == 1
+    finally:
+        watcher.cancel()
+
+
 def test_a_new_file_matching_policy_include_is_a_reload(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "a.yaml").write_text(
@@ -174,8 +201,9 @@ def test_files_that_never_settle_keep_the_old_config_until_the_next_poll(
     with caplog.at_level("ERROR", logger="atp.server"):
         assert holder.reload("file changed") is False
     assert holder.current is old
-    assert any("the files changed while ATP read them" in r.getMessage()
-               for r in caplog.records)
+    # Named, with what follows: it said "atp.yaml: <root>: the files changed".
+    assert any(f"atp.yaml: {gate}: changed while ATP read the config, 3 times in a row"
+               in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(config_mod, "load", load)
     assert holder._file_stamp() != holder._stamp  # the next poll tries again
     assert holder.reload("file changed")
