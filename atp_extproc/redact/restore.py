@@ -297,9 +297,7 @@ class Restorer:
             if _TEXT_DELTA.search(event):
                 self._count_sent(event)
             return event
-        # Lines with their ends (CRLF, LF or CR, as SSE allows), the last one bare.
-        parts = _LINE_END.split(event)
-        lines = list(zip(parts[0::2], [*parts[1::2], b""], strict=True))
+        lines = _lines(event)
         if sum(line.startswith(b"data:") for line, _ in lines) > 1:
             joined = self._multiline_event(lines)
             if joined is not None:
@@ -350,10 +348,8 @@ class Restorer:
     def _count_sent(self, event: bytes) -> None:
         """Count what a text delta passed on unchanged adds to its text: a citation
         streamed later points past it, and past what restore put back after it."""
-        parts = _LINE_END.split(event)
         try:
-            obj = json.loads(_data_of(list(zip(parts[0::2], [*parts[1::2], b""],
-                                               strict=True))))
+            obj = json.loads(_data_of(_lines(event)))
         except (ValueError, RecursionError):
             return
         if not isinstance(obj, dict):
@@ -529,6 +525,12 @@ def _finishes(obj: Any) -> Callable[[Key], bool] | None:
                 return len(logical) > 1 and logical[0] == "choices" and logical[1] in done
             return in_choice
     return None
+
+
+def _lines(event: bytes) -> list[tuple[bytes, bytes]]:
+    """An event's lines with their ends (CRLF, LF or CR, as SSE allows), the last bare."""
+    parts = _LINE_END.split(event)
+    return list(zip(parts[0::2], [*parts[1::2], b""], strict=True))
 
 
 def _data_of(lines: list[tuple[bytes, bytes]]) -> bytes:
