@@ -462,30 +462,36 @@ class Exchange:
         if enforced:
             refusal = self._tool_refusal(doc, enforced)
             if refusal is not None:
-                refusal.policy_id = rec.policy_denied = self._stripper(outcome, doc)
+                refusal.policy_id = rec.policy_denied = self._stripper(outcome, doc,
+                                                                       refusal)
                 raise refusal
         if rec.policy_would_deny is None:
             every = tuple(dict.fromkeys(name for name, _, _ in outcome.strip_hits))
             refusal = self._tool_refusal(doc, every) if set(every) != set(enforced) \
                 else None
             if refusal is not None:
-                rec.policy_would_deny = self._stripper(outcome, doc, dry_beside=enforced)
+                rec.policy_would_deny = self._stripper(outcome, doc, refusal,
+                                                       dry_beside=enforced)
         for keys in _TOOL_FIELDS if enforced else ():
             kept = strip_tools(doc, enforced, keys[0])
             if kept is not None:
                 self._strip_tools(doc, kept, enforced, keys)
 
-    def _stripper(self, outcome: Outcome, doc: dict,
+    def _stripper(self, outcome: Outcome, doc: dict, refusal: RequestError,
                   dry_beside: tuple[str, ...] | None = None) -> str:
-        """The strip policy a refusal is named for: the first enforced one whose tool
-        alone makes it, or for what a dry run would refuse, the first dry-run one whose
-        tool does beside those enforced ones strip (`dry_beside`); where only their
-        tools together make it (`required` with none left), the first of them."""
+        """The strip policy `refusal` is named for: the first enforced one whose tool
+        alone makes it (the same field refused), or for what a dry run would refuse, the
+        first dry-run one whose tool does beside those enforced ones strip
+        (`dry_beside`); where only their tools together make it (`required` with none
+        left), the first of them."""
         stripped = dry_beside or ()
         hits = [(name, pid) for name, pid, on in outcome.strip_hits
                 if on is (dry_beside is None)]
-        return next((pid for name, pid in hits
-                     if self._tool_refusal(doc, (*stripped, name)) is not None), hits[0][1])
+        for name, pid in hits:
+            alone = self._tool_refusal(doc, (*stripped, name))
+            if alone is not None and alone.param == refusal.param:
+                return pid
+        return hits[0][1]
 
     def _tool_refusal(self, doc: dict, names: tuple[str, ...]) -> RequestError | None:
         """The refusal stripping the tools `names` from `doc` makes: a Responses input
@@ -1023,11 +1029,13 @@ _JSON_ONLY = MappingProxyType({"content-type": "application/json"})
 # text in UTF-8 (UTF-7's `+AEA-` is `@`). In the others (Latin-1, GBK, Shift_JIS...) the
 # ASCII is the same, and a byte above it is no UTF-8 text (refused) or UTF-8's, which
 # the provider reads too (it is told application/json).
-_ASCII_OPAQUE = re.compile(r"utf[-_]?7|utf[-_]?16.*|utf[-_]?32.*|ucs[-_]?[24].*|unicode.*"
-                           r"|iso[-_]?2022.*"
-                           r"|.*ebcdic.*|cp0?37|cp500|cp875|cp1026|cp1140|ibm0?37|ibm500"
-                           r"|ibm1047|hz.*|x-imap4-modified-utf7",
-                           re.IGNORECASE)
+_ASCII_OPAQUE = re.compile(
+    r".*utf[-_]?(?:7|16|32).*|(?:cs)?unicode.*|.*ucs[-_]?[24].*|(?:cs)?iso[-_]?2022.*"
+    r"|.*ebcdic.*|hz.*|x-imap4-modified-utf7"
+    # EBCDIC code pages by number: 037, the national ones, 1047, 1140-1149 ...
+    r"|(?:cp|ibm|csibm)[-_]?0?(?:37|273|277|278|280|284|285|290|297|420|423|424|500|833"
+    r"|838|870|871|875|880|905|918|1025|1026|1047|114\d)",
+    re.IGNORECASE)
 # A Content-Type's parameters (a header sent twice arrives joined by a comma); a quoted
 # value may hold ';' or ','.
 _PARAM = re.compile(r'[;,]\s*([^=;,\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,]*)')
@@ -1038,7 +1046,7 @@ def _foreign_charset(content_type: str) -> str | None:
     that writes ASCII otherwise than ASCII: a provider's server would decode the body
     with it, where ATP reads UTF-8."""
     for name, value in _PARAM.findall(content_type):
-        charset = value.strip().strip('"').strip()
+        charset = value.strip().strip("\"'").strip()
         if name.lower() == "charset" and _ASCII_OPAQUE.fullmatch(charset):
             return charset[:40]
     return None

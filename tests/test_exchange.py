@@ -1210,6 +1210,14 @@ def test_a_refusal_names_the_policy_that_stripped_the_tool_insisted_on(tmp_path)
     assert immediate(resp)[1]["error"]["policy_id"] == "t.beta"
     ex, _ = send_body(snap, forcing("delta", ("alpha", "gamma", "delta", "keep")))
     assert ex.finish().policy_would_deny == "t.delta"
+    # The field refused names the tool: a Responses input item declaring beta is refused
+    # before the choice forcing alpha, and beta's policy is named.
+    ex, resp = send_body(snap, {"model": "gpt-4o-mini", "input": [
+        {"type": "tool_search_output", "tools": [{"type": "function", "name": "beta"}]}],
+        "tools": [{"type": "function", "name": "alpha"}],
+        "tool_choice": {"type": "function", "name": "alpha"}}, path="/v1/responses")
+    error = immediate(resp)[1]["error"]
+    assert (error["param"], error["policy_id"]) == ("input[0].tools", "t.beta")
 
 
 def test_a_dry_run_strip_that_would_refuse_is_recorded_as_would_deny(tmp_path) -> None:

@@ -66,7 +66,10 @@ def test_an_identity_encoding_goes_on(snap, encoding) -> None:
 @pytest.mark.parametrize("content_type", [
     "application/json; charset=utf-7", "application/json; charset=UTF_7",
     "text/plain;Charset=UTF-16", 'a/b; charset="ISO-2022-JP"', "a/b; charset=cp037",
-    "application/json; charset=utf-8, application/json; charset=utf-32le"])
+    "application/json; charset=utf-8, application/json; charset=utf-32le",
+    # Their aliases: csUTF7, UCS-2 by its ISO name, EBCDIC by code page, single quotes.
+    "a/b; charset=csUTF7", "a/b; charset=ISO-10646-UCS-2", "a/b; charset=IBM273",
+    "a/b; charset=cp1047", "a/b; charset='utf-16'"])
 def test_a_charset_that_writes_ascii_otherwise_is_refused_with_415(snap, content_type) -> None:
     _, resp = start(snap, extra={"content-type": content_type})
     assert_error(resp, 415, "unsupported_charset")

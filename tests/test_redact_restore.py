@@ -391,6 +391,12 @@ def test_after_an_event_too_big_to_hold_the_stream_is_read_event_by_event_again(
     out = run(restorer(), [stream[i:i + (1 << 20)] for i in range(0, len(stream), 1 << 20)])
     assert content_of(out) == "Mail jane@example.com now"
     assert b'"partial_image_b64":"' + b"A" * 100 in out.replace(b": ", b":")
+    # The big event's end split between chunks ("\n" | "\n", "\r\n\r" | "\n").
+    for sep in (b"\n\n", b"\r\n\r\n"):
+        crlf = stream.replace(b"\n\n", sep)
+        cut = crlf.index(sep, len(event(delta("Mail [EMA"))) + (5 << 20)) + len(sep) - 1
+        out = run(restorer(), [crlf[:cut], crlf[cut:]])
+        assert content_of(out.replace(b"\r\n", b"\n")) == "Mail jane@example.com now"
 
 
 def test_held_text_goes_before_an_event_the_stream_cut_off():

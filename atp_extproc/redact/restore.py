@@ -222,9 +222,9 @@ class Restorer:
         data = self._tail + chunk if self._tail else chunk
         out: list[bytes] = []
         if self._raw:
-            m = EVENT_END.search(data)
+            m = EVENT_END.search(data, max(0, held - 3))
             if m is None:
-                return self._raw_feed(data, end)
+                return self._raw_event_part(data, end)
             # The oversized event (a streamed image's 4 MiB of base64) ends here: the
             # stream is read event by event again, with what it held before.
             out.append(self._raw_feed(data[:m.end()], True))
@@ -257,10 +257,19 @@ class Restorer:
                 flushed, added = self._flush(seq=self._next_seq())
                 self._added += added
                 out.append(flushed)
-            out.append(self._raw_feed(rest, False))
+            out.append(self._raw_event_part(rest, False))
         else:
             self._tail = rest
         return b"".join(out)
+
+    def _raw_event_part(self, data: bytes, end: bool) -> bytes:
+        """Part of an event too big to hold, restored as raw bytes. Line ends at its end
+        may be the first half of the event's end: they wait for the next chunk, as a
+        placeholder's start does (none holds a line end)."""
+        ends = 0 if end else min(3, len(data) - len(data.rstrip(b"\r\n")))
+        body = self._raw_feed(data[:len(data) - ends], end)
+        self._tail += data[len(data) - ends:]
+        return body
 
     def feed_json(self, chunk: bytes, end: bool) -> bytes:
         """Restore one chunk of a JSON answer too big to hold whole: the values go in
