@@ -254,8 +254,10 @@ def _stack(args: argparse.Namespace) -> int:
     try:
         stack.start_all()
         print(f"ATP stack is up (logs in {workdir}):")
-        for what, where in stack.urls():
-            print(f"  {what:32} {where}")
+        urls = stack.urls()
+        width = max(len(what) for what, _ in urls)
+        for what, where in urls:
+            print(f"  {what:{width}}  {where}")
         print("Try:\n  curl -s http://127.0.0.1:10000/v1/models "
               "-H 'Authorization: Bearer sk-demo-alice'\nCtrl-C stops everything.")
         sys.stdout.flush()

@@ -36,11 +36,12 @@ def parse_since(text: str, now: float | None = None) -> int:
 
 def _money(pico: int, decimals: int) -> str:
     exact = usd(pico)
-    amount = exact.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)
-    if amount == 0 and pico:
-        # A few embeddings cost well under $0.0001: two significant digits, not $0.0000.
-        amount = exact.quantize(Decimal(1).scaleb(exact.adjusted() - 1),
-                                rounding=ROUND_HALF_EVEN)
+    exponent = -decimals
+    if pico and exact.adjusted() < 1 - decimals:
+        # Under a tenth of a cent (a few embeddings, a demo session's requests): two
+        # significant digits, not $0.0000, nor $0.0001 for $0.00006135.
+        exponent = exact.adjusted() - 1
+    amount = exact.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_HALF_EVEN)
     # -$0.11, as accounts write a loss (a route dearer than its baseline), not $-0.11.
     return f"{'-' if amount < 0 else ''}${abs(amount):,f}"
 
