@@ -25,10 +25,10 @@ OPERATIONS: dict[str, str] = {
     "/v1/embeddings": "embeddings",
     "/v1/responses": "responses",
 }
-# The field each operation cannot do without; a provider would reject the request anyway,
-# so ATP answers first and nothing is sent.
-_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input",
-             "responses": "input"}
+# The field each operation cannot do without, its messages, prompts or inputs; a provider
+# would reject a request without it anyway, so ATP answers first and nothing is sent.
+ITEMS_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input",
+               "responses": "input"}
 # Streaming usage can be asked for on these; /v1/responses always reports it at the end.
 _STREAM_OPTIONS_OPS = frozenset({"chat", "completions"})
 
@@ -427,7 +427,7 @@ def read_request(operation: str, doc: dict[str, Any],
         stream = False
     elif not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be a boolean", "invalid_type", param="stream")
-    required = _REQUIRED[operation]
+    required = ITEMS_FIELD[operation]
     if operation == "responses":
         _check_stored_prompt(doc.get("prompt"))
     # A Responses request may take its input from a stored prompt instead.

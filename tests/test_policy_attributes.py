@@ -425,3 +425,16 @@ def test_message_count_counts_what_each_api_sends(operation, doc, count):
 ])
 def test_a_tool_name_shaped_like_a_credential_is_not_logged(name, logged):
     assert safe_name(name, 4) == logged
+
+
+@pytest.mark.parametrize(("operation", "doc", "count"), [
+    ("responses", {"input": [{"role": "user", "content": "x"}] * 250, "messages": []}, 250),
+    ("completions", {"prompt": ["a", "b", "c"], "messages": None}, 3),
+    ("embeddings", {"input": ["a", "b", "c"], "messages": ["x"]}, 3),
+    ("chat", {"messages": [{"role": "user", "content": "x"}] * 2, "input": ["a"] * 9}, 2),
+])
+def test_message_count_reads_the_operations_own_field(operation, doc, count):
+    # A stray `messages: []` beside a Responses request's 250 input items counted 0,
+    # past limits.message_count (the provider served all 250).
+    fields, _ = request_from_body(operation, doc)
+    assert fields["message_count"] == count

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from atp_extproc.llm_api import (
+    ITEMS_FIELD,
     TOKEN_LIMIT_KEYS,
     UnreadableNumber,
     parse_arguments,
@@ -627,7 +628,9 @@ def request_from_body(operation: str,
     if isinstance(metadata, dict):
         out["metadata"] = metadata
     # Messages, input items, prompts: a string is one, token ids are one, however many.
-    items = doc.get("messages", doc.get("prompt" if operation == "completions" else "input"))
+    # The operation's own field only: a stray `messages: []` beside a Responses request's
+    # input made its count 0, past limits.message_count.
+    items = doc.get(ITEMS_FIELD.get(operation, ""))
     if isinstance(items, list):
         out["message_count"] = 1 if token_ids(items) else len(items)
     elif isinstance(items, str):
