@@ -1231,7 +1231,7 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
                                "messages": [{"role": "user", "content": "hi"}]}).encode()
             status, reply = _post(f"{base}/v1/chat/completions", body, {
                 "Authorization": "Bearer sk-demo-alice", "content-type": "application/json",
-                "x-atp-cluster": "anthropic"})
+                "x-atp-cluster": "anthropic", "x-envoy-internal-note": "10.4.5.6 payments"})
             assert status == 200, reply
             seen = [json.loads(line) for line in record.read_text().splitlines()][-1]
             assert seen["sni"] == host
