@@ -499,10 +499,42 @@ def missing_cluster_problems(file: str, text: str,
     clusters = static.get("clusters") if isinstance(static, dict) else None
     names = {c.get("name") for c in clusters or () if isinstance(c, dict)}
     line = _line(static, "clusters") if isinstance(static, dict) else 1
-    return [Problem(file, line, "static_resources.clusters",
-                    f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
-                    "would answer its requests 503 cluster_not_found")
-            for name in sorted(set(model_clusters) - names)]
+    problems = [Problem(file, line, "static_resources.clusters",
+                        f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
+                        "would answer its requests 503 cluster_not_found")
+                for name in sorted(set(model_clusters) - names)]
+    routed = _routed_clusters(static.get("listeners") if isinstance(static, dict) else None)
+    if routed is not None:
+        problems += [Problem(file, line, "static_resources.listeners",
+                             f"no route of a listener ATP checks sends requests to cluster "
+                             f"{name!r}, which a model in atp.yaml routes to: Envoy would "
+                             "answer them from its fallback route")
+                     for name in sorted((set(model_clusters) & names) - routed)]
+    return problems
+
+
+def _routed_clusters(listeners: Any) -> set[str] | None:
+    """The clusters the routes of listeners with ext_proc name, or None when any cluster
+    can be reached (a route reads its cluster from a header: x-atp-cluster) or the routes
+    come from elsewhere (RDS)."""
+    routed: set[str] = set()
+    for listener in listeners if isinstance(listeners, list) else ():
+        if not isinstance(listener, dict) or not any(
+                _is_ext_proc(f) for f in _walk(listener.get("filter_chains"))):
+            continue
+        for node in _walk(listener.get("filter_chains")):
+            if "rds" in node:
+                return None
+            route = node.get("route")
+            if not isinstance(route, dict):
+                continue
+            if "cluster_header" in route:
+                return None
+            routed.add(route.get("cluster"))
+            weighted = route.get("weighted_clusters")
+            clusters = weighted.get("clusters") if isinstance(weighted, dict) else None
+            routed.update(c.get("name") for c in clusters or () if isinstance(c, dict))
+    return routed
 
 
 # Envoy's per_connection_buffer_limit_bytes where a listener does not set it.
