@@ -1242,6 +1242,16 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
             assert headers["authorization"] == f"Bearer {provider_key}"
             assert not [h for h in headers if h.startswith(("x-atp-", "x-envoy-"))], headers
             assert "x-forwarded-for" not in headers
+
+        def access_log() -> list[dict]:
+            return [json.loads(line) for line in (tmp_path / "envoy.log").read_text()
+                    .splitlines() if line.startswith("{") and '"cluster"' in line]
+
+        # Gemini's rewritten path (/v1beta/openai/...) is logged as the client sent it:
+        # it was <other>.
+        wait_until(lambda: len(access_log()) >= 2, "envoy's access log lines", timeout=15)
+        assert {(e["cluster"], e["path"]) for e in access_log()} == {
+            ("openai", "/v1/chat/completions"), ("gemini", "/v1/chat/completions")}
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
