@@ -1212,7 +1212,8 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
         wait_until(lambda: grpc_serving(f"unix:{sock}"), "atp", proc=atp)
         wait_until(lambda: _tls_ready(provider_port), "provider", proc=provider)
         envoy = spawn("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn",
-                                "--disable-hot-restart", "--concurrency", "1"],
+                                "--disable-hot-restart", "--concurrency", "1",
+                                "--file-flush-interval-msec", "500"],
                       env={**os.environ, **keys})
         probe = f"http://127.0.0.1:{ports['probe']}"
         wait_until(lambda: http_ok(f"{probe}/ready"), "envoy /ready via the probe listener",
