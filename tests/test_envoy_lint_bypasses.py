@@ -356,26 +356,16 @@ def test_a_model_cluster_envoy_does_not_have_is_an_error(tmp_path):
 def test_a_model_cluster_no_route_sends_requests_to_is_an_error():
     """egress-tls routes by exact x-atp-cluster values: a provider's route deleted (its
     cluster kept) had check say OK, and Envoy answer every request its fallback 503."""
-    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+    from atp_extproc.policy.envoy_lint import _walk, missing_cluster_problems
 
     doc = yaml.safe_load((ROOT / "envoy" / "egress-tls.yaml").read_text())
     assert missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"openai", "gemini"}) == []
-    for node in _all_dicts(doc):
+    for node in _walk(doc):
         routes = node.get("routes")
         if isinstance(routes, list):
             routes[:] = [r for r in routes if r.get("route", {}).get("cluster") != "gemini"]
     (problem,) = missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"openai", "gemini"})
     assert "no route" in problem.reason and "'gemini'" in problem.reason
-
-
-def _all_dicts(node):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _all_dicts(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _all_dicts(value)
 
 
 @pytest.mark.parametrize(("rules", "said"), [
