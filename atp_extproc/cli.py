@@ -254,7 +254,7 @@ def _stack(args: argparse.Namespace) -> int:
     try:
         stack.start_all()
         print(f"ATP stack is up (logs in {workdir}):")
-        urls = stack.urls()
+        urls = list(stack.urls())
         width = max(len(what) for what, _ in urls)
         for what, where in urls:
             print(f"  {what:{width}}  {where}")

@@ -163,6 +163,20 @@ def stack_command(tmp_path: Path) -> Iterator[StackCommand]:
 
 
 @pytest.mark.integration
+def test_stack_prints_where_everything_listens(stack_command: StackCommand) -> None:
+    # Aligning the table once read its rows away: make run printed none.
+    wait_until(lambda: "Ctrl-C stops everything" in stack_command.out.read_text(),
+               "the stack's table", timeout=60, proc=stack_command.proc)
+    lines = stack_command.out.read_text().splitlines()
+    table = lines[1:lines.index("Try:")]
+    assert len(table) == 5, lines
+    for port in stack_command.ports.values():
+        assert any(f"127.0.0.1:{port}" in line for line in table), (port, table)
+    starts = {len(line) - len(line.rsplit("  ", 1)[1]) for line in table}
+    assert len(starts) == 1, table  # one column of addresses
+
+
+@pytest.mark.integration
 def test_stack_stops_every_child_on_sighup(stack_command: StackCommand) -> None:
     """Closing the terminal (SIGHUP) stops the stack like Ctrl-C: nothing is orphaned."""
     stack_command.wait_up()

@@ -122,7 +122,7 @@ def test_shadow_traffic_is_kept_apart_from_spend_and_savings(ledger):
     assert r.savings_pico == r.baseline_pico - r.cost_pico
     assert r.shadow_cost_pico == 2 * LARGE.cost_pico(1000, 1000)
     text = savings_report(ledger.path, bucket="total")
-    assert "$0.00075" in text and "$0.0125" in text and "$0.0118" in text
+    assert "$0.0008" in text and "$0.0125" in text and "$0.0118" in text
     assert "94.0%" in text and "$0.0250" in text
 
 
@@ -163,7 +163,7 @@ def test_costs_under_the_shown_decimals_keep_two_significant_digits(ledger):
     assert total[4] == "$0.0000"  # no savings: zero is zero
 
 
-def test_costs_under_a_tenth_of_a_cent_are_not_rounded_up(ledger):
+def test_costs_under_the_last_decimal_are_not_rounded_up(ledger):
     # $0.00006135 printed as $0.0001, while smaller sums printed in full.
     ledger.record(entry(tin=409, tout=0))  # 409 small input tokens: $0.00006135
     ledger.flush()

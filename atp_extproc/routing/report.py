@@ -37,8 +37,8 @@ def parse_since(text: str, now: float | None = None) -> int:
 def _money(pico: int, decimals: int) -> str:
     exact = usd(pico)
     exponent = -decimals
-    if pico and exact.adjusted() < 1 - decimals:
-        # Under a tenth of a cent (a few embeddings, a demo session's requests): two
+    if pico and exact.adjusted() < -decimals:
+        # Under the last decimal shown (a few embeddings, a demo session's requests): two
         # significant digits, not $0.0000, nor $0.0001 for $0.00006135.
         exponent = exact.adjusted() - 1
     amount = exact.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_HALF_EVEN)
