@@ -368,6 +368,38 @@ def test_a_model_cluster_no_route_sends_requests_to_is_an_error():
     assert "no route" in problem.reason and "'gemini'" in problem.reason
 
 
+@pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",
+                                     "weighted_cluster_header", "aggregate"])
+def test_routes_the_lint_cannot_follow_or_that_reach_a_cluster_pass(variant):
+    """Valid configs Envoy accepts, which the route check first refused."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    doc = yaml.safe_load((ROOT / "envoy" / "egress-tls.yaml").read_text())
+    listener = next(v for v in doc["static_resources"]["listeners"] if v["name"] == "egress")
+    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"][0]["routes"]
+    openai = next(r for r in routes if r.get("route", {}).get("cluster") == "openai")
+    if variant == "default_filter_chain":
+        listener["default_filter_chain"] = listener.pop("filter_chains")[0]
+    elif variant == "scoped_routes":
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        del manager["route_config"]
+        manager["scoped_routes"] = {"name": "s", "scope_key_builder": {"fragments": []},
+                                    "rds_config_source": {"ads": {}}, "scoped_rds": {
+                                        "scoped_rds_config_source": {"ads": {}}}}
+    elif variant == "weighted_cluster_header":
+        openai["route"] = {"weighted_clusters": {"clusters": [
+            {"cluster_header": "x-atp-cluster", "weight": 100}]}}
+    else:
+        doc["static_resources"]["clusters"].append({
+            "name": "failover", "connect_timeout": "1s", "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {"name": "envoy.clusters.aggregate", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3."
+                         "ClusterConfig", "clusters": ["openai", "gemini"]}}})
+        openai["route"]["cluster"] = "failover"
+    assert missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"openai", "gemini"}) == []
+
+
 @pytest.mark.parametrize(("rules", "said"), [
     ({"disallow_all": True}, "disallow_all: true"),
     ({"disallow_system": "true"}, "disallow_system: true"),

@@ -503,7 +503,8 @@ def missing_cluster_problems(file: str, text: str,
                         f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
                         "would answer its requests 503 cluster_not_found")
                 for name in sorted(set(model_clusters) - names)]
-    routed = _routed_clusters(static.get("listeners") if isinstance(static, dict) else None)
+    routed = _routed_clusters(static.get("listeners") if isinstance(static, dict) else None,
+                              clusters)
     if routed is not None:
         problems += [Problem(file, line, "static_resources.listeners",
                              f"no route of a listener ATP checks sends requests to cluster "
@@ -513,28 +514,40 @@ def missing_cluster_problems(file: str, text: str,
     return problems
 
 
-def _routed_clusters(listeners: Any) -> set[str] | None:
-    """The clusters the routes of listeners with ext_proc name, or None when any cluster
-    can be reached (a route reads its cluster from a header: x-atp-cluster) or the routes
-    come from elsewhere (RDS)."""
+def _routed_clusters(listeners: Any, clusters: Any) -> set[str] | None:
+    """The clusters the routes of listeners with ext_proc send requests to (an aggregate
+    cluster's members too), or None when that cannot be read here: a route picks its
+    cluster from a header (x-atp-cluster) or a plugin, or routes come from RDS."""
     routed: set[str] = set()
     for listener in listeners if isinstance(listeners, list) else ():
-        if not isinstance(listener, dict) or not any(
-                _is_ext_proc(f) for f in _walk(listener.get("filter_chains"))):
+        if not isinstance(listener, dict) or not any(_is_ext_proc(f) for f in _walk(listener)):
             continue
-        for node in _walk(listener.get("filter_chains")):
-            if "rds" in node:
+        for node in _walk(listener):
+            if "rds" in node or "scoped_routes" in node:
                 return None
             route = node.get("route")
             if not isinstance(route, dict):
                 continue
-            if "cluster_header" in route:
-                return None
-            routed.add(route.get("cluster"))
             weighted = route.get("weighted_clusters")
-            clusters = weighted.get("clusters") if isinstance(weighted, dict) else None
-            routed.update(c.get("name") for c in clusters or () if isinstance(c, dict))
+            targets = [route, *(weighted.get("clusters") or () if isinstance(weighted, dict)
+                                else ())]
+            for target in targets:
+                if not isinstance(target, dict) or _PICKED_ELSEWHERE & target.keys():
+                    return None
+                routed.add(target.get("cluster") if target is route else target.get("name"))
+    for cluster in clusters if isinstance(clusters, list) else ():
+        # An aggregate cluster sends its requests on to the clusters it lists.
+        members = next((node["clusters"] for node in _walk(cluster.get("cluster_type"))
+                        if isinstance(node.get("clusters"), list)), None) \
+            if isinstance(cluster, dict) else None
+        if members and cluster.get("name") in routed:
+            routed.update(m for m in members if isinstance(m, str))
     return routed
+
+
+# Route keys that pick the cluster per request, which no config read can follow.
+_PICKED_ELSEWHERE = frozenset({"cluster_header", "cluster_specifier_plugin",
+                               "inline_cluster_specifier_plugin"})
 
 
 # Envoy's per_connection_buffer_limit_bytes where a listener does not set it.
