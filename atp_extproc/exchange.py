@@ -264,7 +264,7 @@ class Exchange:
             return self._answer_models(rec.method, path)
         operation = "feedback" if path == FEEDBACK_PATH else OPERATIONS.get(path)
         if operation is None:
-            raise RequestError(404, f"Invalid URL ({rec.method} {path})", "unknown_url")
+            raise RequestError(404, f"Invalid URL ({rec.method} {_echo(path)})", "unknown_url")
         if rec.method != "POST":
             raise RequestError(405, f"Method {rec.method} is not allowed on {path}; "
                                "use POST", "method_not_allowed", headers={"allow": "POST"})
@@ -274,7 +274,7 @@ class Exchange:
         if _encoded(encoding):
             # ATP reads the body as JSON text and forwards what it read: a compressed body
             # would be unreadable, and a label kept on a rewritten body would be false.
-            raise RequestError(415, f"Content-Encoding {encoding!r} is not supported; send "
+            raise RequestError(415, f"Content-Encoding {_echo(encoding)!r} is not supported; send "
                                "the JSON body uncompressed", "unsupported_content_encoding")
         charset = _foreign_charset(headers.get("content-type", ""))
         if charset is not None:
@@ -1048,8 +1048,17 @@ def _foreign_charset(content_type: str) -> str | None:
     for name, value in _PARAM.findall(content_type):
         charset = value.strip().strip("\"'").strip()
         if name.lower() == "charset" and _ASCII_OPAQUE.fullmatch(charset):
-            return charset[:40]
+            return _echo(charset)
     return None
+
+
+def _echo(text: str) -> str:
+    """What an error repeats of the client's own request: bounded (a 10 KB header came
+    back whole)."""
+    return text if len(text) <= _ECHO_CHARS else text[:_ECHO_CHARS] + "…"
+
+
+_ECHO_CHARS = 64
 
 
 def _encoded(content_encoding: str) -> bool:

@@ -186,7 +186,9 @@ class ConfigHolder:
         stamps: list[tuple[str, object]] = [("policy.include", tuple(matched))]
         # What the globs match now too: a new file the last reload refused is not among
         # the snapshot's files, and its fix must reload as well.
-        for name in dict.fromkeys((str(path), *files[1:], *matched)):
+        # One name per file: the snapshot names a file as shown (relative to the working
+        # directory), a glob match is absolute.
+        for name in dict.fromkeys(map(os.path.abspath, (str(path), *files[1:], *matched))):
             try:
                 st = os.stat(name)
             except OSError:
@@ -200,8 +202,8 @@ class ConfigHolder:
         # Stamped before loading, never after: files still changing when the load gave
         # up are then seen by the next poll, not taken as loaded. What the file names
         # now is stamped: a policy.include just changed reloads once.
-        self._stamp, self._sources = self._stamp_now(self.path)
         try:
+            self._stamp, self._sources = self._stamp_now(self.path)
             (self._stamp, self._sources), snapshot = self._load_settled(self.path)
         except ConfigError as exc:
             self._rejected = True

@@ -89,6 +89,17 @@ def test_the_body_goes_on_labelled_json(snap, content_type) -> None:
         ("content-type", b"application/json")]
 
 
+def test_what_an_error_repeats_of_the_request_is_bounded(snap) -> None:
+    # A 10 KB Content-Encoding (or a key sent as one) came back whole in the 415.
+    _, resp = start(snap, extra={"content-encoding": "x" * 10_000})
+    message = assert_error(resp, 415, "unsupported_content_encoding")["message"]
+    assert len(message) < 200 and "x" * 64 + "…" in message
+    ex = Exchange(snap)
+    message = assert_error(ex.handle(req_headers("POST", "/v1/" + "p" * 3000)), 404,
+                           "unknown_url")["message"]
+    assert len(message) < 200
+
+
 def test_an_api_key_in_x_api_key_never_reaches_a_provider(snap) -> None:
     _, first = start(snap, extra={"x-api-key": ALICE})
     assert "x-api-key" in first.request_headers.response.header_mutation.remove_headers

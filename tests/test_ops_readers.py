@@ -199,3 +199,31 @@ def test_check_names_an_unreadable_policy_file_once(
     (problem, tally) = lines
     assert problem.startswith(f"{policy}: cannot read: ")
     assert tally == "1 error(s), 0 warning(s)"
+
+
+# -- files an include glob matches that cannot be read as policy files -----------------
+
+
+def test_a_pipe_an_include_glob_matches_is_refused_without_reading_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Read on the event loop, it blocked ATP for good: every request failed, and SIGTERM
+    # could not stop it.
+    path = write_config(tmp_path)
+    holder = ConfigHolder.load(path)
+    os.mkfifo(tmp_path / "policies" / "pipe.yaml")
+    assert holder.reload("SIGHUP") is False
+    code, lines = run_cli(capsys, "check", str(path))
+    assert code == 1
+    assert f"{tmp_path}/policies/pipe.yaml: not a regular file" in "\n".join(lines)
+
+
+def test_a_file_name_no_utf8_encodes_is_a_problem_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_config(tmp_path)
+    holder = ConfigHolder.load(path)
+    (tmp_path / "policies" / os.fsdecode(b"bad\xff.yaml")).write_text("policies: []\n")
+    assert holder.reload("SIGHUP") is False
+    code, lines = run_cli(capsys, "check", str(path))
+    assert code == 1
+    assert "matches a file whose name is no UTF-8: " in "\n".join(lines)
+    assert "bad\\udcff.yaml (rename it)" in "\n".join(lines)

@@ -522,6 +522,14 @@ def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
                     e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system gave, held as surrogates
+        return False
+    return True
+
+
 def load_text(text: str, file: str, *, base_dir: Path | None = None,
               overrides: Mapping[str, Any] | None = None) -> LoadedPolicies:
     """Policies from atp.yaml text (or a file holding only `policies:`), with includes.
@@ -568,6 +576,17 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
             included.add(os.path.realpath(match))
             path = Path(match)
             shown = _shown(path)
+            if not _utf8(shown):
+                # Never printed or logged as it is (no UTF-8 encodes it): named escaped.
+                problems.append(Problem(file, line, f"policy.include[{i}]", (
+                    f"{pattern!r} matches a file whose name is no UTF-8: "
+                    f"{shown.encode('utf-8', 'backslashreplace').decode()} (rename it)")))
+                continue
+            if path.exists() and not path.is_file():
+                # A FIFO would block the read, and with it every request.
+                problems.append(Problem(shown, 0, "", "not a regular file (a pipe, a device "
+                                        "or a directory): an included policy file is one"))
+                continue
             try:
                 inc_text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
