@@ -397,16 +397,16 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
             problems.append(
                 (f"routes[{i}].default", f"{route.default!r} is not an alias of this route")
             )
-    key_ids = [k.key_id for k in doc.auth.api_keys]
-    for i, key_id in enumerate(key_ids):
-        if key_ids.index(key_id) != i:
-            # Policies (subject.key_id) and records tell keys apart by it: revoking one
-            # by policy would hit both.
-            problems.append((f"auth.api_keys[{i}].key_id", f"duplicate key_id {key_id!r}"))
-    hashes = [k.sha256 for k in doc.auth.api_keys]
-    for i, digest in enumerate(hashes):
-        if hashes.index(digest) != i:
-            problems.append((f"auth.api_keys[{i}].sha256", "the same key is listed twice"))
+    seen: dict[str, set[str]] = {"key_id": set(), "sha256": set()}
+    for i, key in enumerate(doc.auth.api_keys):
+        # A key_id twice: policies (subject.key_id) and records tell keys apart by it,
+        # and revoking one by policy would hit both.
+        for name, said in (("key_id", f"duplicate key_id {key.key_id!r}"),
+                           ("sha256", "the same key is listed twice")):
+            value = getattr(key, name)
+            if value in seen[name]:
+                problems.append((f"auth.api_keys[{i}].{name}", said))
+            seen[name].add(value)
     problems += check_references({m.name: m for m in doc.models}, doc.routes, doc.ledger)
     if not (doc.auth.api_keys or doc.auth.jwt or doc.auth.trusted_tenant_header
             or doc.auth.anonymous_tenant):

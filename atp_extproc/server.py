@@ -138,20 +138,19 @@ class ConfigHolder:
         """`path` loaded and held, stamped before it is read, as reload() does: an edit
         made while ATP starts (the load takes up to a second) is then a reload at the
         first poll, not taken as loaded."""
-        stamp, snapshot = cls._load_settled(path)
+        stamp, snapshot = cls._load_settled(path, cls._stamp_now(path))
         return cls(path, snapshot, options, stamp)
 
     @classmethod
-    def _load_settled(cls, path: Path) -> tuple[tuple[_Stamp, _Sources],
-                                                 Snapshot]:
-        """`path` loaded, with the stamp taken before: loaded again while its files
-        change under the load. atp.yaml and the policy files it includes are read one
-        after the other, and a Kubernetes ConfigMap update swaps them all at once in
-        between: the snapshot would hold atp.yaml of one version and policies of the
-        other, a config neither version is."""
+    def _load_settled(cls, path: Path, stamp: tuple[_Stamp, _Sources]
+                      ) -> tuple[tuple[_Stamp, _Sources], Snapshot]:
+        """`path` loaded, with the stamp taken before (`stamp`, taken just now): loaded
+        again while its files change under the load. atp.yaml and the policy files it
+        includes are read one after the other, and a Kubernetes ConfigMap update swaps
+        them all at once in between: the snapshot would hold atp.yaml of one version and
+        policies of the other, a config neither version is."""
         changed: set[str] = set()
         for _ in range(_SETTLE_TRIES):
-            stamp = cls._stamp_now(path)
             try:
                 snapshot = config_mod.load(path)
             except ConfigError:
@@ -163,6 +162,7 @@ class ConfigHolder:
                 if after == stamp:
                     return stamp, snapshot
             changed |= {name for name, _ in set(stamp[0]) ^ set(after[0])}
+            stamp = after  # taken after one load, before the next
         raise ConfigError(str(path), [(", ".join(sorted(changed)), (
             f"changed while ATP read the config, {_SETTLE_TRIES} times in a row (a file "
             "written without pause?); the config in force stays, and the next poll tries "
@@ -204,7 +204,8 @@ class ConfigHolder:
         # now is stamped: a policy.include just changed reloads once.
         try:
             self._stamp, self._sources = self._stamp_now(self.path)
-            (self._stamp, self._sources), snapshot = self._load_settled(self.path)
+            (self._stamp, self._sources), snapshot = self._load_settled(
+                self.path, (self._stamp, self._sources))
         except ConfigError as exc:
             self._rejected = True
             log.error("config reload rejected (%s); keeping version %s:\n%s",

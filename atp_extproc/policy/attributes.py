@@ -666,7 +666,7 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
     # A conversation's turns: chat's messages, Responses' input items. (Embeddings' and
     # completions' input lists are texts or token ids: a batch of 2,049 ids was a cut
     # history, 403 limits.truncated.)
-    items = {"chat": doc.get("messages"), "responses": doc.get("input")}.get(operation)
+    items = doc.get(ITEMS_FIELD[operation]) if operation in ("chat", "responses") else None
     if not isinstance(items, list):
         return
     start = max(0, len(items) - MAX_HISTORY_SCAN)

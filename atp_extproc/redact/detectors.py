@@ -66,12 +66,12 @@ class Budget:
     Prose uses a few thousand units per MiB, but text dense with numbers far more: an
     application log with an id and a time on every line about 0.27 units per character,
     a CSV of contacts with phone numbers 0.32 (so such text passes up to about 600 KB).
-    Adversarial input (megabytes of digit
-    groups, invisible characters or near-miss candidates) uses 1 and more; it exhausts the
-    budget, and the scan stops with `exhausted` set: the caller reports it incomplete and,
-    by default, refuses. One unit is two to four microseconds of work: a candidate match
-    (an IBAN or a secret two or three), a separator in a digit run, a run of characters to
-    normalise, two characters normalised one by one; a phone validation is four.
+    Adversarial input (megabytes of digit groups, invisible characters or near-miss
+    candidates) uses 1 and more; it exhausts the budget, and the scan stops with
+    `exhausted` set: the caller reports it incomplete and, by default, refuses. One unit
+    is two to four microseconds of work: a candidate match (an IBAN or a secret two or
+    three), a separator in a digit run, a run of characters to normalise, two characters
+    normalised one by one; a phone validation is four.
     """
 
     __slots__ = ("exhausted", "left", "memo")

@@ -376,8 +376,15 @@ class Restorer:
                     texts.append((_text_position((None,), logical), delta.get("content")))
         for where, text in texts:
             if where is not None and isinstance(text, str) and text:
-                sent, growth = self._grown.get(where, (0, []))
-                self._grown[where] = (sent + len(text), growth)
+                self._note_sent(where, text, restored=False)
+
+    def _note_sent(self, where: tuple, text: str, restored: bool) -> None:
+        """`text` of the provider's went on at the end of the streamed text `where`, with
+        its placeholders put back if `restored`."""
+        sent, growth = self._grown.get(where, (0, []))
+        if restored:
+            growth += self._growth(text, sent, growth[-1][2] if growth else 0)
+        self._grown[where] = (sent + len(text), growth)
 
     def _event_obj(self, obj: Any) -> tuple[bytes, Any, bool]:
         if not isinstance(obj, (dict, list)):
@@ -402,10 +409,7 @@ class Restorer:
                     new = self.restore_text(emit, escape=fragment)
                     where = None if fragment else _text_position(ctx, logical)
                     if where is not None:
-                        sent, growth = self._grown.get(where, (0, []))
-                        growth += self._growth(emit, sent,
-                                               growth[-1][2] if growth else 0)
-                        self._grown[where] = (sent + len(emit), growth)
+                        self._note_sent(where, emit, restored=True)
                     if hold:
                         self._carry[key] = (hold, None, phys)
                         new_holds.append(key)
