@@ -241,6 +241,35 @@ def test_a_field_that_only_starts_like_a_data_url_is_read(redactor):
         "data:text/plain;base64, the user is [EMAIL_1]"
 
 
+PAYLOAD = base64.b64encode(bytes(range(256)) * 2).decode()
+
+
+@pytest.mark.parametrize("operation,part,read", [
+    ("chat", {"type": "file", "file": {"file_data": "{}", "filename": "f.pdf"}},
+     lambda f: f["messages"][0]["content"][0]["file"]["file_data"]),
+    ("chat", {"type": "input_audio", "input_audio": {"data": "{}", "format": "wav"}},
+     lambda f: f["messages"][0]["content"][0]["input_audio"]["data"]),
+    ("chat", {"type": "image_url", "image_url": {"url": "{}"}},
+     lambda f: f["messages"][0]["content"][0]["image_url"]["url"]),
+    ("responses", {"type": "input_file", "file_data": "{}"},
+     lambda f: f["input"][0]["content"][0]["file_data"]),
+])
+def test_a_data_urls_parameters_are_read_and_its_payload_is_kept(redactor, operation, part,
+                                                                 read):
+    # The media type's parameters (a file's name) were sent unread with the payload.
+    url = f"data:application/pdf;filename=jane.doe@example.com.pdf;note=4111111111111111" \
+          f";base64,{PAYLOAD}"
+    part = json.loads(json.dumps(part).replace('"{}"', json.dumps(url)))
+    key = "messages" if operation == "chat" else "input"
+    res = redactor.redact(operation, {"model": "m", key: [
+        {"role": "user", "content": [part]}]}, "t")
+    sent = read(res.fields)
+    assert "jane.doe@example.com" not in sent and "4111111111111111" not in sent
+    assert sent.startswith("data:application/pdf;filename=")
+    assert sent.endswith(f";base64,{PAYLOAD}")
+    assert res.counts == {"email": 1, "card": 1}
+
+
 # -- cards in other groupings, tokens split by soft spaces, partial PEM keys ----------------
 
 

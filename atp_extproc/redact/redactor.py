@@ -449,7 +449,7 @@ class Redactor:
             new = scope.splice(seg.text, changes)
             if seg.args is None:
                 assert seg.path is not None
-                edits[seg.path] = new
+                edits[seg.path] = new + seg.tail
                 for path in seg.other_places():
                     edits[path] = new
             else:

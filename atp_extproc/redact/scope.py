@@ -93,16 +93,18 @@ class Segment:
     """Text at `path`, or token `token` of a JSON text (and the (JSON text, token) pairs in
     `more`, which repeat it: a value under the same key, or a key, in any JSON text of the
     request), or (neither) text read only as context for the segment after it, never
-    changed."""
+    changed. At `path`, `tail` follows `text` and is sent unread (a data: URL's payload
+    after its media type)."""
 
-    __slots__ = ("also", "args", "more", "path", "text", "token")
+    __slots__ = ("also", "args", "more", "path", "tail", "text", "token")
 
     def __init__(self, text: str, path: Path | None = None, args: JsonArgs | None = None,
-                 token: int = -1):
+                 token: int = -1, tail: str = ""):
         self.text = text
         self.path = path
         self.args = args
         self.token = token
+        self.tail = tail
         self.more: list[tuple[JsonArgs, int]] | None = None
         # The other maps holding this key (Collector.map_key), renamed alike.
         self.also: list[Path] | None = None
@@ -156,14 +158,21 @@ class Collector:
         self._seen = {seg.path if seg.args is None else seg.args.path
                       for unit in self.units for seg in unit if not seg.context}
 
-    def text(self, path: Path, value: str) -> None:
+    def text(self, path: Path, value: str, tail: str = "") -> None:
         if value:
             seen = self._seen
             if seen is not None:
                 if path in seen:
                     return
                 seen.add(path)
-            self.units.append([Segment(value, path)])
+            self.units.append([Segment(value, path, tail=tail)])
+
+    def binary(self, path: Path, value: str) -> None:
+        """Data `_binary` knows, sent unread but for a data: URL's media type and
+        parameters, which are text (`;filename=jane@example.com.pdf`)."""
+        if value.startswith("data:"):
+            cut = value.index(",") + 1
+            self.text(path, value[:cut], value[cut:])
 
     def map_key(self, path: Path, key: str) -> None:
         """`key` of the map at `path`; its place is (*path, KeyName(key))."""
@@ -433,10 +442,14 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
             continue
         if k in _BINARY_KEYS:
             if isinstance(v, dict):
-                stack.extend(((*base, k, f), x, None) for f, x in v.items()
-                             if not (f in _BINARY_FIELDS and _data_or_url(x, f == "url")))
+                for f, x in v.items():
+                    if f in _BINARY_FIELDS and _data_or_url(x, f == "url"):
+                        c.binary((*base, k, f), x)
+                    else:
+                        stack.append(((*base, k, f), x, None))
                 continue
             if _data_or_url(v, k == "image_url"):
+                c.binary((*base, k), v)
                 continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
@@ -450,7 +463,9 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
-            if not _binary(value):
+            if _binary(value):
+                c.binary(path, value)
+            else:
                 c.text(path, value)
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -651,6 +666,7 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             # What the item's own walk reads; _rest reads what is left.
             handled: set[str] = set()
             if kind == "image_generation_call" and _binary(item.get("result") or ""):
+                c.binary((*base, "result"), item["result"])
                 handled.add("result")  # an image (text there is read)
             if isinstance(item.get("content"), (str, list)):
                 _content(c, (*base, "content"), item["content"])
