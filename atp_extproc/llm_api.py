@@ -875,14 +875,17 @@ class SseStream:
                 return False
         self.finish_reason = _finish_reason(obj) or self.finish_reason
         self.output_chars += _delta_chars(obj)
-        usage = _usage_of(obj)
-        if usage is not None:
-            self.usage = usage
+        # A later usage supersedes an earlier one (per-chunk usage grows), an unreadable
+        # one too: the figures are then absent and estimated, never the stale ones.
+        # `"usage": null`, which include_usage puts on every other chunk, says nothing.
+        if obj.get("usage") is not None:
+            self.usage = _usage_of(obj)
         # The chunk include_usage asks for, whether its counts are readable or not.
         # Some providers leave `choices` out of it rather than sending it empty (a
-        # Responses event, which has a type, never has them).
+        # Responses event, which has a type, never has them). One holding an error is
+        # the provider's failure, which the client must see, however it carries usage.
         choices = obj.get("choices", [] if kind is None else None)
-        return choices == [] and obj.get("usage") is not None
+        return choices == [] and obj.get("usage") is not None and error is None
 
 
 def _data_of(event: bytearray) -> bytes:
