@@ -70,6 +70,17 @@ FileId = tuple[int, int]   # device, inode
 _SIDE_SUFFIXES = ("-wal", "-shm")
 
 
+def _bindable(rows: dict[db.LedgerKey, db.LedgerSums],
+              ) -> dict[db.LedgerKey, list[int | float]]:
+    """The rows as SQLite can bind them: a sum past 64-bit integers as a REAL (a double's
+    53 bits: 2 nano-USD steps at $10M), as SQLite itself stores a row whose additions pass
+    64 bits (one ATP's flushes, or two sharing the file) and the report sums with TOTAL.
+    A copy, so a failed write requeues the exact integers."""
+    return {key: sums if db.row_fits(sums)
+            else [v if db.INT64_MIN <= v <= db.INT64_MAX else float(v) for v in sums]
+            for key, sums in rows.items()}
+
+
 def _file_id(path: Path) -> FileId | None:
     """Which file `path` names now; None when there is none."""
     try:
@@ -178,8 +189,9 @@ class AsyncLedger:
             self._drop_unwritable(rows, prices, halves)
             try:
                 self._reopen_if_replaced()
-                db.write_batch(self._conn, rows, prices.values(), halves,
-                               int(self._clock()))
+                # LedgerSums says int; SQLite binds the REALs _bindable adds as well.
+                db.write_batch(self._conn, _bindable(rows),  # type: ignore[arg-type]
+                               prices.values(), halves, int(self._clock()))
             except Exception:
                 self.flush_errors += 1
                 self._requeue(rows, prices, halves)
@@ -222,10 +234,9 @@ class AsyncLedger:
             log.error("ledger: dropped a price beyond 64-bit picodollars", extra={"record": {
                 "model": p.model, "price_version": version, "input_per_1k": p.input_text,
                 "output_per_1k": p.output_text}})
-        for key in [k for k, sums in rows.items()
-                    if not db.row_fits(sums) or k[5] in bad_prices or k[7] in bad_prices]:
+        for key in [k for k in rows if k[5] in bad_prices or k[7] in bad_prices]:
             sums = rows.pop(key)
-            log.error("ledger: dropped a row beyond 64-bit integers or without its price",
+            log.error("ledger: dropped a row without its price",
                       extra={"record": {
                           "hour": key[0], "tenant": key[1], "route": key[2],
                           "model": key[3], "shadow": bool(key[4]), "price_version": key[5],
