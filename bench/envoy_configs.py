@@ -40,18 +40,25 @@ def envoy_alone(doc: Doc) -> None:
     hcm = _hcm(doc)
     hcm["http_filters"] = [f for f in hcm["http_filters"]
                            if f["name"] not in (EXT_PROC, HEADER_MUTATION)]
-    hcm["route_config"]["virtual_hosts"][0]["routes"] = [
+    host = hcm["route_config"]["virtual_hosts"][0]
+    host["routes"] = [
         {"match": {"prefix": "/"}, "route": {"cluster": "demo_a", "timeout": "600s"}},
     ]
+    del host["typed_per_filter_config"]  # ext_proc's, which is gone
     clusters = doc["static_resources"]["clusters"]
     doc["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "atp"]
 
 
 def response_phases_off(doc: Doc) -> None:
     """(c2) The main filter never sees the response: the floor for observation."""
-    mode = _filter(_hcm(doc), EXT_PROC)["typed_config"]["processing_mode"]
-    mode["response_header_mode"] = "SKIP"
-    mode["response_body_mode"] = "NONE"
+    hcm = _hcm(doc)
+    # The virtual host's override sets the modes of routed requests. (A copy: the
+    # shipped file shares one mode between its listeners.)
+    overrides = hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"][
+        EXT_PROC]["overrides"]
+    overrides["processing_mode"] = {**overrides["processing_mode"],
+                                    "response_header_mode": "SKIP",
+                                    "response_body_mode": "NONE"}
 
 
 def _add_observer(doc: Doc) -> Doc:

@@ -331,9 +331,17 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
             "http_filters": [*filters, router],
         }}]}],
     }
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for patch in patches:
-        if patch["applyTo"] == "LISTENER" and patch["patch"]["operation"] == "MERGE":
-            listener.update(patch["patch"]["value"])
+        value = patch["patch"]["value"]
+        assert patch["patch"]["operation"] in ("ADD", "INSERT_BEFORE", "MERGE")
+        if patch["applyTo"] == "LISTENER":
+            listener.update(value)
+        elif patch["applyTo"] == "NETWORK_FILTER":
+            assert value["name"] == HCM
+            manager.update({k: v for k, v in value["typed_config"].items() if k != "@type"})
+        elif patch["applyTo"] == "VIRTUAL_HOST":
+            manager["route_config"]["virtual_hosts"][0].update(value)
     return {"static_resources": {"listeners": [listener], "clusters": added}}
 
 
@@ -368,9 +376,22 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
     for key in ("failure_mode_allow", "message_timeout", "processing_mode",
                 "allow_mode_override"):
         assert patched[key] == front[key], key
+    # The modes of routed requests, and Envoy's own errors as OpenAI-shaped JSON.
+    manager = hcm(listeners(bootstrap_from_istio_patches())["outbound_80"])
+    front_manager = hcm(listeners(load_yaml(FRONT_PROXY))["front"])
+    assert ext_proc_route_modes(manager) == ext_proc_route_modes(front_manager)
+    assert manager["local_reply_config"] == front_manager["local_reply_config"]
     (listener_patch,) = [p for p in istio_patches() if p["applyTo"] == "LISTENER"]
     assert (listener_patch["patch"]["value"]["per_connection_buffer_limit_bytes"]
             == listeners(load_yaml(FRONT_PROXY))["front"]["per_connection_buffer_limit_bytes"])
+
+
+def ext_proc_route_modes(manager: dict[str, Any]) -> list[Any]:
+    """The processing mode each virtual host sets for ext_proc (None where it sets
+    none)."""
+    return [host.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc",
+                                                        {}).get("overrides")
+            for host in manager["route_config"]["virtual_hosts"]]
 
 
 def ext_proc_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -480,9 +501,19 @@ def test_every_ext_proc_has_the_same_message_timeout_and_phases() -> None:
     ATP key in an HTTP/2 trailer reached the provider."""
     front = ext_proc_filters(load_yaml(FRONT_PROXY))[0]
     keys = ("message_timeout", "processing_mode", "failure_mode_allow", "allow_mode_override")
+    # Routed requests get their answers' phases from their virtual host; no host of a
+    # listener ATP serves may lack them.
+    (front_modes,) = ext_proc_route_modes(hcm(listeners(load_yaml(FRONT_PROXY))["front"]))
+    assert front_modes["processing_mode"]["response_header_mode"] == "SEND"
     for path in ENVOY_CONFIGS:
         for ext_proc in ext_proc_filters(load_yaml(path)):
             assert {k: ext_proc[k] for k in keys} == {k: front[k] for k in keys}, path.name
+        for listener in load_yaml(path)["static_resources"]["listeners"]:
+            manager = hcm(listener)
+            if any(f["name"] == "envoy.filters.http.ext_proc"
+                   for f in manager["http_filters"]):
+                assert all(modes == front_modes for modes in ext_proc_route_modes(manager)), \
+                    (path.name, listener["name"])
     for patch in istio_patches():
         if patch["applyTo"] == "HTTP_FILTER" and \
                 patch["patch"]["value"]["name"] == "envoy.filters.http.ext_proc":

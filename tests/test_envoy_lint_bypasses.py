@@ -49,6 +49,13 @@ def vhost(doc: dict[str, Any]) -> dict[str, Any]:
     return manager(doc)["route_config"]["virtual_hosts"][0]
 
 
+def without_host_entry(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` without the virtual host's ext_proc entry (the answers' modes), which would
+    turn a filter disabled by default back on."""
+    del vhost(doc)["typed_per_filter_config"][EXT_PROC]
+    return doc
+
+
 def route(doc: dict[str, Any], index: int = 1) -> dict[str, Any]:
     return vhost(doc)["routes"][index]
 
@@ -159,6 +166,7 @@ def test_a_quoted_failure_mode_allow_override_on_a_route_fails_open(tmp_path):
 def test_a_quoted_disabled_turns_ext_proc_off(tmp_path, where):
     doc = front()
     if where == "filter":
+        without_host_entry(doc)
         ext_proc(doc)["disabled"] = "true"
         expected = [(R1, "disabled"), (R2, "disabled")]
     else:
@@ -214,7 +222,7 @@ def test_a_fail_closed_override_under_another_name_does_not_apply(tmp_path):
 
 
 def test_an_entry_under_another_name_does_not_turn_a_disabled_filter_on(tmp_path):
-    doc = front()
+    doc = without_host_entry(front())
     ext_proc(doc)["disabled"] = True
     route(doc)["typed_per_filter_config"] = {
         "some.other.filter": per_route(overrides={"failure_mode_allow": False})}
@@ -230,7 +238,7 @@ def test_disabled_under_another_name_is_ignored_by_envoy(tmp_path):
 
 @pytest.mark.parametrize("level", ["virtual_host", "route_config"])
 def test_disabled_at_a_wider_level_holds_unless_a_route_turns_it_on(tmp_path, level):
-    doc = front()
+    doc = without_host_entry(front())
     holder = vhost(doc) if level == "virtual_host" else manager(doc)["route_config"]
     holder["typed_per_filter_config"] = {EXT_PROC: per_route(disabled=True)}
     problems, lines = lint(doc, tmp_path)
@@ -329,7 +337,10 @@ def test_check_reports_file_line_path_and_reason(tmp_path):
     path = tmp_path / "envoy.yaml"
     text = yaml.safe_dump(doc, sort_keys=False)
     path.write_text(text)
-    line = next(i for i, s in enumerate(text.splitlines(), 1) if s.strip() == f"{EXT_PROC}:")
+    lines = text.splitlines()
+    cluster = next(i for i, s in enumerate(lines) if s.strip() == "- name: demo_a")
+    line = next(i for i, s in enumerate(lines[cluster:], cluster + 1)
+                if s.strip() == f"{EXT_PROC}:")
     out = io.StringIO()
     assert check([], [str(path)], out=out, redaction_enabled=True) == 1
     assert (f"{path}:{line}: {R2} weighted cluster demo_a: ext_proc is disabled on this "
