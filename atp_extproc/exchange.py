@@ -333,7 +333,7 @@ class Exchange:
 
     def _answer_models(self, method: str, path: str) -> ProcessingResponse:
         if method not in ("GET", "HEAD"):  # (Envoy sends a HEAD's reply without its body)
-            raise RequestError(405, f"Method {method} is not allowed on {path}",
+            raise RequestError(405, f"Method {method} is not allowed on {_echo(path)}",
                                "method_not_allowed", headers={"allow": "GET, HEAD"})
         assert self.identity is not None
         aliases = self.snapshot.aliases_for(self.identity.tenant)
@@ -1086,5 +1086,5 @@ def _feedback_unknown() -> RequestError:
 
 
 def _model_not_found(model: str) -> RequestError:
-    return RequestError(404, f"The model '{model}' does not exist or you do not have access "
-                        "to it.", "model_not_found", param="model")
+    return RequestError(404, f"The model '{_echo(model)}' does not exist or you do not have "
+                        "access to it.", "model_not_found", param="model")

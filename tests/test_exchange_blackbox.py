@@ -98,6 +98,13 @@ def test_what_an_error_repeats_of_the_request_is_bounded(snap) -> None:
     message = assert_error(ex.handle(req_headers("POST", "/v1/" + "p" * 3000)), 404,
                            "unknown_url")["message"]
     assert len(message) < 200
+    # ... and a 20 KB model id in /v1/models/{id}, asked for or deleted.
+    for method, status, code in (("GET", 404, "model_not_found"),
+                                 ("DELETE", 405, "method_not_allowed")):
+        ex = Exchange(snap)
+        message = assert_error(ex.handle(req_headers(method, "/v1/models/" + "m" * 20_000)),
+                               status, code)["message"]
+        assert len(message) < 200, method
 
 
 def test_an_api_key_in_x_api_key_never_reaches_a_provider(snap) -> None:
