@@ -864,9 +864,10 @@ class SseStream:
             return False
         kind = obj.get("type")
         error = obj.get("error")
-        # OpenAI's {"error": {...}}, TGI's {"error": "text"}, Responses' error events.
-        if isinstance(error, dict) or (isinstance(error, str) and error) or \
-                kind in ("error", "response.failed"):
+        # OpenAI's {"error": {...}}, TGI's {"error": "text"}, any other value that says
+        # something (not null, false or empty); Responses' error events.
+        has_error = bool(error) or isinstance(error, dict)
+        if has_error or kind in ("error", "response.failed"):
             self.failed = True
         if isinstance(kind, str) and kind in _TERMINAL_TYPES:
             self.ended = True
@@ -885,7 +886,7 @@ class SseStream:
         # Responses event, which has a type, never has them). One holding an error is
         # the provider's failure, which the client must see, however it carries usage.
         choices = obj.get("choices", [] if kind is None else None)
-        return choices == [] and obj.get("usage") is not None and error is None
+        return choices == [] and obj.get("usage") is not None and not has_error
 
 
 def _data_of(event: bytearray) -> bytes:

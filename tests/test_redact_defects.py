@@ -256,8 +256,9 @@ PAYLOAD = base64.b64encode(bytes(range(256)) * 2).decode()
 ])
 def test_a_data_urls_parameters_are_read_and_its_payload_is_kept(redactor, operation, part,
                                                                  read):
-    # The media type's parameters (a file's name) were sent unread with the payload.
-    url = f"data:application/pdf;filename=jane.doe@example.com.pdf;note=4111111111111111" \
+    # The media type's parameters (a file's name) were sent unread with the payload;
+    # then those after a comma in a quoted one.
+    url = f'data:application/pdf;filename=jane.doe@example.com.pdf;note="a,4111111111111111"' \
           f";base64,{PAYLOAD}"
     part = json.loads(json.dumps(part).replace('"{}"', json.dumps(url)))
     key = "messages" if operation == "chat" else "input"

@@ -43,6 +43,18 @@ def test_sse_error_event_with_usage_is_not_dropped(error_event: dict) -> None:
     cut = len(CONTENT) + 5
     assert feed_all(sse, [body[:cut], body[cut:]]) == CONTENT + error + DONE
     assert sse.usage == Usage(11, 7)
+    assert sse.failed  # passed on as an error, counted as one
+
+
+@pytest.mark.parametrize("nothing", [False, "", 0, []])
+def test_sse_an_error_field_that_says_nothing_neither_fails_nor_keeps_the_chunk(
+        nothing: object) -> None:
+    # `error: false` kept ATP's own usage chunk for a client that never asked for it,
+    # yet did not count the stream failed: one rule for both now.
+    usage_chunk = event({"choices": [], "error": nothing, "usage": USAGE})
+    sse = SseStream(drop_usage_chunk=True)
+    assert feed_all(sse, [CONTENT + usage_chunk + DONE]) == CONTENT + DONE
+    assert not sse.failed
 
 
 @pytest.mark.parametrize("final_usage", [

@@ -167,13 +167,6 @@ class Collector:
                 seen.add(path)
             self.units.append([Segment(value, path, tail=tail)])
 
-    def binary(self, path: Path, value: str) -> None:
-        """Data `_binary` knows, sent unread but for a data: URL's media type and
-        parameters, which are text (`;filename=jane@example.com.pdf`)."""
-        if value.startswith("data:"):
-            cut = value.index(",") + 1
-            self.text(path, value[:cut], value[cut:])
-
     def map_key(self, path: Path, key: str) -> None:
         """`key` of the map at `path`; its place is (*path, KeyName(key))."""
         seg = self._map_keys.get(key)
@@ -399,32 +392,47 @@ _UPPER = re.compile(r"[A-Z]")
 _LOWER = re.compile(r"[a-z]")
 
 
-# A whole string that is a data: URL (text after its base64 is no part of one): a media
-# type (type/subtype, parameters) and a payload (`data:mail alice@…;base64,` is text).
-# (Base64 of either alphabet, MIME-wrapped or not; parameters quoted or %-encoded.)
-_DATA_URL = re.compile(r'data:[\w.+-]{1,64}/[\w.+-]{1,64}'
-                       r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,200}"|[^;,\s"]{0,200})){0,8}'
-                       r';base64,(?:[A-Za-z0-9+/_-]{60,80}\r?\n)*[A-Za-z0-9+/_-]+={0,2}\s*')
+# A data: URL is its head, a media type (type/subtype, parameters quoted or %-encoded,
+# which may hold commas) up to `;base64,`, and base64 (either alphabet, MIME-wrapped or
+# not) to the string's end: text after it is no part of one, and `data:mail alice@…;
+# base64,` is text.
+_DATA_URL_HEAD = re.compile(r'data:[\w.+-]{1,64}/[\w.+-]{1,64}'
+                            r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,200}"|[^;,\s"]{0,200})){0,8}'
+                            r';base64,')
 # A payload shorter than this may be a key or a few words (an sk-proj key is 164
 # characters of the base64url alphabet): read, as raw base64 that short is.
 _DATA_PAYLOAD_MIN = 256
 
 
+def _data_url_head(text: str) -> int:
+    """Where the payload of the data: URL `text` starts; 0 when `text` is none."""
+    head = _DATA_URL_HEAD.match(text)
+    if head is None or len(text) - head.end() < _DATA_PAYLOAD_MIN or \
+            _BASE64.fullmatch(text, head.end()) is None:
+        return 0
+    return head.end()
+
+
 def _binary(text: str) -> bool:
     # Random bytes in base64 hold both letter cases; numbers joined by '/', '-' or '_'
     # (a list of phone numbers) do not.
-    if text.startswith("data:"):
-        return (_DATA_URL.fullmatch(text) is not None
-                and len(text) - text.index(",") > _DATA_PAYLOAD_MIN)
     return bool(len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
                 and _LOWER.search(text))
 
 
-def _data_or_url(value: Any, url: bool) -> bool:
+def _unread(c: Collector, path: Path, value: Any, url: bool = False) -> bool:
     """Whether `value` is binary data, or (`url`: in a field of an image's address) a
-    URL; anything else there is text, and read."""
-    return isinstance(value, str) and (
-        _binary(value) or (url and _URL.fullmatch(value) is not None))
+    URL, which is sent unread; anything else there is text. A data: URL's media type
+    and parameters are text (`;filename=jane@example.com.pdf`): `c` reads them."""
+    if not isinstance(value, str):
+        return False
+    if value.startswith("data:"):
+        cut = _data_url_head(value)
+        if cut:
+            c.text(path, value[:cut], value[cut:])
+            return True
+        return False
+    return _binary(value) or (url and _URL.fullmatch(value) is not None)
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
@@ -442,14 +450,11 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
             continue
         if k in _BINARY_KEYS:
             if isinstance(v, dict):
-                for f, x in v.items():
-                    if f in _BINARY_FIELDS and _data_or_url(x, f == "url"):
-                        c.binary((*base, k, f), x)
-                    else:
-                        stack.append(((*base, k, f), x, None))
+                stack.extend(((*base, k, f), x, None) for f, x in v.items()
+                             if not (f in _BINARY_FIELDS
+                                     and _unread(c, (*base, k, f), x, f == "url")))
                 continue
-            if _data_or_url(v, k == "image_url"):
-                c.binary((*base, k), v)
+            if _unread(c, (*base, k), v, k == "image_url"):
                 continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
@@ -463,9 +468,7 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
-            if _binary(value):
-                c.binary(path, value)
-            else:
+            if not _unread(c, path, value):
                 c.text(path, value)
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -665,8 +668,8 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             result = kind in _TOOL_RESULTS
             # What the item's own walk reads; _rest reads what is left.
             handled: set[str] = set()
-            if kind == "image_generation_call" and _binary(item.get("result") or ""):
-                c.binary((*base, "result"), item["result"])
+            if kind == "image_generation_call" and _unread(c, (*base, "result"),
+                                                           item.get("result")):
                 handled.add("result")  # an image (text there is read)
             if isinstance(item.get("content"), (str, list)):
                 _content(c, (*base, "content"), item["content"])
