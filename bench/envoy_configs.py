@@ -69,6 +69,9 @@ def _add_observer(doc: Doc) -> Doc:
     hcm = _hcm(doc)
     main = _filter(hcm, EXT_PROC)
     observer = copy.deepcopy(main)
+    # A name of its own: the virtual host's per-route modes are the main filter's, and
+    # Envoy finds them by name.
+    observer["name"] = "atp.observer"
     config = observer["typed_config"]
     config["observability_mode"] = True
     # Its own stats (http.front.ext_proc.observe.*), to show that it really observed.
