@@ -126,6 +126,7 @@ def _check(args: argparse.Namespace) -> int:
         return policy_cli.check([args.config], args.envoy)
     try:
         snapshot = config_mod.load(args.config)
+        config_mod.check_paths(snapshot)
     except config_mod.ConfigError as exc:
         # The policy report names file:line for every problem it knows; the config's own
         # problems follow, less those the report already gave.
@@ -152,6 +153,7 @@ def _read_mapping(path: str) -> tuple[Any, list[str]]:
     """The file's YAML mapping, and why it is none one can read, each problem once: it
     cannot be read, it is not YAML, not a mapping, or a key is given twice (named by its
     full path)."""
+    from atp_extproc.config import key_path
     from atp_extproc.policy.settings import load_yaml
 
     try:
@@ -162,32 +164,8 @@ def _read_mapping(path: str) -> tuple[Any, list[str]]:
     if not problems and not isinstance(doc, dict):
         return doc, [f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]
     # load_yaml names a key given twice by the key alone.
-    return doc, [str(dataclasses.replace(p, path=_key_path(doc, p.line, p.path) or p.path))
+    return doc, [str(dataclasses.replace(p, path=key_path(doc, p.line, p.path) or p.path))
                  if p.path else str(p) for p in problems]
-
-
-def _key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
-    """The full path of the mapping key `key` repeated at `line` below `node`."""
-    from atp_extproc.policy.settings import LineDict, LineList
-
-    if isinstance(node, LineList):
-        children = [(f"{path}[{i}]", item) for i, item in enumerate(node)]
-    elif isinstance(node, LineDict):
-        children = [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
-    else:
-        return None
-    # Innermost first: an outer mapping with the same key can span the line too.
-    for child_path, child in children:
-        found = _key_path(child, line, key, child_path)
-        if found is not None:
-            return found
-    if isinstance(node, LineDict):
-        # key_lines holds a key's last line: a repeat lies between the mapping's start
-        # and that.
-        for (child_path, _), k in zip(children, node, strict=True):
-            if str(k) == key and node.line <= line <= node.key_lines[k]:
-                return child_path
-    return None
 
 
 # A warning line of the policy report (policy.settings.Problem).

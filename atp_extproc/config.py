@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from atp_extproc.llm_api import OPERATIONS
 from atp_extproc.policy.attributes import CandidateInfo
@@ -64,15 +67,21 @@ class ConfigError(Exception):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: lax pydantic read the string '4194304' and true as integers, and the word
+    # 1_000 as 1000. An integer is still a number.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 Token = Annotated[str, Field(pattern=TOKEN.pattern)]
+_T = TypeVar("_T")
+# YAML gives a list, which strictness refuses as a tuple.
+_Items = Annotated[tuple[_T, ...], Strict(False)]
 
 
 # USD per 1K tokens. Far above any real price; bounded so that a typo (a price per
-# million, an extra zero or ten) is refused, and sums stay within the ledger's 64-bit
-# picodollars (one token at this price is 1e12 pico).
+# million, an extra zero or ten) is refused, and a price stays within the ledger's 64-bit
+# picodollars per token (1e12 at this one). A request's cost can pass 64 bits (10^9 tokens
+# at this price are 1e21 pico): the ledger writes such a row's sums as SQLite REALs.
 MAX_PRICE_PER_1K = 1000.0
 
 
@@ -113,8 +122,8 @@ class Model(_Frozen):
 
 class RouteMatch(_Frozen):
     # Empty means "any": a route with no match block serves every operation and tenant.
-    paths: tuple[str, ...] = ()
-    tenants: tuple[str, ...] = ()
+    paths: _Items[str] = ()
+    tenants: _Items[str] = ()
 
     @field_validator("paths")
     @classmethod
@@ -128,13 +137,13 @@ class RouteMatch(_Frozen):
 class Route(_Frozen):
     name: Token
     match: RouteMatch = RouteMatch()
-    aliases: dict[Token, tuple[Token, ...]] = Field(min_length=1)
+    aliases: dict[Token, _Items[Token]] = Field(min_length=1)
     default: Token | None = None
     # Learned choice among an alias's candidates; without it the first candidate serves.
     objective: RouteObjective | None = None
     # Put the client's own values back in place of placeholders in the response
-    # (None: redaction.restore).
-    restore: bool | None = None
+    # (None: redaction.restore). Lax, as the other boolean settings: `yes`/`no` are taken.
+    restore: Annotated[bool | None, Strict(False)] = None
 
     @field_validator("aliases")
     @classmethod
@@ -178,7 +187,7 @@ class Jwt(_Frozen):
 
 
 class Auth(_Frozen):
-    api_keys: tuple[ApiKey, ...] = ()
+    api_keys: _Items[ApiKey] = ()
     jwt: Jwt | None = None
     # Only set this when the hop in front of Envoy authenticates callers and sets the
     # header itself; otherwise any client could claim any tenant.
@@ -265,6 +274,46 @@ def _unix_listen_problem(listen: str) -> str | None:
     return None
 
 
+def unix_socket_path(listen: str) -> str | None:
+    """The socket file a unix: address names (None: a TCP address)."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return path[2:] if path.startswith("//") else path  # unix:///abs is /abs
+
+
+def unix_socket_problem(path: str) -> str | None:
+    """What keeps gRPC from making its socket at `path` that the file system shows
+    without making one (None: nothing seen; a socket there may still be in use)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        # gRPC makes no directory.
+        directory = os.path.dirname(path) or "."
+        return None if os.path.isdir(directory) else f"the directory {directory} does not exist"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if stat.S_ISSOCK(mode) else f"{path} exists and is not a socket"
+
+
+def _ledger_problem(path: Path) -> str | None:
+    """Why the ledger's writer could not open `path`, as far as the file system shows
+    without making anything (None: nothing seen). The writer makes missing directories,
+    below the nearest one there is; a file there instead is in the way. Permissions are
+    left to serve: check may run as another user."""
+    if os.path.exists(path):
+        return None  # a directory is refused by parse, another schema at start
+    for directory in path.parents:
+        try:
+            mode = os.stat(directory).st_mode
+        except OSError:
+            continue  # missing, below a file, or not ours to see: look higher
+        if not stat.S_ISDIR(mode):
+            return f"cannot open the ledger {path}: {directory} is not a directory"
+        return None
+    return None
+
+
 # The body buffer limit of the shipped Envoy configs (envoy/*.yaml,
 # per_connection_buffer_limit_bytes): Envoy sends ATP bodies up to it, whatever ATP's own
 # max_body_bytes says.
@@ -310,8 +359,8 @@ class Server(_Frozen):
 class _Document(_Frozen):
     server: Server = Server()
     auth: Auth = Auth()
-    models: tuple[Model, ...] = Field(min_length=1)
-    routes: tuple[Route, ...] = Field(min_length=1)
+    models: _Items[Model] = Field(min_length=1)
+    routes: _Items[Route] = Field(min_length=1)
     ledger: LedgerSettings = LedgerSettings()
     redaction: RedactionSettings = RedactionSettings()
     # Checked, with file and line numbers, by atp_extproc.policy (see _policies).
@@ -415,6 +464,10 @@ def _check_references(doc: _Document) -> list[tuple[str, str]]:
     return problems
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key a mapping gives twice."""
+
+
 class _StrictLoader(KeyCheckingLoader):
     """Refuses a key a mapping gives twice: YAML would silently keep the last one. Merge
     keys (`<<: *defaults`) are fine: the mapping's own keys override merged ones."""
@@ -423,8 +476,39 @@ class _StrictLoader(KeyCheckingLoader):
         super().flatten_mapping(node)
         if self.duplicates:
             key_node, key = self.duplicates[0]
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise _DuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
+
+
+def key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
+    """The full path (`routes[0].aliases.gpt-4o`) of the mapping key `key` repeated at
+    `line` below `node`, a document as load_yaml keeps it: load_yaml names the key alone."""
+    if isinstance(node, LineList):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node)]
+    elif isinstance(node, LineDict):
+        children = [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
+    else:
+        return None
+    # Innermost first: an outer mapping with the same key can span the line too.
+    for child_path, child in children:
+        found = key_path(child, line, key, child_path)
+        if found is not None:
+            return found
+    if isinstance(node, LineDict):
+        # key_lines holds a key's last line: a repeat lies between the mapping's start
+        # and that.
+        for (child_path, _), k in zip(children, node, strict=True):
+            if str(k) == key and node.line <= line <= node.key_lines[k]:
+                return child_path
+    return None
+
+
+def _duplicate_keys_error(text: str, source: str) -> ConfigError:
+    """Every key the file gives twice, by its full path, as check names them (the
+    loader stops at the first it meets, which need not be the first in the file)."""
+    doc, problems = load_yaml(text, source)
+    return ConfigError(source, [(key_path(doc, p.line, p.path) or p.path,
+                                 f"duplicate key {p.path!r}" if p.path else p.reason)
+                                for p in problems], [p.line for p in problems])
 
 
 def parse(text: str, source: str, *, secrets: bool = True) -> Snapshot:
@@ -443,10 +527,34 @@ def _validation_problems(exc: ValidationError) -> list[tuple[tuple[Any, ...], st
     locs = [tuple(e["loc"]) for e in errors]
     # A tuple whose only items are invalid also fails its min_length ("at least 1 item
     # ... not 0"): noise beside the errors that name those items.
-    return [(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in errors
+    return [(tuple(e["loc"]), _reason(e)) for e in errors
             if not (e["type"] == "too_short" and any(
                 len(loc) > len(e["loc"]) and loc[:len(e["loc"])] == tuple(e["loc"])
                 for loc in locs))]
+
+
+# What a value of the wrong type should have been: pydantic's "Input should be a valid
+# integer" does not say what the file gave.
+_EXPECTED = {"int_type": "an integer", "float_type": "a number",
+             "bool_type": "true or false", "string_type": "a string"}
+
+
+def _reason(error: ErrorDetails) -> str:
+    expected = _EXPECTED.get(error["type"])
+    if expected is None:
+        return error["msg"].removeprefix("Value error, ")
+    return f"expected {expected}, got {_as_written(error['input'])}"
+
+
+def _as_written(value: Any) -> str:
+    """A YAML value as the file wrote it: `the string '4194304'`, `true`, `a list`."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return "a mapping" if isinstance(value, dict) else "a list"
 
 
 def _line_of_path(doc: Any, path: str) -> int:
@@ -485,6 +593,8 @@ def _validation_error(exc: ValidationError, text: str, source: str) -> ConfigErr
 def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey:
+        raise _duplicate_keys_error(text, source) from None
     except yaml.YAMLError as exc:
         line = error_line(exc, text)
         where = f"line {line}" if line else ""
@@ -573,6 +683,32 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
         include_globs=loaded.include_globs,
         redactor=redactor,
     )
+
+
+def check_paths(snapshot: Snapshot, *, listen_option: bool = False) -> None:
+    """Raise ConfigError for what the file system shows now would keep serve from
+    starting with `snapshot`: a ledger it could not open, a Unix socket it could not make
+    (`listen_option`: --listen wins over server.listen, which is then not checked).
+
+    For check and reloads. Not part of parse: serve's start names the OS's own reason
+    (exit 1), and `report savings` only reads the ledger. Host names and addresses are
+    left to serve: whether they resolve and are this machine's depends on where it runs."""
+    problems: list[tuple[str, str]] = []
+    if snapshot.ledger.enabled and (problem := _ledger_problem(Path(snapshot.ledger.path))):
+        problems.append(("ledger.path", problem))
+    socket_path = None if listen_option else unix_socket_path(snapshot.server.listen)
+    if socket_path is not None and (problem := unix_socket_problem(socket_path)):
+        problems.append(("server.listen", f"cannot listen on {snapshot.server.listen}: "
+                                          f"{problem}"))
+    if problems:
+        # Read again for the lines, only when there is a problem.
+        try:
+            lined, _ = load_yaml(Path(snapshot.source).read_text(encoding="utf-8"),
+                                 snapshot.source)
+        except (OSError, UnicodeDecodeError):
+            lined = None
+        raise ConfigError(snapshot.source, problems,
+                          [_line_of_path(lined, path) for path, _ in problems])
 
 
 def _policy_error(source: str, problems: list[tuple[str, int, str, str]]) -> ConfigError:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import glob
 import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
 from atp_extproc import logs
-from atp_extproc.config import ConfigError, Server, Snapshot, envoy_buffer_limit
+from atp_extproc.config import (
+    ConfigError,
+    Server,
+    Snapshot,
+    envoy_buffer_limit,
+    unix_socket_path,
+    unix_socket_problem,
+)
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
 from atp_extproc.services import Services
@@ -206,6 +211,9 @@ class ConfigHolder:
             self._stamp, self._sources = self._stamp_now(self.path)
             (self._stamp, self._sources), snapshot = self._load_settled(
                 self.path, (self._stamp, self._sources))
+            # As check does: a file ATP could not restart with is not taken, though a
+            # new ledger.path or server.listen only applies at a restart.
+            config_mod.check_paths(snapshot, listen_option=self.options.listen is not None)
         except ConfigError as exc:
             self._rejected = True
             log.error("config reload rejected (%s); keeping version %s:\n%s",
@@ -452,28 +460,20 @@ def check_listen(listen: str) -> None:
     bound. Checked before gRPC binds: gRPC takes a socket path over from a process still
     listening there (it unlinks the file first), and where it cannot bind it logs a line
     of its own and raises a RuntimeError that says no more than that."""
-    path = _unix_socket_path(listen)
+    path = unix_socket_path(listen)
     problem = _unix_problem(path) if path is not None else _tcp_problem(listen)
     if problem is not None:
         raise StartupError(f"cannot listen on {listen}: {problem}")
 
 
-def _unix_socket_path(listen: str) -> str | None:
-    if not listen.startswith("unix:"):
-        return None
-    path = listen.removeprefix("unix:")
-    return path[2:] if path.startswith("//") else path  # unix:///abs is /abs
-
-
 def _unix_problem(path: str) -> str | None:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    # What the file system shows, as check and reloads see it; then what only binding (a
+    # directory ATP may not write in) or connecting (a socket in use) tells.
+    problem = unix_socket_problem(path)
+    if problem is not None:
+        return problem
+    if not os.path.exists(path):
         return _unix_bind_problem(path)
-    except OSError as exc:
-        return _reason(exc)
-    if not stat.S_ISSOCK(mode):
-        return f"{path} exists and is not a socket"
     if _accepting(path):
         return "already in use: another process accepts connections on this socket"
     # Left by a process that died (nothing accepts on it): gRPC replaces it.
@@ -497,9 +497,6 @@ def _unix_bind_problem(path: str) -> str | None:
     if error is None:
         os.unlink(path)  # the probe's socket file: gRPC makes its own
         return None
-    directory = os.path.dirname(path) or "."
-    if error.errno == errno.ENOENT and not os.path.isdir(directory):
-        return f"the directory {directory} does not exist"
     return _reason(error)
 
 
