@@ -1356,10 +1356,18 @@ def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) 
     late = _local_reply(config, "ext_proc_error_gRPC_error_14", upstream="127.0.0.1:18001")
     assert late is not None and late["error"]["code"] == "atp_unavailable"
     assert "reached the model" in late["error"]["message"]
-    for details in ("upstream_reset_before_response_started{remote_connection_failure}",
-                    "no_healthy_upstream", "upstream_response_timeout"):
-        provider = _local_reply(config, details)
+    # A model too slow for the route's timeout (Envoy 1.40: response_timeout) or its idle
+    # timeout (stream_idle_timeout, the request at the model) came back as Envoy's
+    # details, with a message that named no one.
+    for details, upstream in (
+            ("upstream_reset_before_response_started{remote_connection_failure}", None),
+            ("no_healthy_upstream", None), ("response_timeout", None),
+            ("stream_idle_timeout", "127.0.0.1:18001")):
+        provider = _local_reply(config, details, 504, upstream=upstream)
         assert provider is not None and provider["error"]["code"] == "upstream_unavailable"
+    # Idle before the request reached a model: no provider's fault.
+    idle = _local_reply(config, "stream_idle_timeout", 504)
+    assert idle is not None and idle["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
     # Envoy refused the request itself: the client's fault, said with Envoy's reason.
     for status, details in ((413, "request_payload_too_large"), (400, "http1.codec_error")):
         refused = _local_reply(config, details, status)
