@@ -424,6 +424,22 @@ def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True
             rec.request_id or "-")
 
 
+async def watch_loop(interval_s: float = 0.25, stall_s: float = 1.0) -> None:
+    """Warn when the event loop was held: every exchange waited meanwhile, and one that
+    waited past Envoy's message_timeout got a 504 from Envoy without ATP ever reading it,
+    so no record and no other warning tells the operator (a blocking call, a machine out
+    of CPU, a paused process)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(interval_s)
+        held = loop.time() - before - interval_s
+        if held >= stall_s:
+            log.warning("ATP's event loop was held for %.1f s: exchanges waited that long, "
+                        "and any past Envoy's message_timeout were answered 504 by Envoy "
+                        "without an ATP record", held)
+
+
 def _response_ended(message: ProcessingRequest) -> bool:
     phase = message.WhichOneof("request")
     return (phase == "response_trailers"
@@ -570,6 +586,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     watcher = asyncio.create_task(holder.watch())
     expiry = asyncio.create_task(services.run_expiry())
     log_flush = asyncio.create_task(logs.flush_every())
+    loop_watch = asyncio.create_task(watch_loop())
 
     await stop.wait()
     settings = holder.current.server
@@ -591,6 +608,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     await server.stop(0)
     expiry.cancel()
     log_flush.cancel()
+    loop_watch.cancel()
     await services.close()
     log.info("stopped")
     return 0

@@ -232,3 +232,20 @@ async def test_a_stream_without_a_message_leaves_no_record(tmp_path, monkeypatch
                                                config_mod.load(EXAMPLE)))
     assert [r async for r in processor.Process(_messages([]), _Context())] == []
     assert records == []
+
+
+@pytest.mark.asyncio
+async def test_a_held_event_loop_is_warned_of(caplog) -> None:
+    # Paused past message_timeout (SIGSTOP, a machine out of CPU), ATP never read the
+    # exchanges Envoy gave up on meanwhile: no record, and no warning said so.
+    import asyncio
+    import time
+
+    watch = asyncio.create_task(server.watch_loop(interval_s=0.01, stall_s=0.2))
+    with caplog.at_level("WARNING", logger="atp.server"):
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # the loop held, as a blocking call holds it
+        await asyncio.sleep(0.05)
+        watch.cancel()
+    (warning,) = [r for r in caplog.records if "event loop was held" in r.getMessage()]
+    assert 0.2 <= float(warning.getMessage().split("held for ")[1].split(" s")[0]) < 5
