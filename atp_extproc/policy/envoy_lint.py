@@ -40,6 +40,8 @@ FALSE_WORDS = frozenset({"false", "f", "no", "n", "0"})
 
 # (line, path, reason): a problem before the file, severity and `why` are added.
 Finding = tuple[int, str, str]
+# A filter's per-route entry at one level: (its line, *_override of it).
+Level = tuple[int, bool | None, bool, dict | None]
 
 
 def _line(node: Any, key: Any = None) -> int:
@@ -219,19 +221,35 @@ def _targets(route: dict, where: str,
     return targets or [([route], where)]
 
 
+def _levels(f: dict, holders: list[Any]) -> list[Level]:
+    """The per-route entries for the ext_proc filter `f` in `holders` (a route's holders
+    of per-route configs, most specific first, as Envoy looks them up)."""
+    return [(line, *_override(cfg)) for cfg, line in
+            (_per_route(holder, str(f.get("name"))) for holder in holders)
+            if cfg is not None]
+
+
+def _disabled(f: dict, levels: list[Level]) -> bool:
+    # An entry turns a filter that is `disabled: true` by default on.
+    return levels[0][2] if levels else _true(f.get("disabled"))
+
+
+def _route_mode(levels: list[Level]) -> tuple[int, dict | None]:
+    """The processing_mode override that applies to a route and its entry's line, or
+    (0, None): the most specific one set, which Envoy takes whole."""
+    return next(((line, mode) for line, _, _, mode in levels if mode is not None),
+                (0, None))
+
+
 def _route_findings(checking: list[dict], holders: list[Any], where: str,
                     route_line: int) -> list[Finding]:
     """Findings for one route (or weighted cluster) through the checking ext_proc filters;
     `holders` hold its per-route configs, most specific first, as Envoy looks them up."""
     off: list[int] = []
-    on: list[tuple[dict, list[tuple[int, bool | None, bool, dict | None]]]] = []
+    on: list[tuple[dict, list[Level]]] = []
     for f in checking:
-        levels = [(line, *_override(cfg)) for cfg, line in
-                  (_per_route(holder, str(f.get("name"))) for holder in holders)
-                  if cfg is not None]
-        # An entry turns a filter that is `disabled: true` by default on.
-        disabled = levels[0][2] if levels else _true(f.get("disabled"))
-        if disabled:
+        levels = _levels(f, holders)
+        if _disabled(f, levels):
             off.append(levels[0][0] if levels else _line(f, "disabled"))
         else:
             on.append((f, levels))
@@ -240,8 +258,7 @@ def _route_findings(checking: list[dict], holders: list[Any], where: str,
                  "requests skip ATP")]
     found: list[Finding] = []
     for f, levels in on:
-        mode_line, mode = next(((line, mode) for line, _, _, mode in levels
-                                if mode is not None), (0, None))
+        mode_line, mode = _route_mode(levels)
         # Envoy takes a route's processing_mode whole: what it leaves unset is the
         # default (request_body_mode NONE), not the filter's setting.
         withheld = _withheld(mode) if mode is not None else None
@@ -262,11 +279,35 @@ def _route_findings(checking: list[dict], holders: list[Any], where: str,
     return found
 
 
+def _suffix(upgrade: dict | None) -> str:
+    """What a problem's path adds for `upgrade`'s filter chain (None: http_filters)."""
+    return f" ({upgrade.get('upgrade_type', '?')} upgrade)" if upgrade is not None else ""
+
+
+def _routes(hcm: dict, upgrade: dict | None,
+            clusters: Collection[str] | None) -> Iterator[tuple[list[Any], str, int]]:
+    """Each way a route of a connection manager's own route_config that may reach one of
+    `clusters` through `upgrade`'s filters sends requests on (_targets): the holders of
+    its per-route configs (most specific first), how a problem names it, its line."""
+    route_config = hcm.get("route_config")
+    vhosts = route_config.get("virtual_hosts") if isinstance(route_config, dict) else None
+    for vhost in vhosts if isinstance(vhosts, list) else ():
+        if not isinstance(vhost, dict):
+            continue
+        for index, route in enumerate(vhost.get("routes") or ()):
+            if not isinstance(route, dict) or not _route_may_reach(route, clusters) \
+                    or not _upgrade_on(route, upgrade):
+                continue
+            where = _route_name(vhost, index, route) + _suffix(upgrade)
+            for holders, path in _targets(route, where, clusters):
+                yield [*holders, vhost, route_config], path, _line(route)
+
+
 def _chain_findings(hcm: dict, ext: list[dict], upgrade: dict | None,
                     clusters: Collection[str] | None) -> list[Finding]:
     """What lets requests past the ext_proc filters `ext` of one filter chain of a
     connection manager (http_filters, or `upgrade`'s filters) unchecked."""
-    suffix = f" ({upgrade.get('upgrade_type', '?')} upgrade)" if upgrade is not None else ""
+    suffix = _suffix(upgrade)
     # In observability mode Envoy sends ATP a copy and goes on without waiting for (or
     # applying) its answer: a fine observer beside a checking filter, no check alone.
     checking = [f for f in ext if not _true(_typed(f).get("observability_mode"))]
@@ -309,17 +350,8 @@ def _chain_findings(hcm: dict, ext: list[dict], upgrade: dict | None,
                    "failure_mode_allow: true fails open") for f in checking
                   if _true(_typed(f).get("failure_mode_allow"))]
         return found
-    for vhost in vhosts:
-        if not isinstance(vhost, dict):
-            continue
-        for index, route in enumerate(vhost.get("routes") or ()):
-            if not isinstance(route, dict) or not _route_may_reach(route, clusters) \
-                    or not _upgrade_on(route, upgrade):
-                continue
-            where = _route_name(vhost, index, route) + suffix
-            for holders, path in _targets(route, where, clusters):
-                found += _route_findings(checking, [*holders, vhost, route_config], path,
-                                         _line(route))
+    for holders, where, route_line in _routes(hcm, upgrade, clusters):
+        found += _route_findings(checking, holders, where, route_line)
     return found
 
 
@@ -335,30 +367,24 @@ def fail_open_problems(file: str, text: str, why: list[str],
     because = f" while {'; '.join(why)}" if why else ""
     asked = False
     found: list[Finding] = []
-    for hcm in _walk(doc):
-        filters = hcm.get("http_filters")
-        if not isinstance(filters, list):
-            continue
-        chains: list[tuple[int | None, dict | None, list]] = [(None, None, filters)]
-        chains += [(i, u, u["filters"]) for i, u in _upgrades(hcm)]
-        for index, upgrade, chain in chains:
-            ext = [f for f in chain if isinstance(f, dict) and _is_ext_proc(f)]
-            if ext:
-                asked = True
-                found += _chain_findings(hcm, ext, upgrade, model_clusters)
-            elif _is_connection_manager(hcm) and _may_reach(hcm, model_clusters, upgrade):
-                # Another listener's (or chain's) ext_proc does not cover this one.
-                asked = True
-                stat = hcm.get("stat_prefix", "?")
-                found.append(
-                    (_line(hcm, "http_filters"), "http_filters",
-                     f"no ext_proc filter: requests to this connection manager ({stat}) "
-                     "may reach a model's cluster unchecked by ATP") if upgrade is None else
-                    (_line(upgrade, "filters"), f"upgrade_configs[{index}]",
-                     f"no ext_proc filter in the filters of the "
-                     f"{upgrade.get('upgrade_type', '?')} upgrade (they replace "
-                     f"http_filters for it): such requests to this connection manager "
-                     f"({stat}) may reach a model's cluster unchecked by ATP"))
+    for hcm, index, upgrade, chain in _chains(doc):
+        ext = [f for f in chain if isinstance(f, dict) and _is_ext_proc(f)]
+        if ext:
+            asked = True
+            found += _chain_findings(hcm, ext, upgrade, model_clusters)
+        elif _is_connection_manager(hcm) and _may_reach(hcm, model_clusters, upgrade):
+            # Another listener's (or chain's) ext_proc does not cover this one.
+            asked = True
+            stat = hcm.get("stat_prefix", "?")
+            found.append(
+                (_line(hcm, "http_filters"), "http_filters",
+                 f"no ext_proc filter: requests to this connection manager ({stat}) "
+                 "may reach a model's cluster unchecked by ATP") if upgrade is None else
+                (_line(upgrade, "filters"), f"upgrade_configs[{index}]",
+                 f"no ext_proc filter in the filters of the "
+                 f"{upgrade.get('upgrade_type', '?')} upgrade (they replace "
+                 f"http_filters for it): such requests to this connection manager "
+                 f"({stat}) may reach a model's cluster unchecked by ATP"))
     seen: set[Finding] = set()
     for finding in found:
         if finding not in seen:
@@ -379,6 +405,77 @@ def fail_open_problems(file: str, text: str, why: list[str],
                                 f"no ext_proc filter: no request is ever checked by ATP"
                                 f"{because}", severity))
     return problems
+
+
+def answer_problems(file: str, text: str,
+                    model_clusters: Collection[str] | None = None) -> list[Problem]:
+    """Warnings, whatever the policies (requests still reach ATP), for answers that go
+    astray: a route that may reach a model's cluster (`model_clusters`; None: any) whose
+    processing mode keeps its answers from ATP, and an ext_proc filter on a listener
+    clients reach whose own mode sends answers to ATP: a request Envoy's codec refuses
+    reaches no route, so the filter's mode applies to its local reply, and Envoy 1.40
+    closes the connection without sending it."""
+    doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
+    if doc is None:
+        return []
+    # An internal listener's requests come from Envoy itself, never refused by its codec.
+    internal = {id(node) for listener in _walk(doc) if "internal_listener" in listener
+                for node in _walk(listener)}
+    found: list[Finding] = []
+    for hcm, _, upgrade, chain in _chains(doc):
+        # An observer gets copies: Envoy neither waits for it nor applies its answers.
+        checking = [f for f in chain if isinstance(f, dict) and _is_ext_proc(f)
+                    and not _true(_typed(f).get("observability_mode"))]
+        for f in checking:
+            typed = _typed(f)
+            # A filter disabled by default is in no chain until a route turns it on.
+            if upgrade is None and _is_connection_manager(hcm) and id(hcm) not in internal \
+                    and not _true(f.get("disabled")) \
+                    and not _skips_answers(typed.get("processing_mode")):
+                found.append((_line(typed, "processing_mode") or _line(f), "ext_proc",
+                              "processing_mode sends response headers (response_header_mode"
+                              " SEND, the default where unset): Envoy 1.40 closes the "
+                              "connection without an answer to a request its HTTP/1 codec "
+                              "refuses (HTTP/1.0, too many headers, a bad header line); set "
+                              "SKIP here and SEND in each virtual host's per-route override "
+                              "(as envoy/front-proxy.yaml does)"))
+        for holders, where, route_line in _routes(hcm, upgrade, model_clusters):
+            for f in checking:
+                levels = _levels(f, holders)
+                if _disabled(f, levels):
+                    continue  # said by fail_open_problems: the request skips ATP too
+                line, mode = _route_mode(levels)
+                source = "its processing_mode override"
+                if mode is None:
+                    typed = _typed(f)
+                    line, mode = _line(typed, "processing_mode"), typed.get("processing_mode")
+                    source = "the filter's own processing_mode, which no override replaces"
+                if _skips_answers(mode):
+                    found.append((line or route_line, where, "ATP never sees this route's "
+                                  f"answers (response_header_mode: SKIP, by {source}): no "
+                                  "usage or cost is recorded, placeholders are not restored,"
+                                  " and the usage chunk ATP adds to streams reaches clients"))
+    return [Problem(file, line, path, reason, "warning")
+            for line, path, reason in dict.fromkeys(found)]
+
+
+def _skips_answers(mode: Any) -> bool:
+    """Whether a processing mode keeps answers from ATP: it sees none without their
+    headers, as only in its answer to them can it ask for the body (allow_mode_override)."""
+    return isinstance(mode, dict) and \
+        _enum(mode.get("response_header_mode"), HEADER_MODES) == "SKIP"
+
+
+def _chains(doc: Any) -> Iterator[tuple[dict, int | None, dict | None, list]]:
+    """Each HTTP filter chain in `doc`: its holder (a connection manager, or a cluster's
+    upstream protocol options), the index and config of the upgrade whose `filters` it is
+    (None: http_filters), and its filters."""
+    for hcm in _walk(doc):
+        filters = hcm.get("http_filters")
+        if isinstance(filters, list):
+            yield hcm, None, None, filters
+            for index, upgrade in _upgrades(hcm):
+                yield hcm, index, upgrade, upgrade["filters"]
 
 
 TCP_PROXY_TYPE = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -586,15 +683,17 @@ def check_file(path: str | Path, why: list[str],
                jwt: tuple[str, str] | None = None,
                model_clusters: Collection[str] | None = None,
                max_body_bytes: int | None = None) -> list[Problem]:
-    """Fail-open problems (`model_clusters`: atp.yaml's, None: unknown), with `jwt`
-    (auth.jwt's metadata namespace and payload key) where a token's claims would not
-    reach ATP, and with `max_body_bytes` (atp.yaml's) a buffer too small for it."""
+    """Fail-open problems and answers that go astray (`model_clusters`: atp.yaml's,
+    None: unknown), with `jwt` (auth.jwt's metadata namespace and payload key) where a
+    token's claims would not reach ATP, and with `max_body_bytes` (atp.yaml's) a buffer
+    too small for it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(str(path), 0, "", f"cannot read: {exc}")]
     problems = fail_open_problems(str(path), text, why, model_clusters)
+    problems += answer_problems(str(path), text, model_clusters)
     if model_clusters is not None:
         problems += missing_cluster_problems(str(path), text, model_clusters)
     if jwt is not None:
