@@ -264,10 +264,14 @@ class Exchange:
             return self._answer_models(rec.method, path)
         operation = "feedback" if path == FEEDBACK_PATH else OPERATIONS.get(path)
         if operation is None:
-            raise RequestError(404, f"Invalid URL ({rec.method} {_echo(path)})", "unknown_url")
+            # A path of the OpenAI API ATP does not serve (stored completions, a stored
+            # response, files, batches) must not read as a wrong base URL.
+            raise RequestError(404, f"Invalid URL ({rec.method} {_echo(path)}): ATP serves "
+                               f"{_SERVED}", "unknown_url")
         if rec.method != "POST":
-            raise RequestError(405, f"Method {rec.method} is not allowed on {path}; "
-                               "use POST", "method_not_allowed", headers={"allow": "POST"})
+            raise RequestError(405, f"Method {rec.method} is not allowed on {path}: ATP "
+                               f"serves {_SERVED}", "method_not_allowed",
+                               headers={"allow": "POST"})
         if message.request_headers.end_of_stream:
             raise RequestError(400, "The request has no body", "missing_body")
         encoding = headers.get("content-encoding", "identity")
@@ -414,6 +418,14 @@ class Exchange:
         request = read_request(rec.operation, parsed.doc, server,
                                redactor.scanned_fields if redactor else frozenset())
         check_depth(parsed, server.max_json_depth)
+        if rec.operation == "responses" and parsed.doc.get("background") not in (None, False):
+            # The provider would finish it later, to be fetched by GET /v1/responses/{id},
+            # which ATP does not serve: an answer no one could collect, cancel, restore
+            # or price, billed all the same.
+            raise RequestError(400, "Background responses are not supported: ATP cannot "
+                               "fetch, cancel or price a response the provider finishes "
+                               "later; send the request without 'background'",
+                               "unsupported_parameter", param="background")
         self.request = request
         rec.stream = request.stream
         assert self.identity is not None
@@ -738,6 +750,14 @@ class Exchange:
         for route in routes:
             if alias in route.aliases:
                 return route, alias
+        # /v1/models lists the tenant's aliases of every endpoint: one it lists is no
+        # unknown model here, but one another endpoint serves.
+        served = dict.fromkeys(p for r in self.snapshot.routes_for_tenant(self.identity.tenant)
+                               if alias in r.aliases for p in (r.match.paths or OPERATIONS))
+        if served:
+            raise RequestError(404, f"The model '{_echo(alias)}' is not served on "
+                               f"{self.record.path}, only on {', '.join(served)}",
+                               "model_not_found", param="model")
         raise _model_not_found(alias)
 
     # -- response ------------------------------------------------------------------
@@ -1059,6 +1079,9 @@ def _echo(text: str) -> str:
 
 
 _ECHO_CHARS = 64
+# What an unknown path or method is told ATP serves.
+_SERVED = (f"POST {', '.join(OPERATIONS)} and {FEEDBACK_PATH}, and GET /v1/models "
+           "(no stored completions or responses, files, batches, audio or images)")
 
 
 def _encoded(content_encoding: str) -> bool:

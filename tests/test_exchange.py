@@ -518,6 +518,35 @@ def test_model_name_is_not_an_alias(snap) -> None:
     assert_error(resp, 404, "model_not_found")
 
 
+def test_an_alias_of_another_endpoint_is_not_said_to_be_unknown(snap) -> None:
+    # /v1/models lists it: "does not exist" sent its users looking for a typo.
+    _, resp = send_body(snap, chat("text-embedding-3-small"))
+    err = assert_error(resp, 404, "model_not_found")
+    assert "is not served on /v1/chat/completions, only on /v1/embeddings" in err["message"]
+
+
+@pytest.mark.parametrize("background", [True, "true", 1])
+def test_a_background_response_is_refused(snap, background) -> None:
+    # The provider queued it, to be fetched by GET /v1/responses/{id}, which ATP does not
+    # serve: an answer no one could collect, cancel or price.
+    ex, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "background": background},
+                         path="/v1/responses")
+    assert assert_error(resp, 400, "unsupported_parameter")["param"] == "background"
+    _, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "background": False},
+                        path="/v1/responses")
+    assert resp.WhichOneof("response") == "request_body"
+
+
+def test_an_unserved_openai_path_says_what_atp_serves(snap) -> None:
+    for method, path, status in (("GET", "/v1/chat/completions/chatcmpl-1", 404),
+                                 ("GET", "/v1/chat/completions", 405)):
+        ex = Exchange(snap)
+        err = assert_error(ex.handle(req_headers(method, path)), status,
+                           "unknown_url" if status == 404 else "method_not_allowed")
+        assert "ATP serves POST /v1/chat/completions" in err["message"]
+        assert "use POST" not in err["message"]
+
+
 def test_alias_of_another_path_is_404(snap) -> None:
     _, resp = send_body(snap, {"model": "gpt-4o-mini", "input": "x"}, path="/v1/embeddings")
     assert_error(resp, 404, "model_not_found")
