@@ -529,8 +529,8 @@ def test_an_alias_of_another_endpoint_is_not_said_to_be_unknown(snap) -> None:
 def test_a_background_response_is_refused(snap, background) -> None:
     # The provider queued it, to be fetched by GET /v1/responses/{id}, which ATP does not
     # serve: an answer no one could collect, cancel or price.
-    ex, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "background": background},
-                         path="/v1/responses")
+    _, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "background": background},
+                        path="/v1/responses")
     assert assert_error(resp, 400, "unsupported_parameter")["param"] == "background"
     _, resp = send_body(snap, {"model": "gpt-4o", "input": "hi", "background": False},
                         path="/v1/responses")

@@ -361,9 +361,9 @@ def _call(name, arguments):
 
 
 @pytest.mark.parametrize(("doc", "path"), [
-    # The 17th argument is not kept: a policy on it would see nothing.
+    # The argument past the cap is not kept: a policy on it would see nothing.
     ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(
-        {**{f"a{i}": i for i in range(16)}, "max_results": 500}))]}]},
+        {**{f"a{i}": i for i in range(MAX_MAP)}, "max_results": 500}))]}]},
      "request.tool_details.arguments"),
     # Arguments too long to parse read as none at all.
     ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(

@@ -4,7 +4,11 @@
 LlmRequest and ExchangeRecord) and returns protobuf messages from proto/atp/policy.proto,
 the form cel-expr-python evaluates fastest with full type checking. Every list, map and
 string is capped here, whatever the client sent: no policy is ever handed a 10,000-element
-list, and each cut is named in `context.truncated` so a policy can refuse it.
+list. Each cut that hides something a policy could look for (an item past a cap, a name
+or key cut short) is named in `context.truncated` so a policy can refuse it. A value
+written freely (a metadata value, a tool call's argument, a claim) is content, not an
+item: a longer one is cut to its first characters and an ellipsis, and not named, or
+every request carrying a file's text in a past tool call would be refused.
 
 Caps are applied while copying (itertools.islice), so building costs the cap, not the
 size of the input.
@@ -36,10 +40,10 @@ from atp_extproc.llm_api import (
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 from atp_extproc.redact.detectors import utf8_safe
 
-MAX_STRING = 256          # characters of any string attribute
+MAX_STRING = 256          # characters of a string attribute (a cut value adds "…")
+MAX_METADATA_VALUE = 512  # characters of a metadata value: as many as OpenAI accepts
 MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
-MAX_MAP = 64              # entries of any map attribute (metadata, data classes ...)
-MAX_TOOL_ARGUMENTS = 16   # scalar arguments kept per tool call
+MAX_MAP = 64              # entries of any map attribute (metadata, data classes, arguments)
 MAX_CLAIMS_DEPTH = 4      # nesting kept in JWT claims (Keycloak: resource_access.<client>.roles)
 MAX_HISTORY_SCAN = 2048   # messages scanned (newest first) for tool calls; more is "cut"
 MAX_ARGUMENTS_JSON = 8192  # characters of one call's arguments that are parsed
@@ -177,6 +181,14 @@ def _s(value: Any, path: str, cut: _Cut) -> str:
     raise AttributeError_(f"{path} must be a string, not {type(value).__name__}")
 
 
+def _clip(text: str, limit: int = MAX_STRING) -> str:
+    """A value cut to `limit` characters, not noted in context.truncated. The ellipsis
+    keeps a cut value from reading as another valid one: it equals no short constant and
+    no number conversion takes it (int() of the first 256 characters of "000...051" was
+    0, under a policy's `> 50`)."""
+    return text if len(text) <= limit else text[:limit] + "\u2026"
+
+
 def _i(value: Any, path: str, cut: _Cut) -> int:
     if value.__class__ is int:
         if _INT64_MIN <= value <= _INT64_MAX:
@@ -221,12 +233,13 @@ def _strings(values: Any, path: str, cut: _Cut, limit: int = MAX_LIST) -> list[s
     return out
 
 
-def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[str, str]:
+def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP,
+             value_limit: int = MAX_STRING) -> dict[str, str]:
     if values.__class__ is dict:
         if len(values) <= limit:
             for k, v in values.items():
                 if k.__class__ is not str or v.__class__ is not str or \
-                        len(k) > MAX_STRING or len(v) > MAX_STRING:
+                        len(k) > MAX_STRING or len(v) > value_limit:
                     break
             else:
                 return dict(values)
@@ -235,7 +248,8 @@ def _str_map(values: Any, path: str, cut: _Cut, limit: int = MAX_MAP) -> dict[st
             return {}
         if not isinstance(values, Mapping):
             raise AttributeError_(f"{path} must be a mapping")
-    out = {_s(str(k), path, cut): _s(_scalar_text(v), path, cut)
+    # A key cut short is noted: two keys alike in their first characters would be one.
+    out = {_s(str(k), path, cut): _clip(str(_scalar_text(v)), value_limit)
            for k, v in islice(values.items(), limit)}
     if len(values) > limit:
         cut.note(path)
@@ -312,7 +326,7 @@ def _claims(value: Any, cut: _Cut, path: str, depth: int = 0) -> Any:
             cut.note(path)
         return [_claims(v, cut, path, depth + 1) for v in islice(value, MAX_LIST)]
     if isinstance(value, str):
-        return _s(value, path, cut)
+        return _clip(str(value))
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, (int, float)):
@@ -379,19 +393,19 @@ def _tools(values: Any, path: str, cut: _Cut) -> list[dict[str, Any]]:
     return out
 
 
-def _arguments_map(values: Any, path: str, cut: _Cut) -> dict[str, str]:
-    return _str_map(values, path, cut, MAX_TOOL_ARGUMENTS)
+def _metadata_map(values: Any, path: str, cut: _Cut) -> dict[str, str]:
+    return _str_map(values, path, cut, value_limit=MAX_METADATA_VALUE)
 
 
 # Field name → converter, for each message; a converter takes (value, path, cut).
 _TOOL_KINDS = {"name": _s, "type": _s, "declared": _b, "called": _b,
-               "parameters": _strings, "arguments": _arguments_map}
+               "parameters": _strings, "arguments": _str_map}
 _SUBJECT_KINDS = {"tenant": _s, "user": _s, "groups": _strings, "roles": _strings,
                   "auth_method": _s, "key_id": _s, "claims": None}
 _REQUEST_KINDS = {"path": _s, "operation": _s, "alias": _s, "stream": _b,
                   "token_estimate": _i, "message_count": _i, "tools": _strings,
                   "tool_count": _i, "tool_details": _tools, "tool_choice": _s,
-                  "max_tokens": _i, "data_classes": _int_map, "metadata": _str_map,
+                  "max_tokens": _i, "data_classes": _int_map, "metadata": _metadata_map,
                   "body_bytes": _i}
 _CONTEXT_KINDS = {"route": _s, "environment": _s, "request_id": _s, "config_version": _s,
                   "time": None, "truncated": None}
@@ -756,9 +770,11 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
             return {}  # not JSON: there are no arguments to read
     if not isinstance(arguments, dict):
         return {}
-    if len(arguments) > MAX_TOOL_ARGUMENTS:
+    # As many as a tool may declare parameters (MAX_LIST): the call of a tool whose
+    # declaration passed is not cut.
+    if len(arguments) > MAX_MAP:
         cut.note("request.tool_details.arguments")
-    return {k: v for k, v in islice(arguments.items(), MAX_TOOL_ARGUMENTS)
+    return {k: v for k, v in islice(arguments.items(), MAX_MAP)
             if isinstance(v, (str, int, float, bool))}
 
 
