@@ -555,7 +555,7 @@ def _check_tools(operation: str, doc: dict[str, Any]) -> None:
             raise RequestError(400, f"'{param}' must be an array of tool objects",
                                "invalid_type", param=param)
         for i, tool in enumerate(tools):
-            _one_name(tool, f"{param}[{i}]")
+            _check_tool(tool, f"{param}[{i}]", declared=True)
     for key in ("tool_choice", "function_call"):
         choice = doc.get(key)
         if choice is None or isinstance(choice, str):
@@ -563,10 +563,17 @@ def _check_tools(operation: str, doc: dict[str, Any]) -> None:
         if not isinstance(choice, dict):
             raise RequestError(400, f"'{key}' must be a string or an object",
                                "invalid_type", param=key)
-        _one_name(choice, key)
+        # A forced MCP tool names the server's tool beside type "mcp": choices may.
+        _check_tool(choice, key, declared=False)
 
 
-def _one_name(tool: dict[str, Any], param: str) -> None:
+# Tool types as the APIs spell them. Policies read "Function" or "function " as a built-in
+# tool of that name, while a provider that folds case or trims (Go's strings.EqualFold,
+# a lower()) reads a function and hands the model the tool its name gives.
+_TOOL_TYPE = re.compile(r"[a-z][a-z0-9_.:-]*")
+
+
+def _check_tool(tool: dict[str, Any], param: str, declared: bool) -> None:
     named = {"name": tool.get("name")}
     for key in ("function", "custom"):
         sub = tool.get(key)
@@ -576,6 +583,19 @@ def _one_name(tool: dict[str, Any], param: str) -> None:
     if len(set(map(repr, given.values()))) > 1:
         raise RequestError(400, f"{param} has two different names ({' and '.join(given)}): "
                            "give a tool one name", "invalid_value", param=param)
+    kind = tool.get("type")
+    if not isinstance(kind, str):
+        return  # no type: Chat's legacy function, read by its name
+    if not _TOOL_TYPE.fullmatch(kind):
+        raise RequestError(400, f"Invalid value for {param}.type: {kind!r} (tool types are "
+                           "lowercase: 'function', 'custom', 'web_search' ...)",
+                           "invalid_value", param=f"{param}.type")
+    if declared and given and kind not in _NAMED_TOOL_TYPES:
+        # Policies read a built-in tool by its type; a provider that ignores `type`
+        # (Ollama reads every Responses tool as a function) would run it by the name.
+        raise RequestError(400, f"{param} is a {kind!r} tool, which has no name "
+                           f"({' and '.join(given)} given): function, custom and namespace "
+                           "tools have one", "invalid_value", param=f"{param}.type")
 
 
 def _check_messages(messages: Any) -> None:

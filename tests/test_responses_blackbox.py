@@ -108,12 +108,14 @@ def test_a_namespace_in_a_namespace_loses_the_tools_policy_strips(snap) -> None:
 
 
 @pytest.mark.parametrize("tool", [{"type": "file_search", "name": "get_weather"},
-                                  {"type": "web_search", "name": "search_docs"}])
-def test_a_built_in_tool_goes_by_its_type_whatever_name_it_carries(snap, tool) -> None:
-    # bob may offer get_weather and search_docs: a provider runs these by their type.
-    assert "tools" not in _sent(_send(snap, BOB, tools=[tool]))
-    shell = {"type": "shell", "name": "get_weather"}
-    assert _denied_by(_send(snap, tools=[shell])) == "tools.no_code_execution"
+                                  {"type": "web_search", "name": "search_docs"},
+                                  {"type": "shell", "name": "get_weather"}])
+def test_a_built_in_tool_that_carries_a_name_is_refused(snap, tool) -> None:
+    # Policies read a built-in tool by its type, a provider that ignores `type` (Ollama)
+    # by the name: bob's allow list and alice's deny list would each see the wrong tool.
+    for key in (ALICE, BOB):
+        assert assert_error(_send(snap, key, tools=[tool]), 400, "invalid_value")[
+            "param"] == "tools[0].type"
 
 
 @pytest.mark.parametrize("tool", [
