@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import io
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +15,23 @@ import pytest
 import yaml
 
 from atp_extproc.policy.cli import check
-from atp_extproc.policy.envoy_lint import PER_ROUTE_TYPE, answer_problems, fail_open_problems
+from atp_extproc.policy.envoy_lint import answer_problems, fail_open_problems
 from atp_extproc.policy.settings import Problem
-from atp_extproc.stack import envoy_binary
+from tests.test_envoy_lint_bypasses import (
+    EXT_PROC,
+    FRONT,
+    PER_ROUTE,
+    R1,
+    R2,
+    ROOT,
+    ext_proc,
+    listener,
+    route,
+    validated,
+    vhost,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-FRONT = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
-EXT_PROC = "envoy.filters.http.ext_proc"
-PER_ROUTE = f"type.googleapis.com/{PER_ROUTE_TYPE}"
-# The front listener's two routes to a model (the third answers directly).
-R1 = "virtual host models route #1 (prefix=/ with headers x-atp-cluster, x-atp-shadow-cluster)"
-R2 = "virtual host models route #2 (prefix=/ with headers x-atp-cluster)"
 UNSEEN = "ATP never sees this route's answers (response_header_mode: SKIP"
-
-
-def listener(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
-    (found,) = [item for item in doc["static_resources"]["listeners"] if item["name"] == name]
-    return found
-
-
-def manager(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
-    return listener(doc, name)["filter_chains"][0]["filters"][0]["typed_config"]
-
-
-def ext_proc(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
-    (found,) = [f for f in manager(doc, name)["http_filters"] if f["name"] == EXT_PROC]
-    return found
-
-
-def vhost(doc: dict[str, Any]) -> dict[str, Any]:
-    return manager(doc)["route_config"]["virtual_hosts"][0]
-
-
-def route(doc: dict[str, Any], index: int = 1) -> dict[str, Any]:
-    return vhost(doc)["routes"][index]
 
 
 def host_mode(doc: dict[str, Any]) -> dict[str, Any]:
@@ -62,14 +44,8 @@ def host_mode(doc: dict[str, Any]) -> dict[str, Any]:
 
 def lint(doc: dict[str, Any], tmp_path: Path,
          clusters: set[str] | None = None) -> tuple[list[Problem], list[str]]:
-    """The answer warnings for `doc` and its text's lines; Envoy must accept `doc`."""
-    path = tmp_path / "envoy.yaml"
-    text = yaml.safe_dump(doc, sort_keys=False)
-    path.write_text(text)
-    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
-                           "--log-level", "error"], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    """The answer warnings for `doc` and its text's lines."""
+    path, text = validated(doc, tmp_path)
     return answer_problems(str(path), text, clusters), text.splitlines()
 
 

@@ -34,14 +34,17 @@ def front() -> dict[str, Any]:
     return copy.deepcopy(FRONT)
 
 
-def manager(doc: dict[str, Any]) -> dict[str, Any]:
-    (listener,) = [item for item in doc["static_resources"]["listeners"]
-                   if item["name"] == "front"]
-    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+def listener(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
+    (found,) = [item for item in doc["static_resources"]["listeners"] if item["name"] == name]
+    return found
 
 
-def ext_proc(doc: dict[str, Any]) -> dict[str, Any]:
-    (found,) = [f for f in manager(doc)["http_filters"] if f["name"] == EXT_PROC]
+def manager(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
+    return listener(doc, name)["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def ext_proc(doc: dict[str, Any], name: str = "front") -> dict[str, Any]:
+    (found,) = [f for f in manager(doc, name)["http_filters"] if f["name"] == EXT_PROC]
     return found
 
 
@@ -64,9 +67,8 @@ def per_route(**fields: Any) -> dict[str, Any]:
     return {"@type": PER_ROUTE, **fields}
 
 
-def lint(doc: dict[str, Any], tmp_path: Path,
-         clusters: set[str] | None = None) -> tuple[list[Problem], list[str]]:
-    """The problems for `doc` and its text's lines; Envoy must accept `doc` as it is."""
+def validated(doc: dict[str, Any], tmp_path: Path) -> tuple[Path, str]:
+    """`doc` written to a file, and its text; Envoy must accept it as it is."""
     path = tmp_path / "envoy.yaml"
     text = yaml.safe_dump(doc, sort_keys=False)
     path.write_text(text)
@@ -74,6 +76,13 @@ def lint(doc: dict[str, Any], tmp_path: Path,
                            "--log-level", "error"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return path, text
+
+
+def lint(doc: dict[str, Any], tmp_path: Path,
+         clusters: set[str] | None = None) -> tuple[list[Problem], list[str]]:
+    """The problems for `doc` and its text's lines."""
+    path, text = validated(doc, tmp_path)
     return fail_open_problems(str(path), text, ["deny policies"], clusters), \
         text.splitlines()
 
