@@ -16,11 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
-from pydantic_core import ErrorDetails
+from pydantic import Field, ValidationError, field_validator
 
 from atp_extproc.llm_api import OPERATIONS
 from atp_extproc.policy.attributes import CandidateInfo
@@ -45,6 +44,7 @@ from atp_extproc.routing.settings import (
     RouteObjective,
     check_references,
 )
+from atp_extproc.settings_types import Flag, Frozen, Items, problem_reason
 from atp_extproc.store.money import to_decimal, whole_pico_per_token
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
@@ -66,16 +66,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(text))
 
 
-class _Frozen(BaseModel):
-    # Strict: lax pydantic read the string '4194304' and true as integers, and the word
-    # 1_000 as 1000. An integer is still a number.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
 Token = Annotated[str, Field(pattern=TOKEN.pattern)]
-_T = TypeVar("_T")
-# YAML gives a list, which strictness refuses as a tuple.
-_Items = Annotated[tuple[_T, ...], Strict(False)]
 
 
 # USD per 1K tokens. Far above any real price; bounded so that a typo (a price per
@@ -85,7 +76,7 @@ _Items = Annotated[tuple[_T, ...], Strict(False)]
 MAX_PRICE_PER_1K = 1000.0
 
 
-class Price(_Frozen):
+class Price(Frozen):
     input_per_1k: float = Field(ge=0, le=MAX_PRICE_PER_1K, allow_inf_nan=False)
     output_per_1k: float = Field(ge=0, le=MAX_PRICE_PER_1K, allow_inf_nan=False)
 
@@ -104,7 +95,7 @@ class Price(_Frozen):
 RESERVED_CLUSTERS = frozenset({"atp", "atp_shadow"})
 
 
-class Model(_Frozen):
+class Model(Frozen):
     name: Token
     cluster: Token
     upstream_model: Token
@@ -120,10 +111,10 @@ class Model(_Frozen):
         return cluster
 
 
-class RouteMatch(_Frozen):
+class RouteMatch(Frozen):
     # Empty means "any": a route with no match block serves every operation and tenant.
-    paths: _Items[str] = ()
-    tenants: _Items[str] = ()
+    paths: Items[str] = ()
+    tenants: Items[str] = ()
 
     @field_validator("paths")
     @classmethod
@@ -134,16 +125,16 @@ class RouteMatch(_Frozen):
         return paths
 
 
-class Route(_Frozen):
+class Route(Frozen):
     name: Token
     match: RouteMatch = RouteMatch()
-    aliases: dict[Token, _Items[Token]] = Field(min_length=1)
+    aliases: dict[Token, Items[Token]] = Field(min_length=1)
     default: Token | None = None
     # Learned choice among an alias's candidates; without it the first candidate serves.
     objective: RouteObjective | None = None
     # Put the client's own values back in place of placeholders in the response
-    # (None: redaction.restore). Lax, as the other boolean settings: `yes`/`no` are taken.
-    restore: Annotated[bool | None, Strict(False)] = None
+    # (None: redaction.restore).
+    restore: Flag | None = None
 
     @field_validator("aliases")
     @classmethod
@@ -156,7 +147,7 @@ class Route(_Frozen):
         return MappingProxyType(aliases)
 
 
-class ApiKey(_Frozen):
+class ApiKey(Frozen):
     key_id: Token
     tenant: Token
     sha256: str
@@ -170,7 +161,7 @@ class ApiKey(_Frozen):
         return value
 
 
-class Jwt(_Frozen):
+class Jwt(Frozen):
     metadata_namespace: str = "envoy.filters.http.jwt_authn"
     payload_key: str = "jwt_payload"
     tenant_claim: str = "tenant"
@@ -186,8 +177,8 @@ class Jwt(_Frozen):
         return name
 
 
-class Auth(_Frozen):
-    api_keys: _Items[ApiKey] = ()
+class Auth(Frozen):
+    api_keys: Items[ApiKey] = ()
     jwt: Jwt | None = None
     # Only set this when the hop in front of Envoy authenticates callers and sets the
     # header itself; otherwise any client could claim any tenant.
@@ -327,7 +318,7 @@ def envoy_buffer_limit(max_body_bytes: int) -> int:
     return max(2 * max_body_bytes, ENVOY_BUFFER_LIMIT_BYTES)
 
 
-class Server(_Frozen):
+class Server(Frozen):
     listen: str = "127.0.0.1:50051"
     grace_period_s: float = Field(default=10.0, ge=0, le=600)
     # Beside other ATP endpoints, Envoy keeps sending new exchanges until its health
@@ -356,11 +347,11 @@ class Server(_Frozen):
         return listen
 
 
-class _Document(_Frozen):
+class _Document(Frozen):
     server: Server = Server()
     auth: Auth = Auth()
-    models: _Items[Model] = Field(min_length=1)
-    routes: _Items[Route] = Field(min_length=1)
+    models: Items[Model] = Field(min_length=1)
+    routes: Items[Route] = Field(min_length=1)
     ledger: LedgerSettings = LedgerSettings()
     redaction: RedactionSettings = RedactionSettings()
     # Checked, with file and line numbers, by atp_extproc.policy (see _policies).
@@ -527,34 +518,10 @@ def _validation_problems(exc: ValidationError) -> list[tuple[tuple[Any, ...], st
     locs = [tuple(e["loc"]) for e in errors]
     # A tuple whose only items are invalid also fails its min_length ("at least 1 item
     # ... not 0"): noise beside the errors that name those items.
-    return [(tuple(e["loc"]), _reason(e)) for e in errors
+    return [(tuple(e["loc"]), problem_reason(e)) for e in errors
             if not (e["type"] == "too_short" and any(
                 len(loc) > len(e["loc"]) and loc[:len(e["loc"])] == tuple(e["loc"])
                 for loc in locs))]
-
-
-# What a value of the wrong type should have been: pydantic's "Input should be a valid
-# integer" does not say what the file gave.
-_EXPECTED = {"int_type": "an integer", "float_type": "a number",
-             "bool_type": "true or false", "string_type": "a string"}
-
-
-def _reason(error: ErrorDetails) -> str:
-    expected = _EXPECTED.get(error["type"])
-    if expected is None:
-        return error["msg"].removeprefix("Value error, ")
-    return f"expected {expected}, got {_as_written(error['input'])}"
-
-
-def _as_written(value: Any) -> str:
-    """A YAML value as the file wrote it: `the string '4194304'`, `true`, `a list`."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value!r}"
-    return "a mapping" if isinstance(value, dict) else "a list"
 
 
 def _line_of_path(doc: Any, path: str) -> int:

@@ -58,7 +58,7 @@ def _max_body_of(raw: dict) -> int:
     default: int = Server.model_fields["max_body_bytes"].default
     server = raw.get("server")
     value = server.get("max_body_bytes", default) if isinstance(server, dict) else default
-    try:  # as the config reads it (16777216.0 and "16777216" too)
+    try:  # as the config reads it
         return Server.model_validate({"max_body_bytes": value}).max_body_bytes
     except ValidationError:
         return default

@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from atp_extproc.settings_types import Frozen, Items, problem_reason
 
 # `team.rule`: a namespace, a dot, a name; lowercase so ids compare and grep cleanly.
 POLICY_ID = re.compile(r"^[a-z][a-z0-9_-]{0,63}(\.[a-z][a-z0-9_-]{0,63}){1,3}$")
@@ -39,11 +34,7 @@ Effect = Literal["deny", "allow", "restrict", "redact", "tools"]
 Mode = Literal["dry_run", "enforce"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PolicySpec(_Frozen):
+class PolicySpec(Frozen):
     """One policy: a CEL condition and what happens when it is true."""
 
     # Checked by the compiler (namespace, duplicates) so `check` reports it with a line.
@@ -61,7 +52,7 @@ class PolicySpec(_Frozen):
     # Shown to the client on deny (403) and in decision records: write it for a human.
     message: Annotated[str, Field(max_length=500)] = ""
     # redact: the data classes that must be redacted before the request leaves.
-    data_classes: tuple[Annotated[str, Field(pattern=DATA_CLASS.pattern)], ...] = ()
+    data_classes: Items[Annotated[str, Field(pattern=DATA_CLASS.pattern)]] = ()
     # tools: what happens to a tool outside the scope: the request is denied, or the tool
     # is removed from the request's `tools` before it leaves.
     tool_action: Literal["deny", "strip"] | None = None
@@ -84,7 +75,7 @@ class PolicySpec(_Frozen):
         return self.tool_action or "deny"
 
 
-class PolicySettings(_Frozen):
+class PolicySettings(Frozen):
     """The `policy:` section of atp.yaml."""
 
     # per_policy: each policy's own mode; dry_run / enforce: the switch for all of them.
@@ -93,7 +84,7 @@ class PolicySettings(_Frozen):
     # What a request gets when no allow policy matched and nothing denied it.
     default: Literal["allow", "deny"] = "allow"
     # Files (globs) with more `policies:`, relative to atp.yaml.
-    include: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    include: Items[Annotated[str, Field(min_length=1)]] = ()
     # context.environment: dev | staging | prod ...
     environment: str = ""
 
@@ -459,7 +450,7 @@ def _policies_from(doc: Any, file: str, key_path: str, line: int = 0
                 sub = _format_loc(loc)
                 problems.append(Problem(
                     file, line_of(entry, loc) or line, f"{where}.{sub}" if sub else where,
-                    err["msg"].removeprefix("Value error, ")))
+                    problem_reason(err)))
             continue
         expr_line, expr_lines = line, ()
         if isinstance(entry, LineDict):
@@ -519,7 +510,7 @@ def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
     except ValidationError as exc:
         return PolicySettings(), [
             Problem(file, line_of(doc, ["policy", *e["loc"]]), _format_loc(["policy", *e["loc"]]),
-                    e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+                    problem_reason(e)) for e in exc.errors()]
 
 
 def _utf8(name: str) -> bool:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from atp_extproc.settings_types import Flag, Frozen, Items
 
 Action = Literal["mask", "hash", "deny"]
 
@@ -38,10 +40,6 @@ _PATH = re.compile(r"^[A-Za-z0-9_$-]+(?:\[(?:\*|\d{1,6})\])*"
 _PATH_TOKEN = re.compile(r"\[(\*|\d+)\]|\.?([^.\[\]]+)")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 def compile_custom(pattern: str, case_insensitive: bool = False):
     """Compile a custom detector pattern with RE2; ValueError with RE2's reason if bad."""
     import re2
@@ -61,12 +59,12 @@ def compile_custom(pattern: str, case_insensitive: bool = False):
     return compiled
 
 
-class CustomDetector(_Frozen):
+class CustomDetector(Frozen):
     """A named RE2 pattern; matches are a data class of their own (`[NAME_1]`)."""
 
     name: str
     pattern: str = Field(min_length=1, max_length=4096)
-    case_insensitive: bool = False
+    case_insensitive: Flag = False
 
     @field_validator("name")
     @classmethod
@@ -98,22 +96,22 @@ def parse_path(path: str) -> tuple[str | int, ...]:
     return tuple(out)
 
 
-class RedactionSettings(_Frozen):
-    enabled: bool = True
+class RedactionSettings(Frozen):
+    enabled: Flag = True
     # Per data class (built-in or custom): mask | hash | deny. Unlisted classes use
     # DEFAULT_ACTIONS, then `mask`.
-    actions: dict[str, Action] = {}
+    actions: dict[str, Action] = Field(default_factory=dict)
     # Name of the environment variable holding the HMAC key for `hash` (>= 16 bytes).
     hmac_key_env: str = "ATP_REDACT_HMAC_KEY"
-    custom_detectors: tuple[CustomDetector, ...] = ()
+    custom_detectors: Items[CustomDetector] = ()
     # Data classes not looked for at all.
-    disabled_classes: tuple[str, ...] = ()
+    disabled_classes: Items[str] = ()
     # More JSON paths to scan, for every operation (missing paths are skipped).
-    extra_paths: tuple[str, ...] = ()
+    extra_paths: Items[str] = ()
     # Regions whose national formats are recognised (numbers with +CC are always).
-    phone_regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS
+    phone_regions: Items[str] = DEFAULT_PHONE_REGIONS
     # Put originals back into responses; off unless a route turns it on.
-    restore: bool = False
+    restore: Flag = False
     # A body too costly to scan completely (adversarial input; the work budget is about
     # 8 units per 64 bytes, far above real prompts) is refused unless this says `allow`.
     on_incomplete: Literal["deny", "allow"] = "deny"

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from atp_extproc.settings_types import Flag, Frozen, Items
 
 # Model and route names travel in headers: a safe alphabet (config.TOKEN is built from it).
 TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
@@ -28,11 +30,7 @@ DEFAULT_FINISH_REASON_SCORES: dict[str, float] = {
 }
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Weights(_Frozen):
+class Weights(Frozen):
     """How much each term weighs in the route's objective (higher objective is better).
 
     objective = quality·q - cost·(c / cost_scale) - latency·(L / latency_scale) - error·e
@@ -52,7 +50,7 @@ class Weights(_Frozen):
         return self
 
 
-class Limits(_Frozen):
+class Limits(Frozen):
     """Hard limits: a candidate outside any of them is not chosen (see router docs)."""
 
     p95_latency_ms: float | None = Field(default=None, gt=0)
@@ -67,7 +65,7 @@ class Limits(_Frozen):
     min_samples: float = Field(default=20, ge=0, le=100_000)
 
 
-class Scale(_Frozen):
+class Scale(Frozen):
     """Reference values that turn cost and latency into objective units.
 
     Unset means automatic: the largest posterior mean among the decision's candidates,
@@ -79,7 +77,7 @@ class Scale(_Frozen):
     latency_ms: float | None = Field(default=None, gt=0)
 
 
-class Shadow(_Frozen):
+class Shadow(Frozen):
     # off: no shadow. decision: serve the champion, record what ATP would have chosen and
     # the savings it predicts. mirror: serve normally and have Envoy mirror `share` of
     # requests to `challenger` through the shadow listener; the challenger is then
@@ -101,7 +99,7 @@ class Shadow(_Frozen):
         return self
 
 
-class Breaker(_Frozen):
+class Breaker(Frozen):
     """Per-candidate circuit breaker."""
 
     # Opens when the error rate over the rolling window passes this ...
@@ -125,7 +123,7 @@ class Breaker(_Frozen):
         return self
 
 
-class Learning(_Frozen):
+class Learning(Frozen):
     # Estimates remember about 1.44·half_life observations of a candidate while nothing
     # changes ...
     half_life: float = Field(default=3000.0, ge=1, le=1_000_000)
@@ -138,7 +136,7 @@ class Learning(_Frozen):
     stale_half_life_s: float = Field(default=600.0, gt=0, le=10_000_000)
 
 
-class Quality(_Frozen):
+class Quality(Frozen):
     # Prior mean quality for a candidate nobody has scored yet.
     prior: float = Field(default=0.7, ge=0, le=1)
     # When no feedback arrives within feedback_window_s, use this proxy (or nothing).
@@ -155,19 +153,19 @@ class Quality(_Frozen):
         return self
 
 
-class Restrict(_Frozen):
+class Restrict(Frozen):
     """Static candidate filter by model attributes (a policy may restrict further)."""
 
     egress: Literal["any", "internal"] = "any"
-    regions: tuple[str, ...] = ()
+    regions: Items[str] = ()
 
 
-class RouteObjective(_Frozen):
+class RouteObjective(Frozen):
     # The production baseline: served in shadow mode "decision", preferred when no
     # candidate meets the hard limits. Unset: the alias's first candidate.
     champion: Name | None = None
     # Non-empty: the learner chooses among champion + challengers only.
-    challengers: tuple[Name, ...] = ()
+    challengers: Items[Name] = ()
     weights: Weights = Weights()
     limits: Limits = Limits()
     scale: Scale = Scale()
@@ -200,8 +198,8 @@ class RouteObjective(_Frozen):
         return self
 
 
-class LedgerSettings(_Frozen):
-    enabled: bool = True
+class LedgerSettings(Frozen):
+    enabled: Flag = True
     path: str = Field(default=".run/atp-ledger.sqlite3", min_length=1)
     # Model whose prices define "what it would have cost"; unset: no savings are claimed
     # (baseline cost = actual cost) unless a route sets objective.baseline.
