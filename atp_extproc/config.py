@@ -249,12 +249,10 @@ def _tcp_listen_problem(listen: str) -> str | None:
 
 
 def _unix_listen_problem(listen: str) -> str | None:
-    path = listen.removeprefix("unix:")
-    if path.startswith("//"):
-        # gRPC binds unix://tmp/x.sock at /tmp/x.sock: only unix:///abs is unambiguous.
-        path = path[2:]
-        if not path.startswith("/"):
-            return "unix:// takes an absolute path (unix:///run/atp.sock or unix:/run/atp.sock)"
+    path = unix_socket_path(listen) or ""
+    # gRPC binds unix://tmp/x.sock at /tmp/x.sock: only unix:///abs is unambiguous.
+    if listen.startswith("unix://") and not path.startswith("/"):
+        return "unix:// takes an absolute path (unix:///run/atp.sock or unix:/run/atp.sock)"
     if not path:
         return "no socket path after unix:"
     if "\0" in path:
@@ -282,6 +280,8 @@ def unix_socket_problem(path: str) -> str | None:
         # gRPC makes no directory.
         directory = os.path.dirname(path) or "."
         return None if os.path.isdir(directory) else f"the directory {directory} does not exist"
+    except PermissionError:
+        return None  # check may run as another user than serve, which binding tells
     except OSError as exc:
         return exc.strerror or str(exc)
     return None if stat.S_ISSOCK(mode) else f"{path} exists and is not a socket"
@@ -668,7 +668,7 @@ def check_paths(snapshot: Snapshot, *, listen_option: bool = False) -> None:
         problems.append(("server.listen", f"cannot listen on {snapshot.server.listen}: "
                                           f"{problem}"))
     if problems:
-        # Read again for the lines, only when there is a problem.
+        # The lines only a problem needs: a second read of the file, then.
         try:
             lined, _ = load_yaml(Path(snapshot.source).read_text(encoding="utf-8"),
                                  snapshot.source)

@@ -264,8 +264,6 @@ class Exchange:
             return self._answer_models(rec.method, path)
         operation = "feedback" if path == FEEDBACK_PATH else OPERATIONS.get(path)
         if operation is None:
-            # A path of the OpenAI API ATP does not serve (stored completions, a stored
-            # response, files, batches) must not read as a wrong base URL.
             raise RequestError(404, f"Invalid URL ({rec.method} {_echo(path)}): ATP serves "
                                f"{_SERVED}", "unknown_url")
         if rec.method != "POST":
@@ -1079,7 +1077,9 @@ def _echo(text: str) -> str:
 
 
 _ECHO_CHARS = 64
-# What an unknown path or method is told ATP serves.
+# Told to a client on an unknown path or method: an endpoint of the OpenAI API ATP does
+# not serve (stored completions, a stored response, files) must not read as a wrong
+# base URL.
 _SERVED = (f"POST {', '.join(OPERATIONS)} and {FEEDBACK_PATH}, and GET /v1/models "
            "(no stored completions or responses, files, batches, audio or images)")
 

@@ -642,7 +642,9 @@ def _check_calls(message: dict[str, Any], where: str) -> None:
 
 # Tools that go by a name; any other type is a provider's built-in tool (web_search,
 # shell, mcp ...), and a tool without a type is Chat's legacy function.
-_NAMED_TOOL_TYPES = frozenset({"function", "custom", "namespace"})
+# Tool types a provider runs by their name. Moonshot's Kimi names its built-ins that way
+# (`{"type": "builtin_function", "function": {"name": "$web_search"}}`).
+_NAMED_TOOL_TYPES = frozenset({"function", "custom", "namespace", "builtin_function"})
 
 
 def tool_name(tool: Any) -> str | None:

@@ -101,6 +101,23 @@ def test_check_takes_a_socket_path_serve_can_bind(tmp_path: Path,
         assert code == 0, lines
 
 
+def test_check_leaves_a_socket_directory_it_may_not_read_to_serve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # check may run as another user than serve: "Permission denied" refused a valid file.
+    path = write(tmp_path, with_listen("unix:/run/atp-private/atp.sock"))
+    real_stat = config_mod.os.stat
+
+    def stat(name, *args, **kwargs):
+        if str(name).startswith("/run/atp-private"):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(config_mod.os, "stat", stat)
+    code, lines = check(capsys, path)
+    assert code == 0, lines
+
+
 def test_a_reload_refuses_a_ledger_path_serve_could_not_open(tmp_path: Path,
                                                             caplog) -> None:
     path = write(tmp_path, CONFIG)

@@ -149,3 +149,12 @@ def test_read_request_refuses_a_type_in_another_case() -> None:
     # A type that is no string names nothing: the tool is read by its name, as before.
     doc = {"input": "hi", "tools": [{"type": 5, "name": "shell"}]}
     assert read_request("responses", doc).tool_names == ("shell",)
+
+
+def test_a_built_in_a_provider_runs_by_its_name_is_read_by_that_name(snap) -> None:
+    # Moonshot's Kimi: {"type": "builtin_function", "function": {"name": "$web_search"}}
+    # was refused as a built-in carrying a name; it is the name the provider runs.
+    kimi = {"type": "builtin_function", "function": {"name": "$web_search"}}
+    assert json.loads(forwarded(_chat(snap, tools=[kimi]))[1])["tools"] == [kimi]
+    shell = {"type": "builtin_function", "function": {"name": "shell"}}
+    assert _denied_by(_chat(snap, tools=[shell])) == "tools.no_code_execution"

@@ -770,8 +770,8 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
             return {}  # not JSON: there are no arguments to read
     if not isinstance(arguments, dict):
         return {}
-    # As many as a tool may declare parameters (MAX_LIST): the call of a tool whose
-    # declaration passed is not cut.
+    # As many as a tool may declare parameters (MAX_LIST, which MAX_MAP equals): the call
+    # of a tool whose declaration passed is not cut.
     if len(arguments) > MAX_MAP:
         cut.note("request.tool_details.arguments")
     return {k: v for k, v in islice(arguments.items(), MAX_MAP)
