@@ -14,11 +14,21 @@ one tuple (`post`), so a decision only reads floats.
 Models, per metric:
 - error rate: Beta(a0 + decayed failures, b0 + decayed successes);
 - latency: log-normal; normal posterior on the mean of log latency (successes only);
-  mean latency = exp(μ + σ²/2); p95 from a decaying log-bucket histogram (restarted with
-  the long memory);
+  mean latency = exp(μ + σ²/2); p95 from a log-bucket histogram (below);
 - cost per request (successes with priced usage): normal posterior on the mean, prior
   centred on the model's prices times the route's typical token counts;
 - quality in [0, 1] (feedback or proxy): Beta posterior, prior mean from config.
+
+The p95 histogram is what the p95 limit judges a candidate by, and the limit keeps a
+candidate it excludes from being observed. So the histogram's mass fades with time as
+well as with observations, by half every stale_half_life_s (as README says a stale
+estimate counts): the latencies that had a candidate excluded stop counting whether or
+not it is retried, and its sampled p95 spreads as they fade, until exploration retries
+it (selection.score). When the latency memory restarts, the histogram restarts from a
+short-memory one (half-life change_half_life): the observations that showed the change
+keep the limit applying, where an empty histogram switched it off for min_samples more.
+min_samples counts latencies by observations only (`_latency_count`, as the other
+limits count theirs), so a candidate observed rarely but steadily is still held to it.
 """
 
 from __future__ import annotations
@@ -56,6 +66,9 @@ _COST_REL_VAR_FLOOR = 0.05 ** 2
 
 # Weight (in observations) the long memory restarts with after a change.
 RESTART_WEIGHT = 8.0
+# The sd of the 95th percentile of n draws of a normal (log latency) with sd s is
+# √(0.95·0.05) / φ(1.645) · s/√n: 2.11 times that of their mean.
+P95_SD_FACTOR = math.sqrt(0.95 * 0.05) / (math.exp(-1.6449 ** 2 / 2) / math.sqrt(2 * math.pi))
 
 
 def gamma_for(half_life: float) -> float:
@@ -71,15 +84,17 @@ class Memory:
     z2: float            # squared threshold in standard errors
     diff_factor: float   # Var(fast mean - slow mean) / per-observation variance
     min_obs: int         # observations since the last restart before testing
+    fade_rate: float     # ln 2 / stale_half_life_s: the p95 histograms' decay per second
 
     @classmethod
-    def of(cls, half_life: float, change_half_life: float, change_z: float) -> Memory:
+    def of(cls, half_life: float, change_half_life: float, change_z: float,
+           stale_half_life_s: float = math.inf) -> Memory:
         s, f = gamma_for(half_life), gamma_for(min(change_half_life, half_life))
         # Steady-state variances of exponentially weighted means of iid data, and their
         # covariance: (1-g)/(1+g) each (g the decay factor), (1-f)(1-s)/(1-f*s) shared.
         diff = (1 - f) / (1 + f) + (1 - s) / (1 + s) - 2 * (1 - f) * (1 - s) / (1 - f * s)
         return cls(s, f, change_z * change_z, max(diff, 1e-12),
-                   max(4, math.ceil(change_half_life)))
+                   max(4, math.ceil(change_half_life)), math.log(2.0) / stale_half_life_s)
 
 
 class Ew:
@@ -158,10 +173,10 @@ class ArmEstimates:
     """Learned state for one (route, model); posterior summaries cached as floats."""
 
     __slots__ = (
-        "_cost", "_errors", "_latency", "_quality", "_sketch", "cost_mean", "err_mean",
-        "error_weight", "last_t", "latency_log_sd", "latency_mean_ms", "memory",
-        "observations", "p95_ms", "post", "price_in", "price_out", "quality_mean",
-        "quality_sd",
+        "_cost", "_errors", "_latency", "_latency_count", "_quality", "_recent", "_sketch",
+        "cost_mean", "err_mean", "error_weight", "last_t", "latency_log_sd",
+        "latency_mean_ms", "memory", "observations", "p95_ms", "post", "price_in",
+        "price_out", "quality_mean", "quality_sd",
     )
 
     def __init__(self, price_in: float, price_out: float, memory: Memory, now: float,
@@ -173,7 +188,11 @@ class ArmEstimates:
         self.observations = 0
         self._errors = Tracker()     # 1 = failure, 0 = success
         self._latency = Tracker()    # log ms, successes only
-        self._sketch = LatencySketch()
+        self._sketch = LatencySketch()   # the p95's: long memory, fading with time
+        self._recent = LatencySketch()   # short memory: what a restart starts from
+        # Latencies observed, decayed by observations as the other estimates' counts and
+        # not restarted: what min_samples counts for the p95 limit.
+        self._latency_count = 0.0
         self._cost = Tracker()
         self._quality = Tracker()
         self.p95_ms: float | None = None
@@ -185,18 +204,33 @@ class ArmEstimates:
                 now: float, priors: Priors) -> None:
         memory = self.memory
         self.observations += 1
+        # The histograms fade with the time since the last observation of any kind.
+        age = now - self.last_t
+        fade = math.exp(-age * memory.fade_rate) if age > 0.0 else 1.0
         self.last_t = now
         p = self._errors.slow.mean
         p = _ERROR_P_FLOOR if p < _ERROR_P_FLOOR else p
         self._errors.add(0.0 if ok else 1.0, memory, p * (1.0 - p))
+        if ok and latency_ms is not None and latency_ms > 0.0:
+            self._recent.add(latency_ms, memory.fast * fade)
+            restarted = self._latency.add(math.log(latency_ms), memory,
+                                          _LOG_LATENCY_VAR_FLOOR)
+            if restarted:
+                self._sketch = self._recent.copy()
+            else:
+                self._sketch.add(latency_ms, memory.slow * fade)
+            self._latency_count = memory.slow * self._latency_count + 1.0
+            p95 = self.p95_ms
+            # A latency above the p95 may move it far (a slowdown is excluded at once);
+            # one below moves it by at most a 1/total_weight share.
+            if (restarted or p95 is None or latency_ms > p95
+                    or self._sketch.total_weight < P95_EXACT_BELOW
+                    or self.observations % P95_REFRESH_EVERY == 0):
+                self.p95_ms = self._sketch.quantile(0.95)
+        elif fade < 1.0:
+            self._sketch.fade(fade)
+            self._recent.fade(fade)
         if ok:
-            if latency_ms is not None and latency_ms > 0.0:
-                if self._latency.add(math.log(latency_ms), memory, _LOG_LATENCY_VAR_FLOOR):
-                    self._sketch = LatencySketch()
-                self._sketch.add(latency_ms, memory.slow)
-                w = self._sketch.total_weight
-                if w < P95_EXACT_BELOW or self.observations % P95_REFRESH_EVERY == 0:
-                    self.p95_ms = self._sketch.quantile(0.95)
             if cost is not None and cost >= 0.0:
                 m = self._cost.slow.mean
                 self._cost.add(cost, memory, _COST_REL_VAR_FLOOR * m * m + 1e-18)
@@ -233,6 +267,14 @@ class ArmEstimates:
         mu, sd, var = latency.posterior(priors.latency_log_mean, LATENCY_PRIOR_LOG_VAR)
         self.latency_log_sd = sd
         self.latency_mean_ms = math.exp(mu + var / 2.0)
+        # The p95's sd is that of the latencies the histogram holds, as faded by time.
+        held = self._sketch.total_weight
+        if self.p95_ms is None or held <= 0.0:
+            p95_log: float | None = None
+            p95_log_sd = 0.0
+        else:
+            p95_log = math.log(self.p95_ms)
+            p95_log_sd = P95_SD_FACTOR * math.sqrt(var / held)
 
         prior_cost = self.prior_cost(priors)
         prior_var = (COST_PRIOR_CV * prior_cost) ** 2
@@ -244,10 +286,10 @@ class ArmEstimates:
                              + quality.weight * quality.mean) / n
         self.quality_sd = math.sqrt(self.quality_mean * (1.0 - self.quality_mean) / (n + 1.0))
         # Everything a decision reads, in one tuple (one attribute load per candidate).
-        # The p95 limit counts the sketch's samples (restarted with the latency memory).
+        # Counts and the p95 histogram are as of last_t; a decision fades them on.
         self.post = (self.quality_mean, self.quality_sd, err_mean, err_sd,
                      self.cost_mean, cost_sd, self.latency_mean_ms, sd,
-                     self.p95_ms, self._sketch.total_weight, self.error_weight,
+                     p95_log, p95_log_sd, self._latency_count, self.error_weight,
                      quality.weight, self.last_t)
 
     @property

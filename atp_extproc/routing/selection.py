@@ -13,11 +13,18 @@ with C and Λ the route's cost and latency scales. Two picks come out:
 
 Sampling the limits too means a candidate excluded on its estimate is retried now and
 then, in proportion to the chance it is in fact within them, so a recovered provider can
-come back. The router serves the Thompson pick only while the route's exploration share
-stays under its cap, and the greedy pick otherwise. This is Gaussian-posterior Thompson
-sampling (Agrawal & Goyal 2013: O(√(KT ln K)) regret for bounded rewards) on the
-decomposed objective; decomposing keeps the learned state valid when weights or scales
-change on reload, and lets hard limits act on the metric they name.
+come back. The p95 is sampled with the sd of a 95th percentile of the latencies its
+histogram holds, which fade by half every stale_half_life_s: an excluded candidate's
+sampled p95 spreads until it is retried, even one that sat far past the limit with no
+spread (a steady latency twice the limit). Without exploration the p95 limit stops
+applying once the candidate's observations, counting half per stale_half_life_s
+without one, fall below min_samples: log2(n / min_samples) stale half-lives after its
+last answer, n its (decayed) observations then. The router serves the Thompson pick
+only while the route's exploration share stays under its cap, and the greedy pick
+otherwise. This is Gaussian-posterior Thompson sampling (Agrawal & Goyal 2013:
+O(√(KT ln K)) regret for bounded rewards) on the decomposed objective; decomposing keeps
+the learned state valid when weights or scales change on reload, and lets hard limits
+act on the metric they name.
 
 Cost: one pass over the candidates in plain float arithmetic, four normal draws each.
 """
@@ -110,7 +117,7 @@ class Compiled:
         "mirror_share",
         "mirror_to",
         "objective",
-        "p95",
+        "p95_log",
         "quality_prior",
         "shadow_mode",
         "stale_rate",
@@ -127,7 +134,8 @@ class Compiled:
         self.wq, self.wc, self.wl, self.we = w.quality, w.cost, w.latency, w.error
         self.cost_scale = objective.scale.cost_usd
         self.latency_scale = objective.scale.latency_ms
-        self.p95 = lim.p95_latency_ms
+        p95 = lim.p95_latency_ms
+        self.p95_log = None if p95 is None else math.log(p95)
         self.max_error = lim.max_error_rate
         self.min_quality = lim.min_quality
         self.max_price = lim.max_price_per_1k
@@ -135,7 +143,7 @@ class Compiled:
         self.min_samples = lim.min_samples
         learning = objective.learning
         self.memory = Memory.of(learning.half_life, learning.change_half_life,
-                                learning.change_z)
+                                learning.change_z, learning.stale_half_life_s)
         # sd multiplier for staleness: the effective count halves every stale_half_life_s,
         # so the sd grows by 2^(dt / (2·H)) = exp(dt · stale_rate).
         self.stale_rate = _LN2 / (2.0 * objective.learning.stale_half_life_s)
@@ -175,9 +183,9 @@ class Scores:
 
 
 # ArmEstimates.post: (quality, quality_sd, error, error_sd, cost, cost_sd, latency_mean_ms,
-# latency_log_sd, p95_ms, latency_weight, error_weight, quality_weight, last_t)
+# latency_log_sd, log p95_ms, its sd, latency_count, error_weight, quality_weight, last_t)
 Post = tuple[float, float, float, float, float, float, float, float, float | None, float,
-             float, float, float]
+             float, float, float, float]
 
 
 def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
@@ -195,7 +203,7 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
     wq, we = comp.wq, comp.we
     kc = comp.wc / cost_scale
     kl = comp.wl / latency_scale
-    p95, max_error, min_quality = comp.p95, comp.max_error, comp.min_quality
+    p95, max_error, min_quality = comp.p95_log, comp.max_error, comp.min_quality
     min_samples = comp.min_samples
     stale_rate = comp.stale_rate
     fresh_for, capped_after = comp.fresh_for, comp.capped_after
@@ -204,15 +212,20 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
     best_mean = best_sample = -math.inf
     greedy = thompson = -1
     z = start
-    for i, (q, qsd, e, esd, c, csd, lat, lsd, p95v, lat_w, err_w, q_w, last) in \
+    # p95 and p95v are logs, and p95sd the sd of p95v: the p95 is sampled without an exp().
+    for i, (q, qsd, e, esd, c, csd, lat, lsd, p95v, p95sd, lat_w, err_w, q_w, last) in \
             enumerate(posts):
         dt = now - last
+        # widen² = 2^(dt / stale_half_life_s): a count of observations as of `last` counts
+        # that much less now.
         if dt < fresh_for:
             widen = 1.0
         elif dt >= capped_after:
             widen = _MAX_STALE_WIDEN
+            lat_w *= math.exp(-2.0 * dt * stale_rate)
         else:
             widen = math.exp(dt * stale_rate)
+            lat_w /= widen * widen
         qs = q + qsd * widen * normals[z]
         qs = 0.0 if qs < 0.0 else (1.0 if qs > 1.0 else qs)
         es = e + esd * widen * normals[z + 1]
@@ -220,7 +233,8 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
         cs = c + csd * widen * normals[z + 2]
         if cs < 0.0:
             cs = 0.0
-        shift = math.exp(lsd * widen * normals[z + 3])
+        n3 = normals[z + 3]
+        shift = math.exp(lsd * widen * n3)
         z += 4
         um = wq * q - kc * c - kl * lat - we * e
         us = wq * qs - kc * cs - kl * lat * shift - we * es
@@ -232,10 +246,12 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
             out.excluded.append((names[i], "price"))
         elif limits:
             reason = ""
+            # lat_w is faded, err_w and q_w are not: error and quality samples spread
+            # with staleness enough to be retried, a p95 far past the limit may not.
             if p95 is not None and p95v is not None and lat_w >= min_samples:
                 if p95v > p95:
                     ok_mean, reason = False, "p95_latency"
-                if p95v * shift > p95:
+                if p95v + p95sd * widen * n3 > p95:
                     ok_sample = False
             if max_error is not None and err_w >= min_samples:
                 if e > max_error:

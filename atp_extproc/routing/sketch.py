@@ -1,8 +1,9 @@
 """A decaying latency histogram with log-spaced buckets, for quantiles such as p95.
 
 Buckets grow by 10% (relative quantile error ≤ 5%), from 1 ms to ~3 hours. Decay is
-lazy: the t-th observation is added with weight gamma^-t instead of multiplying every
-bucket by gamma, and the whole array is rescaled when the weights grow large.
+lazy: rather than every bucket being multiplied by a factor, later observations are
+added with a weight divided by it, and the whole array is rescaled when the weights
+grow large.
 """
 
 from __future__ import annotations
@@ -26,16 +27,30 @@ class LatencySketch:
         self.total_weight = 0.0  # decayed number of observations
 
     def add(self, latency_ms: float, gamma: float) -> None:
+        """Scale the mass held by `gamma`, then add one observation."""
+        self.fade(gamma)
         if latency_ms <= 1.0:
             index = 0
         else:
             index = min(int(math.log(latency_ms) / _LOG_RATIO), _BUCKETS - 1)
-        self._increment /= gamma
         self._counts[index] += self._increment
-        self.total_weight = gamma * self.total_weight + 1.0
-        if self._increment > _RESCALE_AT:
-            self._counts /= self._increment
+        self.total_weight += 1.0
+
+    def fade(self, factor: float) -> None:
+        """Scale the mass held by `factor` in [0, 1]; quantiles stay where they are."""
+        self.total_weight *= factor
+        if factor * _RESCALE_AT > self._increment:
+            self._increment /= factor
+        else:   # also factor 0 (a stale half-life passed a thousand times): all fades
+            self._counts *= factor / self._increment
             self._increment = 1.0
+
+    def copy(self) -> LatencySketch:
+        other = LatencySketch.__new__(LatencySketch)
+        other._counts = self._counts.copy()
+        other._increment = self._increment
+        other.total_weight = self.total_weight
+        return other
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile in ms (geometric interpolation inside a bucket); None if empty."""
