@@ -566,8 +566,9 @@ port_arg = _in_range(int, 1, 65535, "must be 1 to 65535")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="atp-extproc demo-upstream",
-        description="A fake OpenAI-compatible model server: chat (streamed or not), "
-                    "completions, embeddings; GET /debug/requests lists what it received.")
+        description="A fake OpenAI-compatible model server: chat, completions and "
+                    "responses (streamed or not), embeddings and GET /v1/models; GET "
+                    "/debug/requests lists what it received.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=port_arg, default=18001, help="port to listen on")
     parser.add_argument("--name", default="demo",

@@ -1080,8 +1080,9 @@ _ECHO_CHARS = 64
 # Told to a client on an unknown path or method: an endpoint of the OpenAI API ATP does
 # not serve (stored completions, a stored response, files) must not read as a wrong
 # base URL.
-_SERVED = (f"POST {', '.join(OPERATIONS)} and {FEEDBACK_PATH}, and GET /v1/models "
-           "(no stored completions or responses, files, batches, audio or images)")
+_SERVED = (f"POST {', '.join(OPERATIONS)} and {FEEDBACK_PATH}, and GET /v1/models and "
+           "/v1/models/{id} (no stored completions or responses, files, batches, audio, "
+           "images or moderations)")
 
 
 def _encoded(content_encoding: str) -> bool:

@@ -107,8 +107,9 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
         # headers_of joins a repeated header with commas, which no key nor bearer token
         # holds (another scheme's one header may: Digest): told as such, not as a wrong key.
         if "," in value:
-            raise _unauthorized(f"The request carries more than one {name} header: send "
-                                "the key once, as 'Authorization: Bearer KEY'.")
+            raise _unauthorized(f"The {name} header holds more than one value (sent twice, "
+                                "or with a comma): send the key once, as "
+                                "'Authorization: Bearer KEY'.")
     sent = [headers[name] for name in ("api-key", "x-api-key") if headers.get(name)]
     if is_bearer and bearer:
         # jwt_authn with `forward: true` leaves the verified token there: it is no API key.
@@ -163,6 +164,9 @@ def identify(
         raise _unauthorized(bad_claim, "invalid_token")
     header = snapshot.auth.trusted_tenant_header
     if header is not None and headers.get(header):
+        if "," in headers[header]:  # headers_of joins a repeated header with commas
+            raise _unauthorized(f"The request carries more than one {header} header: "
+                                "send the tenant once.")
         if not TOKEN.fullmatch(headers[header]):
             raise _unauthorized(f"The {header} header is not a valid tenant id.")
         return Identity(headers[header], "trusted_header")

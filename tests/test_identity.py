@@ -137,7 +137,7 @@ def test_a_repeated_key_header_is_told_as_such(example, name: str, value: str) -
     # Joined by commas, the right key twice was refused as "Incorrect API key".
     err = refused(example, {name: value})
     assert (err.status, err.code) == (401, "invalid_api_key")
-    assert f"more than one {name} header" in err.message
+    assert f"The {name} header holds more than one value" in err.message
 
 
 def test_a_key_in_x_api_key_is_refused_with_where_to_send_it(example) -> None:
@@ -225,6 +225,14 @@ def test_trusted_header_only_when_configured(example) -> None:
     assert identify(snap, {"x-tenant": "acme"}, None) == Identity("acme", "trusted_header")
     assert refused(snap, {"x-other": "acme"}).status == 401
     assert refused(snap, {"x-tenant": ""}).status == 401
+
+
+def test_a_repeated_trusted_header_is_told_as_such() -> None:
+    # Joined by commas, two tenants were refused as "not a valid tenant id".
+    snap = snapshot("auth:\n  trusted_tenant_header: x-tenant\n")
+    with pytest.raises(RequestError) as exc:
+        identify(snap, {"x-tenant": "bob,alice"}, None)
+    assert exc.value.status == 401 and "more than one x-tenant header" in exc.value.message
 
 
 def test_api_key_wins_over_trusted_header() -> None:

@@ -122,7 +122,7 @@ def test_shadow_traffic_is_kept_apart_from_spend_and_savings(ledger):
     assert r.savings_pico == r.baseline_pico - r.cost_pico
     assert r.shadow_cost_pico == 2 * LARGE.cost_pico(1000, 1000)
     text = savings_report(ledger.path, bucket="total")
-    assert "$0.0008" in text and "$0.0125" in text and "$0.0118" in text
+    assert "$0.00075" in text and "$0.0125" in text and "$0.0118" in text
     assert "94.0%" in text and "$0.0250" in text
 
 
@@ -169,6 +169,15 @@ def test_costs_under_the_last_decimal_are_not_rounded_up(ledger):
     ledger.flush()
     total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
     assert total[2] == "$0.000061"
+
+
+def test_a_larger_sum_keeps_two_significant_digits_too(ledger):
+    # $0.000142 printed as $0.0001, one digit, beside $0.000074 in full: a TOTAL row whose
+    # savings read 68% of a baseline it printed at 47.8%.
+    ledger.record(entry(tin=947, tout=0))  # $0.00014205
+    ledger.flush()
+    total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
+    assert total[2] == "$0.00014"
 
 
 def test_report_refuses_bad_input(tmp_path, ledger):

@@ -37,9 +37,10 @@ def parse_since(text: str, now: float | None = None) -> int:
 def _money(pico: int, decimals: int) -> str:
     exact = usd(pico)
     exponent = -decimals
-    if pico and exact.adjusted() < -decimals:
-        # Under the last decimal shown (a few embeddings, a demo session's requests): two
-        # significant digits, not $0.0000, nor $0.0001 for $0.00006135.
+    if pico and exact.adjusted() - 1 < -decimals:
+        # Fewer than two significant digits at the decimals shown (a few embeddings, a
+        # demo session's requests): two, not $0.0000 for $0.00006135, nor $0.0001 for
+        # $0.000142, a smaller sum getting more digits than a larger one.
         exponent = exact.adjusted() - 1
     amount = exact.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_HALF_EVEN)
     # -$0.11, as accounts write a loss (a route dearer than its baseline), not $-0.11.
