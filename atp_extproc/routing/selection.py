@@ -249,7 +249,10 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
             # lat_w is faded, err_w and q_w are not: error and quality samples spread
             # with staleness enough to be retried, a p95 far past the limit may not.
             if p95 is not None and p95v is not None and lat_w >= min_samples:
-                if p95v > p95:
+                # Excluded on the estimate once it is past the limit by more than its sd:
+                # a p95 of the few latencies a quiet route's histogram holds is mostly
+                # their largest, past the limit for a candidate within it.
+                if p95v - p95sd * widen > p95:
                     ok_mean, reason = False, "p95_latency"
                 if p95v + p95sd * widen * n3 > p95:
                     ok_sample = False
