@@ -307,11 +307,13 @@ def _observation(results: list[Measurement], rate: float) -> str:
     return "\n".join([
         "All with ATP. **c1** = the shipped config (the (c) runs above, a minute or two "
         "before the others: the ext_proc filter "
-        "sends response headers and ATP overrides the response body to BUFFERED for "
-        "JSON). **c2** = `response_header_mode: SKIP` in that filter: ATP never sees the "
-        "response (the floor). **c3** = c2 plus a second ext_proc filter after the first "
-        "with `observability_mode: true`, `request_header_mode: SKIP`, "
-        "`response_header_mode: SEND`, `response_body_mode: STREAMED`, on the same atp "
+        "sends response headers, by the virtual host's per-route modes, and ATP overrides "
+        "the response body to BUFFERED for JSON). **c2** = `response_header_mode: SKIP` in "
+        "those modes: ATP never sees the response (the floor). **c3** = c2 plus a second "
+        "ext_proc filter after the first, under a name of its own (the virtual host's "
+        "modes are the first's), with `observability_mode: true`, "
+        "`request_header_mode: SKIP`, `response_header_mode: SEND`, "
+        "`response_body_mode: STREAMED`, on the same atp "
         "cluster. **c3s** = c3 with the observer's `deferred_close_timeout: 0.2s`.",
         "",
         "Why c3 needs more than the issue's config: in observability mode Envoy keeps each "
