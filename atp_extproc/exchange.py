@@ -152,6 +152,8 @@ class ExchangeRecord:
     non_text_parts: int = 0
     redaction_incomplete: bool = False
     restored: bool = False
+    # Restore stopped at its budget: the rest of the answer kept its placeholders.
+    restore_limited: bool = False
     # Policy
     policy_denied: str | None = None
     policy_would_deny: str | None = None
@@ -382,7 +384,11 @@ class Exchange:
             # Built here, with the rest of the work that grows with the body (off the
             # event loop for a big one): one entry per placeholder, 100k for some bodies.
             assert self._redaction is not None
-            self.restorer = Restorer(self._redaction.mapping)
+            # An answer Envoy buffers (up to max_body_bytes) stays within its buffer
+            # restored; a stream grows by no more.
+            max_body = self.snapshot.server.max_body_bytes
+            self.restorer = Restorer(self._redaction.mapping,
+                                     envoy_buffer_limit(max_body) - max_body)
         return refused
 
     def _check(self, body_msg) -> ProcessingResponse | None:
@@ -838,10 +844,12 @@ class Exchange:
         if self._compressed:  # (sent by a filter config that asks for every body)
             return envoy_api.response_body()
         if self.sse is not None:
-            data = body_msg.body
+            # Read before restore: the provider bills the text it wrote, placeholders
+            # included, and an estimate counts that.
+            replacement = self.sse.feed(body_msg.body, end)
             if self.restorer is not None:
-                data = self.restorer.feed(data, end)
-            replacement = self.sse.feed(data, end)
+                replacement = self.restorer.feed(
+                    body_msg.body if replacement is None else replacement, end)
             if self._ttfb_at < 2:
                 # A stream's first byte is its first token, not its headers, a comment,
                 # a role-only chunk nor `response.created`: a provider may send those at
@@ -851,8 +859,6 @@ class Exchange:
                 if at > self._ttfb_at:
                     self._ttfb_at = at
                     self.record.ttfb_ms = self._since_forwarded_ms()
-            if replacement is None and self.restorer is not None:
-                replacement = data
             return envoy_api.response_body(replacement)
         return self._on_json_chunk(body_msg.body, end)
 
@@ -928,6 +934,7 @@ class Exchange:
                                                usage.output_tokens) / PICO_PER_USD
         if self.restorer is not None:
             rec.restored = self.restorer.restored
+            rec.restore_limited = self.restorer.limited
             self.restorer.clear()
         if self._redaction is not None:
             # The placeholder → value map lives only as long as the exchange.

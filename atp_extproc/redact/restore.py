@@ -22,6 +22,12 @@ otherwise get a role, a tool call's id or name, or logprobs twice.
 Citations (`url_citation` start_index and end_index) point into the text as the provider
 wrote it: they move by what restore put back before them, in a whole text and in a
 streamed one.
+
+Growth is bounded: an answer repeating a long value's placeholder ("[JWT_1] " ten thousand
+times, for a 600 KB token) would otherwise grow without limit. Each text (a string, a raw
+chunk, a whole body on the fast path) has its growth counted before it is built; past the
+exchange's budget restore stops, and that text and every later one keep their placeholders,
+which hold no personal data: a value is never put back in part.
 """
 
 from __future__ import annotations
@@ -84,8 +90,13 @@ def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
+# What restore may add to one answer by default: the shipped Envoy buffer (8 MiB) less
+# max_body_bytes' default (4 MiB), the largest answer Envoy buffers for ATP.
+RESTORE_BUDGET_BYTES = 4 << 20
+
+
 class Restorer:
-    def __init__(self, mapping: PlaceholderMap):
+    def __init__(self, mapping: PlaceholderMap, budget: int = RESTORE_BUDGET_BYTES):
         # A lone surrogate (a request may escape one; redaction keeps it) has no UTF-8
         # form: the client gets U+FFFD in its place.
         self._map: dict[str, str] = {k: utf8_safe(v) for k, v in mapping.items()}
@@ -94,6 +105,13 @@ class Restorer:
         self._escaped = {k.encode(): v.encode() for k, v in self._escaped_text.items()}
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
         self._max = max((len(k) for k in self._map), default=0)
+        # Bytes a placeholder's value adds where it goes back, as str and as bytes key:
+        # escaped, the most it can add (an unescaped value is never longer).
+        self._cost: dict[str | bytes, int] = {}
+        for k, v in self._escaped.items():
+            self._cost[k] = self._cost[k.decode()] = len(v) - len(k)
+        self._budget = budget
+        self._added_bytes = 0
         # The answer is JSON: its streamed text is a fragment of JSON, like arguments.
         self._json_text = mapping.json_text
         self._tail = b""
@@ -104,8 +122,9 @@ class Restorer:
         # much of it the provider has sent, and what restore added where: citations
         # streamed later point into the provider's text.
         self._grown: dict[tuple, tuple[int, Growth]] = {}
-        # Some placeholder was put back (for the exchange's record).
+        # Some placeholder was put back; the budget stopped restore (for the record).
         self.restored = False
+        self.limited = False
         # Events ATP added to a stream that numbers its events (Responses'
         # sequence_number): every later event's number moves up by as many, so numbers
         # stay unique and in order; and the last number seen, for events added at the end.
@@ -115,7 +134,7 @@ class Restorer:
     def clear(self) -> None:
         """Forget the originals (end of the exchange)."""
         for d in (self._map, self._bytes, self._escaped, self._escaped_text, self._safe,
-                  self._carry, self._grown):
+                  self._cost, self._carry, self._grown):
             d.clear()
         self._tail = b""
 
@@ -144,19 +163,42 @@ class Restorer:
         JSON text written again)."""
         key = "text" if isinstance(old.get("text"), str) else "content"
         text = old.get(key)
-        if not isinstance(text, str) or new.get(key) != self.restore_text(text):
+        restored = new.get(key)
+        if not isinstance(text, str) or not isinstance(restored, str) or \
+                not self._restored_as_text(text, restored):
             return False
         return _move_citations(new.get("annotations"), self._growth(text))
 
+    def _restored_as_text(self, text: str, new: str) -> bool:
+        """`new` is `text` with every placeholder put back as text. Compared piece by
+        piece: restoring `text` again would count against the budget twice, and build a
+        text the budget refused."""
+        at = last = 0
+        for m in _TOKEN.finditer(text):
+            for piece in (text[last:m.start()], self._map.get(m.group(), m.group())):
+                if not new.startswith(piece, at):
+                    return False
+                at += len(piece)
+            last = m.end()
+        return new[at:] == text[last:]
+
     def _sub(self, pattern: Any, table: Mapping[Any, Any], text: Any) -> Any:
         """`text` (str or bytes, as `pattern` and `table` are) with the placeholders of
-        `table` replaced by its values."""
+        `table` replaced by its values; unchanged once that would pass the budget."""
+        if self.limited:
+            return text
+        costs = [c for t in pattern.findall(text) if (c := self._cost.get(t)) is not None]
+        if not costs:
+            return text
+        grown = self._added_bytes + sum(costs)
+        if grown > self._budget:
+            self.limited = True
+            return text
+        self._added_bytes = grown
+        self.restored = True
+
         def put_back(m: Any) -> Any:
-            value = table.get(m.group())
-            if value is None:
-                return m.group()
-            self.restored = True
-            return value
+            return table.get(m.group(), m.group())
         return pattern.sub(put_back, text)
 
     # -- whole JSON bodies ----------------------------------------------------------------
@@ -409,7 +451,7 @@ class Restorer:
                     new = self.restore_text(emit, escape=fragment)
                     where = None if fragment else _text_position(ctx, logical)
                     if where is not None:
-                        self._note_sent(where, emit, restored=True)
+                        self._note_sent(where, emit, restored=new != emit)
                     if hold:
                         self._carry[key] = (hold, None, phys)
                         new_holds.append(key)
