@@ -17,6 +17,7 @@ from atp_extproc.exchange import Exchange
 from atp_extproc.llm_api import estimate_tokens
 from atp_extproc.redact import Restorer
 from atp_extproc.redact.redactor import PlaceholderMap
+from atp_extproc.redact.restore import STREAM_COPIES
 from tests.test_exchange import (
     EXAMPLE,
     chat,
@@ -85,10 +86,13 @@ def test_a_json_answer_repeating_a_long_value_keeps_its_placeholders(snap) -> No
 
 
 def test_a_stream_repeating_a_long_value_grows_by_the_budget_at_most(snap) -> None:
+    # A stream's budget is STREAM_COPIES times a body's (Responses repeats its texts).
+    budget = _budget(snap) * STREAM_COPIES
+    repeats = 2 * budget // len(_JWT)
     ex, placeholder = _exchange(snap, f"token {_JWT} ok", stream=True)
     ex.handle(resp_headers(200, "text/event-stream"))
     events = [sse_chunk([{"index": 0, "delta": {"content": f"{placeholder} "}}])
-              for _ in range(_REPEATS)]
+              for _ in range(repeats)]
     events.append(sse_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
     events.append(b"data: [DONE]\n\n")
     sent = b"".join(events)
@@ -97,11 +101,11 @@ def test_a_stream_repeating_a_long_value_grows_by_the_budget_at_most(snap) -> No
         chunk = b"".join(events[i:i + 50])
         common = ex.handle(resp_body(chunk, end=i + 50 >= len(events))).response_body.response
         out += common.body_mutation.body if common.HasField("body_mutation") else chunk
-    assert len(out) <= len(sent) + _budget(snap)
+    assert len(out) <= len(sent) + budget
     restored, kept = out.count(_JWT.encode()), out.count(placeholder.encode())
     # Restored until the budget, whole values only; the rest kept as the model wrote them.
-    assert restored == _budget(snap) // (len(_JWT) - len(placeholder))
-    assert restored + kept == _REPEATS
+    assert restored == budget // (len(_JWT) - len(placeholder))
+    assert restored + kept == repeats
     rec = ex.finish()
     assert (rec.status, rec.error_code) == (200, "")
     assert rec.restored is True and rec.restore_limited is True
@@ -138,3 +142,17 @@ def test_a_stream_without_usage_is_estimated_from_the_text_the_provider_wrote(sn
     rec = ex.finish()
     assert rec.usage_estimated is True
     assert rec.output_tokens == estimate_tokens(100 * len(text))
+
+
+def test_a_value_escaped_twice_is_counted_escaped_twice() -> None:
+    # Inside JSON text held in a string (tool-call arguments) a value that needs escaping
+    # is written escaped twice: counted once, it grew an answer by twice the budget.
+    value = '"\\' * 1000
+    once = len(json.dumps(value)) - 2 - len("[EMAIL_1]")
+    restorer = Restorer(PlaceholderMap({"[EMAIL_1]": value}), budget=once * 3 // 2)
+    arguments = json.dumps({"path": "[EMAIL_1]"})
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function",
+         "function": {"name": "f", "arguments": arguments}}]}}]}).encode()
+    out = restorer.restore_json(body)
+    assert len(out or body) - len(body) <= once * 3 // 2

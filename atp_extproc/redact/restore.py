@@ -93,6 +93,11 @@ def _dumps(obj: Any) -> bytes:
 # What restore may add to one answer by default: the shipped Envoy buffer (8 MiB) less
 # max_body_bytes' default (4 MiB), the largest answer Envoy buffers for ATP.
 RESTORE_BUDGET_BYTES = 4 << 20
+# A stream, which Envoy does not buffer, may grow as many times more: a Responses stream
+# carries each text five times (its deltas, output_text.done, content_part.done,
+# output_item.done and response.completed), which a budget counting each once left with
+# the values in the deltas and placeholders in the final response.
+STREAM_COPIES = 5
 
 
 class Restorer:
@@ -106,12 +111,14 @@ class Restorer:
         self._safe = {k.encode(): not _UNSAFE.search(v) for k, v in self._map.items()}
         self._max = max((len(k) for k in self._map), default=0)
         # Bytes a placeholder's value adds where it goes back, as str and as bytes key:
-        # escaped, the most it can add (an unescaped value is never longer).
+        # escaped twice, the most it can add (in JSON text held in a string, as tool-call
+        # arguments are; an unescaped or once-escaped value is never longer).
         self._cost: dict[str | bytes, int] = {}
-        for k, v in self._escaped.items():
-            self._cost[k] = self._cost[k.decode()] = len(v) - len(k)
+        for k, v in self._escaped_text.items():
+            self._cost[k] = self._cost[k.encode()] = len(_json_escape(v).encode()) - len(k)
         self._budget = budget
         self._added_bytes = 0
+        self._streamed = False
         # The answer is JSON: its streamed text is a fragment of JSON, like arguments.
         self._json_text = mapping.json_text
         self._tail = b""
@@ -260,6 +267,9 @@ class Restorer:
         """Restore one chunk of a streamed (SSE) body; holds back what may be incomplete."""
         if not self._map and not self._tail:
             return chunk
+        if not self._streamed:
+            self._streamed = True
+            self._budget *= STREAM_COPIES
         held = len(self._tail)
         data = self._tail + chunk if self._tail else chunk
         out: list[bytes] = []
