@@ -385,7 +385,7 @@ class Exchange:
             # event loop for a big one): one entry per placeholder, 100k for some bodies.
             assert self._redaction is not None
             # An answer Envoy buffers (up to max_body_bytes) stays within its buffer
-            # restored; a stream grows by no more.
+            # restored (a stream, which it does not buffer, may grow more: Restorer.feed).
             max_body = self.snapshot.server.max_body_bytes
             self.restorer = Restorer(self._redaction.mapping,
                                      envoy_buffer_limit(max_body) - max_body)

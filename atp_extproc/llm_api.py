@@ -640,10 +640,10 @@ def _check_calls(message: dict[str, Any], where: str) -> None:
                                "invalid_type", param=param)
 
 
-# Tools that go by a name; any other type is a provider's built-in tool (web_search,
-# shell, mcp ...), and a tool without a type is Chat's legacy function.
-# Tool types a provider runs by their name. Moonshot's Kimi names its built-ins that way
-# (`{"type": "builtin_function", "function": {"name": "$web_search"}}`).
+# Tools a provider runs by their name (Moonshot's Kimi names its built-ins so: `{"type":
+# "builtin_function", "function": {"name": "$web_search"}}`); any other type is a
+# provider's built-in tool (web_search, shell, mcp ...), and a tool without a type is
+# Chat's legacy function.
 _NAMED_TOOL_TYPES = frozenset({"function", "custom", "namespace", "builtin_function"})
 
 
