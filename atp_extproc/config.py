@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import sqlite3
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from atp_extproc.routing.settings import (
     check_references,
 )
 from atp_extproc.settings_types import Flag, Frozen, Items, problem_reason
+from atp_extproc.store import sqlite as ledger_db
 from atp_extproc.store.money import to_decimal, whole_pico_per_token
 
 # Envoy cluster names and model ids are copied into headers: keep them to a safe alphabet.
@@ -287,13 +289,29 @@ def unix_socket_problem(path: str) -> str | None:
     return None if stat.S_ISSOCK(mode) else f"{path} exists and is not a socket"
 
 
+# SQLite's answers to a reader that may not read the file (or, in a read-only directory,
+# make its -shm beside it): serve's to tell, as it may run as another user.
+_NOT_OURS_TO_READ = frozenset({sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN,
+                               sqlite3.SQLITE_READONLY_DIRECTORY, sqlite3.SQLITE_BUSY,
+                               sqlite3.SQLITE_LOCKED})
+
+
 def _ledger_problem(path: Path) -> str | None:
     """Why the ledger's writer could not open `path`, as far as the file system shows
     without making anything (None: nothing seen). The writer makes missing directories,
     below the nearest one there is; a file there instead is in the way. Permissions are
     left to serve: check may run as another user."""
-    if os.path.exists(path):
-        return None  # a directory is refused by parse, another schema at start
+    if os.path.exists(path):  # (a directory is refused by parse)
+        try:
+            ledger_db.connect(path, readonly=True).close()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _NOT_OURS_TO_READ:
+                return None  # check may run as another user, or beside a ledger in use
+            # Not a database, another program's or another schema version's.
+            return f"cannot open the ledger {path}: {exc}"
+        except OSError:
+            return None
+        return None
     for directory in path.parents:
         try:
             mode = os.stat(directory).st_mode

@@ -4,6 +4,7 @@ socket serve could not use, a key given twice, and values of the wrong type."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from atp_extproc import cli
 from atp_extproc import config as config_mod
 from atp_extproc.config import ConfigError
 from atp_extproc.server import ConfigHolder, ServeOptions, StartupError, check_listen
+from atp_extproc.store import sqlite as ledger_db
 
 pytestmark = pytest.mark.usefixtures("keep_root_log_level")
 
@@ -61,6 +63,23 @@ def test_check_refuses_a_ledger_below_a_file(tmp_path: Path, capsys: pytest.Capt
     assert check(capsys, path) == (1, [
         f"{path}:6: ledger.path: cannot open the ledger {ledger}: {tmp_path / 'afile'} is "
         "not a directory", "1 error(s), 0 warning(s)"])
+
+
+def test_check_refuses_a_ledger_serve_could_not_open(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # A file that is no database, or another program's: check said OK, serve refused.
+    (tmp_path / "text.sqlite3").write_text("not a database " * 100)
+    other = sqlite3.connect(tmp_path / "other.sqlite3")
+    other.execute("CREATE TABLE foo (x)")
+    other.close()
+    for name, reason in (("text.sqlite3", "file is not a database"),
+                         ("other.sqlite3", "but no schema_version")):
+        path = write(tmp_path, with_ledger(tmp_path / name))
+        code, lines = check(capsys, path)
+        assert code == 1 and reason in lines[0], lines
+    # A ledger ATP wrote passes.
+    ledger_db.connect(tmp_path / "ours.sqlite3").close()
+    assert check(capsys, write(tmp_path, with_ledger(tmp_path / "ours.sqlite3")))[0] == 0
 
 
 def test_check_leaves_a_ledger_directory_the_writer_will_make(

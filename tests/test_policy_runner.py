@@ -131,3 +131,22 @@ def test_a_case_may_say_not_denied_as_yaml_1_1_did(tmp_path):
         """))
     out = io.StringIO()
     assert cli.test(str(suite), out=out) == 0, out.getvalue()
+
+
+def test_a_candidate_key_no_candidate_has_is_named(tmp_path):
+    # It failed with CandidateInfo.__init__()'s TypeError, a class no case author knows.
+    (tmp_path / "p.yaml").write_text(
+        "policies:\n  - id: t.nostream\n    effect: deny\n"
+        "    expression: request.stream\n")
+    (tmp_path / "c_test.yaml").write_text(textwrap.dedent("""\
+        policies: [p.yaml]
+        cases:
+          - name: a colour
+            request: {stream: true}
+            candidates: [{model: m, colour: red}]
+            expect: {denied: t.nostream}
+        """))
+    report = testing.run(tmp_path)
+    ((_, name, errors),) = report.failures
+    assert name == "a colour"
+    assert "a candidate has no 'colour': it takes model, provider" in errors[0]

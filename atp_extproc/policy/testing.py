@@ -34,6 +34,7 @@ asserted its decision; then per effect.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from collections.abc import Iterable, Mapping
@@ -250,6 +251,10 @@ def _serve_refusals(paths: Iterable[str]) -> list[Problem]:
     return problems
 
 
+# What a candidate written as a mapping may give (CandidateInfo's own fields).
+_CANDIDATE_KEYS = tuple(f.name for f in dataclasses.fields(CandidateInfo) if f.init)
+
+
 def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateInfo]:
     out = []
     for item in value or ():
@@ -259,6 +264,11 @@ def _candidates(value: Any, models: dict[str, CandidateInfo]) -> list[CandidateI
                                       " an atp.yaml, or write the candidate as a mapping)")
             out.append(models[item])
         elif isinstance(item, Mapping):
+            unknown = sorted(str(k) for k in item if k not in _CANDIDATE_KEYS)
+            if unknown:
+                raise AttributeError_(f"a candidate has no {unknown[0]!r}: it takes "
+                                      f"{', '.join(_CANDIDATE_KEYS)} (resource."
+                                      "estimated_cost_usd is worked out from the prices)")
             out.append(CandidateInfo(**dict(item)))
         else:
             raise AttributeError_("a candidate is a model name or a mapping")
