@@ -158,12 +158,23 @@ def embedding_inputs(raw: Any) -> list[tuple[bytes, int]]:
     raise RequestError("input must be a string, a list of strings, or token arrays", "input")
 
 
-def completion_prompts(raw: Any) -> list[str]:
+def completion_prompts(raw: Any) -> list[tuple[str, int]]:
+    """Each prompt's text, and its tokens: a string, a list of strings, token ids or lists
+    of token ids, as OpenAI takes them (token ids read back as `<N tokens>`)."""
+    def token_ids(item: Any) -> bool:
+        return isinstance(item, list) and bool(item) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in item)
+
     if isinstance(raw, str):
-        return [raw]
+        return [(raw, count_tokens(raw))]
+    if token_ids(raw):
+        return [(f"<{len(raw)} tokens>", len(raw))]
     if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
-        return list(raw)
-    raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
+        return [(item, count_tokens(item)) for item in raw]
+    if isinstance(raw, list) and raw and all(token_ids(item) for item in raw):
+        return [(f"<{len(item)} tokens>", len(item)) for item in raw]
+    raise RequestError("prompt must be a string, a non-empty list of strings, token ids "
+                       "or lists of token ids", "prompt")
 
 
 def chat_message_texts(body: JsonDict) -> tuple[list[str], str]:
@@ -368,17 +379,20 @@ async def chat_completions(request: web.Request, body: JsonDict) -> web.StreamRe
     return web.json_response(result)
 
 
-def text_chunk(base: JsonDict, text: str, finish_reason: str | None) -> JsonDict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def text_chunk(base: JsonDict, text: str, finish_reason: str | None,
+               index: int = 0) -> JsonDict:
+    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {**base, "choices": [choice]}
 
 
 async def completions(request: web.Request, body: JsonDict) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     prompts = completion_prompts(body.get("prompt"))
-    reply = reply_text(state.config.name, prompts[-1])
+    # One choice per prompt, as OpenAI answers a list of them.
+    replies = [reply_text(state.config.name, text) for text, _ in prompts]
     # Raw prompts carry no per-message overhead, unlike chat messages.
-    usage = usage_object(sum(count_tokens(p) for p in prompts), count_tokens(reply))
+    usage = usage_object(sum(tokens for _, tokens in prompts),
+                         sum(count_tokens(r) for r in replies))
     base: JsonDict = {
         "id": state.next_id("cmpl"),
         "object": "text_completion",
@@ -387,10 +401,13 @@ async def completions(request: web.Request, body: JsonDict) -> web.StreamRespons
         "system_fingerprint": None,
     }
     if body.get("stream") is True:
-        chunks = [text_chunk(base, piece, None) for piece in split_for_stream(reply)]
-        chunks.append(text_chunk(base, "", "stop"))
+        chunks = [text_chunk(base, piece, None, i) for i, reply in enumerate(replies)
+                  for piece in split_for_stream(reply)]
+        chunks += [text_chunk(base, "", "stop", i) for i in range(len(replies))]
         return await stream_events(request, with_usage_field(body, chunks, usage))
-    return web.json_response({**text_chunk(base, reply, "stop"), "usage": usage})
+    choices = [text_chunk(base, reply, "stop", i)["choices"][0]
+               for i, reply in enumerate(replies)]
+    return web.json_response({**base, "choices": choices, "usage": usage})
 
 
 async def embeddings(request: web.Request, body: JsonDict) -> web.StreamResponse:

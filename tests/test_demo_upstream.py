@@ -227,10 +227,20 @@ async def test_openai_client_completions(upstream: Upstream) -> None:
         completion = await client.completions.create(
             model="davinci-x", prompt=["first", "second prompt"]
         )
-        assert completion.choices[0].text == "[demo] you said: second prompt"
+        # One choice per prompt, as OpenAI answers (it answered the last prompt alone).
+        assert [c.text for c in completion.choices] == [
+            "[demo] you said: first", "[demo] you said: second prompt"]
+        assert [c.index for c in completion.choices] == [0, 1]
         assert completion.usage is not None
         assert completion.usage.prompt_tokens == 2 + 4
-        assert completion.usage.completion_tokens == 8
+        assert completion.usage.completion_tokens == 6 + 8
+
+        # Token ids, as OpenAI takes them: one prompt, or several (refused before).
+        completion = await client.completions.create(model="davinci-x",
+                                                     prompt=[[1, 2, 3], [4, 5]])
+        assert [c.text for c in completion.choices] == [
+            "[demo] you said: <3 tokens>", "[demo] you said: <2 tokens>"]
+        assert completion.usage is not None and completion.usage.prompt_tokens == 5
 
         stream = await client.completions.create(
             model="davinci-x",
