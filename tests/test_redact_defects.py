@@ -421,3 +421,17 @@ def test_ids_tagged_onto_a_word_stay(redactor, text):
 def test_a_file_extension_or_the_next_sentence_is_no_part_of_an_address(
         redactor, text, want):
     assert _chat_text(redactor, text) == want
+
+
+@pytest.mark.parametrize("head", [
+    "DATA:image/png;base64,",
+    "data:image/png;" + ";".join(f"p{i}=v" for i in range(9)) + ";base64,",
+    'data:image/png;name="' + "n" * 300 + '";base64,'])
+def test_a_data_url_in_any_letter_case_or_with_many_parameters_is_data(redactor, head):
+    # Its payload was read as text, and a key-shaped run in random base64 refused a picture.
+    payload = PAYLOAD[:300] + "/AKIAIOSFODNN7EXAMPLE/" + PAYLOAD[:300]
+    res = redactor.redact("chat", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": head + payload}}]}]}, "t")
+    assert res.counts == {}
+    assert res.fields == {} or res.fields["messages"][0]["content"][0]["image_url"][
+        "url"] == head + payload

@@ -396,9 +396,12 @@ _LOWER = re.compile(r"[a-z]")
 # which may hold commas) up to `;base64,`, and base64 (either alphabet, MIME-wrapped or
 # not) to the string's end: text after it is no part of one, and `data:mail alice@…;
 # base64,` is text.
-_DATA_URL_HEAD = re.compile(r'data:[\w.+-]{1,64}/[\w.+-]{1,64}'
-                            r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,200}"|[^;,\s"]{0,200})){0,8}'
-                            r';base64,')
+# (A scheme in any letter case, RFC 3986; parameters as many and as long as a file's
+# name and its media type's need, not a few of a few characters: past the bound, base64
+# was read as text, and a key-shaped run in it refused a picture.)
+_DATA_URL_HEAD = re.compile(r'(?i:data):[\w.+-]{1,64}/[\w.+-]{1,64}'
+                            r'(?:;[\w.+-]{1,64}=(?:"[^"\r\n]{0,1024}"|[^;,\s"]{0,1024}))'
+                            r'{0,64};(?i:base64),')
 # A payload shorter than this may be a key or a few words (an sk-proj key is 164
 # characters of the base64url alphabet): read, as raw base64 that short is.
 _DATA_PAYLOAD_MIN = 256
@@ -426,7 +429,7 @@ def _unread(c: Collector, path: Path, value: Any, url: bool = False) -> bool:
     and parameters are text (`;filename=jane@example.com.pdf`): `c` reads them."""
     if not isinstance(value, str):
         return False
-    if value.startswith("data:"):
+    if value[:5].lower() == "data:":
         cut = _data_url_head(value)
         if cut:
             c.text(path, value[:cut], value[cut:])
