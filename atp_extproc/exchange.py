@@ -461,7 +461,12 @@ class Exchange:
             raise RequestError(403, "Policy requires redaction of "
                                f"{', '.join(sorted(outcome.required_redactions))}, "
                                f"but {why} (policy {', '.join(requiring)})",
-                               "redaction_required", type_="permission_error")
+                               "redaction_required", type_="permission_error",
+                               policy_id=rec.policy_denied)
+        if rec.policy_would_deny is None and (redaction is None or redaction.incomplete):
+            # Enforced, a dry-run redact policy would have refused it so.
+            rec.policy_would_deny = next(
+                (p for p, d in outcome.decisions.items() if d == "would_redact"), None)
         self._allowed = [c.model for c in outcome.allowed_candidates]
         if outcome.strip_hits:
             # Stripped from what redaction left, or the kept tools would go out unredacted.

@@ -596,7 +596,17 @@ def test_a_redaction_a_policy_requires_and_cannot_get_is_refused() -> None:
     err = assert_error(resp, 403, "redaction_required")
     assert err["message"] == ("Policy requires redaction of email, but the scan of this "
                               "request stopped short of its end (policy pii.redact_email)")
+    assert err["policy_id"] == "pii.redact_email"  # as other policy refusals name it
     assert ex.record.policy_denied == "pii.redact_email"
+    # In a dry run the request goes on, and the record says what enforcing would do
+    # (it said nothing: dry runs under-counted the refusals enforcing makes).
+    dry = config.parse(REDACT_POLICY_YAML.replace("{redaction}", "{on_incomplete: allow}")
+                       .replace("    effect: redact\n", "    effect: redact\n    mode: dry_run\n"),
+                       "redact.yaml")
+    ex, resp = send_body(dry, body, key=None)
+    assert resp.WhichOneof("response") == "request_body"
+    assert (ex.record.policy_denied, ex.record.policy_would_deny) == (
+        None, "pii.redact_email")
 
 
 def test_a_redact_policy_with_redaction_off_is_refused_at_load() -> None:
