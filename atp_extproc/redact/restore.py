@@ -194,19 +194,24 @@ class Restorer:
         `table` replaced by its values; unchanged once that would pass the budget."""
         if self.limited:
             return text
-        costs = [c for t in pattern.findall(text) if (c := self._cost.get(t)) is not None]
-        if not costs:
+        cost = self._cost
+        # One pass: the placeholders found are both what the growth is counted over and
+        # where the values go.
+        found = [m for m in pattern.finditer(text) if m.group() in cost]
+        if not found:
             return text
-        grown = self._added_bytes + sum(costs)
+        grown = self._added_bytes + sum(cost[m.group()] for m in found)
         if grown > self._budget:
             self.limited = True
             return text
         self._added_bytes = grown
         self.restored = True
-
-        def put_back(m: Any) -> Any:
-            return table.get(m.group(), m.group())
-        return pattern.sub(put_back, text)
+        pieces, last = [], 0
+        for m in found:
+            pieces += (text[last:m.start()], table[m.group()])
+            last = m.end()
+        pieces.append(text[last:])
+        return text[:0].join(pieces)
 
     # -- whole JSON bodies ----------------------------------------------------------------
 
