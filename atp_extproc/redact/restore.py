@@ -189,29 +189,28 @@ class Restorer:
             last = m.end()
         return new[at:] == text[last:]
 
-    def _sub(self, pattern: Any, table: Mapping[Any, Any], text: Any) -> Any:
+    def _sub(self, pattern: Any, table: Mapping[Any, Any], text: Any,
+             tokens: list[Any] | None = None) -> Any:
         """`text` (str or bytes, as `pattern` and `table` are) with the placeholders of
-        `table` replaced by its values; unchanged once that would pass the budget."""
+        `table` replaced by its values; unchanged once that would pass the budget.
+        `tokens`: `pattern.findall(text)`, when the caller has it already."""
         if self.limited:
             return text
         cost = self._cost
-        # One pass: the placeholders found are both what the growth is counted over and
-        # where the values go.
-        found = [m for m in pattern.finditer(text) if m.group() in cost]
-        if not found:
+        costs = [cost[t] for t in (pattern.findall(text) if tokens is None else tokens)
+                 if t in cost]
+        if not costs:
             return text
-        grown = self._added_bytes + sum(cost[m.group()] for m in found)
+        grown = self._added_bytes + sum(costs)
         if grown > self._budget:
             self.limited = True
             return text
         self._added_bytes = grown
         self.restored = True
-        pieces, last = [], 0
-        for m in found:
-            pieces += (text[last:m.start()], table[m.group()])
-            last = m.end()
-        pieces.append(text[last:])
-        return text[:0].join(pieces)
+
+        def put_back(m: Any) -> Any:
+            return table.get(m.group(), m.group())
+        return pattern.sub(put_back, text)
 
     # -- whole JSON bodies ----------------------------------------------------------------
 
@@ -219,12 +218,13 @@ class Restorer:
         """The body with originals put back, or None if it holds none of our placeholders."""
         if not self._map or b"[" not in body:
             return None
-        found = {t for t in _TOKEN_B.findall(body) if t in self._bytes}
+        tokens = _TOKEN_B.findall(body)
+        found = {t for t in tokens if t in self._bytes}
         if not found:
             return None
         # Citations point into the text: they move with what restore puts back.
         if all(self._safe[t] for t in found) and b'"start_index"' not in body:
-            return self._sub(_TOKEN_B, self._bytes, body)
+            return self._sub(_TOKEN_B, self._bytes, body, tokens)
         try:
             return _dumps(self._node(json.loads(body)))
         except (ValueError, RecursionError):  # (nested deeper than the walk goes)
