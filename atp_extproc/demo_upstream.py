@@ -161,17 +161,13 @@ def embedding_inputs(raw: Any) -> list[tuple[bytes, int]]:
 def completion_prompts(raw: Any) -> list[tuple[str, int]]:
     """Each prompt's text, and its tokens: a string, a list of strings, token ids or lists
     of token ids, as OpenAI takes them (token ids read back as `<N tokens>`)."""
-    def token_ids(item: Any) -> bool:
-        return isinstance(item, list) and bool(item) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in item)
-
     if isinstance(raw, str):
         return [(raw, count_tokens(raw))]
-    if token_ids(raw):
+    if is_token_list(raw) and raw:
         return [(f"<{len(raw)} tokens>", len(raw))]
     if isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
         return [(item, count_tokens(item)) for item in raw]
-    if isinstance(raw, list) and raw and all(token_ids(item) for item in raw):
+    if isinstance(raw, list) and raw and all(is_token_list(item) and item for item in raw):
         return [(f"<{len(item)} tokens>", len(item)) for item in raw]
     raise RequestError("prompt must be a string, a non-empty list of strings, token ids "
                        "or lists of token ids", "prompt")
@@ -379,10 +375,13 @@ async def chat_completions(request: web.Request, body: JsonDict) -> web.StreamRe
     return web.json_response(result)
 
 
+def text_choice(text: str, finish_reason: str | None, index: int = 0) -> JsonDict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
 def text_chunk(base: JsonDict, text: str, finish_reason: str | None,
                index: int = 0) -> JsonDict:
-    choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {**base, "choices": [choice]}
+    return {**base, "choices": [text_choice(text, finish_reason, index)]}
 
 
 async def completions(request: web.Request, body: JsonDict) -> web.StreamResponse:
@@ -405,8 +404,7 @@ async def completions(request: web.Request, body: JsonDict) -> web.StreamRespons
                   for piece in split_for_stream(reply)]
         chunks += [text_chunk(base, "", "stop", i) for i in range(len(replies))]
         return await stream_events(request, with_usage_field(body, chunks, usage))
-    choices = [text_chunk(base, reply, "stop", i)["choices"][0]
-               for i, reply in enumerate(replies)]
+    choices = [text_choice(reply, "stop", i) for i, reply in enumerate(replies)]
     return web.json_response({**base, "choices": choices, "usage": usage})
 
 

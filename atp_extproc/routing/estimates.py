@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from atp_extproc.routing.sketch import LatencySketch
+from atp_extproc.routing.sketch import LatencySketch, bucket
 
 # Error-rate prior: mean 2.5%, worth two observations.
 ERROR_PRIOR_A = 0.05
@@ -212,13 +212,14 @@ class ArmEstimates:
         p = _ERROR_P_FLOOR if p < _ERROR_P_FLOOR else p
         self._errors.add(0.0 if ok else 1.0, memory, p * (1.0 - p))
         if ok and latency_ms is not None and latency_ms > 0.0:
-            self._recent.add(latency_ms, memory.fast * fade)
+            index = bucket(latency_ms)
+            self._recent.add_at(index, memory.fast * fade)
             restarted = self._latency.add(math.log(latency_ms), memory,
                                           _LOG_LATENCY_VAR_FLOOR)
             if restarted:
                 self._sketch = self._recent.copy()
             else:
-                self._sketch.add(latency_ms, memory.slow * fade)
+                self._sketch.add_at(index, memory.slow * fade)
             self._latency_count = memory.slow * self._latency_count + 1.0
             p95 = self.p95_ms
             # A latency above the p95 may move it far (a slowdown is excluded at once);

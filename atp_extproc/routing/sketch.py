@@ -18,6 +18,13 @@ _BUCKETS = 170
 _RESCALE_AT = 1e100
 
 
+def bucket(latency_ms: float) -> int:
+    """The bucket a latency falls in."""
+    if latency_ms <= 1.0:
+        return 0
+    return min(int(math.log(latency_ms) / _LOG_RATIO), _BUCKETS - 1)
+
+
 class LatencySketch:
     __slots__ = ("_counts", "_increment", "total_weight")
 
@@ -28,11 +35,11 @@ class LatencySketch:
 
     def add(self, latency_ms: float, gamma: float) -> None:
         """Scale the mass held by `gamma`, then add one observation."""
+        self.add_at(bucket(latency_ms), gamma)
+
+    def add_at(self, index: int, gamma: float) -> None:
+        """`add` of a latency whose bucket is known (one latency, several sketches)."""
         self.fade(gamma)
-        if latency_ms <= 1.0:
-            index = 0
-        else:
-            index = min(int(math.log(latency_ms) / _LOG_RATIO), _BUCKETS - 1)
         self._counts[index] += self._increment
         self.total_weight += 1.0
 
