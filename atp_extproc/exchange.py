@@ -39,6 +39,7 @@ from atp_extproc.llm_api import (
     read_request,
     read_response,
     rewrite,
+    wrong_case,
 )
 from atp_extproc.policy.engine import Outcome
 from atp_extproc.policy.runtime import (
@@ -717,9 +718,7 @@ class Exchange:
         for key in doc:
             # As for the APIs' fields: `Score` beside `score` is no second score.
             if key not in _FEEDBACK_FIELDS and key.casefold() in _FEEDBACK_FIELDS:
-                raise RequestError(400, f"Unrecognized request argument {key!r} (keys are "
-                                   f"case-sensitive: {key.casefold()!r}?)",
-                                   "unknown_parameter", param=key)
+                raise wrong_case(key)
         for name in _FEEDBACK_FIELDS:
             if name not in doc:
                 raise RequestError(400, f"Missing required parameter: '{name}'",

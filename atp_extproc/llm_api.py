@@ -377,16 +377,21 @@ def _fields_with(scanned: frozenset[str]) -> frozenset[str]:
     return _FIELDS | scanned
 
 
+def wrong_case(key: str) -> RequestError:
+    """The refusal of `key`, a field's name in another letter case."""
+    return RequestError(400, f"Unrecognized request argument {key!r} (keys are case-"
+                        f"sensitive: {key.casefold()!r}?)", "unknown_parameter", param=key)
+
+
 def _check_field_names(node: Any, fields: frozenset[str]) -> None:
     stack = [node]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             for key, value in node.items():
+                # (Tested here, not in a call: this runs for every key of every body.)
                 if key not in fields and key.casefold() in fields:
-                    raise RequestError(
-                        400, f"Unrecognized request argument {key!r} (keys are case-"
-                        f"sensitive: {key.casefold()!r}?)", "unknown_parameter", param=key)
+                    raise wrong_case(key)
                 if isinstance(value, (dict, list)) and key not in _USER_MAPS:
                     stack.append(value)
         elif isinstance(node, list):
