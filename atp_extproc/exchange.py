@@ -331,7 +331,7 @@ class Exchange:
         if (route is None or operation is None or self._shadow_model not in
                 self.snapshot.models or not TOKEN.fullmatch(tenant)):
             raise RequestError(400, "Not a mirrored request ATP sent", "atp_bad_shadow")
-        self.route = route
+        self.route, rec.route = route, route.name
         self.identity = Identity(tenant, "shadow")
         rec.tenant, rec.auth_method, rec.operation = tenant, "shadow", operation
         return envoy_api.request_headers()
@@ -585,7 +585,7 @@ class Exchange:
         else:
             model = self._choose(route, rec.alias, headers, self._allowed)
         self.model = model
-        rec.route, rec.model = route.name, model.name
+        rec.model = model.name
         rec.cluster, rec.upstream_model = model.cluster, model.upstream_model
         headers[CLUSTER_HEADER] = model.cluster
 
