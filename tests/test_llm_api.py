@@ -696,6 +696,14 @@ def test_usage_responses_api() -> None:
     assert read_response(body)[0] == Usage(30, 11)
 
 
+def test_a_json_answer_after_a_byte_order_mark_is_read() -> None:
+    # The SDKs read such an answer; taken for no answer, it was billed as an estimate
+    # and counted failed.
+    body = b'\xef\xbb\xbf{"choices":[{"finish_reason":"stop"}],' \
+        b'"usage":{"prompt_tokens":100,"completion_tokens":50}}'
+    assert read_response(body)[:2] == (Usage(100, 50), "stop")
+
+
 def test_usage_zero_is_valid() -> None:
     assert read_response(b'{"usage":{"prompt_tokens":0,"completion_tokens":0}}')[0] == Usage(0, 0)
 
