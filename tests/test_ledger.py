@@ -137,6 +137,10 @@ def test_no_baseline_claims_no_savings_and_failures_are_counted(ledger):
     conn.close()
     assert got[0] == ("", 1, 0, 0, 0)
     assert got[1][:4] == ("large", 2, 1, 1)
+    # The report says how many of the requests failed: it had the count and showed none.
+    lines = savings_report(ledger.path, by=(), bucket="total").splitlines()
+    assert lines[0].split()[1:3] == ["requests", "failed"]
+    assert lines[-1].split()[1:3] == ["3", "1"]
 
 
 def test_rows_are_per_hour_and_report_buckets(ledger):
@@ -159,8 +163,8 @@ def test_costs_under_the_shown_decimals_keep_two_significant_digits(ledger):
     ledger.record(entry(model=EMBED, baseline=EMBED, tin=12, tout=0))
     ledger.flush()
     total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
-    assert total[:4] == ["TOTAL", "1", "$0.00000024", "$0.00000024"]
-    assert total[4] == "$0.0000"  # no savings: zero is zero
+    assert total[:5] == ["TOTAL", "1", "0", "$0.00000024", "$0.00000024"]
+    assert total[5] == "$0.0000"  # no savings: zero is zero
 
 
 def test_costs_under_the_last_decimal_are_not_rounded_up(ledger):
@@ -168,7 +172,7 @@ def test_costs_under_the_last_decimal_are_not_rounded_up(ledger):
     ledger.record(entry(tin=409, tout=0))  # 409 small input tokens: $0.00006135
     ledger.flush()
     total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
-    assert total[2] == "$0.000061"
+    assert total[3] == "$0.000061"
 
 
 def test_a_larger_sum_keeps_two_significant_digits_too(ledger):
@@ -177,7 +181,7 @@ def test_a_larger_sum_keeps_two_significant_digits_too(ledger):
     ledger.record(entry(tin=947, tout=0))  # $0.00014205
     ledger.flush()
     total = savings_report(ledger.path, by=(), bucket="total").splitlines()[-1].split()
-    assert total[2] == "$0.00014"
+    assert total[3] == "$0.00014"
 
 
 def test_report_refuses_bad_input(tmp_path, ledger):

@@ -63,11 +63,11 @@ def _when(bucket: int, bucket_s: int | None) -> str:
 def savings_table(rows: Sequence[db.SavingsRow], by: Sequence[str], bucket: Bucket = "hour",
                   decimals: int = 4) -> str:
     bucket_s = _BUCKET_SECONDS[bucket]
-    header = [bucket if bucket != "total" else "period", *by, "requests", "cost",
+    header = [bucket if bucket != "total" else "period", *by, "requests", "failed", "cost",
               "baseline", "savings", "savings %", "shadow req", "shadow cost"]
 
     def cells(label: str, r: db.SavingsRow) -> list[str]:
-        return [label, *r.group, str(r.requests), _money(r.cost_pico, decimals),
+        return [label, *r.group, str(r.requests), str(r.failed), _money(r.cost_pico, decimals),
                 _money(r.baseline_pico, decimals), _money(r.savings_pico, decimals),
                 _percent(r.savings_pico, r.baseline_pico), str(r.shadow_requests),
                 _money(r.shadow_cost_pico, decimals)]
