@@ -457,6 +457,7 @@ class Exchange:
             # policy needs redacted go on so).
             requiring = [p for p, d in outcome.decisions.items() if d == "redact"]
             rec.policy_denied = requiring[0] if requiring else None
+            rec.policy_would_deny = rec.policy_would_deny or rec.policy_denied
             why = ("redaction is off" if redaction is None else
                    "the scan of this request stopped short of its end")
             raise RequestError(403, "Policy requires redaction of "
@@ -480,40 +481,23 @@ class Exchange:
         one, naming the policy; a request that would be refused so if the dry-run ones
         were enforced is recorded as policy_would_deny, as a dry-run deny is."""
         rec = self.record
+
+        def insisting(names: tuple[str, ...]) -> str | None:
+            refusal = self._tool_refusal(doc, names)
+            return None if refusal is None else refusal.param
+
+        denied, would_deny = outcome.strip_refusals(insisting)
+        rec.policy_would_deny = rec.policy_would_deny or would_deny
         enforced = outcome.tools_to_strip
-        if enforced:
+        if denied is not None:
             refusal = self._tool_refusal(doc, enforced)
-            if refusal is not None:
-                refusal.policy_id = rec.policy_denied = self._stripper(outcome, doc,
-                                                                       refusal)
-                raise refusal
-        if rec.policy_would_deny is None:
-            every = tuple(dict.fromkeys(name for name, _, _ in outcome.strip_hits))
-            refusal = self._tool_refusal(doc, every) if set(every) != set(enforced) \
-                else None
-            if refusal is not None:
-                rec.policy_would_deny = self._stripper(outcome, doc, refusal,
-                                                       dry_beside=enforced)
+            assert refusal is not None  # strip_refusals found it so
+            refusal.policy_id = rec.policy_denied = denied
+            raise refusal
         for keys in _TOOL_FIELDS if enforced else ():
             kept = strip_tools(doc, enforced, keys[0])
             if kept is not None:
                 self._strip_tools(doc, kept, enforced, keys)
-
-    def _stripper(self, outcome: Outcome, doc: dict, refusal: RequestError,
-                  dry_beside: tuple[str, ...] | None = None) -> str:
-        """The strip policy `refusal` is named for: the first enforced one whose tool
-        alone makes it (the same field refused), or for what a dry run would refuse, the
-        first dry-run one whose tool does beside those enforced ones strip
-        (`dry_beside`); where only their tools together make it (`required` with none
-        left), the first of them."""
-        stripped = dry_beside or ()
-        hits = [(name, pid) for name, pid, on in outcome.strip_hits
-                if on is (dry_beside is None)]
-        for name, pid in hits:
-            alone = self._tool_refusal(doc, (*stripped, name))
-            if alone is not None and alone.param == refusal.param:
-                return pid
-        return hits[0][1]
 
     def _tool_refusal(self, doc: dict, names: tuple[str, ...]) -> RequestError | None:
         """The refusal stripping the tools `names` from `doc` makes: a Responses input

@@ -597,7 +597,9 @@ def test_a_redaction_a_policy_requires_and_cannot_get_is_refused() -> None:
     assert err["message"] == ("Policy requires redaction of email, but the scan of this "
                               "request stopped short of its end (policy pii.redact_email)")
     assert err["policy_id"] == "pii.redact_email"  # as other policy refusals name it
-    assert ex.record.policy_denied == "pii.redact_email"
+    # Enforcing everything refuses it too: a rollout's would-deny count must include it.
+    assert (ex.record.policy_denied, ex.record.policy_would_deny) == (
+        "pii.redact_email", "pii.redact_email")
     # In a dry run the request goes on, and the record says what enforcing would do
     # (it said nothing: dry runs under-counted the refusals enforcing makes).
     dry = config.parse(REDACT_POLICY_YAML.replace("{redaction}", "{on_incomplete: allow}")
@@ -1221,6 +1223,8 @@ def test_a_refusal_for_a_forced_stripped_tool_is_recorded_as_the_policys(snap) -
     rec = ex.finish()
     assert (rec.status, rec.error_code, rec.policy_denied) == (
         403, "tool_not_allowed", "tools.bob_scope")
+    # What full enforcement would refuse includes what enforcing refuses (it was None).
+    assert rec.policy_would_deny == "tools.bob_scope"
     assert rec.route == "chat"  # resolved before the refusal: it was ''
 
 

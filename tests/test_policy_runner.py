@@ -150,3 +150,38 @@ def test_a_candidate_key_no_candidate_has_is_named(tmp_path):
     ((_, name, errors),) = report.failures
     assert name == "a colour"
     assert "a candidate has no 'colour': it takes model, provider" in errors[0]
+
+
+_STRIPS = "policies:\n" + "".join(f"""  - id: t.{name}
+    effect: tools
+    tool_action: strip
+    mode: {mode}
+    expression: tool.name == '{name}'
+""" for name, mode in (("alpha", "enforce"), ("beta", "enforce"), ("gamma", "dry_run")))
+
+
+def _forcing(name: str, choice: str, tools: list[str], denied: str, would: str) -> str:
+    return f"""  - name: {name}
+    request: {{tools: {tools}, tool_choice: {choice}}}
+    expect: {{denied: {denied}, would_deny: {would}}}
+"""
+
+
+def test_a_stripped_tool_the_request_insists_on_is_refused_as_serve_refuses_it(tmp_path):
+    # serve refuses (403 tool_not_allowed, naming the policy) a request whose tool_choice
+    # forces a tool an enforced strip policy removes; policy test said it went through.
+    (tmp_path / "strips.yaml").write_text(_STRIPS)
+    (tmp_path / "strips_test.yaml").write_text(
+        "policies: [strips.yaml]\ncases:\n"
+        + _forcing("forces an enforced strip", "beta", ["alpha", "beta", "keep"],
+                   "t.beta", "t.beta")
+        + _forcing("forces a dry-run strip", "gamma", ["alpha", "gamma", "keep"],
+                   "false", "t.gamma")
+        + _forcing("requires a tool, none left", "required", ["beta", "alpha"],
+                   "t.alpha", "t.alpha")
+        + _forcing("requires a tool, one left", "required", ["alpha", "keep"],
+                   "false", "false")
+        + _forcing("lets the model choose", "auto", ["alpha", "beta"], "false", "false")
+        + _forcing("forces a kept tool", "keep", ["alpha", "keep"], "false", "false"))
+    report = testing.run(tmp_path)
+    assert report.failures == [] and report.passed == 6

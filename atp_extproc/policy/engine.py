@@ -35,7 +35,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -191,7 +191,7 @@ class Outcome:
         # The same tools as a log names them (safe_name, numbered as decision targets are).
         self.tools_stripped = tools_stripped
         # (tool, policy id, enforced) of every strip, dry-run ones too: a stripped tool
-        # the request insists on is a refusal, which the exchange names the policy of.
+        # the request insists on is a refusal, named by strip_refusals.
         self.strip_hits = strip_hits
         self.empty_candidate_reasons = empty_candidate_reasons
         # What full enforcement (every dry-run policy enforced) would have done.
@@ -209,6 +209,33 @@ class Outcome:
         self._applied = applied or {}
         self._candidates = candidates
         self._records: list[DecisionRecord] | None = None
+
+    def strip_refusals(self, insisting: Callable[[tuple[str, ...]], str | None]
+                       ) -> tuple[str | None, str | None]:
+        """The strip policies that refuse this request, as it insists on a tool they strip:
+        (the enforced one, the one full enforcement names), each a policy id or None.
+        `insisting(names)` is the field that insists on one of the tools `names` (a tool
+        choice forcing one, a Responses input item declaring one), or None. The one named
+        is the first whose tool alone makes that field insist; where only their tools
+        together do (`required` with none left), the first of them."""
+        enforced = self.tools_to_strip
+        field = insisting(enforced) if enforced else None
+        if field is not None:
+            named = self._stripper(insisting, field, (), enforced=True)
+            return named, named
+        every = tuple(dict.fromkeys(name for name, _, _ in self.strip_hits))
+        field = insisting(every) if set(every) != set(enforced) else None
+        if field is None:
+            return None, None
+        return None, self._stripper(insisting, field, enforced, enforced=False)
+
+    def _stripper(self, insisting: Callable[[tuple[str, ...]], str | None], field: str,
+                  stripped: tuple[str, ...], enforced: bool) -> str:
+        hits = [(name, pid) for name, pid, on in self.strip_hits if on is enforced]
+        for name, pid in hits:
+            if insisting((*stripped, name)) == field:
+                return pid
+        return hits[0][1]
 
     @property
     def decisions(self) -> dict[str, str]:

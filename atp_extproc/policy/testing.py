@@ -22,7 +22,9 @@ A case file (any *.yaml under DIR):
           tools_stripped: []
           decisions: {models.premium_alias: deny}
 
-Every key of `expect` is optional; each one given is compared exactly. context.time is
+Every key of `expect` is optional; each one given is compared exactly. `denied` and
+`would_deny` are serve's: a request whose tool_choice forces a tool a strip policy
+removes, or is `required` with none left, is refused in that policy's name. context.time is
 2026-01-01T12:00:00Z unless a case sets it, so results never depend on the clock;
 context.environment is policy.environment (the suite's settings, else its atp.yaml's), as
 serve sets it, unless a case sets it. An atp.yaml with `routes:` is loaded as serve loads
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,7 +48,7 @@ from pydantic import ValidationError
 
 from atp_extproc import config
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
-from atp_extproc.policy.engine import PolicySet
+from atp_extproc.policy.engine import Outcome, PolicySet
 from atp_extproc.policy.runtime import claimed_subject, data_classes_of, known_values
 from atp_extproc.policy.settings import (
     PolicyError,
@@ -285,19 +287,38 @@ def _id_or_false(value: Any) -> str | None:
         isinstance(value, str) and value.lower() in _NONE_WORDS) else str(value)
 
 
-def _compare(expect: Mapping[str, Any], outcome: Any, seen_ids: set[str]) -> list[str]:
+def _insisting(request: Any) -> Callable[[tuple[str, ...]], str | None]:
+    """What serve refuses a request for when strip policies take away a tool it insists
+    on, as far as the attributes tell: request.tool_choice forcing one of them, or
+    `required` with every declared tool stripped."""
+    choice = request.tool_choice
+    declared = {t.name for t in request.tool_details if t.declared} | set(request.tools)
+
+    def insisting(names: tuple[str, ...]) -> str | None:
+        forced = choice not in ("", "none", "auto", "required") and choice in names
+        if forced or (choice == "required" and declared and declared <= set(names)):
+            return "tool_choice"
+        return None
+    return insisting
+
+
+def _compare(expect: Mapping[str, Any], outcome: Outcome, request: Any,
+             seen_ids: set[str]) -> list[str]:
     errs: list[str] = []
     unknown = set(expect) - EXPECT_KEYS
     if unknown:
         errs.append(f"unknown expect keys: {', '.join(sorted(unknown))}")
+    # As serve decides: a deny wins; then a stripped tool the request insists on.
+    refused, would_refuse = outcome.strip_refusals(_insisting(request)) \
+        if outcome.strip_hits else (None, None)
     if "denied" in expect:
         want = _id_or_false(expect["denied"])
-        got = outcome.denied.policy_id if outcome.denied else None
+        got = outcome.denied.policy_id if outcome.denied else refused
         if want != got:
             errs.append(f"denied: expected {want or 'not denied'}, got {got or 'not denied'}")
     if "would_deny" in expect:
         want = _id_or_false(expect["would_deny"])
-        got = outcome.would_deny.policy_id if outcome.would_deny else None
+        got = outcome.would_deny.policy_id if outcome.would_deny else would_refuse
         if want != got:
             errs.append(f"would_deny: expected {want or 'not denied'}, "
                         f"got {got or 'not denied'}")
@@ -423,7 +444,7 @@ def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: Policy
         return
     outcome = policy_set.evaluate(attrs, candidates)
     asserted: set[str] = set()
-    errs += _compare(case.get("expect") or {}, outcome, asserted)
+    errs += _compare(case.get("expect") or {}, outcome, attrs.request, asserted)
     for record in outcome.records:
         cov = report.coverage[record.policy_id]
         cov.evaluated += 1
