@@ -291,6 +291,18 @@ def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
             if "evaluation error where the key is absent" in r] == warned
 
 
+@pytest.mark.parametrize(("expression", "guard"), [
+    ("request.tool_details.exists(t, t.arguments['a'] == '5')", "('a' in t.arguments && ...)"),
+    ("subject.claims['org']['name'] == 'x'", "('name' in subject.claims[\"org\"] && ...)"),
+    ("request.metadata.team == 'x'", "('team' in request.metadata && ...)"),
+])
+def test_the_guard_a_map_read_is_told_to_take_is_cel_as_written(expression, guard):
+    # Inside a comprehension it advised ('a' in request.tool_details[].arguments && ...),
+    # which is no CEL: pasted, the policy no longer parsed.
+    _, problems = PolicySet.lint([{"id": "t.x", "effect": "deny", "expression": expression}])
+    assert f"guard it {guard}" in problems[0].reason
+
+
 def test_a_key_has_reads_past_is_named_with_its_line_and_policy() -> None:
     # has() on a missing intermediate key is an error, not false: with on_error deny it
     # refused every request without the claim.

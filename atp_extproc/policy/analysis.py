@@ -98,7 +98,8 @@ class _Walker:
         self.per_tool = per_tool
         # Map reads by a literal key (map path, key) → where, and the keys the
         # expression tests for (`'k' in m`, `has(m.k)`) anywhere.
-        self.map_reads: dict[tuple[str, str], int] = {}
+        # (attribute path, key) → (where, the map as the expression writes it)
+        self.map_reads: dict[tuple[str, str], tuple[int, str]] = {}
         self.map_guards: set[tuple[str, str]] = set()
         # Reads a has() makes before the one key it tests (`org` of has(m.org.x)).
         self.has_reads: set[tuple[str, str]] = set()
@@ -357,7 +358,8 @@ class _Walker:
             keyed = self._is_map(operand) or (self._is_dyn(operand)
                                                and self._key_read(operand) is not None)
             if path is not None and keyed:
-                self.map_reads.setdefault((path, key), read_node.id)
+                self.map_reads.setdefault((path, key),
+                                          (read_node.id, _reference(operand) or path))
                 if under_has:
                     self.has_reads.add((path, key))
 
@@ -373,7 +375,7 @@ class _Walker:
         """A map read by a key the expression never tests for fails (an evaluation error)
         on every request without that key, and on_error (default deny) then decides it:
         `request.data_classes['email'] > 3` refuses every request without an e-mail."""
-        for (path, key), expr_id in self.map_reads.items():
+        for (path, key), (expr_id, written) in self.map_reads.items():
             if (path, key) not in self.map_guards:
                 hint = " (has() tests only its last key)" \
                     if (path, key) in self.has_reads else ""
@@ -381,7 +383,7 @@ class _Walker:
                     self.positions.get(expr_id, 0),
                     f"{path}[{key!r}] is an evaluation error where the key is absent{hint}, "
                     f"and on_error then decides every such request: guard it "
-                    f"({key!r} in {path} && ...)", "warning"))
+                    f"({key!r} in {written} && ...)", "warning"))
 
     def _check_known_key(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
                          scope: Mapping[str, str | None], expr_id: int) -> None:
@@ -438,6 +440,22 @@ def _text(e: syntax_pb2.Expr) -> str | None:
         target = _text(call.target)
         return None if target is None else f"{target}.{fn}({', '.join(args)})"  # type: ignore[arg-type]
     return f"{fn}({', '.join(args)})"  # type: ignore[arg-type]
+
+
+def _reference(e: syntax_pb2.Expr) -> str | None:
+    """CEL text of a variable or attribute and the fields and literal keys read from it
+    (`t.arguments`, `subject.claims['org']`): a guard the author can paste, where the
+    attribute path names a comprehension's variable `request.tool_details[]`."""
+    kind = e.WhichOneof("expr_kind")
+    if kind == "ident_expr":
+        return e.ident_expr.name
+    if kind == "select_expr" and not e.select_expr.test_only:
+        base = _reference(e.select_expr.operand)
+        return None if base is None else f"{base}.{e.select_expr.field}"
+    if kind == "call_expr" and e.call_expr.function == "_[_]" and len(e.call_expr.args) == 2:
+        base, key = _reference(e.call_expr.args[0]), _text(e.call_expr.args[1])
+        return None if base is None or key is None else f"{base}[{key}]"
+    return None
 
 
 def _literal(c: syntax_pb2.Constant) -> str | None:
