@@ -439,7 +439,7 @@ class Exchange:
             return None
         route, alias = self._resolve(request)
         self.route, rec.alias, rec.route = route, alias, route.name
-        redaction = self._redact(parsed.doc)
+        redaction = self._redact(parsed)
         if redaction is not None:
             self._changes.update(redaction.fields)
             self._drop = (*self._drop, *redaction.renamed)
@@ -587,13 +587,14 @@ class Exchange:
         self._forwarded = self.clock()
         return response
 
-    def _redact(self, doc: dict) -> Redaction | None:
+    def _redact(self, parsed: ParsedBody) -> Redaction | None:
         redactor = self.snapshot.redactor
         if redactor is None:
             return None
         assert self.identity is not None
         rec = self.record
-        redaction = redactor.redact(rec.operation, doc, self.identity.tenant)
+        redaction = redactor.redact(rec.operation, parsed.doc, self.identity.tenant,
+                                    parsed.text)
         self._redaction = redaction
         rec.data_classes = dict(redaction.counts)
         rec.non_text_parts = redaction.non_text_parts

@@ -364,6 +364,14 @@ def test_a_field_name_is_redacted_past_a_field_named_as_a_placeholder(snap) -> N
     assert (sent["[EMAIL_1]"], sent["[EMAIL_2]"]) == (2, 1)
 
 
+def test_a_placeholder_in_a_tool_description_is_not_given_to_a_value(snap) -> None:
+    body = {**chat("gpt-4o-mini"), "tools": [{"type": "function", "function": {
+        "name": "send", "description": "Sign as [EMAIL_1]"}}]}
+    body["messages"][0]["content"] = "I am bob@example.com"
+    sent = json.loads(forwarded(send_body(snap, body)[1])[1])
+    assert sent["messages"][0]["content"] == "I am [EMAIL_2]"
+
+
 def test_embeddings_default_and_no_stream_options(snap) -> None:
     ex, resp = send_body(snap, {"input": "hello", "stream": False}, path="/v1/embeddings",
                          key=BOB)

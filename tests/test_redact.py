@@ -210,6 +210,17 @@ def test_existing_placeholders_are_not_reused(redactor):
     assert "[EMAIL_1]" not in res.mapping
 
 
+def test_placeholders_written_where_nothing_is_scanned_are_not_reused(redactor):
+    # A tool's description is not scanned, but the model reads it: the user's address was
+    # numbered [EMAIL_1] beside "Use [EMAIL_1] as the sender", and the answer about the
+    # description was restored with the address.
+    doc = {**chat("my mail is bob@example.com"), "tools": [{"type": "function", "function": {
+        "name": "send", "description": "Use [EMAIL_1] as the sender placeholder"}}]}
+    res = redactor.redact("chat", doc, "t", json.dumps(doc))
+    assert content(res) == "my mail is [EMAIL_2]"
+    assert "[EMAIL_1]" not in res.mapping
+
+
 def test_doc_not_mutated_and_only_changed_fields(redactor):
     doc = {"model": "m", "temperature": 0.2, "messages": [
         {"role": "user", "content": "mail x@example.com"},

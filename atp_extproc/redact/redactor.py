@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atp_extproc.redact import scope
-from atp_extproc.redact.detectors import Budget, Scanner, ScanResult
+from atp_extproc.redact.detectors import PLACEHOLDER, Budget, Scanner, ScanResult
 from atp_extproc.redact.normalize import normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
+
+_LITERAL_PLACEHOLDER = re.compile(PLACEHOLDER)
 
 OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
@@ -316,7 +318,10 @@ class Redactor:
 
     # -- public --------------------------------------------------------------------------
 
-    def redact(self, operation: str, doc: dict[str, Any], tenant: str) -> Redaction:
+    def redact(self, operation: str, doc: dict[str, Any], tenant: str,
+               body: str = "") -> Redaction:
+        """`body`: the JSON text `doc` was read from, for the placeholders it already
+        holds where nothing is scanned."""
         if not self.settings.enabled:
             return _NOTHING
         walker = scope.WALKERS.get(operation)
@@ -399,6 +404,11 @@ class Redactor:
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
                              non_text_parts=non_text, incomplete=True)
 
+        if body:
+            # A placeholder written where nothing is scanned (a tool's description) is
+            # read by the model too: a value numbered like it would be restored in place
+            # of what the model says about it.
+            res.reserved.update(_LITERAL_PLACEHOLDER.findall(body))
         mapping: dict[str, str] = {}
         counts = {}
         denied = set()
