@@ -801,3 +801,26 @@ def test_an_email_local_part_with_rfc_punctuation_goes_whole(redactor, text, sen
     res = redactor.redact("chat", chat(text), "t")
     assert res.fields["messages"][0]["content"] == sent
     assert dict(res.mapping.items()) == {"[EMAIL_1]": value}
+
+
+def _tags(text: str) -> str:
+    return "".join(chr(0xE0000 + ord(c)) for c in text)
+
+
+# Invisible characters inside a value: read as a space (ESC, FS-US) or as the ASCII it
+# imitates (a tag character), they broke the value ("bob @example.com", "4111A1111..."),
+# which reached the provider whole.
+@pytest.mark.parametrize("text,cls,out", [
+    ("mail bob\x1b@example.com", "email", "mail [EMAIL_1]"),
+    ("mail bob@\x1fexample.com", "email", "mail [EMAIL_1]"),
+    (f"card 4111{_tags('A')}1111{_tags('A')}1111{_tags('A')}1111", "card", "card [CARD_1]"),
+    (f"SSN 536{_tags('A')}22{_tags('A')}1234", "ssn", "SSN [SSN_1]"),
+    (f"key AKIA{_tags('x')}IOSFODNN7EXAMPLE", "cloud_key", "key [CLOUD_KEY_1]"),
+    # ... while a text written in tag characters is still read.
+    (f"hidden {_tags('jane@example.com')}", "email", "hidden [EMAIL_1]"),
+])
+def test_invisible_characters_inside_a_value_do_not_hide_it(redactor, text, cls, out):
+    res = redactor.redact("chat", chat(text), "t")
+    assert res.counts == {cls: 1}
+    assert res.fields["messages"][0]["content"] == out
+    assert [v for _, v in res.mapping.items()] == [text[text.index(" ") + 1:]]

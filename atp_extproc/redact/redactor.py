@@ -24,7 +24,7 @@ from typing import Any
 
 from atp_extproc.redact import scope
 from atp_extproc.redact.detectors import PLACEHOLDER, Budget, Scanner, ScanResult
-from atp_extproc.redact.normalize import normalize, warm
+from atp_extproc.redact.normalize import INVISIBLE, normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
 
 _LITERAL_PLACEHOLDER = re.compile(PLACEHOLDER)
@@ -379,6 +379,8 @@ class Redactor:
                 for f in res.found]
         if parted:
             hits = self._with_parts_alone(hits, res, segs, starts, parted, joined)
+        if INVISIBLE.search(scanned):
+            hits = self._with_invisible_dropped(hits, res, scanned, joins, joined)
 
         def seg_of(start: int) -> scope.Segment:
             """The segment the original offset `start` falls in."""
@@ -515,6 +517,20 @@ class Redactor:
             shift = at - piece_starts[k]
             parts.append(Span(f.cls, s + shift, e + shift, f.value))
         return _reconcile(hits, parts, joined)
+
+    def _with_invisible_dropped(self, hits: list[Span], res: ScanResult, scanned: str,
+                                joins: list[int], joined: str) -> list[Span]:
+        """`hits` with those of a reading that drops tag characters and invisible
+        separators: read as ASCII and spaces they find a text written in tags, dropped
+        they find a value they sit inside. Offsets are the joined text's."""
+        budget = Budget.for_text(len(scanned))
+        norm = normalize(scanned, budget, drop_invisible=True)
+        bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
+        other = self.scanner.scan(norm, budget, bounds)
+        res.incomplete = res.incomplete or other.incomplete
+        res.reserved |= other.reserved
+        return _reconcile(hits, [Span(f.cls, norm.orig_start(f.start), norm.orig_end(f.end),
+                                      f.value) for f in other.found], joined)
 
     def scan_text(self, text: str) -> list[Span]:
         """Findings in one string, in its own offsets (for tools and tests)."""
