@@ -681,6 +681,19 @@ def test_a_card_with_wider_gaps_between_its_groups_is_found(redactor, gap):
     assert redacted(redactor, f"card {number} thanks") == "card [CARD_1] thanks"
 
 
+@pytest.mark.parametrize("number", ["4111 1111-1111 1111", "4111-1111 1111 1111",
+                                    "4111 1111 1111-1111", "4111-1111 1111-1111"])
+def test_a_card_with_both_spaces_and_dashes_between_its_groups_is_found(redactor, number):
+    # Only all-space or all-dash layouts were read: these went to the provider.
+    assert redacted(redactor, f"card {number} thanks") == "card [CARD_1] thanks"
+
+
+@pytest.mark.parametrize("text", ["dates 2024-0115 2024-0116 2024-0117 2024-0118",
+                                  "ref 1234-5678 9012-3456 x", "v 2024-01-15 1111 1111"])
+def test_dashed_groups_that_are_no_card_are_left(redactor, text):
+    assert "card" not in redactor.redact("chat", chat(text), "t").counts
+
+
 # -- both readings of text parts, merged -------------------------------------------------
 
 def test_a_value_stretched_over_the_next_parts_value_leaves_both_found():

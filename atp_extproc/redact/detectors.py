@@ -966,7 +966,7 @@ class Scanner:
                              and run.lead(a) == b" ")
                 if want_card and not continued and (
                         (ng == 1 and (12 <= nd <= 19 or nd == 4))
-                        or (ng > 1 and 12 <= nd <= 19 and first[a] == 4)):
+                        or (ng > 1 and nd <= 19 and first[a] == 4)):
                     hit = self._card_at(run, a)
                 if hit is None and want_ssn and ((ng == 3 and nd == 9)
                                                  or (ng == 1 and nd in (3, 9))):
@@ -1000,27 +1000,31 @@ class Scanner:
         ndig, ngroups = run.ndig, run.ngroups
         if run.lead(a) == b"+":
             return None  # "+4915123455730" is a phone number
-        if ngroups[a] > 1:
+        if ngroups[a] > 1 and ndig[a] >= 12:
             # One chunk: groups joined by a single kind of separator ("4111-1111-...").
             if run.card_layout(a):
                 digits = run.chunk_digits(a)
                 if card_ok(digits):
                     return Found("card", run.chunk_start(a), run.chunk_end(a), digits), a
             return None
-        # One bare group, or 4-digit groups separated by single spaces ("4111 1111 ...").
+        # One bare group, or 4-digit groups separated by spaces ("4111 1111 ..."), some of
+        # them joined by dashes ("4111 1111-1111 1111", as typed into a form).
         ends = []
-        if 12 <= ndig[a] <= 19:
+        if ngroups[a] == 1 and 12 <= ndig[a] <= 19:
             ends.append(a)
-        elif ndig[a] == 4:
-            total = 4
+        elif run.dashed_fours(a) == 4:
+            total = ndig[a]
             b = a + 1
-            while b < len(ndig) and ngroups[b] == 1 and run.lead(b) in _SPACED:
+            while b < len(ndig) and run.lead(b) in _SPACED:
+                last = run.dashed_fours(b)
+                if not last:
+                    break
                 total += ndig[b]
                 if total > 19:
                     break
                 if total >= 12:
                     ends.append(b)
-                if ndig[b] not in (4, 6):
+                if last != 4 and not (last == 6 and ngroups[b] == 1):
                     break  # only the last group may have another size
                 b += 1
         for end in reversed(ends):
@@ -1263,6 +1267,17 @@ class _Run:
         sizes = self.sizes(idx)
         return (sizes[0] == 4 and all(z in (4, 6) for z in sizes[1:-1])
                 and 1 <= sizes[-1] <= 6)
+
+    def dashed_fours(self, c: int) -> int:
+        """The size of chunk `c`'s last group if its others are 4 digits each, joined
+        by single dashes, and that one has at most 6 ("1111-1111", "4111", "10005");
+        else 0."""
+        idx = self._idx(c)
+        sizes = self.sizes(idx)
+        if sizes[-1] > 6 or any(z != 4 for z in sizes[:-1]) or \
+                any(sep != b"-" for sep in self.seps(idx)):
+            return 0
+        return sizes[-1]
 
     def negative_context(self, positive: re.Pattern[str] | None = None) -> bool:
         """The run follows an identifier word ("Order No.", "tracking", "#") and no word
