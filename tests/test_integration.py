@@ -237,8 +237,10 @@ _HOST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
     (_HOST + b"X-Big: " + b"a" * 61 * 1024 + b"\r\n\r\n", 431),
     (_HOST + b"X-A : 1\r\nContent-Length: 2\r\n\r\n{}", 400),
     (_HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", 400),
+    # RFC 9112's 501, which read as the gateway's fault (gateway_error).
+    (_HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
 ], ids=["no-host", "fragment", "http-1.0", "101-headers", "61-KiB-header",
-        "space-before-colon", "chunked-and-length"])
+        "space-before-colon", "chunked-and-length", "unknown-transfer-coding"])
 def test_a_request_envoy_refuses_itself_gets_a_client_error_with_a_message(
         stack: Stack, upstreams: Upstreams, request_bytes: bytes, status: int) -> None:
     # Its local reply had an empty message and the type of a gateway fault.
@@ -548,6 +550,54 @@ def h2_post(stack: Stack, path: str, body: bytes, trailers: bool = True
         while not ended:
             pump()
     return status, answer
+
+
+def test_a_malformed_http2_request_fails_alone(stack: Stack, upstreams: Upstreams) -> None:
+    """A request HTTP/2 forbids (a connection-specific header) beside one in flight on the
+    same connection: Envoy reset the whole connection, losing the good request too."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "gpt-4o-mini",
+                       "messages": [{"role": "user", "content": "still here"}]}).encode()
+    events: dict[int, list] = {1: [], 3: []}
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", CHAT),
+                              (":authority", "localhost"), ("content-type", "application/json"),
+                              ("authorization", f"Bearer {ALICE}")])
+        conn.send_data(1, body[:10])
+        conn.send_headers(3, [(":method", "GET"), (":scheme", "http"), (":path", "/v1/models"),
+                              (":authority", "localhost"), ("authorization", f"Bearer {ALICE}"),
+                              ("connection", "keep-alive")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        wait_until(lambda: events[3] or _pump(sock, conn, events), "the bad stream's end",
+                   timeout=10)
+        conn.send_data(1, body[10:], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        wait_until(lambda: any(isinstance(e, h2.events.StreamEnded | h2.events.StreamReset)
+                               for e in events[1]) or _pump(sock, conn, events),
+                   "the good stream's end", timeout=10)
+    assert [type(e) for e in events[3]] == [h2.events.StreamReset]
+    assert any(isinstance(e, h2.events.ResponseReceived)
+               and dict(e.headers)[b":status"] == b"200" for e in events[1])
+    assert json.loads(only_request(upstreams, "demo_a")["body"])["messages"][0][
+        "content"] == "still here"
+
+
+def _pump(sock: socket.socket, conn, events: dict[int, list]) -> bool:
+    """Read what has come on `sock` into `events` by stream; False (poll again)."""
+    data = sock.recv(65536)
+    assert data, "Envoy closed the connection"
+    for event in conn.receive_data(data):
+        if getattr(event, "stream_id", None) in events:
+            events[event.stream_id].append(event)
+    sock.sendall(conn.data_to_send())
+    return False
 
 
 def test_an_http2_request_with_trailers_is_served(stack: Stack, upstreams: Upstreams) -> None:
