@@ -1270,12 +1270,10 @@ class _Run:
 
     def dashed_fours(self, c: int) -> int:
         """The size of chunk `c`'s last group if its others are 4 digits each, joined
-        by single dashes, and that one has at most 6 ("1111-1111", "4111", "10005");
-        else 0."""
+        by single dashes ("1111-1111", "4111", "10005"); else 0."""
         idx = self._idx(c)
         sizes = self.sizes(idx)
-        if sizes[-1] > 6 or any(z != 4 for z in sizes[:-1]) or \
-                any(sep != b"-" for sep in self.seps(idx)):
+        if any(z != 4 for z in sizes[:-1]) or any(sep != b"-" for sep in self.seps(idx)):
             return 0
         return sizes[-1]
 
