@@ -182,6 +182,14 @@ def test_a_stripped_tool_the_request_insists_on_is_refused_as_serve_refuses_it(t
         + _forcing("requires a tool, one left", "required", ["alpha", "keep"],
                    "false", "false")
         + _forcing("lets the model choose", "auto", ["alpha", "beta"], "false", "false")
-        + _forcing("forces a kept tool", "keep", ["alpha", "keep"], "false", "false"))
+        + _forcing("forces a kept tool", "keep", ["alpha", "keep"], "false", "false")
+        # A tool only called earlier is none the request declares: none is left.
+        + """  - name: requires a tool, the one declared stripped
+    request:
+      tools: [alpha, history]
+      tool_details: [{name: alpha}, {name: history, declared: false, called: true}]
+      tool_choice: required
+    expect: {denied: t.alpha}
+""")
     report = testing.run(tmp_path)
-    assert report.failures == [] and report.passed == 6
+    assert report.failures == [] and report.passed == 7

@@ -292,7 +292,10 @@ def _insisting(request: Any) -> Callable[[tuple[str, ...]], str | None]:
     on, as far as the attributes tell: request.tool_choice forcing one of them, or
     `required` with every declared tool stripped."""
     choice = request.tool_choice
-    declared = {t.name for t in request.tool_details if t.declared} | set(request.tools)
+    # A case may name its tools alone; where it gives details, a tool only called in the
+    # history is not declared.
+    declared = {t.name for t in request.tool_details if t.declared} \
+        if len(request.tool_details) else set(request.tools)
 
     def insisting(names: tuple[str, ...]) -> str | None:
         forced = choice not in ("", "none", "auto", "required") and choice in names
