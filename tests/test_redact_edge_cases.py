@@ -682,16 +682,18 @@ def test_a_card_with_wider_gaps_between_its_groups_is_found(redactor, gap):
 
 
 @pytest.mark.parametrize("number", ["4111 1111-1111 1111", "4111-1111 1111 1111",
-                                    "4111 1111 1111-1111", "4111-1111 1111-1111"])
+                                    "4111 1111 1111-1111", "4111-1111 1111-1111",
+                                    "4111-1111-1111 1111"])
 def test_a_card_with_both_spaces_and_dashes_between_its_groups_is_found(redactor, number):
     # Only all-space or all-dash layouts were read: these went to the provider.
     assert redacted(redactor, f"card {number} thanks") == "card [CARD_1] thanks"
 
 
-@pytest.mark.parametrize("text", ["dates 2024-0115 2024-0116 2024-0117 2024-0118",
-                                  "ref 1234-5678 9012-3456 x", "v 2024-01-15 1111 1111"])
+# Each of these is 4111111111111111 (a valid Visa number) joined, in groups no card has.
+@pytest.mark.parametrize("text", ["41-11 1111 1111 1111", "4111 11-11 1111 1111",
+                                  "4111-111 1111 1111 1111", "4111-11-11 1111 1111"])
 def test_dashed_groups_that_are_no_card_are_left(redactor, text):
-    assert "card" not in redactor.redact("chat", chat(text), "t").counts
+    assert "card" not in redactor.redact("chat", chat(f"codes {text} ok"), "t").counts
 
 
 # -- both readings of text parts, merged -------------------------------------------------
@@ -820,20 +822,68 @@ def _tags(text: str) -> str:
     return "".join(chr(0xE0000 + ord(c)) for c in text)
 
 
-# Invisible characters inside a value: read as a space (ESC, FS-US) or as the ASCII it
-# imitates (a tag character), they broke the value ("bob @example.com", "4111A1111..."),
-# which reached the provider whole.
+# A tag character inside a value: read as the ASCII it imitates, it broke the value
+# ("4111A1111..."), which reached the provider whole.
 @pytest.mark.parametrize("text,cls,out", [
-    ("mail bob\x1b@example.com", "email", "mail [EMAIL_1]"),
-    ("mail bob@\x1fexample.com", "email", "mail [EMAIL_1]"),
     (f"card 4111{_tags('A')}1111{_tags('A')}1111{_tags('A')}1111", "card", "card [CARD_1]"),
     (f"SSN 536{_tags('A')}22{_tags('A')}1234", "ssn", "SSN [SSN_1]"),
     (f"key AKIA{_tags('x')}IOSFODNN7EXAMPLE", "cloud_key", "key [CLOUD_KEY_1]"),
     # ... while a text written in tag characters is still read.
     (f"hidden {_tags('jane@example.com')}", "email", "hidden [EMAIL_1]"),
 ])
-def test_invisible_characters_inside_a_value_do_not_hide_it(redactor, text, cls, out):
+def test_tag_characters_inside_a_value_do_not_hide_it(redactor, text, cls, out):
     res = redactor.redact("chat", chat(text), "t")
     assert res.counts == {cls: 1}
     assert res.fields["messages"][0]["content"] == out
     assert [v for _, v in res.mapping.items()] == [text[text.index(" ") + 1:]]
+
+
+def test_a_text_read_again_without_its_tags_keeps_the_words_around_values(redactor):
+    # The second reading glues nothing: fields and words next to a value stay as sent.
+    flag = "\U0001f3f4" + _tags("gbeng") + "\U000e007f"
+    text = f"{flag} name\x1fJane\x1femail\x1fjane@example.com {flag}"
+    res = redactor.redact("chat", chat(text), "t")
+    assert res.fields["messages"][0]["content"] == \
+        f"{flag} name\x1fJane\x1femail\x1f[EMAIL_1] {flag}"
+
+
+# -- ordinary text that looked like personal data -----------------------------------------
+
+@pytest.mark.parametrize(("text", "out"), [
+    # The "(" went into the placeholder and the ")" stayed: code and prose unbalanced.
+    ("Call Bob (020 7946 0958) today", "Call Bob ([PHONE_1]) today"),
+    ("call (415) 555-2671 now", "call [PHONE_1] now"),
+])
+def test_a_bracket_around_a_phone_number_stays_whole(redactor, text, out):
+    assert redacted(redactor, text) == out
+
+
+@pytest.mark.parametrize("text", [
+    "Summe: 612.345.678,00 EUR", "Montant : 612 345 678,50 €",
+    "Le chiffre d'affaires atteint 712 345 678 euros.", "Das Budget beträgt 612.345.678 Euro.",
+    "Chiffre d'affaires : 1 612 345 678 €", "Total EUR 612345678 net"])
+def test_money_is_no_phone_number(redactor, text):
+    assert redactor.redact("chat", chat(text), "t").counts == {}
+
+
+@pytest.mark.parametrize("text", [
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/120.0.0.0 Safari/537.36",
+    "<Version>4.8.0.0</Version>", 'AssemblyVersion("2.1.0.0")', 'version="1.2.3.4"',
+    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3"])
+def test_versions_and_sections_are_no_ip_address(redactor, text):
+    assert redactor.redact("chat", chat(text), "t").counts == {}
+
+
+@pytest.mark.parametrize("text", [
+    "npm i sk-react-components-library-v2", "git checkout sk-learn-upgrade-pipeline-2024",
+    "name: sk-ingress-controller-production-eu-west-1"])
+def test_a_kebab_case_name_is_no_api_key(redactor, text):
+    assert redactor.redact("chat", chat(text), "t").counts == {}
+
+
+@pytest.mark.parametrize("text", ["server at 10.1.2.3 down", "host=10.0.0.7",
+                                  "key sk-proj-abc123DEF456ghi789JKL012mno345",
+                                  "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
+def test_what_those_rules_leave_is_still_found(redactor, text):
+    assert redactor.redact("chat", chat(text), "t").counts

@@ -231,7 +231,12 @@ _GROUP = re.compile(rb"[0-9]+")
 # its groups: "exp 1227  4111 1111 1111 1111" starts at 4111.
 _SPACED = frozenset((b" ", b"  ", b"   ", b" -", b"- ", b" - ", b"  -", b"-  "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
-_VERSION_CTX = re.compile(r"(?i)(?:\bv|\bver|version|build|release|\brev)[\s.:]*$")
+# What makes four dotted numbers a version or a section, not an address: a word for it
+# before them (also as an XML tag or a call, `<Version>`, `Version("`), or a product
+# token's slash (`Chrome/120.0.0.0`, as every Chrome user agent ends).
+_VERSION_CTX = re.compile(r"(?i)(?:(?:\bv|\bver|version|build|release|\brev|section|\bsect|"
+                          r"§|chapter|clause|paragraph|\bpara|figure|\bfig)"
+                          r"[\s.:>#]*(?:[(=][\"']?)?|[A-Za-z][A-Za-z0-9_.\-]*/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
                              r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
                              r"[^0-9]*\Z")
@@ -249,6 +254,11 @@ _NEG_WORDS = (
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164")
+# Money, which a national number with thousands separators looks like: a decimal comma
+# after it, or a currency beside it.
+_AMOUNT_AFTER = re.compile(r"(?i),[0-9]{1,2}(?![0-9])|[ \u00a0]?(?:[€$£¥]|(?:eur|euros?|usd|"
+                           r"gbp|chf|dollars?|pounds?|francs?)\b)")
+_AMOUNT_BEFORE = re.compile(r"(?i)(?:[€$£¥]|\b(?:eur|usd|gbp|chf))[ \u00a0]?$")
 _SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
 
 
@@ -1006,7 +1016,8 @@ class Scanner:
                 digits = run.chunk_digits(a)
                 if card_ok(digits):
                     return Found("card", run.chunk_start(a), run.chunk_end(a), digits), a
-            return None
+            if run.dashed_fours(a) != 4:
+                return None
         # One bare group, or 4-digit groups separated by spaces ("4111 1111 ..."), some of
         # them joined by dashes ("4111 1111-1111 1111", as typed into a form).
         ends = []
@@ -1168,6 +1179,13 @@ class Scanner:
             stop = run.chunk_end(end)
             if run.ext is not None and end == nch - 1:
                 stop = run.ext[1]
+            if not intl and (_AMOUNT_AFTER.match(run.text, stop)
+                             or _AMOUNT_BEFORE.search(run.text, max(0, start - 6), start)):
+                continue  # "612.345.678,00 EUR", "€ 612 345 678": money
+            if asc[start] == 40 and 41 not in asc[start:stop]:
+                # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
+                # ")" stays outside; taken alone it would leave the text unbalanced.
+                start += 1
             return Found("phone", start, stop, value), end
         return None
 
@@ -1476,6 +1494,16 @@ def _inside_number(asc: bytes, p: int) -> bool:
     return size == 2 or m == n or asc[m] not in b"-/()"
 
 
+_KEY_SEGMENT = re.compile(r"[-_]")
+
+
+def _wordlike(segment: str) -> bool:
+    """A piece of a name, not of a random key: a short lowercase word, a year or version
+    number, or two characters."""
+    return ((segment.isalpha() and segment.islower() and len(segment) <= 12)
+            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2)
+
+
 def _secret_ok(cls: str, value: str) -> bool:
     if cls == "jwt":
         head = value.split(".", 1)[0]
@@ -1487,6 +1515,8 @@ def _secret_ok(cls: str, value: str) -> bool:
         return isinstance(obj, dict) and ("alg" in obj or "typ" in obj or "enc" in obj)
     if cls == "api_key" and value[:3] in ("sk-", "rk-"):
         body = value[3:]
+        if all(map(_wordlike, _KEY_SEGMENT.split(body))):
+            return False  # a kebab-case name: "sk-learn-upgrade-pipeline-2024"
         has_digit = any(c.isdigit() for c in body)
         has_alpha = any(c.isalpha() for c in body)
         mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)

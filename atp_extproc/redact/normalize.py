@@ -10,10 +10,9 @@ Detectors run on a normalised copy so that look-alike spellings match:
     carriage return, NUL (the unit separator) and the separator-like ones is dropped;
     the separator-like controls (vertical tab, form feed, ESC, FS/GS/RS/US, NEL) become
     ' ', so the words around them stay apart; Unicode "tag" characters (U+E0020-E007E,
-    invisible ASCII look-alikes) become ASCII, so a text written in them is read. Both
-    also hide a value they sit inside ("bob<ESC>@example.com", a card with a tag
-    character between its groups): `drop_invisible` drops them and the invisible
-    separators (ESC, FS/GS/RS/US) instead, for a second reading of a text that holds
+    invisible ASCII look-alikes) become ASCII, so a text written in them is read; as
+    that hides a value one sits inside (a card with a tag between its groups),
+    `drop_invisible` drops them instead, for a second reading of a text that holds
     them (`INVISIBLE`);
   - every space separator (NBSP, narrow NBSP, ideographic space ...) becomes ' ', every
     dash (hyphens, minus sign) becomes '-'; where those spaces were is kept
@@ -57,9 +56,8 @@ _IGNORABLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x11
                      (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
                      (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 _TAGS = (0xE0020, 0xE007E)
-# The characters that read one way for one detector and another way for another
-# (`drop_invisible`); rendered as nothing.
-INVISIBLE = re.compile("[\x1b-\x1f\U000e0020-\U000e007e]")
+# The characters a text is read twice for (`drop_invisible`): the tags.
+INVISIBLE = re.compile("[\U000e0020-\U000e007e]")
 # Control characters that separate what is around them (a Word line break, a page break,
 # ESC of a colour code, the information separators, NEL): they become ' '.
 _SEPARATORS = (0x0B, 0x0C, *range(0x1B, 0x20), 0x85)
@@ -214,14 +212,13 @@ def normalize(text: str, budget=None, drop_invisible: bool = False) -> Normalize
     characters that may change (a translation or a deletion, about a microsecond), and one
     more and half a unit per character for a run walked character by character; when it
     runs out the rest is left as it is and the budget says so (the caller then reports the
-    scan as incomplete). `drop_invisible`: tag characters and the invisible separators are
-    dropped, not read as ASCII and spaces."""
+    scan as incomplete). `drop_invisible`: tag characters are dropped, not read as
+    ASCII."""
     trans, hot, _, marks, soft = _tables()
     table = _translate_table()
     if drop_invisible:
-        trans, table = _invisible_dropped()
-        data = text.encode("utf-8", "surrogatepass")
-    elif text.isascii():
+        trans, table = _tags_dropped()
+    if text.isascii():
         data = text.encode()
         if search(_ASCII_HOT, data) is None:
             return Normalized(text)
@@ -368,10 +365,10 @@ def _translate_table() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
-def _invisible_dropped() -> tuple[dict[str, str], dict[int, str]]:
+def _tags_dropped() -> tuple[dict[str, str], dict[int, str]]:
     trans = dict(_tables()[0])
-    for ch in map(chr, (*range(0x1B, 0x20), *range(_TAGS[0], _TAGS[1] + 1))):
-        trans[ch] = ""
+    for cp in range(_TAGS[0], _TAGS[1] + 1):
+        trans[chr(cp)] = ""
     return trans, {ord(k): v for k, v in trans.items()}
 
 

@@ -520,9 +520,9 @@ class Redactor:
 
     def _with_invisible_dropped(self, hits: list[Span], res: ScanResult, scanned: str,
                                 joins: list[int], joined: str) -> list[Span]:
-        """`hits` with those of a reading that drops tag characters and invisible
-        separators: read as ASCII and spaces they find a text written in tags, dropped
-        they find a value they sit inside. Offsets are the joined text's."""
+        """`hits` with those of a reading that drops tag characters: read as ASCII they
+        find a text written in tags, dropped they find a value they sit inside. Offsets
+        are the joined text's."""
         budget = Budget.for_text(len(scanned))
         norm = normalize(scanned, budget, drop_invisible=True)
         bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
