@@ -252,6 +252,11 @@ class Exchange:
         path, has_query, _ = headers.get(":path", "").partition("?")
         self._path = path
         rec.path = _loggable(path)
+        if envoy_api.UNREADABLE_METADATA in message.metadata_context.filter_metadata:
+            # Fail closed: the identity (a token's claims) may be in what was not read.
+            raise RequestError(400, "ATP cannot read this request's metadata: it nests data "
+                               "more than 100 levels deep (a token's claims past about 30 "
+                               "levels)", "metadata_too_deep")
         if rec.shadow:
             return self._on_shadow_headers(headers)
         jwt = self.snapshot.auth.jwt

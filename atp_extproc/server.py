@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atp_extproc import config as config_mod
-from atp_extproc import logs
+from atp_extproc import envoy_api, logs
 from atp_extproc.config import (
     ConfigError,
     Server,
@@ -396,6 +396,19 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         return True
 
 
+def _add_servicer(processor: ExternalProcessor, server: grpc.aio.Server) -> None:
+    """What `add_ExternalProcessorServicer_to_server` does, with Envoy's messages read by
+    `envoy_api.read_request`, which hands the exchange one it cannot read."""
+    handlers = {"Process": grpc.stream_stream_rpc_method_handler(
+        processor.Process, request_deserializer=envoy_api.read_request,
+        response_serializer=ProcessingResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
+
+
+_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
 class HealthServicer(health.aio.HealthServicer):
     """The library's servicer leaves out List (added to grpc.health.v1 in 2024), which
     then logs a traceback per call: answered from the statuses it keeps."""
@@ -566,7 +579,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     bind(server, listen)
     services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
-    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    _add_servicer(processor, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()

@@ -12,9 +12,10 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from atp_extproc import config
-from atp_extproc.envoy_api import ProcessingMode
+from atp_extproc.envoy_api import ProcessingMode, read_request
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
 from atp_extproc.llm_api import estimate_tokens
 from atp_extproc.redact.redactor import Redactor
@@ -147,6 +148,23 @@ def forwarded(resp: ep.ProcessingResponse) -> tuple[dict[str, bytes], bytes | No
 
 
 # -- request phase -----------------------------------------------------------------
+
+
+def test_a_message_whose_metadata_protobuf_cannot_read_is_refused_and_recorded(snap):
+    # Claims 40 levels deep: gRPC's reader raised, and the stream ended in a 500 blaming
+    # ATP, with no record. Read without its metadata, the request is refused with a valid
+    # API key beside it too, as the identity may be in what was not read.
+    deep: dict = {}
+    for _ in range(40):
+        deep = {"a": deep}
+    data = req_headers("POST", CHAT, jwt_claims={"tenant": "bob", "d": deep}
+                       ).SerializeToString()
+    with pytest.raises(DecodeError):
+        ep.ProcessingRequest.FromString(data)
+    ex = Exchange(snap)
+    assert_error(ex.handle(read_request(data)), 400, "metadata_too_deep")
+    rec = ex.finish()
+    assert (rec.request_id, rec.path, rec.error_code) == ("req-123", CHAT, "metadata_too_deep")
 
 
 def test_chat_routed_to_cluster_with_model_rewritten(snap) -> None:

@@ -113,6 +113,26 @@ def test_a_verified_token_with_an_unusable_tenant_claim_is_refused(jwt_stack: St
     assert upstreams.total() == 0
 
 
+def test_a_token_whose_claims_nest_too_deep_for_protobuf_is_a_client_error(
+        jwt_stack: Stack) -> None:
+    # jwt_authn passes claims 31 levels deep (it takes 100); Envoy's message to ATP then
+    # nests past protobuf's limit, and gRPC's reader failed the stream: a 500 blaming ATP,
+    # with no record.
+    upstreams = Upstreams(jwt_stack)
+    upstreams.clear()
+    deep: dict = {}
+    for _ in range(31):
+        deep = {"a": deep}
+    reply = post(jwt_stack, CHAT, BODY, key=token(claims(tenant="bob", deep=deep)))
+    assert reply.status == 400, reply.body[:300]
+    error = reply.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "metadata_too_deep")
+    assert upstreams.total() == 0
+    record = record_with(jwt_stack, reply.headers["x-request-id"])
+    assert (record["status"], record["error_code"], record["path"]) == (
+        400, "metadata_too_deep", CHAT)
+
+
 # -- check --envoy: the token's claims must reach ATP --------------------------------------
 
 
