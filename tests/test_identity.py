@@ -377,6 +377,26 @@ def test_policies_see_only_the_string_groups_of_a_token_as_policy_test_does() ->
         "user": "u1", "groups": ["llm-admins"], "roles": ["a", "b"]}
 
 
+def test_space_separated_groups_split_on_spaces_alone() -> None:
+    # Split on any whitespace, a group named "sales<NBSP>admin" gave its holder "admin".
+    from atp_extproc.policy.runtime import claimed_subject
+    subject = claimed_subject({"groups": "sales\u00a0admin  ops", "roles": "a\u2003b"})
+    assert (subject["groups"], subject["roles"]) == (["sales\u00a0admin", "ops"], ["a\u2003b"])
+
+
+@pytest.mark.parametrize("groups", [[f"g{i}" for i in range(100)],
+                                    " ".join(f"g{i}" for i in range(100))])
+def test_a_groups_claim_cut_to_the_list_cap_is_named_truncated(groups) -> None:
+    # The list form was cut before the attribute document saw it: no cut was named, and
+    # a policy on 'subject.groups' in context.truncated missed it.
+    from atp_extproc.policy.runtime import attributes_for_request
+    attrs = attributes_for_request(
+        tenant="t", auth_method="jwt", key_id=None, jwt_payload={"groups": groups},
+        path="/v1/chat/completions", operation="chat", alias="a", body_bytes=2, doc={})
+    assert len(attrs.subject.groups) == 64
+    assert "subject.groups" in attrs.doc.context.truncated
+
+
 def test_a_forwarded_token_of_custom_claims_only_is_no_key() -> None:
     claims = {"team": "red", "level": 3}
     who = identify(snapshot(JWT_AND_KEYS), {"authorization": bearer_of(claims)},

@@ -22,6 +22,7 @@ from google.protobuf import struct_pb2
 
 from atp_extproc.llm_api import OPERATIONS, estimate_tokens, tool_lists
 from atp_extproc.policy.attributes import (
+    MAX_LIST,
     MAX_STRING,
     allowed_tools_spec,
     build_attributes,
@@ -161,7 +162,7 @@ def claimed_subject(claims: Any) -> dict[str, Any]:
     plain: Mapping[str, Any] = {}
     if isinstance(claims, struct_pb2.Struct):
         plain = {k: (v.string_value if v.HasField("string_value") else
-                     [x.string_value for x in v.list_value.values[:64]
+                     [x.string_value for x in v.list_value.values[:_LISTED]
                       if x.HasField("string_value")]
                      if v.HasField("list_value") else None)
                  for k, v in claims.fields.items() if k in ("sub", "groups", "roles")}
@@ -174,12 +175,19 @@ def claimed_subject(claims: Any) -> dict[str, Any]:
     return subject
 
 
+# One more than a list attribute holds: the attribute document then cuts the list and
+# names the cut in context.truncated, as it does for any list.
+_LISTED = MAX_LIST + 1
+
+
 def _claim_strings(payload: Mapping[str, Any], key: str) -> list[str]:
     value = payload.get(key)
     if isinstance(value, str):
-        return value.split()  # OAuth-style space-separated scopes/roles
+        # OAuth-style, space-separated: split on spaces alone, or a group named
+        # "sales<NBSP>admin" would give its holder "admin".
+        return [part for part in value.split(" ") if part]
     if isinstance(value, list):
-        return [v for v in value[:64] if isinstance(v, str)]
+        return [v for v in value[:_LISTED] if isinstance(v, str)]
     return []
 
 
