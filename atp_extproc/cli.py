@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="validate an atp.yaml and the policies it "
                                           "includes, or one policy file")
-    check.add_argument("config", help="an atp.yaml, or a file holding only policies:")
+    check.add_argument("config", help="an atp.yaml, or a file holding only a policies: "
+                                       "list")
     check.add_argument("--envoy", action="append", default=[], metavar="ENVOY_YAML",
                        help="also refuse this Envoy config if it fails open where policies "
                             "or redaction apply (repeatable)")

@@ -116,7 +116,9 @@ class Model(Frozen):
 class RouteMatch(Frozen):
     # Empty means "any": a route with no match block serves every operation and tenant.
     paths: Items[str] = ()
-    tenants: Items[str] = ()
+    # Tenant ids as they are written anywhere else: one with a space or a typo'd
+    # character could never match, and the route would stop serving without a word.
+    tenants: Items[Token] = ()
 
     @field_validator("paths")
     @classmethod

@@ -157,6 +157,17 @@ def test_a_jwt_name_that_names_nothing_is_refused(field: str, value: str) -> Non
     assert path == f"auth.jwt.{field}" and "names nothing jwt_authn writes" in message
 
 
+@pytest.mark.parametrize("tenant", ["alice ", "", "bad tenant!"])
+def test_a_route_tenant_no_tenant_can_have_is_refused(tenant: str) -> None:
+    # Accepted, the route silently matched nobody: alice's alias answered 404.
+    text = MINIMAL_CONFIG.replace("{name: r, aliases",
+                                  f"{{name: r, match: {{tenants: [anon, {tenant!r}]}}, aliases")
+    with pytest.raises(ConfigError) as raised:
+        config_mod.parse(text, SRC)
+    ((path, message),) = raised.value.problems
+    assert path == "routes[0].match.tenants[1]" and "pattern" in message
+
+
 def test_a_usable_trusted_tenant_header_is_kept_in_lower_case() -> None:
     text = MINIMAL_CONFIG.replace("auth: {anonymous_tenant: anon}",
                                   "auth: {trusted_tenant_header: X-Tenant_Id.2}")
