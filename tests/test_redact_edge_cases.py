@@ -859,6 +859,13 @@ def test_a_bracket_around_a_phone_number_stays_whole(redactor, text, out):
 
 
 @pytest.mark.parametrize("text", [
+    "const MAX = 2147483647;", "x = 600000000", "random.seed(912345678)", "arr[912345678]",
+    "ISBN-10: 0-262-03384-4", "EAN-13: 4006381333931"])
+def test_a_bare_number_in_code_or_after_a_numbered_identifier_is_no_phone(redactor, text):
+    assert redactor.redact("chat", chat(text), "t").counts == {}
+
+
+@pytest.mark.parametrize("text", [
     "Summe: 612.345.678,00 EUR", "Montant : 612 345 678,50 €",
     "Le chiffre d'affaires atteint 712 345 678 euros.", "Das Budget beträgt 612.345.678 Euro.",
     "Chiffre d'affaires : 1 612 345 678 €", "Total EUR 612345678 net"])
@@ -883,6 +890,7 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
 
 
 @pytest.mark.parametrize("text", ["server at 10.1.2.3 down", "host=10.0.0.7",
+                                  "phone = 4155552671", "my number (4155552671)",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):

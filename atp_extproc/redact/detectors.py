@@ -254,6 +254,7 @@ _NEG_WORDS = (
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164")
+_CODE_BEFORE = re.compile(r"(?:=|[A-Za-z0-9_\]]\(|\[)[ ]*$")
 # Money, which a national number with thousands separators looks like: a decimal comma
 # after it, or a currency beside it.
 _AMOUNT_AFTER = re.compile(r"(?i),[0-9]{1,2}(?![0-9])|[ \u00a0]?(?:[€$£¥]|(?:eur|euros?|usd|"
@@ -1169,6 +1170,12 @@ class Scanner:
                 if (bare and digits[0] == "1" and count in (10, 13)
                         and not run.positive_context()):
                     continue
+                # A bare number assigned, indexed or passed to a call is code's
+                # ("MAX = 2147483647", "seed(912345678)"), unless the text says phone.
+                if bare and _CODE_BEFORE.search(run.text, _ctx_lo(run.text, run.start, 4),
+                                                run.chunk_start(a)) \
+                        and not run.positive_context():
+                    continue
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
                                      budget)
@@ -1425,6 +1432,11 @@ def _identifier_before(text: str, start: int) -> bool:
     if "#" in text[k:start]:
         return True
     e = k
+    d = e
+    while d > lo and text[d - 1].isdigit():
+        d -= 1
+    if 0 < e - d <= 2 and d > lo and text[d - 1] == "-":
+        e = k = d - 1  # a numbered kind of identifier: "ISBN-10:", "EAN-13"
     while k > lo and text[k - 1].isalpha():
         k -= 1
     word = text[k:e].lower()
