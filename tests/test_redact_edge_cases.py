@@ -5,6 +5,7 @@ and SSE restore (flush events, n > 1 choices, JSON answers)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -859,7 +860,7 @@ def test_a_bracket_around_a_phone_number_stays_whole(redactor, text, out):
 
 
 @pytest.mark.parametrize("text", [
-    "const MAX = 2147483647;", "x = 600000000", "random.seed(912345678)", "arr[912345678]",
+    "const MAX = 2147483647;", "x = 600000000", "random.seed(912345678)",
     "ISBN-10: 0-262-03384-4", "EAN-13: 4006381333931"])
 def test_a_bare_number_in_code_or_after_a_numbered_identifier_is_no_phone(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
@@ -877,7 +878,8 @@ def test_money_is_no_phone_number(redactor, text):
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/120.0.0.0 Safari/537.36",
     "<Version>4.8.0.0</Version>", 'AssemblyVersion("2.1.0.0")', 'version="1.2.3.4"',
-    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3"])
+    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3", "numpy==1.26.0.1",
+    "firmware 2.4.1.0"])
 def test_versions_and_sections_are_no_ip_address(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
 
@@ -891,7 +893,18 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
 
 @pytest.mark.parametrize("text", ["server at 10.1.2.3 down", "host=10.0.0.7",
                                   "phone = 4155552671", "my number (4155552671)",
+                                  # (review: these went through the rules above)
+                                  "Jane Doe,jane@example.com,415-555-0132,2",
+                                  "Bob,06 12 34 56 78,3", "Phone: 415-555-0132 $20 deposit",
+                                  "ring 020 7946 0958 Pound Lane", "number=4155550132",
+                                  "numbers: [4155550132, 4155550133]",
+                                  "curl ipinfo.io/203.0.113.7", "GET /api/users/203.0.113.7",
+                                  "Vou mudar o gateway para 192.168.0.1",
+                                  "Please configure 192.168.1.20 as the DNS server",
+                                  "Pode me ligar no 11987654321", "llámame no 612 345 678",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):
-    assert redactor.redact("chat", chat(text), "t").counts
+    res = redactor.redact("chat", chat(text), "t")
+    out = res.fields["messages"][0]["content"]
+    assert res.counts and not re.search(r"[0-9]{3}", out), out  # none of it left

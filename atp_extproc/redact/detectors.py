@@ -232,17 +232,21 @@ _GROUP = re.compile(rb"[0-9]+")
 _SPACED = frozenset((b" ", b"  ", b"   ", b" -", b"- ", b" - ", b"  -", b"-  "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 # What makes four dotted numbers a version or a section, not an address: a word for it
-# before them (also as an XML tag or a call, `<Version>`, `Version("`), or a product
-# token's slash (`Chrome/120.0.0.0`, as every Chrome user agent ends).
-_VERSION_CTX = re.compile(r"(?i)(?:(?:\bv|\bver|version|build|release|\brev|section|\bsect|"
-                          r"§|chapter|clause|paragraph|\bpara|figure|\bfig)"
-                          r"[\s.:>#]*(?:[(=][\"']?)?|[A-Za-z][A-Za-z0-9_.\-]*/)$")
+# before them (also as an XML tag or a call, `<Version>`, `Version("`), a version pin
+# (`numpy==1.26.0.1`), or a product token's slash (`Chrome/120.0.0.0`, as every Chrome
+# user agent ends; capitalised, as product tokens are and URL paths mostly are not).
+_VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|firmware|\bsection|"
+                          r"\bsect|§|\bchapter|\bclause|\bparagraph|\bfig(?:ure)?\b)"
+                          r"[\s.:>#]*(?:[(=][\"']?)?|[=<>~!]=[ ]*|"
+                          r"(?:^|[\s;(])[A-Z][A-Za-z]*/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
                              r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
                              r"[^0-9]*\Z")
 _POS_CTX = re.compile(r"(?i)phone|\bt[ée]l\b|mobile|\bcell|\bfax\b|\bcall|whatsapp|\bsms\b|"
                         r"contact|reach|dial|telefon|t[ée]l[ée]phone|handy|portable|"
-                        r"celular|cellulare|numero|n[úu]mero")
+                        r"celular|cellulare|numero|n[úu]mero|"
+                        # "call me", "text me" in Portuguese, Spanish, French, German, Italian
+                        r"\blig(?:a|ar|ue)\b|\bchama\b|mensagem|\bll[aá]m|\bappel|anruf|\bchiam")
 # Words after which a bare number is an identifier ("Order No. 0612...", "tracking number
 # 0546...", "#0612..."), unless a word like "phone" or "card" is also near.
 _NEG_WORDS = (
@@ -254,12 +258,14 @@ _NEG_WORDS = (
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164")
-_CODE_BEFORE = re.compile(r"(?:=|[A-Za-z0-9_\]]\(|\[)[ ]*$")
-# Money, which a national number with thousands separators looks like: a decimal comma
-# after it, or a currency beside it.
-_AMOUNT_AFTER = re.compile(r"(?i),[0-9]{1,2}(?![0-9])|[ \u00a0]?(?:[€$£¥]|(?:eur|euros?|usd|"
-                           r"gbp|chf|dollars?|pounds?|francs?)\b)")
-_AMOUNT_BEFORE = re.compile(r"(?i)(?:[€$£¥]|\b(?:eur|usd|gbp|chf))[ \u00a0]?$")
+_CODE_BEFORE = re.compile(r"(?:=|[A-Za-z0-9_\]]\()[ ]*$")
+# A word that names a number as such ("number = 4155550132"): no assignment in code.
+_NUMBER_WORD = re.compile(r"(?i)num(?:ber|ero)|n[úu]mero|nummer|\bno\b|\bnr\b")
+# Money, which a national number with thousands separators looks like: a currency right
+# after it (its decimals between: "612.345.678,00 EUR") or right before it. A decimal
+# comma alone is no sign: a CSV row's next field reads alike ("Jane,0612345678,3").
+_AMOUNT_AFTER = re.compile(r"(?:,[0-9]{1,2})?[ \u00a0]?(?:[€£¥]|(?i:eur|euros?|usd|gbp|chf)\b)")
+_AMOUNT_BEFORE = re.compile(r"(?:[€$£¥]|\b(?i:eur|usd|gbp|chf))[ \u00a0]?$")
 _SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
 
 
@@ -1174,7 +1180,8 @@ class Scanner:
                 # ("MAX = 2147483647", "seed(912345678)"), unless the text says phone.
                 if bare and _CODE_BEFORE.search(run.text, _ctx_lo(run.text, run.start, 4),
                                                 run.chunk_start(a)) \
-                        and not run.positive_context():
+                        and not run.positive_context() and not _NUMBER_WORD.search(
+                            run.text, _ctx_lo(run.text, run.start, 24), run.start):
                     continue
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
@@ -1186,8 +1193,9 @@ class Scanner:
             stop = run.chunk_end(end)
             if run.ext is not None and end == nch - 1:
                 stop = run.ext[1]
-            if not intl and (_AMOUNT_AFTER.match(run.text, stop)
-                             or _AMOUNT_BEFORE.search(run.text, max(0, start - 6), start)):
+            if not intl and not run.positive_context() and (
+                    _AMOUNT_AFTER.match(run.text, stop)
+                    or _AMOUNT_BEFORE.search(run.text, max(0, start - 6), start)):
                 continue  # "612.345.678,00 EUR", "€ 612 345 678": money
             if asc[start] == 40 and 41 not in asc[start:stop]:
                 # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
