@@ -281,6 +281,30 @@ def test_a_chat_answers_citations_move_with_what_restore_puts_back():
     assert (span["start_index"], span["end_index"]) == _cited(message["content"])
 
 
+def _strict(data: bytes):
+    def no_constant(name: str):
+        raise ValueError(f"{name} is no JSON")
+    return json.loads(data, parse_constant=no_constant)
+
+
+def test_a_number_out_of_range_beside_a_citation_stays_json():
+    # Read as inf and written back as Infinity, which strict JSON parsers refuse.
+    body = json.dumps({"choices": [{"index": 0, "message": {
+        "role": "assistant", "content": CITED_TEXT,
+        "annotations": [_citation(DOCS, chat=True)]}}]}).encode()[:-1] + b', "x": 1e400}'
+    out = restorer().restore_json(body)
+    assert b"1e400" in out and b"Infinity" not in out
+    assert "[EMAIL_1]" not in _strict(out)["choices"][0]["message"]["content"]
+
+
+def test_a_streamed_event_with_a_number_out_of_range_stays_json():
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi [EMAIL_1]"}}],"x":1e400}\n\n'
+    out = restorer().feed(event, True)
+    payload = out.split(b"data:", 1)[1].strip()
+    assert b"Infinity" not in out and "[EMAIL_1]" not in _strict(payload)["choices"][0][
+        "delta"]["content"]
+
+
 def test_a_responses_answers_citations_move_with_what_restore_puts_back():
     part = {"type": "output_text", "text": CITED_TEXT, "annotations": [_citation(DOCS)]}
     body = json.dumps({"output": [{"type": "message", "content": [part]}]}).encode()

@@ -82,6 +82,13 @@ def _json_escape(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)[1:-1]
 
 
+def _loads(data: bytes | str) -> Any:
+    """JSON to be written again: a number Python cannot hold as written (1e400, read as
+    inf and written as Infinity, which is no JSON) raises, and the text is restored as
+    text instead."""
+    return json.loads(data, parse_int=bounded_int, parse_float=finite_float)
+
+
 def _dumps(obj: Any) -> bytes:
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
@@ -226,7 +233,7 @@ class Restorer:
         if all(self._safe[t] for t in found) and b'"start_index"' not in body:
             return self._sub(_TOKEN_B, self._bytes, body, tokens)
         try:
-            return _dumps(self._node(json.loads(body)))
+            return _dumps(self._node(_loads(body)))
         except (ValueError, RecursionError):  # (nested deeper than the walk goes)
             return self._sub(_TOKEN_B, self._escaped, body)
 
@@ -254,7 +261,7 @@ class Restorer:
         if head in ("{", "[") and not all(self._safe.get(t.encode(), True)
                                           for t in _TOKEN.findall(s)):
             try:
-                inner = json.loads(s, parse_int=bounded_int, parse_float=finite_float)
+                inner = _loads(s)
                 if isinstance(inner, (dict, list)):
                     return json.dumps(self._node(inner), ensure_ascii=False)
             except (RecursionError, UnreadableNumber):
@@ -382,7 +389,7 @@ class Restorer:
                 out_lines.append(line + eol)
                 continue
             try:
-                flush, new_obj, changed = self._event_obj(json.loads(payload))
+                flush, new_obj, changed = self._event_obj(_loads(payload))
             except (ValueError, RecursionError):  # no JSON, or deeper than the walk goes
                 text = payload.decode("utf-8", "replace")
                 out_lines.append(b"data:" + lead + self.restore_text(text).encode() + eol)
@@ -397,7 +404,7 @@ class Restorer:
         """An event whose JSON spans several data lines (SSE joins them with line
         breaks, as clients do), restored as one, or None when they hold no JSON."""
         try:
-            obj = json.loads(_data_of(lines))
+            obj = _loads(_data_of(lines))
         except (ValueError, RecursionError):
             return None
         flush, new_obj, changed = self._event_obj(obj)
