@@ -385,7 +385,9 @@ def test_space_separated_groups_split_on_spaces_alone() -> None:
 
 
 @pytest.mark.parametrize("groups", [[f"g{i}" for i in range(100)],
-                                    " ".join(f"g{i}" for i in range(100))])
+                                    " ".join(f"g{i}" for i in range(100)),
+                                    # strings past the cap behind a number
+                                    [f"g{i}" for i in range(64)] + [7, "contractor"]])
 def test_a_groups_claim_cut_to_the_list_cap_is_named_truncated(groups) -> None:
     # The list form was cut before the attribute document saw it: no cut was named, and
     # a policy on 'subject.groups' in context.truncated missed it.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,8 @@ def claimed_subject(claims: Any) -> dict[str, Any]:
     plain: Mapping[str, Any] = {}
     if isinstance(claims, struct_pb2.Struct):
         plain = {k: (v.string_value if v.HasField("string_value") else
-                     [x.string_value for x in v.list_value.values[:_LISTED]
-                      if x.HasField("string_value")]
+                     list(islice((x.string_value for x in v.list_value.values
+                                  if x.HasField("string_value")), _LISTED))
                      if v.HasField("list_value") else None)
                  for k, v in claims.fields.items() if k in ("sub", "groups", "roles")}
     elif isinstance(claims, Mapping):
@@ -187,7 +188,7 @@ def _claim_strings(payload: Mapping[str, Any], key: str) -> list[str]:
         # "sales<NBSP>admin" would give its holder "admin".
         return [part for part in value.split(" ") if part]
     if isinstance(value, list):
-        return [v for v in value[:_LISTED] if isinstance(v, str)]
+        return list(islice((v for v in value if isinstance(v, str)), _LISTED))
     return []
 
 

@@ -86,13 +86,7 @@ class Router:
         """
         t0 = time.perf_counter_ns()
         now = self._clock()
-        rs = self._routes.get(route_name)
-        if rs is None:
-            rs = self._routes[route_name] = RouteState()
-        comp = rs.compile(objective if objective is not None else DEFAULT_OBJECTIVE)
-        prep = rs.prepared.get(id(candidates))
-        if prep is None:        # compile() drops every entry when the objective changes
-            prep = self._prepare(rs, comp, candidates, now)
+        rs, comp, prep = self._prepared(route_name, objective, candidates, now)
         champion = prep.champion
         decision_mode = comp.shadow_mode == "decision"
         mirror_arm = prep.mirror_arm
@@ -291,6 +285,24 @@ class Router:
             rs.sticky_picks.pop(next(iter(rs.sticky_picks)))
         rs.sticky_picks[key] = (rs.share_epoch, names, names[i])
         return i
+
+    def servable(self, route_name: str, objective: RouteObjective | None,
+                 candidates: Sequence[CandidateModel]) -> tuple[str, ...]:
+        """The candidates the objective lets serve (not restricted, mirror-only or outside
+        its members), policies and breakers aside."""
+        return self._prepared(route_name, objective, candidates, self._clock())[2].names_t
+
+    def _prepared(self, route_name: str, objective: RouteObjective | None,
+                  candidates: Sequence[CandidateModel], now: float
+                  ) -> tuple[RouteState, Compiled, Prepared]:
+        rs = self._routes.get(route_name)
+        if rs is None:
+            rs = self._routes[route_name] = RouteState()
+        comp = rs.compile(objective if objective is not None else DEFAULT_OBJECTIVE)
+        prep = rs.prepared.get(id(candidates))
+        if prep is None:        # compile() drops every entry when the objective changes
+            prep = self._prepare(rs, comp, candidates, now)
+        return rs, comp, prep
 
     def _prepare(self, rs: RouteState, comp: Compiled, candidates: Sequence[CandidateModel],
                  now: float) -> Prepared:
