@@ -1458,6 +1458,42 @@ def test_a_2xx_that_is_no_answer_is_the_providers_failure(
     assert learned["observations"] == 1 and learned["error_rate"] > 0.05
 
 
+_INTERNAL_ONLY = """
+auth: {anonymous_tenant: anon}
+models:
+  - {name: small, cluster: a, upstream_model: s, egress: internal,
+     price: {input_per_1k: 0.001, output_per_1k: 0.001}}
+  - {name: large, cluster: b, upstream_model: l, egress: external,
+     price: {input_per_1k: 0.01, output_per_1k: 0.01}}
+routes:
+  - name: inside
+    aliases: {m: [small, large]}
+    objective: {restrict: {egress: internal}}
+policies:
+  - {id: t.no_small, effect: restrict, mode: MODE, expression: "resource.model == 'small'"}
+"""
+
+
+@pytest.mark.parametrize("mode", ["enforce", "dry_run"])
+def test_a_restrict_leaving_no_model_the_objective_lets_serve_is_named(mode: str) -> None:
+    # large stays for the policy engine, but the route's objective keeps it from serving:
+    # enforced, the 403 named no policy; as a dry run, nothing recorded the refusal that
+    # enforcing would bring.
+    snap = config.parse(_INTERNAL_ONLY.replace("MODE", mode), "atp.yaml")
+    router = Router()
+    ex = Exchange(snap, services=Services(router, FeedbackBook(router.observe_quality),
+                                          PriceBook(), None))
+    ex.handle(req_headers("POST", CHAT, None))
+    resp = ex.handle(req_body({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    rec = ex.finish()
+    assert rec.policy_would_deny == "t.no_small"
+    if mode == "enforce":
+        assert assert_error(resp, 403, "no_eligible_model")["policy_id"] == "t.no_small"
+        assert rec.policy_denied == "t.no_small"
+    else:
+        assert resp.WhichOneof("response") == "request_body" and rec.model == "small"
+
+
 @pytest.mark.parametrize("status", [400, 429, 500, 503])
 def test_error_response_not_priced(snap, status: int) -> None:
     ex, _ = send_body(snap, chat("fast"))
