@@ -902,6 +902,7 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "Vou mudar o gateway para 192.168.0.1",
                                   "Please configure 192.168.1.20 as the DNS server",
                                   "Pode me ligar no 11987654321", "llámame no 612 345 678",
+                                  "https://wa.me/4915123456789", "wa.me/14155552671?text=hi",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):

@@ -257,7 +257,9 @@ _NEG_WORDS = (
     "factura|ordine|fattura|contract|vertrag|page|release|rev")
 _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|amex|maestro|"
                        r"credit|debit|\bcc\b|\bpan\b|\bpay")
-_INTL_CTX = re.compile(r"(?i)msisdn|e\.?164")
+# A WhatsApp click-to-chat link holds an international number without its '+'.
+_WA_ME = b"wa.me/"
+_INTL_CTX = re.compile(r"(?i)msisdn|e\.?164|wa\.me/")
 _CODE_BEFORE = re.compile(r"(?:=|[A-Za-z0-9_\]]\()[ ]*$")
 # A word that names a number as such ("number = 4155550132"): no assignment in code.
 _NUMBER_WORD = re.compile(r"(?i)num(?:ber|ero)|n[úu]mero|nummer|\bno\b|\bnr\b")
@@ -1472,7 +1474,8 @@ def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
         prev = asc[s - 1]
         if (prev in _ALNUM and prev != 95) or prev == 64:
             return 2
-        if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM)
+        if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM
+                       and not asc.endswith(_WA_ME, 0, s))
                       or (prev in b":," and _inside_number(asc, s - 1))):
             soft = 1
     if e < n and e not in bounds:
