@@ -860,9 +860,10 @@ def test_a_bracket_around_a_phone_number_stays_whole(redactor, text, out):
 
 
 @pytest.mark.parametrize("text", [
-    "const MAX = 2147483647;", "x = 600000000", "random.seed(912345678)",
-    "ISBN-10: 0-262-03384-4", "EAN-13: 4006381333931"])
-def test_a_bare_number_in_code_or_after_a_numbered_identifier_is_no_phone(redactor, text):
+    "const MAX = 2147483647;", "range 0 to 4294967295", "p/u 2147483647",
+    "ISBN-10: 0-262-03384-4", "EAN-13: 4006381333931", "Boston, MA 02110-1301 USA",
+    "Default: 94608000 (3 years)"])
+def test_a_limit_a_zip_code_or_a_numbered_code_is_no_phone(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
 
 
@@ -878,14 +879,14 @@ def test_money_is_no_phone_number(redactor, text):
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/120.0.0.0 Safari/537.36",
     "<Version>4.8.0.0</Version>", 'AssemblyVersion("2.1.0.0")', 'version="1.2.3.4"',
-    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3", "numpy==1.26.0.1",
-    "firmware 2.4.1.0"])
+    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3", "rfc7231#section-7.1.1.1",
+    "libxcursor (1.1.5.2-5)"])
 def test_versions_and_sections_are_no_ip_address(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
 
 
 @pytest.mark.parametrize("text", [
-    "npm i sk-react-components-library-v2", "git checkout sk-learn-upgrade-pipeline-2024",
+    "npm i sk-react-components-library-v2", "key type sk-ssh-ed25519-cert-v01 here", "git checkout sk-learn-upgrade-pipeline-2024",
     "name: sk-ingress-controller-production-eu-west-1"])
 def test_a_kebab_case_name_is_no_api_key(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
@@ -903,6 +904,11 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "Please configure 192.168.1.20 as the DNS server",
                                   "Pode me ligar no 11987654321", "llámame no 612 345 678",
                                   "https://wa.me/4915123456789", "wa.me/14155552671?text=hi",
+                                  # (review: a rule for code let these through)
+                                  "sip INVITE from=4155550132", "GET /send?to=07700900123",
+                                  "SUPPORT_LINE=08001234567", "Maria(0612345678)",
+                                  "Customer-01: 0612345678", "Account-2: 4155552671",
+                                  "ip.src==10.20.30.40", "firmware 192.168.0.1 admin page",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):

@@ -232,12 +232,12 @@ _GROUP = re.compile(rb"[0-9]+")
 _SPACED = frozenset((b" ", b"  ", b"   ", b" -", b"- ", b" - ", b"  -", b"-  "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 # What makes four dotted numbers a version or a section, not an address: a word for it
-# before them (also as an XML tag or a call, `<Version>`, `Version("`), a version pin
-# (`numpy==1.26.0.1`), or a product token's slash (`Chrome/120.0.0.0`, as every Chrome
-# user agent ends; capitalised, as product tokens are and URL paths mostly are not).
-_VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|firmware|\bsection|"
+# before them (also as an XML tag or a call, `<Version>`, `Version("`), or a product
+# token's slash (`Chrome/120.0.0.0`, as every Chrome user agent ends; capitalised, as
+# product tokens are and URL paths mostly are not).
+_VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|\bsection|"
                           r"\bsect|§|\bchapter|\bclause|\bparagraph|\bfig(?:ure)?\b)"
-                          r"[\s.:>#]*(?:[(=][\"']?)?|[=<>~!]=[ ]*|"
+                          r"[\s.:>#-]*(?:[(=][\"']?)?|"
                           r"(?:^|[\s;(])[A-Z][A-Za-z]*/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
                              r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
@@ -246,7 +246,8 @@ _POS_CTX = re.compile(r"(?i)phone|\bt[ée]l\b|mobile|\bcell|\bfax\b|\bcall|whats
                         r"contact|reach|dial|telefon|t[ée]l[ée]phone|handy|portable|"
                         r"celular|cellulare|numero|n[úu]mero|"
                         # "call me", "text me" in Portuguese, Spanish, French, German, Italian
-                        r"\blig(?:a|ar|ue)\b|\bchama\b|mensagem|\bll[aá]m|\bappel|anruf|\bchiam")
+                        r"\bligar\b|\bme lig(?:a|ue)\b|\bchama\b|mensagem|"
+                        r"\bll[aá]m(?:ame|ar|e)\b|\bappel|anruf|\bchiam")
 # Words after which a bare number is an identifier ("Order No. 0612...", "tracking number
 # 0546...", "#0612..."), unless a word like "phone" or "card" is also near.
 _NEG_WORDS = (
@@ -260,9 +261,7 @@ _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|ame
 # A WhatsApp click-to-chat link holds an international number without its '+'.
 _WA_ME = b"wa.me/"
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164|wa\.me/")
-_CODE_BEFORE = re.compile(r"(?:=|[A-Za-z0-9_\]]\()[ ]*$")
-# A word that names a number as such ("number = 4155550132"): no assignment in code.
-_NUMBER_WORD = re.compile(r"(?i)num(?:ber|ero)|n[úu]mero|nummer|\bno\b|\bnr\b")
+_US_STATE_BEFORE = re.compile(r"\b[A-Z]{2},?[ \u00a0]$")
 # Money, which a national number with thousands separators looks like: a currency right
 # after it (its decimals between: "612.345.678,00 EUR") or right before it. A decimal
 # comma alone is no sign: a CSV row's next field reads alike ("Jane,0612345678,3").
@@ -903,6 +902,8 @@ class Scanner:
                 continue
             if _VERSION_CTX.search(text, _ctx_lo(text, s, 12), s):
                 continue
+            if e + 1 < n and asc[e] == 45 and asc[e + 1] in _DIGITS:
+                continue  # a packaging revision after it ("1.1.5.2-5"): a version
             found.append(Found("ipv4", s, e, text[s:e]))
 
     def _ipv6(self, asc: bytes, found: list[Found], budget: Budget,
@@ -1178,12 +1179,14 @@ class Scanner:
                 if (bare and digits[0] == "1" and count in (10, 13)
                         and not run.positive_context()):
                     continue
-                # A bare number assigned, indexed or passed to a call is code's
-                # ("MAX = 2147483647", "seed(912345678)"), unless the text says phone.
-                if bare and _CODE_BEFORE.search(run.text, _ctx_lo(run.text, run.start, 4),
-                                                run.chunk_start(a)) \
-                        and not run.positive_context() and not _NUMBER_WORD.search(
-                            run.text, _ctx_lo(run.text, run.start, 24), run.start):
+                # A power of two or one off it is a limit ("0...2147483647").
+                if bare and _power_of_two_or_next(int(digits)) \
+                        and not run.positive_context():
+                    continue
+                # A ZIP+4 after a US state's code ("Boston, MA 02110-1301").
+                if (a == end and run.sizes(run._idx(a)) == [5, 4]
+                        and _US_STATE_BEFORE.search(run.text, _ctx_lo(run.text, start, 6),
+                                                    start)):
                     continue
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
@@ -1203,6 +1206,8 @@ class Scanner:
                 # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
                 # ")" stays outside; taken alone it would leave the text unbalanced.
                 start += 1
+            if asc.count(b"(", start, stop) != asc.count(b")", start, stop):
+                continue  # "94608000 (3 years)": a bracket that opens what follows
             return Found("phone", start, stop, value), end
         return None
 
@@ -1402,6 +1407,7 @@ class _Run:
 
 
 _NEG_SET = frozenset(_NEG_WORDS.split("|"))
+_NUMBERED_CODES = ("isbn", "ean", "upc", "gtin")
 _NEG_FOLLOWERS = frozenset(("number", "no", "nr", "num", "id", "nummer", "numero", "n"))
 
 
@@ -1445,8 +1451,9 @@ def _identifier_before(text: str, start: int) -> bool:
     d = e
     while d > lo and text[d - 1].isdigit():
         d -= 1
-    if 0 < e - d <= 2 and d > lo and text[d - 1] == "-":
-        e = k = d - 1  # a numbered kind of identifier: "ISBN-10:", "EAN-13"
+    if 0 < e - d <= 2 and d > lo and text[d - 1] == "-" and \
+            text[max(lo, d - 5):d - 1].lower().endswith(_NUMBERED_CODES):
+        e = k = d - 1  # a numbered kind of code: "ISBN-10:", "EAN-13"
     while k > lo and text[k - 1].isalpha():
         k -= 1
     word = text[k:e].lower()
@@ -1520,11 +1527,19 @@ def _inside_number(asc: bytes, p: int) -> bool:
 _KEY_SEGMENT = re.compile(r"[-_]")
 
 
+def _power_of_two_or_next(n: int) -> bool:
+    """2**k, 2**k - 1 or 2**k + 1: the limits code writes (2147483647, 4294967296)."""
+    return n > 0 and (n & (n - 1) == 0 or n & (n + 1) == 0 or (n - 1) & (n - 2) == 0)
+
+
 def _wordlike(segment: str) -> bool:
     """A piece of a name, not of a random key: a short lowercase word, a year or version
-    number, or two characters."""
+    number, a short lowercase name with digits ("ed25519", "v01"), or two characters. A
+    key's random part is one long piece."""
     return ((segment.isalpha() and segment.islower() and len(segment) <= 12)
-            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2)
+            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2
+            or (len(segment) <= 8 and segment.isascii() and segment.isalnum()
+                and not any(c.isupper() for c in segment)))
 
 
 def _secret_ok(cls: str, value: str) -> bool:
