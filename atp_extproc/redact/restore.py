@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -82,19 +83,54 @@ def _json_escape(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)[1:-1]
 
 
+class _RawNumber:
+    """A JSON number Python cannot hold as written (1e400, read as inf, would be written
+    back as Infinity, which is no JSON; an integer of 5,000 digits): kept as its text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _number(text: str) -> Any:
+    try:
+        return bounded_int(text) if text.lstrip("-").isdigit() else finite_float(text)
+    except UnreadableNumber:
+        return _RawNumber(text)
+
+
 def _loads(data: bytes | str) -> Any:
-    """JSON to be written again: a number Python cannot hold as written (1e400, read as
-    inf and written as Infinity, which is no JSON) raises, and the text is restored as
-    text instead."""
-    return json.loads(data, parse_int=bounded_int, parse_float=finite_float)
+    """JSON to be written again by `_dumps`, its numbers as they were written."""
+    return json.loads(data, parse_int=_number, parse_float=_number)
 
 
 def _dumps(obj: Any) -> bytes:
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     try:
-        return text.encode()
+        return _json_text(obj, ascii_only=False).encode()
     except UnicodeEncodeError:  # a lone surrogate the body escaped: escape it again
-        return json.dumps(obj, separators=(",", ":")).encode()
+        return _json_text(obj, ascii_only=True).encode()
+
+
+def _json_text(obj: Any, ascii_only: bool = False,
+               separators: tuple[str, str] = (",", ":")) -> str:
+    """json.dumps, with each _RawNumber written as it was read."""
+    raw: list[str] = []
+    marker = ""
+
+    def keep(o: Any) -> str:
+        nonlocal marker
+        if not isinstance(o, _RawNumber):
+            raise TypeError(f"{type(o).__name__} is not JSON")
+        # A string no text holds stands in for the number, then is replaced by it.
+        marker = marker or secrets.token_hex(8)
+        raw.append(o.text)
+        return f"{marker}{len(raw) - 1}."
+
+    text = json.dumps(obj, ensure_ascii=ascii_only, separators=separators, default=keep)
+    for i, number in enumerate(raw):
+        text = text.replace(f'"{marker}{i}."', number, 1)
+    return text
 
 
 # What restore may add to one answer by default: the shipped Envoy buffer (8 MiB) less
@@ -263,11 +299,10 @@ class Restorer:
             try:
                 inner = _loads(s)
                 if isinstance(inner, (dict, list)):
-                    return json.dumps(self._node(inner), ensure_ascii=False)
-            except (RecursionError, UnreadableNumber):
-                # JSON all the same (deeper than the walk goes, or a number Python cannot
-                # write back as it was): its placeholders sit in string literals, where a
-                # value goes escaped.
+                    return _json_text(self._node(inner), separators=(", ", ": "))
+            except RecursionError:
+                # JSON all the same, deeper than the walk goes: its placeholders sit in
+                # string literals, where a value goes escaped.
                 return self.restore_text(s, escape=True)
             except ValueError:
                 pass  # no JSON: text
