@@ -886,7 +886,8 @@ def test_versions_and_sections_are_no_ip_address(redactor, text):
 
 
 @pytest.mark.parametrize("text", [
-    "npm i sk-react-components-library-v2", "key type sk-ssh-ed25519-cert-v01 here", "git checkout sk-learn-upgrade-pipeline-2024",
+    "npm i sk-react-components-library-v2", "key type sk-ssh-ed25519-cert-v01 here",
+    "git checkout sk-learn-upgrade-pipeline-2024",
     "name: sk-ingress-controller-production-eu-west-1"])
 def test_a_kebab_case_name_is_no_api_key(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
