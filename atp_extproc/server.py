@@ -32,12 +32,7 @@ from atp_extproc.config import (
     unix_socket_problem,
 )
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
-from atp_extproc.exchange import (
-    ABANDONED,
-    INCOMPLETE_REQUEST,
-    INCOMPLETE_RESPONSE,
-    Exchange,
-)
+from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
 from atp_extproc.services import Services
 
 log = logging.getLogger("atp.server")
@@ -325,7 +320,6 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
             async for message in request_iterator:
                 # Off the loop, a cancel reaches the await above, not the yield below.
                 held_loop_s = 0.0
-                received = time.perf_counter()
                 try:
                     if (message.HasField("request_body")
                             and len(message.request_body.body) > OFFLOAD_BODY_BYTES):
@@ -343,10 +337,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         response = exchange.handle(message)
                         held_loop_s = time.perf_counter() - started
                 except asyncio.CancelledError:
-                    # Sooner than Envoy's message_timeout can pass (its default is the
-                    # shortest): the client left while ATP worked, no slowness of ATP's.
-                    left = time.perf_counter() - received < _SLOW_ANSWER_S
-                    _abandoned(exchange, message, warn=not left, client_left=left)
+                    _abandoned(exchange, message)
                     raise
                 if message.observability_mode:
                     # Envoy never reads these answers, and keeps the stream open until the
@@ -429,19 +420,16 @@ class HealthServicer(health.aio.HealthServicer):
             for service, status in self._server_status.items()})
 
 
-def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True,
-               client_left: bool = False) -> None:
+def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True) -> None:
     """Envoy closed the stream while ATP worked on a message: it stopped waiting
-    (message_timeout; the client got a 504) or the client left (`client_left`, where
-    known). The record says so; with `warn`, the log says it, as ATP being too slow is
-    the operator's to fix."""
+    (message_timeout; the client got a 504) or the client left. The record says so; with
+    `warn`, the log says it, as ATP being too slow is the operator's to fix."""
     rec = exchange.record
     phase = message.WhichOneof("request") or "a message"
     # Once the answer was coming back, the model had the request: the answer did not
     # reach its end, which the ledger counts failed. Before, nothing reached a model.
     rec.error_code = rec.error_code or (
-        INCOMPLETE_RESPONSE if phase.startswith("response_") else
-        INCOMPLETE_REQUEST if client_left else ABANDONED)
+        INCOMPLETE_RESPONSE if phase.startswith("response_") else ABANDONED)
     body = getattr(message, phase).body if phase.endswith("_body") else b""
     log.log(logging.WARNING if warn else logging.DEBUG,
             "Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "

@@ -74,20 +74,11 @@ async def test_a_big_answer_is_restored_off_the_event_loop(tmp_path, monkeypatch
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("timeout_s, error_code, warned", [
+async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
+        tmp_path, monkeypatch, caplog) -> None:
     # Envoy's message_timeout passed while a big body was inspected: the client got a
     # 504, and ATP's record said status 0 with no error, like a client that left early.
-    (0.0, "atp_answer_abandoned", True),
-    # Cancelled sooner than any message_timeout: the client left, no slowness of ATP's
-    # (it was recorded and logged as ATP too slow).
-    (60.0, "request_incomplete", False),
-])
-async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
-        tmp_path, monkeypatch, caplog, timeout_s, error_code, warned) -> None:
     import asyncio
-
-    from atp_extproc import server
-    monkeypatch.setattr(server, "_SLOW_ANSWER_S", timeout_s)
 
     started, release = threading.Event(), threading.Event()
     inspect = Exchange.inspect_body
@@ -119,9 +110,9 @@ async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
             await task
     release.set()
     (record,) = records
-    assert record.error_code == error_code
+    assert record.error_code == "atp_answer_abandoned"
     assert any("Envoy stopped waiting for ATP's answer to request_body" in r.getMessage()
-               for r in caplog.records) == warned
+               for r in caplog.records)
 
 
 def _recording_finish(monkeypatch) -> list:
