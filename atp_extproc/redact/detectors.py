@@ -237,7 +237,7 @@ _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 # product tokens are and URL paths mostly are not).
 _VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|\bsection|"
                           r"\bsect|§|\bchapter|\bclause|\bparagraph|\bfig(?:ure)?\b)"
-                          r"[\s.:>#-]*(?:[(=][\"']?)?|"
+                          r"[\s.:>#]*(?:[(=][\"']?)?|"
                           r"(?:^|[\s;(])[A-Z][A-Za-z]*/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
                              r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
@@ -261,7 +261,9 @@ _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|ame
 # A WhatsApp click-to-chat link holds an international number without its '+'.
 _WA_ME = b"wa.me/"
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164|wa\.me/")
-_US_STATE_BEFORE = re.compile(r"\b[A-Z]{2},?[ \u00a0]$")
+_US_STATE_BEFORE = re.compile(
+    r"\b(?:A[KLRZ]|C[AOT]|D[CE]|FL|GA|HI|I[ADLN]|K[SY]|LA|M[ADEINOST]|N[CDEHJMVY]|O[HKR]|"
+    r"PA|PR|RI|S[CD]|T[NX]|UT|V[AT]|W[AIVY]),?[ \u00a0]$")
 # Money, which a national number with thousands separators looks like: a currency right
 # after it (its decimals between: "612.345.678,00 EUR") or right before it. A decimal
 # comma alone is no sign: a CSV row's next field reads alike ("Jane,0612345678,3").
@@ -902,8 +904,6 @@ class Scanner:
                 continue
             if _VERSION_CTX.search(text, _ctx_lo(text, s, 12), s):
                 continue
-            if e + 1 < n and asc[e] == 45 and asc[e + 1] in _DIGITS:
-                continue  # a packaging revision after it ("1.1.5.2-5"): a version
             found.append(Found("ipv4", s, e, text[s:e]))
 
     def _ipv6(self, asc: bytes, found: list[Found], budget: Budget,
@@ -1185,6 +1185,7 @@ class Scanner:
                     continue
                 # A ZIP+4 after a US state's code ("Boston, MA 02110-1301").
                 if (a == end and run.sizes(run._idx(a)) == [5, 4]
+                        and not run.positive_context()
                         and _US_STATE_BEFORE.search(run.text, _ctx_lo(run.text, start, 6),
                                                     start)):
                     continue

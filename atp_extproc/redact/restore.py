@@ -100,8 +100,21 @@ def _number(text: str) -> Any:
         return _RawNumber(text)
 
 
+# What a float out of range needs: an exponent of three digits or more.
+_BIG_EXPONENT_B = re.compile(rb"[eE][+-]?[0-9]{3}")
+_BIG_EXPONENT = re.compile(_BIG_EXPONENT_B.pattern.decode())
+
+
 def _loads(data: bytes | str) -> Any:
-    """JSON to be written again by `_dumps`, its numbers as they were written."""
+    """JSON to be written again by `_dumps`, its numbers as they were written. Only text
+    that may hold a number Python cannot hold (json refuses a long integer) pays for
+    reading each number in Python."""
+    big = _BIG_EXPONENT_B if isinstance(data, bytes) else _BIG_EXPONENT
+    if big.search(data) is None:  # type: ignore[arg-type]
+        try:
+            return json.loads(data)
+        except ValueError:
+            pass  # no JSON (raised again below), or an integer past Python's digits
     return json.loads(data, parse_int=_number, parse_float=_number)
 
 
@@ -128,9 +141,9 @@ def _json_text(obj: Any, ascii_only: bool = False,
         return f"{marker}{len(raw) - 1}."
 
     text = json.dumps(obj, ensure_ascii=ascii_only, separators=separators, default=keep)
-    for i, number in enumerate(raw):
-        text = text.replace(f'"{marker}{i}."', number, 1)
-    return text
+    if not raw:
+        return text
+    return re.sub(f'"{marker}([0-9]+)\\."', lambda m: raw[int(m[1])], text)
 
 
 # What restore may add to one answer by default: the shipped Envoy buffer (8 MiB) less
