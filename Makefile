@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/atp-extproc stack --config examples/atp.yaml --workdir .run
+	$(BIN)/atp-extproc stack --config examples/atp.yaml --workdir .run $(addprefix --port ,$(PORTS))
 
 test: install
 	$(BIN)/python -m pytest -q

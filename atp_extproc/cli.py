@@ -210,17 +210,29 @@ class _StopSignal(BaseException):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _stack_port(text: str) -> tuple[str, int]:
+    name, _, port = text.partition("=")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PORT, PORT 1-65535")
+    return name, int(port)
+
+
 def _stack(args: argparse.Namespace) -> int:
     """Run the stack until a signal or a child's exit; stop every child either way.
 
     Exit 0 after a stop signal (Ctrl-C, SIGTERM, SIGHUP when the terminal goes), 1 when a
     child failed to start or exited on its own (named on stderr), 2 when a port is taken.
     """
-    from atp_extproc.stack import PortBusyError, Stack
+    from atp_extproc.stack import DEFAULT_PORTS, PortBusyError, Stack
 
+    unknown = [name for name, _ in args.port if name not in DEFAULT_PORTS]
+    if unknown:
+        print(f"atp-extproc stack: --port {unknown[0]}=...: no such listener; the stack's "
+              f"are {', '.join(DEFAULT_PORTS)}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    stack = Stack.on_default_ports(Path(args.config), workdir)
+    stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
 
     def _on_signal(signum, frame) -> None:
         raise _StopSignal(signum)
@@ -236,7 +248,7 @@ def _stack(args: argparse.Namespace) -> int:
         width = max(len(what) for what, _ in urls)
         for what, where in urls:
             print(f"  {what:{width}}  {where}")
-        print("Try:\n  curl -s http://127.0.0.1:10000/v1/models "
+        print(f"Try:\n  curl -s http://127.0.0.1:{stack.ports['envoy']}/v1/models "
               "-H 'Authorization: Bearer sk-demo-alice'\nCtrl-C stops everything.")
         sys.stdout.flush()
         while not (exited := stack.exited()):
@@ -370,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--config", default="examples/atp.yaml", help="ATP's atp.yaml")
     stack.add_argument("--workdir", default=".run",
                        help="where the rendered Envoy config and the logs go")
+    stack.add_argument("--port", action="append", default=[], type=_stack_port,
+                       metavar="NAME=PORT",
+                       help="listen elsewhere than the default (repeatable; NAME: envoy, "
+                            "admin, atp, demo_a or demo_b): make run PORTS='envoy=10001'")
     stack.set_defaults(func=_stack)
 
     report = sub.add_parser("report", help="reports from the durable ledger")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,8 +232,10 @@ class Stack:
         return cls(workdir, ports, config_path, workdir)
 
     @classmethod
-    def on_default_ports(cls, config_path: Path, workdir: Path) -> Stack:
-        return cls(workdir, dict(DEFAULT_PORTS), config_path, workdir)
+    def on_default_ports(cls, config_path: Path, workdir: Path,
+                         ports: Mapping[str, int] | None = None) -> Stack:
+        """The ports `make run` documents, but those `ports` moves."""
+        return cls(workdir, {**DEFAULT_PORTS, **(ports or {})}, config_path, workdir)
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         # Children get SIGTERM when the thread that started them dies (Linux): start them

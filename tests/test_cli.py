@@ -74,13 +74,13 @@ def test_policy_test_runs_the_example_cases() -> None:
 
 # `atp-extproc stack` (make run) with Stack.on_default_ports moved to the ports in argv[1],
 # so the test runs the real command on free ports.
+# `make run PORTS='...'`: the stack on free ports, every one moved by --port.
 STACK_DRIVER = """
 import json, sys
-from atp_extproc import cli, stack
+from atp_extproc import cli
 ports = json.loads(sys.argv[1])
-stack.Stack.on_default_ports = classmethod(
-    lambda cls, config_path, workdir: cls(workdir, dict(ports), config_path, workdir))
-sys.exit(cli.main(["stack", "--config", sys.argv[2], "--workdir", sys.argv[3]]))
+sys.exit(cli.main(["stack", "--config", sys.argv[2], "--workdir", sys.argv[3],
+                   *[f"--port={name}={port}" for name, port in ports.items()]]))
 """
 
 
@@ -174,6 +174,19 @@ def test_stack_prints_where_everything_listens(stack_command: StackCommand) -> N
         assert any(f"127.0.0.1:{port}" in line for line in table), (port, table)
     starts = {len(line) - len(line.rsplit("  ", 1)[1]) for line in table}
     assert len(starts) == 1, table  # one column of addresses
+    # The command to try names the port Envoy listens on (it named 10000 always).
+    assert f"http://127.0.0.1:{stack_command.ports['envoy']}/v1/models" in \
+        lines[lines.index("Try:") + 1]
+
+
+def test_stack_refuses_a_port_of_no_listener(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "atp_extproc", "stack", "--config", str(copy_example(tmp_path)),
+         "--workdir", str(tmp_path / "run"), "--port", "envoi=10001"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--port envoi=...: no such listener; the stack's are envoy, admin, atp" in \
+        result.stderr
 
 
 @pytest.mark.integration
