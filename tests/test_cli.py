@@ -72,9 +72,8 @@ def test_policy_test_runs_the_example_cases() -> None:
 
 # ------------------------------------------------------------------ atp-extproc stack
 
-# `atp-extproc stack` (make run) with Stack.on_default_ports moved to the ports in argv[1],
-# so the test runs the real command on free ports.
-# `make run PORTS='...'`: the stack on free ports, every one moved by --port.
+# `atp-extproc stack` as `make run PORTS='...'` runs it: every listener moved by --port to
+# the free ports in argv[1].
 STACK_DRIVER = """
 import json, sys
 from atp_extproc import cli
