@@ -93,29 +93,29 @@ class _RawNumber:
         self.text = text
 
 
-def _number(text: str) -> Any:
+def _float(text: str) -> Any:
     try:
-        return bounded_int(text) if text.lstrip("-").isdigit() else finite_float(text)
+        return finite_float(text)
     except UnreadableNumber:
         return _RawNumber(text)
 
 
-# What a float out of range needs: an exponent of three digits or more.
-_BIG_EXPONENT_B = re.compile(rb"[eE][+-]?[0-9]{3}")
-_BIG_EXPONENT = re.compile(_BIG_EXPONENT_B.pattern.decode())
+def _int(text: str) -> Any:
+    try:
+        return bounded_int(text)
+    except UnreadableNumber:
+        return _RawNumber(text)
 
 
 def _loads(data: bytes | str) -> Any:
-    """JSON to be written again by `_dumps`, its numbers as they were written. Only text
-    that may hold a number Python cannot hold (json refuses a long integer) pays for
-    reading each number in Python."""
-    big = _BIG_EXPONENT_B if isinstance(data, bytes) else _BIG_EXPONENT
-    if big.search(data) is None:  # type: ignore[arg-type]
-        try:
-            return json.loads(data)
-        except ValueError:
-            pass  # no JSON (raised again below), or an integer past Python's digits
-    return json.loads(data, parse_int=_number, parse_float=_number)
+    """JSON to be written again by `_dumps`, its numbers as they were written. Floats are
+    each looked at (about 0.1 µs: any may overflow, exponent or not); integers only where
+    json refuses one as too long."""
+    try:
+        return json.loads(data, parse_float=_float)
+    except ValueError:
+        pass  # no JSON (raised again below), or an integer past Python's digits
+    return json.loads(data, parse_int=_int, parse_float=_float)
 
 
 def _dumps(obj: Any) -> bytes:
