@@ -231,8 +231,16 @@ def _stack(args: argparse.Namespace) -> int:
               f"are {', '.join(DEFAULT_PORTS)}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
+    by_port: dict[int, list[str]] = {}
+    for name, port in stack.ports.items():
+        by_port.setdefault(port, []).append(name)
+    shared = next((names for names in by_port.values() if len(names) > 1), None)
+    if shared:
+        print(f"atp-extproc stack: {' and '.join(shared)} would listen on one port "
+              f"({stack.ports[shared[0]]}); give each its own with --port", file=sys.stderr)
+        return 2
+    workdir.mkdir(parents=True, exist_ok=True)
 
     def _on_signal(signum, frame) -> None:
         raise _StopSignal(signum)

@@ -178,14 +178,21 @@ def test_stack_prints_where_everything_listens(stack_command: StackCommand) -> N
         lines[lines.index("Try:") + 1]
 
 
-def test_stack_refuses_a_port_of_no_listener(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("ports", "says"), [
+    (["envoi=10001"], "--port envoi=...: no such listener; the stack's are envoy, admin, atp"),
+    # Envoy on the admin port: the stack started and then failed, or (two demo upstreams
+    # on one port) said it was up while one of them had exited.
+    (["envoy=9901"], "envoy and admin would listen on one port (9901)"),
+    (["demo_a=21004", "demo_b=21004"], "demo_a and demo_b would listen on one port (21004)"),
+])
+def test_stack_refuses_ports_it_cannot_use(tmp_path: Path, ports: list[str],
+                                           says: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "atp_extproc", "stack", "--config", str(copy_example(tmp_path)),
-         "--workdir", str(tmp_path / "run"), "--port", "envoi=10001"],
+         "--workdir", str(tmp_path / "run"), *[f"--port={p}" for p in ports]],
         capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "--port envoi=...: no such listener; the stack's are envoy, admin, atp" in \
-        result.stderr
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
 @pytest.mark.integration
