@@ -870,7 +870,10 @@ def test_a_limit_a_zip_code_or_a_numbered_code_is_no_phone(redactor, text):
 @pytest.mark.parametrize("text", [
     "Summe: 612.345.678,00 EUR", "Montant : 612 345 678,50 €",
     "Le chiffre d'affaires atteint 712 345 678 euros.", "Das Budget beträgt 612.345.678 Euro.",
-    "Chiffre d'affaires : 1 612 345 678 €", "Total EUR 612345678 net"])
+    "Chiffre d'affaires : 1 612 345 678 €", "Total EUR 612345678 net",
+    # its tail was taken for a phone number, as only the window's edge was looked at
+    "Revenue $17 027 431 638 this year", "R$31 398 764 197", "Kwota 612 345 678 zł",
+    "PLN 612345678", "Umsatz 612 345 678 SEK"])
 def test_money_is_no_phone_number(redactor, text):
     assert redactor.redact("chat", chat(text), "t").counts == {}
 
@@ -911,6 +914,8 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "ip.src==10.20.30.40", "firmware 192.168.0.1 admin page",
                                   "DHCP range 192.168.1.100-192.168.1.200",
                                   "nmap 198.51.100.23-30", "Celular SP 91234-5678",
+                                  "ping Host/44.5.26.201", "Allison,(02) 1234 9100,15 EUR",
+                                  "Ana: 612 38 79 94,90 €", "USD 090-1234-7765",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):

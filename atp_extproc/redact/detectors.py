@@ -232,13 +232,13 @@ _GROUP = re.compile(rb"[0-9]+")
 _SPACED = frozenset((b" ", b"  ", b"   ", b" -", b"- ", b" - ", b"  -", b"-  "))
 _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 # What makes four dotted numbers a version or a section, not an address: a word for it
-# before them (also as an XML tag or a call, `<Version>`, `Version("`), or a product
-# token's slash (`Chrome/120.0.0.0`, as every Chrome user agent ends; capitalised, as
-# product tokens are and URL paths mostly are not).
+# before them (also as an XML tag or a call, `<Version>`, `Version("`), or a browser's
+# product token (`Chrome/120.0.0.0`, as every Chrome user agent ends).
 _VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|\bsection|"
                           r"\bsect|§|\bchapter|\bclause|\bparagraph|\bfig(?:ure)?\b)"
                           r"[\s.:>#]*(?:[(=][\"']?)?|"
-                          r"(?:^|[\s;(])[A-Z][A-Za-z]*/)$")
+                          r"(?:Chrome|Chromium|CriOS|Safari|Firefox|FxiOS|Edg[A-Z]?|OPR|"
+                          r"Version|AppleWebKit|Gecko|YaBrowser|SamsungBrowser|Electron)/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
                              r"telefon|t[ée]l[ée]phone|handy|portable|celular|cellulare)"
                              r"[^0-9]*\Z")
@@ -267,8 +267,11 @@ _US_STATE_BEFORE = re.compile(
 # Money, which a national number with thousands separators looks like: a currency right
 # after it (its decimals between: "612.345.678,00 EUR") or right before it. A decimal
 # comma alone is no sign: a CSV row's next field reads alike ("Jane,0612345678,3").
-_AMOUNT_AFTER = re.compile(r"(?:,[0-9]{1,2})?[ \u00a0]?(?:[€£¥]|(?i:eur|euros?|usd|gbp|chf)\b)")
-_AMOUNT_BEFORE = re.compile(r"(?:[€$£¥]|\b(?i:eur|usd|gbp|chf))[ \u00a0]?$")
+_CURRENCY_CODES = ("eur|usd|gbp|chf|jpy|cny|rmb|inr|brl|pln|sek|nok|dkk|czk|huf|aud|cad|"
+                   "nzd|hkd|sgd|mxn|zar|rub|try|krw")
+_AMOUNT_AFTER = re.compile(rf"(?:,[0-9]{{1,2}})?[ \u00a0]?(?:[€£¥₹₽₩₺₪]|zł|"
+                           rf"(?i:{_CURRENCY_CODES}|euros?|kr)\b)")
+_AMOUNT_BEFORE = re.compile(rf"(?:[€$£¥₹₽₩₺₪]|\b(?i:{_CURRENCY_CODES}|kr))[ \u00a0]?$")
 _SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
 
 
@@ -1199,10 +1202,8 @@ class Scanner:
             stop = run.chunk_end(end)
             if run.ext is not None and end == nch - 1:
                 stop = run.ext[1]
-            if not intl and not run.positive_context() and (
-                    _AMOUNT_AFTER.match(run.text, stop)
-                    or _AMOUNT_BEFORE.search(run.text, max(0, start - 6), start)):
-                continue  # "612.345.678,00 EUR", "€ 612 345 678": money
+            if not intl and not run.positive_context() and run.money():
+                return None  # "612.345.678,00 EUR", "€ 612 345 678": money
             if asc[start] == 40 and 41 not in asc[start:stop]:
                 # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
                 # ")" stays outside; taken alone it would leave the text unbalanced.
@@ -1223,7 +1224,7 @@ class _Run:
     """One digit run, split into groups and chunks, with the per-chunk facts the card,
     SSN and phone checks need (digit strings and exclusions are computed on first use)."""
 
-    __slots__ = ("_digits", "_lists", "_neg", "_not_phone", "_period", "_pos", "asc",
+    __slots__ = ("_digits", "_lists", "_money", "_neg", "_not_phone", "_period", "_pos", "asc",
                  "cfirst", "ext", "first_size", "groups", "ndig", "ngroups", "nsingle",
                  "soft_glued", "start", "text")
 
@@ -1251,6 +1252,7 @@ class _Run:
         self._not_phone: dict[int, bool] = {}
         self._neg: bool | None = None
         self._pos: bool | None = None
+        self._money: bool | None = None
         self._period: int | None = None
         self._lists: list[int] | None = None
 
@@ -1359,6 +1361,22 @@ class _Run:
         just before the run; "call" is too common in prompts ("function call args")."""
         return bool(_PHONE_LIST_CTX.search(self.text, _ctx_lo(self.text, self.start, 16),
                                            self.start))
+
+    def money(self) -> bool:
+        """An amount: the run written as money is ("612.345.678", "17 027 431 638", one
+        group), with a currency right before or after it ("$17 027 431 638", "612 345
+        678,50 €"). No window of it is a phone number, its tail included; a phone number's
+        grouping ("(02) 1234 9100,15 EUR", a CSV row's next field) is none."""
+        if self._money is None:
+            sizes = self.sizes(range(len(self.groups)))
+            seps = set(self.seps(range(len(self.groups))))
+            layout = len(sizes) == 1 or (sizes[0] <= 3 and all(z == 3 for z in sizes[1:])
+                                         and len(seps) == 1 and seps <= {b".", b" "})
+            end = self.ext[1] if self.ext else self.chunk_end(len(self.ndig) - 1)
+            self._money = layout and bool(
+                _AMOUNT_BEFORE.search(self.text, max(0, self.start - 6), self.start)
+                or _AMOUNT_AFTER.match(self.text, end))
+        return self._money
 
     def positive_context(self) -> bool:
         """A word saying the run is a phone number ("phone", "tel", "call") is just before."""

@@ -214,10 +214,6 @@ def normalize(text: str, budget=None, drop_invisible: bool = False) -> Normalize
     runs out the rest is left as it is and the budget says so (the caller then reports the
     scan as incomplete). `drop_invisible`: tag characters are dropped, not read as
     ASCII."""
-    trans, hot, _, marks, soft = _tables()
-    table = _translate_table()
-    if drop_invisible:
-        trans, table = _tags_dropped()
     if text.isascii():
         data = text.encode()
         if search(_ASCII_HOT, data) is None:
@@ -234,6 +230,10 @@ def normalize(text: str, budget=None, drop_invisible: bool = False) -> Normalize
         if len(data) > 4096 and any(sep in data for sep in _ASCII_SEP):
             data = data.translate(_ASCII_SEP_TABLE)
             text = data.decode("utf-8", "surrogatepass")
+    trans, hot, _, marks, soft = _tables()
+    table = _translate_table()
+    if drop_invisible:
+        trans, table = _tags_dropped()
     out = _Out(text)
     byte_at = 0  # byte offset ...
     char_at = 0  # ... and the character offset it corresponds to

@@ -379,7 +379,7 @@ class Redactor:
                 for f in res.found]
         if parted:
             hits = self._with_parts_alone(hits, res, segs, starts, parted, joined)
-        if INVISIBLE.search(scanned):
+        if not scanned.isascii() and INVISIBLE.search(scanned):
             hits = self._with_invisible_dropped(hits, res, scanned, joins, joined)
 
         def seg_of(start: int) -> scope.Segment:
