@@ -917,6 +917,9 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "ping Host/44.5.26.201", "Allison,(02) 1234 9100,15 EUR",
                                   "Ana: 612 38 79 94,90 €", "USD 090-1234-7765",
                                   "key sk-proj-abc123DEF456ghi789JKL012mno345",
+                                  # (review: the name rule let keys of hex pieces through)
+                                  "key sk-4f9a2b1c-8d3e-4a5b-9c6d-1e2f3a4b",
+                                  "key sk-a1b2c3d4-e5f6a7b8-c9d0e1f2-a3b4c5d6",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):
     res = redactor.redact("chat", chat(text), "t")

@@ -171,6 +171,8 @@ _DATA_URI = _rx(r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,[A-Za-z0-9+/=]*")
 # Shorter base64 after a data: prefix is read as text: keys and card numbers are shorter.
 _DATA_PAYLOAD_MIN = 100
 _PLACEHOLDER = _rx(PLACEHOLDER)
+# The same, for str (restore, and the placeholders a body already holds).
+PLACEHOLDER_TEXT = re.compile(PLACEHOLDER)
 _CARD_SEP_RX = _rx(_CARD_SEP)
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
@@ -1194,6 +1196,8 @@ class Scanner:
                         and _US_STATE_BEFORE.search(run.text, _ctx_lo(run.text, start, 6),
                                                     start)):
                     continue
+            if not intl and run.money() and not run.positive_context():
+                return None  # "612.345.678,00 EUR", "€ 612 345 678": money
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
                                      budget)
@@ -1204,8 +1208,6 @@ class Scanner:
             stop = run.chunk_end(end)
             if run.ext is not None and end == nch - 1:
                 stop = run.ext[1]
-            if not intl and not run.positive_context() and run.money():
-                return None  # "612.345.678,00 EUR", "€ 612 345 678": money
             if asc[start] == 40 and 41 not in asc[start:stop]:
                 # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
                 # ")" stays outside; taken alone it would leave the text unbalanced.
@@ -1546,6 +1548,7 @@ def _inside_number(asc: bytes, p: int) -> bool:
 
 
 _KEY_SEGMENT = re.compile(r"[-_]")
+_WORD_NUMBER = re.compile(r"[a-z]{1,4}[0-9]{1,5}")
 
 
 def _power_of_two_or_next(n: int) -> bool:
@@ -1555,12 +1558,11 @@ def _power_of_two_or_next(n: int) -> bool:
 
 def _wordlike(segment: str) -> bool:
     """A piece of a name, not of a random key: a short lowercase word, a year or version
-    number, a short lowercase name with digits ("ed25519", "v01"), or two characters. A
-    key's random part is one long piece."""
+    number, a short word with a number after it ("ed25519", "v01"), or two characters.
+    A key's random part is one long piece, or hex ("4f9a2b1c")."""
     return ((segment.isalpha() and segment.islower() and len(segment) <= 12)
             or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2
-            or (len(segment) <= 8 and segment.isascii() and segment.isalnum()
-                and not any(c.isupper() for c in segment)))
+            or _WORD_NUMBER.fullmatch(segment) is not None)
 
 
 def _secret_ok(cls: str, value: str) -> bool:
