@@ -221,24 +221,16 @@ def _stack(args: argparse.Namespace) -> int:
     """Run the stack until a signal or a child's exit; stop every child either way.
 
     Exit 0 after a stop signal (Ctrl-C, SIGTERM, SIGHUP when the terminal goes), 1 when a
-    child failed to start or exited on its own (named on stderr), 2 when a port is taken.
+    child failed to start or exited on its own (named on stderr), 2 when a port is taken
+    or --port names no listener or gives two one port.
     """
-    from atp_extproc.stack import DEFAULT_PORTS, PortBusyError, Stack
+    from atp_extproc.stack import PortBusyError, Stack
 
-    unknown = [name for name, _ in args.port if name not in DEFAULT_PORTS]
-    if unknown:
-        print(f"atp-extproc stack: --port {unknown[0]}=...: no such listener; the stack's "
-              f"are {', '.join(DEFAULT_PORTS)}", file=sys.stderr)
-        return 2
     workdir = Path(args.workdir)
-    stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
-    by_port: dict[int, list[str]] = {}
-    for name, port in stack.ports.items():
-        by_port.setdefault(port, []).append(name)
-    shared = next((names for names in by_port.values() if len(names) > 1), None)
-    if shared:
-        print(f"atp-extproc stack: {' and '.join(shared)} would listen on one port "
-              f"({stack.ports[shared[0]]}); give each its own with --port", file=sys.stderr)
+    try:
+        stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
+    except ValueError as exc:
+        print(f"atp-extproc stack: {exc}", file=sys.stderr)
         return 2
     workdir.mkdir(parents=True, exist_ok=True)
 

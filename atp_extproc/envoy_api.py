@@ -1,4 +1,5 @@
-"""Building ext_proc ProcessingResponses: header and body mutations, immediate replies.
+"""Reading Envoy's ext_proc ProcessingRequests, and building ProcessingResponses: header
+and body mutations, immediate replies.
 
 Envoy facts these builders encode (measured on 1.40, see ARCHITECTURE.md): header values
 travel in `raw_value`; a body whose length changes needs `content-length` in the same
@@ -9,23 +10,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.message import DecodeError, Message
 
 ProcessingResponse = ep.ProcessingResponse
 ProcessingRequest = ep.ProcessingRequest
 ProcessingMode = processing_mode_pb2.ProcessingMode
 
-# The filter metadata namespace `read_request` marks a message with whose metadata it
-# could not read (no filter of Envoy's is named so); the exchange refuses the request.
+# The filter metadata namespace `read_processing_request` marks a message with whose
+# metadata it could not read (no filter of Envoy's is named so); the exchange refuses it.
 UNREADABLE_METADATA = "atp.unreadable_metadata"
-_METADATA_FIELD = ep.ProcessingRequest.METADATA_CONTEXT_FIELD_NUMBER
 
 
-def read_request(data: bytes) -> ProcessingRequest:
+def read_processing_request(data: bytes) -> ProcessingRequest:
     """Envoy's message. gRPC's own deserializer raised where protobuf cannot read it, and
     the stream ended in a 500 that blamed ATP and left no record: a verified token whose
     claims nest past about 30 levels takes the message's metadata past protobuf's 100.
@@ -33,46 +36,40 @@ def read_request(data: bytes) -> ProcessingRequest:
     try:
         return ProcessingRequest.FromString(data)
     except DecodeError:
-        message = ProcessingRequest.FromString(_without_field(data, _METADATA_FIELD))
+        pass
+    # Read as a message with no metadata field, the metadata is unknown bytes, which
+    # protobuf keeps unread; dropped, the rest reads as Envoy's message.
+    partial = _without_metadata().FromString(data)
+    partial.DiscardUnknownFields()
+    message = ProcessingRequest.FromString(partial.SerializeToString())
     message.metadata_context.filter_metadata.get_or_create(UNREADABLE_METADATA)
     return message
 
 
-def _without_field(data: bytes, number: int) -> bytes:
-    """The serialised message `data` without its top-level fields numbered `number`."""
-    out = bytearray()
-    i, n = 0, len(data)
-    while i < n:
-        start = i
-        tag, i = _varint(data, i)
-        wire = tag & 7
-        if wire == 0:
-            i = _varint(data, i)[1]
-        elif wire == 2:
-            length, i = _varint(data, i)
-            i += length
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise DecodeError(f"wire type {wire}")
-        if i > n:
-            raise DecodeError("truncated")
-        if tag >> 3 != number:
-            out += data[start:i]
-    return bytes(out)
+@lru_cache(maxsize=1)
+def _without_metadata() -> type[Message]:
+    """ProcessingRequest's class without its metadata_context field, in a pool of its own."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
 
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        if file is ep.DESCRIPTOR:
+            request = next(m for m in proto.message_type if m.name == "ProcessingRequest")
+            kept = [f for f in request.field if f.name != "metadata_context"]
+            del request.field[:]
+            request.field.extend(kept)
+        pool.Add(proto)
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(data) or shift > 63:
-            raise DecodeError("bad varint")
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
+    add(ep.DESCRIPTOR)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(ProcessingRequest.DESCRIPTOR.full_name))
 
 
 # No control character (CR, LF, NUL ...) ever reaches a header value.

@@ -256,7 +256,7 @@ class Exchange:
             # Fail closed: the identity (a token's claims) may be in what was not read.
             raise RequestError(400, "ATP cannot read this request's metadata: it nests data "
                                "more than 100 levels deep (a token's claims past about 30 "
-                               "levels) or holds text that is not UTF-8", "metadata_too_deep")
+                               "levels) or holds text that is not UTF-8", "metadata_unreadable")
         if rec.shadow:
             return self._on_shadow_headers(headers)
         jwt = self.snapshot.auth.jwt
@@ -703,23 +703,13 @@ class Exchange:
         return self.snapshot.models[decision.chosen]
 
     def _restrictor(self, route: Route, alias: str,
-                    dry_beside: list[str] | None = None) -> str | None:
-        """The restrict policy that leaves the route no model its objective lets serve
-        (the engine sees mirror-only and objective-restricted candidates too, so it cannot
-        tell): the first enforced one that removed one of them; or, given `dry_beside`
-        (the models enforced policies allow), the first dry-run one, if with every
-        dry-run one enforced none would be left."""
+                    allowed: list[str] | None = None) -> str | None:
+        """Outcome.restrictor over the models the route's objective lets serve (the
+        engine sees mirror-only and objective-restricted candidates too)."""
         assert self.services is not None and self.policy is not None
-        servable = set(self.services.router.servable(
-            route.name, route.objective, self.snapshot.candidates[(route.name, alias)]))
-        decision = "restrict" if dry_beside is None else "would_restrict"
-        removers = [r for r in self.policy.records
-                    if r.decision == decision and servable.intersection(r.targets)]
-        if dry_beside is not None:
-            removed = {t for r in removers for t in r.targets}
-            if any(n in dry_beside and n not in removed for n in servable):
-                return None
-        return removers[0].policy_id if removers else None
+        return self.policy.restrictor(self.services.router.servable(
+            route.name, route.objective, self.snapshot.candidates[(route.name, alias)]),
+            allowed)
 
     def _user(self) -> str | None:
         """The end user, for per-user stickiness: the verified token's `sub`, else the

@@ -7,6 +7,7 @@ re-serialisation of a body that may be megabytes of prompt.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -752,17 +753,13 @@ def _usage_of(obj: Any) -> Usage | None:
     return Usage(inp, out)
 
 
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
 def read_response(body: bytes) -> tuple[Usage | None, str | None, int | None]:
     """Usage, the first choice's finish_reason and the characters of output text (for
     an estimate when there is no usage; 0 when there is) of a JSON response body; all
     None when the body is no JSON object, which no API answers with."""
-    if body.startswith(_UTF8_BOM):
-        # Not part of the JSON, and a reader may ignore it (RFC 8259 §8.1), as the
-        # openai SDKs do: the answer is whole, and its usage is the provider's bill.
-        body = body[len(_UTF8_BOM):]
+    # A BOM is no part of the JSON, and a reader may ignore it (RFC 8259 §8.1), as the
+    # openai SDKs do: the answer is whole, and its usage is the provider's bill.
+    body = body.removeprefix(codecs.BOM_UTF8)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:  # too deep included

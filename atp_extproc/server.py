@@ -398,15 +398,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
 
 def _add_servicer(processor: ExternalProcessor, server: grpc.aio.Server) -> None:
     """What `add_ExternalProcessorServicer_to_server` does, with Envoy's messages read by
-    `envoy_api.read_request`, which hands the exchange one it cannot read."""
+    `envoy_api.read_processing_request`, which hands the exchange one it cannot fully
+    read."""
     handlers = {"Process": grpc.stream_stream_rpc_method_handler(
-        processor.Process, request_deserializer=envoy_api.read_request,
+        processor.Process, request_deserializer=envoy_api.read_processing_request,
         response_serializer=ProcessingResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-    server.add_registered_method_handlers(_SERVICE, handlers)
-
-
-_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, handlers),))
+    server.add_registered_method_handlers(EXT_PROC_SERVICE, handlers)
 
 
 class HealthServicer(health.aio.HealthServicer):

@@ -234,8 +234,21 @@ class Stack:
     @classmethod
     def on_default_ports(cls, config_path: Path, workdir: Path,
                          ports: Mapping[str, int] | None = None) -> Stack:
-        """The ports `make run` documents, but those `ports` moves."""
-        return cls(workdir, {**DEFAULT_PORTS, **(ports or {})}, config_path, workdir)
+        """The ports `make run` documents, but those `ports` moves. ValueError: a name
+        that is no listener's, or two listeners on one port."""
+        unknown = [name for name in ports or () if name not in DEFAULT_PORTS]
+        if unknown:
+            raise ValueError(f"--port {unknown[0]}=...: no such listener; the stack's are "
+                             f"{', '.join(DEFAULT_PORTS)}")
+        moved = {**DEFAULT_PORTS, **(ports or {})}
+        by_port: dict[int, list[str]] = {}
+        for name, port in moved.items():
+            by_port.setdefault(port, []).append(name)
+        shared = next((names for names in by_port.values() if len(names) > 1), None)
+        if shared:
+            raise ValueError(f"{' and '.join(shared)} would listen on one port "
+                             f"({moved[shared[0]]}); give each its own with --port")
+        return cls(workdir, moved, config_path, workdir)
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         # Children get SIGTERM when the thread that started them dies (Linux): start them

@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from atp_extproc import config
-from atp_extproc.envoy_api import ProcessingMode, read_request
+from atp_extproc.envoy_api import ProcessingMode, read_processing_request
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
 from atp_extproc.llm_api import estimate_tokens
 from atp_extproc.redact.redactor import Redactor
@@ -162,9 +162,9 @@ def test_a_message_whose_metadata_protobuf_cannot_read_is_refused_and_recorded(s
     with pytest.raises(DecodeError):
         ep.ProcessingRequest.FromString(data)
     ex = Exchange(snap)
-    assert_error(ex.handle(read_request(data)), 400, "metadata_too_deep")
+    assert_error(ex.handle(read_processing_request(data)), 400, "metadata_unreadable")
     rec = ex.finish()
-    assert (rec.request_id, rec.path, rec.error_code) == ("req-123", CHAT, "metadata_too_deep")
+    assert (rec.request_id, rec.path, rec.error_code) == ("req-123", CHAT, "metadata_unreadable")
 
 
 def test_chat_routed_to_cluster_with_model_rewritten(snap) -> None:

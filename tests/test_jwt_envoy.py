@@ -126,11 +126,11 @@ def test_a_token_whose_claims_nest_too_deep_for_protobuf_is_a_client_error(
     reply = post(jwt_stack, CHAT, BODY, key=token(claims(tenant="bob", deep=deep)))
     assert reply.status == 400, reply.body[:300]
     error = reply.json()["error"]
-    assert (error["type"], error["code"]) == ("invalid_request_error", "metadata_too_deep")
+    assert (error["type"], error["code"]) == ("invalid_request_error", "metadata_unreadable")
     assert upstreams.total() == 0
     record = record_with(jwt_stack, reply.headers["x-request-id"])
     assert (record["status"], record["error_code"], record["path"]) == (
-        400, "metadata_too_deep", CHAT)
+        400, "metadata_unreadable", CHAT)
 
 
 # -- check --envoy: the token's claims must reach ATP --------------------------------------

@@ -96,9 +96,8 @@ class _Walker:
         self.pool = descriptor_pool.Default()
         # A tools policy: the whole expression runs inside the loop over the tools.
         self.per_tool = per_tool
-        # Map reads by a literal key (map path, key) → where, and the keys the
-        # expression tests for (`'k' in m`, `has(m.k)`) anywhere.
-        # (attribute path, key) → (where, the map as the expression writes it)
+        # Map reads by a literal key, (map path, key) → (where, the map as the expression
+        # writes it), and the keys the expression tests for (`'k' in m`, `has(m.k)`).
         self.map_reads: dict[tuple[str, str], tuple[int, str]] = {}
         self.map_guards: set[tuple[str, str]] = set()
         # Reads a has() makes before the one key it tests (`org` of has(m.org.x)).

@@ -237,6 +237,22 @@ class Outcome:
                 return pid
         return hits[0][1]
 
+    def restrictor(self, servable: Iterable[str], allowed: Sequence[str] | None = None
+                   ) -> str | None:
+        """The restrict policy that leaves none of the models `servable` to serve: the
+        first enforced one that removed one of them; or, given `allowed` (the models
+        enforced policies allow), the first dry-run one, if with every dry-run one
+        enforced none would be left."""
+        can_serve = set(servable)
+        decision = "restrict" if allowed is None else "would_restrict"
+        removers = [r for r in self.records
+                    if r.decision == decision and can_serve.intersection(r.targets)]
+        if allowed is not None:
+            removed = {t for r in removers for t in r.targets}
+            if any(n in allowed and n not in removed for n in can_serve):
+                return None
+        return removers[0].policy_id if removers else None
+
     @property
     def decisions(self) -> dict[str, str]:
         """policy id → decision, without building the records."""

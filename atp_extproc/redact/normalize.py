@@ -57,7 +57,7 @@ _IGNORABLE_RANGES = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x11
                      (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 _TAGS = (0xE0020, 0xE007E)
 # The characters a text is read twice for (`drop_invisible`): the tags.
-INVISIBLE = re.compile("[\U000e0020-\U000e007e]")
+INVISIBLE = re.compile(f"[{chr(_TAGS[0])}-{chr(_TAGS[1])}]")
 # Control characters that separate what is around them (a Word line break, a page break,
 # ESC of a colour code, the information separators, NEL): they become ' '.
 _SEPARATORS = (0x0B, 0x0C, *range(0x1B, 0x20), 0x85)
@@ -361,15 +361,18 @@ def _slow(text: str, i: int, j: int, out: _Out, trans: dict[str, str],
 
 @lru_cache(maxsize=1)
 def _translate_table() -> dict[int, str]:
-    return {ord(k): v for k, v in _tables()[0].items()}
+    return _ordinals(_tables()[0])
 
 
 @lru_cache(maxsize=1)
 def _tags_dropped() -> tuple[dict[str, str], dict[int, str]]:
-    trans = dict(_tables()[0])
-    for cp in range(_TAGS[0], _TAGS[1] + 1):
-        trans[chr(cp)] = ""
-    return trans, {ord(k): v for k, v in trans.items()}
+    trans = {**_tables()[0], **{chr(cp): "" for cp in range(_TAGS[0], _TAGS[1] + 1)}}
+    return trans, _ordinals(trans)
+
+
+def _ordinals(trans: dict[str, str]) -> dict[int, str]:
+    """`trans` as str.translate takes it."""
+    return {ord(k): v for k, v in trans.items()}
 
 
 def _decode(cp: int) -> str | None:

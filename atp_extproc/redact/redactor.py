@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atp_extproc.redact import scope
-from atp_extproc.redact.detectors import PLACEHOLDER, Budget, Scanner, ScanResult
+from atp_extproc.redact.detectors import PLACEHOLDER_TEXT, Budget, Scanner, ScanResult
 from atp_extproc.redact.normalize import INVISIBLE, normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
-
-_LITERAL_PLACEHOLDER = re.compile(PLACEHOLDER)
 
 OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
@@ -410,7 +408,7 @@ class Redactor:
             # A placeholder written where nothing is scanned (a tool's description) is
             # read by the model too: a value numbered like it would be restored in place
             # of what the model says about it.
-            res.reserved.update(_LITERAL_PLACEHOLDER.findall(body))
+            res.reserved.update(PLACEHOLDER_TEXT.findall(body))
         mapping: dict[str, str] = {}
         counts = {}
         denied = set()
@@ -525,8 +523,7 @@ class Redactor:
         are the joined text's."""
         budget = Budget.for_text(len(scanned))
         norm = normalize(scanned, budget, drop_invisible=True)
-        bounds = frozenset(map(norm.norm_offset, joins)) if joins else frozenset()
-        other = self.scanner.scan(norm, budget, bounds)
+        other = self.scanner.scan(norm, budget, frozenset(map(norm.norm_offset, joins)))
         res.incomplete = res.incomplete or other.incomplete
         res.reserved |= other.reserved
         return _reconcile(hits, [Span(f.cls, norm.orig_start(f.start), norm.orig_end(f.end),

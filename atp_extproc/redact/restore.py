@@ -40,10 +40,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from atp_extproc.llm_api import EVENT_END, UnreadableNumber, bounded_int, finite_float
-from atp_extproc.redact.detectors import PLACEHOLDER, utf8_safe
+from atp_extproc.redact.detectors import PLACEHOLDER, PLACEHOLDER_TEXT, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
-_TOKEN = re.compile(PLACEHOLDER)
+_TOKEN = PLACEHOLDER_TEXT
 _TOKEN_B = re.compile(PLACEHOLDER.encode())
 _MAYBE = re.compile(rb'\[[A-Z"]')
 # The start of a placeholder, cut before its closing bracket (with PLACEHOLDER's shape):
@@ -120,12 +120,12 @@ def _loads(data: bytes | str) -> Any:
 
 def _dumps(obj: Any) -> bytes:
     try:
-        return _json_text(obj, ascii_only=False).encode()
+        return _write_json(obj, ascii_only=False).encode()
     except UnicodeEncodeError:  # a lone surrogate the body escaped: escape it again
-        return _json_text(obj, ascii_only=True).encode()
+        return _write_json(obj, ascii_only=True).encode()
 
 
-def _json_text(obj: Any, ascii_only: bool = False,
+def _write_json(obj: Any, ascii_only: bool = False,
                separators: tuple[str, str] = (",", ":")) -> str:
     """json.dumps, with each _RawNumber written as it was read."""
     raw: list[str] = []
@@ -312,7 +312,7 @@ class Restorer:
             try:
                 inner = _loads(s)
                 if isinstance(inner, (dict, list)):
-                    return _json_text(self._node(inner), separators=(", ", ": "))
+                    return _write_json(self._node(inner), separators=(", ", ": "))
             except RecursionError:
                 # JSON all the same, deeper than the walk goes: its placeholders sit in
                 # string literals, where a value goes escaped.
