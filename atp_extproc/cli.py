@@ -222,7 +222,7 @@ def _stack(args: argparse.Namespace) -> int:
 
     Exit 0 after a stop signal (Ctrl-C, SIGTERM, SIGHUP when the terminal goes), 1 when a
     child failed to start or exited on its own (named on stderr), 2 when a port is taken
-    or --port names no listener or gives two one port.
+    or --port names no listener or puts two on one port.
     """
     from atp_extproc.stack import PortBusyError, Stack
 

@@ -1549,6 +1549,7 @@ def _inside_number(asc: bytes, p: int) -> bool:
 
 _KEY_SEGMENT = re.compile(r"[-_]")
 _WORD_NUMBER = re.compile(r"[a-z]{1,4}[0-9]{1,5}")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def _power_of_two_or_next(n: int) -> bool:
@@ -1558,11 +1559,16 @@ def _power_of_two_or_next(n: int) -> bool:
 
 def _wordlike(segment: str) -> bool:
     """A piece of a name, not of a random key: a short lowercase word, a year or version
-    number, a short word with a number after it ("ed25519", "v01"), or two characters.
-    A key's random part is one long piece, or hex ("4f9a2b1c")."""
-    return ((segment.isalpha() and segment.islower() and len(segment) <= 12)
-            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2
-            or _WORD_NUMBER.fullmatch(segment) is not None)
+    number, two characters, or a short lowercase piece with digits ("k8s", "nistp256")
+    that is no hex unless a word with a number after it ("ed25519", "v01"). A key's
+    random part is one long piece, or hex ("4f9a2b1c")."""
+    if ((segment.isalpha() and segment.islower() and len(segment) <= 12)
+            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2):
+        return True
+    return (len(segment) <= 8 and segment.isascii() and segment.isalnum()
+            and segment == segment.lower()
+            and (not _HEX_DIGITS.issuperset(segment)
+                 or _WORD_NUMBER.fullmatch(segment) is not None))
 
 
 def _secret_ok(cls: str, value: str) -> bool:
@@ -1576,8 +1582,9 @@ def _secret_ok(cls: str, value: str) -> bool:
         return isinstance(obj, dict) and ("alg" in obj or "typ" in obj or "enc" in obj)
     if cls == "api_key" and value[:3] in ("sk-", "rk-"):
         body = value[3:]
-        if all(map(_wordlike, _KEY_SEGMENT.split(body))):
-            return False  # a kebab-case name: "sk-learn-upgrade-pipeline-2024"
+        pieces = _KEY_SEGMENT.split(body)
+        if all(map(_wordlike, pieces)) and any(p.isalpha() and len(p) >= 3 for p in pieces):
+            return False  # a kebab-case name, a word in it: "sk-learn-upgrade-pipeline-2024"
         has_digit = any(c.isdigit() for c in body)
         has_alpha = any(c.isalpha() for c in body)
         mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
