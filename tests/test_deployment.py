@@ -381,6 +381,11 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
     front_manager = hcm(listeners(load_yaml(FRONT_PROXY))["front"])
     assert ext_proc_route_modes(manager) == ext_proc_route_modes(front_manager)
     assert manager["local_reply_config"] == front_manager["local_reply_config"]
+    # Answers carry their x-request-id (for /v1/feedback) and a malformed HTTP/2 request
+    # fails alone: both were missing under Istio.
+    for key in ("generate_request_id", "always_set_request_id_in_response",
+                "http2_protocol_options"):
+        assert manager[key] == front_manager[key], key
     (listener_patch,) = [p for p in istio_patches() if p["applyTo"] == "LISTENER"]
     assert (listener_patch["patch"]["value"]["per_connection_buffer_limit_bytes"]
             == listeners(load_yaml(FRONT_PROXY))["front"]["per_connection_buffer_limit_bytes"])
