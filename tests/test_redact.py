@@ -219,6 +219,10 @@ def test_placeholders_written_where_nothing_is_scanned_are_not_reused(redactor):
     res = redactor.redact("chat", doc, "t", json.dumps(doc))
     assert content(res) == "my mail is [EMAIL_2]"
     assert "[EMAIL_1]" not in res.mapping
+    # Written with JSON escapes, it is the same placeholder to the model.
+    escaped = json.dumps(doc).replace("[EMAIL_1]", "\\u005bEMAIL\\u005f1]")
+    assert "[EMAIL_1]" not in escaped
+    assert content(redactor.redact("chat", doc, "t", escaped)) == "my mail is [EMAIL_2]"
 
 
 def test_doc_not_mutated_and_only_changed_fields(redactor):

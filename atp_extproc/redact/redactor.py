@@ -27,6 +27,8 @@ from atp_extproc.redact.detectors import PLACEHOLDER_TEXT, Budget, Scanner, Scan
 from atp_extproc.redact.normalize import INVISIBLE, normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
 
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
 OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
 # say to refuse rather than let a partly scanned body go.
@@ -407,8 +409,11 @@ class Redactor:
         if body:
             # A placeholder written where nothing is scanned (a tool's description) is
             # read by the model too: a value numbered like it would be restored in place
-            # of what the model says about it.
+            # of what the model says about it. JSON may write one with \u escapes.
             res.reserved.update(PLACEHOLDER_TEXT.findall(body))
+            if "\\u" in body:
+                res.reserved.update(PLACEHOLDER_TEXT.findall(_JSON_ESCAPE.sub(
+                    lambda m: chr(int(m[1], 16)), body)))
         mapping: dict[str, str] = {}
         counts = {}
         denied = set()
