@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -434,3 +435,18 @@ def test_mutation_rules_that_drop_atps_header_changes(tmp_path, rules, said):
     # Refused as an error instead (the request fails, nothing leaks): fine.
     ext_proc(doc)["typed_config"]["mutation_rules"] = {**rules, "disallow_is_error": True}
     assert lint(doc, tmp_path)[0] == []
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("deploy/k8s/configmap.yaml", "a Kubernetes ConfigMap, no Envoy config: check the one "
+                                  "in its data"),
+    ("deploy/istio/envoyfilter-atp.yaml", "a Kubernetes EnvoyFilter, no Envoy config: "
+                                          "--envoy takes an Envoy bootstrap"),
+])
+def test_a_kubernetes_object_is_named_as_such(path: str, says: str) -> None:
+    # Read as a bootstrap, both said "no ext_proc filter" of files that hold one.
+    result = subprocess.run(
+        [sys.executable, "-m", "atp_extproc", "check", str(ROOT / "examples" / "atp.yaml"),
+         "--envoy", str(ROOT / path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert says in result.stdout and "no ext_proc filter" not in result.stdout, result.stdout
