@@ -494,6 +494,30 @@ def test_chat_fields_of_an_odd_shape_are_read(snap, message) -> None:
     assert raw is not None and EMAIL.encode() not in raw
 
 
+@pytest.mark.parametrize("fields", [
+    # Fields beside a call's own went out unread where the call had no arguments text, or
+    # was a custom tool's.
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "note": EMAIL}}]}]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "custom", "custom": {"name": "f", "input": "x", "note": EMAIL}}]}]},
+    # A tool choice's and a prediction's other fields.
+    {"tool_choice": EMAIL}, {"function_call": EMAIL},
+    {"tool_choice": {"type": "function", "function": {"name": "f"}, "note": EMAIL}},
+    {"prediction": {"type": "content", "content": "x", "note": EMAIL}},
+])
+def test_chat_fields_beside_what_is_known_are_read(snap, fields) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **fields}
+    raw = forwarded(send_body(snap, body)[1])[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
+def test_a_stored_prompts_fields_are_read(snap) -> None:
+    raw = forwarded(_send(snap, input="hi", prompt={
+        "id": "pmpt_1", "version": EMAIL, "note": EMAIL, "variables": {"who": "x"}}))[1]
+    assert raw is not None and EMAIL.encode() not in raw
+
+
 def test_keys_in_a_list_in_a_list_are_read(snap) -> None:
     raw = forwarded(_send(snap, input=[{"role": "user", "content": [[{EMAIL: "vip"}]]}]))[1]
     assert raw is not None and EMAIL.encode() not in raw

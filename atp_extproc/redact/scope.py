@@ -490,14 +490,18 @@ def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
     for k, call in enumerate(calls):
         if not isinstance(call, dict):
             continue
-        fn = call.get("function")
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            c.json_text((*base, k, "function", "arguments"), fn["arguments"])
-            if len(fn) > 2 or not isinstance(fn.get("name"), str):
-                _rest(c, (*base, k, "function"), fn, _ARGUMENTS)
-        custom = call.get("custom")
-        if isinstance(custom, dict) and isinstance(custom.get("input"), str):
-            c.text((*base, k, "custom", "input"), custom["input"])
+        # Each field but the call's own (its name, JSON arguments, a custom tool's input
+        # text) is read as _rest reads what it does not know.
+        for kind, own in (("function", "arguments"), ("custom", "input")):
+            spec = call.get(kind)
+            if not isinstance(spec, dict):
+                continue
+            path = (*base, k, kind)
+            if isinstance(spec.get(own), str):
+                (c.json_text if own == "arguments" else c.text)((*path, own), spec[own])
+                _rest(c, path, spec, frozenset({own}))
+            else:
+                _rest(c, path, spec)
         if len(call) > 3 or not isinstance(call.get("id", ""), str):
             _rest(c, (*base, k), call, _CALL_READ)
 
@@ -560,12 +564,21 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
         # Its name is the client's words too ({"alice@example.com": "vip"}).
         c.map_key((), key)
     stack = [((k,), doc[k], key_class(k)) for k in unknown]
+    for key in _CHOICES:
+        # A tool choice's fields but the tool's name (and type) are the client's words.
+        choice = doc.get(key)
+        if isinstance(choice, dict):
+            _rest(c, (key,), choice)
+        elif isinstance(choice, str) and choice not in _CHOICE_WORDS:
+            c.text((key,), choice)
     text = doc.get("text")
     if isinstance(text, dict):  # Responses' text settings: words, but for its schema
         stack += [(("text", k), v, key_class(k)) for k, v in text.items() if k != "format"]
     _read_values(c, stack)
 
 
+_CHOICES = ("tool_choice", "function_call")
+_CHOICE_WORDS = frozenset(("auto", "none", "required"))
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
@@ -605,6 +618,7 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
     prediction = doc.get("prediction")
     if isinstance(prediction, dict):
         _content(c, ("prediction", "content"), prediction.get("content"))
+        _rest(c, ("prediction",), prediction, _CONTENT)
     _common(c, doc, _CHAT_TOP)
 
 
@@ -641,8 +655,12 @@ _RESPONSES_NON_TEXT = frozenset({"input_image", "input_file", "input_audio", "im
 
 
 def _prompt_variables(c: Collector, prompt: Any) -> None:
-    """Values filled into a stored prompt template: strings or input parts."""
-    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    """Values filled into a stored prompt template: strings or input parts; and the
+    prompt's other fields, as _rest reads them."""
+    if not isinstance(prompt, dict):
+        return
+    _rest(c, ("prompt",), prompt, _VARIABLES)
+    variables = prompt.get("variables")
     if not isinstance(variables, dict):
         return
     for name, value in variables.items():
@@ -651,6 +669,10 @@ def _prompt_variables(c: Collector, prompt: Any) -> None:
             c.text(base, value)
         elif isinstance(value, dict):
             _part(c, base, value)
+
+
+_CONTENT = frozenset({"content"})
+_VARIABLES = frozenset({"variables"})
 
 
 def responses(c: Collector, doc: dict[str, Any]) -> None:
