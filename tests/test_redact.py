@@ -225,6 +225,20 @@ def test_placeholders_written_where_nothing_is_scanned_are_not_reused(redactor):
     assert content(redactor.redact("chat", doc, "t", escaped)) == "my mail is [EMAIL_2]"
 
 
+@pytest.mark.parametrize("choice", [
+    {"type": "function", "function": {"name": "falcon_search"}},
+    {"type": "custom", "custom": {"name": "falcon_search"}},
+    {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "falcon_search"}}]}},
+])
+def test_the_tools_a_choice_names_are_never_scanned(choice):
+    # The choice's other fields are read; a name nested in it was redacted too, and then
+    # matched no tool (tools are not scanned) nor any policy's strip.
+    r = Redactor(RedactionSettings(custom_detectors=[
+        {"name": "codename", "pattern": "falcon"}]), hmac_key=KEY)
+    doc = {**chat("hi"), "tool_choice": {**choice, "note": "falcon"}}
+    res = r.redact("chat", doc, "t")
+    assert res.fields["tool_choice"] == {**choice, "note": "[CODENAME_1]"}
 def test_doc_not_mutated_and_only_changed_fields(redactor):
     doc = {"model": "m", "temperature": 0.2, "messages": [
         {"role": "user", "content": "mail x@example.com"},

@@ -922,6 +922,7 @@ def test_a_kebab_case_name_is_no_api_key(redactor, text):
                                   "key sk-4f9a2b1c-8d3e-4a5b-9c6d-1e2f3a4b",
                                   "key sk-a1b2c3d4-e5f6a7b8-c9d0e1f2-a3b4c5d6",
                                   "key sk-5063-b878-6661-1528-4549-edc6-ed44-aa43",
+                                  "key sk-cefb2arp-rhlwsekk-q7krs3u5-4hbtyv0m",
                                   "Tel: 030 1234 5678, ok", "call 612 345 678, thanks"])
 def test_what_those_rules_leave_is_still_found(redactor, text):
     res = redactor.redact("chat", chat(text), "t")

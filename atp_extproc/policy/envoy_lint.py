@@ -695,10 +695,12 @@ def check_file(path: str | Path, why: list[str],
     doc, _ = load_yaml(text, str(path), envoy=True)
     if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
         # Checked as a bootstrap, it said "no ext_proc filter" of a file that holds one.
-        where = ("check the one in its data (data.\"envoy.yaml\" written to a file)"
-                 if doc["kind"] == "ConfigMap" else "--envoy takes an Envoy bootstrap (an "
-                 "EnvoyFilter patches the mesh's own config, which is not in this file)")
-        return [Problem(str(path), 1, "kind",
+        where = {"ConfigMap": "check the one in its data (data.\"envoy.yaml\" written "
+                              "to a file)",
+                 "EnvoyFilter": "--envoy takes an Envoy bootstrap (an EnvoyFilter patches "
+                                "the mesh's own config, which is not in this file)"}.get(
+            doc["kind"], "--envoy takes an Envoy bootstrap")
+        return [Problem(str(path), _line(doc, "kind") or 1, "kind",
                         f"a Kubernetes {doc['kind']}, no Envoy config: {where}")]
     problems = fail_open_problems(str(path), text, why, model_clusters)
     problems += answer_problems(str(path), text, model_clusters)

@@ -1548,8 +1548,7 @@ def _inside_number(asc: bytes, p: int) -> bool:
 
 
 _KEY_SEGMENT = re.compile(r"[-_]")
-_WORD_NUMBER = re.compile(r"[a-z]{1,4}[0-9]{1,5}")
-_HEX_DIGITS = frozenset("0123456789abcdef")
+_WORD_NUMBER = re.compile(r"[a-z]{1,8}[0-9]{1,6}|[a-z][0-9]{1,2}[a-z]")
 
 
 def _power_of_two_or_next(n: int) -> bool:
@@ -1559,16 +1558,12 @@ def _power_of_two_or_next(n: int) -> bool:
 
 def _wordlike(segment: str) -> bool:
     """A piece of a name, not of a random key: a short lowercase word, a year or version
-    number, two characters, or a short lowercase piece with digits ("k8s", "nistp256")
-    that is no hex unless a word with a number after it ("ed25519", "v01"). A key's
-    random part is one long piece, or hex ("4f9a2b1c")."""
-    if ((segment.isalpha() and segment.islower() and len(segment) <= 12)
-            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2):
-        return True
-    return (len(segment) <= 8 and segment.isascii() and segment.isalnum()
-            and segment == segment.lower()
-            and (not _HEX_DIGITS.issuperset(segment)
-                 or _WORD_NUMBER.fullmatch(segment) is not None))
+    number, two characters, a word with a number after it ("nistp256", "ed25519",
+    "v01") or a numeronym ("k8s", "i18n"). A key's random part is one long piece, or
+    letters and digits mixed ("4f9a2b1c", "cefb2arp")."""
+    return ((segment.isalpha() and segment.islower() and len(segment) <= 12)
+            or (segment.isdigit() and len(segment) <= 4) or len(segment) <= 2
+            or _WORD_NUMBER.fullmatch(segment) is not None)
 
 
 def _secret_ok(cls: str, value: str) -> bool:

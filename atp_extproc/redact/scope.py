@@ -565,12 +565,7 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
         c.map_key((), key)
     stack = [((k,), doc[k], key_class(k)) for k in unknown]
     for key in _CHOICES:
-        # A tool choice's fields but the tool's name (and type) are the client's words.
-        choice = doc.get(key)
-        if isinstance(choice, dict):
-            _rest(c, (key,), choice)
-        elif isinstance(choice, str) and choice not in _CHOICE_WORDS:
-            c.text((key,), choice)
+        _choice(c, (key,), doc.get(key))
     text = doc.get("text")
     if isinstance(text, dict):  # Responses' text settings: words, but for its schema
         stack += [(("text", k), v, key_class(k)) for k, v in text.items() if k != "format"]
@@ -579,6 +574,21 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
 
 _CHOICES = ("tool_choice", "function_call")
 _CHOICE_WORDS = frozenset(("auto", "none", "required"))
+
+
+def _choice(c: Collector, path: Path, node: Any) -> None:
+    """A tool choice's fields are the client's words, but the names of the tools it
+    picks (and their types and labels), at any depth: those must match `tools`, which
+    is not scanned, or the provider finds no such tool."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not (k in _OWN_KEYS and isinstance(v, str)):
+                _choice(c, (*path, k), v)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _choice(c, (*path, i), v)
+    elif isinstance(node, str) and node not in _CHOICE_WORDS:
+        c.text(path, node)
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
