@@ -236,9 +236,14 @@ def test_the_tools_a_choice_names_are_never_scanned(choice):
     # matched no tool (tools are not scanned) nor any policy's strip.
     r = Redactor(RedactionSettings(custom_detectors=[
         {"name": "codename", "pattern": "falcon"}]), hmac_key=KEY)
-    doc = {**chat("hi"), "tool_choice": {**choice, "note": "falcon"}}
+    doc = {**chat("hi"), "tool_choice": {**choice, "note": "falcon", "falcon_key": 1,
+                                         "meta": {"name": "falcon"}, "phone": 4155552671}}
     res = r.redact("chat", doc, "t")
-    assert res.fields["tool_choice"] == {**choice, "note": "[CODENAME_1]"}
+    # Keys, numbers under a phone key, and a `name` of no tool are read as ever.
+    assert res.fields["tool_choice"] == {**choice, "note": "[CODENAME_1]",
+                                         "[CODENAME_1]_key": 1,
+                                         "meta": {"name": "[CODENAME_1]"},
+                                         "phone": "[PHONE_1]"}
 def test_doc_not_mutated_and_only_changed_fields(redactor):
     doc = {"model": "m", "temperature": 0.2, "messages": [
         {"role": "user", "content": "mail x@example.com"},

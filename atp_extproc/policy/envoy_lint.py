@@ -693,7 +693,7 @@ def check_file(path: str | Path, why: list[str],
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(str(path), 0, "", f"cannot read: {exc}")]
     doc, _ = load_yaml(text, str(path), envoy=True)
-    if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc:
+    if isinstance(doc, dict) and "apiVersion" in doc and isinstance(doc.get("kind"), str):
         # Checked as a bootstrap, it said "no ext_proc filter" of a file that holds one.
         where = {"ConfigMap": "check the one in its data (data.\"envoy.yaml\" written "
                               "to a file)",

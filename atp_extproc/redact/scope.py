@@ -576,19 +576,35 @@ _CHOICES = ("tool_choice", "function_call")
 _CHOICE_WORDS = frozenset(("auto", "none", "required"))
 
 
-def _choice(c: Collector, path: Path, node: Any) -> None:
-    """A tool choice's fields are the client's words, but the names of the tools it
-    picks (and their types and labels), at any depth: those must match `tools`, which
+def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
+            cls: str | None = None) -> None:
+    """A tool choice is read as _read_values reads a value (keys, strings, numbers under a
+    card or phone key), but for what names the tools it picks: their names, types and
+    labels (in the choice itself, a `function` or `custom` object, an object with a
+    `type`: `tool`) and an `allowed_tools` list of names. Those must match `tools`, which
     is not scanned, or the provider finds no such tool."""
     if isinstance(node, dict):
+        tool = tool or "type" in node
         for k, v in node.items():
-            if not (k in _OWN_KEYS and isinstance(v, str)):
-                _choice(c, (*path, k), v)
+            if tool and k in _OWN_KEYS and isinstance(v, str):
+                continue
+            if k == "allowed_tools" and isinstance(v, list) and all(
+                    isinstance(x, str) for x in v):
+                continue
+            c.map_key(path, k)
+            own = key_class(k)
+            _choice(c, (*path, k), v, k in _TOOL_SPECS, cls if own is None else own)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            _choice(c, (*path, i), v)
-    elif isinstance(node, str) and node not in _CHOICE_WORDS:
-        c.text(path, node)
+            _choice(c, (*path, i), v, False, cls)
+    elif isinstance(node, str):
+        if node not in _CHOICE_WORDS and not _unread(c, path, node):
+            c.text(path, node)
+    elif cls and type(node) in (int, float) and node == node // 1:
+        c.units.append([Segment(f"{cls}: "), Segment(str(int(node)), path)])
+
+
+_TOOL_SPECS = frozenset(("function", "custom"))
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
