@@ -230,6 +230,12 @@ def test_placeholders_written_where_nothing_is_scanned_are_not_reused(redactor):
     {"type": "custom", "custom": {"name": "falcon_search"}},
     {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
         {"type": "function", "function": {"name": "falcon_search"}}]}},
+    # (review: a listed tool without a type, and an MCP entry's names as an object)
+    {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"name": "falcon_search"}]}},
+    {"type": "allowed_tools", "mode": "auto", "tools": [
+        {"type": "mcp", "server_label": "falcon",
+         "allowed_tools": {"tool_names": ["falcon_read"], "read_only": True}}]},
 ])
 def test_the_tools_a_choice_names_are_never_scanned(choice):
     # The choice's other fields are read; a name nested in it was redacted too, and then

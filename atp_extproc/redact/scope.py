@@ -580,23 +580,26 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
             cls: str | None = None) -> None:
     """A tool choice is read as _read_values reads a value (keys, strings, numbers under a
     card or phone key), but for what names the tools it picks: their names, types and
-    labels (in the choice itself, a `function` or `custom` object, an object with a
-    `type`: `tool`) and an `allowed_tools` list of names. Those must match `tools`, which
-    is not scanned, or the provider finds no such tool."""
+    labels (in the choice itself, a `function` or `custom` object, an entry of a `tools`
+    list, an object with a `type`: `tool`) and lists of tool names. Those must match
+    `tools`, which is not scanned, or the provider finds no such tool."""
     if isinstance(node, dict):
         tool = tool or "type" in node
         for k, v in node.items():
             if tool and k in _OWN_KEYS and isinstance(v, str):
                 continue
-            if k == "allowed_tools" and isinstance(v, list) and all(
+            if k in _NAME_LISTS and isinstance(v, list) and all(
                     isinstance(x, str) for x in v):
                 continue
             c.map_key(path, k)
             own = key_class(k)
             _choice(c, (*path, k), v, k in _TOOL_SPECS, cls if own is None else own)
     elif isinstance(node, list):
+        # The entries of a `tools` list are tools, with a type or not (chat's legacy
+        # functions go by their name alone).
+        listed = path[-1] == "tools"
         for i, v in enumerate(node):
-            _choice(c, (*path, i), v, False, cls)
+            _choice(c, (*path, i), v, listed, cls)
     elif isinstance(node, str):
         if node not in _CHOICE_WORDS and not _unread(c, path, node):
             c.text(path, node)
@@ -605,6 +608,8 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
 
 
 _TOOL_SPECS = frozenset(("function", "custom"))
+# Lists of tool names: an MCP entry's allowed tools, as a list or as its `tool_names`.
+_NAME_LISTS = frozenset(("allowed_tools", "tool_names"))
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
