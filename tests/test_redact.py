@@ -250,6 +250,31 @@ def test_the_tools_a_choice_names_are_never_scanned(choice):
                                          "[CODENAME_1]_key": 1,
                                          "meta": {"name": "[CODENAME_1]"},
                                          "phone": "[PHONE_1]"}
+def test_tool_definitions_named_by_extra_paths_keep_every_name():
+    # Scanned whole, a tool's name was redacted: a policy's strip (which matches names)
+    # missed it and it reached the provider, and choices and history named no tool.
+    r = Redactor(RedactionSettings(extra_paths=["tools", "functions"], custom_detectors=[
+        {"name": "codename", "pattern": "falcon"}]), hmac_key=KEY)
+    tool = {"type": "function", "function": {
+        "name": "falcon_search", "description": "search falcon", "parameters": {
+            "type": "object", "required": ["falcon_id"],
+            "properties": {"falcon_id": {"type": "string", "description": "a falcon"}}}}}
+    mcp = {"type": "mcp", "server_label": "falcon_srv", "allowed_tools": ["falcon_read"]}
+    doc = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "function", "name": "falcon_fn", "content": "42"}],
+           "tools": [tool, mcp], "functions": [{"name": "falcon_fn", "description": "falcon"}]}
+    res = Redactor.redact(r, "chat", doc, "t")
+    described = res.fields["tools"][0]["function"]
+    assert described["name"] == "falcon_search"
+    assert described["description"] == "search [CODENAME_1]"
+    assert described["parameters"]["properties"] == {
+        "falcon_id": {"type": "string", "description": "a [CODENAME_1]"}}
+    assert described["parameters"]["required"] == ["falcon_id"]
+    assert res.fields["tools"][1] == mcp
+    assert res.fields["functions"] == [{"name": "falcon_fn", "description": "[CODENAME_1]"}]
+    assert "messages" not in res.fields  # a function result's name is its function's
+
+
 def test_doc_not_mutated_and_only_changed_fields(redactor):
     doc = {"model": "m", "temperature": 0.2, "messages": [
         {"role": "user", "content": "mail x@example.com"},

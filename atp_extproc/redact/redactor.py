@@ -333,7 +333,10 @@ class Redactor:
             c.dedupe()
             for path in self._extra:
                 for p, node in scope.resolve(doc, path):
-                    c.anything(p, node)
+                    if p and p[0] in ("tools", "functions"):
+                        scope.tool_definitions(c, p, node)
+                    else:
+                        c.anything(p, node)
         if c.lone_surrogate:
             return Redaction(denied=(LONE_SURROGATE,))
         if c.too_deep:

@@ -591,13 +591,18 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
             if k in _NAME_LISTS and isinstance(v, list) and all(
                     isinstance(x, str) for x in v):
                 continue
+            if k == "properties" and isinstance(v, dict):
+                # A schema's parameter names: the model's arguments must match them.
+                for name, schema in v.items():
+                    _choice(c, (*path, k, name), schema, False, cls)
+                continue
             c.map_key(path, k)
             own = key_class(k)
             _choice(c, (*path, k), v, k in _TOOL_SPECS, cls if own is None else own)
     elif isinstance(node, list):
         # The entries of a `tools` list are tools, with a type or not (chat's legacy
         # functions go by their name alone).
-        listed = path[-1] == "tools"
+        listed = path[-1] in _TOOL_LISTS
         for i, v in enumerate(node):
             _choice(c, (*path, i), v, listed, cls)
     elif isinstance(node, str):
@@ -608,8 +613,18 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
 
 
 _TOOL_SPECS = frozenset(("function", "custom"))
-# Lists of tool names: an MCP entry's allowed tools, as a list or as its `tool_names`.
-_NAME_LISTS = frozenset(("allowed_tools", "tool_names"))
+# Lists of tool names (an MCP entry's allowed tools, as a list or as its `tool_names`)
+# and of parameter names (a schema's `required`).
+_NAME_LISTS = frozenset(("allowed_tools", "tool_names", "required"))
+_TOOL_LISTS = frozenset(("tools", "functions"))
+
+
+def tool_definitions(c: Collector, path: Path, node: Any) -> None:
+    """What redaction.extra_paths names under `tools` or `functions` (descriptions,
+    schemas), read as a tool choice is: never the names, types and labels of tools, nor
+    parameter names, which the request's choices, history and a policy's strip match
+    against, and the model's arguments use."""
+    _choice(c, path, node, len(path) > 1 and path[-2] in _TOOL_LISTS)
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
@@ -634,7 +649,10 @@ def chat(c: Collector, doc: dict[str, Any]) -> None:
                 continue  # the common case: nothing else to look at
             base: Path = ("messages", i)
             for key in ("name", "refusal"):
-                if isinstance(m.get(key), str):
+                # A tool result's `name` is the function's, which must match its
+                # declaration (not scanned); a user's or an assistant's is anyone's.
+                if isinstance(m.get(key), str) and not (
+                        key == "name" and m.get("role") in _TOOL_ROLES):
                     c.text((*base, key), m[key])
             _tool_calls(c, (*base, "tool_calls"), m.get("tool_calls"))
             fc = m.get("function_call")
