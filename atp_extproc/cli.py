@@ -212,7 +212,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def _stack_port(text: str) -> tuple[str, int]:
     name, _, port = text.partition("=")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PORT, PORT 1-65535")
     return name, int(port)
 
@@ -227,6 +227,11 @@ def _stack(args: argparse.Namespace) -> int:
     from atp_extproc.stack import PortBusyError, Stack
 
     workdir = Path(args.workdir)
+    names = [name for name, _ in args.port]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        print(f"atp-extproc stack: --port {twice}=... given twice", file=sys.stderr)
+        return 2
     try:
         stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
     except ValueError as exc:

@@ -184,6 +184,8 @@ def test_stack_prints_where_everything_listens(stack_command: StackCommand) -> N
     # on one port) said it was up while one of them had exited.
     (["envoy=9901"], "envoy and admin would listen on one port (9901)"),
     (["demo_a=21004", "demo_b=21004"], "demo_a and demo_b would listen on one port (21004)"),
+    (["envoy=21005", "envoy=21006"], "--port envoy=... given twice"),
+    (["envoy=\u0661\u0660\u0660\u0660\u0661"], "expected NAME=PORT, PORT 1-65535"),
 ])
 def test_stack_refuses_ports_it_cannot_use(tmp_path: Path, ports: list[str],
                                            says: str) -> None:
