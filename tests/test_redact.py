@@ -275,6 +275,23 @@ def test_tool_definitions_named_by_extra_paths_keep_every_name():
     assert "messages" not in res.fields  # a function result's name is its function's
 
 
+@pytest.mark.parametrize("paths", [["tools"], ["tools[*].function"],
+                                   ["tools[*].function.parameters"]])
+def test_a_schemas_examples_are_read_though_they_have_a_type(paths):
+    # An object with a `type` in a schema (an example, a default) was taken for a tool
+    # and its name and id went out unread; a function named by its path kept no name.
+    r = Redactor(RedactionSettings(extra_paths=paths, custom_detectors=[
+        {"name": "codename", "pattern": "falcon"}]), hmac_key=KEY)
+    example = {"type": "customer", "name": "falcon jones", "id": "falcon-1"}
+    doc = {**chat("hi"), "tools": [{"type": "function", "function": {
+        "name": "falcon_search", "parameters": {"type": "object", "properties": {
+            "who": {"type": "object", "examples": [example]}}}}}]}
+    function = Redactor.redact(r, "chat", doc, "t").fields["tools"][0]["function"]
+    assert function["name"] == "falcon_search"
+    assert function["parameters"]["properties"]["who"]["examples"] == [
+        {"type": "customer", "name": "[CODENAME_1] jones", "id": "[CODENAME_1]-1"}]
+
+
 def test_doc_not_mutated_and_only_changed_fields(redactor):
     doc = {"model": "m", "temperature": 0.2, "messages": [
         {"role": "user", "content": "mail x@example.com"},

@@ -577,34 +577,37 @@ _CHOICE_WORDS = frozenset(("auto", "none", "required"))
 
 
 def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
-            cls: str | None = None) -> None:
+            cls: str | None = None, schema: bool = False) -> None:
     """A tool choice is read as _read_values reads a value (keys, strings, numbers under a
     card or phone key), but for what names the tools it picks: their names, types and
     labels (in the choice itself, a `function` or `custom` object, an entry of a `tools`
     list, an object with a `type`: `tool`) and lists of tool names. Those must match
-    `tools`, which is not scanned, or the provider finds no such tool."""
+    `tools`, which is not scanned, or the provider finds no such tool. In a parameter
+    schema (`schema`) only its parameter names are kept (`properties` keys, `required`):
+    an object there with a `type` is an example or a default, anyone's words."""
     if isinstance(node, dict):
-        tool = tool or "type" in node
+        tool = not schema and (tool or "type" in node)
         for k, v in node.items():
             if tool and k in _OWN_KEYS and isinstance(v, str):
                 continue
-            if k in _NAME_LISTS and isinstance(v, list) and all(
-                    isinstance(x, str) for x in v):
+            if k in (_PARAMETER_LISTS if schema else _NAME_LISTS) and isinstance(
+                    v, list) and all(isinstance(x, str) for x in v):
                 continue
-            if k == "properties" and isinstance(v, dict):
-                # A schema's parameter names: the model's arguments must match them.
-                for name, schema in v.items():
-                    _choice(c, (*path, k, name), schema, False, cls)
+            if schema and k == "properties" and isinstance(v, dict):
+                # The parameter names: the model's arguments must match them.
+                for name, sub in v.items():
+                    _choice(c, (*path, k, name), sub, False, cls, True)
                 continue
             c.map_key(path, k)
             own = key_class(k)
-            _choice(c, (*path, k), v, k in _TOOL_SPECS, cls if own is None else own)
+            _choice(c, (*path, k), v, not schema and k in _TOOL_SPECS,
+                    cls if own is None else own, schema or k in _SCHEMA_KEYS)
     elif isinstance(node, list):
         # The entries of a `tools` list are tools, with a type or not (chat's legacy
         # functions go by their name alone).
-        listed = path[-1] in _TOOL_LISTS
+        listed = not schema and path[-1] in _TOOL_LISTS
         for i, v in enumerate(node):
-            _choice(c, (*path, i), v, listed, cls)
+            _choice(c, (*path, i), v, listed, cls, schema)
     elif isinstance(node, str):
         if node not in _CHOICE_WORDS and not _unread(c, path, node):
             c.text(path, node)
@@ -613,10 +616,14 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
 
 
 _TOOL_SPECS = frozenset(("function", "custom"))
-# Lists of tool names (an MCP entry's allowed tools, as a list or as its `tool_names`)
-# and of parameter names (a schema's `required`).
-_NAME_LISTS = frozenset(("allowed_tools", "tool_names", "required"))
+# Lists of tool names (an MCP entry's allowed tools, as a list or as its `tool_names`),
+# and of a schema's parameter names.
+_NAME_LISTS = frozenset(("allowed_tools", "tool_names"))
+_PARAMETER_LISTS = frozenset(("required",))
 _TOOL_LISTS = frozenset(("tools", "functions"))
+# Where a tool's parameter schema sits (Chat and Responses `parameters`, MCP's
+# `input_schema`).
+_SCHEMA_KEYS = frozenset(("parameters", "input_schema"))
 
 
 def tool_definitions(c: Collector, path: Path, node: Any) -> None:
@@ -624,7 +631,10 @@ def tool_definitions(c: Collector, path: Path, node: Any) -> None:
     schemas), read as a tool choice is: never the names, types and labels of tools, nor
     parameter names, which the request's choices, history and a policy's strip match
     against, and the model's arguments use."""
-    _choice(c, path, node, len(path) > 1 and path[-2] in _TOOL_LISTS)
+    tool = (len(path) > 1 and path[-2] in _TOOL_LISTS) or path[-1] in _TOOL_SPECS
+    _choice(c, path, node, tool, schema=any(p in _SCHEMA_KEYS for p in path))
+
+
 _TOOL_ROLES = frozenset(("tool", "function"))
 # A chat message's fields chat() reads itself (llm_api checked their shapes).
 _CHAT_READ = frozenset({"content", "tool_calls", "function_call"})
