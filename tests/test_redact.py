@@ -276,7 +276,8 @@ def test_tool_definitions_named_by_extra_paths_keep_every_name():
 
 
 @pytest.mark.parametrize("paths", [["tools"], ["tools[*].function"],
-                                   ["tools[*].function.parameters"]])
+                                   ["tools[*].function.parameters"],
+                                   ["tools[*].function.parameters.properties"]])
 def test_a_schemas_examples_are_read_though_they_have_a_type(paths):
     # An object with a `type` in a schema (an example, a default) was taken for a tool
     # and its name and id went out unread; a function named by its path kept no name.

@@ -632,7 +632,12 @@ def tool_definitions(c: Collector, path: Path, node: Any) -> None:
     parameter names, which the request's choices, history and a policy's strip match
     against, and the model's arguments use."""
     tool = (len(path) > 1 and path[-2] in _TOOL_LISTS) or path[-1] in _TOOL_SPECS
-    _choice(c, path, node, tool, schema=any(p in _SCHEMA_KEYS for p in path))
+    schema = any(p in _SCHEMA_KEYS for p in path)
+    if schema and path[-1] in ("properties", *_PARAMETER_LISTS):
+        # A schema's parameter names named by the path itself: the same as within it.
+        _choice(c, path[:-1], {path[-1]: node}, False, schema=True)
+        return
+    _choice(c, path, node, tool, schema=schema)
 
 
 _TOOL_ROLES = frozenset(("tool", "function"))
