@@ -283,14 +283,16 @@ def test_a_schemas_examples_are_read_though_they_have_a_type(paths):
     # and its name and id went out unread; a function named by its path kept no name.
     r = Redactor(RedactionSettings(extra_paths=paths, custom_detectors=[
         {"name": "codename", "pattern": "falcon"}]), hmac_key=KEY)
-    example = {"type": "customer", "name": "falcon jones", "id": "falcon-1"}
+    example = {"type": "customer", "name": "falcon jones", "id": "falcon-1",
+               "properties": {"falcon_key": "v"}, "required": ["falcon r"]}
     doc = {**chat("hi"), "tools": [{"type": "function", "function": {
         "name": "falcon_search", "parameters": {"type": "object", "properties": {
             "who": {"type": "object", "examples": [example]}}}}}]}
     function = Redactor.redact(r, "chat", doc, "t").fields["tools"][0]["function"]
     assert function["name"] == "falcon_search"
     assert function["parameters"]["properties"]["who"]["examples"] == [
-        {"type": "customer", "name": "[CODENAME_1] jones", "id": "[CODENAME_1]-1"}]
+        {"type": "customer", "name": "[CODENAME_1] jones", "id": "[CODENAME_1]-1",
+         "properties": {"[CODENAME_1]_key": "v"}, "required": ["[CODENAME_1] r"]}]
 
 
 def test_doc_not_mutated_and_only_changed_fields(redactor):

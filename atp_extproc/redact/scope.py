@@ -593,6 +593,11 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
             if k in (_PARAMETER_LISTS if schema else _NAME_LISTS) and isinstance(
                     v, list) and all(isinstance(x, str) for x in v):
                 continue
+            if schema and k in _SCHEMA_VALUES:
+                # Values a parameter may take: anyone's words, whatever keys they hold.
+                c.map_key(path, k)
+                _read_values(c, [((*path, k), v, cls)])
+                continue
             if schema and k == "properties" and isinstance(v, dict):
                 # The parameter names: the model's arguments must match them.
                 for name, sub in v.items():
@@ -620,6 +625,7 @@ _TOOL_SPECS = frozenset(("function", "custom"))
 # and of a schema's parameter names.
 _NAME_LISTS = frozenset(("allowed_tools", "tool_names"))
 _PARAMETER_LISTS = frozenset(("required",))
+_SCHEMA_VALUES = frozenset(("examples", "example", "default", "const", "enum"))
 _TOOL_LISTS = frozenset(("tools", "functions"))
 # Where a tool's parameter schema sits (Chat and Responses `parameters`, MCP's
 # `input_schema`).
