@@ -27,7 +27,9 @@ from atp_extproc.redact.detectors import PLACEHOLDER_TEXT, Budget, Scanner, Scan
 from atp_extproc.redact.normalize import INVISIBLE, normalize, warm
 from atp_extproc.redact.settings import RedactionSettings, parse_path
 
-_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+# An escaped ASCII character: only those can spell a placeholder (text in another script,
+# which JSON writers escape by the thousand, is left alone).
+_JSON_ESCAPE = re.compile(r"\\u00([0-7][0-9a-fA-F])")
 
 OPERATIONS = tuple(scope.WALKERS)
 # In `Redaction.denied` when the scan stopped early (work budget spent) and the settings
@@ -414,7 +416,7 @@ class Redactor:
             # read by the model too: a value numbered like it would be restored in place
             # of what the model says about it. JSON may write one with \u escapes.
             res.reserved.update(PLACEHOLDER_TEXT.findall(body))
-            if "\\u" in body:
+            if "\\u00" in body:
                 res.reserved.update(PLACEHOLDER_TEXT.findall(_JSON_ESCAPE.sub(
                     lambda m: chr(int(m[1], 16)), body)))
         mapping: dict[str, str] = {}

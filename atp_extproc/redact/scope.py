@@ -480,8 +480,14 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
                 stack.append(((*path, k), v, cls if own is None else own))
         elif isinstance(value, list):
             stack.extend(((*path, i), v, cls) for i, v in enumerate(value))
-        elif cls and type(value) in (int, float) and value == value // 1:
-            c.units.append([Segment(f"{cls}: "), Segment(str(int(value)), path)])
+        else:
+            _number(c, path, value, cls)
+
+
+def _number(c: Collector, path: Path, value: Any, cls: str | None) -> None:
+    """A whole number under a key naming a card, phone or SSN (`cls`), read as one."""
+    if cls and type(value) in (int, float) and value == value // 1:
+        c.units.append([Segment(f"{cls}: "), Segment(str(int(value)), path)])
 
 
 def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
@@ -616,8 +622,8 @@ def _choice(c: Collector, path: Path, node: Any, tool: bool = True,
     elif isinstance(node, str):
         if node not in _CHOICE_WORDS and not _unread(c, path, node):
             c.text(path, node)
-    elif cls and type(node) in (int, float) and node == node // 1:
-        c.units.append([Segment(f"{cls}: "), Segment(str(int(node)), path)])
+    else:
+        _number(c, path, node, cls)
 
 
 _TOOL_SPECS = frozenset(("function", "custom"))
