@@ -93,18 +93,18 @@ class _RawNumber:
         self.text = text
 
 
-def _float(text: str) -> Any:
-    try:
-        return finite_float(text)
-    except UnreadableNumber:
-        return _RawNumber(text)
+def _or_raw(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """json's parse_float or parse_int, keeping as _RawNumber what `parse` refuses."""
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except UnreadableNumber:
+            return _RawNumber(text)
+    return read
 
 
-def _int(text: str) -> Any:
-    try:
-        return bounded_int(text)
-    except UnreadableNumber:
-        return _RawNumber(text)
+_float = _or_raw(finite_float)
+_int = _or_raw(bounded_int)
 
 
 def _loads(data: bytes | str) -> Any:
