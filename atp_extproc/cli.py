@@ -227,13 +227,8 @@ def _stack(args: argparse.Namespace) -> int:
     from atp_extproc.stack import PortBusyError, Stack
 
     workdir = Path(args.workdir)
-    names = [name for name, _ in args.port]
-    twice = next((name for name in names if names.count(name) > 1), None)
-    if twice is not None:
-        print(f"atp-extproc stack: --port {twice}=... given twice", file=sys.stderr)
-        return 2
     try:
-        stack = Stack.on_default_ports(Path(args.config), workdir, dict(args.port))
+        stack = Stack.on_default_ports(Path(args.config), workdir, args.port)
     except ValueError as exc:
         print(f"atp-extproc stack: {exc}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,14 +233,18 @@ class Stack:
 
     @classmethod
     def on_default_ports(cls, config_path: Path, workdir: Path,
-                         ports: Mapping[str, int] | None = None) -> Stack:
-        """The ports `make run` documents, but those `ports` moves. ValueError: a name
-        that is no listener's, or two listeners on one port."""
-        unknown = [name for name in ports or () if name not in DEFAULT_PORTS]
-        if unknown:
-            raise ValueError(f"--port {unknown[0]}=...: no such listener; the stack's are "
-                             f"{', '.join(DEFAULT_PORTS)}")
-        moved = {**DEFAULT_PORTS, **(ports or {})}
+                         ports: Sequence[tuple[str, int]] = ()) -> Stack:
+        """The ports `make run` documents, but those (name, port) `ports` moves.
+        ValueError: a name that is no listener's or is given twice, or two listeners on
+        one port."""
+        names = [name for name, _ in ports]
+        for name in names:
+            if name not in DEFAULT_PORTS:
+                raise ValueError(f"--port {name}=...: no such listener; the stack's are "
+                                 f"{', '.join(DEFAULT_PORTS)}")
+            if names.count(name) > 1:
+                raise ValueError(f"--port {name}=... given twice")
+        moved = {**DEFAULT_PORTS, **dict(ports)}
         by_port: dict[int, list[str]] = {}
         for name, port in moved.items():
             by_port.setdefault(port, []).append(name)
