@@ -214,6 +214,8 @@ def _tenant_header_problem(name: str) -> str | None:
         return "it is empty"
     if name.startswith(":"):
         return "it is an HTTP/2 pseudo-header (like :path), which no hop sets as a header"
+    if name == "host":
+        return "Envoy hands the Host header to ATP as :authority, which no hop sets for a tenant"
     if not _HEADER_NAME.fullmatch(name):
         return "it is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
     if name.startswith("x-atp-"):

@@ -30,7 +30,20 @@ def _unauthorized(message: str, code: str = "invalid_api_key") -> RequestError:
     return RequestError(401, message, code, type_="authentication_error")
 
 
-_NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+def _no_tenant(snapshot: Snapshot) -> str:
+    """What a caller who named no tenant should send: only what this config reads."""
+    auth = snapshot.auth
+    if snapshot.api_keys and auth.jwt is None and auth.trusted_tenant_header is None:
+        return "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+    ways = []
+    if snapshot.api_keys:
+        ways.append("an API key as 'Authorization: Bearer KEY'")
+    if auth.jwt is not None:
+        ways.append(f"a token whose '{auth.jwt.tenant_claim}' claim names the tenant")
+    if auth.trusted_tenant_header is not None:
+        ways.append(f"the {auth.trusted_tenant_header} header, set by the trusted hop "
+                    "in front")
+    return "The request does not say who is calling: send " + ", or ".join(ways) + "."
 
 
 def _jwt_payload(snapshot: Snapshot,
@@ -140,7 +153,7 @@ def identify(
     as another source's tenant, which would keep a revoked key working.
     """
     payload = _jwt_payload(snapshot, jwt_metadata)
-    no_tenant = _NO_KEY
+    no_tenant = _no_tenant(snapshot)
     # A token whose tenant claim is there but unusable (42, "", a list) names a tenant
     # ATP cannot use: only a valid API key may still say who is calling.
     bad_claim: str | None = None

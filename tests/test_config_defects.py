@@ -128,6 +128,8 @@ def test_merges_of_merges_are_no_duplicates_in_either_loader() -> None:
     ("x tenant", "not a valid HTTP header name"),
     ("x-tenant:", "not a valid HTTP header name"),
     (":path", "pseudo-header"),
+    # Envoy hands it to ATP as :authority: every request was a 401.
+    ("Host", "as :authority"),
     ("authorization", "credential"),
     ("Authorization", "credential"),
     ("api-key", "credential"),

@@ -116,7 +116,7 @@ def test_wrong_key_is_401(example, headers: dict[str, str]) -> None:
 def test_missing_key_is_401(example, headers: dict[str, str]) -> None:
     err = refused(example, headers)
     assert (err.status, err.code, err.type) == (401, "invalid_api_key", "authentication_error")
-    assert "didn't provide an API key" in err.message
+    assert "send an API key as 'Authorization: Bearer KEY'" in err.message
 
 
 @pytest.mark.parametrize("authorization", [
@@ -341,6 +341,24 @@ def test_trusted_header_before_anonymous() -> None:
     snap = snapshot("auth:\n  anonymous_tenant: public\n  trusted_tenant_header: x-t\n")
     assert identify(snap, {"x-t": "acme"}, None).method == "trusted_header"
     assert identify(snap, {}, None).method == "anonymous"
+
+
+@pytest.mark.parametrize(("auth", "says", "never"), [
+    ("  trusted_tenant_header: x-t\n", "send the x-t header, set by the trusted hop",
+     "API key"),
+    ("  jwt: {tenant_claim: org}\n", "a token whose 'org' claim names the tenant",
+     "API key"),
+    ("  jwt: {tenant_claim: org}\n  trusted_tenant_header: x-t\n",
+     "claim names the tenant, or the x-t header", "API key"),
+])
+def test_a_caller_naming_no_tenant_is_told_what_this_config_reads(
+        auth: str, says: str, never: str) -> None:
+    # Told "You didn't provide an API key" where no key can work, a caller who sent
+    # one went on sending it.
+    for headers in ({}, {"authorization": f"Bearer {ALICE}"}):
+        err = refused(snapshot("auth:\n" + auth), headers)
+        assert (err.status, err.type) == (401, "authentication_error")
+        assert says in err.message and never not in err.message
 
 
 def test_a_bearer_too_deep_to_read_is_no_token_but_a_wrong_key() -> None:
