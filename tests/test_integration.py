@@ -432,7 +432,7 @@ def test_a_slow_model_gets_the_route_timeout_not_the_idle_timeout(tmp_path) -> N
         stack.stop_all()
 
 
-def test_logs_hold_no_query_string_nor_a_path_the_client_made_up(
+def test_logs_hold_no_query_string_nor_a_path_or_method_the_client_made_up(
         stack: Stack, upstreams: Upstreams) -> None:
     in_query, in_path = "sk-live-INQUERY123", "sk-live-INPATH456"
     post(stack, CHAT + f"?key={in_query}&mail=jo.query@example.com",
@@ -440,13 +440,16 @@ def test_logs_hold_no_query_string_nor_a_path_the_client_made_up(
     post(stack, f"/v1/jo.path@example.com/{in_path}", {"model": "gpt-4o-mini"})
     http(stack.base_url + "/v1/models/jo.model@example.com",
          headers={"authorization": f"Bearer {ALICE}"})
-    # Both logs write the unknown path as "<other>" and a model id as {id}.
+    in_method = "sk-live-INMETHOD789"  # HTTP/2 takes any token as a method
+    assert h2_post(stack, CHAT, b"{}", trailers=False, method=in_method)[0] == 405
+    # Both logs write the unknown path and method as "<other>" and a model id as {id}.
     wait_until(lambda: all('"path": "<other>"' in stack.log(name).replace('":"', '": "')
+                           and '"method": "<other>"' in stack.log(name).replace('":"', '": "')
                            and "/v1/models/{id}" in stack.log(name)
                            for name in ("atp", "envoy")), "the requests logged", timeout=10)
     for name in ("atp", "envoy"):
         log = stack.log(name)
-        assert [w for w in (in_query, in_path, "jo.query", "jo.path", "jo.model")
+        assert [w for w in (in_query, in_path, in_method, "jo.query", "jo.path", "jo.model")
                 if w in log] == [], name
 
 
@@ -500,8 +503,8 @@ def test_a_second_key_of_another_tenant_is_401(stack: Stack, upstreams: Upstream
     assert upstreams.total() == 0
 
 
-def h2_post(stack: Stack, path: str, body: bytes, trailers: bool = True
-            ) -> tuple[int, bytes]:
+def h2_post(stack: Stack, path: str, body: bytes, trailers: bool = True,
+            method: str = "POST") -> tuple[int, bytes]:
     """One HTTP/2 (prior knowledge) POST, its body sent as flow control allows, then
     trailers (or the end of the stream); the answer's status and body."""
     import h2.config
@@ -527,7 +530,7 @@ def h2_post(stack: Stack, path: str, body: bytes, trailers: bool = True
             sock.sendall(conn.data_to_send())
 
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path),
+        conn.send_headers(1, [(":method", method), (":scheme", "http"), (":path", path),
                               (":authority", "localhost"),
                               ("content-type", "application/json"),
                               ("authorization", f"Bearer {ALICE}")])
