@@ -310,10 +310,14 @@ class Exchange:
     def _never_forwarded(self, headers: dict[str, str]) -> list[str]:
         """What of `headers` (or trailers) must not reach a provider: the client's
         credential for ATP, the tenant header (the hop's word to ATP alone, like a
-        credential), and any x-atp-* header, which only ATP sets."""
+        credential), the account a key bills (the client's key is not the one that
+        leaves: beside the key Envoy injects, a tenant would pick which organization or
+        project of it pays and whose stored state it reads), and any x-atp-* header,
+        which only ATP sets."""
         trusted = self.snapshot.auth.trusted_tenant_header
         identity_headers = (*CREDENTIAL_HEADERS, trusted) if trusted else CREDENTIAL_HEADERS
-        return [*identity_headers, *(h for h in headers if h.startswith(ATP_HEADER_PREFIX))]
+        return [*identity_headers, *_ACCOUNT_HEADERS,
+                *(h for h in headers if h.startswith(ATP_HEADER_PREFIX))]
 
     def _on_request_trailers(self, trailers_msg) -> ProcessingResponse:
         if self.record.operation and self._parsed is None:
@@ -1110,6 +1114,8 @@ def _encoded(content_encoding: str) -> bool:
     return bool(codings - {"identity", ""})
 
 
+# OpenAI's: which of a key's organizations and projects a request is for.
+_ACCOUNT_HEADERS = ("openai-organization", "openai-project")
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                       "PATCH"))
 

@@ -1268,7 +1268,9 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
                                "messages": [{"role": "user", "content": "hi"}]}).encode()
             status, reply = _post(f"{base}/v1/chat/completions", body, {
                 "Authorization": "Bearer sk-demo-alice", "content-type": "application/json",
-                "x-atp-cluster": "anthropic", "x-envoy-internal-note": "10.4.5.6 payments"})
+                "x-atp-cluster": "anthropic", "x-envoy-internal-note": "10.4.5.6 payments",
+                # Beside the injected key they chose which of its accounts pays.
+                "OpenAI-Organization": "org-of-another-team", "OpenAI-Project": "proj_other"})
             assert status == 200, reply
             seen = [json.loads(line) for line in record.read_text().splitlines()][-1]
             assert seen["sni"] == host
@@ -1279,6 +1281,7 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
             assert headers["authorization"] == f"Bearer {provider_key}"
             assert not [h for h in headers if h.startswith(("x-atp-", "x-envoy-"))], headers
             assert "x-forwarded-for" not in headers
+            assert not {"openai-organization", "openai-project"} & set(headers), headers
 
         def access_log() -> list[dict]:
             return [json.loads(line) for line in (tmp_path / "envoy.log").read_text()
