@@ -847,6 +847,17 @@ class Exchange:
         return self._body_pending and not (self.sse is not None and self.sse.ended)
 
     @property
+    def _stream_cut_short(self) -> bool:
+        """The stream's body ended before its last event (`[DONE]`, a finish_reason, a
+        Responses stream's terminal event): the provider, or a hop before it, closed
+        it mid-answer, and the SDKs raise or hand the client a cut answer. (One without
+        any data is no answer at all: the provider's invalid response.)"""
+        sse = self.sse
+        return (sse is not None and not self._body_pending and sse.data_events > 0
+                and not sse.ended and sse.finish_reason is None
+                and 200 <= self.record.status < 300)
+
+    @property
     def response_work_bytes(self) -> int:
         """Bytes a restore works through at the next response body message, besides the
         message's own: the JSON answer held back so far (0 when nothing is restored)."""
@@ -924,15 +935,17 @@ class Exchange:
         # Forwarded, then cut off: the body ATP asked for never ended, or no answer came
         # at all (the client left while the model was still working).
         cut_off = self._awaiting_body
-        if not rec.error_code and (cut_off or (
+        if not rec.error_code and self.sse is not None and self.sse.failed:
+            # First: a client that stops reading at the error event (the SDKs raise it)
+            # leaves the body unended, and the provider's failure must still count.
+            rec.error_code = STREAM_ERROR
+        elif not rec.error_code and (cut_off or self._stream_cut_short or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
             if cut_off and self._headers_held:
                 # The upstream's headers never left Envoy: the client got Envoy's 502
                 # (upstream_unavailable), not the 200 they began with.
                 rec.status = 502
-        elif not rec.error_code and self.sse is not None and self.sse.failed:
-            rec.error_code = STREAM_ERROR
         elif not rec.error_code and rec.operation and self._parsed is None:
             rec.error_code = (ENVOY_TOO_LARGE if rec.status == 413 else
                               INCOMPLETE_REQUEST if not rec.status else "")

@@ -913,11 +913,13 @@ class SseStream:
         if obj.get("usage") is not None:
             self.usage = _usage_of(obj)
         # The chunk include_usage asks for, whether its counts are readable or not.
-        # Some providers leave `choices` out of it rather than sending it empty (a
-        # Responses event, which has a type, never has them). One holding an error is
-        # the provider's failure, which the client must see, however it carries usage.
-        choices = obj.get("choices", [] if kind is None else None)
-        return choices == [] and obj.get("usage") is not None and not has_error
+        # Some providers leave `choices` out of it, or send null, rather than an empty
+        # list (a Responses event, which has a type, never has them). One holding an
+        # error is the provider's failure, which the client must see, however it
+        # carries usage.
+        choices = obj.get("choices")
+        return ((choices == [] or (choices is None and kind is None))
+                and obj.get("usage") is not None and not has_error)
 
 
 def _data_of(event: bytearray) -> bytes:

@@ -886,17 +886,21 @@ def test_stream_usage_event_split_across_messages(snap, cut) -> None:
 
 
 @pytest.mark.parametrize("content_type, usage_without_choices", [
-    ("text/event-stream", True),   # a provider that leaves `choices` out of it
-    ("text/plain; charset=utf-8", False),  # a stream labelled as plain text
-    ("", False),
+    ("text/event-stream", {}),   # a provider that leaves `choices` out of it
+    # ...or sends null: the chunk reached the client, and the openai SDK's stream
+    # helper failed on it (TypeError).
+    ("text/event-stream", {"choices": None}),
+    ("text/plain; charset=utf-8", None),  # a stream labelled as plain text
+    ("", None),
 ])
 def test_the_injected_usage_chunk_never_reaches_the_client(
-        snap, content_type: str, usage_without_choices: bool) -> None:
+        snap, content_type: str, usage_without_choices: dict | None) -> None:
     ex, _ = send_body(snap, chat("fast", stream=True))
     assert ex.record.usage_injected
     stream, usage_event = chat_sse(11, 7)
-    if usage_without_choices:
+    if usage_without_choices is not None:
         bare = b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk",
+                                       **usage_without_choices,
                                        "usage": {"prompt_tokens": 11,
                                                  "completion_tokens": 7}}).encode() + b"\n\n"
         stream, usage_event = stream.replace(usage_event, bare), bare
@@ -1031,6 +1035,45 @@ def test_a_stream_ended_by_the_providers_error_event_is_a_failure(snap, event) -
     stream_response(ex, body.replace(b"data: [DONE]\n\n", event))
     rec = ex.finish()
     assert (rec.status, rec.error_code) == (200, "upstream_stream_error")
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n',
+    b'data: {"type": "error", "code": "server_error", "message": "boom"}\n\n'])
+def test_a_client_that_stops_at_the_error_event_still_counts_it(snap, event) -> None:
+    # The SDKs raise at the error event and close: the body's end never reached ATP,
+    # the record said response_incomplete, and the router (which learns nothing from
+    # a cut-off answer) never opened the failing model's breaker.
+    ex, _ = send_body(snap, chat("fast", stream=True))
+    ex.handle(resp_headers(200, "text/event-stream"))
+    ex.handle(resp_body(sse_chunk([{"index": 0, "delta": {"content": "Hi"}}]) + event,
+                        end=False))
+    assert ex.finish().error_code == "upstream_stream_error"
+
+
+def _events(*objs: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs)
+
+
+@pytest.mark.parametrize("path, request_body, body, error_code", [
+    # The body ended after two deltas, without [DONE], a finish_reason or a terminal
+    # event: recorded a success, so ledger and router counted a cut answer good.
+    (CHAT, chat("fast", stream=True),
+     _events({"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+             {"choices": [{"index": 0, "delta": {"content": "lo"}}]}), "response_incomplete"),
+    ("/v1/responses", {"model": "fast", "input": "hi", "stream": True},
+     _events({"type": "response.created", "response": {"id": "r"}},
+             {"type": "response.output_text.delta", "delta": "Hel"}), "response_incomplete"),
+    # A finish_reason is the answer's end, with or without a [DONE] after it.
+    (CHAT, chat("fast", stream=True),
+     _events({"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), ""),
+])
+def test_a_stream_whose_body_ends_before_its_last_event_is_incomplete(
+        snap, path: str, request_body: dict, body: bytes, error_code: str) -> None:
+    ex, _ = send_body(snap, request_body, path=path)
+    stream_response(ex, body)
+    assert ex.finish().error_code == error_code
 
 
 def test_responses_api_stream_usage(snap) -> None:
