@@ -69,6 +69,9 @@ class ConfigError(Exception):
 
 
 Token = Annotated[str, Field(pattern=TOKEN.pattern)]
+# A token, or a cluster Istio named: `outbound|443||api.openai.com` (its ServiceEntry's
+# port and host), which the shipped EnvoyFilter routes to as ATP says.
+ClusterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@|-]{0,127}$")]
 
 
 # USD per 1K tokens. Far above any real price; bounded so that a typo (a price per
@@ -92,14 +95,15 @@ class Price(Frozen):
         return price
 
 
-# The shipped Envoy configs' own clusters: ATP itself and the shadow listener. A model
-# routed to one would send live traffic, x-atp-* headers and all, back into Envoy or ATP.
-RESERVED_CLUSTERS = frozenset({"atp", "atp_shadow"})
+# The shipped Envoy configs' own clusters: ATP itself (atp_ext_proc in Istio) and the
+# shadow listener. A model routed to one would send live traffic, x-atp-* headers and
+# all, back into Envoy or ATP.
+RESERVED_CLUSTERS = frozenset({"atp", "atp_ext_proc", "atp_shadow"})
 
 
 class Model(Frozen):
     name: Token
-    cluster: Token
+    cluster: ClusterName
     upstream_model: Token
     price: Price
     region: str = "unspecified"

@@ -122,11 +122,25 @@ def test_error_negative_price_names_path() -> None:
     assert_names(error_of(doc), "models[1].price.input_per_1k", "greater than or equal to 0")
 
 
-@pytest.mark.parametrize("cluster", ["atp", "atp_shadow"])
+@pytest.mark.parametrize("cluster", ["atp", "atp_shadow", "atp_ext_proc"])
 def test_error_model_on_atps_own_cluster(cluster: str) -> None:
     doc = base()
     doc["models"][0]["cluster"] = cluster
     assert_names(error_of(doc), "models[0].cluster", "ATP's own")
+
+
+@pytest.mark.parametrize(("cluster", "ok"), [
+    ("outbound|443||api.openai.com", True),  # as Istio names a ServiceEntry's cluster
+    ("outbound|80|v1|demo.svc", True),
+    ("demo a", False), ("|outbound", False), ("demo\r\nx-atp-cluster: b", False)])
+def test_a_model_cluster_is_an_envoy_cluster_name(cluster: str, ok: bool) -> None:
+    doc = base()
+    doc["models"][0]["cluster"] = cluster
+    if ok:
+        assert config.parse(yaml.safe_dump(doc), "t.yaml").models[
+            doc["models"][0]["name"]].cluster == cluster
+    else:
+        assert_names(error_of(doc), "models[0].cluster")
 
 
 def test_error_price_not_a_number() -> None:

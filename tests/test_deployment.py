@@ -44,6 +44,8 @@ from atp_extproc.stack import (
     free_port,
     grpc_serving,
     http_ok,
+    move_ports,
+    render_envoy,
     wait_until,
 )
 
@@ -301,9 +303,13 @@ def istio_patches() -> list[dict[str, Any]]:
     return envoy_filter["spec"]["configPatches"]
 
 
-def bootstrap_from_istio_patches() -> dict[str, Any]:
+ISTIO_OWN_ROUTE = {"match": {"prefix": "/"}, "direct_response": {"status": 200}}
+
+
+def bootstrap_from_istio_patches(istio_route: dict = ISTIO_OWN_ROUTE) -> dict[str, Any]:
     """A minimal bootstrap holding what the EnvoyFilter adds: its clusters, its listener
-    settings, and its HTTP filters inserted before the router, in patch order."""
+    settings, its HTTP filters inserted before the router, in patch order, and its routes
+    before `istio_route`, the one Istio would generate for the Host."""
     patches = istio_patches()
     filters = [p["patch"]["value"] for p in patches
                if p["applyTo"] == "HTTP_FILTER" and p["patch"]["operation"] == "INSERT_BEFORE"]
@@ -325,16 +331,14 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
                      "http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "outbound_80",
             "route_config": {"virtual_hosts": [{
-                "name": "models", "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"},
-                            "direct_response": {"status": 200}}]}]},
+                "name": "models", "domains": ["*"], "routes": [istio_route]}]},
             "http_filters": [*filters, router],
         }}]}],
     }
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for patch in patches:
         value = patch["patch"]["value"]
-        assert patch["patch"]["operation"] in ("ADD", "INSERT_BEFORE", "MERGE")
+        assert patch["patch"]["operation"] in ("ADD", "INSERT_BEFORE", "INSERT_FIRST", "MERGE")
         if patch["applyTo"] == "LISTENER":
             listener.update(value)
         elif patch["applyTo"] == "NETWORK_FILTER":
@@ -342,6 +346,9 @@ def bootstrap_from_istio_patches() -> dict[str, Any]:
             manager.update({k: v for k, v in value["typed_config"].items() if k != "@type"})
         elif patch["applyTo"] == "VIRTUAL_HOST":
             manager["route_config"]["virtual_hosts"][0].update(value)
+        elif patch["applyTo"] == "HTTP_ROUTE":
+            assert patch["patch"]["operation"] == "INSERT_FIRST"
+            manager["route_config"]["virtual_hosts"][0]["routes"].insert(0, value)
     return {"static_resources": {"listeners": [listener], "clusters": added}}
 
 
@@ -364,6 +371,55 @@ def test_istio_envoyfilter_inserts_ext_proc_before_the_router() -> None:
 
 def test_istio_envoyfilter_patches_pass_envoy_validate(tmp_path: Path) -> None:
     envoy_validate(bootstrap_from_istio_patches(), tmp_path, "istio-envoyfilter.yaml")
+
+
+def test_istio_patches_route_where_atp_decided(tmp_path: Path) -> None:
+    """Istio's own route for the app's Host names one provider; ATP chose another, named
+    as Istio names its clusters: the request must go where ATP decided. Without the
+    patches' routes it went to the Host's provider with the other's model id, and with
+    personal data a restrict policy kept from external models."""
+    stack = Stack.on_free_ports(workdir=tmp_path)
+    istio_b = "outbound|80||demo-b.models.svc.cluster.local"
+    atp_yaml = load_yaml(stack.config_path)
+    for model in atp_yaml["models"]:
+        if model["cluster"] == "demo_b":
+            model["cluster"] = istio_b
+    stack.config_path.write_text(yaml.safe_dump(atp_yaml, sort_keys=False))
+    front = yaml.safe_load(render_envoy(stack.ports))
+    doc = bootstrap_from_istio_patches(
+        istio_route={"match": {"prefix": "/"}, "route": {"cluster": "demo_a"}})
+    doc = move_ports(doc, {80: stack.ports["envoy"], 50051: stack.ports["atp"]})
+    doc["admin"] = front["admin"]
+    demo_b = copy.deepcopy(clusters(front)["demo_b"])
+    demo_b["name"] = demo_b["load_assignment"]["cluster_name"] = istio_b
+    doc["static_resources"]["clusters"] += [clusters(front)["demo_a"], demo_b]
+    try:
+        stack.start_upstream("demo_a")
+        stack.start_upstream("demo_b")
+        stack.start_atp()
+        stack.start_envoy(yaml.safe_dump(doc, sort_keys=False), wait_for_atp=False)
+        def sent(model: str) -> urllib.request.Request:
+            return urllib.request.Request(
+                f"{stack.base_url}/v1/chat/completions", method="POST",
+                data=json.dumps({"model": model, "messages": [
+                    {"role": "user", "content": "hi"}]}).encode(),
+                headers={"authorization": "Bearer sk-demo-alice",
+                         "content-type": "application/json", "host": "demo-a"})
+
+        wait_until(lambda: _status_of(sent("gpt-4o-mini")) != 503, "envoy sees atp healthy")
+        for model, upstream in (("gpt-4o", "demo_b"), ("gpt-4o-mini", "demo_a")):
+            with urllib.request.urlopen(sent(model), timeout=10) as reply:
+                assert reply.headers["x-upstream-name"] == upstream, model
+    finally:
+        stack.stop_all()
+
+
+def _status_of(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def test_istio_ext_proc_matches_the_front_proxy() -> None:

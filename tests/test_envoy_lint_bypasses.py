@@ -389,6 +389,26 @@ def test_a_model_cluster_no_route_sends_requests_to_is_an_error():
     assert "no route" in problem.reason and "'gemini'" in problem.reason
 
 
+def test_routes_that_never_read_atps_cluster_header_are_an_error():
+    """Routes by Host alone, as a mesh generates them, reach every model cluster, yet
+    send each request where its Host says, whatever model ATP chose: check said OK."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    listener = next(v for v in doc["static_resources"]["listeners"] if v["name"] == "front")
+    doc["static_resources"]["listeners"] = [listener]  # (the shadow one reads the header)
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    manager["route_config"]["virtual_hosts"] = [
+        {"name": name, "domains": [name.replace("_", "-")],
+         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name}}]}
+        for name in ("demo_a", "demo_b")]
+    (problem,) = missing_cluster_problems("e.yaml", yaml.safe_dump(doc),
+                                          {"demo_a", "demo_b"})
+    assert problem.severity == "error" and "reads x-atp-cluster" in problem.reason
+    # One model cluster: there is no choice for a route to ignore.
+    assert missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"demo_a"}) == []
+
+
 @pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",
                                      "weighted_cluster_header", "aggregate"])
 def test_routes_the_lint_cannot_follow_or_that_reach_a_cluster_pass(variant):

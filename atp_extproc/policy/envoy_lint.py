@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from atp_extproc.config import envoy_buffer_limit
+from atp_extproc.exchange import CLUSTER_HEADER
 from atp_extproc.policy.settings import Problem, load_yaml
 
 EXT_PROC_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -600,15 +601,34 @@ def missing_cluster_problems(file: str, text: str,
                         f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
                         "would answer its requests 503 cluster_not_found")
                 for name in sorted(set(model_clusters) - names)]
-    routed = _routed_clusters(static.get("listeners") if isinstance(static, dict) else None,
-                              clusters)
+    listeners = static.get("listeners") if isinstance(static, dict) else None
+    routed = _routed_clusters(listeners, clusters)
     if routed is not None:
         problems += [Problem(file, line, "static_resources.listeners",
                              f"no route of a listener ATP checks sends requests to cluster "
                              f"{name!r}, which a model in atp.yaml routes to: Envoy would "
                              "answer them from its fallback route")
                      for name in sorted((set(model_clusters) & names) - routed)]
+        if len(set(model_clusters) & names) > 1 and not _matches_atp_cluster(listeners):
+            problems.append(Problem(
+                file, line, "static_resources.listeners",
+                f"no route of a listener ATP checks reads {CLUSTER_HEADER} (by "
+                "cluster_header or a header match): Envoy would send each request where "
+                "its Host or path says, not to the model's cluster ATP chose, with that "
+                "model's id and under its policies"))
     return problems
+
+
+def _matches_atp_cluster(listeners: Any) -> bool:
+    """Whether a route of a listener with ext_proc matches on ATP's cluster header."""
+    checked = [listener for listener in listeners if isinstance(listener, dict)
+               and any(_is_ext_proc(f) for f in _walk(listener))] \
+        if isinstance(listeners, list) else []
+    return any(
+        isinstance(header, dict) and str(header.get("name", "")).lower() == CLUSTER_HEADER
+        for listener in checked
+        for node in _walk(listener) if isinstance(node.get("match"), dict)
+        for header in node["match"].get("headers") or ())
 
 
 def _routed_clusters(listeners: Any, clusters: Any) -> set[str] | None:
