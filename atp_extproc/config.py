@@ -496,18 +496,24 @@ class _StrictLoader(KeyCheckingLoader):
             raise _DuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
 
 
-def key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
+def key_path(node: Any, line: int, key: str, path: str = "",
+             searched: set[int] | None = None) -> str | None:
     """The full path (`routes[0].aliases.gpt-4o`) of the mapping key `key` repeated at
-    `line` below `node`, a document as load_yaml keeps it: load_yaml names the key alone."""
+    `line` below `node`, a document as load_yaml keeps it: load_yaml names the key alone.
+    `searched`: the nodes already searched in vain. A YAML alias is its anchor's node
+    again, and aliases of aliases would have the walk read billions of nodes."""
     if isinstance(node, LineList):
         children = [(f"{path}[{i}]", item) for i, item in enumerate(node)]
     elif isinstance(node, LineDict):
         children = [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
     else:
         return None
+    searched = set() if searched is None else searched
+    if id(node) in searched:
+        return None
     # Innermost first: an outer mapping with the same key can span the line too.
     for child_path, child in children:
-        found = key_path(child, line, key, child_path)
+        found = key_path(child, line, key, child_path, searched)
         if found is not None:
             return found
     if isinstance(node, LineDict):
@@ -516,6 +522,7 @@ def key_path(node: Any, line: int, key: str, path: str = "") -> str | None:
         for (child_path, _), k in zip(children, node, strict=True):
             if str(k) == key and node.line <= line <= node.key_lines[k]:
                 return child_path
+    searched.add(id(node))
     return None
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,20 @@ def test_a_key_a_mapping_gives_twice_is_still_refused_beside_a_merge() -> None:
         config_mod.parse(text, SRC)
     _, problems = load_yaml(text, SRC)
     assert [(p.line, p.path) for p in problems] == [(10, "name")]
+
+
+def test_a_duplicate_key_beside_aliases_of_aliases_is_named_at_once(tmp_path: Path) -> None:
+    # Naming the key's path walked every alias's expansion: 9 aliases of 9 aliases ...
+    # 12 levels deep (a 4 KB file) froze check, serve and a live reload.
+    bomb = "bomb:\n  - &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 12))
+    path = tmp_path / "atp.yaml"
+    path.write_text(bomb + MINIMAL_CONFIG + "auth: {anonymous_tenant: anon}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "atp_extproc", "check", str(path)],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "auth: the key appears twice" in done.stdout, done.stdout
 
 
 def test_two_merge_keys_in_one_mapping_are_a_duplicate() -> None:
