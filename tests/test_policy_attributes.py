@@ -422,6 +422,12 @@ def test_message_count_counts_what_each_api_sends(operation, doc, count):
     ("AKIAZ5XQWERTYUPLKJHG", "<tool#4>"), ("sk-abcdefghijklmnopqrstuvwxyz012345", "<tool#4>"),
     ("ghp_16C7e42F292c6912E7710c838347Ae178B4a", "<tool#4>"),
     ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl", "<tool#4>"),
+    # An IPv6 address, and keys with few digits, went into records as they came.
+    ("fd12:abcd::1", "<tool#4>"), ("fe80:0:0:0:abcd:ef:1:2", "<tool#4>"),
+    ("rk_live_4eC39HqLyjWDarjtT1zdp7dc", "<tool#4>"),
+    ("my_sk_test_aBcDeFgHiJkLmNoPqRsTuV", "<tool#4>"),
+    ("hf_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgH", "<tool#4>"),
+    ("github:search_code", "github:search_code"), ("risk_score", "risk_score"),
 ])
 def test_a_tool_name_shaped_like_a_credential_is_not_logged(name, logged):
     assert safe_name(name, 4) == logged

@@ -577,12 +577,14 @@ def _fill(container: Any, values: dict[str, Any]) -> None:
 
 # -- from an OpenAI-compatible body ---------------------------------------------------
 
-# An identifier that starts with a letter, holds at most 6 digits and no dotted quad,
-# and does not start as a credential does: a card, phone or social security number, an
-# IPv4 address or a key (AWS, OpenAI, GitHub, Slack, Google, a JWT) named as a tool never
-# reaches a log.
-_TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,6}\D*\Z)(?!.*\d\.\d+\.\d+\.\d)"
-                        r"(?!(?:AKIA|ASIA|sk-|sk_|gh[pousr]_|github_pat_|xox[abpr]-|AIza|eyJ))"
+# An identifier that starts with a letter, holds at most 6 digits, no dotted quad and at
+# most one colon, does not start as a credential does and holds no Stripe-style key: a
+# card, phone or social security number, an IP address or a key (AWS, OpenAI, Stripe,
+# Hugging Face, GitHub, Slack, Google, a JWT) named as a tool never reaches a log. (A
+# random key may hold few digits: rk_live_4eC39HqLyjWDarjtT1zdp7dc holds five.)
+_TOOL_NAME = re.compile(r"(?=(?:\D*\d){0,6}\D*\Z)(?!.*\d\.\d+\.\d+\.\d)(?!.*:.*:)"
+                        r"(?!(?:AKIA|ASIA|sk-|sk_|rk-|rk_|hf_|gh[pousr]_|github_pat_|"
+                        r"xox[abpr]-|AIza|eyJ))(?!.*[sr]k_(?:live|test)_)"
                         r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 
 
