@@ -22,8 +22,18 @@ class Frozen(BaseModel):
 
 
 _T = TypeVar("_T")
+
+
+def _ordered(value: Any) -> Any:
+    # Lax, a tuple takes a set too: a YAML !!set's order is the process's hash seed, so
+    # replicas (or one ATP before and after a restart) read one file as different lists.
+    if isinstance(value, set | frozenset):
+        raise ValueError("a YAML set (!!set) has no order: give a list")
+    return value
+
+
 # YAML gives a list, which strictness refuses as a tuple.
-Items = Annotated[tuple[_T, ...], Strict(False)]
+Items = Annotated[tuple[_T, ...], Strict(False), BeforeValidator(_ordered)]
 
 # README: only true and false are booleans, but a boolean setting still takes yes/no,
 # as files written for YAML 1.1 spell them; nothing else. Lax pydantic also read 'off',

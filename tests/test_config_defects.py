@@ -94,6 +94,16 @@ def test_a_duplicate_key_beside_aliases_of_aliases_is_named_at_once(tmp_path: Pa
     assert "auth: the key appears twice" in done.stdout, done.stdout
 
 
+def test_a_yaml_set_is_no_list() -> None:
+    # Read as one, its order came from the hash seed: two replicas served one file's
+    # alias from different first candidates.
+    text = MINIMAL_CONFIG.replace("aliases: {a: [m]}", "aliases: {a: !!set {m}}")
+    with pytest.raises(ConfigError) as raised:
+        config_mod.parse(text, SRC)
+    assert raised.value.problems == [("routes[0].aliases.a",
+                                      "a YAML set (!!set) has no order: give a list")]
+
+
 def test_two_merge_keys_in_one_mapping_are_a_duplicate() -> None:
     text = "a: &a {x: 1}\nb: &b {y: 2}\nc: {<<: *a, <<: *b}\n"
     with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key '<<'"):
