@@ -538,3 +538,15 @@ def test_an_envoy_buffer_smaller_than_atp_counts_on_is_refused(tmp_path: Path, m
     found = [line for line in output.splitlines() if "per_connection_buffer_limit_bytes" in line]
     assert len(found) == errors and code == (1 if errors else 0)
     assert all(f"ATP counts on {2 * max_body}" in line for line in found)
+
+
+@pytest.mark.parametrize("limit", [65536, "65536"])
+def test_a_quoted_envoy_buffer_limit_is_read_as_envoy_reads_it(limit) -> None:
+    # Protobuf's JSON takes the number quoted, and Envoy with it: check said OK.
+    from atp_extproc.policy.envoy_lint import buffer_problems
+
+    doc = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    for listener in doc["static_resources"]["listeners"]:
+        listener["per_connection_buffer_limit_bytes"] = limit
+    problems = buffer_problems("e.yaml", yaml.safe_dump(doc), 4 << 20)
+    assert problems and all("Envoy buffers 65536 bytes" in p.reason for p in problems)

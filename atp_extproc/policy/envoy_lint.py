@@ -688,6 +688,8 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
             continue
         limit = listener.get("per_connection_buffer_limit_bytes",
                              ENVOY_DEFAULT_BUFFER_BYTES)
+        if isinstance(limit, str) and limit.isascii() and limit.isdigit():
+            limit = int(limit)  # protobuf's JSON takes a 32-bit integer quoted too
         if isinstance(limit, int) and not isinstance(limit, bool) and limit < needed:
             problems.append(Problem(
                 file, _line(listener, "per_connection_buffer_limit_bytes") or _line(listener),
