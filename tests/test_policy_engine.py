@@ -187,6 +187,30 @@ def test_tools_strip_and_deny():
     assert rec(none, "t.scope").decision == "not_applicable"
 
 
+def test_policies_past_one_programs_size_limit_are_joined_into_several():
+    # 43 allow-lists of 150 tenants passed cel-cpp's 100,000 code points as one joined
+    # program: check and serve refused the config as "<batch>: internal".
+    def among(i: int) -> str:
+        return "[" + ", ".join(f"'t{i}x{j:03d}'" for j in range(150)) + "]"
+
+    policies = [P(f"req.p{i}", "deny", f"subject.tenant in {among(i)}") for i in range(30)]
+    policies += [P(f"cand.p{i}", "restrict", f"resource.model == 'large' && "
+                   f"subject.tenant in {among(i)}") for i in range(20)]
+    policies += [P(f"tool.p{i}", "tools", f"tool.name == 'shell' && subject.tenant in "
+                   f"{among(i)}", tool_action="strip") for i in range(20)]
+    ps = compile_(*policies)
+    assert len(ps._batches) > 1
+    doc = attrs("t7x001", tool_details=[{"name": "shell"}, {"name": "calc"}])
+    assert ps.raw_results(doc, [SMALL, LARGE]) == ps.raw_results(doc, [SMALL, LARGE],
+                                                                   batch=False)
+    out = ps.evaluate(doc, [SMALL, LARGE])
+    assert out.denied.policy_id == "req.p7"
+    assert rec(out, "cand.p7").decision == "restrict" and out.tools_to_strip == ("shell",)
+    assert rec(out, "tool.p7").targets == ("shell",)
+    assert ps.evaluate(attrs("t25x009"), [SMALL]).denied.policy_id == "req.p25"
+    assert ps.evaluate(attrs("mallory"), [SMALL]).denied is None
+
+
 def test_tool_arguments_from_history():
     ps = compile_(P("t.args", "tools", "tool.name == 'search' && 'limit' in tool.arguments"
                     " && int(tool.arguments['limit']) > 50", tool_action="deny"))

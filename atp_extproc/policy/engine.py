@@ -565,6 +565,11 @@ def _root_rules(sp: SourcedPolicy, roots: frozenset[str]) -> list[Problem]:
     return out
 
 
+# cel-cpp refuses a program of more than 100,000 code points: past this, the policies
+# are joined into several programs (about 40 allow-lists of 150 tenants each fill one).
+MAX_BATCH_CODEPOINTS = 99_000
+
+
 def _batch_source(groups: Mapping[str, Sequence[str]]) -> str:
     """The joined program over the expressions of each level (see the module doc)."""
     def join(level: str) -> str:
@@ -577,6 +582,9 @@ def _batch_source(groups: Mapping[str, Sequence[str]]) -> str:
             "cel.bind(context, a.context, "
             f"[{join(REQUEST)}, a.candidates.map(resource, {join(CANDIDATE)}), "
             f"request.tool_details.map(tool, {join(TOOL)})])))")
+
+
+_EMPTY_BATCH_CODEPOINTS = len(_batch_source({}))
 
 
 def _batch_problem(sp: SourcedPolicy, level: str) -> Problem | None:
@@ -625,7 +633,7 @@ class PolicySet:
             if settings.default == "deny" else None
         self._combined: dict[tuple[Any, ...], _Combined] = {}
         self._env = batch_env()
-        self._batch = self._compile_batch() if policies else None
+        self._batches = self._compile_batches() if policies else ()
 
     # -- compile ----------------------------------------------------------------------
 
@@ -747,14 +755,42 @@ class PolicySet:
         except PolicyError as exc:  # never expected (see _batch_problem); `check` lists it
             return None, problems + list(exc.details)
 
-    def _compile_batch(self) -> Any:
-        source = _batch_source({level: [p.expression for p in group] for level, group in (
-            (REQUEST, self._request), (CANDIDATE, self._candidate), (TOOL, self._tool))})
+    def _compile_batches(self) -> tuple[Any, ...]:
+        """The joined program, or several where one would pass cel-cpp's size limit."""
+        chunks: list[dict[str, list[str]]] = [{}]
+        size = _EMPTY_BATCH_CODEPOINTS
+        for level, group in ((REQUEST, self._request), (CANDIDATE, self._candidate),
+                             (TOOL, self._tool)):
+            for policy in group:
+                # The expression, its brackets, newlines and separator.
+                grows = len(policy.expression) + 6
+                if size + grows > MAX_BATCH_CODEPOINTS and chunks[-1]:
+                    chunks.append({})
+                    size = _EMPTY_BATCH_CODEPOINTS
+                chunks[-1].setdefault(level, []).append(policy.expression)
+                size += grows
         try:
-            return self._env.compile(source)
+            return tuple(self._env.compile(_batch_source(chunk)) for chunk in chunks)
         except RuntimeError as exc:  # pragma: no cover - lint compiles each one at its place
             raise PolicyError([Problem("<batch>", 0, "", f"internal: batch program does not "
                                        f"compile: {exc}")]) from None
+
+    def _eval_batches(self, doc: pb.Attributes) -> Any:
+        """[request results, per-candidate rows, per-tool rows] from the joined programs;
+        anything else (an evaluation error) as it came."""
+        # `data=` rather than an Activation: one Python object less per request.
+        first = self._batches[0].eval(data={"a": doc}).plain_value()
+        if len(self._batches) == 1 or not isinstance(first, list):
+            return first
+        parts = [first]
+        for batch in self._batches[1:]:
+            part = batch.eval(data={"a": doc}).plain_value()
+            if not isinstance(part, list):
+                return part
+            parts.append(part)
+        return [[r for part in parts for r in part[0]],
+                *([[r for part in parts for r in part[level][row]]
+                   for row in range(len(first[level]))] for level in (1, 2))]
 
     # -- evaluate ---------------------------------------------------------------------
 
@@ -767,10 +803,9 @@ class PolicySet:
         t0 = time.perf_counter_ns()
         doc = self._prepare(attrs, candidates)
         results: Any = None
-        if self._batch is not None:
+        if self._batches:
             try:
-                # `data=` rather than an Activation: one Python object less per request.
-                value = self._batch.eval(data={"a": doc}).plain_value()
+                value = self._eval_batches(doc)
             except Exception:  # the slow path pins any failure on its policy
                 value = None
             if isinstance(value, list):
@@ -800,8 +835,8 @@ class PolicySet:
         """[request results, per-candidate rows, per-tool rows] as evaluate sees them:
         bools, or the error text. batch=False evaluates each policy on its own."""
         doc = self._prepare(attrs, candidates)
-        if batch and self._batch is not None:
-            return self._batch.eval(data={"a": doc}).plain_value()
+        if batch and self._batches:
+            return self._eval_batches(doc)
         return self._evaluate_each(doc)
 
     def _evaluate_each(self, doc: pb.Attributes) -> list[Any]:
