@@ -33,9 +33,9 @@ COST_ONLY = Weights(cost=1.0, latency=0.0, quality=0.0, error=0.0)
 
 
 def objective(min_samples: float = 10, stale_half_life_s: float = 600.0,
-              exploration: float = 0.1) -> RouteObjective:
+              exploration: float = 0.1, weights: Weights = COST_ONLY) -> RouteObjective:
     return RouteObjective(
-        champion="large", challengers=["small"], weights=COST_ONLY, exploration=exploration,
+        champion="large", challengers=["small"], weights=weights, exploration=exploration,
         limits=Limits(p95_latency_ms=LIMIT_MS, min_samples=min_samples),
         learning=Learning(stale_half_life_s=stale_half_life_s),
         breaker=Breaker(min_requests=1000))
@@ -51,13 +51,14 @@ class Route:
         self.rps = rps
         self.rng = np.random.default_rng(seed)
         self.small_ms = FAST_MS
+        self.large_ms = LARGE_MS
 
     def request(self) -> tuple[bool, bool]:
         """(small served, small excluded)."""
         d = self.router.choose("r", self.objective, CANDIDATES)
         self.t += 1.0 / self.rps
         small = d.chosen == "small"
-        median = self.small_ms if small else LARGE_MS
+        median = self.small_ms if small else self.large_ms
         self.router.observe("r", d.chosen, ok=True,
                             latency_ms=median * math.exp(0.2 * self.rng.standard_normal()),
                             cost=0.0001 if small else 0.001, input_tokens=100,
@@ -108,6 +109,23 @@ def test_an_excluded_candidate_under_steady_traffic_is_back_within_a_few_half_li
     assert route.request() == (False, True)
     route.small_ms = FAST_MS
     assert back_after(route, within=int(half_lives * stale_s * rps)) is not None
+
+
+def test_with_latency_weighed_an_excluded_candidate_is_back_once_its_slowness_is_stale():
+    # Default weights, exploration 0, a fast champion: `small`, slow for a while, was let
+    # back in by the limit but never chosen again, as its mean latency stayed the slow
+    # one it had when last served; stale, that counts as little as its faded count says.
+    stale_s, rps = 60.0, 10.0
+    route = Route(objective(stale_half_life_s=stale_s, exploration=0.0, weights=Weights()),
+                  rps=rps)
+    route.large_ms = 5.0
+    route.small_ms = 5.0
+    route.serve(2000)
+    route.small_ms = SLOW_MS
+    slow = route.serve(int(2 * stale_s * rps))
+    assert any(excluded for _, excluded in slow) and not any(s for s, _ in slow[-100:])
+    route.small_ms = 5.0
+    assert back_after(route, within=int(20 * stale_s * rps)) is not None
 
 
 def test_a_candidate_that_stays_slow_is_retried_rarely():

@@ -291,7 +291,8 @@ class ArmEstimates:
         self.post = (self.quality_mean, self.quality_sd, err_mean, err_sd,
                      self.cost_mean, cost_sd, self.latency_mean_ms, sd,
                      p95_log, p95_log_sd, self._latency_count, self.error_weight,
-                     quality.weight, self.last_t)
+                     quality.weight, self.last_t, priors.latency_log_mean,
+                     latency.mean if latency.weight else priors.latency_log_mean, var / 2.0)
 
     @property
     def restarts(self) -> dict[str, int]:

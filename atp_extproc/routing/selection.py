@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from atp_extproc.routing.estimates import Memory
+from atp_extproc.routing.estimates import PRIOR_WEIGHT, Memory
 from atp_extproc.routing.settings import RouteObjective
 
 _LN2 = math.log(2.0)
@@ -183,9 +183,10 @@ class Scores:
 
 
 # ArmEstimates.post: (quality, quality_sd, error, error_sd, cost, cost_sd, latency_mean_ms,
-# latency_log_sd, log p95_ms, its sd, latency_count, error_weight, quality_weight, last_t)
+# latency_log_sd, log p95_ms, its sd, latency_count, error_weight, quality_weight, last_t,
+# the route's prior log latency, the observed mean log latency, half its variance)
 Post = tuple[float, float, float, float, float, float, float, float, float | None, float,
-             float, float, float, float]
+             float, float, float, float, float, float, float]
 
 
 def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
@@ -213,19 +214,25 @@ def score(comp: Compiled, names: Sequence[str], posts: Sequence[Post],
     greedy = thompson = -1
     z = start
     # p95 and p95v are logs, and p95sd the sd of p95v: the p95 is sampled without an exp().
-    for i, (q, qsd, e, esd, c, csd, lat, lsd, p95v, p95sd, lat_w, err_w, q_w, last) in \
-            enumerate(posts):
+    for i, (q, qsd, e, esd, c, csd, lat, lsd, p95v, p95sd, lat_w, err_w, q_w, last,
+            prior_log, seen_log, half_var) in enumerate(posts):
         dt = now - last
         # widen² = 2^(dt / stale_half_life_s): a count of observations as of `last` counts
         # that much less now.
         if dt < fresh_for:
             widen = 1.0
-        elif dt >= capped_after:
-            widen = _MAX_STALE_WIDEN
-            lat_w *= math.exp(-2.0 * dt * stale_rate)
         else:
-            widen = math.exp(dt * stale_rate)
-            lat_w /= widen * widen
+            if dt >= capped_after:
+                widen = _MAX_STALE_WIDEN
+                lat_w *= math.exp(-2.0 * dt * stale_rate)
+            else:
+                widen = math.exp(dt * stale_rate)
+                lat_w /= widen * widen
+            # The mean latency too is the route's prior but for what the faded count
+            # holds: a candidate once slow is otherwise never chosen again for latency
+            # (with exploration 0 nothing else brings it back to be measured).
+            lat = math.exp((PRIOR_WEIGHT * prior_log + lat_w * seen_log)
+                           / (PRIOR_WEIGHT + lat_w) + half_var)
         qs = q + qsd * widen * normals[z]
         qs = 0.0 if qs < 0.0 else (1.0 if qs > 1.0 else qs)
         es = e + esd * widen * normals[z + 1]
