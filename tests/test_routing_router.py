@@ -135,6 +135,18 @@ def test_exploration_is_bounded_per_route():
     assert explored > 0
 
 
+@pytest.mark.parametrize("cap", [0.05, 0.1, 0.3])
+def test_a_fresh_route_explores_no_more_than_its_share_from_the_start(cap: float):
+    # The running average started at 0: a new route (every ATP start) explored the first
+    # ~11 decisions where Thompson disagreed, 9 of its first 25 against a cap of 0.1.
+    router = Router(clock=Clock(), seed=6)
+    objective = RouteObjective(exploration=cap)
+    explored = [router.choose("chat", objective, CANDIDATES).explored for _ in range(100)]
+    for n in (10, 25, 50, 100):
+        assert sum(explored[:n]) <= cap * n + 1, n
+    assert any(explored)
+
+
 def test_sticky_keys_of_a_new_route_stay_within_the_exploration_bound():
     # Keys assigned before the shares have learned anything used to be spread evenly
     # (1/n each): two thirds explored, against a bound of 0.1.

@@ -29,7 +29,7 @@ class Arm:
 
 
 class RouteState:
-    __slots__ = ("_input", "_latency", "_output", "arms", "comp", "explore_ew",
+    __slots__ = ("_input", "_latency", "_output", "arms", "comp", "explore_ew", "explore_norm",
                  "observations", "prepared", "priors", "share_epoch", "since_shares",
                  "sticky_picks")
 
@@ -37,6 +37,9 @@ class RouteState:
         self.arms: dict[str, Arm] = {}
         self.comp = Compiled(DEFAULT_OBJECTIVE)
         self.explore_ew = 0.0
+        # The same average of a constant 1: explore_ew / explore_norm is the share over
+        # the decisions so far while they are fewer than the average's ~1/EXPLORE_ALPHA.
+        self.explore_norm = 0.0
         self.observations = 0
         self.since_shares = 0
         self.share_epoch = 0
