@@ -1537,6 +1537,24 @@ def test_a_restrict_leaving_no_model_the_objective_lets_serve_is_named(mode: str
         assert resp.WhichOneof("response") == "request_body" and rec.model == "small"
 
 
+def test_several_restricts_leaving_no_model_are_named_as_atps_own() -> None:
+    # Each removed one of the two models the objective lets serve: the 403 and the
+    # record blamed the first alone (a route without an objective names
+    # atp.no_candidate there).
+    text = _INTERNAL_ONLY.replace("MODE", "enforce").replace(
+        "aliases: {m: [small, large]}", "aliases: {m: [small, large, mid]}").replace(
+        "routes:", "  - {name: mid, cluster: c, upstream_model: x, egress: internal,\n"
+        "     price: {input_per_1k: 0.001, output_per_1k: 0.001}}\nroutes:") + (
+        "  - {id: t.no_mid, effect: restrict, expression: \"resource.model == 'mid'\"}\n")
+    router = Router()
+    ex = Exchange(config.parse(text, "atp.yaml"), services=Services(
+        router, FeedbackBook(router.observe_quality), PriceBook(), None))
+    ex.handle(req_headers("POST", CHAT, None))
+    resp = ex.handle(req_body({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    assert assert_error(resp, 403, "no_eligible_model")["policy_id"] == "atp.no_candidate"
+    assert ex.finish().policy_denied == "atp.no_candidate"
+
+
 @pytest.mark.parametrize("status", [400, 429, 500, 503])
 def test_error_response_not_priced(snap, status: int) -> None:
     ex, _ = send_body(snap, chat("fast"))

@@ -240,9 +240,10 @@ class Outcome:
     def restrictor(self, servable: Iterable[str], allowed: Sequence[str] | None = None
                    ) -> str | None:
         """The restrict policy that leaves none of the models `servable` to serve: the
-        first enforced one that removed one of them; or, given `allowed` (the models
-        enforced policies allow), the first dry-run one, if with every dry-run one
-        enforced none would be left."""
+        enforced one that removed them; or, given `allowed` (the models enforced
+        policies allow), the dry-run one, if with every dry-run one enforced none would
+        be left. ATP's own id (NO_CANDIDATE_ID) when several removed one, as for a
+        route without an objective."""
         can_serve = set(servable)
         decision = "restrict" if allowed is None else "would_restrict"
         removers = [r for r in self.records
@@ -251,7 +252,8 @@ class Outcome:
             removed = {t for r in removers for t in r.targets}
             if any(n in allowed and n not in removed for n in can_serve):
                 return None
-        return removers[0].policy_id if removers else None
+        ids = {r.policy_id for r in removers}
+        return None if not ids else ids.pop() if len(ids) == 1 else NO_CANDIDATE_ID
 
     @property
     def decisions(self) -> dict[str, str]:
