@@ -64,6 +64,20 @@ def test_policy_test_denies_what_serve_denies_in_the_configured_environment(tmp_
     assert (report.passed, report.failed, report.load_errors) == (1, 0, []), report.failures
 
 
+def test_a_policy_file_tested_against_an_atp_yaml_runs_with_its_policy_settings(tmp_path):
+    # Listed alone (policies: [env.yaml], models: atp.yaml), the policy file ran with
+    # default settings: environment "" and default allow, where serve has prod and deny.
+    example_config(tmp_path, replace=("environment: dev", "environment: prod"))
+    shutil.rmtree(tmp_path / "policies" / "tests")
+    (tmp_path / "policies" / "env.yaml").write_text(ENV_POLICY)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "t.yaml").write_text(
+        "policies: [../policies/env.yaml]\nmodels: ../atp.yaml\ncases:\n" + BOB
+        + "    candidates: [small]\n    expect: {denied: env.prod_only_alice}\n")
+    report = testing.run(tmp_path / "tests")
+    assert (report.passed, report.failed, report.load_errors) == (1, 0, []), report.failures
+
+
 def test_a_suites_environment_setting_is_the_one_its_cases_run_in(tmp_path):
     (tmp_path / "env.yaml").write_text(ENV_POLICY)
     # A case's own context.environment still wins: it is the environment it is about.

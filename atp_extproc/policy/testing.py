@@ -211,6 +211,10 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     if doc.get("models"):
         models_file = base / str(doc["models"])
         models, models_raw = _models(models_file, file)
+        if (settings is None or is_policy_file(raw)) and "policy" in models_raw:
+            # The atp.yaml the cases run against sets what serve runs with (environment,
+            # default, mode), over the listed policy files' defaults.
+            settings = load_file(models_file, overrides).settings
         raw = raw or models_raw
         if _serves(models_raw):
             served.setdefault(os.path.realpath(models_file), str(models_file))
