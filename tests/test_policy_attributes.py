@@ -444,3 +444,17 @@ def test_message_count_reads_the_operations_own_field(operation, doc, count):
     # past limits.message_count (the provider served all 250).
     fields, _ = request_from_body(operation, doc)
     assert fields["message_count"] == count
+
+
+def test_a_cases_non_scalar_arguments_are_read_as_a_bodys_are():
+    # policy test read null, object and list arguments as "", serve leaves them out:
+    # `int(tool.arguments.max_results)` failed in the case and passed in serve.
+    args = {"max_results": None, "filter": {"a": 1}, "ids": [1, 2], "k": 5, "q": "x"}
+    doc = {"messages": [{"role": "assistant", "tool_calls": [{
+        "id": "c1", "type": "function",
+        "function": {"name": "search", "arguments": json.dumps(args)}}]}]}
+    served, _ = request_from_body("chat", doc)
+    from_body = build_attributes(request=served).doc.request.tool_details[0].arguments
+    from_case = build_attributes(request={"tool_details": [
+        {"name": "search", "called": True, "arguments": args}]}).doc.request.tool_details[0]
+    assert dict(from_case.arguments) == dict(from_body) == {"k": "5", "q": "x"}
