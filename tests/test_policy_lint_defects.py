@@ -291,6 +291,23 @@ def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
             if "evaluation error where the key is absent" in r] == warned
 
 
+@pytest.mark.parametrize(("expression", "warned"), [
+    # check's own nesting advice suggests a lookup table: every tenant missing from it
+    # was refused ("could not be evaluated") and check said nothing.
+    ("request.max_tokens > {'alice': 4096, 'bob': 1024}[subject.tenant]", True),
+    ("subject.tenant in ['alice', 'bob'] && "
+     "request.max_tokens > {'alice': 4096, 'bob': 1024}[subject.tenant]", False),
+    ("subject.tenant in {'alice': 1} ? {'alice': 4096}[subject.tenant] < 5 : false", False),
+    ("{'alice': 4096}['alice'] > request.max_tokens", False),
+])
+def test_a_written_map_read_by_a_requests_key_is_warned_of(expression, warned):
+    found = [r for r in reasons(expression) if "a map the expression writes" in r]
+    assert found == (["a map the expression writes, read by subject.tenant, is an "
+                      "evaluation error where subject.tenant is none of its keys, and "
+                      "on_error then decides every such request: guard it"]
+                     if warned else [])
+
+
 @pytest.mark.parametrize(("expression", "guard"), [
     ("request.tool_details.exists(t, t.arguments['a'] == '5')", "('a' in t.arguments && ...)"),
     ("subject.claims['org']['name'] == 'x'", "('name' in subject.claims[\"org\"] && ...)"),

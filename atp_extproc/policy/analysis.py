@@ -102,6 +102,11 @@ class _Walker:
         self.map_guards: set[tuple[str, str]] = set()
         # Reads a has() makes before the one key it tests (`org` of has(m.org.x)).
         self.has_reads: set[tuple[str, str]] = set()
+        # A map the expression writes, read by a key the request gives
+        # (`{'alice': 4096}[subject.tenant]`): (where, the key as written); and what
+        # the expression tests with `in` (a guard for such a key).
+        self.literal_reads: list[tuple[int, str]] = []
+        self.tested: set[str] = set()
 
     # -- paths ----------------------------------------------------------------------
 
@@ -177,6 +182,12 @@ class _Walker:
             return
         if call.function == "_[_]":
             path = self.path_of(e, scope)
+            base, key = call.args[0], call.args[1]
+            written = _reference(key) if len(call.args) == 2 else None
+            if (path is None and written is not None and self._literal_string(key) is None
+                    and base.WhichOneof("expr_kind") == "struct_expr"
+                    and not base.struct_expr.message_name):
+                self.literal_reads.append((e.id, written))
             if path is not None:
                 self.use(path)
                 self._check_known_key(call.args[0], call.args[1], scope, e.id)
@@ -304,6 +315,9 @@ class _Walker:
 
     def _check_in(self, needle: syntax_pb2.Expr, hay: syntax_pb2.Expr,
                   scope: Mapping[str, str | None], expr_id: int) -> None:
+        tested = _reference(needle)
+        if tested is not None:
+            self.tested.add(tested)
         path = self.path_of(needle, scope)
         if path is not None and hay.WhichOneof("expr_kind") == "list_expr":
             for item in hay.list_expr.elements:
@@ -383,6 +397,13 @@ class _Walker:
                     f"{path}[{key!r}] is an evaluation error where the key is absent{hint}, "
                     f"and on_error then decides every such request: guard it "
                     f"({key!r} in {written} && ...)", "warning"))
+        for expr_id, key in self.literal_reads:
+            if key not in self.tested:
+                self.findings.append(Finding(
+                    self.positions.get(expr_id, 0),
+                    f"a map the expression writes, read by {key}, is an evaluation error "
+                    f"where {key} is none of its keys, and on_error then decides every "
+                    f"such request: guard it ({key} in {{...}} && ...)", "warning"))
 
     def _check_known_key(self, base: syntax_pb2.Expr, key: syntax_pb2.Expr,
                          scope: Mapping[str, str | None], expr_id: int) -> None:
