@@ -153,13 +153,13 @@ def _read_mapping(path: str) -> tuple[Any, list[str]]:
     """The file's YAML mapping, and why it is none one can read, each problem once: it
     cannot be read, it is not YAML, not a mapping, or a key is given twice (named by its
     full path)."""
-    from atp_extproc.config import key_path
+    from atp_extproc.config import ConfigError, key_path, read_config_text
     from atp_extproc.policy.settings import load_yaml
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [f"{path}: cannot read: {exc}"]
+        text = read_config_text(path)
+    except ConfigError as exc:
+        return None, [f"{path}: {reason}" for _, reason in exc.problems]
     doc, problems = load_yaml(text, path)
     if not problems and not isinstance(doc, dict):
         return doc, [f"{path}: the file must hold a mapping (server:, models:, routes:, ...)"]

@@ -739,14 +739,26 @@ def _reads_data_classes(policies: Any) -> list[Any]:
             if any(a.startswith("request.data_classes") for a in p.attributes_used)]
 
 
-def load(path: str | Path, *, secrets: bool = True) -> Snapshot:
-    """The snapshot of the file at `path`; `secrets` as for parse."""
+NOT_A_FILE = ("not a regular file (a pipe, a device or a directory): ATP reads atp.yaml "
+              "more than once, and again when it changes; write it to a file")
+
+
+def read_config_text(path: str | Path) -> str:
+    """atp.yaml's text. ConfigError where it cannot be read, or is no regular file: a
+    pipe (`check <(envsubst < atp.yaml)`) gave its text to the first read only, and the
+    next found an empty file; one without a writer blocks."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(str(path), [("", NOT_A_FILE)])
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [("", f"cannot read: {exc}")]) from None
-    return parse(text, str(path), secrets=secrets)
+
+
+def load(path: str | Path, *, secrets: bool = True) -> Snapshot:
+    """The snapshot of the file at `path`; `secrets` as for parse."""
+    return parse(read_config_text(path), str(path), secrets=secrets)
 
 
 def files_read_by(path: str | Path) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -4,6 +4,7 @@ traceback; exit 2 for unusable input (policy test files, report arguments), 1 fo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,15 @@ def test_serve_in_process_leaves_the_signal_handlers_as_it_found_them(
     code, _ = run(capsys, "serve", "--config", str(path))
     assert code == 2
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_config_that_is_no_regular_file_is_refused_as_such(
+        capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # A pipe gave its text to the first of the reads (`check <(envsubst < atp.yaml)`):
+    # the next found nothing and said "the file must hold a mapping", as a device does;
+    # a FIFO without a writer blocked check for good.
+    argv = [command, os.devnull] if command == "check" else [command, "--config", os.devnull]
+    code, output = run(capsys, *argv)
+    assert code == (1 if command == "check" else 2)
+    assert f"{os.devnull}: " in output and "not a regular file (a pipe" in output
