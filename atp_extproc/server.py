@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,9 @@ class ConfigHolder:
         self._stamp, self._sources = stamp
         # The last reload was refused: the next that loads says the file is valid again.
         self._rejected = False
+        # One reload at a time, off the event loop (see reload_off_loop).
+        self._reloading = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def load(cls, path: Path, options: ServeOptions = ServeOptions()) -> ConfigHolder:
@@ -255,6 +259,22 @@ class ConfigHolder:
         self.current = snapshot
         return True
 
+    async def reload_off_loop(self, reason: str) -> None:
+        """reload() on a worker thread: parsing and compiling a large config (thousands
+        of models or policies) on the event loop held every request for seconds. The
+        swap is one attribute assignment, which requests read whole."""
+        def one_at_a_time() -> None:
+            with self._reloading:
+                self.reload(reason)
+
+        await asyncio.to_thread(one_at_a_time)
+
+    def reload_soon(self, reason: str) -> None:
+        """reload_off_loop from a signal handler, which cannot await."""
+        task = asyncio.get_running_loop().create_task(self.reload_off_loop(reason))
+        self._tasks.add(task)  # held, or the loop's weak reference lets it be collected
+        task.add_done_callback(self._tasks.discard)
+
     def _apply_log_level(self, level: str) -> None:
         if level == self.current.server.log_level:
             return
@@ -283,7 +303,7 @@ class ConfigHolder:
                 # pause (a log an include glob matches) would otherwise have every poll
                 # load the config on the event loop, and never settle.
                 if now != self._stamp and now == seen:
-                    self.reload("file changed")
+                    await self.reload_off_loop("file changed")
                 seen = now
             except Exception:
                 log.exception("config watch: cannot check %s; trying again", self.path)
@@ -568,7 +588,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
         stop.set()  # start up all the same, then drain at once: a clean exit
     holder = ConfigHolder.load(config_path, options)
     snapshot = holder.current
-    loop.add_signal_handler(signal.SIGHUP, holder.reload, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, holder.reload_soon, "SIGHUP")
     listen = options.listen or snapshot.server.listen
 
     # A large body inspected on the worker thread holds the GIL in slices of this

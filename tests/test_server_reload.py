@@ -268,3 +268,26 @@ def test_a_reload_names_the_policies_it_removes_and_adds(tmp_path: Path, caplog)
         assert holder.reload("file changed")
     (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
     assert line.endswith("; policies removed: g.x; policies added: g.y")
+
+
+def test_a_reload_leaves_the_event_loop_serving(tmp_path: Path) -> None:
+    # Parsed on the event loop, an unchanged 550 KB config (5,000 models) held every
+    # request for 6.6 s at each SIGHUP.
+    models = "".join(f"  - {{name: m{i}, cluster: c{i}, upstream_model: u, price: "
+                     f"{{input_per_1k: 0.001, output_per_1k: 0}}}}\n" for i in range(800))
+    text = GOOD.replace("models:\n", "models:\n" + models)
+    holder = holder_for(tmp_path, text)
+    holder.path.write_text(text.replace("reload_poll_s: 0.05", "reload_poll_s: 0.06"))
+
+    async def reload_while_ticking() -> tuple[int, int]:
+        ticks = 0
+        task = asyncio.create_task(holder.reload_off_loop("SIGHUP"))
+        while not task.done():
+            await asyncio.sleep(0)
+            ticks += 1
+        await task
+        return ticks, holder.current.server.reload_poll_s
+
+    # Run on the loop, the reload would be one step of the task: a tick or two.
+    ticks, poll = asyncio.run(reload_while_ticking())
+    assert poll == 0.06 and ticks > 20
