@@ -851,10 +851,11 @@ class Exchange:
         """The stream's body ended before its last event (`[DONE]`, a finish_reason, a
         Responses stream's terminal event): the provider, or a hop before it, closed
         it mid-answer, and the SDKs raise or hand the client a cut answer. (One without
-        any data is no answer at all: the provider's invalid response.)"""
+        any data is no answer at all: the provider's invalid response; one with an event
+        too large to read may have ended in it.)"""
         sse = self.sse
         return (sse is not None and not self._body_pending and sse.data_events > 0
-                and not sse.ended and sse.finish_reason is None
+                and not sse.ended and sse.finish_reason is None and not sse.unread
                 and 200 <= self.record.status < 300)
 
     @property

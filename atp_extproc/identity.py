@@ -37,13 +37,14 @@ def _no_tenant(snapshot: Snapshot) -> str:
         return "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
     ways = []
     if snapshot.api_keys:
-        ways.append("an API key as 'Authorization: Bearer KEY'")
+        ways.append("send an API key as 'Authorization: Bearer KEY'")
     if auth.jwt is not None:
-        ways.append(f"a token whose '{auth.jwt.tenant_claim}' claim names the tenant")
+        ways.append(f"send a token whose '{auth.jwt.tenant_claim}' claim names the tenant")
     if auth.trusted_tenant_header is not None:
-        ways.append(f"the {auth.trusted_tenant_header} header, set by the trusted hop "
-                    "in front")
-    return "The request does not say who is calling: send " + ", or ".join(ways) + "."
+        # Not named: to whoever reaches ATP past the hop, the name would say which
+        # header claims any tenant.
+        ways.append("come through the hop in front, which names the tenant")
+    return "The request does not say who is calling: " + ", or ".join(ways) + "."
 
 
 def _jwt_payload(snapshot: Snapshot,

@@ -819,6 +819,8 @@ class SseStream:
         self.failed = False
         # The stream's last event came (`[DONE]`, or a Responses stream's terminal one).
         self.ended = False
+        # An event over _MAX_EVENT went on unread: it may have been the last one.
+        self.unread = False
         # The event in progress. Appending to it costs the chunk, never the whole event.
         self._buf = bytearray()
         # Set while inside an event over _MAX_EVENT: _buf then keeps only the bytes a
@@ -856,6 +858,7 @@ class SseStream:
                 kept.append(buf[head:])
             self._buf = bytearray()
         elif self._skipping or len(buf) - pos > _MAX_EVENT:
+            self.unread = True
             if drop:
                 kept.append(buf[_SEPARATOR_OVERLAP if self._skipping else pos:])
             self._buf = buf[-_SEPARATOR_OVERLAP:]

@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from atp_extproc import config
+from atp_extproc import config, llm_api
 from atp_extproc.envoy_api import ProcessingMode, read_processing_request
 from atp_extproc.exchange import CLUSTER_HEADER, Exchange
 from atp_extproc.llm_api import estimate_tokens
@@ -1074,6 +1074,19 @@ def test_a_stream_whose_body_ends_before_its_last_event_is_incomplete(
     ex, _ = send_body(snap, request_body, path=path)
     stream_response(ex, body)
     assert ex.finish().error_code == error_code
+
+
+def test_a_stream_whose_last_event_was_too_large_to_read_is_not_cut_short(
+        snap, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A response.completed past the 4 MiB ATP reads (generated images) went on unread:
+    # the stream's end was never seen, and a whole answer was counted failed.
+    monkeypatch.setattr(llm_api, "_MAX_EVENT", 1000)
+    ex, _ = send_body(snap, {"model": "fast", "input": "hi", "stream": True},
+                      path="/v1/responses")
+    stream_response(ex, _events(
+        {"type": "response.output_text.delta", "delta": "Hi"},
+        {"type": "response.completed", "response": {"id": "r", "image": "x" * 5000}}))
+    assert ex.finish().error_code == ""
 
 
 def test_responses_api_stream_usage(snap) -> None:

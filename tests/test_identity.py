@@ -344,12 +344,12 @@ def test_trusted_header_before_anonymous() -> None:
 
 
 @pytest.mark.parametrize(("auth", "says", "never"), [
-    ("  trusted_tenant_header: x-t\n", "send the x-t header, set by the trusted hop",
-     "API key"),
+    # The trusted header is never named: it would tell anyone how to claim a tenant.
+    ("  trusted_tenant_header: x-t\n", "calling: come through the hop in front", "x-t"),
     ("  jwt: {tenant_claim: org}\n", "a token whose 'org' claim names the tenant",
      "API key"),
     ("  jwt: {tenant_claim: org}\n  trusted_tenant_header: x-t\n",
-     "claim names the tenant, or the x-t header", "API key"),
+     "claim names the tenant, or come through the hop in front", "x-t"),
 ])
 def test_a_caller_naming_no_tenant_is_told_what_this_config_reads(
         auth: str, says: str, never: str) -> None:
