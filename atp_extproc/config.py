@@ -99,6 +99,10 @@ class Price(Frozen):
 # shadow listener. A model routed to one would send live traffic, x-atp-* headers and
 # all, back into Envoy or ATP.
 RESERVED_CLUSTERS = frozenset({"atp", "atp_ext_proc", "atp_shadow"})
+_ISTIO_OWN_CLUSTERS = frozenset({"PassthroughCluster", "BlackHoleCluster",
+                                 "InboundPassthroughCluster",
+                                 "InboundPassthroughClusterIpv4",
+                                 "InboundPassthroughClusterIpv6"})
 
 
 class Model(Frozen):
@@ -114,6 +118,10 @@ class Model(Frozen):
     def _a_model_cluster(cls, cluster: str) -> str:
         if cluster in RESERVED_CLUSTERS:
             raise ValueError(f"{cluster!r} is an Envoy cluster of ATP's own, not a model's")
+        if cluster.startswith("inbound|") or cluster in _ISTIO_OWN_CLUSTERS:
+            raise ValueError(f"{cluster!r} is a cluster of Istio's own, not a model's: it "
+                             "leads back into the pod, or wherever the request's Host "
+                             "says, not to one provider")
         return cluster
 
 

@@ -132,7 +132,9 @@ def test_error_model_on_atps_own_cluster(cluster: str) -> None:
 @pytest.mark.parametrize(("cluster", "ok"), [
     ("outbound|443||api.openai.com", True),  # as Istio names a ServiceEntry's cluster
     ("outbound|80|v1|demo.svc", True),
-    ("demo a", False), ("|outbound", False), ("demo\r\nx-atp-cluster: b", False)])
+    ("demo a", False), ("|outbound", False), ("demo\r\nx-atp-cluster: b", False),
+    # Istio's own: back into the pod, or wherever the Host says.
+    ("inbound|8080||", False), ("PassthroughCluster", False)])
 def test_a_model_cluster_is_an_envoy_cluster_name(cluster: str, ok: bool) -> None:
     doc = base()
     doc["models"][0]["cluster"] = cluster

@@ -392,6 +392,9 @@ def test_istio_patches_route_where_atp_decided(tmp_path: Path) -> None:
     doc["admin"] = front["admin"]
     demo_b = copy.deepcopy(clusters(front)["demo_b"])
     demo_b["name"] = demo_b["load_assignment"]["cluster_name"] = istio_b
+    # As Istio gives a ServiceEntry's endpoints: the Host ATP's choice rewrites to.
+    demo_b["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "hostname"] = "demo-b.models.svc.cluster.local"
     doc["static_resources"]["clusters"] += [clusters(front)["demo_a"], demo_b]
     try:
         stack.start_upstream("demo_a")
@@ -410,6 +413,11 @@ def test_istio_patches_route_where_atp_decided(tmp_path: Path) -> None:
         for model, upstream in (("gpt-4o", "demo_b"), ("gpt-4o-mini", "demo_a")):
             with urllib.request.urlopen(sent(model), timeout=10) as reply:
                 assert reply.headers["x-upstream-name"] == upstream, model
+        # The chosen provider gets its own Host, not the one the app sent (another's).
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{stack.ports['demo_b']}/debug/requests") as got:
+            (seen,) = json.load(got)["requests"]
+        assert seen["headers"]["host"] == "demo-b.models.svc.cluster.local"
     finally:
         stack.stop_all()
 

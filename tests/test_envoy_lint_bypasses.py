@@ -407,6 +407,14 @@ def test_routes_that_never_read_atps_cluster_header_are_an_error():
     assert problem.severity == "error" and "reads x-atp-cluster" in problem.reason
     # One model cluster: there is no choice for a route to ignore.
     assert missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"demo_a"}) == []
+    # Envoy's matcher tree reading the header routes by it too.
+    for host in manager["route_config"]["virtual_hosts"]:
+        host["matcher"] = {"matcher_tree": {"input": {"name": "h", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": "x-atp-cluster"}}, "exact_match_map": {"map": {}}}}
+    assert [p for p in missing_cluster_problems("e.yaml", yaml.safe_dump(doc),
+                                                {"demo_a", "demo_b"})
+            if "reads x-atp-cluster" in p.reason] == []
 
 
 @pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",

@@ -620,15 +620,15 @@ def missing_cluster_problems(file: str, text: str,
 
 
 def _matches_atp_cluster(listeners: Any) -> bool:
-    """Whether a route of a listener with ext_proc matches on ATP's cluster header."""
+    """Whether a route of a listener with ext_proc matches on ATP's cluster header: in
+    a route's `match.headers`, or as a virtual host's matcher tree's header input."""
     checked = [listener for listener in listeners if isinstance(listener, dict)
                and any(_is_ext_proc(f) for f in _walk(listener))] \
         if isinstance(listeners, list) else []
     return any(
-        isinstance(header, dict) and str(header.get("name", "")).lower() == CLUSTER_HEADER
-        for listener in checked
-        for node in _walk(listener) if isinstance(node.get("match"), dict)
-        for header in node["match"].get("headers") or ())
+        str(node.get(key, "")).lower() == CLUSTER_HEADER
+        for listener in checked for node in _walk(listener)
+        for key in ("name", "header_name"))
 
 
 def _routed_clusters(listeners: Any, clusters: Any) -> set[str] | None:
