@@ -245,6 +245,10 @@ MAX_UNIX_PATH_BYTES = 107
 
 
 def _tcp_listen_problem(listen: str) -> str | None:
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", listen)
+    if scheme:
+        return (f"takes no scheme ({scheme.group()}): give host:port, [IPv6]:port or "
+                "unix:/path/to.sock")
     host, colon, port = listen.rpartition(":")
     if not colon:
         return "give host:port, [IPv6]:port or unix:/path/to.sock"

@@ -18,7 +18,8 @@ class Frozen(BaseModel):
 
     # Strict: lax pydantic read the string '4194304' and true as integers, and the word
     # 1_000 as 1000. An integer is still a number.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # No NaN nor infinity: a NaN passes no bound and was told "less than or equal to".
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 _T = TypeVar("_T")

@@ -94,6 +94,16 @@ def test_a_duplicate_key_beside_aliases_of_aliases_is_named_at_once(tmp_path: Pa
     assert "auth: the key appears twice" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_number_that_is_not_finite_is_told_as_such(value: str) -> None:
+    # A NaN passes no bound: it was told "less than or equal to 600".
+    text = MINIMAL_CONFIG + f"server: {{grace_period_s: {value}}}\n"
+    with pytest.raises(ConfigError) as raised:
+        config_mod.parse(text, SRC)
+    assert raised.value.problems == [("server.grace_period_s",
+                                      "Input should be a finite number")]
+
+
 def test_a_yaml_set_is_no_list() -> None:
     # Read as one, its order came from the hash seed: two replicas served one file's
     # alias from different first candidates.

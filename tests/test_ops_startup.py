@@ -77,6 +77,9 @@ def stale_socket(path: Path) -> Path:
     ("127.0.0.1:65536", "the port '65536' is not a number from 1 to 65535"),
     (":50051", "no host before the port"),
     ("::1:50051", "an IPv6 address goes in brackets"),
+    # A URL's scheme was read as an IPv6 address without brackets.
+    ("tcp://0.0.0.0:50051", "takes no scheme (tcp://)"),
+    ("http://127.0.0.1:50051", "takes no scheme (http://)"),
     ("[::g]:50051", "[::g] is not an IPv6 address"),
     ("atp host:50051", "'atp host' is not a host name or IP address"),
     ("unix:", "no socket path after unix:"),
