@@ -322,6 +322,9 @@ def _ledger_problem(path: Path) -> str | None:
     below the nearest one there is; a file there instead is in the way. Permissions are
     left to serve: check may run as another user."""
     if os.path.exists(path):  # (a directory is refused by parse)
+        if not os.path.isfile(path):
+            # /dev/null opened as an empty database and serve then failed to write it.
+            return f"cannot open the ledger {path}: not a regular file (a device or a pipe)"
         try:
             ledger_db.connect(path, readonly=True).close()
         except sqlite3.DatabaseError as exc:

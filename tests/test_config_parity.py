@@ -3,6 +3,7 @@ socket serve could not use, a key given twice, and values of the wrong type."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 from pathlib import Path
@@ -63,6 +64,15 @@ def test_check_refuses_a_ledger_below_a_file(tmp_path: Path, capsys: pytest.Capt
     assert check(capsys, path) == (1, [
         f"{path}:6: ledger.path: cannot open the ledger {ledger}: {tmp_path / 'afile'} is "
         "not a directory", "1 error(s), 0 warning(s)"])
+
+
+def test_check_refuses_a_ledger_that_is_no_regular_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # /dev/null read as an empty database: check said OK, serve failed (disk I/O error).
+    path = write(tmp_path, with_ledger(os.devnull))
+    assert check(capsys, path) == (1, [
+        f"{path}:6: ledger.path: cannot open the ledger {os.devnull}: not a regular file "
+        "(a device or a pipe)", "1 error(s), 0 warning(s)"])
 
 
 def test_check_refuses_a_ledger_serve_could_not_open(tmp_path: Path,
