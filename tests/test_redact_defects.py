@@ -435,3 +435,19 @@ def test_a_data_url_in_any_letter_case_or_with_many_parameters_is_data(redactor,
     assert res.counts == {}
     assert res.fields == {} or res.fields["messages"][0]["content"][0]["image_url"][
         "url"] == head + payload
+
+
+@pytest.mark.parametrize("call", [
+    {"id": "c1", "name": "f", "arguments": '{"e": "jo.doe@example.com"}'},  # flattened
+    {"id": "c1", "type": "mcp", "arguments": "mail jo.doe@example.com"},
+    {"id": "c1", "type": "function", "arguments": "jo.doe@example.com"},
+    {"type": "function", "function": {"name": "f", "arguments": "{}"},
+     "note": "jo.doe@example.com"},
+])
+def test_a_tool_call_of_three_other_keys_is_read(redactor: Redactor, call: dict) -> None:
+    # Calls of at most three keys with a string id were taken for the usual shape and
+    # read in their `function` alone: these went to the provider unread.
+    doc = {"messages": [{"role": "assistant", "tool_calls": [call]}]}
+    res = redactor.redact("chat", doc, "t")
+    assert res.counts == {"email": 1}
+    assert "jo.doe@example.com" not in json.dumps(res.fields)

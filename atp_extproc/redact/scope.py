@@ -508,12 +508,17 @@ def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
                 _rest(c, path, spec, frozenset({own}))
             else:
                 _rest(c, path, spec)
-        if len(call) > 3 or not isinstance(call.get("id", ""), str):
+        # A call of the usual shape holds nothing else; any other key, or an id or type
+        # that is no string, is read (a call of three other keys, `{id, name,
+        # arguments}`, went out unread).
+        if not (call.keys() <= _CALL_KEYS and isinstance(call.get("id", ""), str)
+                and isinstance(call.get("type", ""), str)):
             _rest(c, (*base, k), call, _CALL_READ)
 
 
 _ARGUMENTS = frozenset({"arguments"})
 _CALL_READ = frozenset({"function", "custom"})
+_CALL_KEYS = frozenset({"id", "type", *_CALL_READ})
 
 
 _STORED = ("user", "safety_identifier", "prompt_cache_key")
