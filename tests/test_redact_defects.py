@@ -451,3 +451,18 @@ def test_a_tool_call_of_three_other_keys_is_read(redactor: Redactor, call: dict)
     res = redactor.redact("chat", doc, "t")
     assert res.counts == {"email": 1}
     assert "jo.doe@example.com" not in json.dumps(res.fields)
+
+
+@pytest.mark.parametrize(("file_url", "found"), [
+    ("https://files.example.com/q3-report.pdf", {}),  # fetched by the provider: unread
+    ("data:application/pdf;filename=jo.doe@example.com.pdf;base64," + "QUJD" * 100,
+     {"email": 1}),
+    ("data:text/plain,card 4111 1111 1111 1111", {"card": 1}),
+    ("mail jo.doe@example.com", {"email": 1}),
+])
+def test_an_input_files_url_is_read_as_an_images_is(redactor: Redactor, file_url: str,
+                                                    found: dict) -> None:
+    # file_url was skipped as an id: a data: URL's file name, or text, went out unread.
+    doc = {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_url": file_url}]}]}
+    assert redactor.redact("responses", doc, "t").counts == found

@@ -377,10 +377,13 @@ def _part(c: Collector, path: Path, part: dict[str, Any], result: bool = False) 
 # could only corrupt: left out at the top of an item or part only, since deeper down a
 # key of these names may be anyone's ({"env": {"name": ...}}).
 _OWN_KEYS = frozenset({"type", "id", "call_id", "role", "status", "name", "server_label",
-                       "file_id", "file_url", "tool_call_id"})
+                       "file_id", "tool_call_id"})
 # Binary data, or where to fetch it (chat's image_url: {url, detail}): its data or URL is
 # left out where it is one (text there, `file_data: "mail alice@…"`, is read).
-_BINARY_KEYS = frozenset({"image_url", "file_data", "input_audio", "encrypted_content"})
+_BINARY_KEYS = frozenset({"image_url", "file_url", "file_data", "input_audio",
+                          "encrypted_content"})
+# Those whose string is an address the provider fetches.
+_URL_KEYS = frozenset({"image_url", "file_url"})
 _BINARY_FIELDS = frozenset({"url", "data"})
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 # Base64 long enough to be data rather than a secret (API keys and tokens are shorter,
@@ -457,7 +460,7 @@ def _rest(c: Collector, base: Path, node: dict[str, Any],
                              if not (f in _BINARY_FIELDS
                                      and _unread(c, (*base, k, f), x, f == "url")))
                 continue
-            if _unread(c, (*base, k), v, k == "image_url"):
+            if _unread(c, (*base, k), v, k in _URL_KEYS):
                 continue
         if k not in _OWN_KEYS:
             c.map_key(base, k)  # an item's own keys may be anyone's words too
