@@ -753,17 +753,31 @@ def _usage_of(obj: Any) -> Usage | None:
     return Usage(inp, out)
 
 
+def _answer_json(data: bytes | bytearray) -> Any:
+    """The JSON value of a provider's answer or event; None where it is no JSON.
+
+    orjson refuses JSON that RFC 8259 allows and the openai SDKs read: a lone surrogate
+    escape (`"\\ud83d"`, half an emoji cut by a provider) and a number past a double
+    (`1e400`). Refused, a whole answer was counted failed and lost its usage, and the
+    usage chunk ATP asked for reached the client: they are read as Python's json reads
+    them."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # too deep included
+        pass
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 def read_response(body: bytes) -> tuple[Usage | None, str | None, int | None]:
     """Usage, the first choice's finish_reason and the characters of output text (for
     an estimate when there is no usage; 0 when there is) of a JSON response body; all
     None when the body is no JSON object, which no API answers with."""
     # A BOM is no part of the JSON, and a reader may ignore it (RFC 8259 §8.1), as the
     # openai SDKs do: the answer is whole, and its usage is the provider's bill.
-    body = body.removeprefix(codecs.BOM_UTF8)
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:  # too deep included
-        return None, None, None
+    obj = _answer_json(body.removeprefix(codecs.BOM_UTF8))
     if not isinstance(obj, dict):
         return None, None, None
     usage = _usage_of(obj)
@@ -890,11 +904,8 @@ class SseStream:
         if not payload.startswith(b"{"):
             self.ended = self.ended or payload == b"[DONE]"
             return False
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:  # too deep included: the event passes unread
-            return False
-        if not isinstance(obj, dict):
+        obj = _answer_json(payload)
+        if not isinstance(obj, dict):  # no JSON (too deep included): passed unread
             return False
         kind = obj.get("type")
         error = obj.get("error")

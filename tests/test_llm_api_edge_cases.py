@@ -146,6 +146,27 @@ def test_usage_counts_past_the_bound_are_absent(usage: dict) -> None:
     assert sse.usage is None
 
 
+def test_json_orjson_refuses_but_rfc_8259_allows_is_read() -> None:
+    # A lone surrogate escape (half an emoji) and a number past a double: orjson
+    # refuses both, the openai SDKs read both. A whole answer was counted failed with
+    # its usage lost, and the usage chunk ATP asked for reached the client.
+    half_emoji = (b'{"choices": [{"message": {"content": "hi \\ud83d"}, '
+                  b'"finish_reason": "stop"}], '
+                  b'"usage": {"prompt_tokens": 12, "completion_tokens": 40}}')
+    assert read_response(half_emoji) == (Usage(12, 40), "stop", 0)
+    huge = b'{"choices": [], "usage": {"prompt_tokens": 1e400, "completion_tokens": 3}}'
+    assert read_response(huge) == (None, None, 0)
+    sse = SseStream(drop_usage_chunk=True)
+    assert sse.feed(b"data: " + huge + b"\n\n", end=False) == b""
+    sse.feed(b"data: " + half_emoji + b"\n\n", end=False)
+    assert sse.usage == Usage(12, 40)
+    responses = SseStream(drop_usage_chunk=False)
+    responses.feed(b'data: {"type": "response.completed", "response": {"output_text": '
+                   b'"\\ud83d", "usage": {"input_tokens": 5, "output_tokens": 7}}}\n\n',
+                   end=False)
+    assert responses.ended and responses.usage == Usage(5, 7)
+
+
 def test_usage_count_at_the_bound_is_kept() -> None:
     body = json.dumps({"usage": {"prompt_tokens": MAX_USAGE_TOKENS,
                                  "completion_tokens": MAX_USAGE_TOKENS}}).encode()
