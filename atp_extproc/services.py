@@ -46,4 +46,5 @@ class Services:
             try:
                 await self.ledger.aclose()
             except Exception:
-                log.exception("ledger: the final flush failed; unwritten rows are lost")
+                log.exception("ledger: the final flush failed; lost: %s",
+                              self.ledger.pending())

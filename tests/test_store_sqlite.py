@@ -124,3 +124,44 @@ def test_an_empty_file_gets_the_schema(tmp_path):
     conn = connect(path, readonly=True)                 # and is a ledger from then on
     assert conn.execute("SELECT value FROM meta").fetchall() == [(str(SCHEMA_VERSION),)]
     conn.close()
+
+
+def test_a_batch_sqlite_rolled_back_itself_fails_with_its_own_cause(tmp_path):
+    # On a full disk SQLite ends the transaction itself: the ROLLBACK after it raised
+    # "cannot rollback - no transaction is active", and every flush logged that.
+    from atp_extproc.store.sqlite import write_batch
+
+    conn = connect(tmp_path / "l.sqlite3")
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # full, as a disk can be
+    halves = [ShadowHalf(f"req-{i:04d}" + "x" * 200, "primary", "chat", "small", 200, 1.0,
+                         1, 1) for i in range(500)]
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        write_batch(conn, {}, [], halves, 1)
+    assert not conn.in_transaction
+    conn.close()
+
+
+def test_a_flush_failing_alike_again_is_one_line_each_and_its_recovery_said(tmp_path,
+                                                                           caplog):
+    # A full disk logged a full traceback at every flush (225 lines in 40 s), each
+    # ending on the wrong cause.
+    from atp_extproc.stack import wait_until
+
+    lg = AsyncLedger(tmp_path / "l.sqlite3", flush_interval_s=0.01, start=False)
+    pages = lg._conn.execute("PRAGMA page_count").fetchone()[0]
+    lg._conn.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(300):
+        lg.record_shadow_half(ShadowHalf(f"req-{i:04d}" + "x" * 200, "primary", "chat",
+                                         "small", 200, 1.0, 1, 1))
+    with caplog.at_level("INFO", logger="atp.ledger"):
+        lg.start()
+        wait_until(lambda: lg.flush_errors >= 4, "failed flushes", timeout=10)
+        lg._conn.execute("PRAGMA max_page_count = 1000000")
+        wait_until(lambda: lg.flushes >= 1, "a flush once there is room", timeout=10)
+        lg.close()
+    failed = [r for r in caplog.records if "flush failed" in r.getMessage()]
+    assert [bool(r.exc_info) for r in failed[:2]] == [True, False]
+    assert "database or disk is full" in failed[1].getMessage()
+    assert "300 shadow half(s) unwritten" in failed[1].getMessage()
+    assert any("succeeded again" in r.getMessage() for r in caplog.records)

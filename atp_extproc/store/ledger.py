@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atp_extproc.store import sqlite as db
-from atp_extproc.store.money import PriceSnapshot
+from atp_extproc.store.money import PICO_PER_USD, PriceSnapshot
 
 log = logging.getLogger("atp.ledger")
 
@@ -267,11 +267,35 @@ class AsyncLedger:
             self._halves[:0] = halves
 
     def _run(self) -> None:
+        failing: str | None = None  # the last failure's cause, while they go on
+        repeats = 0
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()
-            except Exception:
-                log.exception("ledger flush failed; keeping the rows for the next try")
+            except Exception as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                if cause != failing:
+                    log.exception("ledger flush failed; keeping the rows for the next try")
+                else:
+                    # A full disk fails every flush alike: a traceback each time would
+                    # bury the first, which says why.
+                    repeats += 1
+                    log.error("ledger flush failed again (%s); keeping %s", cause,
+                              self.pending())
+                failing = cause
+                continue
+            if failing is not None:
+                log.info("ledger flush succeeded again after %d more failure(s)", repeats)
+                failing, repeats = None, 0
+
+    def pending(self) -> str:
+        """What is buffered and not yet written, in words for a log line."""
+        with self._lock:
+            requests = sum(sums[0] for sums in self._rows.values())
+            cost = sum(sums[5] for sums in self._rows.values())
+            halves = len(self._halves)
+        return (f"{requests} request(s) costing {cost / PICO_PER_USD:.6f} USD and "
+                f"{halves} shadow half(s) unwritten")
 
     def close(self) -> None:
         """Stop the writer and write what is left (blocking: off the event loop)."""

@@ -290,7 +290,10 @@ def write_batch(conn: sqlite3.Connection, rows: dict[LedgerKey, LedgerSums],
             _upsert_half(conn, half)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back itself (a full disk, a file-size limit): a second
+        # ROLLBACK would raise "no transaction is active" in place of that cause.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
