@@ -325,6 +325,8 @@ def _ledger_problem(path: Path) -> str | None:
         if not os.path.isfile(path):
             # /dev/null opened as an empty database and serve then failed to write it.
             return f"cannot open the ledger {path}: not a regular file (a device or a pipe)"
+        if _read_only(path):
+            return f"cannot open the ledger {path}: it is on a read-only file system"
         try:
             ledger_db.connect(path, readonly=True).close()
         except sqlite3.DatabaseError as exc:
@@ -342,8 +344,19 @@ def _ledger_problem(path: Path) -> str | None:
             continue  # missing, below a file, or not ours to see: look higher
         if not stat.S_ISDIR(mode):
             return f"cannot open the ledger {path}: {directory} is not a directory"
+        if _read_only(directory):
+            return (f"cannot open the ledger {path}: {directory} is on a read-only file "
+                    "system")
         return None
     return None
+
+
+def _read_only(path: str | Path) -> bool:
+    """A read-only mount, which no permission of any user's makes writable."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 # The body buffer limit of the shipped Envoy configs (envoy/*.yaml,

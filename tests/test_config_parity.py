@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -264,3 +266,28 @@ def test_an_integer_is_still_a_number_and_yes_still_a_boolean() -> None:
     assert snapshot.server.grace_period_s == 5.0
     assert snapshot.models["small"].price.input_per_1k == 1.0
     assert snapshot.routes[0].restore is True
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty read-only tmpfs, where the machine lets the tests mount one."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_check_refuses_a_ledger_on_a_read_only_file_system(
+        tmp_path: Path, read_only_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # check said OK; serve refused to start (Read-only file system).
+    ledger = read_only_dir / "ledger.sqlite3"
+    path = write(tmp_path, with_ledger(ledger))
+    assert check(capsys, path) == (1, [
+        f"{path}:6: ledger.path: cannot open the ledger {ledger}: {read_only_dir} is on a "
+        "read-only file system", "1 error(s), 0 warning(s)"])
