@@ -466,3 +466,19 @@ def test_an_input_files_url_is_read_as_an_images_is(redactor: Redactor, file_url
     doc = {"input": [{"role": "user", "content": [
         {"type": "input_file", "file_url": file_url}]}]}
     assert redactor.redact("responses", doc, "t").counts == found
+
+
+@pytest.mark.parametrize("number", [442079460958, 4930901820, 919876543210, 61412345678,
+                                    4915123456789])
+def test_a_phone_keys_number_with_its_country_code_is_a_phone(redactor: Redactor,
+                                                              number: int) -> None:
+    # Only a US or Canadian number was read so: a British, German, Indian or
+    # Australian one under a `phone` key went out as it came (a German mobile as a card).
+    doc = {"input": [{"type": "function_call_output", "call_id": "c",
+                      "output": {"phone": number}}]}
+    assert redactor.redact("responses", doc, "t").counts == {"phone": 1}
+    prose = {"messages": [{"role": "user", "content": f"Tel {number}"}]}
+    assert redactor.redact("chat", prose, "t").counts == {"phone": 1}
+    # Without a phone word it is a number like any other.
+    plain = {"messages": [{"role": "user", "content": f"order {number} shipped"}]}
+    assert redactor.redact("chat", plain, "t").counts in ({}, {"card": 1})

@@ -1201,6 +1201,11 @@ class Scanner:
             assert self.phone is not None
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
                                      budget)
+            if (value is None and not intl and bare and count >= 10
+                    and run.positive_context()):
+                # After a phone word (a `phone` key's number), a run no region reads as
+                # its own is tried with its country code: 442079460958.
+                value = self.phone.check(digits, True, (), budget)
             if value is None:
                 if budget.exhausted:
                     return None
