@@ -343,3 +343,24 @@ def test_a_class_redaction_does_not_look_for_is_warned_of() -> None:
                                  known_values=known)
     assert [p.reason.split(" (known")[0] for p in problems] == [
         "request.data_classes{} is never 'ipv4' with this config"]
+
+
+
+def _doubling(levels: int) -> str:
+    expr = f"size(x{levels}) > 0"
+    for i in range(levels, 0, -1):
+        expr = f"cel.bind(x{i}, x{i - 1} + x{i - 1}, {expr})"
+    return f"cel.bind(x0, request.tools, {expr})"
+
+
+@pytest.mark.parametrize(("expression", "costly"), [
+    # 18 levels: one request with 64 tools took 1 s and 1 GB, and check said nothing.
+    (_doubling(18), True),
+    (_doubling(11), True),
+    (_doubling(10), False),
+    ("cel.bind(t, request.tools, t + t + t).size() > 3", False),
+    ("cel.bind(a, request.tools, cel.bind(b, a, cel.bind(c, b, size(c) > 0)))", False),
+])
+def test_bound_values_built_from_copies_of_each_other_are_a_costly_shape(expression, costly):
+    found = [r for r in reasons(expression) if "cel.bind values built from copies" in r]
+    assert bool(found) == costly, found

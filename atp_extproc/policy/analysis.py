@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,12 @@ _EMPTY_ALWAYS_TRUE = frozenset({"startsWith", "endsWith", "contains"})
 _NESTED = ("costly shape: a comprehension over a list or map nested inside another one "
            "(cost grows with the product of their sizes); restructure it, e.g. with `in` "
            "on one side")
+# A value cel.bind builds from copies of other bound values: `cel.bind(b, a + a, ...)`
+# twice over quadruples `a`, and 18 levels made one request cost 1 s and 1 GB.
+MAX_BIND_COPIES = 1024
+_BIND_COPIES = ("costly shape: cel.bind values built from copies of each other hold "
+                "{copies} copies of what they read (cost doubles with each level); bind "
+                "each value once and read it where it is needed")
 _PER_TOOL = ("costly shape: a comprehension over a list or map in a tools policy, which "
              "runs once per tool of the request (cost grows with the number of tools times "
              "its size); use `in`, or decide what does not depend on `tool` once per "
@@ -102,6 +108,8 @@ class _Walker:
         self.map_guards: set[tuple[str, str]] = set()
         # Reads a has() makes before the one key it tests (`org` of has(m.org.x)).
         self.has_reads: set[tuple[str, str]] = set()
+        # cel.bind's variables → how many copies of what they read each holds.
+        self.bind_copies: dict[str, int] = {}
         # A map the expression writes, read by a key the request gives
         # (`{'alice': 4096}[subject.tenant]`): (where, the key as written); and what
         # the expression tests with `in` (a guard for such a key).
@@ -256,6 +264,8 @@ class _Walker:
         # value, which reads as what it was bound to.
         inner[comp.accu_var] = self.path_of(comp.accu_init, scope)
         self.walk(comp.accu_init, scope, loop_depth)
+        if rng.WhichOneof("expr_kind") == "list_expr" and not rng.list_expr.elements:
+            self._note_bind(comp.accu_var, comp.accu_init, e.id)
         # Any range the request sizes counts: a list, a map (metadata, data classes) or a
         # dyn claim; only a literal written in the policy has a size known at load.
         counted = rng.WhichOneof("expr_kind") not in ("list_expr", "struct_expr")
@@ -273,6 +283,15 @@ class _Walker:
         self.walk(comp.loop_condition, inner, depth)
         self.walk(comp.loop_step, inner, depth)
         self.walk(comp.result, inner, loop_depth)
+
+    def _note_bind(self, name: str, value: syntax_pb2.Expr, expr_id: int) -> None:
+        """cel.bind(name, value, ...): how many copies of what it reads `name` holds."""
+        copies = sum(self.bind_copies.get(ident, 0) for ident in _idents(value))
+        self.bind_copies[name] = max(copies, 1)
+        if copies > MAX_BIND_COPIES and not any(
+                f.reason.startswith(_BIND_COPIES[:40]) for f in self.findings):
+            self.findings.append(Finding(self.positions.get(expr_id, 0),
+                                         _BIND_COPIES.format(copies=copies)))
 
     # -- warnings -------------------------------------------------------------------
 
@@ -460,6 +479,28 @@ def _text(e: syntax_pb2.Expr) -> str | None:
         target = _text(call.target)
         return None if target is None else f"{target}.{fn}({', '.join(args)})"  # type: ignore[arg-type]
     return f"{fn}({', '.join(args)})"  # type: ignore[arg-type]
+
+
+def _idents(e: syntax_pb2.Expr) -> Iterator[str]:
+    """The names `e` reads, once per reading."""
+    stack = [e]
+    while stack:
+        node = stack.pop()
+        if node.WhichOneof("expr_kind") == "ident_expr":
+            yield node.ident_expr.name
+        stack.extend(_exprs_in(node))
+
+
+def _exprs_in(message: Any) -> Iterator[syntax_pb2.Expr]:
+    """The expressions directly inside `message` (a call's arguments, a list's items)."""
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        for item in (value,) if hasattr(value, "ListFields") else value:
+            if isinstance(item, syntax_pb2.Expr):
+                yield item
+            else:
+                yield from _exprs_in(item)
 
 
 def _reference(e: syntax_pb2.Expr) -> str | None:
