@@ -354,7 +354,8 @@ _STRING_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "instructions
 # with Unicode folding ("Content", "me\u017f\u017fages"): such a key would reach the
 # provider's `content` unread by redaction and policies, so it is refused.
 _FIELDS = frozenset((
-    "action", "allowed_tools", "arguments", "call_id", "code", "command", "commands",
+    "action", "allowed_tools", "arguments", "background", "call_id", "code", "command",
+    "commands",
     "content", "custom", "diff", "error", "format", "function", "function_call",
     "functions", "id", "include_usage", "input", "instructions", "logs", "max_tokens",
     "max_completion_tokens", "max_output_tokens", "messages", "metadata", "mode", "model",

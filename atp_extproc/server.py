@@ -315,6 +315,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.services = services
         self.in_flight = 0
         self.draining = False
+        # The drain's grace period ended: what is cancelled now, ATP cut off itself.
+        self.grace_over = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atp-inspect")
         # Answers restore on a thread of their own: behind big request bodies in one
         # queue, a small request's 200 KB answer waited past message_timeout (a 504
@@ -357,7 +359,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         response = exchange.handle(message)
                         held_loop_s = time.perf_counter() - started
                 except asyncio.CancelledError:
-                    _abandoned(exchange, message)
+                    _abandoned(exchange, message, grace_over=self.grace_over)
                     raise
                 if message.observability_mode:
                     # Envoy never reads these answers, and keeps the stream open until the
@@ -381,7 +383,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                             # A fast answer went nowhere because the client left (or
                             # Envoy refused ATP's headers, a 431): nothing for the
                             # operator to fix in ATP.
-                            _abandoned(exchange, message, warn=slow)
+                            _abandoned(exchange, message, warn=slow or self.grace_over,
+                                       grace_over=self.grace_over)
                         raise
                     if response.HasField("immediate_response"):
                         return
@@ -439,10 +442,12 @@ class HealthServicer(health.aio.HealthServicer):
             for service, status in self._server_status.items()})
 
 
-def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True) -> None:
+def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True,
+               grace_over: bool = False) -> None:
     """Envoy closed the stream while ATP worked on a message: it stopped waiting
-    (message_timeout; the client got a 504) or the client left. The record says so; with
-    `warn`, the log says it, as ATP being too slow is the operator's to fix."""
+    (message_timeout; the client got a 504) or the client left; or (`grace_over`) ATP's
+    own drain cut it. The record says so; with `warn`, the log says it, as ATP being too
+    slow is the operator's to fix."""
     rec = exchange.record
     phase = message.WhichOneof("request") or "a message"
     # Once the answer was coming back, the model had the request: the answer did not
@@ -450,6 +455,12 @@ def _abandoned(exchange: Exchange, message: ProcessingRequest, warn: bool = True
     rec.error_code = rec.error_code or (
         INCOMPLETE_RESPONSE if phase.startswith("response_") else ABANDONED)
     body = getattr(message, phase).body if phase.endswith("_body") else b""
+    if grace_over:
+        # Not Envoy's timeout nor the client: tuning those would change nothing.
+        log.warning("ATP stopped working on %s (%d bytes) of request %s: its drain's "
+                    "server.grace_period_s was over", phase, len(body),
+                    rec.request_id or "-")
+        return
     log.log(logging.WARNING if warn else logging.DEBUG,
             "Envoy stopped waiting for ATP's answer to %s (%d bytes) of request %s: "
             "message_timeout passed, or the client left", phase, len(body),
@@ -637,6 +648,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     if not drained:
         log.warning("grace period over: cancelling the exchanges in flight: %d",
                     processor.in_flight)
+        processor.grace_over = True
     await server.stop(0)
     expiry.cancel()
     log_flush.cancel()

@@ -217,6 +217,15 @@ def test_a_field_name_in_another_case_is_refused(doc, key) -> None:
         400, "unknown_parameter", key)
 
 
+@pytest.mark.parametrize("key", ["Background", "BACKGROUND", "bac\u212aground"])
+def test_background_in_another_case_is_refused(key: str) -> None:
+    # Only `background` itself was refused: a Go provider would run these as background
+    # responses, which ATP cannot fetch, restore or price.
+    with pytest.raises(RequestError) as info:
+        read_request("responses", {"model": "x", "input": "hi", key: True})
+    assert (info.value.code, info.value.param) == ("unknown_parameter", key)
+
+
 def test_keys_of_the_clients_own_maps_may_differ_only_in_case() -> None:
     schema = {"type": "object", "properties": {"id": {}, "ID": {}, "Content": {}}}
     doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}],

@@ -74,10 +74,12 @@ async def test_a_big_answer_is_restored_off_the_event_loop(tmp_path, monkeypatch
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("grace_over", [False, True])
 async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
-        tmp_path, monkeypatch, caplog) -> None:
+        tmp_path, monkeypatch, caplog, grace_over: bool) -> None:
     # Envoy's message_timeout passed while a big body was inspected: the client got a
     # 504, and ATP's record said status 0 with no error, like a client that left early.
+    # Cut by ATP's own drain, the log blamed Envoy's timeout or the client.
     import asyncio
 
     started, release = threading.Event(), threading.Event()
@@ -105,14 +107,18 @@ async def test_an_answer_envoy_stopped_waiting_for_is_recorded_and_logged(
         task = asyncio.create_task(consume())
         while not started.is_set():
             await asyncio.sleep(0.01)
-        task.cancel()  # as grpc.aio does when Envoy closes the stream
+        processor.grace_over = grace_over
+        task.cancel()  # as grpc.aio does when Envoy closes the stream, or the drain
         with pytest.raises(asyncio.CancelledError):
             await task
     release.set()
     (record,) = records
     assert record.error_code == "atp_answer_abandoned"
-    assert any("Envoy stopped waiting for ATP's answer to request_body" in r.getMessage()
-               for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    envoy = "Envoy stopped waiting for ATP's answer to request_body"
+    drain = "ATP stopped working on request_body"
+    assert [any(envoy in m for m in said), any(drain in m for m in said)] == (
+        [False, True] if grace_over else [True, False])
 
 
 def _recording_finish(monkeypatch) -> list:
