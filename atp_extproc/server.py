@@ -605,9 +605,10 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     # A large body inspected on the worker thread holds the GIL in slices of this
     # interval; shorter slices keep the other exchanges' added wait small.
     sys.setswitchinterval(0.001)
+    # The ledger opens before the socket is made: refused, it left the socket file.
+    services = Services.start(snapshot)
     server = grpc.aio.server(options=grpc_server_options())
     bind(server, listen)
-    services = Services.start(snapshot)
     processor = ExternalProcessor(holder, services)
     _add_servicer(processor, server)
     health_servicer = HealthServicer()

@@ -131,6 +131,8 @@ def test_serve_names_a_ledger_it_cannot_open_in_one_line(tmp_path: Path) -> None
     assert result.returncode == 1
     assert result.stderr == (f"atp-extproc: not starting: cannot open the ledger "
                              f"{tmp_path / 'afile/ledger.sqlite3'}: Not a directory\n")
+    # Nothing left behind: the socket file was made before the ledger was refused.
+    assert not (tmp_path / "atp.sock").exists()
 
 
 def test_a_ledger_path_that_is_a_directory_is_the_configs_mistake(
