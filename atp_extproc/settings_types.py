@@ -72,4 +72,6 @@ def _as_written(value: Any) -> str:
         return f"the string {value!r}"
     if isinstance(value, int | float):
         return f"the number {value!r}"
+    if isinstance(value, bytes):
+        return "binary data (!!binary)"
     return "a mapping" if isinstance(value, dict) else "a list"

@@ -104,6 +104,23 @@ def test_a_number_that_is_not_finite_is_told_as_such(value: str) -> None:
                                       "Input should be a finite number")]
 
 
+def test_an_equals_sign_is_a_string_as_yaml_1_2_reads_it() -> None:
+    # YAML 1.1's "value key": PyYAML resolved it, then could not build it ("could not
+    # determine a constructor for the tag 'tag:yaml.org,2002:value'").
+    config_mod.parse(MINIMAL_CONFIG + "policy: {environment: =}\n", SRC)
+    doc, problems = load_yaml("policy: {environment: =}\na: {=: 1}\n", SRC)
+    assert (doc, problems) == ({"policy": {"environment": "="}, "a": {"=": 1}}, [])
+
+
+def test_binary_data_is_told_as_such() -> None:
+    text = MINIMAL_CONFIG.replace("upstream_model: u,",
+                                  "upstream_model: u, region: !!binary bG9jYWw=,")
+    with pytest.raises(ConfigError) as raised:
+        config_mod.parse(text, SRC)
+    assert raised.value.problems == [("models[0].region",
+                                      "expected a string, got binary data (!!binary)")]
+
+
 def test_a_yaml_set_is_no_list() -> None:
     # Read as one, its order came from the hash seed: two replicas served one file's
     # alias from different first candidates.

@@ -116,11 +116,13 @@ class LineList(list):
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
-_VALUE_TAG = "tag:yaml.org,2002:value"
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+# YAML 1.1's `=` (a "value key"), which PyYAML resolves and then cannot build: a plain
+# string in YAML 1.2 (`environment: =` was an error about a constructor).
+_VALUE_TAG = "tag:yaml.org,2002:value"
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # YAML 1.2's plain scalars, where YAML 1.1 reads more into them: booleans are true/false
@@ -138,7 +140,7 @@ _REGEXPS_12 = {
 }
 _IMPLICIT_RESOLVERS = {
     first: [(tag, _REGEXPS_12.get(tag, regexp)) for tag, regexp in resolvers
-            if tag != _TIMESTAMP_TAG]
+            if tag not in (_TIMESTAMP_TAG, _VALUE_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
@@ -202,8 +204,6 @@ class KeyCheckingLoader(yaml.SafeLoader):
                 key: Any = "<<"
                 merged = self._merged(node, value_node) + merged
             else:
-                if key_node.tag == _VALUE_TAG:  # a `=` key: a plain string, as PyYAML has it
-                    key_node.tag = "tag:yaml.org,2002:str"
                 key = self.construct_object(key_node)
                 own.append((key_node, value_node))
             try:
