@@ -713,16 +713,21 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
     )
 
 
-def check_paths(snapshot: Snapshot, *, listen_option: bool = False) -> None:
+def check_paths(snapshot: Snapshot, *, listen_option: bool = False,
+                ledger_open: str | None = None) -> None:
     """Raise ConfigError for what the file system shows now would keep serve from
     starting with `snapshot`: a ledger it could not open, a Unix socket it could not make
     (`listen_option`: --listen wins over server.listen, which is then not checked).
+    `ledger_open`: the ledger a running serve writes, not checked again (a reload keeps
+    it: a volume gone read-only since start refused every reload, an incident's new deny
+    policy included).
 
     For check and reloads. Not part of parse: serve's start names the OS's own reason
     (exit 1), and `report savings` only reads the ledger. Host names and addresses are
     left to serve: whether they resolve and are this machine's depends on where it runs."""
     problems: list[tuple[str, str]] = []
-    if snapshot.ledger.enabled and (problem := _ledger_problem(Path(snapshot.ledger.path))):
+    if snapshot.ledger.enabled and snapshot.ledger.path != ledger_open and (
+            problem := _ledger_problem(Path(snapshot.ledger.path))):
         problems.append(("ledger.path", problem))
     socket_path = None if listen_option else unix_socket_path(snapshot.server.listen)
     if socket_path is not None and (problem := unix_socket_problem(socket_path)):

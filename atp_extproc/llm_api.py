@@ -764,12 +764,20 @@ def _answer_json(data: bytes | bytearray) -> Any:
     them."""
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:  # too deep included
-        pass
+    except orjson.JSONDecodeError as exc:  # too deep included
+        # Only those two: read again, a cut or foreign answer (the usual failure) cost
+        # 6-8 times orjson's parse on the loop for nothing.
+        if not _PYTHON_READS.match(str(exc)):
+            return None
     try:
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+# orjson's reasons for refusing what Python's json reads.
+_PYTHON_READS = re.compile(r"(?:no low|invalid high|invalid low) surrogate|"
+                           r"number is infinity")
 
 
 def read_response(body: bytes) -> tuple[Usage | None, str | None, int | None]:
@@ -834,7 +842,8 @@ class SseStream:
         self.failed = False
         # The stream's last event came (`[DONE]`, or a Responses stream's terminal one).
         self.ended = False
-        # An event over _MAX_EVENT went on unread: it may have been the last one.
+        # The last event was over _MAX_EVENT and went on unread: it may have been the
+        # stream's end.
         self.unread = False
         # The event in progress. Appending to it costs the chunk, never the whole event.
         self._buf = bytearray()
@@ -899,6 +908,7 @@ class SseStream:
     def _observe(self, event: bytearray) -> bool:
         """Record what the event says; True if it is a usage-only chunk."""
         self.events += 1
+        self.unread = False  # the event too large to read was not the last
         payload = _data_of(event)
         if payload:
             self.data_events += 1

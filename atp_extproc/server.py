@@ -217,7 +217,8 @@ class ConfigHolder:
                 self.path, (self._stamp, self._sources))
             # As check does: a file ATP could not restart with is not taken, though a
             # new ledger.path or server.listen only applies at a restart.
-            config_mod.check_paths(snapshot, listen_option=self.options.listen is not None)
+            config_mod.check_paths(snapshot, listen_option=self.options.listen is not None,
+                                   ledger_open=self.fixed_at_start.get("ledger.path"))
         except ConfigError as exc:
             self._rejected = True
             log.error("config reload rejected (%s); keeping version %s:\n%s",

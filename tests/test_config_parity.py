@@ -291,3 +291,28 @@ def test_check_refuses_a_ledger_on_a_read_only_file_system(
     assert check(capsys, path) == (1, [
         f"{path}:6: ledger.path: cannot open the ledger {ledger}: {read_only_dir} is on a "
         "read-only file system", "1 error(s), 0 warning(s)"])
+
+
+def test_a_reload_keeps_working_when_the_open_ledgers_volume_went_read_only(
+        tmp_path: Path) -> None:
+    # ext4 remounts read-only on a disk error: every reload was refused from then on,
+    # an incident's new deny policy included, though the ledger in use needs no check.
+    from atp_extproc.server import ConfigHolder
+    from atp_extproc.store import connect
+
+    mount = tmp_path / "vol"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        connect(mount / "ledger.sqlite3").close()
+        path = write(tmp_path, with_ledger(mount / "ledger.sqlite3"))
+        holder = ConfigHolder(path, config_mod.load(path))
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        path.write_text(path.read_text() + "policies:\n  - {id: sec.block, effect: deny, "
+                        "expression: \"subject.tenant == 'anon'\"}\n")
+        assert holder.reload("SIGHUP") is True
+        assert holder.current.policies is not None
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -407,6 +407,13 @@ def test_routes_that_never_read_atps_cluster_header_are_an_error():
     assert problem.severity == "error" and "reads x-atp-cluster" in problem.reason
     # One model cluster: there is no choice for a route to ignore.
     assert missing_cluster_problems("e.yaml", yaml.safe_dump(doc), {"demo_a"}) == []
+    # A hash policy names the header without routing by it.
+    for host in manager["route_config"]["virtual_hosts"]:
+        host["routes"][0]["route"]["hash_policy"] = [{"header": {
+            "header_name": "x-atp-cluster"}}]
+    assert [p for p in missing_cluster_problems("e.yaml", yaml.safe_dump(doc),
+                                                {"demo_a", "demo_b"})
+            if "reads x-atp-cluster" in p.reason]
     # Envoy's matcher tree reading the header routes by it too.
     for host in manager["route_config"]["virtual_hosts"]:
         host["matcher"] = {"matcher_tree": {"input": {"name": "h", "typed_config": {

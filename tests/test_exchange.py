@@ -1087,6 +1087,13 @@ def test_a_stream_whose_last_event_was_too_large_to_read_is_not_cut_short(
         {"type": "response.output_text.delta", "delta": "Hi"},
         {"type": "response.completed", "response": {"id": "r", "image": "x" * 5000}}))
     assert ex.finish().error_code == ""
+    # One that was not the last leaves the cut-off rule as it was.
+    ex, _ = send_body(snap, {"model": "fast", "input": "hi", "stream": True},
+                      path="/v1/responses")
+    stream_response(ex, _events(
+        {"type": "response.output_text.delta", "delta": "x" * 5000},
+        {"type": "response.output_text.delta", "delta": "Hi"}))
+    assert ex.finish().error_code == "response_incomplete"
 
 
 def test_responses_api_stream_usage(snap) -> None:

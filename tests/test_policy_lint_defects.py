@@ -299,6 +299,11 @@ def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
      "request.max_tokens > {'alice': 4096, 'bob': 1024}[subject.tenant]", False),
     ("subject.tenant in {'alice': 1} ? {'alice': 4096}[subject.tenant] < 5 : false", False),
     ("{'alice': 4096}['alice'] > request.max_tokens", False),
+    # Forms that cannot miss, or are guarded otherwise, were warned of.
+    ("{true: 8192, false: 4096}[request.stream] < request.max_tokens", False),
+    ("subject.tenant == 'alice' && {'alice': 4096}[subject.tenant] < 5", False),
+    ("subject.claims.org in {'acme': 1} && {'acme': 1}[subject.claims['org']] == 1",
+     False),
 ])
 def test_a_written_map_read_by_a_requests_key_is_warned_of(expression, warned):
     found = [r for r in reasons(expression) if "a map the expression writes" in r]

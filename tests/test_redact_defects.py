@@ -443,6 +443,10 @@ def test_a_data_url_in_any_letter_case_or_with_many_parameters_is_data(redactor,
     {"id": "c1", "type": "function", "arguments": "jo.doe@example.com"},
     {"type": "function", "function": {"name": "f", "arguments": "{}"},
      "note": "jo.doe@example.com"},
+    # A function or custom that is no object.
+    {"id": "c1", "type": "function", "function": "mail jo.doe@example.com"},
+    {"id": "c1", "type": "function", "function": ["mail jo.doe@example.com"]},
+    {"id": "c1", "type": "custom", "custom": "mail jo.doe@example.com"},
 ])
 def test_a_tool_call_of_three_other_keys_is_read(redactor: Redactor, call: dict) -> None:
     # Calls of at most three keys with a string id were taken for the usual shape and
@@ -479,6 +483,9 @@ def test_a_phone_keys_number_with_its_country_code_is_a_phone(redactor: Redactor
     assert redactor.redact("responses", doc, "t").counts == {"phone": 1}
     prose = {"messages": [{"role": "user", "content": f"Tel {number}"}]}
     assert redactor.redact("chat", prose, "t").counts == {"phone": 1}
-    # Without a phone word it is a number like any other.
-    plain = {"messages": [{"role": "user", "content": f"order {number} shipped"}]}
-    assert redactor.redact("chat", plain, "t").counts in ({}, {"card": 1})
+    # Without a phone word right before it, it is a number like any other ("dial" in
+    # "cordial", "reach" in "outreach" are none).
+    for text in (f"order {number} shipped", f"outreach campaign {number}",
+                 f"cordial greetings, tracking {number}"):
+        plain = {"messages": [{"role": "user", "content": text}]}
+        assert redactor.redact("chat", plain, "t").counts in ({}, {"card": 1}), text

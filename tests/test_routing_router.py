@@ -147,6 +147,15 @@ def test_a_fresh_route_explores_no_more_than_its_share_from_the_start(cap: float
     assert any(explored)
 
 
+def test_exploration_0_never_explores_not_even_first() -> None:
+    # The share normalised by decisions so far was 0 <= 0 on a route's first decision:
+    # every route explored once at every start.
+    router = Router(clock=Clock(), seed=6)
+    objective = RouteObjective(exploration=0.0)
+    assert not any(router.choose(f"r{i}", objective, CANDIDATES).explored
+                   for i in range(200))
+
+
 def test_sticky_keys_of_a_new_route_stay_within_the_exploration_bound():
     # Keys assigned before the shares have learned anything used to be spread evenly
     # (1/n each): two thirds explored, against a bound of 0.1.

@@ -291,3 +291,28 @@ def test_a_reload_leaves_the_event_loop_serving(tmp_path: Path) -> None:
     # Run on the loop, the reload would be one step of the task: a tick or two.
     ticks, poll = asyncio.run(reload_while_ticking())
     assert poll == 0.06 and ticks > 20
+
+
+
+def test_a_config_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Stamped before it was read, the FIFO blocked serve's start (and a reload's thread
+    # for good once atp.yaml became one, and the exit with it).
+    import os
+    import threading
+
+    fifo = tmp_path / "atp.yaml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def load() -> None:
+        try:
+            ConfigHolder.load(fifo)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert outcome and isinstance(outcome[0], config_mod.ConfigError), outcome
+    assert "not a regular file" in str(outcome[0])

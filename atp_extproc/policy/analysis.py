@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +195,8 @@ class _Walker:
             written = _reference(key) if len(call.args) == 2 else None
             if (path is None and written is not None and self._literal_string(key) is None
                     and base.WhichOneof("expr_kind") == "struct_expr"
-                    and not base.struct_expr.message_name):
+                    and not base.struct_expr.message_name
+                    and not _every_bool(base.struct_expr)):
                 self.literal_reads.append((e.id, written))
             if path is not None:
                 self.use(path)
@@ -206,6 +208,8 @@ class _Walker:
         if call.function in ("_==_", "_!=_") and len(call.args) == 2:
             self._check_literal(call.args[0], call.args[1], scope, e.id)
             self._check_literal(call.args[1], call.args[0], scope, e.id)
+            if call.function == "_==_":  # `subject.tenant == 'alice' && {...}[...]`
+                self.tested.update(filter(None, map(_reference, call.args)))
         if call.function == "@in" and len(call.args) == 2:
             self._check_in(call.args[0], call.args[1], scope, e.id)
         if call.function == "matches":
@@ -416,8 +420,9 @@ class _Walker:
                     f"{path}[{key!r}] is an evaluation error where the key is absent{hint}, "
                     f"and on_error then decides every such request: guard it "
                     f"({key!r} in {written} && ...)", "warning"))
+        tested = {_canonical(t) for t in self.tested}
         for expr_id, key in self.literal_reads:
-            if key not in self.tested:
+            if _canonical(key) not in tested:
                 self.findings.append(Finding(
                     self.positions.get(expr_id, 0),
                     f"a map the expression writes, read by {key}, is an evaluation error "
@@ -479,6 +484,22 @@ def _text(e: syntax_pb2.Expr) -> str | None:
         target = _text(call.target)
         return None if target is None else f"{target}.{fn}({', '.join(args)})"  # type: ignore[arg-type]
     return f"{fn}({', '.join(args)})"  # type: ignore[arg-type]
+
+
+def _every_bool(struct: Any) -> bool:
+    """A map literal keyed by both booleans: read by any bool, it never misses."""
+    keys = {entry.map_key.const_expr.bool_value for entry in struct.entries
+            if entry.HasField("map_key") and entry.map_key.WhichOneof("expr_kind")
+            == "const_expr" and entry.map_key.const_expr.HasField("bool_value")}
+    return keys == {True, False}
+
+
+_KEY_INDEX = re.compile(r"""\[(['"])([A-Za-z_][A-Za-z0-9_]*)\1\]""")
+
+
+def _canonical(reference: str) -> str:
+    """`subject.claims['org']` and `subject.claims.org` as one."""
+    return _KEY_INDEX.sub(r".\2", reference)
 
 
 def _idents(e: syntax_pb2.Expr) -> Iterator[str]:

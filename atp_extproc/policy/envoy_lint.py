@@ -625,10 +625,19 @@ def _matches_atp_cluster(listeners: Any) -> bool:
     checked = [listener for listener in listeners if isinstance(listener, dict)
                and any(_is_ext_proc(f) for f in _walk(listener))] \
         if isinstance(listeners, list) else []
-    return any(
-        str(node.get(key, "")).lower() == CLUSTER_HEADER
-        for listener in checked for node in _walk(listener)
-        for key in ("name", "header_name"))
+    for listener in checked:
+        for node in _walk(listener):
+            match = node.get("match")
+            headers = match.get("headers") if isinstance(match, dict) else None
+            if isinstance(headers, list) and any(
+                    isinstance(h, dict) and str(h.get("name", "")).lower() == CLUSTER_HEADER
+                    for h in headers):
+                return True
+            # (A hash policy or a retry names the header too, without routing by it.)
+            if str(node.get("@type", "")).endswith(".HttpRequestHeaderMatchInput") and \
+                    str(node.get("header_name", "")).lower() == CLUSTER_HEADER:
+                return True
+    return False
 
 
 def _routed_clusters(listeners: Any, clusters: Any) -> set[str] | None:

@@ -633,11 +633,15 @@ def _shown(path: Path) -> str:
 def load_file(path: str | Path, overrides: Mapping[str, Any] | None = None
               ) -> LoadedPolicies:
     path = Path(path)
+    settings = PolicySettings.model_validate(dict(overrides or {}))
+    if path.exists() and not path.is_file():
+        # A FIFO would block the read (a reload's thread for good, and the exit with it).
+        return LoadedPolicies(settings, (), (str(path),), "", (Problem(
+            str(path), 0, "", "not a regular file (a pipe, a device or a directory)"),))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return LoadedPolicies(PolicySettings.model_validate(dict(overrides or {})), (),
-                              (str(path),), "",
+        return LoadedPolicies(settings, (), (str(path),), "",
                               (Problem(str(path), 0, "", f"cannot read: {exc}"),))
     return load_text(text, str(path), base_dir=directory_of(path), overrides=overrides)
 

@@ -511,12 +511,14 @@ def _tool_calls(c: Collector, base: Path, calls: Any) -> None:
                 _rest(c, path, spec, frozenset({own}))
             else:
                 _rest(c, path, spec)
-        # A call of the usual shape holds nothing else; any other key, or an id or type
-        # that is no string, is read (a call of three other keys, `{id, name,
-        # arguments}`, went out unread).
-        if not (call.keys() <= _CALL_KEYS and isinstance(call.get("id", ""), str)
+        # A call of the usual shape holds nothing else; any other key, an id or type that
+        # is no string, or a function that is no object, is read (a call of three other
+        # keys, `{id, name, arguments}`, went out unread).
+        read = frozenset(kind for kind in _CALL_READ if isinstance(call.get(kind), dict))
+        if not (call.keys() <= _CALL_KEYS and read == call.keys() & _CALL_READ
+                and isinstance(call.get("id", ""), str)
                 and isinstance(call.get("type", ""), str)):
-            _rest(c, (*base, k), call, _CALL_READ)
+            _rest(c, (*base, k), call, read)
 
 
 _ARGUMENTS = frozenset({"arguments"})

@@ -195,7 +195,8 @@ class Router:
         ts = sc.thompson
         # The share explored so far, not the raw average: starting at 0, that let a fresh
         # route (every ATP start) explore about 11 decisions in a row.
-        if ts >= 0 and ts != greedy and rs.explore_ew <= comp.explore_cap * rs.explore_norm:
+        if (ts >= 0 and ts != greedy and comp.explore_cap > 0
+                and rs.explore_ew <= comp.explore_cap * rs.explore_norm):
             pick, explored = ts, True
         rs.explore_ew += EXPLORE_ALPHA * ((1.0 if explored else 0.0) - rs.explore_ew)
         rs.explore_norm += EXPLORE_ALPHA * (1.0 - rs.explore_norm)
