@@ -119,7 +119,8 @@ def _policies_changed(old: Snapshot, new: Snapshot) -> str:
 
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
-    the snapshot it started with, so a reload never changes a request mid-flight."""
+    the snapshot in force when its body came, so a reload never changes a request once
+    decided."""
 
     def __init__(self, path: Path, snapshot: Snapshot,
                  options: ServeOptions = ServeOptions(),
@@ -339,10 +340,25 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.in_flight += 1
         self._idle.clear()
         message: ProcessingRequest | None = None
+        headers: ProcessingRequest | None = None  # until the body came
         try:
             async for message in request_iterator:
                 # Off the loop, a cancel reaches the await above, not the yield below.
                 held_loop_s = 0.0
+                if message.HasField("request_headers"):
+                    headers = message
+                elif headers is not None and message.HasField("request_body"):
+                    if exchange.snapshot is not self.holder.current:
+                        # ATP decides at the body: under the config in force now. A
+                        # request whose headers came before a reload revoked its key was
+                        # served with it, however long it took to send its body.
+                        exchange = Exchange(self.holder.current, services=self.services,
+                                            shadow=shadow)
+                        answer = exchange.handle(headers)
+                        if answer is not None and answer.HasField("immediate_response"):
+                            yield answer
+                            return
+                    headers = None
                 try:
                     if (message.HasField("request_body")
                             and len(message.request_body.body) > OFFLOAD_BODY_BYTES):

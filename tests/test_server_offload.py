@@ -255,3 +255,35 @@ async def test_a_held_event_loop_is_warned_of(caplog) -> None:
         watch.cancel()
     (warning,) = [r for r in caplog.records if "event loop was held" in r.getMessage()]
     assert 0.2 <= float(warning.getMessage().split("held for ")[1].split(" s")[0]) < 5
+
+
+@pytest.mark.asyncio
+async def test_a_request_is_decided_under_the_config_in_force_when_its_body_comes(
+        tmp_path) -> None:
+    # Its headers read before a reload revoked the key, a request whose body came later
+    # (a byte every few minutes, as long as the client liked) was served with it.
+    snapshot = config_mod.load(EXAMPLE)
+    holder = ConfigHolder(tmp_path / "atp.yaml", snapshot)
+    processor = ExternalProcessor(holder)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    revoked = dataclasses.replace(snapshot, api_keys={
+        digest: key for digest, key in snapshot.api_keys.items() if key.tenant != "alice"})
+
+    async def send(swap: bool) -> list:
+        holder.current = snapshot
+        replies = []
+
+        async def messages():
+            yield req_headers("POST", "/v1/chat/completions")
+            if swap:
+                holder.current = revoked  # the reload, between headers and body
+            yield req_body(body)
+
+        async for reply in processor.Process(messages(), _Context()):
+            replies.append(reply)
+        return replies
+
+    kept = await send(swap=False)
+    assert kept[-1].WhichOneof("response") == "request_body"
+    refused = await send(swap=True)
+    assert refused[-1].immediate_response.status.code == 401
