@@ -339,7 +339,8 @@ def test_chat_scope(redactor):
     assert res.counts == {"email": 10}
     assert res.non_text_parts == 3
     new = {**doc, **res.fields}
-    assert _emails_left(new["messages"]) == 0 and new["user"] == "[EMAIL_1]"
+    # `user` is keyed (test_redact_defects says why), the rest numbered.
+    assert _emails_left(new["messages"]) == 0 and new["user"].startswith("[EMAIL:")
     assert new["metadata"] == {"note": "for [EMAIL_1]"}
     # images keep their URL (not text the model reads as text)
     assert new["messages"][2]["content"][1] == doc["messages"][2]["content"][1]

@@ -489,3 +489,24 @@ def test_a_phone_keys_number_with_its_country_code_is_a_phone(redactor: Redactor
                  f"cordial greetings, tracking {number}"):
         plain = {"messages": [{"role": "user", "content": text}]}
         assert redactor.redact("chat", plain, "t").counts in ({}, {"card": 1}), text
+
+
+@pytest.mark.parametrize("operation", ["chat", "completions", "embeddings"])
+def test_end_user_fields_get_a_keyed_placeholder_per_tenant(operation: str) -> None:
+    # Numbered per request, alice's ann@ and bob's zed@ were both `[EMAIL_1]` at the
+    # provider (one user to its abuse checks and caches), and ann@ another one in a
+    # request whose text held an e-mail too.
+    r = Redactor(RedactionSettings(), hmac_key=b"k" * 32)
+    body = {"chat": {"messages": [{"role": "user", "content": "mail x@example.org"}]},
+            "completions": {"prompt": "mail x@example.org"},
+            "embeddings": {"input": "mail x@example.org"}}[operation]
+
+    def sent(tenant: str, user: str) -> dict:
+        doc = {**body, "user": user, "safety_identifier": user, "prompt_cache_key": user}
+        return r.redact(operation, doc, tenant).fields
+
+    ann, zed, ann_again = (sent("alice", "ann@example.com"), sent("bob", "zed@example.com"),
+                           sent("alice", "ann@example.com"))
+    assert ann["user"].startswith("[EMAIL:") and ann["user"] == ann["safety_identifier"]
+    assert ann["user"] != zed["user"] and ann["user"] == ann_again["user"]
+    assert sent("bob", "ann@example.com")["user"] != ann["user"]  # keyed per tenant

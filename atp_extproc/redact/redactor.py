@@ -47,6 +47,10 @@ _PROCESS_KEY = secrets.token_bytes(32)
 _TENANT_KEYS_MAX = 4096
 
 
+# A segment's path whose first step is a field a provider keeps per end user.
+_STORED_ROOTS = frozenset((key,) for key in scope.STORED)
+
+
 class PlaceholderMap:
     """Placeholder → original text, for one exchange only.
 
@@ -428,7 +432,7 @@ class Redactor:
         # restore answers with the wrong value. Keyed ones (as the hash action's) name one
         # value alike in every request.
         keyed = operation == "responses"
-        tokens: dict[tuple[str, str], str] = {}
+        tokens: dict[tuple[str, str, bool], str] = {}
         numbers: dict[str, int] = {}
         per_seg: dict[int, list[tuple[int, int, str]]] = {}
         for h in hits:
@@ -437,10 +441,15 @@ class Redactor:
                 continue
             i = bisect_right(starts, s) - 1
             action = self._actions[h.cls]
-            key = (h.cls, h.value)
+            # The end-user fields (user, safety_identifier, prompt_cache_key) a provider
+            # keeps per end user: numbered, every tenant's users were one `[EMAIL_1]`
+            # there, and one user a new one in each request.
+            path = segs[i].path
+            stored = keyed or (path is not None and path[:1] in _STORED_ROOTS)
+            key = (h.cls, h.value, stored)
             token = tokens.get(key)
             if token is None:
-                token = self._token(h.cls, h.value, "hash" if keyed and action == "mask"
+                token = self._token(h.cls, h.value, "hash" if stored and action == "mask"
                                     else action, tenant, numbers, res.reserved)
                 tokens[key] = token
                 mapping.setdefault(token, joined[s:e])

@@ -526,7 +526,7 @@ _CALL_READ = frozenset({"function", "custom"})
 _CALL_KEYS = frozenset({"id", "type", *_CALL_READ})
 
 
-_STORED = ("user", "safety_identifier", "prompt_cache_key")
+STORED = ("user", "safety_identifier", "prompt_cache_key")
 # Top-level fields of the OpenAI APIs that hold settings, not text a model reads or a
 # provider stores (tool definitions, output schemas and stop sequences are documented as
 # not scanned unless redaction.extra_paths names them).
@@ -541,7 +541,7 @@ _SETTINGS = frozenset((
     "verbosity", "modalities", "audio", "store", "background", "include", "truncation",
     "previous_response_id", "conversation", "encoding_format", "dimensions", "best_of",
     "echo", "web_search_options", "prompt_cache_retention", "stop"))
-_COMMON = frozenset((*_STORED, "metadata"))
+_COMMON = frozenset((*STORED, "metadata"))
 # Settings that hold a number or a boolean (stream_options: booleans by name): text in
 # one is the client's own, a model's provider would still receive it, so it is read.
 _SCALAR_SETTINGS = frozenset((
@@ -563,7 +563,7 @@ _ENUM_SETTINGS = frozenset((
 def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
     """What every operation may carry that a provider stores or reads, and any top-level
     field not `known` (the operation's own fields, _COMMON's and _SETTINGS)."""
-    for key in _STORED:
+    for key in STORED:
         if isinstance(doc.get(key), str):
             c.text((key,), doc[key])
     metadata = doc.get("metadata")
