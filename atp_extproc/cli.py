@@ -418,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except OSError as exc:
-        # Output that cannot be written (a full disk, `> /dev/full`) is one line, not a
-        # traceback; errors about files a command reads name their file and are its own.
-        if exc.errno not in _WRITE_ERRNOS or exc.filename is not None:
+        # One line, not a traceback: output that cannot be written (a full disk,
+        # `> /dev/full`), or a file a command could not read or make that it did not
+        # name itself (a directory not ours to search, a workdir that is a file).
+        if exc.filename is not None:
+            print(f"atp-extproc: {exc.strerror}: {exc.filename}", file=sys.stderr)
+            return 1
+        if exc.errno not in _WRITE_ERRNOS:
             raise
         _silence_stdout()
         print(f"atp-extproc: cannot write the output: {exc.strerror}", file=sys.stderr)

@@ -351,6 +351,14 @@ def _ledger_problem(path: Path) -> str | None:
     return None
 
 
+def _is_dir(path: str) -> bool:
+    """Path.is_dir(), False where the path cannot be looked up (serve's start names why)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _read_only(path: str | Path) -> bool:
     """A read-only mount, which no permission of any user's makes writable."""
     try:
@@ -684,7 +692,7 @@ def _parse(text: str, source: str, secrets: bool) -> Snapshot:
         # `..` in it is left to the OS, which reads it as it always did.
         path = directory_of(Path(source)) / ledger.path
         ledger = ledger.model_copy(update={"path": str(path)})
-    if ledger.enabled and Path(ledger.path).is_dir():
+    if ledger.enabled and _is_dir(ledger.path):
         # Serve could not open it; check and reload must say so too.
         lined, _ = load_yaml(text, source)
         raise ConfigError(source, [("ledger.path", f"{ledger.path} is a directory, not a "
@@ -781,12 +789,15 @@ def read_config_text(path: str | Path) -> str:
     pipe (`check <(envsubst < atp.yaml)`) gave its text to the first read only, and the
     next found an empty file; one without a writer blocks."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise ConfigError(str(path), [("", NOT_A_FILE)])
     try:
-        return path.read_text(encoding="utf-8")
+        # stat, not exists(): that raises where the path cannot be looked up (a
+        # directory not ours to search, a name too long), and a traceback was printed.
+        regular = stat.S_ISREG(path.stat().st_mode)
+        if regular:
+            return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [("", f"cannot read: {exc}")]) from None
+    raise ConfigError(str(path), [("", NOT_A_FILE)])
 
 
 def load(path: str | Path, *, secrets: bool = True) -> Snapshot:

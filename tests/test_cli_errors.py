@@ -313,3 +313,24 @@ def test_a_config_that_is_no_regular_file_is_refused_as_such(
     code, output = run(capsys, *argv)
     assert code == (1 if command == "check" else 2)
     assert f"{os.devnull}: " in output and "not a regular file (a pipe" in output
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "{long}"], ["serve", "--config", "{long}"],
+    ["report", "savings", "--config", "{long}"], ["report", "savings", "--db", "{long}"],
+    ["policy", "test", "{long}"]])
+def test_a_path_that_cannot_be_looked_up_is_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]) -> None:
+    # Path.exists() raises where a path cannot be looked up (a name too long, a
+    # directory not ours to search): each of these printed a traceback.
+    long = str(tmp_path / ("x" * 300 + ".yaml"))
+    code, output = run(capsys, *[a.replace("{long}", long) for a in argv])
+    assert code in (1, 2) and "Traceback" not in output
+    assert "File name too long" in output and len(output.strip().splitlines()) <= 2
+
+
+def test_a_stack_workdir_that_is_a_file_is_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    code, output = run(capsys, "stack", "--workdir", str(tmp_path / "afile"))
+    assert code == 1 and output.strip() == f"atp-extproc: File exists: {tmp_path / 'afile'}"
