@@ -485,3 +485,14 @@ def test_a_kubernetes_object_is_named_as_such(path: str, says: str) -> None:
          "--envoy", str(ROOT / path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert says in result.stdout and "no ext_proc filter" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("text", ["", "# rendered later\n", "null\n", "---\n...\n"])
+def test_an_envoy_config_that_is_empty_is_refused(tmp_path, text):
+    # A render or envsubst that failed left an empty file, which Envoy refuses: check
+    # said OK.
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    out = io.StringIO()
+    assert check([], [str(path)], out=out) == 1
+    assert f"{path}:1: no Envoy config: the file is empty" in out.getvalue()

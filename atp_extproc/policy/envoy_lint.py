@@ -363,7 +363,8 @@ def fail_open_problems(file: str, text: str, why: list[str],
     `why` (reasons ATP's decisions must hold) is not empty, warnings otherwise."""
     doc, problems = load_yaml(text, file, envoy=True)
     if doc is None:
-        return problems
+        # An empty file (a render or envsubst that failed), which Envoy refuses, was OK.
+        return problems or [Problem(file, 1, "", "no Envoy config: the file is empty")]
     severity: Literal["error", "warning"] = "error" if why else "warning"
     because = f" while {'; '.join(why)}" if why else ""
     asked = False
