@@ -193,3 +193,21 @@ def test_a_stripped_tool_the_request_insists_on_is_refused_as_serve_refuses_it(t
 """)
     report = testing.run(tmp_path)
     assert report.failures == [] and report.passed == 7
+
+
+def test_cases_in_a_linked_directory_are_run_once(tmp_path):
+    # rglob followed no linked directory: half a suite went unrun, and the run passed.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pol.yaml").write_text(
+        "policies:\n  - id: t.deny_bob\n    effect: deny\n"
+        "    expression: subject.tenant == 'bob'\n")
+    (other / "t_test.yaml").write_text(
+        "policies: [pol.yaml]\ncases:\n  - name: bob is denied\n"
+        "    subject: {tenant: bob}\n    expect: {denied: t.deny_bob}\n")
+    root = tmp_path / "suite"
+    root.mkdir()
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
+    report = testing.run(root)
+    assert (report.passed, report.failed, report.load_errors) == (1, 0, [])
