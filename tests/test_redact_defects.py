@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -510,3 +511,14 @@ def test_end_user_fields_get_a_keyed_placeholder_per_tenant(operation: str) -> N
     assert ann["user"].startswith("[EMAIL:") and ann["user"] == ann["safety_identifier"]
     assert ann["user"] != zed["user"] and ann["user"] == ann_again["user"]
     assert sent("bob", "ann@example.com")["user"] != ann["user"]  # keyed per tenant
+
+
+def test_a_hash_key_that_is_no_utf8_is_taken_as_its_bytes() -> None:
+    # Random bytes from a Secret reach os.environ with surrogates: check and serve
+    # refused every config ("'utf-8' codec can't encode character '\udce9'").
+    raw = bytes(range(200, 220))
+    settings = RedactionSettings(actions={"email": "hash"})
+    r = Redactor(settings, environ={settings.hmac_key_env: os.fsdecode(raw)})
+    same = Redactor(settings, hmac_key=raw)
+    doc = {"messages": [{"role": "user", "content": "mail jo.doe@example.com"}]}
+    assert r.redact("chat", doc, "t").fields == same.redact("chat", doc, "t").fields

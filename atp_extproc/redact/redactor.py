@@ -310,7 +310,9 @@ class Redactor:
         env = os.environ if environ is None else environ
         key = hmac_key if hmac_key is not None else env.get(settings.hmac_key_env)
         if isinstance(key, str):
-            key = key.encode()
+            # The environment's bytes as they are: a key that is no UTF-8 (random bytes
+            # from a Secret) reaches Python with surrogates, which .encode() refused.
+            key = os.fsencode(key)
         hashed = sorted(c for c, a in self._actions.items() if a == "hash")
         if hashed and (not key or len(key) < _MIN_KEY_BYTES):
             raise ValueError(
