@@ -865,7 +865,10 @@ class Exchange:
         return len(self._response_body) if self.restorer is not None else 0
 
     def _on_response_body(self, body_msg) -> ProcessingResponse:
-        end = body_msg.end_of_stream
+        # A BUFFERED body comes whole in one message, without end_of_stream where the
+        # answer ends with trailers (HTTP/2): held for its end, a restored answer never
+        # went out (the client got an empty body) and a whole one was counted cut off.
+        end = body_msg.end_of_stream or (self._headers_held and self.sse is None)
         if end:
             self._body_pending = False
         if self._compressed:  # (sent by a filter config that asks for every body)

@@ -1225,6 +1225,25 @@ def test_streamed_json_answer_is_held_and_restored_at_its_end(snap) -> None:
     assert rec.restored is True and (rec.input_tokens, rec.output_tokens) == (9, 4)
 
 
+def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
+    # HTTP/2 lets an answer end with trailers: Envoy then sends the BUFFERED body without
+    # end_of_stream (trailers are not sent to ATP). Held for an end that never came, the
+    # restored answer never went out (the client got an empty body), and the record said
+    # 502 response_incomplete.
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    ex, _ = send_body(dataclasses.replace(snap, routes=routes), chat("fast", messages=[
+        {"role": "user", "content": "write to jane.doe@example.com"}]))
+    answer = json.dumps({"choices": [{"message": {"content": "Sent to [EMAIL_1]."}}],
+                         "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
+    ex.handle(resp_headers(200, "application/json",
+                           extra={"content-length": str(len(answer))}))
+    reply = ex.handle(resp_body(answer, end=False))
+    restored = json.loads(reply.response_body.response.body_mutation.body)
+    assert restored["choices"][0]["message"]["content"] == "Sent to jane.doe@example.com."
+    rec = ex.finish()
+    assert (rec.status, rec.error_code, rec.output_tokens) == (200, "", 4)
+
+
 def test_streamed_json_over_the_bound_releases_what_was_held(snap) -> None:
     ex = _restoring_exchange(snap, 1024)
     answer = _big_json(1500)
