@@ -1048,7 +1048,10 @@ class Exchange:
             return Usage(prompt, estimate_tokens(self.sse.output_chars), estimated=True)
         output_chars = self._unread_bytes  # an answer not read: its size
         if self._response_body:
-            usage, self.finish_reason, chars = read_response(bytes(self._response_body))
+            usage, self.finish_reason, chars, failed = read_response(
+                bytes(self._response_body))
+            if failed:
+                rec.error_code = rec.error_code or STREAM_ERROR
             if usage is not None:
                 return usage
             if chars is None:

@@ -780,17 +780,23 @@ _PYTHON_READS = re.compile(r"(?:no low|invalid high|invalid low) surrogate|"
                            r"number is infinity")
 
 
-def read_response(body: bytes) -> tuple[Usage | None, str | None, int | None]:
-    """Usage, the first choice's finish_reason and the characters of output text (for
-    an estimate when there is no usage; 0 when there is) of a JSON response body; all
-    None when the body is no JSON object, which no API answers with."""
+def read_response(body: bytes
+                  ) -> tuple[Usage | None, str | None, int | None, bool]:
+    """Usage, the first choice's finish_reason, the characters of output text (for an
+    estimate when there is no usage; 0 when there is) of a JSON response body, and
+    whether it is the provider's failure (an `error` object, a Responses `status:
+    failed`) though sent as a 2xx; None, None, None when the body is no JSON object,
+    which no API answers with."""
     # A BOM is no part of the JSON, and a reader may ignore it (RFC 8259 §8.1), as the
     # openai SDKs do: the answer is whole, and its usage is the provider's bill.
     obj = _answer_json(body.removeprefix(codecs.BOM_UTF8))
     if not isinstance(obj, dict):
-        return None, None, None
+        return None, None, None, False
     usage = _usage_of(obj)
-    return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0
+    # OpenRouter and others send a failure met mid-generation as a 200 (its docs say
+    # so): counted a success, it drew the learned router's traffic to that provider.
+    failed = bool(obj.get("error")) or obj.get("status") == "failed"
+    return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0, failed
 
 
 def _finish_reason(obj: Any) -> str | None:

@@ -1244,6 +1244,20 @@ def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
     assert (rec.status, rec.error_code, rec.output_tokens) == (200, "", 4)
 
 
+@pytest.mark.parametrize("answer", [
+    {"error": {"message": "Provider returned error", "code": 502}},
+    {"id": "resp_1", "object": "response", "status": "failed",
+     "error": None, "usage": {"input_tokens": 9, "output_tokens": 0}},
+])
+def test_a_providers_failure_sent_as_a_200_json_body_is_a_failure(snap, answer) -> None:
+    # As a stream's error event it counted failed; as a JSON body (OpenRouter sends
+    # mid-generation failures so) it counted a success and drew the router's traffic.
+    ex, _ = send_body(snap, chat("fast"))
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(json.dumps(answer).encode()))
+    assert ex.finish().error_code == "upstream_stream_error"
+
+
 def test_streamed_json_over_the_bound_releases_what_was_held(snap) -> None:
     ex = _restoring_exchange(snap, 1024)
     answer = _big_json(1500)

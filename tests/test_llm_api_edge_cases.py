@@ -138,7 +138,7 @@ def test_one_long_token_array_is_one_input(operation: str, param: str) -> None:
     ids=["prompt", "completion", "int64", "just-over", "float-sized"])
 def test_usage_counts_past_the_bound_are_absent(usage: dict) -> None:
     body = json.dumps({"choices": [{"finish_reason": "stop"}], "usage": usage}).encode()
-    assert read_response(body) == (None, "stop", 0)
+    assert read_response(body) == (None, "stop", 0, False)
     sse = SseStream(drop_usage_chunk=True)
     event = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
     # Not read as usage, but it is the chunk ATP asked for: the client never sees it.
@@ -153,9 +153,9 @@ def test_json_orjson_refuses_but_rfc_8259_allows_is_read() -> None:
     half_emoji = (b'{"choices": [{"message": {"content": "hi \\ud83d"}, '
                   b'"finish_reason": "stop"}], '
                   b'"usage": {"prompt_tokens": 12, "completion_tokens": 40}}')
-    assert read_response(half_emoji) == (Usage(12, 40), "stop", 0)
+    assert read_response(half_emoji) == (Usage(12, 40), "stop", 0, False)
     huge = b'{"choices": [], "usage": {"prompt_tokens": 1e400, "completion_tokens": 3}}'
-    assert read_response(huge) == (None, None, 0)
+    assert read_response(huge) == (None, None, 0, False)
     sse = SseStream(drop_usage_chunk=True)
     assert sse.feed(b"data: " + huge + b"\n\n", end=False) == b""
     sse.feed(b"data: " + half_emoji + b"\n\n", end=False)
