@@ -27,6 +27,7 @@ from atp_extproc.policy.attributes import CandidateInfo
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import policy_set_from_config
 from atp_extproc.policy.settings import (
+    NOT_REGULAR,
     KeyCheckingLoader,
     LineDict,
     LineList,
@@ -36,6 +37,7 @@ from atp_extproc.policy.settings import (
     line_of,
     load_file,
     load_yaml,
+    read_regular,
 )
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
 from atp_extproc.routing.selection import CandidateModel
@@ -780,24 +782,18 @@ def _reads_data_classes(policies: Any) -> list[Any]:
             if any(a.startswith("request.data_classes") for a in p.attributes_used)]
 
 
-NOT_A_FILE = ("not a regular file (a pipe, a device or a directory): ATP reads atp.yaml "
-              "more than once, and again when it changes; write it to a file")
+NOT_A_FILE = (f"{NOT_REGULAR}: ATP reads atp.yaml more than once, and again when it "
+              "changes; write it to a file")
 
 
 def read_config_text(path: str | Path) -> str:
     """atp.yaml's text. ConfigError where it cannot be read, or is no regular file: a
     pipe (`check <(envsubst < atp.yaml)`) gave its text to the first read only, and the
     next found an empty file; one without a writer blocks."""
-    path = Path(path)
-    try:
-        # stat, not exists(): that raises where the path cannot be looked up (a
-        # directory not ours to search, a name too long), and a traceback was printed.
-        regular = stat.S_ISREG(path.stat().st_mode)
-        if regular:
-            return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), [("", f"cannot read: {exc}")]) from None
-    raise ConfigError(str(path), [("", NOT_A_FILE)])
+    text, why = read_regular(Path(path))
+    if text is None:
+        raise ConfigError(str(path), [("", NOT_A_FILE if why == NOT_REGULAR else why)])
+    return text
 
 
 def load(path: str | Path, *, secrets: bool = True) -> Snapshot:

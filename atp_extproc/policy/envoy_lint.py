@@ -603,14 +603,18 @@ def missing_cluster_problems(file: str, text: str,
                         "would answer its requests 503 cluster_not_found")
                 for name in sorted(set(model_clusters) - names)]
     listeners = static.get("listeners") if isinstance(static, dict) else None
-    routed = _routed_clusters(listeners, clusters)
+    # The listeners ATP checks: their routes are the ones ATP's choice must reach.
+    checked = [listener for listener in listeners if isinstance(listener, dict)
+               and any(_is_ext_proc(f) for f in _walk(listener))] \
+        if isinstance(listeners, list) else []
+    routed = _routed_clusters(checked, clusters)
     if routed is not None:
         problems += [Problem(file, line, "static_resources.listeners",
                              f"no route of a listener ATP checks sends requests to cluster "
                              f"{name!r}, which a model in atp.yaml routes to: Envoy would "
                              "answer them from its fallback route")
                      for name in sorted((set(model_clusters) & names) - routed)]
-        if len(set(model_clusters) & names) > 1 and not _matches_atp_cluster(listeners):
+        if len(set(model_clusters) & names) > 1 and not _matches_atp_cluster(checked):
             problems.append(Problem(
                 file, line, "static_resources.listeners",
                 f"no route of a listener ATP checks reads {CLUSTER_HEADER} (by "
@@ -620,13 +624,10 @@ def missing_cluster_problems(file: str, text: str,
     return problems
 
 
-def _matches_atp_cluster(listeners: Any) -> bool:
-    """Whether a route of a listener with ext_proc matches on ATP's cluster header: in
-    a route's `match.headers`, or as a virtual host's matcher tree's header input."""
-    checked = [listener for listener in listeners if isinstance(listener, dict)
-               and any(_is_ext_proc(f) for f in _walk(listener))] \
-        if isinstance(listeners, list) else []
-    for listener in checked:
+def _matches_atp_cluster(listeners: list[dict[str, Any]]) -> bool:
+    """Whether a route of `listeners` matches on ATP's cluster header: in a route's
+    `match.headers`, or as a virtual host's matcher tree's header input."""
+    for listener in listeners:
         for node in _walk(listener):
             match = node.get("match")
             headers = match.get("headers") if isinstance(match, dict) else None
@@ -641,14 +642,12 @@ def _matches_atp_cluster(listeners: Any) -> bool:
     return False
 
 
-def _routed_clusters(listeners: Any, clusters: Any) -> set[str] | None:
-    """The clusters the routes of listeners with ext_proc send requests to (an aggregate
-    cluster's members too), or None when that cannot be read here: a route picks its
-    cluster from a header (x-atp-cluster) or a plugin, or routes come from RDS."""
+def _routed_clusters(listeners: list[dict[str, Any]], clusters: Any) -> set[str] | None:
+    """The clusters the routes of `listeners` send requests to (an aggregate cluster's
+    members too), or None when that cannot be read here: a route picks its cluster from
+    a header (x-atp-cluster) or a plugin, or routes come from RDS."""
     routed: set[str] = set()
-    for listener in listeners if isinstance(listeners, list) else ():
-        if not isinstance(listener, dict) or not any(_is_ext_proc(f) for f in _walk(listener)):
-            continue
+    for listener in listeners:
         for node in _walk(listener):
             if "rds" in node or "scoped_routes" in node:
                 return None

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import os
 import re
+import stat
 import sys
 import unicodedata
 from bisect import bisect_right
@@ -573,15 +574,10 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
                     f"{pattern!r} matches a file whose name is no UTF-8: "
                     f"{shown.encode('utf-8', 'backslashreplace').decode()} (rename it)")))
                 continue
-            if path.exists() and not path.is_file():
-                # A FIFO would block the read, and with it every request.
-                problems.append(Problem(shown, 0, "", "not a regular file (a pipe, a device "
-                                        "or a directory): an included policy file is one"))
-                continue
-            try:
-                inc_text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(Problem(shown, 0, "", f"cannot read: {exc}"))
+            inc_text, why = read_regular(path)
+            if inc_text is None:
+                problems.append(Problem(shown, 0, "", f"{why}: an included policy file is "
+                                        "one" if why == NOT_REGULAR else why))
                 continue
             files.append(shown)
             # Named as relative to atp.yaml's directory: the version must not change with
@@ -630,19 +626,29 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+NOT_REGULAR = "not a regular file (a pipe, a device or a directory)"
+
+
+def read_regular(path: Path) -> tuple[str | None, str]:
+    """The UTF-8 text of the file at `path`, or None and why it is none: it cannot be
+    read, or it is no regular file (a FIFO would block the read: a reload's thread for
+    good, and with it every request or the exit). stat, not exists(): that raises where
+    the path cannot be looked up (a directory not ours to search, a name too long)."""
+    try:
+        if stat.S_ISREG(path.stat().st_mode):
+            return path.read_text(encoding="utf-8"), ""
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"cannot read: {exc}"
+    return None, NOT_REGULAR
+
+
 def load_file(path: str | Path, overrides: Mapping[str, Any] | None = None
               ) -> LoadedPolicies:
     path = Path(path)
-    settings = PolicySettings.model_validate(dict(overrides or {}))
-    if path.exists() and not path.is_file():
-        # A FIFO would block the read (a reload's thread for good, and the exit with it).
-        return LoadedPolicies(settings, (), (str(path),), "", (Problem(
-            str(path), 0, "", "not a regular file (a pipe, a device or a directory)"),))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return LoadedPolicies(settings, (), (str(path),), "",
-                              (Problem(str(path), 0, "", f"cannot read: {exc}"),))
+    text, why = read_regular(path)
+    if text is None:
+        return LoadedPolicies(PolicySettings.model_validate(dict(overrides or {})), (),
+                              (str(path),), "", (Problem(str(path), 0, "", why),))
     return load_text(text, str(path), base_dir=directory_of(path), overrides=overrides)
 
 
