@@ -341,6 +341,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self._idle.clear()
         message: ProcessingRequest | None = None
         headers: ProcessingRequest | None = None  # until the body came
+        # What the config in force at the body strips from the request's headers beyond
+        # what the one in force at its headers did (a trusted tenant header it added).
+        strip: list[str] = []
         try:
             async for message in request_iterator:
                 # Off the loop, a cancel reaches the await above, not the yield below.
@@ -352,12 +355,17 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         # ATP decides at the body: under the config in force now. A
                         # request whose headers came before a reload revoked its key was
                         # served with it, however long it took to send its body.
+                        began = exchange.started  # the record's duration counts from here
                         exchange = Exchange(self.holder.current, services=self.services,
                                             shadow=shadow)
+                        exchange.started = began
                         answer = exchange.handle(headers)
                         if answer is not None and answer.HasField("immediate_response"):
                             yield answer
                             return
+                        if answer is not None:
+                            strip = list(answer.request_headers.response
+                                         .header_mutation.remove_headers)
                     headers = None
                 try:
                     if (message.HasField("request_body")
@@ -378,6 +386,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 except asyncio.CancelledError:
                     _abandoned(exchange, message, grace_over=self.grace_over)
                     raise
+                if strip and response is not None and response.HasField("request_body"):
+                    response.request_body.response.header_mutation.remove_headers.extend(strip)
+                strip = []
                 if message.observability_mode:
                     # Envoy never reads these answers, and keeps the stream open until the
                     # server closes it: close it once the response has ended.

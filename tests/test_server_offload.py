@@ -287,3 +287,32 @@ async def test_a_request_is_decided_under_the_config_in_force_when_its_body_come
     assert kept[-1].WhichOneof("response") == "request_body"
     refused = await send(swap=True)
     assert refused[-1].immediate_response.status.code == 401
+
+
+@pytest.mark.asyncio
+async def test_a_request_decided_at_its_body_is_stripped_and_timed_as_the_new_config_says(
+        tmp_path, monkeypatch) -> None:
+    # The exchange rebuilt at the body under a reload that trusts a tenant header lost
+    # that header's removal (it reached the provider), and its record's duration left out
+    # the time the body took to come.
+    import asyncio
+
+    snapshot = config_mod.load(EXAMPLE)
+    trusting = dataclasses.replace(snapshot, version="trusting", auth=snapshot.auth.model_copy(
+        update={"trusted_tenant_header": "x-tenant"}))
+    holder = ConfigHolder(tmp_path / "atp.yaml", snapshot)
+    records = _recording_finish(monkeypatch)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def messages():
+        yield req_headers("POST", "/v1/chat/completions", extra={"x-tenant": "alice"})
+        await asyncio.sleep(0.05)  # the body's upload
+        holder.current = trusting
+        yield req_body(body)
+
+    replies = [r async for r in ExternalProcessor(holder).Process(messages(), _Context())]
+    assert "x-tenant" not in replies[0].request_headers.response.header_mutation.remove_headers
+    removed = replies[1].request_body.response.header_mutation.remove_headers
+    assert "x-tenant" in removed and "accept-encoding" in removed
+    (record,) = records
+    assert record.config_version == trusting.version and record.duration_ms >= 50
