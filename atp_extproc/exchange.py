@@ -205,8 +205,10 @@ class Exchange:
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
-        # Envoy holds the answer's headers until its BUFFERED body has come.
-        self._headers_held = False
+        # Envoy holds the answer's headers until its BUFFERED body has come: the length
+        # that body has, and how much of it came.
+        self._buffered_length: int | None = None
+        self._buffered_got = 0
         self._finished = False
 
     def handle(self, message: ProcessingRequest) -> ProcessingResponse | None:
@@ -825,7 +827,7 @@ class Exchange:
         if length.isascii() and length.isdigit() and \
                 int(length) <= self.snapshot.server.max_body_bytes:
             mode = ProcessingMode.BUFFERED
-            self._headers_held = True
+            self._buffered_length = int(length)
         else:
             mode = ProcessingMode.STREAMED
         return envoy_api.response_headers(envoy_api.body_mode(mode), remove)
@@ -868,11 +870,19 @@ class Exchange:
         # A BUFFERED body comes whole in one message, without end_of_stream where the
         # answer ends with trailers (HTTP/2): held for its end, a restored answer never
         # went out (the client got an empty body) and a whole one was counted cut off.
-        end = body_msg.end_of_stream or (self._headers_held and self.sse is None)
+        # Its length tells: where Envoy ignores ATP's mode (allow_mode_override off)
+        # the body comes in STREAMED chunks, and the first is not its end.
+        if not self._body_pending:
+            # No body ATP asked for (a compressed or failed answer, sent by a filter
+            # config that asks for every body), or one past the end of the body it did
+            # (an empty end_of_stream after the length came).
+            return envoy_api.response_body()
+        end = body_msg.end_of_stream
+        if not end and self._buffered_length is not None and self.sse is None:
+            self._buffered_got += len(body_msg.body)
+            end = self._buffered_got >= self._buffered_length
         if end:
             self._body_pending = False
-        if self._compressed:  # (sent by a filter config that asks for every body)
-            return envoy_api.response_body()
         if self.sse is not None:
             # Read before restore: the provider bills the text it wrote, placeholders
             # included, and an estimate counts that.
@@ -946,7 +956,7 @@ class Exchange:
         elif not rec.error_code and (cut_off or self._stream_cut_short or (
                 self.model is not None and rec.ttfb_ms is None)):
             rec.error_code = INCOMPLETE_RESPONSE
-            if cut_off and self._headers_held:
+            if cut_off and self._buffered_length is not None:
                 # The upstream's headers never left Envoy: the client got Envoy's 502
                 # (upstream_unavailable), not the 200 they began with.
                 rec.status = 502

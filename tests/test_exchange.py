@@ -1244,6 +1244,29 @@ def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
     assert (rec.status, rec.error_code, rec.output_tokens) == (200, "", 4)
 
 
+def test_a_sized_answer_in_chunks_ends_at_its_length(snap) -> None:
+    # Where Envoy ignores ATP's mode (allow_mode_override off), an answer ATP asked
+    # BUFFERED comes in STREAMED chunks: each was taken as its end, and the client got
+    # each chunk and then the whole body again, unrestored.
+    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
+    ex, _ = send_body(dataclasses.replace(snap, routes=routes), chat("fast", messages=[
+        {"role": "user", "content": "write to jane.doe@example.com"}]))
+    answer = json.dumps({"choices": [{"message": {"content": "Sent to [EMAIL_1]."}}],
+                         "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
+    ex.handle(resp_headers(200, "application/json",
+                           extra={"content-length": str(len(answer))}))
+    sent = b""
+    for at in range(0, len(answer), 20):
+        reply = ex.handle(resp_body(answer[at:at + 20], end=False)).response_body.response
+        assert reply.HasField("body_mutation")
+        sent += reply.body_mutation.body
+    after = ex.handle(resp_body(b"", end=True)).response_body.response
+    assert not after.HasField("body_mutation")
+    assert json.loads(sent)["choices"][0]["message"]["content"] == \
+        "Sent to jane.doe@example.com."
+    assert ex.finish().output_tokens == 4
+
+
 @pytest.mark.parametrize("answer", [
     {"error": {"message": "Provider returned error", "code": 502}},
     {"id": "resp_1", "object": "response", "status": "failed",
