@@ -482,8 +482,12 @@ def test_a_phone_keys_number_with_its_country_code_is_a_phone(redactor: Redactor
     doc = {"input": [{"type": "function_call_output", "call_id": "c",
                       "output": {"phone": number}}]}
     assert redactor.redact("responses", doc, "t").counts == {"phone": 1}
-    prose = {"messages": [{"role": "user", "content": f"Tel {number}"}]}
-    assert redactor.redact("chat", prose, "t").counts == {"phone": 1}
+    # A few words or signs may stand between the word and the number: a JSON record
+    # pasted as text, or prose, went out as it came.
+    for text in (f"Tel {number}", f'record {{"phone": "{number}"}}', f"my phone is {number}",
+                 f"Phone (mobile): {number}"):
+        prose = {"messages": [{"role": "user", "content": text}]}
+        assert redactor.redact("chat", prose, "t").counts == {"phone": 1}, text
     # Without a phone word right before it, it is a number like any other ("dial" in
     # "cordial", "reach" in "outreach" are none).
     for text in (f"order {number} shipped", f"outreach campaign {number}",

@@ -265,9 +265,11 @@ _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|ame
 _WA_ME = b"wa.me/"
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164|wa\.me/")
 # A word naming a phone number right before one: `Tel 442079460958`, `phone: 4930...`.
+# A phone word, then a few words or signs on its line: "my phone is", "Phone (mobile):",
+# a JSON text's `"phone": "`.
 _PHONE_WORD_BEFORE = re.compile(
     r"(?i)\b(?:phone|tel|telephone|mobile|cell|fax|whatsapp|handy|telefon|t[ée]l[ée]phone)"
-    r"(?:\s*(?:no\.?|nr\.?|number|#))?\s*[:.=]?\s*$")
+    r"s?\b[^0-9\n]{0,20}$")
 _US_STATE_BEFORE = re.compile(
     r"\b(?:A[KLRZ]|C[AOT]|D[CE]|FL|GA|HI|I[ADLN]|K[SY]|LA|M[ADEINOST]|N[CDEHJMVY]|O[HKR]|"
     r"PA|PR|RI|S[CD]|T[NX]|UT|V[AT]|W[AIVY]),?[ \u00a0]$")
@@ -1206,7 +1208,7 @@ class Scanner:
             value = self.phone.check(digits, intl, run.bounds(a, end) if not bare else (),
                                      budget)
             if (value is None and not intl and bare and count >= 10
-                    and _PHONE_WORD_BEFORE.search(run.text, _ctx_lo(run.text, start, 24),
+                    and _PHONE_WORD_BEFORE.search(run.text, _ctx_lo(run.text, start, 40),
                                                   start)):
                 # Right after a phone word (a `phone` key's number: "phone: 4420..."), a
                 # run no region reads as its own is tried with its country code. Only
