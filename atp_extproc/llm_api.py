@@ -759,15 +759,19 @@ def _answer_json(data: bytes | bytearray) -> Any:
 
     orjson refuses JSON that RFC 8259 allows and the openai SDKs read: a lone surrogate
     escape (`"\\ud83d"`, half an emoji cut by a provider) and a number past a double
-    (`1e400`). Refused, a whole answer was counted failed and lost its usage, and the
+    (`1e400`); and the `NaN` and `Infinity` the SDKs read too (a logprob of
+    `-Infinity`). Refused, a whole answer was counted failed and lost its usage, and the
     usage chunk ATP asked for reached the client: they are read as Python's json reads
     them."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:  # too deep included
-        # Only those two: read again, a cut or foreign answer (the usual failure) cost
-        # 6-8 times orjson's parse on the loop for nothing.
-        if not _PYTHON_READS.match(str(exc)):
+        # Only those: read again, a cut or foreign answer (the usual failure) cost 6-8
+        # times orjson's parse on the loop for nothing.
+        reason = str(exc)
+        if not (_PYTHON_READS.match(reason) or (
+                _NON_FINITE_REFUSED.match(reason)
+                and (b"NaN" in data or b"Infinity" in data))):
             return None
     try:
         return json.loads(data)
@@ -778,6 +782,9 @@ def _answer_json(data: bytes | bytearray) -> Any:
 # orjson's reasons for refusing what Python's json reads.
 _PYTHON_READS = re.compile(r"(?:no low|invalid high|invalid low) surrogate|"
                            r"number is infinity")
+# ...and those it gives at a `NaN` or `Infinity`, among other characters.
+_NON_FINITE_REFUSED = re.compile(r"unexpected character, expected a JSON value|"
+                                 r"no digit after sign")
 
 
 def read_response(body: bytes

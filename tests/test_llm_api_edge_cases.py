@@ -167,6 +167,21 @@ def test_json_orjson_refuses_but_rfc_8259_allows_is_read() -> None:
     assert responses.ended and responses.usage == Usage(5, 7)
 
 
+@pytest.mark.parametrize("literal", [b"NaN", b"-Infinity", b"Infinity"])
+def test_an_answer_with_a_non_finite_literal_is_read(literal: bytes) -> None:
+    # Python's json and the openai SDKs read NaN and Infinity (a logprob of -Infinity);
+    # orjson refuses them, and the whole answer counted failed with its usage lost.
+    body = (b'{"choices": [{"message": {"content": "Hello"}, "finish_reason": "stop", '
+            b'"logprobs": {"content": [{"token": "Hello", "logprob": ' + literal + b'}]}}], '
+            b'"usage": {"prompt_tokens": 9, "completion_tokens": 4}}')
+    assert read_response(body) == (Usage(9, 4), "stop", 0, False)
+    sse = SseStream(drop_usage_chunk=False)
+    sse.feed(b"data: " + body.replace(b'"message"', b'"delta"') + b"\n\n", end=False)
+    assert (sse.usage, sse.finish_reason) == (Usage(9, 4), "stop")
+    # A cut answer that names them is still no JSON.
+    assert read_response(body[:-3]) == (None, None, None, False)
+
+
 def test_usage_count_at_the_bound_is_kept() -> None:
     body = json.dumps({"usage": {"prompt_tokens": MAX_USAGE_TOKENS,
                                  "completion_tokens": MAX_USAGE_TOKENS}}).encode()
