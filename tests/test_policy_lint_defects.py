@@ -302,6 +302,10 @@ def test_a_map_read_by_a_key_never_tested_for_is_warned_of(expression, warned):
     # Forms that cannot miss, or are guarded otherwise, were warned of.
     ("{true: 8192, false: 4096}[request.stream] < request.max_tokens", False),
     ("subject.tenant == 'alice' && {'alice': 4096}[subject.tenant] < 5", False),
+    ("'alice' == subject.tenant && {'alice': 4096}[subject.tenant] < 5", False),
+    # ...but a comparison with a value that is none of the map's keys guards nothing.
+    ("subject.tenant == 'bob' && {'alice': 4096}[subject.tenant] < 5", True),
+    ("subject.tenant == 'bob' || {'alice': 4096}[subject.tenant] < 5", True),
     ("subject.claims.org in {'acme': 1} && {'acme': 1}[subject.claims['org']] == 1",
      False),
 ])

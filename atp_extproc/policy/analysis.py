@@ -112,10 +112,13 @@ class _Walker:
         # cel.bind's variables → how many copies of what they read each holds.
         self.bind_copies: dict[str, int] = {}
         # A map the expression writes, read by a key the request gives
-        # (`{'alice': 4096}[subject.tenant]`): (where, the key as written); and what
-        # the expression tests with `in` (a guard for such a key).
-        self.literal_reads: list[tuple[int, str]] = []
+        # (`{'alice': 4096}[subject.tenant]`): (where, the key as written, the map's
+        # string keys, None for any other); what the expression tests with `in` (a
+        # guard for such a key); and what it compares with `==`, to which strings (None
+        # for anything else): a guard where one is a key of the map.
+        self.literal_reads: list[tuple[int, str, frozenset[str | None]]] = []
         self.tested: set[str] = set()
+        self.compared: dict[str, set[str | None]] = {}
 
     # -- paths ----------------------------------------------------------------------
 
@@ -197,7 +200,8 @@ class _Walker:
                     and base.WhichOneof("expr_kind") == "struct_expr"
                     and not base.struct_expr.message_name
                     and not _every_bool(base.struct_expr)):
-                self.literal_reads.append((e.id, written))
+                self.literal_reads.append((e.id, written, frozenset(
+                    self._literal_string(entry.map_key) for entry in base.struct_expr.entries)))
             if path is not None:
                 self.use(path)
                 self._check_known_key(call.args[0], call.args[1], scope, e.id)
@@ -209,7 +213,11 @@ class _Walker:
             self._check_literal(call.args[0], call.args[1], scope, e.id)
             self._check_literal(call.args[1], call.args[0], scope, e.id)
             if call.function == "_==_":  # `subject.tenant == 'alice' && {...}[...]`
-                self.tested.update(filter(None, map(_reference, call.args)))
+                for one, other in (call.args, reversed(call.args)):
+                    compared = _reference(one)
+                    if compared is not None:
+                        self.compared.setdefault(_canonical(compared), set()).add(
+                            self._literal_string(other))
         if call.function == "@in" and len(call.args) == 2:
             self._check_in(call.args[0], call.args[1], scope, e.id)
         if call.function == "matches":
@@ -421,8 +429,10 @@ class _Walker:
                     f"and on_error then decides every such request: guard it "
                     f"({key!r} in {written} && ...)", "warning"))
         tested = {_canonical(t) for t in self.tested}
-        for expr_id, key in self.literal_reads:
-            if _canonical(key) not in tested:
+        for expr_id, key, keys in self.literal_reads:
+            values = self.compared.get(_canonical(key), set())
+            if _canonical(key) not in tested and not (
+                    None in values or (values and None in keys) or values & keys):
                 self.findings.append(Finding(
                     self.positions.get(expr_id, 0),
                     f"a map the expression writes, read by {key}, is an evaluation error "
