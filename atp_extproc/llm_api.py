@@ -829,6 +829,8 @@ _CR = 13
 # Memory bound: an event this long without an end is passed on unread, not held (a
 # usage-only chunk is never near it; a giant final event's usage is then estimated).
 _MAX_EVENT = 4 << 20
+# More choices than any API lets a request ask for (OpenAI: n <= 128).
+_MAX_CHOICES = 1024
 # /v1/responses streams end with one of these; each carries the response's usage.
 _TERMINAL_TYPES = frozenset({"response.completed", "response.incomplete",
                              "response.failed"})
@@ -855,6 +857,10 @@ class SseStream:
         self.failed = False
         # The stream's last event came (`[DONE]`, or a Responses stream's terminal one).
         self.ended = False
+        # The indexes of the choices the stream began, and of those it finished (n > 1
+        # streams each choice in chunks of its own).
+        self._begun: set[int] = set()
+        self._finished: set[int] = set()
         # The last event was over _MAX_EVENT and went on unread: it may have been the
         # stream's end.
         self.unread = False
@@ -944,6 +950,7 @@ class SseStream:
             if not isinstance(obj, dict):
                 return False
         self.finish_reason = _finish_reason(obj) or self.finish_reason
+        self._note_choices(obj.get("choices"))
         self.output_chars += _delta_chars(obj)
         # A later usage supersedes an earlier one (per-chunk usage grows), an unreadable
         # one too: the figures are then absent and estimated, never the stale ones.
@@ -958,6 +965,24 @@ class SseStream:
         choices = obj.get("choices")
         return ((choices == [] or (choices is None and kind is None))
                 and obj.get("usage") is not None and not has_error)
+
+
+    def _note_choices(self, choices: Any) -> None:
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            if not isinstance(index, int) or not 0 <= index < _MAX_CHOICES:
+                continue
+            self._begun.add(index)
+            if isinstance(choice.get("finish_reason"), str):
+                self._finished.add(index)
+
+    @property
+    def choices_finished(self) -> bool:
+        """Every choice the stream began has its finish_reason: with n > 1, one
+        finished choice is not the answer's end."""
+        return bool(self._finished) and self._begun <= self._finished
 
 
 def _data_of(event: bytearray) -> bytes:

@@ -1068,6 +1068,18 @@ def _events(*objs: dict) -> bytes:
     (CHAT, chat("fast", stream=True),
      _events({"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), ""),
+    # With n > 1, every choice's: the stream cut while choice 1 was still writing
+    # counted whole.
+    (CHAT, chat("fast", stream=True, n=2),
+     _events({"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+             {"choices": [{"index": 1, "delta": {"content": "Hel"}}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+     "response_incomplete"),
+    (CHAT, chat("fast", stream=True, n=2),
+     _events({"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+             {"choices": [{"index": 1, "delta": {"content": "Hel"}}]},
+             {"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}), ""),
 ])
 def test_a_stream_whose_body_ends_before_its_last_event_is_incomplete(
         snap, path: str, request_body: dict, body: bytes, error_code: str) -> None:
