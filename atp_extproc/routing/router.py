@@ -52,13 +52,20 @@ def classify_status(status: int) -> bool | None:
     """Provider outcome of an HTTP status: True ok, False failure, None don't learn.
 
     5xx, 429 and 408 are the provider's failures (0 = no response: connect failure or
-    reset); other 4xx are the client's and say nothing about the provider.
+    reset), and so are 401, 402, 403 and 404: the credential, the account and the model
+    id the provider refuses are the gateway's, never the client's (ATP removes the
+    client's key and account headers; a model the provider retired answers 404). A
+    candidate answering them drew its share of traffic for good. Other 4xx are the
+    client's and say nothing about the provider.
     """
     if 200 <= status < 300:
         return True
-    if status == 0 or status >= 500 or status in (408, 429):
+    if status == 0 or status >= 500 or status in _PROVIDERS_4XX:
         return False
     return None
+
+
+_PROVIDERS_4XX = frozenset({401, 402, 403, 404, 408, 429})
 
 
 class Router:
