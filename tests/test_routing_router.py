@@ -281,6 +281,8 @@ def test_all_breakers_open_falls_back_to_the_longest_open():
         clock.t += 1
     d = router.choose("chat", objective, CANDIDATES)
     assert d.chosen == "dear" and d.fallback_reason == "all_breakers_open"
+    # The model that serves is not listed as excluded.
+    assert d.excluded == (("mid", "breaker_open"), ("cheap", "breaker_open"))
 
 
 def test_shadow_decision_serves_the_champion():
@@ -325,6 +327,8 @@ def test_mirror_mode_mirrors_a_share_and_never_serves_the_challenger():
     restricted = [router.choose("chat", objective, CANDIDATES, restrict={"mid", "dear"},
                                 request_id=f"x-{i}") for i in range(200)]
     assert all(d.mirror_to is None for d in restricted)
+    # ...and the challenger is listed once, as never serving (it was twice, policy too).
+    assert all(d.excluded == (("cheap", "shadow_only"),) for d in restricted)
     # Nor one the objective's own restrict excludes (config refuses it; the router too).
     internal = [CandidateModel("mid", 0.001, 0.004, egress="internal"), CHEAP]
     only_internal = objective.model_copy(update={"restrict": Restrict(egress="internal")})
@@ -484,8 +488,10 @@ def test_decision_shadow_half_open_challenger_serves_only_as_the_probe():
     assert d.chosen == "cheap" and d.probe and d.fallback_reason == "champion_unavailable"
     # Its probe is out: no more traffic to it; the longest-open candidate serves.
     d = router.choose("chat", objective, cands)
-    assert ("cheap", "breaker_half_open") in d.excluded
     assert d.fallback_reason == "all_breakers_open"
+    reasons = {"dear": "breaker_open", "cheap": "breaker_half_open"}
+    del reasons[d.chosen]  # the one that serves is no excluded one
+    assert dict(d.excluded) == reasons
     for _ in range(objective.breaker.half_open_probes):    # its probes come back fine
         router.observe("chat", "cheap", ok=True, latency_ms=300, cost=0.0001)
         router.choose("chat", objective, cands)

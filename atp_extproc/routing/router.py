@@ -123,11 +123,11 @@ class Router:
             names, elig, price_ok = [], [], []
             half_open: list[str] = []
             for name, arm, within_price, static in prep.entries:
+                if static is not None:
+                    continue                    # in prep.excluded
                 if restrict is not None and name not in restrict:
                     excluded.append((name, "policy"))
                     continue
-                if static is not None:
-                    continue                    # in prep.excluded
                 breaker = arm.breaker
                 if breaker.state is not CLOSED:
                     state = breaker.poll(now)
@@ -173,9 +173,11 @@ class Router:
             # Every allowed candidate is out of rotation: try the one whose breaker
             # opened longest ago rather than refuse the request.
             k = min(range(len(broken)), key=lambda j: broken[j].breaker.open_until)
+            served = broken_names[k]
             return self._decision(
-                t0, route_name, broken_names[k], broken_names[k], (broken_names[k],),
-                prep.excluded + tuple(excluded), 0.0, False, False, False,
+                t0, route_name, served, served, (served,),
+                prep.excluded + tuple(e for e in excluded if e[0] != served),
+                0.0, False, False, False,
                 "all_breakers_open", comp, None, None, ())
 
         # The set itself, not the list's id, keys the sticky cache: a per-request list is
