@@ -1013,17 +1013,32 @@ def _choices_chars(obj: dict[str, Any], part: str) -> int:
             text = choice.get("text")
             total += len(text) if isinstance(text, str) else 0
             continue
-        for key in ("content", "refusal", "reasoning_content"):
-            text = message.get(key)
-            total += len(text) if isinstance(text, str) else 0
+        # Reasoning as `reasoning` (OpenRouter, Groq, vLLM) as well, content as a list of
+        # parts (Mistral), an audio answer's transcript, the legacy `function_call`:
+        # left out, a stream's first token waited for its text and an answer without
+        # usage was estimated at no output.
+        for key in ("content", "refusal", "reasoning_content", "reasoning"):
+            value = message.get(key)
+            if isinstance(value, str):
+                total += len(value)
+            elif isinstance(value, list):
+                total += _texts_chars(value)
+        total += _fields_chars(message, (("function_call", "arguments"),
+                                         ("audio", "transcript")))
         calls = message.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
-            if not isinstance(call, dict):
-                continue
-            for key, field in (("function", "arguments"), ("custom", "input")):
-                sub = call.get(key)
-                text = sub.get(field) if isinstance(sub, dict) else None
-                total += len(text) if isinstance(text, str) else 0
+            if isinstance(call, dict):
+                total += _fields_chars(call, (("function", "arguments"), ("custom", "input")))
+    return total
+
+
+def _fields_chars(obj: dict[str, Any], fields: tuple[tuple[str, str], ...]) -> int:
+    """Characters of the texts at `obj[key][field]` for each (key, field)."""
+    total = 0
+    for key, field in fields:
+        sub = obj.get(key)
+        text = sub.get(field) if isinstance(sub, dict) else None
+        total += len(text) if isinstance(text, str) else 0
     return total
 
 

@@ -484,3 +484,22 @@ def test_a_custom_tool_call_whose_input_is_no_string_is_refused(custom_input) ->
         {"id": "c1", "type": "custom", "custom": {"name": "f", "input": custom_input}}]}]})
     assert (err.status, err.code) == (400, "invalid_type")
     assert err.param == "messages[0].tool_calls[0].custom"
+
+
+@pytest.mark.parametrize("message", [
+    {"reasoning": "Let me think"},                                     # OpenRouter, Groq
+    {"content": [{"type": "text", "text": "Let me think"}]},           # Mistral
+    {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "Let me think"}]}]},
+    {"function_call": {"name": "f", "arguments": "Let me think"}},     # legacy functions
+    {"audio": {"id": "a", "transcript": "Let me think"}},
+])
+def test_every_shape_of_output_counts_as_output(message: dict) -> None:
+    # Not read, a stream's first token waited for later text (its reasoning time was
+    # learned as latency, or a role chunk's 1 ms), and an answer without usage was
+    # estimated at no output.
+    sse = SseStream(drop_usage_chunk=False)
+    sse.feed(b"data: " + json.dumps({"choices": [{"index": 0, "delta": message}]}).encode()
+             + b"\n\n", end=False)
+    assert sse.output_chars == len("Let me think")
+    body = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+    assert read_response(body)[2] == len("Let me think")
