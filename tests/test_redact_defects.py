@@ -526,3 +526,21 @@ def test_a_hash_key_that_is_no_utf8_is_taken_as_its_bytes() -> None:
     same = Redactor(settings, hmac_key=raw)
     doc = {"messages": [{"role": "user", "content": "mail jo.doe@example.com"}]}
     assert r.redact("chat", doc, "t").fields == same.redact("chat", doc, "t").fields
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("Call me on +1 415 555 0132.Thanks!", {"phone": 1}),
+    ("My SSN is 123-45-6789.Thanks", {"ssn": 1}),
+    ("card number 4111-1111-1111-1111.Thanks", {"card": 1}),
+    ("Tel.415-555-0132", {"phone": 1}),
+    # A file name, a version, an id: still parts of a word.
+    ("build 4155550132.tar", {}),
+    ("hotel.4155550132", {}),
+    ("v1.4155550132.Final", {}),
+])
+def test_a_full_stop_that_starts_a_sentence_or_ends_a_label_ties_no_number(
+        redactor: Redactor, text: str, found: dict) -> None:
+    # A sentence typed without a space after its full stop, or "Tel." glued to the
+    # number, made the number part of an identifier: it went out unmasked.
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == found

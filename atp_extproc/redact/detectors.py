@@ -1518,17 +1518,25 @@ def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
         if (prev in _ALNUM and prev != 95) or prev == 64:
             return 2
         if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM
-                       and not asc.endswith(_WA_ME, 0, s))
+                       and not asc.endswith(_WA_ME, 0, s)
+                       and not _LABEL_DOT.search(asc, max(0, s - 9), s))
                       or (prev in b":," and _inside_number(asc, s - 1))):
             soft = 1
     if e < n and e not in bounds:
         nxt = asc[e]
         if (nxt in _ALNUM and nxt != 95) or nxt == 64:
             return 2
-        if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM)
+        if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM
+                           and not _SENTENCE_NEXT.match(asc, e))
                           or (nxt in b":," and _inside_number(asc, e))):
             soft = 1
     return soft
+
+
+# A label and its full stop ("Tel.415-555-0132"), and a full stop that starts a sentence
+# typed without a space ("…555 0132.Thanks"): neither ties the number to a word.
+_LABEL_DOT = re.compile(rb"(?i)\b(?:tel|ph|phone|fax|mob|mobile|cell|ssn|card|no|nr)\.$")
+_SENTENCE_NEXT = re.compile(rb"\.[A-Z][a-z]")
 
 
 def _dash_tagged(asc: bytes, s: int, e: int) -> bool:
