@@ -544,3 +544,24 @@ def test_a_full_stop_that_starts_a_sentence_or_ends_a_label_ties_no_number(
     # number, made the number part of an identifier: it went out unmasked.
     doc = {"messages": [{"role": "user", "content": text}]}
     assert redactor.redact("chat", doc, "t").counts == found
+
+
+def test_lines_of_keys_are_text_and_wrapped_base64_is_data(redactor: Redactor) -> None:
+    # Lines of 60-80 base64 characters were taken for wrapped data whatever their widths:
+    # AWS key pairs (61 wide) and tokens in a nested field went out unread.
+    import base64
+    import random
+
+    pair = "AKIAIOSFODNN7EXAMPLE/wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    keys = "\n".join([pair] * 5)
+    rng = random.Random(1)
+    data = base64.encodebytes(rng.randbytes(600)).decode()  # wrapped at 76
+    data = data[:10] + "AKIAIOSFODNN7EXAMPLE" + data[30:]   # a key-shaped run in it
+
+    def found(text: str) -> dict:
+        doc = {"input": [{"type": "shell_call_output", "call_id": "c",
+                          "output": [{"stdout": text}]}]}
+        return redactor.redact("responses", doc, "t").counts
+
+    assert found(keys) == {"cloud_key": 5}
+    assert found(data) == {}

@@ -422,8 +422,17 @@ def _data_url_head(text: str) -> int:
 def _binary(text: str) -> bool:
     # Random bytes in base64 hold both letter cases; numbers joined by '/', '-' or '_'
     # (a list of phone numbers) do not.
-    return bool(len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
-                and _LOWER.search(text))
+    if not (len(text) >= 256 and _BASE64.fullmatch(text) and _UPPER.search(text)
+            and _LOWER.search(text)):
+        return False
+    # Wrapped at one width of whole 4-character groups, as encoders wrap (64, 76): lines
+    # of keys (AWS key pairs, 61 wide; tokens) are text, and went out unread.
+    lines = text.rstrip().split("\n")
+    if len(lines) == 1:
+        return True
+    width = len(lines[0].rstrip("\r"))
+    return width % 4 == 0 and len(lines[-1]) <= width and all(
+        len(line.rstrip("\r")) == width for line in lines[1:-1])
 
 
 def _unread(c: Collector, path: Path, value: Any, url: bool = False) -> bool:
