@@ -401,17 +401,34 @@ def _check_field_names(node: Any, fields: frozenset[str]) -> None:
             stack.extend(v for v in node if isinstance(v, dict))
 
 
-def _check_counts(doc: dict[str, Any], limits: CountLimits) -> None:
-    for key, most in (("messages", limits.max_messages), ("input", limits.max_messages),
-                      ("prompt", limits.max_messages), ("tools", limits.max_tools),
-                      ("functions", limits.max_tools)):
+def _check_counts(operation: str, doc: dict[str, Any], limits: CountLimits) -> None:
+    for key in ("messages", "input", "prompt"):
         value = doc.get(key)
         # A token-id array is one input however long, but only if every item is an int:
         # a leading int proves nothing.
-        if isinstance(value, list) and len(value) > most and not (
+        if isinstance(value, list) and len(value) > limits.max_messages and not (
                 key in _INPUT_KEYS and token_ids(value)):
-            raise RequestError(400, f"'{key}' holds {len(value)} items; at most {most} are "
-                               "accepted", "too_many_items", param=key)
+            raise _too_many(key, len(value), limits.max_messages)
+    # Every tool counts, those of a namespace or an input item too: counted per list,
+    # hundreds in one namespace were read, and forwarded. Each list is counted before
+    # the namespaces in it are looked for.
+    total = 0
+    for param, tools in tool_lists(operation, doc):
+        if not isinstance(tools, list):
+            continue
+        total += len(tools)
+        if total > limits.max_tools:
+            if total == len(tools):
+                raise _too_many(param, total, limits.max_tools)
+            raise RequestError(400, f"The request declares more than {limits.max_tools} "
+                               f"tools, counting those in '{param}'; at most "
+                               f"{limits.max_tools} are accepted", "too_many_items",
+                               param=param)
+
+
+def _too_many(param: str, count: int, most: int) -> RequestError:
+    return RequestError(400, f"'{param}' holds {count} items; at most {most} are accepted",
+                        "too_many_items", param=param)
 
 
 def read_request(operation: str, doc: dict[str, Any],
@@ -419,7 +436,7 @@ def read_request(operation: str, doc: dict[str, Any],
                  scanned: frozenset[str] = frozenset()) -> LlmRequest:
     """The request's facts, after the count limits (checked before any per-item work).
     `scanned`: more field names redaction reads (`redaction.extra_paths`)."""
-    _check_counts(doc, limits)
+    _check_counts(operation, doc, limits)
     _check_field_names(doc, _fields_with(scanned))
     model = doc.get("model")
     if model is not None:

@@ -106,6 +106,27 @@ def test_responses_input_shapes_pass(value) -> None:
 LIMITS = Limits(max_messages=10, max_tools=2)
 
 
+def _functions(n: int) -> list[dict]:
+    return [{"type": "function", "name": f"f{i}", "parameters": {}} for i in range(n)]
+
+
+@pytest.mark.parametrize(("doc", "param"), [
+    ({"tools": [{"type": "namespace", "name": "ns", "tools": _functions(3)}]},
+     "tools[0].tools"),
+    ({"tools": _functions(1), "input": [{"type": "additional_tools", "tools": _functions(2)}]},
+     "input[0].tools"),
+    ({"tools": _functions(3)}, "tools"),
+])
+def test_the_tool_limit_counts_every_tool_the_request_declares(doc: dict, param: str) -> None:
+    # Counted per top-level list, hundreds of tools in a namespace tool or an input item
+    # were read and forwarded.
+    err = refused("responses", {"model": "m", **doc}, LIMITS)
+    assert (err.status, err.code, err.param) == (400, "too_many_items", param)
+    ok = read_request("responses", {"model": "m", "tools": _functions(1), "input": [
+        {"type": "additional_tools", "tools": _functions(1)}]}, LIMITS)
+    assert ok.operation == "responses"
+
+
 @pytest.mark.parametrize("operation, param", [("embeddings", "input"),
                                               ("completions", "prompt")])
 @pytest.mark.parametrize(
