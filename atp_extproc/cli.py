@@ -342,6 +342,10 @@ def _savings_table(db_path: str, by: tuple[str, ...], bucket: str, since: int | 
 
     if Path(db_path).is_dir():
         raise _UnusableInput(f"{db_path} is a directory, not a ledger file")
+    if not Path(db_path).is_file():
+        # SQLite would wait on a pipe for ever.
+        raise _UnusableInput(f"{db_path} is not a regular file (a device or a pipe), "
+                             "not a ledger file")
     try:
         return savings_report(db_path, by=by, bucket=bucket, since=since)
     except sqlite3.Error as exc:

@@ -167,6 +167,19 @@ def test_report_savings_names_a_directory_given_as_the_ledger(
     assert output == f"atp-extproc: {tmp_path} is a directory, not a ledger file\n"
 
 
+def test_report_savings_refuses_a_pipe_given_as_the_ledger(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # SQLite opened the pipe and waited for ever.
+    import os
+
+    fifo = tmp_path / "ledger.fifo"
+    os.mkfifo(fifo)
+    code, output = run(capsys, "report", "savings", "--db", str(fifo))
+    assert code == 2
+    assert output == (f"atp-extproc: {fifo} is not a regular file (a device or a pipe), "
+                      "not a ledger file\n")
+
+
 @pytest.mark.parametrize(("option", "message"), [
     (("--since", "garbage"), "--since 'garbage': give 24h, 7d, 90m or an ISO date"),
     (("--since", "2026-13-01"), "--since '2026-13-01': give 24h, 7d, 90m or an ISO date"),
