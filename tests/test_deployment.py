@@ -1447,6 +1447,8 @@ def test_envoy_error_replies_are_openai_shaped_and_say_what_failed(config: str) 
         assert refused["error"]["code"] == "%RESPONSE_CODE_DETAILS%"
         assert refused["error"]["type"] == "invalid_request_error"
         assert "%RESPONSE_CODE_DETAILS%" in refused["error"]["message"]
+    upgrade = _local_reply(config, "upgrade_failed", 403)
+    assert upgrade is not None and upgrade["error"]["code"] == "upgrade_not_supported"
     # ATP's own replies and the fallback route's JSON are already OpenAI-shaped.
     assert _local_reply(config, "atp_policy_denied", 403) is None
     assert _local_reply(config, "direct_response", 404) is None

@@ -260,6 +260,27 @@ def test_a_request_envoy_refuses_itself_gets_a_client_error_with_a_message(
     assert upstreams.total() == 0
 
 
+@pytest.mark.parametrize("request_line", [b"GET /v1/realtime?model=m", b"GET /v1/models"])
+def test_a_websocket_upgrade_is_refused_as_unsupported(
+        stack: Stack, upstreams: Upstreams, request_line: bytes) -> None:
+    # Envoy refuses upgrades before ext_proc; its 403 read as the client's permissions.
+    with socket.create_connection(("127.0.0.1", stack.ports["envoy"]), timeout=10) as conn:
+        conn.sendall(request_line + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + ALICE.encode() + b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        while not data.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split()[1:2] == [b"400"], data[:200]
+    assert json.loads(body)["error"]["code"] == "upgrade_not_supported"
+    assert upstreams.total() == 0
+
+
 def test_body_just_under_the_limit_goes_through(stack: Stack, upstreams: Upstreams) -> None:
     content = "b" * (4 * 1024 * 1024 - 200)
     reply = post(stack, CHAT, {"model": "gpt-4o-mini",
