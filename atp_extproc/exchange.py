@@ -314,11 +314,12 @@ class Exchange:
         credential for ATP, the tenant header (the hop's word to ATP alone, like a
         credential), the account a key bills (the client's key is not the one that
         leaves: beside the key Envoy injects, a tenant would pick which organization or
-        project of it pays and whose stored state it reads), and any x-atp-* header,
+        project of it pays and whose stored state it reads), the proxy credential and
+        cookies the client sent the gateway, and any x-atp-* header,
         which only ATP sets."""
         trusted = self.snapshot.auth.trusted_tenant_header
         identity_headers = (*CREDENTIAL_HEADERS, trusted) if trusted else CREDENTIAL_HEADERS
-        return [*identity_headers, *_ACCOUNT_HEADERS,
+        return [*identity_headers, *_ACCOUNT_HEADERS, *_GATEWAYS_OWN,
                 *(h for h in headers if h.startswith(ATP_HEADER_PREFIX))]
 
     def _on_request_trailers(self, trailers_msg) -> ProcessingResponse:
@@ -1146,6 +1147,9 @@ def _encoded(content_encoding: str) -> bool:
 
 # OpenAI's: which of a key's organizations and projects a request is for.
 _ACCOUNT_HEADERS = ("openai-organization", "openai-project")
+# The client's word to the gateway alone: a credential for the first proxy (RFC 9110
+# §11.7.2; an SDK set up with proxy credentials sends its key there) and its cookies.
+_GATEWAYS_OWN = ("proxy-authorization", "cookie")
 _METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                       "PATCH"))
 

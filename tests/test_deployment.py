@@ -1334,7 +1334,9 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
                 "Authorization": "Bearer sk-demo-alice", "content-type": "application/json",
                 "x-atp-cluster": "anthropic", "x-envoy-internal-note": "10.4.5.6 payments",
                 # Beside the injected key they chose which of its accounts pays.
-                "OpenAI-Organization": "org-of-another-team", "OpenAI-Project": "proj_other"})
+                "OpenAI-Organization": "org-of-another-team", "OpenAI-Project": "proj_other",
+                # The client's word to the gateway (an SDK's proxy credentials).
+                "Proxy-Authorization": "Bearer sk-demo-alice", "Cookie": "session=s3cr3t"})
             assert status == 200, reply
             seen = [json.loads(line) for line in record.read_text().splitlines()][-1]
             assert seen["sni"] == host
@@ -1345,7 +1347,8 @@ def test_egress_tls_config_reaches_providers_with_sni_host_and_key(tmp_path: Pat
             assert headers["authorization"] == f"Bearer {provider_key}"
             assert not [h for h in headers if h.startswith(("x-atp-", "x-envoy-"))], headers
             assert "x-forwarded-for" not in headers
-            assert not {"openai-organization", "openai-project"} & set(headers), headers
+            assert not {"openai-organization", "openai-project", "proxy-authorization",
+                        "cookie"} & set(headers), headers
 
         def access_log() -> list[dict]:
             return [json.loads(line) for line in (tmp_path / "envoy.log").read_text()
