@@ -853,9 +853,9 @@ class Exchange:
     def _stream_cut_short(self) -> bool:
         """The stream's body ended before its last event (`[DONE]`, every choice's
         finish_reason, a Responses stream's terminal event): the provider, or a hop
-        before it, closed it mid-answer, and the SDKs raise or hand the client a cut answer. (One without
-        any data is no answer at all: the provider's invalid response; one with an event
-        too large to read may have ended in it.)"""
+        before it, closed it mid-answer, and the SDKs raise or hand the client a cut
+        answer. (One without any data is no answer at all: the provider's invalid
+        response; one with an event too large to read may have ended in it.)"""
         sse = self.sse
         return (sse is not None and not self._body_pending and sse.data_events > 0
                 and not sse.ended and not sse.choices_finished and not sse.unread

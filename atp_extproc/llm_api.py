@@ -983,7 +983,6 @@ class SseStream:
         return ((choices == [] or (choices is None and kind is None))
                 and obj.get("usage") is not None and not has_error)
 
-
     def _note_choices(self, choices: Any) -> None:
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):

@@ -264,9 +264,8 @@ _CARD_CTX = re.compile(r"(?i)card|karte|carte|tarjeta|cart[aã]o|visa|master|ame
 # A WhatsApp click-to-chat link holds an international number without its '+'.
 _WA_ME = b"wa.me/"
 _INTL_CTX = re.compile(r"(?i)msisdn|e\.?164|wa\.me/")
-# A word naming a phone number right before one: `Tel 442079460958`, `phone: 4930...`.
-# A phone word, then a few words or signs on its line: "my phone is", "Phone (mobile):",
-# a JSON text's `"phone": "`.
+# A word naming a phone number before one, a few words or signs between them on its
+# line: `Tel 442079460958`, "my phone is", "Phone (mobile):", a JSON text's `"phone": "`.
 _PHONE_WORD_BEFORE = re.compile(
     r"(?i)\b(?:phone|tel|telephone|mobile|cell|fax|whatsapp|handy|telefon|t[ée]l[ée]phone)"
     r"s?\b[^0-9\n]{0,20}$")
