@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import glob
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from atp_extproc.config import (
 )
 from atp_extproc.envoy_api import ProcessingRequest, ProcessingResponse
 from atp_extproc.exchange import ABANDONED, INCOMPLETE_RESPONSE, Exchange
+from atp_extproc.policy.settings import include_matches
 from atp_extproc.services import Services
 
 log = logging.getLogger("atp.server")
@@ -117,6 +117,13 @@ def _policies_changed(old: Snapshot, new: Snapshot) -> str:
     return f"; {'; '.join(parts)}" if parts else ""
 
 
+def _matches_now(pattern: str) -> list[str]:
+    try:
+        return include_matches(pattern)
+    except ValueError:  # a pattern the config holds refused ("a**b"): it matches nothing
+        return []
+
+
 class ConfigHolder:
     """The snapshot in force. A swap is one attribute assignment: each exchange keeps
     the snapshot in force when its body came, so a reload never changes a request once
@@ -191,8 +198,7 @@ class ConfigHolder:
                   include_globs: tuple[str, ...]) -> _Stamp:
         # atp.yaml, every policy file it includes, and what policy.include matches now
         # (a new file there is a reload too): an edit to any is a reload.
-        matched = sorted({m for pattern in include_globs
-                          for m in glob.glob(pattern, recursive=True)})
+        matched = sorted({m for pattern in include_globs for m in _matches_now(pattern)})
         stamps: list[tuple[str, object]] = [("policy.include", tuple(matched))]
         # What the globs match now too: a new file the last reload refused is not among
         # the snapshot's files, and its fix must reload as well.

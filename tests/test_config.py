@@ -606,6 +606,43 @@ def test_snapshot_lists_include_globs_absolute(tmp_path: Path) -> None:
     assert snap.include_globs == (str(tmp_path.resolve() / "policies" / "*.yaml"),)
 
 
+def _policy_file(directory: Path, policy_id: str) -> None:
+    (directory / "policies").mkdir(parents=True)
+    (directory / "policies" / "p.yaml").write_text(
+        f"policies:\n  - id: {policy_id}\n    effect: deny\n    expression: subject.tenant == 'nobody'\n")
+
+
+def test_include_globs_take_the_config_directory_as_it_is_named(tmp_path: Path) -> None:
+    # `team[prod]/` globbed as a pattern read its sibling `teamp/`'s policies: a deny
+    # of the config's own silently did not apply.
+    _policy_file(tmp_path / "team[prod]", "own.deny")
+    _policy_file(tmp_path / "teamp", "sibling.deny")
+    doc = base()
+    doc["policy"] = {"include": ["policies/*.yaml"]}
+    path = tmp_path / "team[prod]" / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    snap = config.load(path)
+    assert [p.id for p in snap.policies.policies] == ["own.deny"]
+    # The file watch matches what the load read.
+    from atp_extproc.server import ConfigHolder
+    stamp = ConfigHolder._stamp_of(path, snap.files, snap.include_globs)
+    assert [m for m in dict(stamp)["policy.include"]] == [
+        str(tmp_path.resolve() / "team[prod]" / "policies" / "p.yaml")]
+
+
+def test_a_recursive_include_follows_no_link_to_a_directory(tmp_path: Path) -> None:
+    # Two links back up (`a -> .`, `b -> .`) had `**` walk for ever: check ran for
+    # minutes, and a running serve stopped answering at the reload.
+    _policy_file(tmp_path, "own.deny")
+    (tmp_path / "policies" / "a").symlink_to(".")
+    (tmp_path / "policies" / "b").symlink_to(".")
+    doc = base()
+    doc["policy"] = {"include": ["policies/**/*.yaml"]}
+    path = tmp_path / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert [p.id for p in config.load(path).policies.policies] == ["own.deny"]
+
+
 # -- policies that need redaction ---------------------------------------------------
 
 def _with_policy(expression: str, redaction: dict) -> dict:

@@ -354,6 +354,20 @@ def error_line(exc: yaml.YAMLError, text: str) -> int:
     return text.count("\n", 0, end) + 1
 
 
+def include_matches(pattern: str) -> list[str]:
+    """What a policy.include glob matches, sorted, as glob.glob (recursive) finds it but
+    for `**`, which follows no link to a directory: two links back up (`a -> .`,
+    `b -> .`) had it walk for ever, holding check, serve and every reload. Names that
+    start with a dot match only where the pattern names them so."""
+    path = Path(pattern)
+    root = Path(path.anchor or ".")
+    relative = path.relative_to(root) if path.anchor else path
+    given = set(relative.parts)
+    return sorted(str(match) for match in root.glob(str(relative))
+                  if not any(part.startswith(".") and part not in given
+                             for part in match.relative_to(root).parts))
+
+
 def _unreadable(pattern: str) -> str:
     """Why a glob may match nothing though files are there: glob says nothing of a
     directory it may not read."""
@@ -552,13 +566,19 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
                                  line_of(doc, ["policies"]))
     policies += found
     problems += more
-    include_globs = tuple(str(base_dir / pattern) for pattern in includes)
+    # The directory taken as it is named: `team[prod]/` read its sibling `teamp/`.
+    include_globs = tuple(os.path.join(glob.escape(str(base_dir)), pattern)
+                          for pattern in includes)
     # A file two globs match is read once ("p/*.yaml" and "p/critical.yaml"): twice, its
     # policies would be duplicates of themselves.
     included: set[str] = set()
     for i, (pattern, absolute) in enumerate(zip(includes, include_globs, strict=True)):
         line = line_of(doc, ["policy", "include", i])
-        matches = sorted(glob.glob(absolute, recursive=True))
+        try:
+            matches = include_matches(absolute)
+        except ValueError as exc:  # "a**b"
+            problems.append(Problem(file, line, f"policy.include[{i}]", f"{pattern!r}: {exc}"))
+            continue
         if not matches:
             problems.append(Problem(file, line, f"policy.include[{i}]",
                                     f"{pattern!r} matches no file{_unreadable(absolute)}"))
