@@ -117,6 +117,9 @@ def _policies_changed(old: Snapshot, new: Snapshot) -> str:
     return f"; {'; '.join(parts)}" if parts else ""
 
 
+_POLL_SLICE_S = 1.0
+
+
 def _matches_now(pattern: str) -> list[str]:
     try:
         return include_matches(pattern)
@@ -148,6 +151,9 @@ class ConfigHolder:
         self._rejected = False
         # One reload at a time, off the event loop (see reload_off_loop).
         self._reloading = threading.Lock()
+        # Set once ATP drains: reloads still queued (a burst of SIGHUPs) are skipped, or
+        # each held the exit, and the ledger's last flush, for a whole reload.
+        self.stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -273,7 +279,8 @@ class ConfigHolder:
         swap is one attribute assignment, which requests read whole."""
         def one_at_a_time() -> None:
             with self._reloading:
-                self.reload(reason)
+                if not self.stopped:
+                    self.reload(reason)
 
         await asyncio.to_thread(one_at_a_time)
 
@@ -304,7 +311,12 @@ class ConfigHolder:
         # replace files through symlink swaps and renames that inotify watches can miss.
         seen: _Stamp | None = None
         while True:
-            await asyncio.sleep(self.current.server.reload_poll_s)
+            # In slices: a reload that shortens reload_poll_s applies now, not once the
+            # old interval (minutes, say) has passed.
+            polled = time.monotonic()
+            while (wait := polled + self.current.server.reload_poll_s
+                   - time.monotonic()) > 0:
+                await asyncio.sleep(min(wait, _POLL_SLICE_S))
             try:
                 now = self._file_stamp()
                 # Loaded once the files stood still for a poll: a file written without
@@ -674,6 +686,7 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     # Health first, so checks see NOT_SERVING while in-flight exchanges finish.
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
+    holder.stopped = True
     if settings.drain_delay_s:
         log.info("still taking new exchanges for %.1fs (server.drain_delay_s), until "
                  "Envoy's health checks move them to other endpoints",

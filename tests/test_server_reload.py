@@ -316,3 +316,38 @@ def test_a_config_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> Non
     worker.join(10)
     assert outcome and isinstance(outcome[0], config_mod.ConfigError), outcome
     assert "not a regular file" in str(outcome[0])
+
+
+@pytest.mark.asyncio
+async def test_a_shorter_poll_interval_applies_at_its_reload(tmp_path: Path) -> None:
+    # The watch slept out the old interval (120 s) before it looked again: an edit
+    # after the reload that shortened it waited that long.
+    holder = holder_for(tmp_path, GOOD.replace("reload_poll_s: 0.05", "reload_poll_s: 120"))
+    watcher = asyncio.create_task(holder.watch())
+    try:
+        await asyncio.sleep(0.05)  # the watch is asleep in its first interval
+        holder.path.write_text(GOOD)
+        assert await holder.reload_off_loop("SIGHUP") is None
+        assert holder.current.server.reload_poll_s == 0.05
+        holder.path.write_text(GOOD.replace("anon}", "anon2}"))
+        for _ in range(100):  # within 5 s, where the old interval was 120 s
+            await asyncio.sleep(0.05)
+            if holder.current.auth.anonymous_tenant == "anon2":
+                break
+        assert holder.current.auth.anonymous_tenant == "anon2"
+    finally:
+        watcher.cancel()
+
+
+@pytest.mark.asyncio
+async def test_reloads_still_queued_when_atp_stops_are_skipped(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    # A burst of SIGHUPs ran every queued reload after SIGTERM: the exit and the
+    # ledger's last flush waited for all of them.
+    holder = holder_for(tmp_path)
+    loads: list[object] = []
+    load = config_mod.load
+    monkeypatch.setattr(config_mod, "load", lambda path: loads.append(path) or load(path))
+    holder.stopped = True
+    await asyncio.gather(*(holder.reload_off_loop("SIGHUP") for _ in range(5)))
+    assert loads == []
