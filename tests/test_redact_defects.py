@@ -565,3 +565,21 @@ def test_lines_of_keys_are_text_and_wrapped_base64_is_data(redactor: Redactor) -
 
     assert found(keys) == {"cloud_key": 5}
     assert found(data) == {}
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("Card 4111 1111 1111 1111 2x charged, refund one", {"card": 1}),
+    ("SSN 123-45-6789 1st on the form", {"ssn": 1}),
+    ("Call 415-555-2671 9am-5pm", {"phone": 1}),
+    ("call log: 2024-05-01 10:30:00 415-555-2671 00:02:31", {"phone": 1}),
+    ("2024-05-01 10:30:00 4111111111111111 DECLINED 1,234.00 USD", {"card": 1}),
+    ("Call 415-555-2671 1,234 times", {"phone": 1}),
+    # A first group glued to a word is the run's own prefix: money here.
+    ("qty 343 x CHF28 603 650 817 = kr 60", {}),
+])
+def test_a_group_glued_to_a_neighbour_leaves_the_value_beside_it(
+        redactor: Redactor, text: str, found: dict) -> None:
+    # The run took in the next number ("2x", "9am", a time's "00"), glued to a word or a
+    # number: the whole run, value included, went out unread, past deny and policies.
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == found

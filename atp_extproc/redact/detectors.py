@@ -966,6 +966,7 @@ class Scanner:
             # Paid by its separators: each one may start a group, a chunk and a window.
             if not budget.spend(1 + len(asc[s:e].translate(None, b"0123456789"))):
                 return
+            s, e = _unglued(asc, s, e, bounds)
             glue = _glued(asc, s, e, bounds)
             # One chunk tagged onto a word ("INV-2024-0042", "v1.2.3456789") holds no
             # phone number; but a card in its groups tagged with a dash or an underscore
@@ -1510,26 +1511,61 @@ def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules
     out a phone number and a bare card number; 0: free-standing. A part boundary
     (`bounds`) separates like a space."""
+    before, after = _glue_before(asc, s, bounds), _glue_after(asc, e, bounds)
+    return 2 if 2 in (before, after) else max(before, after)
+
+
+def _glue_before(asc: bytes, s: int, bounds: frozenset[int]) -> int:
+    if not (asc[s] in _DIGITS and s > 0 and s not in bounds):
+        return 0
+    prev = asc[s - 1]
+    if (prev in _ALNUM and prev != 95) or prev == 64:
+        return 2
+    return int(s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM
+                           and not asc.endswith(_WA_ME, 0, s)
+                           and not _LABEL_DOT.search(asc, max(0, s - 9), s))
+                          or (prev in b":," and _inside_number(asc, s - 1))))
+
+
+def _glue_after(asc: bytes, e: int, bounds: frozenset[int]) -> int:
     n = len(asc)
-    soft = 0
-    if asc[s] in _DIGITS and s > 0 and s not in bounds:
-        prev = asc[s - 1]
-        if (prev in _ALNUM and prev != 95) or prev == 64:
-            return 2
-        if s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM
-                       and not asc.endswith(_WA_ME, 0, s)
-                       and not _LABEL_DOT.search(asc, max(0, s - 9), s))
-                      or (prev in b":," and _inside_number(asc, s - 1))):
-            soft = 1
-    if e < n and e not in bounds:
-        nxt = asc[e]
-        if (nxt in _ALNUM and nxt != 95) or nxt == 64:
-            return 2
-        if e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM
-                           and not _SENTENCE_NEXT.match(asc, e))
-                          or (nxt in b":," and _inside_number(asc, e))):
-            soft = 1
-    return soft
+    if not (e < n and e not in bounds):
+        return 0
+    nxt = asc[e]
+    if (nxt in _ALNUM and nxt != 95) or nxt == 64:
+        return 2
+    return int(e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM
+                               and not _SENTENCE_NEXT.match(asc, e))
+                              or (nxt in b":," and _inside_number(asc, e))))
+
+
+def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, int]:
+    """The run s..e without an end group that is glued to another number, or its last
+    group glued to a word, and parted from the rest by a space: "…1111 2x charged",
+    "… 2671 9am", "10:30:00 415-555-2671 00:02:31". Taken with it, the whole run was no
+    value. (A first group glued to a word is the run's prefix: "CHF28 603 650 817".)"""
+    if _glue_before(asc, s, bounds) == 1:
+        cut = asc.find(b" ", s, e)
+        if cut != -1:
+            rest = e - len(asc[cut:e].lstrip(b" "))
+            if asc[rest] in _RUN_HEADS and _enough_digits(asc, rest, e):
+                s = rest
+    if _glue_after(asc, e, bounds):
+        cut = asc.rfind(b" ", s, e)
+        if cut != -1:
+            rest = s + len(asc[s:cut].rstrip(b" "))
+            if rest > s and asc[rest - 1] in _RUN_TAILS and _enough_digits(asc, s, rest):
+                e = rest
+    return s, e
+
+
+_RUN_HEADS = frozenset(b"0123456789+(")
+_RUN_TAILS = frozenset(b"0123456789)")
+
+
+def _enough_digits(asc: bytes, s: int, e: int) -> bool:
+    """As many digits as a run holds at least (_RUN)."""
+    return e - s - len(asc[s:e].translate(None, b"0123456789")) >= 7
 
 
 # A label and its full stop ("Tel.415-555-0132"), and a full stop that starts a sentence
