@@ -583,3 +583,32 @@ def test_a_group_glued_to_a_neighbour_leaves_the_value_beside_it(
     # number: the whole run, value included, went out unread, past deny and policies.
     doc = {"messages": [{"role": "user", "content": text}]}
     assert redactor.redact("chat", doc, "t").counts == found
+
+
+_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+_AWS_SESSION = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQD" + "Ab9/" * 80
+
+
+@pytest.mark.parametrize("text", [
+    f'{{"Credentials": {{"AccessKeyId": "ASIAIOSFODNN7EXAMPLE", "SecretAccessKey": '
+    f'"{_AWS_SECRET}", "SessionToken": "{_AWS_SESSION}"}}}}',
+    f"aws configure set aws_secret_access_key {_AWS_SECRET}",
+    f"- name: AWS_SECRET_ACCESS_KEY\n  value: {_AWS_SECRET}",
+    f"secret_key: {_AWS_SECRET}",
+])
+def test_an_aws_secret_without_aws_before_it_is_found(redactor: Redactor, text: str) -> None:
+    # Only "aws…secret = …" was read: STS's answer, the CLI's command and a Kubernetes
+    # env entry went out with the secret key (and session token), their key id masked.
+    import json
+
+    for doc, operation in (
+            ({"messages": [{"role": "user", "content": text}]}, "chat"),
+            ({"input": [{"type": "function_call_output", "call_id": "c",
+                         "output": {"Credentials": {"SecretAccessKey": _AWS_SECRET,
+                                                    "SessionToken": _AWS_SESSION}}}]},
+             "responses"),
+            ({"messages": [{"role": "tool", "tool_call_id": "c", "content": json.dumps(
+                {"aws_secret_access_key": _AWS_SECRET})}]}, "chat")):
+        res = redactor.redact(operation, doc, "t")
+        sent = json.dumps(doc if res.fields is None else {**doc, **res.fields})
+        assert _AWS_SECRET not in sent and _AWS_SESSION not in sent, text

@@ -115,7 +115,9 @@ _AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA",
 # Per secret class, literals one of its patterns must contain: a class none of whose
 # literals occurs in the text is skipped without running its patterns.
 _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
-    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "aws", "AWS", "Aws"),
+    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "aws", "AWS", "Aws",
+                  "SecretAccessKey", "secret_key", "SECRET_KEY", "SessionToken",
+                  "session_token", "SESSION_TOKEN"),
     "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_"),
     "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     "slack_token": ("xox", "xapp-", "hooks.slack.com"),
@@ -124,6 +126,9 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
                     "-----End"),
 }
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
+# Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
+# a line break and `value:` (a Kubernetes env entry), then an optional quote.
+_KEY_VALUE_SEP = r"(?:\s*[=:]\s*|[ \t]+|\s*\n\s*-?\s*value:\s*)[\"']?"
 # A card's groups joined by a tab, a line break, a comma or an underscore (cells of a
 # spreadsheet row, lines of a form, a numeric literal). Digit runs do not join on those:
 # they join a list of numbers far more often than a number's groups. So only a card's own
@@ -181,6 +186,12 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"(?i)aws[A-Za-z_ \-]{0,30}(?:secret|private)[A-Za-z_ \-]{0,30}[\"']?\s*[=:]\s*"
             r"[\"']?(?P<v>[A-Za-z0-9/+]{40,})"),
         _rx(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)"),
+        # AWS's secret key and session token without "aws" before them: STS's JSON
+        # (`"SecretAccessKey": "…"`), `aws configure set aws_secret_access_key …`, a
+        # Kubernetes env entry (`name: AWS_SECRET_ACCESS_KEY` then `value: …`).
+        _rx(r"(?i)secret_?(?:access_?)?key[\"']?" + _KEY_VALUE_SEP
+            + r"(?P<v>[A-Za-z0-9/+]{40})"),
+        _rx(r"(?i)session_?token[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9/+]{100,}={0,2})"),
     ),
     "api_key": (
         _rx(r"(?:sk|rk)-(?:proj-|ant-(?:api|admin)[0-9]{2}-|svcacct-|admin-)?"
@@ -318,6 +329,9 @@ _KEY_HINT = re.compile(r"(?i)ph|te|mob|cel|fax|msisdn|wh|sms|han|por|land|tfn|ca
                        r"visa|mast|amex|mae|kart|tarj|ssn|tin|tax|soc|cont|cal|dial|reach|"
                        r"n[uú]m|cred|deb|pay|e\.?164")
 _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
+# A key naming AWS's secret key or session token ("SecretAccessKey" in STS's answer,
+# "aws_secret_access_key"): its value is read with the key's name as its label.
+_SECRET_KEY_NAME = re.compile(r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
 # Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
@@ -326,9 +340,13 @@ _KEY_ID_WORDS = frozenset(("id", "ids"))
 
 def key_class(key: str) -> str | None:
     """The class a JSON key names ("phone", "card", "ssn", "msisdn": a phone number in
-    international form without its '+'), "" for a key that holds
+    international form without its '+'; "secret_key", "session_token": AWS's, whose
+    values hold no "aws" to tell them), "" for a key that holds
     something else than the value even if it names a class ("phone_id", "card_count"),
     None for any other key."""
+    secret = _SECRET_KEY_NAME.fullmatch(key)
+    if secret is not None:
+        return "session_token" if secret.group(1) else "secret_key"
     if _KEY_HINT.search(key) is None:
         return None
     words = _KEY_SPLIT.sub(" ", _KEY_E164.sub(" msisdn ", key)).lower().split()

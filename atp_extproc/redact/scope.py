@@ -158,14 +158,16 @@ class Collector:
         self._seen = {seg.path if seg.args is None else seg.args.path
                       for unit in self.units for seg in unit if not seg.context}
 
-    def text(self, path: Path, value: str, tail: str = "") -> None:
+    def text(self, path: Path, value: str, tail: str = "", label: str = "") -> None:
+        """`value` at `path`; `label`, read before it as context only ("secret_key: ")."""
         if value:
             seen = self._seen
             if seen is not None:
                 if path in seen:
                     return
                 seen.add(path)
-            self.units.append([Segment(value, path, tail=tail)])
+            seg = Segment(value, path, tail=tail)
+            self.units.append([Segment(label), seg] if label else [seg])
 
     def map_key(self, path: Path, key: str) -> None:
         """`key` of the map at `path`; its place is (*path, KeyName(key))."""
@@ -483,7 +485,11 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
-            if not _unread(c, path, value):
+            if cls in _SECRET_KEYS:
+                # Labelled as in a config file; a session token is never data however
+                # much it looks like base64.
+                c.text(path, value, label=f"{cls}: ")
+            elif not _unread(c, path, value):
                 c.text(path, value)
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -494,6 +500,9 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
             stack.extend(((*path, i), v, cls) for i, v in enumerate(value))
         else:
             _number(c, path, value, cls)
+
+
+_SECRET_KEYS = frozenset(("secret_key", "session_token"))
 
 
 def _number(c: Collector, path: Path, value: Any, cls: str | None) -> None:
