@@ -609,7 +609,8 @@ def test_snapshot_lists_include_globs_absolute(tmp_path: Path) -> None:
 def _policy_file(directory: Path, policy_id: str) -> None:
     (directory / "policies").mkdir(parents=True)
     (directory / "policies" / "p.yaml").write_text(
-        f"policies:\n  - id: {policy_id}\n    effect: deny\n    expression: subject.tenant == 'nobody'\n")
+        f"policies:\n  - id: {policy_id}\n    effect: deny\n"
+        "    expression: subject.tenant == 'nobody'\n")
 
 
 def test_include_globs_take_the_config_directory_as_it_is_named(tmp_path: Path) -> None:

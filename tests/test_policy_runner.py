@@ -211,3 +211,26 @@ def test_cases_in_a_linked_directory_are_run_once(tmp_path):
     (root / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
     report = testing.run(root)
     assert (report.passed, report.failed, report.load_errors) == (1, 0, [])
+
+
+def test_check_and_policy_test_refuse_a_policy_file_serve_refuses_when_included(tmp_path):
+    # Checked or tested alone, a file with `policy:` settings beside its policies, or
+    # an empty `policies:`, passed; included by atp.yaml, serve refused it.
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "tests").mkdir()
+    team = tmp_path / "policies" / "team.yaml"
+    team.write_text("policy: {default: deny}\npolicies:\n  - id: team.ok\n    effect: allow\n"
+                    "    expression: subject.tenant == 'alice'\n")
+    empty = tmp_path / "policies" / "empty.yaml"
+    empty.write_text("policies:\n")
+    for path, reason in ((team, "an included policy file holds only `policies:`"),
+                         (empty, "policies: empty; `policies: []` says none")):
+        out = io.StringIO()
+        assert cli.check([str(path)], out=out) == 1
+        assert reason in out.getvalue()
+    (tmp_path / "tests" / "t.yaml").write_text(
+        "policies: [../policies/team.yaml]\ncases:\n"
+        "  - request: {operation: chat}\n    expect: {denied: default}\n")
+    report = testing.run(tmp_path / "tests")
+    assert [p.reason for p in report.load_errors] == [
+        "an included policy file holds only `policies:`"]

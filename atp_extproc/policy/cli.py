@@ -15,7 +15,12 @@ from atp_extproc.config import Server
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
 from atp_extproc.policy.runtime import data_classes_of, known_values
-from atp_extproc.policy.settings import Problem, is_policy_file, load_file
+from atp_extproc.policy.settings import (
+    Problem,
+    included_file_problems,
+    is_policy_file,
+    load_file,
+)
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
@@ -88,6 +93,8 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     for path in paths:
         loaded = load_file(path)
         problems += loaded.problems
+        if is_policy_file(loaded.raw):
+            problems += included_file_problems(path)
         models = loaded.raw.get("models") if isinstance(loaded.raw, dict) else None
         if isinstance(models, list):
             clusters = (clusters or set()) | {str(m.get("cluster")) for m in models

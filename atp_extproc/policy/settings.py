@@ -606,30 +606,48 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
                           + inc_text.encode())
             inc_doc, more = load_yaml(inc_text, shown)
             problems += more
-            # Mostly a file caught mid-write (truncated, then filled): loading it as "no
-            # policies" would drop its denies until the next poll.
-            if inc_doc is None:
-                if not more:
-                    problems.append(Problem(shown, 1, "", "the file is empty; an included "
-                                            "policy file holds `policies:` (`policies: []` "
-                                            "for none)"))
+            refused, readable = _as_included(inc_doc, shown, parsed=not more)
+            problems += refused
+            if not readable:
                 continue
-            if isinstance(inc_doc, dict) and "policies" in inc_doc and \
-                    inc_doc["policies"] is None:
-                problems.append(Problem(shown, line_of(inc_doc, ["policies"]) or 1,
-                                        "policies", "empty; `policies: []` says none"))
-                continue
-            if not isinstance(inc_doc, dict) or set(inc_doc) - {"policies"}:
-                problems.append(Problem(shown, getattr(inc_doc, "line", 1), "",
-                                        "an included policy file holds only `policies:`"))
-                if not isinstance(inc_doc, dict):
-                    continue
             found, more = _policies_from(inc_doc.get("policies"), shown, "policies",
                                          line_of(inc_doc, ["policies"]))
             policies += found
             problems += more
     return LoadedPolicies(settings, tuple(policies), tuple(files), hasher.hexdigest()[:12],
                           tuple(problems), raw=dict(doc), include_globs=include_globs)
+
+
+def _as_included(doc: Any, shown: str, parsed: bool) -> tuple[list[Problem], bool]:
+    """What serve refuses in an included policy file (`doc` as YAML read it; `parsed`:
+    without a YAML error), and whether its `policies:` can be read all the same."""
+    # Mostly a file caught mid-write (truncated, then filled): loading it as "no
+    # policies" would drop its denies until the next poll.
+    if doc is None:
+        return ([Problem(shown, 1, "", "the file is empty; an included policy file holds "
+                         "`policies:` (`policies: []` for none)")] if parsed else []), False
+    if isinstance(doc, dict) and "policies" in doc and doc["policies"] is None:
+        return [Problem(shown, line_of(doc, ["policies"]) or 1, "policies",
+                        "empty; `policies: []` says none")], False
+    if not isinstance(doc, dict) or set(doc) - {"policies"}:
+        return [Problem(shown, getattr(doc, "line", 1), "",
+                        "an included policy file holds only `policies:`")], \
+            isinstance(doc, dict)
+    return [], True
+
+
+def included_file_problems(path: str | Path) -> list[Problem]:
+    """What serve refuses in the policy file at `path` when atp.yaml includes it, beside
+    what load_file finds: checked or tested alone, an empty one, or one with `policy:`
+    settings beside its `policies:`, passed, then failed the deploy (or its reload). (A
+    file of `policy:` settings alone is an atp.yaml's part, as tests write it.)"""
+    text, _ = read_regular(Path(path))
+    if text is None:
+        return []  # load_file says why
+    doc, more = load_yaml(text, str(path))
+    if isinstance(doc, dict) and "policy" in doc and "policies" not in doc:
+        return []
+    return _as_included(doc, str(path), parsed=not more)[0]
 
 
 def directory_of(file: Path) -> Path:

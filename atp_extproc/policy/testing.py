@@ -55,6 +55,7 @@ from atp_extproc.policy.settings import (
     PolicySettings,
     Problem,
     SourcedPolicy,
+    included_file_problems,
     is_policy_file,
     line_of,
     load_file,
@@ -194,6 +195,8 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
                 case_files.append(match)
                 continue
             problems += [p for p in loaded.problems if p.severity == "error"]
+            if is_policy_file(loaded.raw):
+                problems += included_file_problems(match)
             policies += loaded.policies
             if _serves(loaded.raw):
                 served.setdefault(os.path.realpath(match), match)
