@@ -241,10 +241,16 @@ def test_a_policy_section_of_the_wrong_shape_is_named_once(
         config_mod.load(path)
 
 
-def test_an_expression_nested_past_cels_limit_is_said_plainly():
-    expression = "(" * 40 + "request.stream" + ")" * 40
+@pytest.mark.parametrize("expression", [
+    "(" * 40 + "request.stream" + ")" * 40,
+    # A long `+` chain is refused by the parser, in words repeated over three lines
+    # (check printed them twice and counted 4 errors).
+    " + ".join(["request.max_tokens"] * 40) + " > 5",
+])
+def test_an_expression_nested_past_cels_limit_is_said_plainly(expression):
     (reason,) = reasons(expression)
     assert reason.startswith("expression: nests too deeply") and "CANCELLED" not in reason
+    assert "\n" not in reason
 
 
 def test_an_include_under_a_directory_atp_may_not_read_says_so(tmp_path, monkeypatch):

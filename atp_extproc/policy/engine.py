@@ -489,10 +489,17 @@ def evaluation_error(message: object) -> str:
 def _expr_problems(sp: SourcedPolicy, text: str) -> list[Problem]:
     found = list(_CEL_ERROR.finditer(text))
     if not found:
-        if "recursion limit" in text:  # cel-cpp's own words: "CANCELLED: Expression ..."
+        # cel-cpp's own words: "CANCELLED: Expression ... recursion limit" when checked,
+        # "<input>:-1:-1: Exceeded max recursion depth of 32 when parsing" (a long `+`
+        # chain), the latter repeated over lines, which check then printed twice.
+        if "recursion limit" in text or "max recursion depth" in text:
             text = ("nests too deeply: cel-cpp refuses more than 32 levels; flatten it "
-                    "(fewer parentheses, `x in [...]` instead of chained conditions)")
-        return [Problem(sp.file, sp.expr_line, sp.spec.id, f"expression: {text.strip()}")]
+                    "(fewer parentheses, fewer terms in one `+` chain, `x in [...]` "
+                    "instead of chained conditions)")
+        else:
+            text = "; ".join(dict.fromkeys(line.strip() for line in text.splitlines()
+                                           if line.strip()))
+        return [Problem(sp.file, sp.expr_line, sp.spec.id, f"expression: {text}")]
     # What an unknown attribute then breaks ("expression of type '*error*' cannot be ...")
     # says nothing more than the first error.
     found = [m for m in found if "'*error*'" not in m.group(3)] or found
