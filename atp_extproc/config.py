@@ -254,6 +254,8 @@ def _tcp_listen_problem(listen: str) -> str | None:
     host, colon, port = listen.rpartition(":")
     if not colon:
         return "give host:port, [IPv6]:port or unix:/path/to.sock"
+    if listen.startswith("[") and listen.endswith("]"):
+        return f"no port after the IPv6 address: give {listen}:PORT (e.g. [::1]:50051)"
     if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
         return f"the port {port!r} is not a number from 1 to 65535"
     if host.startswith("[") and host.endswith("]"):
@@ -471,8 +473,12 @@ class Snapshot:
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    for i, part in enumerate(loc):
+        # A mapping's number key (`5:`, or `true:` read as 1) is no list index.
+        if isinstance(part, int) and loc[i + 1:i + 2] != ("[key]",):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 

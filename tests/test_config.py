@@ -717,3 +717,11 @@ def test_a_name_that_does_not_resolve_names_its_line() -> None:
         ("routes[0].default", "'b' is not an alias of this route"),
         ("routes[0].objective.champion", "'zz' is not a candidate of this route")]
     assert err.lines == [12, 13, 14]
+
+
+def test_a_number_key_is_named_as_a_key_not_a_list_index() -> None:
+    # `5:` as an alias was named `aliases[5].[key]`, which reads as a list's sixth item.
+    doc = base()
+    doc["routes"][0]["aliases"] = {5: doc["routes"][0]["aliases"]["fast"]}
+    (path, _), *_ = error_of(doc).problems
+    assert path.endswith("aliases.5.[key]")

@@ -75,6 +75,7 @@ def stale_socket(path: Path) -> Path:
     ("127.0.0.1:http", "the port 'http' is not a number from 1 to 65535"),
     ("127.0.0.1:0", "the port '0' is not a number from 1 to 65535"),
     ("127.0.0.1:65536", "the port '65536' is not a number from 1 to 65535"),
+    ("[::1]", "no port after the IPv6 address: give [::1]:PORT (e.g. [::1]:50051)"),
     (":50051", "no host before the port"),
     ("::1:50051", "an IPv6 address goes in brackets"),
     # A URL's scheme was read as an IPv6 address without brackets.
