@@ -350,8 +350,9 @@ class Exchange:
 
     def _answer_models(self, method: str, path: str) -> ProcessingResponse:
         if method not in ("GET", "HEAD"):  # (Envoy sends a HEAD's reply without its body)
-            raise RequestError(405, f"Method {method} is not allowed on {_echo(path)}",
-                               "method_not_allowed", headers={"allow": "GET, HEAD"})
+            raise RequestError(405, f"Method {method} is not allowed on {_echo(path)}: ATP "
+                               f"serves {_SERVED}", "method_not_allowed",
+                               headers={"allow": "GET, HEAD"})
         assert self.identity is not None
         aliases = self.snapshot.aliases_for(self.identity.tenant)
         entries = [{"id": a, "object": "model", "created": 0, "owned_by": "atp"}

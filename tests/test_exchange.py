@@ -565,7 +565,8 @@ def test_a_background_response_is_refused(snap, background) -> None:
 
 def test_an_unserved_openai_path_says_what_atp_serves(snap) -> None:
     for method, path, status in (("GET", "/v1/chat/completions/chatcmpl-1", 404),
-                                 ("GET", "/v1/chat/completions", 405)):
+                                 ("GET", "/v1/chat/completions", 405),
+                                 ("POST", "/v1/models", 405)):
         ex = Exchange(snap)
         err = assert_error(ex.handle(req_headers(method, path)), status,
                            "unknown_url" if status == 404 else "method_not_allowed")
