@@ -612,3 +612,19 @@ def test_an_aws_secret_without_aws_before_it_is_found(redactor: Redactor, text: 
         res = redactor.redact(operation, doc, "t")
         sent = json.dumps(doc if res.fields is None else {**doc, **res.fields})
         assert _AWS_SECRET not in sent and _AWS_SESSION not in sent, text
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("Paid on 15 March 2024 4111 1111 1111 1111", "Paid on 15 March 2024 [CARD_1]"),
+    ("Paid 2019 4111-1111-1111-1111", "Paid 2019 [CARD_1]"),
+    ("Room 33 4111 1111 1111 1111", "Room 33 [CARD_1]"),
+    # Groups of four that run on are still no card.
+    ("1234 5678 9012 3456 7890", "1234 5678 9012 3456 7890"),
+])
+def test_a_number_right_before_a_card_hides_none_of_it(redactor: Redactor, text: str,
+                                                       masked: str) -> None:
+    # A year before it hid the whole card; a short number made the card's first
+    # groups a phone number and sent the rest as written.
+    res = redactor.redact("chat", {"messages": [{"role": "user", "content": text}]}, "t")
+    sent = res.fields["messages"][0]["content"] if res.fields else text
+    assert sent == masked

@@ -1007,13 +1007,17 @@ class Scanner:
             phone_ok = want_phone and not run.soft_glued
             a = 0
             free = 0  # first chunk not taken by a finding
+            card_next = -1  # where a card starts that a phone number's window overlapped
             while a < nch:
                 hit = None
                 nd, ng = ndig[a], ngroups[a]
                 # A card starts where a group of four does not run on into this one
-                # ("1234 5678 9012 3456" holds no card starting at "5678").
-                continued = (a > free and ngroups[a - 1] == 1 and ndig[a - 1] == 4
-                             and run.lead(a) == b" ")
+                # ("1234 5678 9012 3456" holds no card starting at "5678"), but for a
+                # year ("Paid on 15 March 2024 4111 1111 …"), and a card's groups joined
+                # by dashes or dots stand apart ("2019 4111-1111-…").
+                continued = (a > free and a != card_next and ngroups[a - 1] == 1
+                             and ndig[a - 1] == 4 and ng == 1 and run.lead(a) == b" "
+                             and not _YEAR.fullmatch(run.chunk_digits(a - 1)))
                 if want_card and not continued and (
                         (ng == 1 and (12 <= nd <= 19 or nd == 4))
                         or (ng > 1 and first[a] == 4
@@ -1041,6 +1045,16 @@ class Scanner:
                             hit = self._phone_then_next(run, a, budget, span, hit)
                     if budget.exhausted:
                         return
+                    if hit is not None and want_card:
+                        # A card that starts inside the phone number's window and runs
+                        # past it wins, the phone number kept to the chunks before it:
+                        # "Room 33 4111 1111 1111 1111" was a phone and two groups of
+                        # the card.
+                        card_next = next((c for c in range(a + 1, hit[1] + 1)
+                                          if (card := self._card_at(run, c)) is not None
+                                          and card[1] > hit[1]), -1)
+                        if card_next != -1:
+                            hit = self._phone_at(run, a, budget, card_next - a)
                 if hit is None:
                     a += 1
                     continue
@@ -1586,6 +1600,7 @@ def _enough_digits(asc: bytes, s: int, e: int) -> bool:
     return e - s - len(asc[s:e].translate(None, b"0123456789")) >= 7
 
 
+_YEAR = re.compile(r"19[0-9]{2}|20[0-9]{2}")
 # A label and its full stop ("Tel.415-555-0132"), and a full stop that starts a sentence
 # typed without a space ("…555 0132.Thanks"): neither ties the number to a word.
 _LABEL_DOT = re.compile(rb"(?i)\b(?:tel|ph|phone|fax|mob|mobile|cell|ssn|card|no|nr)\.$")
