@@ -434,6 +434,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         raise
                     if response.HasField("immediate_response"):
                         return
+        except asyncio.CancelledError:
+            rec = exchange.record
+            if self.grace_over and rec.ttfb_ms is not None and not rec.error_code:
+                # Cut by the drain while the answer was on its way (Envoy closes the
+                # stream once the answer is through): one whose body ATP did not read (a
+                # compressed one) was recorded whole.
+                rec.error_code = INCOMPLETE_RESPONSE
+            raise
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:

@@ -316,3 +316,40 @@ async def test_a_request_decided_at_its_body_is_stripped_and_timed_as_the_new_co
     assert "x-tenant" in removed and "accept-encoding" in removed
     (record,) = records
     assert record.config_version == trusting.version and record.duration_ms >= 50
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("grace_over", [False, True])
+async def test_an_unread_answer_cut_by_the_drain_is_incomplete(
+        tmp_path, monkeypatch, grace_over: bool) -> None:
+    # A compressed answer (whose body ATP does not read) still coming when the drain's
+    # grace period ended: the client got part of it, the record said a whole 200.
+    import asyncio
+
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    answered = asyncio.Event()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def messages():
+        yield req_headers("POST", "/v1/chat/completions")
+        yield req_body(body)
+        yield resp_headers(200, "application/json", extra={"content-encoding": "gzip"})
+        answered.set()
+        await asyncio.Event().wait()  # Envoy keeps the stream open while the body goes
+
+    async def consume():
+        return [r async for r in processor.Process(messages(), _Context())]
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(answered.wait(), 5)
+    await asyncio.sleep(0)
+    processor.grace_over = grace_over
+    task.cancel()  # as grpc.aio does when the drain stops the server, or Envoy resets
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (record,) = records
+    # Envoy resets the stream of a whole answer too: only ATP's own cut says it was not.
+    assert (record.status, record.error_code) == (
+        200, "response_incomplete" if grace_over else "")
