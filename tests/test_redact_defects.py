@@ -628,3 +628,11 @@ def test_a_number_right_before_a_card_hides_none_of_it(redactor: Redactor, text:
     res = redactor.redact("chat", {"messages": [{"role": "user", "content": text}]}, "t")
     sent = res.fields["messages"][0]["content"] if res.fields else text
     assert sent == masked
+
+
+def test_an_address_under_an_internationalized_tld_is_masked_whole(redactor: Redactor) -> None:
+    # The TLD in its ASCII form (.xn--p1ai, Russia's .рф) was cut at "xn":
+    # "[EMAIL_1]--p1ai" told the provider the domain's country.
+    doc = {"messages": [{"role": "user", "content": "write admin@example.xn--p1ai"}]}
+    assert redactor.redact("chat", doc, "t").fields["messages"][0]["content"] == \
+        "write [EMAIL_1]"

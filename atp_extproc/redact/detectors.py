@@ -158,7 +158,7 @@ _SET_PATTERNS: dict[str, str] = {
 # in paths, query strings, tables and templates they join a word to the address.
 _EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+(?:[!#$'*^`~]+[A-Za-z0-9_._%+\-?]+)*"
              r"@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
-             r"[A-Za-z0-9\-?]*)*\.[A-Za-z?]{2,63}")
+             r"[A-Za-z0-9\-?]*)*\.(?:xn--[A-Za-z0-9\-]{1,59}|[A-Za-z?]{2,63})")
 # Seven digits at least: shorter runs are no card, SSN or phone number.
 _RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"
            r"(?:[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6})?")
@@ -888,7 +888,8 @@ class Scanner:
                                       for lb in labels):
                 continue
             tld = labels[-1]
-            if len(tld) < 2 or not tld.isalpha():
+            # A TLD is letters, or an internationalized one in its ASCII form (.xn--p1ai).
+            if len(tld) < 2 or not (tld.isalpha() or tld[:4].lower() == "xn--"):
                 continue
             end = at + 1 + len(domain)
             if end < len(asc) and end not in bounds and (
