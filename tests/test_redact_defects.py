@@ -636,3 +636,12 @@ def test_an_address_under_an_internationalized_tld_is_masked_whole(redactor: Red
     doc = {"messages": [{"role": "user", "content": "write admin@example.xn--p1ai"}]}
     assert redactor.redact("chat", doc, "t").fields["messages"][0]["content"] == \
         "write [EMAIL_1]"
+
+
+@pytest.mark.parametrize("text", ["Tracking number 9400 1118 9922 3333 4444 55",
+                                  "Serial: 2024 0501 1234 5678"])
+def test_an_identifier_word_covers_its_whole_number(redactor: Redactor, text: str) -> None:
+    # Only a window starting at the number's first group was an identifier: its last
+    # groups were masked as a phone number, the rest sent.
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == {}

@@ -1218,7 +1218,9 @@ class Scanner:
                 intl = True  # an MSISDN: international, written without '+'
 
             if not intl:
-                if a == 0 and run.negative_context():
+                # After an identifier word the whole run is the identifier: "Tracking
+                # number 9400 1118 9922 3333 4444 55" had its last groups masked.
+                if run.negative_context():
                     return None
                 # Bare 10 or 13 digits starting with 1 are Unix times (s, ms) unless the
                 # text says it is a phone number.
