@@ -104,7 +104,8 @@ def test_what_an_error_repeats_of_the_request_is_bounded(snap) -> None:
         ex = Exchange(snap)
         message = assert_error(ex.handle(req_headers(method, "/v1/models/" + "m" * 20_000)),
                                status, code)["message"]
-        assert len(message) < 200, method
+        # (Past what ATP serves, which a 405 lists.)
+        assert len(message.partition(": ATP serves")[0]) < 200, method
 
 
 def test_an_api_key_in_x_api_key_never_reaches_a_provider(snap) -> None:
