@@ -576,6 +576,9 @@ def test_lines_of_keys_are_text_and_wrapped_base64_is_data(redactor: Redactor) -
     ("Call 415-555-2671 1,234 times", {"phone": 1}),
     # A first group glued to a word is the run's own prefix: money here.
     ("qty 343 x CHF28 603 650 817 = kr 60", {}),
+    # A group tagged with a word by a dash, a slash or an underscore is the value's own.
+    ("ref-4111 1111 1111 1111", {"card": 1}),
+    ("5500 0000 0000 0004-Mastercard", {"card": 1}),
 ])
 def test_a_group_glued_to_a_neighbour_leaves_the_value_beside_it(
         redactor: Redactor, text: str, found: dict) -> None:
@@ -633,9 +636,16 @@ def test_a_number_right_before_a_card_hides_none_of_it(redactor: Redactor, text:
 def test_an_address_under_an_internationalized_tld_is_masked_whole(redactor: Redactor) -> None:
     # The TLD in its ASCII form (.xn--p1ai, Russia's .рф) was cut at "xn":
     # "[EMAIL_1]--p1ai" told the provider the domain's country.
-    doc = {"messages": [{"role": "user", "content": "write admin@example.xn--p1ai"}]}
-    assert redactor.redact("chat", doc, "t").fields["messages"][0]["content"] == \
-        "write [EMAIL_1]"
+    for tld in ("xn--p1ai", "XN--P1AI"):
+        doc = {"messages": [{"role": "user", "content": f"write admin@example.{tld}"}]}
+        assert redactor.redact("chat", doc, "t").fields["messages"][0]["content"] == \
+            "write [EMAIL_1]"
+
+
+@pytest.mark.parametrize("text", ["icon@2x.png", "getty@tty1.service"])
+def test_a_file_name_with_an_at_sign_is_no_address(redactor: Redactor, text: str) -> None:
+    doc = {"messages": [{"role": "user", "content": f"see {text}"}]}
+    assert redactor.redact("chat", doc, "t").counts == {}
 
 
 @pytest.mark.parametrize("text", ["Tracking number 9400 1118 9922 3333 4444 55",
@@ -645,3 +655,14 @@ def test_an_identifier_word_covers_its_whole_number(redactor: Redactor, text: st
     # groups were masked as a phone number, the rest sent.
     doc = {"messages": [{"role": "user", "content": text}]}
     assert redactor.redact("chat", doc, "t").counts == {}
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("call +49 30 1234 5678/office", "call [PHONE_1]/office"),
+    # Tagged with a word, but after a phone word.
+    ("phone: 020 7946 0958-home", "phone: [PHONE_1]-home"),
+])
+def test_a_phone_number_tagged_with_a_word_is_masked_whole(redactor: Redactor, text: str,
+                                                           masked: str) -> None:
+    res = redactor.redact("chat", {"messages": [{"role": "user", "content": text}]}, "t")
+    assert res.fields["messages"][0]["content"] == masked

@@ -158,7 +158,7 @@ _SET_PATTERNS: dict[str, str] = {
 # in paths, query strings, tables and templates they join a word to the address.
 _EMAIL = _rx(r"[A-Za-z0-9_._%+\-?]+(?:[!#$'*^`~]+[A-Za-z0-9_._%+\-?]+)*"
              r"@[A-Za-z0-9?][A-Za-z0-9\-?]*(?:\.[A-Za-z0-9?]"
-             r"[A-Za-z0-9\-?]*)*\.(?:xn--[A-Za-z0-9\-]{1,59}|[A-Za-z?]{2,63})")
+             r"[A-Za-z0-9\-?]*)*\.(?:(?i:xn)--[A-Za-z0-9\-]{1,59}|[A-Za-z?]{2,63})")
 # Seven digits at least: shorter runs are no card, SSN or phone number.
 _RUN = _rx(r"\+?\(?[0-9](?:[ \-./()]{0,3}[0-9]){6,}"
            r"(?:[ ]?(?:[xX]|[eE][xX][tT]\.?)[ ]?[0-9]{1,6})?")
@@ -888,6 +888,8 @@ class Scanner:
                                       for lb in labels):
                 continue
             tld = labels[-1]
+            if len(labels) == 2 and tld.lower() in _FILE_EXTENSIONS:
+                continue  # a file's name: "icon@2x.png", "getty@tty1.service"
             # A TLD is letters, or an internationalized one in its ASCII form (.xn--p1ai).
             if len(tld) < 2 or not (tld.isalpha() or tld[:4].lower() == "xn--"):
                 continue
@@ -1005,7 +1007,9 @@ class Scanner:
                     found.append(hit[0])
                 continue
             ndig, ngroups, first = run.ndig, run.ngroups, run.first_size
-            phone_ok = want_phone and not run.soft_glued
+            # Tagged with a word, a number is an identifier's, unless a word before it
+            # says it is a phone number ("phone: 020 7946 0958-home").
+            phone_ok = want_phone and (not run.soft_glued or run.positive_context())
             a = 0
             free = 0  # first chunk not taken by a finding
             card_next = -1  # where a card starts that a phone number's window overlapped
@@ -1487,7 +1491,9 @@ _NEG_FOLLOWERS = frozenset(("number", "no", "nr", "num", "id", "nummer", "numero
 _FILE_EXTENSIONS = frozenset((
     "pdf", "txt", "csv", "tsv", "doc", "docx", "xls", "xlsx", "ppt", "pptx", "odt", "rtf",
     "png", "jpg", "jpeg", "gif", "webp", "svg", "json", "xml", "html", "htm", "yaml", "yml",
-    "eml", "msg", "vcf", "ics", "log", "bak", "tmp"))
+    "eml", "msg", "vcf", "ics", "log", "bak", "tmp",
+    # systemd units ("getty@tty1.service"): none is a top-level domain either.
+    "service", "socket", "timer", "target", "mount", "slice", "scope"))
 
 
 def _past_the_domain(label: str, last: str) -> bool:
@@ -1575,17 +1581,20 @@ def _glue_after(asc: bytes, e: int, bounds: frozenset[int]) -> int:
 
 
 def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, int]:
-    """The run s..e without an end group that is glued to another number, or its last
-    group glued to a word, and parted from the rest by a space: "…1111 2x charged",
-    "… 2671 9am", "10:30:00 415-555-2671 00:02:31". Taken with it, the whole run was no
-    value. (A first group glued to a word is the run's prefix: "CHF28 603 650 817".)"""
-    if _glue_before(asc, s, bounds) == 1:
+    """The run s..e without an end group that is part of another number (a time's, one
+    with thousands separators), or a last group that starts a word, where a space parts
+    it from the rest: "…1111 2x charged", "… 2671 9am", "10:30:00 415-555-2671 00:02:31".
+    Taken with it, the whole run was no value. (A first group glued to a word is the
+    run's prefix, "CHF28 603 650 817"; a group tagged with a word by a dash, a slash or
+    an underscore is still the value's own, "ref-4111 1111 1111 1111".)"""
+    if s > 1 and s not in bounds and asc[s - 1] in b":," and _inside_number(asc, s - 1):
         cut = asc.find(b" ", s, e)
         if cut != -1:
             rest = e - len(asc[cut:e].lstrip(b" "))
             if asc[rest] in _RUN_HEADS and _enough_digits(asc, rest, e):
                 s = rest
-    if _glue_after(asc, e, bounds):
+    if e not in bounds and (_glue_after(asc, e, bounds) == 2 or (
+            e + 1 < len(asc) and asc[e] in b":," and _inside_number(asc, e))):
         cut = asc.rfind(b" ", s, e)
         if cut != -1:
             rest = s + len(asc[s:cut].rstrip(b" "))
