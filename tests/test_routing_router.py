@@ -376,8 +376,10 @@ def test_observe_before_choose_and_quality_later():
 @pytest.mark.parametrize(("status", "outcome"), [
     (200, True), (204, True), (500, False), (503, False), (429, False), (408, False),
     (0, False), (400, None), (413, None), (422, None),
-    # The gateway's credential, account and model id: never the client's.
-    (401, False), (402, False), (403, False), (404, False)])
+    # The gateway's credential and account: never the client's.
+    (401, False), (402, False), (403, False),
+    # OpenAI's answer to a Responses item id the client kept past its life.
+    (404, None)])
 def test_classify_status(status, outcome):
     assert classify_status(status) is outcome
 

@@ -52,11 +52,12 @@ def classify_status(status: int) -> bool | None:
     """Provider outcome of an HTTP status: True ok, False failure, None don't learn.
 
     5xx, 429 and 408 are the provider's failures (0 = no response: connect failure or
-    reset), and so are 401, 402, 403 and 404: the credential, the account and the model
-    id the provider refuses are the gateway's, never the client's (ATP removes the
-    client's key and account headers; a model the provider retired answers 404). A
-    candidate answering them drew its share of traffic for good. Other 4xx are the
-    client's and say nothing about the provider.
+    reset), and so are 401, 402 and 403: the credential and the account the provider
+    refuses are the gateway's, never the client's (ATP removes the client's key and
+    account headers). A candidate answering them drew its share of traffic for good.
+    Other 4xx are the client's and say nothing about the provider: a 404 too, which
+    OpenAI answers for an item id the client kept past its life, though a retired
+    model answers it as well.
     """
     if 200 <= status < 300:
         return True
@@ -65,7 +66,7 @@ def classify_status(status: int) -> bool | None:
     return None
 
 
-_PROVIDERS_4XX = frozenset({401, 402, 403, 404, 408, 429})
+_PROVIDERS_4XX = frozenset({401, 402, 403, 408, 429})
 
 
 class Router:
