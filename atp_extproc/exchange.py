@@ -839,6 +839,11 @@ class Exchange:
         return (self.clock() - since) * 1000.0
 
     @property
+    def passed_unread(self) -> bool:
+        """The answer goes on unread (compressed): ATP does not see its end."""
+        return self._compressed
+
+    @property
     def response_ended(self) -> bool:
         """The answer has begun and ATP expects no more of it: the body it asked for
         has ended (or its stream's last event came), or it asked for none."""

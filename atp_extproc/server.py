@@ -436,7 +436,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         return
         except asyncio.CancelledError:
             rec = exchange.record
-            if self.grace_over and rec.ttfb_ms is not None and not rec.error_code:
+            if self.grace_over and exchange.passed_unread and not rec.error_code:
                 # Cut by the drain while the answer was on its way (Envoy closes the
                 # stream once the answer is through): one whose body ATP did not read (a
                 # compressed one) was recorded whole.

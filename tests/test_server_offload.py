@@ -353,3 +353,40 @@ async def test_an_unread_answer_cut_by_the_drain_is_incomplete(
     # Envoy resets the stream of a whole answer too: only ATP's own cut says it was not.
     assert (record.status, record.error_code) == (
         200, "response_incomplete" if grace_over else "")
+
+
+
+@pytest.mark.asyncio
+async def test_an_answer_read_to_its_end_is_whole_though_the_drain_cuts_its_stream(
+        tmp_path, monkeypatch) -> None:
+    import asyncio
+
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    answered = asyncio.Event()
+    answer = json.dumps({"choices": [{"message": {"content": "hi"}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+
+    async def messages():
+        yield req_headers("POST", "/v1/chat/completions")
+        yield req_body({"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                              "content": "hi"}]})
+        yield resp_headers(200, "application/json",
+                           extra={"content-length": str(len(answer))})
+        yield resp_body(answer)
+        answered.set()
+        await asyncio.Event().wait()
+
+    async def consume():
+        return [r async for r in processor.Process(messages(), _Context())]
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(answered.wait(), 5)
+    await asyncio.sleep(0)
+    processor.grace_over = True
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (record,) = records
+    assert (record.status, record.error_code) == (200, "")
