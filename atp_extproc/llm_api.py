@@ -1033,12 +1033,11 @@ def _choices_chars(obj: dict[str, Any], part: str) -> int:
         # parts (Mistral), an audio answer's transcript, the legacy `function_call`:
         # left out, a stream's first token waited for its text and an answer without
         # usage was estimated at no output.
-        for key in ("content", "refusal", "reasoning_content", "reasoning"):
-            value = message.get(key)
-            if isinstance(value, str):
-                total += len(value)
-            elif isinstance(value, list):
-                total += _texts_chars(value)
+        for key in ("content", "refusal"):
+            total += _text_chars(message.get(key))
+        # vLLM sent the same text as both for a while: the longer one counts.
+        total += max(_text_chars(message.get("reasoning_content")),
+                     _text_chars(message.get("reasoning")))
         total += _fields_chars(message, (("function_call", "arguments"),
                                          ("audio", "transcript")))
         calls = message.get("tool_calls")
@@ -1046,6 +1045,13 @@ def _choices_chars(obj: dict[str, Any], part: str) -> int:
             if isinstance(call, dict):
                 total += _fields_chars(call, (("function", "arguments"), ("custom", "input")))
     return total
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of a text, or of the texts in a list of parts."""
+    if isinstance(value, str):
+        return len(value)
+    return _texts_chars(value) if isinstance(value, list) else 0
 
 
 def _fields_chars(obj: dict[str, Any], fields: tuple[tuple[str, str], ...]) -> int:

@@ -524,3 +524,10 @@ def test_every_shape_of_output_counts_as_output(message: dict) -> None:
     assert sse.output_chars == len("Let me think")
     body = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
     assert read_response(body)[2] == len("Let me think")
+
+
+def test_reasoning_sent_under_both_names_counts_once() -> None:
+    # vLLM sent the same text as `reasoning` and `reasoning_content` for a while.
+    message = {"reasoning": "Let me think", "reasoning_content": "Let me think"}
+    body = json.dumps({"choices": [{"index": 0, "message": message}]}).encode()
+    assert read_response(body)[2] == len("Let me think")
