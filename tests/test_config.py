@@ -631,6 +631,18 @@ def test_include_globs_take_the_config_directory_as_it_is_named(tmp_path: Path) 
         str(tmp_path.resolve() / "team[prod]" / "policies" / "p.yaml")]
 
 
+def test_an_include_pattern_naming_dot_files_matches_them(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / ".team.yaml").write_text(
+        "policies:\n  - id: t.hidden\n    effect: deny\n"
+        "    expression: subject.tenant == 'nobody'\n")
+    doc = base()
+    doc["policy"] = {"include": ["policies/.*.yaml"]}
+    path = tmp_path / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert [p.id for p in config.load(path).policies.policies] == ["t.hidden"]
+
+
 def test_a_recursive_include_follows_no_link_to_a_directory(tmp_path: Path) -> None:
     # Two links back up (`a -> .`, `b -> .`) had `**` walk for ever: check ran for
     # minutes, and a running serve stopped answering at the reload.

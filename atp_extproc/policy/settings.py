@@ -358,14 +358,15 @@ def include_matches(pattern: str) -> list[str]:
     """What a policy.include glob matches, sorted, as glob.glob (recursive) finds it but
     for `**`, which follows no link to a directory: two links back up (`a -> .`,
     `b -> .`) had it walk for ever, holding check, serve and every reload. Names that
-    start with a dot match only where the pattern names them so."""
+    start with a dot match only where the pattern has a part that does (`.*.yaml`)."""
     path = Path(pattern)
     root = Path(path.anchor or ".")
     relative = path.relative_to(root) if path.anchor else path
     given = set(relative.parts)
+    dotted = any(part.startswith(".") and part not in (".", "..") for part in given)
     return sorted(str(match) for match in root.glob(str(relative))
-                  if not any(part.startswith(".") and part not in given
-                             for part in match.relative_to(root).parts))
+                  if dotted or not any(part.startswith(".") and part not in given
+                                       for part in match.relative_to(root).parts))
 
 
 def _unreadable(pattern: str) -> str:
