@@ -666,3 +666,11 @@ def test_a_phone_number_tagged_with_a_word_is_masked_whole(redactor: Redactor, t
                                                            masked: str) -> None:
     res = redactor.redact("chat", {"messages": [{"role": "user", "content": text}]}, "t")
     assert res.fields["messages"][0]["content"] == masked
+
+
+def test_a_phone_keys_string_is_read_as_a_phone(redactor: Redactor) -> None:
+    # A string under a class key got no label (a number did): a British number without
+    # its '+' went out as it came.
+    doc = {"input": [{"type": "function_call_output", "call_id": "c",
+                      "output": {"phone": "442079460958"}}]}
+    assert redactor.redact("responses", doc, "t").counts == {"phone": 1}

@@ -490,7 +490,7 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
                 # much it looks like base64.
                 c.text(path, value, label=f"{cls}: ")
             elif not _unread(c, path, value):
-                c.text(path, value)
+                c.text(path, value, label=_label(cls))
         elif isinstance(value, dict):
             for k, v in value.items():
                 c.map_key(path, k)  # keys of a map may be anyone's words
@@ -503,6 +503,13 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
 
 
 _SECRET_KEYS = frozenset(("secret_key", "session_token"))
+
+
+def _label(cls: str | None) -> str:
+    """What a value under a key is read after, as prose would name it: the class the key
+    names ("phone: "). A key only ever adds context: any other ("orderId") would hide a
+    value plain text shows."""
+    return f"{cls}: " if cls else ""
 
 
 def _number(c: Collector, path: Path, value: Any, cls: str | None) -> None:
