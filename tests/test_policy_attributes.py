@@ -458,3 +458,37 @@ def test_a_cases_non_scalar_arguments_are_read_as_a_bodys_are():
     from_case = build_attributes(request={"tool_details": [
         {"name": "search", "called": True, "arguments": args}]}).doc.request.tool_details[0]
     assert dict(from_case.arguments) == dict(from_body) == {"k": "5", "q": "x"}
+
+
+def _search_args(fields: dict) -> list[dict]:
+    return [t["arguments"] for t in fields["tool_details"] if t["name"] == "search"]
+
+
+def test_every_parallel_call_of_the_latest_turn_gives_its_arguments() -> None:
+    # Read alone, the latest call let an earlier one of the same turn through: a call
+    # with max_results 1 after one with 100 passed a policy capping it at 50.
+    def call(n: int) -> dict:
+        return {"id": f"c{n}", "type": "function",
+                "function": {"name": "search", "arguments": json.dumps({"max_results": n})}}
+
+    chat = {"messages": [
+        {"role": "assistant", "tool_calls": [call(7)]},  # an older turn: not read
+        {"role": "tool", "tool_call_id": "c7", "content": "ok"},
+        {"role": "assistant", "tool_calls": [call(100), call(1)]},
+        {"role": "tool", "tool_call_id": "c100", "content": "ok"},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}
+    fields, _ = request_from_body("chat", chat)
+    assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
+    assert fields["tools"] == ["search"] and fields["tool_count"] == 1
+    responses = {"input": [
+        {"type": "function_call", "call_id": "a", "name": "search",
+         "arguments": json.dumps({"max_results": 7})},
+        {"type": "function_call_output", "call_id": "a", "output": "ok"},
+        {"type": "function_call", "call_id": "b", "name": "search",
+         "arguments": json.dumps({"max_results": 100})},
+        {"type": "function_call", "call_id": "c", "name": "search",
+         "arguments": json.dumps({"max_results": 1})},
+        {"type": "function_call_output", "call_id": "b", "output": "ok"},
+        {"type": "function_call_output", "call_id": "c", "output": "ok"}]}
+    fields, _ = request_from_body("responses", responses)
+    assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]

@@ -633,9 +633,9 @@ def request_from_body(operation: str,
             cut.note("request.tools")
     if len(details) > MAX_LIST:
         cut.note("request.tools")
-    _history_calls(operation, doc, details, cut)
+    parallel = _history_calls(operation, doc, details, cut)
     if details:
-        out["tool_details"] = list(details.values())
+        out["tool_details"] = [*details.values(), *parallel]
         out["tools"] = list(details)
         out["tool_count"] = max(declared_count, len(details))
     # An explicit null is no choice: then the legacy key may still force a function.
@@ -687,17 +687,25 @@ def _builtin_tool(details: dict[str, dict], base: str) -> str:
 
 
 def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, dict],
-                   cut: _Cut) -> None:
+                   cut: _Cut) -> list[dict]:
+    """Note in `details` the tools the history calls, each with the arguments of its
+    latest call; return one more entry per other call of a tool in that call's turn
+    (parallel calls, whose results all come back now): read alone, the latest let an
+    earlier call of the same turn through (`max_results` 1, then 100)."""
     # A conversation's turns: chat's messages, Responses' input items. (Embeddings' and
     # completions' input lists are texts or token ids: a batch of 2,049 ids was a cut
     # history, 403 limits.truncated.)
     items = doc.get(ITEMS_FIELD[operation]) if operation in ("chat", "responses") else None
     if not isinstance(items, list):
-        return
+        return []
     start = max(0, len(items) - MAX_HISTORY_SCAN)
     if start:
         cut.note("request.tool_details")
-    seen_args: set[str] = set()
+    # The turn (counted newest first) whose calls give each tool's arguments. A turn is
+    # an item with calls, or a run of call items (the Responses API's parallel calls).
+    turn_of: dict[str, int] = {}
+    turn = 0
+    parallel: list[dict] = []
     # Newest first: the latest call of each tool gives its arguments.
     for i in range(len(items) - 1, start - 1, -1):
         item = items[i]
@@ -730,7 +738,9 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
         if isinstance(legacy, dict):
             calls.append((legacy.get("name"), legacy.get("arguments"), "function"))
-        for name, arguments, kind in calls:
+        if not calls or operation == "chat":
+            turn += 1  # (a Responses turn's calls are items in a row)
+        for name, arguments, kind in reversed(calls):  # a turn's last call is its latest
             if not isinstance(name, str):
                 continue
             if name not in details:
@@ -740,9 +750,15 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 details[name] = {"name": name, "type": kind, "declared": False}
             entry = details[name]
             entry["called"] = True
-            if name not in seen_args:
-                seen_args.add(name)
+            if name not in turn_of:
+                turn_of[name] = turn
                 entry["arguments"] = _arguments(arguments, cut)
+            elif turn_of[name] == turn and arguments is not None:
+                if len(parallel) >= MAX_LIST:
+                    cut.note("request.tool_details")
+                    continue
+                parallel.append({**entry, "arguments": _arguments(arguments, cut)})
+    return parallel
 
 
 def allowed_tools_spec(choice: dict[str, Any]) -> tuple[dict[str, Any], bool]:
