@@ -444,6 +444,9 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
     manager = hcm(listeners(bootstrap_from_istio_patches())["outbound_80"])
     front_manager = hcm(listeners(load_yaml(FRONT_PROXY))["front"])
     assert ext_proc_route_modes(manager) == ext_proc_route_modes(front_manager)
+    # ATP records how many attempts a request took: every record said 1 under Istio.
+    assert {host.get("include_attempt_count_in_response")
+            for host in manager["route_config"]["virtual_hosts"]} == {True}
     assert manager["local_reply_config"] == front_manager["local_reply_config"]
     # Answers carry their x-request-id (for /v1/feedback) and a malformed HTTP/2 request
     # fails alone: both were missing under Istio.
