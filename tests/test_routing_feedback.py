@@ -126,3 +126,16 @@ def test_only_the_requesting_tenant_may_score():
     assert not book.feedback("req-9", 0.0)
     assert book.feedback("req-9", 0.8, tenant="alice")
     assert got == [("chat", "small", 0.8)]
+
+
+def test_two_tenants_with_one_request_id_keep_their_own_feedback() -> None:
+    # An app's own x-request-id (a trace id, which Istio keeps) sent by two tenants:
+    # bob's request took alice's place, and her feedback was refused.
+    scores: list[tuple[str, str, float]] = []
+    book = FeedbackBook(lambda route, model, score: scores.append((route, model, score)))
+    book.record_decision("trace-1", "chat", "small", tenant="alice")
+    book.record_decision("trace-1", "chat", "large", tenant="bob")
+    assert book.feedback("trace-1", 1.0, tenant="alice")
+    assert not book.feedback("trace-1", 1.0, tenant="carol")
+    assert book.feedback("trace-1", 0.0, tenant="bob")
+    assert scores == [("chat", "small", 1.0), ("chat", "large", 0.0)]

@@ -46,7 +46,6 @@ class _Pending:
     route: str
     model: str
     deadline: float
-    tenant: str | None = None
     proxy: float | None = None
 
 
@@ -60,7 +59,9 @@ class FeedbackBook:
         self._capacity = capacity
         self._window_s = window_s
         self._clock = clock
-        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        # By (tenant, request id): an app's own x-request-id (a trace id, which Istio
+        # keeps) may come from two tenants, and one's request then took the other's place.
+        self._pending: OrderedDict[tuple[str | None, str], _Pending] = OrderedDict()
         self.explicit = 0
         self.proxied = 0
         self.unscored = 0
@@ -78,18 +79,20 @@ class FeedbackBook:
             return
         now = self._clock()
         self.expire(now, limit=_EXPIRE_PER_CALL)
-        if request_id in self._pending:
-            self._resolve(self._pending.pop(request_id), None)
+        key = (tenant, request_id)
+        if key in self._pending:
+            self._resolve(self._pending.pop(key), None)
         while len(self._pending) >= self._capacity:
             _, oldest = self._pending.popitem(last=False)
             self._resolve(oldest, None)
         deadline = now + (window_s if window_s is not None else self._window_s)
-        self._pending[request_id] = _Pending(
-            route, model, deadline, tenant, None if proxy is None else _unit(proxy))
+        self._pending[key] = _Pending(
+            route, model, deadline, None if proxy is None else _unit(proxy))
 
-    def set_proxy(self, request_id: str, score: float | None) -> None:
+    def set_proxy(self, request_id: str, score: float | None,
+                  tenant: str | None = None) -> None:
         """The proxy score for a request (e.g. finish_reason_score), used if no feedback."""
-        entry = self._pending.get(request_id)
+        entry = self._pending.get((tenant, request_id))
         if entry is not None and score is not None:
             entry.proxy = _unit(score)
 
@@ -100,10 +103,12 @@ class FeedbackBook:
         if not isinstance(score, (int, float)) or isinstance(score, bool) or \
                 not 0 <= score <= 1 or not math.isfinite(score):
             raise ValueError("score must be a number in [0, 1]")
-        entry = self._pending.get(request_id)
-        if entry is None or (entry.tenant is not None and entry.tenant != tenant):
+        key = (tenant, request_id)
+        if key not in self._pending:
+            key = (None, request_id)  # recorded without a tenant: anyone's
+        entry = self._pending.pop(key, None)
+        if entry is None:
             return False
-        del self._pending[request_id]
         if self._clock() > entry.deadline:
             self._resolve(entry, None)
             return False
@@ -120,10 +125,10 @@ class FeedbackBook:
         done = 0
         pending = self._pending
         while pending and (limit is None or done < limit):
-            request_id, entry = next(iter(pending.items()))
+            key, entry = next(iter(pending.items()))
             if entry.deadline > now:
                 break
-            del pending[request_id]
+            del pending[key]
             self._resolve(entry, None)
             done += 1
         return done
