@@ -313,13 +313,16 @@ def test_spoofed_routing_headers_never_route(stack: Stack, upstreams: Upstreams)
     reply = post(stack, CHAT, {"model": "gpt-4o-mini",
                                "messages": [{"role": "user", "content": "spoof"}]},
                  headers={"x-atp-cluster": "demo_b", "x-atp-shadow-cluster": "demo_b",
-                          "X-ATP-Cluster": "demo_b"})
+                          "X-ATP-Cluster": "demo_b", "x-envoy-internal-note": "payments db",
+                          "x-envoy-max-retries": "5"})
     assert reply.status == 200
     assert reply.headers["x-upstream-name"] == "demo_a"
     assert upstreams.requests("demo_b") == []
     seen = only_request(upstreams, "demo_a")
-    # ATP's own routing headers stop at Envoy: none reaches the model upstream.
+    # ATP's own routing headers stop at Envoy: none reaches the model upstream, nor a
+    # client's x-envoy-* header (Envoy honours some from a local client: retries).
     assert not [h for h in seen["headers"] if h.startswith("x-atp-")], seen["headers"]
+    assert not {"x-envoy-internal-note", "x-envoy-max-retries"} & set(seen["headers"])
 
 
 def test_every_response_carries_its_request_id(stack: Stack, upstreams: Upstreams) -> None:
