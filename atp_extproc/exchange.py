@@ -654,7 +654,7 @@ class Exchange:
             key_id=self.identity.key_id, jwt_payload=self.identity.claims, path=self._path,
             operation=rec.operation, alias=alias, body_bytes=body_bytes, doc=doc,
             route=route.name, environment=policies.settings.environment,
-            data_classes=rec.data_classes,
+            data_classes=rec.data_classes, prompt_chars=self._prompt_chars(),
             request_id=rec.request_id, config_version=rec.config_version)
         outcome = policies.evaluate(attrs, self.snapshot.policy_candidates[(route.name, alias)])
         self.policy = outcome
@@ -1054,8 +1054,8 @@ class Exchange:
             if rec.error_code != INCOMPLETE_RESPONSE:
                 return None
             # No answer came: the provider still read (and bills) the prompt.
-            return Usage(estimate_tokens(rec.request_bytes), 0, estimated=True)
-        prompt = estimate_tokens(self.record.request_bytes)
+            return Usage(estimate_tokens(self._prompt_chars()), 0, estimated=True)
+        prompt = estimate_tokens(self._prompt_chars())
         if self.sse is not None:
             self.finish_reason = self.sse.finish_reason
             if self.sse.usage is not None:
@@ -1079,6 +1079,16 @@ class Exchange:
         if rec.operation == "embeddings":
             output_chars = 0  # vectors are no output tokens
         return Usage(prompt, estimate_tokens(output_chars), estimated=True)
+
+    def _prompt_chars(self) -> int:
+        """The request's size as the model reads it: its binary data (a photo's base64)
+        out, each image, audio or file part in as a typical one. Counted as text, one
+        photo made an ordinary question too long or too costly for the policies."""
+        redaction = self._redaction
+        if redaction is None:
+            return self.record.request_bytes
+        return max(0, self.record.request_bytes - redaction.data_chars
+                   + _PART_CHARS * redaction.non_text_parts)
 
     def _invalid(self, prompt_tokens: int) -> Usage:
         """A 2xx that is no answer: recorded as the provider's failure, its prompt
@@ -1151,6 +1161,9 @@ def _encoded(content_encoding: str) -> bool:
     return bool(codings - {"identity", ""})
 
 
+# A non-text part (an image, audio, a file) as prompt text: about 1,000 tokens (OpenAI
+# bills a 1024x1024 image at 765, high detail).
+_PART_CHARS = 4000
 # OpenAI's: which of a key's organizations and projects a request is for.
 _ACCOUNT_HEADERS = ("openai-organization", "openai-project")
 # The client's word to the gateway alone: a credential for the first proxy (RFC 9110

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -1819,3 +1821,18 @@ def test_malformed_response_completed_does_not_escape_handle(snap) -> None:
     stream = b'data: {"type":"response.completed","response":null}\n\n'
     assert stream_response(ex, stream, pieces=1) == stream
     assert ex.finish().usage_estimated is True
+
+
+def test_a_photos_data_is_no_prompt_text_to_policies_or_estimates(snap) -> None:
+    # Counted as text, a 930 KB photo made a short question 240,000 tokens: the example
+    # policies refused it as too long (bob) or too costly (alice).
+    photo = "data:image/jpeg;base64," + base64.b64encode(os.urandom(700_000)).decode()
+    doc = chat("fast", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": photo, "detail": "high"}}]}])
+    ex, reply = send_body(snap, doc)
+    assert reply.WhichOneof("response") == "request_body"
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"choices": [{"message": {"content": "A cat."}}]}'))
+    rec = ex.finish()
+    assert rec.usage_estimated and rec.input_tokens < 2_000

@@ -197,12 +197,14 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
                            body_bytes: int, doc: Mapping[str, Any],
                            data_classes: Mapping[str, int] | None = None, route: str = "",
                            environment: str = "", request_id: str = "",
-                           config_version: str = "") -> Any:
+                           config_version: str = "", prompt_chars: int | None = None) -> Any:
     """The attribute document for one exchange, from what the exchange already has.
 
     jwt_payload: the jwt_authn payload (a google.protobuf.Struct, or a dict) or None;
     `sub` becomes subject.user, `groups`/`roles` become subject.groups/roles.
-    doc: the parsed body; data_classes: {class: findings} from redaction's detection.
+    doc: the parsed body; data_classes: {class: findings} from redaction's detection;
+    prompt_chars: what of the body the model reads as text (token_estimate's base; the
+    body's size where not given).
     """
     subject: dict[str, Any] = {"tenant": tenant, "auth_method": auth_method,
                                "key_id": key_id or ""}
@@ -210,7 +212,8 @@ def attributes_for_request(*, tenant: str, auth_method: str, key_id: str | None,
         subject.update(claimed_subject(jwt_payload), claims=jwt_payload)
     request, cut = request_from_body(operation, doc)
     request.update(path=path, alias=alias, body_bytes=body_bytes,
-                   token_estimate=estimate_tokens(body_bytes))
+                   token_estimate=estimate_tokens(
+                       body_bytes if prompt_chars is None else prompt_chars))
     if data_classes:
         request["data_classes"] = data_classes
     context = {"route": route, "environment": environment, "request_id": request_id,

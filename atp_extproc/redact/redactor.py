@@ -119,6 +119,9 @@ class Redaction:
     denied: tuple[str, ...] = ()
     # Images, audio, files, token arrays, data: URIs: not scanned, counted for policy.
     non_text_parts: int = 0
+    # Characters of binary data (base64, a data: URL's payload) sent unread: no prompt
+    # text, which a token estimate from the body's size would count by the thousand.
+    data_chars: int = 0
     mapping: PlaceholderMap = field(default=_EMPTY_MAP)
     # True when the work budget ran out (adversarial bodies: megabytes of digit groups,
     # invisible characters or near-miss candidates) and part of the body was not scanned.
@@ -350,7 +353,8 @@ class Redactor:
         if c.too_deep:
             return Redaction(denied=(JSON_TOO_DEEP,))
         if not c.units:
-            return Redaction(non_text_parts=c.non_text) if c.non_text else _NOTHING
+            return Redaction(non_text_parts=c.non_text, data_chars=c.data_chars) \
+                if c.non_text or c.data_chars else _NOTHING
 
         segs: list[scope.Segment] = []
         starts: list[int] = []
@@ -403,9 +407,9 @@ class Redactor:
         non_text = c.non_text + res.data_uris
         refuse = (INCOMPLETE,) if res.incomplete and self._refuse_incomplete else ()
         if not hits:
-            if non_text or res.incomplete:
-                return Redaction(non_text_parts=non_text, incomplete=res.incomplete,
-                                 denied=refuse)
+            if non_text or c.data_chars or res.incomplete:
+                return Redaction(non_text_parts=non_text, data_chars=c.data_chars,
+                                 incomplete=res.incomplete, denied=refuse)
             return _NOTHING
         if refuse:
             # The request will be refused: count what was found, build nothing.
@@ -415,7 +419,7 @@ class Redactor:
                     counts[cls] = counts.get(cls, 0) + seg_of(h.start).copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
-                             non_text_parts=non_text, incomplete=True)
+                             non_text_parts=non_text, data_chars=c.data_chars, incomplete=True)
 
         if body:
             # A placeholder written where nothing is scanned (a tool's description) is
@@ -493,9 +497,11 @@ class Redactor:
             fields, renamed = scope.apply(doc, edits)
         except scope.KeyCollision:
             return Redaction(counts=counts, denied=(*sorted(denied), KEYS_COLLIDE),
-                             non_text_parts=non_text, incomplete=res.incomplete)
+                             non_text_parts=non_text, data_chars=c.data_chars,
+                             incomplete=res.incomplete)
         return Redaction(fields=fields, renamed=renamed, counts=counts,
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
+                         data_chars=c.data_chars,
                          mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),
                          incomplete=res.incomplete)
 

@@ -134,6 +134,7 @@ class Collector:
     def __init__(self) -> None:
         self.units: list[list[Segment]] = []
         self.non_text = 0
+        self.data_chars = 0  # of binary data left unread
         # Work units for collecting, one per distinct JSON key of the request: as much as
         # a scan's budget, growing with the JSON texts; past it the rest of a JSON text
         # is not read and the scan is incomplete.
@@ -447,9 +448,13 @@ def _unread(c: Collector, path: Path, value: Any, url: bool = False) -> bool:
         cut = _data_url_head(value)
         if cut:
             c.text(path, value[:cut], value[cut:])
+            c.data_chars += len(value) - cut
             return True
         return False
-    return _binary(value) or (url and _URL.fullmatch(value) is not None)
+    if _binary(value):
+        c.data_chars += len(value)
+        return True
+    return url and _URL.fullmatch(value) is not None
 
 
 def _rest(c: Collector, base: Path, node: dict[str, Any],
