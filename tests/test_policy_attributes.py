@@ -492,3 +492,16 @@ def test_every_parallel_call_of_the_latest_turn_gives_its_arguments() -> None:
         {"type": "function_call_output", "call_id": "c", "output": "ok"}]}
     fields, _ = request_from_body("responses", responses)
     assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
+
+
+def test_each_answer_asked_for_is_costed() -> None:
+    # n=128 answers of 4096 tokens each were costed as one: a $5 request passed a policy
+    # refusing any over $0.25.
+    fields, _ = request_from_body("chat", {"messages": [], "n": 128, "max_tokens": 4096})
+    assert fields["choices"] == 128
+    assert request_from_body("completions", {"prompt": "x", "best_of": 3, "n": 2})[0][
+        "choices"] == 3
+    assert request_from_body("chat", {"messages": [], "n": True})[0]["choices"] == 1
+    cand = CandidateInfo("large", "openai", "us", "external", 0.0025, 0.01, "demo_b")
+    res = cand.resource(build_attributes(request=fields).request)
+    assert res.estimated_cost_usd == pytest.approx(128 * 4096 * 0.01 / 1000)

@@ -142,7 +142,7 @@ class CandidateInfo:
 
     def resource(self, request: pb.Request) -> pb.Resource:
         res = pb.Resource()
-        self._fill(res, request.token_estimate, request.max_tokens)
+        self._fill(res, request.token_estimate, output_bound(request))
         return res
 
     def add_to(self, candidates: Any, token_estimate: int, max_tokens: int) -> None:
@@ -153,6 +153,11 @@ class CandidateInfo:
     def _fill(self, res: pb.Resource, token_estimate: int, max_tokens: int) -> None:
         res.MergeFromString(self._template)
         res.estimated_cost_usd = self._cost(token_estimate, max_tokens)
+
+
+def output_bound(request: pb.Request) -> int:
+    """The most output tokens the request may be billed: max_tokens for each answer."""
+    return request.max_tokens * max(1, request.choices)
 
 
 class _Cut:
@@ -415,7 +420,7 @@ _REQUEST_KINDS = {"path": _s, "operation": _s, "alias": _s, "stream": _b,
                   "token_estimate": _i, "message_count": _i, "tools": _strings,
                   "tool_count": _i, "tool_details": _tools, "tool_choice": _s,
                   "max_tokens": _i, "data_classes": _int_map, "metadata": _metadata_map,
-                  "body_bytes": _i}
+                  "body_bytes": _i, "choices": _i}
 _CONTEXT_KINDS = {"route": _s, "environment": _s, "request_id": _s, "config_version": _s,
                   "time": None, "truncated": None}
 
@@ -649,6 +654,10 @@ def request_from_body(operation: str,
     limits = [v for v in map(doc.get, TOKEN_LIMIT_KEYS) if type(v) is int]
     if limits:
         out["max_tokens"] = max(limits)
+    # Each answer asked for is written, and billed: `n` (chat, completions), `best_of`
+    # (completions, which writes that many to return the best).
+    counts = [v for v in (doc.get("n"), doc.get("best_of")) if type(v) is int and v > 1]
+    out["choices"] = max(counts, default=1)
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         out["metadata"] = metadata

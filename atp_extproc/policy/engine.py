@@ -45,7 +45,7 @@ from cel_expr_python.ext import ext_bindings
 from pydantic import ValidationError
 
 from atp_extproc.policy import analysis
-from atp_extproc.policy.attributes import Attributes, CandidateInfo, safe_name
+from atp_extproc.policy.attributes import Attributes, CandidateInfo, output_bound, safe_name
 from atp_extproc.policy.gen.atp import policy_pb2 as pb
 from atp_extproc.policy.settings import (
     POLICY_ID,
@@ -834,7 +834,7 @@ class PolicySet:
             del cands[:]
         if candidates and self._candidate:
             request = doc.request
-            token_estimate, max_tokens = request.token_estimate, request.max_tokens
+            token_estimate, max_tokens = request.token_estimate, output_bound(request)
             for c in candidates:
                 c.add_to(cands, token_estimate, max_tokens)
         return doc

@@ -52,7 +52,7 @@ class Tool(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., declared: _Optional[bool] = ..., called: _Optional[bool] = ..., parameters: _Optional[_Iterable[str]] = ..., arguments: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("path", "operation", "alias", "stream", "token_estimate", "message_count", "tools", "tool_count", "tool_details", "tool_choice", "max_tokens", "data_classes", "metadata", "body_bytes")
+    __slots__ = ("path", "operation", "alias", "stream", "token_estimate", "message_count", "tools", "tool_count", "tool_details", "tool_choice", "max_tokens", "data_classes", "metadata", "body_bytes", "choices")
     class DataClassesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Request(_message.Message):
     DATA_CLASSES_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     path: str
     operation: str
     alias: str
@@ -95,7 +96,8 @@ class Request(_message.Message):
     data_classes: _containers.ScalarMap[str, int]
     metadata: _containers.ScalarMap[str, str]
     body_bytes: int
-    def __init__(self, path: _Optional[str] = ..., operation: _Optional[str] = ..., alias: _Optional[str] = ..., stream: _Optional[bool] = ..., token_estimate: _Optional[int] = ..., message_count: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., tool_count: _Optional[int] = ..., tool_details: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., max_tokens: _Optional[int] = ..., data_classes: _Optional[_Mapping[str, int]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., body_bytes: _Optional[int] = ...) -> None: ...
+    choices: int
+    def __init__(self, path: _Optional[str] = ..., operation: _Optional[str] = ..., alias: _Optional[str] = ..., stream: _Optional[bool] = ..., token_estimate: _Optional[int] = ..., message_count: _Optional[int] = ..., tools: _Optional[_Iterable[str]] = ..., tool_count: _Optional[int] = ..., tool_details: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., max_tokens: _Optional[int] = ..., data_classes: _Optional[_Mapping[str, int]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., body_bytes: _Optional[int] = ..., choices: _Optional[int] = ...) -> None: ...
 
 class Resource(_message.Message):
     __slots__ = ("model", "provider", "region", "egress", "input_per_1k", "output_per_1k", "estimated_cost_usd", "cluster")
