@@ -163,3 +163,26 @@ def test_check_prints_the_warnings_and_passes(tmp_path):
     line = next(i for i, s in enumerate(text.splitlines(), 1) if s.strip() == f"{EXT_PROC}:")
     assert f"{path}:{line}: warning: {R1}: {UNSEEN}" in out.getvalue()
     assert out.getvalue().endswith("0 error(s), 2 warning(s)\n")
+
+
+def test_a_mirroring_route_needs_an_envoy_config_that_mirrors(tmp_path):
+    # atp.yaml mirrored to a challenger, the Envoy config (egress-tls.yaml) never copies:
+    # records named mirror_to, no copy went, and the challenger never learned.
+    from atp_extproc.policy.envoy_lint import mirror_problems
+
+    egress = (ROOT / "envoy" / "egress-tls.yaml").read_text()
+    (problem,) = mirror_problems("egress-tls.yaml", egress, ["chat-auto"])
+    assert "chat-auto mirror to a challenger" in problem.reason
+    assert problem.severity == "error"
+    assert mirror_problems("front-proxy.yaml", (ROOT / "envoy" / "front-proxy.yaml")
+                           .read_text(), ["chat-auto"]) == []
+    # From check: atp.yaml's mirror route read, the problem named.
+    doc = yaml.safe_load((ROOT / "examples" / "atp.yaml").read_text())
+    routes = [r for r in doc["routes"] if r.get("objective")]
+    routes[0]["objective"].update(challengers=[], shadow={
+        "mode": "mirror", "challenger": "small", "share": 0.1})
+    config = tmp_path / "atp.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = io.StringIO()
+    check([str(config)], [str(ROOT / "envoy" / "egress-tls.yaml")], out=out)
+    assert "mirror to a challenger" in out.getvalue()

@@ -69,6 +69,16 @@ def _max_body_of(raw: dict) -> int:
         return default
 
 
+def _mirrored_routes(raw: Any) -> list[str]:
+    """The names of atp.yaml's routes whose objective mirrors traffic to a challenger."""
+    routes = raw.get("routes") if isinstance(raw, dict) else None
+    return [str(r.get("name")) for r in routes if isinstance(r, dict)
+            and isinstance(r.get("objective"), dict)
+            and isinstance(r["objective"].get("shadow"), dict)
+            and r["objective"]["shadow"].get("mode") == "mirror"] \
+        if isinstance(routes, list) else []
+
+
 def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
           redaction_enabled: bool | None = None, out: TextIO | None = None,
           known_data_classes: Sequence[str] | None = None, verdict: bool = True,
@@ -90,9 +100,11 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     summaries: list[str] = []
     clusters: set[str] | None = None
     max_body: int | None = None
+    mirrored: list[str] = []  # atp.yaml's routes whose shadow mode is mirror
     for path in paths:
         loaded = load_file(path)
         problems += loaded.problems
+        mirrored += _mirrored_routes(loaded.raw)
         if is_policy_file(loaded.raw):
             problems += included_file_problems(path)
         models = loaded.raw.get("models") if isinstance(loaded.raw, dict) else None
@@ -127,7 +139,8 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
     if not paths and redaction_enabled:
         why.append("redaction is enabled")
     for envoy in envoy_configs:
-        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt, clusters, max_body)
+        problems += envoy_lint.check_file(envoy, sorted(set(why)), jwt, clusters, max_body,
+                                          mirrored)
     problems.sort(key=lambda p: (p.file, p.line, p.severity != "error"))
     for problem in problems:
         print(problem, file=out)

@@ -713,11 +713,13 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
 def check_file(path: str | Path, why: list[str],
                jwt: tuple[str, str] | None = None,
                model_clusters: Collection[str] | None = None,
-               max_body_bytes: int | None = None) -> list[Problem]:
+               max_body_bytes: int | None = None,
+               mirrored: Collection[str] = ()) -> list[Problem]:
     """Fail-open problems and answers that go astray (`model_clusters`: atp.yaml's,
     None: unknown), with `jwt` (auth.jwt's metadata namespace and payload key) where a
-    token's claims would not reach ATP, and with `max_body_bytes` (atp.yaml's) a buffer
-    too small for it."""
+    token's claims would not reach ATP, with `max_body_bytes` (atp.yaml's) a buffer
+    too small for it, and with `mirrored` (atp.yaml's routes that mirror to a
+    challenger) no route that mirrors."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -741,4 +743,28 @@ def check_file(path: str | Path, why: list[str],
         problems += jwt_problems(str(path), text, *jwt)
     if max_body_bytes is not None:
         problems += buffer_problems(str(path), text, max_body_bytes)
+    if mirrored:
+        problems += mirror_problems(str(path), text, mirrored)
     return problems
+
+
+def mirror_problems(file: str, text: str, mirrored: Collection[str]) -> list[Problem]:
+    """A config in which no route of a listener ATP checks mirrors requests, where
+    atp.yaml's `mirrored` routes mirror to a challenger: their records name it, no copy
+    is ever sent, and the challenger never learns."""
+    doc, _ = load_yaml(text, file, envoy=True)
+    static = doc.get("static_resources") if isinstance(doc, dict) else None
+    listeners = static.get("listeners") if isinstance(static, dict) else None
+    if not isinstance(listeners, list):
+        return []
+    checked = [listener for listener in listeners if isinstance(listener, dict)
+               and any(_is_ext_proc(f) for f in _walk(listener))]
+    nodes = [node for listener in checked for node in _walk(listener)]
+    if not checked or any("rds" in node or node.get("request_mirror_policies")
+                          for node in nodes):
+        return []  # (routes from a control plane cannot be read here)
+    return [Problem(file, _line(static, "listeners"), "static_resources.listeners",
+                    f"no route of a listener ATP checks mirrors requests "
+                    f"(request_mirror_policies), but atp.yaml's route(s) "
+                    f"{', '.join(sorted(mirrored))} mirror to a challenger: their records "
+                    "would name it, no copy would be sent, and it would never learn")]
