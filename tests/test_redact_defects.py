@@ -578,7 +578,11 @@ def test_lines_of_keys_are_text_and_wrapped_base64_is_data(redactor: Redactor) -
     ("qty 343 x CHF28 603 650 817 = kr 60", {}),
     # A group tagged with a word by a dash, a slash or an underscore is the value's own.
     ("ref-4111 1111 1111 1111", {"card": 1}),
+    ("amex-3782 822463 10005", {"card": 1}),
     ("5500 0000 0000 0004-Mastercard", {"card": 1}),
+    # ...but an id's tagged group is no part of the phone number after it.
+    ("Re JIRA-1234 415-555-2671 is the on-call number", {"phone": 1}),
+    ("Ticket INC-0042 (415) 555-2671", {"phone": 1}),
 ])
 def test_a_group_glued_to_a_neighbour_leaves_the_value_beside_it(
         redactor: Redactor, text: str, found: dict) -> None:

@@ -1584,10 +1584,14 @@ def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, i
     """The run s..e without an end group that is part of another number (a time's, one
     with thousands separators), or a last group that starts a word, where a space parts
     it from the rest: "…1111 2x charged", "… 2671 9am", "10:30:00 415-555-2671 00:02:31".
-    Taken with it, the whole run was no value. (A first group glued to a word is the
-    run's prefix, "CHF28 603 650 817"; a group tagged with a word by a dash, a slash or
-    an underscore is still the value's own, "ref-4111 1111 1111 1111".)"""
-    if s > 1 and s not in bounds and asc[s - 1] in b":," and _inside_number(asc, s - 1):
+    Taken with it, the whole run was no value; so is a first group tagged with a word by
+    a dash, a slash or an underscore ("JIRA-1234 415-555-2671"), but for a card's own
+    ("ref-4111 1111 1111 1111"). (A first group glued to a word is the run's prefix,
+    "CHF28 603 650 817".)"""
+    before = _glue_before(asc, s, bounds)
+    if before == 1 and not (s > 1 and asc[s - 1] in b":,") and _card_groups_from(asc, s, e):
+        before = 0  # "ref-4111 1111 1111 1111": the card's own first group
+    if before == 1:
         cut = asc.find(b" ", s, e)
         if cut != -1:
             rest = e - len(asc[cut:e].lstrip(b" "))
@@ -1601,6 +1605,15 @@ def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, i
             if rest > s and asc[rest - 1] in _RUN_TAILS and _enough_digits(asc, s, rest):
                 e = rest
     return s, e
+
+
+_CARD_START = re.compile(rb"[0-9]{4} (?:[0-9]{4}|[0-9]{6})(?![0-9])")
+
+
+def _card_groups_from(asc: bytes, s: int, e: int) -> bool:
+    """Does the run at s start as a card's groups do: four digits, a space, then four
+    (or six, Amex's layout)?"""
+    return _CARD_START.match(asc, s, e) is not None
 
 
 _RUN_HEADS = frozenset(b"0123456789+(")
