@@ -1082,13 +1082,15 @@ class Exchange:
 
     def _prompt_chars(self) -> int:
         """The request's size as the model reads it: its binary data (a photo's base64)
-        out, each image, audio or file part in as a typical one. Counted as text, one
-        photo made an ordinary question too long or too costly for the policies."""
+        counted as typical parts (an image, audio, a file) rather than as text, where
+        one photo made an ordinary question too long or too costly for the policies.
+        (Without redaction, which finds the data, the body's size.)"""
         redaction = self._redaction
         if redaction is None:
             return self.record.request_bytes
-        return max(0, self.record.request_bytes - redaction.data_chars
-                   + _PART_CHARS * redaction.non_text_parts)
+        data = redaction.data_chars
+        return self.record.request_bytes - data + min(
+            data, _PART_CHARS * redaction.non_text_parts)
 
     def _invalid(self, prompt_tokens: int) -> Usage:
         """A 2xx that is no answer: recorded as the provider's failure, its prompt

@@ -1836,3 +1836,15 @@ def test_a_photos_data_is_no_prompt_text_to_policies_or_estimates(snap) -> None:
     ex.handle(resp_body(b'{"choices": [{"message": {"content": "A cat."}}]}'))
     rec = ex.finish()
     assert rec.usage_estimated and rec.input_tokens < 2_000
+
+
+def test_token_id_prompts_are_estimated_by_their_size(snap) -> None:
+    # Each token array counted as a 1,000-token image: a 1.4 KB prompt of 120 arrays
+    # was estimated at 120,000 tokens.
+    doc = {"model": "fast", "prompt": [[1, 2, 3]] * 120, "max_tokens": 5}
+    ex, reply = send_body(snap, doc, path="/v1/completions")
+    assert reply.WhichOneof("response") == "request_body"
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(b'{"choices": [{"text": "ok"}]}'))
+    rec = ex.finish()
+    assert rec.usage_estimated and rec.input_tokens < 1_000
