@@ -480,18 +480,19 @@ def test_every_parallel_call_of_the_latest_turn_gives_its_arguments() -> None:
     fields, _ = request_from_body("chat", chat)
     assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
     assert fields["tools"] == ["search"] and fields["tool_count"] == 1
-    responses = {"input": [
-        {"type": "function_call", "call_id": "a", "name": "search",
-         "arguments": json.dumps({"max_results": 7})},
-        {"type": "function_call_output", "call_id": "a", "output": "ok"},
-        {"type": "function_call", "call_id": "b", "name": "search",
-         "arguments": json.dumps({"max_results": 100})},
-        {"type": "function_call", "call_id": "c", "name": "search",
-         "arguments": json.dumps({"max_results": 1})},
-        {"type": "function_call_output", "call_id": "b", "output": "ok"},
-        {"type": "function_call_output", "call_id": "c", "output": "ok"}]}
-    fields, _ = request_from_body("responses", responses)
-    assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
+    # A Responses turn is what came since the last message: its calls in a row, or each
+    # beside its output.
+    older = [{"type": "function_call", "call_id": "a", "name": "search",
+              "arguments": json.dumps({"max_results": 7})},
+             {"type": "function_call_output", "call_id": "a", "output": "ok"},
+             {"role": "user", "content": "again"}]
+    calls = [{"type": "function_call", "call_id": c, "name": "search",
+              "arguments": json.dumps({"max_results": n})} for c, n in (("b", 100), ("c", 1))]
+    outputs = [{"type": "function_call_output", "call_id": c, "output": "ok"}
+               for c in ("b", "c")]
+    for items in ([*calls, *outputs], [calls[0], outputs[0], calls[1], outputs[1]]):
+        fields, _ = request_from_body("responses", {"input": [*older, *items]})
+        assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
 
 
 def test_each_answer_asked_for_is_costed() -> None:
@@ -505,3 +506,13 @@ def test_each_answer_asked_for_is_costed() -> None:
     cand = CandidateInfo("large", "openai", "us", "external", 0.0025, 0.01, "demo_b")
     res = cand.resource(build_attributes(request=fields).request)
     assert res.estimated_cost_usd == pytest.approx(128 * 4096 * 0.01 / 1000)
+
+
+def test_a_repeated_parallel_call_adds_no_entry_and_choices_default_to_one() -> None:
+    call = {"id": "c", "type": "function",
+            "function": {"name": "search", "arguments": json.dumps({"max_results": 5})}}
+    fields, cut = request_from_body("chat", {"messages": [
+        {"role": "assistant", "tool_calls": [call] * 40}]})
+    assert _search_args(fields) == [{"max_results": 5}] and not cut
+    # A policy test's case that says nothing of n is one answer, as serve reads it.
+    assert build_attributes(request={"operation": "chat"}).request.choices == 1

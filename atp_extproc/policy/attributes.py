@@ -564,7 +564,8 @@ def _build(subject: Mapping[str, Any] | None, request: Mapping[str, Any] | None,
            context: Mapping[str, Any] | None) -> Attributes:
     cut = _Cut()
     subj, claims = _subject(subject or {}, cut)
-    req = _request(request or {}, cut)
+    # One answer unless the request asks for more (a policy test's case says nothing).
+    req = _request({"choices": 1, **(request or {})}, cut)
     ctx = _context(context or {}, cut)
     if cut.paths:
         ctx["truncated"] = cut.paths[:MAX_LIST]
@@ -747,8 +748,8 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         legacy = item.get("function_call")  # a Chat assistant turn before tool_calls
         if isinstance(legacy, dict):
             calls.append((legacy.get("name"), legacy.get("arguments"), "function"))
-        if not calls or operation == "chat":
-            turn += 1  # (a Responses turn's calls are items in a row)
+        if operation == "chat" or item.get("type") == "message" or "role" in item:
+            turn += 1  # (a Responses turn's calls and their outputs come between messages)
         for name, arguments, kind in reversed(calls):  # a turn's last call is its latest
             if not isinstance(name, str):
                 continue
@@ -763,10 +764,13 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 turn_of[name] = turn
                 entry["arguments"] = _arguments(arguments, cut)
             elif turn_of[name] == turn and arguments is not None:
-                if len(parallel) >= MAX_LIST:
+                other = {**entry, "arguments": _arguments(arguments, cut)}
+                if other["arguments"] == entry.get("arguments") or other in parallel:
+                    continue  # the same call again: nothing more to see
+                if len(details) + len(parallel) >= MAX_LIST:
                     cut.note("request.tool_details")
                     continue
-                parallel.append({**entry, "arguments": _arguments(arguments, cut)})
+                parallel.append(other)
     return parallel
 
 
