@@ -643,6 +643,20 @@ def test_an_include_pattern_naming_dot_files_matches_them(tmp_path: Path) -> Non
     assert [p.id for p in config.load(path).policies.policies] == ["t.hidden"]
 
 
+def test_a_config_in_a_dot_directory_matches_no_dot_file(tmp_path: Path) -> None:
+    # `.config/atp/` made every include take dot files: an editor's lock link and a
+    # hidden copy were read.
+    base_dir = tmp_path / ".config" / "atp"
+    _policy_file(base_dir, "own.deny")
+    (base_dir / "policies" / ".p.yaml").write_text("policies: []\n")
+    doc = base()
+    doc["policy"] = {"include": ["policies/*.yaml"]}
+    (base_dir / "atp.yaml").write_text(yaml.safe_dump(doc))
+    snap = config.load(base_dir / "atp.yaml")
+    assert [p.id for p in snap.policies.policies] == ["own.deny"]
+    assert not any(".p.yaml" in f for f in snap.files)
+
+
 def test_a_recursive_include_follows_no_link_to_a_directory(tmp_path: Path) -> None:
     # Two links back up (`a -> .`, `b -> .`) had `**` walk for ever: check ran for
     # minutes, and a running serve stopped answering at the reload.

@@ -358,12 +358,14 @@ def include_matches(pattern: str) -> list[str]:
     """What a policy.include glob matches, sorted, as glob.glob (recursive) finds it but
     for `**`, which follows no link to a directory: two links back up (`a -> .`,
     `b -> .`) had it walk for ever, holding check, serve and every reload. Names that
-    start with a dot match only where the pattern has a part that does (`.*.yaml`)."""
+    start with a dot match only where a wildcard part of the pattern does (`.*.yaml`)."""
     path = Path(pattern)
     root = Path(path.anchor or ".")
     relative = path.relative_to(root) if path.anchor else path
     given = set(relative.parts)
-    dotted = any(part.startswith(".") and part not in (".", "..") for part in given)
+    # (A literal part that starts with a dot is a directory the config is in: no reason
+    # to take every dot file under it.)
+    dotted = any(part.startswith(".") and glob.has_magic(part) for part in given)
     return sorted(str(match) for match in root.glob(str(relative))
                   if dotted or not any(part.startswith(".") and part not in given
                                        for part in match.relative_to(root).parts))
