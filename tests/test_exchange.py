@@ -1240,11 +1240,9 @@ def test_streamed_json_answer_is_held_and_restored_at_its_end(snap) -> None:
     assert rec.restored is True and (rec.input_tokens, rec.output_tokens) == (9, 4)
 
 
-def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
-    # HTTP/2 lets an answer end with trailers: Envoy then sends the BUFFERED body without
-    # end_of_stream (trailers are not sent to ATP). Held for an end that never came, the
-    # restored answer never went out (the client got an empty body), and the record said
-    # 502 response_incomplete.
+def _sized_answer_to_restore(snap) -> tuple[Exchange, bytes]:
+    """An exchange on a restoring route whose answer, of a known length, holds the
+    placeholder of the e-mail the request sent; and that answer."""
     routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
     ex, _ = send_body(dataclasses.replace(snap, routes=routes), chat("fast", messages=[
         {"role": "user", "content": "write to jane.doe@example.com"}]))
@@ -1252,6 +1250,15 @@ def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
                          "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
     ex.handle(resp_headers(200, "application/json",
                            extra={"content-length": str(len(answer))}))
+    return ex, answer
+
+
+def test_a_buffered_answer_ended_by_trailers_is_whole(snap) -> None:
+    # HTTP/2 lets an answer end with trailers: Envoy then sends the BUFFERED body without
+    # end_of_stream (trailers are not sent to ATP). Held for an end that never came, the
+    # restored answer never went out (the client got an empty body), and the record said
+    # 502 response_incomplete.
+    ex, answer = _sized_answer_to_restore(snap)
     reply = ex.handle(resp_body(answer, end=False))
     restored = json.loads(reply.response_body.response.body_mutation.body)
     assert restored["choices"][0]["message"]["content"] == "Sent to jane.doe@example.com."
@@ -1263,13 +1270,7 @@ def test_a_sized_answer_in_chunks_ends_at_its_length(snap) -> None:
     # Where Envoy ignores ATP's mode (allow_mode_override off), an answer ATP asked
     # BUFFERED comes in STREAMED chunks: each was taken as its end, and the client got
     # each chunk and then the whole body again, unrestored.
-    routes = tuple(r.model_copy(update={"restore": True}) for r in snap.routes)
-    ex, _ = send_body(dataclasses.replace(snap, routes=routes), chat("fast", messages=[
-        {"role": "user", "content": "write to jane.doe@example.com"}]))
-    answer = json.dumps({"choices": [{"message": {"content": "Sent to [EMAIL_1]."}}],
-                         "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode()
-    ex.handle(resp_headers(200, "application/json",
-                           extra={"content-length": str(len(answer))}))
+    ex, answer = _sized_answer_to_restore(snap)
     sent = b""
     for at in range(0, len(answer), 20):
         reply = ex.handle(resp_body(answer[at:at + 20], end=False)).response_body.response
