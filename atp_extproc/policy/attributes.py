@@ -711,8 +711,8 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
     start = max(0, len(items) - MAX_HISTORY_SCAN)
     if start:
         cut.note("request.tool_details")
-    # The turn (counted newest first) whose calls give each tool's arguments. A turn is
-    # an item with calls, or a run of call items (the Responses API's parallel calls).
+    # The turn (counted newest first) whose calls give each tool's arguments: a chat
+    # message, or the Responses items between two messages (calls and their outputs).
     turn_of: dict[str, int] = {}
     turn = 0
     parallel: list[dict] = []
@@ -749,7 +749,7 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
         if isinstance(legacy, dict):
             calls.append((legacy.get("name"), legacy.get("arguments"), "function"))
         if operation == "chat" or item.get("type") == "message" or "role" in item:
-            turn += 1  # (a Responses turn's calls and their outputs come between messages)
+            turn += 1
         for name, arguments, kind in reversed(calls):  # a turn's last call is its latest
             if not isinstance(name, str):
                 continue

@@ -490,12 +490,11 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
     while stack:
         path, value, cls = stack.pop()
         if isinstance(value, str):
-            if cls in _SECRET_KEYS:
-                # Labelled as in a config file; a session token is never data however
-                # much it looks like base64.
-                c.text(path, value, label=f"{cls}: ")
-            elif not _unread(c, path, value):
-                c.text(path, value, label=_label(cls))
+            # Labelled with the class its key names, as prose would name it ("phone: ";
+            # any other key, "orderId", would hide what plain text shows). A secret's
+            # value is never data however much it looks like base64 (a session token).
+            if cls in _SECRET_KEYS or not _unread(c, path, value):
+                c.text(path, value, label=f"{cls}: " if cls else "")
         elif isinstance(value, dict):
             for k, v in value.items():
                 c.map_key(path, k)  # keys of a map may be anyone's words
@@ -508,13 +507,6 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
 
 
 _SECRET_KEYS = frozenset(("secret_key", "session_token"))
-
-
-def _label(cls: str | None) -> str:
-    """What a value under a key is read after, as prose would name it: the class the key
-    names ("phone: "). A key only ever adds context: any other ("orderId") would hide a
-    value plain text shows."""
-    return f"{cls}: " if cls else ""
 
 
 def _number(c: Collector, path: Path, value: Any, cls: str | None) -> None:
