@@ -444,6 +444,12 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
     manager = hcm(listeners(bootstrap_from_istio_patches())["outbound_80"])
     front_manager = hcm(listeners(load_yaml(FRONT_PROXY))["front"])
     assert ext_proc_route_modes(manager) == ext_proc_route_modes(front_manager)
+    # A client's x-envoy-* headers are dropped before ext_proc, as the front proxy does.
+    removed = [m["remove_on_match"]["key_matcher"]["prefix"] for p in istio_patches()
+               if p["applyTo"] == "HTTP_FILTER"
+               and p["patch"]["value"]["name"] == "envoy.filters.http.header_mutation"
+               for m in p["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]]
+    assert {"x-atp-", "x-envoy-"} <= set(removed)
     # ATP records how many attempts a request took: every record said 1 under Istio.
     assert {host.get("include_attempt_count_in_response")
             for host in manager["route_config"]["virtual_hosts"]} == {True}

@@ -503,6 +503,12 @@ def test_each_answer_asked_for_is_costed() -> None:
     assert request_from_body("completions", {"prompt": "x", "best_of": 3, "n": 2})[0][
         "choices"] == 3
     assert request_from_body("chat", {"messages": [], "n": True})[0]["choices"] == 1
+    # As a lenient server reads a count; and each prompt of a completions batch.
+    assert request_from_body("chat", {"messages": [], "n": 7.0})[0]["choices"] == 7
+    assert request_from_body("chat", {"messages": [], "n": "7"})[0]["choices"] == 7
+    assert request_from_body("completions", {"prompt": ["a"] * 100})[0]["choices"] == 100
+    assert request_from_body("completions", {"prompt": [1, 2, 3], "n": 2})[0][
+        "choices"] == 2
     cand = CandidateInfo("large", "openai", "us", "external", 0.0025, 0.01, "demo_b")
     res = cand.resource(build_attributes(request=fields).request)
     assert res.estimated_cost_usd == pytest.approx(128 * 4096 * 0.01 / 1000)

@@ -155,6 +155,17 @@ class CandidateInfo:
         res.estimated_cost_usd = self._cost(token_estimate, max_tokens)
 
 
+def _count(value: Any) -> int:
+    """A whole number as a lenient server reads it (7, 7.0, "7"); 0 for anything else."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) else 0
+
+
 def output_bound(request: pb.Request) -> int:
     """The most output tokens the request may be billed: max_tokens for each answer."""
     return request.max_tokens * max(1, request.choices)
@@ -656,9 +667,13 @@ def request_from_body(operation: str,
     if limits:
         out["max_tokens"] = max(limits)
     # Each answer asked for is written, and billed: `n` (chat, completions), `best_of`
-    # (completions, which writes that many to return the best).
-    counts = [v for v in (doc.get("n"), doc.get("best_of")) if type(v) is int and v > 1]
-    out["choices"] = max(counts, default=1)
+    # (completions, which writes that many to return the best), for each prompt of a
+    # completions batch. A count as servers read it leniently ("7", 7.0) counts too.
+    counts = [c for c in map(_count, (doc.get("n"), doc.get("best_of"))) if c > 1]
+    prompts = doc.get("prompt") if operation == "completions" else None
+    batch = len(prompts) if isinstance(prompts, list) and prompts \
+        and not token_ids(prompts) else 1
+    out["choices"] = max(counts, default=1) * batch
     metadata = doc.get("metadata")
     if isinstance(metadata, dict):
         out["metadata"] = metadata
