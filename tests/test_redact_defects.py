@@ -661,6 +661,15 @@ def test_an_identifier_word_covers_its_whole_number(redactor: Redactor, text: st
     assert redactor.redact("chat", doc, "t").counts == {}
 
 
+@pytest.mark.parametrize("text", ["Order 4471 415-555-2671", "Order #4471 (415) 555-2671",
+                                  "PO 8812 415 555 2671", "Invoice 20240042 07700 900123"])
+def test_a_phone_number_written_after_an_identifiers_number_is_its_own(
+        redactor: Redactor, text: str) -> None:
+    # The identifier names its own number: one written otherwise after it is a value.
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == {"phone": 1}
+
+
 @pytest.mark.parametrize(("text", "masked"), [
     ("call +49 30 1234 5678/office", "call [PHONE_1]/office"),
     # Tagged with a word, but after a phone word.

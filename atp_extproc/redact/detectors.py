@@ -1222,9 +1222,12 @@ class Scanner:
                 intl = True  # an MSISDN: international, written without '+'
 
             if not intl:
-                # After an identifier word the whole run is the identifier: "Tracking
-                # number 9400 1118 9922 3333 4444 55" had its last groups masked.
-                if run.negative_context():
+                # After an identifier word the run is the identifier, as far as it runs
+                # on in groups of four: "Tracking number 9400 1118 9922 3333 4444 55"
+                # had its last groups masked. A number written otherwise after it is a
+                # value of its own ("Order 4471 415-555-2671").
+                if run.negative_context() and (a == 0 or all(
+                        ndig[c] == 4 and run.ngroups[c] == 1 for c in range(a + 1))):
                     return None
                 # Bare 10 or 13 digits starting with 1 are Unix times (s, ms) unless the
                 # text says it is a phone number.
