@@ -187,6 +187,22 @@ def test_tools_strip_and_deny():
     assert rec(none, "t.scope").decision == "not_applicable"
 
 
+def test_each_tools_policy_that_denies_names_its_own_tools():
+    # One message pinned every denied tool on the first policy: "no shell (tools:
+    # shell, search)", and the other policy's reason was nowhere in the 403.
+    ps = compile_(
+        P("t.shell", "tools", "tool.name == 'shell'", tool_action="deny", message="no shell"),
+        P("t.big", "tools", "tool.name == 'search'", tool_action="deny",
+          message="too many results"))
+    out = ps.evaluate(attrs("alice", tool_details=[{"name": "shell"}, {"name": "search"}]),
+                      [SMALL])
+    assert out.denied.policy_id == "t.shell"
+    assert out.denied.message == "no shell (tools: shell)"
+    assert out.denied.reasons == ("t.shell: no shell (tools: shell)",
+                                  "t.big: too many results (tools: search)")
+    assert out.tools_denied == ("shell", "search")
+
+
 def test_policies_past_one_programs_size_limit_are_joined_into_several():
     # 43 allow-lists of 150 tenants passed cel-cpp's 100,000 code points as one joined
     # program: check and serve refused the config as "<batch>: internal".

@@ -953,7 +953,7 @@ class PolicySet:
             denied = _deny(deny_msgs)
         tools_denied: list[str] = []
         tools_strip: dict[str, int] = {}
-        deny_tool_policy: CompiledPolicy | None = None
+        deny_tool_hits: list[tuple[CompiledPolicy, str]] = []
         for p, enforced, i in hits.tools:
             if not enforced:
                 continue
@@ -961,11 +961,11 @@ class PolicySet:
             if p.action == "deny":
                 if name not in tools_denied:
                     tools_denied.append(name)
-                deny_tool_policy = deny_tool_policy or p
+                deny_tool_hits.append((p, name))
             elif tools[i].declared:
                 tools_strip.setdefault(name, i)
-        if denied is None and deny_tool_policy is not None:
-            denied = _tools_refusal(deny_tool_policy, tools_denied)
+        if denied is None and deny_tool_hits:
+            denied = _tools_refusal(deny_tool_hits)
         if denied is None and self._default_deny_mode == "enforce" and not any(hits.allows):
             denied = _DEFAULT_DENY
         kept: list[int] | None = None
@@ -1004,10 +1004,9 @@ class PolicySet:
         _decide, every hit counted)."""
         if hits.denies:
             return _deny([(p, msg) for p, _, msg in hits.denies])
-        deny_tool = [(p, i) for p, _, i in hits.tools if p.action == "deny"]
+        deny_tool = [(p, tools[i].name) for p, _, i in hits.tools if p.action == "deny"]
         if deny_tool:
-            return _tools_refusal(deny_tool[0][0],
-                                  list(dict.fromkeys(tools[i].name for _, i in deny_tool)))
+            return _tools_refusal(deny_tool)
         if self._default_deny_mode is not None and not hits.allows:
             return _DEFAULT_DENY
         if n_cand and len(hits.removed) == n_cand:
@@ -1022,11 +1021,22 @@ def _deny(denies: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
     return Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in denies))
 
 
-def _tools_refusal(p: CompiledPolicy, names: Sequence[str]) -> Decision:
-    """The refusal of a tools policy (tool_action: deny); names fit for the client."""
-    shown = ", ".join(safe_name(t, i) for i, t in enumerate(names))
-    message = f"{p.message} (tools: {shown})"
-    return Decision(p.id, message, (f"{p.id}: {message}",))
+def _tools_refusal(hits: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
+    """The refusal of tools policies (tool_action: deny) that hit the (policy, tool name)
+    pairs: the first policy's, each policy naming its own tools (one message pinned them
+    all on the first: "code execution tools are not allowed (tools: shell,
+    search_docs)"), names fit for the client."""
+    index: dict[str, int] = {}
+    by_policy: dict[str, tuple[CompiledPolicy, list[str]]] = {}
+    for p, name in hits:
+        shown = safe_name(name, index.setdefault(name, len(index)))
+        names = by_policy.setdefault(p.id, (p, []))[1]
+        if shown not in names:
+            names.append(shown)
+    reasons = [(p, f"{p.message} (tools: {', '.join(names)})")
+               for p, names in by_policy.values()]
+    first, message = reasons[0]
+    return Decision(first.id, message, tuple(f"{p.id}: {m}" for p, m in reasons))
 
 
 def _no_candidate(reasons: tuple[str, ...]) -> Decision:
