@@ -359,8 +359,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self._idle.clear()
         message: ProcessingRequest | None = None
         headers: ProcessingRequest | None = None  # until the body came
-        # What the config in force at the body strips from the request's headers beyond
-        # what the one in force at its headers did (a trusted tenant header it added).
+        # What the config in force at the body strips from the request's headers, sent
+        # with the body's answer when that config is not the one the headers were read
+        # under (a trusted tenant header it added).
         strip: list[str] = []
         try:
             async for message in request_iterator:

@@ -602,11 +602,8 @@ def missing_cluster_problems(file: str, text: str,
                         f"no cluster {name!r}, which a model in atp.yaml routes to: Envoy "
                         "would answer its requests 503 cluster_not_found")
                 for name in sorted(set(model_clusters) - names)]
-    listeners = static.get("listeners") if isinstance(static, dict) else None
     # The listeners ATP checks: their routes are the ones ATP's choice must reach.
-    checked = [listener for listener in listeners if isinstance(listener, dict)
-               and any(_is_ext_proc(f) for f in _walk(listener))] \
-        if isinstance(listeners, list) else []
+    checked = _checked_listeners(static)
     routed = _routed_clusters(checked, clusters)
     if routed is not None:
         problems += [Problem(file, line, "static_resources.listeners",
@@ -622,6 +619,14 @@ def missing_cluster_problems(file: str, text: str,
                 "its Host or path says, not to the model's cluster ATP chose, with that "
                 "model's id and under its policies"))
     return problems
+
+
+def _checked_listeners(static: Any) -> list[dict[str, Any]]:
+    """The static listeners with an ext_proc filter: those whose routes ATP checks."""
+    listeners = static.get("listeners") if isinstance(static, dict) else None
+    return [listener for listener in listeners if isinstance(listener, dict)
+            and any(_is_ext_proc(f) for f in _walk(listener))] \
+        if isinstance(listeners, list) else []
 
 
 def _matches_atp_cluster(listeners: list[dict[str, Any]]) -> bool:
@@ -754,14 +759,9 @@ def mirror_problems(file: str, text: str, mirrored: Collection[str]) -> list[Pro
     is ever sent, and the challenger never learns."""
     doc, _ = load_yaml(text, file, envoy=True)
     static = doc.get("static_resources") if isinstance(doc, dict) else None
-    listeners = static.get("listeners") if isinstance(static, dict) else None
-    if not isinstance(listeners, list):
-        return []
-    checked = [listener for listener in listeners if isinstance(listener, dict)
-               and any(_is_ext_proc(f) for f in _walk(listener))]
-    nodes = [node for listener in checked for node in _walk(listener)]
+    checked = _checked_listeners(static)
     if not checked or any("rds" in node or node.get("request_mirror_policies")
-                          for node in nodes):
+                          for listener in checked for node in _walk(listener)):
         return []  # (routes from a control plane cannot be read here)
     return [Problem(file, _line(static, "listeners"), "static_resources.listeners",
                     f"no route of a listener ATP checks mirrors requests "

@@ -1555,32 +1555,40 @@ def _glued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> int:
     larger number ("INV-2024-0042", "cc_4111…", "16:09:03.4999", "1,234,567"), which rules
     out a phone number and a bare card number; 0: free-standing. A part boundary
     (`bounds`) separates like a space."""
-    before, after = _glue_before(asc, s, bounds), _glue_after(asc, e, bounds)
-    return 2 if 2 in (before, after) else max(before, after)
+    kinds = (_glue_before(asc, s, bounds), _glue_after(asc, e, bounds))
+    return 2 if _WORD in kinds else int(any(kinds))
+
+
+# How a digit run's end is glued to what is beside it: not at all, to a word with a dash,
+# a dot, a slash or an underscore ("INV-2024"), to another number (a time's ':', a
+# thousands ','), or to a word directly ("a1", "2x").
+_FREE, _TAGGED, _IN_NUMBER, _WORD = range(4)
 
 
 def _glue_before(asc: bytes, s: int, bounds: frozenset[int]) -> int:
     if not (asc[s] in _DIGITS and s > 0 and s not in bounds):
-        return 0
+        return _FREE
     prev = asc[s - 1]
     if (prev in _ALNUM and prev != 95) or prev == 64:
-        return 2
-    return int(s > 1 and ((prev in b"-_./" and asc[s - 2] in _ALNUM
-                           and not asc.endswith(_WA_ME, 0, s)
-                           and not _LABEL_DOT.search(asc, max(0, s - 9), s))
-                          or (prev in b":," and _inside_number(asc, s - 1))))
+        return _WORD
+    if s > 1 and prev in b"-_./" and asc[s - 2] in _ALNUM \
+            and not asc.endswith(_WA_ME, 0, s) \
+            and not _LABEL_DOT.search(asc, max(0, s - 9), s):
+        return _TAGGED
+    return _IN_NUMBER if prev in b":," and _inside_number(asc, s - 1) else _FREE
 
 
 def _glue_after(asc: bytes, e: int, bounds: frozenset[int]) -> int:
     n = len(asc)
     if not (e < n and e not in bounds):
-        return 0
+        return _FREE
     nxt = asc[e]
     if (nxt in _ALNUM and nxt != 95) or nxt == 64:
-        return 2
-    return int(e + 1 < n and ((nxt in b"-_./" and asc[e + 1] in _ALNUM
-                               and not _SENTENCE_NEXT.match(asc, e))
-                              or (nxt in b":," and _inside_number(asc, e))))
+        return _WORD
+    if e + 1 < n and nxt in b"-_./" and asc[e + 1] in _ALNUM \
+            and not _SENTENCE_NEXT.match(asc, e):
+        return _TAGGED
+    return _IN_NUMBER if e + 1 < n and nxt in b":," and _inside_number(asc, e) else _FREE
 
 
 def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, int]:
@@ -1592,16 +1600,13 @@ def _unglued(asc: bytes, s: int, e: int, bounds: frozenset[int]) -> tuple[int, i
     ("ref-4111 1111 1111 1111"). (A first group glued to a word is the run's prefix,
     "CHF28 603 650 817".)"""
     before = _glue_before(asc, s, bounds)
-    if before == 1 and not (s > 1 and asc[s - 1] in b":,") and _card_groups_from(asc, s, e):
-        before = 0  # "ref-4111 1111 1111 1111": the card's own first group
-    if before == 1:
+    if before == _IN_NUMBER or (before == _TAGGED and not _card_groups_from(asc, s, e)):
         cut = asc.find(b" ", s, e)
         if cut != -1:
             rest = e - len(asc[cut:e].lstrip(b" "))
             if asc[rest] in _RUN_HEADS and _enough_digits(asc, rest, e):
                 s = rest
-    if e not in bounds and (_glue_after(asc, e, bounds) == 2 or (
-            e + 1 < len(asc) and asc[e] in b":," and _inside_number(asc, e))):
+    if _glue_after(asc, e, bounds) in (_WORD, _IN_NUMBER):
         cut = asc.rfind(b" ", s, e)
         if cut != -1:
             rest = s + len(asc[s:cut].rstrip(b" "))
