@@ -34,7 +34,7 @@ from atp_extproc.policy.settings import (
     PolicyError,
     directory_of,
     error_line,
-    line_of,
+    located,
     load_file,
     load_yaml,
     read_regular,
@@ -471,17 +471,6 @@ class Snapshot:
         return [r for r in self.routes if not r.match.tenants or tenant in r.match.tenants]
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for i, part in enumerate(loc):
-        # A mapping's number key (`5:`, or `true:` read as 1) is no list index.
-        if isinstance(part, int) and loc[i + 1:i + 2] != ("[key]",):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
 def _check_references(doc: _Document) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     names = [m.name for m in doc.models]
@@ -628,10 +617,10 @@ def _line_of_path(doc: Any, path: str) -> int:
 def _validation_error(exc: ValidationError, text: str, source: str) -> ConfigError:
     """Pydantic's errors, each with the line of the value at fault (the file read again
     keeping lines: only when it has a problem)."""
-    problems = _validation_problems(exc)
     lined, _ = load_yaml(text, source)
-    return ConfigError(source, [(_format_loc(loc), reason) for loc, reason in problems],
-                       [line_of(lined, loc) for loc, _ in problems])
+    found = [(located(lined, loc), reason) for loc, reason in _validation_problems(exc)]
+    return ConfigError(source, [(path, reason) for (path, _), reason in found],
+                       [line for (_, line), _ in found])
 
 
 def _parse(text: str, source: str, secrets: bool) -> Snapshot:

@@ -52,7 +52,8 @@ Flag = Annotated[bool, BeforeValidator(_yes_no)]
 # integer" does not say what the file gave, and "a valid tuple" names no YAML type.
 _EXPECTED = {"int_type": "an integer", "float_type": "a number",
              "bool_type": "true or false", "string_type": "a string",
-             "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping"}
+             "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
+             "invalid_key": "a string key"}
 
 
 def problem_reason(error: ErrorDetails) -> str:

@@ -750,4 +750,22 @@ def test_a_number_key_is_named_as_a_key_not_a_list_index() -> None:
     doc = base()
     doc["routes"][0]["aliases"] = {5: doc["routes"][0]["aliases"]["fast"]}
     (path, _), *_ = error_of(doc).problems
-    assert path.endswith("aliases.5.[key]")
+    assert path.endswith("aliases.5")
+
+
+def test_a_null_or_true_key_is_named_and_lined_as_the_file_wrote_it() -> None:
+    # Pydantic names a null key 'None' and a true key 1: the problems read `None` and
+    # `[1]`, and the null key's line was the document's first.
+    text = yaml.safe_dump(base(), sort_keys=False) + "null: 1\ntrue: 2\n"
+    lines = text.count("\n")
+    err = error_of(text)
+    assert err.problems == [("null", "expected a string key, got null"),
+                            ("true", "expected a string key, got true")]
+    assert err.lines == [lines - 1, lines]
+    aliases = yaml.safe_dump(base(), sort_keys=False).replace(
+        "  aliases:\n", "  aliases:\n    null: [small]\n    1.5: [small]\n", 1)
+    err = error_of(aliases)
+    first = aliases.splitlines().index("    null: [small]") + 1
+    assert err.problems == [("routes[0].aliases.null", "expected a string, got null"),
+                            ("routes[0].aliases.1.5", "expected a string, got the number 1.5")]
+    assert err.lines == [first, first + 1]

@@ -383,27 +383,46 @@ def _unreadable(pattern: str) -> str:
     return ""
 
 
-def line_of(doc: Any, loc: Iterable[Any]) -> int:
-    """The line of the deepest node along `loc` (a pydantic error location)."""
+_ABSENT = object()
+
+
+def located(doc: Any, loc: Iterable[Any]) -> tuple[str, int]:
+    """A pydantic error location as the file wrote it (`routes[0].aliases.null`) and the
+    line of the deepest node it reaches. Pydantic names a null key 'None' and a true key
+    1, and marks a key's own problem with '[key]': the keys are taken from the document."""
     line = getattr(doc, "line", 0)
-    node = doc
-    for part in loc:
-        if isinstance(node, LineDict) and part in node:
-            line = node.key_lines.get(part, line)
-            node = node[part]
-        elif isinstance(node, LineList) and isinstance(part, int) and 0 <= part < len(node):
-            line = node.item_lines[part]
-            node = node[part]
-        else:
-            break
-    return line
-
-
-def _format_loc(loc: Iterable[Any]) -> str:
+    node: Any = doc
     out = ""
     for part in loc:
+        if isinstance(node, LineDict):
+            # Pydantic's spelling of a key that is not a string, when no key is spelled so.
+            key = next((k for k in node if k == part and type(k) is type(part)), next(
+                (k for k in node if not isinstance(k, str) and (k == part or str(k) == part)),
+                _ABSENT))
+            if key is not _ABSENT:
+                line, node = node.key_lines.get(key, line), node[key]
+                out += f".{_written_key(key)}" if out else _written_key(key)
+                continue
+        elif isinstance(node, LineList) and isinstance(part, int) and 0 <= part < len(node):
+            line, node = node.item_lines[part], node[part]
+            out += f"[{part}]"
+            continue
+        node = None
+        if part == "[key]":
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    return out, line
+
+
+def _written_key(key: Any) -> str:
+    if key is None or isinstance(key, bool):
+        return {None: "null", True: "true", False: "false"}[key]
+    return str(key)
+
+
+def line_of(doc: Any, loc: Iterable[Any]) -> int:
+    """The line of the deepest node along `loc` (a pydantic error location)."""
+    return located(doc, loc)[1]
 
 
 # -- loaded policies ------------------------------------------------------------------
@@ -464,10 +483,9 @@ def _policies_from(doc: Any, file: str, key_path: str, line: int = 0
             spec = PolicySpec.model_validate(dict(entry))
         except ValidationError as exc:
             for err in exc.errors():
-                loc = tuple(err["loc"])
-                sub = _format_loc(loc)
+                sub, sub_line = located(entry, err["loc"])
                 problems.append(Problem(
-                    file, line_of(entry, loc) or line, f"{where}.{sub}" if sub else where,
+                    file, sub_line or line, f"{where}.{sub}" if sub else where,
                     problem_reason(err)))
             continue
         expr_line, expr_lines = line, ()
@@ -527,8 +545,8 @@ def _settings_from(doc: Any, file: str) -> tuple[PolicySettings, list[Problem]]:
         return PolicySettings.model_validate(dict(raw)), []
     except ValidationError as exc:
         return PolicySettings(), [
-            Problem(file, line_of(doc, ["policy", *e["loc"]]), _format_loc(["policy", *e["loc"]]),
-                    problem_reason(e)) for e in exc.errors()]
+            Problem(file, line, path, problem_reason(e)) for e in exc.errors()
+            for path, line in [located(doc, ["policy", *e["loc"]])]]
 
 
 def _utf8(name: str) -> bool:
