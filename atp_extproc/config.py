@@ -34,9 +34,9 @@ from atp_extproc.policy.settings import (
     PolicyError,
     directory_of,
     error_line,
-    located,
     load_file,
     load_yaml,
+    located,
     read_regular,
 )
 from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings, Redactor
