@@ -203,6 +203,16 @@ def test_each_tools_policy_that_denies_names_its_own_tools():
     assert out.tools_denied == ("shell", "search")
 
 
+def test_a_tool_called_in_parallel_is_named_once_in_the_record():
+    # Each parallel call is an entry of tool_details: the record said "search, search".
+    ps = compile_(P("t.cap", "tools", "tool.name == 'search'", tool_action="deny",
+                    mode="dry_run"))
+    calls = [{"name": "search", "called": True, "arguments": {"k": str(k)}} for k in (1, 2)]
+    out = ps.evaluate(attrs("alice", tool_details=calls), [SMALL])
+    assert rec(out, "t.cap").decision == "would_deny"
+    assert rec(out, "t.cap").targets == ("search",)
+
+
 def test_policies_past_one_programs_size_limit_are_joined_into_several():
     # 43 allow-lists of 150 tenants passed cel-cpp's 100,000 code points as one joined
     # program: check and serve refused the config as "<batch>: internal".

@@ -1171,7 +1171,8 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
     else:  # tools
         for i in applies:
             hits.tools.append((p, enforced, i))
-        targets = tuple([safe_name(tools[i].name, i) for i in applies])
+        # One name a tool: each parallel call of it is an entry of its own.
+        targets = tuple(dict.fromkeys([safe_name(tools[i].name, i) for i in applies]))
     if error is not None:
         consequence = (_ON_ERROR if enforced else _ON_ERROR_DRY)[p.on_error]
         reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
