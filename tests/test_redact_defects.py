@@ -395,6 +395,9 @@ def test_pem_near_misses_are_not_private_keys(redactor, text):
     ("ref-4111-1111-1111-1111 please", "ref-[CARD_1] please"),
     ("cc_3782-822463-10005.", "cc_[CARD_1]."),  # Amex: 4-6-5
     ("x_sk-proj-abc123DEF456ghi789JKL012mno345", "x_[API_KEY_1]"),
+    # An SSN in its groups, where a word names it: the run was an identifier's.
+    ("ssn_536-22-1234", "ssn_[SSN_1]"),
+    ("user_ssn_536-22-1234 on file", "user_ssn_[SSN_1] on file"),
 ])
 def test_cards_and_keys_tagged_onto_a_word_are_redacted(redactor, text, want):
     assert _chat_text(redactor, text) == want
@@ -407,6 +410,7 @@ def test_cards_and_keys_tagged_onto_a_word_are_redacted(redactor, text, want):
     "v1.4111111111111111, 0.4111111111111111",  # a version, a decimal
     "task-force-2024-alpha-beta-gamma-delta",
     "phone_4155552671 is a column",
+    "id_536-22-1234 and PRJ-536-22-1234",  # nothing names an SSN
 ])
 def test_ids_tagged_onto_a_word_stay(redactor, text):
     assert _chat_text(redactor, text) == text

@@ -291,7 +291,8 @@ _CURRENCY_CODES = ("eur|usd|gbp|chf|jpy|cny|rmb|inr|brl|pln|sek|nok|dkk|czk|huf|
 _AMOUNT_AFTER = re.compile(rf"(?:,[0-9]{{1,2}})?[ \u00a0]?(?:[€£¥₹₽₩₺₪]|zł|"
                            rf"(?i:{_CURRENCY_CODES}|euros?|kr)\b)")
 _AMOUNT_BEFORE = re.compile(rf"(?:[€$£¥₹₽₩₺₪]|\b(?i:{_CURRENCY_CODES}|kr))[ \u00a0]?$")
-_SSN_CTX = re.compile(r"(?i)\bssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
+# "ssn" also ends an identifier's words ("user_ssn"), where \b does not see it start.
+_SSN_CTX = re.compile(r"(?i)(?<![a-z])ssn|social security|soc\.? ?sec|taxpayer|\btin\b|\bitin\b")
 
 
 # JSON keys that name a class written in digits, word by word ("cc_number", "phoneNumber",
@@ -994,7 +995,8 @@ class Scanner:
             # ("ref-4111-1111-1111-1111") is still a card. A bare number so tagged is an
             # id ("req-…", "fb_…"): one in ten passes Luhn and some brand's range.
             tagged = glue == 1 and 32 not in asc[s:e]
-            if glue == 2 or (tagged and not (want_card and _dash_tagged(asc, s, e))):
+            if glue == 2 or (tagged and not ((want_card or want_ssn)
+                                             and _dash_tagged(asc, s, e))):
                 continue
             ext = _EXT_TAIL.search(asc, max(s, e - 12), e)
             ext_s = ext.start() if ext is not None else -1
@@ -1002,7 +1004,13 @@ class Scanner:
                        (ext_s, e) if ext_s != -1 else None, glue == 1)
             nch = len(run.ndig)
             if tagged:
-                hit = self._card_at(run, 0) if nch == 1 and run.ngroups[0] > 1 else None
+                hit = self._card_at(run, 0) if want_card and nch == 1 and \
+                    run.ngroups[0] > 1 else None
+                # So is an SSN in its groups, where a word before names one ("ssn_…");
+                # without, "PRJ-123-45-6789" is an id.
+                if hit is None and want_ssn and nch == 1 and run.ngroups[0] == 3 and \
+                        _SSN_CTX.search(text, _ctx_lo(text, s, 40), s):
+                    hit = self._ssn_at(run, 0)
                 if hit is not None:
                     found.append(hit[0])
                 continue
