@@ -650,7 +650,8 @@ def test_an_address_under_an_internationalized_tld_is_masked_whole(redactor: Red
             "write [EMAIL_1]"
 
 
-@pytest.mark.parametrize("text", ["icon@2x.png", "getty@tty1.service"])
+@pytest.mark.parametrize("text", ["icon@2x.png", "getty@tty1.service", "icon@2x.dark.png",
+                                  "logo@3X.min.svg"])
 def test_a_file_name_with_an_at_sign_is_no_address(redactor: Redactor, text: str) -> None:
     doc = {"messages": [{"role": "user", "content": f"see {text}"}]}
     assert redactor.redact("chat", doc, "t").counts == {}

@@ -883,6 +883,9 @@ class Scanner:
             domain = text[at + 1:j].rstrip(".-")
             labels = domain.split(".")
             if len(labels) > 2 and _past_the_domain(labels[-2], labels[-1]):
+                # An image's scale before its variant is a file's name: "icon@2x.dark.png".
+                if _SCALE.fullmatch(labels[0]) and labels[-1].lower() in _FILE_EXTENSIONS:
+                    continue
                 labels.pop()
                 domain = domain[:domain.rindex(".")]
             if len(labels) < 2 or any(not lb or lb[0] == "-" or lb[-1] == "-"
@@ -1505,6 +1508,9 @@ _FILE_EXTENSIONS = frozenset((
     "eml", "msg", "vcf", "ics", "log", "bak", "tmp",
     # systemd units ("getty@tty1.service"): none is a top-level domain either.
     "service", "socket", "timer", "target", "mount", "slice", "scope"))
+
+
+_SCALE = re.compile(r"[1-9][xX]")
 
 
 def _past_the_domain(label: str, last: str) -> bool:
