@@ -212,6 +212,13 @@ def test_candidate_from_config_model():
         {"type": "function", "name": "w"}]}, "w"),
     ({"type": "allowed_tools", "mode": "auto", "tools": [
         {"type": "function", "name": "w"}]}, "allowed_tools"),
+    # ... a built-in tool by its type, as forced directly: it read "allowed_tools".
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "web_search_preview"}]}, "web_search_preview"),
+    ({"type": "allowed_tools", "mode": "required", "tools": [
+        {"type": "mcp", "server_label": "ops"}]}, "mcp"),
+    ({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function"}]},
+     "allowed_tools"),
 ])
 def test_tool_choice_is_seen_by_the_name_of_the_tool_it_forces(choice, seen):
     fields, _ = request_from_body("chat", {"messages": [], "tool_choice": choice})
@@ -324,6 +331,17 @@ def test_a_builtin_call_counts_toward_the_tool_declared_for_it(declared, item):
     (tool,) = attrs.request.tool_details
     assert (tool.name, tool.declared, tool.called) == (declared["type"], True, True)
     assert attrs.request.tool_count == 1
+
+
+def test_a_function_named_like_a_builtin_tool_takes_none_of_its_calls():
+    # A shell_call counted toward a declared function `shell_status`: a policy refusing
+    # `shell` passed the replayed call.
+    fields, _ = request_from_body("responses", {"model": "x", "tools": [
+        {"type": "function", "name": "shell_status"}],
+        "input": [{"type": "shell_call", "call_id": "c", "action": {"commands": ["ls"]}}]})
+    names = {t.name: (t.declared, t.called)
+             for t in build_attributes(request=fields).request.tool_details}
+    assert names == {"shell_status": (True, False), "shell": (False, True)}
 
 
 def test_request_from_body_is_bounded():

@@ -704,9 +704,11 @@ def tool_key(tool: dict[str, Any]) -> str:
 
 def _builtin_tool(details: dict[str, dict], base: str) -> str:
     """The declared built-in tool a `<base>_call` item belongs to: `base` itself or a
-    variant of it (web_search_preview, computer_use_preview, dated versions)."""
+    variant of it (web_search_preview, computer_use_preview, dated versions). A function
+    is none, though named so (`shell_status`): a built-in tool's name is its type."""
     for key, entry in details.items():
-        if entry.get("declared") and (key == base or key.startswith(f"{base}_")):
+        if entry.get("declared") and entry.get("type") == key and (
+                key == base or key.startswith(f"{base}_")):
             return key
     return "computer_use_preview" if base == "computer" else base
 
@@ -796,6 +798,10 @@ def allowed_tools_spec(choice: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return (choice["allowed_tools"] if nested else choice), nested
 
 
+# Tools a name names: one of these without a name forces nothing a policy can name.
+_NAMED_KINDS = ("function", "custom", "namespace", "builtin_function")
+
+
 def _forced_name(choice: dict[str, Any]) -> str:
     """What a tool_choice object asks for: the tool it forces (an allowed_tools choice
     of mode required over one tool forces that one), else its type."""
@@ -803,7 +809,14 @@ def _forced_name(choice: dict[str, Any]) -> str:
         spec, _ = allowed_tools_spec(choice)
         tools = spec.get("tools")
         if spec.get("mode") == "required" and isinstance(tools, list) and len(tools) == 1:
-            return tool_name(tools[0]) or "allowed_tools"
+            # A built-in tool (web_search_preview, mcp) goes by its type, as when the
+            # choice forces it directly.
+            forced = tools[0]
+            kind = forced.get("type") if isinstance(forced, dict) else None
+            if tool_name(forced) is not None or (isinstance(kind, str)
+                                                 and kind not in _NAMED_KINDS):
+                return tool_key(forced)
+            return "allowed_tools"
         return "allowed_tools"
     name = tool_name(choice)
     return name if name is not None else str(choice.get("type", ""))
