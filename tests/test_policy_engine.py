@@ -237,6 +237,25 @@ def test_policies_past_one_programs_size_limit_are_joined_into_several():
     assert ps.evaluate(attrs("mallory"), [SMALL]).denied is None
 
 
+def test_a_policy_that_failed_on_one_target_and_matched_another_records_what_it_did():
+    # on_error skip: it was recorded as an error, "policy skipped", while it refused the
+    # request for the call it matched (or removed the candidate it matched).
+    ps = compile_(P("t.cap", "tools", "int(tool.arguments.n) > 5", tool_action="deny",
+                    on_error="skip", message="n too big"),
+                  P("r.big", "restrict", "resource.model == 'large' ? true : "
+                    "int(request.metadata.n) > 0", on_error="skip"))
+    calls = [{"name": "calc", "called": True, "arguments": {"n": n}} for n in ("abc", "9")]
+    out = ps.evaluate(attrs("alice", tool_details=calls), [LARGE, SMALL])
+    assert out.denied is not None and out.denied.policy_id == "t.cap"
+    for pid, decision, target in (("t.cap", "deny", "tool"), ("r.big", "restrict",
+                                                              "candidate")):
+        r = rec(out, pid)
+        assert r.decision == decision
+        assert f"evaluation error on another {target}" in r.reason
+        assert r.reason.endswith("on_error=skip: skipped there")
+    assert rec(out, "r.big").targets == ("large",)
+
+
 def test_tool_arguments_from_history():
     ps = compile_(P("t.args", "tools", "tool.name == 'search' && 'limit' in tool.arguments"
                     " && int(tool.arguments['limit']) > 50", tool_action="deny"))

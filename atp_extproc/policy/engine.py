@@ -1173,6 +1173,11 @@ def _note(p: CompiledPolicy, outcomes: Sequence[Any], hits: _Hits, n_cand: int,
             hits.tools.append((p, enforced, i))
         # One name a tool: each parallel call of it is an entry of its own.
         targets = tuple(dict.fromkeys([safe_name(tools[i].name, i) for i in applies]))
+    if error is not None and applies and p.on_error == "skip":
+        # It acted where it matched: skipped only where it failed, it decided the rest.
+        return p.applied_decision, (f"{reason}; evaluation error on another "
+                                    f"{p.level}: {error}; on_error=skip: skipped there",
+                                    targets, removed)
     if error is not None:
         consequence = (_ON_ERROR if enforced else _ON_ERROR_DRY)[p.on_error]
         reason = f"evaluation error: {error}; on_error={p.on_error}: {consequence}"
