@@ -203,6 +203,23 @@ def test_each_tools_policy_that_denies_names_its_own_tools():
     assert out.tools_denied == ("shell", "search")
 
 
+def test_a_deny_that_wins_lists_the_tools_policies_that_also_refused():
+    # reasons named only the deny policies: the client fixed that and met another 403.
+    ps = compile_(P("t.shell", "tools", "tool.name == 'shell'", tool_action="deny",
+                    message="no shell"),
+                  P("z.deny", "deny", "subject.tenant == 'alice'", message="z denies"))
+    out = ps.evaluate(attrs("alice", tool_details=[{"name": "shell"}]), [SMALL])
+    assert out.denied.policy_id == "z.deny" and out.denied.message == "z denies"
+    assert out.denied.reasons == ("z.deny: z denies", "t.shell: no shell (tools: shell)")
+    dry = compile_(P("t.shell", "tools", "tool.name == 'shell'", tool_action="deny",
+                     message="no shell", mode="dry_run"),
+                   P("z.deny", "deny", "subject.tenant == 'alice'", message="z denies",
+                     mode="dry_run"))
+    out = dry.evaluate(attrs("alice", tool_details=[{"name": "shell"}]), [SMALL])
+    assert out.denied is None
+    assert out.would_deny.reasons == ("z.deny: z denies", "t.shell: no shell (tools: shell)")
+
+
 def test_a_tool_called_in_parallel_is_named_once_in_the_record():
     # Each parallel call is an entry of tool_details: the record said "search, search".
     ps = compile_(P("t.cap", "tools", "tool.name == 'search'", tool_action="deny",

@@ -947,10 +947,6 @@ class PolicySet:
         """What the enforced hits decide (dry-run hits only feed _would_deny): the
         refusal, the candidates kept (None: all), why none is left, redactions, tools
         denied, and the (index, name) of each tool to strip."""
-        denied: Decision | None = None
-        deny_msgs = [(p, msg) for p, enforced, msg in hits.denies if enforced]
-        if deny_msgs:
-            denied = _deny(deny_msgs)
         tools_denied: list[str] = []
         tools_strip: dict[str, int] = {}
         deny_tool_hits: list[tuple[CompiledPolicy, str]] = []
@@ -964,8 +960,8 @@ class PolicySet:
                 deny_tool_hits.append((p, name))
             elif tools[i].declared:
                 tools_strip.setdefault(name, i)
-        if denied is None and deny_tool_hits:
-            denied = _tools_refusal(deny_tool_hits)
+        denied = _deny([(p, msg) for p, enforced, msg in hits.denies if enforced],
+                       deny_tool_hits)
         if denied is None and self._default_deny_mode == "enforce" and not any(hits.allows):
             denied = _DEFAULT_DENY
         kept: list[int] | None = None
@@ -1002,11 +998,10 @@ class PolicySet:
                     tools: Sequence[pb.Tool]) -> Decision | None:
         """The refusal if every dry-run policy were enforced (the same rules as
         _decide, every hit counted)."""
-        if hits.denies:
-            return _deny([(p, msg) for p, _, msg in hits.denies])
-        deny_tool = [(p, tools[i].name) for p, _, i in hits.tools if p.action == "deny"]
-        if deny_tool:
-            return _tools_refusal(deny_tool)
+        denied = _deny([(p, msg) for p, _, msg in hits.denies],
+                       [(p, tools[i].name) for p, _, i in hits.tools if p.action == "deny"])
+        if denied is not None:
+            return denied
         if self._default_deny_mode is not None and not hits.allows:
             return _DEFAULT_DENY
         if n_cand and len(hits.removed) == n_cand:
@@ -1015,10 +1010,17 @@ class PolicySet:
         return None
 
 
-def _deny(denies: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
-    """The refusal of the deny hits (policy, message): the first one's, naming them all."""
+def _deny(denies: Sequence[tuple[CompiledPolicy, str]],
+          tool_hits: Sequence[tuple[CompiledPolicy, str]]) -> Decision | None:
+    """The refusal of the deny hits (policy, message) and of the tools policies' (policy,
+    tool name): the first deny's, else the tools policies'; `reasons` names them all, so
+    a client fixes every cause at once."""
+    tools = _tools_refusal(tool_hits) if tool_hits else None
+    if not denies:
+        return tools
     p, msg = denies[0]
-    return Decision(p.id, msg, tuple(f"{q.id}: {m}" for q, m in denies))
+    return Decision(p.id, msg, (*(f"{q.id}: {m}" for q, m in denies),
+                                *(tools.reasons if tools else ())))
 
 
 def _tools_refusal(hits: Sequence[tuple[CompiledPolicy, str]]) -> Decision:
