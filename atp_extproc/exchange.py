@@ -1012,14 +1012,16 @@ class Exchange:
         ok = False if incomplete or rec.error_code in (STREAM_ERROR, INVALID_RESPONSE) \
             else classify_status(rec.status)
         if route.objective is not None and ok is not None and not incomplete:
-            latency = rec.ttfb_ms if rec.stream else self._since_forwarded_ms()
+            sent_ms_ago = self._since_forwarded_ms()
+            latency = rec.ttfb_ms if rec.stream else sent_ms_ago
             # Billed tokens teach the route its request sizes, which price candidates not
             # yet observed; ATP's own estimates would only teach it its guesses back.
             billed = usage if usage is not None and not usage.estimated else None
             services.router.observe(route.name, self.model.name, ok=ok, latency_ms=latency,
                                     cost=rec.cost_usd,
                                     input_tokens=billed.input_tokens if billed else None,
-                                    output_tokens=billed.output_tokens if billed else None)
+                                    output_tokens=billed.output_tokens if billed else None,
+                                    sent_ms_ago=sent_ms_ago)
             if ok and not rec.shadow and rec.request_id:
                 quality = route.objective.quality
                 # The proxy counts when no explicit feedback arrives within the window.

@@ -123,6 +123,23 @@ def test_a_lost_probe_frees_its_slot_after_open_s():
     assert b.try_probe()
 
 
+def test_late_answers_to_requests_sent_before_it_opened_are_no_probes():
+    # Long generations sent before it opened answered while the probe was still out:
+    # three successes closed it, a failure reopened it with a doubled open time.
+    clock = Clock()
+    b = CircuitBreaker(RAW, clock)
+    sent_early = clock.t
+    feed(b, 20, 20)
+    clock.t += RAW.open_s + 1
+    assert b.try_probe()
+    for ok in (True, True, True, False):
+        b.record(ok, sent=sent_early)
+    assert b.state is HALF_OPEN and not b.try_probe()  # the probe's slot still held
+    assert b.probe_successes == 0
+    b.record(True, sent=clock.t)       # the probe's own answer counts
+    assert b.probe_successes == 1
+
+
 def test_results_arriving_while_open_change_nothing():
     b = CircuitBreaker(RAW, Clock())
     feed(b, 20, 20)

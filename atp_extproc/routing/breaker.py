@@ -6,7 +6,8 @@ Wilson lower bound at `confidence`), the breaker opens.
 Open: the candidate gets no traffic for `open_s` (doubled after each failed probe, up to
 `max_open_s`), then turns half-open.
 Half-open: one probe request at a time; `half_open_probes` consecutive successes close
-it, any failure reopens it. A probe whose result never comes back frees its slot after
+it, any failure reopens it; results of requests sent before it turned half-open count
+for nothing. A probe whose result never comes back frees its slot after
 `open_s`.
 
 Time comes in as `now` (monotonic seconds) from the caller, or from the injected clock.
@@ -111,10 +112,16 @@ class CircuitBreaker:
 
     # -- results -----------------------------------------------------------------------
 
-    def record(self, ok: bool, now: float | None = None) -> None:
+    def record(self, ok: bool, now: float | None = None, sent: float | None = None) -> None:
+        """One result; `sent`: when its request left (None: unknown)."""
         if now is None:
             now = self.clock()
         state = self.state
+        if state is HALF_OPEN and sent is not None and sent < self.open_until:
+            # Sent before the probes could be: a late answer to a request of before the
+            # breaker opened neither closes it (3 of them did, the probe still out) nor
+            # reopens it, nor frees the probe's slot.
+            return
         if state is CLOSED:
             self._add(ok, now)
             s = self.settings

@@ -385,10 +385,11 @@ class Router:
     def observe(self, route_name: str, model_name: str, *, ok: bool,
                 latency_ms: float | None, cost: float | None = None,
                 quality: float | None = None, input_tokens: int | None = None,
-                output_tokens: int | None = None) -> None:
+                output_tokens: int | None = None, sent_ms_ago: float | None = None) -> None:
         """One served (or mirrored) attempt's outcome. `latency_ms`: time to first byte
         for streamed responses, total duration otherwise; `cost`: priced usage in USD
-        (None when unknown); `quality` in [0, 1] if known now (else FeedbackBook)."""
+        (None when unknown); `quality` in [0, 1] if known now (else FeedbackBook);
+        `sent_ms_ago`: when the request left, for its breaker."""
         now = self._clock()
         rs = self._routes.get(route_name)
         if rs is None:
@@ -400,7 +401,7 @@ class Router:
         if ok:
             rs.learn_route(latency_ms, input_tokens, output_tokens)
         arm.est.observe(ok, latency_ms, cost, now, rs.priors)
-        arm.breaker.record(ok, now)
+        arm.breaker.record(ok, now, None if sent_ms_ago is None else now - sent_ms_ago / 1000)
         if quality is not None:
             arm.est.observe_quality(quality, rs.priors)
 
