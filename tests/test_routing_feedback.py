@@ -139,3 +139,23 @@ def test_two_tenants_with_one_request_id_keep_their_own_feedback() -> None:
     assert not book.feedback("trace-1", 1.0, tenant="carol")
     assert book.feedback("trace-1", 0.0, tenant="bob")
     assert scores == [("chat", "small", 1.0), ("chat", "large", 0.0)]
+
+
+def test_a_short_window_ends_on_time_behind_a_longer_one():
+    # In one queue, a route's 1 s window waited behind another route's 600 s one: its
+    # proxy scores were learned ten minutes late.
+    book, got, clock = make()
+    book.record_decision("long", "slow-feedback", "m", 600.0, proxy=0.5)
+    book.record_decision("short", "chat", "m", 1.0, proxy=0.0)
+    clock.t = 2.0
+    assert book.expire() == 1 and got == [("chat", "m", 0.0)]
+    assert book.feedback("long", 1.0) and len(book) == 0
+
+
+def test_eviction_takes_the_oldest_of_every_window():
+    book, got, clock = make(capacity=2)
+    book.record_decision("a", "r", "m", 600.0, proxy=0.1)
+    clock.t = 1.0
+    book.record_decision("b", "r", "m", 1.0, proxy=0.2)
+    book.record_decision("c", "r", "m", 1.0, proxy=0.3)
+    assert got == [("r", "m", 0.1)] and len(book) == 2

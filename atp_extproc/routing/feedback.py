@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from atp_extproc.routing.settings import DEFAULT_FINISH_REASON_SCORES
 
 QualitySink = Callable[[str, str, float], None]   # (route, model, score)
+_Key = tuple[str | None, str]                       # (tenant, request id)
 
 DEFAULT_CAPACITY = 100_000
 DEFAULT_WINDOW_S = 300.0
@@ -61,13 +62,16 @@ class FeedbackBook:
         self._clock = clock
         # By (tenant, request id): an app's own x-request-id (a trace id, which Istio
         # keeps) may come from two tenants, and one's request then took the other's place.
-        self._pending: OrderedDict[tuple[str | None, str], _Pending] = OrderedDict()
+        # One queue per window length, so each queue's deadlines are in its order: in one
+        # queue, a route's 1 s window waited behind another's 600 s one.
+        self._queues: dict[float, OrderedDict[_Key, _Pending]] = {}
+        self._queue_of: dict[_Key, OrderedDict[_Key, _Pending]] = {}
         self.explicit = 0
         self.proxied = 0
         self.unscored = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._queue_of)
 
     def record_decision(self, request_id: str, route: str, model: str,
                         window_s: float | None = None, tenant: str | None = None, *,
@@ -80,19 +84,29 @@ class FeedbackBook:
         now = self._clock()
         self.expire(now, limit=_EXPIRE_PER_CALL)
         key = (tenant, request_id)
-        if key in self._pending:
-            self._resolve(self._pending.pop(key), None)
-        while len(self._pending) >= self._capacity:
-            _, oldest = self._pending.popitem(last=False)
-            self._resolve(oldest, None)
-        deadline = now + (window_s if window_s is not None else self._window_s)
-        self._pending[key] = _Pending(
-            route, model, deadline, None if proxy is None else _unit(proxy))
+        if key in self._queue_of:
+            self._resolve(self._take(key), None)
+        while len(self._queue_of) >= self._capacity:
+            # The oldest entry is one of the queues' first: the one recorded first.
+            window, queue = min(((w, q) for w, q in self._queues.items() if q),
+                                key=lambda wq: next(iter(wq[1].values())).deadline - wq[0])
+            self._resolve(self._take(next(iter(queue))), None)
+        window = window_s if window_s is not None else self._window_s
+        queue = self._queues.get(window)
+        if queue is None:
+            queue = self._queues[window] = OrderedDict()
+        queue[key] = _Pending(route, model, now + window,
+                              None if proxy is None else _unit(proxy))
+        self._queue_of[key] = queue
+
+    def _take(self, key: _Key) -> _Pending:
+        return self._queue_of.pop(key).pop(key)
 
     def set_proxy(self, request_id: str, score: float | None,
                   tenant: str | None = None) -> None:
         """The proxy score for a request (e.g. finish_reason_score), used if no feedback."""
-        entry = self._pending.get((tenant, request_id))
+        queue = self._queue_of.get((tenant, request_id))
+        entry = queue.get((tenant, request_id)) if queue is not None else None
         if entry is not None and score is not None:
             entry.proxy = _unit(score)
 
@@ -104,11 +118,11 @@ class FeedbackBook:
                 not 0 <= score <= 1 or not math.isfinite(score):
             raise ValueError("score must be a number in [0, 1]")
         key = (tenant, request_id)
-        if key not in self._pending:
+        if key not in self._queue_of:
             key = (None, request_id)  # recorded without a tenant: anyone's
-        entry = self._pending.pop(key, None)
-        if entry is None:
-            return False
+            if key not in self._queue_of:
+                return False
+        entry = self._take(key)
         if self._clock() > entry.deadline:
             self._resolve(entry, None)
             return False
@@ -116,21 +130,19 @@ class FeedbackBook:
         return True
 
     def expire(self, now: float | None = None, limit: int | None = None) -> int:
-        """Resolve entries whose window has ended (with their proxy); returns how many.
-
-        Deadlines are in insertion order for one window length; with per-route windows
-        an entry waits at most until the ones before it expire."""
+        """Resolve entries whose window has ended (with their proxy); returns how many."""
         if now is None:
             now = self._clock()
         done = 0
-        pending = self._pending
-        while pending and (limit is None or done < limit):
-            key, entry = next(iter(pending.items()))
-            if entry.deadline > now:
-                break
-            del pending[key]
-            self._resolve(entry, None)
-            done += 1
+        for window, queue in list(self._queues.items()):
+            while queue and (limit is None or done < limit):
+                key, entry = next(iter(queue.items()))
+                if entry.deadline > now:
+                    break
+                self._resolve(self._take(key), None)
+                done += 1
+            if not queue:
+                del self._queues[window]  # a window no route has since a reload
         return done
 
     def _resolve(self, entry: _Pending, explicit: float | None) -> None:
