@@ -824,11 +824,27 @@ def read_response(body: bytes
 
 
 def _finish_reason(obj: Any) -> str | None:
-    choices = obj.get("choices") if isinstance(obj, dict) else None
+    """The first choice's finish_reason; for a Responses object, the one its status
+    says, so the quality proxy scores the Responses API too."""
+    if not isinstance(obj, dict):
+        return None
+    choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         reason = choices[0].get("finish_reason")
         return reason if isinstance(reason, str) else None
-    return None
+    if obj.get("object") != "response":
+        return None
+    status = obj.get("status")
+    if status == "completed":
+        return "stop"
+    details = obj.get("incomplete_details")
+    why = details.get("reason") if status == "incomplete" and isinstance(details, dict) \
+        else None
+    return _INCOMPLETE_REASONS.get(why) if isinstance(why, str) else None
+
+
+# A Responses answer's incomplete_details.reason, as Chat's finish_reason says it.
+_INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
 def estimate_tokens(n_chars: int) -> int:

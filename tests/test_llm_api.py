@@ -1056,6 +1056,25 @@ def test_read_response_gives_the_first_choices_finish_reason() -> None:
     assert read_response(b"[1, 2]") == (None, None, None, False)
 
 
+@pytest.mark.parametrize("status, details, reason", [
+    ("completed", None, "stop"),
+    ("incomplete", {"reason": "max_output_tokens"}, "length"),
+    ("incomplete", {"reason": "content_filter"}, "content_filter"),
+    ("incomplete", {"reason": "something_new"}, None),
+    ("failed", None, None),
+])
+def test_a_responses_answers_status_is_its_finish_reason(status, details, reason) -> None:
+    # Responses answers carry no finish_reason: the quality proxy never scored them, so
+    # min_quality on a /v1/responses route learned only from explicit feedback.
+    answer = {"object": "response", "status": status, "incomplete_details": details,
+              "output": [], "usage": {"input_tokens": 3, "output_tokens": 4}}
+    assert read_response(json.dumps(answer).encode())[1] == reason
+    sse = SseStream(drop_usage_chunk=False)
+    sse.feed(f"data: {json.dumps({'type': f'response.{status}', 'response': answer})}\n\n"
+             .encode(), end=True)
+    assert sse.finish_reason == reason
+
+
 @pytest.mark.parametrize("answer, chars", [
     ({"choices": [{"message": {"role": "assistant", "content": "x" * 400}}]}, 400),
     ({"choices": [{"message": {"content": None, "tool_calls": [
