@@ -493,6 +493,15 @@ def test_hash_needs_a_key_from_the_environment():
     assert content(r.redact("chat", chat("4111111111111111"), "t")).startswith("[CARD:")
 
 
+def test_a_short_key_is_refused_where_no_action_is_hash():
+    # It was left aside for the process's own key: the Responses placeholders then
+    # differed across replicas and restarts, with nothing said.
+    s = RedactionSettings(hmac_key_env="MY_KEY")
+    with pytest.raises(ValueError, match="MY_KEY holds 13 bytes: a key needs at least 16"):
+        Redactor(s, environ={"MY_KEY": "short-key-123"})
+    Redactor(s, environ={"MY_KEY": ""})  # set empty, as compose files leave it: unset
+
+
 def test_deny_and_default_deny_for_private_keys(redactor):
     pem = VALID["private_key"][0]
     res = redactor.redact("chat", chat(f"my key {pem} and {E}"), "t")

@@ -316,15 +316,21 @@ class Redactor:
             # The environment's bytes as they are: a key that is no UTF-8 (random bytes
             # from a Secret) reaches Python with surrogates, which .encode() refused.
             key = os.fsencode(key)
+        if key and len(key) < _MIN_KEY_BYTES:
+            # Refused even where no action is hash: left aside, the process's own key
+            # made the Responses placeholders differ across replicas and restarts.
+            raise ValueError(
+                f"the environment variable {settings.hmac_key_env} holds {len(key)} "
+                f"bytes: a key needs at least {_MIN_KEY_BYTES} bytes (or leave it unset)")
         hashed = sorted(c for c, a in self._actions.items() if a == "hash")
-        if hashed and (not key or len(key) < _MIN_KEY_BYTES):
+        if hashed and not key:
             raise ValueError(
                 f"action 'hash' for {', '.join(hashed)} needs a key of at least "
                 f"{_MIN_KEY_BYTES} bytes in the environment variable "
                 f"{settings.hmac_key_env}")
         # Also keys the Responses API's placeholders (see redact): without a key
         # configured, by one the process draws, the same for every reload.
-        self._master = key if key and len(key) >= _MIN_KEY_BYTES else _PROCESS_KEY
+        self._master = key or _PROCESS_KEY
         self._tenant_keys: dict[str, bytes] = {}
 
     # -- public --------------------------------------------------------------------------
