@@ -232,8 +232,9 @@ def _tenant_header_problem(name: str) -> str | None:
         return "Envoy hands the Host header to ATP as :authority, which no hop sets for a tenant"
     if not _HEADER_NAME.fullmatch(name):
         return "it is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
-    if name.startswith("x-atp-"):
-        return "Envoy removes every x-atp-* header a request brings before ATP sees it"
+    if name.startswith(("x-atp-", "x-envoy-")):
+        return (f"Envoy removes every {name[:name.index('-', 2) + 1]}* header a request "
+                "brings before ATP sees it")
     if name in CREDENTIAL_HEADERS:
         return "it carries the caller's credential, which ATP reads as an API key"
     return None
