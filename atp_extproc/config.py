@@ -342,7 +342,8 @@ def _ledger_problem(path: Path) -> str | None:
         except OSError:
             return None
         return None
-    for directory in path.parents:
+    # Where links lead, as the writer makes them there (a link to a directory not made).
+    for directory in Path(os.path.realpath(path)).parents:
         try:
             mode = os.stat(directory).st_mode
         except OSError:

@@ -102,6 +102,23 @@ def test_check_leaves_a_ledger_directory_the_writer_will_make(
     assert not (tmp_path / "new").exists()   # check makes nothing
 
 
+def test_a_ledger_behind_a_link_to_a_directory_not_made_yet_is_made_there(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An image's /etc/atp/run -> /var/lib/atp before the volume has it: check said OK and
+    # serve failed, as mkdir of the link itself does.
+    (tmp_path / "run").symlink_to(tmp_path / "var" / "lib" / "atp")
+    (tmp_path / "file-link").symlink_to(tmp_path / "missing" / "l.sqlite3")
+    for ledger in (tmp_path / "run" / "l.sqlite3", tmp_path / "file-link"):
+        assert check(capsys, write(tmp_path, with_ledger(ledger)))[0] == 0
+        ledger_db.connect(ledger).close()
+    assert (tmp_path / "var" / "lib" / "atp" / "l.sqlite3").is_file()
+    assert (tmp_path / "missing" / "l.sqlite3").is_file()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "bad").symlink_to(tmp_path / "afile" / "sub")
+    code, lines = check(capsys, write(tmp_path, with_ledger(tmp_path / "bad" / "l.sqlite3")))
+    assert code == 1 and f"{tmp_path / 'afile'} is not a directory" in lines[0]
+
+
 @pytest.mark.parametrize(("name", "problem"), [
     ("", "{tmp} exists and is not a socket"),
     ("afile", "{tmp}/afile exists and is not a socket"),

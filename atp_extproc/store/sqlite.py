@@ -197,6 +197,9 @@ def connect(path: str | Path, readonly: bool = False, *,
     if readonly:
         return _connect_readonly(path)
     if create_parent:
+        # Through links: a link to a directory not made yet (an image's /etc/atp/run ->
+        # /var/lib/atp) is made where it points; mkdir of the link itself fails.
+        path = Path(os.path.realpath(path))
         path.parent.mkdir(parents=True, exist_ok=True)
     return _prepared(sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
                                      check_same_thread=False, isolation_level=None),
