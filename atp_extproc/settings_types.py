@@ -56,10 +56,17 @@ _EXPECTED = {"int_type": "an integer", "float_type": "a number",
              "invalid_key": "a string key"}
 
 
+# Pydantic's reasons that do not quote the value.
+_SAYS_NOT_WHAT_IT_GOT = frozenset({"literal_error", "string_pattern_mismatch", "enum"})
+
+
 def problem_reason(error: ErrorDetails) -> str:
     """The reason of one of pydantic's errors, as atp.yaml's problems word it:
     `expected an integer, got the string '4194304'`."""
     expected = _EXPECTED.get(error["type"])
+    if error["type"] in _SAYS_NOT_WHAT_IT_GOT:
+        # "Input should be 'INFO' or ..." of `INFO` with a zero-width space after it.
+        return f"{error['msg']}, got {_as_written(error['input'])}"
     if expected is None:
         return error["msg"].removeprefix("Value error, ")
     return f"expected {expected}, got {_as_written(error['input'])}"

@@ -753,6 +753,17 @@ def test_a_number_key_is_named_as_a_key_not_a_list_index() -> None:
     assert path.endswith("aliases.5")
 
 
+def test_an_invisible_character_in_a_key_or_value_is_shown() -> None:
+    # Printed as it is, a pasted zero-width space read as the right key (or value)
+    # refused: "server.reload_poll_s: Extra inputs are not permitted".
+    text = yaml.safe_dump(base(), sort_keys=False) + \
+        "server:\n  \u200breload_poll_s: 1\n  log_level: \"INFO\\xa0\"\n"
+    assert error_of(text).problems == [
+        ("server.log_level", "Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR', got the "
+                             "string 'INFO\\xa0'"),
+        ("server.'\\u200breload_poll_s'", "Extra inputs are not permitted")]
+
+
 def test_a_null_or_true_key_is_named_and_lined_as_the_file_wrote_it() -> None:
     # Pydantic names a null key 'None' and a true key 1: the problems read `None` and
     # `[1]`, and the null key's line was the document's first.

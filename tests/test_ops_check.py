@@ -39,7 +39,8 @@ def test_a_policy_setting_problem_is_named_once(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = config(tmp_path, ("mode: per_policy", "mode: enforced"))
     assert check(capsys, path) == [
-        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'"]
+        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce', "
+        "got the string 'enforced'"]
 
 
 @pytest.mark.parametrize(("edit", "problems"), [
@@ -79,7 +80,8 @@ def test_policy_and_config_problems_are_each_named(
     path = config(tmp_path, ("mode: per_policy", "mode: enforced"),
                   ("max_json_depth: 64", "max_json_depth: 1"))
     assert check(capsys, path) == [
-        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce'",
+        f"{path}:10: policy.mode: Input should be 'per_policy', 'dry_run' or 'enforce', "
+        "got the string 'enforced'",
         f"{path}:2: server.max_json_depth: Input should be greater than or equal to 2"]
 
 

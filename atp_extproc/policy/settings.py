@@ -417,7 +417,9 @@ def located(doc: Any, loc: Iterable[Any]) -> tuple[str, int]:
 def _written_key(key: Any) -> str:
     if key is None or isinstance(key, bool):
         return {None: "null", True: "true", False: "false"}[key]
-    return str(key)
+    # A key with an invisible character (a pasted zero-width space, a no-break space)
+    # shows it: printed as it is, it read as the right key refused.
+    return str(key) if not isinstance(key, str) or key.isprintable() else repr(key)
 
 
 def line_of(doc: Any, loc: Iterable[Any]) -> int:
