@@ -692,3 +692,9 @@ def test_a_phone_keys_string_is_read_as_a_phone(redactor: Redactor) -> None:
     doc = {"input": [{"type": "function_call_output", "call_id": "c",
                       "output": {"phone": "442079460958"}}]}
     assert redactor.redact("responses", doc, "t").counts == {"phone": 1}
+
+
+def test_two_extensions_of_one_number_are_two_values(redactor: Redactor) -> None:
+    # They shared one placeholder, and restore gave sales' extension for support's.
+    text = "Sales: +1 415 555 0132 ext. 12. Support: +1 415 555 0132 ext. 34. Or +1 415 555 0132."
+    assert _chat_text(redactor, text) == "Sales: [PHONE_1]. Support: [PHONE_2]. Or [PHONE_3]."

@@ -1274,6 +1274,10 @@ class Scanner:
             stop = run.chunk_end(end)
             if run.ext is not None and end == nch - 1:
                 stop = run.ext[1]
+                # Another extension reaches another person: the value is another one,
+                # with a placeholder of its own ("ext. 12" and "ext. 34" shared one).
+                tail = asc[run.ext[0]:stop]
+                value += "x" + tail[len(tail.rstrip(b"0123456789")):].decode()
             if asc[start] == 40 and 41 not in asc[start:stop]:
                 # "(020 7946 0958)", "seed(912345678)": a bracket around the number, whose
                 # ")" stays outside; taken alone it would leave the text unbalanced.
