@@ -323,6 +323,40 @@ def test_a_responses_answers_citations_move_with_what_restore_puts_back():
     assert (ann["start_index"], ann["end_index"]) == _cited(part["text"])
 
 
+def test_a_file_citations_index_moves_with_what_restore_puts_back():
+    # Its `index` (where the citation goes in the text) stayed: it landed inside a word,
+    # or past the text's end.
+    cite = {"type": "file_citation", "file_id": "f1", "filename": "docs.pdf", "index": DOCS}
+    where = {"item_id": "m1", "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": CITED_TEXT, "annotations": [cite]}
+    body = json.dumps({"output": [{"type": "message", "content": [part]}]}).encode()
+    whole = json.loads(restorer().restore_json(body))["output"][0]["content"][0]
+    assert whole["annotations"][0]["index"] == _cited(whole["text"])[0]
+    stream = event({"type": "response.output_text.delta", **where, "delta": CITED_TEXT})
+    stream += event({"type": "response.output_text.annotation.added", **where,
+                     "annotation_index": 0, "annotation": cite})
+    out = events(run(restorer(), [stream]))
+    assert out[-1]["annotation"]["index"] == _cited(out[0]["delta"])[0]
+
+
+def test_a_restored_logprob_tokens_bytes_are_the_restored_tokens():
+    # The token came back restored and its bytes still spelled the placeholder.
+    def entry(token: str) -> dict:
+        return {"token": token, "logprob": -0.1, "bytes": list(token.encode()),
+                "top_logprobs": [{"token": token, "logprob": -0.1,
+                                  "bytes": list(token.encode())}]}
+
+    body = json.dumps({"choices": [{"index": 0, "message": {"content": "[EMAIL_1]"},
+                                    "logprobs": {"content": [entry("[EMAIL_1]")]}}]})
+    want = entry(MAPPING["[EMAIL_1]"])
+    assert json.loads(restorer().restore_json(body.encode()))["choices"][0][
+        "logprobs"]["content"] == [want]
+    chunk = {"choices": [{"index": 0, "delta": {"content": "[EMAIL_1]"},
+                          "logprobs": {"content": [entry("[EMAIL_1]")]}}]}
+    out = events(run(restorer(), [event(chunk)]))
+    assert out[0]["choices"][0]["logprobs"]["content"] == [want]
+
+
 def test_streamed_citations_move_with_what_restore_put_back_in_the_deltas():
     where = {"item_id": "m1", "output_index": 0, "content_index": 0}
     pieces = ["Mail [EMA", "IL_1] or [CARD_1]; ", "see the docs."]

@@ -19,8 +19,8 @@ finishing one, so no text is ever lost. That event carries only what identifies 
 position and the held text: clients that add deltas up (the SDKs' stream helpers) would
 otherwise get a role, a tool call's id or name, or logprobs twice.
 
-Citations (`url_citation` start_index and end_index) point into the text as the provider
-wrote it: they move by what restore put back before them, in a whole text and in a
+Citations (`url_citation` start_index and end_index, a file citation's index) point into
+the text as the provider wrote it: they move by what restore put back before them, in a whole text and in a
 streamed one.
 
 Growth is bounded: an answer repeating a long value's placeholder ("[JWT_1] " ten thousand
@@ -278,8 +278,10 @@ class Restorer:
         found = {t for t in tokens if t in self._bytes}
         if not found:
             return None
-        # Citations point into the text: they move with what restore puts back.
-        if all(self._safe[t] for t in found) and b'"start_index"' not in body:
+        # Citations point into the text: they move with what restore puts back; so do a
+        # logprob token's bytes.
+        if all(self._safe[t] for t in found) and not _CITATION.search(body) and \
+                b'"bytes"' not in body:
             return self._sub(_TOKEN_B, self._bytes, body, tokens)
         try:
             return _dumps(self._node(_loads(body)))
@@ -295,6 +297,7 @@ class Restorer:
                    for k, v in node.items()}
             if "annotations" in node:
                 self._recite(node, out)
+            _rebyte(node, out)
             return out
         if isinstance(node, list):
             return [self._node(v) for v in node]
@@ -414,7 +417,7 @@ class Restorer:
         # ending in "[", which may be one) needs a look; JSON's own arrays do not; nor
         # does a citation, unless restore lengthened the text it points into.
         if not self._carry and not _MAYBE.search(event) and not (
-                self._grown and b'"start_index"' in event):
+                self._grown and _CITATION.search(event)):
             if _TEXT_DELTA.search(event):
                 self._count_sent(event)
             return event
@@ -546,6 +549,7 @@ class Restorer:
                     out[k] = new_v
                 if "annotations" in out or "annotation" in out:
                     changed |= self._cite(ctx, phys, logical, incremental, node, out)
+                _rebyte(node, out)
                 return out
             if isinstance(node, list):
                 items = []
@@ -675,9 +679,24 @@ def _text_position(ctx: tuple, logical: tuple) -> tuple | None:
     return None
 
 
+def _rebyte(old: dict, new: dict) -> None:
+    """A logprob's `bytes` as its restored `token`'s: clients that build the text from
+    the bytes (as OpenAI advises for tokens that split a character) got the placeholder."""
+    token, was = new.get("token"), old.get("token")
+    if isinstance(token, str) and token != was and isinstance(was, str) and \
+            old.get("bytes") == list(was.encode()):
+        new["bytes"] = list(token.encode())
+
+
+# What a citation of a text position says: a range, or a file's insertion point.
+_CITATION = re.compile(rb'"start_index"|"(?:file_citation|file_path)"')
+_POINT_CITATIONS = ("file_citation", "file_path")
+
+
 def _move_citations(annotations: Any, growth: Growth) -> bool:
-    """Citations' start_index and end_index (in Chat, under url_citation) moved by the
-    growth before them; an index inside a restored value goes to its start."""
+    """Citations' start_index and end_index (in Chat, under url_citation), and a file
+    citation's `index` (where it goes in the text), moved by the growth before them; an
+    index inside a restored value goes to its start."""
     if not growth or not isinstance(annotations, list):
         return False
     ends = [end for _, end, _ in growth]
@@ -687,7 +706,9 @@ def _move_citations(annotations: Any, growth: Growth) -> bool:
             continue
         cited = annotation.get("url_citation")
         cited = cited if isinstance(cited, dict) else annotation
-        for name in ("start_index", "end_index"):
+        names = ("index",) if cited.get("type") in _POINT_CITATIONS else (
+            "start_index", "end_index")
+        for name in names:
             index = cited.get(name)
             if not isinstance(index, int) or isinstance(index, bool):
                 continue
