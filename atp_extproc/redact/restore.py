@@ -20,8 +20,8 @@ position and the held text: clients that add deltas up (the SDKs' stream helpers
 otherwise get a role, a tool call's id or name, or logprobs twice.
 
 Citations (`url_citation` start_index and end_index, a file citation's index) point into
-the text as the provider wrote it: they move by what restore put back before them, in a whole text and in a
-streamed one.
+the text as the provider wrote it: they move by what restore put back before them, in a
+whole text and in a streamed one.
 
 Growth is bounded: an answer repeating a long value's placeholder ("[JWT_1] " ten thousand
 times, for a 600 KB token) would otherwise grow without limit. Each text (a string, a raw
