@@ -595,8 +595,10 @@ class Exchange:
             rec.usage_injected = True
         new_body = rewrite(parsed, changes, drop=self._drop) if changes or self._drop else None
         # Usage (and any placeholder to restore) must be readable in the answer: no
-        # compressed answers. Clients such as openai-python ask for gzip.
-        response = envoy_api.request_body(headers, new_body, remove_headers=_NO_COMPRESSION)
+        # compressed answers. Clients such as openai-python ask for gzip; and a request
+        # without Accept-Encoding takes any coding (RFC 9110, 12.5.3).
+        headers["accept-encoding"] = "identity"
+        response = envoy_api.request_body(headers, new_body)
         self._forwarded = self.clock()
         return response
 
@@ -1101,7 +1103,6 @@ class Exchange:
         return Usage(prompt_tokens, 0, estimated=True)
 
 
-_NO_COMPRESSION = ("accept-encoding",)
 # Each list of tools a body may declare (llm_api.TOOL_LISTS), the choice that may
 # force one of them, then other settings that cannot go without the list.
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),

@@ -313,7 +313,7 @@ async def test_a_request_decided_at_its_body_is_stripped_and_timed_as_the_new_co
     replies = [r async for r in ExternalProcessor(holder).Process(messages(), _Context())]
     assert "x-tenant" not in replies[0].request_headers.response.header_mutation.remove_headers
     removed = replies[1].request_body.response.header_mutation.remove_headers
-    assert "x-tenant" in removed and "accept-encoding" in removed
+    assert "x-tenant" in removed
     (record,) = records
     assert record.config_version == trusting.version and record.duration_ms >= 50
 
