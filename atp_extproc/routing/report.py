@@ -26,8 +26,9 @@ def parse_since(text: str, now: float | None = None) -> int:
     units = {"m": 60, "h": 3600, "d": 86400}
     if text and text[-1] in units and text[:-1].isdigit():
         # Before the epoch is as far back as the ledger goes (and what SQLite can hold).
-        return max(0, int((now if now is not None else time.time())
-                          - int(text[:-1]) * units[text[-1]]))
+        # In integers: 10^309 hours is no float.
+        return max(0, int(now if now is not None else time.time())
+                   - int(text[:-1]) * units[text[-1]])
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
