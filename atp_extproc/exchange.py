@@ -790,7 +790,9 @@ class Exchange:
     def _on_response_headers(self, headers_msg) -> ProcessingResponse:
         headers = envoy_api.headers_of(headers_msg.headers)
         rec = self.record
-        rec.ttfb_ms = self._since_forwarded_ms()
+        # Envoy's own answer to a request never forwarded (408 to a body that stalled)
+        # has no time to first byte.
+        rec.ttfb_ms = self._since_forwarded_ms() if self._forwarded is not None else None
         try:
             rec.status = int(headers.get(":status", "0"))
         except ValueError:
@@ -970,8 +972,11 @@ class Exchange:
                 # (upstream_unavailable), not the 200 they began with.
                 rec.status = 502
         elif not rec.error_code and rec.operation and self._parsed is None:
+            # Envoy's 408 (the body stalled) and 400 (a bad chunk) end a body that never
+            # came whole, as a client leaving does.
             rec.error_code = (ENVOY_TOO_LARGE if rec.status == 413 else
-                              INCOMPLETE_REQUEST if not rec.status else "")
+                              INCOMPLETE_REQUEST if not rec.status or rec.status >= 400
+                              else "")
         usage = self._usage()
         price: PriceSnapshot | None = None
         if self.model is not None:

@@ -757,6 +757,16 @@ def test_a_client_that_leaves_before_its_body_ends_is_recorded_so(snap) -> None:
     assert (rec.status, rec.error_code, rec.operation) == (0, "request_incomplete", "chat")
 
 
+@pytest.mark.parametrize("status", [408, 400])
+def test_envoys_answer_to_a_body_that_never_came_whole_is_recorded_so(snap, status) -> None:
+    # A body that stalled (Envoy's 408) or a bad chunk (its 400): the record said
+    # `error_code: ""`, and a time to first byte counted from the request's headers.
+    ex, _ = start(snap)
+    ex.handle(resp_headers(status, "text/plain"))
+    rec = ex.finish()
+    assert (rec.status, rec.error_code, rec.ttfb_ms) == (status, "request_incomplete", None)
+
+
 def test_a_buffered_body_followed_by_trailers_is_whole(snap) -> None:
     """Envoy says it buffers (protocol_config): a body without end_of_stream is whole."""
     ex = Exchange(snap)
