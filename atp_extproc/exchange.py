@@ -274,10 +274,15 @@ class Exchange:
             return self._answer_models(rec.method, path)
         operation = "feedback" if path == FEEDBACK_PATH else OPERATIONS.get(path)
         if operation is None:
-            raise RequestError(404, f"Invalid URL ({rec.method} {_echo(path)}): ATP serves "
-                               f"{_SERVED}", "unknown_url")
+            # (CONNECT names no path.)
+            raise RequestError(404, f"Invalid URL ({f'{rec.method} {_echo(path)}'.strip()}): "
+                               f"ATP serves {_SERVED}", "unknown_url")
         if rec.method != "POST":
-            raise RequestError(405, f"Method {rec.method} is not allowed on {path}: ATP "
+            # A standard name in another case ("post", which HTTP/2 passes) is said so.
+            shown = rec.method if rec.method != "<other>" else (
+                f"{method!r} (methods are case-sensitive)" if method.upper() in _METHODS
+                else "<other>")
+            raise RequestError(405, f"Method {shown} is not allowed on {path}: ATP "
                                f"serves {_SERVED}", "method_not_allowed",
                                headers={"allow": "POST"})
         if message.request_headers.end_of_stream:

@@ -739,6 +739,19 @@ def test_bad_request_headers(snap, method, path, key, end, status, code) -> None
     assert ex.record.status == status
 
 
+@pytest.mark.parametrize("method, path, message", [
+    ("CONNECT", "", "Invalid URL (CONNECT): ATP serves"),
+    ("post", CHAT, "Method 'post' (methods are case-sensitive) is not allowed"),
+    ("BREW", CHAT, "Method <other> is not allowed"),
+])
+def test_an_odd_method_or_target_is_named_plainly(snap, method, path, message) -> None:
+    # "Invalid URL (CONNECT ): ..." and "Method <other>" for HTTP/2's lowercase post.
+    resp = Exchange(snap).handle(req_headers(method, path, ALICE))
+    assert assert_error(resp, 404 if not path else 405,
+                        "unknown_url" if not path else "method_not_allowed")[
+        "message"].startswith(message)
+
+
 def test_auth_checked_before_path(snap) -> None:
     resp = Exchange(snap).handle(req_headers("POST", "/nowhere", None))
     assert_error(resp, 401, "invalid_api_key")
