@@ -244,7 +244,8 @@ def _parse_object(text: str) -> ParsedBody:
         try:
             json.loads(text)
         except ValueError:
-            raise ValueError("expected a JSON object") from None
+            # Where: a NUL or a no-break space before the "{" is no JSON whitespace.
+            raise ValueError(f"expected a JSON object at character {i}") from None
         raise RequestError(400, "The request body must be a JSON object", "invalid_body")
     open_brace = i
     doc: dict[str, Any] = {}

@@ -146,6 +146,13 @@ def test_parse_body_not_utf8(raw: bytes, where: int) -> None:
     assert f"not UTF-8 at byte {where}" in err.message
 
 
+@pytest.mark.parametrize("raw, where", [(b"\x00{}", 0), (b" \xc2\xa0{}", 1)])
+def test_a_character_no_json_allows_before_the_object_is_pointed_at(raw, where) -> None:
+    err = refused(raw)
+    assert err.code == "invalid_json"
+    assert err.message.endswith(f"expected a JSON object at character {where}")
+
+
 def test_parse_body_utf8_bom_is_not_json() -> None:
     err = refused("\ufeff{}".encode())
     assert err.code == "invalid_json" and "byte order mark" in err.message
