@@ -606,6 +606,14 @@ _AWS_SESSION = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQD" + "Ab9/
     f"aws configure set aws_secret_access_key {_AWS_SECRET}",
     f"- name: AWS_SECRET_ACCESS_KEY\n  value: {_AWS_SECRET}",
     f"secret_key: {_AWS_SECRET}",
+    # Spelled in another case than the literals that let the pattern run, or in prose,
+    # or beside its key id (the console's CSV): the secret half went out.
+    f"SECRET_ACCESS_KEY={_AWS_SECRET}",
+    f"secretAccessKey: '{_AWS_SECRET}'",
+    f"sessionToken: '{_AWS_SESSION}'",
+    f"Secret access key: {_AWS_SECRET}",
+    f"The key is AKIAIOSFODNN7EXAMPLE and the secret is {_AWS_SECRET}.",
+    f"Access key ID,Secret access key\nAKIAIOSFODNN7EXAMPLE,{_AWS_SECRET}\n",
 ])
 def test_an_aws_secret_without_aws_before_it_is_found(redactor: Redactor, text: str) -> None:
     # Only "aws…secret = …" was read: STS's answer, the CLI's command and a Kubernetes

@@ -115,9 +115,7 @@ _AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA",
 # Per secret class, literals one of its patterns must contain: a class none of whose
 # literals occurs in the text is skipped without running its patterns.
 _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
-    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "aws", "AWS", "Aws",
-                  "SecretAccessKey", "secret_key", "SECRET_KEY", "SessionToken",
-                  "session_token", "SESSION_TOKEN"),
+    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey="),
     "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_"),
     "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     "slack_token": ("xox", "xapp-", "hooks.slack.com"),
@@ -125,6 +123,9 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
     "private_key": ("-----BEGIN", "-----begin", "-----Begin", "-----END", "-----end",
                     "-----End"),
 }
+# Words that may come in any case (its patterns read them so): `secretAccessKey`,
+# `SECRET_ACCESS_KEY`, `sessionToken`.
+_SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -148,7 +149,8 @@ _SET_PATTERNS: dict[str, str] = {
     # One entry per class, so the Set pass alone tells which classes can match: ordinary
     # words hit the literals often ("laws", "task-") and re-checking each literal would
     # cost a search of the whole text apiece.
-    **{_SECRET_SET_NAMES[cls]: "|".join(re.escape(lit) for lit in lits)
+    **{_SECRET_SET_NAMES[cls]: "|".join([*map(re.escape, lits), *(
+        [_SECRET_WORDS[cls]] if cls in _SECRET_WORDS else [])])
        for cls, lits in _SECRET_LITERALS.items()},
     "placeholder": PLACEHOLDER,
     "data_uri": r"data:[A-Za-z]+/[A-Za-z0-9.+\-]+;base64,",
@@ -188,9 +190,14 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)"),
         # AWS's secret key and session token without "aws" before them: STS's JSON
         # (`"SecretAccessKey": "…"`), `aws configure set aws_secret_access_key …`, a
-        # Kubernetes env entry (`name: AWS_SECRET_ACCESS_KEY` then `value: …`).
-        _rx(r"(?i)secret_?(?:access_?)?key[\"']?" + _KEY_VALUE_SEP
+        # Kubernetes env entry (`name: AWS_SECRET_ACCESS_KEY` then `value: …`), prose
+        # ("Secret access key: …", "the secret is …").
+        _rx(r"(?i)secret(?:[_ \-]?(?:access[_ \-]?)?key)?[\"']?(?:\s+is)?" + _KEY_VALUE_SEP
             + r"(?P<v>[A-Za-z0-9/+]{40})"),
+        # ... or right after its key id: the console's CSV ("AKIA…,wJalr…"), a pair in
+        # a line.
+        _rx(r"(?:AKIA|ASIA)[A-Z0-9]{16}[\"']?(?:\s*[,;|:=]\s*|\s+)[\"']?"
+            r"(?P<v>[A-Za-z0-9/+]{40})"),
         _rx(r"(?i)session_?token[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9/+]{100,}={0,2})"),
     ),
     "api_key": (
