@@ -65,9 +65,19 @@ VALID = {
     "ipv4": ["192.168.0.1", "8.8.8.8", "255.255.255.255", "10.0.0.254"],
     "ipv6": ["2001:db8:85a3::8a2e:370:7334", "fe80::1", "2001:0db8:0000:0000:0000:ff00:0042:8329",
              "::ffff:192.0.2.128", "2001:db8::"],
-    "cloud_key": ["AKIAIOSFODNN7EXAMPLE", "AIzaSyA1234567890abcdefghijklmnopqrstuv"],
+    "cloud_key": ["AKIAIOSFODNN7EXAMPLE", "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+                  "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", "ya29.a0AfB_byC1d2E3f4G5h6I7j8K9",
+                  "Abc8Q~dEfGhIjKlMnOpQrStUvWxYz0123456789"],
     "api_key": ["sk-proj-abc123DEF456ghi789JKL012mno345", "sk-ant-api03-abcdEFGH1234ijklMNOP5678",
-                "sk_live_4eC39HqLyjWDarjtT1zdp7dc"],
+                "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+                # Other providers' prefixes, each of which went out in clear.
+                "glpat-Ab1Cd2Ef3Gh4Ij5Kl6Mn", "gsk_" + "Ab1Cd2Ef3G" * 5,
+                "xai-" + "Ab1Cd2Ef3G" * 8, "pplx-" + "Ab1Cd2Ef3G" * 4 + "Ab1Cd2Ef",
+                "r8_" + "Ab1Cd2Ef3G" * 3 + "Ab1Cd2E", "whsec_" + "Ab1Cd2Ef" * 4,
+                "SG." + "Ab1Cd2Ef3G" * 2 + "Ab" + "." + "Ab1Cd2Ef3G" * 4 + "Ab1",
+                "npm_" + "Ab1Cd2Ef3G" * 3 + "Ab1Cd2", "shpat_" + "0123456789abcdef" * 2,
+                "dop_v1_" + "0123456789abcdef" * 4, "123456789:AA" + "Ab1Cd2Ef3G" * 3 + "Ab1",
+                "lin_api_" + "Ab1Cd2Ef3G" * 4, "dapi" + "0123456789abcdef" * 2],
     "github_token": ["ghp_abcdefghijklmnopqrstuvwxyz0123456789",
                      "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"],
     "slack_token": ["xoxb-123456789012-1234567890123-abcdefABCDEF",
@@ -76,7 +86,11 @@ VALID = {
             "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
     "private_key": ["-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n"
                     "-----END RSA PRIVATE KEY-----",
-                    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA"],
+                    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA",
+                    # Armour of four dashes, as retyped.
+                    "----BEGIN PRIVATE KEY----\nMIIEpAIBAAKCAQEA7\n----END PRIVATE KEY----",
+                    "AGE-SECRET-KEY-1"
+                    + "QQPQ4QZ3X5V7X8Q9W0E2R3T4Y5U6Z7L8P9A0S1D2F3G4H5J6K7L8Z23456"],
 }
 
 INVALID = {

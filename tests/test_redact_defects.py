@@ -706,3 +706,31 @@ def test_two_extensions_of_one_number_are_two_values(redactor: Redactor) -> None
     # They shared one placeholder, and restore gave sales' extension for support's.
     text = "Sales: +1 415 555 0132 ext. 12. Support: +1 415 555 0132 ext. 34. Or +1 415 555 0132."
     assert _chat_text(redactor, text) == "Sales: [PHONE_1]. Support: [PHONE_2]. Or [PHONE_3]."
+
+
+_B64 = "AAAAIHcR9" + "Ab1Cd2Ef3Gh4" * 5
+
+
+@pytest.mark.parametrize(("text", "cls"), [
+    # Private keys out of PEM, which deny refuses by default: they went out.
+    (f"PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\n{_B64}\nPrivate-MAC: ab12",
+     "private_key"),
+    ("[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=", "private_key"),
+    (f"private_key: MIIEpAIBAAKCAQEA{_B64}", "private_key"),
+    # Azure's other secrets, a Discord webhook.
+    ("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=root;"
+     "SharedAccessKey=" + "Ab1Cd2Ef3G" * 4 + "Ab1=", "cloud_key"),
+    ("https://acct.blob.core.windows.net/c/f?sv=2022-11-02&sp=r&sig=" + "Ab1Cd2Ef3G" * 4
+     + "Ab1%3D", "cloud_key"),
+    ("https://discord.com/api/webhooks/123456789012345678/" + "Ab1Cd2Ef3G" * 6 + "Ab1Cd",
+     "api_key"),
+])
+def test_secrets_of_other_forms_are_found(redactor: Redactor, text: str, cls: str) -> None:
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == {cls: 1}
+
+
+def test_a_private_key_under_its_json_key_is_found(redactor: Redactor) -> None:
+    doc = {"messages": [{"role": "tool", "tool_call_id": "c", "content": json.dumps(
+        {"privateKey": "MIIEpAIBAAKCAQEA" + _B64})}]}
+    assert redactor.redact("chat", doc, "t").counts == {"private_key": 1}

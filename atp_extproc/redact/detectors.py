@@ -115,17 +115,22 @@ _AWS_PREFIXES = ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA", "ANPA",
 # Per secret class, literals one of its patterns must contain: a class none of whose
 # literals occurs in the text is skipped without running its patterns.
 _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
-    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey="),
-    "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_"),
+    "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "GOCSPX-", "ya29.",
+                  "SharedAccessKey=", "sig=", "Q~"),
+    "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_",
+                "gl", "gsk_", "xai-", "pplx-", "r8_", "pcsk_", "lsv2_", "fw_", "whsec_",
+                "SG.", "npm_", "shp", "_v1_", ":AA", "/api/webhooks/", "pypi-", "dapi",
+                "ATATT", "secret_", "ntn_", "lin_api_"),
     "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     "slack_token": ("xox", "xapp-", "hooks.slack.com"),
     "jwt": ("eyJ",),
-    "private_key": ("-----BEGIN", "-----begin", "-----Begin", "-----END", "-----end",
-                    "-----End"),
+    "private_key": ("---BEGIN", "---begin", "---Begin", "---END", "---end", "---End",
+                    "Private-Lines:", "PrivateKey", "AGE-SECRET-KEY-"),
 }
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
-_SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)"}
+_SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
+                 "private_key": r"(?i:private[_ \-]?key)"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -188,6 +193,13 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"(?i)aws[A-Za-z_ \-]{0,30}(?:secret|private)[A-Za-z_ \-]{0,30}[\"']?\s*[=:]\s*"
             r"[\"']?(?P<v>[A-Za-z0-9/+]{40,})"),
         _rx(r"AccountKey=(?P<v>[A-Za-z0-9+/]{86}==)"),
+        # Google's OAuth client secret and access token; Azure's Service Bus / IoT Hub
+        # key, a SAS URL's signature, an Entra ID client secret ("Abc8Q~…").
+        _rx(r"GOCSPX-[A-Za-z0-9_\-]{28}"),
+        _rx(r"ya29\.[A-Za-z0-9_\-]{20,}"),
+        _rx(r"SharedAccessKey=(?P<v>[A-Za-z0-9+/]{43}=)"),
+        _rx(r"[?&]sig=(?P<v>[A-Za-z0-9%+/]{40,}(?:%3[Dd]|=){0,2})"),
+        _rx(r"[A-Za-z0-9_\-.~]{3}[0-9]Q~[A-Za-z0-9_\-.~]{31,34}"),
         # AWS's secret key and session token without "aws" before them: STS's JSON
         # (`"SecretAccessKey": "…"`), `aws configure set aws_secret_access_key …`, a
         # Kubernetes env entry (`name: AWS_SECRET_ACCESS_KEY` then `value: …`), prose
@@ -205,6 +217,27 @@ _SECRETS: dict[str, tuple] = {
             r"[A-Za-z0-9_\-]{20,}"),
         _rx(r"[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"),
         _rx(r"hf_[A-Za-z0-9]{30,}"),
+        # Other providers' keys by their prefixes: GitLab, Groq, xAI, Perplexity,
+        # Replicate, Pinecone, LangSmith, Fireworks, Stripe's webhook secret, SendGrid,
+        # npm, Shopify, DigitalOcean; a Telegram bot's token, a Discord webhook's.
+        _rx(r"gl(?:pat|rt|dt|ptt|oas|soat|ft|cbt)-[A-Za-z0-9_\-]{20,}"),
+        _rx(r"(?:gsk|pcsk|whsec|npm)_[A-Za-z0-9_]{30,}"),
+        _rx(r"(?:xai|pplx)-[A-Za-z0-9]{40,}"),
+        _rx(r"r8_[A-Za-z0-9]{30,}"),
+        _rx(r"lsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}"),
+        _rx(r"fw_[A-Za-z0-9]{20,}"),
+        _rx(r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
+        _rx(r"shp(?:at|ss|ca|pa)_[a-fA-F0-9]{32}"),
+        _rx(r"do[opr]_v1_[a-f0-9]{64}"),
+        _rx(r"[0-9]{8,10}:AA[A-Za-z0-9_\-]{33}"),
+        _rx(r"discord(?:app)?\.com/api/webhooks/[0-9]{17,20}/(?P<v>[A-Za-z0-9_\-]{60,})"),
+        # PyPI, Databricks, Atlassian, Notion, Linear, Together.
+        _rx(r"pypi-AgE[A-Za-z0-9_\-]{50,}"),
+        _rx(r"dapi[a-f0-9]{32}"),
+        _rx(r"ATATT3[A-Za-z0-9_\-=]{100,}"),
+        _rx(r"(?:secret|ntn)_[A-Za-z0-9]{43,}"),
+        _rx(r"lin_api_[A-Za-z0-9]{40}"),
+        _rx(r"tgp_v1_[A-Za-z0-9_\-]{40,}"),
     ),
     "github_token": (_rx(r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}"),
                      _rx(r"github_pat_[A-Za-z0-9_]{40,}")),
@@ -215,15 +248,23 @@ _SECRETS: dict[str, tuple] = {
     "jwt": (_rx(r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),),
     # Armour lines in any case: retyped or lower-cased, they still frame a key.
     "private_key": (_rx(
-        r"(?i)-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[^\-\x00]|-[^\-\x00])*?"
-        r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?i)-{3,6}BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}(?:[^\-\x00]|-[^\-\x00])*?"
+        r"-{3,6}END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
         # Truncated (no END line): the BEGIN line and the key lines that follow it.
-        r"|-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"|-{3,6}BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
         r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\]*))*"
         # Truncated at the top (no BEGIN line): the key lines before the END line, all but
         # the last one of 16 characters at least, as prose words are not.
         r"|(?:[A-Za-z0-9+/=]{16,}(?:\s|\\[nr])+)+(?:[A-Za-z0-9+/=]{1,15}(?:\s|\\[nr])+)?"
-        r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----"),),
+        r"-{3,6}END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"),
+        # Private keys in other forms: PuTTY's .ppk (its private lines), WireGuard's
+        # config, an age identity.
+        _rx(r"Private-Lines: [0-9]+(?:\r?\n|\\r?\\n)(?P<v>[A-Za-z0-9+/=]{4,}"
+            r"(?:(?:\r?\n|\\r?\\n)[A-Za-z0-9+/=]{4,})*)"),
+        _rx(r"PrivateKey\s*=\s*(?P<v>[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)"),
+        _rx(r"AGE-SECRET-KEY-1[0-9A-Z]{58}"),
+        # A key's DER base64 under its name ("private_key: MIIE…", a JSON key's label).
+        _rx(r"(?i)private[_ \-]?key[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9+/]{60,}={0,2})")),
 }
 
 
@@ -339,7 +380,8 @@ _KEY_HINT = re.compile(r"(?i)ph|te|mob|cel|fax|msisdn|wh|sms|han|por|land|tfn|ca
 _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
 # A key naming AWS's secret key or session token ("SecretAccessKey" in STS's answer,
 # "aws_secret_access_key"): its value is read with the key's name as its label.
-_SECRET_KEY_NAME = re.compile(r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))")
+_SECRET_KEY_NAME = re.compile(
+    r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
 # Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
@@ -354,7 +396,8 @@ def key_class(key: str) -> str | None:
     None for any other key."""
     secret = _SECRET_KEY_NAME.fullmatch(key)
     if secret is not None:
-        return "session_token" if secret.group(1) else "secret_key"
+        return "session_token" if secret.group(1) else \
+            "private_key" if secret.group(2) else "secret_key"
     if _KEY_HINT.search(key) is None:
         return None
     words = _KEY_SPLIT.sub(" ", _KEY_E164.sub(" msisdn ", key)).lower().split()
