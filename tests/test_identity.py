@@ -432,6 +432,16 @@ def test_a_forwarded_token_with_an_integer_past_a_double_is_still_known() -> Non
     assert who.tenant == "alice"
 
 
+def test_a_bearer_with_an_integer_past_any_double_is_no_token_not_a_crash() -> None:
+    # float() of a 401-digit exp raised OverflowError: ATP failed the stream, and the
+    # client got 500 "ATP is down" for what is a wrong key.
+    bearer = bearer_of({"sub": "u1", "exp": 10**400})
+    with pytest.raises(RequestError) as info:
+        identify(snapshot(JWT_AND_KEYS), {"authorization": bearer},
+                 jwt_metadata({"sub": "u1", "exp": 1.0}))
+    assert (info.value.status, info.value.code) == (401, "invalid_api_key")
+
+
 @pytest.mark.parametrize("authorization", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   "])
 def test_an_unreadable_authorization_beside_a_valid_key_is_401(example, authorization) -> None:
     err = refused(example, {"authorization": authorization, "api-key": ALICE})
