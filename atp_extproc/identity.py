@@ -95,7 +95,13 @@ def _same_claim(token: Any, verified: Any) -> bool:
 
 
 def _lookup(snapshot: Snapshot, key: str) -> ApiKey:
-    digest = hashlib.sha256(key.encode()).hexdigest()
+    # The header's own bytes (read as Latin-1): a key with é, sent as UTF-8 and hashed
+    # as `printf %s KEY | sha256sum` does, matched only in its garbled spelling.
+    try:
+        sent = key.encode("latin-1")
+    except UnicodeEncodeError:
+        sent = key.encode()
+    digest = hashlib.sha256(sent).hexdigest()
     found = snapshot.api_keys.get(digest)
     # The dict lookup already matched; compare again in constant time so a partial match
     # never returns sooner than a miss.

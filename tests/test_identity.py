@@ -432,6 +432,15 @@ def test_a_forwarded_token_with_an_integer_past_a_double_is_still_known() -> Non
     assert who.tenant == "alice"
 
 
+def test_a_key_with_non_ascii_characters_matches_its_utf8_digest() -> None:
+    # Envoy's header bytes are read as Latin-1: hashed as that text's UTF-8, the key
+    # matched only a garbled digest, never the one `printf %s KEY | sha256sum` gives.
+    key = "sk-café-ünï"
+    snap = snapshot("auth:\n  api_keys:\n" + key_entry(key, "k", "carol"))
+    sent = key.encode().decode("latin-1")  # as headers_of gives the header
+    assert identify(snap, {"authorization": f"Bearer {sent}"}, None).tenant == "carol"
+
+
 def test_a_bearer_with_an_integer_past_any_double_is_no_token_not_a_crash() -> None:
     # float() of a 401-digit exp raised OverflowError: ATP failed the stream, and the
     # client got 500 "ATP is down" for what is a wrong key.
