@@ -237,7 +237,17 @@ def _tenant_header_problem(name: str) -> str | None:
                 "brings before ATP sees it")
     if name in CREDENTIAL_HEADERS:
         return "it carries the caller's credential, which ATP reads as an API key"
+    if name in _HTTP_OWN_HEADERS:
+        return ("HTTP or Envoy sets it for every request (its framing, its id, where it "
+                "came from): no hop in front can name a tenant in it")
     return None
+
+
+# x-request-id read as the tenant made each keyless caller a tenant of its own.
+_HTTP_OWN_HEADERS = frozenset((
+    "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
+    "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
+    "te", "upgrade", "keep-alive", "proxy-connection", "expect", "accept-encoding"))
 
 
 # A host name or IPv4 address (an IPv6 address goes in brackets).

@@ -179,6 +179,9 @@ def test_merges_of_merges_are_no_duplicates_in_either_loader() -> None:
     ("X-ATP-Tenant", "Envoy removes every x-atp-* header"),
     # The shipped configs remove x-envoy-* too: every request was a 401.
     ("x-envoy-tenant", "Envoy removes every x-envoy-* header"),
+    # Envoy sets x-request-id: every keyless caller was a tenant of its own.
+    ("x-request-id", "no hop in front can name a tenant in it"),
+    ("content-length", "no hop in front can name a tenant in it"),
     ("", "it is empty"),
     ("x tenant", "not a valid HTTP header name"),
     ("x-tenant:", "not a valid HTTP header name"),
