@@ -424,6 +424,28 @@ def test_routes_that_never_read_atps_cluster_header_are_an_error():
             if "reads x-atp-cluster" in p.reason] == []
 
 
+def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
+    """Two exact x-atp-cluster matches swapped, or a static route ahead of the header
+    routes: check said OK, and ATP's record named a model another cluster served."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    doc = yaml.safe_load((ROOT / "envoy" / "egress-tls.yaml").read_text())
+    listener = next(v for v in doc["static_resources"]["listeners"] if v["name"] == "egress")
+    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"][0]["routes"]
+    openai = next(r for r in routes if r.get("route", {}).get("cluster") == "openai")
+    openai["route"]["cluster"] = "gemini"
+    reasons = [p.reason for p in missing_cluster_problems("e.yaml", yaml.safe_dump(doc),
+                                                          {"openai", "gemini"})]
+    assert any("x-atp-cluster: openai sends to cluster 'gemini'" in r for r in reasons)
+    front = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    vhost(front)["routes"].insert(0, {"match": {"prefix": "/v1/"},
+                                      "route": {"cluster": "demo_b"}})
+    (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                          {"demo_a", "demo_b"})
+    assert "comes before the routes reading x-atp-cluster" in problem.reason
+
+
 @pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",
                                      "weighted_cluster_header", "aggregate"])
 def test_routes_the_lint_cannot_follow_or_that_reach_a_cluster_pass(variant):

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from atp_extproc.config import envoy_buffer_limit
 from atp_extproc.exchange import CLUSTER_HEADER
+from atp_extproc.llm_api import OPERATIONS
 from atp_extproc.policy.settings import Problem, load_yaml
 
 EXT_PROC_TYPE = "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
@@ -618,7 +619,72 @@ def missing_cluster_problems(file: str, text: str,
                 "cluster_header or a header match): Envoy would send each request where "
                 "its Host or path says, not to the model's cluster ATP chose, with that "
                 "model's id and under its policies"))
+    problems += [Problem(file, line, "static_resources.listeners", reason)
+                 for reason in _misrouted(checked, set(model_clusters), clusters)]
     return problems
+
+
+def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
+               clusters: Any) -> list[str]:
+    """Routes that send a request ATP tagged for one model's cluster elsewhere: one that
+    matches x-atp-cluster's value and names another cluster (not an aggregate of it), and
+    one that, ahead of the routes of its virtual host reading x-atp-cluster, takes the
+    API's paths whatever it says. ATP's record (model, cluster, cost) and its policies
+    would be another's."""
+    members = _aggregates(clusters)
+    out: list[str] = []
+    for listener in listeners:
+        for host in _walk(listener):
+            routes = host.get("routes")
+            if "domains" not in host or not isinstance(routes, list):
+                continue
+            read = False
+            ahead: list[str] = []  # said only if a later route reads the header
+            for entry in routes:
+                match = entry.get("match") if isinstance(entry, dict) else None
+                route = entry.get("route") if isinstance(entry, dict) else None
+                if not isinstance(match, dict):
+                    continue
+                target = route.get("cluster") if isinstance(route, dict) else None
+                tagged = _atp_cluster_match(match)
+                if isinstance(tagged, str) and tagged in model_clusters and \
+                        isinstance(target, str) and target != tagged and \
+                        tagged not in members.get(target, ()):
+                    out.append(f"the route matching {CLUSTER_HEADER}: {tagged} sends to "
+                               f"cluster {target!r}: a model ATP routes to {tagged!r} would "
+                               f"be served by {target!r}")
+                if tagged is not None or (isinstance(route, dict) and str(
+                        route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
+                    out += ahead if not read else []
+                    read = True
+                elif not read and isinstance(target, str) and "headers" not in match and \
+                        (path := _takes_api_path(match)) is not None:
+                    ahead.append(f"a route to cluster {target!r} comes before the routes "
+                                 f"reading {CLUSTER_HEADER} and takes {path} whatever ATP "
+                                 "chose: those requests never reach the model's cluster")
+    return out
+
+
+def _atp_cluster_match(match: dict[str, Any]) -> str | bool | None:
+    """A route match's condition on x-atp-cluster: the exact value it asks for, True for
+    any other condition, None for none."""
+    for header in match.get("headers") or ():
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == CLUSTER_HEADER:
+            string_match = header.get("string_match")
+            exact = string_match.get("exact") if isinstance(string_match, dict) else \
+                header.get("exact_match")
+            return exact if isinstance(exact, str) else True
+    return None
+
+
+def _takes_api_path(match: dict[str, Any]) -> str | None:
+    """The first API path a route match (by prefix or path, no header) takes, if any."""
+    prefix = match.get("prefix", match.get("path_separated_prefix"))
+    path = match.get("path")
+    for api in OPERATIONS:
+        if (isinstance(prefix, str) and api.startswith(prefix)) or path == api:
+            return api
+    return None
 
 
 def _checked_listeners(static: Any) -> list[dict[str, Any]]:
@@ -666,14 +732,22 @@ def _routed_clusters(listeners: list[dict[str, Any]], clusters: Any) -> set[str]
                 if not isinstance(target, dict) or _PICKED_ELSEWHERE & target.keys():
                     return None
                 routed.add(target.get("cluster") if target is route else target.get("name"))
+    for name, members in _aggregates(clusters).items():
+        if name in routed:
+            routed.update(members)
+    return routed
+
+
+def _aggregates(clusters: Any) -> dict[str, set[str]]:
+    """Each aggregate cluster's name → the clusters it sends its requests on to."""
+    out: dict[str, set[str]] = {}
     for cluster in clusters if isinstance(clusters, list) else ():
-        # An aggregate cluster sends its requests on to the clusters it lists.
         members = next((node["clusters"] for node in _walk(cluster.get("cluster_type"))
                         if isinstance(node.get("clusters"), list)), None) \
             if isinstance(cluster, dict) else None
-        if members and cluster.get("name") in routed:
-            routed.update(m for m in members if isinstance(m, str))
-    return routed
+        if members:
+            out[str(cluster.get("name"))] = {m for m in members if isinstance(m, str)}
+    return out
 
 
 # Route keys that pick the cluster per request, which no config read can follow.
