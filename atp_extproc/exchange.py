@@ -205,6 +205,7 @@ class Exchange:
         # ATP asked for the response body and its end has not come (yet): at finish, the
         # answer was cut off (upstream reset, client gone) and its outcome is unknown.
         self._body_pending = False
+        self._answered = False  # the answer's headers came (Envoy's own answer too)
         # Envoy holds the answer's headers until its BUFFERED body has come: the length
         # that body has, and how much of it came.
         self._buffered_length: int | None = None
@@ -797,6 +798,7 @@ class Exchange:
         rec = self.record
         # Envoy's own answer to a request never forwarded (408 to a body that stalled)
         # has no time to first byte.
+        self._answered = True
         rec.ttfb_ms = self._since_forwarded_ms() if self._forwarded is not None else None
         try:
             rec.status = int(headers.get(":status", "0"))
@@ -856,7 +858,7 @@ class Exchange:
     def response_ended(self) -> bool:
         """The answer has begun and ATP expects no more of it: the body it asked for
         has ended (or its stream's last event came), or it asked for none."""
-        return self.record.ttfb_ms is not None and not self._awaiting_body
+        return self._answered and not self._awaiting_body
 
     @property
     def _awaiting_body(self) -> bool:
@@ -977,8 +979,8 @@ class Exchange:
                 # (upstream_unavailable), not the 200 they began with.
                 rec.status = 502
         elif not rec.error_code and rec.operation and self._parsed is None:
-            # Envoy's 408 (the body stalled) and 400 (a bad chunk) end a body that never
-            # came whole, as a client leaving does.
+            # Any answer of Envoy's own before the body came whole (a 408 when it
+            # stalled, a 400 at a bad chunk) ends it, as a client leaving does.
             rec.error_code = (ENVOY_TOO_LARGE if rec.status == 413 else
                               INCOMPLETE_REQUEST if not rec.status or rec.status >= 400
                               else "")

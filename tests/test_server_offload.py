@@ -158,6 +158,24 @@ async def test_an_answer_that_went_nowhere_is_recorded_so(
     assert (record.cost_usd is None) == (answered == 2)  # billed only once forwarded
 
 
+@pytest.mark.asyncio
+async def test_envoys_own_answer_closed_on_is_request_incomplete(tmp_path, monkeypatch) -> None:
+    # Envoy's 408 to a stalled body, then its reset once it has ATP's answer: with no
+    # time to first byte, the answer read as never come, and the record said a model had
+    # the request (response_incomplete).
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    replies = processor.Process(_messages([
+        req_headers("POST", "/v1/chat/completions"), resp_headers(408, "text/plain")]),
+        _Context())
+    for _ in range(2):
+        await replies.__anext__()
+    await replies.aclose()
+    (record,) = records
+    assert (record.status, record.error_code) == (408, "request_incomplete")
+
+
 _CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 _ANSWER = {"choices": [{"message": {"content": "hello"}}],
            "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
