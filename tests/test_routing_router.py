@@ -265,8 +265,15 @@ def test_breaker_takes_a_failing_candidate_out_and_probes_it_back():
     assert probe.chosen == "cheap" and probe.probe
     # While the probe is out, nobody else is sent there.
     assert router.choose("chat", objective, CANDIDATES).chosen != "cheap"
+    # An answer to a request sent before it opened is none of the probes'.
+    clock.t += 1  # the probe's answer, a second later
+    late_ms = (objective.breaker.open_s + 5) * 1000
     for _ in range(objective.breaker.half_open_probes):
-        router.observe("chat", "cheap", ok=True, latency_ms=200, cost=0.0002)
+        router.observe("chat", "cheap", ok=True, latency_ms=200, sent_ms_ago=late_ms)
+    assert router.breaker_state("chat", "cheap") == "half_open"
+    for _ in range(objective.breaker.half_open_probes):
+        router.observe("chat", "cheap", ok=True, latency_ms=200, cost=0.0002,
+                       sent_ms_ago=200)
         router.choose("chat", objective, CANDIDATES)
     assert router.breaker_state("chat", "cheap") == "closed"
 
