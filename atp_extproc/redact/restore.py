@@ -688,9 +688,11 @@ def _rebyte(old: dict, new: dict) -> None:
         new["bytes"] = list(token.encode())
 
 
-# What a citation of a text position says: a range, or a file's insertion point.
-_CITATION = re.compile(rb'"start_index"|"(?:file_citation|file_path)"')
-_POINT_CITATIONS = ("file_citation", "file_path")
+# What a citation of a text position says: a range, or a file citation's insertion
+# point ("the index in the output text at which to insert the file citation", as the
+# openai SDK has it; a file_path's index is one in a list of files).
+_CITATION = re.compile(rb'"start_index"|"file_citation"')
+_POINT_CITATIONS = ("file_citation",)
 
 
 def _move_citations(annotations: Any, growth: Growth) -> bool:
