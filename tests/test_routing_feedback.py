@@ -159,3 +159,12 @@ def test_eviction_takes_the_oldest_of_every_window():
     book.record_decision("b", "r", "m", 1.0, proxy=0.2)
     book.record_decision("c", "r", "m", 1.0, proxy=0.3)
     assert got == [("r", "m", 0.1)] and len(book) == 2
+    # ... when the oldest is not in the queue made first either.
+    book, got, clock = make(capacity=2)
+    book.record_decision("a", "r", "m", 600.0, proxy=0.1)
+    book.record_decision("b", "r", "m", 1000.0, proxy=0.2)
+    assert book.feedback("a", 1.0)  # the 600 s queue now empty
+    clock.t = 1.0
+    book.record_decision("c", "r", "m", 600.0, proxy=0.3)
+    book.record_decision("d", "r", "m", 5.0, proxy=0.4)
+    assert got == [("r", "m", 1.0), ("r", "m", 0.2)] and len(book) == 2

@@ -395,10 +395,10 @@ def located(doc: Any, loc: Iterable[Any]) -> tuple[str, int]:
     out = ""
     for part in loc:
         if isinstance(node, LineDict):
-            # Pydantic's spelling of a key that is not a string, when no key is spelled so.
-            key = next((k for k in node if k == part and type(k) is type(part)), next(
-                (k for k in node if not isinstance(k, str) and (k == part or str(k) == part)),
-                _ABSENT))
+            key = next((k for k in node if k == part and type(k) is type(part)), _ABSENT)
+            if key is _ABSENT:  # pydantic's spelling of a key that is no string
+                key = next((k for k in node if not isinstance(k, str)
+                            and (k == part or str(k) == part)), _ABSENT)
             if key is not _ABSENT:
                 line, node = node.key_lines.get(key, line), node[key]
                 out += f".{_written_key(key)}" if out else _written_key(key)

@@ -46,6 +46,7 @@ def _unit(score: float) -> float:
 class _Pending:
     route: str
     model: str
+    recorded: float
     deadline: float
     proxy: float | None = None
 
@@ -88,14 +89,14 @@ class FeedbackBook:
             self._resolve(self._take(key), None)
         while len(self._queue_of) >= self._capacity:
             # The oldest entry is one of the queues' first: the one recorded first.
-            window, queue = min(((w, q) for w, q in self._queues.items() if q),
-                                key=lambda wq: next(iter(wq[1].values())).deadline - wq[0])
+            queue = min((q for q in self._queues.values() if q),
+                        key=lambda q: next(iter(q.values())).recorded)
             self._resolve(self._take(next(iter(queue))), None)
         window = window_s if window_s is not None else self._window_s
         queue = self._queues.get(window)
         if queue is None:
             queue = self._queues[window] = OrderedDict()
-        queue[key] = _Pending(route, model, now + window,
+        queue[key] = _Pending(route, model, now, now + window,
                               None if proxy is None else _unit(proxy))
         self._queue_of[key] = queue
 
