@@ -77,7 +77,9 @@ def _as_written(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, str):
-        return f"the string {value!r}"
+        # A pasted page of text is no message's: its start says which value it is.
+        return f"the string {value!r}" if len(value) <= 80 else \
+            f"the string {value[:77]!r}... ({len(value)} characters)"
     if isinstance(value, int | float):
         return f"the number {value!r}"
     if isinstance(value, bytes):

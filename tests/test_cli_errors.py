@@ -79,7 +79,8 @@ def test_a_case_of_the_wrong_shape_does_not_stop_the_others(
 
 
 @pytest.mark.parametrize(("settings", "problem"), [
-    ("{default: maybe}", "settings.default: Input should be 'allow' or 'deny'"),
+    ("{default: maybe}", "settings.default: Input should be 'allow' or 'deny', got the string "
+                          "'maybe'"),
     ("{defualt: deny}", "settings.defualt: Extra inputs are not permitted"),
 ])
 def test_policy_test_names_the_line_of_bad_settings(

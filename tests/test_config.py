@@ -764,6 +764,12 @@ def test_an_invisible_character_in_a_key_or_value_is_shown() -> None:
         ("server.'\\u200breload_poll_s'", "Extra inputs are not permitted")]
 
 
+def test_a_long_value_refused_is_shown_by_its_start() -> None:
+    text = yaml.safe_dump(base(), sort_keys=False) + f"server:\n  log_level: {'x' * 5000}\n"
+    ((path, reason),) = error_of(text).problems
+    assert reason.endswith(f"got the string '{'x' * 77}'... (5000 characters)")
+
+
 def test_a_null_or_true_key_is_named_and_lined_as_the_file_wrote_it() -> None:
     # Pydantic names a null key 'None' and a true key 1: the problems read `None` and
     # `[1]`, and the null key's line was the document's first.

@@ -60,7 +60,9 @@ from atp_extproc.policy.settings import (
     line_of,
     load_file,
     load_yaml,
+    located,
 )
+from atp_extproc.settings_types import problem_reason
 
 MATCHED = frozenset({"deny", "would_deny", "allow", "would_allow", "restrict",
                      "would_restrict", "redact", "would_redact", "strip", "would_strip"})
@@ -157,9 +159,8 @@ def _overrides(file: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
         override = PolicySettings.model_validate(dict(raw))
     except ValidationError as exc:
         raise PolicyError([
-            Problem(str(file), line_of(doc, ["settings", *e["loc"]]),
-                    ".".join(str(part) for part in ("settings", *e["loc"])), e["msg"])
-            for e in exc.errors()]) from None
+            Problem(str(file), line, path, problem_reason(e)) for e in exc.errors()
+            for path, line in [located(doc, ["settings", *e["loc"]])]]) from None
     return {name: getattr(override, name) for name in override.model_fields_set}
 
 
