@@ -444,13 +444,16 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 rec.error_code = INCOMPLETE_RESPONSE
             raise
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
-            # A stream that ended before its first message (a connection Envoy dropped)
-            # was no request: no record.
-            if message is not None:
-                exchange.finish()
+            try:
+                # A stream that ended before its first message (a connection Envoy
+                # dropped) was no request: no record.
+                if message is not None:
+                    exchange.finish()
+            finally:
+                # Idle once the record is written: the drain closes the ledger then.
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
 
     async def _inspect_off_loop(self, exchange: Exchange,
                                 message: ProcessingRequest) -> ProcessingResponse:
@@ -472,6 +475,10 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         except TimeoutError:
             return False
         return True
+
+
+# How long cancelled exchanges may take to unwind at exit (a record each: quick).
+_UNWIND_S = 5.0
 
 
 def _add_servicer(processor: ExternalProcessor, server: grpc.aio.Server) -> None:
@@ -707,6 +714,9 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
                     processor.in_flight)
         processor.grace_over = True
     await server.stop(0)
+    # The exchanges stop(0) cancelled write their records and ledger rows as their
+    # handlers unwind: the ledger closes after them ("ledger is closed" lost them).
+    await processor.drain(_UNWIND_S)
     expiry.cancel()
     log_flush.cancel()
     loop_watch.cancel()

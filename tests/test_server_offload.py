@@ -176,6 +176,27 @@ async def test_envoys_own_answer_closed_on_is_request_incomplete(tmp_path, monke
     assert (record.status, record.error_code) == (408, "request_incomplete")
 
 
+@pytest.mark.asyncio
+async def test_an_exchange_is_idle_only_once_its_record_is_written(tmp_path, monkeypatch) -> None:
+    # Idle came first: at the grace period's end the ledger closed while cancelled
+    # exchanges were still finishing ("ledger is closed"; record and row lost).
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    idle_at_finish: list[bool] = []
+    finish = Exchange.finish
+
+    def noting(self):
+        idle_at_finish.append(processor._idle.is_set())
+        return finish(self)
+
+    monkeypatch.setattr(Exchange, "finish", noting)
+    replies = processor.Process(_messages([req_headers("POST", "/v1/chat/completions")]),
+                                _Context())
+    await replies.__anext__()
+    await replies.aclose()
+    assert idle_at_finish == [False] and processor._idle.is_set()
+
+
 _CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 _ANSWER = {"choices": [{"message": {"content": "hello"}}],
            "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
