@@ -767,6 +767,7 @@ def test_an_invisible_character_in_a_key_or_value_is_shown() -> None:
 def test_a_long_value_refused_is_shown_by_its_start() -> None:
     text = yaml.safe_dump(base(), sort_keys=False) + f"server:\n  log_level: {'x' * 5000}\n"
     ((path, reason),) = error_of(text).problems
+    assert path == "server.log_level"
     assert reason.endswith(f"got the string '{'x' * 77}'... (5000 characters)")
 
 
