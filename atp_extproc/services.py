@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from atp_extproc.config import Snapshot
 from atp_extproc.routing.feedback import FeedbackBook
 from atp_extproc.routing.router import Router
-from atp_extproc.store.ledger import AsyncLedger
+from atp_extproc.store.ledger import AsyncLedger, said_whole
 from atp_extproc.store.money import PriceBook
 
 _FEEDBACK_EXPIRY_S = 1.0
@@ -45,6 +45,7 @@ class Services:
             # are lost: say so.
             try:
                 await self.ledger.aclose()
-            except Exception:
-                log.exception("ledger: the final flush failed; lost: %s",
-                              self.ledger.pending())
+            except Exception as exc:
+                log.error("ledger: the final flush failed (%s: %s); lost: %s",
+                          type(exc).__name__, exc, self.ledger.pending(),
+                          exc_info=not said_whole(exc))

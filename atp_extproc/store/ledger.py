@@ -65,6 +65,12 @@ class LedgerUnavailable(OSError):
     """The ledger file cannot be opened for writing; the message names it and says why."""
 
 
+def said_whole(exc: BaseException) -> bool:
+    """Whether the error's message says all there is (the file gone, the disk full): a
+    traceback beside it would bury it. Others are bugs, whose traceback tells where."""
+    return isinstance(exc, LedgerUnavailable | sqlite3.Error)
+
+
 FileId = tuple[int, int]   # device, inode
 # The files SQLite keeps beside a database in WAL mode.
 _SIDE_SUFFIXES = ("-wal", "-shm")
@@ -275,7 +281,8 @@ class AsyncLedger:
             except Exception as exc:
                 cause = f"{type(exc).__name__}: {exc}"
                 if cause != failing:
-                    log.exception("ledger flush failed; keeping the rows for the next try")
+                    log.error("ledger flush failed (%s); keeping the rows for the next try",
+                              cause, exc_info=not said_whole(exc))
                 else:
                     # A full disk fails every flush alike: a traceback each time would
                     # bury the first, which says why.
