@@ -357,6 +357,18 @@ def test_a_restored_logprob_tokens_bytes_are_the_restored_tokens():
     assert out[0]["choices"][0]["logprobs"]["content"] == [want]
 
 
+def test_text_held_under_a_restored_key_is_flushed_there():
+    # The held text's place named the key as the provider wrote it, the event kept had it
+    # restored: KeyError, and the client got 500 for the whole answer.
+    stream = event({"type": "response.custom.delta", "item_id": "i", "output_index": 0,
+                    "delta": {"[EMAIL_1]": "notes for [EM"}})
+    stream += event({"type": "response.completed", "response": {"output": []}})
+    out = [json.loads(line[5:]) for line in run(restorer(), [stream]).split(b"\n")
+           if line.startswith(b"data:")]
+    email = MAPPING["[EMAIL_1]"]
+    assert "".join(e["delta"][email] for e in out if "delta" in e) == "notes for [EM"
+
+
 def test_streamed_citations_move_with_what_restore_put_back_in_the_deltas():
     where = {"item_id": "m1", "output_index": 0, "content_index": 0}
     pieces = ["Mail [EMA", "IL_1] or [CARD_1]; ", "see the docs."]

@@ -541,12 +541,11 @@ class Restorer:
                     inc = incremental or k == "delta" or (k == "text" and "choices" in logical)
                     frag = fragment or k in ("arguments", "partial_json") or (
                         k == "content" and self._json_text)
-                    new_v = walk(v, (*phys, k), (*logical, k), inc, frag)
-                    # Keys too, as in a whole JSON answer (the request's metadata keys).
-                    if "[" in k and (key := self.restore_text(k)) != k:
-                        changed = True
-                        k = key
-                    out[k] = new_v
+                    # Keys too, as in a whole JSON answer (the request's metadata keys);
+                    # a held text's place is the restored key's, as the event kept has it.
+                    key = self.restore_text(k) if "[" in k else k
+                    changed |= key != k
+                    out[key] = walk(v, (*phys, key), (*logical, k), inc, frag)
                 if "annotations" in out or "annotation" in out:
                     changed |= self._cite(ctx, phys, logical, incremental, node, out)
                 _rebyte(node, out)
