@@ -763,8 +763,14 @@ def _usage_of(obj: Any) -> Usage | None:
     usage = obj.get("usage") if isinstance(obj, dict) else None
     if not isinstance(usage, dict):
         return None
-    inp = usage.get("prompt_tokens", usage.get("input_tokens"))
-    out = usage.get("completion_tokens", usage.get("output_tokens"))
+    # A name present as null says nothing: the other name's count stands (a gateway
+    # filling both APIs' names, one of them null).
+    inp = usage.get("prompt_tokens")
+    if inp is None:
+        inp = usage.get("input_tokens")
+    out = usage.get("completion_tokens")
+    if out is None:
+        out = usage.get("output_tokens")
     if out is None:  # absent or null alike: embeddings have no output
         out = 0
     if not (_is_count(inp) and _is_count(out)):

@@ -699,6 +699,16 @@ def test_usage_chat_completion() -> None:
     assert read_response(body)[0].estimated is False
 
 
+@pytest.mark.parametrize("usage", [
+    {"input_tokens": 1000, "output_tokens": 500, "completion_tokens": None},
+    {"input_tokens": 1000, "output_tokens": 500, "prompt_tokens": None,
+     "completion_tokens": None},
+])
+def test_a_null_count_leaves_the_other_apis_name_read(usage) -> None:
+    # The null hid the real count: output 0, or the whole usage estimated.
+    assert read_response(json.dumps({"usage": usage}).encode())[0] == Usage(1000, 500)
+
+
 def test_usage_embeddings_has_no_completion_tokens() -> None:
     body = json.dumps({"object": "list", "data": [{"embedding": [0.1]}],
                        "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()
