@@ -734,3 +734,14 @@ def test_a_private_key_under_its_json_key_is_found(redactor: Redactor) -> None:
     doc = {"messages": [{"role": "tool", "tool_call_id": "c", "content": json.dumps(
         {"privateKey": "MIIEpAIBAAKCAQEA" + _B64})}]}
     assert redactor.redact("chat", doc, "t").counts == {"private_key": 1}
+
+
+@pytest.mark.parametrize("text", ["reply to jane.doe@example.com",
+                                  ["reply to jane.doe@example.com"],
+                                  {"jane.doe@example.com": "low"}])
+def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text) -> None:
+    # Only an object's values were read: a string, a list or a key went out in clear.
+    doc = {"model": "m", "input": "hi", "text": text}
+    res = redactor.redact("responses", doc, "t")
+    assert res.counts == {"email": 1}
+    assert "jane.doe@example.com" not in json.dumps(res.fields)

@@ -606,7 +606,13 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
         _choice(c, (key,), doc.get(key))
     text = doc.get("text")
     if isinstance(text, dict):  # Responses' text settings: words, but for its schema
-        stack += [(("text", k), v, key_class(k)) for k, v in text.items() if k != "format"]
+        for k, v in text.items():
+            if k != "format":
+                c.map_key(("text",), k)
+                stack.append((("text", k), v, key_class(k)))
+    elif "text" in doc and "text" not in unknown:
+        # No settings object: a string or list there is read whole, as any unknown field.
+        stack.append((("text",), text, None))
     _read_values(c, stack)
 
 
