@@ -34,6 +34,7 @@ from atp_extproc.llm_api import (
     Usage,
     check_depth,
     estimate_tokens,
+    mirror_hazard,
     needs_usage_injection,
     parse_body,
     read_request,
@@ -710,7 +711,11 @@ class Exchange:
         rec.routing_fallback = decision.fallback_reason
         rec.proposed_model = decision.proposed
         rec.predicted_savings_usd = decision.predicted_savings_usd
-        if decision.mirror_to is not None:
+        hazard = mirror_hazard(rec.operation, self._parsed.doc) \
+            if decision.mirror_to is not None and self._parsed is not None else None
+        if hazard is not None:
+            rec.routing_excluded += (f"{decision.mirror_to}:mirror_{hazard}",)
+        elif decision.mirror_to is not None:
             rec.mirror_to = decision.mirror_to
             headers[SHADOW_CLUSTER_HEADER] = SHADOW_CLUSTER
             headers[SHADOW_MODEL_HEADER] = decision.mirror_to

@@ -549,6 +549,26 @@ def _check_items(value: Any) -> None:
 TOOL_LISTS = ("tools", "functions")
 
 
+# Hosted tools that act at the provider (an MCP server's actions, code run in a
+# container the request may name): a mirrored copy would act twice.
+_ACTING_TOOLS = frozenset({"mcp", "code_interpreter"})
+
+
+def mirror_hazard(operation: str, doc: dict[str, Any]) -> str | None:
+    """What a copy of this request would do again at the provider, which no shadow may:
+    add its turn to the client's `conversation`, or run a hosted tool that acts. None
+    when a copy only answers."""
+    if operation != "responses":
+        return None
+    if doc.get("conversation") is not None:
+        return "conversation"
+    for _, tools in tool_lists(operation, doc):
+        for tool in tools if isinstance(tools, list) else ():
+            if isinstance(tool, dict) and tool.get("type") in _ACTING_TOOLS:
+                return str(tool["type"])
+    return None
+
+
 def tool_lists(operation: str, doc: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(param, value) of every list of tools a body declares, in body order: TOOL_LISTS,
     the tools of a Responses input item (`additional_tools`, `tool_search_output`, ...:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from atp_extproc import config
@@ -447,3 +448,30 @@ def test_a_method_of_the_clients_own_making_is_not_logged(snap) -> None:
                         "method_not_allowed")
     assert "AKIA" not in json.dumps(body)
     assert ex.finish().method == "<other>"
+
+
+@pytest.mark.parametrize("extra, hazard", [
+    ({}, None),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"tools": [{"type": "mcp", "server_label": "ops", "server_url": "https://mcp.test",
+                 "require_approval": "never"}]}, "mcp"),
+])
+def test_a_request_a_copy_would_repeat_at_the_provider_is_not_mirrored(extra, hazard):
+    # The challenger's copy added its turn to the client's conversation, and ran the MCP
+    # server's actions a second time.
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["routes"].insert(0, {
+        "name": "mirr", "match": {"paths": ["/v1/responses"]},
+        "aliases": {"mirr": ["small", "large"]},
+        "objective": {"champion": "small",
+                      "shadow": {"mode": "mirror", "challenger": "large", "share": 1.0}}})
+    snap = config.parse(yaml.safe_dump(doc), str(EXAMPLE))
+    router = Router()
+    ex = Exchange(snap, services=Services(router, FeedbackBook(router.observe_quality),
+                                          PriceBook(), None))
+    ex.handle(req_headers("POST", "/v1/responses", ALICE))
+    headers, _, _ = forwarded(ex.handle(req_body({"model": "mirr", "input": "hi", **extra})))
+    assert ("x-atp-shadow-cluster" in headers) == (hazard is None)
+    assert ex.record.mirror_to == ("large" if hazard is None else "")
+    if hazard is not None:
+        assert f"large:mirror_{hazard}" in ex.record.routing_excluded
