@@ -27,6 +27,7 @@ from atp_extproc.envoy_api import ProcessingMode, ProcessingRequest, ProcessingR
 from atp_extproc.identity import Identity, identify
 from atp_extproc.llm_api import (
     OPERATIONS,
+    USAGE_TAIL_BYTES,
     LlmRequest,
     ParsedBody,
     RequestError,
@@ -40,6 +41,7 @@ from atp_extproc.llm_api import (
     read_request,
     read_response,
     rewrite,
+    usage_in_tail,
     wrong_case,
 )
 from atp_extproc.policy.engine import Outcome
@@ -199,6 +201,7 @@ class Exchange:
         # past that bound it goes on unread, counted here (0: still within the bound), as
         # is a compressed answer's length: the output is then estimated from its size.
         self._unread_bytes = 0
+        self._unread_tail = b""  # the end of an answer too large to read, for its usage
         # How far a stream's ttfb has come: 0 its headers, 1 its first event with data,
         # 2 its first output (a token).
         self._ttfb_at = 0
@@ -932,6 +935,7 @@ class Exchange:
         after it, restored as it passes (usage is then estimated)."""
         if self._unread_bytes:
             self._unread_bytes += len(chunk)
+            self._unread_tail = (self._unread_tail + chunk)[-USAGE_TAIL_BYTES:]
             if self.restorer is None:
                 return envoy_api.response_body()
             restored = self.restorer.feed_json(chunk, end)
@@ -940,6 +944,7 @@ class Exchange:
         if len(held) + len(chunk) > self.snapshot.server.max_body_bytes:
             self._unread_bytes = len(held) + len(chunk)
             out = bytes(held) + chunk
+            self._unread_tail = out[-USAGE_TAIL_BYTES:]
             held.clear()
             if self.restorer is None:
                 return envoy_api.response_body()
@@ -1085,6 +1090,8 @@ class Exchange:
                 return self._invalid(prompt)
             return Usage(prompt, estimate_tokens(self.sse.output_chars), estimated=True)
         output_chars = self._unread_bytes  # an answer not read: its size
+        if self._unread_tail and (usage := usage_in_tail(self._unread_tail)) is not None:
+            return usage  # the provider's own, at the end of an answer too large to read
         if self._response_body:
             usage, self.finish_reason, chars, failed = read_response(
                 bytes(self._response_body))

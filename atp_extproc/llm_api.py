@@ -798,6 +798,27 @@ def _usage_of(obj: Any) -> Usage | None:
     return Usage(inp, out)
 
 
+# How much of an answer too large to read is kept for its usage: the end, where the
+# APIs put it, after the output (a generated image's base64).
+USAGE_TAIL_BYTES = 64 * 1024
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*(?=\{)')
+
+
+def usage_in_tail(tail: bytes) -> Usage | None:
+    """The provider's usage in the last bytes of a JSON answer too large to read whole:
+    the last `"usage": {...}` there whose counts are readable. Outside a JSON string a
+    quote is no text's (text escapes it), so the key is the answer's own."""
+    for m in reversed(list(_USAGE_KEY.finditer(tail))):
+        try:
+            value, _ = json.JSONDecoder().raw_decode(tail[m.end():].decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            continue
+        usage = _usage_of({"usage": value})
+        if usage is not None:
+            return usage
+    return None
+
+
 def _answer_json(data: bytes | bytearray) -> Any:
     """The JSON value of a provider's answer or event; None where it is no JSON.
 

@@ -1233,10 +1233,25 @@ def test_json_answer_envoy_cannot_buffer_is_read_in_chunks(snap, length) -> None
         assert not r.response_body.response.HasField("body_mutation")  # passes as it came
     ex.handle(resp_body(b"", end=True))
     rec = ex.finish()
-    if length:   # over the bound ATP keeps: what it could not read is estimated
-        assert rec.usage_estimated is True
-    else:
-        assert (rec.input_tokens, rec.usage_estimated) == (70, False)
+    # Over the bound ATP keeps too: the usage at the answer's end is read.
+    assert (rec.input_tokens, rec.usage_estimated) == (70, False)
+
+
+def test_the_usage_after_a_large_image_is_read_not_estimated_from_its_size(snap) -> None:
+    # A Responses image answer over max_body_bytes was costed by its size: 1,075,133
+    # output tokens, $10.75, for a bill of 6,240 ($0.06).
+    image = "iVBORw0KGgo" + "A" * 300_000
+    answer = json.dumps({"object": "response", "status": "completed", "output": [
+        {"type": "image_generation_call", "result": image}],
+        "usage": {"input_tokens": 50, "output_tokens": 6240}}).encode()
+    small = dataclasses.replace(snap, server=snap.server.model_copy(
+        update={"max_body_bytes": 100_000}))
+    ex, _ = send_body(small, {"model": "gpt-4o-mini", "input": "draw"}, path="/v1/responses")
+    ex.handle(resp_headers(200, "application/json"))
+    for i in range(0, len(answer), 16_384):
+        ex.handle(resp_body(answer[i:i + 16_384], end=i + 16_384 >= len(answer)))
+    rec = ex.finish()
+    assert (rec.input_tokens, rec.output_tokens, rec.usage_estimated) == (50, 6240, False)
 
 
 def _restoring_exchange(snap, max_body: int) -> Exchange:
@@ -1331,7 +1346,8 @@ def test_streamed_json_over_the_bound_releases_what_was_held(snap) -> None:
     assert second.response_body.response.body_mutation.body == answer[:1200]
     third = ex.handle(resp_body(answer[1200:], end=True))
     assert not third.response_body.response.HasField("body_mutation")
-    assert ex.finish().usage_estimated is True
+    rec = ex.finish()  # its usage read from its end
+    assert (rec.input_tokens, rec.usage_estimated) == (70, False)
 
 
 def test_a_json_answer_over_the_bound_is_restored_as_it_passes(snap) -> None:
