@@ -52,7 +52,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return _serve_with(args, early)
     finally:
-        early.restore()
+        # Called by code that goes on: its own handlers again. As the program, serve's
+        # stay (a late signal ignored) until it exits: put back, a SIGHUP in its last
+        # milliseconds ended ATP.
+        if args.in_process:
+            early.restore()
 
 
 def _serve_with(args: argparse.Namespace, early: _EarlySignals) -> int:
@@ -404,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     savings.add_argument("--since", help="24h, 7d, 90m or an ISO date")
     savings.set_defaults(func=_report_savings)
 
+    in_process = argv is not None  # called by code that goes on, not as the program
     argv = sys.argv[1:] if argv is None else argv
     # Before parsing: argparse would refuse demo-upstream's own options.
     if argv[:1] == ["demo-upstream"]:
@@ -411,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_upstream.main(argv[1:])
     args = parser.parse_args(argv)
+    args.in_process = in_process
     try:
         code = int(args.func(args))
         if sys.stdout is not None:  # None when started with stdout closed (`>&-`)

@@ -721,5 +721,10 @@ async def serve(config_path: Path, options: ServeOptions = ServeOptions(),
     log_flush.cancel()
     loop_watch.cancel()
     await services.close()
+    # Stopped: a late signal changes nothing. Left to the loop's close, each would get
+    # its default action back, and a SIGHUP then ended ATP, not with its 0.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0

@@ -290,3 +290,35 @@ def test_a_config_broken_while_serve_starts_is_exit_2_in_one_message(
     err = capsys.readouterr().err
     assert err.startswith("atp-extproc: invalid config, not starting:\n")
     assert "invalid YAML" in err and "Traceback" not in err
+
+
+def test_once_stopped_serve_leaves_late_signals_ignored(config: Path) -> None:
+    # The loop's close gave each signal its default action back: a SIGHUP (or a second
+    # SIGTERM) in the last milliseconds before exit ended ATP by that signal, not with 0.
+    import asyncio
+    import os
+    import threading
+
+    from atp_extproc import logs
+    from atp_extproc.server import ServeOptions
+    from atp_extproc.server import serve as serve_in_process
+
+    listen = f"127.0.0.1:{free_port()}"
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT,
+                                                    signal.SIGHUP)}
+
+    def stop_when_serving() -> None:
+        wait_until(lambda: grpc_serving(listen), "ATP serving", timeout=30)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_when_serving)
+    try:
+        stopper.start()
+        with open(os.devnull, "wb") as sink, logs.redirected("ERROR", sink):
+            code = asyncio.run(serve_in_process(config, ServeOptions(listen=listen)))
+        assert code == 0
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in saved)
+    finally:
+        stopper.join(30)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
