@@ -580,7 +580,8 @@ def check_listen(listen: str) -> None:
     """Raise StartupError, naming the address and the OS's reason, if `listen` cannot be
     bound. Checked before gRPC binds: gRPC takes a socket path over from a process still
     listening there (it unlinks the file first), and where it cannot bind it logs a line
-    of its own and raises a RuntimeError that says no more than that."""
+    of its own and raises a RuntimeError that says no more than that. A socket file
+    nothing accepts on any more is removed here, as gRPC would."""
     path = unix_socket_path(listen)
     problem = _unix_problem(path) if path is not None else _tcp_problem(listen)
     if problem is not None:
@@ -593,11 +594,22 @@ def _unix_problem(path: str) -> str | None:
     problem = unix_socket_problem(path)
     if problem is not None:
         return problem
+    if os.path.islink(path) and not os.path.exists(path):
+        # Bound, it said "Address already in use".
+        return (f"it is a symbolic link to {os.readlink(path)}, which does not exist: "
+                "name the socket's own path")
     if not os.path.exists(path):
         return _unix_bind_problem(path)
     if _accepting(path):
         return "already in use: another process accepts connections on this socket"
-    # Left by a process that died (nothing accepts on it): gRPC replaces it.
+    # Left by a process that died (nothing accepts on it): removed here, as gRPC would,
+    # so that where ATP may not (another user's, in a sticky directory) it says why,
+    # not gRPC's "Address already in use" and a line of its own.
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        return f"a socket file a stopped process left is there, and ATP cannot remove it: " \
+            f"{_reason(exc)}"
     return None
 
 

@@ -124,6 +124,30 @@ def test_a_stale_unix_socket_does_not_block_the_start(tmp_path: Path) -> None:
     check_listen(f"unix://{tmp_path / 'atp.sock'}")
 
 
+def test_a_stale_socket_atp_may_not_remove_is_said_so(tmp_path: Path, monkeypatch) -> None:
+    # Another user's, in a sticky directory: gRPC said "Address already in use" in a
+    # line of its own, and ATP's line no more.
+    import os
+
+    sock = stale_socket(tmp_path / "atp.sock")
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(StartupError, match="a socket file a stopped process left is there, "
+                                           "and ATP cannot remove it: Operation not permitted"):
+        check_listen(f"unix:{sock}")
+
+
+def test_a_dangling_link_at_the_socket_path_is_said_so(tmp_path: Path) -> None:
+    link = tmp_path / "atp.sock"
+    link.symlink_to(tmp_path / "gone" / "atp.sock")
+    with pytest.raises(StartupError, match="is a symbolic link to .*gone/atp.sock, which "
+                                           "does not exist"):
+        check_listen(f"unix:{link}")
+
+
 @pytest.mark.parametrize(("name", "problem"), [
     ("nodir/atp.sock", "the directory {tmp}/nodir does not exist"),
     ("file", "{tmp}/file exists and is not a socket"),
