@@ -143,7 +143,7 @@ def test_a_stale_socket_atp_may_not_remove_is_said_so(tmp_path: Path, monkeypatc
 def test_a_dangling_link_at_the_socket_path_is_said_so(tmp_path: Path) -> None:
     link = tmp_path / "atp.sock"
     link.symlink_to(tmp_path / "gone" / "atp.sock")
-    with pytest.raises(StartupError, match="is a symbolic link to .*gone/atp.sock, which "
+    with pytest.raises(StartupError, match=r"is a symbolic link to .*gone/atp\.sock, which "
                                            "does not exist"):
         check_listen(f"unix:{link}")
 
