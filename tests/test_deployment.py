@@ -296,6 +296,21 @@ def test_envoy_config_passes_envoy_validate(path: Path, tmp_path: Path) -> None:
     envoy_validate(load_yaml(path), tmp_path, path.name)
 
 
+@pytest.mark.parametrize("path", ENVOY_CONFIGS, ids=[p.name for p in ENVOY_CONFIGS])
+def test_a_clients_atp_and_envoy_trailers_are_dropped_as_its_headers(path: Path) -> None:
+    # Only headers were: over HTTP/2 a client's x-envoy-* trailers reached the provider.
+    # (The shadow listener takes only Envoy's own mirrored copies.)
+    for listener in listeners(load_yaml(path)).values():
+        manager = hcm(listener)
+        if listener["name"] == "shadow" or not any(
+                f["name"] == "envoy.filters.http.ext_proc" for f in manager["http_filters"]):
+            continue
+        mutations = http_filter(manager, "envoy.filters.http.header_mutation")["mutations"]
+        for kind in ("request_mutations", "request_trailers_mutations"):
+            prefixes = {m["remove_on_match"]["key_matcher"]["prefix"] for m in mutations[kind]}
+            assert {"x-atp-", "x-envoy-"} <= prefixes, (listener["name"], kind)
+
+
 def istio_patches() -> list[dict[str, Any]]:
     (envoy_filter,) = k8s_docs(ISTIO_FILTER)
     assert envoy_filter["apiVersion"].startswith("networking.istio.io/")
@@ -450,6 +465,12 @@ def test_istio_ext_proc_matches_the_front_proxy() -> None:
                and p["patch"]["value"]["name"] == "envoy.filters.http.header_mutation"
                for m in p["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]]
     assert {"x-atp-", "x-envoy-"} <= set(removed)
+    trailers = [m["remove_on_match"]["key_matcher"]["prefix"] for p in istio_patches()
+                if p["applyTo"] == "HTTP_FILTER"
+                and p["patch"]["value"]["name"] == "envoy.filters.http.header_mutation"
+                for m in p["patch"]["value"]["typed_config"]["mutations"][
+                    "request_trailers_mutations"]]
+    assert {"x-atp-", "x-envoy-"} <= set(trailers)
     # ATP records how many attempts a request took: every record said 1 under Istio.
     assert {host.get("include_attempt_count_in_response")
             for host in manager["route_config"]["virtual_hosts"]} == {True}
