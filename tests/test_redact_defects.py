@@ -745,3 +745,35 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
     res = redactor.redact("responses", doc, "t")
     assert res.counts == {"email": 1}
     assert "jane.doe@example.com" not in json.dumps(res.fields)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    # A password was masked only where its host had a top-level domain (read as an
+    # address): a service name or localhost sent it in clear.
+    ("postgres://app:Tr0ub4dor3x@db:5432/app", "postgres://app:[PASSWORD_1]@db:5432/app"),
+    ("amqp://guest:guest123@rabbitmq", "amqp://guest:[PASSWORD_1]@rabbitmq"),
+    ("Server=db;User Id=sa;Password=Tr0ub4dor3x;", "Server=db;User Id=sa;Password=[PASSWORD_1];"),
+    ("jdbc:mysql://db/x?user=a&password=Hunter22", "jdbc:mysql://db/x?user=a&password=[PASSWORD_1]"),
+    ("DB_PASSWORD=s3cr3t!", "DB_PASSWORD=[PASSWORD_1]"),
+    ('password = "hunter22"', 'password = "[PASSWORD_1]"'),
+])
+def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
+    assert _chat_text(redactor, text) == want
+
+
+@pytest.mark.parametrize("text", [
+    "password: required", "password=${DB_PASSWORD}", "password: {{ vault_pw }}",
+    "user, password = get_auth(url)", 'print(f"password={password!r}")',
+    "hostname:port:username:password:base_dn:flags", "password: ********",
+    '"Password": {"type": "string"}',
+])
+def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
+    assert _chat_text(redactor, text) == text
+
+
+def test_a_password_under_its_json_key_is_found(redactor: Redactor) -> None:
+    doc = {"messages": [{"role": "tool", "tool_call_id": "c", "content": json.dumps(
+        {"db": {"dbPassword": "Tr0ub4dor3x"}, "password": "required"})}]}
+    res = redactor.redact("chat", doc, "t")
+    assert res.counts == {"password": 1}
+    assert "Tr0ub4dor3x" not in json.dumps(res.fields)

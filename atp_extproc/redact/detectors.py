@@ -37,8 +37,9 @@ from atp_extproc.redact.settings import RedactionSettings, compile_custom
 # new one never collides with one already in the body, and put back by restore.py.
 PLACEHOLDER = r"\[[A-Z][A-Z0-9_]*(?:_[0-9]+|:[0-9a-f]{16})\]"
 # When two findings overlap, the earlier class in this list wins.
+# A password before e-mail: "postgres://app:s3cret@db.example.com" read as an address.
 _PRIORITY = ("private_key", "*custom*", "jwt", "cloud_key", "api_key", "github_token",
-             "slack_token", "email", "iban", "card", "ssn", "ipv6", "ipv4", "phone")
+             "slack_token", "password", "email", "iban", "card", "ssn", "ipv6", "ipv4", "phone")
 
 
 @dataclass(slots=True)
@@ -126,11 +127,13 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
     "jwt": ("eyJ",),
     "private_key": ("---BEGIN", "---begin", "---Begin", "---END", "---end", "---End",
                     "Private-Lines:", "PrivateKey", "AGE-SECRET-KEY-"),
+    "password": ("://",),
 }
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
-                 "private_key": r"(?i:private[_ \-]?key)"}
+                 "private_key": r"(?i:private[_ \-]?key)",
+                 "password": r"(?i:passw|passphrase|pwd)"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -252,7 +255,7 @@ _SECRETS: dict[str, tuple] = {
         r"-{3,6}END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
         # Truncated (no END line): the BEGIN line and the key lines that follow it.
         r"|-{3,6}BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
-        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\]*))*"
+        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\\x00]*))*"
         # Truncated at the top (no BEGIN line): the key lines before the END line, all but
         # the last one of 16 characters at least, as prose words are not.
         r"|(?:[A-Za-z0-9+/=]{16,}(?:\s|\\[nr])+)+(?:[A-Za-z0-9+/=]{1,15}(?:\s|\\[nr])+)?"
@@ -265,6 +268,19 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"AGE-SECRET-KEY-1[0-9A-Z]{58}"),
         # A key's DER base64 under its name ("private_key: MIIE…", a JSON key's label).
         _rx(r"(?i)private[_ \-]?key[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9+/]{60,}={0,2})")),
+    # A URL's password (a database's, a broker's: "postgres://app:…@db:5432"), and one
+    # under its name: "password=…", "Password=…;" in a connection string, `pwd: …`.
+    "password": (
+        # (Never a NUL: units, a JSON key and its value, are joined by one.)
+        _rx(r"[A-Za-z][A-Za-z0-9+.\-]{1,20}://[^\s:/@?#\[\]\"'<>\x00]{0,64}:"
+            r"(?P<v>[^\s:/@?#\[\]\"'<>\x00]{1,128})@[A-Za-z0-9\[]"),
+        # Quoted ('password = "…"', '"pwd": "…"'), or right after its name unquoted (an
+        # env file, a connection string, YAML): not code's `password = get(...)`.
+        _rx(r"(?i)(?:password|passwd|passphrase|pwd)[\"']?\s*[=:]\s*[\"']"
+            r"(?P<v>[^\s\"'\x00]{1,128})[\"']"),
+        _rx(r"(?i)(?:password|passwd|passphrase|pwd)(?:=|:[ \t]*)"
+            r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
+    ),
 }
 
 
@@ -381,7 +397,8 @@ _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
 # A key naming AWS's secret key or session token ("SecretAccessKey" in STS's answer,
 # "aws_secret_access_key"): its value is read with the key's name as its label.
 _SECRET_KEY_NAME = re.compile(
-    r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)")
+    r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)"
+    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase|pwd)")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
 # Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
@@ -396,8 +413,8 @@ def key_class(key: str) -> str | None:
     None for any other key."""
     secret = _SECRET_KEY_NAME.fullmatch(key)
     if secret is not None:
-        return "session_token" if secret.group(1) else \
-            "private_key" if secret.group(2) else "secret_key"
+        return "session_token" if secret.group(1) else "private_key" if secret.group(2) \
+            else "password" if secret.group(3) else "secret_key"
     if _KEY_HINT.search(key) is None:
         return None
     words = _KEY_SPLIT.sub(" ", _KEY_E164.sub(" msisdn ", key)).lower().split()
@@ -1776,7 +1793,19 @@ def _secret_ok(cls: str, value: str) -> bool:
         return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
+    if cls == "password":
+        return _password_like(value)
     return True
+
+
+# What a password field holds when it holds none: a template's slot, a mask, one word
+# or name shorter than 12 letters ("password: required", "username:password:base_dn").
+_NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}", re.IGNORECASE)
+
+
+def _password_like(value: str) -> bool:
+    # ("$…": a variable, or a template cut at its "{"; under 4 characters: a fragment.)
+    return len(value) >= 4 and value[0] != "$" and _NO_PASSWORD.fullmatch(value) is None
 
 
 def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,

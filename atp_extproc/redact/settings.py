@@ -20,7 +20,7 @@ Action = Literal["mask", "hash", "deny"]
 # Built-in data classes, in the order their placeholders are listed in docs.
 BUILTIN_CLASSES: tuple[str, ...] = (
     "email", "phone", "ssn", "card", "iban", "ipv4", "ipv6",
-    "cloud_key", "api_key", "github_token", "slack_token", "jwt", "private_key",
+    "cloud_key", "api_key", "github_token", "slack_token", "jwt", "private_key", "password",
 )
 # A private key cannot be partially useful to a model, and one in a prompt is almost
 # always a mistake worth stopping: refuse the request unless the config says otherwise.
