@@ -777,3 +777,20 @@ def test_a_password_under_its_json_key_is_found(redactor: Redactor) -> None:
     res = redactor.redact("chat", doc, "t")
     assert res.counts == {"password": 1}
     assert "Tr0ub4dor3x" not in json.dumps(res.fields)
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    # Keys of no known prefix, known by their name only: they went out in clear.
+    ("DD_API_KEY=0123456789abcdef0123456789abcdef", True),
+    ("Authorization: Bearer abc123DEF456ghi789JKL012", True),
+    ("client_secret: 'Xy12Zk9LmN0pQr5StUv8'", True),
+    # A name, a slot or prose: no key.
+    ("api_key = get_api_key_from_env()", False),
+    ("API_KEY=your-api-key-here", False),
+    ("a bearer token is sent with each request", False),
+    ("OPENAI_API_KEY=$OPENAI_API_KEY", False),
+])
+def test_a_key_known_by_its_name_alone_mixes_letters_and_digits(
+        redactor: Redactor, text: str, found: bool) -> None:
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == ({"api_key": 1} if found else {})

@@ -132,6 +132,8 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
+                 "api_key": r"(?i:api[_\-]?key|api[_\-]?token|access[_\-]?token|"
+                            r"auth[_\-]?token|client[_\-]?secret|bearer)",
                  "private_key": r"(?i:private[_ \-]?key)",
                  "password": r"(?i:passw|passphrase|pwd)"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
@@ -189,6 +191,14 @@ _PLACEHOLDER = _rx(PLACEHOLDER)
 # The same, for str (restore, and the placeholders a body already holds).
 PLACEHOLDER_TEXT = re.compile(PLACEHOLDER)
 _CARD_SEP_RX = _rx(_CARD_SEP)
+# A key of no known prefix, under a name that says what it is (DD_API_KEY=…,
+# `client_secret: …`, `Authorization: Bearer …`): found only where it mixes letters and
+# digits, so not `api_key = get_api_key()` nor `your-api-key-here`.
+_NAMED_ONLY = (
+    _rx(r"(?i)(?:api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|"
+        r"client[_\-]?secret)[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-]{16,})"),
+    _rx(r"(?i)bearer[ \t]+(?P<v>[A-Za-z0-9_\-.~+/]{20,}=*)"),
+)
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
         _rx(f"(?:{'|'.join(_AWS_PREFIXES)})[A-Z0-9]{{16,}}"),
@@ -241,6 +251,7 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"(?:secret|ntn)_[A-Za-z0-9]{43,}"),
         _rx(r"lin_api_[A-Za-z0-9]{40}"),
         _rx(r"tgp_v1_[A-Za-z0-9_\-]{40,}"),
+        *_NAMED_ONLY,
     ),
     "github_token": (_rx(r"(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,}"),
                      _rx(r"github_pat_[A-Za-z0-9_]{40,}")),
@@ -897,9 +908,9 @@ class Scanner:
                  budget: Budget, bounds: frozenset[int],
                  soft: list[tuple[int, int]]) -> None:
         classes = [cls for cls in _SECRETS if _SECRET_SET_NAMES[cls] in names]
-        for cls, s, e in _secret_matches(asc, asc, classes, budget, bounds):
+        for cls, s, e, named_only in _secret_matches(asc, asc, classes, budget, bounds):
             value = text[s:e]
-            if _secret_ok(cls, value):
+            if _secret_ok(cls, value, named_only):
                 found.append(Found(cls, s, e, value))
         gaps = _token_gaps(asc, soft, budget)
         if not gaps:
@@ -911,12 +922,13 @@ class Scanner:
         hit = _SECRET_SET.Match(joined) or ()
         classes = [cls for cls in map(_SECRET_CLASSES.__getitem__, hit) if cls in self.classes]
         starts = [a for a, _, _ in gaps]
-        for cls, s, e in _secret_matches(joined, asc, classes, budget, bounds, gaps):
+        for cls, s, e, named_only in _secret_matches(joined, asc, classes, budget, bounds,
+                                                     gaps):
             k = bisect_right(starts, s)
             if k == len(starts) or starts[k] >= e:
                 continue
             value = "".join(text[a:b] for a, b in _kept(gaps, s, e))
-            if _secret_ok(cls, value):
+            if _secret_ok(cls, value, named_only):
                 found.append(Found(cls, s, e, value))
 
     def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget,
@@ -1773,7 +1785,9 @@ def _wordlike(segment: str) -> bool:
             or _WORD_NUMBER.fullmatch(segment) is not None)
 
 
-def _secret_ok(cls: str, value: str) -> bool:
+def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
+    """Whether a match is the secret it looks like; `named_only`: found by its name alone
+    (_NAMED_ONLY), where letters and digits must mix."""
     if cls == "jwt":
         head = value.split(".", 1)[0]
         try:
@@ -1791,6 +1805,8 @@ def _secret_ok(cls: str, value: str) -> bool:
         has_alpha = any(c.isalpha() for c in body)
         mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
         return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
+    if named_only:
+        return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
     if cls == "password":
@@ -1810,9 +1826,9 @@ def _password_like(value: str) -> bool:
 
 def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
                     bounds: frozenset[int], gaps: list[tuple[int, int, int]] = ()):
-    """(class, start, end) of each match of the classes' patterns in `data`, which is
-    `asc` with the `gaps` taken out; offsets are `asc`'s, and so are the neighbours a
-    match must not run on into."""
+    """(class, start, end, found by a name alone) of each match of the classes' patterns
+    in `data`, which is `asc` with the `gaps` taken out; offsets are `asc`'s, and so are
+    the neighbours a match must not run on into."""
     at = [b - removed for _, b, removed in gaps]  # where each gap was, in `data`
     n = len(asc)
     for cls in classes:
@@ -1834,7 +1850,7 @@ def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
                     continue
                 if has_v and e < n and asc[e] in _ALNUM and e not in bounds:
                     continue
-                yield cls, s, e
+                yield cls, s, e, rx in _NAMED_ONLY
 
 
 # Characters on both sides of a soft space (NBSP ...) that make it part of a token.
