@@ -755,6 +755,7 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
     ("Server=db;User Id=sa;Password=Tr0ub4dor3x;", "Server=db;User Id=sa;Password=[PASSWORD_1];"),
     ("jdbc:mysql://db/x?user=a&password=Hunter22", "jdbc:mysql://db/x?user=a&password=[PASSWORD_1]"),
     ("DB_PASSWORD=s3cr3t!", "DB_PASSWORD=[PASSWORD_1]"),
+    ("Driver={SQL};Server=x;UID=a;PWD=Hunter22", "Driver={SQL};Server=x;UID=a;PWD=[PASSWORD_1]"),
     ('password = "hunter22"', 'password = "[PASSWORD_1]"'),
 ])
 def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
@@ -766,6 +767,9 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     "user, password = get_auth(url)", 'print(f"password={password!r}")',
     "hostname:port:username:password:base_dn:flags", "password: ********",
     '"Password": {"type": "string"}',
+    # The shell's working directory, as env and coding agents print it.
+    "PWD=/home/dev/app\nOLDPWD=/home/dev", "export PATH=$PWD:/usr/local/bin",
+    "PWD: /workspace/repo",
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text
@@ -794,3 +798,13 @@ def test_a_key_known_by_its_name_alone_mixes_letters_and_digits(
         redactor: Redactor, text: str, found: bool) -> None:
     doc = {"messages": [{"role": "user", "content": text}]}
     assert redactor.redact("chat", doc, "t").counts == ({"api_key": 1} if found else {})
+
+
+@pytest.mark.parametrize("text", [
+    "npm_config_strict_peer_dependencies_setting",
+    "def whsec_verify_signature_and_parse_event_payload(): pass",
+    "fw_UpdateProcedureForDevicesV2", "r8_SomeVeryLongCamelCaseFunctionNameHereX",
+    "glpat-contribution-guidelines-for-maintainers",
+])
+def test_a_name_that_took_a_keys_prefix_is_no_key(redactor: Redactor, text: str) -> None:
+    assert _chat_text(redactor, text) == text

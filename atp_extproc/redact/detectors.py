@@ -119,9 +119,10 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
     "cloud_key": (*_AWS_PREFIXES, "AIza", "AccountKey=", "GOCSPX-", "ya29.",
                   "SharedAccessKey=", "sig=", "Q~"),
     "api_key": ("sk-", "rk-", "sk_live_", "sk_test_", "rk_live_", "rk_test_", "hf_",
-                "gl", "gsk_", "xai-", "pplx-", "r8_", "pcsk_", "lsv2_", "fw_", "whsec_",
-                "SG.", "npm_", "shp", "_v1_", ":AA", "/api/webhooks/", "pypi-", "dapi",
-                "ATATT", "secret_", "ntn_", "lin_api_"),
+                "glpat-", "glrt-", "gldt-", "glptt-", "gloas-", "glsoat-", "glft-", "glcbt-",
+                "gsk_", "xai-", "pplx-", "r8_", "pcsk_", "lsv2_", "fw_", "whsec_", "SG.",
+                "npm_", "shpat_", "shpss_", "shpca_", "shppa_", "_v1_", ":AA",
+                "/api/webhooks/", "pypi-", "dapi", "ATATT", "secret_", "ntn_", "lin_api_"),
     "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
     "slack_token": ("xox", "xapp-", "hooks.slack.com"),
     "jwt": ("eyJ",),
@@ -234,11 +235,12 @@ _SECRETS: dict[str, tuple] = {
         # Replicate, Pinecone, LangSmith, Fireworks, Stripe's webhook secret, SendGrid,
         # npm, Shopify, DigitalOcean; a Telegram bot's token, a Discord webhook's.
         _rx(r"gl(?:pat|rt|dt|ptt|oas|soat|ft|cbt)-[A-Za-z0-9_\-]{20,}"),
-        _rx(r"(?:gsk|pcsk|whsec|npm)_[A-Za-z0-9_]{30,}"),
+        _rx(r"(?:gsk|whsec|npm)_[A-Za-z0-9]{30,}"),
+        _rx(r"pcsk_[A-Za-z0-9]{4,8}_[A-Za-z0-9]{40,}"),
         _rx(r"(?:xai|pplx)-[A-Za-z0-9]{40,}"),
-        _rx(r"r8_[A-Za-z0-9]{30,}"),
+        _rx(r"r8_[A-Za-z0-9]{37}"),
         _rx(r"lsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}"),
-        _rx(r"fw_[A-Za-z0-9]{20,}"),
+        _rx(r"fw_[A-Za-z0-9]{24}"),
         _rx(r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
         _rx(r"shp(?:at|ss|ca|pa)_[a-fA-F0-9]{32}"),
         _rx(r"do[opr]_v1_[a-f0-9]{64}"),
@@ -287,10 +289,13 @@ _SECRETS: dict[str, tuple] = {
             r"(?P<v>[^\s:/@?#\[\]\"'<>\x00]{1,128})@[A-Za-z0-9\[]"),
         # Quoted ('password = "…"', '"pwd": "…"'), or right after its name unquoted (an
         # env file, a connection string, YAML): not code's `password = get(...)`.
-        _rx(r"(?i)(?:password|passwd|passphrase|pwd)[\"']?\s*[=:]\s*[\"']"
+        _rx(r"(?i)(?:password|passwd|passphrase)[\"']?\s*[=:]\s*[\"']"
             r"(?P<v>[^\s\"'\x00]{1,128})[\"']"),
-        _rx(r"(?i)(?:password|passwd|passphrase|pwd)(?:=|:[ \t]*)"
+        _rx(r"(?i)(?:password|passwd|passphrase)(?:=|:[ \t]*)"
             r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
+        # `Pwd=` only as a connection string's field: `PWD` is also the shell's
+        # working directory.
+        _rx(r"(?i)(?:^|[;?&])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
     ),
 }
 
@@ -409,7 +414,7 @@ _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
 # "aws_secret_access_key"): its value is read with the key's name as its label.
 _SECRET_KEY_NAME = re.compile(
     r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)"
-    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase|pwd)")
+    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase)")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
 # Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
@@ -1775,6 +1780,24 @@ def _power_of_two_or_next(n: int) -> bool:
     return n > 0 and (n & (n - 1) == 0 or n & (n + 1) == 0 or (n - 1) & (n - 2) == 0)
 
 
+# A key's prefix, before its random part: "glpat-", "npm_", "SG.", "123456789:AA".
+_KEY_PREFIX = re.compile(r"^(?:[A-Za-z0-9]+(?:_v1|_api|_live|_test)?[-_.]|[0-9]+:AA)")
+
+
+def _random_part(body: str) -> bool:
+    """A key's random part, not a name that took a key's prefix
+    ("npm_config_strict_peer_dependencies", "glpat-contribution-guidelines",
+    "r8_SomeLongCamelCaseName"): letters and digits mixed, or 40 or more of mixed case
+    that are no words joined by dashes or underscores."""
+    pieces = _KEY_SEGMENT.split(body)
+    if all(map(_wordlike, pieces)):
+        return False
+    has_digit = any(c.isdigit() for c in body)
+    has_alpha = any(c.isalpha() for c in body)
+    mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
+    return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
+
+
 def _wordlike(segment: str) -> bool:
     """A piece of a name, not of a random key: a short lowercase word, a year or version
     number, two characters, a word with a number after it ("nistp256", "ed25519",
@@ -1807,6 +1830,8 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
         return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
     if named_only:
         return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+    if cls == "api_key" and value[:3] not in ("sk-", "rk-"):
+        return _random_part(_KEY_PREFIX.sub("", value, count=1))
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
     if cls == "password":
@@ -1820,8 +1845,10 @@ _NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}", r
 
 
 def _password_like(value: str) -> bool:
-    # ("$…": a variable, or a template cut at its "{"; under 4 characters: a fragment.)
-    return len(value) >= 4 and value[0] != "$" and _NO_PASSWORD.fullmatch(value) is None
+    # ("$…": a variable, or a template cut at its "{"; "/…", "~/…", "./…": a path; under 4
+    # characters: a fragment.)
+    return len(value) >= 4 and value[0] not in "$/~." and \
+        _NO_PASSWORD.fullmatch(value) is None
 
 
 def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
