@@ -187,6 +187,7 @@ def headers_of(header_map: base_pb2.HeaderMap) -> dict[str, str]:
     `x-tenant-id: bob` / `x-tenant-id: alice` is one invalid value, not alice)."""
     out: dict[str, str] = {}
     for h in header_map.headers:
-        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        # As bytes read as Latin-1 either way (an older Envoy fills `value`).
+        value = (h.raw_value if h.raw_value else h.value.encode()).decode("latin-1")
         out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
     return out

@@ -808,15 +808,23 @@ def usage_in_tail(tail: bytes) -> Usage | None:
     """The provider's usage in the last bytes of a JSON answer too large to read whole:
     the last `"usage": {...}` there whose counts are readable. Outside a JSON string a
     quote is no text's (text escapes it), so the key is the answer's own."""
-    for m in reversed(list(_USAGE_KEY.finditer(tail))):
+    # The last few only, each read no further than a usage object goes: a tail of many
+    # `"usage":{` read each to its end was quadratic, on the event loop.
+    for m in reversed(list(_USAGE_KEY.finditer(tail))[-_USAGE_TRIES:]):
         try:
-            value, _ = json.JSONDecoder().raw_decode(tail[m.end():].decode("utf-8", "replace"))
+            value, _ = _DECODER.raw_decode(
+                tail[m.end():m.end() + _USAGE_MAX_BYTES].decode("utf-8", "replace"))
         except (ValueError, RecursionError):
             continue
         usage = _usage_of({"usage": value})
         if usage is not None:
             return usage
     return None
+
+
+_USAGE_TRIES = 3
+_USAGE_MAX_BYTES = 4096  # a usage object with its details takes a few hundred
+_DECODER = json.JSONDecoder()
 
 
 def _answer_json(data: bytes | bytearray) -> Any:

@@ -600,7 +600,10 @@ def _unix_problem(path: str) -> str | None:
                 "name the socket's own path")
     if not os.path.exists(path):
         return _unix_bind_problem(path)
-    if _accepting(path):
+    accepting = _accepting(path)
+    if accepting is None:
+        return "ATP may not connect to the socket there to see whether it is in use"
+    if accepting:
         return "already in use: another process accepts connections on this socket"
     # Left by a process that died (nothing accepts on it): removed here, as gRPC would,
     # so that where ATP may not (another user's, in a sticky directory) it says why,
@@ -613,13 +616,17 @@ def _unix_problem(path: str) -> str | None:
     return None
 
 
-def _accepting(path: str) -> bool:
+def _accepting(path: str) -> bool | None:
+    """Whether a process accepts connections on the socket at `path`; None where ATP may
+    not connect to tell (another user's socket): that is no stale one to remove."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(1.0)
         try:
             client.connect(path)
         except TimeoutError:
             return True  # its backlog is full: a live server, if a busy one
+        except PermissionError:
+            return None
         except OSError:
             return False
         return True

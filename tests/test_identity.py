@@ -455,3 +455,18 @@ def test_a_bearer_with_an_integer_past_any_double_is_no_token_not_a_crash() -> N
 def test_an_unreadable_authorization_beside_a_valid_key_is_401(example, authorization) -> None:
     err = refused(example, {"authorization": authorization, "api-key": ALICE})
     assert err.status == 401 and "Authorization holds no API key" in err.message
+
+
+def test_a_header_envoy_sends_as_text_reads_as_its_raw_bytes_do() -> None:
+    # An older Envoy fills `value`, not `raw_value`: read as it came, a key with é
+    # matched no digest.
+    from envoy.config.core.v3 import base_pb2
+
+    from atp_extproc.envoy_api import headers_of
+
+    key = "sk-café-ünï"
+    snap = snapshot("auth:\n  api_keys:\n" + key_entry(key, "k", "carol"))
+    for header in (base_pb2.HeaderValue(key="api-key", raw_value=key.encode()),
+                   base_pb2.HeaderValue(key="api-key", value=key)):
+        headers = headers_of(base_pb2.HeaderMap(headers=[header]))
+        assert identify(snap, headers, None).tenant == "carol"

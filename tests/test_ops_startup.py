@@ -346,3 +346,17 @@ def test_once_stopped_serve_leaves_late_signals_ignored(config: Path) -> None:
         stopper.join(30)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_socket_atp_may_not_connect_to_is_not_taken_for_a_stale_one(
+        tmp_path: Path, monkeypatch) -> None:
+    # Another user's live socket answered EACCES: read as stale, ATP tried to remove it.
+    sock = stale_socket(tmp_path / "atp.sock")
+
+    def refused(self, address):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    with pytest.raises(StartupError, match="may not connect to the socket there"):
+        check_listen(f"unix:{sock}")
+    assert sock.exists()

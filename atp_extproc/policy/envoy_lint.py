@@ -673,7 +673,9 @@ def _atp_cluster_match(match: dict[str, Any]) -> str | bool | None:
             string_match = header.get("string_match")
             exact = string_match.get("exact") if isinstance(string_match, dict) else \
                 header.get("exact_match")
-            return exact if isinstance(exact, str) else True
+            # (An inverted match takes every other value: no one cluster's.)
+            return exact if isinstance(exact, str) and not header.get("invert_match") \
+                else True
     return None
 
 

@@ -610,7 +610,7 @@ def _common(c: Collector, doc: dict[str, Any], known: frozenset[str]) -> None:
             if k != "format":
                 c.map_key(("text",), k)
                 stack.append((("text", k), v, key_class(k)))
-    elif "text" in doc and "text" not in unknown:
+    elif "text" in doc:
         # No settings object: a string or list there is read whole, as any unknown field.
         stack.append((("text",), text, None))
     _read_values(c, stack)

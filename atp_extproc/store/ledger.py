@@ -68,7 +68,10 @@ class LedgerUnavailable(OSError):
 def said_whole(exc: BaseException) -> bool:
     """Whether the error's message says all there is (the file gone, the disk full): a
     traceback beside it would bury it. Others are bugs, whose traceback tells where."""
-    return isinstance(exc, LedgerUnavailable | sqlite3.Error)
+    # (An OperationalError is the file's or the disk's; sqlite's other errors, misuse of
+    # the API or a constraint, are bugs.)
+    return isinstance(exc, LedgerUnavailable | sqlite3.OperationalError) or \
+        type(exc) is sqlite3.DatabaseError
 
 
 FileId = tuple[int, int]   # device, inode
