@@ -689,11 +689,14 @@ class Exchange:
             return self.snapshot.models[names[0]]
         assert self.identity is not None
         rec = self.record
+        shadow = objective.shadow
+        hazard = mirror_hazard(rec.operation, self._parsed.doc) \
+            if shadow.mode == "mirror" and self._parsed is not None else None
         try:
             decision = self.services.router.choose(
                 route.name, objective, self.snapshot.candidates[(route.name, alias)],
                 sticky_key(objective.sticky, self.identity.tenant, self._user()),
-                restrict=allowed, request_id=rec.request_id or None)
+                restrict=allowed, request_id=rec.request_id or None, mirror=hazard is None)
         except NoCandidateError as exc:
             refusal = RequestError(403, str(exc), "no_eligible_model",
                                    type_="permission_error")
@@ -714,11 +717,9 @@ class Exchange:
         rec.routing_fallback = decision.fallback_reason
         rec.proposed_model = decision.proposed
         rec.predicted_savings_usd = decision.predicted_savings_usd
-        hazard = mirror_hazard(rec.operation, self._parsed.doc) \
-            if decision.mirror_to is not None and self._parsed is not None else None
         if hazard is not None:
-            rec.routing_excluded += (f"{decision.mirror_to}:mirror_{hazard}",)
-        elif decision.mirror_to is not None:
+            rec.routing_excluded += (f"{shadow.challenger}:mirror_{hazard}",)
+        if decision.mirror_to is not None:
             rec.mirror_to = decision.mirror_to
             headers[SHADOW_CLUSTER_HEADER] = SHADOW_CLUSTER
             headers[SHADOW_MODEL_HEADER] = decision.mirror_to

@@ -318,6 +318,20 @@ def test_an_alias_without_the_champion_has_its_first_candidate_as_champion():
     assert {(d.chosen, d.fallback_reason) for d in decisions} == {("mid", "")}
 
 
+def test_a_request_not_to_mirror_takes_no_half_open_challengers_probe():
+    # The exchange dropped such a copy after the router had claimed the probe slot for
+    # it: the challenger's recovery waited open_s for a probe that never went.
+    clock = Clock()
+    router = Router(clock=clock, seed=14)
+    objective = RouteObjective(champion="mid", breaker=Breaker(confidence=0.0),
+                               shadow=Shadow(mode="mirror", challenger="cheap", share=1.0))
+    router.choose("chat", objective, CANDIDATES)
+    teach(router, "cheap", 20, errors_every=1)
+    clock.t += objective.breaker.open_s
+    assert router.choose("chat", objective, CANDIDATES, mirror=False).mirror_to is None
+    assert router.choose("chat", objective, CANDIDATES).mirror_to == "cheap"
+
+
 def test_mirror_mode_mirrors_a_share_and_never_serves_the_challenger():
     router = Router(clock=Clock(), seed=13)
     objective = RouteObjective(

@@ -82,13 +82,14 @@ class Router:
     def choose(self, route_name: str, objective: RouteObjective | None,
                candidates: Sequence[CandidateModel], key_for_sticky: str | None = None,
                *, restrict: Collection[str] | None = None,
-               request_id: str | None = None) -> RoutingDecision:
+               request_id: str | None = None, mirror: bool = True) -> RoutingDecision:
         """Pick the model for one request among `candidates` (the alias's models; the
         first is the champion unless the objective names one).
 
         `restrict`: the models policy allows (None = all). `key_for_sticky`: tenant or
         user id when objective.sticky asks for it. `request_id` makes the mirror share a
-        stable function of the request. Pass the same `candidates` object for the same
+        stable function of the request; `mirror` False: no copy of this one (nor a claim
+        on a half-open challenger's probe for it). Pass the same `candidates` object for the same
         (config snapshot, route, alias): what depends only on it is prepared once.
         Raises NoCandidateError when policy/restrict/objective leave nothing.
         """
@@ -99,7 +100,7 @@ class Router:
         decision_mode = comp.shadow_mode == "decision"
         mirror_arm = prep.mirror_arm
         if mirror_arm is not None and (
-                mirror_arm.breaker.poll(now) is OPEN
+                not mirror or mirror_arm.breaker.poll(now) is OPEN
                 or (restrict is not None and comp.mirror_to not in restrict)):
             mirror_arm = None
         probe_name: str | None = None
