@@ -383,10 +383,6 @@ def _call(name, arguments):
     ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(
         {**{f"a{i}": i for i in range(MAX_MAP)}, "max_results": 500}))]}]},
      "request.tool_details.arguments"),
-    # Arguments too long to parse read as none at all.
-    ({"messages": [{"role": "assistant", "tool_calls": [_call("search", json.dumps(
-        {"max_results": 500, "pad": "x" * 9000}))]}]},
-     "request.tool_details.arguments"),
     # Nested too deep to parse.
     ({"messages": [{"role": "assistant", "tool_calls": [_call(
         "search", "[" * 5000 + "]" * 5000)]}]},
@@ -462,6 +458,16 @@ def test_message_count_reads_the_operations_own_field(operation, doc, count):
     # past limits.message_count (the provider served all 250).
     fields, _ = request_from_body(operation, doc)
     assert fields["message_count"] == count
+
+
+def test_a_long_argument_is_content_not_a_cut():
+    # A file's text in a past write_file call over 8 KB was a cut: limits.truncated
+    # refused an ordinary agent loop.
+    fields, cut = request_from_body("chat", {"messages": [{"role": "assistant", "tool_calls": [
+        _call("write_file", json.dumps({"path": "a.py", "text": "x" * 20000}))]}]})
+    assert not cut
+    (tool,) = build_attributes(request=fields).request.tool_details
+    assert tool.arguments["path"] == "a.py" and tool.arguments["text"].endswith("…")
 
 
 def test_a_cases_non_scalar_arguments_are_read_as_a_bodys_are():

@@ -46,7 +46,6 @@ MAX_LIST = 64             # items of any list attribute (groups, roles, tools ..
 MAX_MAP = 64              # entries of any map attribute (metadata, data classes, arguments)
 MAX_CLAIMS_DEPTH = 4      # nesting kept in JWT claims (Keycloak: resource_access.<client>.roles)
 MAX_HISTORY_SCAN = 2048   # messages scanned (newest first) for tool calls; more is "cut"
-MAX_ARGUMENTS_JSON = 8192  # characters of one call's arguments that are parsed
 
 Subject = pb.Subject
 Request = pb.Request
@@ -619,7 +618,7 @@ def request_from_body(operation: str,
     """The request attributes a parsed body gives (tools, tool_choice, max_tokens, metadata).
 
     Bounded: tools and history are read through islice and MAX_HISTORY_SCAN, arguments are
-    parsed only up to MAX_ARGUMENTS_JSON characters. Returns (keys for build_attributes's
+    parsed in C, within the body's own bound. Returns (keys for build_attributes's
     `request`, paths cut while reading, for `context.truncated`); the caller adds path,
     alias, token_estimate, data_classes ...
     """
@@ -826,9 +825,8 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
     """The scalar arguments of one call; arguments it cannot read whole (too long, too
     deep, too many) are noted as cut, so a policy on them can refuse the request."""
     if isinstance(arguments, str):
-        if len(arguments) > MAX_ARGUMENTS_JSON:
-            cut.note("request.tool_details.arguments")
-            return {}
+        # Parsed whatever their length (the body's bound is theirs): a file's text in a
+        # past write_file call over 8 KB was a cut, and limits.truncated refused it.
         try:
             arguments = parse_arguments(arguments)
         except (RecursionError, UnreadableNumber):
