@@ -770,6 +770,9 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     # The shell's working directory, as env and coding agents print it.
     "PWD=/home/dev/app\nOLDPWD=/home/dev", "export PATH=$PWD:/usr/local/bin",
     "PWD: /workspace/repo",
+    # A word of another script, code's value.
+    "password: Contraseña", "password: Пароль", "password: process.env.DB_PASSWORD",
+    'proxy_password=self._socks_options["password"]',
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text
@@ -793,6 +796,10 @@ def test_a_password_under_its_json_key_is_found(redactor: Redactor) -> None:
     ("API_KEY=your-api-key-here", False),
     ("a bearer token is sent with each request", False),
     ("OPENAI_API_KEY=$OPENAI_API_KEY", False),
+    # Code's names, which mix in a digit too.
+    ("val accessToken: OAuth2AccessToken", False),
+    ("access_token = create_access_token_v2(user)", False),
+    ("API_KEY=your_api_key_v2_goes_here", False),
 ])
 def test_a_key_known_by_its_name_alone_mixes_letters_and_digits(
         redactor: Redactor, text: str, found: bool) -> None:
@@ -808,3 +815,34 @@ def test_a_key_known_by_its_name_alone_mixes_letters_and_digits(
 ])
 def test_a_name_that_took_a_keys_prefix_is_no_key(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize("text", [
+    # No key in them: the default deny refused each request.
+    "My key file starts with -----BEGIN OPENSSH PRIVATE KEY----- but ssh says invalid",
+    "Paste the key between -----BEGIN PRIVATE KEY----- and -----END PRIVATE KEY----- lines.",
+    '_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"',
+    "private_key: /home/runner/work/infra/terraform/environments/production/deploy.pem",
+    "Private-Lines: 14\nfollowed by the MAC",
+])
+def test_what_only_names_a_private_key_is_none(redactor: Redactor, text: str) -> None:
+    doc = {"messages": [{"role": "user", "content": text}]}
+    assert redactor.redact("chat", doc, "t").counts == {}
+
+
+def test_a_der_key_under_its_name_is_found_over_its_wrapped_lines(redactor: Redactor) -> None:
+    lines = ["MIIEpAIBAAKCAQEA" + "Ab1Cd2Ef3Gh4" * 4, "Ab1Cd2Ef3Gh4" * 5 + "Ab1C", "Zz9="]
+    text = "private_key: " + "\n".join(lines)
+    redactor_mask = Redactor(RedactionSettings(actions={"private_key": "mask"}),
+                             hmac_key=b"k" * 32)
+    assert _chat_text(redactor_mask, text) == "private_key: [PRIVATE_KEY_1]"
+
+
+def test_a_key_under_its_json_name_is_found(redactor: Redactor) -> None:
+    # In a message the key was found, in a tool call's arguments it went out.
+    for args in ({"api_key": "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"},
+                 {"client_secret": "Xy12Zk9LmN0pQr5StUv8"}):
+        doc = {"messages": [{"role": "assistant", "tool_calls": [{
+            "id": "c", "type": "function",
+            "function": {"name": "f", "arguments": json.dumps(args)}}]}]}
+        assert redactor.redact("chat", doc, "t").counts == {"api_key": 1}

@@ -264,23 +264,30 @@ _SECRETS: dict[str, tuple] = {
     "jwt": (_rx(r"eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),),
     # Armour lines in any case: retyped or lower-cased, they still frame a key.
     "private_key": (_rx(
+        # (With key data between: "paste it between -----BEGIN PRIVATE KEY----- and
+        # -----END PRIVATE KEY-----" holds none.)
         r"(?i)-{3,6}BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}(?:[^\-\x00]|-[^\-\x00])*?"
+        r"[A-Za-z0-9+/=]{16}(?:[^\-\x00]|-[^\-\x00])*?"
         r"-{3,6}END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
-        # Truncated (no END line): the BEGIN line and the key lines that follow it.
+        # Truncated (no END line): the BEGIN line and the key lines that follow it, one
+        # at least (a BEGIN line quoted alone, or a constant in code, is no key).
         r"|-{3,6}BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"
-        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\\x00]*))*"
+        r"(?:(?:\s|\\[nr])*(?:[A-Za-z0-9+/=]{16,}|[A-Za-z][A-Za-z-]*: [^\n\\\x00]*))+"
         # Truncated at the top (no BEGIN line): the key lines before the END line, all but
         # the last one of 16 characters at least, as prose words are not.
         r"|(?:[A-Za-z0-9+/=]{16,}(?:\s|\\[nr])+)+(?:[A-Za-z0-9+/=]{1,15}(?:\s|\\[nr])+)?"
         r"-{3,6}END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-{3,6}"),
         # Private keys in other forms: PuTTY's .ppk (its private lines), WireGuard's
         # config, an age identity.
-        _rx(r"Private-Lines: [0-9]+(?:\r?\n|\\r?\\n)(?P<v>[A-Za-z0-9+/=]{4,}"
-            r"(?:(?:\r?\n|\\r?\\n)[A-Za-z0-9+/=]{4,})*)"),
+        _rx(r"Private-Lines: [0-9]+(?:\r?\n|\\r?\\n)(?P<v>[A-Za-z0-9+/=]{16,}"
+            r"(?:(?:\r?\n|\\r?\\n)[A-Za-z0-9+/=]{16,})*)"),
         _rx(r"PrivateKey\s*=\s*(?P<v>[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)"),
         _rx(r"AGE-SECRET-KEY-1[0-9A-Z]{58}"),
         # A key's DER base64 under its name ("private_key: MIIE…", a JSON key's label).
-        _rx(r"(?i)private[_ \-]?key[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9+/]{60,}={0,2})")),
+        # (DER starts with a SEQUENCE: "MII…", "MHc…"; over the lines it is wrapped at.)
+        _rx(r"(?i)private[_ \-]?key[\"']?" + _KEY_VALUE_SEP
+            + r"(?P<v>M[IH][A-Za-z0-9+/]{58,}={0,2}(?:(?:\r?\n|\\r?\\n)"
+            r"(?:[A-Za-z0-9+/]{4,}={0,2}|[A-Za-z0-9+/]{2,3}={1,2}))*)")),
     # A URL's password (a database's, a broker's: "postgres://app:…@db:5432"), and one
     # under its name: "password=…", "Password=…;" in a connection string, `pwd: …`.
     "password": (
@@ -414,7 +421,8 @@ _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
 # "aws_secret_access_key"): its value is read with the key's name as its label.
 _SECRET_KEY_NAME = re.compile(
     r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)"
-    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase)")
+    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase)"
+    r"|(?:[a-z0-9]+_?)?(api_?key|api_?token|access_?token|auth_?token|client_?secret)")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
 # Other-words that leave the key of an SSN or TIN naming it: "taxpayer_id", "tax_id".
@@ -424,13 +432,15 @@ _KEY_ID_WORDS = frozenset(("id", "ids"))
 def key_class(key: str) -> str | None:
     """The class a JSON key names ("phone", "card", "ssn", "msisdn": a phone number in
     international form without its '+'; "secret_key", "session_token": AWS's, whose
-    values hold no "aws" to tell them), "" for a key that holds
+    values hold no "aws" to tell them; "private_key", "password", "api_key": values read
+    under their key's name), "" for a key that holds
     something else than the value even if it names a class ("phone_id", "card_count"),
     None for any other key."""
     secret = _SECRET_KEY_NAME.fullmatch(key)
     if secret is not None:
         return "session_token" if secret.group(1) else "private_key" if secret.group(2) \
-            else "password" if secret.group(3) else "secret_key"
+            else "password" if secret.group(3) else "api_key" if secret.group(4) \
+            else "secret_key"
     if _KEY_HINT.search(key) is None:
         return None
     words = _KEY_SPLIT.sub(" ", _KEY_E164.sub(" msisdn ", key)).lower().split()
@@ -1790,12 +1800,22 @@ def _random_part(body: str) -> bool:
     "r8_SomeLongCamelCaseName"): letters and digits mixed, or 40 or more of mixed case
     that are no words joined by dashes or underscores."""
     pieces = _KEY_SEGMENT.split(body)
-    if all(map(_wordlike, pieces)):
+    if all(map(_wordlike, pieces)) or _wordy(body):
         return False
     has_digit = any(c.isdigit() for c in body)
     has_alpha = any(c.isalpha() for c in body)
     mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
     return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
+
+
+_WORD_RUN = re.compile(r"[A-Z]?[a-z]{3,}")
+
+
+def _wordy(text: str) -> bool:
+    """Mostly words of three letters or more, run together as code names them
+    ("OAuth2AccessToken", "create_access_token_v2"): in 16 random letters and digits, as
+    much falls in such runs less than once in a hundred."""
+    return sum(map(len, _WORD_RUN.findall(text))) >= 0.7 * len(text)
 
 
 def _wordlike(segment: str) -> bool:
@@ -1829,7 +1849,8 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
         mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
         return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
     if named_only:
-        return any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+        return any(c.isdigit() for c in value) and any(c.isalpha() for c in value) and \
+            _random_part(value)
     if cls == "api_key" and value[:3] not in ("sk-", "rk-"):
         return _random_part(_KEY_PREFIX.sub("", value, count=1))
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
@@ -1844,11 +1865,17 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
 _NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}", re.IGNORECASE)
 
 
+# Code's value: `process.env.DB_PASSWORD`, `self._options`, `typing.Optional`.
+_DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+
+
 def _password_like(value: str) -> bool:
     # ("$…": a variable, or a template cut at its "{"; "/…", "~/…", "./…": a path; under 4
-    # characters: a fragment.)
-    return len(value) >= 4 and value[0] not in "$/~." and \
-        _NO_PASSWORD.fullmatch(value) is None
+    # characters: a fragment; one word of any script: "Contraseña", "Пароль".)
+    return (len(value) >= 4 and value[0] not in "$/~."
+            and not (value.isalpha() and len(value) < 12)
+            and _DOTTED_NAME.fullmatch(value) is None
+            and _NO_PASSWORD.fullmatch(value) is None)
 
 
 def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,

@@ -506,7 +506,8 @@ def _read_values(c: Collector, stack: list[tuple[Path, Any, str | None]]) -> Non
             _number(c, path, value, cls)
 
 
-_SECRET_KEYS = frozenset(("secret_key", "session_token", "private_key", "password"))
+_SECRET_KEYS = frozenset(("secret_key", "session_token", "private_key", "password",
+                          "api_key"))
 
 
 def _number(c: Collector, path: Path, value: Any, cls: str | None) -> None:
