@@ -846,3 +846,12 @@ def test_a_key_under_its_json_name_is_found(redactor: Redactor) -> None:
             "id": "c", "type": "function",
             "function": {"name": "f", "arguments": json.dumps(args)}}]}]}
         assert redactor.redact("chat", doc, "t").counts == {"api_key": 1}
+
+
+@pytest.mark.parametrize("text", [
+    "Boston, MA  02110-1301  USA",  # the GPL's notice: a ZIP+4 after two spaces
+    '{"version": "1.0.0.12"}', '__version__ = "3.5.0.1"',  # a version word before
+    "GOCSPX-your-api-key-here-xxxxxxxxxxxx", "ya29.XXXXXXXXXXXXXXXXXXXXXXXXXX",  # slots
+])
+def test_addresses_versions_and_key_slots_stay(redactor: Redactor, text: str) -> None:
+    assert _chat_text(redactor, text) == text

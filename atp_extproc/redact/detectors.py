@@ -337,6 +337,8 @@ _SSN_SHAPE = re.compile(rb"\d{3}([-./ ])\d{2}\1\d{4}")
 _VERSION_CTX = re.compile(r"(?:(?i:\bv|\bver|version|build|release|\brev|\bsection|"
                           r"\bsect|§|\bchapter|\bclause|\bparagraph|\bfig(?:ure)?\b)"
                           r"[\s.:>#]*(?:[(=][\"']?)?|"
+                          # A version's key or name: `"version": "`, `__version__ = "`.
+                          r"(?i:version)_*[\"']?\s*[:=]\s*[\"']|"
                           r"(?:Chrome|Chromium|CriOS|Safari|Firefox|FxiOS|Edg[A-Z]?|OPR|"
                           r"Version|AppleWebKit|Gecko|YaBrowser|SamsungBrowser|Electron)/)$")
 _PHONE_LIST_CTX = re.compile(r"(?i)(?:phone|\bt[ée]l|mobile|\bcell|\bfax|whatsapp|\bsms|contact|"
@@ -369,7 +371,7 @@ _PHONE_WORD_BEFORE = re.compile(
     r"s?\b[^0-9\n]{0,20}$")
 _US_STATE_BEFORE = re.compile(
     r"\b(?:A[KLRZ]|C[AOT]|D[CE]|FL|GA|HI|I[ADLN]|K[SY]|LA|M[ADEINOST]|N[CDEHJMVY]|O[HKR]|"
-    r"PA|PR|RI|S[CD]|T[NX]|UT|V[AT]|W[AIVY]),?[ \u00a0]$")
+    r"PA|PR|RI|S[CD]|T[NX]|UT|V[AT]|W[AIVY]),?[ \t\n\u00a0]{1,4}$")
 # Money, which a national number with thousands separators looks like: a currency right
 # after it (its decimals between: "612.345.678,00 EUR") or right before it. A decimal
 # comma alone is no sign: a CSV row's next field reads alike ("Jane,0612345678,3").
@@ -1032,7 +1034,7 @@ class Scanner:
                 continue
             if e + 1 < n and asc[e] == 46 and asc[e + 1] in _DIGITS:
                 continue
-            if _VERSION_CTX.search(text, _ctx_lo(text, s, 12), s):
+            if _VERSION_CTX.search(text, _ctx_lo(text, s, 20), s):
                 continue
             found.append(Found("ipv4", s, e, text[s:e]))
 
@@ -1853,6 +1855,8 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
             _random_part(value)
     if cls == "api_key" and value[:3] not in ("sk-", "rk-"):
         return _random_part(_KEY_PREFIX.sub("", value, count=1))
+    if cls == "cloud_key" and value.startswith(("GOCSPX-", "ya29.")):
+        return _random_part(value.split("-", 1)[1] if value[0] == "G" else value[5:])
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
     if cls == "password":
