@@ -519,6 +519,19 @@ def test_every_parallel_call_of_the_latest_turn_gives_its_arguments() -> None:
         assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
 
 
+def test_a_long_responses_agent_loop_is_no_cut() -> None:
+    # Call, output, call, output ...: one turn to the reader, whose 70 reads of a file
+    # were a cut, and limits.truncated refused an ordinary agent loop.
+    items = [{"role": "user", "content": "fix it"}]
+    for n in range(70):
+        items += [{"type": "function_call", "call_id": f"c{n}", "name": "read_file",
+                   "arguments": json.dumps({"path": f"f{n}.py"})},
+                  {"type": "function_call_output", "call_id": f"c{n}", "output": "ok"}]
+    fields, cut = request_from_body("responses", {"input": items})
+    assert not cut and fields["tools"] == ["read_file"]
+    assert {"path": "f69.py"} in [t["arguments"] for t in fields["tool_details"]]
+
+
 def test_each_answer_asked_for_is_costed() -> None:
     # n=128 answers of 4096 tokens each were costed as one: a $5 request passed a policy
     # refusing any over $0.25.

@@ -784,7 +784,9 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 if other["arguments"] == entry.get("arguments") or other in parallel:
                     continue  # the same call again: nothing more to see
                 if len(details) + len(parallel) >= MAX_LIST:
-                    cut.note("request.tool_details")
+                    # The older ones go unread, as Chat's older turns do: a Responses
+                    # agent loop (call, output, call, output ...) reads as one turn, and
+                    # 70 reads of a file were a cut that limits.truncated refused.
                     continue
                 parallel.append(other)
     return parallel
