@@ -519,6 +519,16 @@ def test_every_parallel_call_of_the_latest_turn_gives_its_arguments() -> None:
         assert _search_args(fields) == [{"max_results": 1}, {"max_results": 100}]
 
 
+def test_a_negative_token_cap_is_none() -> None:
+    # -1 passed `request.max_tokens > 4096` and lowered the cost estimate.
+    for body in ({"messages": [], "max_tokens": -1},
+                 {"messages": [], "max_tokens": -5000, "max_completion_tokens": 100}):
+        fields, _ = request_from_body("chat", body)
+        assert fields.get("max_tokens", 0) == (100 if "max_completion_tokens" in body else 0)
+    attrs = build_attributes(request=request_from_body("chat", {"max_tokens": -5000})[0])
+    assert attrs.request.max_tokens == 0
+
+
 def test_a_long_responses_agent_loop_is_no_cut() -> None:
     # Call, output, call, output ...: one turn to the reader, whose 70 reads of a file
     # were a cut, and limits.truncated refused an ordinary agent loop.

@@ -662,7 +662,9 @@ def request_from_body(operation: str,
         out["tool_choice"] = choice
     elif isinstance(choice, dict):
         out["tool_choice"] = _forced_name(choice)
-    limits = [v for v in map(doc.get, TOKEN_LIMIT_KEYS) if type(v) is int]
+    # A negative cap is none (llama.cpp, Ollama read -1 as "no limit"): as unset, 0, not
+    # a number a limit passes and a cost estimate subtracts.
+    limits = [v for v in map(doc.get, TOKEN_LIMIT_KEYS) if type(v) is int and v > 0]
     if limits:
         out["max_tokens"] = max(limits)
     # Each answer asked for is written, and billed: `n` (chat, completions), `best_of`
