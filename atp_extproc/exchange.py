@@ -1114,12 +1114,18 @@ class Exchange:
         counted as typical parts (an image, audio, a file) rather than as text, where
         one photo made an ordinary question too long or too costly for the policies.
         (Without redaction, which finds the data, the body's size.)"""
+        # A character written as a \uXXXX escape takes 6 bytes for its UTF-8's 2 or 3:
+        # the same prompt escaped (json.dumps' default) read three times as long.
+        text = self._parsed.text if self._parsed is not None else ""
+        size = self.record.request_bytes - 4 * text.count("\\u") if "\\u" in text \
+            else self.record.request_bytes
         redaction = self._redaction
         if redaction is None:
-            return self.record.request_bytes
+            return size
         data = redaction.data_chars
-        return self.record.request_bytes - data + min(
-            data, _PART_CHARS * redaction.non_text_parts)
+        # Data outside a typed part (base64 in vLLM's `documents`) counts as one part at
+        # least: it counted for nothing, past the policies' token and cost caps.
+        return size - data + min(data, _PART_CHARS * max(redaction.non_text_parts, 1))
 
     def _invalid(self, prompt_tokens: int) -> Usage:
         """A 2xx that is no answer: recorded as the provider's failure, its prompt

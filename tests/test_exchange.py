@@ -1237,6 +1237,24 @@ def test_json_answer_envoy_cannot_buffer_is_read_in_chunks(snap, length) -> None
     assert (rec.input_tokens, rec.usage_estimated) == (70, False)
 
 
+def test_a_prompts_size_is_its_texts_however_the_client_escapes_it(snap) -> None:
+    # Sent with \\u escapes (json.dumps' default) the same Russian prompt read three times
+    # as long, and limits.context_size refused it.
+    text = "Привет, как дела? " * 2000
+    raw = json.dumps(chat("fast", messages=[{"role": "user", "content": text}]),
+                     ensure_ascii=False).encode()
+    escaped = json.dumps(chat("fast", messages=[{"role": "user", "content": text}])).encode()
+    sizes = [send_body(snap, body)[0]._prompt_chars() for body in (raw, escaped)]
+    assert len(escaped) > 2.5 * len(raw) and abs(sizes[0] - sizes[1]) < 0.05 * sizes[0]
+
+
+def test_data_outside_a_typed_part_counts_as_one_part(snap) -> None:
+    # Base64 in vLLM's `documents` counted for nothing: 500 KB read as a 33-token prompt.
+    blob = base64.b64encode(bytes(range(256)) * 1500).decode()
+    ex, _ = send_body(snap, chat("fast", documents=[{"data": blob}]))
+    assert ex._prompt_chars() >= 4000
+
+
 def test_the_usage_after_a_large_image_is_read_not_estimated_from_its_size(snap) -> None:
     # A Responses image answer over max_body_bytes was costed by its size: 1,075,133
     # output tokens, $10.75, for a bill of 6,240 ($0.06).
