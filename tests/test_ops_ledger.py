@@ -83,6 +83,40 @@ def test_a_ledger_file_renamed_away_keeps_its_rows(tmp_path: Path,
     assert tenants(ledger.path) == {"after": 1}
 
 
+def test_a_ledger_renamed_away_while_idle_keeps_its_rows(tmp_path: Path,
+                                                        ledger: AsyncLedger) -> None:
+    # No row came after the rename: the move went unnoticed, the last rows stayed in the
+    # -wal under the old name, and the database made at the path deleted it.
+    ledger.record(entry("before"))
+    ledger.flush()
+    kept = tmp_path / "ledger-2026-01.sqlite3"
+    os.rename(ledger.path, kept)
+    ledger.close()
+    assert tenants(kept) == {"before": 1}
+
+
+def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go(
+        tmp_path: Path, ledger: AsyncLedger) -> None:
+    # The checkpoint could not finish under the reader's snapshot, the -wal was removed
+    # all the same, and the renamed file was left malformed.
+    ledger.record(entry("first"))
+    ledger.flush()
+    reader = sqlite3.connect(ledger.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM ledger").fetchone()
+    ledger.record(entry("second"))
+    ledger.flush()
+    kept = tmp_path / "ledger-2026-01.sqlite3"
+    os.rename(ledger.path, kept)
+    ledger.record(entry("third"))
+    ledger.flush()  # the checkpoint waits: rows go on to the renamed file
+    reader.execute("COMMIT")
+    reader.close()
+    ledger.flush()
+    ledger.close()
+    assert tenants(kept) == {"first": 1, "second": 1, "third": 1}
+
+
 def test_rows_wait_while_the_ledger_cannot_be_opened_again(ledger: AsyncLedger) -> None:
     ledger.flush()
     remove_database(ledger.path)

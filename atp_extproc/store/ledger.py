@@ -12,7 +12,6 @@ error each flush (the rows wait), not a new directory quietly put in its place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sqlite3
@@ -139,6 +138,7 @@ class AsyncLedger:
         self._halves: list[db.ShadowHalf] = []
         # Opened here, to fail at startup rather than at the first flush.
         self._conn, self._files = _open(self.path, create_parent=True)
+        self._move_waits = False  # a moved file's checkpoint waits for a reader
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -193,11 +193,13 @@ class AsyncLedger:
             with self._lock:
                 rows, prices, halves = self._rows, self._prices, self._halves
                 self._rows, self._prices, self._halves = {}, {}, []
-            if not rows and not halves and not prices:
-                return 0
             self._drop_unwritable(rows, prices, halves)
             try:
+                # Idle too: a file renamed away then had its last rows left in a -wal
+                # under the old name, which the database made at the path next deleted.
                 self._reopen_if_replaced()
+                if not rows and not halves and not prices:
+                    return 0
                 # LedgerSums says int; SQLite binds the REALs _bindable adds as well.
                 db.write_batch(self._conn, _bindable(rows),  # type: ignore[arg-type]
                                prices.values(), halves, int(self._clock()))
@@ -216,10 +218,24 @@ class AsyncLedger:
             return
         # SQLite neither checkpoints a moved database on closing nor removes its -wal and
         # -shm, from which a new database at the path would read the old one's pages:
-        # checkpoint (so a renamed file keeps every row; best effort, the new database
-        # matters more), then remove them while they are still the old ones.
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # checkpoint (so a renamed file keeps every row), then remove them while they are
+        # still the old ones. Where a reader holds the old -wal the checkpoint cannot
+        # finish: removed then, it took rows with it and left the renamed file
+        # malformed; rows go on to the old file until the next flush can.
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.ProgrammingError:
+            busy = 0  # closed already: the last reopen failed, nothing is left to copy
+        except sqlite3.Error:
+            busy = 1
+        if busy:
+            if not self._move_waits:
+                log.warning("ledger: %s was deleted or replaced while ATP ran; a reader "
+                            "holds its log, so rows still go to the old file until it "
+                            "lets go", self.path)
+            self._move_waits = True
+            return
+        self._move_waits = False
         self._conn.close()
         for side, old_id in zip(_side_files(self.path), self._files[1:], strict=True):
             if old_id is not None and _file_id(side) == old_id:
