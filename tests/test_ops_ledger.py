@@ -117,6 +117,27 @@ def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go
     assert tenants(kept) == {"first": 1, "second": 1, "third": 1}
 
 
+def test_stopping_while_a_reader_holds_a_renamed_ledgers_log_keeps_the_log(
+        tmp_path: Path, ledger: AsyncLedger, caplog: pytest.LogCaptureFixture) -> None:
+    # The next start deleted the log still under the old name, with the last rows.
+    ledger.record(entry("first"))
+    ledger.flush()
+    reader = sqlite3.connect(ledger.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM ledger").fetchone()
+    ledger.record(entry("second"))
+    ledger.flush()
+    os.rename(ledger.path, tmp_path / "ledger-2026-01.sqlite3")
+    try:
+        with caplog.at_level("ERROR", logger="atp.ledger"):
+            ledger.close()
+    finally:
+        reader.close()
+    orphaned = ledger.path.with_name(ledger.path.name + "-wal.orphaned")
+    assert orphaned.exists() and not ledger.path.with_name(ledger.path.name + "-wal").exists()
+    assert any("is kept as" in r.getMessage() for r in caplog.records)
+
+
 def test_rows_wait_while_the_ledger_cannot_be_opened_again(ledger: AsyncLedger) -> None:
     ledger.flush()
     remove_database(ledger.path)

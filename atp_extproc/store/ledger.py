@@ -12,6 +12,7 @@ error each flush (the rows wait), not a new directory quietly put in its place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -194,12 +195,15 @@ class AsyncLedger:
                 rows, prices, halves = self._rows, self._prices, self._halves
                 self._rows, self._prices, self._halves = {}, {}, []
             self._drop_unwritable(rows, prices, halves)
-            try:
+            if not rows and not halves and not prices:
                 # Idle too: a file renamed away then had its last rows left in a -wal
                 # under the old name, which the database made at the path next deleted.
+                # (A reopen that fails waits for rows to say so: not once a second.)
+                with contextlib.suppress(Exception):
+                    self._reopen_if_replaced()
+                return 0
+            try:
                 self._reopen_if_replaced()
-                if not rows and not halves and not prices:
-                    return 0
                 # LedgerSums says int; SQLite binds the REALs _bindable adds as well.
                 db.write_batch(self._conn, _bindable(rows),  # type: ignore[arg-type]
                                prices.values(), halves, int(self._clock()))
@@ -210,9 +214,10 @@ class AsyncLedger:
             self.flushes += 1
             return len(rows) + len(halves)
 
-    def _reopen_if_replaced(self) -> None:
+    def _reopen_if_replaced(self, final: bool = False) -> None:
         """SQLite goes on writing to a deleted (or renamed) file's old inode, where no one
-        will read the rows: open the database now at the path instead."""
+        will read the rows: open the database now at the path instead (`final`: ATP
+        stops, and opens nothing)."""
         current = _file_id(self.path)
         if current is not None and current == self._files[0]:
             return
@@ -221,16 +226,17 @@ class AsyncLedger:
         # checkpoint (so a renamed file keeps every row), then remove them while they are
         # still the old ones. Where a reader holds the old -wal the checkpoint cannot
         # finish: removed then, it took rows with it and left the renamed file
-        # malformed; rows go on to the old file until the next flush can.
+        # malformed. So rows go on to the old file while nothing stands at the path;
+        # once something does, or ATP stops, the old log is moved aside, whole.
         try:
             busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.ProgrammingError:
             busy = 0  # closed already: the last reopen failed, nothing is left to copy
         except sqlite3.Error:
             busy = 1
-        if busy:
+        if busy and current is None and not final:
             if not self._move_waits:
-                log.warning("ledger: %s was deleted or replaced while ATP ran; a reader "
+                log.warning("ledger: %s was deleted or renamed while ATP ran; a reader "
                             "holds its log, so rows still go to the old file until it "
                             "lets go", self.path)
             self._move_waits = True
@@ -239,7 +245,16 @@ class AsyncLedger:
         self._conn.close()
         for side, old_id in zip(_side_files(self.path), self._files[1:], strict=True):
             if old_id is not None and _file_id(side) == old_id:
-                side.unlink(missing_ok=True)
+                if busy:
+                    kept = side.with_name(side.name + ".orphaned")
+                    side.rename(kept)
+                    log.error("ledger: the log of %s, deleted or renamed while a reader "
+                              "held it, is kept as %s: its last rows are there, not in "
+                              "the renamed file", self.path, kept)
+                else:
+                    side.unlink(missing_ok=True)
+        if final:
+            return
         # Failing, the next flush tries again. A directory gone (a volume unmounted, a
         # path through a directory since replaced) is not made anew: rows written there
         # would be lost to whoever reads the ledger where it was.
@@ -334,6 +349,9 @@ class AsyncLedger:
         try:
             self.flush()
         finally:
+            if self._move_waits:
+                with contextlib.suppress(Exception):
+                    self._reopen_if_replaced(final=True)
             self._conn.close()
 
     async def aclose(self) -> None:
