@@ -1117,8 +1117,9 @@ class Exchange:
         # A character written as a \uXXXX escape takes 6 bytes for its UTF-8's 2 or 3:
         # the same prompt escaped (json.dumps' default) read three times as long.
         text = self._parsed.text if self._parsed is not None else ""
-        size = self.record.request_bytes - 4 * text.count("\\u") if "\\u" in text \
-            else self.record.request_bytes
+        size = self.record.request_bytes
+        if "\\u" in text:  # (an escaped backslash before a "u" is no escape)
+            size = max(0, size - 4 * len(_UNICODE_ESCAPE.findall(text)))
         redaction = self._redaction
         if redaction is None:
             return size
@@ -1136,6 +1137,8 @@ class Exchange:
 
 # Each list of tools a body may declare (llm_api.TOOL_LISTS), the choice that may
 # force one of them, then other settings that cannot go without the list.
+# A \uXXXX escape: after an even run of backslashes, so not an escaped backslash's "u".
+_UNICODE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u[0-9A-Fa-f]{4}")
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
 

@@ -1246,6 +1246,11 @@ def test_a_prompts_size_is_its_texts_however_the_client_escapes_it(snap) -> None
     escaped = json.dumps(chat("fast", messages=[{"role": "user", "content": text}])).encode()
     sizes = [send_body(snap, body)[0]._prompt_chars() for body in (raw, escaped)]
     assert len(escaped) > 2.5 * len(raw) and abs(sizes[0] - sizes[1]) < 0.05 * sizes[0]
+    # A backslash before a "u" in the text is no escape: counted as one, a prompt of
+    # them went below zero, past every cap.
+    literal = json.dumps(chat("fast", messages=[{"role": "user", "content": "\\u" * 30000}]))
+    ex, _ = send_body(snap, literal.encode())
+    assert ex._prompt_chars() >= len(literal) - 1000
 
 
 def test_data_outside_a_typed_part_counts_as_one_part(snap) -> None:
