@@ -855,3 +855,22 @@ def test_a_key_under_its_json_name_is_found(redactor: Redactor) -> None:
 ])
 def test_addresses_versions_and_key_slots_stay(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text
+
+
+@pytest.mark.parametrize(("text", "cls"), [
+    # From the review: base64 keys cut at their first "+", lower-case keys taken for
+    # words, MYSQL_PWD, Pwd= past the first line, a dotted password, an Ed25519 key.
+    ("AZURE_API_KEY=Xk9aBcDeFgHiJkLmNoPqRsTuVwXy+mnop/qrstUvWx==", "api_key"),
+    ("MAILGUN_API_KEY=pnd1cdxxlpbfhebcbxqikl7aycpjcawh", "api_key"),
+    ("MYSQL_PWD=Hunter22", "password"),
+    ("Server=x\nPwd=Hunter22;", "password"),
+    ("password: 'Sp.Ring2024'", "password"),
+    ("private_key: MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnFab1Cd2Ef",
+     "private_key"),
+])
+def test_secrets_the_first_precision_pass_had_let_go_are_found(
+        redactor: Redactor, text: str, cls: str) -> None:
+    doc = {"messages": [{"role": "user", "content": text}]}
+    res = redactor.redact("chat", doc, "t")
+    assert res.counts == {cls: 1}
+    assert "Hunter22" not in json.dumps(res.fields) and "mnop" not in json.dumps(res.fields)

@@ -197,7 +197,7 @@ _CARD_SEP_RX = _rx(_CARD_SEP)
 # digits, so not `api_key = get_api_key()` nor `your-api-key-here`.
 _NAMED_ONLY = (
     _rx(r"(?i)(?:api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|"
-        r"client[_\-]?secret)[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-]{16,})"),
+        r"client[_\-]?secret)[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-+/]{16,}={0,2})"),
     _rx(r"(?i)bearer[ \t]+(?P<v>[A-Za-z0-9_\-.~+/]{20,}=*)"),
 )
 _SECRETS: dict[str, tuple] = {
@@ -284,9 +284,10 @@ _SECRETS: dict[str, tuple] = {
         _rx(r"PrivateKey\s*=\s*(?P<v>[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)"),
         _rx(r"AGE-SECRET-KEY-1[0-9A-Z]{58}"),
         # A key's DER base64 under its name ("private_key: MIIE…", a JSON key's label).
-        # (DER starts with a SEQUENCE: "MII…", "MHc…"; over the lines it is wrapped at.)
+        # (DER starts with a SEQUENCE, "M" in base64: "MII…", "MHc…", "MC4…"; over the
+        # lines it is wrapped at.)
         _rx(r"(?i)private[_ \-]?key[\"']?" + _KEY_VALUE_SEP
-            + r"(?P<v>M[IH][A-Za-z0-9+/]{58,}={0,2}(?:(?:\r?\n|\\r?\\n)"
+            + r"(?P<v>M[A-Za-z0-9+/]{59,}={0,2}(?:(?:\r?\n|\\r?\\n)"
             r"(?:[A-Za-z0-9+/]{4,}={0,2}|[A-Za-z0-9+/]{2,3}={1,2}))*)")),
     # A URL's password (a database's, a broker's: "postgres://app:…@db:5432"), and one
     # under its name: "password=…", "Password=…;" in a connection string, `pwd: …`.
@@ -302,7 +303,7 @@ _SECRETS: dict[str, tuple] = {
             r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
-        _rx(r"(?i)(?:^|[;?&])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
+        _rx(r"(?im)(?:^|[;?&_])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
     ),
 }
 
@@ -423,7 +424,7 @@ _KEY_SPLIT = re.compile(r"[\W_]+|(?<=[a-z])(?=[A-Z])|(?<=[A-Za-z])(?=[0-9])")
 # "aws_secret_access_key"): its value is read with the key's name as its label.
 _SECRET_KEY_NAME = re.compile(
     r"(?i)(?:aws_?)?(?:secret_?(?:access_?)?key|(session_?token))|(private_?key)"
-    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase)"
+    r"|(?:[a-z0-9]+_?)?(passw(?:or)?d|passphrase|pwd)"
     r"|(?:[a-z0-9]+_?)?(api_?key|api_?token|access_?token|auth_?token|client_?secret)")
 # "e164" / "e.164" read as "msisdn" before letters and digits are split apart.
 _KEY_E164 = re.compile(r"(?i)(?<![a-z0-9])e\.?164(?![0-9])")
@@ -1817,6 +1818,10 @@ def _wordy(text: str) -> bool:
     """Mostly words of three letters or more, run together as code names them
     ("OAuth2AccessToken", "create_access_token_v2"): in 16 random letters and digits, as
     much falls in such runs less than once in a hundred."""
+    # (Only where case changes or separators mark words: lower-case letters and digits,
+    # as many keys are, run long by chance.)
+    if text.islower() and not _KEY_SEGMENT.search(text):
+        return False
     return sum(map(len, _WORD_RUN.findall(text))) >= 0.7 * len(text)
 
 
@@ -1876,9 +1881,10 @@ _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 def _password_like(value: str) -> bool:
     # ("$…": a variable, or a template cut at its "{"; "/…", "~/…", "./…": a path; under 4
     # characters: a fragment; one word of any script: "Contraseña", "Пароль".)
-    return (len(value) >= 4 and value[0] not in "$/~."
+    return (len(value) >= 4 and value[0] != "$"
+            and not value.startswith(("/", "./", "../", "~/"))
             and not (value.isalpha() and len(value) < 12)
-            and _DOTTED_NAME.fullmatch(value) is None
+            and not (_DOTTED_NAME.fullmatch(value) and not any(c.isdigit() for c in value))
             and _NO_PASSWORD.fullmatch(value) is None)
 
 
