@@ -601,16 +601,19 @@ def _unix_problem(path: str) -> str | None:
     if not os.path.exists(path):
         return _unix_bind_problem(path)
     accepting = _accepting(path)
-    if accepting is None:
-        return "ATP may not connect to the socket there to see whether it is in use"
     if accepting:
         return "already in use: another process accepts connections on this socket"
     # Left by a process that died (nothing accepts on it): removed here, as gRPC would,
     # so that where ATP may not (another user's, in a sticky directory) it says why,
     # not gRPC's "Address already in use" and a line of its own.
+    # (Where ATP may not connect to tell, None, it may still remove the file, as gRPC
+    # would: a root-owned one left in ATP's own directory.)
     try:
         os.unlink(path)
     except OSError as exc:
+        if accepting is None:
+            return "ATP may neither connect to the socket there to see whether it is in " \
+                f"use nor remove it: {_reason(exc)}"
         return f"a socket file a stopped process left is there, and ATP cannot remove it: " \
             f"{_reason(exc)}"
     return None

@@ -542,6 +542,13 @@ def test_a_long_responses_agent_loop_is_no_cut() -> None:
     assert {"path": "f69.py"} in [t["arguments"] for t in fields["tool_details"]]
 
 
+def test_past_the_cap_in_one_chat_message_the_calls_are_a_cut() -> None:
+    calls = [_call("search", json.dumps({"q": str(n)})) for n in range(80)]
+    _, cut = request_from_body("chat", {"messages": [{"role": "assistant",
+                                                      "tool_calls": calls}]})
+    assert "request.tool_details" in cut
+
+
 def test_each_answer_asked_for_is_costed() -> None:
     # n=128 answers of 4096 tokens each were costed as one: a $5 request passed a policy
     # refusing any over $0.25.

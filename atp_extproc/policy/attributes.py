@@ -41,6 +41,7 @@ from atp_extproc.policy.gen.atp import policy_pb2 as pb
 from atp_extproc.redact.detectors import utf8_safe
 
 MAX_STRING = 256          # characters of a string attribute (a cut value adds "…")
+MAX_ARGUMENTS_JSON = 256 * 1024  # characters of one call's arguments that are parsed
 MAX_METADATA_VALUE = 512  # characters of a metadata value: as many as OpenAI accepts
 MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
 MAX_MAP = 64              # entries of any map attribute (metadata, data classes, arguments)
@@ -618,7 +619,7 @@ def request_from_body(operation: str,
     """The request attributes a parsed body gives (tools, tool_choice, max_tokens, metadata).
 
     Bounded: tools and history are read through islice and MAX_HISTORY_SCAN, arguments are
-    parsed in C, within the body's own bound. Returns (keys for build_attributes's
+    parsed up to MAX_ARGUMENTS_JSON characters. Returns (keys for build_attributes's
     `request`, paths cut while reading, for `context.truncated`); the caller adds path,
     alias, token_estimate, data_classes ...
     """
@@ -786,9 +787,12 @@ def _history_calls(operation: str, doc: Mapping[str, Any], details: dict[str, di
                 if other["arguments"] == entry.get("arguments") or other in parallel:
                     continue  # the same call again: nothing more to see
                 if len(details) + len(parallel) >= MAX_LIST:
-                    # The older ones go unread, as Chat's older turns do: a Responses
-                    # agent loop (call, output, call, output ...) reads as one turn, and
-                    # 70 reads of a file were a cut that limits.truncated refused.
+                    # In a Responses agent loop (call, output, call, output ...), one
+                    # turn to this reader, the older calls go unread as Chat's older
+                    # turns do (70 reads of a file were a cut limits.truncated refused);
+                    # past the cap in one Chat message, they are a cut.
+                    if operation == "chat":
+                        cut.note("request.tool_details")
                     continue
                 parallel.append(other)
     return parallel
@@ -829,8 +833,11 @@ def _arguments(arguments: Any, cut: _Cut) -> dict[str, Any]:
     """The scalar arguments of one call; arguments it cannot read whole (too long, too
     deep, too many) are noted as cut, so a policy on them can refuse the request."""
     if isinstance(arguments, str):
-        # Parsed whatever their length (the body's bound is theirs): a file's text in a
-        # past write_file call over 8 KB was a cut, and limits.truncated refused it.
+        # A file's text in a past write_file call is no cut (over 8 KB, limits.truncated
+        # refused it); past MAX_ARGUMENTS_JSON the parse would cost more than the read.
+        if len(arguments) > MAX_ARGUMENTS_JSON:
+            cut.note("request.tool_details.arguments")
+            return {}
         try:
             arguments = parse_arguments(arguments)
         except (RecursionError, UnreadableNumber):
