@@ -41,7 +41,7 @@ from atp_extproc.policy.gen.atp import policy_pb2 as pb
 from atp_extproc.redact.detectors import utf8_safe
 
 MAX_STRING = 256          # characters of a string attribute (a cut value adds "…")
-MAX_ARGUMENTS_JSON = 256 * 1024  # characters of one call's arguments that are parsed
+MAX_ARGUMENTS_JSON = 1 << 20  # characters of one call's arguments that are parsed
 MAX_METADATA_VALUE = 512  # characters of a metadata value: as many as OpenAI accepts
 MAX_LIST = 64             # items of any list attribute (groups, roles, tools ...)
 MAX_MAP = 64              # entries of any map attribute (metadata, data classes, arguments)

@@ -1879,13 +1879,17 @@ _DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
 
 
 def _password_like(value: str) -> bool:
-    # ("$…": a variable, or a template cut at its "{"; "/…", "~/…", "./…": a path; under 4
-    # characters: a fragment; one word of any script: "Contraseña", "Пароль".)
-    return (len(value) >= 4 and value[0] != "$"
+    """A value a password is: letters and digits both (code's names, labels, slots and
+    masks seldom hold a digit: `hashedPassword`, `new_password`, `<password>`,
+    `Passwort*`), and no name in code (`config.db2.password`, `user2_password`), path,
+    variable, template's slot or mask. A password of letters only is let go."""
+    return (len(value) >= 4 and value[0] not in "$!?<"
             and not value.startswith(("/", "./", "../", "~/"))
-            and not (value.isalpha() and len(value) < 12)
-            and not (_DOTTED_NAME.fullmatch(value) and not any(c.isdigit() for c in value))
-            and _NO_PASSWORD.fullmatch(value) is None)
+            and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+            and _DOTTED_NAME.fullmatch(value) is None
+            and _NO_PASSWORD.fullmatch(value) is None
+            and not (_KEY_SEGMENT.search(value)
+                     and all(map(_wordlike, _KEY_SEGMENT.split(value)))))
 
 
 def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
