@@ -95,10 +95,9 @@ def test_a_ledger_renamed_away_while_idle_keeps_its_rows(tmp_path: Path,
     assert tenants(kept) == {"before": 1}
 
 
-def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go(
-        tmp_path: Path, ledger: AsyncLedger) -> None:
-    # The checkpoint could not finish under the reader's snapshot, the -wal was removed
-    # all the same, and the renamed file was left malformed.
+def _renamed_under_a_reader(ledger: AsyncLedger, to: Path) -> sqlite3.Connection:
+    """Rows "first" and "second" written, the second while a reader holds a snapshot
+    from before it; then the file renamed to `to`. Returns the reader, still holding."""
     ledger.record(entry("first"))
     ledger.flush()
     reader = sqlite3.connect(ledger.path, isolation_level=None)
@@ -106,8 +105,16 @@ def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go
     reader.execute("SELECT count(*) FROM ledger").fetchone()
     ledger.record(entry("second"))
     ledger.flush()
+    os.rename(ledger.path, to)
+    return reader
+
+
+def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go(
+        tmp_path: Path, ledger: AsyncLedger) -> None:
+    # The checkpoint could not finish under the reader's snapshot, the -wal was removed
+    # all the same, and the renamed file was left malformed.
     kept = tmp_path / "ledger-2026-01.sqlite3"
-    os.rename(ledger.path, kept)
+    reader = _renamed_under_a_reader(ledger, kept)
     ledger.record(entry("third"))
     ledger.flush()  # the checkpoint waits: rows go on to the renamed file
     reader.execute("COMMIT")
@@ -120,14 +127,7 @@ def test_a_renamed_ledger_a_reader_holds_keeps_its_rows_until_the_reader_lets_go
 def test_stopping_while_a_reader_holds_a_renamed_ledgers_log_keeps_the_log(
         tmp_path: Path, ledger: AsyncLedger, caplog: pytest.LogCaptureFixture) -> None:
     # The next start deleted the log still under the old name, with the last rows.
-    ledger.record(entry("first"))
-    ledger.flush()
-    reader = sqlite3.connect(ledger.path, isolation_level=None)
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM ledger").fetchone()
-    ledger.record(entry("second"))
-    ledger.flush()
-    os.rename(ledger.path, tmp_path / "ledger-2026-01.sqlite3")
+    reader = _renamed_under_a_reader(ledger, tmp_path / "ledger-2026-01.sqlite3")
     try:
         with caplog.at_level("ERROR", logger="atp.ledger"):
             ledger.close()
