@@ -444,6 +444,8 @@ def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
     (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(front),
                                           {"demo_a", "demo_b"})
     assert "comes before the routes reading x-atp-cluster" in problem.reason
+    # Named by its own line and place, not the clusters' line.
+    assert problem.path.endswith("route #0") and problem.line > 1
 
 
 @pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",

@@ -619,28 +619,29 @@ def missing_cluster_problems(file: str, text: str,
                 "cluster_header or a header match): Envoy would send each request where "
                 "its Host or path says, not to the model's cluster ATP chose, with that "
                 "model's id and under its policies"))
-    problems += [Problem(file, line, "static_resources.listeners", reason)
-                 for reason in _misrouted(checked, set(model_clusters), clusters)]
+    problems += [Problem(file, where or line, path, reason)
+                 for where, path, reason in _misrouted(checked, set(model_clusters), clusters)]
     return problems
 
 
 def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
-               clusters: Any) -> list[str]:
+               clusters: Any) -> list[tuple[int, str, str]]:
     """Routes that send a request ATP tagged for one model's cluster elsewhere: one that
     matches x-atp-cluster's value and names another cluster (not an aggregate of it), and
     one that, ahead of the routes of its virtual host reading x-atp-cluster, takes the
     API's paths whatever it says. ATP's record (model, cluster, cost) and its policies
     would be another's."""
     members = _aggregates(clusters)
-    out: list[str] = []
+    out: list[tuple[int, str, str]] = []  # (line, path, reason)
     for listener in listeners:
         for host in _walk(listener):
             routes = host.get("routes")
             if "domains" not in host or not isinstance(routes, list):
                 continue
             read = False
-            ahead: list[str] = []  # said only if a later route reads the header
-            for entry in routes:
+            ahead: list[tuple[int, str, str]] = []  # said if a later route reads the header
+            for k, entry in enumerate(routes):
+                where = (_line(entry), f"virtual host {host.get('name')} route #{k}")
                 match = entry.get("match") if isinstance(entry, dict) else None
                 route = entry.get("route") if isinstance(entry, dict) else None
                 if not isinstance(match, dict):
@@ -650,18 +651,18 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                 if isinstance(tagged, str) and tagged in model_clusters and \
                         isinstance(target, str) and target != tagged and \
                         tagged not in members.get(target, ()):
-                    out.append(f"the route matching {CLUSTER_HEADER}: {tagged} sends to "
-                               f"cluster {target!r}: a model ATP routes to {tagged!r} would "
-                               f"be served by {target!r}")
+                    out.append((*where, f"the route matching {CLUSTER_HEADER}: {tagged} sends "
+                                f"to cluster {target!r}: a model ATP routes to {tagged!r} "
+                                f"would be served by {target!r}"))
                 if tagged is not None or (isinstance(route, dict) and str(
                         route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
                     out += ahead if not read else []
                     read = True
                 elif not read and isinstance(target, str) and "headers" not in match and \
                         (path := _takes_api_path(match)) is not None:
-                    ahead.append(f"a route to cluster {target!r} comes before the routes "
-                                 f"reading {CLUSTER_HEADER} and takes {path} whatever ATP "
-                                 "chose: those requests never reach the model's cluster")
+                    ahead.append((*where, f"a route to cluster {target!r} comes before the "
+                                  f"routes reading {CLUSTER_HEADER} and takes {path} whatever "
+                                  "ATP chose: those requests never reach the model's cluster"))
     return out
 
 
