@@ -130,11 +130,13 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
                     "Private-Lines:", "PrivateKey", "AGE-SECRET-KEY-"),
     "password": ("://",),
 }
+# The names a key of no known prefix goes by (_NAMED_ONLY), and a password's.
+_KEY_NAMES = r"api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|client[_\-]?secret"
+_PASSWORD_NAMES = r"password|passwd|passphrase"
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
-                 "api_key": r"(?i:api[_\-]?key|api[_\-]?token|access[_\-]?token|"
-                            r"auth[_\-]?token|client[_\-]?secret|bearer)",
+                 "api_key": rf"(?i:{_KEY_NAMES}|bearer)",
                  "private_key": r"(?i:private[_ \-]?key)",
                  "password": r"(?i:passw|passphrase|pwd)"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
@@ -196,8 +198,7 @@ _CARD_SEP_RX = _rx(_CARD_SEP)
 # `client_secret: …`, `Authorization: Bearer …`): found only where it mixes letters and
 # digits, so not `api_key = get_api_key()` nor `your-api-key-here`.
 _NAMED_ONLY = (
-    _rx(r"(?i)(?:api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|"
-        r"client[_\-]?secret)[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-+/]{16,}={0,2})"),
+    _rx(rf"(?i)(?:{_KEY_NAMES})[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-+/]{16,}={0,2})"),
     _rx(r"(?i)bearer[ \t]+(?P<v>[A-Za-z0-9_\-.~+/]{20,}=*)"),
 )
 _SECRETS: dict[str, tuple] = {
@@ -297,9 +298,9 @@ _SECRETS: dict[str, tuple] = {
             r"(?P<v>[^\s:/@?#\[\]\"'<>\x00]{1,128})@[A-Za-z0-9\[]"),
         # Quoted ('password = "…"', '"pwd": "…"'), or right after its name unquoted (an
         # env file, a connection string, YAML): not code's `password = get(...)`.
-        _rx(r"(?i)(?:password|passwd|passphrase)[\"']?\s*[=:]\s*[\"']"
+        _rx(rf"(?i)(?:{_PASSWORD_NAMES})[\"']?\s*[=:]\s*[\"']"
             r"(?P<v>[^\s\"'\x00]{1,128})[\"']"),
-        _rx(r"(?i)(?:password|passwd|passphrase)(?:=|:[ \t]*)"
+        _rx(rf"(?i)(?:{_PASSWORD_NAMES})(?:=|:[ \t]*)"
             r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
@@ -1858,10 +1859,9 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
     if named_only:
         return any(c.isdigit() for c in value) and any(c.isalpha() for c in value) and \
             _random_part(value)
-    if cls == "api_key" and value[:3] not in ("sk-", "rk-"):
+    if (cls == "api_key" and value[:3] not in ("sk-", "rk-")) or (
+            cls == "cloud_key" and value.startswith(("GOCSPX-", "ya29."))):
         return _random_part(_KEY_PREFIX.sub("", value, count=1))
-    if cls == "cloud_key" and value.startswith(("GOCSPX-", "ya29.")):
-        return _random_part(value.split("-", 1)[1] if value[0] == "G" else value[5:])
     if cls == "cloud_key" and value.startswith(_AWS_PREFIXES):
         return len(value) == 20
     if cls == "password":
