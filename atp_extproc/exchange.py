@@ -185,6 +185,7 @@ class Exchange:
         self.finish_reason: str | None = None
         self._redaction: Redaction | None = None
         self._parsed: ParsedBody | None = None
+        self._text_bytes: int | None = None  # the body's size, escapes as UTF-8
         self._changes: dict[str, object] = {}
         self._drop: tuple[str, ...] = ()
         self._path = ""  # the request's path without its query (the record's is for logs)
@@ -1116,10 +1117,15 @@ class Exchange:
         (Without redaction, which finds the data, the body's size.)"""
         # A character written as a \uXXXX escape takes 6 bytes for its UTF-8's 2 or 3:
         # the same prompt escaped (json.dumps' default) read three times as long.
-        text = self._parsed.text if self._parsed is not None else ""
-        size = self.record.request_bytes
-        if "\\u" in text:  # (an escaped backslash before a "u" is no escape)
-            size = max(0, size - 4 * len(_UNICODE_ESCAPE.findall(text)))
+        # (Once: policies and the usage estimate both ask, and the body is set by then.)
+        size = self._text_bytes
+        if size is None:
+            text = self._parsed.text if self._parsed is not None else ""
+            size = self.record.request_bytes
+            if "\\u" in text:  # (an escaped backslash before a "u" is no escape)
+                size = max(0, size - 4 * len(_UNICODE_ESCAPE.findall(text)))
+            if self._parsed is not None:
+                self._text_bytes = size
         redaction = self._redaction
         if redaction is None:
             return size
