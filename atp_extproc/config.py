@@ -240,6 +240,9 @@ def _tenant_header_problem(name: str) -> str | None:
     if name in _HTTP_OWN_HEADERS:
         return ("HTTP or Envoy sets it for every request (its framing, its id, where it "
                 "came from): no hop in front can name a tenant in it")
+    if name in _TRACE_HEADERS or name.startswith("x-b3-"):
+        return ("it carries a trace context, which the caller's tracer or each hop's sets "
+                "per request: no hop in front can name a tenant in it")
     return None
 
 
@@ -247,7 +250,14 @@ def _tenant_header_problem(name: str) -> str | None:
 _HTTP_OWN_HEADERS = frozenset((
     "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
     "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
-    "te", "upgrade", "keep-alive", "proxy-connection", "expect", "accept-encoding"))
+    "te", "upgrade", "keep-alive", "proxy-connection", "expect", "accept-encoding",
+    # Each proxy on the way adds itself to these.
+    "forwarded", "via", "x-forwarded-host", "x-forwarded-client-cert"))
+# W3C, Zipkin (x-b3-* too), OpenTracing, Google Cloud, AWS X-Ray and Datadog.
+_TRACE_HEADERS = frozenset((
+    "traceparent", "tracestate", "baggage", "b3", "x-ot-span-context",
+    "x-cloud-trace-context", "grpc-trace-bin", "x-amzn-trace-id", "x-datadog-trace-id",
+    "x-datadog-parent-id"))
 
 
 # A host name or IPv4 address (an IPv6 address goes in brackets).

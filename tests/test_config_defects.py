@@ -182,6 +182,12 @@ def test_merges_of_merges_are_no_duplicates_in_either_loader() -> None:
     # Envoy sets x-request-id: every keyless caller was a tenant of its own.
     ("x-request-id", "no hop in front can name a tenant in it"),
     ("content-length", "no hop in front can name a tenant in it"),
+    # Each hop adds itself, or the tracer sets a new context per request.
+    ("forwarded", "no hop in front can name a tenant in it"),
+    ("Via", "no hop in front can name a tenant in it"),
+    ("traceparent", "trace context"),
+    ("x-b3-traceid", "trace context"),
+    ("x-amzn-trace-id", "trace context"),
     ("", "it is empty"),
     ("x tenant", "not a valid HTTP header name"),
     ("x-tenant:", "not a valid HTTP header name"),
