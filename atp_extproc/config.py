@@ -7,6 +7,7 @@ ranges; `_check_references` checks what pydantic cannot see (names that must exi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import os
@@ -346,6 +347,11 @@ def _ledger_problem(path: Path) -> str | None:
     without making anything (None: nothing seen). The writer makes missing directories,
     below the nearest one there is; a file there instead is in the way. Permissions are
     left to serve: check may run as another user."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # serve's mkdir or open fails on it
+            return f"cannot open the ledger {path}: its links lead round in a loop"
     if os.path.exists(path):  # (a directory is refused by parse)
         if not os.path.isfile(path):
             # /dev/null opened as an empty database and serve then failed to write it.

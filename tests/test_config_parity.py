@@ -119,6 +119,19 @@ def test_a_ledger_behind_a_link_to_a_directory_not_made_yet_is_made_there(
     assert code == 1 and f"{tmp_path / 'afile'} is not a directory" in lines[0]
 
 
+@pytest.mark.parametrize("below", ["", "l.sqlite3"])
+def test_check_refuses_a_ledger_behind_a_loop_of_links(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], below: str) -> None:
+    # check said OK; serve's start failed on "Too many levels of symbolic links".
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    ledger = tmp_path / "a" / below
+    path = write(tmp_path, with_ledger(ledger))
+    assert check(capsys, path) == (1, [
+        f"{path}:6: ledger.path: cannot open the ledger {ledger}: its links lead round in "
+        "a loop", "1 error(s), 0 warning(s)"])
+
+
 @pytest.mark.parametrize(("name", "problem"), [
     ("", "{tmp} exists and is not a socket"),
     ("afile", "{tmp}/afile exists and is not a socket"),
