@@ -448,6 +448,61 @@ def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
     assert problem.path.endswith("route #0") and problem.line > 1
 
 
+@pytest.mark.parametrize(("match", "found"), [
+    # Ahead of the header routes, by a regex or whatever a path's case: check said OK.
+    ({"safe_regex": {"regex": "/v1/.*"}}, "takes /v1/chat/completions"),
+    ({"prefix": "/V1/", "case_sensitive": False}, "takes /v1/chat/completions"),
+    ({"path_separated_prefix": "/v1/embeddings"}, "takes /v1/embeddings"),
+    ({"safe_regex": {"regex": "/v2/.*"}}, None),
+    ({"prefix": "/V1/"}, None),
+    ({"path_separated_prefix": "/v1/embed"}, None),
+    # A condition on the header's value other than exact: check said OK.
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "prefix": "demo_"}}]}, "x-atp-cluster (prefix 'demo_') sends to cluster 'demo_b': "
+                               "a model ATP routes to 'demo_a' would be served by 'demo_b'"),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "exact": "DEMO_A", "ignore_case": True}}]}, "routes to 'demo_a' would be served"),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "safe_regex_match": {
+        "regex": "demo_[ab]"}}]}, "x-atp-cluster (regex 'demo_[ab]')"),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "present_match": True}]},
+     "x-atp-cluster (present) sends"),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "exact": "demo_b"}, "invert_match": True}]}, "x-atp-cluster (not: demo_b) sends"),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "suffix": "_b"}}]}, None),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "exact": "DEMO_A"}}]}, None),
+])
+def test_a_route_of_any_match_that_sends_atps_choice_elsewhere_is_an_error(match, found):
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    front = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    vhost(front)["routes"].insert(0, {"match": match, "route": {"cluster": "demo_b"}})
+    problems = missing_cluster_problems("f.yaml", yaml.safe_dump(front), {"demo_a", "demo_b"})
+    assert [found in p.reason for p in problems] == ([] if found is None else [True])
+
+
+def test_a_value_a_route_ahead_takes_is_not_said_of_a_route_after():
+    """Only the first route whose condition a request meets takes it."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    front = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
+    routes = vhost(front)["routes"]
+    routes[:0] = [{"match": {"prefix": "/", "headers": [{"name": "x-atp-cluster",
+                                                         "string_match": {"exact": name}}]},
+                   "route": {"cluster": name}} for name in ("demo_a", "demo_b")]
+    routes.insert(2, {"match": {"prefix": "/", "headers": [{"name": "x-atp-cluster",
+                                                            "present_match": True}]},
+                      "route": {"cluster": "demo_b"}})
+    assert missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                    {"demo_a", "demo_b"}) == []
+    # A route ahead that takes a value on one path only leaves the others to the next.
+    routes[0]["match"]["prefix"] = "/v1/embeddings"
+    (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                          {"demo_a", "demo_b"})
+    assert problem.path.endswith("route #2") and "routes to 'demo_a'" in problem.reason
+
+
 @pytest.mark.parametrize("variant", ["default_filter_chain", "scoped_routes",
                                      "weighted_cluster_header", "aggregate"])
 def test_routes_the_lint_cannot_follow_or_that_reach_a_cluster_pass(variant):

@@ -17,7 +17,8 @@ and are skipped. Bools and enums are read as Envoy reads them (proto JSON: "true
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+import re
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -626,11 +627,12 @@ def missing_cluster_problems(file: str, text: str,
 
 def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                clusters: Any) -> list[tuple[int, str, str]]:
-    """Routes that send a request ATP tagged for one model's cluster elsewhere: one that
-    matches x-atp-cluster's value and names another cluster (not an aggregate of it), and
-    one that, ahead of the routes of its virtual host reading x-atp-cluster, takes the
-    API's paths whatever it says. ATP's record (model, cluster, cost) and its policies
-    would be another's."""
+    """Routes that send a request ATP tagged for one model's cluster elsewhere: one whose
+    x-atp-cluster condition takes that cluster's name (no earlier route of its virtual
+    host taking it) and names another cluster (not an aggregate of it), and one that,
+    ahead of the routes of its virtual host reading x-atp-cluster, takes the API's paths
+    whatever it says. ATP's record (model, cluster, cost) and its policies would be
+    another's."""
     members = _aggregates(clusters)
     out: list[tuple[int, str, str]] = []  # (line, path, reason)
     for listener in listeners:
@@ -639,6 +641,7 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
             if "domains" not in host or not isinstance(routes, list):
                 continue
             read = False
+            claimed: set[str] = set()  # what routes ahead took: none of it reaches later ones
             ahead: list[tuple[int, str, str]] = []  # said if a later route reads the header
             for k, entry in enumerate(routes):
                 where = (_line(entry), f"virtual host {host.get('name')} route #{k}")
@@ -647,47 +650,102 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                 if not isinstance(match, dict):
                     continue
                 target = route.get("cluster") if isinstance(route, dict) else None
-                tagged = _atp_cluster_match(match)
-                if isinstance(tagged, str) and tagged in model_clusters and \
-                        isinstance(target, str) and target != tagged and \
-                        tagged not in members.get(target, ()):
-                    out.append((*where, f"the route matching {CLUSTER_HEADER}: {tagged} sends "
-                                f"to cluster {target!r}: a model ATP routes to {tagged!r} "
-                                f"would be served by {target!r}"))
-                if tagged is not None or (isinstance(route, dict) and str(
+                condition = _atp_cluster_condition(match)
+                if condition is not None:
+                    taken = {c for c in model_clusters if condition[1](c)} - claimed
+                    wrong = sorted(c for c in taken if c != target
+                                   and c not in members.get(str(target), ()))
+                    if isinstance(target, str) and wrong:
+                        out.append((*where, f"the route matching {CLUSTER_HEADER}"
+                                    f"{condition[0]} sends to cluster {target!r}: a model ATP "
+                                    f"routes to {', '.join(map(repr, wrong))} would be served "
+                                    f"by {target!r}"))
+                    if len(match["headers"]) == 1 and _api_paths(match) == list(OPERATIONS) \
+                            and not _SOMETIMES.intersection(match):
+                        claimed |= taken
+                if condition is not None or (isinstance(route, dict) and str(
                         route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
                     out += ahead if not read else []
                     read = True
                 elif not read and isinstance(target, str) and "headers" not in match and \
-                        (path := _takes_api_path(match)) is not None:
+                        (paths := _api_paths(match)):
                     ahead.append((*where, f"a route to cluster {target!r} comes before the "
-                                  f"routes reading {CLUSTER_HEADER} and takes {path} whatever "
+                                  f"routes reading {CLUSTER_HEADER} and takes {paths[0]} whatever "
                                   "ATP chose: those requests never reach the model's cluster"))
     return out
 
 
-def _atp_cluster_match(match: dict[str, Any]) -> str | bool | None:
-    """A route match's condition on x-atp-cluster: the exact value it asks for, True for
-    any other condition, None for none."""
-    for header in match.get("headers") or ():
-        if isinstance(header, dict) and str(header.get("name", "")).lower() == CLUSTER_HEADER:
-            string_match = header.get("string_match")
-            exact = string_match.get("exact") if isinstance(string_match, dict) else \
-                header.get("exact_match")
-            # (An inverted match takes every other value: no one cluster's.)
-            return exact if isinstance(exact, str) and not header.get("invert_match") \
-                else True
-    return None
+# Route match conditions that leave some requests of a path to the routes after.
+_SOMETIMES = frozenset({"query_parameters", "runtime_fraction", "grpc", "tls_context",
+                        "dynamic_metadata", "filter_state"})
 
 
-def _takes_api_path(match: dict[str, Any]) -> str | None:
-    """The first API path a route match (by prefix or path, no header) takes, if any."""
-    prefix = match.get("prefix", match.get("path_separated_prefix"))
-    path = match.get("path")
-    for api in OPERATIONS:
-        if (isinstance(prefix, str) and api.startswith(prefix)) or path == api:
-            return api
-    return None
+def _atp_cluster_condition(
+        match: dict[str, Any]) -> tuple[str, Callable[[str], bool]] | None:
+    """A route match's condition on x-atp-cluster, as Envoy's HeaderMatcher reads it:
+    its wording and whether a value meets it. None: no condition on it."""
+    header = next((h for h in match.get("headers") or () if isinstance(h, dict)
+                   and str(h.get("name", "")).lower() == CLUSTER_HEADER), None)
+    if header is None:
+        return None
+    given = header.get("string_match")
+    if not isinstance(given, dict):  # the matchers before string_match
+        given = {kind: header[f"{kind}_match"] for kind in ("exact", "prefix", "suffix",
+                                                            "contains")
+                 if f"{kind}_match" in header}
+        if isinstance(header.get("safe_regex_match"), dict):
+            given["safe_regex"] = header["safe_regex_match"]
+    wording, meets = _string_condition(given)
+    if "present_match" in header and not given:
+        present = header["present_match"] is not False
+        wording, meets = (" (present)" if present else " (absent)"), (lambda _: present)
+    if header.get("invert_match"):
+        return f" (not{wording})", lambda value: not meets(value)
+    return wording, meets
+
+
+def _string_condition(given: dict[str, Any]) -> tuple[str, Callable[[str], bool]]:
+    """An Envoy StringMatcher's wording and test; one ATP cannot read meets nothing."""
+    fold = (lambda v: v.lower()) if given.get("ignore_case") else (lambda v: v)
+    regex = given.get("safe_regex")
+    if isinstance(regex, dict):
+        compiled = _compiled(regex.get("regex"))
+        return (f" (regex {regex.get('regex')!r})",
+                lambda v: compiled is not None and compiled.fullmatch(v) is not None)
+    for kind, test in (("exact", str.__eq__), ("prefix", str.startswith),
+                       ("suffix", str.endswith), ("contains", str.__contains__)):
+        want = given.get(kind)
+        if isinstance(want, str):
+            wording = f": {want}" if kind == "exact" else f" ({kind} {want!r})"
+            return wording, lambda v, want=want, test=test: test(fold(v), fold(want))
+    if given:
+        return " (a condition ATP cannot read)", lambda _: False
+    return " (present)", lambda _: True  # a header name alone asks only that it be there
+
+
+def _compiled(regex: Any) -> re.Pattern[str] | None:
+    """Envoy's RE2 pattern as Python's re reads it (the same for the patterns routes
+    use); None where re cannot."""
+    try:
+        return re.compile(regex) if isinstance(regex, str) else None
+    except re.error:
+        return None
+
+
+def _api_paths(match: dict[str, Any]) -> list[str]:
+    """The API paths a route match's prefix, path or regex takes (its other conditions
+    aside)."""
+    fold = (lambda v: v.lower()) if match.get("case_sensitive") is False else (lambda v: v)
+    prefix, path = match.get("prefix"), match.get("path")
+    separated = match.get("path_separated_prefix")
+    regex = match.get("safe_regex")
+    compiled = _compiled(regex.get("regex")) if isinstance(regex, dict) else None
+    return [api for api in OPERATIONS
+            if (isinstance(prefix, str) and fold(api).startswith(fold(prefix)))
+            or (isinstance(path, str) and fold(path) == fold(api))
+            or (isinstance(separated, str) and (fold(api) == fold(separated) or
+                                                fold(api).startswith(fold(separated) + "/")))
+            or (compiled is not None and compiled.fullmatch(api))]
 
 
 def _checked_listeners(static: Any) -> list[dict[str, Any]]:
