@@ -1130,9 +1130,11 @@ class Exchange:
         if redaction is None:
             return size
         data = redaction.data_chars
-        # Data outside a typed part (base64 in vLLM's `documents`) counts as one part at
-        # least: it counted for nothing, past the policies' token and cost caps.
-        return size - data + min(data, _PART_CHARS * max(redaction.non_text_parts, 1))
+        # Data outside a typed part (base64 in vLLM's `documents`) counts as a part per
+        # value: it counted for nothing, past the policies' token and cost caps. (A typed
+        # part's data is a value of its own: the larger count is the closer.)
+        parts = max(redaction.non_text_parts, redaction.data_values)
+        return size - data + min(data, _PART_CHARS * parts)
 
     def _invalid(self, prompt_tokens: int) -> Usage:
         """A 2xx that is no answer: recorded as the provider's failure, its prompt

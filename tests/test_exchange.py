@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from atp_extproc import config, llm_api
 from atp_extproc.envoy_api import ProcessingMode, read_processing_request
-from atp_extproc.exchange import CLUSTER_HEADER, Exchange
+from atp_extproc.exchange import _PART_CHARS, CLUSTER_HEADER, Exchange
 from atp_extproc.llm_api import estimate_tokens
 from atp_extproc.redact.redactor import Redactor
 from atp_extproc.routing.estimates import Priors
@@ -1253,11 +1253,19 @@ def test_a_prompts_size_is_its_texts_however_the_client_escapes_it(snap) -> None
     assert ex._prompt_chars() >= len(literal) - 1000
 
 
-def test_data_outside_a_typed_part_counts_as_one_part(snap) -> None:
+def test_data_outside_a_typed_part_counts_as_a_part_per_value(snap) -> None:
     # Base64 in vLLM's `documents` counted for nothing: 500 KB read as a 33-token prompt.
     blob = base64.b64encode(bytes(range(256)) * 1500).decode()
     ex, _ = send_body(snap, chat("fast", documents=[{"data": blob}]))
-    assert ex._prompt_chars() >= 4000
+    one = ex._prompt_chars()
+    assert one >= 4000
+    # Ten documents counted as one.
+    ex, _ = send_body(snap, chat("fast", documents=[{"data": blob[:40_000]}] * 10))
+    assert ex._prompt_chars() >= one + 9 * _PART_CHARS
+    # A typed part's data is that part, not a second.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + blob}}
+    ex, _ = send_body(snap, chat("fast", messages=[{"role": "user", "content": [image]}]))
+    assert ex._prompt_chars() < one + _PART_CHARS // 2
 
 
 def test_the_usage_after_a_large_image_is_read_not_estimated_from_its_size(snap) -> None:

@@ -122,6 +122,8 @@ class Redaction:
     # Characters of binary data (base64, a data: URL's payload) sent unread: no prompt
     # text, which a token estimate from the body's size would count by the thousand.
     data_chars: int = 0
+    # How many values that data came in (a part's, or loose, as vLLM's `documents`).
+    data_values: int = 0
     mapping: PlaceholderMap = field(default=_EMPTY_MAP)
     # True when the work budget ran out (adversarial bodies: megabytes of digit groups,
     # invisible characters or near-miss candidates) and part of the body was not scanned.
@@ -359,7 +361,8 @@ class Redactor:
         if c.too_deep:
             return Redaction(denied=(JSON_TOO_DEEP,))
         if not c.units:
-            return Redaction(non_text_parts=c.non_text, data_chars=c.data_chars) \
+            return Redaction(non_text_parts=c.non_text, data_chars=c.data_chars,
+                             data_values=c.data_values) \
                 if c.non_text or c.data_chars else _NOTHING
 
         segs: list[scope.Segment] = []
@@ -415,6 +418,7 @@ class Redactor:
         if not hits:
             if non_text or c.data_chars or res.incomplete:
                 return Redaction(non_text_parts=non_text, data_chars=c.data_chars,
+                                 data_values=c.data_values,
                                  incomplete=res.incomplete, denied=refuse)
             return _NOTHING
         if refuse:
@@ -425,7 +429,8 @@ class Redactor:
                     counts[cls] = counts.get(cls, 0) + seg_of(h.start).copies
             denied = {c for c in counts if self._actions[c] == "deny"}
             return Redaction(counts=counts, denied=(*sorted(denied), *refuse),
-                             non_text_parts=non_text, data_chars=c.data_chars, incomplete=True)
+                             non_text_parts=non_text, data_chars=c.data_chars,
+                             data_values=c.data_values, incomplete=True)
 
         if body:
             # A placeholder written where nothing is scanned (a tool's description) is
@@ -504,10 +509,11 @@ class Redactor:
         except scope.KeyCollision:
             return Redaction(counts=counts, denied=(*sorted(denied), KEYS_COLLIDE),
                              non_text_parts=non_text, data_chars=c.data_chars,
+                             data_values=c.data_values,
                              incomplete=res.incomplete)
         return Redaction(fields=fields, renamed=renamed, counts=counts,
                          denied=tuple(sorted(denied)) + refuse, non_text_parts=non_text,
-                         data_chars=c.data_chars,
+                         data_chars=c.data_chars, data_values=c.data_values,
                          mapping=PlaceholderMap(mapping, _json_answer(operation, doc)),
                          incomplete=res.incomplete)
 

@@ -135,6 +135,7 @@ class Collector:
         self.units: list[list[Segment]] = []
         self.non_text = 0
         self.data_chars = 0  # of binary data left unread
+        self.data_values = 0  # that data came in
         # Work units for collecting, one per distinct JSON key of the request: as much as
         # a scan's budget, growing with the JSON texts; past it the rest of a JSON text
         # is not read and the scan is incomplete.
@@ -449,10 +450,12 @@ def _unread(c: Collector, path: Path, value: Any, url: bool = False) -> bool:
         if cut:
             c.text(path, value[:cut], value[cut:])
             c.data_chars += len(value) - cut
+            c.data_values += 1
             return True
         return False
     if _binary(value):
         c.data_chars += len(value)
+        c.data_values += 1
         return True
     return url and _URL.fullmatch(value) is not None
 
