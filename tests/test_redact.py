@@ -65,7 +65,7 @@ VALID = {
     "ipv4": ["192.168.0.1", "8.8.8.8", "255.255.255.255", "10.0.0.254"],
     "ipv6": ["2001:db8:85a3::8a2e:370:7334", "fe80::1", "2001:0db8:0000:0000:0000:ff00:0042:8329",
              "::ffff:192.0.2.128", "2001:db8::"],
-    "cloud_key": ["AKIAIOSFODNN7EXAMPLE", "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+    "cloud_key": ["AKIAIOSFODNN7QWERTYU", "AIzaSyA1234567890abcdefghijklmnopqrstuv",
                   "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", "ya29.a0AfB_byC1d2E3f4G5h6I7j8K9",
                   "Abc8Q~dEfGhIjKlMnOpQrStUvWxYz0123456789"],
     "api_key": ["sk-proj-abc123DEF456ghi789JKL012mno345", "sk-ant-api03-abcdEFGH1234ijklMNOP5678",
@@ -81,7 +81,7 @@ VALID = {
     "github_token": ["ghp_abcdefghijklmnopqrstuvwxyz0123456789",
                      "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"],
     "slack_token": ["xoxb-123456789012-1234567890123-abcdefABCDEF",
-                    "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"],
+                    "https://hooks.slack.com/services/T024BE7LD/B01ABCDEF12/aB3dE5gH7jK9mN1pQ3sT5vW7"],
     "jwt": ["eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
             "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"],
     "private_key": ["-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n"
@@ -105,8 +105,14 @@ INVALID = {
              "DE00370400440532013000"],
     "ipv4": ["256.1.1.1", "1.2.3", "version 1.2.3.4", "1.2.3.4.5", "01.02.03.04"],
     "ipv6": ["12:30:45", "00:1a:2b:3c:4d:5e", "std::vector", "dead::beef", "::1"],
-    "cloud_key": ["AKIA1234", "AKIAIOSFODNN7EXAMPLEXX"],
-    "api_key": ["sk-learn", "sk-this-is-not-a-key-at-all", "task-12345678901234567890"],
+    # Docs' stand-ins, AWS's EXAMPLE keys among them: refused by secrets policies.
+    "cloud_key": ["AKIA1234", "AKIAIOSFODNN7QWERTYUXX", "AKIAXXXXXXXXXXXXXXXX",
+                  "AKIAIOSFODNN7EXAMPLE", "AIzaSyXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"],
+    "api_key": ["sk-learn", "sk-this-is-not-a-key-at-all", "task-12345678901234567890",
+                "glpat-xxxxxxxxxxxxxxxxxxxx", "hf_" + "x" * 34],
+    "github_token": ["ghp_" + "x" * 36, "ghp_" + "X" * 36, "github_pat_" + "x" * 60],
+    "slack_token": ["xoxb-your-bot-token", "xoxp-your-user-token-here",
+                    "https://hooks.slack.com/services/T00000000/B00000000/" + "X" * 24],
     "jwt": ["eyJnotreallyajwt.eyJabcdefghij.abc"],
 }
 
@@ -456,13 +462,13 @@ def test_extra_paths():
 
 
 def test_data_uri_in_text_is_counted_not_scanned(redactor):
-    blob = "data:image/png;base64," + "AKIAIOSFODNN7EXAMPLE" * 6 + "=="
+    blob = "data:image/png;base64," + "AKIAIOSFODNN7QWERTYU" * 6 + "=="
     res = redactor.redact("chat", chat(f"see {blob} and {E}"), "t")
     assert res.non_text_parts == 1 and res.counts == {"email": 1}
 
 
 @pytest.mark.parametrize("text", [
-    "use key data:text/plain;base64,AKIAIOSFODNN7EXAMPLE and go",
+    "use key data:text/plain;base64,AKIAIOSFODNN7QWERTYU and go",
     "card data:a/b;base64,4111111111111111 ok",
 ])
 def test_a_few_words_after_a_data_prefix_are_scanned(redactor, text):
@@ -534,7 +540,7 @@ def test_disabled_classes():
 
 
 def test_secret_classes_are_gated_one_by_one():
-    aws, gh = "AKIAIOSFODNN7EXAMPLE", "ghp_" + "a1" * 18
+    aws, gh = "AKIAIOSFODNN7QWERTYU", "ghp_" + "a1" * 18
     text = f"these laws, a task-force, xox and eyJ: {aws} and {gh}"
     assert classes(Redactor(RedactionSettings()), text) == [("cloud_key", aws),
                                                             ("github_token", gh)]

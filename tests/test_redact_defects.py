@@ -434,7 +434,7 @@ def test_a_file_extension_or_the_next_sentence_is_no_part_of_an_address(
     'data:image/png;name="' + "n" * 300 + '";base64,'])
 def test_a_data_url_in_any_letter_case_or_with_many_parameters_is_data(redactor, head):
     # Its payload was read as text, and a key-shaped run in random base64 refused a picture.
-    payload = PAYLOAD[:300] + "/AKIAIOSFODNN7EXAMPLE/" + PAYLOAD[:300]
+    payload = PAYLOAD[:300] + "/AKIAIOSFODNN7QWERTYU/" + PAYLOAD[:300]
     res = redactor.redact("chat", {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": head + payload}}]}]}, "t")
     assert res.counts == {}
@@ -556,11 +556,11 @@ def test_lines_of_keys_are_text_and_wrapped_base64_is_data(redactor: Redactor) -
     import base64
     import random
 
-    pair = "AKIAIOSFODNN7EXAMPLE/wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    pair = "AKIAIOSFODNN7QWERTYU/wJalrXUtnFEMI/K7MDENG/bPxRfiCYQWERTYUKEY"
     keys = "\n".join([pair] * 5)
     rng = random.Random(1)
     data = base64.encodebytes(rng.randbytes(600)).decode()  # wrapped at 76
-    data = data[:10] + "AKIAIOSFODNN7EXAMPLE" + data[30:]   # a key-shaped run in it
+    data = data[:10] + "AKIAIOSFODNN7QWERTYU" + data[30:]   # a key-shaped run in it
 
     def found(text: str) -> dict:
         doc = {"input": [{"type": "shell_call_output", "call_id": "c",
@@ -596,12 +596,12 @@ def test_a_group_glued_to_a_neighbour_leaves_the_value_beside_it(
     assert redactor.redact("chat", doc, "t").counts == found
 
 
-_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYQWERTYUKEY"
 _AWS_SESSION = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQD" + "Ab9/" * 80
 
 
 @pytest.mark.parametrize("text", [
-    f'{{"Credentials": {{"AccessKeyId": "ASIAIOSFODNN7EXAMPLE", "SecretAccessKey": '
+    f'{{"Credentials": {{"AccessKeyId": "ASIAIOSFODNN7QWERTYU", "SecretAccessKey": '
     f'"{_AWS_SECRET}", "SessionToken": "{_AWS_SESSION}"}}}}',
     f"aws configure set aws_secret_access_key {_AWS_SECRET}",
     f"- name: AWS_SECRET_ACCESS_KEY\n  value: {_AWS_SECRET}",
@@ -612,8 +612,8 @@ _AWS_SESSION = "IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQD" + "Ab9/
     f"secretAccessKey: '{_AWS_SECRET}'",
     f"sessionToken: '{_AWS_SESSION}'",
     f"Secret access key: {_AWS_SECRET}",
-    f"The key is AKIAIOSFODNN7EXAMPLE and the secret is {_AWS_SECRET}.",
-    f"Access key ID,Secret access key\nAKIAIOSFODNN7EXAMPLE,{_AWS_SECRET}\n",
+    f"The key is AKIAIOSFODNN7QWERTYU and the secret is {_AWS_SECRET}.",
+    f"Access key ID,Secret access key\nAKIAIOSFODNN7QWERTYU,{_AWS_SECRET}\n",
 ])
 def test_an_aws_secret_without_aws_before_it_is_found(redactor: Redactor, text: str) -> None:
     # Only "aws…secret = …" was read: STS's answer, the CLI's command and a Kubernetes

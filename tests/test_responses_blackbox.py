@@ -452,7 +452,7 @@ def test_odd_shapes_of_an_input_item_are_read(snap, item) -> None:
 
 def test_a_chat_image_url_is_left_as_it_is(snap) -> None:
     url = ("http://10.0.12.34:8080/avatar/alice.owner@example.org.png"
-           "?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE")
+           "?X-Amz-Credential=AKIAIOSFODNN7QWERTYU")
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]}

@@ -1836,9 +1836,21 @@ def _wordlike(segment: str) -> bool:
             or _WORD_NUMBER.fullmatch(segment) is not None)
 
 
+# A key's stand-in in docs and examples: a run of x's or stars ("ghp_xxxx…",
+# "AKIAXXXX…", Slack's "T00000000/B00000000/XXXX…") or AWS's own EXAMPLE keys. (Eight
+# of a letter in a row fall in a real key's random part less than once in 10^5; other
+# runs are real: an AWS session token's "//////////".)
+_STAND_IN = re.compile(r"([xX*])\1{7}|EXAMPLE")
+_TOKEN_CLASSES = frozenset({"api_key", "github_token", "slack_token", "cloud_key"})
+
+
 def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
     """Whether a match is the secret it looks like; `named_only`: found by its name alone
     (_NAMED_ONLY), where letters and digits must mix."""
+    if cls in _TOKEN_CLASSES and _STAND_IN.search(value):
+        return False
+    if cls == "slack_token" and value.startswith("xox"):
+        return _random_part(_KEY_PREFIX.sub("", value, count=1))  # not "xoxb-your-token"
     if cls == "jwt":
         head = value.split(".", 1)[0]
         try:
