@@ -879,6 +879,14 @@ def read_response(body: bytes
     return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0, failed
 
 
+def choice_finish_reason(choice: dict[str, Any]) -> str | None:
+    """A choice's finish_reason, None while it goes on: servers that mark a chunk not
+    the last with "" (SGLang, older Ollama) or "null" (KoboldCpp) had the first chunk
+    end the answer (held placeholder text went out unrestored; a cut stream read whole)."""
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason not in ("", "null") else None
+
+
 def _finish_reason(obj: Any) -> str | None:
     """The first choice's finish_reason; for a Responses object, the one its status
     says, so the quality proxy scores the Responses API too."""
@@ -886,8 +894,7 @@ def _finish_reason(obj: Any) -> str | None:
         return None
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        reason = choices[0].get("finish_reason")
-        return reason if isinstance(reason, str) else None
+        return choice_finish_reason(choices[0])
     if obj.get("object") != "response":
         return None
     status = obj.get("status")
@@ -1063,7 +1070,7 @@ class SseStream:
             if not isinstance(index, int) or not 0 <= index < _MAX_CHOICES:
                 continue
             self._begun.add(index)
-            if isinstance(choice.get("finish_reason"), str):
+            if choice_finish_reason(choice) is not None:
                 self._finished.add(index)
 
     @property

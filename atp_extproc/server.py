@@ -443,6 +443,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 # compressed one) was recorded whole.
                 rec.error_code = INCOMPLETE_RESPONSE
             raise
+        except Exception:
+            # ATP failed (gRPC logs the traceback) and Envoy resets the stream: an answer
+            # on its way never came whole, though its body may have read to its end.
+            if exchange.record.status and not exchange.record.error_code:
+                exchange.record.error_code = INCOMPLETE_RESPONSE
+            raise
         finally:
             try:
                 # A stream that ended before its first message (a connection Envoy

@@ -1101,6 +1101,12 @@ def _events(*objs: dict) -> bytes:
              {"choices": [{"index": 1, "delta": {"content": "Hel"}}]},
              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
      "response_incomplete"),
+    # SGLang marks each chunk before the last finish_reason "" (KoboldCpp "null"): the
+    # cut stream counted whole.
+    (CHAT, chat("fast", stream=True),
+     _events({"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": ""}]},
+             {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "null"}]}),
+     "response_incomplete"),
     (CHAT, chat("fast", stream=True, n=2),
      _events({"choices": [{"index": 0, "delta": {"content": "Hi"}}]},
              {"choices": [{"index": 1, "delta": {"content": "Hel"}}]},

@@ -369,6 +369,24 @@ def test_text_held_under_a_restored_key_is_flushed_there():
     assert "".join(e["delta"][email] for e in out if "delta" in e) == "notes for [EM"
 
 
+@pytest.mark.parametrize("going_on", ["", "null"])
+def test_a_chunk_marked_unfinished_by_an_empty_finish_reason_holds_its_placeholder(going_on):
+    # SGLang and older Ollama send "" (KoboldCpp "null") until the last chunk: each chunk
+    # read as the end, and "[EMA" + "IL_1]" went out unrestored.
+    stream = (event(delta("Write to [EMA", going_on)) + event(delta("IL_1] today", going_on))
+              + event(delta(None, "stop")) + b"data: [DONE]\n\n")
+    assert content_of(run(restorer(), [stream])) == "Write to jane@example.com today"
+
+
+def test_two_entries_of_one_choice_index_in_an_event_are_restored_as_one_text():
+    # The second entry took the text the first held: KeyError, the client got nothing.
+    chunk = {"id": "c", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": "a [EM"}, "finish_reason": None},
+        {"index": 0, "delta": {"content": "AIL_1] b"}, "finish_reason": None}]}
+    out = run(restorer(), [event(chunk) + event(delta(None, "stop"))])
+    assert content_of(out) == "a jane@example.com b"
+
+
 def test_streamed_citations_move_with_what_restore_put_back_in_the_deltas():
     where = {"item_id": "m1", "output_index": 0, "content_index": 0}
     pieces = ["Mail [EMA", "IL_1] or [CARD_1]; ", "see the docs."]

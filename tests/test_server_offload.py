@@ -402,3 +402,25 @@ async def test_an_unread_answer_cut_by_the_drain_is_incomplete(
         await task
     (record,) = records
     assert (record.status, record.error_code) == (200, error_code)
+
+
+@pytest.mark.asyncio
+async def test_an_answer_atp_failed_on_is_recorded_incomplete(tmp_path, monkeypatch) -> None:
+    # Restore raised on the answer's only chunk: Envoy reset the stream and the client got
+    # nothing, yet the record (and ledger) counted a whole 200.
+    records = _recording_finish(monkeypatch)
+
+    def failing(self, *args):
+        raise KeyError("restore")
+
+    monkeypatch.setattr(Exchange, "_on_json_chunk", failing)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    answer = b'{"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+    with pytest.raises(KeyError):
+        [r async for r in processor.Process(_messages([
+            req_headers("POST", "/v1/chat/completions"),
+            req_body({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+            resp_headers(200, "application/json"), resp_body(answer)]), _Context())]
+    (record,) = records
+    assert (record.status, record.error_code) == (200, "response_incomplete")

@@ -39,7 +39,13 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from atp_extproc.llm_api import EVENT_END, UnreadableNumber, bounded_int, finite_float
+from atp_extproc.llm_api import (
+    EVENT_END,
+    UnreadableNumber,
+    bounded_int,
+    choice_finish_reason,
+    finite_float,
+)
 from atp_extproc.redact.detectors import PLACEHOLDER, PLACEHOLDER_TEXT, utf8_safe
 from atp_extproc.redact.redactor import PlaceholderMap
 
@@ -561,8 +567,10 @@ class Restorer:
 
         new_obj = walk(obj, (), (), False, _is_fragment_event(obj, self._json_text))
         for key in new_holds:  # the event a held text came from shapes its flush event
-            hold, _, phys = self._carry[key]
-            self._carry[key] = (hold, new_obj, phys)
+            # (Gone where a later entry of the same choice index in this event took it:
+            # Ollama numbers every parallel tool call 0.)
+            if (held := self._carry.get(key)) is not None:
+                self._carry[key] = (held[0], new_obj, held[2])
         seq = obj.get("sequence_number") if isinstance(obj, dict) else None
         if isinstance(seq, bool) or not isinstance(seq, int):
             seq = None
@@ -646,7 +654,7 @@ def _finishes(obj: Any) -> Callable[[Key], bool] | None:
     choices = obj.get("choices")
     if isinstance(choices, list):
         done = {("#", _hashable(c.get("index", i))) for i, c in enumerate(choices)
-                if isinstance(c, dict) and c.get("finish_reason") is not None}
+                if isinstance(c, dict) and choice_finish_reason(c) is not None}
         if done:
             def in_choice(key: Key) -> bool:
                 logical = key[1]
