@@ -507,10 +507,25 @@ def test_hash_needs_a_key_from_the_environment():
     s = RedactionSettings(actions={"card": "hash"}, hmac_key_env="MY_KEY")
     with pytest.raises(ValueError, match="MY_KEY"):
         Redactor(s, environ={})
-    with pytest.raises(ValueError, match="at least 16 bytes"):
+    with pytest.raises(ValueError, match="at least 16 bytes") as raised:
         Redactor(s, environ={"MY_KEY": "short"})
+    # Unset, hash has no key: the way out is a longer one.
+    assert "leave it unset" not in str(raised.value)
     r = Redactor(s, environ={"MY_KEY": "x" * 20})
     assert content(r.redact("chat", chat("4111111111111111"), "t")).startswith("[CARD:")
+
+
+@pytest.mark.parametrize("settings", [
+    {"custom_detectors": [{"name": "employee_id\n", "pattern": "EMP-[0-9]{6}"}]},
+    {"hmac_key_env": "MY_KEY\n"},
+    {"extra_paths": ["metadata.notes\n"]},
+])
+def test_a_name_ending_in_a_line_break_is_refused(settings):
+    # A YAML block scalar (`name: |`) ends in one: the placeholder [EMPLOYEE_ID\n_1] went
+    # out and never came back.
+    with pytest.raises(ValidationError) as raised:
+        RedactionSettings.model_validate(settings)
+    assert raised.value.errors()[0]["type"] == "value_error"
 
 
 def test_a_short_key_is_refused_where_no_action_is_hash():

@@ -318,13 +318,14 @@ class Redactor:
             # The environment's bytes as they are: a key that is no UTF-8 (random bytes
             # from a Secret) reaches Python with surrogates, which .encode() refused.
             key = os.fsencode(key)
+        hashed = sorted(c for c, a in self._actions.items() if a == "hash")
         if key and len(key) < _MIN_KEY_BYTES:
             # Refused even where no action is hash: left aside, the process's own key
             # made the Responses placeholders differ across replicas and restarts.
             raise ValueError(
                 f"the environment variable {settings.hmac_key_env} holds {len(key)} "
-                f"bytes: a key needs at least {_MIN_KEY_BYTES} bytes (or leave it unset)")
-        hashed = sorted(c for c, a in self._actions.items() if a == "hash")
+                f"bytes: a key needs at least {_MIN_KEY_BYTES} bytes"
+                + ("" if hashed else " (or leave it unset)"))
         if hashed and not key:
             raise ValueError(
                 f"action 'hash' for {', '.join(hashed)} needs a key of at least "

@@ -69,7 +69,7 @@ class CustomDetector(Frozen):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, name: str) -> str:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ValueError("must be 1 to 32 characters: a lowercase letter, then lowercase "
                              "letters, digits or '_'")
         if name in BUILTIN_CLASSES:
@@ -84,7 +84,7 @@ class CustomDetector(Frozen):
 
 def parse_path(path: str) -> tuple[str | int, ...]:
     """`a.b[*].c[2]` → ('a', 'b', '*', 'c', 2); '*' in a list position means every element."""
-    if not _PATH.match(path):
+    if not _PATH.fullmatch(path):
         raise ValueError(f"malformed path {path!r}: use dotted keys with [*] or [N], "
                          "e.g. 'tools[*].function.description'")
     out: list[str | int] = []
@@ -119,7 +119,7 @@ class RedactionSettings(Frozen):
     @field_validator("hmac_key_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
-        if not _ENV.match(value):
+        if not _ENV.fullmatch(value):
             raise ValueError("must be an environment variable name (letters, digits, '_'); "
                              "the key itself never goes in the config file")
         return value
