@@ -631,6 +631,22 @@ def test_include_globs_take_the_config_directory_as_it_is_named(tmp_path: Path) 
         str(tmp_path.resolve() / "team[prod]" / "policies" / "p.yaml")]
 
 
+def test_an_include_glob_over_the_configs_own_directory_passes_it_by(tmp_path: Path) -> None:
+    # `*.yaml` beside atp.yaml took atp.yaml too: refused as "an included policy file
+    # holds only `policies:`", each of its policies "a duplicate of itself".
+    (tmp_path / "team.yaml").write_text(
+        "policies:\n  - id: team.deny\n    effect: deny\n"
+        "    expression: subject.tenant == 'nobody'\n")
+    doc = base()
+    doc["policy"] = {"include": ["*.yaml"]}
+    doc["policies"] = [{"id": "own.deny", "effect": "deny",
+                        "expression": "subject.tenant == 'nobody'"}]
+    path = tmp_path / "atp.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert sorted(p.id for p in config.load(path).policies.policies) == ["own.deny",
+                                                                         "team.deny"]
+
+
 def test_an_include_pattern_naming_dot_files_matches_them(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / ".team.yaml").write_text(

@@ -593,8 +593,10 @@ def load_text(text: str, file: str, *, base_dir: Path | None = None,
     include_globs = tuple(os.path.join(glob.escape(str(base_dir)), pattern)
                           for pattern in includes)
     # A file two globs match is read once ("p/*.yaml" and "p/critical.yaml"): twice, its
-    # policies would be duplicates of themselves.
-    included: set[str] = set()
+    # policies would be duplicates of themselves. A glob over atp.yaml's own directory
+    # ("*.yaml") passes it by: read as included, it was refused as holding more than
+    # `policies:`, and each of its policies called a duplicate of itself.
+    included: set[str] = {os.path.realpath(file)}
     for i, (pattern, absolute) in enumerate(zip(includes, include_globs, strict=True)):
         line = line_of(doc, ["policy", "include", i])
         try:
