@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import textwrap
 from pathlib import Path
 
@@ -111,6 +112,24 @@ def test_an_unknown_data_class_fails_as_serve_refuses_it(tmp_path):
         (tmp_path / "pol.yaml").read_text().replace("emial", "email"))
     report = testing.run(tmp_path / "tests")
     assert (report.passed, report.load_errors) == (1, [])
+
+
+def test_a_policy_file_alone_is_warned_of_a_class_not_built_in(tmp_path, capsys):
+    # With no atp.yaml to say what custom detectors there are, the typo passed unsaid
+    # (check warns of it).
+    (tmp_path / "pol.yaml").write_text(
+        "policies:\n  - id: p.redact\n    effect: redact\n    data_classes: [emial]\n"
+        "    expression: \"resource.egress == 'external'\"\n")
+    (tmp_path / "t.yaml").write_text(
+        "policies: [pol.yaml]\ncases:\n  - request: {operation: chat}\n"
+        "    candidates: [{model: big, egress: external}]\n"
+        "    expect: {required_redactions: [emial]}\n")
+    report = testing.run(tmp_path / "t.yaml")
+    assert (report.passed, report.load_errors) == (1, [])
+    ((line, path, reason),) = [(w.line, w.path, w.reason) for w in report.warnings]
+    assert (line, path) == (4, "p.redact") and "'emial' is not a built-in" in reason
+    testing.print_report(report, sys.stdout)
+    assert "warning: p.redact: 'emial' is not a built-in" in capsys.readouterr().out
 
 
 def test_a_case_may_say_not_denied_as_yaml_1_1_did(tmp_path):

@@ -14,28 +14,16 @@ from pydantic import ValidationError
 from atp_extproc.config import Server
 from atp_extproc.policy import envoy_lint, testing
 from atp_extproc.policy.engine import PolicySet
-from atp_extproc.policy.runtime import data_classes_of, known_values
+from atp_extproc.policy.runtime import data_classes_of, known_values, unknown_classes_alone
 from atp_extproc.policy.settings import (
     Problem,
     included_file_problems,
     is_policy_file,
     load_file,
 )
-from atp_extproc.redact import BUILTIN_CLASSES, RedactionSettings
+from atp_extproc.redact import RedactionSettings
 
 ENFORCING = ("deny", "restrict", "redact", "tools")
-
-
-def _unknown_classes_alone(loaded: Any) -> list[Problem]:
-    """A policy file checked alone: its data classes that are not built in. The atp.yaml
-    including it may define them as custom detectors, so a warning, not an error: a typo
-    must not pass a team's check and fail the deploy."""
-    return [Problem(sp.file, sp.field_lines.get(f"data_classes[{i}]", sp.line), sp.spec.id,
-                    f"{dc!r} is not a built-in data class: an error unless the atp.yaml "
-                    "that includes this file defines a custom detector of that name",
-                    "warning")
-            for sp in loaded.policies
-            for i, dc in enumerate(sp.spec.data_classes) if dc not in BUILTIN_CLASSES]
 
 
 def redaction_configured(raw: dict[str, Any]) -> bool:
@@ -119,7 +107,7 @@ def check(paths: Sequence[str], envoy_configs: Sequence[str] = (), *,
             else data_classes_of(loaded.raw))
         problems += found
         if known_data_classes is None and data_classes_of(loaded.raw) is None:
-            problems += _unknown_classes_alone(loaded)
+            problems += unknown_classes_alone(loaded.policies)
         effects = sorted({p.spec.effect for p in loaded.policies})
         enforcing = [e for e in effects if e in ENFORCING]
         if enforcing:

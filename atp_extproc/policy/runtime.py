@@ -35,6 +35,7 @@ from atp_extproc.policy.settings import (
     LoadedPolicies,
     PolicyError,
     Problem,
+    SourcedPolicy,
     is_policy_file,
     load_file,
     load_text,
@@ -56,6 +57,18 @@ def data_classes_of(raw: Mapping[str, Any]) -> tuple[str, ...] | None:
     detectors = section.get("custom_detectors") if isinstance(section, dict) else None
     custom = [d.get("name") for d in detectors or () if isinstance(d, dict)]
     return (*BUILTIN_CLASSES, *(str(name) for name in custom if name))
+
+
+def unknown_classes_alone(policies: Iterable[SourcedPolicy]) -> list[Problem]:
+    """The data classes of policy files read without their atp.yaml that are not built
+    in. The atp.yaml including them may define them as custom detectors, so a warning,
+    not an error: a typo must not pass a team's check and fail the deploy."""
+    return [Problem(sp.file, sp.field_lines.get(f"data_classes[{i}]", sp.line), sp.spec.id,
+                    f"{dc!r} is not a built-in data class: an error unless the atp.yaml "
+                    "that includes this file defines a custom detector of that name",
+                    "warning")
+            for sp in policies
+            for i, dc in enumerate(sp.spec.data_classes) if dc not in BUILTIN_CLASSES]
 
 
 def known_values(raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:

@@ -49,7 +49,12 @@ from pydantic import ValidationError
 from atp_extproc import config
 from atp_extproc.policy.attributes import AttributeError_, CandidateInfo, build_attributes
 from atp_extproc.policy.engine import Outcome, PolicySet
-from atp_extproc.policy.runtime import claimed_subject, data_classes_of, known_values
+from atp_extproc.policy.runtime import (
+    claimed_subject,
+    data_classes_of,
+    known_values,
+    unknown_classes_alone,
+)
 from atp_extproc.policy.settings import (
     PolicyError,
     PolicySettings,
@@ -97,6 +102,7 @@ class Report:
     passed: int = 0
     failed: int = 0
     load_errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     coverage: dict[str, PolicyCoverage] = field(default_factory=dict)
     failures: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
@@ -165,7 +171,7 @@ def _overrides(file: Path, doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _load_suite(file: Path, doc: Mapping[str, Any]
-                ) -> tuple[PolicySet, dict[str, CandidateInfo]]:
+                ) -> tuple[PolicySet, dict[str, CandidateInfo], list[Problem]]:
     base = file.parent
     problems: list[Problem] = []
     sources = doc.get("policies")
@@ -226,10 +232,12 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
         raise PolicyError(problems)
     # Checked against the classes serve would know, so a typo `serve` refuses fails here
     # too: the listed atp.yaml's, else the one `models:` names (the config the cases run
-    # against). Policy files alone say nothing of custom detectors: not checked.
+    # against). Policy files alone say nothing of custom detectors: warned of, as check
+    # warns.
     classes = data_classes_of(raw or {})
     if classes is None and models_raw:
         classes = data_classes_of(models_raw)
+    warnings = unknown_classes_alone(policies) if classes is None else []
     policy_set = PolicySet.compile(policies, settings or PolicySettings(**overrides),
                                    str(file), known_values=known_values(raw or {}),
                                    known_data_classes=classes)
@@ -238,7 +246,7 @@ def _load_suite(file: Path, doc: Mapping[str, Any]
     refusals = _serve_refusals(served.values())
     if refusals:
         raise PolicyError(refusals)
-    return policy_set, models
+    return policy_set, models, warnings
 
 
 def _serves(raw: Mapping[str, Any]) -> bool:
@@ -409,13 +417,14 @@ def _run_file(file: Path, report: Report) -> None:
                                           "must be a list of cases"))
         return
     try:
-        policy_set, models = _load_suite(file, doc)
+        policy_set, models, warnings = _load_suite(file, doc)
     except PolicyError as exc:
         report.load_errors += exc.details
         return
     except (OSError, ValueError) as exc:
         report.load_errors.append(Problem(str(file), 0, "", str(exc)))
         return
+    report.warnings += [w for w in warnings if w not in report.warnings]
     for p in policy_set.policies:
         report.coverage.setdefault(p.id, PolicyCoverage(p.effect))
     for i, case in enumerate(cases):
@@ -498,6 +507,8 @@ def _run_case(case: Mapping[str, Any], where: str, name: str, policy_set: Policy
 def print_report(report: Report, out: TextIO) -> None:
     for problem in report.load_errors:
         print(f"ERROR {problem}", file=out)
+    for problem in report.warnings:
+        print(problem, file=out)
     for where, name, errs in report.failures:
         print(f"FAIL  {where}: {name}", file=out)
         for err in errs:
