@@ -94,6 +94,19 @@ def _same_claim(token: Any, verified: Any) -> bool:
     return bool(token == verified)
 
 
+def _jwt_shaped(bearer: str) -> bool:
+    """A JWS in compact form: three base64url parts, the first a JSON header naming its
+    algorithm. No API key is one."""
+    parts = bearer.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        return False
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        return False
+    return isinstance(header, dict) and "alg" in header
+
+
 def _lookup(snapshot: Snapshot, key: str) -> ApiKey:
     # The header's own bytes (read as Latin-1): a key with é, sent as UTF-8 and hashed
     # as `printf %s KEY | sha256sum` does, matched only in its garbled spelling.
@@ -147,6 +160,17 @@ def _api_key(snapshot: Snapshot, headers: dict[str, str],
     if sent == [headers.get("x-api-key")]:
         raise _unauthorized("ATP does not read x-api-key: send the key as "
                             "'Authorization: Bearer KEY'.")
+    if snapshot.auth.jwt is not None and sent[:1] == [bearer] and _jwt_shaped(bearer):
+        try:
+            _lookup(snapshot, bearer)
+        except RequestError:
+            # jwt_authn let it through unverified (allow_missing_or_failed, so JWTs and
+            # keys share Authorization): "Incorrect API key" sent its caller to the
+            # wrong fix.
+            raise _unauthorized("The bearer token is a JWT that Envoy's jwt_authn did not "
+                                "verify (expired, not yet valid, or of another issuer, "
+                                "audience or signing key), and no API key.",
+                                "invalid_token") from None
     keys = {_lookup(snapshot, key) for key in sent}
     if len(keys) > 1:
         raise _unauthorized("The request carries different API keys (Authorization, "

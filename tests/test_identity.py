@@ -443,12 +443,12 @@ def test_a_key_with_non_ascii_characters_matches_its_utf8_digest() -> None:
 
 def test_a_bearer_with_an_integer_past_any_double_is_no_token_not_a_crash() -> None:
     # float() of a 401-digit exp raised OverflowError: ATP failed the stream, and the
-    # client got 500 "ATP is down" for what is a wrong key.
+    # client got 500 "ATP is down" for what is a token jwt_authn did not verify.
     bearer = bearer_of({"sub": "u1", "exp": 10**400})
     with pytest.raises(RequestError) as info:
         identify(snapshot(JWT_AND_KEYS), {"authorization": bearer},
                  jwt_metadata({"sub": "u1", "exp": 1.0}))
-    assert (info.value.status, info.value.code) == (401, "invalid_api_key")
+    assert (info.value.status, info.value.code) == (401, "invalid_token")
 
 
 @pytest.mark.parametrize("authorization", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer   "])
@@ -470,3 +470,21 @@ def test_a_header_envoy_sends_as_text_reads_as_its_raw_bytes_do() -> None:
                    base_pb2.HeaderValue(key="api-key", value=key)):
         headers = headers_of(base_pb2.HeaderMap(headers=[header]))
         assert identify(snap, headers, None).tenant == "carol"
+
+
+@pytest.mark.parametrize("metadata", [None, {"sub": "u1"}])
+def test_a_jwt_jwt_authn_did_not_verify_is_an_invalid_token_not_a_wrong_key(metadata) -> None:
+    # allow_missing_or_failed lets an expired or foreign token through unverified (as
+    # JWTs and keys share Authorization): "Incorrect API key provided." sent its caller
+    # to the wrong fix.
+    headers = {"authorization": bearer_of({"org": "acme", "exp": 1})}
+    with pytest.raises(RequestError) as info:
+        identify(snapshot(JWT_AND_KEYS), headers,
+                 None if metadata is None else jwt_metadata(metadata))
+    assert (info.value.status, info.value.code) == (401, "invalid_token")
+    assert "jwt_authn did not verify" in info.value.message
+    # Where ATP reads no JWTs, a JWT is a wrong key as any other.
+    with pytest.raises(RequestError) as info:
+        identify(snapshot("auth:\n  api_keys:\n" + key_entry(ALICE, "a", "alice")),
+                 headers, None)
+    assert info.value.code == "invalid_api_key"
