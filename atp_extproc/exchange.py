@@ -62,6 +62,7 @@ from atp_extproc.redact.redactor import (
 )
 from atp_extproc.routing.feedback import finish_reason_score
 from atp_extproc.routing.router import NoCandidateError, classify_status
+from atp_extproc.routing.selection import CandidateModel
 from atp_extproc.routing.settings import baseline_for
 from atp_extproc.routing.sticky import sticky_key
 from atp_extproc.services import Services
@@ -183,6 +184,7 @@ class Exchange:
         self.policy: Outcome | None = None
         self.restorer: Restorer | None = None
         self.finish_reason: str | None = None
+        self._answer_id: str | None = None  # a Responses answer's, which a later turn names
         self._redaction: Redaction | None = None
         self._parsed: ParsedBody | None = None
         self._text_bytes: int | None = None  # the body's size, escapes as UTF-8
@@ -693,11 +695,18 @@ class Exchange:
         shadow = objective.shadow
         hazard = mirror_hazard(rec.operation, self._parsed.doc) \
             if shadow.mode == "mirror" and self._parsed is not None else None
+        candidates = self.snapshot.candidates[(route.name, alias)]
+        restrict = allowed
+        home = self._stored_home(candidates)
+        if home is not None:
+            # Only the provider that stored the previous turn can read it.
+            restrict = [home] if allowed is None or home in allowed else []
         try:
             decision = self.services.router.choose(
-                route.name, objective, self.snapshot.candidates[(route.name, alias)],
+                route.name, objective, candidates,
                 sticky_key(objective.sticky, self.identity.tenant, self._user()),
-                restrict=allowed, request_id=rec.request_id or None, mirror=hazard is None)
+                restrict=restrict, request_id=rec.request_id or None,
+                mirror=hazard is None)
         except NoCandidateError as exc:
             refusal = RequestError(403, str(exc), "no_eligible_model",
                                    type_="permission_error")
@@ -710,7 +719,11 @@ class Exchange:
             rec.policy_would_deny = self._restrictor(
                 route, alias, allowed if allowed is not None else list(route.aliases[alias]))
         rec.candidate_set = decision.candidate_set
-        rec.routing_excluded = tuple(f"{m}:{why}" for m, why in decision.excluded)
+        pinned = restrict is not allowed  # those policy allows are out for the pin
+        rec.routing_excluded = tuple(
+            f"{m}:previous_response" if pinned and why == "policy" and (
+                allowed is None or m in allowed) else f"{m}:{why}"
+            for m, why in decision.excluded)
         rec.routing_decision_us = decision.decision_us
         rec.regret_estimate = decision.regret_estimate
         rec.routing_explored = decision.explored
@@ -727,6 +740,16 @@ class Exchange:
             headers[ROUTE_HEADER] = route.name
             headers[TENANT_HEADER] = self.identity.tenant
         return self.snapshot.models[decision.chosen]
+
+    def _stored_home(self, candidates: tuple[CandidateModel, ...]) -> str | None:
+        """The candidate whose provider stored the answer a Responses request continues
+        (`previous_response_id`), where this process saw that answer."""
+        prev = self._parsed.doc.get("previous_response_id") \
+            if self._parsed is not None and self.record.operation == "responses" else None
+        if not isinstance(prev, str) or self.services is None or self.identity is None:
+            return None
+        home = self.services.stored.home(self.identity.tenant, prev)
+        return home if any(c.name == home for c in candidates) else None
 
     def _restrictor(self, route: Route, alias: str,
                     allowed: list[str] | None = None) -> str | None:
@@ -1048,6 +1071,9 @@ class Exchange:
                                     input_tokens=billed.input_tokens if billed else None,
                                     output_tokens=billed.output_tokens if billed else None,
                                     sent_ms_ago=sent_ms_ago)
+            if ok and not rec.shadow and self._answer_id is not None and \
+                    self._parsed is not None and self._parsed.doc.get("store") is not False:
+                services.stored.note(rec.tenant, self._answer_id, self.model.name)
             if ok and not rec.shadow and rec.request_id:
                 quality = route.objective.quality
                 # The proxy counts when no explicit feedback arrives within the window.
@@ -1086,6 +1112,7 @@ class Exchange:
         prompt = estimate_tokens(self._prompt_chars())
         if self.sse is not None:
             self.finish_reason = self.sse.finish_reason
+            self._answer_id = self.sse.response_id
             if self.sse.usage is not None:
                 return self.sse.usage
             if not self.sse.data_events:
@@ -1095,7 +1122,7 @@ class Exchange:
         if self._unread_tail and (usage := usage_in_tail(self._unread_tail)) is not None:
             return usage  # the provider's own, at the end of an answer too large to read
         if self._response_body:
-            usage, self.finish_reason, chars, failed = read_response(
+            usage, self.finish_reason, chars, failed, self._answer_id = read_response(
                 bytes(self._response_body))
             if failed:
                 rec.error_code = rec.error_code or STREAM_ERROR

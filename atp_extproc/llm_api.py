@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from json.decoder import scanstring  # type: ignore[attr-defined]
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -860,23 +860,40 @@ _NON_FINITE_REFUSED = re.compile(r"unexpected character, expected a JSON value|"
                                  r"no digit after sign")
 
 
-def read_response(body: bytes
-                  ) -> tuple[Usage | None, str | None, int | None, bool]:
-    """Usage, the first choice's finish_reason, the characters of output text (for an
-    estimate when there is no usage; 0 when there is) of a JSON response body, and
-    whether it is the provider's failure (an `error` object, a Responses `status:
-    failed`) though sent as a 2xx; None, None, None when the body is no JSON object,
-    which no API answers with."""
+class Answer(NamedTuple):
+    """What ATP reads of a JSON answer."""
+    usage: Usage | None
+    finish_reason: str | None  # the first choice's
+    # Of output text, for an estimate when there is no usage (0 when there is); None
+    # when the body is no JSON object, which no API answers with.
+    chars: int | None
+    # The provider's failure (an `error` object, a Responses `status: failed`), though
+    # sent as a 2xx.
+    failed: bool
+    response_id: str | None  # a Responses answer's, which later turns may name
+
+
+def read_response(body: bytes) -> Answer:
+    """What a JSON response body says (Answer)."""
     # A BOM is no part of the JSON, and a reader may ignore it (RFC 8259 §8.1), as the
     # openai SDKs do: the answer is whole, and its usage is the provider's bill.
     obj = _answer_json(body.removeprefix(codecs.BOM_UTF8))
     if not isinstance(obj, dict):
-        return None, None, None, False
+        return Answer(None, None, None, False, None)
     usage = _usage_of(obj)
     # OpenRouter and others send a failure met mid-generation as a 200 (its docs say
     # so): counted a success, it drew the learned router's traffic to that provider.
     failed = bool(obj.get("error")) or obj.get("status") == "failed"
-    return usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0, failed
+    return Answer(usage, _finish_reason(obj), _answer_chars(obj) if usage is None else 0,
+                  failed, response_id(obj))
+
+
+def response_id(obj: dict[str, Any]) -> str | None:
+    """A Responses object's id, where it is one a later turn could name."""
+    rid = obj.get("id")
+    if obj.get("object") != "response" or not isinstance(rid, str):
+        return None
+    return rid if 0 < len(rid) <= 256 and rid.isprintable() else None
 
 
 def choice_finish_reason(choice: dict[str, Any]) -> str | None:
@@ -953,6 +970,8 @@ class SseStream:
         self.failed = False
         # The stream's last event came (`[DONE]`, or a Responses stream's terminal one).
         self.ended = False
+        # The id of the Responses object its terminal event carries.
+        self.response_id: str | None = None
         # The indexes of the choices the stream began, and of those it finished (n > 1
         # streams each choice in chunks of its own).
         self._begun: set[int] = set()
@@ -1045,6 +1064,7 @@ class SseStream:
             obj = obj.get("response")
             if not isinstance(obj, dict):
                 return False
+            self.response_id = response_id(obj)
         self.finish_reason = _finish_reason(obj) or self.finish_reason
         self._note_choices(obj.get("choices"))
         self.output_chars += _delta_chars(obj)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atp_extproc.config import Snapshot
 from atp_extproc.routing.feedback import FeedbackBook
 from atp_extproc.routing.router import Router
+from atp_extproc.routing.stored import StoredAnswers
 from atp_extproc.store.ledger import AsyncLedger, said_whole
 from atp_extproc.store.money import PriceBook
 
@@ -24,6 +25,7 @@ class Services:
     feedback: FeedbackBook
     prices: PriceBook
     ledger: AsyncLedger | None
+    stored: StoredAnswers = field(default_factory=StoredAnswers)
 
     @classmethod
     def start(cls, snapshot: Snapshot) -> Services:

@@ -1927,3 +1927,70 @@ def test_token_id_prompts_are_estimated_by_their_size(snap) -> None:
     ex.handle(resp_body(b'{"choices": [{"text": "ok"}]}'))
     rec = ex.finish()
     assert rec.usage_estimated and rec.input_tokens < 1_000
+
+
+def _responses_services(snap) -> tuple[config.Snapshot, Services]:
+    text = EXAMPLE.read_text().replace(
+        "match: { paths: [/v1/chat/completions] }",
+        "match: { paths: [/v1/chat/completions, /v1/responses] }", 1)
+    router = Router()
+    return (config.parse(text, str(EXAMPLE)),
+            Services(router, FeedbackBook(router.observe_quality), PriceBook(), None))
+
+
+def _responses_turn(snap, services, key: str = ALICE, stream: bool = False,
+                    **body) -> Exchange:
+    ex = Exchange(snap, services=services)
+    ex.handle(req_headers("POST", "/v1/responses", key))
+    ex.handle(req_body({"model": "auto", "input": "hi", "stream": stream, **body}))
+    return ex
+
+
+_RESPONSE = {"id": "resp_1", "object": "response", "status": "completed", "output": [],
+             "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_turn_naming_a_stored_answer_goes_to_the_model_that_stored_it(snap, stream) -> None:
+    # A route learning over two providers sent 7 in 40 follow-up turns to the one that
+    # never stored the previous turn: a 404 at a real provider.
+    snap, services = _responses_services(snap)
+    ex = _responses_turn(snap, services, stream=stream)
+    if stream:
+        ex.handle(resp_headers(200, "text/event-stream"))
+        ex.handle(resp_body(_events({"type": "response.completed", "response": _RESPONSE})
+                            + b"data: [DONE]\n\n"))
+    else:
+        ex.handle(resp_headers(200, "application/json"))
+        ex.handle(resp_body(json.dumps(_RESPONSE).encode()))
+    first = ex.finish()
+    assert services.stored.home("alice", "resp_1") == first.model
+    other = next(m for m in ("large", "small") if m != first.model)
+    services.stored.note("alice", "resp_2", other)
+    for _ in range(20):  # whatever the router would pick or explore
+        rec = _responses_turn(snap, services, previous_response_id="resp_2").finish()
+        assert rec.model == other
+        assert rec.routing_excluded == (f"{first.model}:previous_response",)
+    # Another tenant's id of that name is not alice's answer.
+    rec = _responses_turn(snap, services, key=BOB, previous_response_id="resp_2").finish()
+    assert not any("previous_response" in e for e in rec.routing_excluded)
+
+
+def test_an_answer_not_stored_is_not_noted(snap) -> None:
+    snap, services = _responses_services(snap)
+    ex = _responses_turn(snap, services, store=False)
+    ex.handle(resp_headers(200, "application/json"))
+    ex.handle(resp_body(json.dumps(_RESPONSE).encode()))
+    ex.finish()
+    assert services.stored.home("alice", "resp_1") is None
+
+
+def test_stored_answers_keep_the_newest_within_their_bound() -> None:
+    from atp_extproc.routing.stored import StoredAnswers
+
+    stored = StoredAnswers(capacity=2)
+    stored.note("t", "a", "m1")
+    stored.note("t", "b", "m2")
+    stored.note("t", "a", "m1")  # seen again: the newest
+    stored.note("t", "c", "m3")
+    assert [stored.home("t", r) for r in "abc"] == ["m1", None, "m3"]

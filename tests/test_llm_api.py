@@ -1068,9 +1068,9 @@ def test_counts_are_capped_before_any_per_item_work() -> None:
 def test_read_response_gives_the_first_choices_finish_reason() -> None:
     body = json.dumps({"choices": [{"finish_reason": "length"}, {"finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
-    assert read_response(body) == (Usage(3, 4), "length", 0, False)
-    assert read_response(b"not json") == (None, None, None, False)
-    assert read_response(b"[1, 2]") == (None, None, None, False)
+    assert read_response(body)[:4] == (Usage(3, 4), "length", 0, False)
+    assert read_response(b"not json")[:4] == (None, None, None, False)
+    assert read_response(b"[1, 2]")[:4] == (None, None, None, False)
 
 
 @pytest.mark.parametrize("status, details, reason", [
@@ -1103,7 +1103,7 @@ def test_a_responses_answers_status_is_its_finish_reason(status, details, reason
 ])
 def test_an_answer_without_usage_gives_its_output_text_size(answer, chars) -> None:
     # The figure the output estimate is made from (it was 0 whatever the answer).
-    assert read_response(json.dumps(answer).encode()) == (None, None, chars, False)
+    assert read_response(json.dumps(answer).encode())[:4] == (None, None, chars, False)
 
 
 def test_schemas_under_any_vendor_key_may_name_their_definitions_freely() -> None:

@@ -159,7 +159,7 @@ def test_one_long_token_array_is_one_input(operation: str, param: str) -> None:
     ids=["prompt", "completion", "int64", "just-over", "float-sized"])
 def test_usage_counts_past_the_bound_are_absent(usage: dict) -> None:
     body = json.dumps({"choices": [{"finish_reason": "stop"}], "usage": usage}).encode()
-    assert read_response(body) == (None, "stop", 0, False)
+    assert read_response(body)[:4] == (None, "stop", 0, False)
     sse = SseStream(drop_usage_chunk=True)
     event = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
     # Not read as usage, but it is the chunk ATP asked for: the client never sees it.
@@ -174,9 +174,9 @@ def test_json_orjson_refuses_but_rfc_8259_allows_is_read() -> None:
     half_emoji = (b'{"choices": [{"message": {"content": "hi \\ud83d"}, '
                   b'"finish_reason": "stop"}], '
                   b'"usage": {"prompt_tokens": 12, "completion_tokens": 40}}')
-    assert read_response(half_emoji) == (Usage(12, 40), "stop", 0, False)
+    assert read_response(half_emoji)[:4] == (Usage(12, 40), "stop", 0, False)
     huge = b'{"choices": [], "usage": {"prompt_tokens": 1e400, "completion_tokens": 3}}'
-    assert read_response(huge) == (None, None, 0, False)
+    assert read_response(huge)[:4] == (None, None, 0, False)
     sse = SseStream(drop_usage_chunk=True)
     assert sse.feed(b"data: " + huge + b"\n\n", end=False) == b""
     sse.feed(b"data: " + half_emoji + b"\n\n", end=False)
@@ -195,12 +195,12 @@ def test_an_answer_with_a_non_finite_literal_is_read(literal: bytes) -> None:
     body = (b'{"choices": [{"message": {"content": "Hello"}, "finish_reason": "stop", '
             b'"logprobs": {"content": [{"token": "Hello", "logprob": ' + literal + b'}]}}], '
             b'"usage": {"prompt_tokens": 9, "completion_tokens": 4}}')
-    assert read_response(body) == (Usage(9, 4), "stop", 0, False)
+    assert read_response(body)[:4] == (Usage(9, 4), "stop", 0, False)
     sse = SseStream(drop_usage_chunk=False)
     sse.feed(b"data: " + body.replace(b'"message"', b'"delta"') + b"\n\n", end=False)
     assert (sse.usage, sse.finish_reason) == (Usage(9, 4), "stop")
     # A cut answer that names them is still no JSON.
-    assert read_response(body[:-3]) == (None, None, None, False)
+    assert read_response(body[:-3])[:4] == (None, None, None, False)
 
 
 def test_usage_count_at_the_bound_is_kept() -> None:
