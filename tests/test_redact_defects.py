@@ -757,6 +757,26 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
     ("DB_PASSWORD=s3cr3t!", "DB_PASSWORD=[PASSWORD_1]"),
     ("Driver={SQL};Server=x;UID=a;PWD=Hunter22", "Driver={SQL};Server=x;UID=a;PWD=[PASSWORD_1]"),
     ('password = "hunter22"', 'password = "[PASSWORD_1]"'),
+    # On a command line, under `_PASS`, in .netrc, in Basic credentials: they went out.
+    ("mysql -u root -pS3cretPass1 -h db", "mysql -u root -p[PASSWORD_1] -h db"),
+    ("sshpass -p 'S3cret!23x' ssh web", "sshpass -p '[PASSWORD_1]' ssh web"),
+    ("docker login -u ci -p Dkr_Pass2024 reg.io", "docker login -u ci -p [PASSWORD_1] reg.io"),
+    ("ldapsearch -D cn=admin -w AdminPass2024 -b dc=x", "ldapsearch -D cn=admin -w "
+                                                        "[PASSWORD_1] -b dc=x"),
+    ("redis-cli -h cache -a R3disPass2024 ping", "redis-cli -h cache -a [PASSWORD_1] ping"),
+    ("curl -u admin:Adm1nPass2024 https://x", "curl -u admin:[PASSWORD_1] https://x"),
+    ("keytool -storepass Store2024pass -file ca.crt", "keytool -storepass [PASSWORD_1] "
+                                                      "-file ca.crt"),
+    ("openssl pkcs12 -passout pass:Export2024x", "openssl pkcs12 -passout pass:[PASSWORD_1]"),
+    ("SMTP_USER=noreply\nSMTP_PASS=Smtp2024pass", "SMTP_USER=noreply\nSMTP_PASS=[PASSWORD_1]"),
+    ("machine api.io login bot password B0tPass2024x", "machine api.io login bot password "
+                                                       "[PASSWORD_1]"),
+    ("nmcli dev wifi connect Corp password W1f1Pass2024", "nmcli dev wifi connect Corp "
+                                                          "password [PASSWORD_1]"),
+    ("Authorization: Basic " + base64.b64encode(b"admin:Adm1nPass2024").decode(),
+     "Authorization: Basic [PASSWORD_1]"),
+    ('{"auths": {"reg.io": {"auth": "' + base64.b64encode(b"ci:Dkr_Pass2024").decode()
+     + '"}}}', '{"auths": {"reg.io": {"auth": "[PASSWORD_1]"}}}'),
 ])
 def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     assert _chat_text(redactor, text) == want
@@ -776,6 +796,13 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     "password: config.db2.password", "pwd = os.getcwd()", '"password": "<password>"',
     "DB_PASSWORD=your_db_password", "password: !secret mqtt_password",
     '"confirmPassword": "パスワード\uff08確認\uff09"', "uses: docker://alpine:3.19@sha256:abcdef",
+    # Other flags of those commands, prose, the docs' `user:pass`, no base64 pair.
+    "docker compose -p myproject2 up -d", "docker run -p 8080:80 -w /app node:20",
+    "mysql -u root -p mydb < dump.sql", "git push -u origin main",
+    "curl -u $USER:$TOKEN https://x", "All tests pass: 42 of 42. PASS test_auth2",
+    "bypass=abc123 compass: north2", "the password reset link expires in 24h",
+    "Basic settings1 are in the config file", "Authorization: Basic dXNlcjpwYXNz",
+    '{"auth": "oauth2"}',
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text

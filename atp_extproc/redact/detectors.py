@@ -132,13 +132,16 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
 }
 # The names a key of no known prefix goes by (_NAMED_ONLY), and a password's.
 _KEY_NAMES = r"api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|client[_\-]?secret"
-_PASSWORD_NAMES = r"password|passwd|passphrase"
+_PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass|(?:\b|_)pass\b"
+# Commands that take a password on their command line by a short flag (`-p`, `-w`, `-a`).
+_PASSWORD_COMMANDS = (r"(?:docker|podman|nerdctl|buildah) login|sshpass|mysql[a-z]*|mariadb"
+                      r"|mongo[a-z]*|ldap[a-z]+|redis-cli")
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
                  "api_key": rf"(?i:{_KEY_NAMES}|bearer)",
                  "private_key": r"(?i:private[_ \-]?key)",
-                 "password": r"(?i:passw|passphrase|pwd)"}
+                 "password": rf"(?i:pass|pwd|basic[ \t]|\"auth\"|curl|{_PASSWORD_COMMANDS})"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -200,6 +203,12 @@ _CARD_SEP_RX = _rx(_CARD_SEP)
 _NAMED_ONLY = (
     _rx(rf"(?i)(?:{_KEY_NAMES})[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-+/]{16,}={0,2})"),
     _rx(r"(?i)bearer[ \t]+(?P<v>[A-Za-z0-9_\-.~+/]{20,}=*)"),
+)
+# HTTP Basic credentials, base64 of `user:password`: in an Authorization header, and a
+# Docker config's `auth`.
+_BASIC_AUTH = (
+    _rx(r"(?i)\bbasic[ \t]+(?P<v>[A-Za-z0-9+/]{8,}={0,2})"),
+    _rx(r"\"auth\"\s*:\s*\"(?P<v>[A-Za-z0-9+/]{8,}={0,2})\""),
 )
 _SECRETS: dict[str, tuple] = {
     "cloud_key": (
@@ -305,6 +314,17 @@ _SECRETS: dict[str, tuple] = {
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
         _rx(r"(?im)(?:^|[;?&_])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
+        # After its name and a space: a command's flag (`--password …`, `-storepass …`),
+        # .netrc's `password …`, nmcli's.
+        _rx(r"(?i)(?:^|[\s\-])(?:password|passwd|passphrase|storepass|keypass)[ \t]+[\"']?"
+            r"(?P<v>[^\s\"'\x00]{1,128})"),
+        # A command's short flag (`docker login -p …`, `mysql -p…`, `ldapsearch -w …`), and
+        # curl's `-u user:…`.
+        _rx(rf"(?i)\b(?:{_PASSWORD_COMMANDS})\b[^\n\x00]{{0,200}}?[ \t]-[pwa][ \t]*[\"']?"
+            r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
+        _rx(r"\bcurl\b[^\n\x00]{0,200}?[ \t](?:-u|--user)[ \t=]*[\"']?[^\s:\"'\x00]{0,64}:"
+            r"(?P<v>[^\s\"'\x00]{1,128})"),
+        *_BASIC_AUTH,
     ),
 }
 
@@ -927,9 +947,9 @@ class Scanner:
                  budget: Budget, bounds: frozenset[int],
                  soft: list[tuple[int, int]]) -> None:
         classes = [cls for cls in _SECRETS if _SECRET_SET_NAMES[cls] in names]
-        for cls, s, e, named_only in _secret_matches(asc, asc, classes, budget, bounds):
+        for cls, s, e, check in _secret_matches(asc, asc, classes, budget, bounds):
             value = text[s:e]
-            if _secret_ok(cls, value, named_only):
+            if _secret_ok(cls, value, check):
                 found.append(Found(cls, s, e, value))
         gaps = _token_gaps(asc, soft, budget)
         if not gaps:
@@ -941,13 +961,13 @@ class Scanner:
         hit = _SECRET_SET.Match(joined) or ()
         classes = [cls for cls in map(_SECRET_CLASSES.__getitem__, hit) if cls in self.classes]
         starts = [a for a, _, _ in gaps]
-        for cls, s, e, named_only in _secret_matches(joined, asc, classes, budget, bounds,
+        for cls, s, e, check in _secret_matches(joined, asc, classes, budget, bounds,
                                                      gaps):
             k = bisect_right(starts, s)
             if k == len(starts) or starts[k] >= e:
                 continue
             value = "".join(text[a:b] for a, b in _kept(gaps, s, e))
-            if _secret_ok(cls, value, named_only):
+            if _secret_ok(cls, value, check):
                 found.append(Found(cls, s, e, value))
 
     def _emails(self, asc: bytes, text: str, found: list[Found], budget: Budget,
@@ -1844,9 +1864,10 @@ _STAND_IN = re.compile(r"([xX*])\1{7}|EXAMPLE")
 _TOKEN_CLASSES = frozenset({"api_key", "github_token", "slack_token", "cloud_key"})
 
 
-def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
-    """Whether a match is the secret it looks like; `named_only`: found by its name alone
-    (_NAMED_ONLY), where letters and digits must mix."""
+def _secret_ok(cls: str, value: str, check: str = "") -> bool:
+    """Whether a match is the secret it looks like; `check`: "named" where found by its
+    name alone (_NAMED_ONLY), where letters and digits must mix; "basic" for base64 that
+    must hold `user:password` (_BASIC_AUTH)."""
     if cls in _TOKEN_CLASSES and _STAND_IN.search(value):
         return False
     if cls == "slack_token" and value.startswith("xox"):
@@ -1868,7 +1889,9 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
         has_alpha = any(c.isalpha() for c in body)
         mixed = any(c.isupper() for c in body) and any(c.islower() for c in body)
         return (has_digit and has_alpha) or (len(body) >= 40 and mixed)
-    if named_only:
+    if check == "basic":
+        return _basic_credential(value)
+    if check == "named":
         return any(c.isdigit() for c in value) and any(c.isalpha() for c in value) and \
             _random_part(value)
     if (cls == "api_key" and value[:3] not in ("sk-", "rk-")) or (
@@ -1884,6 +1907,18 @@ def _secret_ok(cls: str, value: str, named_only: bool = False) -> bool:
 # What a password field holds when it holds none: a template's slot, a mask, one word
 # or name shorter than 12 letters ("password: required", "username:password:base_dn").
 _NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}", re.IGNORECASE)
+
+
+def _basic_credential(value: str) -> bool:
+    """Base64 of `user:password` with a password that is no slot or mask (the docs'
+    `user:pass`): not "Basic settings1" in prose."""
+    try:
+        text = base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, ValueError):
+        return False
+    _, colon, password = text.partition(":")
+    return bool(colon and password) and text.isprintable() and \
+        _NO_PASSWORD.fullmatch(password) is None
 
 
 # Code's value: `process.env.DB_PASSWORD`, `self._options`, `typing.Optional`.
@@ -1930,7 +1965,8 @@ def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
                     continue
                 if has_v and e < n and asc[e] in _ALNUM and e not in bounds:
                     continue
-                yield cls, s, e, rx in _NAMED_ONLY
+                yield cls, s, e, ("named" if rx in _NAMED_ONLY else
+                                  "basic" if rx in _BASIC_AUTH else "")
 
 
 # Characters on both sides of a soft space (NBSP ...) that make it part of a token.
