@@ -763,7 +763,12 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
     ("docker login -u ci -p Dkr_Pass2024 reg.io", "docker login -u ci -p [PASSWORD_1] reg.io"),
     ("ldapsearch -D cn=admin -w AdminPass2024 -b dc=x", "ldapsearch -D cn=admin -w "
                                                         "[PASSWORD_1] -b dc=x"),
-    ("redis-cli -h cache -a R3disPass2024 ping", "redis-cli -h cache -a [PASSWORD_1] ping"),
+    ("redis-cli -h cache -p 6379 -a R3disPass2024 ping", "redis-cli -h cache -p 6379 -a "
+                                                         "[PASSWORD_1] ping"),
+    ("mysql -h db -P 3306 -u root -p'S3cretPw9'", "mysql -h db -P 3306 -u root -p'[PASSWORD_1]'"),
+    ("ldapsearch -a always -x -w adm1nPw", "ldapsearch -a always -x -w [PASSWORD_1]"),
+    ("gpg --batch --passphrase 'Secr3tPhrase' -d f.gpg", "gpg --batch --passphrase "
+                                                         "'[PASSWORD_1]' -d f.gpg"),
     ("curl -u admin:Adm1nPass2024 https://x", "curl -u admin:[PASSWORD_1] https://x"),
     ("keytool -storepass Store2024pass -file ca.crt", "keytool -storepass [PASSWORD_1] "
                                                       "-file ca.crt"),
@@ -803,6 +808,14 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     "bypass=abc123 compass: north2", "the password reset link expires in 24h",
     "Basic settings1 are in the config file", "Authorization: Basic dXNlcjpwYXNz",
     '{"auth": "oauth2"}',
+    # Test runs, access logs, SQL, other commands' flags.
+    "--- PASS: TestParseV2 (0.00s)", "PASS: tests/test-foo1", 'render_pass: "shadow2"',
+    '"POST /api/v1/reset-password HTTP/1.1" 200 512',
+    "CREATE TABLE users (password VARCHAR(255) NOT NULL);", "sudo passwd deploy01",
+    "store the password SHA256-hashed", "mysql -u root -p shop2024 < dump.sql",
+    "docker-compose -f docker-compose.mysql.yml -p app2 up -d",
+    "cd mysql && mkdir -p backups/2024", "redis-cli -h cache1 -p 6380 -n 2 ping",
+    "pytest tests/test_mongo.py -p xdist2",
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text

@@ -132,16 +132,21 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
 }
 # The names a key of no known prefix goes by (_NAMED_ONLY), and a password's.
 _KEY_NAMES = r"api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|client[_\-]?secret"
-_PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass|(?:\b|_)pass\b"
-# Commands that take a password on their command line by a short flag (`-p`, `-w`, `-a`).
+# (`_PASS` only as an environment variable's end, in capitals: `DB_PASS=`; a test's
+# `PASS: TestParseV2` or `render_pass:` names none.)
+_PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass|(?-i:[A-Z0-9]_PASS)\b"
+# Commands that take a password by a short flag of their own, and the spans of a command
+# line up to it (no shell separator between: `cd mysql && mkdir -p x` is two commands).
 _PASSWORD_COMMANDS = (r"(?:docker|podman|nerdctl|buildah) login|sshpass|mysql[a-z]*|mariadb"
-                      r"|mongo[a-z]*|ldap[a-z]+|redis-cli")
+                      r"|mongo[a-z]*|ldap[a-z]+|redis-cli|curl")
+_SAME_COMMAND = r"[^\n\x00|;&]{0,200}?[ \t]"
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
                  "api_key": rf"(?i:{_KEY_NAMES}|bearer)",
                  "private_key": r"(?i:private[_ \-]?key)",
-                 "password": rf"(?i:pass|pwd|basic[ \t]|\"auth\"|curl|{_PASSWORD_COMMANDS})"}
+                 "password": rf"(?i:pass|pwd|basic[ \t]|\"auth\"|netrc|wifi|"
+                             rf"{_PASSWORD_COMMANDS})"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -314,15 +319,28 @@ _SECRETS: dict[str, tuple] = {
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
         _rx(r"(?im)(?:^|[;?&_])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
-        # After its name and a space: a command's flag (`--password …`, `-storepass …`),
-        # .netrc's `password …`, nmcli's.
-        _rx(r"(?i)(?:^|[\s\-])(?:password|passwd|passphrase|storepass|keypass)[ \t]+[\"']?"
+        # After its name and a space only as a command's flag (`--password …`,
+        # `-storepass …`), in .netrc (`login … password …`) and nmcli's `wifi … password`:
+        # not `reset-password HTTP/1.1` nor SQL's `password VARCHAR(255)`.
+        _rx(r"(?i)(?:^|[ \t])--?(?:password|passwd|passphrase|(?:src|dest)?storepass|keypass)"
+            r"[ \t]+[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
+        _rx(r"(?i)\b(?:login[ \t]+[^\s\x00]+|wifi\b[^\n\x00]{0,100}?)[ \t]+password[ \t]+[\"']?"
             r"(?P<v>[^\s\"'\x00]{1,128})"),
-        # A command's short flag (`docker login -p …`, `mysql -p…`, `ldapsearch -w …`), and
-        # curl's `-u user:…`.
-        _rx(rf"(?i)\b(?:{_PASSWORD_COMMANDS})\b[^\n\x00]{{0,200}}?[ \t]-[pwa][ \t]*[\"']?"
+        # openssl's `-passin pass:…`.
+        _rx(r"-pass(?:in|out)?[ \t]+pass:(?P<v>[^\s\"'\x00]{1,128})"),
+        # A command's own flag, its letter's case as the command reads it: mysql's `-p…`
+        # (glued: `-p db` prompts, and db is a database; `-P` is a port), sshpass's,
+        # docker login's and mongosh's `-p …`, ldapsearch's `-w` (`-W` prompts),
+        # redis-cli's `-a` (`-p` is a port), curl's `-u user:…`.
+        _rx(rf"\b(?:mysql[a-z]*|mariadb)\b{_SAME_COMMAND}-p[\"']?"
             r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
-        _rx(r"\bcurl\b[^\n\x00]{0,200}?[ \t](?:-u|--user)[ \t=]*[\"']?[^\s:\"'\x00]{0,64}:"
+        _rx(rf"\b(?:(?:docker|podman|nerdctl|buildah) login|sshpass|mongo[a-z]*)\b"
+            rf"{_SAME_COMMAND}-p[ \t]+[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{{0,127}})"),
+        _rx(rf"\bldap[a-z]+\b{_SAME_COMMAND}-w[ \t]+[\"']?"
+            r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
+        _rx(rf"\bredis-cli\b{_SAME_COMMAND}-a[ \t]+[\"']?"
+            r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
+        _rx(rf"\bcurl\b{_SAME_COMMAND}(?:-u|--user)[ \t=]*[\"']?[^\s:\"'\x00]{{0,64}}:"
             r"(?P<v>[^\s\"'\x00]{1,128})"),
         *_BASIC_AUTH,
     ),
@@ -1856,11 +1874,11 @@ def _wordlike(segment: str) -> bool:
             or _WORD_NUMBER.fullmatch(segment) is not None)
 
 
-# A key's stand-in in docs and examples: a run of x's or stars ("ghp_xxxx…",
-# "AKIAXXXX…", Slack's "T00000000/B00000000/XXXX…") or AWS's own EXAMPLE keys. (Eight
-# of a letter in a row fall in a real key's random part less than once in 10^5; other
-# runs are real: an AWS session token's "//////////".)
-_STAND_IN = re.compile(r"([xX*])\1{7}|EXAMPLE")
+# A key's stand-in in docs and examples: a run of x's ("ghp_xxxx…", "AKIAXXXX…",
+# Slack's "T00000000/B00000000/XXXX…") or AWS's own EXAMPLE keys. (Eight of a letter in
+# a row fall in a real key's random part less than once in 10^5; other runs are real: an
+# AWS session token's "//////////".)
+_STAND_IN = re.compile(r"([xX])\1{7}|EXAMPLE")
 _TOKEN_CLASSES = frozenset({"api_key", "github_token", "slack_token", "cloud_key"})
 
 
