@@ -11,6 +11,8 @@ end of stream   → one record, written once; learning and the ledger fed from i
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import re
@@ -696,17 +698,21 @@ class Exchange:
         hazard = mirror_hazard(rec.operation, self._parsed.doc) \
             if shadow.mode == "mirror" and self._parsed is not None else None
         candidates = self.snapshot.candidates[(route.name, alias)]
-        restrict = allowed
+        choose = functools.partial(
+            self.services.router.choose, route.name, objective, candidates,
+            sticky_key(objective.sticky, self.identity.tenant, self._user()),
+            request_id=rec.request_id or None, mirror=hazard is None)
+        decision = None
         home = self._stored_home(candidates)
-        if home is not None:
-            # Only the provider that stored the previous turn can read it.
-            restrict = [home] if allowed is None or home in allowed else []
+        if home is not None and (allowed is None or home in allowed):
+            # Only the provider that stored the previous turn can read it. (One that
+            # cannot serve leaves the turn routed as any request: that provider's 404
+            # then says what is wrong, where a 403 would blame the others.)
+            with contextlib.suppress(NoCandidateError):
+                decision = choose(restrict=[home])
+        pinned = decision is not None
         try:
-            decision = self.services.router.choose(
-                route.name, objective, candidates,
-                sticky_key(objective.sticky, self.identity.tenant, self._user()),
-                restrict=restrict, request_id=rec.request_id or None,
-                mirror=hazard is None)
+            decision = decision or choose(restrict=allowed)
         except NoCandidateError as exc:
             refusal = RequestError(403, str(exc), "no_eligible_model",
                                    type_="permission_error")
@@ -719,7 +725,6 @@ class Exchange:
             rec.policy_would_deny = self._restrictor(
                 route, alias, allowed if allowed is not None else list(route.aliases[alias]))
         rec.candidate_set = decision.candidate_set
-        pinned = restrict is not allowed  # those policy allows are out for the pin
         rec.routing_excluded = tuple(
             f"{m}:previous_response" if pinned and why == "policy" and (
                 allowed is None or m in allowed) else f"{m}:{why}"

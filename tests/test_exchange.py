@@ -1994,3 +1994,15 @@ def test_stored_answers_keep_the_newest_within_their_bound() -> None:
     stored.note("t", "a", "m1")  # seen again: the newest
     stored.note("t", "c", "m3")
     assert [stored.home("t", r) for r in "abc"] == ["m1", None, "m3"]
+
+
+def test_a_stored_answer_whose_model_policy_now_refuses_is_routed_as_any_turn(snap) -> None:
+    # The pin left nothing: a 403 naming both models "(policy)", though policy allowed
+    # the other.
+    snap, services = _responses_services(snap)
+    services.stored.note("alice", "resp_9", "large")
+    ex = _responses_turn(snap, services, previous_response_id="resp_9",
+                         input="mail jane@example.com")  # pii.internal_only: small only
+    rec = ex.finish()
+    assert (rec.model, rec.policy_denied) == ("small", None)
+    assert not any("previous_response" in e for e in rec.routing_excluded)
