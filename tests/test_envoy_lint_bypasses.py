@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from atp_extproc.llm_api import OPERATIONS
 from atp_extproc.policy.cli import check
 from atp_extproc.policy.envoy_lint import PER_ROUTE_TYPE, fail_open_problems
 from atp_extproc.policy.settings import Problem
@@ -472,6 +473,15 @@ def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
         "suffix": "_b"}}]}, None),
     ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
         "exact": "DEMO_A"}}]}, None),
+    # A number range never matches a name; RE2's POSIX class is no nested set; a query
+    # takes only some requests.
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "range_match": {
+        "start": 0, "end": 9}}]}, None),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "range_match": {
+        "start": 0, "end": 9}, "invert_match": True}]}, None),
+    ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
+        "safe_regex": {"regex": "demo_[[:alpha:]]"}}}]}, None),
+    ({"prefix": "/v1/", "query_parameters": [{"name": "debug"}]}, None),
 ])
 def test_a_route_of_any_match_that_sends_atps_choice_elsewhere_is_an_error(match, found):
     from atp_extproc.policy.envoy_lint import missing_cluster_problems
@@ -494,6 +504,18 @@ def test_a_value_a_route_ahead_takes_is_not_said_of_a_route_after():
     routes.insert(2, {"match": {"prefix": "/", "headers": [{"name": "x-atp-cluster",
                                                             "present_match": True}]},
                       "route": {"cluster": "demo_b"}})
+    assert missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                    {"demo_a", "demo_b"}) == []
+    # Routes ahead that take a value path by path, or on one method, take it too.
+    exact_a = routes.pop(0)
+    routes[:0] = [{**exact_a, "match": {**exact_a["match"], "prefix": api}}
+                  for api in OPERATIONS]
+    assert missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                    {"demo_a", "demo_b"}) == []
+    del routes[:len(OPERATIONS)]
+    routes.insert(0, exact_a)
+    exact_a["match"]["headers"].append({"name": ":method", "string_match": {
+        "exact": "POST"}})
     assert missing_cluster_problems("f.yaml", yaml.safe_dump(front),
                                     {"demo_a", "demo_b"}) == []
     # A route ahead that takes a value on one path only leaves the others to the next.

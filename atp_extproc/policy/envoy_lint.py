@@ -18,6 +18,7 @@ and are skipped. Bools and enums are read as Envoy reads them (proto JSON: "true
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -641,7 +642,8 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
             if "domains" not in host or not isinstance(routes, list):
                 continue
             read = False
-            claimed: set[str] = set()  # what routes ahead took: none of it reaches later ones
+            # Per API path, the clusters routes ahead took: none of those reach later ones.
+            claimed: dict[str, set[str]] = {api: set() for api in OPERATIONS}
             ahead: list[tuple[int, str, str]] = []  # said if a later route reads the header
             for k, entry in enumerate(routes):
                 where = (_line(entry), f"virtual host {host.get('name')} route #{k}")
@@ -652,30 +654,33 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                 target = route.get("cluster") if isinstance(route, dict) else None
                 condition = _atp_cluster_condition(match)
                 if condition is not None:
-                    taken = {c for c in model_clusters if condition[1](c)} - claimed
-                    wrong = sorted(c for c in taken if c != target
-                                   and c not in members.get(str(target), ()))
+                    paths = _api_paths(match)
+                    met = {c for c in model_clusters if condition[1](c)}
+                    wrong = sorted(c for c in met if c != target
+                                   and c not in members.get(str(target), ())
+                                   and any(c not in claimed[p] for p in paths))
                     if isinstance(target, str) and wrong:
                         out.append((*where, f"the route matching {CLUSTER_HEADER}"
                                     f"{condition[0]} sends to cluster {target!r}: a model ATP "
                                     f"routes to {', '.join(map(repr, wrong))} would be served "
                                     f"by {target!r}"))
-                    if len(match["headers"]) == 1 and _api_paths(match) == list(OPERATIONS) \
-                            and not _SOMETIMES.intersection(match):
-                        claimed |= taken
+                    # Taken whatever else the route asks (a method, another header, a
+                    # query): a check must not refuse what may well work.
+                    for p in paths:
+                        claimed[p] |= met
                 if condition is not None or (isinstance(route, dict) and str(
                         route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
                     out += ahead if not read else []
                     read = True
                 elif not read and isinstance(target, str) and "headers" not in match and \
-                        (paths := _api_paths(match)):
+                        not _SOMETIMES.intersection(match) and (paths := _api_paths(match)):
                     ahead.append((*where, f"a route to cluster {target!r} comes before the "
                                   f"routes reading {CLUSTER_HEADER} and takes {paths[0]} whatever "
                                   "ATP chose: those requests never reach the model's cluster"))
     return out
 
 
-# Route match conditions that leave some requests of a path to the routes after.
+# Route match conditions that take only some requests of a path.
 _SOMETIMES = frozenset({"query_parameters", "runtime_fraction", "grpc", "tls_context",
                         "dynamic_metadata", "filter_state"})
 
@@ -695,7 +700,11 @@ def _atp_cluster_condition(
                  if f"{kind}_match" in header}
         if isinstance(header.get("safe_regex_match"), dict):
             given["safe_regex"] = header["safe_regex_match"]
+    if not given and header.keys() - _PRESENCE_KEYS:  # a number range, say
+        return " (a condition ATP cannot read)", _nothing
     wording, meets = _string_condition(given)
+    if meets is None:  # nor, inverted, every value
+        return wording, _nothing
     if "present_match" in header and not given:
         present = header["present_match"] is not False
         wording, meets = (" (present)" if present else " (absent)"), (lambda _: present)
@@ -704,14 +713,25 @@ def _atp_cluster_condition(
     return wording, meets
 
 
-def _string_condition(given: dict[str, Any]) -> tuple[str, Callable[[str], bool]]:
-    """An Envoy StringMatcher's wording and test; one ATP cannot read meets nothing."""
-    fold = (lambda v: v.lower()) if given.get("ignore_case") else (lambda v: v)
+# A header matcher's keys that ask for the header's presence only.
+_PRESENCE_KEYS = frozenset({"name", "present_match", "invert_match",
+                            "treat_missing_header_as_empty"})
+
+
+def _nothing(_: str) -> bool:
+    return False
+
+
+def _string_condition(given: dict[str, Any]) -> tuple[str, Callable[[str], bool] | None]:
+    """An Envoy StringMatcher's wording and test; None for one ATP cannot read."""
+    fold = _fold(given.get("ignore_case") is True)
     regex = given.get("safe_regex")
     if isinstance(regex, dict):
         compiled = _compiled(regex.get("regex"))
-        return (f" (regex {regex.get('regex')!r})",
-                lambda v: compiled is not None and compiled.fullmatch(v) is not None)
+        wording = f" (regex {regex.get('regex')!r})"
+        if compiled is None:
+            return wording, None
+        return wording, lambda v: compiled.fullmatch(v) is not None
     for kind, test in (("exact", str.__eq__), ("prefix", str.startswith),
                        ("suffix", str.endswith), ("contains", str.__contains__)):
         want = given.get(kind)
@@ -719,23 +739,31 @@ def _string_condition(given: dict[str, Any]) -> tuple[str, Callable[[str], bool]
             wording = f": {want}" if kind == "exact" else f" ({kind} {want!r})"
             return wording, lambda v, want=want, test=test: test(fold(v), fold(want))
     if given:
-        return " (a condition ATP cannot read)", lambda _: False
+        return " (a condition ATP cannot read)", None
     return " (present)", lambda _: True  # a header name alone asks only that it be there
 
 
+def _fold(ignore_case: bool) -> Callable[[str], str]:
+    return str.lower if ignore_case else str
+
+
 def _compiled(regex: Any) -> re.Pattern[str] | None:
-    """Envoy's RE2 pattern as Python's re reads it (the same for the patterns routes
-    use); None where re cannot."""
-    try:
-        return re.compile(regex) if isinstance(regex, str) else None
-    except re.error:
+    """Envoy's RE2 pattern as Python's re reads it; None where re cannot, or would read
+    it otherwise (RE2's POSIX classes, `[[:alpha:]]`, are a nested set to re)."""
+    if not isinstance(regex, str):
         return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        try:
+            return re.compile(regex)
+        except (re.error, FutureWarning):
+            return None
 
 
 def _api_paths(match: dict[str, Any]) -> list[str]:
     """The API paths a route match's prefix, path or regex takes (its other conditions
     aside)."""
-    fold = (lambda v: v.lower()) if match.get("case_sensitive") is False else (lambda v: v)
+    fold = _fold(match.get("case_sensitive") is False)
     prefix, path = match.get("prefix"), match.get("path")
     separated = match.get("path_separated_prefix")
     regex = match.get("safe_regex")
