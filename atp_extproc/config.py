@@ -240,7 +240,7 @@ def _tenant_header_problem(name: str) -> str | None:
         return "it carries the caller's credential, which ATP reads as an API key"
     if name in _HTTP_OWN_HEADERS:
         return ("HTTP or Envoy sets it for every request (its framing, its id, where it "
-                "came from): no hop in front can name a tenant in it")
+                "came from and for which host): no hop in front can name a tenant in it")
     if name in _TRACE_HEADERS or name.startswith("x-b3-"):
         return ("it carries a trace context, which the caller's tracer or each hop's sets "
                 "per request: no hop in front can name a tenant in it")
@@ -252,7 +252,7 @@ _HTTP_OWN_HEADERS = frozenset((
     "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-port",
     "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
     "te", "upgrade", "keep-alive", "proxy-connection", "expect", "accept-encoding",
-    # Each proxy on the way adds itself to these.
+    # Each proxy on the way adds itself, or the client's Host or certificate, to these.
     "forwarded", "via", "x-forwarded-host", "x-forwarded-client-cert"))
 # W3C, Zipkin (x-b3-* too), OpenTracing, Google Cloud, AWS X-Ray and Datadog.
 _TRACE_HEADERS = frozenset((
