@@ -355,15 +355,15 @@ _STRING_FIELDS = ("user", "safety_identifier", "prompt_cache_key", "instructions
 # with Unicode folding ("Content", "me\u017f\u017fages"): such a key would reach the
 # provider's `content` unread by redaction and policies, so it is refused.
 _FIELDS = frozenset((
-    "action", "allowed_tools", "arguments", "background", "call_id", "code", "command",
-    "commands",
-    "content", "custom", "diff", "error", "format", "function", "function_call",
-    "functions", "id", "include_usage", "input", "instructions", "logs", "max_tokens",
-    "max_completion_tokens", "max_output_tokens", "messages", "metadata", "mode", "model",
-    "name", "operation", "output", "outputs", "parallel_tool_calls", "parameters",
-    "prediction", "prompt", "prompt_cache_key", "queries", "query", "refusal",
-    "response_format", "results", "role", "safety_identifier", "stderr", "stdout",
-    "stream", "stream_options", "suffix", "summary", "text", "tool_call_id", "tool_calls",
+    "action", "allowed_tools", "arguments", "background", "best_of", "call_id", "code",
+    "command", "commands", "content", "conversation", "custom", "diff", "error", "format",
+    "function", "function_call", "functions", "id", "include_usage", "input",
+    "instructions", "logs", "max_tokens", "max_completion_tokens", "max_output_tokens",
+    "messages", "metadata", "mode", "model", "n", "name", "operation", "output",
+    "outputs", "parallel_tool_calls", "parameters", "prediction", "previous_response_id",
+    "prompt", "prompt_cache_key", "queries", "query", "refusal", "response_format",
+    "results", "role", "safety_identifier", "stderr", "stdout", "store", "stream",
+    "stream_options", "suffix", "summary", "text", "tool_call_id", "tool_calls",
     "tool_choice", "tools", "type", "user", "variables", "working_directory"))
 # Values that are maps of the client's own keys (or JSON schemas), where "ID" and "id"
 # may both be names: Go fills maps by exact key.

@@ -216,12 +216,24 @@ def test_parse_body_duplicate_keys(raw: bytes, key: str) -> None:
     ({"model": "x", "messages": [], "Max_Tokens": 9}, "Max_Tokens"),
     ({"model": "x", "messages": [], "tools": [{"type": "function",
                                                "Function": {"name": "f"}}]}, "Function"),
+    # Read by policies (cost of n choices), routing (stored turns) and mirroring.
+    ({"model": "x", "messages": [], "N": 10}, "N"),
+    ({"model": "x", "messages": [], "Best_Of": 5}, "Best_Of"),
+    ({"model": "x", "messages": [], "Store": False}, "Store"),
 ])
 def test_a_field_name_in_another_case_is_refused(doc, key) -> None:
     with pytest.raises(RequestError) as info:
         read_request("chat", doc)
     assert (info.value.status, info.value.code, info.value.param) == (
         400, "unknown_parameter", key)
+
+
+@pytest.mark.parametrize("key", ["Conversation", "Previous_Response_Id"])
+def test_a_responses_state_field_in_another_case_is_refused(key: str) -> None:
+    # "Conversation" was mirrored: the copy's turn joined the client's conversation.
+    with pytest.raises(RequestError) as info:
+        read_request("responses", {"model": "x", "input": "hi", key: "conv_1"})
+    assert (info.value.code, info.value.param) == ("unknown_parameter", key)
 
 
 @pytest.mark.parametrize("key", ["Background", "BACKGROUND", "bac\u212aground"])
