@@ -2006,3 +2006,14 @@ def test_a_stored_answer_whose_model_policy_now_refuses_is_routed_as_any_turn(sn
     rec = ex.finish()
     assert (rec.model, rec.policy_denied) == ("small", None)
     assert not any("previous_response" in e for e in rec.routing_excluded)
+
+
+@pytest.mark.parametrize("name", ["4111-1111-1111-1111", "page_oncall_+14155550132"])
+def test_a_tool_an_input_item_declares_keeps_its_name_for_policies(snap, name) -> None:
+    # Redaction renamed it ([CARD:…]): bob's strip policy looked for the name it read
+    # and found nothing to refuse, and the tool went out under the placeholder.
+    body = {"model": "gpt-4o-mini", "input": [
+        {"type": "tool_search_output", "tools": [{"type": "function", "name": name}]}],
+        "tools": [{"type": "function", "name": "get_weather"}]}
+    _, resp = send_body(snap, body, path="/v1/responses", key=BOB)
+    assert assert_error(resp, 403, "tool_not_allowed")["policy_id"] == "tools.bob_scope"

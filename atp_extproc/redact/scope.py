@@ -838,6 +838,10 @@ def responses(c: Collector, doc: dict[str, Any]) -> None:
             if isinstance(item.get("summary"), list):
                 _content(c, (*base, "summary"), item["summary"])
                 handled.add("summary")
+            if isinstance(item.get("tools"), list) and kind != "mcp_list_tools":
+                # Tools the item declares (llm_api.tool_lists), left as the request's own
+                # are: renamed, a tool policy stripped went out under the placeholder.
+                handled.add("tools")
             _rest(c, base, item, handled)
     _prompt_variables(c, doc.get("prompt"))
     _common(c, doc, _RESPONSES_TOP)
