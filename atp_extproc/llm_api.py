@@ -795,6 +795,12 @@ def _usage_of(obj: Any) -> Usage | None:
         out = 0
     if not (_is_count(inp) and _is_count(out)):
         return None
+    # xAI and Gemini leave their reasoning out of completion_tokens and count it in
+    # total_tokens only; they bill it as output (recorded 3-13x too cheap). Where the
+    # total is the sum, as OpenAI's is, nothing changes.
+    total = usage.get("total_tokens")
+    if _is_count(total) and total > inp + out:
+        out = total - inp
     return Usage(inp, out)
 
 

@@ -721,6 +721,24 @@ def test_a_null_count_leaves_the_other_apis_name_read(usage) -> None:
     assert read_response(json.dumps({"usage": usage}).encode())[0] == Usage(1000, 500)
 
 
+@pytest.mark.parametrize(("usage", "output"), [
+    # Gemini's thinking and xAI's reasoning are in total_tokens only, and billed as
+    # output: recorded 3 output tokens for a bill of 96.
+    ({"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 105}, 96),
+    ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 135,
+      "completion_tokens_details": {"reasoning_tokens": 94}}, 103),
+    # OpenAI's completion_tokens hold the reasoning: the total is their sum.
+    ({"prompt_tokens": 32, "completion_tokens": 103, "total_tokens": 135,
+      "completion_tokens_details": {"reasoning_tokens": 94}}, 103),
+    # A total short of the sum, or unreadable, says nothing more.
+    ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 10}, 9),
+    ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": "135"}, 9),
+])
+def test_output_left_out_of_completion_tokens_is_counted_from_the_total(usage, output):
+    assert read_response(json.dumps({"usage": usage}).encode())[0] == Usage(
+        usage["prompt_tokens"], output)
+
+
 def test_usage_embeddings_has_no_completion_tokens() -> None:
     body = json.dumps({"object": "list", "data": [{"embedding": [0.1]}],
                        "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode()
