@@ -271,13 +271,19 @@ def _stack(args: argparse.Namespace) -> int:
         # Why a child stopped is the end of its log (ATP's one line for a bad config):
         # shown here, not left for the user to find.
         for name, _ in stack.exited():
-            for line in stack.log(name).splitlines()[-5:]:
+            for line in stack.log(name, this_run=True).splitlines()[-5:]:
                 print(f"  {name}: {line}", file=sys.stderr)
         code = 1
     finally:
-        # No second signal may cut the cleanup short.
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
+        # No second signal may cut the cleanup short: one that comes while the handlers
+        # are being set aside raises here, and they are set aside again.
+        while True:
+            try:
+                for sig in previous:
+                    signal.signal(sig, signal.SIG_IGN)
+                break
+            except _StopSignal:
+                continue
         try:
             stack.stop_all()
         finally:

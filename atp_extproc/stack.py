@@ -218,6 +218,8 @@ class Stack:
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # Where each child's log stood when it last started.
+    _log_starts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, config_path: Path | None = None,
@@ -258,6 +260,7 @@ class Stack:
         # Children get SIGTERM when the thread that started them dies (Linux): start them
         # from the main thread, whose end is the process's end.
         with open(self.log_dir / f"{name}.log", "ab") as log:
+            self._log_starts[name] = log.tell()
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True, preexec_fn=_pdeathsig_setter())
@@ -316,8 +319,11 @@ class Stack:
         for name in list(self.procs)[::-1]:
             self.stop(name)
 
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+    def log(self, name: str, this_run: bool = False) -> str:
+        """A child's log (`this_run`: from its last start on; a log is kept across runs)."""
+        with open(self.log_dir / f"{name}.log", "rb") as log:
+            log.seek(self._log_starts.get(name, 0) if this_run else 0)
+            return log.read().decode(errors="replace")
 
     @property
     def base_url(self) -> str:

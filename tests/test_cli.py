@@ -263,11 +263,43 @@ def test_stack_shows_why_a_child_failed_to_start(tmp_path: Path) -> None:
     config = copy_example(tmp_path, EXAMPLE_CONFIG.read_text().replace(
         "input_per_1k: 0.0025", "input_per_1k: -1"))
     ports = {name: free_port() for name in DEFAULT_PORTS}
+    # The log is kept across runs: an earlier run's lines were shown first.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "atp.log").write_text("an earlier run's line\n" * 5)
     proc = subprocess.run([sys.executable, "-c", STACK_DRIVER, json.dumps(ports), str(config),
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "failed to start: atp: process exited with 2" in proc.stderr
     assert "  atp: " in proc.stderr and "models[1].price.input_per_1k" in proc.stderr
+    assert "an earlier run's line" not in proc.stderr
+
+
+def test_a_second_stop_signal_while_stopping_still_stops_every_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A SIGHUP while the handlers were being set aside raised out of the cleanup: the
+    # children were never stopped (on Linux their parent's death did; on macOS nothing).
+    from atp_extproc.stack import Stack
+
+    def interrupted(self: Stack) -> None:
+        raise cli._StopSignal(signal.SIGINT)
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(Stack, "start_all", interrupted)
+    monkeypatch.setattr(Stack, "stop_all", lambda self: stopped.append(True))
+    real, seconds = signal.signal, []
+
+    def a_second_comes(sig: int, handler):
+        previous = real(sig, handler)
+        if handler is signal.SIG_IGN and not seconds:
+            seconds.append(sig)
+            raise cli._StopSignal(signal.SIGHUP)
+        return previous
+
+    monkeypatch.setattr(cli.signal, "signal", a_second_comes)
+    ports = [f"--port={name}={free_port()}" for name in DEFAULT_PORTS]
+    code = cli.main(["stack", "--config", str(copy_example(tmp_path)), "--workdir",
+                     str(tmp_path / "run"), *ports])
+    assert (code, stopped, len(seconds)) == (0, [True], 1)
 
 
 def test_stack_refuses_a_busy_port_and_starts_nothing(tmp_path: Path) -> None:
