@@ -530,3 +530,26 @@ def test_sticky_keys_get_the_fallback_when_no_candidate_is_feasible():
     chosen = Counter(router.choose("chat", objective, CANDIDATES, f"u{i}").chosen
                      for i in range(100))
     assert chosen == {"mid": 100}
+
+
+def test_a_decision_only_shadow_proposes_its_best_estimate_not_a_draw():
+    # 7 in 60 proposals were exploratory draws (a dearer model, predicted savings 0),
+    # recorded as unexplored.
+    router = Router(clock=Clock(), seed=3)
+    objective = FIXED.model_copy(update={"shadow": Shadow(mode="decision"),
+                                         "champion": "mid"})
+    router.choose("chat", objective, CANDIDATES)
+    teach(router, "cheap", 30, latency=300, quality=0.8, cost=0.0002)
+    teach(router, "mid", 30, latency=300, quality=0.8, cost=0.002)
+    teach(router, "dear", 30, latency=300, quality=0.8, cost=0.02)
+    decisions = [router.choose("chat", objective, CANDIDATES) for _ in range(200)]
+    assert {(d.chosen, d.proposed, d.explored) for d in decisions} == {("mid", "cheap", False)}
+
+
+def test_a_candidate_priced_at_the_limit_is_within_it():
+    # 0.0004 * 0.75 + 0.0016 * 0.25 is 0.0007000000000000001 in floating point: a model
+    # priced exactly at max_price_per_1k was left out.
+    objective = FIXED.model_copy(update={"limits": Limits(max_price_per_1k=0.0007)})
+    at_limit = CandidateModel("mini", 0.0004, 0.0016)
+    d = Router(clock=Clock(), seed=1).choose("chat", objective, [at_limit, DEAR])
+    assert "mini" in d.candidate_set and ("mini", "price") not in d.excluded

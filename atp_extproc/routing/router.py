@@ -205,8 +205,10 @@ class Router:
         explored = False
         ts = sc.thompson
         # The share explored so far, not the raw average: starting at 0, that let a fresh
-        # route (every ATP start) explore about 11 decisions in a row.
-        if (ts >= 0 and ts != greedy and comp.explore_cap > 0
+        # route (every ATP start) explore about 11 decisions in a row. A decision-only
+        # shadow proposes its best estimate: a draw there serves nothing and learns
+        # nothing, and was recorded as the proposal, unexplored (predicted savings 0).
+        if (not decision_mode and ts >= 0 and ts != greedy and comp.explore_cap > 0
                 and rs.explore_ew <= comp.explore_cap * rs.explore_norm):
             pick, explored = ts, True
         rs.explore_ew += EXPLORE_ALPHA * ((1.0 if explored else 0.0) - rs.explore_ew)

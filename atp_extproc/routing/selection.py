@@ -165,7 +165,9 @@ class Compiled:
         if self.max_price is None:
             return True
         blended = c.price_in * self.input_share + c.price_out * (1.0 - self.input_share)
-        return blended <= self.max_price
+        # Within a rounding of the limit: 0.0004 * 0.75 + 0.0016 * 0.25 is
+        # 0.0007000000000000001, and a model priced at the limit was left out.
+        return blended <= self.max_price * (1.0 + 1e-9)
 
 
 class Scores:
