@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from types import MappingProxyType
 from urllib.parse import unquote
@@ -1147,7 +1148,7 @@ class Exchange:
         counted as typical parts (an image, audio, a file) rather than as text, where
         one photo made an ordinary question too long or too costly for the policies.
         (Without redaction, which finds the data, the body's size.)"""
-        # A character written as a \uXXXX escape takes 6 bytes for its UTF-8's 2 or 3:
+        # A character written as a \uXXXX escape takes 6 bytes for its UTF-8's 1 to 3:
         # the same prompt escaped (json.dumps' default) read three times as long.
         # (Once: policies and the usage estimate both ask, and the body is set by then.)
         size = self._text_bytes
@@ -1155,7 +1156,7 @@ class Exchange:
             text = self._parsed.text if self._parsed is not None else ""
             size = self.record.request_bytes
             if "\\u" in text:  # (an escaped backslash before a "u" is no escape)
-                size = max(0, size - 4 * len(_UNICODE_ESCAPE.findall(text)))
+                size = max(0, size - _escape_savings(text))
             if self._parsed is not None:
                 self._text_bytes = size
         redaction = self._redaction
@@ -1175,10 +1176,24 @@ class Exchange:
         return Usage(prompt_tokens, 0, estimated=True)
 
 
+# A \uXXXX escape: after an even run of backslashes, so not an escaped backslash's "u".
+_UNICODE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u([0-9A-Fa-f]{3})[0-9A-Fa-f]")
+
+
+def _escape_savings(text: str) -> int:
+    """How many bytes fewer the JSON text's \\uXXXX escapes take as UTF-8: 5 for an
+    ASCII character's (Go writes `<` as \\u003c), 4 for one of 2 bytes or a surrogate
+    half (a pair is 4 bytes for 12), 3 for one of 3 bytes (CJK, €)."""
+    saved = 0
+    # By the first three hex digits (the character's code over 16): few distinct ones.
+    for head, n in Counter(_UNICODE_ESCAPE.findall(text)).items():
+        code = int(head, 16)
+        saved += n * (5 if code < 0x8 else 4 if code < 0x80 or 0xD80 <= code <= 0xDFF else 3)
+    return saved
+
+
 # Each list of tools a body may declare (llm_api.TOOL_LISTS), the choice that may
 # force one of them, then other settings that cannot go without the list.
-# A \uXXXX escape: after an even run of backslashes, so not an escaped backslash's "u".
-_UNICODE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u[0-9A-Fa-f]{4}")
 _TOOL_FIELDS = (("tools", "tool_choice", "parallel_tool_calls"),
                 ("functions", "function_call"))
 

@@ -1246,12 +1246,18 @@ def test_json_answer_envoy_cannot_buffer_is_read_in_chunks(snap, length) -> None
 def test_a_prompts_size_is_its_texts_however_the_client_escapes_it(snap) -> None:
     # Sent with \\u escapes (json.dumps' default) the same Russian prompt read three times
     # as long, and limits.context_size refused it.
-    text = "Привет, как дела? " * 2000
-    raw = json.dumps(chat("fast", messages=[{"role": "user", "content": text}]),
-                     ensure_ascii=False).encode()
-    escaped = json.dumps(chat("fast", messages=[{"role": "user", "content": text}])).encode()
-    sizes = [send_body(snap, body)[0]._prompt_chars() for body in (raw, escaped)]
-    assert len(escaped) > 2.5 * len(raw) and abs(sizes[0] - sizes[1]) < 0.05 * sizes[0]
+    # Each escape counted 2 bytes: Chinese (3 bytes each) escaped read a third shorter,
+    # past limits.context_size, and Go's \u003c for "<" (1 byte) twice as long.
+    for text in ("Привет, как дела? " * 2000, "你好\uff0c世界\u3002€ 😀" * 4000, "<a>&" * 4000):
+        raw = json.dumps(chat("fast", messages=[{"role": "user", "content": text}]),
+                         ensure_ascii=False).encode()
+        escaped = json.dumps(chat("fast", messages=[{"role": "user", "content": text}]))
+        if text.startswith("<"):
+            escaped = escaped.replace("<", "\\u003C").replace(">", "\\u003e").replace(
+                "&", "\\u0026")
+        sizes = [send_body(snap, body)[0]._prompt_chars()
+                 for body in (raw, escaped.encode())]
+        assert len(escaped) > 2 * len(raw) and sizes[0] == sizes[1], text[:9]
     # A backslash before a "u" in the text is no escape: counted as one, a prompt of
     # them went below zero, past every cap.
     literal = json.dumps(chat("fast", messages=[{"role": "user", "content": "\\u" * 30000}]))
