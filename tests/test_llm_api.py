@@ -857,7 +857,8 @@ def test_sse_usage_found_in_final_chunk_without_dropping() -> None:
     sse = SseStream(drop_usage_chunk=False)
     assert sse.feed(body, end=True) is None
     assert sse.usage == Usage(12, 3)
-    assert sse.output_chars == len("Hello") + len(" wörld")
+    # As UTF-8, as the prompt is counted: "ö" is 2 bytes.
+    assert sse.output_chars == len("Hello") + len(" wörld".encode())
     assert sse.events == 6
 
 
@@ -898,7 +899,7 @@ def test_sse_every_single_split_point(sep: bytes, drop: bool) -> None:
         out = feed_all(sse, [body[:cut], body[cut:]])
         assert out == expected, f"split at {cut}"
         assert sse.usage == Usage(12, 3), f"split at {cut}"
-        assert sse.output_chars == 11, f"split at {cut}"
+        assert sse.output_chars == 12, f"split at {cut}"
 
 
 @pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"], ids=["lf", "crlf"])
@@ -923,7 +924,7 @@ def test_sse_byte_by_byte(sep: bytes) -> None:
     out = feed_all(sse, [body[i:i + 1] for i in range(len(body))])
     assert out == body.replace(usage_event, b"")
     assert sse.usage == Usage(12, 3)
-    assert sse.output_chars == 11
+    assert sse.output_chars == 12  # "ö" is 2 bytes
 
 
 def test_sse_random_multi_splits() -> None:
@@ -1009,7 +1010,7 @@ def test_sse_responses_api_completed_usage(drop: bool) -> None:
     sse = SseStream(drop_usage_chunk=drop)
     assert sse.feed(RESPONSES_STREAM, end=True) is None  # response.completed is never dropped
     assert sse.usage == Usage(7, 3)
-    assert sse.output_chars == len("Hi") + len(" thére")
+    assert sse.output_chars == len("Hi") + len(" thére".encode())
 
 
 def test_sse_responses_api_every_split() -> None:
@@ -1050,10 +1051,13 @@ def test_sse_output_chars_count_tool_call_arguments_and_refusals() -> None:
     assert sse.output_chars == len('{"city": "Paris"}') + 2
 
 
-def test_sse_output_chars_counts_characters_not_bytes() -> None:
+def test_sse_output_counts_the_texts_utf8_not_its_json() -> None:
+    # As the prompt is counted: by characters, Chinese output read a quarter of its
+    # input's size. Not the JSON's escapes either.
     sse = SseStream(drop_usage_chunk=False)
-    sse.feed(_event(_chunk([{"index": 0, "delta": {"content": "世界🎉"}}])), end=True)
-    assert sse.output_chars == 3
+    sse.feed(b'data: {"choices": [{"index": 0, "delta": {"content": "\\u4e16\\u754c'
+             b'\\ud83c\\udf89"}}]}\n\n', end=True)
+    assert sse.output_chars == 3 + 3 + 4
 
 
 def test_sse_last_event_without_trailing_separator() -> None:
