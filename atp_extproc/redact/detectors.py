@@ -132,14 +132,17 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
 }
 # The names a key of no known prefix goes by (_NAMED_ONLY), and a password's.
 _KEY_NAMES = r"api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|client[_\-]?secret"
-# (`_PASS` only as an environment variable's end, in capitals: `DB_PASS=`; a test's
-# `PASS: TestParseV2` or `render_pass:` names none.)
-_PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass|(?-i:[A-Z0-9]_PASS)\b"
+_PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass"
+# `pass` alone as a name before a quoted value (nodemailer's `pass: '…'`) or `=`, and
+# after `_` (`DB_PASS=`, Ansible's `ansible_become_pass:`): a test run's `PASS: Test…`
+# names none.
+_PASS_QUOTED = rf"{_PASSWORD_NAMES}|(?:\b|_)pass\b|(?-i:[a-z]Pass)\b"
+_PASS_BARE = rf"(?:{_PASSWORD_NAMES}|[A-Za-z0-9]_pass\b)(?:=|:[ \t]*)|\bpass="
 # Commands that take a password by a short flag of their own, and the spans of a command
 # line up to it (no shell separator between: `cd mysql && mkdir -p x` is two commands).
 _PASSWORD_COMMANDS = (r"(?:docker|podman|nerdctl|buildah) login|sshpass|mysql[a-z]*|mariadb"
                       r"|mongo[a-z]*|ldap[a-z]+|redis-cli|curl")
-_SAME_COMMAND = r"[^\n\x00|;&]{0,200}?[ \t]"
+_SAME_COMMAND = r"(?:[^\n\x00|;&]|&[^&\n\x00]){0,200}?[ \t]"  # (a URL's `&` is no `&&`)
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
@@ -312,10 +315,12 @@ _SECRETS: dict[str, tuple] = {
             r"(?P<v>[^\s:/@?#\[\]\"'<>\x00]{1,128})@[A-Za-z0-9\[]"),
         # Quoted ('password = "…"', '"pwd": "…"'), or right after its name unquoted (an
         # env file, a connection string, YAML): not code's `password = get(...)`.
-        _rx(rf"(?i)(?:{_PASSWORD_NAMES})[\"']?\s*[=:]\s*[\"']"
+        _rx(rf"(?i)(?:{_PASS_QUOTED})[\"']?\]?\s*[=:]\s*[\"']"
             r"(?P<v>[^\s\"'\x00]{1,128})[\"']"),
-        _rx(rf"(?i)(?:{_PASSWORD_NAMES})(?:=|:[ \t]*)"
+        _rx(rf"(?i)(?:{_PASS_BARE})"
             r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
+        # SQL's `WITH PASSWORD '…'`, `IDENTIFIED BY '…'` (quoted: not `password VARCHAR`).
+        _rx(r"(?i)\b(?:password|identified[ \t]+by)[ \t]+'(?P<v>[^'\s\x00]{1,128})'"),
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
         _rx(r"(?im)(?:^|[;?&_])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
@@ -324,21 +329,23 @@ _SECRETS: dict[str, tuple] = {
         # not `reset-password HTTP/1.1` nor SQL's `password VARCHAR(255)`.
         _rx(r"(?i)(?:^|[ \t])--?(?:password|passwd|passphrase|(?:src|dest)?storepass|keypass)"
             r"[ \t]+[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
-        _rx(r"(?i)\b(?:login[ \t]+[^\s\x00]+|wifi\b[^\n\x00]{0,100}?)[ \t]+password[ \t]+[\"']?"
-            r"(?P<v>[^\s\"'\x00]{1,128})"),
+        _rx(r"(?i)\b(?:(?:machine[ \t]+[^\s\x00]+|default)\s+login[ \t]+[^\s\x00]+\s+"
+            r"|wifi\b[^\n\x00]{0,100}?[ \t]+)password"
+            r"[ \t]+[\"']?(?P<v>[^\s\"'\x00]{1,128})"),
         # openssl's `-passin pass:…`.
-        _rx(r"-pass(?:in|out)?[ \t]+pass:(?P<v>[^\s\"'\x00]{1,128})"),
+        _rx(r"-pass(?:in|out)?[ \t]+[\"']?pass:(?P<v>[^\s\"'\x00]{1,128})"),
         # A command's own flag, its letter's case as the command reads it: mysql's `-p…`
         # (glued: `-p db` prompts, and db is a database; `-P` is a port), sshpass's,
         # docker login's and mongosh's `-p …`, ldapsearch's `-w` (`-W` prompts),
         # redis-cli's `-a` (`-p` is a port), curl's `-u user:…`.
-        _rx(rf"\b(?:mysql[a-z]*|mariadb)\b{_SAME_COMMAND}-p[\"']?"
+        # (The command itself, not a path's directory: `find /etc/mysql -print0`.)
+        _rx(rf"(?m)(?:^|[\s(`\"']|bin/)(?:mysql[a-z]*|mariadb)\b{_SAME_COMMAND}-p[\"']?"
             r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
         _rx(rf"\b(?:(?:docker|podman|nerdctl|buildah) login|sshpass|mongo[a-z]*)\b"
-            rf"{_SAME_COMMAND}-p[ \t]+[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{{0,127}})"),
-        _rx(rf"\bldap[a-z]+\b{_SAME_COMMAND}-w[ \t]+[\"']?"
+            rf"{_SAME_COMMAND}-p[ \t]*[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{{0,127}})"),
+        _rx(rf"\bldap[a-z]+\b{_SAME_COMMAND}-w[ \t]*[\"']?"
             r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
-        _rx(rf"\bredis-cli\b{_SAME_COMMAND}-a[ \t]+[\"']?"
+        _rx(rf"\bredis-cli\b{_SAME_COMMAND}-a[ \t]*[\"']?"
             r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
         _rx(rf"\bcurl\b{_SAME_COMMAND}(?:-u|--user)[ \t=]*[\"']?[^\s:\"'\x00]{{0,64}}:"
             r"(?P<v>[^\s\"'\x00]{1,128})"),
@@ -1923,8 +1930,10 @@ def _secret_ok(cls: str, value: str, check: str = "") -> bool:
 
 
 # What a password field holds when it holds none: a template's slot, a mask, one word
-# or name shorter than 12 letters ("password: required", "username:password:base_dn").
-_NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}", re.IGNORECASE)
+# or name shorter than 12 letters ("password: required", "username:password:base_dn"),
+# a time or size (a build's `first_pass: 2.3s`).
+_NO_PASSWORD = re.compile(r"\{\{[^}]*\}\}|%\(\w+\)s|[*x•.]+|[a-z_\-]{1,11}"
+                          r"|[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d|[kmgt]i?b|%)", re.IGNORECASE)
 
 
 def _basic_credential(value: str) -> bool:
