@@ -353,7 +353,7 @@ class Redactor:
             c.dedupe()
             for path in self._extra:
                 for p, node in scope.resolve(doc, path):
-                    if p and p[0] in ("tools", "functions"):
+                    if scope.in_tool_list(p):
                         scope.tool_definitions(c, p, node)
                     else:
                         c.anything(p, node)

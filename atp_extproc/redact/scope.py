@@ -680,6 +680,13 @@ _TOOL_LISTS = frozenset(("tools", "functions"))
 _SCHEMA_KEYS = frozenset(("parameters", "input_schema"))
 
 
+def in_tool_list(path: Path) -> bool:
+    """Whether `path` is in a list of tools: the top level's, or one a Responses input
+    item declares (`input[i].tools`)."""
+    return bool(path) and (path[0] in _TOOL_LISTS or (
+        len(path) > 2 and path[0] == "input" and path[2] == "tools"))
+
+
 def tool_definitions(c: Collector, path: Path, node: Any) -> None:
     """What redaction.extra_paths names under `tools` or `functions` (descriptions,
     schemas), read as a tool choice is: never the names, types and labels of tools, nor
