@@ -795,12 +795,16 @@ def _usage_of(obj: Any) -> Usage | None:
         out = 0
     if not (_is_count(inp) and _is_count(out)):
         return None
-    # xAI and Gemini leave their reasoning out of completion_tokens and count it in
-    # total_tokens only; they bill it as output (recorded 3-13x too cheap). Where the
-    # total is the sum, as OpenAI's is, nothing changes.
+    # xAI leaves its reasoning out of completion_tokens, counted in total_tokens and
+    # billed as output (recorded 3-13x too cheap); OpenAI's completion_tokens hold it, and
+    # its total is the sum. The rest of a total past the sum is not read as output: a
+    # Gemini total holds its search results' prompt tokens, billed as input.
+    details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     total = usage.get("total_tokens")
-    if _is_count(total) and total > inp + out:
-        out = total - inp
+    if _is_count(reasoning) and _is_count(total) and reasoning and \
+            total >= inp + out + reasoning and out + reasoning <= MAX_USAGE_TOKENS:
+        out += reasoning
     return Usage(inp, out)
 
 

@@ -722,11 +722,13 @@ def test_a_null_count_leaves_the_other_apis_name_read(usage) -> None:
 
 
 @pytest.mark.parametrize(("usage", "output"), [
-    # Gemini's thinking and xAI's reasoning are in total_tokens only, and billed as
-    # output: recorded 3 output tokens for a bill of 96.
-    ({"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 105}, 96),
+    # xAI's reasoning is in total_tokens only, and billed as output: recorded 9 output
+    # tokens for a bill of 103.
     ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 135,
       "completion_tokens_details": {"reasoning_tokens": 94}}, 103),
+    # A total past the sum for another reason (Gemini's search results, billed as
+    # input) is no output.
+    ({"prompt_tokens": 1041, "completion_tokens": 902, "total_tokens": 381679}, 902),
     # OpenAI's completion_tokens hold the reasoning: the total is their sum.
     ({"prompt_tokens": 32, "completion_tokens": 103, "total_tokens": 135,
       "completion_tokens_details": {"reasoning_tokens": 94}}, 103),
@@ -734,7 +736,7 @@ def test_a_null_count_leaves_the_other_apis_name_read(usage) -> None:
     ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": 10}, 9),
     ({"prompt_tokens": 32, "completion_tokens": 9, "total_tokens": "135"}, 9),
 ])
-def test_output_left_out_of_completion_tokens_is_counted_from_the_total(usage, output):
+def test_reasoning_left_out_of_completion_tokens_is_output(usage, output):
     assert read_response(json.dumps({"usage": usage}).encode())[0] == Usage(
         usage["prompt_tokens"], output)
 
