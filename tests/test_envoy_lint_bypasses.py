@@ -478,7 +478,12 @@ def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
     ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "range_match": {
         "start": 0, "end": 9}}]}, None),
     ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "range_match": {
-        "start": 0, "end": 9}, "invert_match": True}]}, None),
+        "start": 0, "end": 9}, "invert_match": True}]}, "(not a number range) sends"),
+    # A path ATP cannot read is taken to take the API's: a catch-all it is.
+    ({"path_match_policy": {"name": "envoy.path.match.uri_template", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3"
+                 ".UriTemplateMatchConfig", "path_template": "/v1/**"}},
+      "headers": [{"name": "x-atp-cluster", "present_match": True}]}, "(present) sends"),
     ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
         "safe_regex": {"regex": "demo_[[:alpha:]]"}}}]}, None),
     ({"prefix": "/v1/", "query_parameters": [{"name": "debug"}]}, None),
@@ -518,6 +523,23 @@ def test_a_value_a_route_ahead_takes_is_not_said_of_a_route_after():
         "exact": "POST"}})
     assert missing_cluster_problems("f.yaml", yaml.safe_dump(front),
                                     {"demo_a", "demo_b"}) == []
+    # On GET only, or a share of requests, it leaves the API's POSTs to the next.
+    for extra in ({"headers": [*exact_a["match"]["headers"][:1], {
+            "name": ":method", "string_match": {"exact": "GET"}}]},
+                  {"runtime_fraction": {"default_value": {"numerator": 10}}}):
+        routes[0] = {**exact_a, "match": {**exact_a["match"], **extra}}
+        (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                              {"demo_a", "demo_b"})
+        assert problem.path.endswith("route #2") and "routes to 'demo_a'" in problem.reason
+    # A route asking for a query takes no request ATP routed: it sends the path alone.
+    routes[0] = {**exact_a, "match": {**exact_a["match"], "query_parameters": [
+        {"name": "api-version", "present_match": True}]}}
+    routes.insert(0, {"match": {"prefix": "/", "query_parameters": [{"name": "x"}]},
+                      "route": {"cluster": "demo_b"}})
+    assert len(missing_cluster_problems("f.yaml", yaml.safe_dump(front),
+                                        {"demo_a", "demo_b"})) == 1
+    del routes[:2]
+    routes.insert(0, exact_a)
     # A route ahead that takes a value on one path only leaves the others to the next.
     routes[0]["match"]["prefix"] = "/v1/embeddings"
     (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(front),

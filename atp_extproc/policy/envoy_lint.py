@@ -649,12 +649,12 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                 where = (_line(entry), f"virtual host {host.get('name')} route #{k}")
                 match = entry.get("match") if isinstance(entry, dict) else None
                 route = entry.get("route") if isinstance(entry, dict) else None
-                if not isinstance(match, dict):
-                    continue
+                if not isinstance(match, dict) or "query_parameters" in match:
+                    continue  # (ATP sends the path alone: no query matches a request)
                 target = route.get("cluster") if isinstance(route, dict) else None
                 condition = _atp_cluster_condition(match)
                 if condition is not None:
-                    paths = _api_paths(match)
+                    paths = _api_paths(match, unread=list(OPERATIONS))
                     met = {c for c in model_clusters if condition[1](c)}
                     wrong = sorted(c for c in met if c != target
                                    and c not in members.get(str(target), ())
@@ -664,25 +664,42 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
                                     f"{condition[0]} sends to cluster {target!r}: a model ATP "
                                     f"routes to {', '.join(map(repr, wrong))} would be served "
                                     f"by {target!r}"))
-                    # Taken whatever else the route asks (a method, another header, a
-                    # query): a check must not refuse what may well work.
-                    for p in paths:
-                        claimed[p] |= met
+                    if _takes_every_api_request(match):
+                        for p in paths:
+                            claimed[p] |= met
                 if condition is not None or (isinstance(route, dict) and str(
                         route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
                     out += ahead if not read else []
                     read = True
                 elif not read and isinstance(target, str) and "headers" not in match and \
-                        not _SOMETIMES.intersection(match) and (paths := _api_paths(match)):
+                        not _UNKNOWABLE.intersection(match) and (paths := _api_paths(match)):
                     ahead.append((*where, f"a route to cluster {target!r} comes before the "
                                   f"routes reading {CLUSTER_HEADER} and takes {paths[0]} whatever "
                                   "ATP chose: those requests never reach the model's cluster"))
     return out
 
 
-# Route match conditions that take only some requests of a path.
-_SOMETIMES = frozenset({"query_parameters", "runtime_fraction", "grpc", "tls_context",
-                        "dynamic_metadata", "filter_state"})
+# Route match conditions this check cannot judge for an API request (gRPC's takes none).
+_UNKNOWABLE = frozenset({"grpc", "dynamic_metadata", "filter_state"})
+# ... and those that leave some API requests to the routes after.
+_SOMETIMES = _UNKNOWABLE | {"runtime_fraction", "tls_context"}
+
+
+def _takes_every_api_request(match: dict[str, Any]) -> bool:
+    """Whether a route match asks nothing of an API request on its paths but its
+    x-atp-cluster condition (a method condition that POST meets aside)."""
+    if _SOMETIMES.intersection(match):
+        return False
+    for header in match.get("headers") or ():
+        name = str(header.get("name", "")).lower() if isinstance(header, dict) else ""
+        if name == CLUSTER_HEADER:
+            continue
+        if name != ":method":
+            return False
+        _, meets = _header_condition(header)
+        if not meets("POST"):
+            return False
+    return True
 
 
 def _atp_cluster_condition(
@@ -691,8 +708,11 @@ def _atp_cluster_condition(
     its wording and whether a value meets it. None: no condition on it."""
     header = next((h for h in match.get("headers") or () if isinstance(h, dict)
                    and str(h.get("name", "")).lower() == CLUSTER_HEADER), None)
-    if header is None:
-        return None
+    return None if header is None else _header_condition(header)
+
+
+def _header_condition(header: dict[str, Any]) -> tuple[str, Callable[[str], bool]]:
+    """An Envoy HeaderMatcher's wording and whether a value meets it."""
     given = header.get("string_match")
     if not isinstance(given, dict):  # the matchers before string_match
         given = {kind: header[f"{kind}_match"] for kind in ("exact", "prefix", "suffix",
@@ -700,7 +720,11 @@ def _atp_cluster_condition(
                  if f"{kind}_match" in header}
         if isinstance(header.get("safe_regex_match"), dict):
             given["safe_regex"] = header["safe_regex_match"]
-    if not given and header.keys() - _PRESENCE_KEYS:  # a number range, say
+    if not given and isinstance(header.get("range_match"), dict):
+        # A name is no number: it meets no range, and an inverted one takes it.
+        return (" (not a number range)", _every) if header.get("invert_match") else \
+            (" (a number range)", _nothing)
+    if not given and header.keys() - _PRESENCE_KEYS:
         return " (a condition ATP cannot read)", _nothing
     wording, meets = _string_condition(given)
     if meets is None:  # nor, inverted, every value
@@ -720,6 +744,10 @@ _PRESENCE_KEYS = frozenset({"name", "present_match", "invert_match",
 
 def _nothing(_: str) -> bool:
     return False
+
+
+def _every(_: str) -> bool:
+    return True
 
 
 def _string_condition(given: dict[str, Any]) -> tuple[str, Callable[[str], bool] | None]:
@@ -760,14 +788,18 @@ def _compiled(regex: Any) -> re.Pattern[str] | None:
             return None
 
 
-def _api_paths(match: dict[str, Any]) -> list[str]:
+def _api_paths(match: dict[str, Any], unread: list[str] | None = None) -> list[str]:
     """The API paths a route match's prefix, path or regex takes (its other conditions
-    aside)."""
+    aside); `unread` where its path condition cannot be read here (a URI template, a
+    regex re reads otherwise)."""
     fold = _fold(match.get("case_sensitive") is False)
     prefix, path = match.get("prefix"), match.get("path")
     separated = match.get("path_separated_prefix")
     regex = match.get("safe_regex")
     compiled = _compiled(regex.get("regex")) if isinstance(regex, dict) else None
+    if unread is not None and (isinstance(match.get("path_match_policy"), dict) or (
+            isinstance(regex, dict) and compiled is None)):
+        return unread
     return [api for api in OPERATIONS
             if (isinstance(prefix, str) and fold(api).startswith(fold(prefix)))
             or (isinstance(path, str) and fold(path) == fold(api))
