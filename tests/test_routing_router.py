@@ -60,14 +60,22 @@ def test_learns_the_best_candidate_and_reports_the_decision():
     assert d.mirror_to is None and d.shadow_mode == "off"
 
 
-def test_regret_estimate_is_the_posterior_mean_gap():
-    router = Router(clock=Clock(), seed=2)
+def _decision_route(seed: int, n: int, latencies: tuple[float, float, float]
+                    ) -> tuple[Router, RouteObjective]:
+    """A decision-only shadow route with `mid` the champion, taught `n` answers of each
+    candidate (cheap, mid, dear) at these latencies."""
+    router = Router(clock=Clock(), seed=seed)
     objective = FIXED.model_copy(update={"shadow": Shadow(mode="decision"),
                                          "champion": "mid"})
     router.choose("chat", objective, CANDIDATES)
-    teach(router, "cheap", 500, latency=200, quality=0.8, cost=0.0002)
-    teach(router, "mid", 500, latency=400, quality=0.8, cost=0.002)
-    teach(router, "dear", 500, latency=900, quality=0.8, cost=0.02)
+    for name, latency, cost in zip(("cheap", "mid", "dear"), latencies,
+                                   (0.0002, 0.002, 0.02), strict=True):
+        teach(router, name, n, latency=latency, quality=0.8, cost=cost)
+    return router, objective
+
+
+def test_regret_estimate_is_the_posterior_mean_gap():
+    router, objective = _decision_route(2, 500, (200, 400, 900))
     d = router.choose("chat", objective, CANDIDATES)
     assert d.chosen == "mid" and d.proposed == "cheap"
     # By hand, from the posterior means (weights 1, fixed scales $0.01 and 1 s):
@@ -539,13 +547,7 @@ def test_sticky_keys_get_the_fallback_when_no_candidate_is_feasible():
 def test_a_decision_only_shadow_proposes_its_best_estimate_not_a_draw():
     # 7 in 60 proposals were exploratory draws (a dearer model, predicted savings 0),
     # recorded as unexplored.
-    router = Router(clock=Clock(), seed=3)
-    objective = FIXED.model_copy(update={"shadow": Shadow(mode="decision"),
-                                         "champion": "mid"})
-    router.choose("chat", objective, CANDIDATES)
-    teach(router, "cheap", 30, latency=300, quality=0.8, cost=0.0002)
-    teach(router, "mid", 30, latency=300, quality=0.8, cost=0.002)
-    teach(router, "dear", 30, latency=300, quality=0.8, cost=0.02)
+    router, objective = _decision_route(3, 30, (300, 300, 300))
     decisions = [router.choose("chat", objective, CANDIDATES) for _ in range(200)]
     assert {(d.chosen, d.proposed, d.explored) for d in decisions} == {("mid", "cheap", False)}
 
