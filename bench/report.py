@@ -316,16 +316,16 @@ def _observation(results: list[Measurement], rate: float) -> str:
         "`response_body_mode: STREAMED`, on the same atp "
         "cluster. **c3s** = c3 with the observer's `deferred_close_timeout: 0.2s`.",
         "",
-        "Why c3 needs more than the issue's config: in observability mode Envoy keeps each "
+        "What c3 rests on: in observability mode Envoy keeps each "
         "side stream open after the request ends until the server closes it or "
         "`deferred_close_timeout` (5 s) passes. ATP closes an observer stream when the "
         "response's last message arrives, but streams whose end never reaches it would "
-        "still pile up; at a few hundred req/s the atp cluster's default circuit breaker "
-        "(1024 concurrent requests) can overflow and fail the *main* filter's streams "
-        "(500 `ext_proc_error_gRPC_error_14 ... overflow`). c3 therefore runs with that "
-        "limit raised; c3s also lets Envoy reset held streams after 200 ms (in trials "
-        "while building this bench, 50 ms lost ~45% of observations under load, 200 ms "
-        "none).",
+        "still pile up; at a few hundred req/s that is thousands of streams, past Envoy's "
+        "default circuit breaker (1024 concurrent requests, whose overflow fails the *main* "
+        "filter's streams with 500 `ext_proc_error_gRPC_error_14 ... overflow`) but within "
+        "the 65,536 the shipped atp cluster allows. c3s lets Envoy reset held "
+        "streams after 200 ms (in trials while building this bench, 50 ms lost ~45% of "
+        "observations under load, 200 ms none).",
         "",
         table(rows),
         "",

@@ -620,6 +620,29 @@ def test_every_ext_proc_has_the_same_message_timeout_and_phases() -> None:
             assert {k: patched[k] for k in keys} == {k: front[k] for k in keys}
 
 
+def test_atp_cluster_admits_more_exchanges_than_envoys_default() -> None:
+    """Each exchange holds an ext_proc stream for its whole answer: Envoy's default of
+    1,024 concurrent requests on the atp cluster failed the next one with a 500."""
+    limits = [clusters(load_yaml(path))["atp"]["circuit_breakers"] for path in ENVOY_CONFIGS]
+    limits += [patch["patch"]["value"]["circuit_breakers"] for patch in istio_patches()
+               if patch["applyTo"] == "CLUSTER"]
+    assert len(limits) == len(ENVOY_CONFIGS) + 1
+    for limit in limits:
+        assert limit == limits[0]
+        (threshold,) = limit["thresholds"]
+        assert min(threshold["max_requests"], threshold["max_pending_requests"]) > 1024
+
+
+@pytest.mark.parametrize("name", MIRRORING_CONFIGS)
+def test_model_clusters_allow_a_retry_for_every_request(name: str) -> None:
+    """Model routes retry once on 5xx and 429, to the next provider of a pool; Envoy's
+    default of 3 concurrent retries per cluster gave the rest the primary's error."""
+    for cluster_name, cluster in clusters(load_yaml(ENVOY_DIR / name)).items():
+        if cluster_name.startswith("demo_"):
+            (threshold,) = cluster["circuit_breakers"]["thresholds"]
+            assert threshold["max_retries"] >= threshold["max_requests"] > 1024, cluster_name
+
+
 @pytest.mark.parametrize("name", ["sidecar-uds.yaml", "egress-tls.yaml"])
 def test_every_client_listener_answers_errors_as_the_front_proxy_does(name: str) -> None:
     # egress-tls had one catch-all: ATP down was a 500 naming its socket, not

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -70,11 +71,12 @@ def write_config(tmp_path: Path) -> Path:
     return copy_example(tmp_path, yaml.safe_dump(doc, sort_keys=False))
 
 
-def start(tmp_path: Path, demo_a_args: tuple[str, ...] = ()) -> Stack:
+def start(tmp_path: Path, demo_a_args: tuple[str, ...] = (),
+          demo_b_args: tuple[str, ...] = ()) -> Stack:
     stack = Stack.on_free_ports(config_path=write_config(tmp_path), workdir=tmp_path)
     try:
         stack.start_upstream("demo_a", *demo_a_args)
-        stack.start_upstream("demo_b")
+        stack.start_upstream("demo_b", *demo_b_args)
         stack.start_atp()
         stack.start_envoy()
     except Exception:
@@ -294,6 +296,19 @@ def test_fallback_answers_when_the_primary_returns_503(tmp_path: Path) -> None:
         records = route_records(stack, "pooled", 3)
         assert [r["attempts"] for r in records] == [2, 2, 2]
         assert all(r["status"] == 200 for r in records)
+    finally:
+        stack.stop_all()
+
+
+def test_fallback_holds_when_many_requests_fail_over_at_once(tmp_path: Path) -> None:
+    # Envoy allows 3 concurrent retries per cluster unless told otherwise: past that a
+    # failed attempt is not retried and the client gets the primary's 503.
+    stack = start(tmp_path, ("--error-rate", "1.0"), ("--latency-ms", "400"))
+    try:
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            replies = list(pool.map(lambda i: chat(stack, "pooled", f"burst {i}"), range(12)))
+        assert [r.status for r in replies] == [200] * 12
+        assert {r.headers["x-upstream-name"] for r in replies} == {"demo_b"}
     finally:
         stack.stop_all()
 
