@@ -442,6 +442,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 # stream once the answer is through): one whose body ATP did not read (a
                 # compressed one) was recorded whole.
                 rec.error_code = INCOMPLETE_RESPONSE
+            elif (self.grace_over and message is not None and exchange.model is None
+                    and rec.operation and not rec.error_code):
+                # Cut by the drain while the request's body was still coming: recorded
+                # as the client's (request_incomplete), with nothing in the log.
+                _abandoned(exchange, message, grace_over=True)
             raise
         except Exception:
             # ATP failed (gRPC logs the traceback) and Envoy resets the stream: an answer

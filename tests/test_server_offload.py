@@ -405,6 +405,43 @@ async def test_an_unread_answer_cut_by_the_drain_is_incomplete(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(("grace_over", "error_code"), [
+    # The drain's grace period ended while the body was still coming: ATP cut it, not
+    # the client, and nothing reached a model.
+    (True, "atp_answer_abandoned"),
+    # Envoy resets the stream when the client leaves mid-body: the client's.
+    (False, "request_incomplete"),
+])
+async def test_a_body_cut_by_the_drain_is_atps_abandoned_request(
+        tmp_path, monkeypatch, caplog, grace_over: bool, error_code: str) -> None:
+    import asyncio
+
+    records = _recording_finish(monkeypatch)
+    processor = ExternalProcessor(ConfigHolder(tmp_path / "atp.yaml",
+                                               config_mod.load(EXAMPLE)))
+    waiting = asyncio.Event()
+
+    async def messages():
+        yield req_headers("POST", "/v1/chat/completions")
+        waiting.set()
+        await asyncio.Event().wait()  # the body's upload never ends
+
+    async def consume():
+        return [r async for r in processor.Process(messages(), _Context())]
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(waiting.wait(), 5)
+    await asyncio.sleep(0)
+    processor.grace_over = grace_over
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (record,) = records
+    assert record.error_code == error_code
+    assert ("server.grace_period_s was over" in caplog.text) == grace_over
+
+
+@pytest.mark.asyncio
 async def test_an_answer_atp_failed_on_is_recorded_incomplete(tmp_path, monkeypatch) -> None:
     # Restore raised on the answer's only chunk: Envoy reset the stream and the client got
     # nothing, yet the record (and ledger) counted a whole 200.
