@@ -370,7 +370,8 @@ _FIELDS = frozenset((
 _USER_MAPS = frozenset(("metadata", "parameters", "schema", "logit_bias", "variables",
                         "headers", "input_schema", "env", "properties", "$defs",
                         "definitions", "patternProperties", "guided_json",
-                        "structured_outputs", "chat_template_kwargs"))
+                        "structured_outputs", "chat_template_kwargs", "vllm_xargs",
+                        "mm_processor_kwargs", "kv_transfer_params"))
 
 
 @lru_cache(maxsize=8)

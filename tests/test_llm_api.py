@@ -1152,6 +1152,15 @@ def test_schemas_under_any_vendor_key_may_name_their_definitions_freely() -> Non
     assert read_request("chat", doc).model == "x"
 
 
+def test_vllms_argument_maps_may_use_any_key() -> None:
+    # vLLM's own maps of extra arguments (a plugin's `N`, a processor's `Size`) are read
+    # by exact key: not a field a Go server could fill from another case.
+    doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}],
+           "vllm_xargs": {"N": 2}, "mm_processor_kwargs": {"Size": 4},
+           "kv_transfer_params": {"Id": "a"}, "chat_template_kwargs": {"Tools": []}}
+    assert read_request("chat", doc).model == "x"
+
+
 def test_fields_redaction_scans_by_config_must_be_spelt_exactly() -> None:
     doc = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "Stop": ["x"]}
     assert read_request("chat", doc).model == "x"          # not scanned: no concern
