@@ -487,6 +487,20 @@ def test_a_route_that_sends_atps_choice_elsewhere_is_an_error():
     ({"prefix": "/", "headers": [{"name": "x-atp-cluster", "string_match": {
         "safe_regex": {"regex": "demo_[[:alpha:]]"}}}]}, None),
     ({"prefix": "/v1/", "query_parameters": [{"name": "debug"}]}, None),
+    # An empty list asks nothing of the query: the route was skipped as one that did.
+    ({"prefix": "/v1/", "query_parameters": []}, "takes /v1/chat/completions"),
+    ({"prefix": "/", "query_parameters": [], "headers": [{"name": "x-atp-cluster",
+                                                          "present_match": True}]},
+     "(present) sends"),
+    # Every API request is a POST, and so meets this; none meets GET. An empty list
+    # asks nothing. (Any header condition was taken to leave every request to the next.)
+    ({"prefix": "/v1/", "headers": [{"name": ":method", "string_match": {
+        "exact": "POST"}}]}, "takes /v1/chat/completions"),
+    ({"prefix": "/", "headers": []}, "takes /v1/chat/completions"),
+    ({"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+     None),
+    ({"prefix": "/v2/", "headers": [{"name": "x-atp-cluster", "present_match": True}]},
+     None),
 ])
 def test_a_route_of_any_match_that_sends_atps_choice_elsewhere_is_an_error(match, found):
     from atp_extproc.policy.envoy_lint import missing_cluster_problems
@@ -494,7 +508,58 @@ def test_a_route_of_any_match_that_sends_atps_choice_elsewhere_is_an_error(match
     front = yaml.safe_load((ROOT / "envoy" / "front-proxy.yaml").read_text())
     vhost(front)["routes"].insert(0, {"match": match, "route": {"cluster": "demo_b"}})
     problems = missing_cluster_problems("f.yaml", yaml.safe_dump(front), {"demo_a", "demo_b"})
-    assert [found in p.reason for p in problems] == ([] if found is None else [True])
+    assert [(p.severity, found in p.reason) for p in problems] == \
+        ([] if found is None else [("error", True)])
+
+
+URI_TEMPLATE = {"name": "envoy.path.match.uri_template", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3"
+             ".UriTemplateMatchConfig", "path_template": "/v1/**"}}
+
+
+@pytest.mark.parametrize(("match", "found"), [
+    # A client that sends the header reaches the route's cluster, not ATP's choice (nor
+    # the model its policies allowed): check said OK.
+    ({"prefix": "/", "headers": [{"name": "x-team", "string_match": {"exact": "a"}}]},
+     "takes /v1/chat/completions with header x-team: a whatever ATP chose"),
+    ({"prefix": "/v1/embeddings", "headers": [
+        {"name": ":method", "string_match": {"exact": "POST"}},
+        {"name": "X-Debug", "present_match": True}]},
+     "takes /v1/embeddings with header X-Debug (present) whatever ATP chose"),
+    # A path ATP cannot read may be the API's.
+    ({"path_match_policy": URI_TEMPLATE}, "may take the API's paths (a path ATP cannot "
+                                          "read) whatever ATP chose"),
+    ({"safe_regex": {"regex": "/v1/[[:alpha:]]+"}}, "may take the API's paths"),
+])
+def test_a_route_ahead_that_may_take_api_requests_is_a_warning(tmp_path, match, found):
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    doc = front()
+    vhost(doc)["routes"].insert(0, {"match": match, "route": {"cluster": "demo_b"}})
+    _, text = validated(doc, tmp_path)
+    (problem,) = missing_cluster_problems("f.yaml", text, {"demo_a", "demo_b"})
+    assert problem.severity == "warning" and problem.path.endswith("route #0")
+    assert f"a route to cluster 'demo_b' comes before the routes reading x-atp-cluster " \
+           f"and {found}" in problem.reason, problem.reason
+    assert text.splitlines()[problem.line - 1].lstrip(" -").startswith("match:")
+
+
+def test_a_path_atp_cannot_read_routes_no_api_path_right():
+    """A route with a path ATP cannot read counted as taking a model's requests on every
+    API path to the right cluster, so a route after it that sent them elsewhere passed."""
+    from atp_extproc.policy.envoy_lint import missing_cluster_problems
+
+    doc = front()
+    vhost(doc)["routes"][:0] = [
+        {"match": {"path_match_policy": URI_TEMPLATE, "headers": [
+            {"name": "x-atp-cluster", "string_match": {"exact": "demo_a"}}]},
+         "route": {"cluster": "demo_a"}},
+        {"match": {"prefix": "/", "headers": [{"name": "x-atp-cluster",
+                                               "present_match": True}]},
+         "route": {"cluster": "demo_b"}}]
+    (problem,) = missing_cluster_problems("f.yaml", yaml.safe_dump(doc), {"demo_a", "demo_b"})
+    assert problem.severity == "error" and problem.path.endswith("route #1")
+    assert "a model ATP routes to 'demo_a' would be served by 'demo_b'" in problem.reason
 
 
 def test_a_value_a_route_ahead_takes_is_not_said_of_a_route_after():

@@ -621,21 +621,23 @@ def missing_cluster_problems(file: str, text: str,
                 "cluster_header or a header match): Envoy would send each request where "
                 "its Host or path says, not to the model's cluster ATP chose, with that "
                 "model's id and under its policies"))
-    problems += [Problem(file, where or line, path, reason)
-                 for where, path, reason in _misrouted(checked, set(model_clusters), clusters)]
+    problems += [Problem(file, where or line, path, reason, severity)
+                 for where, path, reason, severity in _misrouted(checked, set(model_clusters),
+                                                                 clusters)]
     return problems
 
 
-def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
-               clusters: Any) -> list[tuple[int, str, str]]:
+def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str], clusters: Any
+               ) -> list[tuple[int, str, str, Literal["error", "warning"]]]:
     """Routes that send a request ATP tagged for one model's cluster elsewhere: one whose
     x-atp-cluster condition takes that cluster's name (no earlier route of its virtual
     host taking it) and names another cluster (not an aggregate of it), and one that,
     ahead of the routes of its virtual host reading x-atp-cluster, takes the API's paths
-    whatever it says. ATP's record (model, cluster, cost) and its policies would be
-    another's."""
+    whatever it says (a warning where it may: its path cannot be read here, or a header
+    the client sends decides). ATP's record (model, cluster, cost) and its policies
+    would be another's."""
     members = _aggregates(clusters)
-    out: list[tuple[int, str, str]] = []  # (line, path, reason)
+    out: list[tuple[int, str, str, Literal["error", "warning"]]] = []
     for listener in listeners:
         for host in _walk(listener):
             routes = host.get("routes")
@@ -644,39 +646,61 @@ def _misrouted(listeners: list[dict[str, Any]], model_clusters: set[str],
             read = False
             # Per API path, the clusters routes ahead took: none of those reach later ones.
             claimed: dict[str, set[str]] = {api: set() for api in OPERATIONS}
-            ahead: list[tuple[int, str, str]] = []  # said if a later route reads the header
+            # Said if a later route reads the header.
+            ahead: list[tuple[int, str, str, Literal["error", "warning"]]] = []
             for k, entry in enumerate(routes):
                 where = (_line(entry), f"virtual host {host.get('name')} route #{k}")
                 match = entry.get("match") if isinstance(entry, dict) else None
                 route = entry.get("route") if isinstance(entry, dict) else None
-                if not isinstance(match, dict) or "query_parameters" in match:
+                if not isinstance(match, dict) or match.get("query_parameters"):
                     continue  # (ATP sends the path alone: no query matches a request)
                 target = route.get("cluster") if isinstance(route, dict) else None
                 condition = _atp_cluster_condition(match)
+                paths = _api_paths(match)
                 if condition is not None:
-                    paths = _api_paths(match, unread=list(OPERATIONS))
                     met = {c for c in model_clusters if condition[1](c)}
+                    # A path unread here may take any API path, and takes none for sure.
+                    reach = list(OPERATIONS) if paths is None else paths
                     wrong = sorted(c for c in met if c != target
                                    and c not in members.get(str(target), ())
-                                   and any(c not in claimed[p] for p in paths))
+                                   and any(c not in claimed[p] for p in reach))
                     if isinstance(target, str) and wrong:
                         out.append((*where, f"the route matching {CLUSTER_HEADER}"
                                     f"{condition[0]} sends to cluster {target!r}: a model ATP "
                                     f"routes to {', '.join(map(repr, wrong))} would be served "
-                                    f"by {target!r}"))
+                                    f"by {target!r}", "error"))
                     if _takes_every_api_request(match):
-                        for p in paths:
+                        for p in paths or ():
                             claimed[p] |= met
                 if condition is not None or (isinstance(route, dict) and str(
                         route.get("cluster_header", "")).lower() == CLUSTER_HEADER):
                     out += ahead if not read else []
                     read = True
-                elif not read and isinstance(target, str) and "headers" not in match and \
-                        not _UNKNOWABLE.intersection(match) and (paths := _api_paths(match)):
+                elif not read and isinstance(target, str) and \
+                        not _UNKNOWABLE.intersection(match) and \
+                        (taken := _taken_ahead(match, paths, target)) is not None:
                     ahead.append((*where, f"a route to cluster {target!r} comes before the "
-                                  f"routes reading {CLUSTER_HEADER} and takes {paths[0]} whatever "
-                                  "ATP chose: those requests never reach the model's cluster"))
+                                  f"routes reading {CLUSTER_HEADER} and {taken[0]}", taken[1]))
     return out
+
+
+def _taken_ahead(match: dict[str, Any], paths: list[str] | None, target: str
+                 ) -> tuple[str, Literal["error", "warning"]] | None:
+    """What a route to `target` ahead of those reading x-atp-cluster takes of the API's
+    requests (`paths`: its API paths, None where unread here), and how sure that is: a
+    warning where its path may not be the API's, or a header the client sends decides;
+    None where it takes none."""
+    headers = _header_conditions(match)
+    if headers is None or paths == []:
+        return None
+    taken = f"takes {paths[0]}" if paths else \
+        "may take the API's paths (a path ATP cannot read)"
+    if headers:
+        return (f"{taken} with header {', '.join(headers)} whatever ATP chose: a client "
+                f"that sends it reaches {target!r}, not the model's cluster ATP chose",
+                "warning")
+    return (f"{taken} whatever ATP chose: those requests never reach the model's cluster",
+            "error" if paths else "warning")
 
 
 # Route match conditions this check cannot judge for an API request (gRPC's takes none).
@@ -688,18 +712,24 @@ _SOMETIMES = _UNKNOWABLE | {"runtime_fraction", "tls_context"}
 def _takes_every_api_request(match: dict[str, Any]) -> bool:
     """Whether a route match asks nothing of an API request on its paths but its
     x-atp-cluster condition (a method condition that POST meets aside)."""
-    if _SOMETIMES.intersection(match):
-        return False
+    return not _SOMETIMES.intersection(match) and _header_conditions(match) == []
+
+
+def _header_conditions(match: dict[str, Any]) -> list[str] | None:
+    """The wordings of a route match's header conditions an API request may or may not
+    meet (its x-atp-cluster condition and a method condition that POST meets aside);
+    None where none meets them (a method condition that POST does not meet)."""
+    said = []
     for header in match.get("headers") or ():
-        name = str(header.get("name", "")).lower() if isinstance(header, dict) else ""
-        if name == CLUSTER_HEADER:
-            continue
-        if name != ":method":
-            return False
-        _, meets = _header_condition(header)
-        if not meets("POST"):
-            return False
-    return True
+        name = str(header.get("name", "")) if isinstance(header, dict) else ""
+        if not name or name.lower() == CLUSTER_HEADER:
+            continue  # (a matcher without a name Envoy refuses)
+        wording, meets = _header_condition(header)
+        if name.lower() != ":method":
+            said.append(name + wording)
+        elif not meets("POST"):
+            return None
+    return said
 
 
 def _atp_cluster_condition(
@@ -788,18 +818,18 @@ def _compiled(regex: Any) -> re.Pattern[str] | None:
             return None
 
 
-def _api_paths(match: dict[str, Any], unread: list[str] | None = None) -> list[str]:
+def _api_paths(match: dict[str, Any]) -> list[str] | None:
     """The API paths a route match's prefix, path or regex takes (its other conditions
-    aside); `unread` where its path condition cannot be read here (a URI template, a
-    regex re reads otherwise)."""
+    aside); None where its path condition cannot be read here (a URI template, a regex
+    re reads otherwise)."""
     fold = _fold(match.get("case_sensitive") is False)
     prefix, path = match.get("prefix"), match.get("path")
     separated = match.get("path_separated_prefix")
     regex = match.get("safe_regex")
     compiled = _compiled(regex.get("regex")) if isinstance(regex, dict) else None
-    if unread is not None and (isinstance(match.get("path_match_policy"), dict) or (
-            isinstance(regex, dict) and compiled is None)):
-        return unread
+    if isinstance(match.get("path_match_policy"), dict) or (
+            isinstance(regex, dict) and compiled is None):
+        return None
     return [api for api in OPERATIONS
             if (isinstance(prefix, str) and fold(api).startswith(fold(prefix)))
             or (isinstance(path, str) and fold(path) == fold(api))
