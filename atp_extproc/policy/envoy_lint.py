@@ -925,11 +925,9 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
         if not isinstance(listener, dict) or not any(
                 _is_ext_proc(f) for f in _walk(listener.get("filter_chains"))):
             continue
-        limit = listener.get("per_connection_buffer_limit_bytes",
-                             ENVOY_DEFAULT_BUFFER_BYTES)
-        if isinstance(limit, str) and limit.isascii() and limit.isdigit():
-            limit = int(limit)  # protobuf's JSON takes a 32-bit integer quoted too
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit < needed:
+        limit = _uint(listener.get("per_connection_buffer_limit_bytes",
+                                   ENVOY_DEFAULT_BUFFER_BYTES))
+        if limit is not None and limit < needed:
             problems.append(Problem(
                 file, _line(listener, "per_connection_buffer_limit_bytes") or _line(listener),
                 f"static_resources.listeners[{i}].per_connection_buffer_limit_bytes",
@@ -940,16 +938,145 @@ def buffer_problems(file: str, text: str, max_body_bytes: int) -> list[Problem]:
     return problems
 
 
+def _uint(value: Any) -> int | None:
+    """An integer as Envoy's proto JSON reads it: bare, quoted ("65536", "1e5") or a
+    wrapper's {value: ...}; None where it is none."""
+    if isinstance(value, dict):
+        value = value.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+# Envoy's circuit breaker limits where a cluster's threshold leaves them unset.
+ENVOY_DEFAULT_LIMITS = {"max_requests": 1024, "max_pending_requests": 1024, "max_retries": 3}
+PRIORITIES = ("DEFAULT", "HIGH")
+
+
+def _limit(cluster: dict[str, Any], key: str,
+           priority: str = "DEFAULT") -> tuple[int | None, str]:
+    """A cluster's circuit breaker limit `key` for a routing priority (in the first
+    threshold for it, as Envoy reads them) and its wording; None where it cannot be read
+    here, or a retry budget replaces max_retries."""
+    breakers = cluster.get("circuit_breakers")
+    thresholds = breakers.get("thresholds") if isinstance(breakers, dict) else None
+    threshold = next((t for t in thresholds if isinstance(t, dict)
+                      and _enum(t.get("priority"), PRIORITIES) == priority), {}) \
+        if isinstance(thresholds, list) else {}
+    if key == "max_retries" and "retry_budget" in threshold:
+        return None, ""
+    if key not in threshold:
+        return ENVOY_DEFAULT_LIMITS[key], f"{key} {ENVOY_DEFAULT_LIMITS[key]} (Envoy's default)"
+    limit = _uint(threshold[key])
+    return limit, f"{key} {limit}"
+
+
+def _retries(policy: Any) -> bool:
+    """Whether a route's retry policy retries: something to retry on, and num_retries
+    (1 where unset) above 0."""
+    if not isinstance(policy, dict) or not str(policy.get("retry_on") or "").strip():
+        return False
+    tries = _uint(policy.get("num_retries", 1))
+    return tries is None or tries > 0
+
+
+def _grpc_cluster(ext_proc: dict[str, Any]) -> Any:
+    """The cluster an ext_proc filter's gRPC service names (envoy_grpc), or None."""
+    service = _typed(ext_proc).get("grpc_service")
+    grpc = service.get("envoy_grpc") if isinstance(service, dict) else None
+    return grpc.get("cluster_name") if isinstance(grpc, dict) else None
+
+
+def capacity_problems(file: str, text: str,
+                      model_clusters: Collection[str] | None = None) -> list[Problem]:
+    """Warnings for circuit breakers LLM traffic outgrows at Envoy's defaults: ATP's
+    ext_proc cluster's (_stream_limits) and those of a cluster a model route retries
+    onto (_retry_limits), at the cluster, where the fix goes."""
+    doc, _ = load_yaml(text, file, envoy=True)  # (a YAML error is fail_open_problems' to report)
+    static = doc.get("static_resources") if isinstance(doc, dict) else None
+    listed = static.get("clusters") if isinstance(static, dict) else None
+    clusters = {c["name"]: (i, c) for i, c in enumerate(listed if isinstance(listed, list)
+                                                       else ())
+                if isinstance(c, dict) and isinstance(c.get("name"), str)}
+    found = [*_stream_limits(doc, clusters),
+             *_retry_limits(static, clusters, model_clusters)]
+    return [Problem(file, _line(clusters[name][1], "circuit_breakers")
+                    or _line(clusters[name][1]),
+                    f"static_resources.clusters[{clusters[name][0]}].circuit_breakers",
+                    reason, "warning") for name, reason in found]
+
+
+def _stream_limits(doc: Any, clusters: dict[str, tuple[int, dict]]
+                   ) -> Iterator[tuple[str, str]]:
+    """(cluster, reason) for each ext_proc cluster whose limits on concurrent requests
+    are Envoy's defaults or below: each exchange holds one ext_proc stream for its whole
+    answer, minutes for a streamed one."""
+    for name in sorted(clusters.keys() & {_grpc_cluster(f) for f in _walk(doc)
+                                          if _is_ext_proc(f)}):
+        low = []
+        for key in ("max_requests", "max_pending_requests"):
+            limit, said = _limit(clusters[name][1], key)
+            if limit is not None and limit <= ENVOY_DEFAULT_LIMITS[key]:
+                low.append(said)
+        if low:
+            yield name, (f"ATP's ext_proc cluster {name!r} has {' and '.join(low)}: each "
+                         "exchange holds one ext_proc stream for its whole answer (minutes "
+                         "for a streamed one), so past that many at once Envoy fails "
+                         "requests with a 500 while ATP idles; raise circuit_breakers."
+                         "thresholds[].max_requests and max_pending_requests (the shipped "
+                         "configs: 65536)")
+
+
+def _retry_limits(static: Any, clusters: dict[str, tuple[int, dict]],
+                  model_clusters: Collection[str] | None) -> Iterator[tuple[str, str]]:
+    """(cluster, reason) for each cluster a route of a listener ATP checks retries onto
+    (one of `model_clusters`, None: any a route names) whose max_retries for the route's
+    priority is Envoy's default or below: past it in flight, retries are not made."""
+    retried: dict[tuple[str, str], str] = {}  # (cluster, priority) → the first route
+    for listener in _checked_listeners(static):
+        for host in _walk(listener):
+            for index, route in enumerate(host.get("routes") or () if "domains" in host
+                                          else ()):
+                action = route.get("route") if isinstance(route, dict) else None
+                if not isinstance(action, dict) or not _retries(
+                        action["retry_policy"] if "retry_policy" in action
+                        else host.get("retry_policy")):
+                    continue
+                # A route by header may send to (and retry onto) any model's cluster.
+                by_header = "cluster_header" in action or any(
+                    "cluster_header" in c for c in _weighted(action))
+                named = {*_named_clusters(action), *(model_clusters or () if by_header
+                                                     else ())}
+                priority = _enum(action.get("priority"), PRIORITIES) or "DEFAULT"
+                for name in named & clusters.keys():
+                    if model_clusters is None or name in model_clusters:
+                        retried.setdefault((name, priority), _route_name(host, index, route))
+    for (name, priority), where in retried.items():
+        limit, said = _limit(clusters[name][1], "max_retries", priority)
+        if limit is not None and limit <= ENVOY_DEFAULT_LIMITS["max_retries"]:
+            yield name, (f"cluster {name!r} has {said}"
+                         f"{' for HIGH priority' if priority == 'HIGH' else ''}, yet {where} "
+                         f"retries onto it: once more than {limit} of its requests fail at "
+                         "once, the rest are not retried and get the primary's error, not "
+                         "the fallback's answer; raise circuit_breakers.thresholds[]."
+                         "max_retries to as many requests as may fail over at once "
+                         "(envoy/front-proxy.yaml: 4096, its max_requests)")
+
+
 def check_file(path: str | Path, why: list[str],
                jwt: tuple[str, str] | None = None,
                model_clusters: Collection[str] | None = None,
                max_body_bytes: int | None = None,
                mirrored: Collection[str] = ()) -> list[Problem]:
-    """Fail-open problems and answers that go astray (`model_clusters`: atp.yaml's,
-    None: unknown), with `jwt` (auth.jwt's metadata namespace and payload key) where a
-    token's claims would not reach ATP, with `max_body_bytes` (atp.yaml's) a buffer
-    too small for it, and with `mirrored` (atp.yaml's routes that mirror to a
-    challenger) no route that mirrors."""
+    """Fail-open problems, answers that go astray and circuit breakers too small
+    (`model_clusters`: atp.yaml's, None: unknown), with `jwt` (auth.jwt's metadata
+    namespace and payload key) where a token's claims would not reach ATP, with
+    `max_body_bytes` (atp.yaml's) a buffer too small for it, and with `mirrored`
+    (atp.yaml's routes that mirror to a challenger) no route that mirrors."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -967,6 +1094,7 @@ def check_file(path: str | Path, why: list[str],
                         f"a Kubernetes {doc['kind']}, no Envoy config: {where}")]
     problems = fail_open_problems(str(path), text, why, model_clusters)
     problems += answer_problems(str(path), text, model_clusters)
+    problems += capacity_problems(str(path), text, model_clusters)
     if model_clusters is not None:
         problems += missing_cluster_problems(str(path), text, model_clusters)
     if jwt is not None:
