@@ -799,6 +799,34 @@ def test_a_responses_text_setting_of_any_shape_is_read(redactor: Redactor, text)
      "Authorization: Basic [PASSWORD_1]"),
     ('{"auths": {"reg.io": {"auth": "' + base64.b64encode(b"ci:Dkr_Pass2024").decode()
      + '"}}}', '{"auths": {"reg.io": {"auth": "[PASSWORD_1]"}}}'),
+    # SQL with no other word for a password in it, double-quoted, MySQL's plugin named,
+    # Oracle's unquoted: they went out in clear.
+    ("CREATE USER 'app'@'%' IDENTIFIED BY 'S3cretPw!';", "CREATE USER 'app'@'%' IDENTIFIED "
+                                                         "BY '[PASSWORD_1]';"),
+    ('CREATE USER \'app\'@\'%\' IDENTIFIED BY "S3cretPw!";', "CREATE USER 'app'@'%' "
+                                                           'IDENTIFIED BY "[PASSWORD_1]";'),
+    ("ALTER USER 'root'@'localhost' IDENTIFIED WITH caching_sha2_password BY 'N3wRootPw';",
+     "ALTER USER 'root'@'localhost' IDENTIFIED WITH caching_sha2_password BY "
+     "'[PASSWORD_1]';"),
+    ("CREATE USER app IDENTIFIED BY S3cretPw1;", "CREATE USER app IDENTIFIED BY [PASSWORD_1];"),
+    ("create user app\n  identified by Secr3tPw\n  default tablespace users;",
+     "create user app\n  identified by [PASSWORD_1]\n  default tablespace users;"),
+    # mysql after a pipe, `;` or `&&` with no space, run from a path or a variable's.
+    ("echo x |mysql -uroot -pS3cret", "echo x |mysql -uroot -p[PASSWORD_1]"),
+    ("cd /srv;mysql -uroot -pS3cret9", "cd /srv;mysql -uroot -p[PASSWORD_1]"),
+    ("cd /srv&&mysql -uroot -pS3cret9", "cd /srv&&mysql -uroot -p[PASSWORD_1]"),
+    ("./mysql -uroot -pS3cret9", "./mysql -uroot -p[PASSWORD_1]"),
+    ("$BIN/mysql -uroot -pS3cret9", "$BIN/mysql -uroot -p[PASSWORD_1]"),
+    ("C:\\bin\\mysql.exe -uroot -pS3cret9", "C:\\bin\\mysql.exe -uroot -p[PASSWORD_1]"),
+    # A redirection's `&` is in the command.
+    ("mysql -uroot -pS3cret9 2>&1 | tee log", "mysql -uroot -p[PASSWORD_1] 2>&1 | tee log"),
+    # camelCase and run-together names for what logs in.
+    ("dbPass=S3cret99x", "dbPass=[PASSWORD_1]"),
+    ('$dbpass = "S3cret99";', '$dbpass = "[PASSWORD_1]";'),
+    ('ldap_pass: "Ld4pPw99"', 'ldap_pass: "[PASSWORD_1]"'),
+    ("RABBITMQ_DEFAULT_PASS=Rabb1tPw", "RABBITMQ_DEFAULT_PASS=[PASSWORD_1]"),
+    ('{"oldPass": "Old2023x", "newPass": "N3w2024x"}',
+     '{"oldPass": "[PASSWORD_1]", "newPass": "[PASSWORD_2]"}'),
 ])
 def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     assert _chat_text(redactor, text) == want
@@ -835,6 +863,16 @@ def test_passwords_are_found(redactor: Redactor, text: str, want: str) -> None:
     "pytest tests/test_mongo.py -p xdist2",
     'echo "login page password field2 is required"', "Webpack: first_pass: 2.3s",
     "sudo find /etc/mysql -type f -print0",
+    # Prose that says what identifies a thing; SQL*Plus's variables.
+    "The suspect was identified by the team2", 'Each user is identified by "uid42" here',
+    "we grant access to staff identified by badge2", "ALTER USER scott IDENTIFIED BY :pw2;",
+    # A renderer's passes, words that end in "pass", nginx's upstream.
+    'render_pass = "gbuffer2"', 'renderPass: "shadow_map1"', 'subPass = "lighting2"',
+    'bypass = "x1"', 'compass = "north2"', 'shadow_pass = "depth2"',
+    "proxy_pass http://backend1:8080;", 'nginx_proxy_pass: "http://backend1:8080"',
+    # A command run in the background ends at its `&`: the next one's flags are its own.
+    "mysql -h db < init.sql & mkdir -pbackup2", "mongod --fork & mkdir -p logs2024",
+    "ls /etc/mysql -p2",
 ])
 def test_what_only_names_a_password_stays(redactor: Redactor, text: str) -> None:
     assert _chat_text(redactor, text) == text

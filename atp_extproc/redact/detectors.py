@@ -133,23 +133,46 @@ _SECRET_LITERALS: dict[str, tuple[str, ...]] = {
 # The names a key of no known prefix goes by (_NAMED_ONLY), and a password's.
 _KEY_NAMES = r"api[_\-]?key|api[_\-]?token|access[_\-]?token|auth[_\-]?token|client[_\-]?secret"
 _PASSWORD_NAMES = r"password|passwd|passphrase|storepass|keypass"
-# `pass` alone as a name before a quoted value (nodemailer's `pass: '…'`) or `=`, and
-# after `_` (`DB_PASS=`, Ansible's `ansible_become_pass:`): a test run's `PASS: Test…`
-# names none.
-_PASS_QUOTED = rf"{_PASSWORD_NAMES}|(?:\b|_)pass\b|(?-i:[a-z]Pass)\b"
-_PASS_BARE = rf"(?:{_PASSWORD_NAMES}|[A-Za-z0-9]_pass\b)(?:=|:[ \t]*)|\bpass="
+# `pass` alone as a name before a quoted value (nodemailer's `pass: '…'`) or `=`: a test
+# run's `PASS: Test…` names none. As a name's last word only after a word for what logs
+# in (`db_pass`, `$dbpass`, `smtpPass`, Ansible's `ansible_become_pass`): renderers name
+# their passes so (`render_pass`, `renderPass`, `subPass`, `shadow_pass`), and English
+# ends words in it (`bypass`, `compass`). An upper-case `_PASS` is an env file's, and
+# there names a credential whatever comes before it (`RABBITMQ_DEFAULT_PASS=`). (No
+# `proxy`: nginx's `proxy_pass` holds a URL.)
+_PASS_OWNERS = (r"db|database|user|usr|admin|root|super|superuser|sys|system|master|default"
+                r"|smtp|imap|pop3|mail|email|ftp|sftp|ssh|sudo|become|ldap|bind|api|auth"
+                r"|login|account|acct|app|client|server|service|svc|web|http|basic|vault"
+                r"|wifi|wlan|vpn|mqtt|router|device|mysql|mariadb|sql|mssql|postgres|pg"
+                r"|psql|redis|mongo|mongodb|rabbitmq|rabbit|amqp|mq|kafka|sasl|jdbc|oracle"
+                r"|key|store|keystore|truststore|cert|registry|docker|nexus|jenkins|git"
+                r"|deploy|backup|smb|cifs|vnc|rdp|wallet|bank"
+                # A form's fields: `{"oldPass": …, "newPass": …, "confirmPass": …}`.
+                r"|new|old|current|curr|confirm|verify|repeat|retype|temp|tmp|initial|my")
+_PASS_NAME = (rf"(?i:{_PASS_OWNERS})[0-9]?[_\-]?(?-i:pass|PASS|Pass)\b"
+              r"|(?-i:[A-Z0-9]_PASS)\b")
+_PASS_QUOTED = rf"{_PASSWORD_NAMES}|\bpass\b|{_PASS_NAME}"
+_PASS_BARE = rf"(?:{_PASSWORD_NAMES}|{_PASS_NAME})(?:=|:[ \t]*)|\bpass="
+# MySQL may name the plugin that hashes the password in between
+# (`IDENTIFIED WITH caching_sha2_password BY '…'`).
+_IDENTIFIED_WITH = r"(?:\s+with\s+[\"'`]?[a-z0-9_]{1,64}[\"'`]?)?"
+_IDENTIFIED_BY = rf"identified{_IDENTIFIED_WITH}\s+by"
+_USER_STATEMENT = (r"\b(?:create|alter)\s+user(?:\s+if\s+not\s+exists)?\s+[^\s;\x00]{1,128}"
+                   r"\s+identified")
 # Commands that take a password by a short flag of their own, and the spans of a command
 # line up to it (no shell separator between: `cd mysql && mkdir -p x` is two commands).
 _PASSWORD_COMMANDS = (r"(?:docker|podman|nerdctl|buildah) login|sshpass|mysql[a-z]*|mariadb"
                       r"|mongo[a-z]*|ldap[a-z]+|redis-cli|curl")
-_SAME_COMMAND = r"(?:[^\n\x00|;&]|&[^&\n\x00]){0,200}?[ \t]"  # (a URL's `&` is no `&&`)
+# A URL's `&` and a redirection's (`2>&1`, `&>log`) are in the command; `&&`, and `&`
+# before a space (the next command runs as this one goes on in the background), end it.
+_SAME_COMMAND = r"(?:[^\n\x00|;&]|&[^&|;\s\x00]){0,200}?[ \t]"
 # Words that may come in any case (its patterns read them so): `secretAccessKey`,
 # `SECRET_ACCESS_KEY`, `sessionToken`.
 _SECRET_WORDS = {"cloud_key": r"(?i:aws|secret|session_?token)",
                  "api_key": rf"(?i:{_KEY_NAMES}|bearer)",
                  "private_key": r"(?i:private[_ \-]?key)",
                  "password": rf"(?i:pass|pwd|basic[ \t]|\"auth\"|netrc|wifi|"
-                             rf"{_PASSWORD_COMMANDS})"}
+                             rf"identified\s+(?:by|with)\s|{_PASSWORD_COMMANDS})"}
 _SECRET_SET_NAMES = {cls: f"secret:{cls}" for cls in _SECRET_LITERALS}
 # Between a key's name and its value: `=` or `:` (YAML, JSON), spaces (a command line), or
 # a line break and `value:` (a Kubernetes env entry), then an optional quote.
@@ -211,6 +234,17 @@ _CARD_SEP_RX = _rx(_CARD_SEP)
 _NAMED_ONLY = (
     _rx(rf"(?i)(?:{_KEY_NAMES})[\"']?" + _KEY_VALUE_SEP + r"(?P<v>[A-Za-z0-9_\-+/]{16,}={0,2})"),
     _rx(r"(?i)bearer[ \t]+(?P<v>[A-Za-z0-9_\-.~+/]{20,}=*)"),
+)
+# SQL's password in double quotes, and Oracle's unquoted `IDENTIFIED BY …`, only in SQL's
+# capitals or where a user is made or changed: prose quotes what identifies a thing
+# ('identified by "uid42"', "identified by the team2"), and "grant access to staff
+# identified by badge2" makes no user. (`:pw` and `&pw` are SQL*Plus's variables.)
+# Searched only in text that holds the word: most text that wakes the password class
+# (any "pass", a mysql) holds no SQL, and each pattern is one more pass over it.
+_IDENTIFIED_ONLY = (
+    _rx(rf"(?i)(?:\b(?-i:IDENTIFIED)|{_USER_STATEMENT})"
+        rf"{_IDENTIFIED_WITH}\s+by[ \t]+\"(?P<v>[^\"\s\x00]{{1,128}})\""),
+    _rx(rf"(?i){_USER_STATEMENT}\s+by\s+(?P<v>[^\s\"';&:\x00][^\s\"';\x00]{{0,127}})"),
 )
 # HTTP Basic credentials, base64 of `user:password`: in an Authorization header, and a
 # Docker config's `auth`.
@@ -319,8 +353,10 @@ _SECRETS: dict[str, tuple] = {
             r"(?P<v>[^\s\"'\x00]{1,128})[\"']"),
         _rx(rf"(?i)(?:{_PASS_BARE})"
             r"(?P<v>[^\s\"',;&<>\[\](){}:\x00]{1,128})"),
-        # SQL's `WITH PASSWORD '…'`, `IDENTIFIED BY '…'` (quoted: not `password VARCHAR`).
-        _rx(r"(?i)\b(?:password|identified[ \t]+by)[ \t]+'(?P<v>[^'\s\x00]{1,128})'"),
+        # SQL's `WITH PASSWORD '…'`, `IDENTIFIED BY '…'` (quoted: not `password VARCHAR`),
+        # also MySQL's `IDENTIFIED WITH caching_sha2_password BY '…'`.
+        _rx(rf"(?i)\b(?:password|{_IDENTIFIED_BY})[ \t]+'(?P<v>[^'\s\x00]{{1,128}})'"),
+        *_IDENTIFIED_ONLY,
         # `Pwd=` only as a connection string's field: `PWD` is also the shell's
         # working directory.
         _rx(r"(?im)(?:^|[;?&_])[ \t]*pwd[ \t]*=[ \t]*(?P<v>[^\s\"';&\x00]{1,128})"),
@@ -338,8 +374,12 @@ _SECRETS: dict[str, tuple] = {
         # (glued: `-p db` prompts, and db is a database; `-P` is a port), sshpass's,
         # docker login's and mongosh's `-p …`, ldapsearch's `-w` (`-W` prompts),
         # redis-cli's `-a` (`-p` is a port), curl's `-u user:…`.
-        # (The command itself, not a path's directory: `find /etc/mysql -print0`.)
-        _rx(rf"(?m)(?:^|[\s(`\"']|bin/)(?:mysql[a-z]*|mariadb)\b{_SAME_COMMAND}-p[\"']?"
+        # (The command itself, not a path's directory: `find /etc/mysql -print0`. A
+        # command starts a line or follows a shell separator, or it is run from a `bin`
+        # directory, the current one or one in a variable: `./mysql`, `$BIN/mysql`,
+        # `C:\mysql\bin\mysql.exe`.)
+        _rx(rf"(?m)(?:^|[\s(`\"'|;&]|bin[/\\]|\.[/\\]|\$\{{?\w+\}}?[/\\]|%[/\\])"
+            rf"(?:mysql[a-z]*|mariadb)\b{_SAME_COMMAND}-p[\"']?"
             r"(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{0,127})"),
         _rx(rf"\b(?:(?:docker|podman|nerdctl|buildah) login|sshpass|mongo[a-z]*)\b"
             rf"{_SAME_COMMAND}-p[ \t]*[\"']?(?P<v>[^\s\"'\-\x00][^\s\"'\x00]{{0,127}})"),
@@ -1956,9 +1996,11 @@ def _password_like(value: str) -> bool:
     """A value a password is: letters and digits both (code's names, labels, slots and
     masks seldom hold a digit: `hashedPassword`, `new_password`, `<password>`,
     `Passwort*`), and no name in code (`config.db2.password`, `user2_password`), path,
+    address (nginx's `proxy_pass: "http://…"`; a URL's own password is found in it),
     variable, template's slot or mask. A password of letters only is let go."""
     return (len(value) >= 4 and value[0] not in "$!?<"
             and not value.startswith(("/", "./", "../", "~/"))
+            and "://" not in value
             and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
             and _DOTTED_NAME.fullmatch(value) is None
             and _NO_PASSWORD.fullmatch(value) is None
@@ -1973,8 +2015,14 @@ def _secret_matches(data: bytes, asc: bytes, classes: list[str], budget: Budget,
     the neighbours a match must not run on into."""
     at = [b - removed for _, b, removed in gaps]  # where each gap was, in `data`
     n = len(asc)
+    sql = None
     for cls in classes:
         for rx in _SECRETS[cls]:
+            if rx in _IDENTIFIED_ONLY:
+                if sql is None:
+                    sql = b"dentified" in data or b"DENTIFIED" in data
+                if not sql:
+                    continue
             has_v = rx.groups > 0
             for m in spans(rx, data):
                 if not budget.spend(4):
