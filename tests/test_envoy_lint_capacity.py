@@ -38,6 +38,15 @@ def capacity(doc: dict[str, Any], tmp_path: Path,
     return capacity_problems("e.yaml", text, models), text.splitlines()
 
 
+def with_breakers(name: str, breakers: dict | None) -> dict:
+    """The front proxy with cluster `name`'s circuit breakers replaced (None: Envoy's)."""
+    doc = copy.deepcopy(FRONT)
+    cluster(doc, name).pop("circuit_breakers")
+    if breakers is not None:
+        cluster(doc, name)["circuit_breakers"] = breakers
+    return doc
+
+
 @pytest.mark.parametrize(("name", "models"), [("front-proxy", MODELS),
                                               ("sidecar-uds", MODELS),
                                               ("egress-tls", PROVIDERS),
@@ -66,11 +75,7 @@ def test_the_shipped_configs_have_no_capacity_warning(name, models):
 def test_atps_cluster_at_envoys_default_is_warned_of(tmp_path, breakers, said):
     """Each exchange holds one ext_proc stream for its whole answer: past 1,024 at once
     Envoy failed requests with a 500 while ATP idled, and check said nothing."""
-    doc = copy.deepcopy(FRONT)
-    cluster(doc, "atp").pop("circuit_breakers")
-    if breakers is not None:
-        cluster(doc, "atp")["circuit_breakers"] = breakers
-    problems, lines = capacity(doc, tmp_path)
+    problems, lines = capacity(with_breakers("atp", breakers), tmp_path)
     if said is None:
         assert problems == []
         return
@@ -94,10 +99,7 @@ def test_a_model_route_retrying_onto_envoys_default_is_warned_of(tmp_path, break
     """Model routes retry 5xx, 429 and resets onto the fallback: with Envoy's 3 retries
     in flight, every request past the third failing over at once got the primary's
     error, and check said nothing."""
-    doc = copy.deepcopy(FRONT)
-    cluster(doc, "demo_a").pop("circuit_breakers")
-    if breakers is not None:
-        cluster(doc, "demo_a")["circuit_breakers"] = breakers
+    doc = with_breakers("demo_a", breakers)
     problems, lines = capacity(doc, tmp_path)
     if said is None:
         assert problems == []
